@@ -1,0 +1,5 @@
+import sys
+
+from atso_fast.cli import main
+
+sys.exit(main())

@@ -1,0 +1,44 @@
+"""Command line entry point: ``atso-fast relabel | export | train | demo | bench``.
+
+Each subcommand keeps its own small ``main(argv)`` next to the code it drives; this module
+only dispatches, so importing the CLI stays cheap (torch/onnx load only when needed).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+__all__ = ["main"]
+
+_COMMANDS = {
+    "relabel": ("atso_fast.archive", "cli_main", "relabel an archive of volumes with a model package"),
+    "export": ("atso_fast.export", "cli_main", "export a torch checkpoint to an ONNX model package"),
+    "train": ("atso_fast.train.cli", "train_main", "run ATSO (or a baseline) from a config file"),
+    "demo": ("atso_fast.train.cli", "demo_main", "synthetic end-to-end demo on CPU, no downloads"),
+    "bench": ("atso_fast.bench", "cli_main", "throughput benchmark of runtimes and settings"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: atso-fast COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, _, help_) in _COMMANDS.items()]
+    lines += ["", "`atso-fast COMMAND --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in _COMMANDS:
+        print(f"atso-fast: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name, _ = _COMMANDS[name]
+    func = getattr(importlib.import_module(module_name), func_name)
+    return int(func(rest) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m atso_fast.cli`
+    sys.exit(main())
