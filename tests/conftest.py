@@ -1,0 +1,48 @@
+"""Shared fixtures: seeded RNG, device parametrisation, real-data folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from atso_fast import native
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+
+
+def pytest_collection_modifyitems(config, items):
+    if native.has_cuda():
+        return
+    reason = f"needs a CUDA GPU and a CUDA build of atso_fast._C (build_info: {native.build_info()})"
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+@pytest.fixture
+def real_data() -> Path:
+    if not REAL_DATA.is_dir():
+        pytest.skip(f"real scans not found at {REAL_DATA} (see shared/data/real/README.md)")
+    return REAL_DATA
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def to_device(array: np.ndarray, device: str):
+    """numpy on cpu, a torch CUDA tensor on cuda."""
+    if device == "cpu":
+        return np.ascontiguousarray(array)
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+
+def to_numpy(array) -> np.ndarray:
+    return array if isinstance(array, np.ndarray) else array.cpu().numpy()

@@ -1,0 +1,238 @@
+"""Native kernels (CPU and CUDA) against the NumPy reference, plus known answers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import DEVICES, to_device, to_numpy
+
+from atso_fast import native, reference
+from atso_fast.windows import gaussian_importance, sliding_window_origins
+
+# (volume ZYX, patch, overlap): smaller than the window, odd sizes, overlap 0, thin slabs.
+GRIDS = [
+    ((5, 6, 7), (8, 8, 8), 0.5),
+    ((17, 23, 19), (8, 10, 6), 0.5),
+    ((16, 16, 16), (8, 8, 8), 0.0),
+    ((9, 31, 12), (4, 16, 16), 0.75),
+    ((1, 20, 20), (1, 8, 8), 0.25),
+]
+
+
+def corner_origins(vol, patch):
+    """One window hanging over each of the 8 corners, plus one fully inside if it fits."""
+    out = []
+    for cz in (-patch[0] // 2, vol[0] - patch[0] // 2):
+        for cy in (-patch[1] // 2, vol[1] - patch[1] // 2):
+            for cx in (-patch[2] // 2, vol[2] - patch[2] // 2):
+                out.append((cz, cy, cx))
+    return np.asarray(out, np.int64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("vol,patch,overlap", GRIDS)
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("out_dtype", ["float32", "float16"])
+def test_extract_patches_matches_reference(rng, device, vol, patch, overlap, channels, out_dtype):
+    volume = rng.standard_normal((channels, *vol), dtype=np.float32)
+    origins = np.concatenate([sliding_window_origins(vol, patch, overlap), corner_origins(vol, patch)])
+    got = native.extract_patches(to_device(volume, device), origins, patch, pad_value=-3.0, out_dtype=out_dtype)
+    want = reference.extract_patches(volume, origins, patch, pad_value=-3.0, out_dtype=out_dtype)
+    np.testing.assert_array_equal(to_numpy(got), want)
+
+
+def test_extract_patches_3d_volume_and_empty_batch(rng):
+    volume = rng.standard_normal((6, 7, 8), dtype=np.float32)
+    got = native.extract_patches(volume, np.zeros((0, 3), np.int64), (4, 4, 4))
+    assert got.shape == (0, 1, 4, 4, 4)
+    got = native.extract_patches(volume, [[0, 0, 0]], (6, 7, 8))
+    np.testing.assert_array_equal(got[0, 0], volume)
+
+
+def run_accumulate(rng, device, vol, patch, overlap, channels, patch_dtype, acc_dtype, z0, zs):
+    origins = np.concatenate([sliding_window_origins(vol, patch, overlap), corner_origins(vol, patch)])
+    patches = rng.standard_normal((len(origins), channels, *patch), dtype=np.float32).astype(patch_dtype)
+    imp = np.ascontiguousarray(gaussian_importance(patch))
+    acc = np.zeros((channels, zs, vol[1], vol[2]), acc_dtype)
+    wsum = np.zeros((zs, vol[1], vol[2]), np.float32)
+    acc_d, wsum_d = to_device(acc, device), to_device(wsum, device)
+    native.accumulate(acc_d, wsum_d, to_device(patches, device), origins, to_device(imp, device), z0)
+    reference.accumulate(acc, wsum, patches, origins, imp, z0)
+    return to_numpy(acc_d), to_numpy(wsum_d), acc, wsum
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("vol,patch,overlap", GRIDS)
+@pytest.mark.parametrize("channels", [1, 2, 105])
+@pytest.mark.parametrize("patch_dtype", [np.float32, np.float16])
+def test_accumulate_matches_reference(rng, device, vol, patch, overlap, channels, patch_dtype):
+    got_acc, got_w, want_acc, want_w = run_accumulate(
+        rng, device, vol, patch, overlap, channels, patch_dtype, np.float32, 0, vol[0])
+    # Same additions in the same order: bit-identical on CPU and (no FMA contraction) CUDA.
+    np.testing.assert_array_equal(got_w, want_w)
+    np.testing.assert_array_equal(got_acc, want_acc)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("z0,zs", [(0, 3), (5, 4), (13, 4), (16, 1)])
+def test_accumulate_slab_clips_rows(rng, device, z0, zs):
+    vol, patch = (17, 23, 19), (8, 10, 6)
+    got_acc, got_w, want_acc, want_w = run_accumulate(
+        rng, device, vol, patch, 0.5, 3, np.float32, np.float32, z0, zs)
+    np.testing.assert_array_equal(got_w, want_w)
+    np.testing.assert_array_equal(got_acc, want_acc)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_accumulate_float16_accumulator(rng, device):
+    got_acc, got_w, want_acc, want_w = run_accumulate(
+        rng, device, (17, 23, 19), (8, 10, 6), 0.5, 2, np.float16, np.float16, 0, 17)
+    np.testing.assert_array_equal(got_w, want_w)
+    np.testing.assert_allclose(got_acc.astype(np.float32), want_acc.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_accumulate_empty_batch_is_noop(device):
+    acc = to_device(np.ones((2, 3, 4, 5), np.float32), device)
+    wsum = to_device(np.ones((3, 4, 5), np.float32), device)
+    patches = to_device(np.zeros((0, 2, 2, 2, 2), np.float32), device)
+    native.accumulate(acc, wsum, patches, np.zeros((0, 3), np.int64), to_device(np.ones((2, 2, 2), np.float32), device))
+    assert (to_numpy(acc) == 1).all() and (to_numpy(wsum) == 1).all()
+
+
+def random_blend(rng, channels, shape=(6, 9, 11), zero_weight=True, nonfinite=True):
+    acc = rng.standard_normal((channels, *shape), dtype=np.float32) * 3
+    wsum = rng.uniform(0.5, 2.0, shape).astype(np.float32)
+    if zero_weight:
+        wsum[0, 0, :3] = 0
+    if nonfinite:
+        acc[0, 1, 1, 1] = np.nan
+        acc[-1, 2, 2, 2] = np.inf
+    return acc, wsum
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels", [1, 2, 3, 105, 300])
+@pytest.mark.parametrize("kind", ["logits", "probabilities"])
+@pytest.mark.parametrize("threshold", [0.0, 0.4, 0.9])
+def test_finalize_matches_reference(rng, device, channels, kind, threshold):
+    acc, wsum = random_blend(rng, channels)
+    if kind == "probabilities":
+        u = rng.uniform(0.01, 1.0, acc.shape).astype(np.float32)
+        probs = u / u.sum(axis=0, keepdims=True) if channels > 1 else u
+        acc = (probs * wsum[None]).astype(np.float32)
+        acc[0, 1, 1, 1] = np.nan
+    ignore = 255 if channels <= 255 else 1000
+    got = native.finalize(to_device(acc, device), to_device(wsum, device), threshold, ignore, kind)
+    labels, conf, counts = reference.finalize(acc, wsum, threshold, ignore, kind)
+    k = max(channels, 2)
+    got_labels, got_conf = to_numpy(got.labels), to_numpy(got.confidence)
+    assert got_labels.dtype == labels.dtype == (np.uint8 if channels <= 255 else np.uint16)
+    # exp() may differ by an ulp between libm, CUDA and NumPy: allow disagreement only where the
+    # probability sits on the threshold or on a rounding edge of the 0..255 confidence scale.
+    close = np.abs(conf.astype(int) - got_conf.astype(int)) <= 1
+    assert close.all()
+    same = got_labels == labels
+    assert same.mean() >= 0.999, same.mean()
+    assert abs(got.ignored - counts[k]) <= (~same).sum()
+    assert got.invalid == counts[k + 1] == int((labels == ignore).sum() - counts[k])
+    assert got.counts.sum() + got.ignored + got.invalid == wsum.size
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_constant_windows_give_constant_back(device):
+    vol, patch, channels = (13, 17, 15), (8, 8, 8), 4
+    probs = np.array([0.125, 0.125, 0.75, 0.0], np.float32)
+    origins = sliding_window_origins(vol, patch, 0.5)
+    patches = np.broadcast_to(probs[None, :, None, None, None], (len(origins), channels, *patch)).copy()
+    acc = to_device(np.zeros((channels, *vol), np.float32), device)
+    wsum = to_device(np.zeros(vol, np.float32), device)
+    imp = to_device(np.ascontiguousarray(gaussian_importance(patch)), device)
+    native.accumulate(acc, wsum, to_device(patches, device), origins, imp)
+    blended = to_numpy(acc) / to_numpy(wsum)[None]
+    np.testing.assert_allclose(blended, np.broadcast_to(probs[:, None, None, None], blended.shape), atol=1e-6)
+    out = native.finalize(acc, wsum, threshold=0.7, ignore_index=255, kind="probabilities")
+    assert (to_numpy(out.labels) == 2).all()
+    assert (to_numpy(out.confidence) == 191).all()  # floor(0.75 * 255 + 0.5)
+    assert out.counts.tolist() == [0, 0, int(np.prod(vol)), 0] and out.ignored == out.invalid == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_finalize_ties_and_threshold_edges(device):
+    # voxel 0: tie -> lowest index; voxel 1: p == threshold kept; voxel 2: just below -> ignored;
+    # voxel 3: zero weight -> invalid.
+    acc = np.array([[0.5, 0.5, 0.5, 0.9], [0.5, 0.25, 0.25, 0.1], [0.0, 0.25, 0.25, 0.0]], np.float32)
+    acc[:, 2] = [0.49999997, 0.25, 0.25000003]
+    wsum = np.array([1, 1, 1, 0], np.float32)
+    out = native.finalize(to_device(acc.reshape(3, 1, 1, 4), device), to_device(wsum.reshape(1, 1, 4), device),
+                          threshold=0.5, ignore_index=7, kind="probabilities")
+    assert to_numpy(out.labels).ravel().tolist() == [0, 0, 7, 7]
+    assert to_numpy(out.confidence).ravel().tolist() == [128, 128, 127, 0]
+    assert out.counts.tolist() == [2, 0, 0] and out.ignored == 1 and out.invalid == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_finalize_single_channel_sigmoid(device):
+    logits = np.array([0.0, 2.0, -2.0, 40.0], np.float32).reshape(1, 1, 1, 4)
+    wsum = np.ones((1, 1, 4), np.float32)
+    out = native.finalize(to_device(logits, device), to_device(wsum, device), kind="logits")
+    assert to_numpy(out.labels).ravel().tolist() == [0, 1, 0, 1]  # p = 0.5 is a tie -> background
+    p = 1 / (1 + np.exp(-2.0))
+    assert to_numpy(out.confidence).ravel().tolist() == [128, int(np.floor(p * 255 + 0.5)),
+                                                         int(np.floor(p * 255 + 0.5)), 255]
+    assert out.counts.tolist() == [2, 2]
+
+
+def test_torch_cpu_tensors_are_used_in_place():
+    torch = pytest.importorskip("torch")
+    acc = torch.zeros((1, 4, 4, 4))
+    wsum = torch.zeros((4, 4, 4))
+    native.accumulate(acc, wsum, torch.ones((1, 1, 4, 4, 4)), [[0, 0, 0]], torch.full((4, 4, 4), 2.0))
+    assert float(acc.sum()) == 2.0 * 64 and float(wsum.sum()) == 2.0 * 64
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: native.accumulate(np.zeros((1, 4, 4, 4), np.float64), np.zeros((4, 4, 4), np.float32),
+                               np.zeros((1, 1, 2, 2, 2), np.float32), [[0, 0, 0]], np.ones((2, 2, 2), np.float32)),
+     "acc must have dtype float32 or float16, got numpy float64"),
+    (lambda: native.accumulate(np.zeros((1, 4, 4, 4), np.float32), np.zeros((4, 4, 5), np.float32),
+                               np.zeros((1, 1, 2, 2, 2), np.float32), [[0, 0, 0]], np.ones((2, 2, 2), np.float32)),
+     r"wsum must have shape \(4, 4, 4\)"),
+    (lambda: native.accumulate(np.zeros((2, 4, 4, 4), np.float32), np.zeros((4, 4, 4), np.float32),
+                               np.zeros((1, 1, 2, 2, 2), np.float32), [[0, 0, 0]], np.ones((2, 2, 2), np.float32)),
+     "patches must have 2 channels"),
+    (lambda: native.accumulate(np.zeros((1, 4, 4, 4), np.float32), np.zeros((4, 4, 4), np.float32),
+                               np.zeros((1, 1, 2, 2, 2), np.float32), [[0, 0]], np.ones((2, 2, 2), np.float32)),
+     r"origins must have shape \(1, 3\)"),
+    (lambda: native.accumulate(np.zeros((1, 4, 4, 8), np.float32)[..., ::2], np.zeros((4, 4, 4), np.float32),
+                               np.zeros((1, 1, 2, 2, 2), np.float32), [[0, 0, 0]], np.ones((2, 2, 2), np.float32)),
+     "acc must be C-contiguous"),
+    (lambda: native.finalize(np.zeros((3, 2, 2, 2), np.float32), np.ones((2, 2, 2), np.float32), ignore_index=2),
+     r"ignore_index must be in \[3, 65535\]"),
+    (lambda: native.finalize(np.zeros((3, 2, 2, 2), np.float32), np.ones((2, 2, 2), np.float32), threshold=1.5),
+     r"threshold must be in \[0, 1\]"),
+    (lambda: native.finalize(np.zeros((3, 2, 2, 2), np.float32), np.ones((2, 2, 2), np.float32), kind="softmax"),
+     "kind must be"),
+    (lambda: native.extract_patches(np.zeros((4, 4), np.float32), [[0, 0, 0]], (2, 2, 2)),
+     r"volume must be \(Z, Y, X\) or \(M, Z, Y, X\)"),
+    (lambda: native.extract_patches([[1.0]], [[0, 0, 0]], (2, 2, 2)), "volume must be a numpy array"),
+])
+def test_bad_arguments_name_the_argument(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
+
+
+def test_build_info_reports_build():
+    info = native.build_info()
+    assert info["native"] is True
+    assert isinstance(info["cuda"], bool) and info["openmp"] in (True, False)
+    if not info["cuda"]:
+        assert not native.has_cuda()
+
+
+def test_gaussian_matches_monai():
+    monai_utils = pytest.importorskip("monai.data.utils")
+    for patch in [(96, 96, 96), (5, 7, 1), (3, 4, 8), (1, 64, 64)]:
+        want = monai_utils.compute_importance_map(patch, mode="gaussian", sigma_scale=0.125, device="cpu").numpy()
+        np.testing.assert_allclose(gaussian_importance(patch), want, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="patch_size must be positive"):
+        gaussian_importance((0, 4, 4))

@@ -1,0 +1,46 @@
+"""Window grid and padding against MONAI's own helpers and hand-computed tables."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from atso_fast.windows import check_overlap, padding_before, sliding_window_origins, window_starts
+
+
+def test_window_starts_hand_computed():
+    assert window_starts(10, 4, 2) == [0, 2, 4, 6]
+    assert window_starts(11, 4, 2) == [0, 2, 4, 6, 7]  # last window shifted back to end at 11
+    assert window_starts(4, 4, 4) == [0]
+    assert window_starts(5, 4, 4) == [0, 1]
+
+
+def test_padding_is_split_like_monai():
+    assert padding_before((5, 10, 3), (8, 8, 8)) == (1, 0, 2)
+
+
+@pytest.mark.parametrize("size,roi,overlap", [
+    ((64, 70, 33), (32, 32, 32), 0.5),
+    ((20, 9, 41), (16, 16, 16), 0.25),
+    ((5, 6, 7), (8, 8, 8), 0.5),
+    ((96, 96, 96), (96, 96, 96), 0.5),
+    ((30, 30, 30), (8, 8, 8), 0.0),
+    ((1, 50, 61), (1, 16, 16), 0.75),
+])
+def test_grid_matches_monai(size, roi, overlap):
+    utils = pytest.importorskip("monai.inferers.utils")
+    data_utils = pytest.importorskip("monai.data.utils")
+    pad = padding_before(size, roi)
+    padded = [max(s, r) for s, r in zip(size, roi)]
+    interval = utils._get_scan_interval(padded, roi, 3, (overlap,) * 3)
+    slices = data_utils.dense_patch_slices(padded, roi, interval)
+    want = np.asarray([[s.start for s in sl] for sl in slices], np.int64) - np.asarray(pad)
+    np.testing.assert_array_equal(sliding_window_origins(size, roi, overlap), want)
+
+
+def test_overlap_validation_names_value():
+    with pytest.raises(ValueError, match=r"overlap must be in \[0, 1\), got 1.0"):
+        check_overlap(1.0)
+    with pytest.raises(ValueError, match="overlap must be a number or 3 numbers"):
+        check_overlap((0.5, 0.5))
+    with pytest.raises(ValueError, match="window sizes must be >= 1"):
+        sliding_window_origins((4, 4, 4), (0, 2, 2))
