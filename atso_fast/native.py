@@ -297,8 +297,17 @@ def _check_finalize_args(channels: int, threshold: float, ignore_index: int, kin
     return "uint8" if max(k - 1, int(ignore_index)) <= 255 else "uint16"
 
 
+def _rows(rows: tuple[int, int] | None, depth: int) -> tuple[int, int]:
+    if rows is None:
+        return 0, depth
+    r0, r1 = (int(r) for r in rows)
+    if not 0 <= r0 <= r1 <= depth:
+        raise ValueError(f"rows must satisfy 0 <= start <= end <= {depth}, got {rows!r}")
+    return r0, r1
+
+
 def finalize(acc: Any, wsum: Any, threshold: float = 0.0, ignore_index: int = 255,
-             kind: str = "logits") -> FinalizeResult:
+             kind: str = "logits", *, rows: tuple[int, int] | None = None) -> FinalizeResult:
     """Normalise a blended slab and turn it into pseudo labels.
 
     Divides by ``wsum``; softmax over channels for ``kind="logits"`` (sigmoid for one channel,
@@ -312,6 +321,10 @@ def finalize(acc: Any, wsum: Any, threshold: float = 0.0, ignore_index: int = 25
         threshold: minimum max-probability in ``[0, 1]`` (equal values are kept).
         ignore_index: label for ignored voxels; must not be a class index.
         kind: ``"logits"`` or ``"probabilities"``.
+        rows: finalise only slab rows ``[start, end)`` (in place, no copy); default all.
+
+    Returns:
+        FinalizeResult with labels/confidence of shape ``(end - start, Y, X)``.
     """
     va, vw = _view("acc", acc), _view("wsum", wsum)
     _check(va, tuple(_FLOAT_CODES), 4)
@@ -322,25 +335,35 @@ def finalize(acc: Any, wsum: Any, threshold: float = 0.0, ignore_index: int = 25
     if c < 1:
         raise ValueError(f"acc must have at least one channel, got {va.describe()}")
     ldtype = _check_finalize_args(c, threshold, ignore_index, kind)
+    r0, r1 = _rows(rows, vw.shape[0])
     k = reference.num_label_classes(c)
-    labels = _empty_like_framework(va, vw.shape, ldtype)
-    confidence = _empty_like_framework(va, vw.shape, "uint8")
+    out_shape = (r1 - r0, *vw.shape[1:])
+    labels = _empty_like_framework(va, out_shape, ldtype)
+    confidence = _empty_like_framework(va, out_shape, "uint8")
     if _same_device([va, vw]):
-        counts_dev = _empty_like_framework(va, (k + 2,), "int64")
-        counts_dev[...] = 0
-        vl, vc, vn = _view("labels", labels), _view("confidence", confidence), _view("counts", counts_dev)
-        _C.finalize_cuda(va.ptr(), _FLOAT_CODES[va.dtype], vw.ptr(), c, int(np.prod(vw.shape)),
-                         float(threshold), int(ignore_index), _KINDS[kind], vl.ptr(),
-                         np.dtype(ldtype).itemsize, vc.ptr(), vn.ptr(), _stream(va))
-        counts = counts_dev.cpu().numpy() if vn.framework == "torch" else counts_dev.get()
+        counts = _finalize_cuda(va, vw, (r0, r1), threshold, ignore_index, kind, labels, confidence, k)
     else:
         counts = np.zeros(k + 2, np.int64)
         lv, cv = _view("labels", labels).host_array(), _view("confidence", confidence).host_array()
         if _C is None:
             _fallback("finalize")
-            lv[...], cv[...], counts = reference.finalize(va.host_array(), vw.host_array(), threshold,
-                                                          ignore_index, kind)
+            lv[...], cv[...], counts = reference.finalize(va.host_array()[:, r0:r1], vw.host_array()[r0:r1],
+                                                          threshold, ignore_index, kind)
         else:
-            _C.finalize(va.host_array(), vw.host_array(), float(threshold), int(ignore_index),
+            _C.finalize(va.host_array(), vw.host_array(), r0, r1, float(threshold), int(ignore_index),
                         _KINDS[kind], lv, cv, counts)
     return FinalizeResult(labels, confidence, counts[:k].copy(), int(counts[k]), int(counts[k + 1]))
+
+
+def _finalize_cuda(va: _View, vw: _View, rows: tuple[int, int], threshold: float, ignore_index: int,
+                   kind: str, labels: Any, confidence: Any, k: int) -> np.ndarray:
+    counts_dev = _empty_like_framework(va, (k + 2,), "int64")
+    counts_dev[...] = 0
+    vl, vc, vn = _view("labels", labels), _view("confidence", confidence), _view("counts", counts_dev)
+    plane = int(np.prod(vw.shape[1:]))
+    acc_item = 4 if va.dtype == "float32" else 2
+    _C.finalize_cuda(va.ptr() + rows[0] * plane * acc_item, _FLOAT_CODES[va.dtype], vw.ptr() + rows[0] * plane * 4,
+                     va.shape[0], (rows[1] - rows[0]) * plane, vw.shape[0] * plane, float(threshold),
+                     int(ignore_index), _KINDS[kind], vl.ptr(), np.dtype(vl.dtype).itemsize, vc.ptr(), vn.ptr(),
+                     _stream(va))
+    return counts_dev.cpu().numpy() if vn.framework == "torch" else counts_dev.get()

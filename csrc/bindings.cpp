@@ -49,8 +49,10 @@ void accumulate(py::array& acc, py::array& wsum, const py::array& patches,
                  shape3(patches, 2), static_cast<const float*>(importance.data()));
 }
 
-void finalize(const py::array& acc, const py::array& wsum, float threshold, int64_t ignore_index,
-              int kind, py::array& labels, py::array& confidence, py::array& counts) {
+// Finalises slab rows [row0, row1) of acc (C, D, Y, X) / wsum (D, Y, X) in place.
+void finalize(const py::array& acc, const py::array& wsum, int64_t row0, int64_t row1,
+              float threshold, int64_t ignore_index, int kind, py::array& labels,
+              py::array& confidence, py::array& counts) {
   for (const py::array* a : std::initializer_list<const py::array*>{&acc, &wsum, &labels, &confidence, &counts}) {
     check_c_contiguous(*a, "array");
   }
@@ -59,15 +61,19 @@ void finalize(const py::array& acc, const py::array& wsum, float threshold, int6
   check_dtype(counts, 'i', 8, "counts");
   require(labels.dtype().kind() == 'u' && (labels.itemsize() == 1 || labels.itemsize() == 2),
           "labels must be uint8 or uint16");
-  const int64_t c = acc.shape(0), n = wsum.size();
-  require(acc.size() == c * n && labels.size() == n && confidence.size() == n,
+  require(acc.ndim() == 4 && wsum.ndim() == 3, "acc must be 4-D and wsum 3-D");
+  const int64_t c = acc.shape(0), depth = wsum.shape(0), plane = wsum.shape(1) * wsum.shape(2);
+  require(0 <= row0 && row0 <= row1 && row1 <= depth, "rows out of range");
+  const int64_t n = (row1 - row0) * plane;
+  require(acc.size() == c * depth * plane && labels.size() == n && confidence.size() == n,
           "finalize: sizes of acc, wsum, labels and confidence disagree");
   require(counts.size() == (c == 1 ? 2 : c) + 2, "counts must have max(C, 2) + 2 entries");
   const int acc_code = float_code(acc, "acc");
+  const char* acc_ptr = static_cast<const char*>(acc.data()) + row0 * plane * acc.itemsize();
   py::gil_scoped_release release;
-  finalize_cpu(acc.data(), acc_code, static_cast<const float*>(wsum.data()), c, n, threshold,
-               ignore_index, kind, labels.mutable_data(), (int)labels.itemsize(),
-               static_cast<uint8_t*>(confidence.mutable_data()),
+  finalize_cpu(acc_ptr, acc_code, static_cast<const float*>(wsum.data()) + row0 * plane, c, n,
+               depth * plane, threshold, ignore_index, kind, labels.mutable_data(),
+               (int)labels.itemsize(), static_cast<uint8_t*>(confidence.mutable_data()),
                static_cast<int64_t*>(counts.mutable_data()));
 }
 
@@ -100,11 +106,12 @@ void accumulate_gpu(uintptr_t acc, int acc_dtype, uintptr_t wsum, int64_t c,
 }
 
 void finalize_gpu(uintptr_t acc, int acc_dtype, uintptr_t wsum, int64_t c, int64_t n,
-                  float threshold, int64_t ignore_index, int kind, uintptr_t labels,
+                  int64_t chan_stride, float threshold, int64_t ignore_index, int kind, uintptr_t labels,
                   int label_bytes, uintptr_t confidence, uintptr_t counts, uintptr_t stream) {
   py::gil_scoped_release release;
   finalize_cuda(reinterpret_cast<const void*>(acc), acc_dtype, reinterpret_cast<const float*>(wsum),
-                c, n, threshold, ignore_index, kind, reinterpret_cast<void*>(labels), label_bytes,
+                c, n, chan_stride, threshold, ignore_index, kind, reinterpret_cast<void*>(labels),
+                label_bytes,
                 reinterpret_cast<uint8_t*>(confidence), reinterpret_cast<int64_t*>(counts), stream);
 }
 

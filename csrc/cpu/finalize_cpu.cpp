@@ -33,14 +33,14 @@ inline float load<uint16_t>(const uint16_t* a, int64_t i) { return half_bits_to_
 
 // Loads acc/wsum for one block into vals (C x nb), marking invalid voxels.
 template <typename A>
-void load_block(const A* acc, const float* wsum, int64_t c, int64_t n, int64_t start, int64_t nb,
+void load_block(const A* acc, const float* wsum, int64_t c, int64_t stride, int64_t start, int64_t nb,
                 float* vals, uint8_t* invalid) {
   for (int64_t j = 0; j < nb; ++j) {
     const float w = wsum[start + j];
     invalid[j] = !(w > 0.0f) || !std::isfinite(w);
   }
   for (int64_t k = 0; k < c; ++k) {
-    const A* src = acc + k * n + start;
+    const A* src = acc + k * stride + start;
     float* dst = vals + k * nb;
     for (int64_t j = 0; j < nb; ++j) {
       const float v = load(src, j) / wsum[start + j];
@@ -83,13 +83,13 @@ inline uint8_t to_confidence(float p) {
 }
 
 template <typename A, typename L>
-void finalize_block(const A* acc, const float* wsum, int64_t c, int64_t n, int64_t start,
+void finalize_block(const A* acc, const float* wsum, int64_t c, int64_t stride, int64_t start,
                     int64_t nb, float threshold, int64_t ignore_index, int kind, L* labels,
                     uint8_t* confidence, int64_t* counts, std::vector<float>& vals) {
   uint8_t invalid[kBlock];
   int64_t best[kBlock];
   float prob[kBlock];
-  load_block(acc, wsum, c, n, start, nb, vals.data(), invalid);
+  load_block(acc, wsum, c, stride, start, nb, vals.data(), invalid);
   if (c == 1) {
     for (int64_t j = 0; j < nb; ++j) {
       const Decision d = decide_binary(vals[j], kind);
@@ -120,7 +120,7 @@ void finalize_block(const A* acc, const float* wsum, int64_t c, int64_t n, int64
 }
 
 template <typename A, typename L>
-void finalize_impl(const A* acc, const float* wsum, int64_t c, int64_t n, float threshold,
+void finalize_impl(const A* acc, const float* wsum, int64_t c, int64_t n, int64_t stride, float threshold,
                    int64_t ignore_index, int kind, L* labels, uint8_t* confidence,
                    int64_t* counts) {
   const int64_t n_counts = (c == 1 ? 2 : c) + 2;
@@ -133,7 +133,7 @@ void finalize_impl(const A* acc, const float* wsum, int64_t c, int64_t n, float 
     for (int64_t bi = 0; bi < blocks; ++bi) {
       const int64_t start = bi * kBlock;
       const int64_t nb = std::min(kBlock, n - start);
-      finalize_block(acc, wsum, c, n, start, nb, threshold, ignore_index, kind, labels,
+      finalize_block(acc, wsum, c, stride, start, nb, threshold, ignore_index, kind, labels,
                      confidence, local.data(), vals);
     }
 #pragma omp critical
@@ -143,27 +143,27 @@ void finalize_impl(const A* acc, const float* wsum, int64_t c, int64_t n, float 
 
 template <typename A>
 void finalize_dispatch_labels(const A* acc, const float* wsum, int64_t c, int64_t n,
-                              float threshold, int64_t ignore_index, int kind, void* labels,
+                              int64_t stride, float threshold, int64_t ignore_index, int kind, void* labels,
                               int label_bytes, uint8_t* confidence, int64_t* counts) {
   if (label_bytes == 2) {
-    finalize_impl(acc, wsum, c, n, threshold, ignore_index, kind, static_cast<uint16_t*>(labels),
+    finalize_impl(acc, wsum, c, n, stride, threshold, ignore_index, kind, static_cast<uint16_t*>(labels),
                   confidence, counts);
   } else {
-    finalize_impl(acc, wsum, c, n, threshold, ignore_index, kind, static_cast<uint8_t*>(labels),
+    finalize_impl(acc, wsum, c, n, stride, threshold, ignore_index, kind, static_cast<uint8_t*>(labels),
                   confidence, counts);
   }
 }
 
 }  // namespace
 
-void finalize_cpu(const void* acc, int acc_dtype, const float* wsum, int64_t c, int64_t n,
+void finalize_cpu(const void* acc, int acc_dtype, const float* wsum, int64_t c, int64_t n, int64_t stride,
                   float threshold, int64_t ignore_index, int kind, void* labels,
                   int label_bytes, uint8_t* confidence, int64_t* counts) {
   if (acc_dtype == kFloat16) {
-    finalize_dispatch_labels(static_cast<const uint16_t*>(acc), wsum, c, n, threshold,
+    finalize_dispatch_labels(static_cast<const uint16_t*>(acc), wsum, c, n, stride, threshold,
                              ignore_index, kind, labels, label_bytes, confidence, counts);
   } else {
-    finalize_dispatch_labels(static_cast<const float*>(acc), wsum, c, n, threshold, ignore_index,
+    finalize_dispatch_labels(static_cast<const float*>(acc), wsum, c, n, stride, threshold, ignore_index,
                              kind, labels, label_bytes, confidence, counts);
   }
 }

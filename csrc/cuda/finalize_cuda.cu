@@ -17,7 +17,7 @@ struct Voxel {
 };
 
 template <typename A>
-__device__ Voxel decide(const A* __restrict__ acc, float w, int64_t c, int64_t n, int64_t v,
+__device__ Voxel decide(const A* __restrict__ acc, float w, int64_t c, int64_t stride, int64_t v,
                         float threshold, int kind) {
   bool bad = !(w > 0.0f) || !isfinite(w);
   int64_t best = 0;
@@ -31,7 +31,7 @@ __device__ Voxel decide(const A* __restrict__ acc, float w, int64_t c, int64_t n
   } else {
     float m = -INFINITY, s = 0.0f;
     for (int64_t k = 0; k < c; ++k) {
-      const float x = to_float(acc[k * n + v]) / w;
+      const float x = to_float(acc[k * stride + v]) / w;
       if (!isfinite(x)) bad = true;
       if (x > m) {
         s = (kind == kLogits ? s * expf(m - x) + 1.0f : 0.0f);
@@ -50,7 +50,8 @@ __device__ Voxel decide(const A* __restrict__ acc, float w, int64_t c, int64_t n
 
 template <typename A, typename L>
 __global__ void finalize_kernel(const A* __restrict__ acc, const float* __restrict__ wsum,
-                                int64_t c, int64_t n, float threshold, int64_t ignore_index,
+                                int64_t c, int64_t n, int64_t stride, float threshold,
+                                int64_t ignore_index,
                                 int kind, L* __restrict__ labels, uint8_t* __restrict__ confidence,
                                 unsigned long long* __restrict__ counts, int64_t n_counts) {
   __shared__ unsigned int hist[kSharedBins];
@@ -62,7 +63,7 @@ __global__ void finalize_kernel(const A* __restrict__ acc, const float* __restri
   const int64_t k_classes = n_counts - 2;
   for (int64_t v = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; v < n;
        v += (int64_t)gridDim.x * blockDim.x) {
-    const Voxel r = decide(acc, wsum[v], c, n, v, threshold, kind);
+    const Voxel r = decide(acc, wsum[v], c, stride, v, threshold, kind);
     const int64_t bin = r.label >= 0 ? r.label : (r.label == -1 ? k_classes : k_classes + 1);
     labels[v] = (L)(r.label >= 0 ? r.label : ignore_index);
     confidence[v] = r.confidence;
@@ -81,7 +82,7 @@ __global__ void finalize_kernel(const A* __restrict__ acc, const float* __restri
 }
 
 template <typename A, typename L>
-void launch(const A* acc, const float* wsum, int64_t c, int64_t n, float threshold,
+void launch(const A* acc, const float* wsum, int64_t c, int64_t n, int64_t stride, float threshold,
             int64_t ignore_index, int kind, L* labels, uint8_t* confidence, int64_t* counts,
             cudaStream_t stream) {
   if (n == 0) return;
@@ -91,36 +92,37 @@ void launch(const A* acc, const float* wsum, int64_t c, int64_t n, float thresho
   // number of histogram flushes small.
   const int blocks = std::min(blocks_for(n, threads), 132 * 16);
   finalize_kernel<A, L><<<blocks, threads, 0, stream>>>(
-      acc, wsum, c, n, threshold, ignore_index, kind, labels, confidence,
+      acc, wsum, c, n, stride, threshold, ignore_index, kind, labels, confidence,
       reinterpret_cast<unsigned long long*>(counts), n_counts);
   check_cuda(cudaGetLastError(), "finalize");
 }
 
 template <typename A>
-void launch_labels(const A* acc, const float* wsum, int64_t c, int64_t n, float threshold,
+void launch_labels(const A* acc, const float* wsum, int64_t c, int64_t n, int64_t stride,
+                   float threshold,
                    int64_t ignore_index, int kind, void* labels, int label_bytes,
                    uint8_t* confidence, int64_t* counts, cudaStream_t stream) {
   if (label_bytes == 2) {
-    launch(acc, wsum, c, n, threshold, ignore_index, kind, static_cast<uint16_t*>(labels),
+    launch(acc, wsum, c, n, stride, threshold, ignore_index, kind, static_cast<uint16_t*>(labels),
            confidence, counts, stream);
   } else {
-    launch(acc, wsum, c, n, threshold, ignore_index, kind, static_cast<uint8_t*>(labels),
+    launch(acc, wsum, c, n, stride, threshold, ignore_index, kind, static_cast<uint8_t*>(labels),
            confidence, counts, stream);
   }
 }
 
 }  // namespace
 
-void finalize_cuda(const void* acc, int acc_dtype, const float* wsum, int64_t c, int64_t n,
+void finalize_cuda(const void* acc, int acc_dtype, const float* wsum, int64_t c, int64_t n, int64_t stride,
                    float threshold, int64_t ignore_index, int kind, void* labels,
                    int label_bytes, uint8_t* confidence, int64_t* counts,
                    uintptr_t stream_handle) {
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   if (acc_dtype == kFloat16) {
-    launch_labels(static_cast<const __half*>(acc), wsum, c, n, threshold, ignore_index, kind,
+    launch_labels(static_cast<const __half*>(acc), wsum, c, n, stride, threshold, ignore_index, kind,
                   labels, label_bytes, confidence, counts, stream);
   } else {
-    launch_labels(static_cast<const float*>(acc), wsum, c, n, threshold, ignore_index, kind,
+    launch_labels(static_cast<const float*>(acc), wsum, c, n, stride, threshold, ignore_index, kind,
                   labels, label_bytes, confidence, counts, stream);
   }
 }

@@ -1,0 +1,314 @@
+"""The relabel engine: sliding-window inference with streaming, slab-wise stitching.
+
+Windows are processed in z-order, one row of windows (same z origin) at a time. The
+accumulator holds only ``min(pz, Z)`` volume rows: before a row of windows starting at ``zo``
+is run, every row below ``zo`` can receive no more windows, so it is finalised (labels +
+confidence) and the slab slides forward. Peak accumulator memory is therefore
+``C x pz x Y x X`` instead of MONAI's ``C x Z x Y x X`` (plus its output copy); with
+``accumulate_dtype="float16"`` it halves again.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from atso_fast import native
+from atso_fast.export import ModelPackage, load_package
+from atso_fast.normalize import normalize
+from atso_fast.runtimes import create_runtime, resolve_runtime
+from atso_fast.runtimes.base import check_device, check_precision
+from atso_fast.windows import check_overlap, gaussian_importance, sliding_window_origins
+
+__all__ = ["Relabeler", "RelabelResult", "NonFiniteInputError"]
+
+
+class NonFiniteInputError(ValueError):
+    """The input volume has NaN/inf voxels and ``nonfinite="fail"``."""
+
+
+@dataclass
+class RelabelResult:
+    """Pseudo labels for one volume.
+
+    Attributes:
+        labels: ``(Z, Y, X)`` uint8 (uint16 beyond 255 classes); ``ignore_index`` where unsure.
+        confidence: ``(Z, Y, X)`` uint8, max probability x 255.
+        probabilities: ``(C, Z, Y, X)`` float32 when asked for, else None.
+        stats: shape, seconds, windows, label_counts, ignored_voxels, invalid_voxels,
+            ignored_fraction, mean_confidence, nonfinite_input_voxels.
+    """
+
+    labels: np.ndarray
+    confidence: np.ndarray
+    probabilities: np.ndarray | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Totals:
+    counts: np.ndarray
+    ignored: int = 0
+    invalid: int = 0
+
+
+class _Backend:
+    """Where the accumulator lives: host NumPy arrays, or CUDA torch tensors."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.device = device
+        if self.cuda:
+            import torch
+
+            self.torch = torch
+
+    def zeros(self, shape: tuple[int, ...], dtype: str) -> Any:
+        if self.cuda:
+            return self.torch.zeros(shape, dtype=getattr(self.torch, dtype), device=self.device)
+        return np.zeros(shape, dtype)
+
+    def upload(self, array: np.ndarray) -> Any:
+        return self.torch.from_numpy(array).to(self.device) if self.cuda else array
+
+    def to_host(self, array: Any) -> np.ndarray:
+        return array.cpu().numpy() if self.cuda else array
+
+    def shift_rows(self, acc: Any, wsum: Any, k: int) -> None:
+        """Drop the first ``k`` slab rows, move the rest up, zero the freed tail."""
+        depth = wsum.shape[0]
+        if self.cuda:
+            acc[:, : depth - k] = acc[:, k:].clone()
+            wsum[: depth - k] = wsum[k:].clone()
+        else:
+            acc[:, : depth - k] = acc[:, k:]
+            wsum[: depth - k] = wsum[k:]
+        acc[:, depth - k:] = 0
+        wsum[depth - k:] = 0
+
+    def flip(self, batch: Any, axes: tuple[int, ...]) -> Any:
+        if self.cuda:
+            return self.torch.flip(batch, axes)
+        return np.ascontiguousarray(np.flip(batch, axes))
+
+    def probabilities(self, acc: Any, wsum: Any, kind: str) -> np.ndarray:
+        """Blended probabilities ``(C, rows, Y, X)`` float32 on the host."""
+        vals = self.to_host(acc).astype(np.float32) / np.maximum(self.to_host(wsum), 1e-12)[None]
+        if kind == "probabilities":
+            return vals
+        if vals.shape[0] == 1:
+            return 1.0 / (1.0 + np.exp(-vals))
+        vals = np.exp(vals - vals.max(axis=0, keepdims=True))
+        return vals / vals.sum(axis=0, keepdims=True)
+
+
+def _mirror_axes(spatial_dims: int) -> list[tuple[int, ...]]:
+    """nnU-Net's test-time mirroring: every non-empty subset of the spatial axes."""
+    axes = list(range(2, 2 + spatial_dims))
+    return [c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
+class Relabeler:
+    """Pseudo-label volumes with a model package (or a live torch module).
+
+    Args:
+        model_dir: folder with ``model.json`` + ``model.onnx`` (``atso_fast.export_model``).
+        runtime: ``"auto"``, ``"onnxruntime"``, ``"tensorrt"`` or ``"torch"``.
+        device: ``"cpu"`` or ``"cuda[:N]"``.
+        overlap: window overlap in ``[0, 1)``, scalar or per axis (MONAI's meaning).
+        batch_size: windows per runtime call.
+        threshold: max probability below which a voxel gets ``ignore_index``.
+        ignore_index: label for ignored/invalid voxels (must not be a class index).
+        mirror: nnU-Net test-time mirroring over all spatial axes (2^D - 1 extra passes).
+        precision: network precision, ``"float32"``, ``"float16"`` (CUDA) or ``"bfloat16"``.
+        accumulate_dtype: ``"float32"`` or ``"float16"`` accumulator (halves slab memory).
+        save_probabilities: also return ``(C, Z, Y, X)`` float32 probabilities.
+        nonfinite: ``"fail"`` (NaN/inf input voxels raise) or ``"ignore"`` (they are set to 0
+            for the network and labelled ``ignore_index``).
+        compile: ``torch.compile`` the torch runtime.
+    """
+
+    def __init__(self, model_dir: str | Path | None = None, *, runtime: str = "auto", device: str = "cpu",
+                 overlap: float = 0.5, batch_size: int = 4, threshold: float = 0.0, ignore_index: int = 255,
+                 mirror: bool = False, precision: str = "float32", accumulate_dtype: str = "float32",
+                 save_probabilities: bool = False, nonfinite: str = "fail", compile: bool = False,
+                 _package: ModelPackage | None = None, _module: Any = None):
+        self.package = _package if _package is not None else load_package(model_dir)
+        self.device = check_device(device)
+        self.overlap = check_overlap(overlap)
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+        native._check_finalize_args(self.package.num_classes, threshold, ignore_index, "logits")
+        self.threshold, self.ignore_index = float(threshold), int(ignore_index)
+        self.mirror = bool(mirror)
+        self.precision = check_precision(precision)
+        if accumulate_dtype not in ("float32", "float16"):
+            raise ValueError(f"accumulate_dtype must be 'float32' or 'float16', got {accumulate_dtype!r}")
+        self.accumulate_dtype = accumulate_dtype
+        self.save_probabilities = bool(save_probabilities)
+        if nonfinite not in ("fail", "ignore"):
+            raise ValueError(f"nonfinite must be 'fail' or 'ignore', got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        if self.device.startswith("cuda") and not native.has_cuda():
+            raise RuntimeError(f"device {device!r} needs a CUDA GPU and a CUDA build of atso_fast._C; "
+                               f"build_info: {native.build_info()}")
+        self.runtime_name = resolve_runtime(runtime, self.device, has_onnx=self.package.root is not None,
+                                            has_module=_module is not None)
+        self.runtime = create_runtime(self.runtime_name, device=self.device, package=self.package, module=_module,
+                                      precision=precision, batch_size=self.batch_size, compile=compile)
+        self._backend = _Backend(self.device)
+        self._importance = self._backend.upload(np.ascontiguousarray(gaussian_importance(self.package.window3d)))
+
+    @classmethod
+    def from_module(cls, module: Any, *, window, num_classes: int, kind: str = "logits",
+                    normalization: dict | None = None, in_channels: int = 1, **kw) -> Relabeler:
+        """A relabeler around a live torch module (torch runtime, nothing exported)."""
+        from atso_fast.export import _validate_meta
+
+        win, norm = _validate_meta(window, in_channels, num_classes, kind, normalization, "Relabeler.from_module")
+        package = ModelPackage(None, win, in_channels, num_classes, kind, norm, onnx_file=None)
+        kw.setdefault("runtime", "torch")
+        return cls(None, _package=package, _module=module, **kw)
+
+    def relabel_archive(self, inputs, output_dir, *, resume: bool = False, num_parts: int = 1, part_id: int = 0,
+                        **kw) -> dict[str, Any]:
+        """Relabel every volume under ``inputs`` into ``output_dir`` (see ``atso_fast.archive``)."""
+        from atso_fast.archive import relabel_archive
+
+        return relabel_archive(self, inputs, output_dir, resume=resume, num_parts=num_parts, part_id=part_id, **kw)
+
+    # ------------------------------------------------------------------ one volume
+    def relabel_volume(self, array: Any, *, normalized: bool = False) -> RelabelResult:
+        """Pseudo labels for one volume.
+
+        Args:
+            array: ``(Z, Y, X)``, ``(M, Z, Y, X)`` or a 2D ``(Y, X)`` image; any real dtype
+                (a NumPy array or a CPU torch tensor).
+            normalized: skip the package's intensity normalisation.
+
+        Raises:
+            ValueError: wrong rank, channel count, dtype or an empty volume.
+            NonFiniteInputError: NaN/inf voxels while ``nonfinite="fail"``.
+        """
+        start = time.perf_counter()
+        vol, bad = self._prepare(array, normalized)
+        shape = vol.shape[1:]
+        labels, conf, probs, totals, windows = self._stream(vol)
+        if bad is not None:
+            self._mark_bad(labels, conf, probs, totals, bad)
+        n = int(np.prod(shape))
+        stats = {
+            "shape": list(shape), "seconds": time.perf_counter() - start, "windows": windows,
+            "label_counts": totals.counts.tolist(), "ignored_voxels": totals.ignored,
+            "invalid_voxels": totals.invalid, "ignored_fraction": (totals.ignored + totals.invalid) / n,
+            "mean_confidence": float(conf.mean(dtype=np.float64)) / 255.0,
+            "nonfinite_input_voxels": 0 if bad is None else int(bad.sum()),
+            "runtime": self.runtime_name, "device": self.device,
+        }
+        return RelabelResult(labels, conf, probs, stats)
+
+    def _prepare(self, array: Any, normalized: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        if type(array).__module__.split(".")[0] == "torch":
+            array = array.detach().cpu().numpy()
+        arr = np.asarray(array)
+        if arr.dtype.kind not in "biuf":
+            raise ValueError(f"volume must have a real numeric dtype, got {arr.dtype}")
+        if arr.ndim in (2, 3):
+            arr = arr.reshape((1,) * (4 - arr.ndim) + arr.shape)
+        m = self.package.in_channels
+        if arr.ndim != 4 or arr.shape[0] != m:
+            raise ValueError(f"volume must be (Z, Y, X) or ({m}, Z, Y, X) for a model with {m} input "
+                             f"channel(s), got shape {np.shape(array)}")
+        if arr.size == 0:
+            raise ValueError(f"volume is empty (shape {np.shape(array)})")
+        arr = arr.astype(np.float32, copy=False)
+        finite = np.isfinite(arr)
+        bad = None
+        if not finite.all():
+            bad = ~finite.all(axis=0)
+            if self.nonfinite == "fail":
+                raise NonFiniteInputError(f"volume has {int(bad.sum())} NaN/inf voxels; use nonfinite='ignore' "
+                                          "(--nonfinite ignore) to label them ignore_index")
+            arr = np.where(finite, arr, np.float32(arr[finite].mean() if finite.any() else 0.0))
+        vol = arr if normalized else normalize(arr, self.package.normalization)
+        if bad is not None:
+            vol = np.where(bad[None], np.float32(0.0), vol)
+        return np.ascontiguousarray(vol, dtype=np.float32), bad
+
+    def _mark_bad(self, labels, conf, probs, totals: _Totals, bad: np.ndarray) -> None:
+        k = len(totals.counts)
+        hit = labels[bad]
+        totals.counts -= np.bincount(hit[hit < k].astype(np.int64), minlength=k)[:k]
+        totals.ignored -= int((hit == self.ignore_index).sum())
+        totals.invalid += int(bad.sum())
+        labels[bad] = self.ignore_index
+        conf[bad] = 0
+        if probs is not None:
+            probs[:, bad] = np.nan
+
+    def _stream(self, vol: np.ndarray):
+        """Slab-streamed sliding window over ``vol (M, Z, Y, X)``; see the module docstring."""
+        be, pkg = self._backend, self.package
+        shape = vol.shape[1:]
+        win = pkg.window3d
+        origins = sliding_window_origins(shape, win, self.overlap)
+        depth = min(win[0], shape[0])
+        acc = be.zeros((pkg.num_classes, depth, *shape[1:]), self.accumulate_dtype)
+        wsum = be.zeros((depth, *shape[1:]), "float32")
+        k = max(pkg.num_classes, 2)
+        ldtype = np.uint8 if max(k - 1, self.ignore_index) <= 255 else np.uint16
+        out = {"labels": np.empty(shape, ldtype), "conf": np.empty(shape, np.uint8),
+               "probs": np.empty((pkg.num_classes, *shape), np.float32) if self.save_probabilities else None}
+        totals = _Totals(np.zeros(k, np.int64))
+        vol_d, s0 = be.upload(vol), 0
+        for zo in np.unique(origins[:, 0]):
+            need_end = min(int(zo) + win[0], shape[0])
+            if need_end > s0 + depth:  # rows below need_end - depth are complete
+                shift = need_end - depth - s0
+                self._flush(acc, wsum, s0, shift, out, totals)
+                be.shift_rows(acc, wsum, shift)
+                s0 += shift
+            row = origins[origins[:, 0] == zo]
+            for i in range(0, len(row), self.batch_size):
+                chunk = row[i:i + self.batch_size]
+                patches = native.extract_patches(vol_d, chunk, win)
+                native.accumulate(acc, wsum, self._predict(patches), chunk, self._importance, s0)
+        self._flush(acc, wsum, s0, shape[0] - s0, out, totals)
+        windows = len(origins) * (1 + (len(_mirror_axes(pkg.spatial_dims)) if self.mirror else 0))
+        return out["labels"], out["conf"], out["probs"], totals, windows
+
+    def _flush(self, acc, wsum, s0: int, rows: int, out: dict, totals: _Totals) -> None:
+        """Finalise the first ``rows`` slab rows (volume rows ``[s0, s0 + rows)``)."""
+        if rows <= 0:
+            return
+        res = native.finalize(acc, wsum, self.threshold, self.ignore_index, self.package.kind, rows=(0, rows))
+        out["labels"][s0:s0 + rows] = self._backend.to_host(res.labels)
+        out["conf"][s0:s0 + rows] = self._backend.to_host(res.confidence)
+        totals.counts += res.counts
+        totals.ignored += res.ignored
+        totals.invalid += res.invalid
+        if out["probs"] is not None:
+            out["probs"][:, s0:s0 + rows] = self._backend.probabilities(acc[:, :rows], wsum[:rows], self.package.kind)
+
+    def _predict(self, patches: Any) -> Any:
+        """Runtime outputs ``(B, C, pz, py, px)`` for windows ``(B, M, pz, py, px)``."""
+        pkg = self.package
+        b = patches.shape[0]
+        x = patches.reshape(b, pkg.in_channels, *pkg.window)  # drops the unit z axis of 2D models
+        out = self.runtime(x)
+        if self.mirror:
+            total = out.astype(np.float32) if isinstance(out, np.ndarray) else out.float()
+            axes_list = _mirror_axes(pkg.spatial_dims)
+            for axes in axes_list:
+                total += self._backend.flip(self.runtime(self._backend.flip(x, axes)), axes)
+            out = total / (len(axes_list) + 1)
+        want = (b, pkg.num_classes, *pkg.window)
+        if tuple(out.shape) != want:
+            raise ValueError(f"runtime {self.runtime_name!r} returned windows of shape {tuple(out.shape)}, "
+                             f"expected {want} (check the package's num_classes/window)")
+        return out.reshape(b, pkg.num_classes, *pkg.window3d)

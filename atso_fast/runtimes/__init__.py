@@ -1,0 +1,70 @@
+"""Inference runtimes behind one small interface.
+
+A runtime is a callable ``runtime(batch) -> outputs``: ``batch (B, M, *window)`` float32 (a
+NumPy array for ``device="cpu"``, a CUDA torch tensor for ``device="cuda"``) to
+``(B, C, *window)`` float32/float16 on the same side. ``create_runtime`` picks one by name.
+
+``auto`` is a documented rule, not a guess: on CPU, ONNX Runtime (faster than eager PyTorch on
+CPU for these conv nets, see benchmarks/RESULTS.md) when the package has an ONNX file, else
+torch; on CUDA, TensorRT when installed, else ONNX Runtime with the CUDA execution provider
+when ``onnxruntime-gpu`` is installed, else torch. A live torch module always runs on torch.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from atso_fast.runtimes.base import Runtime, RuntimeUnavailable
+from atso_fast.runtimes.onnx_rt import OnnxRuntime, onnxruntime_has_cuda
+from atso_fast.runtimes.tensorrt_rt import TensorRTRuntime, tensorrt_available
+from atso_fast.runtimes.torch_rt import TorchRuntime
+
+__all__ = ["Runtime", "RuntimeUnavailable", "create_runtime", "resolve_runtime", "RUNTIMES",
+           "OnnxRuntime", "TensorRTRuntime", "TorchRuntime", "available_runtimes"]
+
+RUNTIMES = ("auto", "onnxruntime", "tensorrt", "torch")
+
+
+def resolve_runtime(name: str, device: str, *, has_onnx: bool, has_module: bool) -> str:
+    """Turn ``auto`` into a concrete runtime name (see module docstring)."""
+    if name not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {name!r}")
+    if name != "auto":
+        return name
+    if has_module or not has_onnx:
+        return "torch"
+    if device == "cpu":
+        return "onnxruntime"
+    if tensorrt_available():
+        return "tensorrt"
+    return "onnxruntime" if onnxruntime_has_cuda() else "torch"
+
+
+def available_runtimes(device: str) -> list[str]:
+    """Runtimes that can run on ``device`` in this environment."""
+    out = ["torch"]
+    try:
+        import onnxruntime  # noqa: F401
+
+        if device == "cpu" or onnxruntime_has_cuda():
+            out.append("onnxruntime")
+    except ImportError:
+        pass
+    if device == "cuda" and tensorrt_available():
+        out.append("tensorrt")
+    return out
+
+
+def create_runtime(name: str, *, device: str = "cpu", package: Any = None, module: Any = None,
+                   precision: str = "float32", batch_size: int = 4, compile: bool = False) -> Runtime:
+    """Build runtime ``name`` (already resolved) for a package and/or a live module."""
+    if name == "torch":
+        return TorchRuntime.create(package=package, module=module, device=device, precision=precision,
+                                   compile=compile)
+    if package is None or package.root is None:
+        raise ValueError(f"runtime {name!r} needs an exported model package (model.onnx), not a live module")
+    if name == "onnxruntime":
+        return OnnxRuntime(package.onnx_path, device=device, precision=precision)
+    if name == "tensorrt":
+        return TensorRTRuntime(package.onnx_path, device=device, precision=precision,
+                               max_batch=batch_size, window=package.window, in_channels=package.in_channels)
+    raise ValueError(f"runtime must be one of {RUNTIMES}, got {name!r}")

@@ -1,0 +1,189 @@
+"""Relabel engine: MONAI equivalence, known-answer predictors, streaming memory, options."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from atso_fast import Relabeler, export_model, load_package
+from atso_fast.export import PackageError
+from atso_fast.relabel import NonFiniteInputError
+
+
+def random_net(in_ch=1, classes=3, dims=3, seed=0):
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv3d if dims == 3 else torch.nn.Conv2d
+    return torch.nn.Sequential(conv(in_ch, 8, 3, padding=1), torch.nn.Tanh(), conv(8, classes, 1)).eval()
+
+
+class PlusOne(torch.nn.Module):
+    """Known-answer predictor: one output channel equal to input + 1."""
+
+    def forward(self, x):
+        return x + 1
+
+
+def monai_probs(net, volume, roi, overlap, classes):
+    inferers = pytest.importorskip("monai.inferers")
+    with torch.no_grad():
+        logits = inferers.sliding_window_inference(torch.from_numpy(volume)[None], roi, 4, net, overlap=overlap,
+                                                   mode="gaussian", sigma_scale=0.125)
+    return torch.softmax(logits, 1)[0].numpy() if classes > 1 else torch.sigmoid(logits)[0].numpy()
+
+
+@pytest.mark.parametrize("shape,roi,overlap", [
+    ((40, 50, 45), (16, 24, 20), 0.5),
+    ((10, 21, 33), (16, 16, 16), 0.25),   # smaller than the window along z and y
+    ((33, 17, 20), (8, 8, 8), 0.0),
+])
+def test_matches_monai_sliding_window(rng, shape, roi, overlap):
+    net = random_net()
+    volume = rng.standard_normal((1, *shape)).astype(np.float32)
+    want = monai_probs(net, volume, roi, overlap, 3)
+    rel = Relabeler.from_module(net, window=roi, num_classes=3, overlap=overlap, batch_size=3, save_probabilities=True)
+    got = rel.relabel_volume(volume)
+    np.testing.assert_allclose(got.probabilities, want, rtol=1e-5, atol=2e-6)
+    agree = (got.labels == want.argmax(0)).mean()
+    assert agree >= 0.9999, agree
+    assert got.labels.shape == shape and got.labels.dtype == np.uint8
+
+
+def test_known_answer_plus_one(rng):
+    volume = rng.standard_normal((23, 31, 19)).astype(np.float32)
+    rel = Relabeler.from_module(PlusOne(), window=(8, 16, 8), num_classes=1, kind="probabilities",
+                                overlap=0.5, save_probabilities=True)
+    got = rel.relabel_volume(volume)
+    np.testing.assert_allclose(got.probabilities[0], volume + 1, rtol=1e-5, atol=1e-5)
+    assert (got.labels == ((volume + 1) > 0.5)).mean() > 0.999
+
+
+def test_accumulator_holds_one_window_depth(rng, monkeypatch):
+    from atso_fast import relabel as relabel_mod
+
+    shapes = []
+    real_zeros = relabel_mod._Backend.zeros
+    monkeypatch.setattr(relabel_mod._Backend, "zeros", lambda self, shape, dtype: shapes.append(shape) or real_zeros(self, shape, dtype))
+    rel = Relabeler.from_module(random_net(classes=5), window=(8, 16, 16), num_classes=5, overlap=0.5)
+    rel.relabel_volume(rng.standard_normal((64, 32, 32)).astype(np.float32))
+    assert shapes[0] == (5, 8, 32, 32)  # C x pz x Y x X, not C x Z x Y x X
+
+
+def test_float16_accumulator_agrees(rng):
+    net = random_net(classes=4)
+    volume = rng.standard_normal((30, 40, 40)).astype(np.float32)
+    kw = dict(window=(16, 16, 16), num_classes=4, overlap=0.5)
+    a = Relabeler.from_module(net, **kw).relabel_volume(volume)
+    b = Relabeler.from_module(net, accumulate_dtype="float16", **kw).relabel_volume(volume)
+    assert (a.labels == b.labels).mean() >= 0.999
+
+
+def test_2d_network_runs_slice_by_slice(rng):
+    net2d = random_net(dims=2)
+    volume = rng.standard_normal((5, 40, 36)).astype(np.float32)
+
+    class As3D(torch.nn.Module):  # the same 2D net applied per slice, for MONAI's 3D inferer
+        def forward(self, x):
+            b, m, z, y, xx = x.shape
+            out = net2d(x.permute(0, 2, 1, 3, 4).reshape(b * z, m, y, xx))
+            return out.reshape(b, z, -1, y, xx).permute(0, 2, 1, 3, 4)
+
+    want = monai_probs(As3D(), volume[None], (1, 24, 24), 0.5, 3)
+    rel = Relabeler.from_module(net2d, window=(24, 24), num_classes=3, overlap=0.5, save_probabilities=True)
+    got = rel.relabel_volume(volume)
+    np.testing.assert_allclose(got.probabilities, want, rtol=1e-5, atol=2e-6)
+    image = rel.relabel_volume(volume[0])  # a 2D image is a depth-1 volume
+    assert image.labels.shape == (1, 40, 36)
+
+
+def test_threshold_ignore_and_stats(rng):
+    net = random_net(classes=3)
+    volume = rng.standard_normal((20, 24, 24)).astype(np.float32)
+    rel = Relabeler.from_module(net, window=(8, 16, 16), num_classes=3, threshold=0.6, ignore_index=9,
+                                save_probabilities=True)
+    got = rel.relabel_volume(volume)
+    low = got.probabilities.max(0) < 0.6
+    assert ((got.labels == 9) == low).mean() > 0.999
+    s = got.stats
+    assert sum(s["label_counts"]) + s["ignored_voxels"] + s["invalid_voxels"] == volume.size
+    assert s["ignored_fraction"] == pytest.approx(low.mean(), abs=1e-3)
+    assert 0 < s["mean_confidence"] <= 1
+
+
+def test_mirroring_of_an_equivariant_net_changes_nothing(rng):
+    volume = rng.standard_normal((12, 20, 20)).astype(np.float32)
+    kw = dict(window=(8, 8, 8), num_classes=1, kind="probabilities", save_probabilities=True)
+    plain = Relabeler.from_module(PlusOne(), **kw).relabel_volume(volume)
+    mirrored = Relabeler.from_module(PlusOne(), mirror=True, **kw).relabel_volume(volume)
+    np.testing.assert_allclose(mirrored.probabilities, plain.probabilities, rtol=1e-6, atol=1e-6)
+    assert mirrored.stats["windows"] == 8 * plain.stats["windows"]
+
+
+def test_bad_volumes_raise_clear_errors(rng):
+    rel = Relabeler.from_module(random_net(), window=(8, 8, 8), num_classes=3)
+    with pytest.raises(ValueError, match=r"volume must be \(Z, Y, X\) or \(1, Z, Y, X\)"):
+        rel.relabel_volume(np.zeros((2, 3, 8, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="volume is empty"):
+        rel.relabel_volume(np.zeros((0, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="real numeric dtype"):
+        rel.relabel_volume(np.array([["a"]]))
+    vol = rng.standard_normal((10, 10, 10)).astype(np.float32)
+    vol[1, 2, 3] = np.nan
+    with pytest.raises(NonFiniteInputError, match="1 NaN/inf voxels"):
+        rel.relabel_volume(vol)
+    ok = Relabeler.from_module(random_net(), window=(8, 8, 8), num_classes=3, nonfinite="ignore").relabel_volume(vol)
+    assert ok.labels[1, 2, 3] == 255 and ok.stats["nonfinite_input_voxels"] == 1
+    assert sum(ok.stats["label_counts"]) + ok.stats["ignored_voxels"] + ok.stats["invalid_voxels"] == vol.size
+
+
+def test_export_package_and_onnxruntime_match_torch(rng, tmp_path):
+    net = random_net(classes=3)
+    pkg_dir = export_model(net, tmp_path / "pkg", window=(8, 16, 16), num_classes=3,
+                           normalization={"scheme": "zscore"}, class_names=["bg", "a", "b"])
+    meta = json.loads((pkg_dir / "model.json").read_text())
+    assert meta["window"] == [8, 16, 16] and meta["num_classes"] == 3 and meta["kind"] == "logits"
+    assert meta["normalization"] == {"scheme": "zscore"} and meta["onnx_max_abs_diff"] < 1e-4
+    volume = (rng.standard_normal((20, 30, 30)) * 50 + 100).astype(np.float32)
+    onnx = Relabeler(pkg_dir, runtime="onnxruntime", save_probabilities=True).relabel_volume(volume)
+    live = Relabeler.from_module(net, window=(8, 16, 16), num_classes=3, normalization={"scheme": "zscore"},
+                                 save_probabilities=True).relabel_volume(volume)
+    np.testing.assert_allclose(onnx.probabilities, live.probabilities, atol=1e-5)
+    assert Relabeler(pkg_dir).runtime_name == "onnxruntime"  # auto on cpu
+
+
+def test_torch_runtime_from_package(tmp_path, rng):
+    net = random_net(classes=2)
+    pkg_dir = export_model(net, tmp_path / "pkg", window=(8, 8, 8), num_classes=2)
+    if load_package(pkg_dir).torch_file is None:
+        pytest.skip("torch.export could not export this module here")
+    vol = rng.standard_normal((10, 12, 12)).astype(np.float32)
+    a = Relabeler(pkg_dir, runtime="torch").relabel_volume(vol)
+    b = Relabeler(pkg_dir, runtime="onnxruntime").relabel_volume(vol)
+    assert (a.labels == b.labels).mean() > 0.999
+
+
+def test_broken_packages_name_file_and_problem(tmp_path):
+    net = random_net(classes=2)
+    pkg = export_model(net, tmp_path / "pkg", window=(8, 8, 8), num_classes=2)
+    (pkg / "model.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(ValueError, match="model.onnx: ONNX Runtime cannot load the model"):
+        Relabeler(pkg, runtime="onnxruntime")
+    meta = json.loads((pkg / "model.json").read_text())
+    meta["num_classes"] = 0
+    (pkg / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(PackageError, match="model.json: num_classes must be a positive integer"):
+        load_package(pkg)
+    with pytest.raises(PackageError, match="not found"):
+        load_package(tmp_path / "missing")
+    with pytest.raises(PackageError, match=r"expected \(1, 5, 8, 8, 8\)"):
+        export_model(net, tmp_path / "bad", window=(8, 8, 8), num_classes=5)
+
+
+def test_missing_runtimes_name_the_package():
+    from atso_fast.runtimes import RuntimeUnavailable, TensorRTRuntime, tensorrt_available
+
+    if tensorrt_available():
+        pytest.skip("TensorRT is installed here")
+    with pytest.raises(RuntimeUnavailable, match="pip install tensorrt"):
+        TensorRTRuntime("model.onnx")
