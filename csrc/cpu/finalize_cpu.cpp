@@ -3,7 +3,10 @@
 // The accumulator is channel-major (C, N). Voxels are processed in blocks of kBlock so that a
 // block's C x kBlock values stay in L1/L2 across the passes (max, sum of exponentials), and
 // every channel is read as a contiguous run (friendly to prefetchers even at C = 105).
+#include <algorithm>
+#include <cfloat>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "finalize.h"
@@ -12,6 +15,29 @@ namespace atso {
 namespace {
 
 constexpr int64_t kBlock = 256;
+
+// exp(x) for x <= 0 (softmax after subtracting the max), Cephes' single-precision polynomial
+// with Cody-Waite range reduction: within 2 ulp of expf, and plain arithmetic, so the
+// compiler vectorises the softmax loop (a libm call per element would not be).
+inline float exp_nonpositive(float x) {
+  x = x > -87.0f ? x : -87.0f;  // also maps NaN to -87 (NaN voxels are flagged invalid anyway)
+  const float t = x * 1.44269504088896341f;
+  const int n = (int)(t - 0.5f);  // round to nearest for t <= 0
+  const float r = x - (float)n * 0.693359375f + (float)n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+inline bool finite(float v) { return std::fabs(v) <= FLT_MAX; }  // false for inf and NaN
 
 struct Decision {
   int64_t label;
@@ -35,33 +61,34 @@ inline float load<uint16_t>(const uint16_t* a, int64_t i) { return half_bits_to_
 template <typename A>
 void load_block(const A* acc, const float* wsum, int64_t c, int64_t stride, int64_t start, int64_t nb,
                 float* vals, uint8_t* invalid) {
-  for (int64_t j = 0; j < nb; ++j) {
-    const float w = wsum[start + j];
-    invalid[j] = !(w > 0.0f) || !std::isfinite(w);
-  }
+  const float* w = wsum + start;
+  for (int64_t j = 0; j < nb; ++j) invalid[j] = !(w[j] > 0.0f) | !finite(w[j]);
   for (int64_t k = 0; k < c; ++k) {
     const A* src = acc + k * stride + start;
     float* dst = vals + k * nb;
     for (int64_t j = 0; j < nb; ++j) {
-      const float v = load(src, j) / wsum[start + j];
+      const float v = load(src, j) / w[j];
       dst[j] = v;
-      if (!std::isfinite(v)) invalid[j] = 1;
+      invalid[j] |= !finite(v);
     }
   }
 }
 
 // Multi-class: argmax (lowest index wins ties) and max probability.
-void decide_block(const float* vals, int64_t c, int64_t nb, int kind, int64_t* best,
-                  float* prob) {
+void decide_block(const float* __restrict vals, int64_t c, int64_t nb, int kind, int32_t* __restrict best,
+                  float* __restrict prob) {
   float maxv[kBlock];
   for (int64_t j = 0; j < nb; ++j) {
     maxv[j] = vals[j];
     best[j] = 0;
   }
-  for (int64_t k = 1; k < c; ++k) {
+  for (int32_t k = 1; k < (int32_t)c; ++k) {
     const float* row = vals + k * nb;
     for (int64_t j = 0; j < nb; ++j) {
-      if (row[j] > maxv[j]) { maxv[j] = row[j]; best[j] = k; }
+      const float r = row[j], m = maxv[j];
+      const int32_t gt = -(int32_t)(r > m);  // all ones where the row wins (strictly)
+      best[j] = (best[j] & ~gt) | (k & gt);
+      maxv[j] = gt ? r : m;
     }
   }
   if (kind == kProbabilities) {
@@ -72,7 +99,7 @@ void decide_block(const float* vals, int64_t c, int64_t nb, int kind, int64_t* b
   for (int64_t j = 0; j < nb; ++j) sum[j] = 0.0f;
   for (int64_t k = 0; k < c; ++k) {
     const float* row = vals + k * nb;
-    for (int64_t j = 0; j < nb; ++j) sum[j] += std::exp(row[j] - maxv[j]);
+    for (int64_t j = 0; j < nb; ++j) sum[j] += exp_nonpositive(row[j] - maxv[j]);
   }
   for (int64_t j = 0; j < nb; ++j) prob[j] = 1.0f / sum[j];
 }
@@ -87,7 +114,7 @@ void finalize_block(const A* acc, const float* wsum, int64_t c, int64_t stride, 
                     int64_t nb, float threshold, int64_t ignore_index, int kind, L* labels,
                     uint8_t* confidence, int64_t* counts, std::vector<float>& vals) {
   uint8_t invalid[kBlock];
-  int64_t best[kBlock];
+  int32_t best[kBlock];
   float prob[kBlock];
   load_block(acc, wsum, c, stride, start, nb, vals.data(), invalid);
   if (c == 1) {
