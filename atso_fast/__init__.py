@@ -1,30 +1,40 @@
 """atso-fast: fast ATSO (asynchronous teacher-student optimisation) for semi-supervised
-medical image segmentation, with a native relabel engine."""
+medical image segmentation, with a native relabel engine.
+
+Public names are loaded on first use, so ``import atso_fast.io`` does not pull in torch or
+ONNX, and one broken optional part does not break the others.
+"""
 from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from atso_fast.export import ModelPackage, PackageError, export_model, load_package  # noqa: E402
-from atso_fast.native import build_info, has_cuda  # noqa: E402
-from atso_fast.relabel import RelabelResult, Relabeler  # noqa: E402
+_EXPORTS = {
+    "ModelPackage": "atso_fast.export",
+    "PackageError": "atso_fast.export",
+    "export_model": "atso_fast.export",
+    "load_package": "atso_fast.export",
+    "build_info": "atso_fast.native",
+    "has_cuda": "atso_fast.native",
+    "RelabelResult": "atso_fast.relabel",
+    "Relabeler": "atso_fast.relabel",
+    "relabel_archive": "atso_fast.archive",
+    "ATSO": "atso_fast.train.atso",
+    "ATSOConfig": "atso_fast.train.atso",
+}
 
-__all__ = [
-    "ModelPackage",
-    "PackageError",
-    "RelabelResult",
-    "Relabeler",
-    "build_info",
-    "export_model",
-    "has_cuda",
-    "load_package",
-    "__version__",
-]
+__all__ = [*_EXPORTS, "__version__"]
 
 
-def __getattr__(name: str):
-    # The trainer pulls in more of torch; load it only when asked for.
-    if name in ("ATSO", "ATSOConfig"):
-        from atso_fast.train import atso
-
-        return getattr(atso, name)
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'atso_fast' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -14,7 +14,8 @@ REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "re
 def pytest_collection_modifyitems(config, items):
     if native.has_cuda():
         return
-    reason = f"needs a CUDA GPU and a CUDA build of atso_fast._C (build_info: {native.build_info()})"
+    info = native.build_info()
+    reason = f"needs a CUDA GPU (visible: {info['cuda_devices']}; _C built with CUDA: {info['cuda']})"
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=reason))

@@ -1,0 +1,491 @@
+"""Bulk relabelling of an archive of volumes, and the ``atso-fast relabel`` command.
+
+Data flow (one process; several processes can share an output folder with ``num_parts``)::
+
+    list inputs -> part split -> plan names -> skip finished (resume)
+      -> reader threads: read_volume (gunzip with isal)   look-ahead readers + queue_size
+      -> main thread: relabeler.relabel_volume(array)     the runtime stays busy
+      -> writer threads: gzip + atomic writes, then one manifest row per case
+
+Crash safety: outputs are written atomically and a case's ``ok`` row is appended only after all
+its outputs are renamed into place, so after ``kill -9`` a resumed run redoes exactly the cases
+without an ``ok`` row, and its outputs equal those of an uninterrupted run byte for byte.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from atso_fast.io import (
+    InputError,
+    Manifest,
+    VolumeMeta,
+    case_id as make_case_id,
+    input_root,
+    is_temp_name,
+    list_inputs,
+    output_path,
+    read_volume,
+    select_part,
+    volume_format,
+    write_confidence,
+    write_labels,
+)
+
+__all__ = ["relabel_archive", "cli_main", "build_parser", "MANIFEST_NAME", "OUTPUT_SUFFIXES"]
+
+MANIFEST_NAME = "manifest.jsonl"
+"""File name of the manifest inside the output folder."""
+OUTPUT_SUFFIXES = {"nifti": ".nii.gz", "npy": ".npy", "npz": ".npz"}
+"""Label output suffix per input format; confidence maps add ``_confidence`` before it."""
+
+
+@dataclass
+class _Case:
+    """One input and the outputs planned for it (``error`` set when planning refused it)."""
+
+    case_id: str
+    path: Path
+    outputs: dict[str, Path] = field(default_factory=dict)
+    error: str | None = None
+
+
+class _Tally:
+    """Thread-safe counters, the failure list and the progress bar of one run."""
+
+    def __init__(self, manifest: Manifest, output_dir: Path, bar: Any) -> None:
+        self.manifest, self.output_dir, self.bar = manifest, output_dir, bar
+        self.lock = threading.Lock()
+        self.done = self.failed = self.voxels = 0
+        self.busy = 0.0
+        self.failures: list[tuple[str, str]] = []
+        self.start = time.perf_counter()
+
+    def ok(self, case: _Case, meta: VolumeMeta, stats: dict[str, Any], seconds: float) -> None:
+        """Record a finished case: manifest row first, then counters and progress."""
+        outputs = {k: Path(os.path.relpath(p, self.output_dir)).as_posix()
+                   for k, p in case.outputs.items()}
+        self.manifest.append({
+            "case_id": case.case_id, "input": str(case.path), "status": "ok",
+            "shape": list(meta.spatial_shape), "seconds": round(seconds, 6),
+            "label_counts": stats.get("label_counts"),
+            "ignored_fraction": stats.get("ignored_fraction"),
+            "mean_confidence": stats.get("mean_confidence"), "outputs": outputs, "error": None,
+        })
+        with self.lock:
+            self.done += 1
+            self.voxels += math.prod(meta.spatial_shape)
+            self._advance()
+
+    def fail(self, case: _Case, message: str, shape: Sequence[int] | None = None) -> None:
+        """Record a failed case: manifest row, one line on stderr, counters."""
+        message = " ".join(str(message).split()) or "unknown error"
+        try:
+            self.manifest.append({"case_id": case.case_id, "input": str(case.path),
+                                  "status": "failed", "shape": shape, "outputs": {},
+                                  "error": message})
+        finally:
+            line = f"atso-fast relabel: case {case.case_id} failed: {message}"
+            with self.lock:
+                self.failed += 1
+                self.failures.append((case.case_id, message))
+                if self.bar is not None:
+                    self.bar.write(line, file=sys.stderr)
+                else:
+                    print(line, file=sys.stderr, flush=True)
+                self._advance()
+
+    def _advance(self) -> None:
+        if self.bar is not None:
+            rate = self.voxels / max(time.perf_counter() - self.start, 1e-9)
+            self.bar.set_postfix_str(f"{rate / 1e6:.3g} Mvox/s", refresh=False)
+            self.bar.update(1)
+
+
+# ------------------------------------------------------------------------------ public API
+def relabel_archive(relabeler: Any, inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+                    output_dir: str | os.PathLike[str], *, recursive: bool = False,
+                    resume: bool = False, num_parts: int = 1, part_id: int = 0,
+                    save_confidence: bool = False, readers: int = 2, writers: int = 2,
+                    queue_size: int = 2, progress: bool | None = None) -> dict[str, Any]:
+    """Relabel every volume of an archive and write label maps plus a JSONL manifest.
+
+    Outputs go to ``output_dir/<case_id>.nii.gz`` for NIfTI inputs (input affine and header,
+    uint8 or uint16), ``.npy``/``.npz`` for numpy inputs, optionally ``<case_id>_confidence.*``,
+    and one ``manifest.jsonl`` row per case. A failing case (unreadable or corrupt file,
+    relabel error, write error) becomes a ``failed`` row and one stderr line; the run goes on.
+
+    Args:
+        relabeler: any object with ``relabel_volume(array) -> result`` where ``array`` is
+            ``(Z, Y, X)`` or ``(M, Z, Y, X)`` and ``result`` has ``labels`` ``(Z, Y, X)``
+            uint8/uint16, ``confidence`` ``(Z, Y, X)`` uint8 and a ``stats`` dict
+            (``label_counts``, ``ignored_fraction``, ``mean_confidence``).
+        inputs: a folder, a list file (``.txt``/``.lst``), one image, or a sequence of images
+            (case ids relative to their common folder); see :func:`atso_fast.io.list_inputs`.
+        output_dir: created if needed; inputs inside it are ignored when ``inputs`` is a parent
+            folder, and no output may overwrite an input or leave this folder.
+        recursive: descend into sub-folders of a folder input.
+        resume: skip cases whose last manifest row is ``ok`` and whose outputs exist;
+            failed cases are retried.
+        num_parts: split the sorted inputs round robin into this many parts ...
+        part_id: ... and process only this one (``0 <= part_id < num_parts``).
+        save_confidence: also write the uint8 confidence map.
+        readers: reader threads (decode ahead of the relabeler).
+        writers: writer threads (compress and write behind it).
+        queue_size: decoded volumes waiting for the relabeler beyond those being read; also
+            bounds finished results waiting for a writer. Memory stays bounded by these.
+        progress: tqdm bar on stderr; ``None`` means only when stderr is a terminal.
+
+    Returns:
+        Summary dict: ``total, done, skipped, failed, seconds, cases_per_s, voxels_per_s,
+        busy_fraction`` (time inside ``relabel_volume`` / wall time) and ``failures``
+        (list of ``(case_id, error)``).
+
+    Raises:
+        InputError: ``inputs`` does not exist or cannot be listed.
+        ValueError: invalid ``num_parts``/``part_id``/thread counts.
+        TypeError: ``relabeler`` has no ``relabel_volume``.
+    """
+    _check_options(relabeler, readers=readers, writers=writers, queue_size=queue_size)
+    output_dir = Path(output_dir)
+    cases = _plan(inputs, output_dir, recursive=recursive, num_parts=num_parts,
+                  part_id=part_id, save_confidence=save_confidence)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with Manifest(output_dir / MANIFEST_NAME) as manifest:
+        todo = _pending(cases, manifest, output_dir) if resume else cases
+        _remove_stale_temps(todo)
+        with _progress_bar(progress, len(cases), len(cases) - len(todo)) as bar:
+            tally = _Tally(manifest, output_dir, bar)
+            for case in (c for c in todo if c.error is not None):
+                tally.fail(case, case.error or "cannot plan outputs")
+            _pipeline(relabeler, [c for c in todo if c.error is None], tally,
+                      readers=readers, writers=writers, queue_size=queue_size)
+    return _summary(tally, total=len(cases), skipped=len(cases) - len(todo))
+
+
+def _check_options(relabeler: Any, **counts: int) -> None:
+    if not callable(getattr(relabeler, "relabel_volume", None)):
+        raise TypeError(f"relabeler must have a relabel_volume(array) method, got {type(relabeler).__name__}")
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _summary(tally: _Tally, *, total: int, skipped: int) -> dict[str, Any]:
+    seconds = time.perf_counter() - tally.start
+    return {
+        "total": total, "done": tally.done, "skipped": skipped, "failed": tally.failed,
+        "seconds": seconds,
+        "cases_per_s": tally.done / seconds if seconds > 0 else 0.0,
+        "voxels_per_s": tally.voxels / seconds if seconds > 0 else 0.0,
+        "busy_fraction": min(tally.busy / seconds, 1.0) if seconds > 0 else 0.0,
+        "failures": list(tally.failures),
+    }
+
+
+# -------------------------------------------------------------------------------- planning
+def _collect(inputs: Any, output_dir: Path, recursive: bool) -> tuple[list[Path], Path]:
+    """Input paths and the root their case ids are relative to."""
+    if isinstance(inputs, (str, os.PathLike)):
+        paths, root = list_inputs(inputs, recursive=recursive), input_root(inputs)
+        real_out, real_root = os.path.realpath(output_dir), os.path.realpath(root)
+        if Path(inputs).is_dir() and real_out != real_root:  # skip earlier outputs in a subfolder
+            paths = [p for p in paths
+                     if os.path.commonpath([os.path.realpath(p), real_out]) != real_out]
+        return paths, root
+    paths = [Path(p) for p in inputs]
+    parents = [os.path.abspath(p.parent) for p in paths]
+    return paths, Path(os.path.commonpath(parents)) if parents else Path.cwd()
+
+
+def _plan(inputs: Any, output_dir: Path, *, recursive: bool, num_parts: int, part_id: int,
+          save_confidence: bool) -> list[_Case]:
+    """Cases of this part with their output paths; name clashes become planning errors."""
+    all_paths, root = _collect(inputs, output_dir, recursive)
+    paths = select_part(all_paths, num_parts, part_id)
+    all_inputs = frozenset(os.path.realpath(p) for p in all_paths)
+    owners: dict[str, str] = {}
+    cases = []
+    for path in paths:
+        case = _plan_case(path, root, output_dir, save_confidence, all_inputs)
+        clash = next((owners[os.path.realpath(p)] for p in case.outputs.values()
+                      if os.path.realpath(p) in owners), None)
+        if clash is not None:  # report under the input path so the owner's rows stay clean
+            case = _Case(str(path), path, error=f"{path}: output name clashes with case {clash}")
+        for out in case.outputs.values():
+            owners[os.path.realpath(out)] = case.case_id
+        cases.append(case)
+    return cases
+
+
+def _plan_case(path: Path, root: Path, output_dir: Path, save_confidence: bool,
+               all_inputs: frozenset[str]) -> _Case:
+    try:
+        cid = make_case_id(path, root)
+    except InputError as exc:
+        return _Case(path.name, path, error=str(exc))
+    try:
+        suffix = OUTPUT_SUFFIXES[volume_format(path)]
+        outputs = {"labels": output_path(output_dir, cid, suffix, inputs=all_inputs)}
+        if save_confidence:
+            outputs["confidence"] = output_path(output_dir, cid, "_confidence" + suffix,
+                                                inputs=all_inputs)
+    except InputError as exc:
+        return _Case(cid, path, error=str(exc))
+    except ValueError as exc:
+        return _Case(cid, path, error=f"{path}: {exc}")
+    return _Case(cid, path, outputs)
+
+
+def _pending(cases: list[_Case], manifest: Manifest, output_dir: Path) -> list[_Case]:
+    """Cases still to do: not finished in the manifest with the same output files present."""
+    finished = manifest.completed()
+    todo = []
+    for case in cases:
+        row = finished.get(case.case_id) if case.error is None else None
+        recorded = row.get("outputs", {}) if row else {}
+        wanted = {k: Path(os.path.relpath(p, output_dir)).as_posix() for k, p in case.outputs.items()}
+        if not row or any(recorded.get(k) != v for k, v in wanted.items()):
+            todo.append(case)
+    return todo
+
+
+def _remove_stale_temps(cases: list[_Case]) -> None:
+    """Delete temp files a killed run left for outputs this run is about to write."""
+    targets: dict[Path, set[str]] = {}
+    for case in cases:
+        for out in case.outputs.values():
+            targets.setdefault(out.parent, set()).add(out.name)
+    for folder, names in targets.items():
+        try:
+            entries = [e.name for e in os.scandir(folder)]
+        except OSError:
+            continue
+        for name in entries:
+            if is_temp_name(name) and name[1:name.rindex(".atso-")] in names:
+                (folder / name).unlink(missing_ok=True)
+
+
+# -------------------------------------------------------------------------------- pipeline
+def _pipeline(relabeler: Any, cases: list[_Case], tally: _Tally, *, readers: int,
+              writers: int, queue_size: int) -> None:
+    """Read ahead on ``readers`` threads, relabel here, write on ``writers`` threads."""
+    slots = threading.BoundedSemaphore(writers + queue_size)
+    feed = iter(cases)
+    pending: deque[tuple[_Case, Future]] = deque()
+    with ThreadPoolExecutor(readers, "atso-read") as read_pool, \
+            ThreadPoolExecutor(writers, "atso-write") as write_pool:
+        try:
+            _top_up(pending, feed, read_pool, readers + queue_size)
+            while pending:
+                case, future = pending.popleft()
+                _top_up(pending, feed, read_pool, readers + queue_size)
+                loaded = _take(case, future, tally)
+                if loaded is None:
+                    continue
+                result, seconds = _relabel(relabeler, case, loaded, tally)
+                if result is None:
+                    continue
+                slots.acquire()
+                write_pool.submit(_write_case, case, loaded[1], result, seconds, tally, slots)
+                del loaded, result
+        except BaseException:
+            for _, future in pending:
+                future.cancel()
+            raise
+
+
+def _top_up(pending: deque, feed: Iterator[_Case], pool: ThreadPoolExecutor, depth: int) -> None:
+    while len(pending) < depth:
+        case = next(feed, None)
+        if case is None:
+            return
+        pending.append((case, pool.submit(read_volume, case.path)))
+
+
+def _take(case: _Case, future: Future, tally: _Tally) -> tuple[np.ndarray, VolumeMeta] | None:
+    try:
+        return future.result()
+    except InputError as exc:
+        tally.fail(case, str(exc))
+    except Exception as exc:  # anything else a reader can raise (MemoryError, ...)
+        tally.fail(case, f"{case.path}: cannot read: {type(exc).__name__}: {exc}")
+    return None
+
+
+def _relabel(relabeler: Any, case: _Case, loaded: tuple[np.ndarray, VolumeMeta],
+             tally: _Tally) -> tuple[Any, float]:
+    array, meta = loaded
+    start = time.perf_counter()
+    try:
+        result = relabeler.relabel_volume(array)
+    except Exception as exc:  # one bad case must not stop the archive
+        result = None
+        tally.fail(case, f"{case.path}: relabel failed: {type(exc).__name__}: {exc}",
+                   list(array.shape))
+    finally:
+        seconds = time.perf_counter() - start
+        with tally.lock:
+            tally.busy += seconds
+    return result, seconds
+
+
+def _write_case(case: _Case, meta: VolumeMeta, result: Any, seconds: float, tally: _Tally,
+                slots: threading.BoundedSemaphore) -> None:
+    """Write a case's outputs atomically, then its ``ok`` row (never the other way round)."""
+    try:
+        try:
+            case.outputs["labels"].parent.mkdir(parents=True, exist_ok=True)
+            write_labels(case.outputs["labels"], result.labels, meta)
+            if "confidence" in case.outputs:
+                if getattr(result, "confidence", None) is None:
+                    raise ValueError("the relabeler returned no confidence map")
+                write_confidence(case.outputs["confidence"], result.confidence, meta)
+            stats = dict(getattr(result, "stats", None) or {})
+        except Exception as exc:
+            tally.fail(case, f"{case.path}: writing outputs failed: {type(exc).__name__}: {exc}",
+                       list(meta.spatial_shape))
+            return
+        try:
+            tally.ok(case, meta, stats, seconds)
+        except Exception as exc:  # e.g. disk full while appending the row
+            tally.fail(case, f"{case.path}: manifest append failed: {type(exc).__name__}: {exc}")
+    finally:
+        slots.release()
+
+
+@contextmanager
+def _progress_bar(progress: bool | None, total: int, initial: int) -> Iterator[Any]:
+    """A tqdm bar on stderr (cases, cases/s, ETA; Mvox/s as postfix), or ``None``."""
+    if progress is None:
+        progress = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    if not progress:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=initial, unit="case", file=sys.stderr, dynamic_ncols=True,
+               desc="relabel", smoothing=0.1)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+# ------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    """Argument parser of ``atso-fast relabel`` (nnU-Net-like aliases where they exist)."""
+    p = argparse.ArgumentParser(
+        prog="atso-fast relabel",
+        description="Relabel an archive of volumes with an exported model package.")
+    p.add_argument("model_dir", help="model package folder (model.onnx + model.json)")
+    p.add_argument("input", help="folder, list file (.txt/.lst) or single image")
+    p.add_argument("output_dir", help="output folder (labels, confidence, manifest.jsonl)")
+    p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"])
+    p.add_argument("--device", "-device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("-o", "--overlap", type=float, default=0.5, help="window overlap in [0, 1)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--threshold", type=float, default=0.0,
+                   help="max probability below this becomes --ignore-index")
+    p.add_argument("--ignore-index", type=int, default=255)
+    p.add_argument("--mirror", action="store_true", help="mirror test-time augmentation")
+    p.add_argument("--precision", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--save-confidence", action="store_true", help="also write <case>_confidence")
+    p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
+    p.add_argument("--resume", "--continue_prediction", action="store_true",
+                   help="skip cases already finished in OUTPUT_DIR/manifest.jsonl")
+    p.add_argument("--num-parts", "--num_parts", type=int, default=1)
+    p.add_argument("--part-id", "--part_id", type=int, default=0)
+    p.add_argument("--readers", "-npp", type=int, default=2, help="reader threads")
+    p.add_argument("--writers", "-nps", type=int, default=2, help="writer threads")
+    p.add_argument("--engine", default="local", choices=["local", "ray"])
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    return p
+
+
+def cli_main(argv: Sequence[str] | None = None) -> int:
+    """``atso-fast relabel ...``: 0 when every case succeeded, 1 when any failed, 2 on bad usage,
+    a missing input or a model package that cannot be loaded."""
+    try:
+        args = build_parser().parse_args(None if argv is None else list(argv))
+    except SystemExit as exc:  # --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        select_part([], args.num_parts, args.part_id)
+        for name in ("readers", "writers", "batch_size"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if args.engine != "local":
+            raise ValueError(f"--engine {args.engine} is not yet available; use --engine local")
+    except ValueError as exc:
+        return _usage_error(str(exc))
+    relabeler = _load_relabeler(args)
+    if relabeler is None:
+        return 2
+    try:
+        summary = relabel_archive(
+            relabeler, args.input, args.output_dir, recursive=args.recursive, resume=args.resume,
+            num_parts=args.num_parts, part_id=args.part_id, save_confidence=args.save_confidence,
+            readers=args.readers, writers=args.writers, progress=False if args.quiet else None)
+    except (InputError, OSError) as exc:
+        return _usage_error(str(exc))
+    except KeyboardInterrupt:
+        print("atso-fast relabel: interrupted; finished cases are kept, rerun with --resume",
+              file=sys.stderr)
+        return 130
+    _print_summary(summary, args)
+    return 1 if summary["failed"] else 0
+
+
+def _usage_error(message: str) -> int:
+    print(f"atso-fast relabel: error: {_one_line(message)}", file=sys.stderr)
+    return 2
+
+
+def _one_line(message: str) -> str:
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    return lines[0] if lines else "unknown error"
+
+
+def _load_relabeler(args: argparse.Namespace) -> Any:
+    """Build the engine; any failure is one stderr line (no traceback) and ``None``."""
+    try:
+        from atso_fast.relabel import Relabeler
+    except ImportError as exc:
+        _usage_error(f"the relabel engine cannot be imported ({exc})")
+        return None
+    try:
+        return Relabeler(args.model_dir, runtime=args.runtime, device=args.device,
+                         overlap=args.overlap, batch_size=args.batch_size,
+                         threshold=args.threshold, ignore_index=args.ignore_index,
+                         mirror=args.mirror, precision=args.precision)
+    except Exception as exc:  # bad ONNX, mismatched model.json, missing runtime, ...
+        detail = _one_line(str(exc)) if str(exc).strip() else type(exc).__name__
+        _usage_error(f"cannot load model package {args.model_dir}: {detail}")
+        return None
+
+
+def _print_summary(summary: dict[str, Any], args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps(summary, indent=None, default=str))
+    elif not args.quiet:
+        print(f"relabelled {summary['done']} of {summary['total']} cases "
+              f"({summary['skipped']} skipped, {summary['failed']} failed) in "
+              f"{summary['seconds']:.1f} s: {summary['cases_per_s']:.2f} cases/s, "
+              f"{summary['voxels_per_s'] / 1e6:.3g} Mvox/s, runtime busy "
+              f"{100 * summary['busy_fraction']:.0f}%")
