@@ -11,6 +11,7 @@
 #include <cuda_runtime.h>
 #endif
 
+#include "cpu/isa.h"
 #include "finalize.h"
 #include "pyarray.h"
 #include "stitch.h"
@@ -128,6 +129,7 @@ int cuda_device_count() {
 py::dict build_info() {
   py::dict info;
   info["version"] = ATSO_FAST_VERSION;
+  info["cpu_isa"] = cpu_isa();
 #ifdef WITH_CUDA
   info["cuda"] = true;
   info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." +
@@ -151,6 +153,8 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "atso-fast native kernels (CPU OpenMP, optional CUDA). Use atso_fast.native.";
   m.def("build_info", &build_info, "What the module was built with.");
+  m.def("set_cpu_isa", [](const std::string& isa) { return set_cpu_isa(isa.c_str()); },
+        "Force the 'generic' CPU kernels, or back to 'auto'; False if unavailable.");
   m.def("extract_patches", &extract_patches, "CPU window gather into out (B, M, pz, py, px).");
   m.def("accumulate", &accumulate, "CPU gaussian-weighted accumulation into a slab.");
   m.def("finalize", &finalize, "CPU labels/confidence/counts from a blended slab.");

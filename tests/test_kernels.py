@@ -236,3 +236,24 @@ def test_gaussian_matches_monai():
         np.testing.assert_allclose(gaussian_importance(patch), want, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="patch_size must be positive"):
         gaussian_importance((0, 4, 4))
+
+
+@pytest.mark.parametrize("channels", [1, 3, 105])
+def test_cpu_isa_builds_agree_bit_for_bit(rng, channels):
+    from atso_fast import _C
+
+    if native.build_info().get("cpu_isa") != "avx2":
+        pytest.skip("this CPU or build has only the generic kernels")
+    vol, patch = (17, 23, 19), (8, 10, 6)
+    results = []
+    for isa in ("generic", "auto"):
+        assert _C.set_cpu_isa(isa)
+        try:
+            got_acc, got_w, _, _ = run_accumulate(np.random.default_rng(1), "cpu", vol, patch, 0.5, channels,
+                                                  np.float16, np.float32, 0, vol[0])
+            fin = native.finalize(got_acc, got_w, 0.3, 255, "logits")
+            results.append((got_acc, got_w, fin.labels, fin.confidence, fin.counts))
+        finally:
+            _C.set_cpu_isa("auto")
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)

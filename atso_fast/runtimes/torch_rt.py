@@ -1,6 +1,8 @@
 """PyTorch runtime: eager or ``torch.compile``, float32/float16/bfloat16."""
 from __future__ import annotations
 
+import copy
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -8,6 +10,21 @@ import numpy as np
 from atso_fast.runtimes.base import RuntimeUnavailable, check_device, check_precision
 
 __all__ = ["TorchRuntime"]
+
+
+@contextmanager
+def _eval_mode(module: Any):
+    """Eval mode for the call, then the caller's mode back (a live module may be training)."""
+    was_training = getattr(module, "training", False)
+    try:
+        module.eval()
+    except NotImplementedError:  # torch.export programs are inference-only and refuse .eval()
+        was_training = False
+    try:
+        yield
+    finally:
+        if was_training:
+            module.train()
 
 
 class TorchRuntime:
@@ -23,11 +40,10 @@ class TorchRuntime:
         if precision == "float16" and not device.startswith("cuda"):
             raise ValueError("precision float16 needs device cuda (use bfloat16 or float32 on cpu)")
         self._dtype = getattr(torch, precision)
+        param = next(iter(module.parameters()), None)
+        if param is not None and (param.dtype != self._dtype or param.device != torch.device(device)):
+            module = copy.deepcopy(module)  # never convert the caller's module in place
         self.module = module.to(device=device, dtype=self._dtype)
-        try:
-            self.module.eval()
-        except NotImplementedError:
-            pass  # torch.export programs are already in inference form and refuse .eval()
         self._fn = torch.compile(self.module, dynamic=False) if compile else self.module
 
     @classmethod
@@ -53,7 +69,7 @@ class TorchRuntime:
 
         on_host = isinstance(batch, np.ndarray)
         x = torch.from_numpy(batch) if on_host else batch
-        with torch.inference_mode():
+        with torch.inference_mode(), _eval_mode(self.module):
             out = self._fn(x.to(device=self.device, dtype=self._dtype, non_blocking=True))
         if out.dtype not in (torch.float32, torch.float16):
             out = out.float()  # kernels take float32/float16 windows

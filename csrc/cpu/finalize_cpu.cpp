@@ -9,9 +9,11 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/isa.h"
 #include "finalize.h"
 
 namespace atso {
+namespace ATSO_ISA {
 namespace {
 
 constexpr int64_t kBlock = 256;
@@ -195,4 +197,5 @@ void finalize_cpu(const void* acc, int acc_dtype, const float* wsum, int64_t c, 
   }
 }
 
+}  // namespace ATSO_ISA
 }  // namespace atso

@@ -7,9 +7,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/isa.h"
 #include "stitch.h"
 
 namespace atso {
+namespace ATSO_ISA {
 namespace {
 
 // 64 Ki-entry table: half -> float conversion is one load in the inner loops.
@@ -85,36 +87,75 @@ inline void add_row<uint16_t>(uint16_t* acc, const float* imp, const float* src,
   for (int64_t i = 0; i < n; ++i) acc[i] = float_to_half_bits(table[acc[i]] + imp[i] * src[i]);
 }
 
+// A window's overlap with one (z, y) row of the slab.
+struct Span {
+  int64_t w;        // window index in the batch
+  int64_t src_off;  // offset of the row's first covered voxel inside the window
+  int64_t x0, n;    // destination x start and length
+};
+
+// Per-thread scratch: the spans of one slab row z, grouped by y (span_start[y] ..).
+struct RowSpans {
+  std::vector<Span> spans;
+  std::vector<int64_t> start;
+  std::vector<float> buf;  // float16 patch row converted to float
+};
+
+void collect_spans(int64_t z0, int64_t z, const int64_t* origins, int64_t b, Shape3 p,
+                   Shape3 slab, RowSpans& rs) {
+  rs.spans.clear();
+  rs.start.assign(slab.y + 1, 0);
+  for (int64_t y = 0; y < slab.y; ++y) {
+    rs.start[y] = (int64_t)rs.spans.size();
+    for (int64_t w = 0; w < b; ++w) {
+      const int64_t zz = z0 + z - origins[3 * w], yy = y - origins[3 * w + 1];
+      if (zz < 0 || zz >= p.z || yy < 0 || yy >= p.y) continue;
+      const int64_t ox = origins[3 * w + 2];
+      const Range xr = clip(ox, p.x, 0, slab.x);
+      if (xr.hi > xr.lo) {
+        rs.spans.push_back({w, (zz * p.y + yy) * p.x + (xr.lo - ox), xr.lo, xr.hi - xr.lo});
+      }
+    }
+  }
+  rs.start[slab.y] = (int64_t)rs.spans.size();
+}
+
 // One slab row z (volume row z0 + z) receives every window of the batch that covers it.
+// Loop order channel -> y -> window: each window's patch plane is read as one sequential
+// stream (B streams per channel, prefetch friendly), and the X-long accumulator row gets all
+// overlapping windows while it sits in L1, so it crosses the memory bus once per batch rather
+// than once per window. Every voxel still receives the windows in batch order.
 template <typename A, typename P>
 void accumulate_row(A* acc, float* wsum, int64_t c, Shape3 slab, int64_t z0, int64_t z,
                     const P* patches, const int64_t* origins, int64_t b, Shape3 p,
-                    const float* importance, const float* table, std::vector<float>& buf) {
+                    const float* importance, const float* table, RowSpans& rs) {
+  collect_spans(z0, z, origins, b, p, slab, rs);
+  if (rs.spans.empty()) return;
   const int64_t plane = slab.y * slab.x, slab_n = slab.z * plane, win_n = p.z * p.y * p.x;
-  for (int64_t w = 0; w < b; ++w) {
-    const int64_t zz = z0 + z - origins[3 * w];
-    if (zz < 0 || zz >= p.z) continue;
-    const int64_t oy = origins[3 * w + 1], ox = origins[3 * w + 2];
-    const Range yr = clip(oy, p.y, 0, slab.y), xr = clip(ox, p.x, 0, slab.x);
-    const int64_t n = xr.hi - xr.lo;
-    if (n <= 0) continue;
-    for (int64_t y = yr.lo; y < yr.hi; ++y) {
-      const int64_t src_off = (zz * p.y + (y - oy)) * p.x + (xr.lo - ox);
-      const float* imp = importance + src_off;
-      const int64_t dst_off = z * plane + y * slab.x + xr.lo;
-      float* ws = wsum + dst_off;
+  for (int64_t y = 0; y < slab.y; ++y) {
+    float* ws = wsum + z * plane + y * slab.x;
+    for (int64_t k = rs.start[y]; k < rs.start[y + 1]; ++k) {
+      const Span& s = rs.spans[k];
+      const float* imp = importance + s.src_off;
+      float* dst = ws + s.x0;
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) ws[i] += imp[i];
-      for (int64_t ch = 0; ch < c; ++ch) {
-        const P* src = patches + (w * c + ch) * win_n + src_off;
+      for (int64_t i = 0; i < s.n; ++i) dst[i] += imp[i];
+    }
+  }
+  for (int64_t ch = 0; ch < c; ++ch) {
+    for (int64_t y = 0; y < slab.y; ++y) {
+      A* row = acc + ch * slab_n + z * plane + y * slab.x;
+      for (int64_t k = rs.start[y]; k < rs.start[y + 1]; ++k) {
+        const Span& s = rs.spans[k];
+        const P* src = patches + (s.w * c + ch) * win_n + s.src_off;
         const float* srcf;
         if constexpr (std::is_same<P, float>::value) {
           srcf = src;
         } else {
-          for (int64_t i = 0; i < n; ++i) buf[i] = load(src, i, table);
-          srcf = buf.data();
+          for (int64_t i = 0; i < s.n; ++i) rs.buf[i] = load(src, i, table);
+          srcf = rs.buf.data();
         }
-        add_row<A>(acc + ch * slab_n + dst_off, imp, srcf, n, table);
+        add_row<A>(row + s.x0, importance + s.src_off, srcf, s.n, table);
       }
     }
   }
@@ -126,10 +167,12 @@ void accumulate_impl(A* acc, float* wsum, int64_t c, Shape3 slab, int64_t z0, co
   const float* table = half_table();
 #pragma omp parallel
   {
-    std::vector<float> buf(p.x);
+    RowSpans rs;
+    rs.buf.resize(p.x);
+    rs.spans.reserve(b * slab.y);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t z = 0; z < slab.z; ++z) {
-      accumulate_row<A, P>(acc, wsum, c, slab, z0, z, patches, origins, b, p, importance, table, buf);
+      accumulate_row<A, P>(acc, wsum, c, slab, z0, z, patches, origins, b, p, importance, table, rs);
     }
   }
 }
@@ -164,4 +207,5 @@ void accumulate_cpu(void* acc, int acc_dtype, float* wsum, int64_t c, Shape3 sla
   }
 }
 
+}  // namespace ATSO_ISA
 }  // namespace atso

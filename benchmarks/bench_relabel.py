@@ -1,0 +1,230 @@
+"""Relabel pass side by side, in one run: MONAI ``sliding_window_inference`` vs atso-fast's
+runtimes vs the network alone on the same windows; then peak memory at many classes.
+
+Part A (speed): MONAI UNet 16-32-64-128-256 (2 res units), same weights for everyone, gaussian
+blending, overlap 0.5. Reports seconds per volume, voxels/s, our stitching+thresholding overhead
+relative to the network alone (same runtime, same windows), the end-to-end ratio MONAI / ours,
+and label agreement with MONAI.
+Part B (memory): peak memory of the blending at many classes, each method in a fresh
+subprocess (CPU: peak RSS growth; CUDA: torch.cuda.max_memory_allocated). A one-layer conv
+head stands in for the network there so the numbers isolate stitching memory (same head for
+MONAI and us).
+
+Usage: python benchmarks/bench_relabel.py [--device cpu|cuda] [--classes 3 105] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import atso_fast
+from atso_fast import native
+
+__all__ = ["main"]
+
+CPU_DEFAULTS = {"shape": (96, 128, 128), "window": (64, 64, 64), "batch": 4,
+                "mem_shape": (200, 256, 256), "mem_window": (64, 64, 64)}
+GPU_DEFAULTS = {"shape": (200, 512, 512), "window": (96, 96, 96), "batch": 16,
+                "mem_shape": (200, 512, 512), "mem_window": (96, 96, 96)}
+
+
+def unet(classes: int) -> torch.nn.Module:
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    return UNet(spatial_dims=3, in_channels=1, out_channels=classes, channels=(16, 32, 64, 128, 256),
+                strides=(2, 2, 2, 2), num_res_units=2).eval()
+
+
+def head(classes: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Conv3d(1, classes, 3, padding=1).eval()
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int):
+    """(median seconds, last result) after one warm-up call."""
+    out = fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def monai_labels(net, volume, window, batch, device, fp16=False):
+    from monai.inferers import sliding_window_inference
+
+    x = torch.from_numpy(volume)[None, None].to(device)
+    with torch.inference_mode(), torch.autocast(device, enabled=fp16, dtype=torch.float16):
+        logits = sliding_window_inference(x, window, batch, net, overlap=0.5, mode="gaussian",
+                                          sigma_scale=0.125)
+    return logits[0].argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def network_alone(runtime, volume, window, batch, device):
+    """The runtime on exactly the windows the relabel pass runs, extracted beforehand."""
+    from atso_fast.windows import sliding_window_origins
+
+    origins = sliding_window_origins(volume.shape, window, 0.5)
+    vol = torch.from_numpy(volume)[None].to(device) if device == "cuda" else volume[None]
+    batches = [native.extract_patches(vol, origins[i:i + batch], window) for i in range(0, len(origins), batch)]
+    return lambda: [runtime(b) for b in batches]
+
+
+def speed_rows(classes: int, args, cfg) -> list[dict]:
+    device, window, batch = args.device, cfg["window"], cfg["batch"]
+    net = unet(classes).to(device)
+    rng = np.random.default_rng(0)
+    volume = rng.standard_normal(cfg["shape"]).astype(np.float32)
+    n_vox = volume.size
+    t_monai, ref = timed(lambda: monai_labels(net, volume, window, batch, device), device, args.repeats)
+    rows = [{"method": "monai fp32", "classes": classes, "seconds": t_monai, "agreement": 1.0}]
+    if device == "cuda":
+        t16, lab16 = timed(lambda: monai_labels(net, volume, window, batch, device, True), device, args.repeats)
+        rows.append({"method": "monai autocast fp16", "classes": classes, "seconds": t16,
+                     "agreement": float((lab16 == ref).mean())})
+    with tempfile.TemporaryDirectory() as tmp:
+        pkg = atso_fast.export_model(net.cpu(), tmp, window=window, num_classes=classes, save_torch=False)
+        net.to(device)
+        for name, precision in runtimes_for(device):
+            rel = make_relabeler(name, pkg, net, window, classes, device, batch, precision)
+            t, res = timed(lambda: rel.relabel_volume(volume, normalized=True), device, args.repeats)
+            t_net, _ = timed(network_alone(rel.runtime, volume, window, batch, device), device, args.repeats)
+            rows.append({"method": f"atso-fast {name} {precision}", "classes": classes, "seconds": t,
+                         "network_alone_seconds": t_net, "overhead": (t - t_net) / t_net,
+                         "agreement": float((res.labels == ref).mean())})
+    for r in rows:
+        r["voxels_per_s"] = n_vox / r["seconds"]
+        r["speedup_vs_monai_fp32"] = t_monai / r["seconds"]
+    return rows
+
+
+def runtimes_for(device: str) -> list[tuple[str, str]]:
+    if device == "cpu":
+        return [("onnxruntime", "float32"), ("torch", "float32")]
+    out = [("torch", "float32"), ("torch", "float16")]
+    from atso_fast.runtimes import available_runtimes
+
+    if "tensorrt" in available_runtimes("cuda"):
+        out.append(("tensorrt", "float16"))
+    return out
+
+
+def make_relabeler(name, pkg, net, window, classes, device, batch, precision, acc="float32"):
+    kw = dict(device=device, overlap=0.5, batch_size=batch, precision=precision, accumulate_dtype=acc)
+    if name == "torch":
+        return atso_fast.Relabeler.from_module(net, window=window, num_classes=classes, **kw)
+    return atso_fast.Relabeler(pkg, runtime=name, **kw)
+
+
+def memory_child(method: str, classes: int, device: str, cfg) -> dict:
+    """Runs in a fresh process: peak memory growth of one method over the baseline."""
+    window, batch = cfg["mem_window"], cfg["batch"]
+    net = head(classes).to(device)
+    volume = np.random.default_rng(0).standard_normal(cfg["mem_shape"]).astype(np.float32)
+    if method == "monai":
+        run = lambda: monai_labels(net, volume, window, batch, device)  # noqa: E731
+    else:
+        rel = atso_fast.Relabeler.from_module(net, window=window, num_classes=classes, device=device,
+                                              batch_size=batch, accumulate_dtype=method.split("-")[1])
+        run = lambda: rel.relabel_volume(volume, normalized=True)  # noqa: E731
+    if device == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t = time.perf_counter()
+        run()
+        sync(device)
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        t = time.perf_counter()
+        run()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"method": method, "classes": classes, "peak_GiB": peak / 2**30, "seconds": time.perf_counter() - t}
+
+
+def memory_rows(classes: int, args) -> list[dict]:
+    rows = []
+    for method in ("monai", "ours-float32", "ours-float16"):
+        cmd = [sys.executable, __file__, "--device", args.device, "--mem-child", method, "--classes", str(classes)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=dict(os.environ))
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    monai = rows[0]["peak_GiB"]
+    for r in rows:
+        r["fraction_of_monai"] = r["peak_GiB"] / monai if monai > 0 else float("nan")
+    return rows
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.machine()} CPU, {len(os.sched_getaffinity(0))} cores, torch threads {torch.get_num_threads()}"
+
+
+def print_tables(res: dict) -> None:
+    print(f"# {res['machine']}, {res['date']}; volume {res['shape']}, window {res['window']}, "
+          f"batch {res['batch']}, overlap 0.5")
+    print(f"{'method':<32}{'C':>5}{'s/vol':>9}{'Mvox/s':>9}{'net s':>9}{'overhead':>10}{'vs MONAI':>10}{'agree':>9}")
+    for r in res["speed"]:
+        net = r.get("network_alone_seconds")
+        ov = r.get("overhead")
+        print(f"{r['method']:<32}{r['classes']:>5}{r['seconds']:>9.3f}{r['voxels_per_s'] / 1e6:>9.2f}"
+              f"{net if net else float('nan'):>9.3f}{ov if ov is not None else float('nan'):>10.1%}"
+              f"{r['speedup_vs_monai_fp32']:>9.2f}x{r['agreement']:>9.5f}")
+    if res.get("memory"):
+        print(f"# peak memory of blending, volume {res['mem_shape']}, window {res['mem_window']} (conv head)")
+        print(f"{'method':<16}{'C':>5}{'peak GiB':>10}{'of MONAI':>10}{'s':>8}")
+        for r in res["memory"]:
+            print(f"{r['method']:<16}{r['classes']:>5}{r['peak_GiB']:>10.3f}{r['fraction_of_monai']:>10.2f}"
+                  f"{r['seconds']:>8.2f}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--classes", type=int, nargs="+", default=[3, 105])
+    ap.add_argument("--memory-classes", type=int, nargs="*", default=[105])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", help="write results to this file")
+    ap.add_argument("--mem-child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    cfg = GPU_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS
+    if args.mem_child:
+        print(json.dumps(memory_child(args.mem_child, args.classes[0], args.device, cfg)))
+        return 0
+    if args.device == "cuda" and not native.has_cuda():
+        raise SystemExit(f"--device cuda needs a GPU and a CUDA build: {native.build_info()}")
+    res = {"device": args.device, "machine": machine(args.device), "date": time.strftime("%Y-%m-%d"),
+           "shape": list(cfg["shape"]), "window": list(cfg["window"]), "batch": cfg["batch"],
+           "mem_shape": list(cfg["mem_shape"]), "mem_window": list(cfg["mem_window"]),
+           "speed": [r for c in args.classes for r in speed_rows(c, args, cfg)],
+           "memory": [r for c in args.memory_classes for r in memory_rows(c, args)]}
+    print_tables(res)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
