@@ -162,7 +162,8 @@ class Relabeler:
         self.runtime = create_runtime(self.runtime_name, device=self.device, package=self.package, module=_module,
                                       precision=precision, batch_size=self.batch_size, compile=compile)
         self._backend = _Backend(self.device)
-        self._importance = self._backend.upload(np.ascontiguousarray(gaussian_importance(self.package.window3d)))
+        # a writable copy: the cached map is read-only, and torch warns on read-only arrays
+        self._importance = self._backend.upload(gaussian_importance(self.package.window3d).copy())
 
     @classmethod
     def from_module(cls, module: Any, *, window, num_classes: int, kind: str = "logits",
@@ -266,6 +267,8 @@ class Relabeler:
                "probs": np.empty((pkg.num_classes, *shape), np.float32) if self.save_probabilities else None}
         totals = _Totals(np.zeros(k, np.int64))
         vol_d, s0 = be.upload(vol), 0
+        # one window buffer, reused for every batch (runtimes do not keep their inputs)
+        buf = be.zeros((self.batch_size, pkg.in_channels, *win), "float32")
         for zo in np.unique(origins[:, 0]):
             need_end = min(int(zo) + win[0], shape[0])
             if need_end > s0 + depth:  # rows below need_end - depth are complete
@@ -276,7 +279,7 @@ class Relabeler:
             row = origins[origins[:, 0] == zo]
             for i in range(0, len(row), self.batch_size):
                 chunk = row[i:i + self.batch_size]
-                patches = native.extract_patches(vol_d, chunk, win)
+                patches = native.extract_patches(vol_d, chunk, win, out=buf[:len(chunk)])
                 native.accumulate(acc, wsum, self._predict(patches), chunk, self._importance, s0)
         self._flush(acc, wsum, s0, shape[0] - s0, out, totals)
         windows = len(origins) * (1 + (len(_mirror_axes(pkg.spatial_dims)) if self.mirror else 0))

@@ -58,7 +58,7 @@ def case(device: str, classes: int, shape, patch, batch: int):
     groups = [origins[i:i + batch] for i in range(0, len(origins) - batch + 1, batch)]
     gen = torch.Generator().manual_seed(0)
     patches = torch.randn((batch, classes, *patch), generator=gen).to(device)
-    imp = torch.from_numpy(np.ascontiguousarray(gaussian_importance(patch))).to(device)
+    imp = torch.from_numpy(gaussian_importance(patch).copy()).to(device)
     host = device == "cpu"
     acc = torch.zeros((classes, *shape), device=device)
     wsum = torch.zeros(shape, device=device)
