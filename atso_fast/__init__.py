@@ -21,6 +21,7 @@ _EXPORTS = {
     "RelabelResult": "atso_fast.relabel",
     "Relabeler": "atso_fast.relabel",
     "relabel_archive": "atso_fast.archive",
+    "relabel_archive_ray": "atso_fast.ray_engine",
     "ATSO": "atso_fast.train.atso",
     "ATSOConfig": "atso_fast.train.atso",
 }

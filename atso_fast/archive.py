@@ -21,10 +21,11 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,8 @@ from atso_fast.io import (
     write_labels,
 )
 
-__all__ = ["relabel_archive", "cli_main", "build_parser", "MANIFEST_NAME", "OUTPUT_SUFFIXES"]
+__all__ = ["relabel_archive", "run_archive", "relabel_case", "cli_main", "build_parser",
+           "MANIFEST_NAME", "OUTPUT_SUFFIXES"]
 
 MANIFEST_NAME = "manifest.jsonl"
 """File name of the manifest inside the output folder."""
@@ -161,6 +163,26 @@ def relabel_archive(relabeler: Any, inputs: str | os.PathLike[str] | Sequence[st
         TypeError: ``relabeler`` has no ``relabel_volume``.
     """
     _check_options(relabeler, readers=readers, writers=writers, queue_size=queue_size)
+    process = partial(_pipeline, relabeler, readers=readers, writers=writers, queue_size=queue_size)
+    return run_archive(process, inputs, output_dir, recursive=recursive, resume=resume,
+                       num_parts=num_parts, part_id=part_id, save_confidence=save_confidence,
+                       progress=progress)
+
+
+def run_archive(process: Callable[[list[_Case], _Tally], None],
+                inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+                output_dir: str | os.PathLike[str], *, recursive: bool = False,
+                resume: bool = False, num_parts: int = 1, part_id: int = 0,
+                save_confidence: bool = False, progress: bool | None = None) -> dict[str, Any]:
+    """Plan, resume and record an archive run around an engine's ``process(cases, tally)``.
+
+    The engine-independent part of :func:`relabel_archive` (planning, part split, resume, stale
+    temp removal, planning failures, manifest, progress bar, summary), so every engine (the
+    threaded pipeline here, ``atso_fast.ray_engine``) has the same semantics. ``process`` gets
+    the cases still to do and must record each one with ``tally.ok(case, meta, stats, seconds)``
+    or ``tally.fail(case, message, shape)``; ``meta`` needs only ``spatial_shape``. Arguments
+    and return value are those of :func:`relabel_archive`.
+    """
     output_dir = Path(output_dir)
     cases = _plan(inputs, output_dir, recursive=recursive, num_parts=num_parts,
                   part_id=part_id, save_confidence=save_confidence)
@@ -172,9 +194,30 @@ def relabel_archive(relabeler: Any, inputs: str | os.PathLike[str] | Sequence[st
             tally = _Tally(manifest, output_dir, bar)
             for case in (c for c in todo if c.error is not None):
                 tally.fail(case, case.error or "cannot plan outputs")
-            _pipeline(relabeler, [c for c in todo if c.error is None], tally,
-                      readers=readers, writers=writers, queue_size=queue_size)
+            process([c for c in todo if c.error is None], tally)
     return _summary(tally, total=len(cases), skipped=len(cases) - len(todo))
+
+
+def relabel_case(relabeler: Any, case_id: str, path: str | os.PathLike[str],
+                 outputs: Mapping[str, str | os.PathLike[str]], tally: Any) -> None:
+    """Read, relabel and write one planned case in this thread (a Ray actor's unit of work).
+
+    Same steps, error messages and write order as the threaded pipeline; the outcome goes to
+    ``tally.ok`` / ``tally.fail`` (``tally`` also needs ``lock`` and a float ``busy``).
+    ``outputs`` maps ``"labels"`` (and optionally ``"confidence"``) to the planned files.
+    """
+    case = _Case(case_id, Path(path), {k: Path(v) for k, v in outputs.items()})
+    read: Future = Future()
+    try:
+        read.set_result(read_volume(case.path))
+    except Exception as exc:  # reported by _take exactly as a reader thread's error
+        read.set_exception(exc)
+    loaded = _take(case, read, tally)
+    if loaded is None:
+        return
+    result, seconds = _relabel(relabeler, case, loaded, tally)
+    if result is not None:
+        _write_case(case, loaded[1], result, seconds, tally, threading.Semaphore(0))
 
 
 def _check_options(relabeler: Any, **counts: int) -> None:
@@ -387,6 +430,10 @@ def _progress_bar(progress: bool | None, total: int, initial: int) -> Iterator[A
 
 
 # ------------------------------------------------------------------------------------- CLI
+_RAY_FLAGS = ("--address", "--workers", "--gpus-per-worker", "--cpus-per-worker")
+"""Options of ``--engine ray`` only (``None`` unless given)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of ``atso-fast relabel`` (nnU-Net-like aliases where they exist)."""
     p = argparse.ArgumentParser(
@@ -404,6 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-index", type=int, default=255)
     p.add_argument("--mirror", action="store_true", help="mirror test-time augmentation")
     p.add_argument("--precision", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--accumulate-dtype", default="float32", choices=["float32", "float16"],
+                   help="blending accumulator precision (float16 halves its memory)")
+    p.add_argument("--nonfinite", default="fail", choices=["fail", "ignore"],
+                   help="NaN/inf input voxels: fail the case, or label them --ignore-index")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of the ONNX Runtime session (default: all cores)")
     p.add_argument("--save-confidence", action="store_true", help="also write <case>_confidence")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
     p.add_argument("--resume", "--continue_prediction", action="store_true",
@@ -412,7 +465,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part-id", "--part_id", type=int, default=0)
     p.add_argument("--readers", "-npp", type=int, default=2, help="reader threads")
     p.add_argument("--writers", "-nps", type=int, default=2, help="writer threads")
-    p.add_argument("--engine", default="local", choices=["local", "ray"])
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: threads in this process; ray: actors on a Ray cluster")
+    group = p.add_argument_group("--engine ray")
+    group.add_argument("--address", metavar="ADDR",
+                       help="Ray cluster address (default: a running local cluster, else a new "
+                       "local instance)")
+    group.add_argument("--workers", type=int, metavar="N",
+                       help="actors, each loading the model once (default 1)")
+    group.add_argument("--gpus-per-worker", type=float, metavar="G",
+                       help="GPUs per actor (default 0, or 1 with --device cuda)")
+    group.add_argument("--cpus-per-worker", type=float, metavar="C", help="CPUs per actor (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     return p
@@ -430,20 +493,24 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         for name in ("readers", "writers", "batch_size"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-        if args.engine != "local":
-            raise ValueError(f"--engine {args.engine} is not yet available; use --engine local")
+        ray_flags = [f for f in _RAY_FLAGS if getattr(args, f[2:].replace("-", "_")) is not None]
+        if args.engine == "local" and ray_flags:
+            raise ValueError(f"{', '.join(ray_flags)} only apply to --engine ray")
     except ValueError as exc:
         return _usage_error(str(exc))
-    relabeler = _load_relabeler(args)
-    if relabeler is None:
+    run, stop_errors = _ray_runner(args) if args.engine == "ray" else _local_runner(args)
+    if run is None:
         return 2
     try:
-        summary = relabel_archive(
-            relabeler, args.input, args.output_dir, recursive=args.recursive, resume=args.resume,
-            num_parts=args.num_parts, part_id=args.part_id, save_confidence=args.save_confidence,
-            readers=args.readers, writers=args.writers, progress=False if args.quiet else None)
+        summary = run(args.input, args.output_dir, recursive=args.recursive, resume=args.resume,
+                      num_parts=args.num_parts, part_id=args.part_id,
+                      save_confidence=args.save_confidence,
+                      progress=False if args.quiet else None)
     except (InputError, OSError) as exc:
         return _usage_error(str(exc))
+    except stop_errors as exc:  # the Ray run stopped; finished cases are in the manifest
+        print(f"atso-fast relabel: error: {_one_line(str(exc))}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("atso-fast relabel: interrupted; finished cases are kept, rerun with --resume",
               file=sys.stderr)
@@ -462,6 +529,40 @@ def _one_line(message: str) -> str:
     return lines[0] if lines else "unknown error"
 
 
+def _relabeler_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"runtime": args.runtime, "device": args.device, "overlap": args.overlap,
+            "batch_size": args.batch_size, "threshold": args.threshold,
+            "ignore_index": args.ignore_index, "mirror": args.mirror, "precision": args.precision,
+            "accumulate_dtype": args.accumulate_dtype, "nonfinite": args.nonfinite, "threads": args.threads}
+
+
+def _local_runner(args: argparse.Namespace) -> tuple[Callable[..., dict] | None, tuple]:
+    """``relabel_archive`` bound to a relabeler built here (``None`` if it cannot be built)."""
+    relabeler = _load_relabeler(args)
+    if relabeler is None:
+        return None, ()
+    return partial(relabel_archive, relabeler, readers=args.readers, writers=args.writers), ()
+
+
+def _ray_runner(args: argparse.Namespace) -> tuple[Callable[..., dict] | None, tuple]:
+    """``relabel_archive_ray`` bound to the CLI options, and the error that stops its run."""
+    from atso_fast import ray_engine
+    from atso_fast.export import PackageError
+
+    try:
+        run = ray_engine.ray_runner(
+            args.model_dir, address=args.address, workers=args.workers,
+            gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+            **_relabeler_kwargs(args))
+    except PackageError as exc:
+        _usage_error(f"cannot load model package {args.model_dir}: {_one_line(str(exc))}")
+        return None, ()
+    except (ImportError, ValueError) as exc:  # Ray missing (names the extra), bad resources
+        _usage_error(str(exc))
+        return None, ()
+    return run, (ray_engine.RayRunError,)
+
+
 def _load_relabeler(args: argparse.Namespace) -> Any:
     """Build the engine; any failure is one stderr line (no traceback) and ``None``."""
     try:
@@ -470,10 +571,7 @@ def _load_relabeler(args: argparse.Namespace) -> Any:
         _usage_error(f"the relabel engine cannot be imported ({exc})")
         return None
     try:
-        return Relabeler(args.model_dir, runtime=args.runtime, device=args.device,
-                         overlap=args.overlap, batch_size=args.batch_size,
-                         threshold=args.threshold, ignore_index=args.ignore_index,
-                         mirror=args.mirror, precision=args.precision)
+        return Relabeler(args.model_dir, **_relabeler_kwargs(args))
     except Exception as exc:  # bad ONNX, mismatched model.json, missing runtime, ...
         detail = _one_line(str(exc)) if str(exc).strip() else type(exc).__name__
         _usage_error(f"cannot load model package {args.model_dir}: {detail}")

@@ -130,13 +130,15 @@ class Relabeler:
         nonfinite: ``"fail"`` (NaN/inf input voxels raise) or ``"ignore"`` (they are set to 0
             for the network and labelled ``ignore_index``).
         compile: ``torch.compile`` the torch runtime.
+        threads: CPU threads of an ONNX Runtime session (default all cores); set it when
+            several relabelers share a machine (Ray actors do).
     """
 
     def __init__(self, model_dir: str | Path | None = None, *, runtime: str = "auto", device: str = "cpu",
                  overlap: float = 0.5, batch_size: int = 4, threshold: float = 0.0, ignore_index: int = 255,
                  mirror: bool = False, precision: str = "float32", accumulate_dtype: str = "float32",
                  save_probabilities: bool = False, nonfinite: str = "fail", compile: bool = False,
-                 _package: ModelPackage | None = None, _module: Any = None):
+                 threads: int | None = None, _package: ModelPackage | None = None, _module: Any = None):
         self.package = _package if _package is not None else load_package(model_dir)
         self.device = check_device(device)
         self.overlap = check_overlap(overlap)
@@ -160,7 +162,8 @@ class Relabeler:
         self.runtime_name = resolve_runtime(runtime, self.device, has_onnx=self.package.root is not None,
                                             has_module=_module is not None)
         self.runtime = create_runtime(self.runtime_name, device=self.device, package=self.package, module=_module,
-                                      precision=precision, batch_size=self.batch_size, compile=compile)
+                                      precision=precision, batch_size=self.batch_size, compile=compile,
+                                      threads=threads)
         self._backend = _Backend(self.device)
         # a writable copy: the cached map is read-only, and torch warns on read-only arrays
         self._importance = self._backend.upload(gaussian_importance(self.package.window3d).copy())

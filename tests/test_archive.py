@@ -247,7 +247,8 @@ def test_cli_exits_nonzero_when_a_case_failed(tmp_path, monkeypatch, capsys):
     assert (summary["done"], summary["failed"]) == (3, 1) and "broken.nii.gz" in captured.err
     assert seen == {"model_dir": str(tmp_path / "model"), "runtime": "auto", "device": "cpu",
                     "overlap": 0.25, "batch_size": 3, "threshold": 0.6, "ignore_index": 255,
-                    "mirror": True, "precision": "float16"}
+                    "mirror": True, "precision": "float16", "accumulate_dtype": "float32",
+                    "nonfinite": "fail", "threads": None}
     (folder / "broken.nii.gz").unlink()
     assert cli_main(argv[:3] + ["--resume", "--quiet"]) == 0
     assert capsys.readouterr().out == ""
@@ -266,7 +267,7 @@ def test_cli_broken_model_is_one_line_and_exit_2(tmp_path, capsys):
     assert err.startswith("atso-fast relabel: error:")
 
 
-@pytest.mark.parametrize("extra,word", [(["--engine", "ray"], "not yet available"),
+@pytest.mark.parametrize("extra,word", [(["--workers", "2"], "only apply to --engine ray"),
                                         (["--num-parts", "2", "--part-id", "2"], "part_id"),
                                         (["--readers", "0"], "--readers")])
 def test_cli_usage_errors_exit_2(tmp_path, capsys, extra, word):

@@ -55,7 +55,8 @@ def available_runtimes(device: str) -> list[str]:
 
 
 def create_runtime(name: str, *, device: str = "cpu", package: Any = None, module: Any = None,
-                   precision: str = "float32", batch_size: int = 4, compile: bool = False) -> Runtime:
+                   precision: str = "float32", batch_size: int = 4, compile: bool = False,
+                   threads: int | None = None) -> Runtime:
     """Build runtime ``name`` (already resolved) for a package and/or a live module."""
     if name == "torch":
         return TorchRuntime.create(package=package, module=module, device=device, precision=precision,
@@ -63,7 +64,7 @@ def create_runtime(name: str, *, device: str = "cpu", package: Any = None, modul
     if package is None or package.root is None:
         raise ValueError(f"runtime {name!r} needs an exported model package (model.onnx), not a live module")
     if name == "onnxruntime":
-        return OnnxRuntime(package.onnx_path, device=device, precision=precision)
+        return OnnxRuntime(package.onnx_path, device=device, precision=precision, threads=threads)
     if name == "tensorrt":
         return TensorRTRuntime(package.onnx_path, device=device, precision=precision,
                                max_batch=batch_size, window=package.window, in_channels=package.in_channels)
