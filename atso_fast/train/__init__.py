@@ -1,0 +1,47 @@
+"""Training: a slim U-Net trainer and ATSO (with supervised and self-training baselines)."""
+from __future__ import annotations
+
+from atso_fast.train.atso import (
+    ATSO,
+    METHODS,
+    ATSOConfig,
+    build_model,
+    default_relabel_fn,
+    direct_relabel_fn,
+    load_data,
+    plan_round,
+    run_methods,
+    split_balanced,
+)
+from atso_fast.train.augment import AugmentConfig, augment_sample
+from atso_fast.train.data import Case, PatchSampler, SemiSupervisedData, data_from_arrays, load_raw
+from atso_fast.train.losses import dice_ce_loss, dice_per_class, soft_dice_loss
+from atso_fast.train.trainer import MixedBatches, OptimConfig, train_steps
+from atso_fast.train.unet import UNet
+
+__all__ = [
+    "ATSO",
+    "ATSOConfig",
+    "METHODS",
+    "build_model",
+    "default_relabel_fn",
+    "direct_relabel_fn",
+    "load_data",
+    "plan_round",
+    "run_methods",
+    "split_balanced",
+    "AugmentConfig",
+    "augment_sample",
+    "Case",
+    "PatchSampler",
+    "SemiSupervisedData",
+    "data_from_arrays",
+    "load_raw",
+    "dice_ce_loss",
+    "dice_per_class",
+    "soft_dice_loss",
+    "MixedBatches",
+    "OptimConfig",
+    "train_steps",
+    "UNet",
+]

@@ -1,0 +1,233 @@
+"""``atso-fast train`` and ``atso-fast demo``.
+
+``atso-fast train CONFIG.yaml [--resume] [--out DIR]`` runs ATSO (or a baseline, per the config's
+``method``) and exports the final model as a package (``OUT/model``) for ``atso-fast relabel``.
+
+``atso-fast demo [--out DIR] [--seed S] [--quick]`` needs no download and no GPU: it writes a small
+synthetic CT archive, runs supervised, self-training and ATSO from one shared warm-up, exports the
+ATSO model, relabels the unlabelled archive with the relabel engine and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from atso_fast.datasets.synthetic import phantom_class_names
+
+__all__ = ["train_main", "demo_main", "load_config", "format_history", "export_package", "DEMO_SETTINGS"]
+
+
+# Demo sizes: CPU-friendly 3D phantoms. "full" took 84 s with one torch thread on a 2-core CPU shared
+# with other jobs (load ~3.5), and 54 s with two threads when idle, but 740 s with two threads under
+# the same load (OpenMP threads wait for each other when a core is taken): hence --threads 1 by default.
+DEMO_SETTINGS: dict[str, dict[str, Any]] = {
+    "full": {"n": 24, "num_labelled": 4, "num_val": 6, "shape": [16, 32, 32], "warmup_steps": 400,
+             "rounds": 2, "steps_per_round": 80},
+    "quick": {"n": 6, "num_labelled": 2, "num_val": 2, "shape": [16, 32, 32], "warmup_steps": 10,
+              "rounds": 2, "steps_per_round": 4},
+}
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Set torch's intra-op thread count for the command, then restore it."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def load_config(path: str | Path, *, out: str | Path | None = None) -> dict[str, Any]:
+    """Read a YAML/JSON config; ``data`` and ``out_dir`` are resolved relative to the file.
+
+    Args:
+        path: the config file.
+        out: overrides ``out_dir``.
+
+    Raises:
+        ValueError: unreadable file, not a mapping, or no output folder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} not found")
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        config = json.loads(text)
+    else:
+        import yaml
+
+        config = yaml.safe_load(text)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a mapping of ATSOConfig fields, got {type(config).__name__}")
+    if isinstance(config.get("data"), str):
+        config["data"] = str(path.parent / config["data"])
+    if out is not None:
+        config["out_dir"] = str(out)
+    elif config.get("out_dir"):
+        config["out_dir"] = str(path.parent / config["out_dir"])
+    else:
+        raise ValueError(f"{path}: no output folder; set out_dir or pass --out")
+    return config
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def format_history(history: list[dict[str, Any]]) -> str:
+    """A plain-text table of the per-round metrics (schedule + lazy-learning monitor)."""
+    rows = [("round", "trained on", "labels by", "relabelled", "by", "loss", "pre-loss", "changed",
+             "confidence", "val Dice")]
+    for m in history:
+        pre = [v.get("pre_loss") for v in m["monitor"].values() if v.get("pre_loss") is not None]
+        changed = [v["changed_fraction"] for v in m["monitor"].values() if v.get("changed_fraction") is not None]
+        conf = [v["mean_confidence"] for v in m["monitor"].values() if "mean_confidence" in v]
+        by = ",".join(sorted({x for v in m["train_labels_from"].values() for x in v}))
+        rows.append((str(m["round"]), "+".join(m["trained_on"]), by or "-", "+".join(m["relabelled"]) or "-",
+                     m["relabelled_by"] or "-", _fmt(m["train"]["loss"]), _fmt(pre[0] if pre else None),
+                     _fmt(sum(changed) / len(changed) if changed else None, ".4f"),
+                     _fmt(sum(conf) / len(conf) if conf else None), _fmt(m["val_mean_dice"])))
+    return _table(rows)
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def export_package(atso: Any, folder: str | Path, class_names: list[str] | None = None) -> Path:
+    """Export ``atso.model`` with the run's window, classes and normalisation to ``folder``."""
+    from atso_fast.export import export_model
+
+    cfg = atso.config
+    return export_model(atso.model, folder, window=list(cfg.patch_size), num_classes=cfg.num_classes,
+                        kind="logits", normalization=cfg.normalization, in_channels=cfg.in_channels,
+                        class_names=class_names)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """``atso-fast train CONFIG [--resume] [--out DIR] [--no-export]``; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="atso-fast train", description="Run ATSO (or a baseline) from a "
+                                     "YAML/JSON config of ATSOConfig fields.")
+    parser.add_argument("config", help="YAML or JSON file")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--out", help="output folder (overrides out_dir)")
+    parser.add_argument("--no-export", action="store_true", help="skip exporting OUT/model")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    from atso_fast.train.atso import ATSO
+
+    try:
+        config = load_config(args.config, out=args.out)
+        with _torch_threads(args.threads):
+            atso = ATSO(config)
+            history = atso.run(resume=args.resume)
+            package = None if args.no_export else export_package(atso, Path(config["out_dir"]) / "model")
+    except ValueError as exc:
+        print(f"atso-fast train: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_history(history))
+    print(f"\nmetrics: {Path(config['out_dir']) / 'metrics.jsonl'}"
+          + (f"\nmodel package: {package}" if package else ""))
+    return 0
+
+
+def _demo_config(archive: dict[str, Any], settings: dict[str, Any], seed: int, out: Path) -> dict[str, Any]:
+    return {"data": archive["root"], "num_classes": archive["num_classes"], "patch_size": settings["shape"],
+            "batch_size": 2, "model": {"base_channels": 8, "depth": 3}, "normalization": "auto",
+            "warmup_steps": settings["warmup_steps"], "rounds": settings["rounds"],
+            "steps_per_round": settings["steps_per_round"], "lr": 1e-2, "round_lr": 3e-3, "seed": seed,
+            "out_dir": str(out / "runs")}
+
+
+def _relabel_archive(atso: Any, archive_root: str, out: Path, class_names: list[str]) -> dict[str, Any]:
+    """Export the model and relabel ``imagesUn`` through the relabel engine (model package)."""
+    from atso_fast.relabel import Relabeler
+
+    start = time.perf_counter()
+    package = export_package(atso, out / "model", class_names)
+    export_s = time.perf_counter() - start
+    engine = Relabeler(package, runtime="auto", overlap=0.5, batch_size=4)
+    summary = engine.relabel_archive(Path(archive_root) / "imagesUn", out / "relabelled", progress=False)
+    summary.update(export_seconds=export_s, runtime=engine.runtime_name, package=str(package))
+    return summary
+
+
+def _demo_table(runs: dict[str, Any], class_names: list[str], relabel: dict[str, Any]) -> str:
+    rows = [("method", "val mean Dice", *class_names[1:], "train s")]
+    for method, run in runs.items():
+        last = run.history[-1]
+        seconds = sum(h["seconds"] for h in run.history[1:])
+        rows.append((method, _fmt(last["val_mean_dice"]), *(_fmt(d) for d in last["val_dice"][1:]), f"{seconds:.1f}"))
+    text = _table(rows)
+    text += (f"\n\nrelabel engine ({relabel['runtime']}): {relabel['done']}/{relabel['total']} unlabelled volumes "
+             f"in {relabel['seconds']:.2f} s = {relabel['cases_per_s']:.1f} volumes/s, "
+             f"{relabel['voxels_per_s'] / 1e6:.2f} Mvox/s (export {relabel['export_seconds']:.1f} s)")
+    return text
+
+
+def _run_demo(settings: dict[str, Any], seed: int, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    from atso_fast.datasets.synthetic import make_archive
+    from atso_fast.train.atso import run_methods
+
+    archive = make_archive(out / "archive", settings["n"], num_labelled=settings["num_labelled"],
+                           num_val=settings["num_val"], shape=settings["shape"], seed=seed,
+                           target_radius=(0.14, 0.22))
+    runs = run_methods(_demo_config(archive, settings, seed, out), ("supervised", "self-training", "atso"))
+    relabel = _relabel_archive(runs["atso"], archive["root"], out, phantom_class_names())
+    return runs, relabel
+
+
+def demo_main(argv: list[str] | None = None) -> int:
+    """``atso-fast demo [--out DIR] [--seed S] [--quick]``; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="atso-fast demo", description="Synthetic end-to-end ATSO demo on CPU.")
+    parser.add_argument("--out", default="_demo_out", help="output folder (default ./_demo_out)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (tests, < 1 minute)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: steady on shared machines; see DEMO_SETTINGS)")
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    start = time.perf_counter()
+    settings = DEMO_SETTINGS["quick" if args.quick else "full"]
+    out = Path(args.out)
+    try:
+        with _torch_threads(args.threads):
+            runs, relabel = _run_demo(settings, args.seed, out)
+    except ValueError as exc:
+        print(f"atso-fast demo: error: {exc}", file=sys.stderr)
+        return 2
+    names = phantom_class_names()
+    print(f"atso-fast demo: {settings['n'] - settings['num_labelled']} unlabelled + {settings['num_labelled']} "
+          f"labelled 3D phantoms {tuple(settings['shape'])}, {settings['num_val']} validation; seed {args.seed}\n")
+    print(_demo_table(runs, names, relabel))
+    print(f"\nATSO rounds:\n{format_history(runs['atso'].history)}")
+    print(f"\ntotal {time.perf_counter() - start:.1f} s; outputs in {out}")
+    return 1 if relabel["failed"] else 0

@@ -1,0 +1,357 @@
+"""Training data: loading (nnU-Net-style folders, YAML/JSON lists, in-memory arrays), intensity
+normalisation, and a patch sampler with foreground oversampling.
+
+Shapes: images are held as ``(M, Z, Y, X)`` float32 after normalisation (M = input channels),
+labels as ``(Z, Y, X)`` uint8. A 2D model trains on ``(Y, X)`` slices of these volumes.
+
+Folder layout (nnU-Net style; file names ``CASE_0000.ext`` per channel, labels ``CASE.ext``)::
+
+    imagesTr/ labelsTr/      labelled cases
+    imagesUn/                unlabelled cases (optional labelsUn/: truth, only for monitoring)
+    imagesVal/ labelsVal/    validation cases (optional)
+    dataset.json             optional; channel_names {"0": "CT"} selects the CT normalisation
+
+List file (YAML or JSON; paths relative to the file)::
+
+    labelled:   [{image: a.nii.gz, label: a_seg.nii.gz}, ...]   # image may be a list (channels)
+    unlabelled: [b.nii.gz, {image: c.nii.gz, label: c_truth.nii.gz}, ...]
+    val:        [{image: ..., label: ...}]
+    modality:   CT                                              # optional
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from atso_fast.normalize import check_policy, ct_policy_from_samples, normalize
+
+__all__ = [
+    "Case",
+    "SemiSupervisedData",
+    "RawCase",
+    "load_raw",
+    "prepare_data",
+    "data_from_arrays",
+    "resolve_normalization",
+    "PatchSampler",
+    "crop_with_padding",
+]
+
+_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".npy", ".npz")
+
+
+@dataclass
+class RawCase:
+    """One case as read: ``image`` ``(M, Z, Y, X)`` (any real dtype), ``label`` ``(Z, Y, X)`` or None."""
+
+    image: np.ndarray
+    label: np.ndarray | None = None
+    name: str = ""
+
+
+@dataclass
+class Case:
+    """One normalised case: ``image`` ``(M, Z, Y, X)`` float32, ``label`` ``(Z, Y, X)`` uint8 or None."""
+
+    image: np.ndarray
+    label: np.ndarray | None = None
+    name: str = ""
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        return tuple(self.image.shape[1:])  # type: ignore[return-value]
+
+
+@dataclass
+class SemiSupervisedData:
+    """Labelled, unlabelled and validation cases, normalised with ``normalization``.
+
+    ``unlabelled[i].label`` is the hidden truth when known: it is used only for monitoring
+    pseudo-label quality, never for training.
+    """
+
+    labelled: list[Case]
+    unlabelled: list[Case]
+    val: list[Case] = field(default_factory=list)
+    normalization: dict[str, Any] = field(default_factory=lambda: {"scheme": "none"})
+    modality: str | None = None
+
+
+def _as_channels(image: np.ndarray, in_channels: int, what: str) -> np.ndarray:
+    """``(Z, Y, X)`` -> ``(1, Z, Y, X)``; ``(M, Z, Y, X)`` kept; anything else is an error."""
+    image = np.asarray(image)
+    if image.ndim == 3 and in_channels == 1:
+        image = image[None]
+    if image.ndim != 4 or image.shape[0] != in_channels:
+        raise ValueError(f"{what}: expected (Z, Y, X) or ({in_channels}, Z, Y, X), got shape {image.shape}")
+    return image
+
+
+def _check_label(label: np.ndarray | None, image: np.ndarray, what: str) -> np.ndarray | None:
+    if label is None:
+        return None
+    label = np.asarray(label)
+    if label.ndim == 4 and label.shape[0] == 1:
+        label = label[0]
+    if label.shape != image.shape[1:]:
+        raise ValueError(f"{what}: label shape {label.shape} differs from image spatial shape {image.shape[1:]}")
+    if label.size and (label.min() < 0 or label.max() > 255):
+        raise ValueError(f"{what}: labels must be in [0, 255], got [{label.min()}, {label.max()}]")
+    return label.astype(np.uint8)
+
+
+def _read(path: Path) -> np.ndarray:
+    from atso_fast.io import read_volume
+
+    return read_volume(path)[0]
+
+
+def _read_entry(entry: Any, base: Path, in_channels: int) -> RawCase:
+    """A list-file entry: a path, a list of channel paths, or ``{"image": ..., "label": ...}``."""
+    if not isinstance(entry, dict):
+        entry = {"image": entry}
+    if "image" not in entry:
+        raise ValueError(f"list entry needs an 'image' key, got {entry!r}")
+    paths = entry["image"] if isinstance(entry["image"], (list, tuple)) else [entry["image"]]
+    chans = [_read(base / str(p)) for p in paths]
+    image = chans[0] if len(chans) == 1 else np.stack(chans)
+    image = _as_channels(image, in_channels, str(paths[0]))
+    label = _read(base / str(entry["label"])) if entry.get("label") else None
+    return RawCase(image, _check_label(label, image, str(paths[0])), Path(str(paths[0])).name)
+
+
+def _strip_suffix(name: str) -> str:
+    return next((name[: -len(s)] for s in _IMAGE_SUFFIXES if name.lower().endswith(s)), name)
+
+
+def _folder_entries(root: Path, images: str, labels: str) -> list[dict[str, Any]]:
+    """Group ``images/CASE_XXXX.ext`` files by case and pair them with ``labels/CASE.ext``."""
+    folder = root / images
+    if not folder.is_dir():
+        return []
+    groups: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        stem = _strip_suffix(path.name)
+        if stem == path.name or len(stem) < 6 or stem[-5] != "_" or not stem[-4:].isdigit():
+            continue
+        groups.setdefault(stem[:-5], []).append(path)
+    entries = []
+    for case, paths in sorted(groups.items()):
+        label = next((p for p in sorted((root / labels).glob(case + ".*")) if _strip_suffix(p.name) == case), None)
+        entries.append({"image": [str(p) for p in paths], "label": str(label) if label else None})
+    return entries
+
+
+def _load_spec(spec: str | Path | dict[str, Any]) -> tuple[dict[str, Any], Path]:
+    if isinstance(spec, dict):
+        return spec, Path(".")
+    path = Path(spec)
+    if path.is_dir():
+        listing = {key: _folder_entries(path, f"images{sfx}", f"labels{sfx}")
+                   for key, sfx in (("labelled", "Tr"), ("unlabelled", "Un"), ("val", "Val"))}
+        meta_file = path / "dataset.json"
+        if meta_file.is_file():
+            channels = json.loads(meta_file.read_text()).get("channel_names", {})
+            listing["modality"] = channels.get("0") if isinstance(channels, dict) else None
+        return listing, Path(".")
+    if not path.is_file():
+        raise ValueError(f"data must be a folder, a .yaml/.json list or a dict, got {spec!s} (not found)")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        listing = yaml.safe_load(path.read_text())
+    else:
+        listing = json.loads(path.read_text())
+    if not isinstance(listing, dict):
+        raise ValueError(f"{path}: expected a mapping with labelled/unlabelled/val lists, got {type(listing).__name__}")
+    return listing, path.parent
+
+
+def load_raw(spec: str | Path | dict[str, Any], *, in_channels: int = 1
+             ) -> tuple[dict[str, list[RawCase]], str | None]:
+    """Read every case named by a folder, a list file, or a dict in list-file form.
+
+    Returns:
+        ``({"labelled": [...], "unlabelled": [...], "val": [...]}, modality or None)``.
+
+    Raises:
+        ValueError: missing folder/file, no labelled case, a labelled/val case without a label.
+    """
+    listing, base = _load_spec(spec)
+    unknown = set(listing) - {"labelled", "unlabelled", "val", "modality"}
+    if unknown:
+        raise ValueError(f"data listing has unknown keys {sorted(unknown)}")
+    out = {key: [_read_entry(e, base, in_channels) for e in (listing.get(key) or [])]
+           for key in ("labelled", "unlabelled", "val")}
+    if not out["labelled"]:
+        raise ValueError(f"data {spec!s}: no labelled case found")
+    for key in ("labelled", "val"):
+        missing = [c.name for c in out[key] if c.label is None]
+        if missing:
+            raise ValueError(f"data {spec!s}: {key} cases without a label: {missing[:5]}")
+    return out, listing.get("modality")
+
+
+def resolve_normalization(spec: str | dict[str, Any] | None, labelled: Sequence[RawCase],
+                          modality: str | None = None) -> dict[str, Any]:
+    """Turn a normalisation spec into a full policy (``atso_fast.normalize``).
+
+    Args:
+        spec: a policy dict, or ``"ct"`` (statistics of the labelled foreground), ``"zscore"``,
+            ``"none"``, or ``"auto"``/``None`` (``"ct"`` when ``modality`` is CT, else ``"zscore"``).
+        labelled: raw labelled cases, for the CT statistics (first channel).
+        modality: e.g. ``"CT"`` from ``dataset.json``.
+
+    Raises:
+        ValueError: unknown spec.
+    """
+    if isinstance(spec, dict):
+        return check_policy(spec)
+    if spec in (None, "auto"):
+        spec = "ct" if (modality or "").upper() == "CT" else "zscore"
+    if spec == "ct":
+        return ct_policy_from_samples([c.image[0] for c in labelled], [c.label for c in labelled])
+    if spec in ("zscore", "none"):
+        return check_policy({"scheme": spec})
+    raise ValueError(f"normalization must be a policy dict or one of 'auto', 'ct', 'zscore', 'none', got {spec!r}")
+
+
+def prepare_data(raw: dict[str, list[RawCase]], policy: dict[str, Any],
+                 modality: str | None = None) -> SemiSupervisedData:
+    """Normalise raw cases with ``policy`` (float32 ``(M, Z, Y, X)``)."""
+    def norm(case: RawCase) -> Case:
+        return Case(normalize(case.image, policy).astype(np.float32, copy=False), case.label, case.name)
+
+    return SemiSupervisedData([norm(c) for c in raw["labelled"]], [norm(c) for c in raw["unlabelled"]],
+                              [norm(c) for c in raw["val"]], check_policy(policy), modality)
+
+
+def data_from_arrays(labelled: Sequence[tuple[np.ndarray, np.ndarray]],
+                     unlabelled: Sequence[np.ndarray | tuple[np.ndarray, np.ndarray | None]] = (),
+                     val: Sequence[tuple[np.ndarray, np.ndarray]] = (), *,
+                     normalization: str | dict[str, Any] | None = "auto", modality: str | None = None,
+                     in_channels: int = 1) -> SemiSupervisedData:
+    """Build :class:`SemiSupervisedData` from in-memory arrays.
+
+    Args:
+        labelled: ``(image, label)`` pairs; image ``(Z, Y, X)`` or ``(M, Z, Y, X)``.
+        unlabelled: images, or ``(image, truth)`` pairs (truth only for monitoring).
+        val: ``(image, label)`` pairs.
+        normalization: see :func:`resolve_normalization`.
+        modality: e.g. ``"CT"``.
+        in_channels: M.
+    """
+    def raw(item: Any, what: str) -> RawCase:
+        image, label = item if isinstance(item, tuple) else (item, None)
+        image = _as_channels(image, in_channels, what)
+        return RawCase(image, _check_label(label, image, what), what)
+
+    cases = {"labelled": [raw(x, f"labelled[{i}]") for i, x in enumerate(labelled)],
+             "unlabelled": [raw(x, f"unlabelled[{i}]") for i, x in enumerate(unlabelled)],
+             "val": [raw(x, f"val[{i}]") for i, x in enumerate(val)]}
+    if not cases["labelled"] or any(c.label is None for c in cases["labelled"] + cases["val"]):
+        raise ValueError("data_from_arrays needs at least one labelled case, and labels for all labelled/val cases")
+    policy = resolve_normalization(normalization, cases["labelled"], modality)
+    return prepare_data(cases, policy, modality)
+
+
+def crop_with_padding(array: np.ndarray, origin: Sequence[int], size: Sequence[int], fill: float) -> np.ndarray:
+    """Crop the trailing ``len(size)`` axes of ``array`` at ``origin``; outside voxels get ``fill``.
+
+    Args:
+        array: ``(..., *spatial)``.
+        origin: start per spatial axis (may be negative or run past the end).
+        size: crop size per spatial axis.
+        fill: value of voxels outside ``array``.
+
+    Returns:
+        ``(..., *size)`` new array of ``array.dtype``.
+    """
+    lead = array.shape[: array.ndim - len(size)]
+    out = np.full(lead + tuple(size), fill, dtype=array.dtype)
+    src, dst = [Ellipsis], [Ellipsis]
+    for o, s, n in zip(origin, size, array.shape[len(lead):]):
+        lo, hi = max(o, 0), min(o + s, n)
+        if hi <= lo:
+            return out
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - o, hi - o))
+    out[tuple(dst)] = array[tuple(src)]
+    return out
+
+
+class PatchSampler:
+    """Random patches with nnU-Net-style foreground oversampling.
+
+    A sample picks a case uniformly; with probability ``foreground_oversample`` the patch is
+    centred on a voxel of a foreground class (the class drawn uniformly among those present, so
+    small structures are seen), otherwise it is placed uniformly. Volumes smaller than the patch
+    are padded (image 0, label ``ignore_index``).
+
+    Args:
+        images: ``(M, Z, Y, X)`` float32 arrays.
+        labels: ``(Z, Y, X)`` uint8 arrays (``ignore_index`` voxels are left out of the loss).
+        patch_size: ``(pz, py, px)``, or ``(py, px)`` for 2D slices (then samples are ``(M, py, px)``).
+        num_classes: C; labels in ``[1, C)`` count as foreground.
+        foreground_oversample: probability of a foreground-centred patch.
+        ignore_index: label of ignored voxels and padding.
+        max_locations: foreground voxels kept per class and case (evenly strided).
+
+    Raises:
+        ValueError: no case, mismatched lengths or shapes, bad patch size or probability.
+    """
+
+    def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], patch_size: Sequence[int], *,
+                 num_classes: int, foreground_oversample: float = 0.33, ignore_index: int = 255,
+                 max_locations: int = 10000) -> None:
+        if not images or len(images) != len(labels):
+            raise ValueError(f"PatchSampler needs as many labels as images (>= 1), got {len(images)} and {len(labels)}")
+        if len(patch_size) not in (2, 3) or min(patch_size) < 1:
+            raise ValueError(f"patch_size must be 2 or 3 positive ints, got {tuple(patch_size)}")
+        if not 0.0 <= foreground_oversample <= 1.0:
+            raise ValueError(f"foreground_oversample must be in [0, 1], got {foreground_oversample}")
+        for img, lab in zip(images, labels):
+            if img.ndim != 4 or img.shape[1:] != lab.shape:
+                raise ValueError(f"PatchSampler needs images (M, Z, Y, X) and labels (Z, Y, X), "
+                                 f"got {img.shape}, {lab.shape}")
+        self.images, self.labels = list(images), list(labels)
+        self.flat = len(patch_size) == 2
+        self.patch = (1, *patch_size) if self.flat else tuple(int(p) for p in patch_size)
+        self.p_fg, self.ignore_index = float(foreground_oversample), int(ignore_index)
+        self.locations = [self._locate(lab, num_classes, max_locations) for lab in self.labels]
+
+    @staticmethod
+    def _locate(label: np.ndarray, num_classes: int, max_locations: int) -> dict[int, np.ndarray]:
+        flat = label.ravel()
+        out = {}
+        for c in np.unique(flat):
+            if 0 < c < num_classes:
+                idx = np.flatnonzero(flat == c)
+                out[int(c)] = idx[:: max(1, len(idx) // max_locations)]
+        return out
+
+    def _origin(self, case: int, rng: np.random.Generator) -> list[int]:
+        shape = self.labels[case].shape
+        locs = self.locations[case]
+        lows = [min(0, n - p) for n, p in zip(shape, self.patch)]
+        highs = [max(0, n - p) for n, p in zip(shape, self.patch)]
+        if locs and rng.random() < self.p_fg:
+            cls = list(locs)[int(rng.integers(len(locs)))]
+            center = np.unravel_index(int(locs[cls][rng.integers(len(locs[cls]))]), shape)
+            return [int(np.clip(c - p // 2, lo, hi)) for c, p, lo, hi in zip(center, self.patch, lows, highs)]
+        return [int(rng.integers(lo, hi + 1)) for lo, hi in zip(lows, highs)]
+
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """One ``(image (M, *patch), label (*patch))`` pair; ``rng`` is the only randomness."""
+        case = int(rng.integers(len(self.images)))
+        origin = self._origin(case, rng)
+        image = crop_with_padding(self.images[case], origin, self.patch, 0.0)
+        label = crop_with_padding(self.labels[case], origin, self.patch, self.ignore_index)
+        if self.flat:
+            return image[:, 0], label[0]
+        return image, label

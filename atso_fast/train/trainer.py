@@ -1,0 +1,216 @@
+"""A slim segmentation training loop: batches from patch samplers, Dice + CE loss with an ignore
+label, AdamW or SGD with a poly learning-rate schedule, AMP and channels-last on CUDA.
+
+All randomness comes from the ``numpy.random.Generator`` passed in (patch positions, which source
+a sample comes from, augmentation); the loop itself draws nothing from torch's global RNG.
+Batches are ``x`` ``(B, M, *patch)`` float32 and ``y`` ``(B, *patch)`` int64.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from atso_fast.train.augment import AugmentConfig, augment_sample
+from atso_fast.train.data import PatchSampler
+from atso_fast.train.losses import dice_ce_loss
+
+__all__ = ["OptimConfig", "make_optimizer", "poly_lr", "MixedBatches", "train_steps", "mean_loss"]
+
+BatchFn = Callable[[np.random.Generator], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser settings.
+
+    Attributes:
+        optimizer: ``"adamw"`` or ``"sgd"`` (Nesterov, nnU-Net style).
+        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
+        momentum: SGD momentum.
+        schedule: ``"poly"`` (``lr * (1 - step / steps) ** poly_exponent``) or ``"constant"``.
+        poly_exponent: exponent of the poly schedule.
+        grad_clip: max gradient norm (0 disables).
+    """
+
+    optimizer: str = "adamw"
+    weight_decay: float = 3e-5
+    momentum: float = 0.99
+    schedule: str = "poly"
+    poly_exponent: float = 0.9
+    grad_clip: float = 12.0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.schedule not in ("poly", "constant"):
+            raise ValueError(f"schedule must be 'poly' or 'constant', got {self.schedule!r}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or not 0 <= self.momentum < 1:
+            raise ValueError(f"need weight_decay >= 0, grad_clip >= 0, momentum in [0, 1), got {self}")
+
+    @classmethod
+    def from_value(cls, value: OptimConfig | dict[str, Any] | None) -> OptimConfig:
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        unknown = set(value) - {f.name for f in fields(cls)} if isinstance(value, dict) else None
+        if unknown is None or unknown:
+            raise ValueError(f"optim must be a dict of {[f.name for f in fields(cls)]}, got {value!r}")
+        return cls(**value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_optimizer(params: Any, lr: float, config: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW or Nesterov SGD over ``params`` at learning rate ``lr``."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=config.momentum, nesterov=config.momentum > 0,
+                               weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+
+
+def poly_lr(base_lr: float, step: int, total: int, exponent: float = 0.9) -> float:
+    """nnU-Net's poly schedule: ``base_lr * (1 - step / total) ** exponent``."""
+    if total < 1 or not 0 <= step <= total:
+        raise ValueError(f"poly_lr needs 0 <= step <= total and total >= 1, got step={step}, total={total}")
+    return base_lr * (1.0 - step / total) ** exponent
+
+
+class MixedBatches:
+    """Batches mixing a labelled source and an optional pseudo-labelled source.
+
+    Each batch holds ``floor(B * r)`` labelled samples plus one more with probability equal to the
+    fractional part of ``B * r`` (``r = labelled_ratio``); the rest come from ``pseudo``.
+
+    Args:
+        labelled: sampler over labelled cases.
+        pseudo: sampler over pseudo-labelled cases, or None (then every sample is labelled).
+        batch_size: B.
+        labelled_ratio: r in [0, 1].
+        augment: augmentation applied to every sample, or None.
+
+    Raises:
+        ValueError: bad batch size or ratio.
+    """
+
+    def __init__(self, labelled: PatchSampler, pseudo: PatchSampler | None, batch_size: int, *,
+                 labelled_ratio: float = 0.5, augment: AugmentConfig | None = None) -> None:
+        if int(batch_size) < 1 or not 0.0 <= labelled_ratio <= 1.0:
+            raise ValueError(f"need batch_size >= 1 and labelled_ratio in [0, 1], got {batch_size}, {labelled_ratio}")
+        self.labelled, self.pseudo, self.batch_size = labelled, pseudo, int(batch_size)
+        self.ratio = 1.0 if pseudo is None else float(labelled_ratio)
+        self.augment = augment
+
+    def __call__(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Draw ``(x (B, M, *patch) float32, y (B, *patch) int64)``."""
+        want = self.batch_size * self.ratio
+        n_lab = int(math.floor(want)) + int(rng.random() < want - math.floor(want))
+        images, labels = [], []
+        for i in range(self.batch_size):
+            source = self.labelled if i < n_lab or self.pseudo is None else self.pseudo
+            image, label = source.sample(rng)
+            if self.augment is not None:
+                image, label = augment_sample(image, label, rng, self.augment)
+            images.append(image)
+            labels.append(label)
+        return np.stack(images), np.stack(labels).astype(np.int64)
+
+
+def _to_device(x: np.ndarray, y: np.ndarray, device: torch.device, channels_last: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    xt = torch.from_numpy(x).to(device, non_blocking=True)
+    if channels_last:
+        xt = xt.contiguous(memory_format=torch.channels_last_3d if xt.dim() == 5 else torch.channels_last)
+    return xt, torch.from_numpy(y).to(device, non_blocking=True)
+
+
+def train_steps(model: nn.Module, batches: BatchFn, *, steps: int, lr: float, rng: np.random.Generator,
+                optim: OptimConfig | None = None, ignore_index: int = 255, device: str | torch.device = "cpu",
+                amp: bool = True, channels_last: bool = True) -> dict[str, float]:
+    """Train ``model`` for ``steps`` steps with a fresh optimiser and its own lr schedule.
+
+    AMP (fp16 autocast + grad scaling) and channels-last apply only on CUDA devices.
+
+    Args:
+        model: maps ``(B, M, *patch)`` to logits ``(B, C, *patch)``; moved to ``device``.
+        batches: ``batches(rng) -> (x, y)`` numpy arrays.
+        steps: optimiser steps (0 does nothing).
+        lr: peak learning rate.
+        rng: the only source of randomness.
+        optim: optimiser and schedule settings.
+        ignore_index: label left out of the loss.
+        device: torch device.
+        amp, channels_last: enable on CUDA.
+
+    Returns:
+        ``{"loss": mean loss, "last_loss": mean of the last 10% of steps, "steps": steps, "lr": lr}``.
+
+    Raises:
+        ValueError: negative steps or non-positive lr.
+    """
+    if int(steps) < 0 or not lr > 0:
+        raise ValueError(f"train_steps needs steps >= 0 and lr > 0, got steps={steps}, lr={lr}")
+    optim = optim or OptimConfig()
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    model.to(device)
+    if cuda and channels_last:
+        model.to(memory_format=torch.channels_last_3d if _spatial_dims(model) == 3 else torch.channels_last)
+    model.train()
+    opt = make_optimizer(model.parameters(), lr, optim)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp)
+    losses = []
+    for step in range(int(steps)):
+        for group in opt.param_groups:
+            group["lr"] = poly_lr(lr, step, steps, optim.poly_exponent) if optim.schedule == "poly" else lr
+        x, y = _to_device(*batches(rng), device, cuda and channels_last)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda and amp):
+            loss = dice_ce_loss(model(x), y, ignore_index=ignore_index)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if optim.grad_clip > 0:
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        losses.append(loss.detach())
+    values = torch.stack(losses).float().cpu().numpy() if losses else np.zeros(0)
+    tail = values[-max(1, len(values) // 10):] if len(values) else values
+    return {"loss": float(values.mean()) if len(values) else math.nan,
+            "last_loss": float(tail.mean()) if len(tail) else math.nan, "steps": int(steps), "lr": float(lr)}
+
+
+def _spatial_dims(model: nn.Module) -> int:
+    """3 if the model holds any 3D convolution, else 2."""
+    return 3 if any(isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)) for m in model.modules()) else 2
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, pairs: Sequence[tuple[np.ndarray, np.ndarray]], *, ignore_index: int = 255,
+              device: str | torch.device = "cpu", batch_size: int = 4) -> float:
+    """Mean Dice + CE loss of ``model`` over ``(image (M, *patch), label (*patch))`` pairs, no grad.
+
+    Returns NaN when ``pairs`` is empty.
+    """
+    if not pairs:
+        return math.nan
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i:i + batch_size]
+            x = torch.from_numpy(np.stack([p[0] for p in chunk])).to(device)
+            y = torch.from_numpy(np.stack([p[1] for p in chunk]).astype(np.int64)).to(device)
+            total += float(dice_ce_loss(model(x), y, ignore_index=ignore_index)) * len(chunk)
+    finally:
+        model.train(was_training)
+    return total / len(pairs)

@@ -1,0 +1,277 @@
+"""ATSO rounds: split, schedule (who labels what), checkpoint/resume, baselines, monitors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from atso_fast.datasets.synthetic import make_phantoms, phantom_num_classes
+from atso_fast.train.atso import (
+    ATSO,
+    CHECKPOINT_NAME,
+    METRICS_NAME,
+    ATSOConfig,
+    direct_relabel_fn,
+    plan_round,
+    run_methods,
+    split_balanced,
+)
+from atso_fast.train.data import data_from_arrays
+
+SHAPE = (8, 16, 16)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest (and least disturbed by busy neighbours) on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def phantom_data():
+    ph = make_phantoms(9, SHAPE, seed=0, target_radius=(0.2, 0.3))
+    return data_from_arrays(ph[:2], [p for p in ph[2:7]], ph[7:], normalization="ct")
+
+
+def tiny_config(**kw) -> ATSOConfig:
+    base = dict(num_classes=phantom_num_classes(), patch_size=SHAPE, model={"base_channels": 4, "depth": 2},
+                rounds=2, warmup_steps=4, steps_per_round=3, lr=3e-3, round_lr=1e-3, monitor_patches=2)
+    return ATSOConfig(**{**base, **kw})
+
+
+# ----------------------------------------------------------------------------- split
+def test_split_is_deterministic_and_voxel_balanced():
+    sizes = [100, 90, 80, 70, 60, 50, 40, 30, 20, 10, 5]
+    a = split_balanced(sizes, seed=7)
+    assert a == split_balanced(sizes, seed=7)
+    assert sorted(a[0] + a[1]) == list(range(len(sizes))) and a[0] and a[1]
+    loads = [sum(sizes[i] for i in half) for half in a]
+    assert abs(loads[0] - loads[1]) <= max(sizes)
+    assert abs(loads[0] - loads[1]) <= 5  # greedy largest-first does much better here
+    equal = split_balanced([10] * 8, seed=1)
+    assert len(equal[0]) == len(equal[1]) == 4
+    assert equal != split_balanced([10] * 8, seed=2)  # the seed picks which cases go where
+
+
+def test_split_validation():
+    with pytest.raises(ValueError, match=">= 2"):
+        split_balanced([5], seed=0)
+
+
+def test_plan_round_table():
+    assert [plan_round("atso", k) for k in (1, 2, 3)] == [
+        (("U1",), ("U2",)), (("U2",), ("U1",)), (("U1",), ("U2",))]
+    assert plan_round("self-training", 2) == (("U",), ("U",))
+    assert plan_round("supervised", 1) == ((), ())
+    with pytest.raises(ValueError, match="k >= 1"):
+        plan_round("atso", 0)
+
+
+# ----------------------------------------------------------------------------- schedule
+class SpyNet(nn.Module):
+    """Records the (constant) intensity of every training sample, i.e. which volume it came from."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.conv = nn.Conv3d(1, num_classes, 1)
+        self.seen: set[int] = set()
+
+    def forward(self, x):
+        if self.training and torch.is_grad_enabled():
+            self.seen.update(int(round(float(v))) for v in x[:, 0, 0, 0, 0])
+        return self.conv(x)
+
+
+def _spy_setup(method: str):
+    """Unlabelled volume i is constant 100 + i; labelled volumes are constant 0/1."""
+    labelled = [(np.full(SHAPE, v, np.float32), np.full(SHAPE, v, np.uint8)) for v in (0, 1)]
+    unlabelled = [np.full(SHAPE, 100 + i, np.float32) for i in range(6)]
+    data = data_from_arrays(labelled, unlabelled, normalization="none")
+    net = SpyNet(2)
+    log: list[dict] = []
+    weights = {}
+
+    def fingerprint(model):
+        return hash(tuple(float(p.detach().sum()) for p in model.parameters()))
+
+    def relabel(model, volumes):
+        log.append({"volumes": sorted(int(v.flat[0]) - 100 for v in volumes), "model": fingerprint(model)})
+        return direct_relabel_fn(cfg)(model, volumes)
+
+    cfg = tiny_config(num_classes=2, method=method, rounds=3, steps_per_round=30, augment=False, normalization="none",
+                      foreground_oversample=0.0, monitor_patches=0)
+    atso = ATSO(cfg, model=net, relabeler=relabel, data=data)
+
+    def on_round(run, metrics):
+        weights[metrics["round"]] = fingerprint(run.model)
+        metrics["seen"] = sorted(v - 100 for v in net.seen if v >= 100)
+        net.seen.clear()
+
+    atso.add_callback(on_round)
+    return atso, log, weights
+
+
+def test_atso_schedule_never_relabels_what_it_just_trained_on():
+    atso, log, weights = _spy_setup("atso")
+    history = atso.run()
+    u1, u2 = atso.subsets["U1"], atso.subsets["U2"]
+    # warm-up: M0 trains on L only, then labels U1 and U2
+    assert history[0]["seen"] == [] and [e["volumes"] for e in log[:2]] == [u1, u2]
+    assert log[0]["model"] == log[1]["model"] == weights[0]
+    for k, (trained, relabelled) in zip((1, 2, 3), ((u1, u2), (u2, u1), (u1, u2))):
+        entry = log[1 + k]
+        assert history[k]["seen"] == trained  # independent record: intensities the network saw
+        assert entry["volumes"] == relabelled and not set(entry["volumes"]) & set(history[k]["seen"])
+        assert entry["model"] == weights[k]  # relabelled by the model fine-tuned this round (M_k)
+        assert history[k]["relabelled_by"] == f"M{k}"
+    # the labels each round trains on come from the previous round's model
+    assert [h["train_labels_from"] for h in history[1:]] == [{"U1": ["M0"]}, {"U2": ["M1"]}, {"U1": ["M2"]}]
+
+
+def test_self_training_relabels_exactly_what_it_trained_on():
+    atso, log, weights = _spy_setup("self-training")
+    history = atso.run()
+    for k in (1, 2, 3):
+        assert history[k]["seen"] == log[k]["volumes"] == list(range(6))
+        assert log[k]["model"] == weights[k]
+
+
+def test_supervised_never_sees_unlabelled_data():
+    atso, log, _ = _spy_setup("supervised")
+    history = atso.run()
+    assert log == [] and all(h["seen"] == [] for h in history)
+
+
+# ----------------------------------------------------------------------------- resume
+def _snapshot(atso: ATSO):
+    drop = {"seconds", "relabel"}
+    return ({k: v.clone() for k, v in atso.model.state_dict().items()}, [p.copy() for p in atso.pseudo],
+            [{k: v for k, v in h.items() if k not in drop} for h in atso.history])
+
+
+@pytest.mark.parametrize("init", ["continue", "base"])
+def test_resume_after_round_one_equals_uninterrupted(tmp_path, phantom_data, init):
+    relabel = direct_relabel_fn(tiny_config())
+    full = ATSO(tiny_config(init=init, out_dir=str(tmp_path / "full")), relabeler=relabel, data=phantom_data)
+    full.run()
+    part = ATSO(tiny_config(init=init, out_dir=str(tmp_path / "part")), relabeler=relabel, data=phantom_data)
+    part.warmup()
+    part.round()
+    del part  # "crash" after round 1
+    resumed = ATSO(tiny_config(init=init, out_dir=str(tmp_path / "part")), relabeler=relabel, data=phantom_data)
+    assert resumed.resume() and resumed.round_index == 1
+    resumed.run()
+    a, b = _snapshot(full), _snapshot(resumed)
+    assert a[0].keys() == b[0].keys()
+    for key in a[0]:
+        assert torch.equal(a[0][key], b[0][key]), key
+    for x, y in zip(a[1], b[1]):
+        np.testing.assert_array_equal(x, y)
+    assert a[2] == b[2]
+    lines = (tmp_path / "part" / METRICS_NAME).read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [0, 1, 2]
+
+
+def test_checkpoint_is_weights_only_and_guards_mismatches(tmp_path, phantom_data):
+    relabel = direct_relabel_fn(tiny_config())
+    atso = ATSO(tiny_config(rounds=1, out_dir=str(tmp_path)), relabeler=relabel, data=phantom_data)
+    atso.run()
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert state["round"] == 1 and state["pseudo"][0].dtype == torch.uint8
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+    other = ATSO(tiny_config(method="self-training"), relabeler=relabel, data=phantom_data)
+    with pytest.raises(ValueError, match="cannot resume"):
+        other.load_state_dict(state)
+    ph = make_phantoms(4, SHAPE, seed=1)
+    fewer = ATSO(tiny_config(), relabeler=relabel,
+                 data=data_from_arrays(ph[:1], [p[0] for p in ph[1:3]], normalization="ct"))
+    with pytest.raises(ValueError, match="unlabelled cases"):
+        fewer.load_state_dict(state)
+    with pytest.raises(RuntimeError, match="all 1 rounds"):
+        atso.round()
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_tiny_end_to_end_with_the_relabel_engine(tmp_path, phantom_data):
+    """Two ATSO rounds on CPU through the default relabel path (Relabeler.from_module)."""
+    atso = ATSO(tiny_config(out_dir=str(tmp_path)), data=phantom_data)
+    history = atso.run()
+    assert [h["round"] for h in history] == [0, 1, 2]
+    for h in history:
+        assert len(h["val_dice"]) == phantom_num_classes() and 0.0 <= h["val_mean_dice"] <= 1.0
+        assert h["train"]["steps"] == (4 if h["round"] == 0 else 3)
+    mon = history[1]["monitor"]
+    assert set(mon) == {"U1", "U2"} and mon["U1"]["pre_loss"] > 0
+    assert 0.0 <= mon["U2"]["changed_fraction"] <= 1.0 and 0.0 < mon["U2"]["mean_confidence"] <= 1.0
+    assert "pseudo_dice" in mon["U2"]  # the phantoms' truth is known, so pseudo-label quality is measured
+    # the default engine and the direct whole-volume predictor agree when the window is the volume
+    direct = direct_relabel_fn(atso.config)(atso.model.eval(), [c.image for c in phantom_data.unlabelled])
+    engine = atso.predict([c.image for c in phantom_data.unlabelled])
+    for (la, ca), (lb, cb) in zip(direct, engine):
+        np.testing.assert_array_equal(la, lb)
+        assert int(np.abs(ca.astype(int) - cb).max()) <= 1
+
+
+def test_threshold_ignores_low_confidence_voxels(phantom_data):
+    relabel = direct_relabel_fn(tiny_config())
+    atso = ATSO(tiny_config(rounds=1, threshold=1.0), relabeler=relabel, data=phantom_data)
+    history = atso.run()
+    assert history[0]["monitor"]["U1"]["ignored_fraction"] > 0.5
+    sampler = atso._pseudo_sampler(atso.subsets["U1"])
+    assert all((lab == 255).mean() > 0.5 for lab in sampler.labels)
+
+
+def test_run_methods_shares_the_warm_up(tmp_path, phantom_data):
+    relabel = direct_relabel_fn(tiny_config())
+    runs = run_methods(tiny_config(rounds=1, out_dir=str(tmp_path)), ("supervised", "self-training", "atso"),
+                       data=phantom_data, relabeler=relabel)
+    assert list(runs) == ["supervised", "self-training", "atso"]
+    warm = [r.history[0]["val_dice"] for r in runs.values()]
+    assert warm[0] == warm[1] == warm[2]
+    assert runs["self-training"].history[0]["warmup_from"] == "atso"
+    assert runs["self-training"].history[1]["trained_on"] == ["L", "U"]
+    assert runs["supervised"].history[1]["trained_on"] == ["L"]
+    assert (tmp_path / "supervised" / CHECKPOINT_NAME).is_file()
+    assert (tmp_path / "warmup" / CHECKPOINT_NAME).is_file()
+    variants = run_methods(tiny_config(rounds=1), {"atso t=1": {"threshold": 1.0, "method": "atso"}},
+                           data=phantom_data, relabeler=relabel)
+    assert variants["atso t=1"].config.threshold == 1.0
+    assert variants["atso t=1"].history[0]["val_dice"] == warm[0]
+    with pytest.raises(ValueError, match="method must be one of"):
+        run_methods(tiny_config(), {"x": {"method": "co-training"}}, data=phantom_data, relabeler=relabel)
+    with pytest.raises(ValueError, match="unknown fields"):
+        run_methods(tiny_config(), {"atso": {"epochs": 3}}, data=phantom_data, relabeler=relabel)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"method": "mean-teacher"}, "method"),
+    ({"init": "random"}, "init"),
+    ({"patch_size": (8, 16)}, "patch_size"),
+    ({"threshold": 1.5}, "threshold"),
+    ({"ignore_index": 3}, "ignore_index"),
+    ({"optim": {"optimizer": "adam"}}, "optimizer"),
+])
+def test_config_validation(kw, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**kw)
+
+
+def test_config_from_dict_and_data_errors(phantom_data):
+    with pytest.raises(ValueError, match="unknown ATSOConfig keys"):
+        ATSOConfig.from_dict({"rounds": 1, "epochs": 3})
+    assert ATSOConfig.from_dict(tiny_config().to_dict()) == tiny_config()
+    with pytest.raises(ValueError, match="needs data"):
+        ATSO(tiny_config())
+    ph = make_phantoms(2, SHAPE, seed=0)
+    with pytest.raises(ValueError, match="at least 2 unlabelled"):
+        ATSO(tiny_config(), data=data_from_arrays(ph[:1], [ph[1][0]]))
+    with pytest.raises(ValueError, match="multiples of 4"):
+        ATSO(tiny_config(model={"base_channels": 2, "depth": 3}, patch_size=(6, 16, 16)), data=phantom_data)
