@@ -47,3 +47,16 @@ def to_device(array: np.ndarray, device: str):
 
 def to_numpy(array) -> np.ndarray:
     return array if isinstance(array, np.ndarray) else array.cpu().numpy()
+
+
+@pytest.fixture
+def torch_one_thread():
+    """Tiny models run fastest (and least disturbed by busy neighbours) on one thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -24,15 +24,7 @@ from atso_fast.train.data import data_from_arrays
 SHAPE = (8, 16, 16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest (and least disturbed by busy neighbours) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,7 @@ from atso_fast.datasets.synthetic import make_archive, phantom_num_classes
 from atso_fast.train.cli import load_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest (and least disturbed by busy neighbours) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _write_config(tmp_path, **extra) -> str:

@@ -11,15 +11,7 @@ from atso_fast.train.trainer import MixedBatches, OptimConfig, poly_lr, train_st
 from atso_fast.train.unet import UNet
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest (and least disturbed by busy neighbours) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.mark.parametrize("dims, shape", [(3, (2, 1, 8, 16, 12)), (2, (3, 1, 16, 20))])
