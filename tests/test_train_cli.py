@@ -4,12 +4,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from atso_fast.cli import main
 from atso_fast.datasets.synthetic import make_archive, phantom_num_classes
 from atso_fast.train.cli import load_config
-
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

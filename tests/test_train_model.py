@@ -6,10 +6,14 @@ import pytest
 import torch
 
 from atso_fast.train.augment import AugmentConfig, augment_sample
-from atso_fast.train.data import PatchSampler, crop_with_padding, data_from_arrays, load_raw
+from atso_fast.train.data import (
+    PatchSampler,
+    crop_with_padding,
+    data_from_arrays,
+    load_raw,
+)
 from atso_fast.train.trainer import MixedBatches, OptimConfig, poly_lr, train_steps
 from atso_fast.train.unet import UNet
-
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
