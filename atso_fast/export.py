@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from atso_fast.io import atomic_write_bytes
 from atso_fast.normalize import check_policy
 
 __all__ = ["ModelPackage", "export_model", "load_package", "PackageError", "cli_main"]
@@ -121,19 +122,6 @@ def load_package(model_dir: str | os.PathLike) -> ModelPackage:
     return pkg
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _onnx_bytes(module, example, opset: int) -> bytes:
     """ONNX bytes with a dynamic batch axis: torch's dynamo exporter, else the legacy one."""
     import torch
@@ -221,16 +209,16 @@ def export_model(module, out_dir: str | os.PathLike, *, window, num_classes: int
     data = _onnx_bytes(cpu_module, example, opset)
     diff = _verify_onnx(data, cpu_module, example, tolerance)
     program = _torch_program(cpu_module, example) if save_torch else None
-    _atomic_write(out / "model.onnx", data)
+    atomic_write_bytes(out / "model.onnx", data)
     if program is not None:
-        _atomic_write(out / "model.pt2", program)
+        atomic_write_bytes(out / "model.pt2", program)
     from atso_fast import __version__
 
     pkg = ModelPackage(out, win, in_channels, num_classes, kind, norm, spacing, class_names, "model.onnx",
                        "model.pt2" if program is not None else None,
                        {"onnx_sha256": hashlib.sha256(data).hexdigest(), "onnx_max_abs_diff": diff,
                         "atso_fast_version": __version__})
-    _atomic_write(out / "model.json", (json.dumps(pkg.to_json(), indent=2) + "\n").encode())
+    atomic_write_bytes(out / "model.json", (json.dumps(pkg.to_json(), indent=2) + "\n").encode())
     return out
 
 
