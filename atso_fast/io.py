@@ -175,14 +175,19 @@ def _read_bytes(path: Path) -> bytes:
     """Whole file as bytes; OS errors become :class:`InputError` naming the file."""
     try:
         return path.read_bytes()
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, not an image file") from None
-    except PermissionError:
-        raise InputError(f"{path}: permission denied") from None
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
     except OSError as exc:
-        raise InputError(f"{path}: cannot read file ({exc.strerror or exc})") from None
+        raise _os_error(path, exc) from None
+
+
+def _os_error(path: Path, exc: OSError) -> InputError:
+    """The :class:`InputError` for an OS error met while opening or reading ``path``."""
+    if isinstance(exc, IsADirectoryError):
+        return InputError(f"{path}: is a directory, not an image file")
+    if isinstance(exc, PermissionError):
+        return InputError(f"{path}: permission denied")
+    if isinstance(exc, FileNotFoundError):
+        return InputError(f"{path}: no such file")
+    return InputError(f"{path}: cannot read file ({exc.strerror or exc})")
 
 
 def _gunzip(raw: bytes, path: Path) -> bytes:
@@ -264,12 +269,8 @@ def _load_numpy(path: Path, fmt: str) -> np.ndarray:
             return archive[key]
     except InputError:
         raise
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, not an image file") from None
-    except PermissionError:
-        raise InputError(f"{path}: permission denied") from None
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
+    except (IsADirectoryError, PermissionError, FileNotFoundError) as exc:
+        raise _os_error(path, exc) from None
     except Exception as exc:  # ValueError (bad magic, pickles), EOFError, BadZipFile, OSError
         raise InputError(f"{path}: not a valid .{fmt} file ({exc})") from None
 
