@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -25,22 +26,22 @@ from atso_fast.windows import gaussian_importance, sliding_window_origins
 __all__ = ["main"]
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def timed(fn, device: str, repeats: int) -> float:
-    """Median seconds of ``fn()`` after one warm-up call."""
-    fn()
-    _sync(device)
+def timed(fn, device: str, repeats: int):
+    """(median seconds, last result) of ``fn()`` after one warm-up call."""
+    out = fn()
+    sync(device)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        fn()
-        _sync(device)
+        out = fn()
+        sync(device)
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(times), out
 
 
 def torch_accumulate(acc, count, patches, origins, imp, repeat: int):
@@ -89,10 +90,10 @@ def stream_bandwidth(device: str, n: int, repeats: int) -> float:
     """Bytes/s of ``b += a`` (read a, read b, write b)."""
     if device == "cpu":
         a, b = np.ones(n, np.float32), np.ones(n, np.float32)
-        sec = timed(lambda: np.add(b, a, out=b), device, repeats)
+        sec, _ = timed(lambda: np.add(b, a, out=b), device, repeats)
     else:
         a, b = torch.ones(n, device=device), torch.ones(n, device=device)
-        sec = timed(lambda: b.add_(a), device, repeats)
+        sec, _ = timed(lambda: b.add_(a), device, repeats)
     return 3 * 4 * n / sec
 
 
@@ -100,7 +101,7 @@ def finalize_row(device: str, classes: int, shape, repeats: int, copy_bw: float)
     acc = torch.randn((classes, *shape), device=device)
     wsum = torch.rand(shape, device=device) + 0.5
     a, w = (acc.numpy(), wsum.numpy()) if device == "cpu" else (acc, wsum)
-    sec = timed(lambda: native.finalize(a, w, 0.5, 255, "logits"), device, repeats)
+    sec, _ = timed(lambda: native.finalize(a, w, 0.5, 255, "logits"), device, repeats)
     nbytes = acc.numel() * 4 + wsum.numel() * 4 + 2 * wsum.numel()
     return {"kernel": "finalize", "classes": classes, "seconds": sec, "GB/s": nbytes / sec / 1e9,
             "fraction_of_stream": nbytes / sec / copy_bw}
@@ -111,20 +112,21 @@ def run(device: str, classes_list, shape, patch, batch: int, repeats: int) -> di
     rows = []
     for classes in classes_list:
         windows, nbytes, ours, theirs, _ = case(device, classes, shape, patch, batch)
-        t_ours, t_theirs = timed(ours, device, repeats), timed(theirs, device, repeats)
+        t_ours, t_theirs = timed(ours, device, repeats)[0], timed(theirs, device, repeats)[0]
         rows.append({"kernel": "accumulate", "classes": classes, "windows": windows, "seconds": t_ours,
                      "torch_seconds": t_theirs, "speedup_vs_torch": t_theirs / t_ours,
                      "GB/s": nbytes / t_ours / 1e9, "fraction_of_stream": nbytes / t_ours / bw})
         rows.append(finalize_row(device, classes, shape, repeats, bw))
-    return {"device": device, "machine": _machine(device), "date": time.strftime("%Y-%m-%d"),
+    return {"device": device, "machine": machine(device), "date": time.strftime("%Y-%m-%d"),
             "threads": torch.get_num_threads(), "stream_GB/s": bw / 1e9, "shape": list(shape),
             "patch": list(patch), "batch": batch, "rows": rows, "build": native.build_info()}
 
 
-def _machine(device: str) -> str:
+def machine(device: str) -> str:
+    """GPU name, or CPU architecture, cores and torch threads."""
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores"
+    return f"{platform.machine()} CPU, {len(os.sched_getaffinity(0))} cores, torch threads {torch.get_num_threads()}"
 
 
 def print_table(res: dict) -> None:

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +28,8 @@ import torch
 
 import atso_fast
 from atso_fast import native
+from atso_fast.bench import builtin_network
+from bench_kernels import machine, sync, timed  # benchmarks/ is on sys.path for scripts
 
 __all__ = ["main"]
 
@@ -39,35 +39,9 @@ GPU_DEFAULTS = {"shape": (200, 512, 512), "window": (96, 96, 96), "batch": 16,
                 "mem_shape": (200, 512, 512), "mem_window": (96, 96, 96)}
 
 
-def unet(classes: int) -> torch.nn.Module:
-    from monai.networks.nets import UNet
-
-    torch.manual_seed(0)
-    return UNet(spatial_dims=3, in_channels=1, out_channels=classes, channels=(16, 32, 64, 128, 256),
-                strides=(2, 2, 2, 2), num_res_units=2).eval()
-
-
 def head(classes: int) -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Conv3d(1, classes, 3, padding=1).eval()
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str, repeats: int):
-    """(median seconds, last result) after one warm-up call."""
-    out = fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
 
 
 def monai_labels(net, volume, window, batch, device, fp16=False):
@@ -92,7 +66,7 @@ def network_alone(runtime, volume, window, batch, device):
 
 def speed_rows(classes: int, args, cfg) -> list[dict]:
     device, window, batch = args.device, cfg["window"], cfg["batch"]
-    net = unet(classes).to(device)
+    net = builtin_network(classes, net="unet")[0].to(device)  # MONAI UNet 16-256, seed 0
     rng = np.random.default_rng(0)
     volume = rng.standard_normal(cfg["shape"]).astype(np.float32)
     n_vox = volume.size
@@ -173,12 +147,6 @@ def memory_rows(classes: int, args) -> list[dict]:
     for r in rows:
         r["fraction_of_monai"] = r["peak_GiB"] / monai if monai > 0 else float("nan")
     return rows
-
-
-def machine(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{platform.machine()} CPU, {len(os.sched_getaffinity(0))} cores, torch threads {torch.get_num_threads()}"
 
 
 def print_tables(res: dict) -> None:
