@@ -15,8 +15,9 @@ struct Shape3 {
   int64_t z, y, x;
 };
 
-// IEEE half <-> float on the host. Bit arithmetic keeps the CPU build free of F16C/AVX512-FP16
-// requirements; round-to-nearest-even like numpy.float16.
+// IEEE half <-> float on the host. Bit arithmetic keeps the baseline CPU build free of F16C;
+// round-to-nearest-even like numpy.float16, and bit-identical to F16C (NaNs included), which the
+// AVX2 build uses in its inner loops.
 inline float half_bits_to_float(uint16_t h) {
   uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
   uint32_t exp = (h >> 10) & 0x1Fu;
@@ -30,8 +31,8 @@ inline float half_bits_to_float(uint16_t h) {
       do { ++e; mant <<= 1; } while ((mant & 0x400u) == 0);
       bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((mant & 0x3FFu) << 13);
     }
-  } else if (exp == 0x1F) {
-    bits = sign | 0x7F800000u | (mant << 13);
+  } else if (exp == 0x1F) {  // inf, or NaN made quiet (as F16C's vcvtph2ps does)
+    bits = sign | 0x7F800000u | (mant << 13) | (mant ? 0x00400000u : 0u);
   } else {
     bits = sign | ((exp + 112u) << 23) | (mant << 13);
   }
@@ -45,8 +46,8 @@ inline uint16_t float_to_half_bits(float f) {
   std::memcpy(&x, &f, 4);
   uint32_t sign = (x >> 16) & 0x8000u;
   uint32_t absx = x & 0x7FFFFFFFu;
-  if (absx >= 0x7F800000u) {  // inf or nan
-    return (uint16_t)(sign | 0x7C00u | (absx > 0x7F800000u ? 0x200u : 0u));
+  if (absx >= 0x7F800000u) {  // inf, or NaN: top payload bits kept, made quiet (as F16C does)
+    return (uint16_t)(sign | 0x7C00u | (absx > 0x7F800000u ? 0x200u | ((absx >> 13) & 0x3FFu) : 0u));
   }
   if (absx >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);  // rounds to inf
   if (absx < 0x38800000u) {  // subnormal or zero in half

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/half_row.h"
 #include "cpu/isa.h"
 #include "finalize.h"
 
@@ -52,12 +53,12 @@ inline Decision decide_binary(float v, int kind) {
   return p > 0.5f ? Decision{1, p} : Decision{0, 1.0f - p};
 }
 
-template <typename A>
-inline float load(const A* a, int64_t i);
-template <>
-inline float load<float>(const float* a, int64_t i) { return a[i]; }
-template <>
-inline float load<uint16_t>(const uint16_t* a, int64_t i) { return half_bits_to_float(a[i]); }
+// Row of the accumulator as float: in place for float32, converted into scratch for float16.
+inline const float* float_row(const float* src, int64_t, float*) { return src; }
+inline const float* float_row(const uint16_t* src, int64_t n, float* scratch) {
+  half_to_float_row(src, n, scratch);
+  return scratch;
+}
 
 // Loads acc/wsum for one block into vals (C x nb), marking invalid voxels.
 template <typename A>
@@ -66,10 +67,10 @@ void load_block(const A* acc, const float* wsum, int64_t c, int64_t stride, int6
   const float* w = wsum + start;
   for (int64_t j = 0; j < nb; ++j) invalid[j] = !(w[j] > 0.0f) | !finite(w[j]);
   for (int64_t k = 0; k < c; ++k) {
-    const A* src = acc + k * stride + start;
     float* dst = vals + k * nb;
+    const float* src = float_row(acc + k * stride + start, nb, dst);  // dst doubles as scratch
     for (int64_t j = 0; j < nb; ++j) {
-      const float v = load(src, j) / w[j];
+      const float v = src[j] / w[j];
       dst[j] = v;
       invalid[j] |= !finite(v);
     }

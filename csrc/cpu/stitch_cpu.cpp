@@ -7,6 +7,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/half_row.h"
 #include "cpu/isa.h"
 #include "stitch.h"
 
@@ -66,13 +67,6 @@ void extract_impl(const float* volume, int64_t m, Shape3 vol, const int64_t* ori
   }
 }
 
-template <typename P>
-inline float load(const P* p, int64_t i, const float* table);
-template <>
-inline float load<float>(const float* p, int64_t i, const float*) { return p[i]; }
-template <>
-inline float load<uint16_t>(const uint16_t* p, int64_t i, const float* table) { return table[p[i]]; }
-
 template <typename A>
 inline void add_row(A* acc, const float* imp, const float* src, int64_t n, const float* table);
 
@@ -84,7 +78,18 @@ inline void add_row<float>(float* acc, const float* imp, const float* src, int64
 template <>
 inline void add_row<uint16_t>(uint16_t* acc, const float* imp, const float* src, int64_t n,
                               const float* table) {
-  for (int64_t i = 0; i < n; ++i) acc[i] = float_to_half_bits(table[acc[i]] + imp[i] * src[i]);
+  int64_t i = 0;
+#ifdef ATSO_F16C
+  // Hardware half conversion (same bits as float_to_half_bits); multiply then add, no FMA,
+  // like the scalar loop under -ffp-contract=off.
+  for (; i + 8 <= n; i += 8) {
+    const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(acc + i)));
+    const __m256 w = _mm256_mul_ps(_mm256_loadu_ps(imp + i), _mm256_loadu_ps(src + i));
+    const __m128i h = _mm256_cvtps_ph(_mm256_add_ps(a, w), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(acc + i), h);
+  }
+#endif
+  for (; i < n; ++i) acc[i] = float_to_half_bits(table[acc[i]] + imp[i] * src[i]);
 }
 
 // A window's overlap with one (z, y) row of the slab.
@@ -152,7 +157,7 @@ void accumulate_row(A* acc, float* wsum, int64_t c, Shape3 slab, int64_t z0, int
         if constexpr (std::is_same<P, float>::value) {
           srcf = src;
         } else {
-          for (int64_t i = 0; i < s.n; ++i) rs.buf[i] = load(src, i, table);
+          half_to_float_row(src, s.n, rs.buf.data(), table);
           srcf = rs.buf.data();
         }
         add_row<A>(row + s.x0, importance + s.src_off, srcf, s.n, table);
