@@ -238,19 +238,46 @@ def test_gaussian_matches_monai():
         gaussian_importance((0, 4, 4))
 
 
+def _specials(a: np.ndarray, rng) -> np.ndarray:
+    """Sprinkle float16 specials into ``a``: NaNs with payloads, infs, subnormals, near-max values."""
+    bits = np.array([0x7E00, 0xFE01, 0x7C01, 0x7D55, 0x7C00, 0xFC00, 0x0001, 0x83FF, 0x7BFF, 0xFBFE], np.uint16)
+    flat = a.reshape(-1)
+    idx = rng.choice(flat.size, size=min(flat.size, 200), replace=False)
+    flat[idx] = bits.view(np.float16)[rng.integers(0, len(bits), len(idx))].astype(a.dtype)
+    return a
+
+
 @pytest.mark.parametrize("channels", [1, 3, 105])
-def test_cpu_isa_builds_agree_bit_for_bit(rng, channels):
+@pytest.mark.parametrize("acc_dtype", [np.float32, np.float16])
+def test_cpu_isa_builds_agree_bit_for_bit(rng, channels, acc_dtype):
     from atso_fast import _C
 
     if native.build_info().get("cpu_isa") != "avx2":
         pytest.skip("this CPU or build has only the generic kernels")
     vol, patch = (17, 23, 19), (8, 10, 6)
+    origins = np.concatenate([sliding_window_origins(vol, patch, 0.5), corner_origins(vol, patch)])
+    data = np.random.default_rng(1).standard_normal((len(origins), channels, *patch), dtype=np.float32)
+    patches = _specials(data.astype(np.float16), np.random.default_rng(2))
+    start = _specials(np.random.default_rng(3).standard_normal((channels, *vol)).astype(acc_dtype),
+                      np.random.default_rng(4))
+    imp = np.ascontiguousarray(gaussian_importance(patch))
+    results = []
+    for isa in ("generic", "auto"):
+        assert _C.set_cpu_isa(isa)
+        try:
+            acc, wsum = start.copy(), np.zeros(vol, np.float32)
+            native.accumulate(acc, wsum, patches, origins, imp, 0)
+            results.append((acc.view(np.uint16 if acc_dtype == np.float16 else np.uint32), wsum))
+        finally:
+            _C.set_cpu_isa("auto")
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
     results = []
     for isa in ("generic", "auto"):
         assert _C.set_cpu_isa(isa)
         try:
             got_acc, got_w, _, _ = run_accumulate(np.random.default_rng(1), "cpu", vol, patch, 0.5, channels,
-                                                  np.float16, np.float32, 0, vol[0])
+                                                  np.float16, acc_dtype, 0, vol[0])
             fin = native.finalize(got_acc, got_w, 0.3, 255, "logits")
             results.append((got_acc, got_w, fin.labels, fin.confidence, fin.counts))
         finally:
