@@ -1,9 +1,9 @@
 """The relabel engine: sliding-window inference with streaming, slab-wise stitching.
 
-Windows are processed in z-order, one row of windows (same z origin) at a time. The
-accumulator holds only ``min(pz, Z)`` volume rows: before a row of windows starting at ``zo``
-is run, every row below ``zo`` can receive no more windows, so it is finalised (labels +
-confidence) and the slab slides forward. Peak accumulator memory is therefore
+Windows run in MONAI's z-major order and batches (a batch may span two rows of windows). The
+accumulator holds only ``min(pz, Z)`` volume rows: before the first window starting at row
+``zo`` is accumulated, every row below ``zo`` can receive no more windows, so it is finalised
+(labels + confidence) and the slab slides forward. Peak accumulator memory is therefore
 ``C x pz x Y x X`` instead of MONAI's ``C x Z x Y x X`` (plus its output copy); with
 ``accumulate_dtype="float16"`` it halves again.
 """
@@ -85,7 +85,10 @@ class _Backend:
             acc[:, : depth - k] = acc[:, k:].clone()
             wsum[: depth - k] = wsum[k:].clone()
         else:
-            acc[:, : depth - k] = acc[:, k:]
+            # channel by channel: an overlapping NumPy copy goes through a temporary, and one
+            # for the whole slab (C/2 x Y x X) would be the largest buffer of the pass
+            for ch in range(acc.shape[0]):
+                acc[ch, : depth - k] = acc[ch, k:]
             wsum[: depth - k] = wsum[k:]
         acc[:, depth - k:] = 0
         wsum[depth - k:] = 0
@@ -104,6 +107,13 @@ class _Backend:
             return 1.0 / (1.0 + np.exp(-vals))
         vals = np.exp(vals - vals.max(axis=0, keepdims=True))
         return vals / vals.sum(axis=0, keepdims=True)
+
+
+def _z_runs(z: np.ndarray) -> list[tuple[int, int]]:
+    """``[lo, hi)`` index runs of equal values in the z-sorted window starts ``z``."""
+    cuts = np.flatnonzero(np.diff(z)) + 1
+    edges = [0, *cuts.tolist(), len(z)]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def _mirror_axes(spatial_dims: int) -> list[tuple[int, ...]]:
@@ -129,7 +139,8 @@ class Relabeler:
         save_probabilities: also return ``(C, Z, Y, X)`` float32 probabilities.
         nonfinite: ``"fail"`` (NaN/inf input voxels raise) or ``"ignore"`` (they are set to 0
             for the network and labelled ``ignore_index``).
-        compile: ``torch.compile`` the torch runtime.
+        compile: ``torch.compile`` the torch runtime (implies ``runtime="torch"``). The first
+            batch compiles (tens of seconds on CPU); worth it for archives, not single volumes.
         threads: CPU threads of an ONNX Runtime session (default all cores); set it when
             several relabelers share a machine (Ray actors do).
     """
@@ -159,8 +170,10 @@ class Relabeler:
         if self.device.startswith("cuda") and not native.has_cuda():
             raise RuntimeError(f"device {device!r} needs a CUDA GPU and a CUDA build of atso_fast._C; "
                                f"build_info: {native.build_info()}")
-        self.runtime_name = resolve_runtime(runtime, self.device, has_onnx=self.package.root is not None,
-                                            has_module=_module is not None)
+        if compile and runtime not in ("auto", "torch"):
+            raise ValueError(f"compile=True compiles the torch runtime; runtime {runtime!r} cannot be compiled")
+        self.runtime_name = resolve_runtime("torch" if compile else runtime, self.device,
+                                            has_onnx=self.package.root is not None, has_module=_module is not None)
         self.runtime = create_runtime(self.runtime_name, device=self.device, package=self.package, module=_module,
                                       precision=precision, batch_size=self.batch_size, compile=compile,
                                       threads=threads)
@@ -272,21 +285,33 @@ class Relabeler:
         vol_d, s0 = be.upload(vol), 0
         # one window buffer, reused for every batch (runtimes do not keep their inputs)
         buf = be.zeros((self.batch_size, pkg.in_channels, *win), "float32")
-        for zo in np.unique(origins[:, 0]):
-            need_end = min(int(zo) + win[0], shape[0])
-            if need_end > s0 + depth:  # rows below need_end - depth are complete
-                shift = need_end - depth - s0
-                self._flush(acc, wsum, s0, shift, out, totals)
-                be.shift_rows(acc, wsum, shift)
-                s0 += shift
-            row = origins[origins[:, 0] == zo]
-            for i in range(0, len(row), self.batch_size):
-                chunk = row[i:i + self.batch_size]
-                patches = native.extract_patches(vol_d, chunk, win, out=buf[:len(chunk)])
-                native.accumulate(acc, wsum, self._predict(patches), chunk, self._importance, s0)
+        # Batches run in MONAI's order and sizes, across window rows: a short batch at the end
+        # of every row cost as much as a full one (torch CPU, batch 1 vs 4: 0.20 s vs 0.17 s).
+        for i in range(0, len(origins), self.batch_size):
+            chunk = origins[i:i + self.batch_size]
+            patches = native.extract_patches(vol_d, chunk, win, out=buf[:len(chunk)])
+            pred = self._predict(patches)
+            for lo, hi in _z_runs(chunk[:, 0]):
+                s0 = self._advance(acc, wsum, s0, int(chunk[lo, 0]), out, totals, shape[0])
+                native.accumulate(acc, wsum, pred[lo:hi], chunk[lo:hi], self._importance, s0)
         self._flush(acc, wsum, s0, shape[0] - s0, out, totals)
         windows = len(origins) * (1 + (len(_mirror_axes(pkg.spatial_dims)) if self.mirror else 0))
         return out["labels"], out["conf"], out["probs"], totals, windows
+
+    def _advance(self, acc, wsum, s0: int, zo: int, out: dict, totals: _Totals, z_size: int) -> int:
+        """Slide the slab so windows starting at row ``zo`` fit; returns the new first row.
+
+        Windows come in z order, so rows below ``zo + depth - window`` can receive no more
+        windows: they are finalised and dropped.
+        """
+        depth = wsum.shape[0]
+        need_end = min(zo + self.package.window3d[0], z_size)
+        if need_end <= s0 + depth:
+            return s0
+        shift = need_end - depth - s0
+        self._flush(acc, wsum, s0, shift, out, totals)
+        self._backend.shift_rows(acc, wsum, shift)
+        return s0 + shift
 
     def _flush(self, acc, wsum, s0: int, rows: int, out: dict, totals: _Totals) -> None:
         """Finalise the first ``rows`` slab rows (volume rows ``[s0, s0 + rows)``)."""

@@ -33,16 +33,19 @@ def monai_probs(net, volume, roi, overlap, classes):
     return torch.softmax(logits, 1)[0].numpy() if classes > 1 else torch.sigmoid(logits)[0].numpy()
 
 
-@pytest.mark.parametrize("shape,roi,overlap", [
-    ((40, 50, 45), (16, 24, 20), 0.5),
-    ((10, 21, 33), (16, 16, 16), 0.25),   # smaller than the window along z and y
-    ((33, 17, 20), (8, 8, 8), 0.0),
+@pytest.mark.parametrize("shape,roi,overlap,batch", [
+    ((40, 50, 45), (16, 24, 20), 0.5, 3),
+    ((40, 50, 45), (16, 24, 20), 0.5, 5),    # batches span two rows of windows
+    ((40, 50, 45), (16, 24, 20), 0.5, 100),  # one batch holds every window
+    ((10, 21, 33), (16, 16, 16), 0.25, 3),   # smaller than the window along z and y
+    ((33, 17, 20), (8, 8, 8), 0.0, 4),
 ])
-def test_matches_monai_sliding_window(rng, shape, roi, overlap):
+def test_matches_monai_sliding_window(rng, shape, roi, overlap, batch):
     net = random_net()
     volume = rng.standard_normal((1, *shape)).astype(np.float32)
     want = monai_probs(net, volume, roi, overlap, 3)
-    rel = Relabeler.from_module(net, window=roi, num_classes=3, overlap=overlap, batch_size=3, save_probabilities=True)
+    rel = Relabeler.from_module(net, window=roi, num_classes=3, overlap=overlap, batch_size=batch,
+                                save_probabilities=True)
     got = rel.relabel_volume(volume)
     np.testing.assert_allclose(got.probabilities, want, rtol=1e-5, atol=2e-6)
     agree = (got.labels == want.argmax(0)).mean()
@@ -187,3 +190,57 @@ def test_missing_runtimes_name_the_package():
         pytest.skip("TensorRT is installed here")
     with pytest.raises(RuntimeUnavailable, match="pip install tensorrt"):
         TensorRTRuntime("model.onnx")
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_torch_runtime_channels_last_matches_and_leaves_the_module_alone(rng, dims):
+    from atso_fast.runtimes import TorchRuntime
+
+    net = random_net(classes=4, dims=dims).train()
+    weight = net[0].weight
+    shape = (3, 1, 16, 16) if dims == 2 else (3, 1, 8, 16, 16)
+    batch = rng.standard_normal(shape).astype(np.float32)
+    fast = TorchRuntime(net, channels_last=True)(batch)
+    plain = TorchRuntime(net, channels_last=False)(batch)
+    assert fast.flags.c_contiguous and fast.shape == (3, 4, *shape[2:])
+    np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-6)
+    assert net[0].weight is weight and weight.is_contiguous()  # caller's module not converted
+    assert net.training
+
+
+@pytest.mark.slow
+def test_compiled_torch_runtime_pads_short_batches_instead_of_recompiling(rng):
+    from atso_fast.runtimes import TorchRuntime
+
+    net = random_net(classes=2)
+    rt = TorchRuntime(net, compile=True)
+    eager = TorchRuntime(net, compile=False)
+    full = rng.standard_normal((3, 1, 8, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(rt(full), eager(full), rtol=1e-4, atol=1e-5)
+    short = full[:1]
+    out = rt(short)  # padded to the compiled batch of 3, sliced back
+    assert out.shape == (1, 2, 8, 8, 8) and rt._batch == 3
+    np.testing.assert_allclose(out, eager(short), rtol=1e-4, atol=1e-5)
+
+
+def test_compile_needs_the_torch_runtime(tmp_path):
+    pkg = export_model(random_net(classes=2), tmp_path / "pkg", window=(8, 8, 8), num_classes=2)
+    with pytest.raises(ValueError, match="compile=True compiles the torch runtime"):
+        Relabeler(pkg, runtime="onnxruntime", compile=True)
+    assert Relabeler(pkg, compile=True).runtime_name == "torch"  # auto + compile -> torch
+
+
+def test_torch_runtime_probes_the_layout_once_on_cpu(rng):
+    from atso_fast.runtimes import TorchRuntime
+
+    net = random_net(classes=3)
+    rt = TorchRuntime(net)
+    assert rt.channels_last is None  # undecided until the first batch
+    batch = rng.standard_normal((2, 1, 8, 8, 8)).astype(np.float32)
+    first = rt(batch)
+    assert isinstance(rt.channels_last, bool) and set(rt.layout_probe) == {"contiguous_s", "channels_last_s"}
+    probe = dict(rt.layout_probe)
+    np.testing.assert_allclose(rt(batch), first, rtol=1e-5, atol=1e-6)
+    assert rt.layout_probe == probe  # not timed again
+    np.testing.assert_allclose(first, TorchRuntime(net, channels_last=False)(batch), rtol=1e-5, atol=1e-6)
+    assert net[0].weight.is_contiguous()
