@@ -457,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NaN/inf input voxels: fail the case, or label them --ignore-index")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of the ONNX Runtime session (default: all cores)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the torch runtime (implies --runtime torch; slow first batch)")
     p.add_argument("--save-confidence", action="store_true", help="also write <case>_confidence")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
     p.add_argument("--resume", "--continue_prediction", action="store_true",
@@ -533,7 +535,8 @@ def _relabeler_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"runtime": args.runtime, "device": args.device, "overlap": args.overlap,
             "batch_size": args.batch_size, "threshold": args.threshold,
             "ignore_index": args.ignore_index, "mirror": args.mirror, "precision": args.precision,
-            "accumulate_dtype": args.accumulate_dtype, "nonfinite": args.nonfinite, "threads": args.threads}
+            "accumulate_dtype": args.accumulate_dtype, "nonfinite": args.nonfinite, "threads": args.threads,
+            "compile": args.compile}
 
 
 def _local_runner(args: argparse.Namespace) -> tuple[Callable[..., dict] | None, tuple]:

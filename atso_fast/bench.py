@@ -255,7 +255,7 @@ def monai_labels(net: Any, volume: np.ndarray, *, window: tuple[int, ...], batch
 def window_batches(package: Any, volume: np.ndarray, overlap: Any, batch_size: int, device: str) -> list[Any]:
     """The engine's window batches for ``volume``, extracted once (normalised, on ``device``).
 
-    Same grid, z-row grouping and batch split as ``Relabeler._stream``; each batch is shaped
+    Same grid and batch split as ``Relabeler._stream`` (MONAI's); each batch is shaped
     like the runtime's input ``(B, M, *window)``.
     """
     from atso_fast import native
@@ -271,11 +271,9 @@ def window_batches(package: Any, volume: np.ndarray, overlap: Any, batch_size: i
     win = package.window3d
     origins = sliding_window_origins(vol.shape[1:], win, overlap)
     batches = []
-    for zo in np.unique(origins[:, 0]):
-        row = origins[origins[:, 0] == zo]
-        for i in range(0, len(row), batch_size):
-            patches = native.extract_patches(vol, row[i:i + batch_size], win)
-            batches.append(patches.reshape(patches.shape[0], package.in_channels, *package.window))
+    for i in range(0, len(origins), batch_size):
+        patches = native.extract_patches(vol, origins[i:i + batch_size], win)
+        batches.append(patches.reshape(patches.shape[0], package.in_channels, *package.window))
     return batches
 
 
@@ -296,6 +294,7 @@ class BenchConfig:
     repeats: int = 3
     net: str = "auto"
     seed: int = 0
+    compile: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--net", default="auto", choices=["auto", "unet", "convnet"],
                    help="built-in model only: architecture (auto = MONAI U-Net when installed)")
     p.add_argument("--seed", type=int, default=0, help="weights and phantom noise seed")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the torch rows (compile time is excluded: it happens in the warm-up)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
 
@@ -364,7 +365,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         (args.repeats, "--repeats")))
     precisions = _csv(args.precision or ("float32,float16" if cuda else "float32"), _PRECISIONS, "--precision")
     return BenchConfig(args.model_dir, shape, window, _csv(args.runtimes, BENCH_RUNTIMES, "--runtimes"),
-                       precisions, batch, float(args.overlap), classes, device, repeats, args.net, int(args.seed))
+                       precisions, batch, float(args.overlap), classes, device, repeats, args.net, int(args.seed),
+                       bool(args.compile))
 
 
 # --------------------------------------------------------------------------- one pair
@@ -395,14 +397,15 @@ class Device:
         return self.torch.cuda.max_memory_allocated(self.device) / _MIB
 
 
-def _make_relabeler(cfg: BenchConfig, model_dir: Path, runtime: str, precision: str) -> tuple[Any, str | None]:
+def _make_relabeler(cfg: BenchConfig, model_dir: Path, runtime: str, precision: str,
+                    compile: bool = False) -> tuple[Any, str | None]:
     """A relabeler, or ``(None, reason)`` when the pair cannot run here."""
     from atso_fast.relabel import Relabeler
     from atso_fast.runtimes import RuntimeUnavailable
 
     try:
         return Relabeler(model_dir, runtime=runtime, device=cfg.device, overlap=cfg.overlap,
-                         batch_size=cfg.batch, precision=precision), None
+                         batch_size=cfg.batch, precision=precision, compile=compile), None
     except (RuntimeUnavailable, ImportError, ValueError) as exc:
         return None, " ".join(str(exc).split()) or type(exc).__name__
 
@@ -496,9 +499,10 @@ def _run_pairs(cfg: BenchConfig, model_dir: Path, volume: np.ndarray, reference:
     rows = []
     for runtime in cfg.runtimes:
         for precision in cfg.precisions:
+            compile = cfg.compile and runtime == "torch"
             rel, reason = cache.pop((runtime, precision), None), None
-            if rel is None:
-                rel, reason = _make_relabeler(cfg, model_dir, runtime, precision)
+            if rel is None or compile:  # the cached reference relabeler is not compiled
+                rel, reason = _make_relabeler(cfg, model_dir, runtime, precision, compile)
             rows.append(_row(runtime, precision, "skipped", reason=reason) if rel is None else
                         _bench_pair(cfg, rel, runtime, precision, volume, reference, batches))
             del rel
@@ -563,7 +567,8 @@ def format_table(report: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [(f"model {model['source']}, window {'x'.join(map(str, model['window']))}, {model['classes']} classes; "
               f"volume {'x'.join(map(str, cfg['shape']))}, {model['windows']} windows (overlap {cfg['overlap']}, "
-              f"batch {cfg['batch']}), device {cfg['device']}, median of {cfg['repeats']}; "
+              f"batch {cfg['batch']}), device {cfg['device']}{', torch compiled' if cfg.get('compile') else ''}, "
+              f"median of {cfg['repeats']}; "
               f"reference {report['reference']}"),
              "overhead = (s/volume - network s) / network s: the network alone ran the same window batches"]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]

@@ -44,6 +44,24 @@ def timed(fn, device: str, repeats: int):
     return statistics.median(times), out
 
 
+def timed_interleaved(fns: dict, device: str, repeats: int) -> tuple[dict, dict]:
+    """Median seconds and last result of each ``fns[name]()``, timed in alternating rounds.
+
+    Every method runs once per round, so a slow spell of the machine (another job, clock
+    changes) hits all of them alike instead of whichever was running at the time.
+    """
+    outs = {name: fn() for name, fn in fns.items()}  # warm-up
+    sync(device)
+    times: dict = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            outs[name] = fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}, outs
+
+
 def torch_accumulate(acc, count, patches, origins, imp, repeat: int):
     """MONAI's blending loop: one slice-add per window."""
     pz, py, px = imp.shape

@@ -29,7 +29,7 @@ import torch
 import atso_fast
 from atso_fast import native
 from atso_fast.bench import builtin_network, reset_peak_rss
-from bench_kernels import machine, sync, timed  # benchmarks/ is on sys.path for scripts
+from bench_kernels import machine, sync, timed_interleaved  # benchmarks/ is on sys.path for scripts
 
 __all__ = ["main"]
 
@@ -44,11 +44,12 @@ def head(classes: int) -> torch.nn.Module:
     return torch.nn.Conv3d(1, classes, 3, padding=1).eval()
 
 
-def monai_labels(net, volume, window, batch, device, fp16=False):
+def monai_labels(net, volume, window, batch, device, autocast=None):
+    """MONAI's sliding window (fp32, or under ``torch.autocast`` with dtype ``autocast``)."""
     from monai.inferers import sliding_window_inference
 
     x = torch.from_numpy(volume)[None, None].to(device)
-    with torch.inference_mode(), torch.autocast(device, enabled=fp16, dtype=torch.float16):
+    with torch.inference_mode(), torch.autocast(device, enabled=autocast is not None, dtype=autocast):
         logits = sliding_window_inference(x, window, batch, net, overlap=0.5, mode="gaussian",
                                           sigma_scale=0.125)
     return logits[0].argmax(0).to(torch.uint8).cpu().numpy()
@@ -65,46 +66,54 @@ def network_alone(runtime, volume, window, batch, device):
 
 
 def speed_rows(classes: int, args, cfg) -> list[dict]:
+    """Every method timed in alternating rounds (``timed_interleaved``) on one volume."""
     device, window, batch = args.device, cfg["window"], cfg["batch"]
     net = builtin_network(classes, net="unet")[0].to(device)  # MONAI UNet 16-256, seed 0
-    rng = np.random.default_rng(0)
-    volume = rng.standard_normal(cfg["shape"]).astype(np.float32)
-    n_vox = volume.size
-    t_monai, ref = timed(lambda: monai_labels(net, volume, window, batch, device), device, args.repeats)
-    rows = [{"method": "monai fp32", "classes": classes, "seconds": t_monai, "agreement": 1.0}]
-    if device == "cuda":
-        t16, lab16 = timed(lambda: monai_labels(net, volume, window, batch, device, True), device, args.repeats)
-        rows.append({"method": "monai autocast fp16", "classes": classes, "seconds": t16,
-                     "agreement": float((lab16 == ref).mean())})
+    volume = np.random.default_rng(0).standard_normal(cfg["shape"]).astype(np.float32)
+    low = torch.float16 if device == "cuda" else torch.bfloat16
+    fns = {"monai fp32": lambda: monai_labels(net, volume, window, batch, device),
+           f"monai autocast {str(low)[6:]}": lambda: monai_labels(net, volume, window, batch, device, low)}
+    ours = []
     with tempfile.TemporaryDirectory() as tmp:
         pkg = atso_fast.export_model(net.cpu(), tmp, window=window, num_classes=classes, save_torch=False)
         net.to(device)
-        for name, precision in runtimes_for(device):
-            rel = make_relabeler(name, pkg, net, window, classes, device, batch, precision)
-            t, res = timed(lambda: rel.relabel_volume(volume, normalized=True), device, args.repeats)
-            t_net, _ = timed(network_alone(rel.runtime, volume, window, batch, device), device, args.repeats)
-            rows.append({"method": f"atso-fast {name} {precision}", "classes": classes, "seconds": t,
-                         "network_alone_seconds": t_net, "overhead": (t - t_net) / t_net,
-                         "agreement": float((res.labels == ref).mean())})
-    for r in rows:
-        r["voxels_per_s"] = n_vox / r["seconds"]
-        r["speedup_vs_monai_fp32"] = t_monai / r["seconds"]
+        for name, precision, compile in runtimes_for(device):
+            rel = make_relabeler(name, pkg, net, window, classes, device, batch, precision, compile=compile)
+            method = f"atso-fast {name}{' compiled' if compile else ''} {precision}"
+            fns[method] = lambda rel=rel: rel.relabel_volume(volume, normalized=True).labels
+            fns[method + " net"] = network_alone(rel.runtime, volume, window, batch, device)
+            ours.append(method)
+        secs, outs = timed_interleaved(fns, device, args.repeats)
+    ref, t_monai = outs["monai fp32"], secs["monai fp32"]
+    rows = []
+    for method in [m for m in fns if not m.endswith(" net")]:
+        row = {"method": method, "classes": classes, "seconds": secs[method],
+               "agreement": float((outs[method] == ref).mean())}
+        if method in ours:
+            t_net = secs[method + " net"]
+            row.update(network_alone_seconds=t_net, overhead=(secs[method] - t_net) / t_net)
+        row["voxels_per_s"] = volume.size / row["seconds"]
+        row["speedup_vs_monai_fp32"] = t_monai / row["seconds"]
+        rows.append(row)
     return rows
 
 
-def runtimes_for(device: str) -> list[tuple[str, str]]:
+def runtimes_for(device: str) -> list[tuple[str, str, bool]]:
+    """(runtime, precision, torch.compile) rows; compile time falls in the untimed warm-up."""
     if device == "cpu":
-        return [("onnxruntime", "float32"), ("torch", "float32")]
-    out = [("torch", "float32"), ("torch", "float16")]
+        return [("onnxruntime", "float32", False), ("torch", "float32", False), ("torch", "float32", True),
+                ("torch", "bfloat16", False)]
+    out = [("torch", "float32", False), ("torch", "float16", False)]
     from atso_fast.runtimes import available_runtimes
 
     if "tensorrt" in available_runtimes("cuda"):
-        out.append(("tensorrt", "float16"))
+        out.append(("tensorrt", "float16", False))
     return out
 
 
-def make_relabeler(name, pkg, net, window, classes, device, batch, precision, acc="float32"):
-    kw = dict(device=device, overlap=0.5, batch_size=batch, precision=precision, accumulate_dtype=acc)
+def make_relabeler(name, pkg, net, window, classes, device, batch, precision, acc="float32", compile=False):
+    kw = dict(device=device, overlap=0.5, batch_size=batch, precision=precision, accumulate_dtype=acc,
+              compile=compile)
     if name == "torch":
         return atso_fast.Relabeler.from_module(net, window=window, num_classes=classes, **kw)
     return atso_fast.Relabeler(pkg, runtime=name, **kw)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,12 +28,27 @@ def _eval_mode(module: Any):
             module.train()
 
 
+def _channels_last(ndim: int) -> Any:
+    """torch's channels-last memory format for the window rank (4: 2D, 5: 3D), or None."""
+    import torch
+
+    return {4: torch.channels_last, 5: torch.channels_last_3d}.get(ndim)
+
+
 class TorchRuntime:
-    """Runs a torch module. float16 needs CUDA; bfloat16 runs on both (autocast-free casts)."""
+    """Runs a torch module. float16 needs CUDA; bfloat16 runs on both (autocast-free casts).
+
+    ``channels_last`` runs convolutions in torch's channels-last layout. On CPU it is often
+    oneDNN's fastest path (MONAI UNet, 4 x 64^3 windows, 2 cores: 0.165 s vs 0.197 s) but not
+    always (a 1 -> 105 channel conv head: 0.77 s vs 0.38 s), so the default (``None``) on CPU
+    times the first batch in both layouts and keeps the faster (``layout_probe`` holds the
+    times); on CUDA the default is off. Outputs come back C-contiguous either way.
+    """
 
     name = "torch"
 
-    def __init__(self, module: Any, *, device: str = "cpu", precision: str = "float32", compile: bool = False):
+    def __init__(self, module: Any, *, device: str = "cpu", precision: str = "float32", compile: bool = False,
+                 channels_last: bool | None = None):
         import torch
 
         self.device = check_device(device)
@@ -40,11 +56,59 @@ class TorchRuntime:
         if precision == "float16" and not device.startswith("cuda"):
             raise ValueError("precision float16 needs device cuda (use bfloat16 or float32 on cpu)")
         self._dtype = getattr(torch, precision)
+        on_cuda = self.device.startswith("cuda")
+        self.channels_last = (False if on_cuda else None) if channels_last is None else bool(channels_last)
+        self.layout_probe: dict[str, float] | None = None
         param = next(iter(module.parameters()), None)
-        if param is not None and (param.dtype != self._dtype or param.device != torch.device(device)):
+        if param is not None and (param.dtype != self._dtype or param.device != torch.device(device)
+                                  or self.channels_last is not False):
             module = copy.deepcopy(module)  # never convert the caller's module in place
         self.module = module.to(device=device, dtype=self._dtype)
+        self._layout_ndim = 0  # rank whose memory format the weights are in
+        self.compiled = bool(compile)
+        self._batch = 0  # batch size the compiled graph is specialised to
         self._fn = torch.compile(self.module, dynamic=False) if compile else self.module
+
+    def _layout(self, x: Any) -> Any:
+        """``x`` (and, once, the weights) in channels-last format when that layout is on."""
+        fmt = _channels_last(x.dim()) if self.channels_last else None
+        if fmt is None:
+            return x
+        if self._layout_ndim != x.dim():  # weights follow the input rank (2D or 3D nets)
+            self.module.to(memory_format=fmt)
+            self._layout_ndim = x.dim()
+        return x.contiguous(memory_format=fmt)
+
+    def _probe(self, x: Any) -> Any:
+        """First CPU batch: run it eagerly in both layouts, keep the faster; returns its output."""
+        import torch
+
+        t0 = time.perf_counter()
+        out = self.module(x)
+        t1 = time.perf_counter()
+        self.channels_last = _channels_last(x.dim()) is not None
+        if self.channels_last:
+            self.module(self._layout(x)).contiguous()
+        t2 = time.perf_counter()
+        self.layout_probe = {"contiguous_s": t1 - t0, "channels_last_s": t2 - t1}
+        if self.channels_last and t2 - t1 >= t1 - t0:
+            self.channels_last = False
+            self.module.to(memory_format=torch.contiguous_format)
+            self._layout_ndim = 0
+        return out
+
+    def _pad_batch(self, x: Any) -> Any:
+        """Zero-pad short batches (a volume's last one) to the compiled batch size.
+
+        A compiled graph is specialised to one batch size; padding costs a few windows of
+        compute, a recompile for every remainder size costs tens of seconds on CPU.
+        """
+        import torch
+
+        if not self.compiled or x.shape[0] >= self._batch:
+            self._batch = max(self._batch, x.shape[0])
+            return x
+        return torch.cat([x, x.new_zeros((self._batch - x.shape[0], *x.shape[1:]))])
 
     @classmethod
     def create(cls, *, package: Any = None, module: Any = None, **kw) -> TorchRuntime:
@@ -69,10 +133,13 @@ class TorchRuntime:
 
         on_host = isinstance(batch, np.ndarray)
         x = torch.from_numpy(batch) if on_host else batch
+        n = x.shape[0]
+        x = self._pad_batch(x.to(device=self.device, dtype=self._dtype, non_blocking=True))
         with torch.inference_mode(), _eval_mode(self.module):
-            out = self._fn(x.to(device=self.device, dtype=self._dtype, non_blocking=True))
+            out = (self._probe(x) if self.channels_last is None else self._fn(self._layout(x)))[:n]
         if out.dtype not in (torch.float32, torch.float16):
             out = out.float()  # kernels take float32/float16 windows
+        out = out.contiguous()  # the kernels take C-order windows
         if on_host:
             return out.float().cpu().numpy() if out.is_cuda or out.dtype != torch.float32 else out.numpy()
-        return out.contiguous()
+        return out
