@@ -294,6 +294,7 @@ class Relabeler:
             for lo, hi in _z_runs(chunk[:, 0]):
                 s0 = self._advance(acc, wsum, s0, int(chunk[lo, 0]), out, totals, shape[0])
                 native.accumulate(acc, wsum, pred[lo:hi], chunk[lo:hi], self._importance, s0)
+            del pred  # else it lives on through the next network call: 2 batch outputs at peak
         self._flush(acc, wsum, s0, shape[0] - s0, out, totals)
         windows = len(origins) * (1 + (len(_mirror_axes(pkg.spatial_dims)) if self.mirror else 0))
         return out["labels"], out["conf"], out["probs"], totals, windows

@@ -244,3 +244,14 @@ def test_torch_runtime_probes_the_layout_once_on_cpu(rng):
     assert rt.layout_probe == probe  # not timed again
     np.testing.assert_allclose(first, TorchRuntime(net, channels_last=False)(batch), rtol=1e-5, atol=1e-6)
     assert net[0].weight.is_contiguous()
+
+
+def test_layout_probe_waits_for_a_full_batch(rng):
+    from atso_fast.runtimes import TorchRuntime
+
+    rt = TorchRuntime(random_net(classes=2), probe_batch=3)
+    small = rng.standard_normal((1, 1, 8, 8, 8)).astype(np.float32)
+    rt(small)
+    assert rt.channels_last is None and rt.layout_probe is None  # a batch of 1 is no guide
+    rt(rng.standard_normal((3, 1, 8, 8, 8)).astype(np.float32))
+    assert isinstance(rt.channels_last, bool) and rt.layout_probe is not None

@@ -60,7 +60,7 @@ def create_runtime(name: str, *, device: str = "cpu", package: Any = None, modul
     """Build runtime ``name`` (already resolved) for a package and/or a live module."""
     if name == "torch":
         return TorchRuntime.create(package=package, module=module, device=device, precision=precision,
-                                   compile=compile)
+                                   compile=compile, probe_batch=batch_size)
     if package is None or package.root is None:
         raise ValueError(f"runtime {name!r} needs an exported model package (model.onnx), not a live module")
     if name == "onnxruntime":

@@ -41,14 +41,15 @@ class TorchRuntime:
     ``channels_last`` runs convolutions in torch's channels-last layout. On CPU it is often
     oneDNN's fastest path (MONAI UNet, 4 x 64^3 windows, 2 cores: 0.165 s vs 0.197 s) but not
     always (a 1 -> 105 channel conv head: 0.77 s vs 0.38 s), so the default (``None``) on CPU
-    times the first batch in both layouts and keeps the faster (``layout_probe`` holds the
-    times); on CUDA the default is off. Outputs come back C-contiguous either way.
+    times the first full batch (``probe_batch`` windows; smaller batches run contiguous until
+    then) in both layouts and keeps the faster (``layout_probe`` holds the times); on CUDA the
+    default is off. A batch of 1 is no guide: oneDNN picks other kernels for it. Outputs come back C-contiguous either way.
     """
 
     name = "torch"
 
     def __init__(self, module: Any, *, device: str = "cpu", precision: str = "float32", compile: bool = False,
-                 channels_last: bool | None = None):
+                 channels_last: bool | None = None, probe_batch: int = 1):
         import torch
 
         self.device = check_device(device)
@@ -59,6 +60,7 @@ class TorchRuntime:
         on_cuda = self.device.startswith("cuda")
         self.channels_last = (False if on_cuda else None) if channels_last is None else bool(channels_last)
         self.layout_probe: dict[str, float] | None = None
+        self.probe_batch = max(int(probe_batch), 1)
         param = next(iter(module.parameters()), None)
         if param is not None and (param.dtype != self._dtype or param.device != torch.device(device)
                                   or self.channels_last is not False):
@@ -66,7 +68,7 @@ class TorchRuntime:
         self.module = module.to(device=device, dtype=self._dtype)
         self._layout_ndim = 0  # rank whose memory format the weights are in
         self.compiled = bool(compile)
-        self._batch = 0  # batch size the compiled graph is specialised to
+        self._batch = self.probe_batch if compile else 0  # batch size the compiled graph is specialised to
         self._fn = torch.compile(self.module, dynamic=False) if compile else self.module
 
     def _layout(self, x: Any) -> Any:
@@ -136,7 +138,10 @@ class TorchRuntime:
         n = x.shape[0]
         x = self._pad_batch(x.to(device=self.device, dtype=self._dtype, non_blocking=True))
         with torch.inference_mode(), _eval_mode(self.module):
-            out = (self._probe(x) if self.channels_last is None else self._fn(self._layout(x)))[:n]
+            if self.channels_last is None and x.shape[0] >= self.probe_batch:
+                out = self._probe(x)[:n]
+            else:
+                out = self._fn(self._layout(x))[:n]
         if out.dtype not in (torch.float32, torch.float16):
             out = out.float()  # kernels take float32/float16 windows
         out = out.contiguous()  # the kernels take C-order windows
