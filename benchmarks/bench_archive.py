@@ -92,8 +92,8 @@ def run_atso(model_dir: Path, input_dir: Path, out_dir: Path, args: argparse.Nam
     from atso_fast.relabel import Relabeler
 
     rel = Relabeler(model_dir, runtime=args.runtime, device=args.device, overlap=args.overlap,
-                    batch_size=args.batch, precision=args.precision)
-    rel.relabel_volume(synthetic_ct(tuple(args.window), args.seed))
+                    batch_size=args.batch, precision=args.precision, compile=args.compile)
+    rel.relabel_volume(synthetic_ct(tuple(args.window), args.seed))  # compiles here with --compile
     start = time.perf_counter()
     summary = rel.relabel_archive(input_dir, out_dir, readers=args.readers, writers=args.writers, progress=False)
     wall = time.perf_counter() - start
@@ -146,7 +146,7 @@ def format_report(r: dict[str, Any]) -> str:
     """Human-readable summary of a report (see ``--json`` for every number)."""
     c, seq, ours = r["config"], r["sequential"], r["atso_fast"]
     ph = seq["phases_per_case"]
-    name_b = f"(b) atso_fast relabel_archive ({ours['runtime']}, {c['readers']}+{c['writers']} threads)"
+    name_b = f"(b) atso_fast relabel_archive ({ours['runtime']}{' compiled' if c.get('compile') else ''}, {c['readers']}+{c['writers']} threads)"
     return "\n".join([
         (f"archive: {c['cases']} x {'x'.join(map(str, c['shape']))} int16 .nii.gz ({r['input_mib']:.1f} MiB each); "
          f"model {r['model']}, window {'x'.join(map(str, c['window']))}, {c['classes']} classes, overlap "
@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="atso_fast runtime of (b)")
     p.add_argument("--precision", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="atso_fast precision of (b); (a) runs float32")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile our torch runtime (compiled in the untimed warm-up)")
     p.add_argument("--readers", type=int, default=2)
     p.add_argument("--writers", type=int, default=2)
     p.add_argument("--net", default="auto", choices=["auto", "unet", "convnet"])

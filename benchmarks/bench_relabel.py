@@ -119,9 +119,9 @@ def make_relabeler(name, pkg, net, window, classes, device, batch, precision, ac
     return atso_fast.Relabeler(pkg, runtime=name, **kw)
 
 
-def memory_child(method: str, classes: int, device: str, cfg) -> dict:
+def memory_child(method: str, classes: int, device: str, cfg, batch: int) -> dict:
     """Runs in a fresh process: peak memory growth of one method over the baseline."""
-    window, batch = cfg["mem_window"], cfg["batch"]
+    window = cfg["mem_window"]
     net = head(classes).to(device)
     volume = np.random.default_rng(0).standard_normal(cfg["mem_shape"]).astype(np.float32)
     if method == "monai":
@@ -144,13 +144,16 @@ def memory_child(method: str, classes: int, device: str, cfg) -> dict:
         t = time.perf_counter()
         run()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"method": method, "classes": classes, "peak_GiB": peak / 2**30, "seconds": time.perf_counter() - t}
+    return {"method": method, "classes": classes, "batch": batch, "peak_GiB": peak / 2**30,
+            "seconds": time.perf_counter() - t}
 
 
-def memory_rows(classes: int, args) -> list[dict]:
+def memory_rows(classes: int, batch: int, args) -> list[dict]:
+    """MONAI and ours at the same window batch, each in a fresh subprocess."""
     rows = []
     for method in ("monai", "ours-float32", "ours-float16"):
-        cmd = [sys.executable, __file__, "--device", args.device, "--mem-child", method, "--classes", str(classes)]
+        cmd = [sys.executable, __file__, "--device", args.device, "--mem-child", method, "--classes", str(classes),
+               "--memory-batches", str(batch)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=dict(os.environ))
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     monai = rows[0]["peak_GiB"]
@@ -171,9 +174,9 @@ def print_tables(res: dict) -> None:
               f"{r['speedup_vs_monai_fp32']:>9.2f}x{r['agreement']:>9.5f}")
     if res.get("memory"):
         print(f"# peak memory of blending, volume {res['mem_shape']}, window {res['mem_window']} (conv head)")
-        print(f"{'method':<16}{'C':>5}{'peak GiB':>10}{'of MONAI':>10}{'s':>8}")
+        print(f"{'method':<16}{'C':>5}{'batch':>6}{'peak GiB':>10}{'of MONAI':>10}{'s':>8}")
         for r in res["memory"]:
-            print(f"{r['method']:<16}{r['classes']:>5}{r['peak_GiB']:>10.3f}{r['fraction_of_monai']:>10.2f}"
+            print(f"{r['method']:<16}{r['classes']:>5}{r['batch']:>6}{r['peak_GiB']:>10.3f}{r['fraction_of_monai']:>10.2f}"
                   f"{r['seconds']:>8.2f}")
 
 
@@ -182,21 +185,24 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--classes", type=int, nargs="*", default=[3, 105], help="speed rows (none: memory only)")
     ap.add_argument("--memory-classes", type=int, nargs="*", default=[105])
+    ap.add_argument("--memory-batches", type=int, nargs="+", default=None,
+                    help="window batches for the memory rows (default: the speed batch, then half of it)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="write results to this file")
     ap.add_argument("--mem-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cfg = GPU_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS
     if args.mem_child:
-        print(json.dumps(memory_child(args.mem_child, args.classes[0], args.device, cfg)))
+        print(json.dumps(memory_child(args.mem_child, args.classes[0], args.device, cfg, args.memory_batches[0])))
         return 0
+    mem_batches = args.memory_batches or [cfg["batch"], max(cfg["batch"] // 2, 1)]
     if args.device == "cuda" and not native.has_cuda():
         raise SystemExit(f"--device cuda needs a GPU and a CUDA build: {native.build_info()}")
     res = {"device": args.device, "machine": machine(args.device), "date": time.strftime("%Y-%m-%d"),
            "shape": list(cfg["shape"]), "window": list(cfg["window"]), "batch": cfg["batch"],
            "mem_shape": list(cfg["mem_shape"]), "mem_window": list(cfg["mem_window"]),
            "speed": [r for c in args.classes for r in speed_rows(c, args, cfg)],
-           "memory": [r for c in args.memory_classes for r in memory_rows(c, args)]}
+           "memory": [r for c in args.memory_classes for b in mem_batches for r in memory_rows(c, b, args)]}
     print_tables(res)
     if args.json:
         with open(args.json, "w") as fh:
