@@ -177,6 +177,8 @@ class Relabeler:
         self.runtime = create_runtime(self.runtime_name, device=self.device, package=self.package, module=_module,
                                       precision=precision, batch_size=self.batch_size, compile=compile,
                                       threads=threads)
+        if hasattr(self.runtime, "reuse_output"):
+            self.runtime.reuse_output = True  # _stream consumes each batch before the next call
         self._backend = _Backend(self.device)
         # a writable copy: the cached map is read-only, and torch warns on read-only arrays
         self._importance = self._backend.upload(gaussian_importance(self.package.window3d).copy())

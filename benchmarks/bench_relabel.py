@@ -126,9 +126,15 @@ def memory_child(method: str, classes: int, device: str, cfg, batch: int) -> dic
     volume = np.random.default_rng(0).standard_normal(cfg["mem_shape"]).astype(np.float32)
     if method == "monai":
         run = lambda: monai_labels(net, volume, window, batch, device)  # noqa: E731
-    else:
-        rel = atso_fast.Relabeler.from_module(net, window=window, num_classes=classes, device=device,
-                                              batch_size=batch, accumulate_dtype=method.split("-")[1])
+    else:  # ours-<accumulator dtype>[-onnxruntime]: torch runtime on the same module, or ORT
+        acc = method.split("-")[1]
+        kw = dict(device=device, batch_size=batch, accumulate_dtype=acc)
+        if method.endswith("-onnxruntime"):
+            pkg = atso_fast.export_model(net.cpu(), tempfile.mkdtemp(), window=window, num_classes=classes,
+                                         save_torch=False)
+            rel = atso_fast.Relabeler(pkg, runtime="onnxruntime", **kw)
+        else:
+            rel = atso_fast.Relabeler.from_module(net, window=window, num_classes=classes, **kw)
         run = lambda: rel.relabel_volume(volume, normalized=True)  # noqa: E731
     if device == "cuda":
         sync(device)
@@ -151,7 +157,10 @@ def memory_child(method: str, classes: int, device: str, cfg, batch: int) -> dic
 def memory_rows(classes: int, batch: int, args) -> list[dict]:
     """MONAI and ours at the same window batch, each in a fresh subprocess."""
     rows = []
-    for method in ("monai", "ours-float32", "ours-float16"):
+    methods = ["monai", "ours-float32", "ours-float16"]
+    if args.device == "cpu":
+        methods.append("ours-float16-onnxruntime")  # the CPU default runtime
+    for method in methods:
         cmd = [sys.executable, __file__, "--device", args.device, "--mem-child", method, "--classes", str(classes),
                "--memory-batches", str(batch)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=dict(os.environ))

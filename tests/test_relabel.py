@@ -255,3 +255,19 @@ def test_layout_probe_waits_for_a_full_batch(rng):
     assert rt.channels_last is None and rt.layout_probe is None  # a batch of 1 is no guide
     rt(rng.standard_normal((3, 1, 8, 8, 8)).astype(np.float32))
     assert isinstance(rt.channels_last, bool) and rt.layout_probe is not None
+
+
+def test_onnxruntime_writes_into_one_reused_buffer(rng, tmp_path):
+    pkg = export_model(random_net(classes=3), tmp_path / "pkg", window=(8, 16, 16), num_classes=3)
+    rel = Relabeler(pkg, runtime="onnxruntime", batch_size=3, mirror=True, save_probabilities=True)
+    assert rel.runtime.reuse_output  # the engine consumes each batch before the next call
+    fresh = Relabeler(pkg, runtime="onnxruntime", batch_size=3, mirror=True, save_probabilities=True)
+    fresh.runtime.reuse_output = False
+    volume = rng.standard_normal((20, 30, 30)).astype(np.float32)
+    a, b = rel.relabel_volume(volume), fresh.relabel_volume(volume)
+    np.testing.assert_array_equal(a.probabilities, b.probabilities)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    full = rel.runtime(rng.standard_normal((3, 1, 8, 16, 16)).astype(np.float32))
+    short = rel.runtime(rng.standard_normal((2, 1, 8, 16, 16)).astype(np.float32))
+    assert short.shape == (2, 3, 8, 16, 16) and np.shares_memory(full, short)
+    assert fresh.runtime._out_buf is None  # reuse off: a fresh array per call
