@@ -183,9 +183,9 @@ def print_tables(res: dict) -> None:
               f"{r['speedup_vs_monai_fp32']:>9.2f}x{r['agreement']:>9.5f}")
     if res.get("memory"):
         print(f"# peak memory of blending, volume {res['mem_shape']}, window {res['mem_window']} (conv head)")
-        print(f"{'method':<16}{'C':>5}{'batch':>6}{'peak GiB':>10}{'of MONAI':>10}{'s':>8}")
+        print(f"{'method':<26}{'C':>5}{'batch':>6}{'peak GiB':>10}{'of MONAI':>10}{'s':>8}")
         for r in res["memory"]:
-            print(f"{r['method']:<16}{r['classes']:>5}{r['batch']:>6}{r['peak_GiB']:>10.3f}{r['fraction_of_monai']:>10.2f}"
+            print(f"{r['method']:<26}{r['classes']:>5}{r['batch']:>6}{r['peak_GiB']:>10.3f}{r['fraction_of_monai']:>10.2f}"
                   f"{r['seconds']:>8.2f}")
 
 
