@@ -212,14 +212,19 @@ def test_torch_runtime_channels_last_matches_and_leaves_the_module_alone(rng, di
 def test_compiled_torch_runtime_pads_short_batches_instead_of_recompiling(rng):
     from atso_fast.runtimes import TorchRuntime
 
+    import torch._dynamo
+
     net = random_net(classes=2)
-    rt = TorchRuntime(net, compile=True)
-    eager = TorchRuntime(net, compile=False)
+    rt = TorchRuntime(net, compile=True, channels_last=False, probe_batch=3)  # no layout probe
+    eager = TorchRuntime(net, compile=False, channels_last=False)
     full = rng.standard_normal((3, 1, 8, 8, 8)).astype(np.float32)
+    torch._dynamo.reset()
+    calls = []
+    rt._fn = torch.compile(rt.module, dynamic=False, backend=lambda gm, ex: calls.append(1) or gm.forward)
     np.testing.assert_allclose(rt(full), eager(full), rtol=1e-4, atol=1e-5)
     short = full[:1]
-    out = rt(short)  # padded to the compiled batch of 3, sliced back
-    assert out.shape == (1, 2, 8, 8, 8) and rt._batch == 3
+    out = rt(short)  # padded to the compiled batch of 3, sliced back: no second compile
+    assert out.shape == (1, 2, 8, 8, 8) and rt._batch == 3 and len(calls) == 1
     np.testing.assert_allclose(out, eager(short), rtol=1e-4, atol=1e-5)
 
 
@@ -235,14 +240,14 @@ def test_torch_runtime_probes_the_layout_once_on_cpu(rng):
 
     net = random_net(classes=3)
     rt = TorchRuntime(net)
-    assert rt.channels_last is None  # undecided until the first batch
-    batch = rng.standard_normal((2, 1, 8, 8, 8)).astype(np.float32)
-    first = rt(batch)
-    assert isinstance(rt.channels_last, bool) and set(rt.layout_probe) == {"contiguous_s", "channels_last_s"}
-    probe = dict(rt.layout_probe)
-    np.testing.assert_allclose(rt(batch), first, rtol=1e-5, atol=1e-6)
-    assert rt.layout_probe == probe  # not timed again
-    np.testing.assert_allclose(first, TorchRuntime(net, channels_last=False)(batch), rtol=1e-5, atol=1e-6)
+    plain = TorchRuntime(net, channels_last=False)
+    batches = [rng.standard_normal((2, 1, 8, 8, 8)).astype(np.float32) for _ in range(4)]
+    for i, batch in enumerate(batches):
+        assert rt.channels_last is None if i < 3 else isinstance(rt.channels_last, bool)
+        out = rt(batch)  # warm-up, channels-last, contiguous, then the chosen layout
+        assert out.flags.c_contiguous
+        np.testing.assert_allclose(out, plain(batch), rtol=1e-5, atol=1e-6)
+    assert set(rt.layout_probe) == {"contiguous_s", "channels_last_s"}
     assert net[0].weight.is_contiguous()
 
 
@@ -250,10 +255,11 @@ def test_layout_probe_waits_for_a_full_batch(rng):
     from atso_fast.runtimes import TorchRuntime
 
     rt = TorchRuntime(random_net(classes=2), probe_batch=3)
-    small = rng.standard_normal((1, 1, 8, 8, 8)).astype(np.float32)
-    rt(small)
-    assert rt.channels_last is None and rt.layout_probe is None  # a batch of 1 is no guide
-    rt(rng.standard_normal((3, 1, 8, 8, 8)).astype(np.float32))
+    for _ in range(4):
+        rt(rng.standard_normal((1, 1, 8, 8, 8)).astype(np.float32))
+    assert rt.channels_last is None and rt.layout_probe is None  # batches of 1 are no guide
+    for _ in range(3):
+        rt(rng.standard_normal((3, 1, 8, 8, 8)).astype(np.float32))
     assert isinstance(rt.channels_last, bool) and rt.layout_probe is not None
 
 
