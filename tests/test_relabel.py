@@ -241,10 +241,10 @@ def test_torch_runtime_probes_the_layout_once_on_cpu(rng):
     net = random_net(classes=3)
     rt = TorchRuntime(net)
     plain = TorchRuntime(net, channels_last=False)
-    batches = [rng.standard_normal((2, 1, 8, 8, 8)).astype(np.float32) for _ in range(4)]
+    batches = [rng.standard_normal((2, 1, 8, 8, 8)).astype(np.float32) for _ in range(5)]
     for i, batch in enumerate(batches):
-        assert rt.channels_last is None if i < 3 else isinstance(rt.channels_last, bool)
-        out = rt(batch)  # warm-up, channels-last, contiguous, then the chosen layout
+        assert rt.channels_last is None if i < 4 else isinstance(rt.channels_last, bool)
+        out = rt(batch)  # 2 warm-ups, channels-last and contiguous timed, then the chosen layout
         assert out.flags.c_contiguous
         np.testing.assert_allclose(out, plain(batch), rtol=1e-5, atol=1e-6)
     assert set(rt.layout_probe) == {"contiguous_s", "channels_last_s"}
@@ -258,7 +258,7 @@ def test_layout_probe_waits_for_a_full_batch(rng):
     for _ in range(4):
         rt(rng.standard_normal((1, 1, 8, 8, 8)).astype(np.float32))
     assert rt.channels_last is None and rt.layout_probe is None  # batches of 1 are no guide
-    for _ in range(3):
+    for _ in range(4):
         rt(rng.standard_normal((3, 1, 8, 8, 8)).astype(np.float32))
     assert isinstance(rt.channels_last, bool) and rt.layout_probe is not None
 

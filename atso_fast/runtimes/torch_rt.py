@@ -85,33 +85,37 @@ class TorchRuntime:
         return x.contiguous(memory_format=fmt)
 
     def _probe(self, x: Any) -> Any:
-        """One of the first three full CPU batches; returns its output (no extra compute).
+        """One of the first four full CPU batches; returns its output (no extra compute).
 
-        Batch 1 runs contiguous, untimed: it pays the first-call costs (allocations, oneDNN
-        primitives) that would otherwise bias whichever layout ran first. Batch 2 runs
-        channels-last, timed with the copy back to C order it needs; batch 3 contiguous, timed.
-        The faster layout is kept for every later batch.
+        Batch 1 runs contiguous and batch 2 channels-last, untimed: each layout's first call
+        pays one-off costs (allocations, oneDNN primitives and weight reorders) that would bias
+        a single timing (measured: the MONAI UNet looked even when channels-last is 15% faster).
+        Batch 3 runs channels-last and batch 4 contiguous, timed, the weight conversions kept
+        outside the timings; channels-last is timed with the copy back to C order it needs.
         """
         import torch
 
         step = self._probe_step
         self._probe_step += 1
-        if step == 0 or _channels_last(x.dim()) is None:
-            if step > 0:  # a rank without a channels-last format: nothing to choose
-                self.channels_last = False
+        fmt = _channels_last(x.dim())
+        if fmt is None:  # a rank without a channels-last format: nothing to choose
+            self.channels_last = False
             return self.module(x)
-        t0 = time.perf_counter()
-        if step == 1:
-            self.channels_last = True
-            out = self.module(self._layout(x)).contiguous()
-            self.channels_last = None
-            self._probe_times = {"channels_last_s": time.perf_counter() - t0}
+        if step in (1, 2):
+            if step == 1:
+                self.module.to(memory_format=fmt)
+            t0 = time.perf_counter()
+            out = self.module(x.contiguous(memory_format=fmt)).contiguous()
+            self._probe_times["channels_last_s"] = time.perf_counter() - t0
             return out
-        self.module.to(memory_format=torch.contiguous_format)
-        self._layout_ndim = 0
+        if step == 3:
+            self.module.to(memory_format=torch.contiguous_format)
+        t0 = time.perf_counter()
         out = self.module(x)
-        self.layout_probe = {**self._probe_times, "contiguous_s": time.perf_counter() - t0}
-        self.channels_last = self.layout_probe["channels_last_s"] < self.layout_probe["contiguous_s"]
+        if step == 3:
+            self.layout_probe = {**self._probe_times, "contiguous_s": time.perf_counter() - t0}
+            self.channels_last = self.layout_probe["channels_last_s"] < self.layout_probe["contiguous_s"]
+            self._layout_ndim = 0  # _layout converts the weights again if channels-last won
         return out
 
     def _pad_batch(self, x: Any) -> Any:
