@@ -12,6 +12,7 @@ If the compiled module is missing (a broken build), the NumPy reference runs ins
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ __all__ = [
     "gaussian_importance",
     "has_cuda",
     "has_native",
+    "kernel_threads",
 ]
 
 _KINDS = {"logits": 0, "probabilities": 1}
@@ -56,6 +58,26 @@ def build_info() -> dict[str, Any]:
     info = dict(_C.build_info(), native=True)
     info["cuda_devices"] = _C.cuda_device_count() if info["cuda"] else 0
     return info
+
+
+@contextmanager
+def kernel_threads(n: int | None):
+    """CPU kernels called from this thread inside the block use ``n`` OpenMP threads.
+
+    ``None`` or 0 keeps the OpenMP default. The setting is per calling thread and restored on
+    exit. No effect on CUDA kernels or without the native module.
+    """
+    if _C is None or not n:
+        yield
+        return
+    if int(n) < 0:
+        raise ValueError(f"kernel threads must be >= 0, got {n}")
+    before = _C.kernel_threads()
+    _C.set_kernel_threads(int(n))
+    try:
+        yield
+    finally:
+        _C.set_kernel_threads(before)
 
 
 def has_cuda() -> bool:

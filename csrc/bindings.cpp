@@ -153,6 +153,9 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "atso-fast native kernels (CPU OpenMP, optional CUDA). Use atso_fast.native.";
   m.def("build_info", &build_info, "What the module was built with.");
+  m.def("set_kernel_threads", &set_kernel_threads, py::arg("n"),
+        "OpenMP threads of the CPU kernels called from this Python thread (0: OpenMP default)");
+  m.def("kernel_threads", &kernel_threads, "OpenMP threads the CPU kernels use from this thread");
   m.def("set_cpu_isa", [](const std::string& isa) { return set_cpu_isa(isa.c_str()); },
         "Force the 'generic' CPU kernels, or back to 'auto'; False if unavailable.");
   m.def("extract_patches", &extract_patches, "CPU window gather into out (B, M, pz, py, px).");

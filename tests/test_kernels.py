@@ -284,3 +284,24 @@ def test_cpu_isa_builds_agree_bit_for_bit(rng, channels, acc_dtype):
             _C.set_cpu_isa("auto")
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
+
+
+def test_kernel_threads_scope_and_determinism(rng):
+    from atso_fast import _C
+
+    vol, patch = (17, 23, 19), (8, 10, 6)
+    runs = []
+    for n in (1, 2, None):
+        with native.kernel_threads(n):
+            assert _C.kernel_threads() == (n or _C.build_info()["omp_max_threads"])
+            acc, w, _, _ = run_accumulate(np.random.default_rng(5), "cpu", vol, patch, 0.5, 3,
+                                          np.float32, np.float32, 0, vol[0])
+            fin = native.finalize(acc, w, 0.3, 255, "logits")
+        runs.append((acc, w, fin.labels, fin.confidence, fin.counts))
+    assert _C.kernel_threads() == _C.build_info()["omp_max_threads"]  # restored
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            np.testing.assert_array_equal(a, b)  # same bits whatever the thread count
+    with pytest.raises(ValueError, match="kernel threads must be >= 0"):
+        with native.kernel_threads(-1):
+            pass

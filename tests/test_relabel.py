@@ -277,3 +277,10 @@ def test_onnxruntime_writes_into_one_reused_buffer(rng, tmp_path):
     short = rel.runtime(rng.standard_normal((2, 1, 8, 16, 16)).astype(np.float32))
     assert short.shape == (2, 3, 8, 16, 16) and np.shares_memory(full, short)
     assert fresh.runtime._out_buf is None  # reuse off: a fresh array per call
+
+
+def test_onnxruntime_relabeler_runs_kernels_on_one_thread(tmp_path):
+    pkg = export_model(random_net(classes=2), tmp_path / "pkg", window=(8, 8, 8), num_classes=2)
+    assert Relabeler(pkg, runtime="onnxruntime").kernel_threads == 1
+    assert Relabeler(pkg, runtime="onnxruntime", kernel_threads=2).kernel_threads == 2
+    assert Relabeler.from_module(random_net(classes=2), window=(8, 8, 8), num_classes=2).kernel_threads is None

@@ -5,6 +5,9 @@
 
 #include <atomic>
 #include <cstring>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace atso {
 namespace {
@@ -23,6 +26,20 @@ std::atomic<bool> g_force_generic{false};
 bool use_avx2() { return cpu_has_avx2() && !g_force_generic.load(std::memory_order_relaxed); }
 
 }  // namespace
+
+namespace {
+thread_local int t_kernel_threads = 0;
+}  // namespace
+
+void set_kernel_threads(int n) { t_kernel_threads = n > 0 ? n : 0; }
+
+int kernel_threads() {
+#ifdef _OPENMP
+  return t_kernel_threads > 0 ? t_kernel_threads : omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
 
 const char* cpu_isa() { return use_avx2() ? "avx2" : "generic"; }
 

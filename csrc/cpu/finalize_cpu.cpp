@@ -155,7 +155,7 @@ void finalize_impl(const A* acc, const float* wsum, int64_t c, int64_t n, int64_
                    int64_t* counts) {
   const int64_t n_counts = (c == 1 ? 2 : c) + 2;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
-#pragma omp parallel
+#pragma omp parallel num_threads(kernel_threads())
   {
     std::vector<float> vals(c * kBlock);
     std::vector<int64_t> local(n_counts, 0);

@@ -30,4 +30,9 @@ const char* cpu_isa();  // "avx2" or "generic": what dispatch_cpu.cpp chose on t
 // "generic" forces the baseline build (tests compare the two); "auto" or "avx2" (when the CPU
 // has it) restores the automatic choice. Returns false for an unavailable choice.
 bool set_cpu_isa(const char* isa);
+// OpenMP threads of the CPU kernels called from this thread: n > 0 fixes it, 0 means the
+// OpenMP default (omp_get_max_threads()). Thread-local, so one relabeler's choice does not
+// leak into kernels other threads call.
+void set_kernel_threads(int n);
+int kernel_threads();
 }  // namespace atso

@@ -45,7 +45,7 @@ void extract_impl(const float* volume, int64_t m, Shape3 vol, const int64_t* ori
                   Shape3 p, float pad_value, Out* out) {
   const int64_t rows = b * m * p.z;
   const Out pad = to_out<Out>(pad_value);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(kernel_threads())
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t zz = r % p.z, ch = (r / p.z) % m, w = r / (p.z * m);
     const int64_t oz = origins[3 * w], oy = origins[3 * w + 1], ox = origins[3 * w + 2];
@@ -170,7 +170,7 @@ template <typename A, typename P>
 void accumulate_impl(A* acc, float* wsum, int64_t c, Shape3 slab, int64_t z0, const P* patches,
                      const int64_t* origins, int64_t b, Shape3 p, const float* importance) {
   const float* table = half_table();
-#pragma omp parallel
+#pragma omp parallel num_threads(kernel_threads())
   {
     RowSpans rs;
     rs.buf.resize(p.x);
