@@ -144,7 +144,8 @@ class Relabeler:
         threads: CPU threads of an ONNX Runtime session (default all cores); set it when
             several relabelers share a machine (Ray actors do).
         kernel_threads: OpenMP threads of our CPU stitching kernels (default: 1 with ONNX
-            Runtime on CPU, whose own pool keeps the cores; else the OpenMP default).
+            Runtime on CPU for up to 8 classes, so ORT's own pool keeps the cores; else the
+            OpenMP default).
     """
 
     def __init__(self, model_dir: str | Path | None = None, *, runtime: str = "auto", device: str = "cpu",
@@ -179,9 +180,11 @@ class Relabeler:
         self.runtime = create_runtime(self.runtime_name, device=self.device, package=self.package, module=_module,
                                       precision=precision, batch_size=self.batch_size, compile=compile,
                                       threads=threads)
-        if kernel_threads is None and self.runtime_name == "onnxruntime" and self.device == "cpu":
+        if (kernel_threads is None and self.runtime_name == "onnxruntime" and self.device == "cpu"
+                and self.package.num_classes <= 8):
             # ORT has its own thread pool: our OpenMP workers, spin-waiting after each kernel,
-            # took cores from ORT's next run (3-class UNet overhead 1.6-5.3% -> -0.1-3.4%)
+            # take cores from ORT's next run. One kernel thread: 3-class UNet overhead 1.6-5.3%
+            # -> -0.1-3.4%; but at 105 classes the kernels' own work wins (2.4% -> 6.8%).
             kernel_threads = 1
         self.kernel_threads = kernel_threads
         if hasattr(self.runtime, "reuse_output"):

@@ -282,5 +282,7 @@ def test_onnxruntime_writes_into_one_reused_buffer(rng, tmp_path):
 def test_onnxruntime_relabeler_runs_kernels_on_one_thread(tmp_path):
     pkg = export_model(random_net(classes=2), tmp_path / "pkg", window=(8, 8, 8), num_classes=2)
     assert Relabeler(pkg, runtime="onnxruntime").kernel_threads == 1
+    many = export_model(random_net(classes=12), tmp_path / "many", window=(8, 8, 8), num_classes=12)
+    assert Relabeler(many, runtime="onnxruntime").kernel_threads is None  # kernels' own work wins
     assert Relabeler(pkg, runtime="onnxruntime", kernel_threads=2).kernel_threads == 2
     assert Relabeler.from_module(random_net(classes=2), window=(8, 8, 8), num_classes=2).kernel_threads is None
