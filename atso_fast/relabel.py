@@ -152,7 +152,8 @@ class Relabeler:
                  overlap: float = 0.5, batch_size: int = 4, threshold: float = 0.0, ignore_index: int = 255,
                  mirror: bool = False, precision: str = "float32", accumulate_dtype: str = "float32",
                  save_probabilities: bool = False, nonfinite: str = "fail", compile: bool = False,
-                 threads: int | None = None, kernel_threads: int | None = None, _package: ModelPackage | None = None, _module: Any = None):
+                 threads: int | None = None, kernel_threads: int | None = None,
+                 _package: ModelPackage | None = None, _module: Any = None):
         self.package = _package if _package is not None else load_package(model_dir)
         self.device = check_device(device)
         self.overlap = check_overlap(overlap)

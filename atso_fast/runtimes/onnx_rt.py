@@ -85,7 +85,7 @@ class OnnxRuntime:
         """
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         shape = (batch.shape[0], *self._out_shape(batch.shape))
-        if self._out_buf is None or self._out_buf.shape[1:] != shape[1:] or len(self._out_buf) < shape[0]:
+        if self._out_buf is None or len(self._out_buf) < shape[0]:  # per-window shape is static
             self._out_buf = None  # drop the old buffer before allocating a new one
             self._out_buf = np.empty(shape, np.float32)
         out = self._out_buf[: shape[0]]  # a short last batch uses the front of the buffer

@@ -25,10 +25,8 @@ std::atomic<bool> g_force_generic{false};
 
 bool use_avx2() { return cpu_has_avx2() && !g_force_generic.load(std::memory_order_relaxed); }
 
-}  // namespace
+thread_local int t_kernel_threads = 0;  // 0: the OpenMP default
 
-namespace {
-thread_local int t_kernel_threads = 0;
 }  // namespace
 
 void set_kernel_threads(int n) { t_kernel_threads = n > 0 ? n : 0; }
