@@ -127,7 +127,10 @@ class Relabeler:
 
     Args:
         model_dir: folder with ``model.json`` + ``model.onnx`` (``atso_fast.export_model``).
-        runtime: ``"auto"``, ``"onnxruntime"``, ``"tensorrt"`` or ``"torch"``.
+        runtime: ``"auto"``, ``"onnxruntime"``, ``"tensorrt"`` or ``"torch"``. On CPU, ``auto``
+            with a package holding both ``model.onnx`` and ``model.pt2`` times the first full
+            batches on ONNX Runtime and on torch and keeps the faster (``runtime_name`` says
+            which once decided; see ``atso_fast.runtimes.probe``).
         device: ``"cpu"`` or ``"cuda[:N]"``.
         overlap: window overlap in ``[0, 1)``, scalar or per axis (MONAI's meaning).
         batch_size: windows per runtime call.
@@ -176,23 +179,40 @@ class Relabeler:
                                f"build_info: {native.build_info()}")
         if compile and runtime not in ("auto", "torch"):
             raise ValueError(f"compile=True compiles the torch runtime; runtime {runtime!r} cannot be compiled")
-        self.runtime_name = resolve_runtime("torch" if compile else runtime, self.device,
-                                            has_onnx=self.package.root is not None, has_module=_module is not None)
-        self.runtime = create_runtime(self.runtime_name, device=self.device, package=self.package, module=_module,
+        self._runtime_name = resolve_runtime("torch" if compile else runtime, self.device,
+                                             has_onnx=self.package.root is not None, has_module=_module is not None,
+                                             has_program=self._has_program(), precision=self.precision)
+        self.runtime = create_runtime(self._runtime_name, device=self.device, package=self.package, module=_module,
                                       precision=precision, batch_size=self.batch_size, compile=compile,
                                       threads=threads)
-        if (kernel_threads is None and self.runtime_name == "onnxruntime" and self.device == "cpu"
-                and self.package.num_classes <= 8):
-            # ORT has its own thread pool: our OpenMP workers, spin-waiting after each kernel,
-            # take cores from ORT's next run. One kernel thread: 3-class UNet overhead 1.6-5.3%
-            # -> -0.1-3.4%; but at 105 classes the kernels' own work wins (2.4% -> 6.8%).
-            kernel_threads = 1
-        self.kernel_threads = kernel_threads
+        self._kernel_threads = kernel_threads
         if hasattr(self.runtime, "reuse_output"):
             self.runtime.reuse_output = True  # _stream consumes each batch before the next call
         self._backend = _Backend(self.device)
         # a writable copy: the cached map is read-only, and torch warns on read-only arrays
         self._importance = self._backend.upload(gaussian_importance(self.package.window3d).copy())
+
+    @property
+    def runtime_name(self) -> str:
+        """The runtime that runs the windows; ``"auto"`` while ``auto`` is still measuring."""
+        return getattr(self.runtime, "choice", None) or self._runtime_name
+
+    @property
+    def kernel_threads(self) -> int | None:
+        """OpenMP threads of the stitching kernels for the next volume (None: OpenMP default)."""
+        if self._kernel_threads is not None:
+            return self._kernel_threads
+        active = getattr(self.runtime, "active", self._runtime_name)
+        if active == "onnxruntime" and self.device == "cpu" and self.package.num_classes <= 8:
+            # ORT has its own thread pool: our OpenMP workers, spin-waiting after each kernel,
+            # take cores from ORT's next run. One kernel thread: 3-class UNet overhead 1.6-5.3%
+            # -> -0.1-3.4%; but at 105 classes the kernels' own work wins (2.4% -> 6.8%).
+            return 1
+        return None
+
+    def _has_program(self) -> bool:
+        pkg = self.package
+        return pkg.root is not None and bool(pkg.torch_file) and (pkg.root / pkg.torch_file).is_file()
 
     @classmethod
     def from_module(cls, module: Any, *, window, num_classes: int, kind: str = "logits",

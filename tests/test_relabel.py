@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -152,7 +153,10 @@ def test_export_package_and_onnxruntime_match_torch(rng, tmp_path):
     live = Relabeler.from_module(net, window=(8, 16, 16), num_classes=3, normalization={"scheme": "zscore"},
                                  save_probabilities=True).relabel_volume(volume)
     np.testing.assert_allclose(onnx.probabilities, live.probabilities, atol=1e-5)
-    assert Relabeler(pkg_dir).runtime_name == "onnxruntime"  # auto on cpu
+    assert Relabeler(pkg_dir, runtime="auto").runtime_name == "auto"  # onnx + pt2 on cpu: measures
+    assert Relabeler(pkg_dir, precision="bfloat16").runtime_name == "torch"  # ORT runs float32 only
+    (pkg_dir / "model.pt2").unlink()
+    assert Relabeler(pkg_dir).runtime_name == "onnxruntime"  # onnx only: the rule
 
 
 def test_torch_runtime_from_package(tmp_path, rng):
@@ -286,3 +290,49 @@ def test_onnxruntime_relabeler_runs_kernels_on_one_thread(tmp_path):
     assert Relabeler(many, runtime="onnxruntime").kernel_threads is None  # kernels' own work wins
     assert Relabeler(pkg, runtime="onnxruntime", kernel_threads=2).kernel_threads == 2
     assert Relabeler.from_module(random_net(classes=2), window=(8, 8, 8), num_classes=2).kernel_threads is None
+
+
+class _FakeRuntime:
+    """Returns its tag after ``delay`` seconds; ``settle`` calls before it counts as settled."""
+
+    device, precision = "cpu", "float32"
+
+    def __init__(self, tag: float, delay: float, settle: int = 1):
+        self.tag, self.delay, self.settle, self.calls = tag, delay, settle, 0
+        self.channels_last = None if settle > 1 else False  # torch-like layout probe
+
+    def __call__(self, batch):
+        self.calls += 1
+        if self.calls >= self.settle:
+            self.channels_last = False
+        time.sleep(self.delay)
+        return np.full(batch.shape, self.tag, np.float32)
+
+
+def test_auto_probe_times_each_candidate_then_keeps_the_faster():
+    from atso_fast.runtimes import ProbeRuntime
+
+    slow, fast = _FakeRuntime(1.0, 0.02), _FakeRuntime(2.0, 0.0, settle=3)
+    probe = ProbeRuntime({"onnxruntime": slow, "torch": fast}, batch_size=2)
+    full, short = np.zeros((2, 1, 4)), np.zeros((1, 1, 4))
+    seen = [probe(full)[0, 0, 0] for _ in range(3)]  # slow: warm-up + 2 timed
+    assert seen == [1.0] * 3 and probe.active == "torch" and probe.choice is None
+    assert probe(short)[0, 0, 0] == 2.0 and fast.calls == 1  # a short batch runs but is not timed
+    seen = [probe(full)[0, 0, 0] for _ in range(4)]  # fast: settles on its 3rd call, then 2 timed
+    assert seen == [2.0] * 4 and probe.choice == "torch"
+    assert len(probe.scores["onnxruntime"]) == 2 and min(probe.scores["onnxruntime"]) >= 0.02
+    assert probe(full)[0, 0, 0] == 2.0 and slow.calls == 3  # the loser is never called again
+    assert list(probe._candidates) == ["torch"]
+
+
+def test_auto_relabeler_on_cpu_measures_and_matches_onnxruntime(rng, tmp_path):
+    net = random_net(classes=3)
+    pkg = export_model(net, tmp_path / "pkg", window=(8, 8, 8), num_classes=3)
+    volume = rng.standard_normal((24, 24, 24)).astype(np.float32)
+    auto = Relabeler(pkg, batch_size=2, save_probabilities=True)
+    assert auto.runtime_name == "auto" and auto.kernel_threads == 1  # ORT is probed first
+    result = auto.relabel_volume(volume)  # 27 windows: 13 full batches, enough to decide
+    assert auto.runtime_name in ("onnxruntime", "torch") and result.stats["runtime"] == auto.runtime_name
+    assert set(auto.runtime.scores) == {"onnxruntime", "torch"}
+    ref = Relabeler(pkg, runtime="onnxruntime", batch_size=2, save_probabilities=True).relabel_volume(volume)
+    np.testing.assert_allclose(result.probabilities, ref.probabilities, atol=1e-5)

@@ -4,9 +4,10 @@ A runtime is a callable ``runtime(batch) -> outputs``: ``batch (B, M, *window)``
 NumPy array for ``device="cpu"``, a CUDA torch tensor for ``device="cuda"``) to
 ``(B, C, *window)`` float32/float16 on the same side. ``create_runtime`` picks one by name.
 
-``auto`` is a documented rule, not a guess: on CPU, ONNX Runtime (faster than eager PyTorch on
-CPU for these conv nets, see benchmarks/RESULTS.md) when the package has an ONNX file, else
-torch; on CUDA, TensorRT when installed, else ONNX Runtime with the CUDA execution provider
+``auto`` on CPU measures when it can: a float32 package with both ``model.onnx`` and
+``model.pt2`` runs its first full batches on ONNX Runtime and on torch and keeps the faster
+(``ProbeRuntime``; which one wins depends on the model, see benchmarks/RESULTS.md). Otherwise
+it is a rule: on CPU, ONNX Runtime for float32 when the package has an ONNX file, else torch; on CUDA, TensorRT when installed, else ONNX Runtime with the CUDA execution provider
 when ``onnxruntime-gpu`` is installed, else torch. A live torch module always runs on torch.
 """
 from __future__ import annotations
@@ -15,17 +16,23 @@ from typing import Any
 
 from atso_fast.runtimes.base import Runtime, RuntimeUnavailable
 from atso_fast.runtimes.onnx_rt import OnnxRuntime, onnxruntime_has_cuda
+from atso_fast.runtimes.probe import ProbeRuntime
 from atso_fast.runtimes.tensorrt_rt import TensorRTRuntime, tensorrt_available
 from atso_fast.runtimes.torch_rt import TorchRuntime
 
 __all__ = ["Runtime", "RuntimeUnavailable", "create_runtime", "resolve_runtime", "RUNTIMES",
-           "OnnxRuntime", "TensorRTRuntime", "TorchRuntime", "available_runtimes"]
+           "OnnxRuntime", "ProbeRuntime", "TensorRTRuntime", "TorchRuntime", "available_runtimes"]
 
 RUNTIMES = ("auto", "onnxruntime", "tensorrt", "torch")
 
 
-def resolve_runtime(name: str, device: str, *, has_onnx: bool, has_module: bool) -> str:
-    """Turn ``auto`` into a concrete runtime name (see module docstring)."""
+def resolve_runtime(name: str, device: str, *, has_onnx: bool, has_module: bool, has_program: bool = False,
+                    precision: str = "float32") -> str:
+    """Turn ``auto`` into a runtime name (see module docstring).
+
+    Returns ``"auto"`` only where ``auto`` measures (CPU, float32, an ONNX file and a torch
+    program, no live module); ``create_runtime("auto", ...)`` then builds the probe.
+    """
     if name not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {name!r}")
     if name != "auto":
@@ -33,7 +40,9 @@ def resolve_runtime(name: str, device: str, *, has_onnx: bool, has_module: bool)
     if has_module or not has_onnx:
         return "torch"
     if device == "cpu":
-        return "onnxruntime"
+        if precision != "float32":
+            return "torch"  # ONNX Runtime runs float32 models only
+        return "auto" if has_program else "onnxruntime"
     if tensorrt_available():
         return "tensorrt"
     return "onnxruntime" if onnxruntime_has_cuda() else "torch"
@@ -58,6 +67,10 @@ def create_runtime(name: str, *, device: str = "cpu", package: Any = None, modul
                    precision: str = "float32", batch_size: int = 4, compile: bool = False,
                    threads: int | None = None) -> Runtime:
     """Build runtime ``name`` (already resolved) for a package and/or a live module."""
+    if name == "auto":
+        kw = dict(device=device, package=package, precision=precision, batch_size=batch_size, threads=threads)
+        return ProbeRuntime({rt: create_runtime(rt, **kw) for rt in ("onnxruntime", "torch")},
+                            batch_size=batch_size)
     if name == "torch":
         return TorchRuntime.create(package=package, module=module, device=device, precision=precision,
                                    compile=compile, probe_batch=batch_size)
