@@ -175,7 +175,7 @@ main() {
   cuda_step atso_bench 150 60 atso_bench
   cuda_step bench_suites 60 20 "$PY" -m pytest -m cuda benchmarks/test_bench_suites.py "${pytest_q[@]}" \
     --benchmark-json "$WORK/bench_suites.json"
-  cuda_step bench_archive 150 120 "$PY" benchmarks/bench_archive.py --device cuda --cases 6 \
+  cuda_step bench_archive 150 120 "$PY" benchmarks/bench_archive.py --device cuda --cases 6 --rounds 1 \
     --output "$WORK/bench_archive.json"
   [[ -s $WORK/atso_bench.json ]] && bench_table "$WORK/atso_bench.json" | tee -a "$WORK/atso_bench.log"
   [[ -s $WORK/bench_archive.log ]] && tail -n 6 "$WORK/bench_archive.log"
