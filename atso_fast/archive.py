@@ -456,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nonfinite", default="fail", choices=["fail", "ignore"],
                    help="NaN/inf input voxels: fail the case, or label them --ignore-index")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads of the ONNX Runtime session (default: all cores)")
+                   help="CPU threads of the runtime (ONNX Runtime session or torch intra-op; default: all cores)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the torch runtime (implies --runtime torch; slow first batch)")
     p.add_argument("--save-confidence", action="store_true", help="also write <case>_confidence")

@@ -159,7 +159,7 @@ def ray_runner(model_dir_or_relabeler_kwargs: str | os.PathLike[str] | Mapping[s
         gpus_per_worker = 1 if device.startswith("cuda") else 0
     cpus = 1 if cpus_per_worker is None else cpus_per_worker
     if spec.factory is None and spec.kwargs.get("threads") is None:
-        spec.kwargs["threads"] = max(1, int(cpus))  # an actor's ONNX Runtime stays in its CPU share
+        spec.kwargs["threads"] = max(1, int(cpus))  # an actor's runtime stays in its CPU share
     pool = _pool(1 if workers is None else workers, cpus, gpus_per_worker, max_attempts, device)
     return partial(run_archive, partial(_process_on_ray, spec=spec, pool=pool, address=address))
 

@@ -336,3 +336,21 @@ def test_auto_relabeler_on_cpu_measures_and_matches_onnxruntime(rng, tmp_path):
     assert set(auto.runtime.scores) == {"onnxruntime", "torch"}
     ref = Relabeler(pkg, runtime="onnxruntime", batch_size=2, save_probabilities=True).relabel_volume(volume)
     np.testing.assert_allclose(result.probabilities, ref.probabilities, atol=1e-5)
+
+
+def test_torch_runtime_threads_hold_only_during_the_call():
+    from atso_fast.runtimes import TorchRuntime
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.seen = torch.nn.Conv3d(1, 2, 1), []
+
+        def forward(self, x):
+            self.seen.append(torch.get_num_threads())
+            return self.conv(x)
+
+    before = torch.get_num_threads()
+    rt = TorchRuntime(Spy(), threads=1, channels_last=False)
+    rt(np.zeros((2, 1, 4, 4, 4), np.float32))
+    assert rt.module.seen == [1] and torch.get_num_threads() == before

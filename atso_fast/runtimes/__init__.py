@@ -73,7 +73,7 @@ def create_runtime(name: str, *, device: str = "cpu", package: Any = None, modul
                             batch_size=batch_size)
     if name == "torch":
         return TorchRuntime.create(package=package, module=module, device=device, precision=precision,
-                                   compile=compile, probe_batch=batch_size)
+                                   compile=compile, probe_batch=batch_size, threads=threads)
     if package is None or package.root is None:
         raise ValueError(f"runtime {name!r} needs an exported model package (model.onnx), not a live module")
     if name == "onnxruntime":

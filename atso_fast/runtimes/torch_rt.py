@@ -28,6 +28,22 @@ def _eval_mode(module: Any):
             module.train()
 
 
+@contextmanager
+def _cpu_threads(n: int | None):
+    """torch's intra-op CPU threads set to ``n`` for the call, the previous count restored."""
+    import torch
+
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _channels_last(ndim: int) -> Any:
     """torch's channels-last memory format for the window rank (4: 2D, 5: 3D), or None."""
     import torch
@@ -51,7 +67,7 @@ class TorchRuntime:
     name = "torch"
 
     def __init__(self, module: Any, *, device: str = "cpu", precision: str = "float32", compile: bool = False,
-                 channels_last: bool | None = None, probe_batch: int = 1):
+                 channels_last: bool | None = None, probe_batch: int = 1, threads: int | None = None):
         import torch
 
         self.device = check_device(device)
@@ -64,6 +80,8 @@ class TorchRuntime:
         self.layout_probe: dict[str, float] | None = None
         self._probe_step, self._probe_times = 0, {}
         self.probe_batch = max(int(probe_batch), 1)
+        # CPU threads per call (None: torch's own setting); a Ray actor passes its CPU share
+        self.threads = None if on_cuda or threads is None else max(int(threads), 1)
         param = next(iter(module.parameters()), None)
         if param is not None and (param.dtype != self._dtype or param.device != torch.device(device)
                                   or self.channels_last is not False):
@@ -156,7 +174,7 @@ class TorchRuntime:
         x = torch.from_numpy(batch) if on_host else batch
         n = x.shape[0]
         x = self._pad_batch(x.to(device=self.device, dtype=self._dtype, non_blocking=True))
-        with torch.inference_mode(), _eval_mode(self.module):
+        with torch.inference_mode(), _eval_mode(self.module), _cpu_threads(self.threads):
             if self.channels_last is None and x.shape[0] >= self.probe_batch:
                 out = self._probe(x)[:n]
             else:
