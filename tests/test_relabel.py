@@ -354,3 +354,13 @@ def test_torch_runtime_threads_hold_only_during_the_call():
     rt = TorchRuntime(Spy(), threads=1, channels_last=False)
     rt(np.zeros((2, 1, 4, 4, 4), np.float32))
     assert rt.module.seen == [1] and torch.get_num_threads() == before
+
+
+def test_auto_falls_back_to_the_runtime_that_loads(rng, tmp_path):
+    pkg = export_model(random_net(classes=2), tmp_path / "pkg", window=(8, 8, 8), num_classes=2)
+    (pkg / "model.pt2").write_bytes(b"not a torch program")  # e.g. written by another torch version
+    with pytest.warns(RuntimeWarning, match="runtime auto: torch did not load"):
+        rel = Relabeler(pkg, batch_size=2)
+    assert rel.runtime_name == "onnxruntime"  # a single candidate is the choice from the start
+    rel.relabel_volume(rng.standard_normal((12, 12, 12)).astype(np.float32))
+    assert rel.runtime_name == "onnxruntime"

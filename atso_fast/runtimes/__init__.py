@@ -12,6 +12,7 @@ when ``onnxruntime-gpu`` is installed, else torch. A live torch module always ru
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from atso_fast.runtimes.base import Runtime, RuntimeUnavailable
@@ -68,9 +69,8 @@ def create_runtime(name: str, *, device: str = "cpu", package: Any = None, modul
                    threads: int | None = None) -> Runtime:
     """Build runtime ``name`` (already resolved) for a package and/or a live module."""
     if name == "auto":
-        kw = dict(device=device, package=package, precision=precision, batch_size=batch_size, threads=threads)
-        return ProbeRuntime({rt: create_runtime(rt, **kw) for rt in ("onnxruntime", "torch")},
-                            batch_size=batch_size)
+        return _probe_runtime(dict(device=device, package=package, precision=precision, batch_size=batch_size,
+                                   threads=threads))
     if name == "torch":
         return TorchRuntime.create(package=package, module=module, device=device, precision=precision,
                                    compile=compile, probe_batch=batch_size, threads=threads)
@@ -82,3 +82,20 @@ def create_runtime(name: str, *, device: str = "cpu", package: Any = None, modul
         return TensorRTRuntime(package.onnx_path, device=device, precision=precision,
                                max_batch=batch_size, window=package.window, in_channels=package.in_channels)
     raise ValueError(f"runtime must be one of {RUNTIMES}, got {name!r}")
+
+
+def _probe_runtime(kw: dict[str, Any]) -> ProbeRuntime:
+    """``auto`` on CPU: both candidates, or the one that loads (a ``model.pt2`` written by another
+    torch version may not), with a warning saying why nothing is measured."""
+    candidates, errors = {}, {}
+    for name in ("onnxruntime", "torch"):
+        try:
+            candidates[name] = create_runtime(name, **kw)
+        except Exception as exc:  # noqa: BLE001 - any load failure leaves the other candidate
+            errors[name] = exc
+    if not candidates:
+        raise errors["onnxruntime"]
+    for name, exc in errors.items():
+        warnings.warn(f"runtime auto: {name} did not load ({exc}); running {next(iter(candidates))} "
+                      "without measuring", RuntimeWarning, stacklevel=4)
+    return ProbeRuntime(candidates, batch_size=kw["batch_size"])
