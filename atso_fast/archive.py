@@ -154,8 +154,9 @@ def relabel_archive(relabeler: Any, inputs: str | os.PathLike[str] | Sequence[st
 
     Returns:
         Summary dict: ``total, done, skipped, failed, seconds, cases_per_s, voxels_per_s,
-        busy_fraction`` (time inside ``relabel_volume`` / wall time) and ``failures``
-        (list of ``(case_id, error)``).
+        busy_fraction`` (time inside ``relabel_volume`` / wall time), ``failures``
+        (list of ``(case_id, error)``) and ``runtime`` (the relabeler's ``runtime_name`` at
+        the end, when it has one: which runtime ``auto`` chose).
 
     Raises:
         InputError: ``inputs`` does not exist or cannot be listed.
@@ -164,9 +165,12 @@ def relabel_archive(relabeler: Any, inputs: str | os.PathLike[str] | Sequence[st
     """
     _check_options(relabeler, readers=readers, writers=writers, queue_size=queue_size)
     process = partial(_pipeline, relabeler, readers=readers, writers=writers, queue_size=queue_size)
-    return run_archive(process, inputs, output_dir, recursive=recursive, resume=resume,
-                       num_parts=num_parts, part_id=part_id, save_confidence=save_confidence,
-                       progress=progress)
+    summary = run_archive(process, inputs, output_dir, recursive=recursive, resume=resume,
+                          num_parts=num_parts, part_id=part_id, save_confidence=save_confidence,
+                          progress=progress)
+    if getattr(relabeler, "runtime_name", None):
+        summary["runtime"] = relabeler.runtime_name
+    return summary
 
 
 def run_archive(process: Callable[[list[_Case], _Tally], None],
@@ -589,4 +593,5 @@ def _print_summary(summary: dict[str, Any], args: argparse.Namespace) -> None:
               f"({summary['skipped']} skipped, {summary['failed']} failed) in "
               f"{summary['seconds']:.1f} s: {summary['cases_per_s']:.2f} cases/s, "
               f"{summary['voxels_per_s'] / 1e6:.3g} Mvox/s, runtime busy "
-              f"{100 * summary['busy_fraction']:.0f}%")
+              f"{100 * summary['busy_fraction']:.0f}%"
+              + (f", runtime {summary['runtime']}" if summary.get("runtime") else ""))

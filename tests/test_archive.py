@@ -424,7 +424,8 @@ def test_cli_end_to_end_with_an_exported_package(tmp_path, capsys):
     out = tmp_path / "out"
     argv = [str(model), str(tmp_path / "in"), str(out), "--save-confidence", "--json"]
     assert cli_main(argv + ["--runtime", "onnxruntime"]) == 0
-    assert json.loads(capsys.readouterr().out)["done"] == 2
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["done"] == 2 and summary["runtime"] == "onnxruntime"
     image, _ = read_volume(tmp_path / "in" / "case00.nii.gz")
     labels = np.asanyarray(nib.load(out / "case00.nii.gz").dataobj).T
     np.testing.assert_array_equal(labels[image > 0], 2)
