@@ -128,9 +128,9 @@ class Relabeler:
     Args:
         model_dir: folder with ``model.json`` + ``model.onnx`` (``atso_fast.export_model``).
         runtime: ``"auto"``, ``"onnxruntime"``, ``"tensorrt"`` or ``"torch"``. On CPU, ``auto``
-            with a package holding both ``model.onnx`` and ``model.pt2`` times the first full
-            batches on ONNX Runtime and on torch and keeps the faster (``runtime_name`` says
-            which once decided; see ``atso_fast.runtimes.probe``).
+            with a package holding both ``model.onnx`` and ``model.pt2`` (and at most 16
+            classes) times the first full batches on torch and on ONNX Runtime and keeps the
+            faster (``runtime_name`` says which once decided; see ``atso_fast.runtimes``).
         device: ``"cpu"`` or ``"cuda[:N]"``.
         overlap: window overlap in ``[0, 1)``, scalar or per axis (MONAI's meaning).
         batch_size: windows per runtime call.
@@ -182,7 +182,8 @@ class Relabeler:
             raise ValueError(f"compile=True compiles the torch runtime; runtime {runtime!r} cannot be compiled")
         self._runtime_name = resolve_runtime("torch" if compile else runtime, self.device,
                                              has_onnx=self.package.root is not None, has_module=_module is not None,
-                                             has_program=self._has_program(), precision=self.precision)
+                                             has_program=self._has_program(), precision=self.precision,
+                                             num_classes=self.package.num_classes)
         self.runtime = create_runtime(self._runtime_name, device=self.device, package=self.package, module=_module,
                                       precision=precision, batch_size=self.batch_size, compile=compile,
                                       threads=threads)

@@ -126,13 +126,14 @@ def memory_child(method: str, classes: int, device: str, cfg, batch: int) -> dic
     volume = np.random.default_rng(0).standard_normal(cfg["mem_shape"]).astype(np.float32)
     if method == "monai":
         run = lambda: monai_labels(net, volume, window, batch, device)  # noqa: E731
-    else:  # ours-<accumulator dtype>[-onnxruntime]: torch runtime on the same module, or ORT
-        acc = method.split("-")[1]
+    else:  # ours-<accumulator dtype>[-onnxruntime|-auto]: torch on the same module, ORT, or auto
+        parts = method.split("-")
+        acc, runtime = parts[1], (parts[2] if len(parts) > 2 else "")
         kw = dict(device=device, batch_size=batch, accumulate_dtype=acc)
-        if method.endswith("-onnxruntime"):
+        if runtime:  # a package; auto (CPU) probes ORT and torch on the first batches
             pkg = atso_fast.export_model(net.cpu(), tempfile.mkdtemp(), window=window, num_classes=classes,
-                                         save_torch=False)
-            rel = atso_fast.Relabeler(pkg, runtime="onnxruntime", **kw)
+                                         save_torch=runtime == "auto")
+            rel = atso_fast.Relabeler(pkg, runtime=runtime, **kw)
         else:
             rel = atso_fast.Relabeler.from_module(net, window=window, num_classes=classes, **kw)
         run = lambda: rel.relabel_volume(volume, normalized=True)  # noqa: E731
@@ -159,7 +160,8 @@ def memory_rows(classes: int, batch: int, args) -> list[dict]:
     rows = []
     methods = ["monai", "ours-float32", "ours-float16"]
     if args.device == "cpu":
-        methods.append("ours-float16-onnxruntime")  # the CPU default runtime
+        # ORT, and auto: the package default (probes torch and ORT up to 16 classes, else ORT)
+        methods += ["ours-float16-onnxruntime", "ours-float16-auto"]
     for method in methods:
         cmd = [sys.executable, __file__, "--device", args.device, "--mem-child", method, "--classes", str(classes),
                "--memory-batches", str(batch)]

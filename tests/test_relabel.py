@@ -154,6 +154,8 @@ def test_export_package_and_onnxruntime_match_torch(rng, tmp_path):
                                  save_probabilities=True).relabel_volume(volume)
     np.testing.assert_allclose(onnx.probabilities, live.probabilities, atol=1e-5)
     assert Relabeler(pkg_dir, runtime="auto").runtime_name == "auto"  # onnx + pt2 on cpu: measures
+    many = export_model(random_net(classes=17), tmp_path / "many", window=(8, 16, 16), num_classes=17)
+    assert Relabeler(many).runtime_name == "onnxruntime"  # > PROBE_MAX_CLASSES: the rule
     assert Relabeler(pkg_dir, precision="bfloat16").runtime_name == "torch"  # ORT runs float32 only
     (pkg_dir / "model.pt2").unlink()
     assert Relabeler(pkg_dir).runtime_name == "onnxruntime"  # onnx only: the rule
@@ -330,7 +332,7 @@ def test_auto_relabeler_on_cpu_measures_and_matches_onnxruntime(rng, tmp_path):
     pkg = export_model(net, tmp_path / "pkg", window=(8, 8, 8), num_classes=3)
     volume = rng.standard_normal((24, 24, 24)).astype(np.float32)
     auto = Relabeler(pkg, batch_size=2, save_probabilities=True)
-    assert auto.runtime_name == "auto" and auto.kernel_threads == 1  # ORT is probed first
+    assert auto.runtime_name == "auto" and auto.kernel_threads is None  # torch is probed first
     result = auto.relabel_volume(volume)  # 27 windows: 13 full batches, enough to decide
     assert auto.runtime_name in ("onnxruntime", "torch") and result.stats["runtime"] == auto.runtime_name
     assert set(auto.runtime.scores) == {"onnxruntime", "torch"}

@@ -3,8 +3,9 @@
 Which runtime is fastest on a CPU depends on the model, not on a rule: for the MONAI UNet with
 3 classes eager torch (channels-last) was 1.17-1.45x MONAI where ONNX Runtime was 0.95-0.99x,
 while with a 105-class head ONNX Runtime led (1.53x vs 1.12x; benchmarks/RESULTS.md). So when a
-package carries both ``model.onnx`` and ``model.pt2``, ``auto`` runs its first full batches on
-each candidate in turn and keeps the faster, like torch's own channels-last probe (which it
+package carries both ``model.onnx`` and ``model.pt2`` (and has few classes, see
+``PROBE_MAX_CLASSES``), ``auto`` runs its first full batches on each candidate in turn and keeps
+the faster, like torch's own channels-last probe (which it
 contains). Every probe batch is a real batch whose output is used: nothing is computed twice,
 the cost is only the slower candidate's extra time on its few batches. The candidates agree to
 float32 rounding (label agreement 0.999999 on the UNet), so the first volume may mix their
