@@ -35,7 +35,7 @@ class ProbeRuntime:
 
     name = "auto"
 
-    def __init__(self, candidates: dict[str, Any], *, batch_size: int, timed: int = 2):
+    def __init__(self, candidates: dict[str, Any], *, batch_size: int, timed: int = 3):
         if not candidates:
             raise ValueError("ProbeRuntime needs at least one candidate runtime")
         self._candidates = dict(candidates)
