@@ -169,8 +169,17 @@ def relabel_archive(relabeler: Any, inputs: str | os.PathLike[str] | Sequence[st
                           num_parts=num_parts, part_id=part_id, save_confidence=save_confidence,
                           progress=progress)
     if getattr(relabeler, "runtime_name", None):
-        summary["runtime"] = relabeler.runtime_name
+        summary["runtime"] = _runtime_label(relabeler)
     return summary
+
+
+def _runtime_label(relabeler: Any) -> str:
+    """The relabeler's runtime; for an ``auto`` that never saw enough full batches to decide
+    (archives of volumes no larger than a few windows), which runtime actually ran."""
+    active = getattr(relabeler.runtime, "active", None)
+    if relabeler.runtime_name == "auto" and active:
+        return f"auto (undecided: too few full batches to measure; ran {active})"
+    return relabeler.runtime_name
 
 
 def run_archive(process: Callable[[list[_Case], _Tally], None],

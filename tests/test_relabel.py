@@ -366,3 +366,13 @@ def test_auto_falls_back_to_the_runtime_that_loads(rng, tmp_path):
     assert rel.runtime_name == "onnxruntime"  # a single candidate is the choice from the start
     rel.relabel_volume(rng.standard_normal((12, 12, 12)).astype(np.float32))
     assert rel.runtime_name == "onnxruntime"
+
+
+def test_archive_summary_says_when_auto_could_not_decide(rng, tmp_path):
+    pkg = export_model(random_net(classes=2), tmp_path / "pkg", window=(8, 8, 8), num_classes=2)
+    (tmp_path / "in").mkdir()
+    for i in range(2):  # one window each: only short batches, nothing to time
+        np.save(tmp_path / "in" / f"v{i}.npy", rng.standard_normal((8, 8, 8)).astype(np.float32))
+    summary = Relabeler(pkg).relabel_archive(tmp_path / "in", tmp_path / "out", progress=False)
+    assert summary["done"] == 2
+    assert summary["runtime"] == "auto (undecided: too few full batches to measure; ran torch)"

@@ -175,7 +175,7 @@ def _relabel_archive(atso: Any, archive_root: str, out: Path, class_names: list[
     export_s = time.perf_counter() - start
     engine = Relabeler(package, runtime="auto", overlap=0.5, batch_size=4)
     summary = engine.relabel_archive(Path(archive_root) / "imagesUn", out / "relabelled", progress=False)
-    summary.update(export_seconds=export_s, runtime=engine.runtime_name, package=str(package))
+    summary.update(export_seconds=export_s, package=str(package))
     return summary
 
 
