@@ -376,3 +376,21 @@ def test_archive_summary_says_when_auto_could_not_decide(rng, tmp_path):
     summary = Relabeler(pkg).relabel_archive(tmp_path / "in", tmp_path / "out", progress=False)
     assert summary["done"] == 2
     assert summary["runtime"] == "auto (undecided: too few full batches to measure; ran torch)"
+
+
+def test_auto_probe_drops_a_candidate_that_fails_and_reruns_the_batch():
+    from atso_fast.runtimes import ProbeRuntime
+
+    class Broken(_FakeRuntime):
+        def __call__(self, batch):
+            self.calls += 1
+            raise RuntimeError("static batch size 1")
+
+    broken, good = Broken(1.0, 0.0), _FakeRuntime(2.0, 0.0)
+    probe = ProbeRuntime({"torch": broken, "onnxruntime": good}, batch_size=2)
+    with pytest.warns(RuntimeWarning, match="runtime auto: torch failed on a batch of 2 windows"):
+        out = probe(np.zeros((2, 1, 4)))
+    assert out[0, 0, 0] == 2.0 and probe.choice == "onnxruntime" and broken.calls == 1
+    lone = ProbeRuntime({"onnxruntime": Broken(1.0, 0.0)}, batch_size=2)
+    with pytest.raises(RuntimeError, match="static batch size 1"):  # nothing left to fall back on
+        lone(np.zeros((2, 1, 4)))

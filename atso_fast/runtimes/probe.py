@@ -14,6 +14,7 @@ outputs at that level.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 __all__ = ["ProbeRuntime"]
@@ -64,9 +65,32 @@ class ProbeRuntime:
         return next(name for name, times in self.scores.items() if len(times) < self.timed)
 
     def __call__(self, batch: Any) -> Any:
+        if self.choice is not None:
+            return self._candidates[self.choice](batch)
         name = self.active
+        try:
+            return self._probe_call(name, batch)
+        except Exception as exc:  # noqa: BLE001 - a candidate that fails leaves the others
+            if len(self._candidates) == 1:
+                raise
+            self._drop(name, exc, len(batch))
+            return self(batch)
+
+    def _drop(self, name: str, exc: Exception, windows: int) -> None:
+        """A candidate failed on a batch (say a ``model.pt2`` exported with a fixed batch size):
+        the others go on, the batch is rerun on the next one."""
+        warnings.warn(f"runtime auto: {name} failed on a batch of {windows} windows ({exc}); "
+                      "dropped from the probe", RuntimeWarning, stacklevel=4)
+        del self._candidates[name], self.scores[name]
+        self._calls = 0
+        if len(self._candidates) == 1:
+            self.choice = next(iter(self._candidates))
+        else:
+            self._decide()
+
+    def _probe_call(self, name: str, batch: Any) -> Any:
         runtime = self._candidates[name]
-        if self.choice is not None or batch.shape[0] < self.batch_size:
+        if batch.shape[0] < self.batch_size:
             return runtime(batch)
         settled = self._calls > 0 and getattr(runtime, "channels_last", False) is not None
         self._calls += 1
