@@ -29,8 +29,9 @@ def _eval_mode(module: Any):
 
 
 @contextmanager
-def _cpu_threads(n: int | None):
-    """torch's intra-op CPU threads set to ``n`` for the call, the previous count restored."""
+def torch_threads(n: int | None):
+    """torch's intra-op CPU threads set to ``n`` inside the block, the previous count restored
+    (``None`` or 0: unchanged). Shared by the runtime and the training CLI's ``--threads``."""
     import torch
 
     if not n:
@@ -174,7 +175,7 @@ class TorchRuntime:
         x = torch.from_numpy(batch) if on_host else batch
         n = x.shape[0]
         x = self._pad_batch(x.to(device=self.device, dtype=self._dtype, non_blocking=True))
-        with torch.inference_mode(), _eval_mode(self.module), _cpu_threads(self.threads):
+        with torch.inference_mode(), _eval_mode(self.module), torch_threads(self.threads):
             if self.channels_last is None and x.shape[0] >= self.probe_batch:
                 out = self._probe(x)[:n]
             else:

@@ -39,19 +39,12 @@ DEMO_SETTINGS: dict[str, dict[str, Any]] = {
 @contextmanager
 def _torch_threads(threads: int | None) -> Iterator[None]:
     """Set torch's intra-op thread count for the command, then restore it."""
-    if threads is None:
-        yield
-        return
-    import torch
+    from atso_fast.runtimes.torch_rt import torch_threads
 
-    if threads < 1:
+    if threads is not None and threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _setup_logging(level: str) -> None:
