@@ -176,7 +176,7 @@ def relabel_archive(relabeler: Any, inputs: str | os.PathLike[str] | Sequence[st
 def _runtime_label(relabeler: Any) -> str:
     """The relabeler's runtime; for an ``auto`` that never saw enough full batches to decide
     (archives of volumes no larger than a few windows), which runtime actually ran."""
-    active = getattr(relabeler.runtime, "active", None)
+    active = getattr(getattr(relabeler, "runtime", None), "active", None)
     if relabeler.runtime_name == "auto" and active:
         return f"auto (undecided: too few full batches to measure; ran {active})"
     return relabeler.runtime_name

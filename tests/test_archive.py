@@ -431,3 +431,11 @@ def test_cli_end_to_end_with_an_exported_package(tmp_path, capsys):
     np.testing.assert_array_equal(labels[image > 0], 2)
     np.testing.assert_array_equal(labels[image < 0], 0)
     assert (out / "case00_confidence.nii.gz").is_file()
+
+
+def test_summary_names_a_duck_typed_relabelers_runtime(tmp_path):
+    make_archive(tmp_path / "in", n=3)
+    fake = FakeRelabeler()
+    fake.runtime_name = "mine"  # a runtime name but no .runtime object
+    summary = relabel_archive(fake, tmp_path / "in", tmp_path / "out", recursive=True, progress=False)
+    assert summary["runtime"] == "mine"
