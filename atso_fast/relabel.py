@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from atso_fast import native
+from atso_fast.kernels import native
 from atso_fast.export import ModelPackage, load_package
 from atso_fast.normalize import normalize
 from atso_fast.runtimes import create_runtime, resolve_runtime
