@@ -12,14 +12,14 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "ModelPackage": "atso_fast.export",
-    "PackageError": "atso_fast.export",
-    "export_model": "atso_fast.export",
-    "load_package": "atso_fast.export",
-    "build_info": "atso_fast.native",
-    "has_cuda": "atso_fast.native",
-    "RelabelResult": "atso_fast.relabel",
-    "Relabeler": "atso_fast.relabel",
+    "ModelPackage": "atso_fast.package",
+    "PackageError": "atso_fast.package",
+    "export_model": "atso_fast.package",
+    "load_package": "atso_fast.package",
+    "build_info": "atso_fast.kernels.native",
+    "has_cuda": "atso_fast.kernels.native",
+    "RelabelResult": "atso_fast.engine",
+    "Relabeler": "atso_fast.engine",
     "relabel_archive": "atso_fast.archive",
     "relabel_archive_ray": "atso_fast.ray_engine",
     "ATSO": "atso_fast.train.atso",

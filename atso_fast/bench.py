@@ -2,7 +2,7 @@
 
 For each runtime/precision pair the benchmark
 
-1. builds a :class:`~atso_fast.relabel.Relabeler` (an unavailable pair is listed as skipped,
+1. builds a :class:`~atso_fast.engine.Relabeler` (an unavailable pair is listed as skipped,
    with the reason),
 2. runs it once as a warm-up and compares its labels to the float32 reference (torch, else
    ONNX Runtime); a pair below the agreement target is reported as incorrect and not timed,
@@ -33,6 +33,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from atso_fast.engine.relabeler import Relabeler
+from atso_fast.engine.windows import check_overlap, sliding_window_origins
+from atso_fast.kernels import native
+from atso_fast.package import export_model, load_package
+from atso_fast.package.normalize import normalize
+from atso_fast.runtimes import RuntimeUnavailable
+from atso_fast.runtimes.base import check_device
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -163,7 +171,6 @@ def check_builtin_window(window: tuple[int, ...], net_name: str) -> None:
 def export_builtin(out_dir: str | os.PathLike, *, window: tuple[int, int, int], classes: int,
                    net: str = "auto", seed: int = 0) -> tuple[Path, str]:
     """Export :func:`builtin_network` as a model package (CT normalisation); returns (dir, name)."""
-    from atso_fast.export import export_model
 
     module, name = builtin_network(classes, net=net, seed=seed)
     check_builtin_window(window, name)
@@ -242,7 +249,6 @@ def monai_labels(net: Any, volume: np.ndarray, *, window: tuple[int, ...], batch
     import torch
     from monai.inferers import sliding_window_inference
 
-    from atso_fast.normalize import normalize
 
     policy = CT_NORMALIZATION if normalization is None else normalization
     x = torch.from_numpy(np.ascontiguousarray(normalize(volume, policy), dtype=np.float32))[None, None]
@@ -258,9 +264,6 @@ def window_batches(package: Any, volume: np.ndarray, overlap: Any, batch_size: i
     Same grid and batch split as ``Relabeler._stream`` (MONAI's); each batch is shaped
     like the runtime's input ``(B, M, *window)``.
     """
-    from atso_fast import native
-    from atso_fast.normalize import normalize
-    from atso_fast.windows import sliding_window_origins
 
     vol = np.ascontiguousarray(normalize(volume.reshape((-1, *volume.shape[-3:])), package.normalization),
                                dtype=np.float32)
@@ -349,8 +352,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     Raises:
         ValueError: naming the option and the value received.
     """
-    from atso_fast.runtimes.base import check_device
-    from atso_fast.windows import check_overlap
 
     device = check_device(args.device)
     check_overlap(args.overlap)
@@ -400,8 +401,6 @@ class Device:
 def _make_relabeler(cfg: BenchConfig, model_dir: Path, runtime: str, precision: str,
                     compile: bool = False) -> tuple[Any, str | None]:
     """A relabeler, or ``(None, reason)`` when the pair cannot run here."""
-    from atso_fast.relabel import Relabeler
-    from atso_fast.runtimes import RuntimeUnavailable
 
     try:
         return Relabeler(model_dir, runtime=runtime, device=cfg.device, overlap=cfg.overlap,
@@ -485,7 +484,6 @@ def _model_dir(cfg: BenchConfig, scratch: Path) -> tuple[Path, str]:
 def _machine(device: str) -> dict[str, Any]:
     import torch
 
-    from atso_fast import native
 
     info = {"cpu_count": os.cpu_count(), "torch": torch.__version__, "native": native.build_info()}
     if device.startswith("cuda"):
@@ -516,8 +514,6 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         atso_fast.PackageError: ``cfg.model_dir`` is not a valid package.
         RuntimeError: no float32 reference runtime, or ``cuda`` without a CUDA build.
     """
-    from atso_fast import native
-    from atso_fast.export import load_package
 
     if cfg.device.startswith("cuda") and not native.has_cuda():
         raise RuntimeError(f"device {cfg.device!r} needs a CUDA GPU and a CUDA build (build_info: "

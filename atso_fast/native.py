@@ -15,7 +15,7 @@ from atso_fast.kernels.native import (
     has_native,
     kernel_threads,
 )
-from atso_fast.windows import gaussian_importance
+from atso_fast.engine.windows import gaussian_importance
 
 __all__ = ["FinalizeResult", "accumulate", "build_info", "extract_patches", "finalize", "gaussian_importance",
            "has_cuda", "has_native", "kernel_threads"]

@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 
 from atso_fast.archive import relabel_case, run_archive
+from atso_fast.engine.relabeler import Relabeler
+from atso_fast.package import load_package
 
 __all__ = ["DEFAULT_MAX_ATTEMPTS", "RAY_INSTALL_HINT", "RayRunError", "ray_runner",
            "relabel_archive_ray", "require_ray"]
@@ -89,7 +91,7 @@ def relabel_archive_ray(model_dir_or_relabeler_kwargs: str | os.PathLike[str] | 
 
     Args:
         model_dir_or_relabeler_kwargs: the model package folder, or a dict of
-            :class:`~atso_fast.relabel.Relabeler` arguments that includes ``model_dir``.
+            :class:`~atso_fast.engine.Relabeler` arguments that includes ``model_dir``.
         inputs: a folder, a list file, one image or a sequence of images (as the local engine).
         output_dir: output folder, shared by every node.
         address: Ray cluster address (``"auto"``, ``"HOST:6379"``, ``"ray://HOST:10001"``);
@@ -108,9 +110,9 @@ def relabel_archive_ray(model_dir_or_relabeler_kwargs: str | os.PathLike[str] | 
         max_attempts: starts of a case before a case that keeps killing its worker is
             recorded as failed.
         relabeler_factory: ``factory(model_dir, **relabeler_kwargs)`` builds each actor's
-            relabeler (default :class:`~atso_fast.relabel.Relabeler`); must be importable or
+            relabeler (default :class:`~atso_fast.engine.Relabeler`); must be importable or
             picklable on the workers. The package and options are then not checked up front.
-        **relabeler_kwargs: more :class:`~atso_fast.relabel.Relabeler` arguments (``runtime``,
+        **relabeler_kwargs: more :class:`~atso_fast.engine.Relabeler` arguments (``runtime``,
             ``device``, ``overlap``, ``batch_size``, ...).
 
     Returns:
@@ -176,7 +178,6 @@ class _WorkerSpec:
     def build(self) -> Any:
         factory = self.factory
         if factory is None:
-            from atso_fast.relabel import Relabeler
 
             factory = Relabeler
         return factory(self.model_dir, **self.kwargs)
@@ -211,7 +212,6 @@ def _worker_spec(model: Any, kwargs: dict[str, Any],
                         "'model_dir' (each Ray worker builds its own relabeler), got "
                         f"{type(model_dir).__name__}")
     if factory is None:
-        from atso_fast.export import load_package
 
         load_package(model_dir)  # PackageError naming the file, before any Ray work
         _check_relabeler_options(kwargs)
@@ -221,7 +221,6 @@ def _worker_spec(model: Any, kwargs: dict[str, Any],
 def _check_relabeler_options(kwargs: Mapping[str, Any]) -> None:
     import inspect
 
-    from atso_fast.relabel import Relabeler
 
     params = inspect.signature(Relabeler.__init__).parameters
     known = {n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and not n.startswith("_")}

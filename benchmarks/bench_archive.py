@@ -92,7 +92,7 @@ def run_sequential(net: Any, paths: list[Path], out_dir: Path, args: argparse.Na
 
 def run_atso(model_dir: Path, input_dir: Path, out_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """(b): ``Relabeler.relabel_archive`` after one untimed warm-up volume."""
-    from atso_fast.relabel import Relabeler
+    from atso_fast.engine.relabeler import Relabeler
 
     rel = Relabeler(model_dir, runtime=args.runtime, device=args.device, overlap=args.overlap,
                     batch_size=args.batch, precision=args.precision, compile=args.compile)

@@ -20,8 +20,8 @@ import time
 import numpy as np
 import torch
 
-from atso_fast import native
-from atso_fast.windows import gaussian_importance, sliding_window_origins
+from atso_fast.kernels import native
+from atso_fast.engine.windows import gaussian_importance, sliding_window_origins
 
 __all__ = ["main"]
 

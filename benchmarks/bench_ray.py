@@ -60,7 +60,7 @@ def _run_once(engine: str, workers: int, model: Path, inputs: Any, out: Path,
               args: argparse.Namespace) -> dict[str, Any]:
     if engine == "local":
         from atso_fast.archive import relabel_archive
-        from atso_fast.relabel import Relabeler
+        from atso_fast.engine.relabeler import Relabeler
 
         relabeler = Relabeler(model, batch_size=args.batch)
         start = time.perf_counter()  # the model load is outside, as in a long-running job

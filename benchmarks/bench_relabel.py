@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import atso_fast
-from atso_fast import native
+from atso_fast.kernels import native
 from atso_fast.bench import builtin_network, reset_peak_rss
 from bench_kernels import machine, sync, timed_interleaved  # benchmarks/ is on sys.path for scripts
 
@@ -57,7 +57,7 @@ def monai_labels(net, volume, window, batch, device, autocast=None):
 
 def network_alone(runtime, volume, window, batch, device):
     """The runtime on exactly the windows the relabel pass runs, extracted beforehand."""
-    from atso_fast.windows import sliding_window_origins
+    from atso_fast.engine.windows import sliding_window_origins
 
     origins = sliding_window_origins(volume.shape, window, 0.5)
     vol = torch.from_numpy(volume)[None].to(device) if device == "cuda" else volume[None]

@@ -78,7 +78,7 @@ def _runner(spec: dict[str, Any], net: Any) -> Any:
     if spec["method"] == "monai":
         return lambda vol: monai_labels(net, vol, window=spec["window"], batch=spec["batch"],
                                         overlap=spec["overlap"], device=spec["device"])
-    from atso_fast.relabel import Relabeler
+    from atso_fast.engine.relabeler import Relabeler
 
     kw = {"device": spec["device"], "overlap": spec["overlap"], "batch_size": spec["batch"],
           "accumulate_dtype": spec["accumulate_dtype"]}

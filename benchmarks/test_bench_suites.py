@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from atso_fast import Relabeler, native, reference
-from atso_fast.windows import gaussian_importance, sliding_window_origins
+from atso_fast.engine.windows import gaussian_importance, sliding_window_origins
 
 __all__: list[str] = []
 

@@ -13,7 +13,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from atso_fast.archive import cli_main, relabel_archive
+from atso_fast.archive import relabel_archive
+from atso_fast.cli import relabel as relabel_cli
+from atso_fast.cli.relabel import main as cli_main
+from atso_fast.engine import Relabeler
+from atso_fast.package import export_model
 from atso_fast.io import Manifest, has_nonfinite, read_volume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -229,7 +233,6 @@ def test_cli_exits_nonzero_when_a_case_failed(tmp_path, monkeypatch, capsys):
     folder = tmp_path / "in"
     make_archive(folder, n=4)  # case00, case01, vol.npy (sub/ needs --recursive)
     (folder / "broken.nii.gz").write_bytes(b"\x1f\x8b\x08\x00 broken")
-    fake_module = types.ModuleType("atso_fast.relabel")
     seen = {}
 
     class Relabeler(FakeRelabeler):
@@ -237,8 +240,7 @@ def test_cli_exits_nonzero_when_a_case_failed(tmp_path, monkeypatch, capsys):
             super().__init__()
             seen.update(kwargs, model_dir=model_dir)
 
-    fake_module.Relabeler = Relabeler
-    monkeypatch.setitem(sys.modules, "atso_fast.relabel", fake_module)
+    monkeypatch.setattr(relabel_cli, "Relabeler", Relabeler)
     argv = [str(tmp_path / "model"), str(folder), str(tmp_path / "out"), "--json", "-o", "0.25",
             "--batch-size", "3", "--mirror", "--precision", "float16", "--threshold", "0.6"]
     assert cli_main(argv) == 1
@@ -391,16 +393,13 @@ def test_real_nifti_round_trip_keeps_affine_shape_orientation(tmp_path):
 
 # ----------------------------------------------------------------------- the real engine
 def test_real_relabeler_through_the_archive(tmp_path):
-    relabel = pytest.importorskip("atso_fast.relabel",
-                                  reason="atso_fast.relabel (the lead's engine) not importable yet")
-    torch = pytest.importorskip("torch")
-    if not hasattr(getattr(relabel, "Relabeler", None), "from_module"):
-        pytest.skip("atso_fast.relabel.Relabeler.from_module not available yet")
+    import torch
+
     conv = torch.nn.Conv3d(1, 3, kernel_size=1)
     with torch.no_grad():
         conv.weight.copy_(torch.tensor([-1.0, 0.0, 1.0]).view(3, 1, 1, 1, 1))
         conv.bias.zero_()
-    relabeler = relabel.Relabeler.from_module(conv.eval(), window=(4, 4, 4), num_classes=3)
+    relabeler = Relabeler.from_module(conv.eval(), window=(4, 4, 4), num_classes=3)
     make_archive(tmp_path / "in", n=3)
     summary = relabel_archive(relabeler, tmp_path / "in", tmp_path / "out", save_confidence=True,
                               progress=False)
@@ -412,14 +411,13 @@ def test_real_relabeler_through_the_archive(tmp_path):
 
 
 def test_cli_end_to_end_with_an_exported_package(tmp_path, capsys):
-    export = pytest.importorskip("atso_fast.export", reason="atso_fast.export not importable yet")
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("atso_fast.relabel", reason="atso_fast.relabel not importable yet")
+    import torch
+
     conv = torch.nn.Conv3d(1, 3, kernel_size=1)
     with torch.no_grad():
         conv.weight.copy_(torch.tensor([-1.0, 0.0, 1.0]).view(3, 1, 1, 1, 1))
         conv.bias.zero_()
-    model = export.export_model(conv.eval(), tmp_path / "model", window=(8, 8, 8), num_classes=3)
+    model = export_model(conv.eval(), tmp_path / "model", window=(8, 8, 8), num_classes=3)
     make_archive(tmp_path / "in", n=3)
     out = tmp_path / "out"
     argv = [str(model), str(tmp_path / "in"), str(out), "--save-confidence", "--json"]

@@ -338,7 +338,7 @@ def test_atomic_write_replaces_and_cleans_up(tmp_path, monkeypatch):
     def broken_fsync(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(aio.os, "fsync", broken_fsync)
+    monkeypatch.setattr(os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="No space"):
         atomic_write_bytes(target, b"partial")
     assert target.read_bytes() == b"new contents"

@@ -6,7 +6,7 @@ import pytest
 from conftest import DEVICES, to_device, to_numpy
 
 from atso_fast.kernels import native, reference
-from atso_fast.windows import gaussian_importance, sliding_window_origins
+from atso_fast.engine.windows import gaussian_importance, sliding_window_origins
 
 # (volume ZYX, patch, overlap): smaller than the window, odd sizes, overlap 0, thin slabs.
 GRIDS = [

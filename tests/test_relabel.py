@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from atso_fast import Relabeler, export_model, load_package
-from atso_fast.export import PackageError
-from atso_fast.relabel import NonFiniteInputError
+from atso_fast.package import PackageError
+from atso_fast.engine.relabeler import NonFiniteInputError
 
 
 def random_net(in_ch=1, classes=3, dims=3, seed=0):
@@ -64,7 +64,7 @@ def test_known_answer_plus_one(rng):
 
 
 def test_accumulator_holds_one_window_depth(rng, monkeypatch):
-    from atso_fast import relabel as relabel_mod
+    from atso_fast.engine import relabeler as relabel_mod
 
     shapes = []
     real_zeros = relabel_mod._Backend.zeros

@@ -14,7 +14,13 @@ from atso_fast.train.atso import (
     split_balanced,
 )
 from atso_fast.train.augment import AugmentConfig, augment_sample
-from atso_fast.train.data import Case, PatchSampler, SemiSupervisedData, data_from_arrays, load_raw
+from atso_fast.train.data import (
+    Case,
+    PatchSampler,
+    SemiSupervisedData,
+    data_from_arrays,
+    load_raw,
+)
 from atso_fast.train.losses import dice_ce_loss, dice_per_class, soft_dice_loss
 from atso_fast.train.trainer import MixedBatches, OptimConfig, train_steps
 from atso_fast.train.unet import UNet

@@ -17,7 +17,7 @@ exactly the tensors of an uninterrupted run (same device and thread count).
 
 The relabel step is a callable ``relabel_fn(model, volumes) -> [(labels, confidence), ...]`` with
 volumes ``(M, Z, Y, X)`` float32 *already normalised*, labels ``(Z, Y, X)`` uint8 and confidence
-``(Z, Y, X)`` uint8 (max probability * 255). The default runs ``atso_fast.relabel.Relabeler``.
+``(Z, Y, X)`` uint8 (max probability * 255). The default runs ``atso_fast.engine.Relabeler``.
 """
 from __future__ import annotations
 
@@ -35,8 +35,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from atso_fast.engine.relabeler import Relabeler
+from atso_fast.io import atomic_write_bytes
 from atso_fast.train.augment import AugmentConfig
-from atso_fast.train.data import PatchSampler, SemiSupervisedData, load_raw, prepare_data, resolve_normalization
+from atso_fast.train.data import (
+    PatchSampler,
+    SemiSupervisedData,
+    load_raw,
+    prepare_data,
+    resolve_normalization,
+)
 from atso_fast.train.losses import dice_per_class
 from atso_fast.train.trainer import MixedBatches, OptimConfig, mean_loss, train_steps
 from atso_fast.train.unet import UNet
@@ -247,7 +255,6 @@ def default_relabel_fn(config: ATSOConfig) -> RelabelFn:
     are normalised already), confidence thresholding is left to the trainer (engine threshold 0).
     """
     def relabel(model: nn.Module, volumes: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        from atso_fast.relabel import Relabeler
 
         engine = Relabeler.from_module(
             model, window=config.patch_size, num_classes=config.num_classes, kind="logits",
@@ -655,7 +662,6 @@ class ATSO:
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
         """Atomically write :meth:`state_dict` (default ``out_dir/checkpoint.pt``) and rewrite
         ``metrics.jsonl`` from the history, so both always agree."""
-        from atso_fast.io import atomic_write_bytes
 
         folder = Path(self.config.out_dir) if path is None else Path(path).parent
         folder.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from atso_fast.datasets.synthetic import phantom_class_names
+from atso_fast.datasets.synthetic import make_archive, phantom_class_names
+from atso_fast.engine.relabeler import Relabeler
+from atso_fast.package import export_model
+from atso_fast.runtimes.torch_rt import torch_threads
+from atso_fast.train.atso import ATSO, run_methods
 
 __all__ = ["train_main", "demo_main", "load_config", "format_history", "export_package", "DEMO_SETTINGS"]
 
@@ -39,7 +43,6 @@ DEMO_SETTINGS: dict[str, dict[str, Any]] = {
 @contextmanager
 def _torch_threads(threads: int | None) -> Iterator[None]:
     """Set torch's intra-op thread count for the command, then restore it."""
-    from atso_fast.runtimes.torch_rt import torch_threads
 
     if threads is not None and threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
@@ -114,7 +117,6 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 
 def export_package(atso: Any, folder: str | Path, class_names: list[str] | None = None) -> Path:
     """Export ``atso.model`` with the run's window, classes and normalisation to ``folder``."""
-    from atso_fast.export import export_model
 
     cfg = atso.config
     return export_model(atso.model, folder, window=list(cfg.patch_size), num_classes=cfg.num_classes,
@@ -134,7 +136,6 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)
-    from atso_fast.train.atso import ATSO
 
     try:
         config = load_config(args.config, out=args.out)
@@ -161,7 +162,6 @@ def _demo_config(archive: dict[str, Any], settings: dict[str, Any], seed: int, o
 
 def _relabel_archive(atso: Any, archive_root: str, out: Path, class_names: list[str]) -> dict[str, Any]:
     """Export the model and relabel ``imagesUn`` through the relabel engine (model package)."""
-    from atso_fast.relabel import Relabeler
 
     start = time.perf_counter()
     package = export_package(atso, out / "model", class_names)
@@ -186,8 +186,6 @@ def _demo_table(runs: dict[str, Any], class_names: list[str], relabel: dict[str,
 
 
 def _run_demo(settings: dict[str, Any], seed: int, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    from atso_fast.datasets.synthetic import make_archive
-    from atso_fast.train.atso import run_methods
 
     archive = make_archive(out / "archive", settings["n"], num_labelled=settings["num_labelled"],
                            num_val=settings["num_val"], shape=settings["shape"], seed=seed,

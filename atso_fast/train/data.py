@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from atso_fast.normalize import check_policy, ct_policy_from_samples, normalize
+from atso_fast.io import read_volume
+from atso_fast.package.normalize import check_policy, ct_policy_from_samples, normalize
 
 __all__ = [
     "Case",
@@ -106,7 +107,6 @@ def _check_label(label: np.ndarray | None, image: np.ndarray, what: str) -> np.n
 
 
 def _read(path: Path) -> np.ndarray:
-    from atso_fast.io import read_volume
 
     return read_volume(path)[0]
 

@@ -11,8 +11,8 @@ import sys
 __all__ = ["main"]
 
 _COMMANDS = {
-    "relabel": ("atso_fast.archive", "cli_main", "relabel an archive of volumes with a model package"),
-    "export": ("atso_fast.export", "cli_main", "export a torch checkpoint to an ONNX model package"),
+    "relabel": ("atso_fast.cli.relabel", "main", "relabel an archive of volumes with a model package"),
+    "export": ("atso_fast.cli.export", "main", "export a torch checkpoint to an ONNX model package"),
     "train": ("atso_fast.train.cli", "train_main", "run ATSO (or a baseline) from a config file"),
     "demo": ("atso_fast.train.cli", "demo_main", "synthetic end-to-end demo on CPU, no downloads"),
     "bench": ("atso_fast.bench", "cli_main", "throughput benchmark of runtimes and settings"),

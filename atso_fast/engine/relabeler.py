@@ -17,12 +17,17 @@ from typing import Any
 
 import numpy as np
 
+from atso_fast.archive import relabel_archive
+from atso_fast.engine.windows import (
+    check_overlap,
+    gaussian_importance,
+    sliding_window_origins,
+)
 from atso_fast.kernels import native
-from atso_fast.export import ModelPackage, load_package
-from atso_fast.normalize import normalize
+from atso_fast.package import ModelPackage, load_package, validate_meta
+from atso_fast.package.normalize import normalize
 from atso_fast.runtimes import create_runtime, resolve_runtime
 from atso_fast.runtimes.base import check_device, check_precision
-from atso_fast.windows import check_overlap, gaussian_importance, sliding_window_origins
 
 __all__ = ["Relabeler", "RelabelResult", "NonFiniteInputError"]
 
@@ -220,9 +225,7 @@ class Relabeler:
     def from_module(cls, module: Any, *, window, num_classes: int, kind: str = "logits",
                     normalization: dict | None = None, in_channels: int = 1, **kw) -> Relabeler:
         """A relabeler around a live torch module (torch runtime, nothing exported)."""
-        from atso_fast.export import _validate_meta
-
-        win, norm = _validate_meta(window, in_channels, num_classes, kind, normalization, "Relabeler.from_module")
+        win, norm = validate_meta(window, in_channels, num_classes, kind, normalization, "Relabeler.from_module")
         package = ModelPackage(None, win, in_channels, num_classes, kind, norm, onnx_file=None)
         kw.setdefault("runtime", "torch")
         return cls(None, _package=package, _module=module, **kw)
@@ -230,8 +233,6 @@ class Relabeler:
     def relabel_archive(self, inputs, output_dir, *, resume: bool = False, num_parts: int = 1, part_id: int = 0,
                         **kw) -> dict[str, Any]:
         """Relabel every volume under ``inputs`` into ``output_dir`` (see ``atso_fast.archive``)."""
-        from atso_fast.archive import relabel_archive
-
         return relabel_archive(self, inputs, output_dir, resume=resume, num_parts=num_parts, part_id=part_id, **kw)
 
     # ------------------------------------------------------------------ one volume

@@ -1,0 +1,56 @@
+"""Volume readers and writers (a registry of formats), names, listing and the JSONL manifest.
+
+Every array this package returns or accepts is ``(Z, Y, X)`` or ``(M, Z, Y, X)`` (``M`` =
+channels), C-contiguous (``atso_fast/CONTRACTS.md``). Formats: ``nifti`` (``.nii``, ``.nii.gz``),
+``npy``, ``npz``; each is one class in the registry (:mod:`atso_fast.io.registry`). Every write
+is atomic (:mod:`atso_fast.io.atomic`).
+"""
+from __future__ import annotations
+
+from atso_fast.io import nifti as _nifti  # noqa: F401  (registers the format)
+from atso_fast.io import numpy_io as _numpy_io  # noqa: F401  (registers the formats)
+from atso_fast.io.atomic import atomic_write_bytes, is_temp_name
+from atso_fast.io.base import InputError, VolumeMeta, has_nonfinite
+from atso_fast.io.listing import LIST_SUFFIXES, input_root, list_inputs, select_part
+from atso_fast.io.manifest import MANIFEST_FIELDS, Manifest
+from atso_fast.io.naming import case_id, output_path
+from atso_fast.io.nifti import GZIP_LEVEL
+from atso_fast.io.registry import (
+    ImageFormat,
+    format_for,
+    formats,
+    image_suffix,
+    read_volume,
+    register_format,
+    supported_suffixes,
+    volume_format,
+    write_confidence,
+    write_labels,
+)
+
+__all__ = [
+    "GZIP_LEVEL",
+    "ImageFormat",
+    "InputError",
+    "LIST_SUFFIXES",
+    "MANIFEST_FIELDS",
+    "Manifest",
+    "VolumeMeta",
+    "atomic_write_bytes",
+    "case_id",
+    "format_for",
+    "formats",
+    "has_nonfinite",
+    "image_suffix",
+    "input_root",
+    "is_temp_name",
+    "list_inputs",
+    "output_path",
+    "read_volume",
+    "register_format",
+    "select_part",
+    "supported_suffixes",
+    "volume_format",
+    "write_confidence",
+    "write_labels",
+]

@@ -1,0 +1,66 @@
+"""Case names and output paths (never outside the output folder, never over an input)."""
+from __future__ import annotations
+
+import os
+from collections.abc import Collection
+from pathlib import Path
+
+from atso_fast.io.base import InputError
+from atso_fast.io.registry import image_suffix
+
+__all__ = ["case_id", "output_path"]
+
+
+def case_id(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> str:
+    """Case name: ``path`` relative to ``root`` without the image suffix, ``/``-separated.
+
+    ``root/a/b/case1.nii.gz`` gives ``"a/b/case1"``; nnU-Net's ``_0000`` channel suffix is
+    stripped (``case1_0000.nii.gz`` gives ``"case1"``). A path outside ``root`` gives its bare name.
+
+    Raises:
+        InputError: the name is empty once the suffix is removed.
+    """
+    path = Path(os.path.abspath(path))
+    try:
+        rel = path.relative_to(os.path.abspath(root))
+    except ValueError:
+        rel = Path(path.name)
+    name = rel.name
+    suffix = image_suffix(name)
+    stem = name[: len(name) - len(suffix)] if suffix else name
+    if stem.endswith("_0000") and len(stem) > 5:
+        stem = stem[:-5]
+    if not stem:
+        raise InputError(f"{path}: file name has no case name before its suffix")
+    return (rel.parent / stem).as_posix()
+
+
+def output_path(output_dir: str | os.PathLike[str], case_id: str, suffix: str, *,
+                inputs: Collection[str | os.PathLike[str]] = ()) -> Path:
+    """``output_dir / (case_id + suffix)``, refused when it could escape or clobber an input.
+
+    Args:
+        output_dir: the output folder.
+        case_id: relative ``/``-separated case name (see :func:`case_id`).
+        suffix: e.g. ``".nii.gz"`` or ``"_confidence.nii.gz"``; no path separators.
+        inputs: input files the result must not equal (compared after resolving links).
+
+    Raises:
+        ValueError: absolute or empty case id, ``..``/``.`` parts, a separator in ``suffix``,
+            a symlink that leads outside ``output_dir``, or the result equals an input file.
+    """
+    if not case_id or "\x00" in case_id or "\\" in case_id or case_id.startswith("/"):
+        raise ValueError(f"case id must be a relative '/'-separated name, got {case_id!r}")
+    parts = case_id.split("/")
+    if any(p in ("", ".", "..") for p in parts) or Path(case_id).is_absolute():
+        raise ValueError(f"case id must not contain empty, '.' or '..' parts, got {case_id!r}")
+    if not suffix or any(sep in suffix for sep in ("/", "\\", "\x00")):
+        raise ValueError(f"output suffix must be a plain name ending, got {suffix!r}")
+    base = Path(output_dir)
+    out = base.joinpath(*parts[:-1], parts[-1] + suffix)
+    real_out, real_base = os.path.realpath(out), os.path.realpath(base)
+    if os.path.commonpath([real_out, real_base]) != real_base or real_out == real_base:
+        raise ValueError(f"output {out} resolves to {real_out}, outside the output folder {base}")
+    if any(real_out == os.path.realpath(p) for p in inputs):
+        raise ValueError(f"output {out} would overwrite an input file")
+    return out

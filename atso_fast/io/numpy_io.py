@@ -1,0 +1,81 @@
+"""NumPy ``.npy`` / ``.npz`` images (no pickles): arrays taken as already ``(Z, Y, X)``."""
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from atso_fast.io.base import InputError, VolumeMeta, os_error
+from atso_fast.io.registry import ImageFormat, register_format
+
+__all__ = ["NpyFormat", "NpzFormat"]
+
+_NPZ_KEYS = ("image", "data")
+
+
+class NpyFormat(ImageFormat):
+    """``.npy``: a ``(Z, Y, X)`` / ``(M, Z, Y, X)`` array (2D ``(Y, X)`` becomes ``(1, Y, X)``)."""
+
+    name = "npy"
+    suffixes = (".npy",)
+
+    def read(self, path: Path) -> tuple[np.ndarray, np.ndarray, Any, tuple[int, ...]]:
+        array = _load_numpy(path, self.name)
+        return array, np.eye(4), None, tuple(array.shape)
+
+    def encode(self, path: Path, array: np.ndarray, meta: VolumeMeta, key: str) -> bytes:
+        return _npy_bytes(array[0] if meta.ndim == 2 else array)
+
+
+class NpzFormat(NpyFormat):
+    """``.npz``: key ``"image"``, else ``"data"``, else the first array; outputs under ``key``."""
+
+    name = "npz"
+    suffixes = (".npz",)
+
+    def encode(self, path: Path, array: np.ndarray, meta: VolumeMeta, key: str) -> bytes:
+        return _npz_bytes(array[0] if meta.ndim == 2 else array, key)
+
+
+register_format(NpyFormat())
+register_format(NpzFormat())
+
+
+def _load_numpy(path: Path, fmt: str) -> np.ndarray:
+    """Load a ``.npy`` array or the image array of a ``.npz`` archive (no pickles)."""
+    try:
+        if fmt == "npy":
+            return np.load(path, allow_pickle=False)
+        with np.load(path, allow_pickle=False) as archive:
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise InputError(f"{path}: not a .npz archive")
+            keys = list(archive.files)
+            if not keys:
+                raise InputError(f"{path}: .npz archive holds no arrays")
+            key = next((k for k in _NPZ_KEYS if k in keys), keys[0])
+            return archive[key]
+    except InputError:
+        raise
+    except (IsADirectoryError, PermissionError, FileNotFoundError) as exc:
+        raise os_error(path, exc) from None
+    except Exception as exc:  # ValueError (bad magic, pickles), EOFError, BadZipFile, OSError
+        raise InputError(f"{path}: not a valid .{fmt} file ({exc})") from None
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _npz_bytes(array: np.ndarray, key: str) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with archive.open(info, "w", force_zip64=True) as member:
+            np.lib.format.write_array(member, array, allow_pickle=False)
+    return buffer.getvalue()

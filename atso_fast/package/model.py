@@ -1,0 +1,110 @@
+"""The model package: ``model.json`` + ``model.onnx`` (+ ``model.pt2``), validated on load.
+
+A package is untrusted input: ``load_package`` validates every field and names the file and the
+problem in a :class:`PackageError` (see ``atso_fast/CONTRACTS.md`` for the format).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from atso_fast.package.normalize import check_policy
+
+__all__ = ["FORMAT_VERSION", "ModelPackage", "PackageError", "load_package", "validate_meta"]
+
+FORMAT_VERSION = 1
+
+
+class PackageError(ValueError):
+    """A model package is missing, unreadable or inconsistent."""
+
+
+@dataclass
+class ModelPackage:
+    """A validated model package (see ``atso_fast/CONTRACTS.md``)."""
+
+    root: Path | None
+    window: tuple[int, ...]
+    in_channels: int
+    num_classes: int
+    kind: str = "logits"
+    normalization: dict[str, Any] = field(default_factory=lambda: {"scheme": "none"})
+    spacing: list[float] | None = None
+    class_names: list[str] | None = None
+    onnx_file: str | None = "model.onnx"
+    torch_file: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.window)
+
+    @property
+    def window3d(self) -> tuple[int, int, int]:
+        """The window as a 3D ``(pz, py, px)``; 2D networks run through ``(1, py, px)``."""
+        return tuple(self.window) if len(self.window) == 3 else (1, *self.window)  # type: ignore[return-value]
+
+    @property
+    def onnx_path(self) -> Path:
+        if self.root is None or self.onnx_file is None:
+            raise PackageError("this model has no ONNX file (built from a live torch module)")
+        return self.root / self.onnx_file
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, "spatial_dims": self.spatial_dims, "window": list(self.window),
+                "in_channels": self.in_channels, "num_classes": self.num_classes, "kind": self.kind,
+                "normalization": self.normalization, "spacing": self.spacing, "class_names": self.class_names,
+                "onnx_file": self.onnx_file, "torch_file": self.torch_file, **self.extra}
+
+
+def validate_meta(window, in_channels, num_classes, kind, normalization, where: str) -> tuple:
+    """``(window tuple, normalisation policy)`` checked; ``where`` prefixes every error message."""
+    try:
+        win = tuple(int(w) for w in window)
+    except (TypeError, ValueError):
+        raise PackageError(f"{where}: window must be 2 or 3 integers, got {window!r}") from None
+    if len(win) not in (2, 3) or min(win) < 1:
+        raise PackageError(f"{where}: window must be 2 or 3 positive integers, got {window!r}")
+    if not isinstance(in_channels, int) or in_channels < 1:
+        raise PackageError(f"{where}: in_channels must be a positive integer, got {in_channels!r}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise PackageError(f"{where}: num_classes must be a positive integer, got {num_classes!r}")
+    if kind not in ("logits", "probabilities"):
+        raise PackageError(f"{where}: kind must be 'logits' or 'probabilities', got {kind!r}")
+    try:
+        norm = check_policy(normalization)
+    except ValueError as exc:
+        raise PackageError(f"{where}: {exc}") from None
+    return win, norm
+
+
+def load_package(model_dir: str | os.PathLike) -> ModelPackage:
+    """Read and validate ``model_dir/model.json`` (and that its ONNX file exists).
+
+    Raises:
+        PackageError: naming the file and the problem.
+    """
+    root = Path(model_dir)
+    meta_path = root / "model.json"
+    if not meta_path.is_file():
+        raise PackageError(f"{meta_path}: not found (a model package is a folder with model.json + model.onnx)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PackageError(f"{meta_path}: unreadable JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        raise PackageError(f"{meta_path}: format_version must be {FORMAT_VERSION}, got {meta.get('format_version')!r}"
+                           if isinstance(meta, dict) else f"{meta_path}: must hold a JSON object")
+    win, norm = validate_meta(meta.get("window"), meta.get("in_channels"), meta.get("num_classes"),
+                               meta.get("kind"), meta.get("normalization"), str(meta_path))
+    known = {"format_version", "spatial_dims", "window", "in_channels", "num_classes", "kind", "normalization",
+             "spacing", "class_names", "onnx_file", "torch_file"}
+    pkg = ModelPackage(root, win, meta["in_channels"], meta["num_classes"], meta["kind"], norm,
+                       meta.get("spacing"), meta.get("class_names"), meta.get("onnx_file") or "model.onnx",
+                       meta.get("torch_file"), {k: v for k, v in meta.items() if k not in known})
+    if not pkg.onnx_path.is_file():
+        raise PackageError(f"{pkg.onnx_path}: ONNX file named in {meta_path} not found")
+    return pkg
