@@ -5,6 +5,7 @@ The kernels live in :mod:`atso_fast.kernels.native`; this module keeps the docum
 """
 from __future__ import annotations
 
+from atso_fast.engine.windows import gaussian_importance
 from atso_fast.kernels.native import (
     FinalizeResult,
     accumulate,
@@ -15,7 +16,6 @@ from atso_fast.kernels.native import (
     has_native,
     kernel_threads,
 )
-from atso_fast.engine.windows import gaussian_importance
 
 __all__ = ["FinalizeResult", "accumulate", "build_info", "extract_patches", "finalize", "gaussian_importance",
            "has_cuda", "has_native", "kernel_threads"]

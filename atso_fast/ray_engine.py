@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from atso_fast.archive import relabel_case, run_archive
+from atso_fast.archive import Case, CaseRecorder, relabel_case, run_archive
 from atso_fast.engine.relabeler import Relabeler
 from atso_fast.package import load_package
 
@@ -267,7 +267,7 @@ class _Grid:
     spatial_shape: tuple[int, ...]
 
 
-def _process_on_ray(cases: list[Any], tally: Any, *, spec: _WorkerSpec, pool: _Pool,
+def _process_on_ray(cases: list[Case], tally: CaseRecorder, *, spec: _WorkerSpec, pool: _Pool,
                     address: str | None) -> None:
     """``run_archive``'s ``process``: relabel ``cases`` on Ray and record each outcome."""
     if not cases:
@@ -321,7 +321,7 @@ def _warn_if_short(ray: ModuleType, pool: _Pool) -> None:
                   f"cluster has {have.get(name, 0):g}; waiting for resources", file=sys.stderr)
 
 
-def _stream(ray: ModuleType, cases: list[Any], tally: Any, spec: _WorkerSpec, pool: _Pool,
+def _stream(ray: ModuleType, cases: list[Case], tally: CaseRecorder, spec: _WorkerSpec, pool: _Pool,
             ledger: Any) -> set[int]:
     """Iterate outcomes as actors finish them; returns the indices of the recorded cases."""
     size = min(pool.workers, len(cases))
@@ -355,7 +355,7 @@ def _dataset(ray: ModuleType, cases: list[Any], spec: _WorkerSpec, pool: _Pool, 
         fn_constructor_kwargs={"spec": spec, "ledger": ledger, "max_attempts": pool.max_attempts})
 
 
-def _record(case: Any, outcome: dict[str, Any], tally: Any, workers: int) -> None:
+def _record(case: Case, outcome: dict[str, Any], tally: CaseRecorder, workers: int) -> None:
     """Append the case's manifest row through the run's tally, as the local engine does."""
     with tally.lock:
         tally.busy += float(outcome.get("busy") or 0.0) / workers
@@ -395,7 +395,7 @@ class _AttemptLedger:
 
 @dataclass
 class _Outcome:
-    """Actor-side stand-in for the run's tally: remembers what happened to one case."""
+    """Actor-side :class:`~atso_fast.archive.CaseRecorder`: remembers what happened to one case."""
 
     status: str = "failed"
     shape: list[int] | None = None

@@ -17,8 +17,8 @@ from atso_fast.archive import relabel_archive
 from atso_fast.cli import relabel as relabel_cli
 from atso_fast.cli.relabel import main as cli_main
 from atso_fast.engine import Relabeler
-from atso_fast.package import export_model
 from atso_fast.io import Manifest, has_nonfinite, read_volume
+from atso_fast.package import export_model
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "data" / "real"
@@ -434,6 +434,6 @@ def test_cli_end_to_end_with_an_exported_package(tmp_path, capsys):
 def test_summary_names_a_duck_typed_relabelers_runtime(tmp_path):
     make_archive(tmp_path / "in", n=3)
     fake = FakeRelabeler()
-    fake.runtime_name = "mine"  # a runtime name but no .runtime object
+    fake.runtime_label = "mine"  # a runtime label but no .runtime object
     summary = relabel_archive(fake, tmp_path / "in", tmp_path / "out", recursive=True, progress=False)
     assert summary["runtime"] == "mine"

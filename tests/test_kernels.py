@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from conftest import DEVICES, to_device, to_numpy
 
-from atso_fast.kernels import native, reference
 from atso_fast.engine.windows import gaussian_importance, sliding_window_origins
+from atso_fast.kernels import native, reference
 
 # (volume ZYX, patch, overlap): smaller than the window, odd sizes, overlap 0, thin slabs.
 GRIDS = [

@@ -18,10 +18,10 @@ import torch
 from atso_fast import export_model
 from atso_fast.archive import relabel_archive
 from atso_fast.cli.relabel import main as cli_main
-from atso_fast.package import PackageError
-from atso_fast.io import Manifest
-from atso_fast.ray_engine import RayRunError, relabel_archive_ray
 from atso_fast.engine.relabeler import Relabeler
+from atso_fast.io import Manifest
+from atso_fast.package import PackageError
+from atso_fast.ray_engine import RayRunError, relabel_archive_ray
 
 ray = pytest.importorskip("ray", reason='Ray is not installed (pip install "atso-fast[ray]")')
 pytest.importorskip("ray.data", reason='Ray Data is not installed (pip install "atso-fast[ray]")')

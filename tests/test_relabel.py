@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
 import torch
 
 from atso_fast import Relabeler, export_model, load_package
-from atso_fast.package import PackageError
 from atso_fast.engine.relabeler import NonFiniteInputError
+from atso_fast.package import PackageError
 
 
 def random_net(in_ch=1, classes=3, dims=3, seed=0):
@@ -64,11 +63,11 @@ def test_known_answer_plus_one(rng):
 
 
 def test_accumulator_holds_one_window_depth(rng, monkeypatch):
-    from atso_fast.engine import relabeler as relabel_mod
+    from atso_fast.engine.merger import ArrayBackend
 
     shapes = []
-    real_zeros = relabel_mod._Backend.zeros
-    monkeypatch.setattr(relabel_mod._Backend, "zeros", lambda self, shape, dtype: shapes.append(shape) or real_zeros(self, shape, dtype))
+    real_zeros = ArrayBackend.zeros
+    monkeypatch.setattr(ArrayBackend, "zeros", lambda self, shape, dtype: shapes.append(shape) or real_zeros(self, shape, dtype))
     rel = Relabeler.from_module(random_net(classes=5), window=(8, 16, 16), num_classes=5, overlap=0.5)
     rel.relabel_volume(rng.standard_normal((64, 32, 32)).astype(np.float32))
     assert shapes[0] == (5, 8, 32, 32)  # C x pz x Y x X, not C x Z x Y x X
@@ -189,84 +188,11 @@ def test_broken_packages_name_file_and_problem(tmp_path):
         export_model(net, tmp_path / "bad", window=(8, 8, 8), num_classes=5)
 
 
-def test_missing_runtimes_name_the_package():
-    from atso_fast.runtimes import RuntimeUnavailable, TensorRTRuntime, tensorrt_available
-
-    if tensorrt_available():
-        pytest.skip("TensorRT is installed here")
-    with pytest.raises(RuntimeUnavailable, match="pip install tensorrt"):
-        TensorRTRuntime("model.onnx")
-
-
-@pytest.mark.parametrize("dims", [2, 3])
-def test_torch_runtime_channels_last_matches_and_leaves_the_module_alone(rng, dims):
-    from atso_fast.runtimes import TorchRuntime
-
-    net = random_net(classes=4, dims=dims).train()
-    weight = net[0].weight
-    shape = (3, 1, 16, 16) if dims == 2 else (3, 1, 8, 16, 16)
-    batch = rng.standard_normal(shape).astype(np.float32)
-    fast = TorchRuntime(net, channels_last=True)(batch)
-    plain = TorchRuntime(net, channels_last=False)(batch)
-    assert fast.flags.c_contiguous and fast.shape == (3, 4, *shape[2:])
-    np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-6)
-    assert net[0].weight is weight and weight.is_contiguous()  # caller's module not converted
-    assert net.training
-
-
-@pytest.mark.slow
-def test_compiled_torch_runtime_pads_short_batches_instead_of_recompiling(rng):
-    from atso_fast.runtimes import TorchRuntime
-
-    import torch._dynamo
-
-    net = random_net(classes=2)
-    rt = TorchRuntime(net, compile=True, channels_last=False, probe_batch=3)  # no layout probe
-    eager = TorchRuntime(net, compile=False, channels_last=False)
-    full = rng.standard_normal((3, 1, 8, 8, 8)).astype(np.float32)
-    torch._dynamo.reset()
-    calls = []
-    rt._fn = torch.compile(rt.module, dynamic=False, backend=lambda gm, ex: calls.append(1) or gm.forward)
-    np.testing.assert_allclose(rt(full), eager(full), rtol=1e-4, atol=1e-5)
-    short = full[:1]
-    out = rt(short)  # padded to the compiled batch of 3, sliced back: no second compile
-    assert out.shape == (1, 2, 8, 8, 8) and rt._batch == 3 and len(calls) == 1
-    np.testing.assert_allclose(out, eager(short), rtol=1e-4, atol=1e-5)
-
-
 def test_compile_needs_the_torch_runtime(tmp_path):
     pkg = export_model(random_net(classes=2), tmp_path / "pkg", window=(8, 8, 8), num_classes=2)
     with pytest.raises(ValueError, match="compile=True compiles the torch runtime"):
         Relabeler(pkg, runtime="onnxruntime", compile=True)
     assert Relabeler(pkg, compile=True).runtime_name == "torch"  # auto + compile -> torch
-
-
-def test_torch_runtime_probes_the_layout_once_on_cpu(rng):
-    from atso_fast.runtimes import TorchRuntime
-
-    net = random_net(classes=3)
-    rt = TorchRuntime(net)
-    plain = TorchRuntime(net, channels_last=False)
-    batches = [rng.standard_normal((2, 1, 8, 8, 8)).astype(np.float32) for _ in range(5)]
-    for i, batch in enumerate(batches):
-        assert rt.channels_last is None if i < 4 else isinstance(rt.channels_last, bool)
-        out = rt(batch)  # 2 warm-ups, channels-last and contiguous timed, then the chosen layout
-        assert out.flags.c_contiguous
-        np.testing.assert_allclose(out, plain(batch), rtol=1e-5, atol=1e-6)
-    assert set(rt.layout_probe) == {"contiguous_s", "channels_last_s"}
-    assert net[0].weight.is_contiguous()
-
-
-def test_layout_probe_waits_for_a_full_batch(rng):
-    from atso_fast.runtimes import TorchRuntime
-
-    rt = TorchRuntime(random_net(classes=2), probe_batch=3)
-    for _ in range(4):
-        rt(rng.standard_normal((1, 1, 8, 8, 8)).astype(np.float32))
-    assert rt.channels_last is None and rt.layout_probe is None  # batches of 1 are no guide
-    for _ in range(4):
-        rt(rng.standard_normal((3, 1, 8, 8, 8)).astype(np.float32))
-    assert isinstance(rt.channels_last, bool) and rt.layout_probe is not None
 
 
 def test_onnxruntime_writes_into_one_reused_buffer(rng, tmp_path):
@@ -294,39 +220,6 @@ def test_onnxruntime_relabeler_runs_kernels_on_one_thread(tmp_path):
     assert Relabeler.from_module(random_net(classes=2), window=(8, 8, 8), num_classes=2).kernel_threads is None
 
 
-class _FakeRuntime:
-    """Returns its tag after ``delay`` seconds; ``settle`` calls before it counts as settled."""
-
-    device, precision = "cpu", "float32"
-
-    def __init__(self, tag: float, delay: float, settle: int = 1):
-        self.tag, self.delay, self.settle, self.calls = tag, delay, settle, 0
-        self.channels_last = None if settle > 1 else False  # torch-like layout probe
-
-    def __call__(self, batch):
-        self.calls += 1
-        if self.calls >= self.settle:
-            self.channels_last = False
-        time.sleep(self.delay)
-        return np.full(batch.shape, self.tag, np.float32)
-
-
-def test_auto_probe_times_each_candidate_then_keeps_the_faster():
-    from atso_fast.runtimes import ProbeRuntime
-
-    slow, fast = _FakeRuntime(1.0, 0.02), _FakeRuntime(2.0, 0.0, settle=3)
-    probe = ProbeRuntime({"onnxruntime": slow, "torch": fast}, batch_size=2, timed=2)
-    full, short = np.zeros((2, 1, 4)), np.zeros((1, 1, 4))
-    seen = [probe(full)[0, 0, 0] for _ in range(3)]  # slow: warm-up + 2 timed
-    assert seen == [1.0] * 3 and probe.active == "torch" and probe.choice is None
-    assert probe(short)[0, 0, 0] == 2.0 and fast.calls == 1  # a short batch runs but is not timed
-    seen = [probe(full)[0, 0, 0] for _ in range(4)]  # fast: settles on its 3rd call, then 2 timed
-    assert seen == [2.0] * 4 and probe.choice == "torch"
-    assert len(probe.scores["onnxruntime"]) == 2 and min(probe.scores["onnxruntime"]) >= 0.02
-    assert probe(full)[0, 0, 0] == 2.0 and slow.calls == 3  # the loser is never called again
-    assert list(probe._candidates) == ["torch"]
-
-
 def test_auto_relabeler_on_cpu_measures_and_matches_onnxruntime(rng, tmp_path):
     net = random_net(classes=3)
     pkg = export_model(net, tmp_path / "pkg", window=(8, 8, 8), num_classes=3)
@@ -338,24 +231,6 @@ def test_auto_relabeler_on_cpu_measures_and_matches_onnxruntime(rng, tmp_path):
     assert set(auto.runtime.scores) == {"onnxruntime", "torch"}
     ref = Relabeler(pkg, runtime="onnxruntime", batch_size=2, save_probabilities=True).relabel_volume(volume)
     np.testing.assert_allclose(result.probabilities, ref.probabilities, atol=1e-5)
-
-
-def test_torch_runtime_threads_hold_only_during_the_call():
-    from atso_fast.runtimes import TorchRuntime
-
-    class Spy(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.seen = torch.nn.Conv3d(1, 2, 1), []
-
-        def forward(self, x):
-            self.seen.append(torch.get_num_threads())
-            return self.conv(x)
-
-    before = torch.get_num_threads()
-    rt = TorchRuntime(Spy(), threads=1, channels_last=False)
-    rt(np.zeros((2, 1, 4, 4, 4), np.float32))
-    assert rt.module.seen == [1] and torch.get_num_threads() == before
 
 
 def test_auto_falls_back_to_the_runtime_that_loads(rng, tmp_path):
@@ -378,19 +253,3 @@ def test_archive_summary_says_when_auto_could_not_decide(rng, tmp_path):
     assert summary["runtime"] == "auto (undecided: too few full batches to measure; ran torch)"
 
 
-def test_auto_probe_drops_a_candidate_that_fails_and_reruns_the_batch():
-    from atso_fast.runtimes import ProbeRuntime
-
-    class Broken(_FakeRuntime):
-        def __call__(self, batch):
-            self.calls += 1
-            raise RuntimeError("static batch size 1")
-
-    broken, good = Broken(1.0, 0.0), _FakeRuntime(2.0, 0.0)
-    probe = ProbeRuntime({"torch": broken, "onnxruntime": good}, batch_size=2)
-    with pytest.warns(RuntimeWarning, match="runtime auto: torch failed on a batch of 2 windows"):
-        out = probe(np.zeros((2, 1, 4)))
-    assert out[0, 0, 0] == 2.0 and probe.choice == "onnxruntime" and broken.calls == 1
-    lone = ProbeRuntime({"onnxruntime": Broken(1.0, 0.0)}, batch_size=2)
-    with pytest.raises(RuntimeError, match="static batch size 1"):  # nothing left to fall back on
-        lone(np.zeros((2, 1, 4)))

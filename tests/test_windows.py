@@ -4,7 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from atso_fast.engine.windows import check_overlap, padding_before, sliding_window_origins, window_starts
+from atso_fast.engine.windows import (
+    check_overlap,
+    padding_before,
+    sliding_window_origins,
+    window_starts,
+)
 
 
 def test_window_starts_hand_computed():

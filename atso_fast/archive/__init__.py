@@ -8,9 +8,14 @@ from __future__ import annotations
 
 from atso_fast.archive.pipeline import (
     MANIFEST_NAME,
+    Case,
+    CaseRecorder,
+    Grid,
+    VolumeRelabeler,
     relabel_archive,
     relabel_case,
     run_archive,
 )
 
-__all__ = ["MANIFEST_NAME", "relabel_archive", "relabel_case", "run_archive"]
+__all__ = ["Case", "CaseRecorder", "Grid", "MANIFEST_NAME", "VolumeRelabeler", "relabel_archive", "relabel_case",
+           "run_archive"]

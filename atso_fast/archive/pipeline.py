@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -47,20 +47,59 @@ from atso_fast.io import (
     case_id as make_case_id,
 )
 
-__all__ = ["relabel_archive", "run_archive", "relabel_case", "MANIFEST_NAME"]
+__all__ = ["Case", "CaseRecorder", "Grid", "MANIFEST_NAME", "VolumeRelabeler", "relabel_archive", "relabel_case",
+           "run_archive"]
 
 MANIFEST_NAME = "manifest.jsonl"
 """File name of the manifest inside the output folder."""
 
 
 @dataclass
-class _Case:
+class Case:
     """One input and the outputs planned for it (``error`` set when planning refused it)."""
 
     case_id: str
     path: Path
     outputs: dict[str, Path] = field(default_factory=dict)
     error: str | None = None
+
+
+class VolumeRelabeler(Protocol):
+    """What the archive needs from an engine (``atso_fast.engine.Relabeler`` is one).
+
+    ``relabel_volume(array)`` takes ``(Z, Y, X)`` or ``(M, Z, Y, X)`` and returns a result with
+    ``labels`` ``(Z, Y, X)`` uint8/uint16, ``confidence`` ``(Z, Y, X)`` uint8 and a ``stats`` dict
+    (``label_counts``, ``ignored_fraction``, ``mean_confidence``). An optional ``runtime_label``
+    string is reported in the summary.
+    """
+
+    def relabel_volume(self, array: np.ndarray) -> Any: ...
+
+
+class Grid(Protocol):
+    """The part of a :class:`~atso_fast.io.VolumeMeta` a recorder reads."""
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]: ...
+
+
+@runtime_checkable
+class CaseRecorder(Protocol):
+    """Where an engine records what happened to each case (the contract between
+    :func:`run_archive` and the engines that process cases: the threaded pipeline here, whose
+    recorder writes the manifest, and a Ray actor's per-case stand-in in ``atso_fast.ray_engine``).
+
+    ``ok`` is called once a case's outputs are all in place, ``fail`` with a one-line message
+    naming the file and the problem; ``busy`` accumulates seconds inside ``relabel_volume``
+    under ``lock``.
+    """
+
+    lock: threading.Lock
+    busy: float
+
+    def ok(self, case: Case, meta: Grid, stats: Mapping[str, Any], seconds: float) -> None: ...
+
+    def fail(self, case: Case, message: str, shape: Sequence[int] | None = None) -> None: ...
 
 
 class _Tally:
@@ -74,7 +113,7 @@ class _Tally:
         self.failures: list[tuple[str, str]] = []
         self.start = time.perf_counter()
 
-    def ok(self, case: _Case, meta: VolumeMeta, stats: dict[str, Any], seconds: float) -> None:
+    def ok(self, case: Case, meta: Grid, stats: Mapping[str, Any], seconds: float) -> None:
         """Record a finished case: manifest row first, then counters and progress."""
         outputs = {k: Path(os.path.relpath(p, self.output_dir)).as_posix()
                    for k, p in case.outputs.items()}
@@ -90,7 +129,7 @@ class _Tally:
             self.voxels += math.prod(meta.spatial_shape)
             self._advance()
 
-    def fail(self, case: _Case, message: str, shape: Sequence[int] | None = None) -> None:
+    def fail(self, case: Case, message: str, shape: Sequence[int] | None = None) -> None:
         """Record a failed case: manifest row, one line on stderr, counters."""
         message = " ".join(str(message).split()) or "unknown error"
         try:
@@ -152,7 +191,7 @@ def relabel_archive(relabeler: Any, inputs: str | os.PathLike[str] | Sequence[st
     Returns:
         Summary dict: ``total, done, skipped, failed, seconds, cases_per_s, voxels_per_s,
         busy_fraction`` (time inside ``relabel_volume`` / wall time), ``failures``
-        (list of ``(case_id, error)``) and ``runtime`` (the relabeler's ``runtime_name`` at
+        (list of ``(case_id, error)``) and ``runtime`` (the relabeler's ``runtime_label`` at
         the end, when it has one: which runtime ``auto`` chose).
 
     Raises:
@@ -165,21 +204,13 @@ def relabel_archive(relabeler: Any, inputs: str | os.PathLike[str] | Sequence[st
     summary = run_archive(process, inputs, output_dir, recursive=recursive, resume=resume,
                           num_parts=num_parts, part_id=part_id, save_confidence=save_confidence,
                           progress=progress)
-    if getattr(relabeler, "runtime_name", None):
-        summary["runtime"] = _runtime_label(relabeler)
+    label = getattr(relabeler, "runtime_label", None)  # optional (VolumeRelabeler)
+    if label:
+        summary["runtime"] = label
     return summary
 
 
-def _runtime_label(relabeler: Any) -> str:
-    """The relabeler's runtime; for an ``auto`` that never saw enough full batches to decide
-    (archives of volumes no larger than a few windows), which runtime actually ran."""
-    active = getattr(getattr(relabeler, "runtime", None), "active", None)
-    if relabeler.runtime_name == "auto" and active:
-        return f"auto (undecided: too few full batches to measure; ran {active})"
-    return relabeler.runtime_name
-
-
-def run_archive(process: Callable[[list[_Case], _Tally], None],
+def run_archive(process: Callable[[list[Case], CaseRecorder], None],
                 inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
                 output_dir: str | os.PathLike[str], *, recursive: bool = False,
                 resume: bool = False, num_parts: int = 1, part_id: int = 0,
@@ -209,14 +240,14 @@ def run_archive(process: Callable[[list[_Case], _Tally], None],
 
 
 def relabel_case(relabeler: Any, case_id: str, path: str | os.PathLike[str],
-                 outputs: Mapping[str, str | os.PathLike[str]], tally: Any) -> None:
+                 outputs: Mapping[str, str | os.PathLike[str]], tally: CaseRecorder) -> None:
     """Read, relabel and write one planned case in this thread (a Ray actor's unit of work).
 
     Same steps, error messages and write order as the threaded pipeline; the outcome goes to
     ``tally.ok`` / ``tally.fail`` (``tally`` also needs ``lock`` and a float ``busy``).
     ``outputs`` maps ``"labels"`` (and optionally ``"confidence"``) to the planned files.
     """
-    case = _Case(case_id, Path(path), {k: Path(v) for k, v in outputs.items()})
+    case = Case(case_id, Path(path), {k: Path(v) for k, v in outputs.items()})
     read: Future = Future()
     try:
         read.set_result(read_volume(case.path))
@@ -266,7 +297,7 @@ def _collect(inputs: Any, output_dir: Path, recursive: bool) -> tuple[list[Path]
 
 
 def _plan(inputs: Any, output_dir: Path, *, recursive: bool, num_parts: int, part_id: int,
-          save_confidence: bool) -> list[_Case]:
+          save_confidence: bool) -> list[Case]:
     """Cases of this part with their output paths; name clashes become planning errors."""
     all_paths, root = _collect(inputs, output_dir, recursive)
     paths = select_part(all_paths, num_parts, part_id)
@@ -278,7 +309,7 @@ def _plan(inputs: Any, output_dir: Path, *, recursive: bool, num_parts: int, par
         clash = next((owners[os.path.realpath(p)] for p in case.outputs.values()
                       if os.path.realpath(p) in owners), None)
         if clash is not None:  # report under the input path so the owner's rows stay clean
-            case = _Case(str(path), path, error=f"{path}: output name clashes with case {clash}")
+            case = Case(str(path), path, error=f"{path}: output name clashes with case {clash}")
         for out in case.outputs.values():
             owners[os.path.realpath(out)] = case.case_id
         cases.append(case)
@@ -286,11 +317,11 @@ def _plan(inputs: Any, output_dir: Path, *, recursive: bool, num_parts: int, par
 
 
 def _plan_case(path: Path, root: Path, output_dir: Path, save_confidence: bool,
-               all_inputs: frozenset[str]) -> _Case:
+               all_inputs: frozenset[str]) -> Case:
     try:
         cid = make_case_id(path, root)
     except InputError as exc:
-        return _Case(path.name, path, error=str(exc))
+        return Case(path.name, path, error=str(exc))
     try:
         suffix = format_for(path).output_suffix  # confidence maps add _confidence before it
         outputs = {"labels": output_path(output_dir, cid, suffix, inputs=all_inputs)}
@@ -298,13 +329,13 @@ def _plan_case(path: Path, root: Path, output_dir: Path, save_confidence: bool,
             outputs["confidence"] = output_path(output_dir, cid, "_confidence" + suffix,
                                                 inputs=all_inputs)
     except InputError as exc:
-        return _Case(cid, path, error=str(exc))
+        return Case(cid, path, error=str(exc))
     except ValueError as exc:
-        return _Case(cid, path, error=f"{path}: {exc}")
-    return _Case(cid, path, outputs)
+        return Case(cid, path, error=f"{path}: {exc}")
+    return Case(cid, path, outputs)
 
 
-def _pending(cases: list[_Case], manifest: Manifest, output_dir: Path) -> list[_Case]:
+def _pending(cases: list[Case], manifest: Manifest, output_dir: Path) -> list[Case]:
     """Cases still to do: not finished in the manifest with the same output files present."""
     finished = manifest.completed()
     todo = []
@@ -317,7 +348,7 @@ def _pending(cases: list[_Case], manifest: Manifest, output_dir: Path) -> list[_
     return todo
 
 
-def _remove_stale_temps(cases: list[_Case]) -> None:
+def _remove_stale_temps(cases: list[Case]) -> None:
     """Delete temp files a killed run left for outputs this run is about to write."""
     targets: dict[Path, set[str]] = {}
     for case in cases:
@@ -334,12 +365,12 @@ def _remove_stale_temps(cases: list[_Case]) -> None:
 
 
 # -------------------------------------------------------------------------------- pipeline
-def _pipeline(relabeler: Any, cases: list[_Case], tally: _Tally, *, readers: int,
+def _pipeline(relabeler: VolumeRelabeler, cases: list[Case], tally: _Tally, *, readers: int,
               writers: int, queue_size: int) -> None:
     """Read ahead on ``readers`` threads, relabel here, write on ``writers`` threads."""
     slots = threading.BoundedSemaphore(writers + queue_size)
     feed = iter(cases)
-    pending: deque[tuple[_Case, Future]] = deque()
+    pending: deque[tuple[Case, Future]] = deque()
     with ThreadPoolExecutor(readers, "atso-read") as read_pool, \
             ThreadPoolExecutor(writers, "atso-write") as write_pool:
         try:
@@ -362,7 +393,7 @@ def _pipeline(relabeler: Any, cases: list[_Case], tally: _Tally, *, readers: int
             raise
 
 
-def _top_up(pending: deque, feed: Iterator[_Case], pool: ThreadPoolExecutor, depth: int) -> None:
+def _top_up(pending: deque, feed: Iterator[Case], pool: ThreadPoolExecutor, depth: int) -> None:
     while len(pending) < depth:
         case = next(feed, None)
         if case is None:
@@ -370,7 +401,7 @@ def _top_up(pending: deque, feed: Iterator[_Case], pool: ThreadPoolExecutor, dep
         pending.append((case, pool.submit(read_volume, case.path)))
 
 
-def _take(case: _Case, future: Future, tally: _Tally) -> tuple[np.ndarray, VolumeMeta] | None:
+def _take(case: Case, future: Future, tally: CaseRecorder) -> tuple[np.ndarray, VolumeMeta] | None:
     try:
         return future.result()
     except InputError as exc:
@@ -380,8 +411,8 @@ def _take(case: _Case, future: Future, tally: _Tally) -> tuple[np.ndarray, Volum
     return None
 
 
-def _relabel(relabeler: Any, case: _Case, loaded: tuple[np.ndarray, VolumeMeta],
-             tally: _Tally) -> tuple[Any, float]:
+def _relabel(relabeler: VolumeRelabeler, case: Case, loaded: tuple[np.ndarray, VolumeMeta],
+             tally: CaseRecorder) -> tuple[Any, float]:
     array, meta = loaded
     start = time.perf_counter()
     try:
@@ -397,7 +428,7 @@ def _relabel(relabeler: Any, case: _Case, loaded: tuple[np.ndarray, VolumeMeta],
     return result, seconds
 
 
-def _write_case(case: _Case, meta: VolumeMeta, result: Any, seconds: float, tally: _Tally,
+def _write_case(case: Case, meta: VolumeMeta, result: Any, seconds: float, tally: CaseRecorder,
                 slots: threading.BoundedSemaphore) -> None:
     """Write a case's outputs atomically, then its ``ok`` row (never the other way round)."""
     try:

@@ -1,9 +1,8 @@
-"""The relabel engine: sliding-window inference with streaming, slab-wise stitching.
+"""The relabel engine: a runtime, the window plan and a slab merger, composed per volume.
 
-Windows run in MONAI's z-major order and batches (a batch may span two rows of windows). The
-accumulator holds only ``min(pz, Z)`` volume rows: before the first window starting at row
-``zo`` is accumulated, every row below ``zo`` can receive no more windows, so it is finalised
-(labels + confidence) and the slab slides forward. Peak accumulator memory is therefore
+Windows run in MONAI's z-major order and batches (a batch may span two rows of windows); the
+:class:`~atso_fast.engine.merger.SlabMerger` blends them into a slab of ``min(pz, Z)`` rows and
+finishes rows as soon as no later window covers them, so peak accumulator memory is
 ``C x pz x Y x X`` instead of MONAI's ``C x Z x Y x X`` (plus its output copy); with
 ``accumulate_dtype="float16"`` it halves again.
 """
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from atso_fast.archive import relabel_archive
+from atso_fast.engine.merger import ArrayBackend, LabelSink, SlabMerger
 from atso_fast.engine.windows import (
     check_overlap,
     gaussian_importance,
@@ -52,73 +52,6 @@ class RelabelResult:
     confidence: np.ndarray
     probabilities: np.ndarray | None = None
     stats: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class _Totals:
-    counts: np.ndarray
-    ignored: int = 0
-    invalid: int = 0
-
-
-class _Backend:
-    """Where the accumulator lives: host NumPy arrays, or CUDA torch tensors."""
-
-    def __init__(self, device: str):
-        self.cuda = device.startswith("cuda")
-        self.device = device
-        if self.cuda:
-            import torch
-
-            self.torch = torch
-
-    def zeros(self, shape: tuple[int, ...], dtype: str) -> Any:
-        if self.cuda:
-            return self.torch.zeros(shape, dtype=getattr(self.torch, dtype), device=self.device)
-        return np.zeros(shape, dtype)
-
-    def upload(self, array: np.ndarray) -> Any:
-        return self.torch.from_numpy(array).to(self.device) if self.cuda else array
-
-    def to_host(self, array: Any) -> np.ndarray:
-        return array.cpu().numpy() if self.cuda else array
-
-    def shift_rows(self, acc: Any, wsum: Any, k: int) -> None:
-        """Drop the first ``k`` slab rows, move the rest up, zero the freed tail."""
-        depth = wsum.shape[0]
-        if self.cuda:
-            acc[:, : depth - k] = acc[:, k:].clone()
-            wsum[: depth - k] = wsum[k:].clone()
-        else:
-            # channel by channel: an overlapping NumPy copy goes through a temporary, and one
-            # for the whole slab (C/2 x Y x X) would be the largest buffer of the pass
-            for ch in range(acc.shape[0]):
-                acc[ch, : depth - k] = acc[ch, k:]
-            wsum[: depth - k] = wsum[k:]
-        acc[:, depth - k:] = 0
-        wsum[depth - k:] = 0
-
-    def flip(self, batch: Any, axes: tuple[int, ...]) -> Any:
-        if self.cuda:
-            return self.torch.flip(batch, axes)
-        return np.ascontiguousarray(np.flip(batch, axes))
-
-    def probabilities(self, acc: Any, wsum: Any, kind: str) -> np.ndarray:
-        """Blended probabilities ``(C, rows, Y, X)`` float32 on the host."""
-        vals = self.to_host(acc).astype(np.float32) / np.maximum(self.to_host(wsum), 1e-12)[None]
-        if kind == "probabilities":
-            return vals
-        if vals.shape[0] == 1:
-            return 1.0 / (1.0 + np.exp(-vals))
-        vals = np.exp(vals - vals.max(axis=0, keepdims=True))
-        return vals / vals.sum(axis=0, keepdims=True)
-
-
-def _z_runs(z: np.ndarray) -> list[tuple[int, int]]:
-    """``[lo, hi)`` index runs of equal values in the z-sorted window starts ``z``."""
-    cuts = np.flatnonzero(np.diff(z)) + 1
-    edges = [0, *cuts.tolist(), len(z)]
-    return list(zip(edges[:-1], edges[1:]))
 
 
 def _mirror_axes(spatial_dims: int) -> list[tuple[int, ...]]:
@@ -193,23 +126,31 @@ class Relabeler:
                                       precision=precision, batch_size=self.batch_size, compile=compile,
                                       threads=threads)
         self._kernel_threads = kernel_threads
-        if hasattr(self.runtime, "reuse_output"):
-            self.runtime.reuse_output = True  # _stream consumes each batch before the next call
-        self._backend = _Backend(self.device)
+        self.runtime.reuse_output = True  # _stream consumes each batch before the next call
+        self._backend = ArrayBackend(self.device)
+        self._windows = 0  # windows run for the last volume (mirrored passes included)
         # a writable copy: the cached map is read-only, and torch warns on read-only arrays
         self._importance = self._backend.upload(gaussian_importance(self.package.window3d).copy())
 
     @property
     def runtime_name(self) -> str:
         """The runtime that runs the windows; ``"auto"`` while ``auto`` is still measuring."""
-        return getattr(self.runtime, "choice", None) or self._runtime_name
+        return self.runtime.choice or self._runtime_name
+
+    @property
+    def runtime_label(self) -> str:
+        """``runtime_name`` for reports; an ``auto`` that never saw enough full batches to decide
+        (archives of volumes no larger than a few windows) also says which runtime ran."""
+        if self.runtime_name == "auto":
+            return f"auto (undecided: too few full batches to measure; ran {self.runtime.active})"
+        return self.runtime_name
 
     @property
     def kernel_threads(self) -> int | None:
         """OpenMP threads of the stitching kernels for the next volume (None: OpenMP default)."""
         if self._kernel_threads is not None:
             return self._kernel_threads
-        active = getattr(self.runtime, "active", self._runtime_name)
+        active = self.runtime.active
         if active == "onnxruntime" and self.device == "cpu" and self.package.num_classes <= 8:
             # ORT has its own thread pool: our OpenMP workers, spin-waiting after each kernel,
             # take cores from ORT's next run. One kernel thread: 3-class UNet overhead 1.6-5.3%
@@ -252,19 +193,20 @@ class Relabeler:
         vol, bad = self._prepare(array, normalized)
         shape = vol.shape[1:]
         with native.kernel_threads(self.kernel_threads):
-            labels, conf, probs, totals, windows = self._stream(vol)
+            sink = self._stream(vol)
         if bad is not None:
-            self._mark_bad(labels, conf, probs, totals, bad)
+            sink.mark_invalid(bad)
+        totals, conf = sink.totals, sink.confidence
         n = int(np.prod(shape))
         stats = {
-            "shape": list(shape), "seconds": time.perf_counter() - start, "windows": windows,
+            "shape": list(shape), "seconds": time.perf_counter() - start, "windows": self._windows,
             "label_counts": totals.counts.tolist(), "ignored_voxels": totals.ignored,
             "invalid_voxels": totals.invalid, "ignored_fraction": (totals.ignored + totals.invalid) / n,
             "mean_confidence": float(conf.mean(dtype=np.float64)) / 255.0,
             "nonfinite_input_voxels": 0 if bad is None else int(bad.sum()),
             "runtime": self.runtime_name, "device": self.device,
         }
-        return RelabelResult(labels, conf, probs, stats)
+        return RelabelResult(sink.labels, conf, sink.probabilities, stats)
 
     def _prepare(self, array: Any, normalized: bool) -> tuple[np.ndarray, np.ndarray | None]:
         if type(array).__module__.split(".")[0] == "torch":
@@ -294,32 +236,17 @@ class Relabeler:
             vol = np.where(bad[None], np.float32(0.0), vol)
         return np.ascontiguousarray(vol, dtype=np.float32), bad
 
-    def _mark_bad(self, labels, conf, probs, totals: _Totals, bad: np.ndarray) -> None:
-        k = len(totals.counts)
-        hit = labels[bad]
-        totals.counts -= np.bincount(hit[hit < k].astype(np.int64), minlength=k)[:k]
-        totals.ignored -= int((hit == self.ignore_index).sum())
-        totals.invalid += int(bad.sum())
-        labels[bad] = self.ignore_index
-        conf[bad] = 0
-        if probs is not None:
-            probs[:, bad] = np.nan
-
-    def _stream(self, vol: np.ndarray):
-        """Slab-streamed sliding window over ``vol (M, Z, Y, X)``; see the module docstring."""
+    def _stream(self, vol: np.ndarray) -> LabelSink:
+        """Sliding window over ``vol (M, Z, Y, X)`` in MONAI's order and batches, blended by a
+        :class:`~atso_fast.engine.merger.SlabMerger` into a :class:`LabelSink`."""
         be, pkg = self._backend, self.package
         shape = vol.shape[1:]
         win = pkg.window3d
+        sink = LabelSink(shape, pkg.num_classes, kind=pkg.kind, threshold=self.threshold,
+                         ignore_index=self.ignore_index, backend=be, save_probabilities=self.save_probabilities)
+        merger = SlabMerger(shape, pkg.num_classes, win[0], sink, backend=be, accumulate_dtype=self.accumulate_dtype)
         origins = sliding_window_origins(shape, win, self.overlap)
-        depth = min(win[0], shape[0])
-        acc = be.zeros((pkg.num_classes, depth, *shape[1:]), self.accumulate_dtype)
-        wsum = be.zeros((depth, *shape[1:]), "float32")
-        k = max(pkg.num_classes, 2)
-        ldtype = np.uint8 if max(k - 1, self.ignore_index) <= 255 else np.uint16
-        out = {"labels": np.empty(shape, ldtype), "conf": np.empty(shape, np.uint8),
-               "probs": np.empty((pkg.num_classes, *shape), np.float32) if self.save_probabilities else None}
-        totals = _Totals(np.zeros(k, np.int64))
-        vol_d, s0 = be.upload(vol), 0
+        vol_d = be.upload(vol)
         # one window buffer, reused for every batch (runtimes do not keep their inputs)
         buf = be.zeros((self.batch_size, pkg.in_channels, *win), "float32")
         # Batches run in MONAI's order and sizes, across window rows: a short batch at the end
@@ -328,41 +255,11 @@ class Relabeler:
             chunk = origins[i:i + self.batch_size]
             patches = native.extract_patches(vol_d, chunk, win, out=buf[:len(chunk)])
             pred = self._predict(patches)
-            for lo, hi in _z_runs(chunk[:, 0]):
-                s0 = self._advance(acc, wsum, s0, int(chunk[lo, 0]), out, totals, shape[0])
-                native.accumulate(acc, wsum, pred[lo:hi], chunk[lo:hi], self._importance, s0)
+            merger.aggregate(pred, chunk, self._importance)
             del pred  # else it lives on through the next network call: 2 batch outputs at peak
-        self._flush(acc, wsum, s0, shape[0] - s0, out, totals)
-        windows = len(origins) * (1 + (len(_mirror_axes(pkg.spatial_dims)) if self.mirror else 0))
-        return out["labels"], out["conf"], out["probs"], totals, windows
-
-    def _advance(self, acc, wsum, s0: int, zo: int, out: dict, totals: _Totals, z_size: int) -> int:
-        """Slide the slab so windows starting at row ``zo`` fit; returns the new first row.
-
-        Windows come in z order, so rows below ``zo + depth - window`` can receive no more
-        windows: they are finalised and dropped.
-        """
-        depth = wsum.shape[0]
-        need_end = min(zo + self.package.window3d[0], z_size)
-        if need_end <= s0 + depth:
-            return s0
-        shift = need_end - depth - s0
-        self._flush(acc, wsum, s0, shift, out, totals)
-        self._backend.shift_rows(acc, wsum, shift)
-        return s0 + shift
-
-    def _flush(self, acc, wsum, s0: int, rows: int, out: dict, totals: _Totals) -> None:
-        """Finalise the first ``rows`` slab rows (volume rows ``[s0, s0 + rows)``)."""
-        if rows <= 0:
-            return
-        res = native.finalize(acc, wsum, self.threshold, self.ignore_index, self.package.kind, rows=(0, rows))
-        out["labels"][s0:s0 + rows] = self._backend.to_host(res.labels)
-        out["conf"][s0:s0 + rows] = self._backend.to_host(res.confidence)
-        totals.counts += res.counts
-        totals.ignored += res.ignored
-        totals.invalid += res.invalid
-        if out["probs"] is not None:
-            out["probs"][:, s0:s0 + rows] = self._backend.probabilities(acc[:, :rows], wsum[:rows], self.package.kind)
+        merger.finalize()
+        self._windows = len(origins) * (1 + (len(_mirror_axes(pkg.spatial_dims)) if self.mirror else 0))
+        return sink
 
     def _predict(self, patches: Any) -> Any:
         """Runtime outputs ``(B, C, pz, py, px)`` for windows ``(B, M, pz, py, px)``."""

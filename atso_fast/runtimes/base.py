@@ -1,9 +1,9 @@
-"""The runtime interface."""
+"""The runtime interface: everything the engine reads from a runtime is declared here."""
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Runtime", "RuntimeUnavailable", "check_device", "check_precision"]
+__all__ = ["FixedRuntime", "PRECISIONS", "Runtime", "RuntimeUnavailable", "check_device", "check_precision"]
 
 PRECISIONS = ("float32", "float16", "bfloat16")
 
@@ -12,22 +12,79 @@ class RuntimeUnavailable(RuntimeError):
     """The runtime (or its GPU flavour) is not installed; the message names what to install."""
 
 
+@runtime_checkable
 class Runtime(Protocol):
+    """A callable ``runtime(batch) -> outputs`` and what the engine may ask of it.
+
+    ``batch`` is ``(B, M, *window)`` float32 (a NumPy array for ``device="cpu"``, a CUDA torch
+    tensor for ``device="cuda"``); outputs are ``(B, C, *window)`` float32/float16 on the same side,
+    C-contiguous.
+
+    Attributes:
+        name: the runtime's name (``"onnxruntime"``, ``"torch"``, ``"tensorrt"``, ``"auto"``).
+        device: ``"cpu"`` or ``"cuda[:N]"``.
+        precision: network precision.
+        reuse_output: when set True by the caller, outputs may live in one buffer reused by the
+            next call (the engine consumes each batch before the next one); False: fresh arrays.
+        choice: the runtime that runs from now on, or None while ``auto`` is still measuring.
+        active: the runtime the next batch runs on (the candidate under probe for ``auto``).
+        settled: True once the runtime's one-off costs are behind it (first call, layout probe),
+            so that timing a call measures its steady speed.
+    """
+
     name: str
     device: str
     precision: str
+    reuse_output: bool
+
+    @property
+    def choice(self) -> str | None: ...
+
+    @property
+    def active(self) -> str: ...
+
+    @property
+    def settled(self) -> bool: ...
 
     def __call__(self, batch: Any) -> Any:
         """``(B, M, *window)`` -> ``(B, C, *window)`` on the runtime's device."""
 
 
+class FixedRuntime:
+    """What every runtime other than ``auto`` shares: it is its own choice, settled after one call.
+
+    Subclasses set ``name`` and call :meth:`_called` after each run (or override ``settled``).
+    """
+
+    name = "fixed"
+    reuse_output = False
+    _calls = 0
+
+    @property
+    def choice(self) -> str:
+        return self.name
+
+    @property
+    def active(self) -> str:
+        return self.name
+
+    @property
+    def settled(self) -> bool:
+        return self._calls > 0
+
+    def _called(self) -> None:
+        self._calls += 1
+
+
 def check_device(device: str) -> str:
+    """``device`` if it is ``"cpu"``, ``"cuda"`` or ``"cuda:N"``, else ``ValueError``."""
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     return device
 
 
 def check_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else ``ValueError``."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return precision

@@ -12,7 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from atso_fast.runtimes.base import RuntimeUnavailable, check_device, check_precision
+from atso_fast.runtimes.base import (
+    FixedRuntime,
+    RuntimeUnavailable,
+    check_device,
+    check_precision,
+)
 
 __all__ = ["OnnxRuntime", "onnxruntime_has_cuda"]
 
@@ -33,7 +38,7 @@ def onnxruntime_has_cuda() -> bool:
         return False
 
 
-class OnnxRuntime:
+class OnnxRuntime(FixedRuntime):
     name = "onnxruntime"
 
     def __init__(self, onnx_path: str | os.PathLike, *, device: str = "cpu", precision: str = "float32",
@@ -71,10 +76,12 @@ class OnnxRuntime:
 
     def __call__(self, batch: Any) -> Any:
         if isinstance(batch, np.ndarray):
-            if self.reuse_output:
-                return self._run_cpu_bound(batch)
-            return self.session.run([self._output.name], {self._input: batch})[0]
-        return self._run_cuda(batch)
+            out = self._run_cpu_bound(batch) if self.reuse_output else \
+                self.session.run([self._output.name], {self._input: batch})[0]
+        else:
+            out = self._run_cuda(batch)
+        self._called()
+        return out
 
     def _run_cpu_bound(self, batch: np.ndarray) -> np.ndarray:
         """ORT writes straight into one output buffer kept across calls (I/O binding).

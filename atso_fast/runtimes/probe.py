@@ -49,13 +49,17 @@ class ProbeRuntime:
 
     @property
     def reuse_output(self) -> bool:
-        return any(getattr(rt, "reuse_output", False) for rt in self._candidates.values())
+        return any(rt.reuse_output for rt in self._candidates.values())
 
     @reuse_output.setter
     def reuse_output(self, value: bool) -> None:
         for rt in self._candidates.values():
-            if hasattr(rt, "reuse_output"):
-                rt.reuse_output = value
+            rt.reuse_output = value
+
+    @property
+    def settled(self) -> bool:
+        """True once the choice is made (the chosen runtime has run by then)."""
+        return self.choice is not None and self._candidates[self.choice].settled
 
     @property
     def active(self) -> str:
@@ -92,7 +96,7 @@ class ProbeRuntime:
         runtime = self._candidates[name]
         if batch.shape[0] < self.batch_size:
             return runtime(batch)
-        settled = self._calls > 0 and getattr(runtime, "channels_last", False) is not None
+        settled = self._calls > 0 and runtime.settled  # its first full batch is never timed
         self._calls += 1
         t0 = time.perf_counter()
         out = runtime(batch)

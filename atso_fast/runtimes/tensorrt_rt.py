@@ -15,7 +15,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from atso_fast.runtimes.base import RuntimeUnavailable, check_device, check_precision
+from atso_fast.runtimes.base import (
+    FixedRuntime,
+    RuntimeUnavailable,
+    check_device,
+    check_precision,
+)
 
 __all__ = ["TensorRTRuntime", "tensorrt_available", "engine_cache_key"]
 
@@ -34,7 +39,7 @@ def engine_cache_key(onnx_bytes: bytes, gpu_name: str, trt_version: str, precisi
     return h.hexdigest()[:32]
 
 
-class TensorRTRuntime:
+class TensorRTRuntime(FixedRuntime):
     name = "tensorrt"
 
     def __init__(self, onnx_path: str | os.PathLike, *, device: str = "cuda", precision: str = "float16",
@@ -101,6 +106,7 @@ class TensorRTRuntime:
         if not isinstance(batch, torch.Tensor) or not batch.is_cuda:
             raise TypeError("runtime 'tensorrt' takes CUDA torch tensors")
         outs = [self._run(chunk.contiguous()) for chunk in torch.split(batch, self.max_batch)]
+        self._called()
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _run(self, batch: Any) -> Any:

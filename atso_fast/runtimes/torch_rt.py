@@ -8,7 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from atso_fast.runtimes.base import RuntimeUnavailable, check_device, check_precision
+from atso_fast.runtimes.base import (
+    FixedRuntime,
+    RuntimeUnavailable,
+    check_device,
+    check_precision,
+)
 
 __all__ = ["TorchRuntime"]
 
@@ -52,7 +57,7 @@ def _channels_last(ndim: int) -> Any:
     return {4: torch.channels_last, 5: torch.channels_last_3d}.get(ndim)
 
 
-class TorchRuntime:
+class TorchRuntime(FixedRuntime):
     """Runs a torch module. float16 needs CUDA; bfloat16 runs on both (autocast-free casts).
 
     ``channels_last`` runs convolutions in torch's channels-last layout. On CPU it is often
@@ -183,6 +188,12 @@ class TorchRuntime:
         if out.dtype not in (torch.float32, torch.float16):
             out = out.float()  # kernels take float32/float16 windows
         out = out.contiguous()  # the kernels take C-order windows
+        self._called()
         if on_host:
             return out.float().cpu().numpy() if out.is_cuda or out.dtype != torch.float32 else out.numpy()
         return out
+
+    @property
+    def settled(self) -> bool:
+        """After the first call and, on CPU, once the layout probe has picked a layout."""
+        return self._calls > 0 and self.channels_last is not None
