@@ -37,6 +37,8 @@ def not_regular_error(path: str | os.PathLike[str]) -> str | None:
         if exc.errno == errno.ELOOP:
             return f"{path}: symbolic link loop"
         return f"{path}: cannot stat ({exc.strerror or exc})"
+    except ValueError as exc:  # an embedded NUL byte
+        return f"{path!r}: invalid path ({exc})"
     if stat.S_ISREG(mode):
         return None
     if stat.S_ISDIR(mode):
