@@ -241,7 +241,7 @@ def test_cli_exits_nonzero_when_a_case_failed(tmp_path, monkeypatch, capsys):
             seen.update(kwargs, model_dir=model_dir)
 
     monkeypatch.setattr(relabel_cli, "Relabeler", Relabeler)
-    argv = [str(tmp_path / "model"), str(folder), str(tmp_path / "out"), "--json", "-o", "0.25",
+    argv = [str(tmp_path / "model"), str(folder), str(tmp_path / "out"), "--json", "--overlap", "0.25",
             "--batch-size", "3", "--mirror", "--precision", "float16", "--threshold", "0.6"]
     assert cli_main(argv) == 1
     captured = capsys.readouterr()
