@@ -201,6 +201,7 @@ def test_export_help_says_what_checkpoints_it_takes():
 
 
 # ------------------------------------------------------------------------------ item 12
+@pytest.mark.slow
 def test_a_normal_relabel_run_prints_no_library_warnings(tmp_path):
     import torch
 

@@ -352,7 +352,13 @@ def read_input(path: Path) -> tuple[np.ndarray, VolumeMeta]:
     problem = not_regular_error(path)
     if problem:
         raise InputError(problem)
-    return read_volume(path)
+    array, meta = read_volume(path)
+    # a header can claim sizes its data cannot have (a negative NIfTI dim reads as data of
+    # another shape): refused here, before the relabeler runs on it
+    if min(meta.spatial_shape) < 1 or tuple(array.shape[-3:]) != tuple(meta.spatial_shape):
+        raise InputError(f"{path}: invalid image shape {tuple(meta.shape)} in its header (a size is not "
+                         f"positive or disagrees with the data, {tuple(array.shape)})")
+    return array, meta
 
 
 def _take(case: Case, future: Future, tally: CaseRecorder) -> tuple[np.ndarray, VolumeMeta] | None:
