@@ -249,11 +249,12 @@ def test_stale_temp_cleanup_spares_a_live_process(tmp_path):
         dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True, check=True)
         dead_tmp = out / f".b.nii.gz.atso-{int(dead.stdout)}-deadbeef.tmp"
-        for tmp in (live_tmp, dead_tmp):
+        dead_manifest_tmp = out / f".manifest.jsonl.atso-{int(dead.stdout)}-0badf00d.tmp"  # killed mid-rewrite
+        for tmp in (live_tmp, dead_tmp, dead_manifest_tmp):
             tmp.write_bytes(b"partial")
         assert live_tmp.name.startswith(".a.nii.gz.atso-")
         relabel_archive(FakeRelabeler(), folder, out, progress=False)
-        assert not dead_tmp.exists(), "a dead process's temp file is stale"
+        assert not dead_tmp.exists() and not dead_manifest_tmp.exists(), "a dead process's temp file is stale"
         assert live_tmp.exists(), "the temp file of a live process was deleted"
     finally:
         live.kill()

@@ -226,7 +226,7 @@ def run_archive(process: Callable[[list[Case], CaseRecorder], None],
     output_dir.mkdir(parents=True, exist_ok=True)
     with Manifest(output_dir / MANIFEST_NAME) as manifest:
         manifest.drop({c.case_id for c in todo})  # redone cases get one new row each
-        remove_stale_temps(todo)
+        remove_stale_temps(todo, also=[manifest.path])
         report_skipped(plan.skipped)
         with _progress_bar(progress, len(cases), len(cases) - len(todo)) as bar:
             tally = _Tally(manifest, output_dir, bar)

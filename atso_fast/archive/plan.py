@@ -196,13 +196,13 @@ def _finished(case: Case, finished: dict[str, dict[str, Any]], output_dir: Path)
     return all(recorded.get(k) == v for k, v in wanted.items())
 
 
-def remove_stale_temps(cases: list[Case]) -> None:
-    """Delete temp files a killed run left for outputs this run is about to write; temp files
-    of a writer that is still running (a concurrent part) are left alone."""
+def remove_stale_temps(cases: list[Case], also: Sequence[Path] = ()) -> None:
+    """Delete temp files a killed run left for outputs this run is about to write (and for the
+    files in ``also``, e.g. the manifest); temp files of a writer that is still running (a
+    concurrent part) are left alone."""
     targets: dict[Path, set[str]] = {}
-    for case in cases:
-        for out in case.outputs.values():
-            targets.setdefault(out.parent, set()).add(out.name)
+    for out in [*(o for case in cases for o in case.outputs.values()), *also]:
+        targets.setdefault(out.parent, set()).add(out.name)
     for folder, names in targets.items():
         try:
             entries = [e.name for e in os.scandir(folder)]
