@@ -214,3 +214,43 @@ def test_a_normal_relabel_run_prints_no_library_warnings(tmp_path):
         done = _cli("relabel", str(model), str(tmp_path / "in"), str(tmp_path / runtime), "--runtime", runtime)
         assert done.returncode == 0, done.stderr
         assert "Warning" not in done.stderr, done.stderr
+
+
+# ------------------------------------------------------------------------------ the demo
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_demo_progress_ticks_on_a_terminal_and_prints_stage_lines_otherwise():
+    import time
+
+    from atso_fast.train.cli import DEMO_SETTINGS, _DemoProgress
+
+    settings = DEMO_SETTINGS["quick"]
+    plain = io.StringIO()
+    progress = _DemoProgress(settings, ("supervised", "atso"), stream=plain)
+    progress(None, {"round": 0, "val_mean_dice": 0.5, "seconds": 1.0})
+    progress.close()
+    lines = plain.getvalue().splitlines()
+    assert "training 5 stages" in lines[0] and "warm-up" in lines[1] and "val mean Dice 0.500" in lines[1]
+    terminal = _Terminal()
+    progress = _DemoProgress(settings, ("supervised", "atso"), stream=terminal)
+    time.sleep(1.3)  # the clock of the bar ticks while a stage trains
+    ticked = terminal.getvalue().count("\r")
+    progress(None, {"round": 0, "val_mean_dice": 0.5, "seconds": 1.0})
+    progress.close()
+    assert ticked >= 2 and "training: supervised round 1" in terminal.getvalue()
+
+
+def test_the_demo_explains_every_column_it_prints():
+    from atso_fast.train.cli import METHODS_LEGEND, ROUNDS_LEGEND, format_history
+
+    history = [{"round": 0, "trained_on": ["L"], "train_labels_from": {}, "relabelled": ["U1"], "relabelled_by": "M0",
+                "train": {"loss": 1.0}, "monitor": {}, "val_mean_dice": 0.5}]
+    header = format_history(history).splitlines()[0]
+    for column in ("round", "trained on", "labels by", "relabelled", "loss", "pre-loss", "changed", "confidence",
+                   "val Dice"):
+        assert column in header and f"  {column}" in ROUNDS_LEGEND, column
+    for column in ("val mean Dice", "train s", "relabel engine", "Mvox/s"):
+        assert column in METHODS_LEGEND, column
