@@ -78,7 +78,7 @@ def relabel_archive_ray(model_dir_or_relabeler_kwargs: str | os.PathLike[str] | 
                         inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
                         output_dir: str | os.PathLike[str], *, address: str | None = None,
                         workers: int = 1, gpus_per_worker: float = 0, cpus_per_worker: float = 1,
-                        resume: bool = False, num_parts: int = 1, part_id: int = 0,
+                        resume: bool = False, overwrite: bool = False, num_parts: int = 1, part_id: int = 0,
                         recursive: bool = False, save_confidence: bool = False,
                         progress: bool | None = None, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
                         relabeler_factory: Callable[..., Any] | None = None,
@@ -132,8 +132,8 @@ def relabel_archive_ray(model_dir_or_relabeler_kwargs: str | os.PathLike[str] | 
                      gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
                      max_attempts=max_attempts, relabeler_factory=relabeler_factory,
                      **relabeler_kwargs)
-    return run(inputs, output_dir, recursive=recursive, resume=resume, num_parts=num_parts,
-               part_id=part_id, save_confidence=save_confidence, progress=progress)
+    return run(inputs, output_dir, recursive=recursive, resume=resume, overwrite=overwrite,
+               num_parts=num_parts, part_id=part_id, save_confidence=save_confidence, progress=progress)
 
 
 def ray_runner(model_dir_or_relabeler_kwargs: str | os.PathLike[str] | Mapping[str, Any], *,
@@ -148,8 +148,8 @@ def ray_runner(model_dir_or_relabeler_kwargs: str | os.PathLike[str] | Mapping[s
     Nothing connects to Ray here; the returned runner connects only once there is work.
 
     Returns:
-        ``run(inputs, output_dir, *, recursive, resume, num_parts, part_id, save_confidence,
-        progress) -> summary`` (see :func:`relabel_archive_ray`).
+        ``run(inputs, output_dir, *, recursive, resume, overwrite, num_parts, part_id,
+        save_confidence, progress) -> summary`` (see :func:`relabel_archive_ray`).
 
     Raises:
         ModuleNotFoundError, PackageError, ValueError, TypeError: as :func:`relabel_archive_ray`.

@@ -98,7 +98,8 @@ def run_atso(model_dir: Path, input_dir: Path, out_dir: Path, args: argparse.Nam
                     batch_size=args.batch, precision=args.precision, compile=args.compile)
     rel.relabel_volume(synthetic_ct(tuple(args.window), args.seed))  # compiles here with --compile
     start = time.perf_counter()
-    summary = rel.relabel_archive(input_dir, out_dir, readers=args.readers, writers=args.writers, progress=False)
+    summary = rel.relabel_archive(input_dir, out_dir, readers=args.readers, writers=args.writers, overwrite=True,
+                                  progress=False)
     wall = time.perf_counter() - start
     if summary["failed"]:
         raise RuntimeError(f"atso_fast failed on {summary['failed']} case(s): {summary['failures']}")

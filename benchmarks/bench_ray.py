@@ -64,12 +64,12 @@ def _run_once(engine: str, workers: int, model: Path, inputs: Any, out: Path,
 
         relabeler = Relabeler(model, batch_size=args.batch)
         start = time.perf_counter()  # the model load is outside, as in a long-running job
-        summary = relabel_archive(relabeler, inputs, out, progress=False)
+        summary = relabel_archive(relabeler, inputs, out, overwrite=True, progress=False)
     else:
         from atso_fast.ray_engine import relabel_archive_ray
 
         start = time.perf_counter()  # includes starting the actor pool (model load per actor)
-        summary = relabel_archive_ray(model, inputs, out, workers=workers, progress=False,
+        summary = relabel_archive_ray(model, inputs, out, workers=workers, overwrite=True, progress=False,
                                       cpus_per_worker=args.cpus_per_worker, batch_size=args.batch)
     wall = time.perf_counter() - start
     if summary["failed"]:

@@ -17,7 +17,7 @@ from atso_fast.archive import relabel_archive
 from atso_fast.cli import relabel as relabel_cli
 from atso_fast.cli.relabel import main as cli_main
 from atso_fast.engine import Relabeler
-from atso_fast.io import Manifest, has_nonfinite, read_volume
+from atso_fast.io import InputError, Manifest, has_nonfinite, read_volume
 from atso_fast.package import export_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,7 +241,7 @@ def test_cli_exits_nonzero_when_a_case_failed(tmp_path, monkeypatch, capsys):
             seen.update(kwargs, model_dir=model_dir)
 
     monkeypatch.setattr(relabel_cli, "Relabeler", Relabeler)
-    argv = [str(tmp_path / "model"), str(folder), str(tmp_path / "out"), "--json", "-o", "0.25",
+    argv = [str(tmp_path / "model"), str(folder), str(tmp_path / "out"), "--json", "--overlap", "0.25",
             "--batch-size", "3", "--mirror", "--precision", "float16", "--threshold", "0.6"]
     assert cli_main(argv) == 1
     captured = capsys.readouterr()
@@ -284,9 +284,9 @@ def test_outputs_stay_inside_and_inputs_are_never_overwritten(tmp_path):
     folder = tmp_path / "in"
     make_archive(folder, n=3)
     before = output_files(folder)
-    summary = relabel_archive(FakeRelabeler(), folder, folder, progress=False)  # out == in
-    assert summary["done"] == 0 and summary["failed"] == 2
-    assert all("overwrite an input" in msg for _, msg in summary["failures"])
+    with pytest.raises(InputError, match="inside the input folder"):  # out == in (issue 14)
+        relabel_archive(FakeRelabeler(), folder, folder, progress=False)
+    assert output_files(folder) == before
     out = tmp_path / "out"
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -299,23 +299,23 @@ def test_outputs_stay_inside_and_inputs_are_never_overwritten(tmp_path):
         == before
 
 
-def test_nested_output_is_not_reread_and_name_clashes_fail(tmp_path):
+def test_nested_output_is_refused_and_name_clashes_fail(tmp_path):
     folder = tmp_path / "in"
     make_archive(folder, n=3)
-    for _ in range(2):
-        summary = relabel_archive(FakeRelabeler(), folder, folder / "labels", recursive=True,
-                                  progress=False)
-        assert (summary["total"], summary["failed"]) == (3, 0)
+    with pytest.raises(InputError, match="inside the input folder"):  # issue 14: never reread outputs
+        relabel_archive(FakeRelabeler(), folder, folder / "labels", recursive=True, progress=False)
     other = make_case(tmp_path / "other" / "case00.nii.gz", 7)
     summary = relabel_archive(FakeRelabeler(), [folder / "case00.nii.gz", other],
                               tmp_path / "o2", progress=False)
     assert summary["total"] == 2  # ids relative to the common folder: in/case00, other/case00
-    lst = tmp_path / "lists" / "clash.txt"  # both entries lie outside the list's folder
+    lst = tmp_path / "lists" / "clash.txt"  # a list file's cases are named by their file names
     lst.parent.mkdir()
     lst.write_text(f"../in/case00.nii.gz\n{other}\n")
-    summary = relabel_archive(FakeRelabeler(), lst, tmp_path / "o3", progress=False)
-    assert summary["done"] == 1 and "clashes with case case00" in summary["failures"][0][1]
-    assert statuses(tmp_path / "o3")["case00"] == "ok"
+    with pytest.raises(InputError, match="both case 'case00'"):
+        relabel_archive(FakeRelabeler(), lst, tmp_path / "o3", progress=False)
+    (folder / "case00_confidence.nii.gz").write_bytes((folder / "case00.nii.gz").read_bytes())
+    summary = relabel_archive(FakeRelabeler(), folder, tmp_path / "o4", save_confidence=True, progress=False)
+    assert "clashes with case case00" in dict(summary["failures"])[str(folder / "case00_confidence.nii.gz")]
 
 
 # ------------------------------------------------------------------------- kill -9, resume

@@ -242,12 +242,13 @@ def test_bad_model_arguments_are_named(tmp_path):
 
 
 def test_cli_ray_usage_errors(model, tmp_path, capsys, monkeypatch):
-    base = [str(model), str(tmp_path), str(tmp_path / "out")]
+    (tmp_path / "in").mkdir()  # the input is checked first, so it must be a usable one
+    base = [str(model), str(tmp_path / "in"), str(tmp_path / "out")]
     assert cli_main(base + ["--workers", "2"]) == 2
     assert "only apply to --engine ray" in capsys.readouterr().err
     assert cli_main(base + ["--engine", "ray", "--workers", "0"]) == 2
     assert "workers must be an int >= 1, got 0" in capsys.readouterr().err
-    assert cli_main([str(tmp_path), str(tmp_path), str(tmp_path / "o"), "--engine", "ray"]) == 2
+    assert cli_main([str(tmp_path), str(tmp_path / "in"), str(tmp_path / "o"), "--engine", "ray"]) == 2
     assert "model.json" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     monkeypatch.setitem(sys.modules, "ray.data", None)

@@ -1,6 +1,7 @@
 """Relabel engine: MONAI equivalence, known-answer predictors, streaming memory, options."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -175,8 +176,8 @@ def test_broken_packages_name_file_and_problem(tmp_path):
     net = random_net(classes=2)
     pkg = export_model(net, tmp_path / "pkg", window=(8, 8, 8), num_classes=2)
     (pkg / "model.onnx").write_bytes(b"not an onnx file")
-    with pytest.raises(ValueError, match="model.onnx: ONNX Runtime cannot load the model"):
-        Relabeler(pkg, runtime="onnxruntime")
+    with pytest.raises(ValueError, match=r"model.onnx: sha256 \w+ differs from onnx_sha256"):
+        Relabeler(pkg, runtime="onnxruntime")  # refused when the package loads (issue 14)
     meta = json.loads((pkg / "model.json").read_text())
     meta["num_classes"] = 0
     (pkg / "model.json").write_text(json.dumps(meta))
@@ -236,6 +237,9 @@ def test_auto_relabeler_on_cpu_measures_and_matches_onnxruntime(rng, tmp_path):
 def test_auto_falls_back_to_the_runtime_that_loads(rng, tmp_path):
     pkg = export_model(random_net(classes=2), tmp_path / "pkg", window=(8, 8, 8), num_classes=2)
     (pkg / "model.pt2").write_bytes(b"not a torch program")  # e.g. written by another torch version
+    meta = json.loads((pkg / "model.json").read_text())
+    meta["torch_sha256"] = hashlib.sha256(b"not a torch program").hexdigest()  # intact, just unreadable
+    (pkg / "model.json").write_text(json.dumps(meta))
     with pytest.warns(RuntimeWarning, match="runtime auto: torch did not load"):
         rel = Relabeler(pkg, batch_size=2)
     assert rel.runtime_name == "onnxruntime"  # a single candidate is the choice from the start

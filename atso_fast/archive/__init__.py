@@ -12,10 +12,12 @@ from atso_fast.archive.pipeline import (
     CaseRecorder,
     Grid,
     VolumeRelabeler,
+    check_archive,
+    read_input,
     relabel_archive,
     relabel_case,
     run_archive,
 )
 
-__all__ = ["Case", "CaseRecorder", "Grid", "MANIFEST_NAME", "VolumeRelabeler", "relabel_archive", "relabel_case",
-           "run_archive"]
+__all__ = ["Case", "CaseRecorder", "Grid", "MANIFEST_NAME", "VolumeRelabeler", "check_archive", "read_input",
+           "relabel_archive", "relabel_case", "run_archive"]

@@ -22,46 +22,34 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from atso_fast.archive.plan import (
+    Case,
+    check_resume,
+    plan_archive,
+    remove_stale_temps,
+    report_skipped,
+)
 from atso_fast.io import (
     InputError,
     Manifest,
     VolumeMeta,
-    format_for,
-    input_root,
-    is_temp_name,
-    list_inputs,
-    output_path,
+    not_regular_error,
     read_volume,
-    select_part,
     write_confidence,
     write_labels,
 )
-from atso_fast.io import (
-    case_id as make_case_id,
-)
 
-__all__ = ["Case", "CaseRecorder", "Grid", "MANIFEST_NAME", "VolumeRelabeler", "relabel_archive", "relabel_case",
-           "run_archive"]
+__all__ = ["Case", "CaseRecorder", "Grid", "MANIFEST_NAME", "VolumeRelabeler", "check_archive", "relabel_archive",
+           "relabel_case", "read_input", "run_archive"]
 
 MANIFEST_NAME = "manifest.jsonl"
 """File name of the manifest inside the output folder."""
-
-
-@dataclass
-class Case:
-    """One input and the outputs planned for it (``error`` set when planning refused it)."""
-
-    case_id: str
-    path: Path
-    outputs: dict[str, Path] = field(default_factory=dict)
-    error: str | None = None
 
 
 class VolumeRelabeler(Protocol):
@@ -118,7 +106,7 @@ class _Tally:
         outputs = {k: Path(os.path.relpath(p, self.output_dir)).as_posix()
                    for k, p in case.outputs.items()}
         self.manifest.append({
-            "case_id": case.case_id, "input": str(case.path), "status": "ok",
+            "case_id": case.case_id, "input": os.path.abspath(case.path), "status": "ok",
             "shape": list(meta.spatial_shape), "seconds": round(seconds, 6),
             "label_counts": stats.get("label_counts"),
             "ignored_fraction": stats.get("ignored_fraction"),
@@ -133,7 +121,7 @@ class _Tally:
         """Record a failed case: manifest row, one line on stderr, counters."""
         message = " ".join(str(message).split()) or "unknown error"
         try:
-            self.manifest.append({"case_id": case.case_id, "input": str(case.path),
+            self.manifest.append({"case_id": case.case_id, "input": os.path.abspath(case.path),
                                   "status": "failed", "shape": shape, "outputs": {},
                                   "error": message})
         finally:
@@ -157,28 +145,33 @@ class _Tally:
 # ------------------------------------------------------------------------------ public API
 def relabel_archive(relabeler: Any, inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
                     output_dir: str | os.PathLike[str], *, recursive: bool = False,
-                    resume: bool = False, num_parts: int = 1, part_id: int = 0,
+                    resume: bool = False, overwrite: bool = False, num_parts: int = 1, part_id: int = 0,
                     save_confidence: bool = False, readers: int = 2, writers: int = 2,
                     queue_size: int = 2, progress: bool | None = None) -> dict[str, Any]:
     """Relabel every volume of an archive and write label maps plus a JSONL manifest.
 
     Outputs go to ``output_dir/<case_id>.nii.gz`` for NIfTI inputs (input affine and header,
     uint8 or uint16), ``.npy``/``.npz`` for numpy inputs, optionally ``<case_id>_confidence.*``,
-    and one ``manifest.jsonl`` row per case. A failing case (unreadable or corrupt file,
-    relabel error, write error) becomes a ``failed`` row and one stderr line; the run goes on.
+    and exactly one ``manifest.jsonl`` row per case. A failing case (unreadable, corrupt or
+    not a regular file, relabel error, write error) becomes a ``failed`` row and one stderr
+    line; the run goes on. What is refused up front, before any case is read, is listed in
+    :mod:`atso_fast.archive.plan`.
 
     Args:
         relabeler: any object with ``relabel_volume(array) -> result`` where ``array`` is
             ``(Z, Y, X)`` or ``(M, Z, Y, X)`` and ``result`` has ``labels`` ``(Z, Y, X)``
             uint8/uint16, ``confidence`` ``(Z, Y, X)`` uint8 and a ``stats`` dict
             (``label_counts``, ``ignored_fraction``, ``mean_confidence``).
-        inputs: a folder, a list file (``.txt``/``.lst``), one image, or a sequence of images
-            (case ids relative to their common folder); see :func:`atso_fast.io.list_inputs`.
-        output_dir: created if needed; inputs inside it are ignored when ``inputs`` is a parent
-            folder, and no output may overwrite an input or leave this folder.
+        inputs: a folder (case ids relative to it), a list file (``.txt``/``.lst``; case ids
+            are the entries' file names), one image, or a sequence of images (case ids relative
+            to their common folder); see :func:`atso_fast.io.list_inputs`.
+        output_dir: created if needed; must not lie inside a folder input, and no output may
+            overwrite an input or leave this folder.
         recursive: descend into sub-folders of a folder input.
         resume: skip cases whose last manifest row is ``ok`` and whose outputs exist;
             failed cases are retried.
+        overwrite: redo finished cases (their rows are replaced). Without ``resume`` or
+            ``overwrite`` a folder holding finished cases of this run is refused.
         num_parts: split the sorted inputs round robin into this many parts ...
         part_id: ... and process only this one (``0 <= part_id < num_parts``).
         save_confidence: also write the uint8 confidence map.
@@ -191,19 +184,21 @@ def relabel_archive(relabeler: Any, inputs: str | os.PathLike[str] | Sequence[st
     Returns:
         Summary dict: ``total, done, skipped, failed, seconds, cases_per_s, voxels_per_s,
         busy_fraction`` (time inside ``relabel_volume`` / wall time), ``failures``
-        (list of ``(case_id, error)``) and ``runtime`` (the relabeler's ``runtime_label`` at
-        the end, when it has one: which runtime ``auto`` chose).
+        (list of ``(case_id, error)``), ``skipped_inputs`` (list of ``(path, reason)``: hidden
+        files and linked folders left out) and ``runtime`` (the relabeler's ``runtime_label``
+        at the end, when it has one: which runtime ``auto`` chose).
 
     Raises:
-        InputError: ``inputs`` does not exist or cannot be listed.
-        ValueError: invalid ``num_parts``/``part_id``/thread counts.
+        InputError: the inputs cannot be listed, inputs and outputs overlap, two inputs share a
+            case id, or finished cases are here and neither ``resume`` nor ``overwrite``.
+        ValueError: invalid ``num_parts``/``part_id``/thread counts, ``resume`` with ``overwrite``.
         TypeError: ``relabeler`` has no ``relabel_volume``.
     """
     _check_options(relabeler, readers=readers, writers=writers, queue_size=queue_size)
     process = partial(_pipeline, relabeler, readers=readers, writers=writers, queue_size=queue_size)
     summary = run_archive(process, inputs, output_dir, recursive=recursive, resume=resume,
-                          num_parts=num_parts, part_id=part_id, save_confidence=save_confidence,
-                          progress=progress)
+                          overwrite=overwrite, num_parts=num_parts, part_id=part_id,
+                          save_confidence=save_confidence, progress=progress)
     label = getattr(relabeler, "runtime_label", None)  # optional (VolumeRelabeler)
     if label:
         summary["runtime"] = label
@@ -213,7 +208,7 @@ def relabel_archive(relabeler: Any, inputs: str | os.PathLike[str] | Sequence[st
 def run_archive(process: Callable[[list[Case], CaseRecorder], None],
                 inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
                 output_dir: str | os.PathLike[str], *, recursive: bool = False,
-                resume: bool = False, num_parts: int = 1, part_id: int = 0,
+                resume: bool = False, overwrite: bool = False, num_parts: int = 1, part_id: int = 0,
                 save_confidence: bool = False, progress: bool | None = None) -> dict[str, Any]:
     """Plan, resume and record an archive run around an engine's ``process(cases, tally)``.
 
@@ -225,18 +220,47 @@ def run_archive(process: Callable[[list[Case], CaseRecorder], None],
     and return value are those of :func:`relabel_archive`.
     """
     output_dir = Path(output_dir)
-    cases = _plan(inputs, output_dir, recursive=recursive, num_parts=num_parts,
-                  part_id=part_id, save_confidence=save_confidence)
+    plan, todo = _prepare(inputs, output_dir, recursive=recursive, resume=resume, overwrite=overwrite,
+                          num_parts=num_parts, part_id=part_id, save_confidence=save_confidence)
+    cases = plan.cases
     output_dir.mkdir(parents=True, exist_ok=True)
     with Manifest(output_dir / MANIFEST_NAME) as manifest:
-        todo = _pending(cases, manifest, output_dir) if resume else cases
-        _remove_stale_temps(todo)
+        manifest.drop({c.case_id for c in todo})  # redone cases get one new row each
+        remove_stale_temps(todo, also=[manifest.path])
+        report_skipped(plan.skipped)
         with _progress_bar(progress, len(cases), len(cases) - len(todo)) as bar:
             tally = _Tally(manifest, output_dir, bar)
             for case in (c for c in todo if c.error is not None):
                 tally.fail(case, case.error or "cannot plan outputs")
             process([c for c in todo if c.error is None], tally)
-    return _summary(tally, total=len(cases), skipped=len(cases) - len(todo))
+    summary = _summary(tally, total=len(cases), skipped=len(cases) - len(todo))
+    summary["skipped_inputs"] = [(str(path), why) for path, why in plan.skipped]
+    return summary
+
+
+def check_archive(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+                  output_dir: str | os.PathLike[str], *, recursive: bool = False, resume: bool = False,
+                  overwrite: bool = False, num_parts: int = 1, part_id: int = 0,
+                  save_confidence: bool = False) -> dict[str, int]:
+    """Everything :func:`run_archive` refuses up front, checked without writing anything (the
+    CLI calls it before it loads the model). Returns ``{"total": cases, "todo": to do}``.
+
+    Raises:
+        InputError, ValueError: as :func:`relabel_archive`.
+    """
+    plan, todo = _prepare(inputs, Path(output_dir), recursive=recursive, resume=resume, overwrite=overwrite,
+                          num_parts=num_parts, part_id=part_id, save_confidence=save_confidence)
+    return {"total": len(plan.cases), "todo": len(todo)}
+
+
+def _prepare(inputs: Any, output_dir: Path, *, resume: bool, overwrite: bool, **plan_kw: Any) -> tuple[Any, list[Case]]:
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: resume skips finished cases, "
+                         "overwrite redoes them")
+    plan = plan_archive(inputs, output_dir, **plan_kw)
+    todo = check_resume(plan.cases, Manifest(output_dir / MANIFEST_NAME), output_dir, resume=resume,
+                        overwrite=overwrite)
+    return plan, todo
 
 
 def relabel_case(relabeler: Any, case_id: str, path: str | os.PathLike[str],
@@ -250,7 +274,7 @@ def relabel_case(relabeler: Any, case_id: str, path: str | os.PathLike[str],
     case = Case(case_id, Path(path), {k: Path(v) for k, v in outputs.items()})
     read: Future = Future()
     try:
-        read.set_result(read_volume(case.path))
+        read.set_result(read_input(case.path))
     except Exception as exc:  # reported by _take exactly as a reader thread's error
         read.set_exception(exc)
     loaded = _take(case, read, tally)
@@ -279,89 +303,6 @@ def _summary(tally: _Tally, *, total: int, skipped: int) -> dict[str, Any]:
         "busy_fraction": min(tally.busy / seconds, 1.0) if seconds > 0 else 0.0,
         "failures": list(tally.failures),
     }
-
-
-# -------------------------------------------------------------------------------- planning
-def _collect(inputs: Any, output_dir: Path, recursive: bool) -> tuple[list[Path], Path]:
-    """Input paths and the root their case ids are relative to."""
-    if isinstance(inputs, (str, os.PathLike)):
-        paths, root = list_inputs(inputs, recursive=recursive), input_root(inputs)
-        real_out, real_root = os.path.realpath(output_dir), os.path.realpath(root)
-        if Path(inputs).is_dir() and real_out != real_root:  # skip earlier outputs in a subfolder
-            paths = [p for p in paths
-                     if os.path.commonpath([os.path.realpath(p), real_out]) != real_out]
-        return paths, root
-    paths = [Path(p) for p in inputs]
-    parents = [os.path.abspath(p.parent) for p in paths]
-    return paths, Path(os.path.commonpath(parents)) if parents else Path.cwd()
-
-
-def _plan(inputs: Any, output_dir: Path, *, recursive: bool, num_parts: int, part_id: int,
-          save_confidence: bool) -> list[Case]:
-    """Cases of this part with their output paths; name clashes become planning errors."""
-    all_paths, root = _collect(inputs, output_dir, recursive)
-    paths = select_part(all_paths, num_parts, part_id)
-    all_inputs = frozenset(os.path.realpath(p) for p in all_paths)
-    owners: dict[str, str] = {}
-    cases = []
-    for path in paths:
-        case = _plan_case(path, root, output_dir, save_confidence, all_inputs)
-        clash = next((owners[os.path.realpath(p)] for p in case.outputs.values()
-                      if os.path.realpath(p) in owners), None)
-        if clash is not None:  # report under the input path so the owner's rows stay clean
-            case = Case(str(path), path, error=f"{path}: output name clashes with case {clash}")
-        for out in case.outputs.values():
-            owners[os.path.realpath(out)] = case.case_id
-        cases.append(case)
-    return cases
-
-
-def _plan_case(path: Path, root: Path, output_dir: Path, save_confidence: bool,
-               all_inputs: frozenset[str]) -> Case:
-    try:
-        cid = make_case_id(path, root)
-    except InputError as exc:
-        return Case(path.name, path, error=str(exc))
-    try:
-        suffix = format_for(path).output_suffix  # confidence maps add _confidence before it
-        outputs = {"labels": output_path(output_dir, cid, suffix, inputs=all_inputs)}
-        if save_confidence:
-            outputs["confidence"] = output_path(output_dir, cid, "_confidence" + suffix,
-                                                inputs=all_inputs)
-    except InputError as exc:
-        return Case(cid, path, error=str(exc))
-    except ValueError as exc:
-        return Case(cid, path, error=f"{path}: {exc}")
-    return Case(cid, path, outputs)
-
-
-def _pending(cases: list[Case], manifest: Manifest, output_dir: Path) -> list[Case]:
-    """Cases still to do: not finished in the manifest with the same output files present."""
-    finished = manifest.completed()
-    todo = []
-    for case in cases:
-        row = finished.get(case.case_id) if case.error is None else None
-        recorded = row.get("outputs", {}) if row else {}
-        wanted = {k: Path(os.path.relpath(p, output_dir)).as_posix() for k, p in case.outputs.items()}
-        if not row or any(recorded.get(k) != v for k, v in wanted.items()):
-            todo.append(case)
-    return todo
-
-
-def _remove_stale_temps(cases: list[Case]) -> None:
-    """Delete temp files a killed run left for outputs this run is about to write."""
-    targets: dict[Path, set[str]] = {}
-    for case in cases:
-        for out in case.outputs.values():
-            targets.setdefault(out.parent, set()).add(out.name)
-    for folder, names in targets.items():
-        try:
-            entries = [e.name for e in os.scandir(folder)]
-        except OSError:
-            continue
-        for name in entries:
-            if is_temp_name(name) and name[1:name.rindex(".atso-")] in names:
-                (folder / name).unlink(missing_ok=True)
 
 
 # -------------------------------------------------------------------------------- pipeline
@@ -398,7 +339,26 @@ def _top_up(pending: deque, feed: Iterator[Case], pool: ThreadPoolExecutor, dept
         case = next(feed, None)
         if case is None:
             return
-        pending.append((case, pool.submit(read_volume, case.path)))
+        pending.append((case, pool.submit(read_input, case.path)))
+
+
+def read_input(path: Path) -> tuple[np.ndarray, VolumeMeta]:
+    """``read_volume(path)`` for a regular file only: a FIFO, socket, device or folder is
+    refused without being opened (opening a FIFO blocks until a writer comes, maybe never).
+
+    Raises:
+        InputError: naming the file and what it is.
+    """
+    problem = not_regular_error(path)
+    if problem:
+        raise InputError(problem)
+    array, meta = read_volume(path)
+    # a header can claim sizes its data cannot have (a negative NIfTI dim reads as data of
+    # another shape): refused here, before the relabeler runs on it
+    if min(meta.spatial_shape) < 1 or tuple(array.shape[-3:]) != tuple(meta.spatial_shape):
+        raise InputError(f"{path}: invalid image shape {tuple(meta.shape)} in its header (a size is not "
+                         f"positive or disagrees with the data, {tuple(array.shape)})")
+    return array, meta
 
 
 def _take(case: Case, future: Future, tally: CaseRecorder) -> tuple[np.ndarray, VolumeMeta] | None:

@@ -8,28 +8,36 @@ from __future__ import annotations
 import importlib
 import sys
 
+from atso_fast import __version__
+from atso_fast.cli.common import quiet_library_warnings, silence_stdout
+
 __all__ = ["main"]
 
 _COMMANDS = {
     "relabel": ("atso_fast.cli.relabel", "main", "relabel an archive of volumes with a model package"),
-    "export": ("atso_fast.cli.export", "main", "export a torch checkpoint to an ONNX model package"),
+    "export": ("atso_fast.cli.export", "main", "export a training checkpoint to an ONNX model package"),
     "train": ("atso_fast.train.cli", "train_main", "run ATSO (or a baseline) from a config file"),
     "demo": ("atso_fast.train.cli", "demo_main", "synthetic end-to-end demo on CPU, no downloads"),
     "bench": ("atso_fast.bench", "cli_main", "throughput benchmark of runtimes and settings"),
 }
+_BROKEN_PIPE = 141
+"""Exit status when stdout's reader went away (128 + SIGPIPE, what a shell reports for it)."""
 
 
 def _usage() -> str:
     lines = ["usage: atso-fast COMMAND [options]", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, _, help_) in _COMMANDS.items()]
-    lines += ["", "`atso-fast COMMAND --help` shows a command's options."]
+    lines += ["", "options:", "  -h, --help     show this message", "  -V, --version  show the version",
+              "", "`atso-fast COMMAND --help` shows a command's options."]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"atso-fast {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in _COMMANDS:
@@ -37,7 +45,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, func_name, _ = _COMMANDS[name]
     func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(rest) or 0)
+    try:
+        return int(func(rest) or 0)
+    except SystemExit as exc:  # argparse's --help (0) or usage error (2) inside a command
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            return 1
+        return int(exc.code or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``atso-fast COMMAND ...``; returns the exit status (141 when stdout was closed early)."""
+    quiet_library_warnings()
+    try:
+        code = _dispatch(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `atso-fast ... | head`: the reader has all it wanted
+        silence_stdout()
+        return _BROKEN_PIPE
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m atso_fast.cli`

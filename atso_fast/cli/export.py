@@ -1,47 +1,112 @@
-"""``atso-fast export CHECKPOINT OUT_DIR``: a checkpoint to a verified ONNX model package."""
+"""``atso-fast export CHECKPOINT OUT_DIR``: a training checkpoint to a verified ONNX model package."""
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import pickle
 import sys
 from pathlib import Path
+from typing import Any
 
+from atso_fast.cli.common import HelpFormatter, one_line
+from atso_fast.io import InputError, read_regular_file
 from atso_fast.package import PackageError, export_model, load_package
-from atso_fast.train.unet import build_model
+from atso_fast.train.atso import ATSOConfig, build_model
 
-__all__ = ["main"]
+__all__ = ["build_parser", "load_checkpoint", "main"]
+
+_DESCRIPTION = """\
+Export a checkpoint to a verified model package (model.onnx + model.pt2 + model.json) for
+`atso-fast relabel`.
+
+Checkpoints it takes:
+  1. an atso-fast training checkpoint: runs/<method>/checkpoint.pt written by `atso-fast train`
+     or `atso-fast demo` (also the warm-up's); window, classes, input channels and intensity
+     normalisation come from the checkpoint, so no other option is needed;
+  2. a pickled torch.nn.Module saved with torch.save(model, path), only with --trust-pickle:
+     loading a pickle runs code from the file, so only do this for a file you made yourself;
+     give --window and --classes.
+Checkpoints are read with torch.load(weights_only=True), which loads tensors and plain
+containers only; anything else is refused unless --trust-pickle."""
 
 
-def _load_checkpoint_module(path: Path):
-    """A module from a checkpoint: a pickled ``nn.Module`` (trusted file) or an atso-fast
-    training checkpoint holding ``model_config`` + ``model_state``."""
+def load_checkpoint(path: Path, *, trust_pickle: bool = False) -> tuple[Any, dict[str, Any]]:
+    """``(module, settings)`` from a checkpoint of a kind listed in the command's help.
+
+    ``settings`` holds what the checkpoint records (``window``, ``num_classes``,
+    ``in_channels``, ``normalization``); empty for a pickled module.
+
+    Raises:
+        PackageError: not a checkpoint of those kinds, or a pickle without ``trust_pickle``.
+    """
     import torch
 
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        data = read_regular_file(path)
+    except InputError as exc:
+        raise PackageError(str(exc)) from None
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trust_pickle:
+            raise PackageError(f"{path}: holds pickled Python objects beyond tensors (a pickled nn.Module?): "
+                               f"{one_line(str(exc))[:160]}. Loading it would run code from the file; pass "
+                               "--trust-pickle only if you made this file yourself") from None
+        obj = _load_pickle(data, path)
+    except Exception as exc:  # noqa: BLE001 - corrupt zip, not a torch file, ...
+        raise PackageError(f"{path}: not a torch checkpoint ({type(exc).__name__}: {one_line(str(exc))})") from None
     if isinstance(obj, torch.nn.Module):
         return obj, {}
-    if isinstance(obj, dict) and "model_state" in obj and "model_config" in obj:
-        model = build_model(obj["model_config"])
-        model.load_state_dict(obj["model_state"])
-        return model, obj
-    raise PackageError(f"{path}: expected a pickled torch.nn.Module or an atso-fast checkpoint "
-                       "with model_config/model_state")
+    if isinstance(obj, dict) and isinstance(obj.get("config"), dict) and isinstance(obj.get("model"), dict):
+        return _from_training_checkpoint(obj, path)
+    raise PackageError(f"{path}: a {type(obj).__name__}, not an atso-fast training checkpoint (a dict with "
+                       "'config' and 'model', as runs/<method>/checkpoint.pt) or a pickled nn.Module")
+
+
+def _load_pickle(data: bytes, path: Path) -> Any:
+    import torch
+
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - whatever the pickle raises
+        raise PackageError(f"{path}: cannot unpickle ({type(exc).__name__}: {one_line(str(exc))})") from None
+
+
+def _from_training_checkpoint(obj: dict[str, Any], path: Path) -> tuple[Any, dict[str, Any]]:
+    """The U-Net of an ``ATSO`` state (``atso_fast.train.atso.ATSO.state_dict``) and its settings."""
+    try:
+        config = ATSOConfig.coerce(obj["config"])
+        model = build_model(config)
+        model.load_state_dict(obj["model"])
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+        raise PackageError(f"{path}: training checkpoint does not match its config ({one_line(str(exc))})") from None
+    norm = config.normalization if isinstance(config.normalization, dict) else None
+    return model.eval(), {"window": list(config.patch_size), "num_classes": config.num_classes,
+                          "in_channels": config.in_channels, "normalization": norm}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Argument parser of ``atso-fast export``."""
+    ap = argparse.ArgumentParser(prog="atso-fast export", description=_DESCRIPTION, formatter_class=HelpFormatter)
+    ap.add_argument("checkpoint", type=Path, help="checkpoint file (see the kinds above)")
+    ap.add_argument("out_dir", type=Path, help="package folder to write (created)")
+    ap.add_argument("--window", type=int, nargs="+", help="patch size (default: the checkpoint's)")
+    ap.add_argument("--classes", type=int, help="output channels (default: the checkpoint's)")
+    ap.add_argument("--in-channels", type=int, help="input channels (default: the checkpoint's, else 1)")
+    ap.add_argument("--kind", choices=["logits", "probabilities"], default="logits", help="what the network outputs")
+    ap.add_argument("--normalization",
+                    help="JSON intensity policy, e.g. '{\"scheme\": \"zscore\"}' (default: the checkpoint's)")
+    ap.add_argument("--trust-pickle", action="store_true",
+                    help="allow a pickled nn.Module (runs code from the file: only for files you made)")
+    return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     """``atso-fast export CHECKPOINT OUT_DIR [--window Z Y X] [--classes C] ...``."""
-    ap = argparse.ArgumentParser(prog="atso-fast export", description=main.__doc__)
-    ap.add_argument("checkpoint", type=Path)
-    ap.add_argument("out_dir", type=Path)
-    ap.add_argument("--window", type=int, nargs="+", help="patch size (defaults to the checkpoint's)")
-    ap.add_argument("--classes", type=int, help="output channels (defaults to the checkpoint's)")
-    ap.add_argument("--in-channels", type=int)
-    ap.add_argument("--kind", choices=["logits", "probabilities"], default="logits")
-    ap.add_argument("--normalization", help="JSON policy, e.g. '{\"scheme\": \"zscore\"}'")
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        module, ckpt = _load_checkpoint_module(args.checkpoint)
-        cfg = ckpt.get("package", {}) if isinstance(ckpt, dict) else {}
+        module, cfg = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
         window = args.window or cfg.get("window")
         classes = args.classes or cfg.get("num_classes")
         if window is None or classes is None:
@@ -50,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         out = export_model(module, args.out_dir, window=window, num_classes=classes, kind=args.kind,
                            normalization=norm, in_channels=args.in_channels or cfg.get("in_channels", 1))
     except (PackageError, OSError, ValueError) as exc:
-        print(f"atso-fast export: {exc}", file=sys.stderr)
+        print(f"atso-fast export: {one_line(str(exc))}", file=sys.stderr)
         return 2
     print(json.dumps(load_package(out).to_json()))
     return 0

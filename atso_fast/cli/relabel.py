@@ -13,7 +13,8 @@ from functools import partial
 from typing import Any
 
 from atso_fast import ray_engine
-from atso_fast.archive import relabel_archive
+from atso_fast.archive import check_archive, relabel_archive
+from atso_fast.cli.common import HelpFormatter, one_line
 from atso_fast.engine import Relabeler
 from atso_fast.io import InputError, select_part
 from atso_fast.package import PackageError
@@ -23,25 +24,45 @@ __all__ = ["build_parser", "main"]
 
 _RAY_FLAGS = ("--address", "--workers", "--gpus-per-worker", "--cpus-per-worker")
 """Options of ``--engine ray`` only (``None`` unless given)."""
+DEFAULT_OVERLAP = 0.5
+
+_DESCRIPTION = """\
+Relabel an archive of volumes with an exported model package.
+
+MODEL_DIR, INPUT and OUTPUT_DIR may be given as positionals (in this order) or as -m, -i and
+-o, as nnU-Net's predict commands take them. INPUT is a folder (case ids are paths relative to
+it without the image suffix and nnU-Net's _0000), a list file (.txt/.lst: one path per line;
+case ids are the file names) or one image. OUTPUT_DIR gets one label map per case and
+manifest.jsonl (one row per case). A folder that already holds finished cases needs --resume
+(skip them) or --overwrite (redo them)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Argument parser of ``atso-fast relabel`` (nnU-Net-like aliases where they exist)."""
-    p = argparse.ArgumentParser(
-        prog="atso-fast relabel",
-        description="Relabel an archive of volumes with an exported model package.")
-    p.add_argument("model_dir", help="model package folder (model.onnx + model.json)")
-    p.add_argument("input", help="folder, list file (.txt/.lst) or single image")
-    p.add_argument("output_dir", help="output folder (labels, confidence, manifest.jsonl)")
-    p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"])
-    p.add_argument("--device", "-device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("-o", "--overlap", type=float, default=0.5, help="window overlap in [0, 1)")
+    """Argument parser of ``atso-fast relabel`` (nnU-Net spellings accepted where they exist)."""
+    p = argparse.ArgumentParser(prog="atso-fast relabel", description=_DESCRIPTION, formatter_class=HelpFormatter)
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help="MODEL_DIR INPUT OUTPUT_DIR, in this order; they fill whichever of the three "
+                   "-m/-i/-o leave out")
+    p.add_argument("-m", "--model", dest="model_dir", help="model package folder (model.onnx + model.json) (default: the 1st PATH)")
+    p.add_argument("-i", "--input", dest="input", help="folder, list file (.txt/.lst) or single image (default: the next PATH)")
+    p.add_argument("-o", "--output", dest="output_dir", help="output folder: labels, confidence, manifest.jsonl (default: the next PATH)")
+    p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"],
+                   help="inference runtime; auto measures torch against ONNX Runtime on CPU")
+    p.add_argument("--device", "-device", default="cpu", choices=["cpu", "cuda"], help="where the network runs")
+    p.add_argument("--overlap", type=float, default=None,
+                   help=f"window overlap in [0, 1) (default: {DEFAULT_OVERLAP})")
+    p.add_argument("-step_size", "--step_size", dest="step_size", type=float, default=None,
+                   help="nnU-Net's spelling: window step as a fraction of the window, in (0, 1]; "
+                   f"overlap = 1 - step_size (default: {1 - DEFAULT_OVERLAP})")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--threshold", type=float, default=0.0,
-                   help="max probability below this becomes --ignore-index")
-    p.add_argument("--ignore-index", type=int, default=255)
+                   help="voxels whose max probability is below this get --ignore-index")
+    p.add_argument("--ignore-index", type=int, default=255, help="label of voxels below --threshold")
     p.add_argument("--mirror", action="store_true", help="mirror test-time augmentation")
-    p.add_argument("--precision", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--disable_tta", dest="mirror", action="store_false",
+                   help="nnU-Net's spelling: no mirror test-time augmentation (default here)")
+    p.add_argument("--precision", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="network precision")
     p.add_argument("--accumulate-dtype", default="float32", choices=["float32", "float16"],
                    help="blending accumulator precision (float16 halves its memory)")
     p.add_argument("--nonfinite", default="fail", choices=["fail", "ignore"],
@@ -50,38 +71,67 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads of the runtime (ONNX Runtime session or torch intra-op; default: all cores)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the torch runtime (implies --runtime torch; slow first batch)")
-    p.add_argument("--save-confidence", action="store_true", help="also write <case>_confidence")
-    p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
-    p.add_argument("--resume", "--continue_prediction", action="store_true",
-                   help="skip cases already finished in OUTPUT_DIR/manifest.jsonl")
-    p.add_argument("--num-parts", "--num_parts", type=int, default=1)
-    p.add_argument("--part-id", "--part_id", type=int, default=0)
-    p.add_argument("--readers", "-npp", type=int, default=2, help="reader threads")
-    p.add_argument("--writers", "-nps", type=int, default=2, help="writer threads")
+    p.add_argument("--save-confidence", action="store_true", help="also write <case>_confidence (uint8)")
+    p.add_argument("--recursive", action="store_true", help="descend into sub-folders of a folder INPUT")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", "--continue_prediction", action="store_true",
+                       help="skip cases already finished in OUTPUT_DIR/manifest.jsonl (failed ones are retried)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="redo cases already finished in OUTPUT_DIR (their manifest rows are replaced)")
+    p.add_argument("--num-parts", "--num_parts", "-num_parts", type=int, default=1,
+                   help="split the sorted inputs into this many parts (one process each) ...")
+    p.add_argument("--part-id", "--part_id", "-part_id", type=int, default=0,
+                   help="... and relabel only this one, in [0, num-parts)")
+    p.add_argument("--readers", "-npp", type=int, default=2, help="reader threads (decode ahead)")
+    p.add_argument("--writers", "-nps", type=int, default=2, help="writer threads (compress and write behind)")
     p.add_argument("--engine", default="local", choices=["local", "ray"],
                    help="local: threads in this process; ray: actors on a Ray cluster")
-    group = p.add_argument_group("--engine ray")
-    group.add_argument("--address", metavar="ADDR",
-                       help="Ray cluster address (default: a running local cluster, else a new "
-                       "local instance)")
-    group.add_argument("--workers", type=int, metavar="N",
-                       help="actors, each loading the model once (default 1)")
-    group.add_argument("--gpus-per-worker", type=float, metavar="G",
-                       help="GPUs per actor (default 0, or 1 with --device cuda)")
-    group.add_argument("--cpus-per-worker", type=float, metavar="C", help="CPUs per actor (default 1)")
+    ray = p.add_argument_group("--engine ray")
+    ray.add_argument("--address", metavar="ADDR",
+                     help="Ray cluster address (default: a running local cluster, else a new local instance)")
+    ray.add_argument("--workers", type=int, metavar="N", help="actors, each loading the model once (default: 1)")
+    ray.add_argument("--gpus-per-worker", type=float, metavar="G",
+                     help="GPUs per actor (default: 0, or 1 with --device cuda)")
+    ray.add_argument("--cpus-per-worker", type=float, metavar="C", help="CPUs per actor (default: 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     return p
 
 
+def _resolve(args: argparse.Namespace) -> None:
+    """Fill MODEL_DIR/INPUT/OUTPUT_DIR from the positionals and the overlap from -step_size.
+
+    Raises:
+        ValueError: a path given twice or missing, or both --overlap and -step_size.
+    """
+    free = list(args.paths)
+    for name, flag in (("model_dir", "-m/--model"), ("input", "-i/--input"), ("output_dir", "-o/--output")):
+        if getattr(args, name) is None:
+            if free:
+                setattr(args, name, free.pop(0))
+            else:
+                raise ValueError(f"{name.upper()} missing: give MODEL_DIR INPUT OUTPUT_DIR (or -m, -i, -o)")
+    if free:
+        raise ValueError(f"{' '.join(free)}: a path given twice (positionals and -m/-i/-o name the same three)")
+    if args.step_size is not None:
+        if args.overlap is not None:
+            raise ValueError("give --overlap or -step_size, not both (overlap = 1 - step_size)")
+        if not 0 < args.step_size <= 1:
+            raise ValueError(f"-step_size must be in (0, 1], got {args.step_size}")
+        args.overlap = 1.0 - args.step_size
+    elif args.overlap is None:
+        args.overlap = DEFAULT_OVERLAP
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``atso-fast relabel ...``: 0 when every case succeeded, 1 when any failed, 2 on bad usage,
-    a missing input or a model package that cannot be loaded."""
+    an input that cannot be relabelled as asked, or a model package that cannot be loaded."""
     try:
         args = build_parser().parse_args(None if argv is None else list(argv))
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
     try:
+        _resolve(args)
         select_part([], args.num_parts, args.part_id)
         for name in ("readers", "writers", "batch_size"):
             if getattr(args, name) < 1:
@@ -89,16 +139,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         ray_flags = [f for f in _RAY_FLAGS if getattr(args, f[2:].replace("-", "_")) is not None]
         if args.engine == "local" and ray_flags:
             raise ValueError(f"{', '.join(ray_flags)} only apply to --engine ray")
-    except ValueError as exc:
+        # everything about the inputs and the output folder, before the (slow) model load
+        check_archive(args.input, args.output_dir, **_archive_kwargs(args))
+    except (ValueError, OSError) as exc:  # InputError is a ValueError
         return _usage_error(str(exc))
     run, stop_errors = _ray_runner(args) if args.engine == "ray" else _local_runner(args)
     if run is None:
         return 2
     try:
-        summary = run(args.input, args.output_dir, recursive=args.recursive, resume=args.resume,
-                      num_parts=args.num_parts, part_id=args.part_id,
-                      save_confidence=args.save_confidence,
-                      progress=False if args.quiet else None)
+        summary = run(args.input, args.output_dir, progress=False if args.quiet else None, **_archive_kwargs(args))
     except (InputError, OSError) as exc:
         return _usage_error(str(exc))
     except stop_errors as exc:  # the Ray run stopped; finished cases are in the manifest
@@ -112,14 +161,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if summary["failed"] else 0
 
 
+def _archive_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"recursive": args.recursive, "resume": args.resume, "overwrite": args.overwrite,
+            "num_parts": args.num_parts, "part_id": args.part_id, "save_confidence": args.save_confidence}
+
+
 def _usage_error(message: str) -> int:
     print(f"atso-fast relabel: error: {_one_line(message)}", file=sys.stderr)
     return 2
 
 
 def _one_line(message: str) -> str:
-    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    return lines[0] if lines else "unknown error"
+    return one_line(message)
 
 
 def _relabeler_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -173,4 +226,6 @@ def _print_summary(summary: dict[str, Any], args: argparse.Namespace) -> None:
               f"{summary['seconds']:.1f} s: {summary['cases_per_s']:.2f} cases/s, "
               f"{summary['voxels_per_s'] / 1e6:.3g} Mvox/s, runtime busy "
               f"{100 * summary['busy_fraction']:.0f}%"
-              + (f", runtime {summary['runtime']}" if summary.get("runtime") else ""))
+              + (f", runtime {summary['runtime']}" if summary.get("runtime") else "")
+              + (f"; {len(summary['skipped_inputs'])} inputs left out (see above)"
+                 if summary.get("skipped_inputs") else ""))

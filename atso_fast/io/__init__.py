@@ -9,9 +9,17 @@ from __future__ import annotations
 
 from atso_fast.io import nifti as _nifti  # noqa: F401  (registers the format)
 from atso_fast.io import numpy_io as _numpy_io  # noqa: F401  (registers the formats)
-from atso_fast.io.atomic import atomic_write_bytes, is_temp_name
+from atso_fast.io.atomic import atomic_write_bytes, is_stale_temp, is_temp_name
 from atso_fast.io.base import InputError, VolumeMeta, has_nonfinite
-from atso_fast.io.listing import LIST_SUFFIXES, input_root, list_inputs, select_part
+from atso_fast.io.files import not_regular_error, read_regular_file
+from atso_fast.io.listing import (
+    LIST_SUFFIXES,
+    Listing,
+    input_root,
+    list_inputs,
+    scan_inputs,
+    select_part,
+)
 from atso_fast.io.manifest import MANIFEST_FIELDS, Manifest
 from atso_fast.io.naming import case_id, output_path
 from atso_fast.io.nifti import GZIP_LEVEL
@@ -33,6 +41,7 @@ __all__ = [
     "ImageFormat",
     "InputError",
     "LIST_SUFFIXES",
+    "Listing",
     "MANIFEST_FIELDS",
     "Manifest",
     "VolumeMeta",
@@ -43,11 +52,15 @@ __all__ = [
     "has_nonfinite",
     "image_suffix",
     "input_root",
+    "is_stale_temp",
     "is_temp_name",
     "list_inputs",
+    "not_regular_error",
     "output_path",
+    "read_regular_file",
     "read_volume",
     "register_format",
+    "scan_inputs",
     "select_part",
     "supported_suffixes",
     "volume_format",

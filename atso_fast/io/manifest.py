@@ -5,11 +5,19 @@ import json
 import math
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from atso_fast.io.atomic import atomic_write_bytes
+
+try:  # POSIX advisory locks; elsewhere processes sharing one manifest are not coordinated
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["MANIFEST_FIELDS", "Manifest"]
 
@@ -36,6 +44,12 @@ class Manifest:
 
     Row ``outputs`` map a name (``"labels"``, ``"confidence"``) to a path relative to the
     manifest's folder (absolute paths work too).
+
+    One row per case: a run first removes the rows of the cases it is about to redo
+    (:meth:`drop`, an atomic rewrite), then appends one row per case. Appends and rewrites
+    hold an advisory lock on the manifest's folder (``flock``), and an appender whose file was
+    replaced by another process's rewrite reopens it, so processes sharing a manifest (parts)
+    never lose each other's rows.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -67,16 +81,54 @@ class Manifest:
         full = {key: row.get(key) for key in MANIFEST_FIELDS}
         full.update((k, v) for k, v in row.items() if k not in full)
         line = (json.dumps(_jsonable(full), allow_nan=False) + "\n").encode("utf-8")
-        with self._lock:
+        with self._lock, self._folder_lock():
             fd = self._open()
             view = memoryview(line)
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
 
+    def drop(self, case_ids: Collection[str]) -> int:
+        """Remove every row of ``case_ids`` (and torn lines) in one atomic rewrite; returns how
+        many lines went. Rows of other cases (another part's, say) are kept as they are."""
+        drop = set(case_ids)
+        with self._lock, self._folder_lock():
+            try:
+                lines = self.path.read_bytes().splitlines(keepends=True)
+            except FileNotFoundError:
+                return 0
+            kept = [line for line in lines if _row_id(line) not in drop and _row_id(line) is not None]
+            if len(kept) == len(lines):
+                return 0
+            kept = [line if line.endswith(b"\n") else line + b"\n" for line in kept]
+            atomic_write_bytes(self.path, kept)
+            return len(lines) - len(kept)
+
+    @contextmanager
+    def _folder_lock(self) -> Iterator[None]:
+        """An exclusive ``flock`` on the manifest's folder (the file itself is replaced by
+        :meth:`drop`, so it cannot carry the lock); a no-op where locks are unavailable."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path.parent, os.O_RDONLY)
+        except OSError:
+            yield
+            return
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except OSError:  # file systems without flock support
+                    pass
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def _open(self) -> int:
+        if self._fd is not None and not _same_file(self._fd, self.path):
+            os.close(self._fd)  # another process rewrote the manifest: append to the new file
+            self._fd = None
         if self._fd is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
             if _ends_torn(self.path):
                 os.write(fd, b"\n")
@@ -113,6 +165,23 @@ class Manifest:
         if not isinstance(outputs, dict) or not outputs:
             return False
         return all(isinstance(p, str) and (self.path.parent / p).is_file() for p in outputs.values())
+
+
+def _row_id(line: bytes) -> str | None:
+    """The case id of a manifest line, or None for a torn or garbled one."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row.get("case_id") or None if isinstance(row, dict) else None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _ends_torn(path: Path) -> bool:

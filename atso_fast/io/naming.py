@@ -11,18 +11,19 @@ from atso_fast.io.registry import image_suffix
 __all__ = ["case_id", "output_path"]
 
 
-def case_id(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> str:
+def case_id(path: str | os.PathLike[str], root: str | os.PathLike[str] | None) -> str:
     """Case name: ``path`` relative to ``root`` without the image suffix, ``/``-separated.
 
     ``root/a/b/case1.nii.gz`` gives ``"a/b/case1"``; nnU-Net's ``_0000`` channel suffix is
-    stripped (``case1_0000.nii.gz`` gives ``"case1"``). A path outside ``root`` gives its bare name.
+    stripped (``case1_0000.nii.gz`` gives ``"case1"``). A path outside ``root``, or any path
+    when ``root`` is ``None`` (the entries of a list file), gives its bare name.
 
     Raises:
         InputError: the name is empty once the suffix is removed.
     """
     path = Path(os.path.abspath(path))
     try:
-        rel = path.relative_to(os.path.abspath(root))
+        rel = path.relative_to(os.path.abspath(root)) if root is not None else Path(path.name)
     except ValueError:
         rel = Path(path.name)
     name = rel.name

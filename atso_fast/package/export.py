@@ -120,6 +120,7 @@ def export_model(module, out_dir: str | os.PathLike, *, window, num_classes: int
     pkg = ModelPackage(out, win, in_channels, num_classes, kind, norm, spacing, class_names, "model.onnx",
                        "model.pt2" if program is not None else None,
                        {"onnx_sha256": hashlib.sha256(data).hexdigest(), "onnx_max_abs_diff": diff,
-                        "atso_fast_version": __version__})
+                        "atso_fast_version": __version__,
+                        **({"torch_sha256": hashlib.sha256(program).hexdigest()} if program is not None else {})})
     atomic_write_bytes(out / "model.json", (json.dumps(pkg.to_json(), indent=2) + "\n").encode())
     return out

@@ -5,21 +5,18 @@ problem in a :class:`PackageError` (see ``atso_fast/CONTRACTS.md`` for the forma
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from atso_fast.package.errors import PackageError
 from atso_fast.package.normalize import check_policy
+from atso_fast.package.trust import read_meta, verify_package
 
 __all__ = ["FORMAT_VERSION", "ModelPackage", "PackageError", "load_package", "validate_meta"]
 
 FORMAT_VERSION = 1
-
-
-class PackageError(ValueError):
-    """A model package is missing, unreadable or inconsistent."""
 
 
 @dataclass
@@ -82,22 +79,16 @@ def validate_meta(window, in_channels, num_classes, kind, normalization, where: 
 
 
 def load_package(model_dir: str | os.PathLike) -> ModelPackage:
-    """Read and validate ``model_dir/model.json`` (and that its ONNX file exists).
+    """Read and validate ``model_dir/model.json`` and the files it names (untrusted input: see
+    :mod:`atso_fast.package.trust` for the path, hash, graph-shape and torch-program checks).
 
     Raises:
         PackageError: naming the file and the problem.
     """
     root = Path(model_dir)
-    meta_path = root / "model.json"
-    if not meta_path.is_file():
-        raise PackageError(f"{meta_path}: not found (a model package is a folder with model.json + model.onnx)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PackageError(f"{meta_path}: unreadable JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        raise PackageError(f"{meta_path}: format_version must be {FORMAT_VERSION}, got {meta.get('format_version')!r}"
-                           if isinstance(meta, dict) else f"{meta_path}: must hold a JSON object")
+    meta_path, meta = read_meta(root)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise PackageError(f"{meta_path}: format_version must be {FORMAT_VERSION}, got {meta.get('format_version')!r}")
     win, norm = validate_meta(meta.get("window"), meta.get("in_channels"), meta.get("num_classes"),
                                meta.get("kind"), meta.get("normalization"), str(meta_path))
     known = {"format_version", "spatial_dims", "window", "in_channels", "num_classes", "kind", "normalization",
@@ -105,6 +96,5 @@ def load_package(model_dir: str | os.PathLike) -> ModelPackage:
     pkg = ModelPackage(root, win, meta["in_channels"], meta["num_classes"], meta["kind"], norm,
                        meta.get("spacing"), meta.get("class_names"), meta.get("onnx_file") or "model.onnx",
                        meta.get("torch_file"), {k: v for k, v in meta.items() if k not in known})
-    if not pkg.onnx_path.is_file():
-        raise PackageError(f"{pkg.onnx_path}: ONNX file named in {meta_path} not found")
+    verify_package(pkg, meta, meta_path)
     return pkg

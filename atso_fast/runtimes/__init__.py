@@ -16,6 +16,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from atso_fast.io.pt2 import UnsafeArchiveError
 from atso_fast.runtimes.base import Runtime, RuntimeUnavailable
 from atso_fast.runtimes.onnx_rt import OnnxRuntime, onnxruntime_has_cuda
 from atso_fast.runtimes.probe import ProbeRuntime
@@ -101,6 +102,8 @@ def _probe_runtime(kw: dict[str, Any]) -> ProbeRuntime:
     for name in ("torch", "onnxruntime"):
         try:
             candidates[name] = create_runtime(name, **kw)
+        except UnsafeArchiveError:  # a package that could run code is never a fallback case
+            raise
         except Exception as exc:  # noqa: BLE001 - any load failure leaves the other candidate
             errors[name] = exc
     if not candidates:

@@ -14,8 +14,9 @@ import json
 import logging
 import math
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from atso_fast.package import export_model
 from atso_fast.runtimes.torch_rt import torch_threads
 from atso_fast.train.atso import ATSO, run_methods
 
-__all__ = ["train_main", "demo_main", "load_config", "format_history", "export_package", "DEMO_SETTINGS"]
+__all__ = ["train_main", "demo_main", "build_train_parser", "build_demo_parser", "load_config", "format_history",
+           "export_package", "DEMO_SETTINGS", "DEMO_METHODS", "METHODS_LEGEND", "ROUNDS_LEGEND"]
 
 
 # Demo sizes: CPU-friendly 3D phantoms. "full" took 84 s with one torch thread on a 2-core CPU shared
@@ -124,17 +126,22 @@ def export_package(atso: Any, folder: str | Path, class_names: list[str] | None 
                         class_names=class_names)
 
 
-def train_main(argv: list[str] | None = None) -> int:
-    """``atso-fast train CONFIG [--resume] [--out DIR] [--no-export]``; returns the exit code."""
+def build_train_parser() -> argparse.ArgumentParser:
+    """Argument parser of ``atso-fast train``."""
     parser = argparse.ArgumentParser(prog="atso-fast train", description="Run ATSO (or a baseline) from a "
                                      "YAML/JSON config of ATSOConfig fields.")
     parser.add_argument("config", help="YAML or JSON file")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    parser.add_argument("--out", help="output folder (overrides out_dir)")
-    parser.add_argument("--no-export", action="store_true", help="skip exporting OUT/model")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (default: off)")
+    parser.add_argument("--out", help="output folder (default: the config's out_dir)")
+    parser.add_argument("--no-export", action="store_true", help="skip exporting OUT/model (default: off)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
+    return parser
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """``atso-fast train CONFIG [--resume] [--out DIR] [--no-export]``; returns the exit code."""
+    args = build_train_parser().parse_args(argv)
     _setup_logging(args.log_level)
 
     try:
@@ -167,7 +174,9 @@ def _relabel_archive(atso: Any, archive_root: str, out: Path, class_names: list[
     package = export_package(atso, out / "model", class_names)
     export_s = time.perf_counter() - start
     engine = Relabeler(package, runtime="auto", overlap=0.5, batch_size=4)
-    summary = engine.relabel_archive(Path(archive_root) / "imagesUn", out / "relabelled", progress=False)
+    # a rerun of the demo in the same folder redoes the relabelling (the model is new)
+    summary = engine.relabel_archive(Path(archive_root) / "imagesUn", out / "relabelled", overwrite=True,
+                                     progress=False)
     summary.update(export_seconds=export_s, package=str(package))
     return summary
 
@@ -185,26 +194,112 @@ def _demo_table(runs: dict[str, Any], class_names: list[str], relabel: dict[str,
     return text
 
 
+DEMO_METHODS = ("supervised", "self-training", "atso")
+
+METHODS_LEGEND = """\
+What the columns mean:
+  val mean Dice  overlap of the predicted and the true labels on the validation phantoms, averaged over the
+                 organ classes: 0 is no overlap, 1 a perfect match
+  liver ...      the same Dice for each class on its own
+  train s        seconds of training after the warm-up all three methods share
+Methods: supervised trains on the labelled phantoms only; self-training also trains on pseudo labels of
+all unlabelled phantoms made by the model itself; atso splits the unlabelled phantoms in two halves and
+labels each half with the model trained on the other, so a model never relabels the half it just learnt.
+relabel engine: the exported ATSO model labelling the unlabelled phantoms as `atso-fast relabel` does;
+volumes/s and Mvox/s (million voxels per second) are its speed, export the seconds to write the package."""
+
+ROUNDS_LEGEND = """\
+What the columns mean:
+  round       0 is the warm-up model M0 (labelled phantoms only); each later round trains once more
+  trained on  data of the round: L = labelled phantoms, U1 and U2 = the halves of the unlabelled ones
+  labels by   the model whose pseudo labels the round trained on (M0 = warm-up, M1 = after round 1, ...)
+  relabelled  the half that got new pseudo labels after the round, and by (the next column) which model
+  loss        training loss at the end of the round (lower is better)
+  pre-loss    loss of the model entering the round on the pseudo labels it is about to train on,
+              measured before training (the lazy-learning monitor: how much is left to learn there)
+  changed     fraction of pseudo-label voxels that changed when the half was relabelled
+  confidence  the model's highest class probability, averaged over the voxels it relabelled (0 to 1)
+  val Dice    mean Dice on the validation phantoms after the round"""
+
+
+class _DemoProgress:
+    """Training progress of the demo on stderr: a bar whose clock ticks every second on a terminal,
+    one line per finished stage otherwise. It is the runs' callback (after the warm-up and after
+    every round)."""
+
+    def __init__(self, settings: dict[str, Any], methods: Sequence[str], stream: Any = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        rounds = range(1, settings["rounds"] + 1)
+        self.stages = [("warm-up M0 (labelled phantoms only)", settings["warmup_steps"])]
+        self.stages += [(f"{m} round {r}", settings["steps_per_round"]) for m in methods for r in rounds]
+        self.index, self.steps_done = 0, 0
+        self.total = sum(steps for _, steps in self.stages)
+        self.bar, self._stop = None, threading.Event()
+        if bool(getattr(self.stream, "isatty", lambda: False)()):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, unit="step", file=self.stream, dynamic_ncols=True,
+                            desc=f"training: {self.stages[0][0]}", smoothing=0.3)
+            threading.Thread(target=self._tick, daemon=True, name="atso-demo-progress").start()
+        else:
+            print(f"atso-fast demo: training {len(self.stages)} stages, {self.total} steps "
+                  f"(first: {self.stages[0][0]})", file=self.stream, flush=True)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):
+            self.bar.refresh()
+
+    def __call__(self, atso: Any, metrics: dict[str, Any]) -> None:
+        name, steps = self.stages[min(self.index, len(self.stages) - 1)]
+        self.index += 1
+        self.steps_done += steps
+        line = f"{name}: val mean Dice {_fmt(metrics.get('val_mean_dice'))}, {metrics.get('seconds', 0):.1f} s"
+        if self.bar is None:
+            print(f"atso-fast demo: [{self.steps_done}/{self.total} steps] {line}", file=self.stream, flush=True)
+            return
+        self.bar.write(f"  {line}", file=self.stream)
+        if self.index < len(self.stages):
+            self.bar.set_description(f"training: {self.stages[self.index][0]}", refresh=False)
+        self.bar.update(steps)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _run_demo(settings: dict[str, Any], seed: int, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
     archive = make_archive(out / "archive", settings["n"], num_labelled=settings["num_labelled"],
                            num_val=settings["num_val"], shape=settings["shape"], seed=seed,
                            target_radius=(0.14, 0.22))
-    runs = run_methods(_demo_config(archive, settings, seed, out), ("supervised", "self-training", "atso"))
+    progress = _DemoProgress(settings, DEMO_METHODS)
+    try:
+        runs = run_methods(_demo_config(archive, settings, seed, out), DEMO_METHODS, callbacks=[progress])
+    finally:
+        progress.close()
+    print("atso-fast demo: exporting the ATSO model and relabelling the unlabelled phantoms", file=sys.stderr,
+          flush=True)
     relabel = _relabel_archive(runs["atso"], archive["root"], out, phantom_class_names())
     return runs, relabel
 
 
+def build_demo_parser() -> argparse.ArgumentParser:
+    """Argument parser of ``atso-fast demo``."""
+    parser = argparse.ArgumentParser(prog="atso-fast demo", description="Synthetic end-to-end ATSO demo on CPU: "
+                                     "a phantom archive, three training methods, export, the relabel engine.")
+    parser.add_argument("--out", default="_demo_out", help="output folder (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data, split and training (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (tests, < 1 minute) (default: off)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default: %(default)s: steady on shared machines; see DEMO_SETTINGS)")
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default: %(default)s)")
+    return parser
+
+
 def demo_main(argv: list[str] | None = None) -> int:
     """``atso-fast demo [--out DIR] [--seed S] [--quick]``; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="atso-fast demo", description="Synthetic end-to-end ATSO demo on CPU.")
-    parser.add_argument("--out", default="_demo_out", help="output folder (default ./_demo_out)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (tests, < 1 minute)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: steady on shared machines; see DEMO_SETTINGS)")
-    parser.add_argument("--log-level", default="WARNING")
-    args = parser.parse_args(argv)
+    args = build_demo_parser().parse_args(argv)
     _setup_logging(args.log_level)
     start = time.perf_counter()
     settings = DEMO_SETTINGS["quick" if args.quick else "full"]
@@ -219,6 +314,8 @@ def demo_main(argv: list[str] | None = None) -> int:
     print(f"atso-fast demo: {settings['n'] - settings['num_labelled']} unlabelled + {settings['num_labelled']} "
           f"labelled 3D phantoms {tuple(settings['shape'])}, {settings['num_val']} validation; seed {args.seed}\n")
     print(_demo_table(runs, names, relabel))
+    print(f"\n{METHODS_LEGEND}")
     print(f"\nATSO rounds:\n{format_history(runs['atso'].history)}")
+    print(f"\n{ROUNDS_LEGEND}")
     print(f"\ntotal {time.perf_counter() - start:.1f} s; outputs in {out}")
     return 1 if relabel["failed"] else 0

@@ -1,0 +1,202 @@
+"""The checks that make a model package safe to load: it is untrusted input.
+
+- Every file ``model.json`` names (``onnx_file``, ``torch_file``, any other ``*_file`` field) must
+  be a regular file inside the package folder after links are resolved; ``model.json`` too.
+- ``onnx_sha256`` / ``torch_sha256``, when recorded, must match the files (integrity against
+  mix-ups and corruption; an attacker who writes the files also writes the hashes).
+- The ONNX graph's input and output shapes must agree with ``window``, ``in_channels`` and
+  ``num_classes`` (refused when the package loads, not per case); ONNX external data (files the
+  graph names, outside the hash) is refused.
+- ``model.pt2`` must pass :func:`atso_fast.io.pt2.check_torch_program` (nothing in it may run
+  code), whichever runtime will run: a package that carries an unsafe program is refused. A file
+  that is no torch.export archive at all (say from another torch version) runs nothing and is
+  left to the torch runtime to report (``auto`` then runs ONNX Runtime, with a warning).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from atso_fast.io.base import InputError
+from atso_fast.io.files import not_regular_error, read_regular_file
+from atso_fast.io.pt2 import UnsafeArchiveError, check_torch_program
+from atso_fast.package.errors import PackageError
+
+__all__ = ["MAX_META_BYTES", "confined_file", "read_meta", "verify_package"]
+
+MAX_META_BYTES = 16 * 1024 * 1024
+"""``model.json`` above this size is refused (it is a small JSON object)."""
+
+
+def read_meta(root: Path) -> tuple[Path, dict[str, Any]]:
+    """``(path, object)`` of ``root/model.json``: a regular file inside ``root`` holding a JSON object.
+
+    Raises:
+        PackageError: naming the file and the problem (missing, a FIFO, outside, bad JSON, ...).
+    """
+    meta_path = root / "model.json"
+    if not os.path.lexists(meta_path):
+        raise PackageError(f"{meta_path}: not found (a model package is a folder with model.json + model.onnx)")
+    confined_file(root, "model.json", "model.json", meta_path)
+    try:
+        meta = json.loads(read_regular_file(meta_path, max_bytes=MAX_META_BYTES).decode("utf-8"))
+    except InputError as exc:
+        raise PackageError(str(exc)) from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise PackageError(f"{meta_path}: unreadable JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise PackageError(f"{meta_path}: must hold a JSON object")
+    return meta_path, meta
+
+
+def confined_file(root: Path, name: Any, field: str, meta_path: Path, *, required: bool = True) -> Path | None:
+    """``root / name`` when, after resolving links, it is a regular file inside ``root``.
+
+    Args:
+        required: a missing file is an error; otherwise ``None`` (an optional file such as
+            ``model.pt2``, which runtimes then treat as absent). Confinement applies either way.
+
+    Raises:
+        PackageError: ``name`` is not a relative file name, resolves outside ``root``, is missing
+            (when ``required``) or is not a regular file.
+    """
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise PackageError(f"{meta_path}: {field} must be a file name inside the package, got {name!r}")
+    if os.path.isabs(name):
+        raise PackageError(f"{meta_path}: {field} {name!r} is an absolute path, outside the package folder {root}")
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(root / name)
+    if os.path.commonpath([real, real_root]) != real_root or real == real_root:
+        raise PackageError(f"{meta_path}: {field} {name!r} resolves to {real}, outside the package folder {root}")
+    path = root / name
+    if not os.path.lexists(path) and not required:
+        return None
+    if not os.path.exists(path):
+        raise PackageError(f"{path}: {field} named in {meta_path} not found")
+    problem = not_regular_error(path)
+    if problem:
+        raise PackageError(f"{problem} ({field} in {meta_path})")
+    return path
+
+
+def verify_package(pkg: Any, meta: dict[str, Any], meta_path: Path) -> None:
+    """Run every check of the module docstring on a package just read from ``meta_path``.
+
+    Args:
+        pkg: the :class:`~atso_fast.package.ModelPackage` built from ``meta`` (``root``,
+            ``onnx_file``, ``torch_file``, ``window``, ``in_channels``, ``num_classes``).
+        meta: the parsed ``model.json``.
+        meta_path: its path, for messages.
+
+    Raises:
+        PackageError: naming the file and the problem.
+    """
+    root = Path(pkg.root)
+    for field, value in meta.items():
+        if field.endswith("_file") and value is not None and field not in ("onnx_file", "torch_file"):
+            confined_file(root, value, field, meta_path)
+    onnx_path = confined_file(root, pkg.onnx_file, "onnx_file", meta_path)
+    data = _read(onnx_path)
+    _check_hash(onnx_path, data, meta.get("onnx_sha256"), "onnx_sha256", meta_path)
+    check_onnx_graph(data, onnx_path, pkg, meta_path)
+    torch_path = confined_file(root, pkg.torch_file, "torch_file", meta_path, required=False) \
+        if pkg.torch_file else None
+    if torch_path is not None:  # a missing model.pt2 only means the torch runtime is unavailable
+        data = _read(torch_path)
+        _check_hash(torch_path, data, meta.get("torch_sha256"), "torch_sha256", meta_path)
+        try:
+            check_torch_program(data, str(torch_path))
+        except UnsafeArchiveError as exc:  # could run code: refused whatever the runtime
+            raise PackageError(f"{exc} (to run this package with ONNX Runtime only, delete {torch_path.name} "
+                               f"and its torch_file entry in {meta_path.name})") from None
+        except InputError:  # not a torch program at all (another torch version?): nothing can run
+            pass  # from it; the torch runtime reports it, and auto runs ONNX Runtime instead
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return read_regular_file(path)
+    except InputError as exc:
+        raise PackageError(str(exc)) from None
+
+
+def _check_hash(path: Path, data: bytes, expected: Any, field: str, meta_path: Path) -> None:
+    if expected is None:
+        return
+    actual = hashlib.sha256(data).hexdigest()
+    if not isinstance(expected, str) or actual != expected.lower():
+        raise PackageError(f"{path}: sha256 {actual} differs from {field} {expected} recorded in {meta_path} "
+                           "(the file is corrupt, was replaced, or belongs to another package)")
+
+
+def check_onnx_graph(data: bytes, path: Path, pkg: Any, meta_path: Path) -> None:
+    """The graph has one input ``(B, in_channels, *window)`` and its first output is
+    ``(B, num_classes, *window)`` wherever the graph fixes a dimension; no external data.
+
+    Raises:
+        PackageError: not an ONNX model, external data, or a shape that disagrees with model.json.
+    """
+    import onnx
+
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as exc:  # noqa: BLE001 - protobuf DecodeError and friends
+        raise PackageError(f"{path}: not a valid ONNX model ({type(exc).__name__}: {exc})") from None
+    if _uses_external_data(model.graph):
+        raise PackageError(f"{path}: the graph keeps weights in external data files, which are refused "
+                           "(re-export with the weights inside model.onnx)")
+    graph = model.graph
+    weights = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in weights]
+    if len(inputs) != 1 or not graph.output:
+        raise PackageError(f"{path}: expected one input and at least one output, got {len(inputs)} inputs "
+                           f"and {len(graph.output)} outputs")
+    _check_dims(_dims(inputs[0]), "in_channels", pkg.in_channels, pkg, path, meta_path, f"input {inputs[0].name!r}")
+    _check_dims(_dims(graph.output[0]), "num_classes", pkg.num_classes, pkg, path, meta_path,
+                f"output {graph.output[0].name!r}")
+
+
+def _dims(value: Any) -> list[int | None] | None:
+    """Fixed sizes of a graph value (``None`` for symbolic ones), or ``None`` when unknown."""
+    tensor = value.type.tensor_type
+    if not tensor.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+
+
+def _check_dims(dims: list[int | None] | None, field: str, channels: int, pkg: Any, path: Path,
+                meta_path: Path, what: str) -> None:
+    if dims is None:
+        return
+    window = tuple(pkg.window)
+    shown = "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+    if len(dims) != 2 + len(window):
+        raise PackageError(f"{meta_path}: window {list(window)} ({len(window)}D) disagrees with {path}: "
+                           f"its {what} has shape {shown}")
+    if dims[1] is not None and dims[1] != channels:
+        raise PackageError(f"{meta_path}: {field} {channels} disagrees with {path}: its {what} has "
+                           f"{dims[1]} channels (shape {shown})")
+    if any(d is not None and d != w for d, w in zip(dims[2:], window)):
+        raise PackageError(f"{meta_path}: window {list(window)} disagrees with {path}: its {what} has "
+                           f"shape {shown}")
+
+
+def _uses_external_data(graph: Any) -> bool:
+    """Whether any tensor of ``graph`` (initializers, constants, sub-graphs) lives in a file."""
+    import onnx
+
+    external = onnx.TensorProto.EXTERNAL
+    if any(t.data_location == external for t in graph.initializer):
+        return True
+    for node in graph.node:
+        for attr in node.attribute:
+            tensors = [attr.t] if attr.HasField("t") else []
+            if any(t.data_location == external for t in [*tensors, *attr.tensors]):
+                return True
+            graphs = [attr.g] if attr.HasField("g") else []
+            if any(_uses_external_data(g) for g in [*graphs, *attr.graphs]):
+                return True
+    return False
