@@ -1,4 +1,5 @@
-// pybind11 module atso_fast._C: one m.def per kernel, with its docstring. The functions live
+// pybind11 module atso_fast._C: one m.def per kernel, with its docstring; kernels take their
+// arguments by keyword. The functions live
 // in stitch.cpp / finalize.cpp (argument checks, CPU or CUDA chosen once), the kernels in
 // cpu/ and cuda/, their per-voxel math in ops/. atso_fast/kernels/native.py is the public face.
 #include <pybind11/pybind11.h>
@@ -17,15 +18,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cpu_isa", [](const std::string& isa) { return set_cpu_isa(isa.c_str()); }, py::arg("isa"),
         "Force the 'generic' CPU kernels, or back to 'auto'; False if unavailable.");
   m.def("extract_patches", &extract_patches,
-        "extract_patches(volume, origins, patch_size, pad_value, out, out_dtype, algorithm) -> out: window "
+        "extract_patches(*, volume, origins, patch_size, pad_value, out, out_dtype, algorithm) -> out: window "
         "gather into out (B, M, pz, py, px); algorithm 'auto' | 'rows' (host) | 'element' (CUDA's).");
   m.def("accumulate", &accumulate,
-        "accumulate(acc, wsum, patches, origins, importance, z0, algorithm): gaussian-weighted accumulation "
+        "accumulate(*, acc, wsum, patches, origins, importance, z0, algorithm): gaussian-weighted accumulation "
         "into a slab; algorithm 'auto' | 'blocked' (host) | 'gather' (CUDA's).");
   m.def("finalize", &finalize,
-        "finalize(acc, wsum, threshold, ignore_index, kind, rows, algorithm) -> (labels, confidence, counts "
+        "finalize(*, acc, wsum, threshold, ignore_index, kind, rows, algorithm) -> (labels, confidence, counts "
         "(K + 2,)); algorithm 'auto' | 'blocked' (host) | 'voxel' (CUDA's).");
   m.def("finalize_label_dtype", &finalize_label_dtype,
-        "finalize_label_dtype(channels, threshold, ignore_index, kind) -> 'uint8' | 'uint16'; raises "
+        "finalize_label_dtype(*, channels, threshold, ignore_index, kind) -> 'uint8' | 'uint16'; raises "
         "ValueError for a bad threshold, ignore_index or kind.");
 }

@@ -148,6 +148,39 @@ Buffer to_buffer(py::handle obj, const char* name) {
   return b;
 }
 
+py::handle arg(const py::kwargs& kw, const char* name) {
+  if (!kw.contains(name)) throw py::type_error(std::string("missing argument ") + name);
+  return kw[name];
+}
+
+Buffer array_arg(const py::kwargs& kw, const char* name) { return to_buffer(arg(kw, name), name); }
+
+int64_t int_arg(const py::kwargs& kw, const char* name) {
+  const py::handle v = arg(kw, name);
+  try {
+    return py::int_(py::reinterpret_borrow<py::object>(v)).cast<int64_t>();
+  } catch (const py::error_already_set&) {
+    throw py::type_error(std::string(name) + " must be an integer, got " + std::string(py::repr(v)));
+  }
+}
+
+double float_arg(const py::kwargs& kw, const char* name) {
+  const py::handle v = arg(kw, name);
+  try {
+    return py::float_(py::reinterpret_borrow<py::object>(v)).cast<double>();
+  } catch (const py::error_already_set&) {
+    throw py::type_error(std::string(name) + " must be a number, got " + std::string(py::repr(v)));
+  }
+}
+
+std::string str_arg(const py::kwargs& kw, const char* name) {
+  const py::handle v = arg(kw, name);
+  if (!py::isinstance<py::str>(v)) {
+    throw py::type_error(std::string(name) + " must be a string, got " + std::string(py::repr(v)));
+  }
+  return v.cast<std::string>();
+}
+
 std::string shape_str(const std::vector<int64_t>& shape) {
   std::ostringstream s;
   s << "(";

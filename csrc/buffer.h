@@ -45,6 +45,14 @@ struct Buffer {
 // Raises TypeError for an object that is not an array of a known kind.
 Buffer to_buffer(py::handle obj, const char* name);
 
+// Keyword arguments of the Python-facing functions (python_api.h), converted like Python's
+// int(), float() and str() would, with a TypeError naming the argument otherwise.
+py::handle arg(const py::kwargs& kw, const char* name);
+Buffer array_arg(const py::kwargs& kw, const char* name);
+int64_t int_arg(const py::kwargs& kw, const char* name);
+double float_arg(const py::kwargs& kw, const char* name);
+std::string str_arg(const py::kwargs& kw, const char* name);
+
 std::string shape_str(const std::vector<int64_t>& shape);  // Python's tuple repr
 
 // dtype, then number of dimensions (ndim >= 0), then C-contiguity, as one check.

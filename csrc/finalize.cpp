@@ -23,9 +23,8 @@ std::pair<int64_t, int64_t> row_range(py::handle rows, int64_t depth) {
   return {r[0], r[1]};
 }
 
-}  // namespace
-
-std::string finalize_label_dtype(int64_t channels, double threshold, int64_t ignore_index, const std::string& kind) {
+// Checks of finalize's scalar arguments; the label dtype they imply.
+std::string label_dtype(int64_t channels, double threshold, int64_t ignore_index, const std::string& kind) {
   if (kind != "logits" && kind != "probabilities") {
     throw py::value_error("kind must be 'logits' or 'probabilities', got " + std::string(py::repr(py::str(kind))));
   }
@@ -40,20 +39,29 @@ std::string finalize_label_dtype(int64_t channels, double threshold, int64_t ign
   return std::max(k - 1, ignore_index) <= 255 ? "uint8" : "uint16";
 }
 
-py::tuple finalize(py::handle acc, py::handle wsum, double threshold, int64_t ignore_index, const std::string& kind,
-                   py::handle rows, const std::string& algorithm) {
-  const Buffer ac = to_buffer(acc, "acc"), ws = to_buffer(wsum, "wsum");
+}  // namespace
+
+std::string finalize_label_dtype(const py::kwargs& kw) {
+  return label_dtype(int_arg(kw, "channels"), float_arg(kw, "threshold"), int_arg(kw, "ignore_index"),
+                     str_arg(kw, "kind"));
+}
+
+py::tuple finalize(const py::kwargs& kw) {
+  const Buffer ac = array_arg(kw, "acc"), ws = array_arg(kw, "wsum");
   check_array(ac, {"float32", "float16"}, 4);
   check_array(ws, {"float32"}, 3);
   const std::vector<int64_t> spatial(ac.shape.begin() + 1, ac.shape.end());
   check_shape(ws, spatial);
   const int64_t c = ac.dim(0), depth = ws.dim(0), plane = ws.dim(1) * ws.dim(2);
   if (c < 1) throw py::value_error("acc must have at least one channel, got " + ac.describe());
-  const std::string label_dtype = finalize_label_dtype(c, threshold, ignore_index, kind);
-  const auto [r0, r1] = row_range(rows, depth);
-  const Path path = choose_path(algorithm, "blocked", "voxel", on_cuda({&ac, &ws}));
+  const double threshold = float_arg(kw, "threshold");
+  const int64_t ignore_index = int_arg(kw, "ignore_index");
+  const std::string kind = str_arg(kw, "kind");
+  const std::string ldtype = label_dtype(c, threshold, ignore_index, kind);
+  const auto [r0, r1] = row_range(arg(kw, "rows"), depth);
+  const Path path = choose_path(str_arg(kw, "algorithm"), "blocked", "voxel", on_cuda({&ac, &ws}));
   const std::vector<int64_t> out_shape{r1 - r0, ws.dim(1), ws.dim(2)};
-  py::object labels = empty_like(ac, out_shape, label_dtype), confidence = empty_like(ac, out_shape, "uint8");
+  py::object labels = empty_like(ac, out_shape, ldtype), confidence = empty_like(ac, out_shape, "uint8");
   const Buffer lb = to_buffer(labels, "labels"), cf = to_buffer(confidence, "confidence");
   py::array_t<int64_t> counts(std::max<int64_t>(c, 2) + 2);
   std::fill(counts.mutable_data(), counts.mutable_data() + counts.size(), 0);

@@ -1,7 +1,8 @@
-// The Python-facing functions of atso_fast._C, one per kernel (bindings.cpp binds them): each
-// parses its arguments into Buffers, checks them, fills the kernel's argument struct and runs
-// the CPU or CUDA implementation (buffer.h: run). Arrays are passed as they are (NumPy, torch,
-// CuPy); atso_fast/kernels/native.py documents the contracts.
+// The Python-facing functions of atso_fast._C, one per kernel (bindings.cpp binds them). Each
+// takes its arguments by keyword (so a new argument changes no declaration here), parses them
+// into Buffers and scalars, checks them, fills the kernel's argument struct and runs the CPU or
+// CUDA implementation (buffer.h: run). Arrays are passed as they are (NumPy, torch, CuPy);
+// atso_fast/kernels/native.py documents the contracts.
 #pragma once
 #include <pybind11/pybind11.h>
 
@@ -12,15 +13,14 @@ namespace py = pybind11;
 
 namespace atso {
 
-// stitch.cpp
-py::object extract_patches(py::handle volume, py::handle origins, py::handle patch_size, float pad_value,
-                           py::handle out, const std::string& out_dtype, const std::string& algorithm);
-void accumulate(py::handle acc, py::handle wsum, py::handle patches, py::handle origins, py::handle importance,
-                int64_t z0, const std::string& algorithm);
+// stitch.cpp: extract_patches(volume, origins, patch_size, pad_value, out, out_dtype, algorithm)
+// -> out; accumulate(acc, wsum, patches, origins, importance, z0, algorithm).
+py::object extract_patches(const py::kwargs& kw);
+void accumulate(const py::kwargs& kw);
 
-// finalize.cpp
-std::string finalize_label_dtype(int64_t channels, double threshold, int64_t ignore_index, const std::string& kind);
-py::tuple finalize(py::handle acc, py::handle wsum, double threshold, int64_t ignore_index, const std::string& kind,
-                   py::handle rows, const std::string& algorithm);
+// finalize.cpp: finalize(acc, wsum, threshold, ignore_index, kind, rows, algorithm) -> (labels,
+// confidence, counts); finalize_label_dtype(channels, threshold, ignore_index, kind) -> dtype.
+py::tuple finalize(const py::kwargs& kw);
+std::string finalize_label_dtype(const py::kwargs& kw);
 
 }  // namespace atso

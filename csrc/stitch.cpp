@@ -28,20 +28,20 @@ std::vector<int64_t> tail(const std::vector<int64_t>& shape, size_t from) {
 
 }  // namespace
 
-py::object extract_patches(py::handle volume, py::handle origins, py::handle patch_size, float pad_value,
-                           py::handle out, const std::string& out_dtype, const std::string& algorithm) {
-  const Buffer vol = to_buffer(volume, "volume");
+py::object extract_patches(const py::kwargs& kw) {
+  const Buffer vol = array_arg(kw, "volume");
   check_array(vol, {"float32"});
   if (vol.ndim() != 3 && vol.ndim() != 4) {
     throw py::value_error("volume must be (Z, Y, X) or (M, Z, Y, X), got " + vol.describe());
   }
   const int lead = vol.ndim() - 3;  // a 3-D volume is one channel
-  const Shape3 p = patch_shape(patch_size);
-  const auto org = host_origins(origins, -1);
+  const Shape3 p = patch_shape(arg(kw, "patch_size"));
+  const auto org = host_origins(arg(kw, "origins"), -1);
   on_cuda({&vol});  // before out is allocated on the volume's device
   const std::vector<int64_t> shape{org.shape(0), lead ? vol.dim(0) : 1, p.z, p.y, p.x};
-  py::object out_obj = py::reinterpret_borrow<py::object>(out);
+  py::object out_obj = py::reinterpret_borrow<py::object>(arg(kw, "out"));
   if (out_obj.is_none()) {
+    const std::string out_dtype = str_arg(kw, "out_dtype");
     if (out_dtype != "float32" && out_dtype != "float16") {
       throw py::value_error("out_dtype must be float32 or float16, got " + std::string(py::repr(py::str(out_dtype))));
     }
@@ -51,17 +51,16 @@ py::object extract_patches(py::handle volume, py::handle origins, py::handle pat
   check_array(o, {"float32", "float16"}, 5);
   check_shape(o, shape);
   check_writeable(o);
-  const Path path = choose_path(algorithm, "rows", "element", on_cuda({&vol, &o}));
+  const Path path = choose_path(str_arg(kw, "algorithm"), "rows", "element", on_cuda({&vol, &o}));
   const ExtractArgs a{vol.as<const float>(), shape[1], shape3(vol, lead), org.data(), shape[0], p,
-                      pad_value, o.data, float_dtype(o)};
+                      (float)float_arg(kw, "pad_value"), o.data, float_dtype(o)};
   run(a, path, vol, cpu_kernels().extract_patches, &extract_patches_host, ATSO_CUDA_FN(extract_patches_cuda));
   return out_obj;
 }
 
-void accumulate(py::handle acc, py::handle wsum, py::handle patches, py::handle origins, py::handle importance,
-                int64_t z0, const std::string& algorithm) {
-  const Buffer ac = to_buffer(acc, "acc"), ws = to_buffer(wsum, "wsum"), pa = to_buffer(patches, "patches"),
-               im = to_buffer(importance, "importance");
+void accumulate(const py::kwargs& kw) {
+  const Buffer ac = array_arg(kw, "acc"), ws = array_arg(kw, "wsum"), pa = array_arg(kw, "patches"),
+               im = array_arg(kw, "importance");
   check_array(ac, {"float32", "float16"}, 4);
   check_array(ws, {"float32"}, 3);
   check_array(pa, {"float32", "float16"}, 5);
@@ -77,8 +76,9 @@ void accumulate(py::handle acc, py::handle wsum, py::handle patches, py::handle 
   }
   check_writeable(ac);
   check_writeable(ws);
-  const auto org = host_origins(origins, pa.dim(0));
-  const Path path = choose_path(algorithm, "blocked", "gather", on_cuda({&ac, &ws, &pa, &im}));
+  const auto org = host_origins(arg(kw, "origins"), pa.dim(0));
+  const int64_t z0 = int_arg(kw, "z0");
+  const Path path = choose_path(str_arg(kw, "algorithm"), "blocked", "gather", on_cuda({&ac, &ws, &pa, &im}));
   if (pa.dim(0) == 0) return;
   const AccumulateArgs a{ac.data,        float_dtype(ac),      ws.as<float>(), ac.dim(0),    shape3(ac, 1),
                          z0,             pa.data,              float_dtype(pa), org.data(),   pa.dim(0),

@@ -310,6 +310,14 @@ def test_torch_cpu_tensors_are_used_in_place():
      "acc must have at least one channel"),
     (lambda: native.finalize(np.zeros((3, 2, 2, 2), np.float32), np.ones((2, 2, 2), np.float32), algorithm="gather"),
      "algorithm must be 'auto', 'blocked' or 'voxel', got 'gather'"),
+    (lambda: native.finalize(np.zeros((3, 2, 2, 2), np.float32), np.ones((2, 2, 2), np.float32), kind=None),
+     "kind must be a string, got None"),
+    (lambda: native.finalize(np.zeros((3, 2, 2, 2), np.float32), np.ones((2, 2, 2), np.float32), threshold="high"),
+     "threshold must be a number, got 'high'"),
+    (lambda: native.accumulate(np.zeros((1, 4, 4, 4), np.float32), np.zeros((4, 4, 4), np.float32),
+                               np.zeros((1, 1, 2, 2, 2), np.float32), [[0, 0, 0]], np.ones((2, 2, 2), np.float32),
+                               z0=None),
+     "z0 must be an integer, got None"),
 ])
 def test_bad_arguments_name_the_argument(call, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -121,7 +121,8 @@ def extract_patches(volume: Any, origins: Any, patch_size: tuple[int, int, int],
             return want
         out[...] = want
         return out
-    return _C.extract_patches(volume, origins, patch_size, float(pad_value), out, out_dtype, algorithm)
+    return _C.extract_patches(volume=volume, origins=origins, patch_size=patch_size, pad_value=pad_value, out=out,
+                              out_dtype=out_dtype, algorithm=algorithm)
 
 
 def accumulate(acc: Any, wsum: Any, patches: Any, origins: Any, importance: Any, z0: int = 0, *,
@@ -150,7 +151,8 @@ def accumulate(acc: Any, wsum: Any, patches: Any, origins: Any, importance: Any,
         _fallback("accumulate")
         reference.accumulate(acc, wsum, patches, origins, importance, int(z0))
         return
-    _C.accumulate(acc, wsum, patches, origins, importance, int(z0), algorithm)
+    _C.accumulate(acc=acc, wsum=wsum, patches=patches, origins=origins, importance=importance, z0=z0,
+                  algorithm=algorithm)
 
 
 @dataclass
@@ -178,7 +180,7 @@ def _check_finalize_args(channels: int, threshold: float, ignore_index: int, kin
     k = reference.num_label_classes(channels)
     if _C is None:
         return "uint8" if max(k - 1, int(ignore_index)) <= 255 else "uint16"
-    return _C.finalize_label_dtype(int(channels), float(threshold), int(ignore_index), kind)
+    return _C.finalize_label_dtype(channels=channels, threshold=threshold, ignore_index=ignore_index, kind=kind)
 
 
 def finalize(acc: Any, wsum: Any, threshold: float = 0.0, ignore_index: int = 255,
@@ -212,7 +214,7 @@ def finalize(acc: Any, wsum: Any, threshold: float = 0.0, ignore_index: int = 25
         r0, r1 = rows if rows is not None else (0, wsum.shape[0])
         labels, confidence, counts = reference.finalize(acc[:, r0:r1], wsum[r0:r1], threshold, ignore_index, kind)
     else:
-        labels, confidence, counts = _C.finalize(acc, wsum, float(threshold), int(ignore_index), kind, rows,
-                                                 algorithm)
+        labels, confidence, counts = _C.finalize(acc=acc, wsum=wsum, threshold=threshold, ignore_index=ignore_index,
+                                                 kind=kind, rows=rows, algorithm=algorithm)
     k = len(counts) - 2
     return FinalizeResult(labels, confidence, counts[:k].copy(), int(counts[k]), int(counts[k + 1]))
