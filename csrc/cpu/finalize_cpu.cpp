@@ -30,12 +30,12 @@ template <typename A>
 void load_block(const FinalizeArgs& f, int64_t start, int64_t nb, float* vals, uint8_t* invalid,
                 const float* table) {
   const float* w = f.wsum + start;
-  for (int64_t j = 0; j < nb; ++j) invalid[j] = invalid_weight(w[j]);
+  for (int64_t j = 0; j < nb; ++j) invalid[j] = invalid_weight(f, w[j]);
   for (int64_t k = 0; k < f.c; ++k) {
     float* dst = vals + k * nb;
     const float* src = float_row(static_cast<const A*>(f.acc) + k * f.chan_stride + start, nb, dst, table);
     for (int64_t j = 0; j < nb; ++j) {
-      const float v = blended(src[j], w[j]);  // dst doubles as scratch: read before written
+      const float v = blended(f, src[j], w[j]);  // dst doubles as scratch: read before written
       dst[j] = v;
       invalid[j] |= !finite(v);
     }
@@ -76,7 +76,7 @@ void finalize_block(const FinalizeArgs& f, int64_t start, int64_t nb, int64_t* c
   load_block<A>(f, start, nb, vals, invalid, table);
   if (f.c == 1) {
     for (int64_t j = 0; j < nb; ++j) {
-      const Decision d = decide_binary(vals[j], f.kind);
+      const Decision d = decide_binary(f, vals[j]);
       best[j] = d.label;
       prob[j] = d.prob;
     }
@@ -86,8 +86,8 @@ void finalize_block(const FinalizeArgs& f, int64_t start, int64_t nb, int64_t* c
   const int64_t k_classes = f.c == 1 ? 2 : f.c;
   L* labels = static_cast<L*>(f.labels);
   for (int64_t j = 0; j < nb; ++j) {
-    const Voxel r = classify(invalid[j], prob[j], best[j], f.threshold);
-    labels[start + j] = (L)label_value(r.label, f.ignore_index);
+    const Voxel r = classify(f, invalid[j], prob[j], best[j]);
+    labels[start + j] = (L)label_value(f, r.label);
     f.confidence[start + j] = r.confidence;
     ++counts[count_bin(r.label, k_classes)];
   }

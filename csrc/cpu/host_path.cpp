@@ -44,7 +44,7 @@ void finalize_host_impl(const FinalizeArgs& f) {
 #pragma omp for schedule(static)
     for (int64_t v = 0; v < f.n; ++v) {
       const Voxel r = finalize_voxel<A>(f, v);
-      labels[v] = (L)label_value(r.label, f.ignore_index);
+      labels[v] = (L)label_value(f, r.label);
       f.confidence[v] = r.confidence;
       ++local[count_bin(r.label, k_classes)];
     }

@@ -20,7 +20,7 @@ template <typename Out>
 void extract_impl(const ExtractArgs& a) {
   const Shape3 p = a.patch, vol = a.vol;
   const int64_t rows = a.b * a.m * p.z;
-  const Out pad = from_float<Out>(a.pad_value);
+  const Out pad = extract_value<Out>(a, a.pad_value);
   Out* out = static_cast<Out*>(a.out);
 #pragma omp parallel for schedule(static) num_threads(kernel_threads())
   for (int64_t r = 0; r < rows; ++r) {
@@ -37,18 +37,20 @@ void extract_impl(const ExtractArgs& a) {
       }
       const float* src = a.volume + ((ch * vol.z + z) * vol.y + y) * vol.x;
       std::fill(row, row + (xr.lo - ox), pad);
-      for (int64_t x = xr.lo; x < xr.hi; ++x) row[x - ox] = from_float<Out>(src[x]);
+      for (int64_t x = xr.lo; x < xr.hi; ++x) row[x - ox] = extract_value<Out>(a, src[x]);
       std::fill(row + (xr.hi - ox), row + p.x, pad);
     }
   }
 }
 
 // acc[i] = round_to<A>(accumulate_step(acc[i], imp[i], src[i])) for i < n.
-inline void add_row(float* acc, const float* imp, const float* src, int64_t n, const float*) {
+inline void add_row(const AccumulateArgs& a, float* acc, const float* imp, const float* src, int64_t n,
+                    const float*) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) acc[i] = accumulate_step(acc[i], imp[i], src[i]);
+  for (int64_t i = 0; i < n; ++i) acc[i] = accumulate_step(a, acc[i], imp[i], src[i]);
 }
-inline void add_row(uint16_t* acc, const float* imp, const float* src, int64_t n, const float* table) {
+inline void add_row(const AccumulateArgs& a, uint16_t* acc, const float* imp, const float* src, int64_t n,
+                    const float* table) {
   int64_t i = 0;
 #ifdef ATSO_F16C
   // accumulate_step in 8 lanes: hardware half conversion (the same bits as ops/half.h), a
@@ -60,7 +62,7 @@ inline void add_row(uint16_t* acc, const float* imp, const float* src, int64_t n
     _mm_storeu_si128(reinterpret_cast<__m128i*>(acc + i), h);
   }
 #endif
-  for (; i < n; ++i) acc[i] = from_float<uint16_t>(accumulate_step(table[acc[i]], imp[i], src[i]));
+  for (; i < n; ++i) acc[i] = from_float<uint16_t>(accumulate_step(a, table[acc[i]], imp[i], src[i]));
 }
 
 // A window's overlap with one (z, y) row of the slab.
@@ -98,12 +100,13 @@ void collect_spans(int64_t z0, int64_t z, const int64_t* origins, int64_t b, Sha
 // Loop order channel -> y -> window: each window's patch plane is read as one sequential
 // stream (B streams per channel, prefetch friendly), and the X-long accumulator row gets all
 // overlapping windows while it sits in L1, so it crosses the memory bus once per batch rather
-// than once per window. Every voxel still receives the windows in batch order. (Plain
-// arguments rather than the AccumulateArgs struct: fewer registers spilled in the inner loop.)
+// than once per window. Every voxel still receives the windows in batch order. (The struct's
+// fields come as plain arguments too: read through the struct, the inner loop spilled a
+// register; the struct itself goes on to the element rules.)
 template <typename A, typename P>
-void accumulate_row(A* acc, float* wsum, int64_t c, Shape3 slab, int64_t z0, int64_t z, const P* patches,
-                    const int64_t* origins, int64_t b, Shape3 p, const float* importance, const float* table,
-                    RowSpans& rs) {
+void accumulate_row(const AccumulateArgs& a, A* acc, float* wsum, int64_t c, Shape3 slab, int64_t z0, int64_t z,
+                    const P* patches, const int64_t* origins, int64_t b, Shape3 p, const float* importance,
+                    const float* table, RowSpans& rs) {
   collect_spans(z0, z, origins, b, p, slab, rs);
   if (rs.spans.empty()) return;
   const int64_t plane = slab.y * slab.x, slab_n = slab.z * plane, win_n = p.z * p.y * p.x;
@@ -119,7 +122,7 @@ void accumulate_row(A* acc, float* wsum, int64_t c, Shape3 slab, int64_t z0, int
           // already in L1 (a separate pass over the slab row cost ~10% at 3 classes).
           float* dst = ws + s.x0;
 #pragma omp simd
-          for (int64_t i = 0; i < s.n; ++i) dst[i] = weight_step(dst[i], imp[i]);
+          for (int64_t i = 0; i < s.n; ++i) dst[i] = weight_step(a, dst[i], imp[i]);
         }
         const P* src = patches + (s.w * c + ch) * win_n + s.src_off;
         const float* srcf;
@@ -129,7 +132,7 @@ void accumulate_row(A* acc, float* wsum, int64_t c, Shape3 slab, int64_t z0, int
           half_to_float_row(src, s.n, rs.buf.data(), table);
           srcf = rs.buf.data();
         }
-        add_row(row + s.x0, imp, srcf, s.n, table);
+        add_row(a, row + s.x0, imp, srcf, s.n, table);
       }
     }
   }
@@ -147,8 +150,8 @@ void accumulate_impl(const AccumulateArgs& a) {
     rs.spans.reserve(a.b * a.slab.y);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t z = 0; z < a.slab.z; ++z) {
-      accumulate_row<A, P>(acc, a.wsum, a.c, a.slab, a.z0, z, patches, a.origins, a.b, a.patch, a.importance, table,
-                           rs);
+      accumulate_row<A, P>(a, acc, a.wsum, a.c, a.slab, a.z0, z, patches, a.origins, a.b, a.patch, a.importance,
+                           table, rs);
     }
   }
 }

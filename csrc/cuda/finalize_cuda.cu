@@ -25,7 +25,7 @@ __global__ void finalize_kernel(FinalizeArgs f, unsigned long long* __restrict__
   L* labels = static_cast<L*>(f.labels);
   ATSO_GRID_STRIDE_LOOP(v, f.n) {
     const Voxel r = finalize_voxel<A>(f, v);
-    labels[v] = (L)label_value(r.label, f.ignore_index);
+    labels[v] = (L)label_value(f, r.label);
     f.confidence[v] = r.confidence;
     const int64_t bin = count_bin(r.label, n_counts - 2);
     if (shared_hist) {

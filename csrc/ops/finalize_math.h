@@ -33,9 +33,12 @@ ATSO_HD inline float exp_nonpositive(float x) {
   return mul_rn(p, bits_to_float((uint32_t)(n + 127) << 23));
 }
 
+// The rules below that take the FinalizeArgs struct take it so that an option of a rule reaches
+// the blocked CPU kernel, the CUDA kernel and its host build through this one function.
+
 // The blended value of one channel; non-finite (zero weight, inf, NaN) marks the voxel invalid.
-ATSO_HD inline float blended(float acc, float wsum) { return div_rn(acc, wsum); }
-ATSO_HD inline bool invalid_weight(float wsum) { return !(wsum > 0.0f) || !finite(wsum); }
+ATSO_HD inline float blended(const FinalizeArgs&, float acc, float wsum) { return div_rn(acc, wsum); }
+ATSO_HD inline bool invalid_weight(const FinalizeArgs&, float wsum) { return !(wsum > 0.0f) || !finite(wsum); }
 
 // Argmax over channels in index order: a channel wins only when strictly greater, so ties go
 // to the lowest index. Written as selects so the CPU loop over voxels vectorises.
@@ -57,8 +60,8 @@ struct Decision {
 // C == 1: sigmoid (logits) or the probability itself; label 1 only when p > 0.5 (ties -> 0).
 // The sigmoid goes through exp(-|v|) <= 1: q = 1 / (1 + exp(-|v|)) is the probability of the
 // more likely class, and the same exp serves both signs without overflow.
-ATSO_HD inline Decision decide_binary(float v, Kind kind) {
-  if (kind == kLogits) {
+ATSO_HD inline Decision decide_binary(const FinalizeArgs& f, float v) {
+  if (f.kind == kLogits) {
     const float q = div_rn(1.0f, add_rn(1.0f, exp_nonpositive(-fabsf(v))));
     return {(v > 0.0f && q > 0.5f) ? 1 : 0, q};
   }
@@ -79,9 +82,9 @@ struct Voxel {
   uint8_t confidence;
 };
 
-ATSO_HD inline Voxel classify(bool invalid, float prob, int32_t best, float threshold) {
+ATSO_HD inline Voxel classify(const FinalizeArgs& f, bool invalid, float prob, int32_t best) {
   if (invalid || !finite(prob)) return {kInvalid, 0};
-  return {prob < threshold ? kBelow : best, to_confidence(prob)};
+  return {prob < f.threshold ? kBelow : best, to_confidence(prob)};
 }
 
 // counts bin of a voxel result: its class, K for below threshold, K + 1 for invalid.
@@ -89,9 +92,7 @@ ATSO_HD inline int64_t count_bin(int32_t label, int64_t k_classes) {
   return label >= 0 ? label : (label == kBelow ? k_classes : k_classes + 1);
 }
 
-ATSO_HD inline int64_t label_value(int32_t label, int64_t ignore_index) {
-  return label >= 0 ? label : ignore_index;
-}
+ATSO_HD inline int64_t label_value(const FinalizeArgs& f, int32_t label) { return label >= 0 ? label : f.ignore_index; }
 
 // Voxel v, on its own: the CUDA kernel's per-thread body (and its host build). Pass 1 reads
 // every channel for the max and argmax, pass 2 reads them again for the softmax sum, which is
@@ -100,24 +101,24 @@ template <typename A>
 ATSO_HD inline Voxel finalize_voxel(const FinalizeArgs& f, int64_t v) {
   const A* acc = static_cast<const A*>(f.acc);
   const float w = load_ro(f.wsum + v);
-  float max = blended(to_float(load_ro(acc + v)), w);
-  bool invalid = invalid_weight(w) || !finite(max);
+  float max = blended(f, to_float(load_ro(acc + v)), w);
+  bool invalid = invalid_weight(f, w) || !finite(max);
   if (f.c == 1) {
-    const Decision d = decide_binary(max, f.kind);
-    return classify(invalid, d.prob, d.label, f.threshold);
+    const Decision d = decide_binary(f, max);
+    return classify(f, invalid, d.prob, d.label);
   }
   int32_t best = 0;
   for (int64_t k = 1; k < f.c; ++k) {
-    const float x = blended(to_float(load_ro(acc + k * f.chan_stride + v)), w);
+    const float x = blended(f, to_float(load_ro(acc + k * f.chan_stride + v)), w);
     invalid = invalid || !finite(x);
     argmax_step(x, (int32_t)k, max, best);
   }
-  if (f.kind == kProbabilities) return classify(invalid, max, best, f.threshold);
+  if (f.kind == kProbabilities) return classify(f, invalid, max, best);
   float sum = 0.0f;
   for (int64_t k = 0; k < f.c; ++k) {
-    sum = add_rn(sum, softmax_term(blended(to_float(load_ro(acc + k * f.chan_stride + v)), w), max));
+    sum = add_rn(sum, softmax_term(blended(f, to_float(load_ro(acc + k * f.chan_stride + v)), w), max));
   }
-  return classify(invalid, softmax_prob(sum), best, f.threshold);
+  return classify(f, invalid, softmax_prob(sum), best);
 }
 
 }  // namespace atso

@@ -21,12 +21,21 @@ ATSO_HD inline Range clip(int64_t origin, int64_t size, int64_t lo, int64_t hi) 
   return {origin > lo ? origin : lo, origin + size < hi ? origin + size : hi};
 }
 
-// The accumulate rule, one window's contribution to one voxel: multiply, round, add, round
-// (never one fused multiply-add), then the caller rounds to the accumulator's dtype.
-ATSO_HD inline float accumulate_step(float acc, float weight, float value) {
+// The element rules. Each takes its kernel's argument struct, so that an option of a rule
+// reaches the blocked CPU kernel, the CUDA kernel and its host build through this one function.
+
+// extract_patches: a volume value (or pad_value) as stored in the window batch.
+template <typename Out>
+ATSO_HD inline Out extract_value(const ExtractArgs&, float v) {
+  return from_float<Out>(v);
+}
+
+// accumulate, one window's contribution to one voxel: multiply, round, add, round (never one
+// fused multiply-add), then the caller rounds to the accumulator's dtype.
+ATSO_HD inline float accumulate_step(const AccumulateArgs&, float acc, float weight, float value) {
   return add_rn(acc, mul_rn(weight, value));
 }
-ATSO_HD inline float weight_step(float wsum, float weight) { return add_rn(wsum, weight); }
+ATSO_HD inline float weight_step(const AccumulateArgs&, float wsum, float weight) { return add_rn(wsum, weight); }
 
 // ---------------------------------------------------------------- the CUDA path's plan
 // Windows per launch: their origins travel as a kernel parameter (3 x int32 each, 1.5 KiB), so
@@ -94,7 +103,7 @@ ATSO_HD inline void extract_element(const ExtractArgs& a, const Origins& o, int6
   if (z >= 0 && z < vol.z && y >= 0 && y < vol.y && x >= 0 && x < vol.x) {
     v = load_ro(a.volume + ((ch * vol.z + z) * vol.y + y) * vol.x + x);
   }
-  static_cast<Out*>(a.out)[first * a.m * win_n + i] = from_float<Out>(v);
+  static_cast<Out*>(a.out)[first * a.m * win_n + i] = extract_value<Out>(a, v);
 }
 
 // Covering windows gathered per pass over the channels (registers per thread on the GPU).
@@ -125,13 +134,13 @@ ATSO_HD inline void accumulate_voxel(const AccumulateArgs& a, const Origins& o, 
     }
     if (found == 0) break;
     float ws = a.wsum[v];
-    for (int k = 0; k < found; ++k) ws = weight_step(ws, wt[k]);
+    for (int k = 0; k < found; ++k) ws = weight_step(a, ws, wt[k]);
     a.wsum[v] = ws;
     for (int64_t ch = 0; ch < a.c; ++ch) {
       float sum = to_float(acc[ch * slab_n + v]);
       for (int k = 0; k < found; ++k) {
         const float pv = to_float(load_ro(patches + (idx[k] * a.c + ch) * win_n + off[k]));
-        sum = round_to<A>(accumulate_step(sum, wt[k], pv));  // rounded after every window
+        sum = round_to<A>(accumulate_step(a, sum, wt[k], pv));  // rounded after every window
       }
       acc[ch * slab_n + v] = from_float<A>(sum);
     }
