@@ -65,19 +65,20 @@ py::tuple finalize(const py::kwargs& kw) {
   const Buffer lb = to_buffer(labels, "labels"), cf = to_buffer(confidence, "confidence");
   py::array_t<int64_t> counts(std::max<int64_t>(c, 2) + 2);
   std::fill(counts.mutable_data(), counts.mutable_data() + counts.size(), 0);
-  const FinalizeArgs f{ac.as<const char>() + r0 * plane * ac.itemsize,
-                       float_dtype(ac),
-                       ws.as<const float>() + r0 * plane,
-                       c,
-                       (r1 - r0) * plane,
-                       depth * plane,
-                       (float)threshold,
-                       ignore_index,
-                       kind == "logits" ? kLogits : kProbabilities,
-                       lb.data,
-                       lb.itemsize,
-                       cf.as<uint8_t>(),
-                       counts.mutable_data()};
+  FinalizeArgs f{};
+  f.acc = ac.as<const char>() + r0 * plane * ac.itemsize;  // slab rows [r0, r1), in place
+  f.acc_dtype = float_dtype(ac);
+  f.wsum = ws.as<const float>() + r0 * plane;
+  f.c = c;
+  f.n = (r1 - r0) * plane;
+  f.chan_stride = depth * plane;
+  f.threshold = (float)threshold;
+  f.ignore_index = ignore_index;
+  f.kind = kind == "logits" ? kLogits : kProbabilities;
+  f.labels = lb.data;
+  f.label_bytes = lb.itemsize;
+  f.confidence = cf.as<uint8_t>();
+  f.counts = counts.mutable_data();
   run(f, path, ac, cpu_kernels().finalize, &finalize_host, ATSO_CUDA_FN(finalize_cuda));
   return py::make_tuple(labels, confidence, counts);
 }

@@ -52,8 +52,16 @@ py::object extract_patches(const py::kwargs& kw) {
   check_shape(o, shape);
   check_writeable(o);
   const Path path = choose_path(str_arg(kw, "algorithm"), "rows", "element", on_cuda({&vol, &o}));
-  const ExtractArgs a{vol.as<const float>(), shape[1], shape3(vol, lead), org.data(), shape[0], p,
-                      (float)float_arg(kw, "pad_value"), o.data, float_dtype(o)};
+  ExtractArgs a{};
+  a.volume = vol.as<const float>();
+  a.m = shape[1];
+  a.vol = shape3(vol, lead);
+  a.origins = org.data();
+  a.b = shape[0];
+  a.patch = p;
+  a.pad_value = (float)float_arg(kw, "pad_value");
+  a.out = o.data;
+  a.out_dtype = float_dtype(o);
   run(a, path, vol, cpu_kernels().extract_patches, &extract_patches_host, ATSO_CUDA_FN(extract_patches_cuda));
   return out_obj;
 }
@@ -77,12 +85,21 @@ void accumulate(const py::kwargs& kw) {
   check_writeable(ac);
   check_writeable(ws);
   const auto org = host_origins(arg(kw, "origins"), pa.dim(0));
-  const int64_t z0 = int_arg(kw, "z0");
   const Path path = choose_path(str_arg(kw, "algorithm"), "blocked", "gather", on_cuda({&ac, &ws, &pa, &im}));
-  if (pa.dim(0) == 0) return;
-  const AccumulateArgs a{ac.data,        float_dtype(ac),      ws.as<float>(), ac.dim(0),    shape3(ac, 1),
-                         z0,             pa.data,              float_dtype(pa), org.data(),   pa.dim(0),
-                         shape3(pa, 2),  im.as<const float>()};
+  AccumulateArgs a{};
+  a.acc = ac.data;
+  a.acc_dtype = float_dtype(ac);
+  a.wsum = ws.as<float>();
+  a.c = ac.dim(0);
+  a.slab = shape3(ac, 1);
+  a.z0 = int_arg(kw, "z0");
+  a.patches = pa.data;
+  a.patch_dtype = float_dtype(pa);
+  a.origins = org.data();
+  a.b = pa.dim(0);
+  a.patch = shape3(pa, 2);
+  a.importance = im.as<const float>();
+  if (a.b == 0) return;
   run(a, path, ac, cpu_kernels().accumulate, &accumulate_host, ATSO_CUDA_FN(accumulate_cuda));
 }
 

@@ -6,7 +6,10 @@
 // of the kernels' math goes through mul_rn/add_rn/sub_rn/div_rn: on the device these are the
 // round-to-nearest intrinsics, which nvcc never contracts into an FMA; on the host plain
 // operators, which the build compiles with -ffp-contract=off (never fused either). So one
-// expression gives the same bits on the CPU and on the GPU.
+// expression gives the same bits on the CPU and on the GPU, with two exceptions: NaN payloads
+// (x86 returns an operand's NaN, and which operand the compiler puts first is its choice; the GPU
+// returns its canonical NaN), and a host thread whose floating-point environment flushes
+// subnormals (FTZ/DAZ, e.g. torch.set_flush_denormal(True)), which the GPU build does not do.
 #pragma once
 #include <cfloat>
 #include <cmath>
