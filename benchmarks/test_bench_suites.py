@@ -141,3 +141,12 @@ def test_relabel_pass(benchmark, rng, device):
     assert np.abs(first.confidence.astype(int) - conf.astype(int)).max() <= 1
     result = benchmark(rel.relabel_volume, volume)
     np.testing.assert_array_equal(result.labels, expected)
+
+
+def test_bench_kernels_floor_counts_each_batch_once():
+    """The DRAM floor of bench_kernels: voxels each batch covers, overlaps within a batch once."""
+    import bench_kernels
+
+    groups = [np.array([[0, 0, 0], [0, 0, 2]]), np.array([[-1, -1, -1]])]
+    # batch 1: x [0, 4) and [2, 6) -> [0, 5) after clipping, 2 x 2 x 5; batch 2: 1 x 1 x 3 inside
+    assert bench_kernels.covered_voxels(groups, (2, 3, 5), (2, 2, 4)) == 20 + 3
