@@ -3,14 +3,16 @@
 # CuPy, nvcc, cmake, ninja, compute-sanitizer). In one 8-minute budget it
 #   1. installs the optional wheels from .carry/wheels (if any) into /tmp/site,
 #   2. builds atso_fast._C with CUDA in place (cmake directly; `pip install -e .` as fallback),
-#   3. runs `pytest -m cuda tests/test_kernels.py`, then the same under
+#   3. runs `pytest -m cuda tests/test_kernels.py` (every kernel on CUDA against the NumPy
+#      reference, and bit for bit against the CPU kernels), then the same under
 #      `compute-sanitizer --tool memcheck`, and one small test under `--tool racecheck`,
 #   4. runs benchmarks/bench_kernels.py and benchmarks/bench_relabel.py with --device cuda,
 #      `atso-fast bench --device cuda`, the CUDA pytest-benchmark suites and, if time is left,
 #      benchmarks/bench_archive.py --device cuda,
 #   5. prints one summary table (and the `atso-fast bench` table).
-# Steps that no longer fit the budget are reported as skipped. Exit status: 0 when every step
-# that ran passed, 1 otherwise.
+# Steps that no longer fit the budget are reported as skipped. On a machine with no visible CUDA
+# device the check stops right after machine_info (step gpu: FAIL, everything else skipped).
+# Exit status: 0 when every step that ran passed, 1 otherwise.
 #
 # Usage, from the repository root:   bash benchmarks/gpu_check.sh
 # Environment: OUT       folder for results (the device tool's $OUT; at most 8 files land
@@ -103,7 +105,18 @@ install_wheels() {
 cuda_arch() {
   local cap
   cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' .')
-  echo "${CUDA_ARCH:-${cap:-native}}"
+  echo "${CUDA_ARCH:-${cap:-80;90}}"
+}
+
+gpu_count() {  # CUDA devices the driver lists (0 without a driver)
+  nvidia-smi -L 2>/dev/null | grep -c '^GPU '
+}
+
+gpu_visible() {
+  local n
+  n=$(gpu_count)
+  echo "CUDA devices: $n"
+  ((n > 0)) || { echo "no CUDA device visible (nvidia-smi -L lists none): nothing to check"; return 1; }
 }
 
 build_cmake() {
@@ -122,7 +135,8 @@ build_pip() {
 }
 
 check_build() {
-  "$PY" -c 'from atso_fast import native; i = native.build_info(); print(i); assert native.has_cuda(), i'
+  "$PY" -c 'import sys; from atso_fast import native; i = native.build_info(); print(i)
+sys.exit(0 if native.has_cuda() else f"atso_fast._C sees no CUDA device or was built without CUDA: {i}")'
 }
 
 atso_bench() {
@@ -155,8 +169,13 @@ collect() {  # at most 8 files come back from $OUT
 main() {
   local pytest_q=(-q -p no:cacheprovider)
   export PY WORK WHEELS REPO
-  export -f machine_info install_wheels cuda_arch build_cmake build_pip check_build atso_bench
+  export -f machine_info install_wheels cuda_arch gpu_count gpu_visible build_cmake build_pip check_build atso_bench
   step machine_info 30 5 machine_info
+  if ! step gpu 10 1 gpu_visible; then
+    summary | tee "$WORK/summary.txt"
+    collect
+    return 1
+  fi
   if compgen -G "$WHEELS/*.whl" >/dev/null; then
     step wheels 60 10 install_wheels && export PYTHONPATH="$PYTHONPATH:/tmp/site"
   else

@@ -1,4 +1,7 @@
-// Turn a blended accumulator slab into labels, confidence and per-class counts.
+// Turn a blended accumulator slab into labels, confidence and per-class counts: the argument
+// struct and the implementations (blocked CPU in cpu/finalize_cpu.cpp via cpu_kernels(),
+// CUDA in cuda/finalize_cuda.cu, the CUDA per-voxel body looped on the host in
+// cpu/host_path.cpp; all three call ops/finalize_math.h).
 #pragma once
 #include <cstdint>
 
@@ -7,20 +10,33 @@
 namespace atso {
 
 // acc (C, N) of acc_dtype with channel k at acc + k * chan_stride (chan_stride >= N, so a run
-// of rows of a larger slab can be finalised in place), wsum (N) float32 -> labels (N) uint8 or uint16 (label_bytes 1|2),
-// confidence (N) uint8 = round(max probability * 255). With K = max(C, 2) label classes (one
-// sigmoid channel gives background/foreground), counts (K + 2) int64, zeroed by the caller:
-// counts[k] voxels labelled k, counts[K] voxels below threshold, counts[K + 1] voxels with
-// zero weight or non-finite values (both of those become ignore_index).
-void finalize_cpu(const void* acc, int acc_dtype, const float* wsum, int64_t c, int64_t n, int64_t chan_stride,
-                  float threshold, int64_t ignore_index, int kind, void* labels,
-                  int label_bytes, uint8_t* confidence, int64_t* counts);
+// of rows of a larger slab is finalised in place), wsum (N) float32 -> labels (N) uint8 or
+// uint16 (label_bytes 1|2), confidence (N) uint8 = round(max probability * 255). With
+// K = max(C, 2) label classes (one sigmoid channel gives background/foreground), counts
+// (K + 2) int64 on the host, zeroed by the caller: counts[k] voxels labelled k, counts[K]
+// voxels below threshold, counts[K + 1] voxels with zero weight or non-finite values (both of
+// those become ignore_index).
+struct FinalizeArgs {
+  const void* acc;
+  DType acc_dtype;
+  const float* wsum;
+  int64_t c;
+  int64_t n;
+  int64_t chan_stride;
+  float threshold;
+  int64_t ignore_index;
+  Kind kind;
+  void* labels;
+  int label_bytes;
+  uint8_t* confidence;
+  int64_t* counts;
+};
 
+void finalize_host(const FinalizeArgs& a);
 #ifdef WITH_CUDA
-// Same contract; counts is a device buffer of (K + 2) int64, zeroed by the caller.
-void finalize_cuda(const void* acc, int acc_dtype, const float* wsum, int64_t c, int64_t n, int64_t chan_stride,
-                   float threshold, int64_t ignore_index, int kind, void* labels,
-                   int label_bytes, uint8_t* confidence, int64_t* counts, uintptr_t stream);
+// counts stays a host pointer: the CUDA implementation histograms on the device and copies the
+// counts back (synchronising the stream).
+void finalize_cuda(const FinalizeArgs& a, uintptr_t stream);
 #endif
 
 }  // namespace atso

@@ -1,7 +1,13 @@
-// Window gather (extract_patches) and gaussian-weighted accumulation (accumulate).
-// CPU and CUDA versions share these signatures; pointers are host pointers for *_cpu and
-// device pointers for *_cuda (origins always live on the host: they are tiny and also
-// bound the launch grid).
+// Window gather (extract_patches) and gaussian-weighted accumulation (accumulate): the argument
+// structs every implementation takes, and the implementations. Pointers are host pointers for
+// the CPU kernels and the host build of the CUDA path, device pointers for *_cuda; origins always
+// live on the host (they are tiny, and they bound the launch grid).
+//
+// Implementations of each kernel: blocked CPU loops (cpu/stitch_cpu.cpp, one build per ISA,
+// reached through cpu_kernels() of cpu/isa.h), the CUDA kernels (cuda/stitch_cuda.cu), and a
+// host loop over the CUDA kernels' per-thread bodies (cpu/host_path.cpp). All three call the
+// element math of ops/stitch_math.h. stitch.cpp parses the Python arguments into these structs
+// and picks one implementation.
 #pragma once
 #include <cstdint>
 
@@ -11,23 +17,42 @@ namespace atso {
 
 // volume (M, Z, Y, X) float32 -> out (B, M, pz, py, px) of out_dtype; voxels outside the
 // volume get pad_value. origins (B, 3) int64 window starts (z, y, x), may be negative.
-void extract_patches_cpu(const float* volume, int64_t m, Shape3 vol, const int64_t* origins,
-                         int64_t b, Shape3 patch, float pad_value, void* out, int out_dtype);
+struct ExtractArgs {
+  const float* volume;
+  int64_t m;
+  Shape3 vol;
+  const int64_t* origins;
+  int64_t b;
+  Shape3 patch;
+  float pad_value;
+  void* out;
+  DType out_dtype;
+};
 
 // acc (C, Zs, Y, X) of acc_dtype += importance * patches, restricted to the slab of volume
 // rows [z0, z0 + Zs); wsum (Zs, Y, X) float32 += importance. patches (B, C, pz, py, px) of
-// patch_dtype. Windows are added in batch order for every voxel (deterministic).
-void accumulate_cpu(void* acc, int acc_dtype, float* wsum, int64_t c, Shape3 slab, int64_t z0,
-                    const void* patches, int patch_dtype, const int64_t* origins, int64_t b,
-                    Shape3 patch, const float* importance);
+// patch_dtype. Every voxel receives the windows in batch order (deterministic), the
+// accumulator rounded to its dtype after each window.
+struct AccumulateArgs {
+  void* acc;
+  DType acc_dtype;
+  float* wsum;
+  int64_t c;
+  Shape3 slab;
+  int64_t z0;
+  const void* patches;
+  DType patch_dtype;
+  const int64_t* origins;
+  int64_t b;
+  Shape3 patch;
+  const float* importance;
+};
 
+void extract_patches_host(const ExtractArgs& a);
+void accumulate_host(const AccumulateArgs& a);
 #ifdef WITH_CUDA
-void extract_patches_cuda(const float* volume, int64_t m, Shape3 vol, const int64_t* origins,
-                          int64_t b, Shape3 patch, float pad_value, void* out, int out_dtype,
-                          uintptr_t stream);
-void accumulate_cuda(void* acc, int acc_dtype, float* wsum, int64_t c, Shape3 slab, int64_t z0,
-                     const void* patches, int patch_dtype, const int64_t* origins, int64_t b,
-                     Shape3 patch, const float* importance, uintptr_t stream);
+void extract_patches_cuda(const ExtractArgs& a, uintptr_t stream);
+void accumulate_cuda(const AccumulateArgs& a, uintptr_t stream);
 #endif
 
 }  // namespace atso

@@ -1,6 +1,5 @@
-// Small helpers shared by the CUDA kernels.
+// Small helpers shared by the CUDA kernels' launchers.
 #pragma once
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -15,36 +14,16 @@ inline void check_cuda(cudaError_t err, const char* what) {
   }
 }
 
-// Windows per launch: their origins travel as a kernel parameter (3 x int32 each, 1.5 KiB),
-// so no device allocation or host->device copy is needed per batch.
-constexpr int kMaxWindows = 128;
-struct Origins {
-  int32_t v[3 * kMaxWindows];
-};
+constexpr int kThreads = 256;
 
-inline Origins pack_origins(const int64_t* origins, int64_t first, int64_t count) {
-  Origins o{};
-  for (int64_t i = 0; i < 3 * count; ++i) o.v[i] = (int32_t)origins[3 * first + i];
-  return o;
-}
-
+// Blocks for n elements; the kernels' grid-stride loops cover whatever one grid does not.
 inline int blocks_for(int64_t n, int threads) {
-  int64_t blocks = (n + threads - 1) / threads;
+  const int64_t blocks = (n + threads - 1) / threads;
   return (int)(blocks < 65535 * 16 ? (blocks > 0 ? blocks : 1) : 65535 * 16);
 }
 
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+// for (i = thread; i < n; i += grid) f(i): the only thread indexing of the kernels.
+#define ATSO_GRID_STRIDE_LOOP(i, n) \
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
 
 }  // namespace atso

@@ -1,72 +1,33 @@
-// CUDA finalisation: one thread per voxel, channels read coalesced (adjacent threads hold
-// adjacent voxels of the same channel), online softmax so the accumulator is read once.
-// Per-class counts go to a shared-memory histogram per block, then one atomicAdd per bin.
+// CUDA finalisation: one thread per voxel runs finalize_voxel (ops/finalize_math.h, the same
+// two-pass softmax and polynomial exp as the CPU kernel; cpu/host_path.cpp runs it on the host
+// in CI). Channels are read coalesced (adjacent threads hold adjacent voxels of one channel);
+// pass 2 re-reads them, mostly from L2. GPU-only: the grid-stride loop and the per-class
+// histogram (shared memory per block, then one atomicAdd per bin), copied back to the host.
 #include <algorithm>
+#include <vector>
 
-#include "cuda_utils.cuh"
-#include "finalize.h"
+#include "cuda/cuda_utils.cuh"
+#include "ops/finalize_math.h"
 
 namespace atso {
 namespace {
 
 constexpr int kSharedBins = 2048;
 
-struct Voxel {
-  int64_t label;  // class index, or -1 below threshold, -2 invalid
-  uint8_t confidence;
-};
-
-template <typename A>
-__device__ Voxel decide(const A* __restrict__ acc, float w, int64_t c, int64_t stride, int64_t v,
-                        float threshold, int kind) {
-  bool bad = !(w > 0.0f) || !isfinite(w);
-  int64_t best = 0;
-  float prob;
-  if (c == 1) {
-    const float x = to_float(acc[v]) / w;
-    bad = bad || !isfinite(x);
-    const float p = kind == kLogits ? 1.0f / (1.0f + expf(-x)) : x;
-    best = p > 0.5f ? 1 : 0;
-    prob = p > 0.5f ? p : 1.0f - p;
-  } else {
-    float m = -INFINITY, s = 0.0f;
-    for (int64_t k = 0; k < c; ++k) {
-      const float x = to_float(acc[k * stride + v]) / w;
-      if (!isfinite(x)) bad = true;
-      if (x > m) {
-        s = (kind == kLogits ? s * expf(m - x) + 1.0f : 0.0f);
-        m = x;
-        best = k;
-      } else if (kind == kLogits) {
-        s += expf(x - m);
-      }
-    }
-    prob = kind == kLogits ? 1.0f / s : m;
-  }
-  if (bad || !isfinite(prob)) return {-2, 0};
-  const float sc = fminf(fmaxf(floorf(prob * 255.0f + 0.5f), 0.0f), 255.0f);
-  return {prob < threshold ? -1 : best, (uint8_t)sc};
-}
-
 template <typename A, typename L>
-__global__ void finalize_kernel(const A* __restrict__ acc, const float* __restrict__ wsum,
-                                int64_t c, int64_t n, int64_t stride, float threshold,
-                                int64_t ignore_index,
-                                int kind, L* __restrict__ labels, uint8_t* __restrict__ confidence,
-                                unsigned long long* __restrict__ counts, int64_t n_counts) {
+__global__ void finalize_kernel(FinalizeArgs f, unsigned long long* __restrict__ counts, int64_t n_counts) {
   __shared__ unsigned int hist[kSharedBins];
   const bool shared_hist = n_counts <= kSharedBins;
   if (shared_hist) {
     for (int64_t k = threadIdx.x; k < n_counts; k += blockDim.x) hist[k] = 0;
     __syncthreads();
   }
-  const int64_t k_classes = n_counts - 2;
-  for (int64_t v = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; v < n;
-       v += (int64_t)gridDim.x * blockDim.x) {
-    const Voxel r = decide(acc, wsum[v], c, stride, v, threshold, kind);
-    const int64_t bin = r.label >= 0 ? r.label : (r.label == -1 ? k_classes : k_classes + 1);
-    labels[v] = (L)(r.label >= 0 ? r.label : ignore_index);
-    confidence[v] = r.confidence;
+  L* labels = static_cast<L*>(f.labels);
+  ATSO_GRID_STRIDE_LOOP(v, f.n) {
+    const Voxel r = finalize_voxel<A>(f, v);
+    labels[v] = (L)label_value(f, r.label);
+    f.confidence[v] = r.confidence;
+    const int64_t bin = count_bin(r.label, n_counts - 2);
     if (shared_hist) {
       atomicAdd(&hist[bin], 1u);
     } else {
@@ -82,49 +43,38 @@ __global__ void finalize_kernel(const A* __restrict__ acc, const float* __restri
 }
 
 template <typename A, typename L>
-void launch(const A* acc, const float* wsum, int64_t c, int64_t n, int64_t stride, float threshold,
-            int64_t ignore_index, int kind, L* labels, uint8_t* confidence, int64_t* counts,
-            cudaStream_t stream) {
-  if (n == 0) return;
-  const int64_t n_counts = (c == 1 ? 2 : c) + 2;
-  const int threads = 256;
+void launch(const FinalizeArgs& f, unsigned long long* counts, int64_t n_counts, cudaStream_t stream) {
   // Enough blocks to fill the GPU; the grid-stride loop covers the rest, which also keeps the
   // number of histogram flushes small.
-  const int blocks = std::min(blocks_for(n, threads), 132 * 16);
-  finalize_kernel<A, L><<<blocks, threads, 0, stream>>>(
-      acc, wsum, c, n, stride, threshold, ignore_index, kind, labels, confidence,
-      reinterpret_cast<unsigned long long*>(counts), n_counts);
+  const int blocks = std::min(blocks_for(f.n, kThreads), 132 * 16);
+  finalize_kernel<A, L><<<blocks, kThreads, 0, stream>>>(f, counts, n_counts);
   check_cuda(cudaGetLastError(), "finalize");
-}
-
-template <typename A>
-void launch_labels(const A* acc, const float* wsum, int64_t c, int64_t n, int64_t stride,
-                   float threshold,
-                   int64_t ignore_index, int kind, void* labels, int label_bytes,
-                   uint8_t* confidence, int64_t* counts, cudaStream_t stream) {
-  if (label_bytes == 2) {
-    launch(acc, wsum, c, n, stride, threshold, ignore_index, kind, static_cast<uint16_t*>(labels),
-           confidence, counts, stream);
-  } else {
-    launch(acc, wsum, c, n, stride, threshold, ignore_index, kind, static_cast<uint8_t*>(labels),
-           confidence, counts, stream);
-  }
 }
 
 }  // namespace
 
-void finalize_cuda(const void* acc, int acc_dtype, const float* wsum, int64_t c, int64_t n, int64_t stride,
-                   float threshold, int64_t ignore_index, int kind, void* labels,
-                   int label_bytes, uint8_t* confidence, int64_t* counts,
-                   uintptr_t stream_handle) {
+void finalize_cuda(const FinalizeArgs& f, uintptr_t stream_handle) {
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  if (acc_dtype == kFloat16) {
-    launch_labels(static_cast<const __half*>(acc), wsum, c, n, stride, threshold, ignore_index, kind,
-                  labels, label_bytes, confidence, counts, stream);
-  } else {
-    launch_labels(static_cast<const float*>(acc), wsum, c, n, stride, threshold, ignore_index, kind,
-                  labels, label_bytes, confidence, counts, stream);
+  const int64_t n_counts = (f.c == 1 ? 2 : f.c) + 2;
+  const size_t bytes = n_counts * sizeof(int64_t);
+  void* counts = nullptr;
+  check_cuda(cudaMallocAsync(&counts, bytes, stream), "finalize (counts)");
+  check_cuda(cudaMemsetAsync(counts, 0, bytes, stream), "finalize (counts)");
+  if (f.n > 0) {
+    auto* dev_counts = static_cast<unsigned long long*>(counts);
+    with_float_type(f.acc_dtype, [&](auto acc) {
+      if (f.label_bytes == 2) {
+        launch<decltype(acc), uint16_t>(f, dev_counts, n_counts, stream);
+      } else {
+        launch<decltype(acc), uint8_t>(f, dev_counts, n_counts, stream);
+      }
+    });
   }
+  std::vector<int64_t> host(n_counts);
+  check_cuda(cudaMemcpyAsync(host.data(), counts, bytes, cudaMemcpyDeviceToHost, stream), "finalize (counts)");
+  check_cuda(cudaFreeAsync(counts, stream), "finalize (counts)");
+  check_cuda(cudaStreamSynchronize(stream), "finalize");
+  for (int64_t k = 0; k < n_counts; ++k) f.counts[k] += host[k];
 }
 
 }  // namespace atso

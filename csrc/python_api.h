@@ -1,0 +1,26 @@
+// The Python-facing functions of atso_fast._C, one per kernel (bindings.cpp binds them). Each
+// takes its arguments by keyword (so a new argument changes no declaration here), parses them
+// into Buffers and scalars, checks them, fills the kernel's argument struct and runs the CPU or
+// CUDA implementation (buffer.h: run). Arrays are passed as they are (NumPy, torch, CuPy);
+// atso_fast/kernels/native.py documents the contracts.
+#pragma once
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+namespace py = pybind11;
+
+namespace atso {
+
+// stitch.cpp: extract_patches(volume, origins, patch_size, pad_value, out, out_dtype, algorithm)
+// -> out; accumulate(acc, wsum, patches, origins, importance, z0, algorithm).
+py::object extract_patches(const py::kwargs& kw);
+void accumulate(const py::kwargs& kw);
+
+// finalize.cpp: finalize(acc, wsum, threshold, ignore_index, kind, rows, algorithm) -> (labels,
+// confidence, counts); finalize_label_dtype(channels, threshold, ignore_index, kind) -> dtype.
+py::tuple finalize(const py::kwargs& kw);
+std::string finalize_label_dtype(const py::kwargs& kw);
+
+}  // namespace atso
