@@ -241,7 +241,7 @@ def _openvino(package, tmp_path, **kw):
 @needs_openvino
 def test_openvino_float32_is_float32_and_threads_map_to_its_thread_count(package, rng, tmp_path):
     rt = _openvino(package, tmp_path, threads=1)
-    compiled = rt.compiled[2]
+    compiled = rt.compiled
     assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'float32'>"
     assert compiled.get_property("INFERENCE_NUM_THREADS") == 1
     batch = _batch(rng)
@@ -250,11 +250,11 @@ def test_openvino_float32_is_float32_and_threads_map_to_its_thread_count(package
 
 
 @needs_openvino
-def test_openvino_short_batches_get_a_model_of_their_own(package, rng, tmp_path):
+def test_openvino_pads_short_batches_to_the_compiled_one(package, rng, tmp_path):
     rt = _openvino(package, tmp_path, batch_size=3)
     batch = _batch(rng, 3)
     full, short = rt(batch).copy(), rt(batch[:1])
-    assert short.shape == (1, 3, 8, 8, 8) and sorted(rt.compiled) == [1, 3]
+    assert short.shape == (1, 3, 8, 8, 8)
     np.testing.assert_allclose(short, full[:1], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"compiled for batches \(<= 3, 1, 8, 8, 8\), got \(4, 1, 8, 8, 8\)"):
         rt(_batch(rng, 4))
@@ -264,7 +264,7 @@ def test_openvino_short_batches_get_a_model_of_their_own(package, rng, tmp_path)
 def test_openvino_two_requests_in_flight_each_with_its_own_output(package, rng, tmp_path):
     rt = _openvino(package, tmp_path)
     rt.reuse_output = True
-    assert rt.in_flight == 2
+    assert rt.in_flight == 2  # the default for small outputs
     a, b = _batch(rng), _batch(rng)
     want_a, want_b = rt(a).copy(), rt(b).copy()
     pa, pb = rt.submit(a), rt.submit(b)  # both on the network before either result is taken
@@ -336,6 +336,18 @@ def test_openvino_refuses_bad_models_and_devices(package, tmp_path):
         OpenVinoRuntime(package.onnx_path, device="cuda", window=(8, 8, 8))
     with pytest.raises(ValueError, match="in_flight must be 1 or 2"):
         _openvino(package, tmp_path, in_flight=3)
+
+
+@needs_openvino
+def test_openvino_runs_one_batch_at_a_time_when_outputs_are_large(package, tmp_path, monkeypatch):
+    monkeypatch.setattr(openvino_rt, "PIPELINE_MAX_OUTPUT_BYTES", 1000)  # this output: 2 x 3 x 8^3 x 4 B
+    rt = _openvino(package, tmp_path)
+    assert rt.in_flight == 1
+    rt.in_flight = 2
+    pending = rt.submit(np.zeros((2, 1, 8, 8, 8), np.float32))
+    with pytest.raises(RuntimeError, match="changed while batches are pending"):
+        rt.in_flight = 1
+    pending.result()
 
 
 @needs_openvino

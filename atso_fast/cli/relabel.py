@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="model package folder (model.onnx + model.json)")
     p.add_argument("input", help="folder, list file (.txt/.lst) or single image")
     p.add_argument("output_dir", help="output folder (labels, confidence, manifest.jsonl)")
-    p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"])
+    p.add_argument("--runtime", default="auto", choices=["auto", "openvino", "onnxruntime", "torch", "tensorrt"])
     p.add_argument("--device", "-device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("-o", "--overlap", type=float, default=0.5, help="window overlap in [0, 1)")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")

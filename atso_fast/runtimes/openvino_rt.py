@@ -1,20 +1,24 @@
 """OpenVINO runtime: the package's ONNX file compiled for one static window batch, cached on disk.
 
 OpenVINO reads ``model.onnx`` directly. The model is reshaped to the relabeler's batch
-``(B, M, *window)`` and compiled for ``target`` (``"CPU"``; an Intel ``"GPU"`` is accepted but
-not verified here); a volume's last, shorter batch gets a model compiled for its own size on
-first use. ``precision`` maps to OpenVINO's inference precision hint: ``float32`` is set
+``(B, M, *window)`` and compiled once for ``target`` (``"CPU"``; an Intel ``"GPU"`` is accepted
+but not verified here). A volume's last, shorter batch is zero-padded to ``B`` windows: a
+second compiled model for its size would hold a second set of intermediate buffers (1.2 GiB
+for the MONAI UNet at 105 classes x 4 windows of 64^3) and compile mid-volume (~0.4 s).
+``precision`` maps to OpenVINO's inference precision hint: ``float32`` is set
 explicitly (``f32``), because on CPUs with bfloat16 units (AVX512-BF16, AMX) OpenVINO's
 default hint is ``bf16``; ``bfloat16``/``float16`` are accepted only where the device lists
 that capability. Compiled models are cached under ``cache_dir`` (default
 ``$XDG_CACHE_HOME/atso_fast/openvino``, ``~/.cache/...`` without it), keyed like the TensorRT engine cache: the ONNX file's
 SHA-256, the OpenVINO version, the device name, precision and batch shape.
 
-Pipelining: ``in_flight`` (default 2) asynchronous infer requests, each with its own output
-buffer, so the engine can submit batch k+1 and stitch batch k while it runs
+Pipelining: ``in_flight`` asynchronous infer requests, each with its own output buffer, so the
+engine can submit batch k+1 and stitch batch k while it runs
 (:meth:`~atso_fast.runtimes.base.Runtime.submit`). Requests of one compiled model run one after
-the other on all ``threads`` (latency hint, one stream), so the overlap is network vs
-stitching, never two networks splitting the cores.
+the other on all ``threads`` (latency hint, one stream; they share its intermediate buffers),
+so the overlap is network vs stitching, never two networks splitting the cores. The default is
+2 when one batch's output is at most :data:`PIPELINE_MAX_OUTPUT_BYTES`, else 1: the second
+output buffer is what the overlap costs in memory.
 """
 from __future__ import annotations
 
@@ -36,7 +40,11 @@ from atso_fast.runtimes.base import (
     check_precision,
 )
 
-__all__ = ["OpenVinoRuntime", "compiled_cache_key", "openvino_available", "openvino_supports"]
+__all__ = ["PIPELINE_MAX_OUTPUT_BYTES", "OpenVinoRuntime", "compiled_cache_key", "openvino_available",
+           "openvino_supports"]
+
+PIPELINE_MAX_OUTPUT_BYTES = 256 * 2**20
+"""Largest batch output (bytes) for which the default keeps two batches in flight."""
 
 _HINTS = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 _CAPABILITY = {"float32": "FP32", "bfloat16": "BF16", "float16": "FP16"}
@@ -99,7 +107,7 @@ class _OvPending:
         if self._out is None:
             slot = self._slot
             slot.request.wait()
-            out = slot.request.get_output_tensor(0).data[: self._windows]
+            out = slot.request.get_output_tensor(0).data[: self._windows]  # padded windows dropped
             self._out = out if self._runtime.reuse_output else out.copy()
             slot.busy, slot.batch = False, None
             self._runtime._called()
@@ -113,12 +121,13 @@ class OpenVinoRuntime(FixedRuntime):
         onnx_path: the package's ONNX file (one input, one output).
         device: ``"cpu"``: arrays are NumPy on the host (whatever ``target`` computes on).
         precision: ``float32``, or ``bfloat16``/``float16`` where ``target`` supports it.
-        batch_size: the full batch the model is compiled for.
+        batch_size: the batch the model is compiled for (shorter batches are padded).
         window, in_channels: the static input shape ``(in_channels, *window)``.
         threads: inference threads (default: OpenVINO's, all cores).
         target: OpenVINO device, ``"CPU"`` (``"GPU"``: an Intel GPU, not verified here).
         cache_dir: compiled-model cache (None: the default above; False: off).
-        in_flight: infer requests per compiled model, i.e. batches that may be pending (1 or 2).
+        in_flight: batches that may be pending at once, 1 or 2 (None: see the module docstring);
+            settable between volumes.
 
     Raises:
         RuntimeUnavailable: openvino is not installed.
@@ -130,7 +139,7 @@ class OpenVinoRuntime(FixedRuntime):
     def __init__(self, onnx_path: str | os.PathLike, *, device: str = "cpu", precision: str = "float32",
                  batch_size: int = 4, window: tuple[int, ...] = (), in_channels: int = 1,
                  threads: int | None = None, target: str = "CPU", cache_dir: str | os.PathLike | bool | None = None,
-                 in_flight: int = 2):
+                 in_flight: int | None = None):
         self.ov = _ov()
         self.device, self.precision = check_device(device), check_precision(precision)
         if device != "cpu":
@@ -139,20 +148,29 @@ class OpenVinoRuntime(FixedRuntime):
         if not openvino_supports(precision, target):
             raise ValueError(f"runtime 'openvino': {target} does not support {precision} "
                              f"(its capabilities: {self._capabilities(target)}); use float32")
-        if int(in_flight) not in (1, 2):
-            raise ValueError(f"in_flight must be 1 or 2, got {in_flight}")
-        self.in_flight = int(in_flight)
         self.onnx_path, self.target = Path(onnx_path), str(target)
         self.batch_size = max(1, int(batch_size))
         self._sample = (int(in_channels), *(int(w) for w in window))
         self.threads = None if threads is None else max(int(threads), 1)
         self.cache_dir = self._cache_dir(cache_dir)
         self.reuse_output = False
-        self._onnx_bytes = self.onnx_path.read_bytes()
-        self._requests: dict[int, list[_Request]] = {}  # batch size -> its compiled model's requests
-        self._next: dict[int, int] = {}
-        self.compiled: dict[int, Any] = {}
-        self._compiled(self.batch_size)  # compile (or load) now, so a bad model fails here
+        self.compiled = self._load((self.batch_size, *self._sample))
+        self._slots: list[_Request] = []
+        self._next = 0
+        out_bytes = 4 * int(np.prod([int(d) for d in self.compiled.output(0).get_shape()]))
+        self.in_flight = (2 if out_bytes <= PIPELINE_MAX_OUTPUT_BYTES else 1) if in_flight is None else in_flight
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @in_flight.setter
+    def in_flight(self, value: int) -> None:
+        if int(value) not in (1, 2):
+            raise ValueError(f"in_flight must be 1 or 2, got {value}")
+        if any(slot.busy for slot in getattr(self, "_slots", [])):
+            raise RuntimeError("runtime 'openvino': in_flight changed while batches are pending")
+        self._in_flight = int(value)
 
     @staticmethod
     def _capabilities(target: str) -> list[str]:
@@ -175,22 +193,17 @@ class OpenVinoRuntime(FixedRuntime):
             config["INFERENCE_NUM_THREADS"] = self.threads
         return config
 
-    def _compiled(self, batch: int) -> Any:
-        """The model compiled for ``batch`` windows: kept, else from the disk cache, else built."""
-        if batch in self.compiled:
-            return self.compiled[batch]
-        shape = (batch, *self._sample)
+    def _load(self, shape: tuple[int, ...]) -> Any:
+        """The model compiled for input ``shape``: from the disk cache, else built (and cached)."""
         core = _core()
-        key = compiled_cache_key(self._onnx_bytes, self.ov.__version__, self._device_name(), self.precision, shape)
+        key = compiled_cache_key(self.onnx_path.read_bytes(), self.ov.__version__, self._device_name(),
+                                 self.precision, shape)
         path = None if self.cache_dir is None else self.cache_dir / f"{key}.blob"
         compiled = self._import(path) if path is not None and path.is_file() else None
         if compiled is None:
             compiled = self._build(core, shape)
             if path is not None:
                 self._store(compiled, path)
-        self.compiled[batch] = compiled
-        self._requests[batch] = [_Request(compiled.create_infer_request()) for _ in range(self.in_flight)]
-        self._next[batch] = 0
         return compiled
 
     def _device_name(self) -> str:
@@ -231,24 +244,34 @@ class OpenVinoRuntime(FixedRuntime):
 
     # ------------------------------------------------------------------ running
     def submit(self, batch: Any) -> _OvPending:
-        """Start ``batch (b, M, *window)`` on a free infer request (b <= the compiled batch)."""
+        """Start ``batch (b, M, *window)``, b <= ``batch_size``, on the next infer request."""
         if not isinstance(batch, np.ndarray):
             raise TypeError(f"runtime 'openvino' takes NumPy arrays, got {type(batch).__name__}")
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
         n = int(batch.shape[0])
         if tuple(batch.shape[1:]) != self._sample or not 1 <= n <= self.batch_size:
             raise ValueError(f"runtime 'openvino' was compiled for batches (<= {self.batch_size}, "
                              f"{', '.join(map(str, self._sample))}), got {tuple(batch.shape)}")
-        self._compiled(n)
-        slots, i = self._requests[n], self._next[n]
-        slot = slots[i]
+        slot = self._slot()
+        if n < self.batch_size:  # zero windows pad the batch; their outputs are dropped
+            padded = np.zeros((self.batch_size, *self._sample), np.float32)
+            padded[:n] = batch
+            batch = padded
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        slot.busy, slot.batch = True, batch  # OpenVINO reads this memory (no copy) until done
+        slot.request.start_async({0: batch}, share_inputs=True)
+        return _OvPending(self, slot, n)
+
+    def _slot(self) -> _Request:
+        """The next request of the ring (``in_flight`` long), created on first use."""
+        i = self._next % self.in_flight
+        while len(self._slots) <= i:
+            self._slots.append(_Request(self.compiled.create_infer_request()))
+        slot = self._slots[i]
         if slot.busy:
             raise RuntimeError(f"runtime 'openvino': more than in_flight={self.in_flight} batches pending; "
                                "take a result before submitting another")
-        self._next[n] = (i + 1) % len(slots)
-        slot.busy, slot.batch = True, batch  # OpenVINO reads the caller's memory (no copy)
-        slot.request.start_async({0: batch}, share_inputs=True)
-        return _OvPending(self, slot, n)
+        self._next = i + 1
+        return slot
 
     def __call__(self, batch: Any) -> np.ndarray:
         return self.submit(batch).result()
