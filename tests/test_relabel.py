@@ -224,6 +224,15 @@ def test_onnxruntime_relabeler_runs_kernels_on_one_thread(tmp_path):
     assert Relabeler.from_module(random_net(classes=2), window=(8, 8, 8), num_classes=2).kernel_threads is None
 
 
+@needs_openvino
+def test_pipelined_openvino_runs_kernels_on_one_thread(tmp_path):
+    pkg = export_model(random_net(classes=2), tmp_path / "pkg", window=(8, 8, 8), num_classes=2, save_torch=False)
+    rel = Relabeler(pkg, runtime="openvino")
+    assert rel.runtime.in_flight == 2 and rel.kernel_threads == 1
+    rel.runtime.in_flight = 1  # kernels run between batches: the OpenMP default
+    assert rel.kernel_threads is None
+
+
 def test_auto_relabeler_on_cpu_matches_onnxruntime(rng, tmp_path):
     pkg = export_model(random_net(classes=3), tmp_path / "pkg", window=(8, 8, 8), num_classes=3)
     volume = rng.standard_normal((24, 24, 24)).astype(np.float32)

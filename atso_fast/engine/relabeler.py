@@ -66,10 +66,10 @@ class Relabeler:
 
     Args:
         model_dir: folder with ``model.json`` + ``model.onnx`` (``atso_fast.export_model``).
-        runtime: ``"auto"``, ``"onnxruntime"``, ``"tensorrt"`` or ``"torch"``. On CPU, ``auto``
-            with a package holding both ``model.onnx`` and ``model.pt2`` (and at most 16
-            classes) times the first full batches on torch and on ONNX Runtime and keeps the
-            faster (``runtime_name`` says which once decided; see ``atso_fast.runtimes``).
+        runtime: ``"auto"``, ``"openvino"``, ``"onnxruntime"``, ``"tensorrt"`` or ``"torch"``.
+            ``auto`` is a rule (``atso_fast.runtimes``): on CPU OpenVINO when installed, else
+            ONNX Runtime, else torch; a first choice that cannot load the model is skipped with
+            a warning. ``runtime_name`` says which runs.
         device: ``"cpu"`` or ``"cuda[:N]"``.
         overlap: window overlap in ``[0, 1)``, scalar or per axis (MONAI's meaning).
         batch_size: windows per runtime call.
@@ -83,12 +83,13 @@ class Relabeler:
             for the network and labelled ``ignore_index``).
         compile: ``torch.compile`` the torch runtime (implies ``runtime="torch"``). The first
             batch compiles (tens of seconds on CPU); worth it for archives, not single volumes.
-        threads: CPU threads of the runtime (ONNX Runtime's session, torch's intra-op threads
-            during each call; default: all cores); set it when several relabelers share a
+        threads: CPU threads of the runtime (OpenVINO's inference threads, ONNX Runtime's
+            session, torch's intra-op threads during each call; default: all cores); set it when several relabelers share a
             machine (Ray actors do).
         kernel_threads: OpenMP threads of our CPU stitching kernels (default: 1 with ONNX
-            Runtime on CPU for up to 8 classes, so ORT's own pool keeps the cores; else the
-            OpenMP default).
+            Runtime on CPU for up to 8 classes, so ORT's own pool keeps the cores, and 1 beside
+            a pipelined OpenVINO, whose threads run the next batch meanwhile; else the OpenMP
+            default).
     """
 
     def __init__(self, model_dir: str | Path | None = None, *, runtime: str = "auto", device: str = "cpu",
@@ -153,10 +154,16 @@ class Relabeler:
         if self._kernel_threads is not None:
             return self._kernel_threads
         active = self.runtime.active
-        if active == "onnxruntime" and self.device == "cpu" and self.package.num_classes <= 8:
+        if self.device != "cpu":
+            return None
+        if active == "onnxruntime" and self.package.num_classes <= 8:
             # ORT has its own thread pool: our OpenMP workers, spin-waiting after each kernel,
             # take cores from ORT's next run. One kernel thread: 3-class UNet overhead 1.6-5.3%
             # -> -0.1-3.4%; but at 105 classes the kernels' own work wins (2.4% -> 6.8%).
+            return 1
+        if active == "openvino" and self.runtime.in_flight > 1:
+            # pipelined: the kernels run while OpenVINO's threads run the next batch, so one
+            # kernel thread beside them (benchmarks/RESULTS.md, OpenVINO section)
             return 1
         return None
 
