@@ -41,13 +41,14 @@ class Runtime(Protocol):
     C-contiguous.
 
     Attributes:
-        name: the runtime's name (``"onnxruntime"``, ``"torch"``, ``"tensorrt"``, ``"auto"``).
+        name: the runtime's name (``"openvino"``, ``"onnxruntime"``, ``"torch"``, ``"tensorrt"``).
         device: ``"cpu"`` or ``"cuda[:N]"``.
         precision: network precision.
         reuse_output: when set True by the caller, outputs may live in one buffer reused by the
             next call (the engine consumes each batch before the next one); False: fresh arrays.
-        choice: the runtime that runs from now on, or None while ``auto`` is still measuring.
-        active: the runtime the next batch runs on (the candidate under probe for ``auto``).
+        choice: the runtime that runs from now on (None: a runtime that is still choosing;
+            none of ours does since ``auto`` became a rule).
+        active: the runtime the next batch runs on.
         settled: True once the runtime's one-off costs are behind it (first call, layout probe),
             so that timing a call measures its steady speed.
         in_flight: how many submitted batches may be pending at once (:meth:`submit`); 1 means

@@ -106,10 +106,12 @@ class _OvPending:
     def result(self) -> np.ndarray:
         if self._out is None:
             slot = self._slot
-            slot.request.wait()
-            out = slot.request.get_output_tensor(0).data[: self._windows]  # padded windows dropped
+            try:
+                slot.request.wait()
+                out = slot.request.get_output_tensor(0).data[: self._windows]  # padded windows dropped
+            finally:  # a failed run frees its request too
+                slot.busy, slot.batch = False, None
             self._out = out if self._runtime.reuse_output else out.copy()
-            slot.busy, slot.batch = False, None
             self._runtime._called()
         return self._out
 
