@@ -84,8 +84,8 @@ class Relabeler:
         compile: ``torch.compile`` the torch runtime (implies ``runtime="torch"``). The first
             batch compiles (tens of seconds on CPU); worth it for archives, not single volumes.
         threads: CPU threads of the runtime (OpenVINO's inference threads, ONNX Runtime's
-            session, torch's intra-op threads during each call; default: all cores); set it when several relabelers share a
-            machine (Ray actors do).
+            session, torch's intra-op threads during each call; default: all cores); set it
+            when several relabelers share a machine (Ray actors do).
         kernel_threads: OpenMP threads of our CPU stitching kernels (default: 1 with ONNX
             Runtime on CPU for up to 8 classes, so ORT's own pool keeps the cores, and 1 beside
             a pipelined OpenVINO, whose threads run the next batch meanwhile; else the OpenMP
