@@ -130,6 +130,8 @@ class OpenVinoRuntime(FixedRuntime):
         cache_dir: compiled-model cache (None: the default above; False: off).
         in_flight: batches that may be pending at once, 1 or 2 (None: see the module docstring);
             settable between volumes.
+        streams: OpenVINO CPU streams: 1 runs one request at a time on all threads (latency
+            hint); 2 runs two requests side by side, the threads split between them.
 
     Raises:
         RuntimeUnavailable: openvino is not installed.
@@ -141,7 +143,7 @@ class OpenVinoRuntime(FixedRuntime):
     def __init__(self, onnx_path: str | os.PathLike, *, device: str = "cpu", precision: str = "float32",
                  batch_size: int = 4, window: tuple[int, ...] = (), in_channels: int = 1,
                  threads: int | None = None, target: str = "CPU", cache_dir: str | os.PathLike | bool | None = None,
-                 in_flight: int | None = None):
+                 in_flight: int | None = None, streams: int = 1):
         self.ov = _ov()
         self.device, self.precision = check_device(device), check_precision(precision)
         if device != "cpu":
@@ -154,6 +156,9 @@ class OpenVinoRuntime(FixedRuntime):
         self.batch_size = max(1, int(batch_size))
         self._sample = (int(in_channels), *(int(w) for w in window))
         self.threads = None if threads is None else max(int(threads), 1)
+        if int(streams) not in (1, 2):
+            raise ValueError(f"streams must be 1 or 2, got {streams}")
+        self.streams = int(streams)
         self.cache_dir = self._cache_dir(cache_dir)
         self.reuse_output = False
         self.compiled = self._load((self.batch_size, *self._sample))
@@ -190,7 +195,11 @@ class OpenVinoRuntime(FixedRuntime):
         return Path(cache_dir)
 
     def _config(self) -> dict[str, Any]:
-        config = {"INFERENCE_PRECISION_HINT": _HINTS[self.precision], "PERFORMANCE_HINT": "LATENCY"}
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _HINTS[self.precision]}
+        if self.streams == 1:
+            config["PERFORMANCE_HINT"] = "LATENCY"
+        else:
+            config.update(PERFORMANCE_HINT="THROUGHPUT", NUM_STREAMS=self.streams)
         if self.threads is not None and self.target == "CPU":
             config["INFERENCE_NUM_THREADS"] = self.threads
         return config
@@ -199,7 +208,7 @@ class OpenVinoRuntime(FixedRuntime):
         """The model compiled for input ``shape``: from the disk cache, else built (and cached)."""
         core = _core()
         key = compiled_cache_key(self.onnx_path.read_bytes(), self.ov.__version__, self._device_name(),
-                                 self.precision, shape)
+                                 f"{self.precision}/streams{self.streams}", shape)
         path = None if self.cache_dir is None else self.cache_dir / f"{key}.blob"
         compiled = self._import(path) if path is not None and path.is_file() else None
         if compiled is None:
