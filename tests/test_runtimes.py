@@ -339,6 +339,18 @@ def test_openvino_refuses_bad_models_and_devices(package, tmp_path):
 
 
 @needs_openvino
+def test_openvino_two_streams_run_requests_side_by_side_with_the_same_numbers(package, rng, tmp_path):
+    one, two = _openvino(package, tmp_path), _openvino(package, tmp_path, streams=2, threads=2)
+    assert two.compiled.get_property("NUM_STREAMS") == 2 and len(list((tmp_path / "cache").glob("*.blob"))) == 2
+    a, b = _batch(rng), _batch(rng)
+    pa, pb = two.submit(a), two.submit(b)
+    np.testing.assert_allclose(pa.result(), one(a), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pb.result(), one(b), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="streams must be 1 or 2"):
+        _openvino(package, tmp_path, streams=3)
+
+
+@needs_openvino
 def test_openvino_runs_one_batch_at_a_time_when_outputs_are_large(package, tmp_path, monkeypatch):
     monkeypatch.setattr(openvino_rt, "PIPELINE_MAX_OUTPUT_BYTES", 1000)  # this output: 2 x 3 x 8^3 x 4 B
     rt = _openvino(package, tmp_path)
