@@ -10,7 +10,10 @@ For each runtime/precision pair the benchmark
    ``torch.cuda.max_memory_allocated`` on CUDA),
 4. times the runtime alone on the very same window batches (extracted once, in the engine's
    order), so ``overhead = (volume time - network time) / network time`` is what
-   normalisation, window extraction, blending and thresholding cost on top of the network.
+   normalisation, window extraction, blending and thresholding cost on top of the network;
+   for a pipelined runtime (OpenVINO: two batches in flight, stitching overlapped with the
+   network) the same relabeler is also timed with one batch in flight (``seq overhead``), so
+   the table shows what the overlap saves.
 
 Without ``MODEL_DIR`` a built-in network is exported to a temporary package: MONAI's 3D U-Net
 (16-32-64-128-256, two residual units, the DESIGN.md anchor) when MONAI is importable, else a
@@ -69,13 +72,13 @@ __all__ = [
     "window_batches",
 ]
 
-BENCH_RUNTIMES = ("onnxruntime", "torch", "tensorrt")
+BENCH_RUNTIMES = ("openvino", "onnxruntime", "torch", "tensorrt")
 """Runtimes ``--runtimes all`` tries, in table order."""
 CT_NORMALIZATION = {"scheme": "ct", "clip": [-1000.0, 1000.0], "mean": 0.0, "std": 500.0}
 """Intensity policy stored with the built-in model (HU in, roughly unit scale out)."""
-MIN_AGREEMENT = {"float32": 0.9999, "float16": 0.999, "bfloat16": 0.99}
+MIN_AGREEMENT = {"float32": 0.9999, "float16": 0.999, "bfloat16": 0.995}
 """Label agreement with the float32 reference below which a pair counts as incorrect
-(DESIGN.md targets: 99.99% float32, 99.9% fp16; bfloat16 keeps only 8 mantissa bits)."""
+(DESIGN.md targets: 99.99% float32, 99.9% fp16; bfloat16, 8 mantissa bits: 99.5%)."""
 _PRECISIONS = ("float32", "float16", "bfloat16")
 _MIB = 2.0**20
 
@@ -423,21 +426,39 @@ def time_repeats(fn: Any, repeats: int, dev: Device) -> list[float]:
 
 def _time_pair(rel: Any, cfg: BenchConfig, volume: np.ndarray, batches: list[Any]) -> dict[str, Any]:
     """Volume runs and network-alone runs on ``batches``, interleaved so that load from other
-    processes hits both alike; peak memory over the whole loop."""
+    processes hits both alike (and, for a pipelined runtime, volume runs one batch at a time);
+    peak memory over the whole loop."""
     dev = Device(cfg.device)
     dev.reset_peak()
+    depth = int(getattr(rel.runtime, "in_flight", 1))
     vol_times: list[float] = []
     net_times: list[float] = []
+    seq_times: list[float] = []
     with PeakMemory() as mem:
         for _ in range(cfg.repeats):
             vol_times += time_repeats(lambda: rel.relabel_volume(volume), 1, dev)
             net_times += time_repeats(lambda: [rel.runtime(b) for b in batches], 1, dev)
+            if depth > 1:
+                seq_times += _sequential(rel, volume, dev)
     seconds, network = statistics.median(vol_times), statistics.median(net_times)
     windows = sum(int(b.shape[0]) for b in batches)
+    seq = statistics.median(seq_times) if seq_times else None
     return {"seconds": seconds, "seconds_all": vol_times, "voxels_per_s": float(np.prod(cfg.shape)) / seconds,
             "windows_per_s": windows / seconds, "network_seconds": network, "network_seconds_all": net_times,
             "overhead": (seconds - network) / network, "overhead_min": min(vol_times) / min(net_times) - 1.0,
+            "in_flight": depth, "sequential_seconds": seq, "sequential_seconds_all": seq_times or None,
+            "sequential_overhead": None if seq is None else (seq - network) / network,
             "peak_host_mib": mem.peak_mib, "host_delta_mib": mem.delta_mib, "device_peak_mib": dev.peak_mib()}
+
+
+def _sequential(rel: Any, volume: np.ndarray, dev: Device) -> list[float]:
+    """One volume with one batch in flight (no overlap of network and stitching)."""
+    depth = rel.runtime.in_flight
+    rel.runtime.in_flight = 1
+    try:
+        return time_repeats(lambda: rel.relabel_volume(volume), 1, dev)
+    finally:
+        rel.runtime.in_flight = depth
 
 
 def _row(runtime: str, precision: str, status: str, **fields: Any) -> dict[str, Any]:
@@ -539,17 +560,20 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- output
 _COLUMNS = (("runtime", "{}"), ("precision", "{}"), ("s/volume", "{:.3f}"), ("Mvox/s", "{:.2f}"),
             ("windows/s", "{:.1f}"), ("network s", "{:.3f}"), ("overhead", "{:+.1%}"),
+            ("in flight", "{}"), ("seq overhead", "{:+.1%}"),
             ("peak RSS MiB", "{:.0f}"), ("+RSS MiB", "{:.0f}"), ("GPU MiB", "{:.0f}"),
             ("agreement", "{:.5f}"), ("correct", "{}"))
+_GPU_COLUMN = 11
 
 
 def _cells(row: dict[str, Any], cuda: bool) -> list[str]:
     values = [row["runtime"], row["precision"], row.get("seconds"),
               row["voxels_per_s"] / 1e6 if row.get("voxels_per_s") else None, row.get("windows_per_s"),
-              row.get("network_seconds"), row.get("overhead"), row.get("peak_host_mib"),
-              row.get("host_delta_mib"), row.get("device_peak_mib"), row["agreement"], row["correct"]]
+              row.get("network_seconds"), row.get("overhead"), row.get("in_flight"), row.get("sequential_overhead"),
+              row.get("peak_host_mib"), row.get("host_delta_mib"), row.get("device_peak_mib"), row["agreement"],
+              row["correct"]]
     cells = [fmt.format(v) if v is not None else "-" for (_, fmt), v in zip(_COLUMNS, values)]
-    return cells if cuda else cells[:9] + cells[10:]
+    return cells if cuda else cells[:_GPU_COLUMN] + cells[_GPU_COLUMN + 1:]
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -557,7 +581,7 @@ def format_table(report: dict[str, Any]) -> str:
     cfg, model = report["config"], report["model"]
     cuda = cfg["device"].startswith("cuda")
     head = [name for name, _ in _COLUMNS]
-    head = head if cuda else head[:9] + head[10:]
+    head = head if cuda else head[:_GPU_COLUMN] + head[_GPU_COLUMN + 1:]
     ran = [r for r in report["results"] if r["status"] in ("ok", "incorrect")]
     rows = [head] + [_cells(r, cuda) for r in ran]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -566,7 +590,8 @@ def format_table(report: dict[str, Any]) -> str:
               f"batch {cfg['batch']}), device {cfg['device']}{', torch compiled' if cfg.get('compile') else ''}, "
               f"median of {cfg['repeats']}; "
               f"reference {report['reference']}"),
-             "overhead = (s/volume - network s) / network s: the network alone ran the same window batches"]
+             "overhead = (s/volume - network s) / network s: the network alone ran the same window batches; "
+             "seq overhead: the same relabeler with one batch in flight (no overlap of network and stitching)"]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     for r in report["results"]:
         if r["status"] in ("skipped", "failed", "incorrect"):

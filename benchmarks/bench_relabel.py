@@ -10,7 +10,11 @@ subprocess (CPU: peak RSS growth; CUDA: torch.cuda.max_memory_allocated). A one-
 head stands in for the network there so the numbers isolate stitching memory (same head for
 MONAI and us).
 
+OpenVINO rows run pipelined (two batches in flight, stitching overlapped with the network);
+``openvino-seq`` is the same runtime with one batch in flight, to show what the overlap saves.
+
 Usage: python benchmarks/bench_relabel.py [--device cpu|cuda] [--classes 3 105] [--json out.json]
+       [--only onnxruntime:float32,openvino:bfloat16,...]   (a subset of atso-fast rows; MONAI always runs)
 """
 from __future__ import annotations
 
@@ -25,11 +29,15 @@ import time
 
 import numpy as np
 import torch
+from bench_kernels import (  # benchmarks/ is on sys.path for scripts
+    machine,
+    sync,
+    timed_interleaved,
+)
 
 import atso_fast
-from atso_fast.kernels import native
 from atso_fast.bench import builtin_network, reset_peak_rss
-from bench_kernels import machine, sync, timed_interleaved  # benchmarks/ is on sys.path for scripts
+from atso_fast.kernels import native
 
 __all__ = ["main"]
 
@@ -77,7 +85,7 @@ def speed_rows(classes: int, args, cfg) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         pkg = atso_fast.export_model(net.cpu(), tmp, window=window, num_classes=classes, save_torch=False)
         net.to(device)
-        for name, precision, compile in runtimes_for(device):
+        for name, precision, compile in runtimes_for(device, args.only):
             rel = make_relabeler(name, pkg, net, window, classes, device, batch, precision, compile=compile)
             method = f"atso-fast {name}{' compiled' if compile else ''} {precision}"
             fns[method] = lambda rel=rel: rel.relabel_volume(volume, normalized=True).labels
@@ -98,16 +106,28 @@ def speed_rows(classes: int, args, cfg) -> list[dict]:
     return rows
 
 
-def runtimes_for(device: str) -> list[tuple[str, str, bool]]:
-    """(runtime, precision, torch.compile) rows; compile time falls in the untimed warm-up."""
-    if device == "cpu":
-        return [("onnxruntime", "float32", False), ("torch", "float32", False), ("torch", "float32", True),
-                ("torch", "bfloat16", False)]
-    out = [("torch", "float32", False), ("torch", "float16", False)]
+def runtimes_for(device: str, only: str | None = None) -> list[tuple[str, str, bool]]:
+    """(runtime, precision, torch.compile) rows; compile time falls in the untimed warm-up.
+
+    ``only``: comma list of ``runtime:precision`` (``torch-compiled:float32``, ``openvino-seq:float32``)."""
     from atso_fast.runtimes import available_runtimes
 
-    if "tensorrt" in available_runtimes("cuda"):
-        out.append(("tensorrt", "float16", False))
+    have = available_runtimes(device)
+    if device == "cpu":
+        out = [("onnxruntime", "float32", False), ("torch", "float32", False), ("torch", "float32", True),
+               ("torch", "bfloat16", False)]
+        if "openvino" in have:
+            from atso_fast.runtimes import openvino_supports
+
+            out += [("openvino", "float32", False), ("openvino-seq", "float32", False)]
+            out += [("openvino", "bfloat16", False)] if openvino_supports("bfloat16") else []
+    else:
+        out = [("torch", "float32", False), ("torch", "float16", False)]
+        if "tensorrt" in have:
+            out.append(("tensorrt", "float16", False))
+    if only:
+        keep = {item.strip() for item in only.split(",")}
+        out = [r for r in out if f"{r[0]}{'-compiled' if r[2] else ''}:{r[1]}" in keep]
     return out
 
 
@@ -116,7 +136,10 @@ def make_relabeler(name, pkg, net, window, classes, device, batch, precision, ac
               compile=compile)
     if name == "torch":
         return atso_fast.Relabeler.from_module(net, window=window, num_classes=classes, **kw)
-    return atso_fast.Relabeler(pkg, runtime=name, **kw)
+    rel = atso_fast.Relabeler(pkg, runtime=name.removesuffix("-seq"), **kw)
+    if name.endswith("-seq"):
+        rel.runtime.in_flight = 1  # no overlap: the stitching waits for each batch
+    return rel
 
 
 def memory_child(method: str, classes: int, device: str, cfg, batch: int) -> dict:
@@ -128,12 +151,14 @@ def memory_child(method: str, classes: int, device: str, cfg, batch: int) -> dic
         run = lambda: monai_labels(net, volume, window, batch, device)  # noqa: E731
     else:  # ours-<accumulator dtype>[-onnxruntime|-auto]: torch on the same module, ORT, or auto
         parts = method.split("-")
-        acc, runtime = parts[1], (parts[2] if len(parts) > 2 else "")
+        acc, runtime = parts[1], "-".join(parts[2:])
         kw = dict(device=device, batch_size=batch, accumulate_dtype=acc)
-        if runtime:  # a package; auto (CPU) probes ORT and torch on the first batches
+        if runtime:  # a package; auto: the default (CPU: OpenVINO when installed, else ORT)
             pkg = atso_fast.export_model(net.cpu(), tempfile.mkdtemp(), window=window, num_classes=classes,
                                          save_torch=runtime == "auto")
-            rel = atso_fast.Relabeler(pkg, runtime=runtime, **kw)
+            rel = atso_fast.Relabeler(pkg, runtime=runtime.removesuffix("-seq"), **kw)
+            if runtime.endswith("-seq"):
+                rel.runtime.in_flight = 1
         else:
             rel = atso_fast.Relabeler.from_module(net, window=window, num_classes=classes, **kw)
         run = lambda: rel.relabel_volume(volume, normalized=True)  # noqa: E731
@@ -146,13 +171,24 @@ def memory_child(method: str, classes: int, device: str, cfg, batch: int) -> dic
         sync(device)
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        reset_peak_rss()  # else ru_maxrss keeps import/volume-building spikes and hides our peak
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        reset_peak_rss()  # else the peak keeps import/volume-building spikes and hides ours
+        base = _hwm_bytes()
         t = time.perf_counter()
         run()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = _hwm_bytes() - base
     return {"method": method, "classes": classes, "batch": batch, "peak_GiB": peak / 2**30,
             "seconds": time.perf_counter() - t}
+
+
+def _hwm_bytes() -> int:
+    """Peak RSS of this process (VmHWM, reset by ``reset_peak_rss``). Not ``ru_maxrss``: a child
+    inherits its parent's ``ru_maxrss`` across fork + exec, so a parent that already held more
+    (the speed rows at 105 classes) hid every child's peak (all rows read 0)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def memory_rows(classes: int, batch: int, args) -> list[dict]:
@@ -160,8 +196,8 @@ def memory_rows(classes: int, batch: int, args) -> list[dict]:
     rows = []
     methods = ["monai", "ours-float32", "ours-float16"]
     if args.device == "cpu":
-        # ORT, and auto: the package default (probes torch and ORT up to 16 classes, else ORT)
-        methods += ["ours-float16-onnxruntime", "ours-float16-auto"]
+        # ORT, OpenVINO with one batch in flight, and auto: the package default (OpenVINO, two in flight)
+        methods += ["ours-float16-onnxruntime", "ours-float16-openvino-seq", "ours-float16-auto"]
     for method in methods:
         cmd = [sys.executable, __file__, "--device", args.device, "--mem-child", method, "--classes", str(classes),
                "--memory-batches", str(batch)]
@@ -199,6 +235,7 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-batches", type=int, nargs="+", default=None,
                     help="window batches for the memory rows (default: the speed batch, then half of it)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", help="comma list of runtime:precision rows of ours (default: all)")
     ap.add_argument("--json", help="write results to this file")
     ap.add_argument("--mem-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -32,7 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from atso_fast.datasets.synthetic import make_phantoms, phantom_class_names, phantom_num_classes
+from atso_fast.datasets.synthetic import (
+    make_phantoms,
+    phantom_class_names,
+    phantom_num_classes,
+)
 from atso_fast.train.atso import ATSO, ATSOConfig, run_methods
 from atso_fast.train.data import data_from_arrays
 

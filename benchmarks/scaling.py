@@ -92,7 +92,13 @@ def _runner(spec: dict[str, Any], net: Any) -> Any:
 
 def measure_point(spec: dict[str, Any]) -> dict[str, Any]:
     """Peak memory of one method at one point: one cold run in this process; saves its labels."""
-    from atso_fast.bench import Device, builtin_network, maxrss_mib, reset_peak_rss, synthetic_ct
+    from atso_fast.bench import (
+        Device,
+        builtin_network,
+        maxrss_mib,
+        reset_peak_rss,
+        synthetic_ct,
+    )
 
     net, _ = builtin_network(spec["classes"], net=spec["net"], seed=spec["seed"])
     run = _runner(spec, net.to(spec["device"]))

@@ -1,8 +1,7 @@
 """Runtimes on their own: the declared interface (``atso_fast.runtimes.base.Runtime``), each
-runtime's contract, the torch layout probe and ``auto``'s measuring probe."""
+runtime's contract (OpenVINO: precision, disk cache, asynchronous requests), the torch layout
+probe and ``auto``'s rule."""
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import pytest
@@ -13,13 +12,24 @@ from atso_fast.package import load_package
 from atso_fast.runtimes import (
     RUNTIMES,
     OnnxRuntime,
-    ProbeRuntime,
+    OpenVinoRuntime,
+    Pending,
     Runtime,
     RuntimeUnavailable,
     TorchRuntime,
+    auto_candidates,
     create_runtime,
+    load_runtime,
+    openvino_rt,
     resolve_runtime,
 )
+from atso_fast.runtimes.openvino_rt import (
+    compiled_cache_key,
+    openvino_available,
+    openvino_supports,
+)
+
+needs_openvino = pytest.mark.skipif(not openvino_available(), reason="openvino is not installed")
 
 
 def random_net(in_ch=1, classes=3, dims=3, seed=0):
@@ -34,7 +44,7 @@ def package(tmp_path_factory):
                                      num_classes=3))
 
 
-@pytest.mark.parametrize("name", ["onnxruntime", "torch", "auto"])
+@pytest.mark.parametrize("name", ["onnxruntime", "torch", pytest.param("openvino", marks=needs_openvino)])
 def test_every_runtime_declares_the_interface(package, rng, name):
     rt = create_runtime(name, package=package, batch_size=2)
     assert isinstance(rt, Runtime)
@@ -44,10 +54,10 @@ def test_every_runtime_declares_the_interface(package, rng, name):
     assert out.shape == (2, 3, 8, 8, 8) and out.dtype == np.float32 and out.flags.c_contiguous
     want = random_net(classes=3)(torch.from_numpy(batch)).detach().numpy()
     np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
-    if name == "auto":
-        assert rt.choice is None and rt.active in ("torch", "onnxruntime") and not rt.settled
-    else:
-        assert rt.choice == rt.active == name
+    assert rt.choice == rt.active == name and rt.in_flight >= 1
+    pending = rt.submit(batch)
+    assert isinstance(pending, Pending)
+    np.testing.assert_allclose(pending.result(), want, rtol=1e-4, atol=1e-5)
 
 
 def test_fixed_runtimes_settle_after_their_first_call(package, rng):
@@ -77,21 +87,39 @@ def test_reuse_output_contract(package, rng):
     assert np.shares_memory(b, ort(batch)) and np.array_equal(a, b)
 
 
-def test_probe_forwards_reuse_output_to_its_candidates(package):
-    probe = create_runtime("auto", package=package, batch_size=2)
-    probe.reuse_output = True
-    assert probe.reuse_output and all(rt.reuse_output for rt in probe._candidates.values())
-
-
 @pytest.mark.parametrize("kw,want", [
-    (dict(device="cpu", has_onnx=True, has_module=False, has_program=True, num_classes=3), "auto"),
-    (dict(device="cpu", has_onnx=True, has_module=False, has_program=True, num_classes=17), "onnxruntime"),
-    (dict(device="cpu", has_onnx=True, has_module=False, has_program=False), "onnxruntime"),
-    (dict(device="cpu", has_onnx=True, has_module=False, has_program=True, precision="bfloat16"), "torch"),
-    (dict(device="cpu", has_onnx=False, has_module=True), "torch"),
+    (dict(device="cpu", has_onnx=True, has_module=False, has_program=True), ["onnxruntime", "torch"]),
+    (dict(device="cpu", has_onnx=True, has_module=False, has_program=False), ["onnxruntime"]),
+    (dict(device="cpu", has_onnx=True, has_module=False, has_program=True, precision="bfloat16"), ["torch"]),
+    (dict(device="cpu", has_onnx=False, has_module=True), ["torch"]),
 ])
-def test_auto_rules(kw, want):
-    assert resolve_runtime("auto", **kw) == want
+def test_auto_rules_without_openvino(monkeypatch, kw, want):
+    monkeypatch.setattr("atso_fast.runtimes.openvino_available", lambda: False)
+    assert auto_candidates(**kw) == want
+    assert resolve_runtime("auto", **kw) == want[0]
+
+
+@needs_openvino
+def test_auto_puts_openvino_first_on_cpu():
+    cpu = dict(device="cpu", has_onnx=True, has_module=False)
+    assert auto_candidates(**cpu) == ["openvino", "onnxruntime", "torch"]
+    assert auto_candidates(**cpu, has_program=False) == ["openvino", "onnxruntime"]
+    bf16 = auto_candidates(**cpu, precision="bfloat16")
+    assert bf16 == (["openvino", "torch"] if openvino_supports("bfloat16") else ["torch"])
+    assert auto_candidates("cpu", has_onnx=True, has_module=True) == ["torch"]  # a live module
+
+
+def test_load_runtime_warns_and_takes_the_next_candidate(package, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("model.onnx: unsupported operator")
+
+    monkeypatch.setattr("atso_fast.runtimes.OpenVinoRuntime", broken)
+    with pytest.warns(RuntimeWarning, match="runtime auto: openvino did not load .*unsupported operator.*"
+                                            "running onnxruntime"):
+        rt = load_runtime(["openvino", "onnxruntime"], package=package, batch_size=2)
+    assert rt.name == "onnxruntime"
+    with pytest.raises(ValueError, match="unsupported operator"):  # nothing else to take
+        load_runtime(["openvino"], package=package)
 
 
 def test_unknown_runtime_is_refused():
@@ -184,39 +212,6 @@ def test_layout_probe_waits_for_a_full_batch(rng):
     assert isinstance(rt.channels_last, bool) and rt.layout_probe is not None
 
 
-class _FakeRuntime:
-    """Returns its tag after ``delay`` seconds; settled after ``settle`` calls (a torch-like
-    layout probe when ``settle > 1``)."""
-
-    device, precision, reuse_output = "cpu", "float32", False
-
-    def __init__(self, tag: float, delay: float, settle: int = 1):
-        self.tag, self.delay, self.settle, self.calls = tag, delay, settle, 0
-
-    @property
-    def settled(self) -> bool:
-        return self.calls >= self.settle
-
-    def __call__(self, batch):
-        self.calls += 1
-        time.sleep(self.delay)
-        return np.full(batch.shape, self.tag, np.float32)
-
-
-def test_auto_probe_times_each_candidate_then_keeps_the_faster():
-    slow, fast = _FakeRuntime(1.0, 0.02), _FakeRuntime(2.0, 0.0, settle=3)
-    probe = ProbeRuntime({"onnxruntime": slow, "torch": fast}, batch_size=2, timed=2)
-    full, short = np.zeros((2, 1, 4)), np.zeros((1, 1, 4))
-    seen = [probe(full)[0, 0, 0] for _ in range(3)]  # slow: warm-up + 2 timed
-    assert seen == [1.0] * 3 and probe.active == "torch" and probe.choice is None
-    assert probe(short)[0, 0, 0] == 2.0 and fast.calls == 1  # a short batch runs but is not timed
-    seen = [probe(full)[0, 0, 0] for _ in range(4)]  # fast: settles on its 3rd call, then 2 timed
-    assert seen == [2.0] * 4 and probe.choice == "torch"
-    assert len(probe.scores["onnxruntime"]) == 2 and min(probe.scores["onnxruntime"]) >= 0.02
-    assert probe(full)[0, 0, 0] == 2.0 and slow.calls == 3  # the loser is never called again
-    assert list(probe._candidates) == ["torch"]
-
-
 def test_torch_runtime_threads_hold_only_during_the_call():
     class Spy(torch.nn.Module):
         def __init__(self):
@@ -233,17 +228,165 @@ def test_torch_runtime_threads_hold_only_during_the_call():
     assert rt.module.seen == [1] and torch.get_num_threads() == before
 
 
-def test_auto_probe_drops_a_candidate_that_fails_and_reruns_the_batch():
-    class Broken(_FakeRuntime):
-        def __call__(self, batch):
-            self.calls += 1
-            raise RuntimeError("static batch size 1")
+# --------------------------------------------------------------------------- OpenVINO
+def _batch(rng, n=2):
+    return rng.standard_normal((n, 1, 8, 8, 8)).astype(np.float32)
 
-    broken, good = Broken(1.0, 0.0), _FakeRuntime(2.0, 0.0)
-    probe = ProbeRuntime({"torch": broken, "onnxruntime": good}, batch_size=2)
-    with pytest.warns(RuntimeWarning, match="runtime auto: torch failed on a batch of 2 windows"):
-        out = probe(np.zeros((2, 1, 4)))
-    assert out[0, 0, 0] == 2.0 and probe.choice == "onnxruntime" and broken.calls == 1
-    lone = ProbeRuntime({"onnxruntime": Broken(1.0, 0.0)}, batch_size=2)
-    with pytest.raises(RuntimeError, match="static batch size 1"):  # nothing left to fall back on
-        lone(np.zeros((2, 1, 4)))
+
+def _openvino(package, tmp_path, **kw):
+    kw = {"batch_size": 2, "window": package.window, "in_channels": 1, "cache_dir": tmp_path / "cache", **kw}
+    return OpenVinoRuntime(package.onnx_path, **kw)
+
+
+@needs_openvino
+def test_openvino_float32_is_float32_and_threads_map_to_its_thread_count(package, rng, tmp_path):
+    rt = _openvino(package, tmp_path, threads=1)
+    compiled = rt.compiled
+    assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'float32'>"
+    assert compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    batch = _batch(rng)
+    want = random_net(classes=3)(torch.from_numpy(batch)).detach().numpy()
+    np.testing.assert_allclose(rt(batch), want, rtol=1e-4, atol=1e-5)
+
+
+@needs_openvino
+def test_openvino_pads_short_batches_to_the_compiled_one(package, rng, tmp_path):
+    rt = _openvino(package, tmp_path, batch_size=3)
+    batch = _batch(rng, 3)
+    full, short = rt(batch).copy(), rt(batch[:1])
+    assert short.shape == (1, 3, 8, 8, 8)
+    np.testing.assert_allclose(short, full[:1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"compiled for batches \(<= 3, 1, 8, 8, 8\), got \(4, 1, 8, 8, 8\)"):
+        rt(_batch(rng, 4))
+
+
+@needs_openvino
+def test_openvino_two_requests_in_flight_each_with_its_own_output(package, rng, tmp_path):
+    rt = _openvino(package, tmp_path)
+    rt.reuse_output = True
+    assert rt.in_flight == 2  # the default for small outputs
+    a, b = _batch(rng), _batch(rng)
+    want_a, want_b = rt(a).copy(), rt(b).copy()
+    pa, pb = rt.submit(a), rt.submit(b)  # both on the network before either result is taken
+    with pytest.raises(RuntimeError, match="more than in_flight=2 batches pending"):
+        rt.submit(a)
+    out_a, out_b = pa.result(), pb.result()
+    assert not np.shares_memory(out_a, out_b)
+    np.testing.assert_array_equal(out_a, want_a)  # same request or not: the same numbers
+    np.testing.assert_array_equal(out_b, want_b)
+    rt.submit(b).result()  # reuses a's request: a's reused output buffer now holds b's windows
+    np.testing.assert_array_equal(out_a, want_b)
+    rt.reuse_output = False
+    fresh = rt(a)
+    assert not np.shares_memory(fresh, rt(b))
+
+
+@needs_openvino
+def test_openvino_caches_the_compiled_model_on_disk(package, rng, tmp_path, monkeypatch):
+    first = _openvino(package, tmp_path)
+    blobs = list((tmp_path / "cache").glob("*.blob"))
+    assert len(blobs) == 1
+    batch = _batch(rng)
+    want = first(batch).copy()
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("compiled again although the cache holds the model")
+
+    monkeypatch.setattr(OpenVinoRuntime, "_build", no_build)
+    np.testing.assert_array_equal(_openvino(package, tmp_path)(batch), want)  # loaded from the cache
+    monkeypatch.undo()
+    blobs[0].write_bytes(b"damaged")  # a damaged blob is rebuilt and replaced
+    np.testing.assert_array_equal(_openvino(package, tmp_path)(batch), want)
+    assert blobs[0].stat().st_size > 1000
+    _openvino(package, tmp_path, batch_size=3)
+    assert len(list((tmp_path / "cache").glob("*.blob"))) == 2  # the batch is part of the key
+    assert not list((tmp_path / "cache").glob(".*tmp"))  # written atomically, no temp left
+
+
+def test_openvino_cache_key_covers_model_version_device_precision_and_shape():
+    base = compiled_cache_key(b"onnx", "2026.4", "cpu x", "float32", (4, 1, 8, 8, 8))
+    others = [compiled_cache_key(b"onnx2", "2026.4", "cpu x", "float32", (4, 1, 8, 8, 8)),
+              compiled_cache_key(b"onnx", "2026.5", "cpu x", "float32", (4, 1, 8, 8, 8)),
+              compiled_cache_key(b"onnx", "2026.4", "cpu y", "float32", (4, 1, 8, 8, 8)),
+              compiled_cache_key(b"onnx", "2026.4", "cpu x", "bfloat16", (4, 1, 8, 8, 8)),
+              compiled_cache_key(b"onnx", "2026.4", "cpu x", "float32", (2, 1, 8, 8, 8))]
+    assert len({base, *others}) == 6
+
+
+@needs_openvino
+def test_openvino_low_precisions_need_the_cpu_capability(package, rng, tmp_path):
+    for precision in ("bfloat16", "float16"):
+        if not openvino_supports(precision):
+            with pytest.raises(ValueError, match=f"does not support {precision}"):
+                _openvino(package, tmp_path, precision=precision)
+            continue
+        rt = _openvino(package, tmp_path, precision=precision)
+        batch = _batch(rng)
+        want = random_net(classes=3)(torch.from_numpy(batch)).detach().numpy()
+        np.testing.assert_allclose(rt(batch), want, atol=0.05)  # 8 (bf16) / 11 (fp16) mantissa bits
+
+
+@needs_openvino
+def test_openvino_refuses_bad_models_and_devices(package, tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="bad.onnx: OpenVINO cannot compile the model"):
+        OpenVinoRuntime(bad, window=(8, 8, 8), cache_dir=False)
+    with pytest.raises(ValueError, match="takes host arrays"):
+        OpenVinoRuntime(package.onnx_path, device="cuda", window=(8, 8, 8))
+    with pytest.raises(ValueError, match="in_flight must be 1 or 2"):
+        _openvino(package, tmp_path, in_flight=3)
+
+
+@needs_openvino
+def test_openvino_two_streams_run_requests_side_by_side_with_the_same_numbers(package, rng, tmp_path):
+    one, two = _openvino(package, tmp_path), _openvino(package, tmp_path, streams=2, threads=2)
+    assert two.compiled.get_property("NUM_STREAMS") == 2 and len(list((tmp_path / "cache").glob("*.blob"))) == 2
+    a, b = _batch(rng), _batch(rng)
+    pa, pb = two.submit(a), two.submit(b)
+    np.testing.assert_allclose(pa.result(), one(a), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pb.result(), one(b), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="streams must be 1 or 2"):
+        _openvino(package, tmp_path, streams=3)
+
+
+@needs_openvino
+def test_openvino_runs_one_batch_at_a_time_when_outputs_are_large(package, tmp_path, monkeypatch):
+    monkeypatch.setattr(openvino_rt, "PIPELINE_MAX_OUTPUT_BYTES", 1000)  # this output: 2 x 3 x 8^3 x 4 B
+    rt = _openvino(package, tmp_path)
+    assert rt.in_flight == 1
+    rt.in_flight = 2
+    pending = rt.submit(np.zeros((2, 1, 8, 8, 8), np.float32))
+    with pytest.raises(RuntimeError, match="changed while batches are pending"):
+        rt.in_flight = 1
+    pending.result()
+
+
+@needs_openvino
+def test_openvino_unwritable_cache_only_warns(package, rng, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the cache folder would go")
+    with pytest.warns(RuntimeWarning, match="compiled model not cached"):
+        rt = OpenVinoRuntime(package.onnx_path, batch_size=2, window=(8, 8, 8), cache_dir=blocked / "cache")
+    assert rt(_batch(rng)).shape == (2, 3, 8, 8, 8)
+
+
+def test_missing_openvino_names_the_package(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_openvino(name, *args, **kwargs):
+        if name == "openvino":
+            raise ImportError("no openvino here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    openvino_rt._core.cache_clear()
+    try:
+        assert not openvino_available()
+        with pytest.raises(RuntimeUnavailable, match="pip install openvino"):
+            OpenVinoRuntime("model.onnx")
+    finally:
+        monkeypatch.undo()
+        openvino_rt._core.cache_clear()

@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", dest="model_dir", help="model package folder (model.onnx + model.json) (default: the 1st PATH)")
     p.add_argument("-i", "--input", dest="input", help="folder, list file (.txt/.lst) or single image (default: the next PATH)")
     p.add_argument("-o", "--output", dest="output_dir", help="output folder: labels, confidence, manifest.jsonl (default: the next PATH)")
-    p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"],
-                   help="inference runtime; auto measures torch against ONNX Runtime on CPU")
+    p.add_argument("--runtime", default="auto", choices=["auto", "openvino", "onnxruntime", "torch", "tensorrt"],
+                   help="inference runtime; auto on CPU: OpenVINO, else ONNX Runtime, else torch")
     p.add_argument("--device", "-device", default="cpu", choices=["cpu", "cuda"], help="where the network runs")
     p.add_argument("--overlap", type=float, default=None,
                    help=f"window overlap in [0, 1) (default: {DEFAULT_OVERLAP})")

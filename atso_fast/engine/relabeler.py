@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,8 @@ from atso_fast.engine.windows import (
 from atso_fast.kernels import native
 from atso_fast.package import ModelPackage, load_package, validate_meta
 from atso_fast.package.normalize import normalize
-from atso_fast.runtimes import create_runtime, resolve_runtime
-from atso_fast.runtimes.base import check_device, check_precision
+from atso_fast.runtimes import RUNTIMES, auto_candidates, load_runtime
+from atso_fast.runtimes.base import Pending, Ready, check_device, check_precision
 
 __all__ = ["Relabeler", "RelabelResult", "NonFiniteInputError"]
 
@@ -65,10 +66,10 @@ class Relabeler:
 
     Args:
         model_dir: folder with ``model.json`` + ``model.onnx`` (``atso_fast.export_model``).
-        runtime: ``"auto"``, ``"onnxruntime"``, ``"tensorrt"`` or ``"torch"``. On CPU, ``auto``
-            with a package holding both ``model.onnx`` and ``model.pt2`` (and at most 16
-            classes) times the first full batches on torch and on ONNX Runtime and keeps the
-            faster (``runtime_name`` says which once decided; see ``atso_fast.runtimes``).
+        runtime: ``"auto"``, ``"openvino"``, ``"onnxruntime"``, ``"tensorrt"`` or ``"torch"``.
+            ``auto`` is a rule (``atso_fast.runtimes``): on CPU OpenVINO when installed, else
+            ONNX Runtime, else torch; a first choice that cannot load the model is skipped with
+            a warning. ``runtime_name`` says which runs.
         device: ``"cpu"`` or ``"cuda[:N]"``.
         overlap: window overlap in ``[0, 1)``, scalar or per axis (MONAI's meaning).
         batch_size: windows per runtime call.
@@ -82,12 +83,13 @@ class Relabeler:
             for the network and labelled ``ignore_index``).
         compile: ``torch.compile`` the torch runtime (implies ``runtime="torch"``). The first
             batch compiles (tens of seconds on CPU); worth it for archives, not single volumes.
-        threads: CPU threads of the runtime (ONNX Runtime's session, torch's intra-op threads
-            during each call; default: all cores); set it when several relabelers share a
-            machine (Ray actors do).
+        threads: CPU threads of the runtime (OpenVINO's inference threads, ONNX Runtime's
+            session, torch's intra-op threads during each call; default: all cores); set it
+            when several relabelers share a machine (Ray actors do).
         kernel_threads: OpenMP threads of our CPU stitching kernels (default: 1 with ONNX
-            Runtime on CPU for up to 8 classes, so ORT's own pool keeps the cores; else the
-            OpenMP default).
+            Runtime on CPU for up to 8 classes, so ORT's own pool keeps the cores, and 1 beside
+            a pipelined OpenVINO, whose threads run the next batch meanwhile; else the OpenMP
+            default).
     """
 
     def __init__(self, model_dir: str | Path | None = None, *, runtime: str = "auto", device: str = "cpu",
@@ -118,15 +120,13 @@ class Relabeler:
                                f"build_info: {native.build_info()}")
         if compile and runtime not in ("auto", "torch"):
             raise ValueError(f"compile=True compiles the torch runtime; runtime {runtime!r} cannot be compiled")
-        self._runtime_name = resolve_runtime("torch" if compile else runtime, self.device,
-                                             has_onnx=self.package.root is not None, has_module=_module is not None,
-                                             has_program=self._has_program(), precision=self.precision,
-                                             num_classes=self.package.num_classes)
-        self.runtime = create_runtime(self._runtime_name, device=self.device, package=self.package, module=_module,
-                                      precision=precision, batch_size=self.batch_size, compile=compile,
-                                      threads=threads)
+        candidates = [self._check_runtime("torch" if compile else runtime)] if runtime != "auto" or compile else \
+            auto_candidates(self.device, has_onnx=self.package.root is not None, has_module=_module is not None,
+                            has_program=self._has_program(), precision=self.precision)
+        self.runtime = load_runtime(candidates, device=self.device, package=self.package, module=_module,
+                                    precision=precision, batch_size=self.batch_size, compile=compile, threads=threads)
         self._kernel_threads = kernel_threads
-        self.runtime.reuse_output = True  # _stream consumes each batch before the next call
+        self.runtime.reuse_output = True  # _stream takes each result before its buffer is reused
         self._backend = ArrayBackend(self.device)
         self._windows = 0  # windows run for the last volume (mirrored passes included)
         # a writable copy: the cached map is read-only, and torch warns on read-only arrays
@@ -134,16 +134,19 @@ class Relabeler:
 
     @property
     def runtime_name(self) -> str:
-        """The runtime that runs the windows; ``"auto"`` while ``auto`` is still measuring."""
-        return self.runtime.choice or self._runtime_name
+        """The runtime that runs the windows (what ``auto`` chose)."""
+        return self.runtime.choice or self.runtime.name
 
     @property
     def runtime_label(self) -> str:
-        """``runtime_name`` for reports; an ``auto`` that never saw enough full batches to decide
-        (archives of volumes no larger than a few windows) also says which runtime ran."""
-        if self.runtime_name == "auto":
-            return f"auto (undecided: too few full batches to measure; ran {self.runtime.active})"
+        """``runtime_name`` for reports (the archive summary's ``runtime``)."""
         return self.runtime_name
+
+    @staticmethod
+    def _check_runtime(name: str) -> str:
+        if name not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {name!r}")
+        return name
 
     @property
     def kernel_threads(self) -> int | None:
@@ -151,10 +154,16 @@ class Relabeler:
         if self._kernel_threads is not None:
             return self._kernel_threads
         active = self.runtime.active
-        if active == "onnxruntime" and self.device == "cpu" and self.package.num_classes <= 8:
+        if self.device != "cpu":
+            return None
+        if active == "onnxruntime" and self.package.num_classes <= 8:
             # ORT has its own thread pool: our OpenMP workers, spin-waiting after each kernel,
             # take cores from ORT's next run. One kernel thread: 3-class UNet overhead 1.6-5.3%
             # -> -0.1-3.4%; but at 105 classes the kernels' own work wins (2.4% -> 6.8%).
+            return 1
+        if active == "openvino" and self.runtime.in_flight > 1:
+            # pipelined: the kernels run while OpenVINO's threads run the next batch, so one
+            # kernel thread beside them (benchmarks/RESULTS.md, OpenVINO section)
             return 1
         return None
 
@@ -238,7 +247,13 @@ class Relabeler:
 
     def _stream(self, vol: np.ndarray) -> LabelSink:
         """Sliding window over ``vol (M, Z, Y, X)`` in MONAI's order and batches, blended by a
-        :class:`~atso_fast.engine.merger.SlabMerger` into a :class:`LabelSink`."""
+        :class:`~atso_fast.engine.merger.SlabMerger` into a :class:`LabelSink`.
+
+        Pipelined: up to ``runtime.in_flight`` batches are on the network while the oldest one
+        is stitched, so with an asynchronous runtime (OpenVINO) blending batch k overlaps the
+        network on batch k+1. Batches are merged in submit order, so the labels are the same
+        (bit for bit) at any depth.
+        """
         be, pkg = self._backend, self.package
         shape = vol.shape[1:]
         win = pkg.window3d
@@ -247,32 +262,47 @@ class Relabeler:
         merger = SlabMerger(shape, pkg.num_classes, win[0], sink, backend=be, accumulate_dtype=self.accumulate_dtype)
         origins = sliding_window_origins(shape, win, self.overlap)
         vol_d = be.upload(vol)
-        # one window buffer, reused for every batch (runtimes do not keep their inputs)
-        buf = be.zeros((self.batch_size, pkg.in_channels, *win), "float32")
+        # window buffers, one per batch in flight: a runtime reads its input until the result is taken
+        free: list[Any] = []
+        pending: deque[tuple[Pending, np.ndarray, Any]] = deque()
+        depth = 1 if self.mirror else self.runtime.in_flight  # mirrored batches run at once
         # Batches run in MONAI's order and sizes, across window rows: a short batch at the end
         # of every row cost as much as a full one (torch CPU, batch 1 vs 4: 0.20 s vs 0.17 s).
         for i in range(0, len(origins), self.batch_size):
+            while len(pending) >= depth:
+                free.append(self._merge(merger, *pending.popleft()))
             chunk = origins[i:i + self.batch_size]
+            buf = free.pop() if free else be.zeros((self.batch_size, pkg.in_channels, *win), "float32")
             patches = native.extract_patches(vol_d, chunk, win, out=buf[:len(chunk)])
-            pred = self._predict(patches)
-            merger.aggregate(pred, chunk, self._importance)
-            del pred  # else it lives on through the next network call: 2 batch outputs at peak
+            pending.append((self._submit(patches), chunk, buf))
+        while pending:
+            self._merge(merger, *pending.popleft())
         merger.finalize()
         self._windows = len(origins) * (1 + (len(_mirror_axes(pkg.spatial_dims)) if self.mirror else 0))
         return sink
 
-    def _predict(self, patches: Any) -> Any:
-        """Runtime outputs ``(B, C, pz, py, px)`` for windows ``(B, M, pz, py, px)``."""
-        pkg = self.package
-        b = patches.shape[0]
-        x = patches.reshape(b, pkg.in_channels, *pkg.window)  # drops the unit z axis of 2D models
+    def _submit(self, patches: Any) -> Pending:
+        """Windows ``(B, M, pz, py, px)`` on their way through the runtime (mirrored: at once)."""
+        x = patches.reshape(patches.shape[0], self.package.in_channels, *self.package.window)  # 2D: no unit z
+        return Ready(self._mirrored(x)) if self.mirror else self.runtime.submit(x)
+
+    def _merge(self, merger: SlabMerger, pending: Pending, chunk: np.ndarray, buf: Any) -> Any:
+        """Blend a submitted batch's outputs into the slab; returns its window buffer, free again."""
+        merger.aggregate(self._checked(pending.result(), len(chunk)), chunk, self._importance)
+        return buf  # the output is dropped here, before the next network call
+
+    def _mirrored(self, x: Any) -> Any:
+        """Mean of the runtime over ``x`` and its mirror images (nnU-Net's test-time mirroring)."""
         out = self.runtime(x)
-        if self.mirror:
-            total = out.astype(np.float32) if isinstance(out, np.ndarray) else out.float()
-            axes_list = _mirror_axes(pkg.spatial_dims)
-            for axes in axes_list:
-                total += self._backend.flip(self.runtime(self._backend.flip(x, axes)), axes)
-            out = total / (len(axes_list) + 1)
+        total = out.astype(np.float32) if isinstance(out, np.ndarray) else out.float()
+        axes_list = _mirror_axes(self.package.spatial_dims)
+        for axes in axes_list:
+            total += self._backend.flip(self.runtime(self._backend.flip(x, axes)), axes)
+        return total / (len(axes_list) + 1)
+
+    def _checked(self, out: Any, b: int) -> Any:
+        """Runtime outputs ``(B, C, *window)`` as ``(B, C, pz, py, px)``, or a clear error."""
+        pkg = self.package
         want = (b, pkg.num_classes, *pkg.window)
         if tuple(out.shape) != want:
             raise ValueError(f"runtime {self.runtime_name!r} returned windows of shape {tuple(out.shape)}, "

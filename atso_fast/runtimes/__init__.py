@@ -2,64 +2,78 @@
 
 A runtime is a callable ``runtime(batch) -> outputs``: ``batch (B, M, *window)`` float32 (a
 NumPy array for ``device="cpu"``, a CUDA torch tensor for ``device="cuda"``) to
-``(B, C, *window)`` float32/float16 on the same side. ``create_runtime`` picks one by name.
+``(B, C, *window)`` float32/float16 on the same side; ``runtime.submit(batch)`` starts one
+without waiting (see :class:`~atso_fast.runtimes.base.Runtime`). ``create_runtime`` builds one
+by name.
 
-``auto`` on CPU measures when it can: a float32 package with both ``model.onnx`` and
-``model.pt2`` and at most ``PROBE_MAX_CLASSES`` classes runs its first full batches on torch
-and on ONNX Runtime and keeps the faster (``ProbeRuntime``; which one wins depends on the
-model, see benchmarks/RESULTS.md). Otherwise it is a rule: on CPU, ONNX Runtime for float32
-when the package has an ONNX file, else torch; on CUDA, TensorRT when installed, else ONNX Runtime with the CUDA execution provider
-when ``onnxruntime-gpu`` is installed, else torch. A live torch module always runs on torch.
+``auto`` is a rule, backed by benchmarks/RESULTS.md, not a measurement at run time: on CPU,
+OpenVINO (when installed and the CPU runs the precision), else ONNX Runtime for float32, else
+torch; on CUDA, TensorRT when installed, else ONNX Runtime with the CUDA execution provider when
+``onnxruntime-gpu`` is installed, else torch. A package without an ONNX file, or a live torch
+module, runs on torch. When the first choice cannot load the model, ``load_runtime`` warns and
+takes the next.
 """
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 from atso_fast.io.pt2 import UnsafeArchiveError
-from atso_fast.runtimes.base import Runtime, RuntimeUnavailable
+from atso_fast.runtimes.base import Pending, Ready, Runtime, RuntimeUnavailable
 from atso_fast.runtimes.onnx_rt import OnnxRuntime, onnxruntime_has_cuda
-from atso_fast.runtimes.probe import ProbeRuntime
+from atso_fast.runtimes.openvino_rt import (
+    OpenVinoRuntime,
+    openvino_available,
+    openvino_supports,
+)
 from atso_fast.runtimes.tensorrt_rt import TensorRTRuntime, tensorrt_available
 from atso_fast.runtimes.torch_rt import TorchRuntime
 
-__all__ = ["PROBE_MAX_CLASSES", "Runtime", "RuntimeUnavailable", "create_runtime", "resolve_runtime", "RUNTIMES",
-           "OnnxRuntime", "ProbeRuntime", "TensorRTRuntime", "TorchRuntime", "available_runtimes"]
+__all__ = ["RUNTIMES", "OnnxRuntime", "OpenVinoRuntime", "Pending", "Ready", "Runtime", "RuntimeUnavailable",
+           "TensorRTRuntime", "TorchRuntime", "auto_candidates", "available_runtimes", "create_runtime",
+           "load_runtime", "resolve_runtime"]
 
-RUNTIMES = ("auto", "onnxruntime", "tensorrt", "torch")
-PROBE_MAX_CLASSES = 16
-"""Above this many classes CPU ``auto`` is ONNX Runtime without measuring: it won every
-many-class case we measured (105 classes: UNet 1.53x MONAI vs torch 1.12x; conv head 10.8 s vs
-46 s), and torch's probe holds extra output-sized copies (105 classes, float16 accumulator:
-peak 1.67 GiB with the probe vs 1.27 GiB for ONNX Runtime alone)."""
+RUNTIMES = ("auto", "openvino", "onnxruntime", "tensorrt", "torch")
 
 
-def resolve_runtime(name: str, device: str, *, has_onnx: bool, has_module: bool, has_program: bool = False,
-                    precision: str = "float32", num_classes: int = 1) -> str:
-    """Turn ``auto`` into a runtime name (see module docstring).
+def auto_candidates(device: str, *, has_onnx: bool, has_module: bool, has_program: bool = True,
+                    precision: str = "float32") -> list[str]:
+    """The runtimes ``auto`` tries, best first (see the module docstring).
 
-    Returns ``"auto"`` only where ``auto`` measures (CPU, float32, an ONNX file and a torch
-    program, no live module, at most ``PROBE_MAX_CLASSES`` classes); ``create_runtime("auto",
-    ...)`` then builds the probe.
+    On CPU OpenVINO leads because it was the fastest runtime in every CPU case measured
+    (benchmarks/RESULTS.md: 1.4-1.9x torch and 1.7-2.2x ONNX Runtime on the network alone, at
+    3 to 105 classes); ONNX Runtime comes next (float32 only) and torch last, when the package
+    has a torch program.
     """
+    if has_module or not has_onnx:
+        return ["torch"]
+    if device == "cpu":
+        out = ["openvino"] if openvino_available() and openvino_supports(precision) else []
+        if precision == "float32":
+            out.append("onnxruntime")
+        return out + ["torch"] if has_program or not out else out
+    if tensorrt_available():
+        return ["tensorrt", "torch"] if has_program else ["tensorrt"]
+    return ["onnxruntime"] if onnxruntime_has_cuda() else ["torch"]
+
+
+def resolve_runtime(name: str, device: str, *, has_onnx: bool, has_module: bool, has_program: bool = True,
+                    precision: str = "float32") -> str:
+    """Turn ``auto`` into the runtime it tries first; other names are checked and returned."""
     if name not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {name!r}")
     if name != "auto":
         return name
-    if has_module or not has_onnx:
-        return "torch"
-    if device == "cpu":
-        if precision != "float32":
-            return "torch"  # ONNX Runtime runs float32 models only
-        return "auto" if has_program and num_classes <= PROBE_MAX_CLASSES else "onnxruntime"
-    if tensorrt_available():
-        return "tensorrt"
-    return "onnxruntime" if onnxruntime_has_cuda() else "torch"
+    return auto_candidates(device, has_onnx=has_onnx, has_module=has_module, has_program=has_program,
+                           precision=precision)[0]
 
 
 def available_runtimes(device: str) -> list[str]:
     """Runtimes that can run on ``device`` in this environment."""
     out = ["torch"]
+    if device == "cpu" and openvino_available():
+        out.append("openvino")
     try:
         import onnxruntime  # noqa: F401
 
@@ -67,7 +81,7 @@ def available_runtimes(device: str) -> list[str]:
             out.append("onnxruntime")
     except ImportError:
         pass
-    if device == "cuda" and tensorrt_available():
+    if device != "cpu" and tensorrt_available():
         out.append("tensorrt")
     return out
 
@@ -75,40 +89,42 @@ def available_runtimes(device: str) -> list[str]:
 def create_runtime(name: str, *, device: str = "cpu", package: Any = None, module: Any = None,
                    precision: str = "float32", batch_size: int = 4, compile: bool = False,
                    threads: int | None = None) -> Runtime:
-    """Build runtime ``name`` (already resolved) for a package and/or a live module."""
-    if name == "auto":
-        return _probe_runtime(dict(device=device, package=package, precision=precision, batch_size=batch_size,
-                                   threads=threads))
+    """Build runtime ``name`` (not ``auto``: see :func:`load_runtime`) for a package and/or a live module."""
     if name == "torch":
         return TorchRuntime.create(package=package, module=module, device=device, precision=precision,
                                    compile=compile, probe_batch=batch_size, threads=threads)
+    if name not in RUNTIMES or name == "auto":
+        raise ValueError(f"create_runtime takes one of {RUNTIMES[1:]}, got {name!r}")
     if package is None or package.root is None:
         raise ValueError(f"runtime {name!r} needs an exported model package (model.onnx), not a live module")
     if name == "onnxruntime":
         return OnnxRuntime(package.onnx_path, device=device, precision=precision, threads=threads)
-    if name == "tensorrt":
-        return TensorRTRuntime(package.onnx_path, device=device, precision=precision,
-                               max_batch=batch_size, window=package.window, in_channels=package.in_channels)
-    raise ValueError(f"runtime must be one of {RUNTIMES}, got {name!r}")
+    if name == "openvino":
+        return OpenVinoRuntime(package.onnx_path, device=device, precision=precision, batch_size=batch_size,
+                               window=package.window, in_channels=package.in_channels, threads=threads)
+    return TensorRTRuntime(package.onnx_path, device=device, precision=precision,
+                           max_batch=batch_size, window=package.window, in_channels=package.in_channels)
 
 
-def _probe_runtime(kw: dict[str, Any]) -> ProbeRuntime:
-    """``auto`` on CPU: both candidates, or the one that loads (a ``model.pt2`` written by another
-    torch version may not), with a warning saying why nothing is measured."""
-    candidates, errors = {}, {}
-    # torch first: its tensors go back to the system after each call, while ORT's arena stays
-    # with the session, so probing ORT first would hold both peaks (105 classes: 2.09 GiB
-    # peak vs ORT's 1.27 alone)
-    for name in ("torch", "onnxruntime"):
+def load_runtime(candidates: Sequence[str], **kw: Any) -> Runtime:
+    """The first of ``candidates`` that loads (``create_runtime(name, **kw)``).
+
+    Each one that fails before another loads is reported in a ``RuntimeWarning`` (say an ONNX
+    operator OpenVINO does not support); when none loads, the first one's error is raised.
+    """
+    errors: dict[str, Exception] = {}
+    for name in candidates:
         try:
-            candidates[name] = create_runtime(name, **kw)
+            runtime = create_runtime(name, **kw)
         except UnsafeArchiveError:  # a package that could run code is never a fallback case
             raise
-        except Exception as exc:  # noqa: BLE001 - any load failure leaves the other candidate
+        except Exception as exc:  # noqa: BLE001 - any load failure leaves the next candidate
+            if len(candidates) == 1:
+                raise
             errors[name] = exc
-    if not candidates:
-        raise errors["onnxruntime"]  # the ORT load error names the package file
-    for name, exc in errors.items():
-        warnings.warn(f"runtime auto: {name} did not load ({exc}); running {next(iter(candidates))} "
-                      "without measuring", RuntimeWarning, stacklevel=4)
-    return ProbeRuntime(candidates, batch_size=kw["batch_size"])
+            continue
+        for failed, exc in errors.items():
+            warnings.warn(f"runtime auto: {failed} did not load ({exc}); running {name}", RuntimeWarning,
+                          stacklevel=3)
+        return runtime
+    raise next(iter(errors.values()))

@@ -3,13 +3,33 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["FixedRuntime", "PRECISIONS", "Runtime", "RuntimeUnavailable", "check_device", "check_precision"]
+__all__ = ["FixedRuntime", "PRECISIONS", "Pending", "Ready", "Runtime", "RuntimeUnavailable", "check_device",
+           "check_precision"]
 
 PRECISIONS = ("float32", "float16", "bfloat16")
 
 
 class RuntimeUnavailable(RuntimeError):
     """The runtime (or its GPU flavour) is not installed; the message names what to install."""
+
+
+@runtime_checkable
+class Pending(Protocol):
+    """A submitted batch (:meth:`Runtime.submit`); ``result()`` blocks until its outputs are ready."""
+
+    def result(self) -> Any: ...
+
+
+class Ready:
+    """A batch that has already run: what :meth:`FixedRuntime.submit` hands back."""
+
+    __slots__ = ("_out",)
+
+    def __init__(self, out: Any):
+        self._out = out
+
+    def result(self) -> Any:
+        return self._out
 
 
 @runtime_checkable
@@ -21,21 +41,32 @@ class Runtime(Protocol):
     C-contiguous.
 
     Attributes:
-        name: the runtime's name (``"onnxruntime"``, ``"torch"``, ``"tensorrt"``, ``"auto"``).
+        name: the runtime's name (``"openvino"``, ``"onnxruntime"``, ``"torch"``, ``"tensorrt"``).
         device: ``"cpu"`` or ``"cuda[:N]"``.
         precision: network precision.
         reuse_output: when set True by the caller, outputs may live in one buffer reused by the
             next call (the engine consumes each batch before the next one); False: fresh arrays.
-        choice: the runtime that runs from now on, or None while ``auto`` is still measuring.
-        active: the runtime the next batch runs on (the candidate under probe for ``auto``).
+        choice: the runtime that runs from now on (None: a runtime that is still choosing;
+            none of ours does since ``auto`` became a rule).
+        active: the runtime the next batch runs on.
         settled: True once the runtime's one-off costs are behind it (first call, layout probe),
             so that timing a call measures its steady speed.
+        in_flight: how many submitted batches may be pending at once (:meth:`submit`); 1 means
+            ``submit`` runs the batch before it returns.
+
+    Pipelining (``submit``): the engine submits batch k+1 before it stitches batch k, so the
+    network and the stitching kernels overlap. The caller keeps at most ``in_flight`` batches
+    pending (submitted, ``result()`` not yet returned), leaves each submitted input array
+    unchanged until its ``result()`` has returned, and with ``reuse_output`` uses a result only
+    until the next ``in_flight`` submits (each request in flight has its own output buffer).
+    ``runtime(batch)`` is ``runtime.submit(batch).result()``.
     """
 
     name: str
     device: str
     precision: str
     reuse_output: bool
+    in_flight: int
 
     @property
     def choice(self) -> str | None: ...
@@ -49,16 +80,24 @@ class Runtime(Protocol):
     def __call__(self, batch: Any) -> Any:
         """``(B, M, *window)`` -> ``(B, C, *window)`` on the runtime's device."""
 
+    def submit(self, batch: Any) -> Pending:
+        """Start ``batch``; its ``result()`` is what ``runtime(batch)`` returns."""
+
 
 class FixedRuntime:
-    """What every runtime other than ``auto`` shares: it is its own choice, settled after one call.
+    """What every runtime shares unless it overrides it: it is its own choice, settled after one
+    call, and synchronous (``in_flight = 1``: ``submit`` runs the batch, then returns it done).
 
     Subclasses set ``name`` and call :meth:`_called` after each run (or override ``settled``).
     """
 
     name = "fixed"
     reuse_output = False
+    in_flight = 1
     _calls = 0
+
+    def submit(self, batch: Any) -> Pending:
+        return Ready(self(batch))
 
     @property
     def choice(self) -> str:

@@ -1,0 +1,288 @@
+"""OpenVINO runtime: the package's ONNX file compiled for one static window batch, cached on disk.
+
+OpenVINO reads ``model.onnx`` directly. The model is reshaped to the relabeler's batch
+``(B, M, *window)`` and compiled once for ``target`` (``"CPU"``; an Intel ``"GPU"`` is accepted
+but not verified here). A volume's last, shorter batch is zero-padded to ``B`` windows: a
+second compiled model for its size would hold a second set of intermediate buffers (1.2 GiB
+for the MONAI UNet at 105 classes x 4 windows of 64^3) and compile mid-volume (~0.4 s).
+``precision`` maps to OpenVINO's inference precision hint: ``float32`` is set
+explicitly (``f32``), because on CPUs with bfloat16 units (AVX512-BF16, AMX) OpenVINO's
+default hint is ``bf16``; ``bfloat16``/``float16`` are accepted only where the device lists
+that capability. Compiled models are cached under ``cache_dir`` (default
+``$XDG_CACHE_HOME/atso_fast/openvino``, ``~/.cache/...`` without it), keyed like the TensorRT engine cache: the ONNX file's
+SHA-256, the OpenVINO version, the device name, precision and batch shape.
+
+Pipelining: ``in_flight`` asynchronous infer requests, each with its own output buffer, so the
+engine can submit batch k+1 and stitch batch k while it runs
+(:meth:`~atso_fast.runtimes.base.Runtime.submit`). Requests of one compiled model run one after
+the other on all ``threads`` (latency hint, one stream; they share its intermediate buffers),
+so the overlap is network vs stitching, never two networks splitting the cores. The default is
+2 when one batch's output is at most :data:`PIPELINE_MAX_OUTPUT_BYTES`, else 1: the second
+output buffer is what the overlap costs in memory.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from atso_fast.io import atomic_write_bytes
+from atso_fast.runtimes.base import (
+    FixedRuntime,
+    RuntimeUnavailable,
+    check_device,
+    check_precision,
+)
+
+__all__ = ["PIPELINE_MAX_OUTPUT_BYTES", "OpenVinoRuntime", "compiled_cache_key", "openvino_available",
+           "openvino_supports"]
+
+PIPELINE_MAX_OUTPUT_BYTES = 256 * 2**20
+"""Largest batch output (bytes) for which the default keeps two batches in flight."""
+
+_HINTS = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+_CAPABILITY = {"float32": "FP32", "bfloat16": "BF16", "float16": "FP16"}
+
+
+def _ov() -> Any:
+    try:
+        import openvino
+    except ImportError:
+        raise RuntimeUnavailable("runtime 'openvino' needs the openvino package: pip install openvino") from None
+    return openvino
+
+
+@lru_cache(maxsize=1)
+def _core() -> Any:
+    """One ``openvino.Core`` per process: it holds the loaded device plugins."""
+    return _ov().Core()
+
+
+def openvino_available() -> bool:
+    """True when ``openvino`` imports and offers a CPU device."""
+    try:
+        return "CPU" in _core().available_devices
+    except Exception:  # noqa: BLE001 - not installed, or a broken install: either way unusable
+        return False
+
+
+def openvino_supports(precision: str, target: str = "CPU") -> bool:
+    """True when ``target`` runs ``precision`` natively (its ``OPTIMIZATION_CAPABILITIES``)."""
+    check_precision(precision)
+    try:
+        caps = _core().get_property(target, "OPTIMIZATION_CAPABILITIES")
+    except Exception:  # noqa: BLE001 - no such device, or openvino missing
+        return False
+    return _CAPABILITY[precision] in caps
+
+
+def compiled_cache_key(onnx_bytes: bytes, ov_version: str, device_name: str, precision: str,
+                       input_shape: tuple[int, ...]) -> str:
+    """Cache key of a compiled model: ONNX hash + OpenVINO version + device + precision + shape."""
+    h = hashlib.sha256(onnx_bytes)
+    h.update(f"|{ov_version}|{device_name}|{precision}|{'x'.join(map(str, input_shape))}".encode())
+    return h.hexdigest()[:32]
+
+
+class _Request:
+    """One infer request and the batch it reads (kept alive and unchanged until it is done)."""
+
+    def __init__(self, request: Any):
+        self.request, self.batch, self.busy = request, None, False
+
+
+class _OvPending:
+    """A batch on an infer request; ``result()`` waits for it and frees the request."""
+
+    def __init__(self, runtime: OpenVinoRuntime, slot: _Request, windows: int):
+        self._runtime, self._slot, self._windows, self._out = runtime, slot, windows, None
+
+    def result(self) -> np.ndarray:
+        if self._out is None:
+            slot = self._slot
+            try:
+                slot.request.wait()
+                out = slot.request.get_output_tensor(0).data[: self._windows]  # padded windows dropped
+            finally:  # a failed run frees its request too
+                slot.busy, slot.batch = False, None
+            self._out = out if self._runtime.reuse_output else out.copy()
+            self._runtime._called()
+        return self._out
+
+
+class OpenVinoRuntime(FixedRuntime):
+    """Runs ``model.onnx`` with OpenVINO (see the module docstring).
+
+    Args:
+        onnx_path: the package's ONNX file (one input, one output).
+        device: ``"cpu"``: arrays are NumPy on the host (whatever ``target`` computes on).
+        precision: ``float32``, or ``bfloat16``/``float16`` where ``target`` supports it.
+        batch_size: the batch the model is compiled for (shorter batches are padded).
+        window, in_channels: the static input shape ``(in_channels, *window)``.
+        threads: inference threads (default: OpenVINO's, all cores).
+        target: OpenVINO device, ``"CPU"`` (``"GPU"``: an Intel GPU, not verified here).
+        cache_dir: compiled-model cache (None: the default above; False: off).
+        in_flight: batches that may be pending at once, 1 or 2 (None: see the module docstring);
+            settable between volumes.
+        streams: OpenVINO CPU streams: 1 runs one request at a time on all threads (latency
+            hint); 2 runs two requests side by side, the threads split between them.
+
+    Raises:
+        RuntimeUnavailable: openvino is not installed.
+        ValueError: a precision the device lacks, or a model OpenVINO cannot read or compile.
+    """
+
+    name = "openvino"
+
+    def __init__(self, onnx_path: str | os.PathLike, *, device: str = "cpu", precision: str = "float32",
+                 batch_size: int = 4, window: tuple[int, ...] = (), in_channels: int = 1,
+                 threads: int | None = None, target: str = "CPU", cache_dir: str | os.PathLike | bool | None = None,
+                 in_flight: int | None = None, streams: int = 1):
+        self.ov = _ov()
+        self.device, self.precision = check_device(device), check_precision(precision)
+        if device != "cpu":
+            raise ValueError(f"runtime 'openvino' takes host arrays (device 'cpu'), got device {device!r}; "
+                             "use target='GPU' for an Intel GPU")
+        if not openvino_supports(precision, target):
+            raise ValueError(f"runtime 'openvino': {target} does not support {precision} "
+                             f"(its capabilities: {self._capabilities(target)}); use float32")
+        self.onnx_path, self.target = Path(onnx_path), str(target)
+        self.batch_size = max(1, int(batch_size))
+        self._sample = (int(in_channels), *(int(w) for w in window))
+        self.threads = None if threads is None else max(int(threads), 1)
+        if int(streams) not in (1, 2):
+            raise ValueError(f"streams must be 1 or 2, got {streams}")
+        self.streams = int(streams)
+        self.cache_dir = self._cache_dir(cache_dir)
+        self.reuse_output = False
+        self.compiled = self._load((self.batch_size, *self._sample))
+        self._slots: list[_Request] = []
+        self._next = 0
+        out_bytes = 4 * int(np.prod([int(d) for d in self.compiled.output(0).get_shape()]))
+        self.in_flight = (2 if out_bytes <= PIPELINE_MAX_OUTPUT_BYTES else 1) if in_flight is None else in_flight
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @in_flight.setter
+    def in_flight(self, value: int) -> None:
+        if int(value) not in (1, 2):
+            raise ValueError(f"in_flight must be 1 or 2, got {value}")
+        if any(slot.busy for slot in getattr(self, "_slots", [])):
+            raise RuntimeError("runtime 'openvino': in_flight changed while batches are pending")
+        self._in_flight = int(value)
+
+    @staticmethod
+    def _capabilities(target: str) -> list[str]:
+        try:
+            return list(_core().get_property(target, "OPTIMIZATION_CAPABILITIES"))
+        except Exception:  # noqa: BLE001 - no such device
+            return []
+
+    @staticmethod
+    def _cache_dir(cache_dir: str | os.PathLike | bool | None) -> Path | None:
+        if cache_dir is False:
+            return None
+        if cache_dir is None or cache_dir is True:  # the XDG convention, read when the runtime is built
+            return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "atso_fast" / "openvino"
+        return Path(cache_dir)
+
+    def _config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _HINTS[self.precision]}
+        if self.streams == 1:
+            config["PERFORMANCE_HINT"] = "LATENCY"
+        else:
+            config.update(PERFORMANCE_HINT="THROUGHPUT", NUM_STREAMS=self.streams)
+        if self.threads is not None and self.target == "CPU":
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        return config
+
+    def _load(self, shape: tuple[int, ...]) -> Any:
+        """The model compiled for input ``shape``: from the disk cache, else built (and cached)."""
+        core = _core()
+        key = compiled_cache_key(self.onnx_path.read_bytes(), self.ov.__version__, self._device_name(),
+                                 f"{self.precision}/streams{self.streams}", shape)
+        path = None if self.cache_dir is None else self.cache_dir / f"{key}.blob"
+        compiled = self._import(path) if path is not None and path.is_file() else None
+        if compiled is None:
+            compiled = self._build(core, shape)
+            if path is not None:
+                self._store(compiled, path)
+        return compiled
+
+    def _device_name(self) -> str:
+        try:
+            return str(_core().get_property(self.target, "FULL_DEVICE_NAME"))
+        except Exception:  # noqa: BLE001 - the name only refines the cache key
+            return self.target
+
+    def _build(self, core: Any, shape: tuple[int, ...]) -> Any:
+        try:
+            model = core.read_model(str(self.onnx_path))
+            if len(model.inputs) != 1 or len(model.outputs) != 1:
+                raise ValueError(f"expected one input and one output, got {len(model.inputs)} and "
+                                 f"{len(model.outputs)}")
+            model.reshape({model.inputs[0].get_any_name(): list(shape)})
+            return core.compile_model(model, self.target, self._config())
+        except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError for everything
+            raise ValueError(f"{self.onnx_path}: OpenVINO cannot compile the model for input {shape} "
+                             f"({' '.join(str(exc).split())[:500]})") from None
+
+    def _import(self, path: Path) -> Any:
+        """A cached compiled model, or None when the blob is unreadable (it is rebuilt)."""
+        try:
+            return _core().import_model(path.read_bytes(), self.target, self._config())
+        except Exception:  # noqa: BLE001 - a stale or damaged blob: rebuild and overwrite it
+            return None
+
+    def _store(self, compiled: Any, path: Path) -> None:
+        """Write the compiled model to the cache; a cache we cannot write only costs a rebuild."""
+        try:
+            buf = io.BytesIO()
+            compiled.export_model(buf)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, buf.getbuffer())
+        except Exception as exc:  # noqa: BLE001 - a read-only or full cache must not stop a run
+            warnings.warn(f"runtime openvino: compiled model not cached at {path} ({exc})", RuntimeWarning,
+                          stacklevel=3)
+
+    # ------------------------------------------------------------------ running
+    def submit(self, batch: Any) -> _OvPending:
+        """Start ``batch (b, M, *window)``, b <= ``batch_size``, on the next infer request."""
+        if not isinstance(batch, np.ndarray):
+            raise TypeError(f"runtime 'openvino' takes NumPy arrays, got {type(batch).__name__}")
+        n = int(batch.shape[0])
+        if tuple(batch.shape[1:]) != self._sample or not 1 <= n <= self.batch_size:
+            raise ValueError(f"runtime 'openvino' was compiled for batches (<= {self.batch_size}, "
+                             f"{', '.join(map(str, self._sample))}), got {tuple(batch.shape)}")
+        slot = self._slot()
+        if n < self.batch_size:  # zero windows pad the batch; their outputs are dropped
+            padded = np.zeros((self.batch_size, *self._sample), np.float32)
+            padded[:n] = batch
+            batch = padded
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        slot.busy, slot.batch = True, batch  # OpenVINO reads this memory (no copy) until done
+        slot.request.start_async({0: batch}, share_inputs=True)
+        return _OvPending(self, slot, n)
+
+    def _slot(self) -> _Request:
+        """The next request of the ring (``in_flight`` long), created on first use."""
+        i = self._next % self.in_flight
+        while len(self._slots) <= i:
+            self._slots.append(_Request(self.compiled.create_infer_request()))
+        slot = self._slots[i]
+        if slot.busy:
+            raise RuntimeError(f"runtime 'openvino': more than in_flight={self.in_flight} batches pending; "
+                               "take a result before submitting another")
+        self._next = i + 1
+        return slot
+
+    def __call__(self, batch: Any) -> np.ndarray:
+        return self.submit(batch).result()
