@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "is_temp_name", "TMP_MARK"]
+__all__ = ["atomic_write_bytes", "commit_temp", "is_temp_name", "temp_path", "TMP_MARK"]
 
 TMP_MARK = ".atso-"
 
@@ -32,7 +32,7 @@ def atomic_write_bytes(path: str | os.PathLike[str],
     """
     path = Path(path)
     chunks = data if isinstance(data, (list, tuple)) else [data]
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    tmp = temp_path(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         try:
@@ -40,6 +40,30 @@ def atomic_write_bytes(path: str | os.PathLike[str],
                 view = memoryview(chunk).cast("B")
                 while view:
                     view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def temp_path(path: str | os.PathLike[str]) -> Path:
+    """The hidden temp name :func:`atomic_write_bytes` uses for ``path`` (same folder)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def commit_temp(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """Make a complete file written by a library at ``tmp`` durable and rename it to ``path``
+    (fsync, ``os.replace``, fsync the folder); ``tmp`` is removed if that fails."""
+    tmp, path = Path(tmp), Path(path)
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
             os.fsync(fd)
         finally:
             os.close(fd)

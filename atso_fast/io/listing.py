@@ -9,6 +9,7 @@ import numpy as np
 
 from atso_fast.io.base import InputError
 from atso_fast.io.registry import image_suffix, supported_suffixes
+from atso_fast.io.sitk import is_dicom_folder
 
 __all__ = ["LIST_SUFFIXES", "input_root", "list_inputs", "select_part"]
 
@@ -17,9 +18,10 @@ LIST_SUFFIXES = (".txt", ".lst")
 
 
 def input_root(inputs: str | os.PathLike[str]) -> Path:
-    """The folder case ids are taken relative to: the folder itself, or a file's parent."""
+    """The folder case ids are taken relative to: the folder itself, or a file's (or a DICOM
+    series folder's) parent."""
     inputs = Path(inputs)
-    return inputs if inputs.is_dir() else inputs.parent
+    return inputs if inputs.is_dir() and not is_dicom_folder(inputs) else inputs.parent
 
 
 def list_inputs(inputs: str | os.PathLike[str], *, recursive: bool = False) -> list[Path]:
@@ -28,7 +30,9 @@ def list_inputs(inputs: str | os.PathLike[str], *, recursive: bool = False) -> l
     Args:
         inputs: a folder (files with a supported suffix, sorted by relative path, hidden files
             and folders skipped; sub-folders too when ``recursive``, but symlinked folders are
-            not followed, so link cycles cannot loop), a list file (``.txt`` /
+            not followed, so link cycles cannot loop; a sub-folder holding DICOM files is one
+            input, a DICOM series, and is not descended into; a folder that itself holds DICOM
+            files is that one series), a list file (``.txt`` /
             ``.lst``: one path per line, relative to the list file's folder, blank lines and
             ``#`` comment lines skipped; entries are kept even if missing, so they fail per
             case), or a single image file.
@@ -42,7 +46,7 @@ def list_inputs(inputs: str | os.PathLike[str], *, recursive: bool = False) -> l
     """
     inputs = Path(inputs)
     if inputs.is_dir():
-        return _scan_folder(inputs, recursive)
+        return [inputs] if is_dicom_folder(inputs) else _scan_folder(inputs, recursive)
     if not inputs.exists():
         raise InputError(f"{inputs}: no such file or folder")
     if inputs.suffix.lower() in LIST_SUFFIXES:
@@ -60,8 +64,10 @@ def _scan_folder(folder: Path, recursive: bool) -> list[Path]:
         raise InputError(f"{exc.filename}: cannot list folder ({exc.strerror})")
 
     for here, dirs, files in os.walk(folder, onerror=fail):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
         rel_here = Path(here).relative_to(folder)
+        series = {d for d in dirs if not d.startswith(".") and is_dicom_folder(Path(here) / d)}
+        found += [((rel_here / d).as_posix(), Path(here) / d) for d in series]
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in series) if recursive else []
         for name in files:
             if not name.startswith(".") and image_suffix(name) is not None:
                 found.append(((rel_here / name).as_posix(), Path(here) / name))
