@@ -38,6 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--in-channels", type=int)
     ap.add_argument("--kind", choices=["logits", "probabilities"], default="logits")
     ap.add_argument("--normalization", help="JSON policy, e.g. '{\"scheme\": \"zscore\"}'")
+    ap.add_argument("--spacing", type=float, nargs="+", metavar="MM",
+                    help="spacing the network was trained at, z y x in mm (y x for a 2D model keeps z); "
+                    "scans are resampled to it and the labels back (default: the checkpoint's, else none)")
+    ap.add_argument("--orientation", choices=["as-stored", "RAS"],
+                    help="as-stored (nnU-Net's way, default) or RAS (reorient to canonical, as MONAI)")
+    ap.add_argument("--class-names", nargs="+", metavar="NAME", help="one name per class")
+    ap.add_argument("--crop-to-nonzero", action="store_true", help="crop scans to their nonzero box (nnU-Net)")
+    ap.add_argument("--grid", choices=["monai", "nnunet"], help="window grid and gaussian profile (default monai)")
     args = ap.parse_args(argv)
     try:
         module, ckpt = _load_checkpoint_module(args.checkpoint)
@@ -47,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         if window is None or classes is None:
             raise PackageError("--window and --classes are required for a checkpoint that does not record them")
         norm = json.loads(args.normalization) if args.normalization else cfg.get("normalization")
+        spec = {k: v for k, v in (("crop_to_nonzero", args.crop_to_nonzero or None), ("grid", args.grid)) if v}
         out = export_model(module, args.out_dir, window=window, num_classes=classes, kind=args.kind,
-                           normalization=norm, in_channels=args.in_channels or cfg.get("in_channels", 1))
+                           normalization=norm, in_channels=args.in_channels or cfg.get("in_channels", 1),
+                           spacing=args.spacing or cfg.get("spacing"), orientation=args.orientation,
+                           class_names=args.class_names or cfg.get("class_names"), preprocessing=spec or None)
     except (PackageError, OSError, ValueError) as exc:
         print(f"atso-fast export: {exc}", file=sys.stderr)
         return 2
