@@ -70,7 +70,8 @@ class VolumeRelabeler(Protocol):
     ``relabel_volume(array)`` takes ``(Z, Y, X)`` or ``(M, Z, Y, X)`` and returns a result with
     ``labels`` ``(Z, Y, X)`` uint8/uint16, ``confidence`` ``(Z, Y, X)`` uint8 and a ``stats`` dict
     (``label_counts``, ``ignored_fraction``, ``mean_confidence``). An optional ``runtime_label``
-    string is reported in the summary.
+    string is reported in the summary; an engine with ``takes_geometry = True`` is also given the
+    scan's ``spacing`` and ``affine`` (from the file) as keyword arguments.
     """
 
     def relabel_volume(self, array: np.ndarray) -> Any: ...
@@ -123,6 +124,7 @@ class _Tally:
             "label_counts": stats.get("label_counts"),
             "ignored_fraction": stats.get("ignored_fraction"),
             "mean_confidence": stats.get("mean_confidence"), "outputs": outputs, "error": None,
+            "spacing": stats.get("spacing"), "timings": stats.get("timings"),
         })
         with self.lock:
             self.done += 1
@@ -416,7 +418,7 @@ def _relabel(relabeler: VolumeRelabeler, case: Case, loaded: tuple[np.ndarray, V
     array, meta = loaded
     start = time.perf_counter()
     try:
-        result = relabeler.relabel_volume(array)
+        result = relabeler.relabel_volume(array, **_geometry(relabeler, meta))
     except Exception as exc:  # one bad case must not stop the archive
         result = None
         tally.fail(case, f"{case.path}: relabel failed: {type(exc).__name__}: {exc}",
@@ -426,6 +428,14 @@ def _relabel(relabeler: VolumeRelabeler, case: Case, loaded: tuple[np.ndarray, V
         with tally.lock:
             tally.busy += seconds
     return result, seconds
+
+
+def _geometry(relabeler: VolumeRelabeler, meta: VolumeMeta) -> dict[str, Any]:
+    """The scan's spacing and affine, for engines that resample (``takes_geometry``: the
+    ``Relabeler`` does; a plain ``relabel_volume(array)`` gets the array alone)."""
+    if not getattr(relabeler, "takes_geometry", False):
+        return {}
+    return {"spacing": meta.spacing, "affine": meta.affine}
 
 
 def _write_case(case: Case, meta: VolumeMeta, result: Any, seconds: float, tally: CaseRecorder,

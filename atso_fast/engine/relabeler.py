@@ -64,6 +64,8 @@ def _mirror_axes(spatial_dims: int, allowed: list[int] | None = None) -> list[tu
 class Relabeler:
     """Pseudo-label volumes with a model package (or a live torch module).
 
+    ``takes_geometry``: the archive pipeline passes each scan's ``spacing`` and ``affine``.
+
     Args:
         model_dir: folder with ``model.json`` + ``model.onnx`` (``atso_fast.export_model``).
         runtime: ``"auto"``, ``"onnxruntime"``, ``"tensorrt"`` or ``"torch"``. On CPU, ``auto``
@@ -91,6 +93,8 @@ class Relabeler:
             Runtime on CPU for up to 8 classes, so ORT's own pool keeps the cores; else the
             OpenMP default).
     """
+
+    takes_geometry = True
 
     def __init__(self, model_dir: str | Path | None = None, *, runtime: str = "auto", device: str = "cpu",
                  overlap: float = 0.5, batch_size: int = 4, threshold: float = 0.0, ignore_index: int = 255,
@@ -209,7 +213,7 @@ class Relabeler:
         """
         start = time.perf_counter()
         arr, bad = self._prepare(array)
-        spacing = self._check_spacing(spacing)
+        spacing = self._check_spacing(spacing, arr.shape[1])
         vol, geom = prepare(arr, self.package, spacing=spacing, affine=affine, normalized=normalized,
                             invalid=bad, device=self.device)
         del arr
@@ -242,7 +246,8 @@ class Relabeler:
             "mean_confidence": float(conf.mean(dtype=np.float64)) / 255.0,
             "nonfinite_input_voxels": 0 if bad is None else int(bad.sum()),
             "runtime": self.runtime_name, "device": self.device, "network_shape": list(geom.target),
-            "timings": timings,
+            "spacing": None if geom.spacing is None else [geom.spacing[geom.perm.index(a)] for a in range(3)],
+            "timings": timings,  # spacing: the scan's own (z, y, x), undoing the network axes' order
         }
 
     def _warn_once(self, message: str) -> None:
@@ -250,10 +255,10 @@ class Relabeler:
             self._warned.add(message)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
-    def _check_spacing(self, spacing: Any) -> tuple[float, float, float] | None:
+    def _check_spacing(self, spacing: Any, depth: int) -> tuple[float, float, float] | None:
         """Validate a scan's spacing; for a package without one, warn once when scans' spacings
         differ by more than 20% (a model trained at one resolution sees the others at another
-        scale)."""
+        scale; the distance between slices of a single 2D image, ``depth`` 1, does not count)."""
         if spacing is None:
             return None
         try:
@@ -263,9 +268,11 @@ class Relabeler:
         if len(sp) != 3 or not all(np.isfinite(s) and s > 0 for s in sp):
             raise ValueError(f"spacing must be 3 positive numbers (mm, z y x), got {spacing!r}")
         if self.package.spacing is None:
+            seen = sp if depth > 1 else (None, *sp[1:])
             if self._first_spacing is None:
-                self._first_spacing = sp
-            elif any(max(a, b) / min(a, b) > 1.2 for a, b in zip(sp, self._first_spacing)):
+                self._first_spacing = seen
+            elif any(a is not None and b is not None and max(a, b) / min(a, b) > 1.2
+                     for a, b in zip(seen, self._first_spacing)):
                 self._warn_once(f"scans' spacings differ by more than 20% ({list(self._first_spacing)} vs "
                                 f"{list(sp)} mm) but the model package records no spacing, so every scan runs "
                                 "at its own resolution; export the package with spacing= to resample")
