@@ -1,6 +1,7 @@
 """NRRD, MetaImage (.mha, .mhd) and DICOM series through the format registry: geometry round trips."""
 from __future__ import annotations
 
+import locale
 import time
 from pathlib import Path
 
@@ -126,7 +127,16 @@ def test_corrupt_sitk_files_raise_input_error(tmp_path, content):
 def write_dicom_series(folder: Path, array_zyx: np.ndarray, *, series_uid: str = "1.2.826.0.1.3680043.2.1125.1",
                        spacing=(0.75, 0.75, 3.0), origin=(-100.0, -120.0, 40.0)) -> None:
     """A CT series, one file per slice, written with SimpleITK's GDCM writer (the slices' own
-    position and orientation tags give the geometry back)."""
+    position and orientation tags give the geometry back). GDCM's writer sets the process locale
+    to "C" (Python's default file encoding then turns ASCII): it is restored afterwards."""
+    before = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_dicom_slices(folder, array_zyx, series_uid, spacing, origin)
+    finally:
+        locale.setlocale(locale.LC_ALL, before)
+
+
+def _write_dicom_slices(folder: Path, array_zyx: np.ndarray, series_uid: str, spacing, origin) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     image = sitk.GetImageFromArray(array_zyx.astype(np.int16))
     image.SetSpacing(spacing)

@@ -18,7 +18,6 @@ clipping to the input range is kept (per slice when separate, as nnU-Net).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -277,7 +276,7 @@ def plan_geometry(vol: np.ndarray, package: ModelPackage, spacing, affine) -> Ge
 
 # ------------------------------------------------------------------------------ voxels
 def prepare(vol: np.ndarray, package: ModelPackage, *, spacing=None, affine=None, normalized: bool = False,
-            invalid: np.ndarray | None = None, device: str = "cpu") -> tuple[Any, Geometry]:
+            invalid: np.ndarray | None = None, device: str = "cpu") -> tuple[np.ndarray, Geometry]:
     """``vol (M, Z, Y, X)`` float32 on the network's grid, and its :class:`Geometry`.
 
     Args:
@@ -290,8 +289,9 @@ def prepare(vol: np.ndarray, package: ModelPackage, *, spacing=None, affine=None
         device: where resampling runs (``"cpu"`` or ``"cuda[:N]"``).
 
     Returns:
-        ``(volume, geometry)``: a C-contiguous float32 NumPy array (a CUDA tensor when
-        resampled on a CUDA device) of the target grid ``(M, *geometry.target)``.
+        ``(volume, geometry)``: a C-contiguous float32 NumPy array of the target grid
+        ``(M, *geometry.target)`` (resampled on ``device``, then brought to the host: the engine
+        uploads the target grid, usually several times smaller than the scan).
     """
     geom = plan_geometry(vol, package, spacing, affine)
     data = geom.to_net(vol)
@@ -309,7 +309,7 @@ def prepare(vol: np.ndarray, package: ModelPackage, *, spacing=None, affine=None
     return data, geom
 
 
-def _resample_data(data: np.ndarray, geom: Geometry, res: dict, device: str) -> Any:
+def _resample_data(data: np.ndarray, geom: Geometry, res: dict, device: str) -> np.ndarray:
     """nnU-Net's ``resample_data_or_seg`` (is_seg False) of ``data (M, *cropped)`` to the target grid."""
     import torch
 
@@ -328,8 +328,7 @@ def _resample_data(data: np.ndarray, geom: Geometry, res: dict, device: str) -> 
         t = torch.minimum(torch.maximum(t, lo), hi)  # skimage's resize clips to the input range
     if sep is not None:
         t = apply_op(t, ops[sep], sep + 1)
-    t = t.contiguous()
-    return t.numpy() if t.device.type == "cpu" else t
+    return np.ascontiguousarray(t.cpu().numpy())
 
 
 def apply_op(t: Any, op: AxisOp, dim: int) -> Any:
@@ -352,6 +351,3 @@ def apply_op(t: Any, op: AxisOp, dim: int) -> Any:
     moved = t.movedim(dim, -1)
     return (moved @ mat.T).movedim(-1, dim)
 
-
-def total_voxels(shape) -> int:
-    return int(math.prod(int(n) for n in shape))
