@@ -82,47 +82,53 @@ class ResampleSink:
         acc_t = acc if self.cuda else torch.from_numpy(acc)
         wsum_t = wsum if self.cuda else torch.from_numpy(wsum)
         end = z_start + count
-        cache: dict[int, Any] = {}
-
-        def row(t: int) -> Any:
-            if t in self._kept:
-                return self._kept[t]
-            if t not in cache:
-                i = t - z_start
-                cache[t] = acc_t[:, i].float() / torch.clamp_min(wsum_t[i], 1e-12)[None]
-            return cache[t]
-
         plane = self.inner.labels.shape[1] * self.inner.labels.shape[2] * max(acc_t.shape[0], 1) * 4
         max_rows = max(1, _CHUNK_BYTES // plane)
         while self._next < self.native[0] and self._hi[self._next] < end:
-            k0 = self._next
-            k1 = k0 + 1
+            k0 = k1 = self._next
             while k1 < self.native[0] and k1 - k0 < max_rows and self._hi[k1] < end:
                 k1 += 1
-            self._emit(k0, k1, row)
+            self._emit(k0, k1, acc_t, wsum_t, z_start)
             self._next = k1
         # the next native row reads rows >= need: with two taps at most the last row of this
         # batch is still needed (a fresh quotient, not a view of the reused slab)
         need = int(self._lo[self._next]) if self._next < self.native[0] else end
-        self._kept = {t: row(t) for t in range(max(need, z_start), end)}
+        keep = range(max(need, z_start), end)
+        self._kept = {t: self._quotient(acc_t, wsum_t, t - z_start, t - z_start + 1)[:, 0] for t in keep}
         self.seconds += time.perf_counter() - start
 
-    def _emit(self, k0: int, k1: int, row) -> None:
+    @staticmethod
+    def _quotient(acc_t: Any, wsum_t: Any, i0: int, i1: int) -> Any:
+        """Blended logits of slab rows ``[i0, i1)``: ``acc / wsum`` (C, i1 - i0, Y, X) float32."""
+        import torch
+
+        return acc_t[:, i0:i1].float() / torch.clamp_min(wsum_t[i0:i1], 1e-12)[None]
+
+    def _block(self, t0: int, t1: int, acc_t: Any, wsum_t: Any, z_start: int) -> Any:
+        """Target rows ``[t0, t1)`` blended (C, t1 - t0, Yt, Xt): kept rows, then slab rows."""
+        import torch
+
+        parts = [self._kept[t][:, None] for t in range(t0, min(t1, z_start))]
+        if t1 > z_start:
+            parts.append(self._quotient(acc_t, wsum_t, max(t0, z_start) - z_start, t1 - z_start))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _emit(self, k0: int, k1: int, acc_t: Any, wsum_t: Any, z_start: int) -> None:
+        """Native rows ``[k0, k1)``: z blend, in-plane resampling, then the inner sink."""
         import torch
 
         zop, yop, xop = self.ops
-        blended = []
-        for k in range(k0, k1):
-            a, b, w = int(zop.idx0[k]), int(zop.idx1[k]), float(zop.w1[k])
-            ra = row(a)
-            blended.append(ra if w == 0.0 else torch.lerp(ra, row(b), w))
-        rows = torch.stack(blended, dim=1)  # (C, r, Yt, Xt)
-        # the cheaper in-plane order first: the axis that grows least goes first
-        if yop.n_out * xop.n_in <= xop.n_out * yop.n_in:
-            rows = apply_op(apply_op(rows, yop, 2), xop, 3)
-        else:
-            rows = apply_op(apply_op(rows, xop, 3), yop, 2)
-        rows = rows.contiguous()
+        t0, t1 = int(self._lo[k0]), int(self._hi[k1 - 1]) + 1
+        block = self._block(t0, t1, acc_t, wsum_t, z_start)
+        i0 = torch.from_numpy(zop.idx0[k0:k1] - t0).to(block.device)
+        w = zop.w1[k0:k1]
+        rows = block if t1 - t0 == k1 - k0 and not np.any(w) and bool((i0 == torch.arange(k1 - k0,
+                                                                              device=block.device)).all()) \
+            else block.index_select(1, i0)
+        if np.any(w):
+            other = block.index_select(1, torch.from_numpy(zop.idx1[k0:k1] - t0).to(block.device))
+            rows = torch.lerp(rows, other, torch.from_numpy(w.astype(np.float32)).to(block.device)[None, :, None, None])
+        rows = self._in_plane(rows)
         r = k1 - k0
         if self._ones is None or self._ones.shape[0] < r:
             self._ones = torch.ones((r, *rows.shape[2:]), dtype=torch.float32, device=rows.device)
@@ -131,6 +137,23 @@ class ResampleSink:
             self.inner.take(rows, ones, k0, r)
         else:
             self.inner.take(rows.numpy(), ones.numpy(), k0, r)
+
+    def _in_plane(self, rows: Any) -> Any:
+        """``(C, r, Yt, Xt)`` -> ``(C, r, Yn, Xn)``: one bilinear pass when both axes are linear
+        (``torch.nn.functional.interpolate``, align_corners=False: scipy's grid-mode coordinates
+        and edge clamping), else the per-axis maps."""
+        import torch
+
+        _, yop, xop = self.ops
+        if yop.identity and xop.identity:
+            return rows.contiguous()
+        if yop.order == 1 and xop.order == 1:
+            out = torch.nn.functional.interpolate(rows, size=(yop.n_out, xop.n_out), mode="bilinear",
+                                                  align_corners=False)
+            return out.contiguous()
+        if yop.n_out * xop.n_in <= xop.n_out * yop.n_in:  # the axis that grows least first
+            return apply_op(apply_op(rows, yop, 2), xop, 3).contiguous()
+        return apply_op(apply_op(rows, xop, 3), yop, 2).contiguous()
 
     def finalize(self) -> LabelSink:
         """The inner sink, once every native row has been emitted."""
