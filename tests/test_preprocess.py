@@ -245,3 +245,16 @@ def test_training_spacing():
     assert training_spacing([RawCase(img, spacing=(2, 1, 1)), RawCase(img, spacing=(2.2, 1, 1))]) == [2.1, 1, 1]
     assert training_spacing([RawCase(img, spacing=(2, 1, 1)), RawCase(img, spacing=(5, 1, 1))]) is None
     assert training_spacing([RawCase(img), RawCase(img, spacing=(2, 1, 1))]) is None
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("scan_spacing, model_spacing, shape", CASES[:3])
+def test_cuda_resampling_matches_cpu(scan_spacing, model_spacing, shape):
+    """Resampling in and out on CUDA tensors gives the CPU result (float32 rounding apart)."""
+    x = np.random.default_rng(4).normal(size=shape).astype(np.float32)
+    pkg = package(model_spacing, num_classes=2, window=(6, 8, 8), grid="nnunet")
+    out = {dev: Relabeler(None, _package=pkg, _module=Pointwise(), runtime="torch", device=dev,
+                          save_probabilities=True).relabel_volume(x, spacing=scan_spacing)
+           for dev in ("cpu", "cuda")}
+    np.testing.assert_allclose(out["cuda"].probabilities, out["cpu"].probabilities, atol=1e-5)
+    assert (out["cuda"].labels == out["cpu"].labels).mean() > 0.9999
