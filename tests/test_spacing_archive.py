@@ -8,12 +8,12 @@ import pytest
 torch = pytest.importorskip("torch")
 sitk = pytest.importorskip("SimpleITK")
 
+from test_io_formats import write_dicom_series  # noqa: E402
+
 from atso_fast.cli import main as cli_main  # noqa: E402
 from atso_fast.engine import Relabeler  # noqa: E402
 from atso_fast.io import Manifest, read_volume  # noqa: E402
 from atso_fast.package import export_model  # noqa: E402
-
-from test_io_formats import write_dicom_series  # noqa: E402
 
 
 class Threshold(torch.nn.Module):
