@@ -314,7 +314,7 @@ def _parser() -> argparse.ArgumentParser:
         q = sub.add_parser(name)
         q.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
         q.add_argument("--mirror", action="store_true")
-        q.add_argument("--runtime", default="onnxruntime")
+        q.add_argument("--runtime", default="auto", help="atso-fast runtime (auto: probes torch and ONNX Runtime on the first batches)")
         q.add_argument("--batch-size", type=int, default=4)
         q.add_argument("--accumulate", default="float32", choices=["float32", "float16"])
         q.add_argument("--folds", type=int, default=1)
