@@ -16,6 +16,7 @@ _EXPORTS = {
     "PackageError": "atso_fast.package",
     "export_model": "atso_fast.package",
     "load_package": "atso_fast.package",
+    "import_nnunet": "atso_fast.package.nnunet",
     "build_info": "atso_fast.kernels.native",
     "has_cuda": "atso_fast.kernels.native",
     "RelabelResult": "atso_fast.engine",

@@ -143,7 +143,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
     (tmp / "text.nii").write_text("hello, I am not an image\n" * 40)
     (tmp / "empty.nii.gz").write_bytes(b"")
     (tmp / "short.nii").write_bytes(raw[: len(raw) - 10])
-    (tmp / "img.mha").write_bytes(b"x")
+    (tmp / "img.xyz").write_bytes(b"x")
     (tmp / "folder.nii.gz").mkdir()
     for name, arr in {"one_d": np.zeros(5), "five_d": np.zeros((1, 2, 2, 2, 2)),
                       "zero": np.zeros((0, 3, 4)), "text": np.array([["a", "b"]]),
@@ -165,7 +165,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
         "not an image": (tmp / "text.nii", "not a NIfTI"),
         "empty": (tmp / "empty.nii.gz", "empty"),
         "truncated data": (tmp / "short.nii", "truncated"),
-        "suffix": (tmp / "img.mha", "unsupported suffix"),
+        "suffix": (tmp / "img.xyz", "unsupported suffix"),
         "directory": (tmp / "folder.nii.gz", "directory"),
         "missing": (tmp / "nope.nii.gz", "no such file"),
         "1d": (tmp / "one_d.npy", "shape (5,)"),
@@ -299,7 +299,7 @@ def test_write_labels_dtype_choice_and_validation(tmp_path):
     with pytest.raises(ValueError, match="overwrite the input"):
         write_labels(meta.path, small, meta)
     with pytest.raises(ValueError, match="suffix"):
-        write_labels(tmp_path / "x.mha", small, meta)
+        write_labels(tmp_path / "x.xyz", small, meta)
 
 
 def test_write_4d_input_gives_3d_labels_and_nifti2_stays_nifti2(tmp_path):
@@ -389,7 +389,7 @@ def _touch(path: Path) -> Path:
 
 def test_list_inputs_folder(tmp_path):
     for rel in ["b.nii.gz", "a.npy", "c.npz", "d.nii", "notes.txt", ".hidden.nii.gz",
-                "sub/e.nii.gz", ".git/f.nii.gz", "sub/.g.npy", "x.mha"]:
+                "sub/e.nii.gz", ".git/f.nii.gz", "sub/.g.npy", "x.xyz"]:
         _touch(tmp_path / rel)
     (tmp_path / "dir.nii.gz").mkdir()
     names = [p.relative_to(tmp_path).as_posix() for p in list_inputs(tmp_path)]
@@ -409,7 +409,7 @@ def test_list_inputs_list_file_and_single_file(tmp_path):
     with pytest.raises(InputError, match="no such file"):
         list_inputs(tmp_path / "nothing")
     with pytest.raises(InputError, match="neither"):
-        list_inputs(_touch(tmp_path / "scan.mha"))
+        list_inputs(_touch(tmp_path / "scan.xyz"))
 
 
 @pytest.mark.parametrize("num_parts", [1, 2, 3, 7, 20])

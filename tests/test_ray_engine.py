@@ -37,18 +37,20 @@ class CrashingRelabeler:
     """A real Relabeler that kills its process (``os._exit``) on volumes of ``crash_shape``:
     once when ``marker`` is given (the marker file records that it happened), else always."""
 
+    takes_geometry = True  # passes the scan's spacing/affine on, like the Relabeler it wraps
+
     def __init__(self, model_dir, *, crash_shape, marker=None, **kwargs):
         self.inner = Relabeler(model_dir, **kwargs)
         self.crash_shape, self.marker = tuple(crash_shape), marker
 
-    def relabel_volume(self, array):
+    def relabel_volume(self, array, **geometry):
         if tuple(array.shape[-3:]) == self.crash_shape:
             if self.marker is None:
                 os._exit(1)
             if not os.path.exists(self.marker):
                 Path(self.marker).touch()
                 os._exit(1)
-        return self.inner.relabel_volume(array)
+        return self.inner.relabel_volume(array, **geometry)
 
 
 def broken_factory(model_dir, **kwargs):
@@ -118,8 +120,8 @@ def output_files(folder: Path) -> dict[str, bytes]:
 
 
 def manifest_rows(folder: Path) -> dict[str, dict]:
-    """Latest row per case without the timing field."""
-    return {cid: {k: v for k, v in row.items() if k != "seconds"}
+    """Latest row per case without the timing fields."""
+    return {cid: {k: v for k, v in row.items() if k not in ("seconds", "timings")}
             for cid, row in Manifest(folder / "manifest.jsonl").latest().items()}
 
 

@@ -39,6 +39,7 @@ from atso_fast.io import (
     InputError,
     Manifest,
     VolumeMeta,
+    is_dicom_folder,
     not_regular_error,
     read_volume,
     write_confidence,
@@ -58,7 +59,8 @@ class VolumeRelabeler(Protocol):
     ``relabel_volume(array)`` takes ``(Z, Y, X)`` or ``(M, Z, Y, X)`` and returns a result with
     ``labels`` ``(Z, Y, X)`` uint8/uint16, ``confidence`` ``(Z, Y, X)`` uint8 and a ``stats`` dict
     (``label_counts``, ``ignored_fraction``, ``mean_confidence``). An optional ``runtime_label``
-    string is reported in the summary.
+    string is reported in the summary; an engine with ``takes_geometry = True`` is also given the
+    scan's ``spacing`` and ``affine`` (from the file) as keyword arguments.
     """
 
     def relabel_volume(self, array: np.ndarray) -> Any: ...
@@ -111,6 +113,7 @@ class _Tally:
             "label_counts": stats.get("label_counts"),
             "ignored_fraction": stats.get("ignored_fraction"),
             "mean_confidence": stats.get("mean_confidence"), "outputs": outputs, "error": None,
+            "spacing": stats.get("spacing"), "timings": stats.get("timings"),
         })
         with self.lock:
             self.done += 1
@@ -343,14 +346,15 @@ def _top_up(pending: deque, feed: Iterator[Case], pool: ThreadPoolExecutor, dept
 
 
 def read_input(path: Path) -> tuple[np.ndarray, VolumeMeta]:
-    """``read_volume(path)`` for a regular file only: a FIFO, socket, device or folder is
-    refused without being opened (opening a FIFO blocks until a writer comes, maybe never).
+    """``read_volume(path)`` for a regular file or a DICOM series folder only: a FIFO, socket,
+    device or other folder is refused without being opened (opening a FIFO blocks until a writer
+    comes, maybe never).
 
     Raises:
         InputError: naming the file and what it is.
     """
     problem = not_regular_error(path)
-    if problem:
+    if problem and not (os.path.isdir(path) and is_dicom_folder(path)):
         raise InputError(problem)
     array, meta = read_volume(path)
     # a header can claim sizes its data cannot have (a negative NIfTI dim reads as data of
@@ -376,7 +380,7 @@ def _relabel(relabeler: VolumeRelabeler, case: Case, loaded: tuple[np.ndarray, V
     array, meta = loaded
     start = time.perf_counter()
     try:
-        result = relabeler.relabel_volume(array)
+        result = relabeler.relabel_volume(array, **_geometry(relabeler, meta))
     except Exception as exc:  # one bad case must not stop the archive
         result = None
         tally.fail(case, f"{case.path}: relabel failed: {type(exc).__name__}: {exc}",
@@ -386,6 +390,14 @@ def _relabel(relabeler: VolumeRelabeler, case: Case, loaded: tuple[np.ndarray, V
         with tally.lock:
             tally.busy += seconds
     return result, seconds
+
+
+def _geometry(relabeler: VolumeRelabeler, meta: VolumeMeta) -> dict[str, Any]:
+    """The scan's spacing and affine, for engines that resample (``takes_geometry``: the
+    ``Relabeler`` does; a plain ``relabel_volume(array)`` gets the array alone)."""
+    if not getattr(relabeler, "takes_geometry", False):
+        return {}
+    return {"spacing": meta.spacing, "affine": meta.affine}
 
 
 def _write_case(case: Case, meta: VolumeMeta, result: Any, seconds: float, tally: CaseRecorder,

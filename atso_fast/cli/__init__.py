@@ -16,6 +16,7 @@ __all__ = ["main"]
 _COMMANDS = {
     "relabel": ("atso_fast.cli.relabel", "main", "relabel an archive of volumes with a model package"),
     "export": ("atso_fast.cli.export", "main", "export a training checkpoint to an ONNX model package"),
+    "import-nnunet": ("atso_fast.cli.import_nnunet", "main", "import an nnU-Net v2 model folder as a model package"),
     "train": ("atso_fast.train.cli", "train_main", "run ATSO (or a baseline) from a config file"),
     "demo": ("atso_fast.train.cli", "demo_main", "synthetic end-to-end demo on CPU, no downloads"),
     "bench": ("atso_fast.bench", "cli_main", "throughput benchmark of runtimes and settings"),
@@ -26,7 +27,7 @@ _BROKEN_PIPE = 141
 
 def _usage() -> str:
     lines = ["usage: atso-fast COMMAND [options]", "", "commands:"]
-    lines += [f"  {name:<8} {help_}" for name, (_, _, help_) in _COMMANDS.items()]
+    lines += [f"  {name:<13} {help_}" for name, (_, _, help_) in _COMMANDS.items()]
     lines += ["", "options:", "  -h, --help     show this message", "  -V, --version  show the version",
               "", "`atso-fast COMMAND --help` shows a command's options."]
     return "\n".join(lines)

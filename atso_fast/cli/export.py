@@ -83,7 +83,7 @@ def _from_training_checkpoint(obj: dict[str, Any], path: Path) -> tuple[Any, dic
         raise PackageError(f"{path}: training checkpoint does not match its config ({one_line(str(exc))})") from None
     norm = config.normalization if isinstance(config.normalization, dict) else None
     return model.eval(), {"window": list(config.patch_size), "num_classes": config.num_classes,
-                          "in_channels": config.in_channels, "normalization": norm}
+                          "in_channels": config.in_channels, "normalization": norm, "spacing": config.spacing}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--kind", choices=["logits", "probabilities"], default="logits", help="what the network outputs")
     ap.add_argument("--normalization",
                     help="JSON intensity policy, e.g. '{\"scheme\": \"zscore\"}' (default: the checkpoint's)")
+    ap.add_argument("--spacing", type=float, nargs="+", metavar="MM",
+                    help="spacing the network was trained at, z y x in mm (y x for a 2D model keeps z); "
+                    "scans are resampled to it and the labels back (default: the checkpoint's, else none)")
+    ap.add_argument("--orientation", choices=["as-stored", "RAS"],
+                    help="as-stored (nnU-Net's way, default) or RAS (reorient to canonical, as MONAI)")
+    ap.add_argument("--class-names", nargs="+", metavar="NAME", help="one name per class (default: none)")
+    ap.add_argument("--crop-to-nonzero", action="store_true", help="crop scans to their nonzero box (nnU-Net)")
+    ap.add_argument("--grid", choices=["monai", "nnunet"], help="window grid and gaussian profile (default: monai)")
     ap.add_argument("--trust-pickle", action="store_true",
                     help="allow a pickled nn.Module (runs code from the file: only for files you made)")
     return ap
@@ -112,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         if window is None or classes is None:
             raise PackageError("--window and --classes are required for a checkpoint that does not record them")
         norm = json.loads(args.normalization) if args.normalization else cfg.get("normalization")
+        spec = {k: v for k, v in (("crop_to_nonzero", args.crop_to_nonzero or None), ("grid", args.grid)) if v}
         out = export_model(module, args.out_dir, window=window, num_classes=classes, kind=args.kind,
-                           normalization=norm, in_channels=args.in_channels or cfg.get("in_channels", 1))
+                           normalization=norm, in_channels=args.in_channels or cfg.get("in_channels", 1),
+                           spacing=args.spacing or cfg.get("spacing"), orientation=args.orientation,
+                           class_names=args.class_names or cfg.get("class_names"), preprocessing=spec or None)
     except (PackageError, OSError, ValueError) as exc:
         print(f"atso-fast export: {one_line(str(exc))}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +20,11 @@ import numpy as np
 
 from atso_fast.archive import relabel_archive
 from atso_fast.engine.merger import ArrayBackend, LabelSink, SlabMerger
-from atso_fast.engine.windows import (
-    check_overlap,
-    gaussian_importance,
-    sliding_window_origins,
-)
+from atso_fast.engine.preprocess import Geometry, prepare
+from atso_fast.engine.resample import ResampleSink, TimedSink, restore
+from atso_fast.engine.windows import check_overlap, grid_importance, grid_origins
 from atso_fast.kernels import native
 from atso_fast.package import ModelPackage, load_package, validate_meta
-from atso_fast.package.normalize import normalize
 from atso_fast.runtimes import RUNTIMES, auto_candidates, load_runtime
 from atso_fast.runtimes.base import Pending, Ready, check_device, check_precision
 
@@ -46,7 +44,9 @@ class RelabelResult:
         confidence: ``(Z, Y, X)`` uint8, max probability x 255.
         probabilities: ``(C, Z, Y, X)`` float32 when asked for, else None.
         stats: shape, seconds, windows, label_counts, ignored_voxels, invalid_voxels,
-            ignored_fraction, mean_confidence, nonfinite_input_voxels.
+            ignored_fraction, mean_confidence, nonfinite_input_voxels, runtime, device,
+            network_shape (the grid the network ran on), timings (seconds: preprocess,
+            network, stitch, export).
     """
 
     labels: np.ndarray
@@ -55,14 +55,17 @@ class RelabelResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def _mirror_axes(spatial_dims: int) -> list[tuple[int, ...]]:
-    """nnU-Net's test-time mirroring: every non-empty subset of the spatial axes."""
-    axes = list(range(2, 2 + spatial_dims))
+def _mirror_axes(spatial_dims: int, allowed: list[int] | None = None) -> list[tuple[int, ...]]:
+    """nnU-Net's test-time mirroring: every non-empty subset of the allowed spatial axes (all by
+    default), in nnU-Net's order."""
+    axes = [2 + a for a in (range(spatial_dims) if allowed is None else allowed)]
     return [c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
 class Relabeler:
     """Pseudo-label volumes with a model package (or a live torch module).
+
+    ``takes_geometry``: the archive pipeline passes each scan's ``spacing`` and ``affine``.
 
     Args:
         model_dir: folder with ``model.json`` + ``model.onnx`` (``atso_fast.export_model``).
@@ -75,7 +78,8 @@ class Relabeler:
         batch_size: windows per runtime call.
         threshold: max probability below which a voxel gets ``ignore_index``.
         ignore_index: label for ignored/invalid voxels (must not be a class index).
-        mirror: nnU-Net test-time mirroring over all spatial axes (2^D - 1 extra passes).
+        mirror: nnU-Net test-time mirroring over the package's ``mirror_axes`` (all spatial axes
+            by default; 2^D - 1 extra passes).
         precision: network precision, ``"float32"``, ``"float16"`` (CUDA) or ``"bfloat16"``.
         accumulate_dtype: ``"float32"`` or ``"float16"`` accumulator (halves slab memory).
         save_probabilities: also return ``(C, Z, Y, X)`` float32 probabilities.
@@ -91,6 +95,8 @@ class Relabeler:
             a pipelined OpenVINO, whose threads run the next batch meanwhile; else the OpenMP
             default).
     """
+
+    takes_geometry = True
 
     def __init__(self, model_dir: str | Path | None = None, *, runtime: str = "auto", device: str = "cpu",
                  overlap: float = 0.5, batch_size: int = 4, threshold: float = 0.0, ignore_index: int = 255,
@@ -130,7 +136,12 @@ class Relabeler:
         self._backend = ArrayBackend(self.device)
         self._windows = 0  # windows run for the last volume (mirrored passes included)
         # a writable copy: the cached map is read-only, and torch warns on read-only arrays
-        self._importance = self._backend.upload(gaussian_importance(self.package.window3d).copy())
+        self._grid = self.package.preprocessing["grid"]
+        self._importance = self._backend.upload(grid_importance(self._grid, self.package.window).copy())
+        self._geometry: Geometry | None = None  # of the volume being relabelled
+        self._net_seconds = 0.0
+        self._warned: set[str] = set()
+        self._first_spacing: tuple[float, ...] | None = None
 
     @property
     def runtime_name(self) -> str:
@@ -186,38 +197,114 @@ class Relabeler:
         return relabel_archive(self, inputs, output_dir, resume=resume, num_parts=num_parts, part_id=part_id, **kw)
 
     # ------------------------------------------------------------------ one volume
-    def relabel_volume(self, array: Any, *, normalized: bool = False) -> RelabelResult:
-        """Pseudo labels for one volume.
+    def relabel_volume(self, array: Any, *, spacing: Any = None, affine: Any = None,
+                       normalized: bool = False) -> RelabelResult:
+        """Pseudo labels for one volume, on its own grid.
+
+        With a package that has a spacing (and the scan's ``spacing``), the scan is brought to
+        the network's grid as the package says (reorient, transpose, crop, normalise, resample;
+        ``atso_fast.engine.preprocess``) and the blended output goes back row by row
+        (``atso_fast.engine.resample``): labels, confidence and probabilities always come out on
+        the input's grid.
 
         Args:
             array: ``(Z, Y, X)``, ``(M, Z, Y, X)`` or a 2D ``(Y, X)`` image; any real dtype
                 (a NumPy array or a CPU torch tensor).
+            spacing: the scan's voxel size in mm along ``(Z, Y, X)`` (``VolumeMeta.spacing``);
+                None: unknown (the scan is taken to be at the model's spacing, with a warning).
+            affine: the scan's RAS voxel-to-world affine (``VolumeMeta.affine``), used when the
+                package reorients to RAS.
             normalized: skip the package's intensity normalisation.
 
         Raises:
-            ValueError: wrong rank, channel count, dtype or an empty volume.
+            ValueError: wrong rank, channel count, dtype or spacing, or an empty volume.
             NonFiniteInputError: NaN/inf voxels while ``nonfinite="fail"``.
         """
         start = time.perf_counter()
-        vol, bad = self._prepare(array, normalized)
-        shape = vol.shape[1:]
+        arr, bad = self._prepare(array)
+        spacing = self._check_spacing(spacing, arr.shape[1])
+        vol, geom = prepare(arr, self.package, spacing=spacing, affine=affine, normalized=normalized,
+                            invalid=bad, device=self.device)
+        del arr
+        for note in geom.notes:
+            self._warn_once(note)
+        self._geometry, self._net_seconds = geom, 0.0
+        prepared = time.perf_counter()
         with native.kernel_threads(self.kernel_threads):
             sink = self._stream(vol)
+        streamed = time.perf_counter()
+        out = self._finish(sink, geom)
         if bad is not None:
-            sink.mark_invalid(bad)
-        totals, conf = sink.totals, sink.confidence
-        n = int(np.prod(shape))
-        stats = {
-            "shape": list(shape), "seconds": time.perf_counter() - start, "windows": self._windows,
+            out.mark_invalid(bad)
+        end = time.perf_counter()
+        sink_seconds = sink.seconds
+        timings = {"preprocess": prepared - start, "network": self._net_seconds,
+                   "stitch": max(streamed - prepared - self._net_seconds - sink_seconds, 0.0),
+                   "export": sink_seconds + end - streamed}
+        return RelabelResult(out.labels, out.confidence, out.probabilities,
+                             self._stats(out, geom, bad, end - start, timings))
+
+    def _stats(self, out: LabelSink, geom: Geometry, bad: np.ndarray | None, seconds: float,
+               timings: dict[str, float]) -> dict[str, Any]:
+        totals, conf = out.totals, out.confidence
+        n = int(np.prod(conf.shape))
+        return {
+            "shape": list(conf.shape), "seconds": seconds, "windows": self._windows,
             "label_counts": totals.counts.tolist(), "ignored_voxels": totals.ignored,
             "invalid_voxels": totals.invalid, "ignored_fraction": (totals.ignored + totals.invalid) / n,
             "mean_confidence": float(conf.mean(dtype=np.float64)) / 255.0,
             "nonfinite_input_voxels": 0 if bad is None else int(bad.sum()),
-            "runtime": self.runtime_name, "device": self.device,
+            "runtime": self.runtime_name, "device": self.device, "network_shape": list(geom.target),
+            "spacing": None if geom.spacing is None else [geom.spacing[geom.perm.index(a)] for a in range(3)],
+            "timings": timings,  # spacing: the scan's own (z, y, x), undoing the network axes' order
         }
-        return RelabelResult(sink.labels, conf, sink.probabilities, stats)
 
-    def _prepare(self, array: Any, normalized: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _check_spacing(self, spacing: Any, depth: int) -> tuple[float, float, float] | None:
+        """Validate a scan's spacing; for a package without one, warn once when scans' spacings
+        differ by more than 20% (a model trained at one resolution sees the others at another
+        scale; the distance between slices of a single 2D image, ``depth`` 1, does not count)."""
+        if spacing is None:
+            return None
+        try:
+            sp = tuple(float(s) for s in spacing)
+        except (TypeError, ValueError):
+            raise ValueError(f"spacing must be 3 positive numbers (mm, z y x), got {spacing!r}") from None
+        if len(sp) != 3 or not all(np.isfinite(s) and s > 0 for s in sp):
+            raise ValueError(f"spacing must be 3 positive numbers (mm, z y x), got {spacing!r}")
+        if self.package.spacing is None:
+            seen = sp if depth > 1 else (None, *sp[1:])
+            if self._first_spacing is None:
+                self._first_spacing = seen
+            elif any(a is not None and b is not None and max(a, b) / min(a, b) > 1.2
+                     for a, b in zip(seen, self._first_spacing)):
+                self._warn_once(f"scans' spacings differ by more than 20% ({list(self._first_spacing)} vs "
+                                f"{list(sp)} mm) but the model package records no spacing, so every scan runs "
+                                "at its own resolution; export the package with spacing= to resample")
+        return sp
+
+    def _make_sink(self, shape: tuple[int, ...]) -> Any:
+        """The row sink of the network's grid: labels directly, or resampling back first."""
+        pkg, geom = self.package, self._geometry
+        native_shape = tuple(shape) if geom is None or geom.back is None else geom.cropped
+        inner = LabelSink(native_shape, pkg.num_classes, kind=pkg.kind, threshold=self.threshold,
+                          ignore_index=self.ignore_index, backend=self._backend,
+                          save_probabilities=self.save_probabilities)
+        if geom is None or geom.back is None:
+            return TimedSink(inner)
+        return ResampleSink(inner, geom.back, cuda=self._backend.cuda)
+
+    def _finish(self, sink: Any, geom: Geometry) -> LabelSink:
+        inner = sink.finalize() if isinstance(sink, ResampleSink) else sink.sink
+        pkg = self.package
+        return restore(inner, geom, num_classes=pkg.num_classes, kind=pkg.kind, threshold=self.threshold,
+                       ignore_index=self.ignore_index, backend=ArrayBackend("cpu"))
+
+    def _prepare(self, array: Any) -> tuple[np.ndarray, np.ndarray | None]:
         if type(array).__module__.split(".")[0] == "torch":
             array = array.detach().cpu().numpy()
         arr = np.asarray(array)
@@ -240,14 +327,12 @@ class Relabeler:
                 raise NonFiniteInputError(f"volume has {int(bad.sum())} NaN/inf voxels; use nonfinite='ignore' "
                                           "(--nonfinite ignore) to label them ignore_index")
             arr = np.where(finite, arr, np.float32(arr[finite].mean() if finite.any() else 0.0))
-        vol = arr if normalized else normalize(arr, self.package.normalization)
-        if bad is not None:
-            vol = np.where(bad[None], np.float32(0.0), vol)
-        return np.ascontiguousarray(vol, dtype=np.float32), bad
+        return arr, bad
 
-    def _stream(self, vol: np.ndarray) -> LabelSink:
-        """Sliding window over ``vol (M, Z, Y, X)`` in MONAI's order and batches, blended by a
-        :class:`~atso_fast.engine.merger.SlabMerger` into a :class:`LabelSink`.
+    def _stream(self, vol: np.ndarray) -> Any:
+        """Sliding window over ``vol (M, Z, Y, X)`` in the grid profile's order and MONAI's batches,
+        blended by a :class:`~atso_fast.engine.merger.SlabMerger` into the row sink of
+        :meth:`_make_sink` (returned).
 
         Pipelined: up to ``runtime.in_flight`` batches are on the network while the oldest one
         is stitched, so with an asynchronous runtime (OpenVINO) blending batch k overlaps the
@@ -257,10 +342,9 @@ class Relabeler:
         be, pkg = self._backend, self.package
         shape = vol.shape[1:]
         win = pkg.window3d
-        sink = LabelSink(shape, pkg.num_classes, kind=pkg.kind, threshold=self.threshold,
-                         ignore_index=self.ignore_index, backend=be, save_probabilities=self.save_probabilities)
+        sink = self._make_sink(shape)
         merger = SlabMerger(shape, pkg.num_classes, win[0], sink, backend=be, accumulate_dtype=self.accumulate_dtype)
-        origins = sliding_window_origins(shape, win, self.overlap)
+        origins = grid_origins(self._grid, shape, win, self.overlap)
         vol_d = be.upload(vol)
         # window buffers, one per batch in flight: a runtime reads its input until the result is taken
         free: list[Any] = []
@@ -278,24 +362,30 @@ class Relabeler:
         while pending:
             self._merge(merger, *pending.popleft())
         merger.finalize()
-        self._windows = len(origins) * (1 + (len(_mirror_axes(pkg.spatial_dims)) if self.mirror else 0))
+        self._windows = len(origins) * (1 + (len(_mirror_axes(pkg.spatial_dims, pkg.mirror_axes)) if self.mirror else 0))
         return sink
 
     def _submit(self, patches: Any) -> Pending:
         """Windows ``(B, M, pz, py, px)`` on their way through the runtime (mirrored: at once)."""
         x = patches.reshape(patches.shape[0], self.package.in_channels, *self.package.window)  # 2D: no unit z
-        return Ready(self._mirrored(x)) if self.mirror else self.runtime.submit(x)
+        start = time.perf_counter()
+        pending = Ready(self._mirrored(x)) if self.mirror else self.runtime.submit(x)
+        self._net_seconds += time.perf_counter() - start
+        return pending
 
     def _merge(self, merger: SlabMerger, pending: Pending, chunk: np.ndarray, buf: Any) -> Any:
         """Blend a submitted batch's outputs into the slab; returns its window buffer, free again."""
-        merger.aggregate(self._checked(pending.result(), len(chunk)), chunk, self._importance)
+        start = time.perf_counter()
+        out = pending.result()  # waiting for the network: what of it the pipeline did not hide
+        self._net_seconds += time.perf_counter() - start
+        merger.aggregate(self._checked(out, len(chunk)), chunk, self._importance)
         return buf  # the output is dropped here, before the next network call
 
     def _mirrored(self, x: Any) -> Any:
         """Mean of the runtime over ``x`` and its mirror images (nnU-Net's test-time mirroring)."""
         out = self.runtime(x)
         total = out.astype(np.float32) if isinstance(out, np.ndarray) else out.float()
-        axes_list = _mirror_axes(self.package.spatial_dims)
+        axes_list = _mirror_axes(self.package.spatial_dims, self.package.mirror_axes)
         for axes in axes_list:
             total += self._backend.flip(self.runtime(self._backend.flip(x, axes)), axes)
         return total / (len(axes_list) + 1)

@@ -1,4 +1,8 @@
-"""Sliding-window maths: window grid and gaussian importance map, MONAI-compatible.
+"""Sliding-window maths: window grid and gaussian importance map, two profiles.
+
+``"monai"`` (the default) reproduces MONAI's ``sliding_window_inference``; ``"nnunet"`` reproduces
+nnU-Net v2's ``compute_steps_for_sliding_window`` / ``compute_gaussian`` (see the end of this
+module); :func:`grid_origins` and :func:`grid_importance` pick by profile name.
 
 The grid reproduces ``monai.inferers.sliding_window_inference``: the image is (virtually)
 padded to at least the window size, symmetrically (``pad_before = (roi - size) // 2``), then
@@ -29,7 +33,16 @@ __all__ = [
     "window_starts",
     "sliding_window_origins",
     "gaussian_importance",
+    "GRID_PROFILES",
+    "nnunet_steps",
+    "nnunet_origins",
+    "nnunet_gaussian",
+    "grid_origins",
+    "grid_importance",
 ]
+
+GRID_PROFILES = ("monai", "nnunet")
+"""Window-grid profiles a model package may name (``model.json`` ``preprocessing.grid``)."""
 
 
 def as_triple(value: int | float | Sequence[int | float], name: str, ndim: int = 3) -> tuple:
@@ -137,3 +150,105 @@ def gaussian_importance(patch_size: Sequence[int], sigma_scale: float | Sequence
     if any(s <= 0 for s in sig):
         raise ValueError(f"sigma_scale must be > 0, got {sigma_scale!r}")
     return _gaussian_cached(patch, sig)
+
+
+# ------------------------------------------------------------------------------ nnU-Net profile
+def nnunet_steps(image_size: Sequence[int], tile_size: Sequence[int], tile_step: Sequence[float]) -> list[list[int]]:
+    """nnU-Net's ``compute_steps_for_sliding_window`` (per-axis ``tile_step`` allowed).
+
+    Along each axis the first window starts at 0 and the last ends at the border; the steps in
+    between are at most ``tile * tile_step`` apart, evenly spread and rounded
+    (``np.round``, half to even, as nnU-Net).
+
+    Raises:
+        ValueError: an image axis smaller than the tile (pad first), or a step outside (0, 1].
+    """
+    _check_sizes(image_size, tile_size)
+    out = []
+    for size, tile, step in zip(image_size, tile_size, tile_step):
+        size, tile, step = int(size), int(tile), float(step)
+        if size < tile:
+            raise ValueError(f"image size {tuple(image_size)} must be at least the tile {tuple(tile_size)}")
+        if not 0 < step <= 1:
+            raise ValueError(f"tile step must be in (0, 1], got {step}")
+        num = int(np.ceil((size - tile) / (tile * step))) + 1
+        actual = (size - tile) / (num - 1) if num > 1 else 99999999999
+        out.append([int(np.round(actual * i)) for i in range(num)])
+    return out
+
+
+def nnunet_origins(image_size: Sequence[int], roi: Sequence[int],
+                   overlap: float | Sequence[float] = 0.5) -> np.ndarray:
+    """Window origins ``(N, D)`` int64 of nnU-Net's predictor, in volume coordinates.
+
+    The volume is (virtually) padded to at least the window, the content centred (nnU-Net's
+    ``pad_nd_image``: ``pad_below = (roi - size) // 2``); windows start at
+    :func:`nnunet_steps` of the padded size with ``tile_step = 1 - overlap``, in nnU-Net's
+    order (first axis slowest). An axis whose window is one voxel deep (a 2D network's z) gets a
+    window at every slice, as nnU-Net's 2D prediction does.
+    """
+    _check_sizes(image_size, roi)
+    ov = as_triple(overlap, "overlap", len(roi))
+    check_overlap(ov if len(ov) == 3 else ov[0])
+    pad = padding_before(image_size, roi)
+    padded = [max(int(s), int(r)) for s, r in zip(image_size, roi)]
+    steps = nnunet_steps(padded, roi, [1.0 - o for o in ov])
+    axes = [np.arange(int(s), dtype=np.int64) if int(r) == 1 else np.asarray(st, np.int64) - p
+            for s, r, st, p in zip(image_size, roi, steps, pad)]
+    grid = np.meshgrid(*axes, indexing="ij")
+    return np.stack([g.ravel() for g in grid], axis=1).astype(np.int64)
+
+
+@lru_cache(maxsize=16)
+def _nnunet_gaussian_cached(tile: tuple[int, ...], sigma_scale: float, value_scaling: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    tmp = np.zeros(tile)
+    tmp[tuple(t // 2 for t in tile)] = 1
+    gmap = gaussian_filter(tmp, [t * sigma_scale for t in tile], 0, mode="constant", cval=0)
+    gmap /= np.max(gmap) / value_scaling
+    half = gmap.astype(np.float16)  # nnU-Net keeps the map in float16 on the device
+    zero = half == 0
+    if zero.any():
+        half[zero] = half[~zero].min()
+    out = half.astype(np.float32)
+    out.setflags(write=False)
+    return out
+
+
+def nnunet_gaussian(tile_size: Sequence[int], sigma_scale: float = 1.0 / 8, value_scaling: float = 10.0) -> np.ndarray:
+    """nnU-Net's ``compute_gaussian``: a unit impulse at ``tile // 2`` blurred by
+    ``scipy.ndimage.gaussian_filter`` (sigma ``tile * sigma_scale``, constant border), scaled to
+    a maximum of ``value_scaling``, rounded to float16 with zeros replaced by the smallest
+    non-zero value; returned as float32 (read-only, cached), shape ``tile_size``."""
+    tile = tuple(int(t) for t in tile_size)
+    if not tile or min(tile) < 1:
+        raise ValueError(f"tile_size must be positive integers, got {tuple(tile_size)!r}")
+    if not sigma_scale > 0 or not value_scaling > 0:
+        raise ValueError(f"sigma_scale and value_scaling must be > 0, got {sigma_scale!r}, {value_scaling!r}")
+    return _nnunet_gaussian_cached(tile, float(sigma_scale), float(value_scaling))
+
+
+def _check_profile(profile: str) -> str:
+    if profile not in GRID_PROFILES:
+        raise ValueError(f"grid profile must be one of {GRID_PROFILES}, got {profile!r}")
+    return profile
+
+
+def grid_origins(profile: str, image_size: Sequence[int], roi: Sequence[int],
+                 overlap: float | Sequence[float]) -> np.ndarray:
+    """Window origins ``(N, 3)`` of ``profile`` (``"monai"`` or ``"nnunet"``), z-major."""
+    if _check_profile(profile) == "nnunet":
+        return nnunet_origins(image_size, roi, overlap)
+    return sliding_window_origins(image_size, roi, overlap)
+
+
+def grid_importance(profile: str, window: Sequence[int]) -> np.ndarray:
+    """The blending weights ``window3d`` float32 of ``profile`` for a network window ``window``
+    (2 or 3 axes; a 2D window gets a unit z axis in front)."""
+    window = tuple(int(w) for w in window)
+    if _check_profile(profile) == "nnunet":
+        gmap = nnunet_gaussian(window)
+    else:
+        gmap = gaussian_importance(window)
+    return gmap.reshape((1,) * (3 - len(window)) + window)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "is_stale_temp", "is_temp_name", "temp_path", "TMP_MARK"]
+__all__ = ["atomic_write_bytes", "commit_temp", "is_stale_temp", "is_temp_name", "temp_path", "TMP_MARK"]
 
 TMP_MARK = ".atso-"
 _OWNER = re.compile(r"\.atso-(\d+)(?:-(\d+))?-[0-9a-f]+\.tmp$")
@@ -67,6 +67,24 @@ def temp_path(path: str | os.PathLike[str], *, pid: int | None = None) -> Path:
     start = _own_start() if pid == os.getpid() else _start_time(pid)
     owner = f"{pid}-{start}" if start is not None else str(pid)
     return path.with_name(f".{path.name}{TMP_MARK}{owner}-{secrets.token_hex(4)}.tmp")
+
+
+def commit_temp(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """Make a complete file written by a library at ``tmp`` durable and rename it to ``path``
+    (fsync, ``os.replace``, fsync the folder); ``tmp`` is removed if that fails."""
+    tmp, path = Path(tmp), Path(path)
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
 
 
 def is_temp_name(name: str) -> bool:

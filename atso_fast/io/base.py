@@ -34,6 +34,11 @@ class VolumeMeta:
         ndim: ``len(shape)`` (2, 3 or 4 after NIfTI singleton squeezing).
         dtype: data dtype as returned by :func:`~atso_fast.io.read_volume` (native byte order).
         spatial_shape: ``(Z, Y, X)`` of the returned array: the shape label maps must have.
+        spacing: voxel size in mm along the returned array's ``(Z, Y, X)`` axes (NIfTI ``pixdim``,
+            SimpleITK ``GetSpacing()`` reversed), or ``None`` when the format has none (npy/npz).
+        origin: world position (mm, ITK/LPS convention) of voxel ``(0, 0, 0)``, ``(x, y, z)``.
+        direction: ``(3, 3)`` ITK direction matrix (LPS; column ``i`` is the world direction of
+            stored index axis ``i``, i.e. of array axis ``X``, ``Y``, ``Z`` for ``i = 0, 1, 2``).
     """
 
     path: Path
@@ -44,6 +49,9 @@ class VolumeMeta:
     ndim: int
     dtype: np.dtype
     spatial_shape: tuple[int, int, int]
+    spacing: tuple[float, float, float] | None = None
+    origin: tuple[float, float, float] | None = None
+    direction: np.ndarray | None = None
 
 
 def has_nonfinite(array: np.ndarray) -> bool:

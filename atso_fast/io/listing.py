@@ -16,6 +16,7 @@ import numpy as np
 from atso_fast.io.base import InputError
 from atso_fast.io.files import read_regular_file
 from atso_fast.io.registry import image_suffix, supported_suffixes
+from atso_fast.io.sitk import is_dicom_folder
 
 __all__ = ["LIST_SUFFIXES", "MAX_LIST_BYTES", "Listing", "input_root", "list_inputs", "scan_inputs", "select_part"]
 
@@ -47,9 +48,10 @@ class Listing:
 
 
 def input_root(inputs: str | os.PathLike[str]) -> Path:
-    """The folder case ids are taken relative to: the folder itself, or a file's parent."""
+    """The folder case ids are taken relative to: the folder itself, or a file's (or a DICOM
+    series folder's) parent."""
     inputs = Path(inputs)
-    return inputs if inputs.is_dir() else inputs.parent
+    return inputs if inputs.is_dir() and not is_dicom_folder(inputs) else inputs.parent
 
 
 def list_inputs(inputs: str | os.PathLike[str], *, recursive: bool = False) -> list[Path]:
@@ -58,9 +60,11 @@ def list_inputs(inputs: str | os.PathLike[str], *, recursive: bool = False) -> l
     Args:
         inputs: a folder (entries with a supported suffix, sorted by relative path; hidden
             entries left out; sub-folders too when ``recursive``, but symlinked folders are not
-            followed, so link cycles cannot loop), a list file (``.txt`` / ``.lst``: one path
-            per line, relative to the list file's folder, blank lines and ``#`` comment lines
-            skipped; entries are kept even if missing, so they fail per case), or one image.
+            followed, so link cycles cannot loop; a sub-folder holding DICOM files is one input,
+            a DICOM series, and is not descended into; a folder that itself holds DICOM files is
+            that one series), a list file (``.txt`` / ``.lst``: one path per line, relative to
+            the list file's folder, blank lines and ``#`` comment lines skipped; entries are kept
+            even if missing, so they fail per case), or one image.
         recursive: descend into sub-folders of a folder input.
 
     Raises:
@@ -78,7 +82,7 @@ def scan_inputs(inputs: str | os.PathLike[str], *, recursive: bool = False) -> L
     """
     inputs = Path(inputs)
     if inputs.is_dir():
-        return _scan_folder(inputs, recursive)
+        return Listing([inputs], inputs.parent) if is_dicom_folder(inputs) else _scan_folder(inputs, recursive)
     if not os.path.lexists(inputs):
         raise InputError(f"{inputs}: no such file or folder")
     if inputs.suffix.lower() in LIST_SUFFIXES:
@@ -106,9 +110,14 @@ def _scan_folder(folder: Path, recursive: bool) -> Listing:
         keep = []
         for name in sorted(dirs):
             path = base / name
-            if _candidate(name, path, listing) and image_suffix(name) is not None:
+            if not _candidate(name, path, listing):
+                continue
+            if is_dicom_folder(path):  # one series: one input, not descended into
+                found.append(((rel_here / name).as_posix(), path))
+                continue
+            if image_suffix(name) is not None:
                 found.append(((rel_here / name).as_posix(), path))  # fails as "is a directory"
-            if recursive and not name.startswith("."):
+            if recursive:
                 if os.path.islink(path):
                     listing.skipped.append((path, "symbolic link to a folder, not followed"))
                 else:

@@ -22,15 +22,17 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = ["MANIFEST_FIELDS", "Manifest"]
 
 MANIFEST_FIELDS = ("case_id", "input", "status", "shape", "seconds", "label_counts",
-                   "ignored_fraction", "mean_confidence", "outputs", "error")
+                   "ignored_fraction", "mean_confidence", "outputs", "error", "spacing", "timings")
 """Keys of a manifest row, in the order they are written (missing keys are written as null).
 
 ``case_id`` (see :func:`case_id`), ``input`` (path as listed), ``status`` (``"ok"``|``"failed"``),
 ``shape`` (``[Z, Y, X]`` of the label map), ``seconds`` (time inside ``relabel_volume``),
 ``label_counts`` / ``ignored_fraction`` / ``mean_confidence`` (from the engine's stats),
 ``outputs`` (``{"labels": path, "confidence": path}`` relative to the manifest's folder),
-``error`` (one line naming the file and the problem, for failed rows). Non-finite floats are
-written as null so every line is strict JSON.
+``error`` (one line naming the file and the problem, for failed rows), ``spacing`` (the input's
+``[z, y, x]`` mm, null when the file has none), ``timings`` (seconds inside ``relabel_volume``:
+``preprocess``, ``network``, ``stitch``, ``export``). Non-finite floats are written as null so every
+line is strict JSON.
 """
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from isal import igzip, isal_zlib
 
 from atso_fast.io.base import NUMERIC_KINDS, InputError, VolumeMeta, read_bytes
-from atso_fast.io.registry import ImageFormat, register_format
+from atso_fast.io.registry import ImageFormat, affine_geometry, register_format
 
 __all__ = ["GZIP_LEVEL", "NiftiFormat"]
 
@@ -45,6 +45,16 @@ class NiftiFormat(ImageFormat):
 
     def read(self, path: Path) -> tuple[np.ndarray, np.ndarray, Any, tuple[int, ...]]:
         return _decode_nifti(read_bytes(path), path)
+
+    def geometry(self, affine: np.ndarray, header: Any, shape: tuple[int, ...]) -> tuple:
+        """Spacing from ``pixdim`` (as ITK and nnU-Net's readers take it), origin and direction
+        from the best affine."""
+        _, origin, direction = affine_geometry(affine)
+        zooms = [float(z) for z in header.get_zooms()[:min(len(shape), 3)]]
+        zooms = [z if np.isfinite(z) and z > 0 else 1.0 for z in zooms]
+        if len(zooms) < 3:
+            zooms += [1.0] * (3 - len(zooms))
+        return tuple(zooms[::-1]), origin, direction
 
     def encode(self, path: Path, array: np.ndarray, meta: VolumeMeta, key: str) -> list[Any] | bytes:
         head, data = _nifti_parts(array, meta, array.dtype)
@@ -135,7 +145,8 @@ def _nifti_parts(array: np.ndarray, meta: VolumeMeta, dtype: np.dtype) -> tuple[
     import nibabel as nib
 
     data_xyz = (array[0] if meta.ndim == 2 else array).T  # F-contiguous view, no copy
-    source = meta.header
+    # another format's header (a DICOM series' geometry) cannot be copied: the affine carries the grid
+    source = meta.header if isinstance(meta.header, nib.Nifti1Header) else None
     klass = nib.Nifti2Image if isinstance(source, nib.Nifti2Header) else nib.Nifti1Image
     if source is not None:
         source = source.copy()

@@ -26,6 +26,10 @@ class NpyFormat(ImageFormat):
         array = _load_numpy(path, self.name)
         return array, np.eye(4), None, tuple(array.shape)
 
+    def geometry(self, affine: np.ndarray, header: Any, shape: tuple[int, ...]) -> tuple[None, None, None]:
+        """A bare array has no spacing, origin or direction."""
+        return None, None, None
+
     def encode(self, path: Path, array: np.ndarray, meta: VolumeMeta, key: str) -> bytes:
         return _npy_bytes(array[0] if meta.ndim == 2 else array)
 

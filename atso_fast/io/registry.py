@@ -1,9 +1,10 @@
 """The registry of image formats: one small class per format (nnU-Net's ``BaseReaderWriter`` idea).
 
 A format names its suffixes, reads a file into an array (in its stored layout) with its affine and
-header, and encodes a label or confidence map on the grid of a volume it read. ``read_volume`` and
-``write_labels`` / ``write_confidence`` pick the format by suffix; a new format is one class and one
-``register_format`` call, with no suffix if-chains elsewhere.
+header, reports the grid's geometry (spacing, origin, direction) and encodes a label or confidence
+map on the grid of a volume it read. ``read_volume`` and ``write_labels`` / ``write_confidence`` pick
+the format by suffix (a folder: the format that reads folders, DICOM series); a new format is one
+class and one ``register_format`` call, with no suffix if-chains elsewhere.
 """
 from __future__ import annotations
 
@@ -19,7 +20,23 @@ from atso_fast.io.atomic import atomic_write_bytes
 from atso_fast.io.base import InputError, VolumeMeta, check_array
 
 __all__ = ["ImageFormat", "register_format", "formats", "format_for", "image_suffix", "volume_format",
-           "supported_suffixes", "read_volume", "write_labels", "write_confidence"]
+           "supported_suffixes", "read_volume", "write_labels", "write_confidence", "affine_geometry",
+           "folder_format"]
+
+_LPS = np.diag([-1.0, -1.0, 1.0])
+"""RAS (NIfTI, nibabel) <-> LPS (ITK, DICOM) world axes: flip x and y."""
+
+
+def affine_geometry(affine: np.ndarray) -> tuple[tuple[float, float, float], tuple[float, float, float], np.ndarray]:
+    """``(spacing (z, y, x), origin (x, y, z) LPS, direction (3, 3) LPS)`` of a RAS voxel-to-world
+    affine whose columns are the stored index axes ``(x, y, z)``."""
+    affine = np.asarray(affine, dtype=np.float64)
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    zooms = np.where(zooms > 0, zooms, 1.0)
+    direction = _LPS @ (affine[:3, :3] / zooms)
+    origin = _LPS @ affine[:3, 3]
+    return (tuple(float(z) for z in zooms[::-1]), tuple(float(o) for o in origin),  # type: ignore[return-value]
+            direction)
 
 
 class ImageFormat(ABC):
@@ -31,11 +48,13 @@ class ImageFormat(ABC):
         output_suffix: ending of label maps written for an input of this format (default the
             first suffix).
         reversed_axes: the stored array is ``(X, Y, Z[, M])`` (NIfTI) and is returned reversed.
+        reads_folders: inputs of this format are folders (a DICOM series), not files.
     """
 
     name: ClassVar[str]
     suffixes: ClassVar[tuple[str, ...]]
     reversed_axes: ClassVar[bool] = False
+    reads_folders: ClassVar[bool] = False
 
     @property
     def output_suffix(self) -> str:
@@ -53,6 +72,17 @@ class ImageFormat(ABC):
     def encode(self, path: Path, array: np.ndarray, meta: VolumeMeta, key: str) -> bytes | Sequence[Any]:
         """Bytes (or chunks) of ``path`` holding ``array`` ``(Z, Y, X)`` of its final dtype, on
         ``meta``'s grid; ``key`` is ``"labels"`` or ``"confidence"``."""
+
+    def geometry(self, affine: np.ndarray, header: Any, shape: tuple[int, ...]
+                 ) -> tuple[tuple[float, float, float] | None, tuple[float, float, float] | None, np.ndarray | None]:
+        """``(spacing (z, y, x) mm, origin (x, y, z), direction (3, 3))`` of a file this format read
+        (see :class:`~atso_fast.io.base.VolumeMeta`); by default derived from the RAS ``affine``."""
+        return affine_geometry(affine)
+
+    def write(self, path: Path, array: np.ndarray, meta: VolumeMeta, key: str) -> Path:
+        """Write ``array`` to ``path`` atomically (formats whose output is more than one file
+        override this)."""
+        return atomic_write_bytes(path, self.encode(path, array, meta, key))
 
 
 _REGISTRY: dict[str, ImageFormat] = {}
@@ -86,12 +116,22 @@ def image_suffix(path: str | os.PathLike[str]) -> str | None:
     return hit[1] if hit else None
 
 
+def folder_format() -> ImageFormat | None:
+    """The registered format whose inputs are folders (DICOM series), if any."""
+    return next((fmt for fmt in _REGISTRY.values() if fmt.reads_folders), None)
+
+
 def format_for(path: str | os.PathLike[str]) -> ImageFormat:
-    """The format that reads ``path``.
+    """The format that reads ``path`` (a folder: the format that reads folders).
 
     Raises:
         InputError: no registered format has ``path``'s suffix.
     """
+    if os.path.isdir(path):
+        fmt = folder_format()
+        if fmt is None:
+            raise InputError(f"{path}: is a directory, not an image file")
+        return fmt
     hit = _match(os.fspath(path))
     if hit is None:
         raise InputError(f"{path}: unsupported suffix (expected one of {', '.join(supported_suffixes())})")
@@ -130,8 +170,10 @@ def read_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, VolumeMeta]:
     out_shape = tuple(reversed(shape)) if fmt.reversed_axes else tuple(shape)
     out_shape = (1, *out_shape) if len(out_shape) == 2 else out_shape
     array = np.ascontiguousarray(array.reshape(out_shape))
-    meta = VolumeMeta(path, fmt.name, np.asarray(affine, dtype=np.float64), header, shape, len(shape),
-                      array.dtype, tuple(int(n) for n in out_shape[-3:]))
+    affine = np.asarray(affine, dtype=np.float64)
+    spacing, origin, direction = fmt.geometry(affine, header, tuple(shape))
+    meta = VolumeMeta(path, fmt.name, affine, header, shape, len(shape), array.dtype,
+                      tuple(int(n) for n in out_shape[-3:]), spacing, origin, direction)
     return array, meta
 
 
@@ -199,7 +241,7 @@ def _write_map(path: Path, array: np.ndarray, meta: VolumeMeta, dtype: np.dtype,
     if hit is None:
         raise ValueError(f"{path}: unsupported output suffix (expected one of {', '.join(supported_suffixes())})")
     array = np.ascontiguousarray(array, dtype=dtype)
-    return atomic_write_bytes(path, hit[0].encode(path, array, meta, key))
+    return hit[0].write(path, array, meta, key)
 
 
 def _same_file(a: Path, b: Path | None) -> bool:

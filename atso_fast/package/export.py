@@ -22,7 +22,12 @@ import numpy as np
 
 from atso_fast import __version__
 from atso_fast.io.atomic import atomic_write_bytes
-from atso_fast.package.model import ModelPackage, PackageError, validate_meta
+from atso_fast.package.model import (
+    ModelPackage,
+    PackageError,
+    validate_fields,
+    validate_meta,
+)
 
 __all__ = ["export_model"]
 
@@ -82,6 +87,8 @@ def _torch_program(module, example) -> bytes | None:
 def export_model(module, out_dir: str | os.PathLike, *, window, num_classes: int, kind: str = "logits",
                  normalization: dict[str, Any] | None = None, in_channels: int = 1,
                  spacing: list[float] | None = None, class_names: list[str] | None = None,
+                 orientation: str | None = None, preprocessing: dict[str, Any] | None = None,
+                 mirror_axes: list[int] | None = None, extra: dict[str, Any] | None = None,
                  opset: int = 17, tolerance: float = 1e-3, save_torch: bool = True) -> Path:
     """Export ``module`` to a verified model package in ``out_dir``; returns ``out_dir``.
 
@@ -91,8 +98,19 @@ def export_model(module, out_dir: str | os.PathLike, *, window, num_classes: int
         window: ``(pz, py, px)`` or ``(py, px)`` patch size the network runs on.
         num_classes: output channels C (1 means a sigmoid foreground channel).
         kind: ``"logits"`` or ``"probabilities"``.
-        normalization: intensity policy (``atso_fast.normalize``), stored for inference.
+        normalization: intensity policy (``atso_fast.normalize``), stored for inference; a list
+            holds one policy per input channel.
         in_channels: input channels M.
+        spacing: the spacing (mm, ``(z, y, x)``; ``(y, x)`` for a 2D model keeps z) the network
+            was trained at: scans are resampled to it and the output back (``None``: scans run
+            at their own resolution).
+        class_names: one name per class (``max(C, 2)`` for a sigmoid channel), or ``None``.
+        orientation: ``"as-stored"`` (nnU-Net) or ``"RAS"`` (MONAI/TotalSegmentator);
+            shorthand for ``preprocessing["orientation"]``.
+        preprocessing: the rest of the preprocessing spec (``atso_fast.package.spec``: transpose,
+            crop to nonzero, resampling orders and anisotropy rule, window grid profile).
+        mirror_axes: spatial axes test-time mirroring may flip (``None``: all).
+        extra: further JSON fields stored in ``model.json`` (e.g. where the model came from).
         tolerance: maximum |ONNX Runtime - PyTorch| accepted on a random batch.
 
     Raises:
@@ -101,6 +119,11 @@ def export_model(module, out_dir: str | os.PathLike, *, window, num_classes: int
     import torch
 
     win, norm = validate_meta(window, in_channels, num_classes, kind, normalization, "export_model")
+    spec = dict(preprocessing or {})
+    if orientation is not None:
+        spec["orientation"] = orientation
+    fields = validate_fields({"spacing": spacing, "class_names": class_names, "mirror_axes": mirror_axes,
+                              "preprocessing": spec}, len(win), num_classes, "export_model")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Export a float32 CPU copy: the caller's module keeps its device, dtype and mode.
@@ -117,10 +140,11 @@ def export_model(module, out_dir: str | os.PathLike, *, window, num_classes: int
     atomic_write_bytes(out / "model.onnx", data)
     if program is not None:
         atomic_write_bytes(out / "model.pt2", program)
-    pkg = ModelPackage(out, win, in_channels, num_classes, kind, norm, spacing, class_names, "model.onnx",
-                       "model.pt2" if program is not None else None,
-                       {"onnx_sha256": hashlib.sha256(data).hexdigest(), "onnx_max_abs_diff": diff,
+    pkg = ModelPackage(out, win, in_channels, num_classes, kind, norm, fields["spacing"], fields["class_names"],
+                       "model.onnx", "model.pt2" if program is not None else None,
+                       {**(extra or {}), "onnx_sha256": hashlib.sha256(data).hexdigest(), "onnx_max_abs_diff": diff,
                         "atso_fast_version": __version__,
-                        **({"torch_sha256": hashlib.sha256(program).hexdigest()} if program is not None else {})})
+                        **({"torch_sha256": hashlib.sha256(program).hexdigest()} if program is not None else {})},
+                       fields["preprocessing"], fields["mirror_axes"])
     atomic_write_bytes(out / "model.json", (json.dumps(pkg.to_json(), indent=2) + "\n").encode())
     return out

@@ -12,9 +12,10 @@ from typing import Any
 
 from atso_fast.package.errors import PackageError
 from atso_fast.package.normalize import check_policy
+from atso_fast.package.spec import check_fields, default_preprocessing
 from atso_fast.package.trust import read_meta, verify_package
 
-__all__ = ["FORMAT_VERSION", "ModelPackage", "PackageError", "load_package", "validate_meta"]
+__all__ = ["FORMAT_VERSION", "ModelPackage", "PackageError", "load_package", "validate_fields", "validate_meta"]
 
 FORMAT_VERSION = 1
 
@@ -34,6 +35,8 @@ class ModelPackage:
     onnx_file: str | None = "model.onnx"
     torch_file: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    preprocessing: dict[str, Any] = field(default_factory=default_preprocessing)
+    mirror_axes: list[int] | None = None
 
     @property
     def spatial_dims(self) -> int:
@@ -54,6 +57,7 @@ class ModelPackage:
         return {"format_version": FORMAT_VERSION, "spatial_dims": self.spatial_dims, "window": list(self.window),
                 "in_channels": self.in_channels, "num_classes": self.num_classes, "kind": self.kind,
                 "normalization": self.normalization, "spacing": self.spacing, "class_names": self.class_names,
+                "mirror_axes": self.mirror_axes, "preprocessing": self.preprocessing,
                 "onnx_file": self.onnx_file, "torch_file": self.torch_file, **self.extra}
 
 
@@ -75,7 +79,19 @@ def validate_meta(window, in_channels, num_classes, kind, normalization, where: 
         norm = check_policy(normalization)
     except ValueError as exc:
         raise PackageError(f"{where}: {exc}") from None
+    if isinstance(norm, list) and len(norm) != in_channels:
+        raise PackageError(f"{where}: normalization lists {len(norm)} channel policies for {in_channels} "
+                           "input channel(s)")
     return win, norm
+
+
+def validate_fields(meta: dict[str, Any], spatial_dims: int, num_classes: int, where: str) -> dict[str, Any]:
+    """``spacing``, ``class_names``, ``mirror_axes`` and ``preprocessing`` checked
+    (``atso_fast.package.spec``); ``where`` prefixes every error message."""
+    try:
+        return check_fields(meta, spatial_dims, num_classes, where)
+    except ValueError as exc:
+        raise PackageError(str(exc)) from None
 
 
 def load_package(model_dir: str | os.PathLike) -> ModelPackage:
@@ -91,10 +107,12 @@ def load_package(model_dir: str | os.PathLike) -> ModelPackage:
         raise PackageError(f"{meta_path}: format_version must be {FORMAT_VERSION}, got {meta.get('format_version')!r}")
     win, norm = validate_meta(meta.get("window"), meta.get("in_channels"), meta.get("num_classes"),
                                meta.get("kind"), meta.get("normalization"), str(meta_path))
+    fields = validate_fields(meta, len(win), meta["num_classes"], str(meta_path))
     known = {"format_version", "spatial_dims", "window", "in_channels", "num_classes", "kind", "normalization",
-             "spacing", "class_names", "onnx_file", "torch_file"}
+             "spacing", "class_names", "onnx_file", "torch_file", "mirror_axes", "preprocessing"}
     pkg = ModelPackage(root, win, meta["in_channels"], meta["num_classes"], meta["kind"], norm,
-                       meta.get("spacing"), meta.get("class_names"), meta.get("onnx_file") or "model.onnx",
-                       meta.get("torch_file"), {k: v for k, v in meta.items() if k not in known})
+                       fields["spacing"], fields["class_names"], meta.get("onnx_file") or "model.onnx",
+                       meta.get("torch_file"), {k: v for k, v in meta.items() if k not in known},
+                       fields["preprocessing"], fields["mirror_axes"])
     verify_package(pkg, meta, meta_path)
     return pkg

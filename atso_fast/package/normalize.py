@@ -3,7 +3,15 @@
 A policy is a plain dict so it round-trips through JSON:
     {"scheme": "none"}
     {"scheme": "zscore"}                         per-volume mean/std (MR, nnU-Net's default)
-    {"scheme": "ct", "clip": [lo, hi], "mean": m, "std": s}   dataset-wide (nnU-Net's CT scheme)
+    {"scheme": "zscore", "use_mask": true}       ... over the nonzero mask only, the rest left as
+                                                 is (nnU-Net's ``use_mask_for_norm``)
+    {"scheme": "ct", "clip": [lo, hi], "mean": m, "std": s}   dataset-wide (nnU-Net's
+                                                 CTNormalization: clip to the foreground's
+                                                 0.5/99.5 percentiles, then its mean/std)
+    {"scheme": "rescale_to_0_1"}                 (x - min) / max (nnU-Net's RescaleTo01)
+    {"scheme": "rgb_to_0_1"}                     x / 255 (nnU-Net's RGBTo01)
+or a list of such dicts, one per input channel (nnU-Net normalises each channel by its own
+scheme).
 """
 from __future__ import annotations
 
@@ -11,19 +19,29 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["normalize", "check_policy", "SCHEMES", "ct_policy_from_samples"]
+__all__ = ["normalize", "check_policy", "uses_mask", "SCHEMES", "ct_policy_from_samples"]
 
-SCHEMES = ("none", "zscore", "ct")
+SCHEMES = ("none", "zscore", "ct", "rescale_to_0_1", "rgb_to_0_1")
+_EPS = 1e-8
 
 
-def check_policy(policy: dict[str, Any] | None) -> dict[str, Any]:
-    """Return a complete, validated copy of ``policy`` (``None`` means ``{"scheme": "none"}``).
+def check_policy(policy: dict[str, Any] | list[dict[str, Any]] | None) -> dict[str, Any] | list[dict[str, Any]]:
+    """Return a complete, validated copy of ``policy`` (``None`` means ``{"scheme": "none"}``;
+    a list holds one policy per input channel).
 
     Raises:
         ValueError: unknown scheme or missing/invalid parameters.
     """
     if policy is None:
         return {"scheme": "none"}
+    if isinstance(policy, (list, tuple)):
+        if not policy:
+            raise ValueError("normalization list must hold one policy per input channel, got []")
+        return [_check_one(p) for p in policy]
+    return _check_one(policy)
+
+
+def _check_one(policy: Any) -> dict[str, Any]:
     if not isinstance(policy, dict) or policy.get("scheme") not in SCHEMES:
         raise ValueError(f"normalization must be a dict with scheme in {SCHEMES}, got {policy!r}")
     out = dict(policy)
@@ -35,16 +53,48 @@ def check_policy(policy: dict[str, Any] | None) -> dict[str, Any]:
         if not lo < hi or not float(out["std"]) > 0:
             raise ValueError(f"normalization 'ct' needs clip lo < hi and std > 0, got {policy!r}")
         out.update(clip=[lo, hi], mean=float(out["mean"]), std=float(out["std"]))
+    if out["scheme"] == "zscore":
+        use_mask = out.get("use_mask", False)
+        if not isinstance(use_mask, bool):
+            raise ValueError(f"normalization 'zscore' use_mask must be true or false, got {policy!r}")
+        if not use_mask:
+            out.pop("use_mask", None)  # the plain z-score keeps its one-key form
     return out
 
 
-def normalize(volume: np.ndarray, policy: dict[str, Any] | None) -> np.ndarray:
+def uses_mask(policy: dict[str, Any] | list[dict[str, Any]] | None) -> bool:
+    """Whether any channel's policy needs the nonzero mask (z-score with ``use_mask``)."""
+    policy = check_policy(policy)
+    return any(p.get("use_mask", False) for p in (policy if isinstance(policy, list) else [policy]))
+
+
+def normalize(volume: np.ndarray, policy: dict[str, Any] | list[dict[str, Any]] | None,
+              mask: np.ndarray | None = None) -> np.ndarray:
     """Apply ``policy`` to ``volume`` (any shape, any real dtype) and return float32.
 
-    For multi-channel volumes ``(M, Z, Y, X)`` the z-score is taken per channel.
+    For multi-channel volumes ``(M, Z, Y, X)`` a single policy's z-score is taken per channel; a
+    list of policies applies ``policy[m]`` to channel ``m``.
+
+    Args:
+        volume: the image; ``(M, Z, Y, X)`` when ``policy`` is a list.
+        policy: see the module docstring.
+        mask: ``(Z, Y, X)`` bool, the nonzero region; required by ``zscore`` with ``use_mask``.
+
+    Raises:
+        ValueError: a list policy whose length is not the channel count, or a missing mask.
     """
     policy = check_policy(policy)
     vol = np.asarray(volume, dtype=np.float32)
+    if isinstance(policy, list):
+        if vol.ndim != 4 or vol.shape[0] != len(policy):
+            raise ValueError(f"{len(policy)} channel policies for a volume of shape {vol.shape}")
+        return np.stack([_normalize_one(ch, p, mask) for ch, p in zip(vol, policy)])
+    if vol.ndim == 4 and policy["scheme"] == "zscore":
+        return np.stack([_normalize_one(ch, policy, mask) for ch in vol])
+    return _normalize_one(vol, policy, mask)
+
+
+def _normalize_one(vol: np.ndarray, policy: dict[str, Any], mask: np.ndarray | None) -> np.ndarray:
     scheme = policy["scheme"]
     if scheme == "none":
         return vol
@@ -52,17 +102,36 @@ def normalize(volume: np.ndarray, policy: dict[str, Any] | None) -> np.ndarray:
         lo, hi = policy["clip"]
         out = np.clip(vol, lo, hi)
         out -= policy["mean"]
-        out /= policy["std"]
+        out /= max(policy["std"], _EPS)
         return out
-    if vol.ndim == 4:
-        return np.stack([_zscore(ch) for ch in vol])
+    if scheme == "rescale_to_0_1":
+        out = vol - vol.min()
+        out /= max(float(out.max()), _EPS)
+        return out
+    if scheme == "rgb_to_0_1":
+        return vol / np.float32(255.0)
+    if policy.get("use_mask"):
+        if mask is None:
+            raise ValueError("normalization 'zscore' with use_mask needs the nonzero mask")
+        return _masked_zscore(vol, mask)
     return _zscore(vol)
 
 
 def _zscore(vol: np.ndarray) -> np.ndarray:
     mean = float(vol.mean(dtype=np.float64)) if vol.size else 0.0
     std = float(vol.std(dtype=np.float64)) if vol.size else 1.0
-    return (vol - mean) / max(std, 1e-8)
+    return (vol - mean) / max(std, _EPS)
+
+
+def _masked_zscore(vol: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """z-score inside ``mask`` from the masked voxels' mean/std; voxels outside keep their value
+    (nnU-Net's ZScoreNormalization with ``use_mask_for_norm``)."""
+    out = np.array(vol, dtype=np.float32, copy=True)
+    inside = vol[mask]
+    if inside.size:
+        mean, std = float(inside.mean(dtype=np.float64)), float(inside.std(dtype=np.float64))
+        out[mask] = (inside - mean) / max(std, _EPS)
+    return out
 
 
 def ct_policy_from_samples(volumes: list[np.ndarray], labels: list[np.ndarray] | None = None) -> dict[str, Any]:

@@ -113,6 +113,8 @@ class ATSOConfig:
         amp: fp16 autocast on CUDA.
         channels_last: channels-last memory format on CUDA.
         out_dir: where ``checkpoint.pt`` and ``metrics.jsonl`` go (None: keep nothing on disk).
+        spacing: ``(z, y, x)`` mm the model trains at, recorded in exported packages (relabelling
+            then resamples scans to it); None: the labelled files' own spacing when they agree.
     """
 
     data: str | dict[str, Any] | None = None
@@ -144,6 +146,7 @@ class ATSOConfig:
     amp: bool = True
     channels_last: bool = True
     out_dir: str | None = None
+    spacing: list[float] | None = None
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)
@@ -422,7 +425,8 @@ class ATSO:
                  callbacks: Sequence[Callback] = ()) -> None:
         config = ATSOConfig.coerce(config)
         self.data = data if data is not None else load_data(config)
-        self.config = replace(config, normalization=dict(self.data.normalization))
+        self.config = replace(config, normalization=dict(self.data.normalization),
+                              spacing=config.spacing if config.spacing is not None else self.data.spacing)
         self.model = model if model is not None else build_model(self.config)
         self.relabel_fn = relabeler if relabeler is not None else default_relabel_fn(self.config)
         self.callbacks = list(callbacks)

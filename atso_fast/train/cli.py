@@ -118,12 +118,12 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 
 
 def export_package(atso: Any, folder: str | Path, class_names: list[str] | None = None) -> Path:
-    """Export ``atso.model`` with the run's window, classes and normalisation to ``folder``."""
+    """Export ``atso.model`` with the run's window, classes, normalisation and spacing to ``folder``."""
 
     cfg = atso.config
     return export_model(atso.model, folder, window=list(cfg.patch_size), num_classes=cfg.num_classes,
                         kind="logits", normalization=cfg.normalization, in_channels=cfg.in_channels,
-                        class_names=class_names)
+                        spacing=cfg.spacing, class_names=class_names)
 
 
 def build_train_parser() -> argparse.ArgumentParser:

@@ -41,6 +41,7 @@ __all__ = [
     "resolve_normalization",
     "PatchSampler",
     "crop_with_padding",
+    "training_spacing",
 ]
 
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".npy", ".npz")
@@ -48,11 +49,13 @@ _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".npy", ".npz")
 
 @dataclass
 class RawCase:
-    """One case as read: ``image`` ``(M, Z, Y, X)`` (any real dtype), ``label`` ``(Z, Y, X)`` or None."""
+    """One case as read: ``image`` ``(M, Z, Y, X)`` (any real dtype), ``label`` ``(Z, Y, X)`` or None,
+    ``spacing`` ``(z, y, x)`` mm when the file records one."""
 
     image: np.ndarray
     label: np.ndarray | None = None
     name: str = ""
+    spacing: tuple[float, float, float] | None = None
 
 
 @dataclass
@@ -81,6 +84,7 @@ class SemiSupervisedData:
     val: list[Case] = field(default_factory=list)
     normalization: dict[str, Any] = field(default_factory=lambda: {"scheme": "none"})
     modality: str | None = None
+    spacing: list[float] | None = None  # the labelled cases' spacing (training_spacing)
 
 
 def _as_channels(image: np.ndarray, in_channels: int, what: str) -> np.ndarray:
@@ -118,11 +122,25 @@ def _read_entry(entry: Any, base: Path, in_channels: int) -> RawCase:
     if "image" not in entry:
         raise ValueError(f"list entry needs an 'image' key, got {entry!r}")
     paths = entry["image"] if isinstance(entry["image"], (list, tuple)) else [entry["image"]]
-    chans = [_read(base / str(p)) for p in paths]
+    read = [read_volume(base / str(p)) for p in paths]
+    chans = [array for array, _ in read]
     image = chans[0] if len(chans) == 1 else np.stack(chans)
     image = _as_channels(image, in_channels, str(paths[0]))
     label = _read(base / str(entry["label"])) if entry.get("label") else None
-    return RawCase(image, _check_label(label, image, str(paths[0])), Path(str(paths[0])).name)
+    return RawCase(image, _check_label(label, image, str(paths[0])), Path(str(paths[0])).name, read[0][1].spacing)
+
+
+def training_spacing(cases: Sequence[RawCase]) -> list[float] | None:
+    """The spacing a model trained on ``cases`` (at their own resolution) learnt: their median
+    spacing, when every case records one within 20% of it on each axis; else None."""
+    spacings = [c.spacing for c in cases]
+    if not spacings or any(s is None for s in spacings):
+        return None
+    median = np.median(np.asarray(spacings, np.float64), axis=0)
+    ratios = np.asarray(spacings, np.float64) / median
+    if np.any(ratios > 1.2) or np.any(ratios < 1 / 1.2):
+        return None
+    return [float(m) for m in median]
 
 
 def _strip_suffix(name: str) -> str:
@@ -228,7 +246,8 @@ def prepare_data(raw: dict[str, list[RawCase]], policy: dict[str, Any],
         return Case(normalize(case.image, policy).astype(np.float32, copy=False), case.label, case.name)
 
     return SemiSupervisedData([norm(c) for c in raw["labelled"]], [norm(c) for c in raw["unlabelled"]],
-                              [norm(c) for c in raw["val"]], check_policy(policy), modality)
+                              [norm(c) for c in raw["val"]], check_policy(policy), modality,
+                              training_spacing(raw["labelled"]))
 
 
 def data_from_arrays(labelled: Sequence[tuple[np.ndarray, np.ndarray]],

@@ -1,0 +1,44 @@
+"""``atso-fast import-nnunet MODEL_FOLDER OUT_DIR``: an nnU-Net v2 model folder to a model package."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from atso_fast.package import PackageError, load_package
+from atso_fast.package.nnunet import import_nnunet
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="atso-fast import-nnunet",
+        description="Import a trained nnU-Net v2 model folder (dataset.json, plans.json, fold_K/<checkpoint>) "
+                    "as an atso-fast model package: each fold's network from the plans, the folds' logits "
+                    "averaged in one ONNX graph verified against PyTorch, nnU-Net's preprocessing in model.json.")
+    p.add_argument("model_folder", type=Path, help="nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIGURATION")
+    p.add_argument("out_dir", type=Path, help="package folder to write")
+    p.add_argument("--folds", "-f", nargs="+", default=None,
+                   help="folds to ensemble (numbers or 'all'; default: every fold_K holding the checkpoint)")
+    p.add_argument("--checkpoint", "-chk", default="checkpoint_final.pth", help="checkpoint file name in fold_K")
+    p.add_argument("--quiet", action="store_true", help="do not print model.json")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """0 on success, 2 on bad usage or a model that cannot be imported (one line on stderr)."""
+    try:
+        args = build_parser().parse_args(None if argv is None else list(argv))
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        out = import_nnunet(args.model_folder, args.out_dir, folds=args.folds, checkpoint=args.checkpoint)
+    except (PackageError, OSError) as exc:
+        print(f"atso-fast import-nnunet: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(json.dumps(load_package(out).to_json(), indent=2))
+    return 0

@@ -1,0 +1,195 @@
+"""Resampling the network's output back to the scan's grid, row by row, as rows become final.
+
+:class:`ResampleSink` is a :class:`~atso_fast.engine.merger.RowSink` on the model's (target) grid.
+The slab merger hands it blended target rows as soon as no later window covers them; each row of
+the native (cropped) grid reads at most two target rows along z (order 1, or 0 along an
+anisotropic z, as nnU-Net's ``resampling_fn_probabilities``), so it is computed, finished by the
+inner :class:`~atso_fast.engine.merger.LabelSink` (softmax, argmax, threshold, confidence) and
+dropped as soon as those target rows are final. Only the one or two target rows that later native
+rows still need are kept between calls: memory stays ``O(C x window depth x Y x X)`` and no
+``C x Z x Y x X`` logit volume ever exists, on either grid.
+
+Like nnU-Net, the blended logits are divided by the blending weights on the target grid first and
+the quotient is resampled (linear along each axis, weights from scipy; see
+:mod:`atso_fast.engine.preprocess`). Runs with torch on the slab's device (threaded on CPU, CUDA
+tensors on GPU).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from atso_fast.engine.merger import LabelSink
+from atso_fast.engine.preprocess import AxisOp, apply_op
+
+__all__ = ["ResampleSink", "TimedSink", "restore"]
+
+_CHUNK_BYTES = 64 << 20
+"""Native rows resampled per inner ``take`` call are bounded by this many bytes of float32."""
+
+
+class TimedSink:
+    """A :class:`~atso_fast.engine.merger.RowSink` wrapper adding up the seconds its sink spends."""
+
+    def __init__(self, sink: Any):
+        self.sink, self.seconds = sink, 0.0
+
+    def take(self, acc: Any, wsum: Any, z_start: int, count: int) -> None:
+        start = time.perf_counter()
+        self.sink.take(acc, wsum, z_start, count)
+        self.seconds += time.perf_counter() - start
+
+
+class ResampleSink:
+    """Target-grid rows in, native-grid rows out (to ``inner``).
+
+    Args:
+        inner: a :class:`LabelSink` on the native (cropped) grid ``(Zn, Yn, Xn)``.
+        ops: three two-tap maps target -> native, for z, y and x (``preprocess.Geometry.back``).
+        cuda: the slab lives in CUDA tensors.
+
+    Attributes:
+        seconds: time spent resampling and finishing rows.
+    """
+
+    def __init__(self, inner: LabelSink, ops: list[AxisOp], *, cuda: bool = False):
+        if any(op.idx0 is None for op in ops):
+            raise ValueError("ResampleSink needs maps of at most two taps per output (orders 0 and 1)")
+        self.inner, self.ops, self.cuda = inner, ops, cuda
+        self.native = tuple(op.n_out for op in ops)
+        zop = ops[0]
+        lo = np.minimum(zop.idx0, zop.idx1)
+        hi = np.maximum(zop.idx0, zop.idx1)
+        if np.any(np.diff(lo) < 0) or np.any(np.diff(hi) < 0):
+            raise ValueError("the z map must read target rows in order")
+        self._lo, self._hi = lo, hi
+        self._next = 0  # next native row to emit
+        self._kept: dict[int, Any] = {}  # normalised target rows later native rows still need
+        self._ones = None
+        self.seconds = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self._next == self.native[0]
+
+    def take(self, acc: Any, wsum: Any, z_start: int, count: int) -> None:
+        """Target rows ``[z_start, z_start + count)`` (slab rows ``[0, count)``) are final."""
+        start = time.perf_counter()
+        import torch
+
+        acc_t = acc if self.cuda else torch.from_numpy(acc)
+        wsum_t = wsum if self.cuda else torch.from_numpy(wsum)
+        end = z_start + count
+        plane = self.inner.labels.shape[1] * self.inner.labels.shape[2] * max(acc_t.shape[0], 1) * 4
+        max_rows = max(1, _CHUNK_BYTES // plane)
+        while self._next < self.native[0] and self._hi[self._next] < end:
+            k0 = k1 = self._next
+            while k1 < self.native[0] and k1 - k0 < max_rows and self._hi[k1] < end:
+                k1 += 1
+            self._emit(k0, k1, acc_t, wsum_t, z_start)
+            self._next = k1
+        # the next native row reads rows >= need: with two taps at most the last row of this
+        # batch is still needed (a fresh quotient, not a view of the reused slab)
+        need = int(self._lo[self._next]) if self._next < self.native[0] else end
+        keep = range(max(need, z_start), end)
+        self._kept = {t: self._quotient(acc_t, wsum_t, t - z_start, t - z_start + 1)[:, 0] for t in keep}
+        self.seconds += time.perf_counter() - start
+
+    @staticmethod
+    def _quotient(acc_t: Any, wsum_t: Any, i0: int, i1: int) -> Any:
+        """Blended logits of slab rows ``[i0, i1)``: ``acc / wsum`` (C, i1 - i0, Y, X) float32."""
+        import torch
+
+        return acc_t[:, i0:i1].float() / torch.clamp_min(wsum_t[i0:i1], 1e-12)[None]
+
+    def _block(self, t0: int, t1: int, acc_t: Any, wsum_t: Any, z_start: int) -> Any:
+        """Target rows ``[t0, t1)`` blended (C, t1 - t0, Yt, Xt): kept rows, then slab rows."""
+        import torch
+
+        parts = [self._kept[t][:, None] for t in range(t0, min(t1, z_start))]
+        if t1 > z_start:
+            parts.append(self._quotient(acc_t, wsum_t, max(t0, z_start) - z_start, t1 - z_start))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _emit(self, k0: int, k1: int, acc_t: Any, wsum_t: Any, z_start: int) -> None:
+        """Native rows ``[k0, k1)``: z blend, in-plane resampling, then the inner sink."""
+        import torch
+
+        zop, yop, xop = self.ops
+        t0, t1 = int(self._lo[k0]), int(self._hi[k1 - 1]) + 1
+        block = self._block(t0, t1, acc_t, wsum_t, z_start)
+        i0 = torch.from_numpy(zop.idx0[k0:k1] - t0).to(block.device)
+        w = zop.w1[k0:k1]
+        rows = block if t1 - t0 == k1 - k0 and not np.any(w) and bool((i0 == torch.arange(k1 - k0,
+                                                                              device=block.device)).all()) \
+            else block.index_select(1, i0)
+        if np.any(w):
+            other = block.index_select(1, torch.from_numpy(zop.idx1[k0:k1] - t0).to(block.device))
+            rows = torch.lerp(rows, other, torch.from_numpy(w.astype(np.float32)).to(block.device)[None, :, None, None])
+        rows = self._in_plane(rows)
+        r = k1 - k0
+        if self._ones is None or self._ones.shape[0] < r:
+            self._ones = torch.ones((r, *rows.shape[2:]), dtype=torch.float32, device=rows.device)
+        ones = self._ones[:r]
+        if self.cuda:
+            self.inner.take(rows, ones, k0, r)
+        else:
+            self.inner.take(rows.numpy(), ones.numpy(), k0, r)
+
+    def _in_plane(self, rows: Any) -> Any:
+        """``(C, r, Yt, Xt)`` -> ``(C, r, Yn, Xn)``: one bilinear pass when both axes are linear
+        (``torch.nn.functional.interpolate``, align_corners=False: scipy's grid-mode coordinates
+        and edge clamping), else the per-axis maps."""
+        import torch
+
+        _, yop, xop = self.ops
+        if yop.identity and xop.identity:
+            return rows.contiguous()
+        if yop.order == 1 and xop.order == 1:
+            out = torch.nn.functional.interpolate(rows, size=(yop.n_out, xop.n_out), mode="bilinear",
+                                                  align_corners=False)
+            return out.contiguous()
+        if yop.n_out * xop.n_in <= xop.n_out * yop.n_in:  # the axis that grows least first
+            return apply_op(apply_op(rows, yop, 2), xop, 3).contiguous()
+        return apply_op(apply_op(rows, xop, 3), yop, 2).contiguous()
+
+    def finalize(self) -> LabelSink:
+        """The inner sink, once every native row has been emitted."""
+        if not self.done:
+            raise RuntimeError(f"ResampleSink: only {self._next} of {self.native[0]} native rows were final")
+        return self.inner
+
+
+def restore(inner: LabelSink, geom: Any, *, num_classes: int, kind: str, threshold: float, ignore_index: int,
+            backend: Any) -> LabelSink:
+    """The finished cropped network grid of ``inner`` put back on the scan's grid.
+
+    Outside the crop box every voxel is background with probability 1 (nnU-Net's
+    ``insert_crop_into_image`` and ``revert_cropping_on_probabilities``); the network's
+    reorientation/transpose is undone. Returns ``inner`` itself when there is nothing to undo.
+
+    Args:
+        inner: the :class:`LabelSink` of the cropped network grid.
+        geom: the volume's :class:`~atso_fast.engine.preprocess.Geometry`.
+        num_classes, kind, threshold, ignore_index: as the inner sink's.
+        backend: a host :class:`~atso_fast.engine.merger.ArrayBackend` (the outputs live on the host).
+    """
+    if not geom.cropped_away and not geom.reoriented:
+        return inner
+    full = LabelSink(geom.native, num_classes, kind=kind, threshold=threshold, ignore_index=ignore_index,
+                     backend=backend, save_probabilities=inner.probabilities is not None)
+    full.labels.fill(0)
+    full.confidence.fill(255)
+    geom.to_net(full.labels)[...] = inner.labels
+    geom.to_net(full.confidence)[...] = inner.confidence
+    if full.probabilities is not None:
+        full.probabilities.fill(0.0)
+        if num_classes > 1:  # softmax outputs: background certain; one sigmoid channel: foreground 0
+            full.probabilities[0] = 1.0
+        geom.to_net(full.probabilities)[...] = inner.probabilities
+    full.totals.counts[:] = inner.totals.counts
+    full.totals.counts[0] += int(np.prod(geom.native)) - int(np.prod(inner.labels.shape))
+    full.totals.ignored, full.totals.invalid = inner.totals.ignored, inner.totals.invalid
+    return full

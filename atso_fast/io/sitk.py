@@ -1,0 +1,264 @@
+"""NRRD, MetaImage (``.mha``, ``.mhd`` + data file) and DICOM series folders, through SimpleITK.
+
+SimpleITK's arrays are already ``(Z, Y, X)`` (x fastest, as stored), so nothing is transposed;
+vector pixels (``(Z, Y, X, M)``) become channels ``(M, Z, Y, X)``. Spacing, origin and direction
+are kept in the header (a plain dict) and written back unchanged with every label map, in the
+input's own format; a DICOM series is written as NIfTI with the series' geometry (its RAS affine).
+SimpleITK is imported when a file of these formats is first read or written.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from atso_fast.io.atomic import TMP_MARK, commit_temp
+from atso_fast.io.base import InputError, VolumeMeta
+from atso_fast.io.files import not_regular_error
+from atso_fast.io.registry import ImageFormat, format_for, register_format
+
+__all__ = ["DicomSeriesFormat", "MhaFormat", "MhdFormat", "NrrdFormat", "SitkFormat", "is_dicom_folder",
+           "sitk_affine"]
+
+_LPS = np.diag([-1.0, -1.0, 1.0])
+_DICOM_SNIFF = 8
+"""Files looked at (sorted by name) to decide whether a folder holds a DICOM series."""
+
+
+def _sitk() -> Any:
+    try:
+        import SimpleITK as sitk
+    except ImportError as exc:  # a dependency: only a broken install lands here
+        raise InputError(f"NRRD/MetaImage/DICOM need SimpleITK (pip install SimpleITK): {exc}") from None
+    return sitk
+
+
+def _first_line(exc: Exception) -> str:
+    """ITK's reason, without the source location, object address and 'Reason: Success' noise."""
+    parts = []
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if not line or line.startswith("Exception thrown") or line == "Reason: Success":
+            continue
+        if "ERROR:" in line:
+            line = line.split("ERROR:", 1)[1].strip()
+            line = line.split("): ", 1)[1] if "): " in line else line
+        parts.append(line)
+    return "; ".join(parts)[:300] or type(exc).__name__
+
+
+def sitk_affine(spacing, origin, direction) -> np.ndarray:
+    """RAS voxel-to-world ``(4, 4)`` affine of an ITK grid (index order ``(x, y, z)``); 2D grids
+    are embedded in 3D with unit spacing along z."""
+    dim = len(spacing)
+    k = min(dim, 3)
+    d = np.eye(3)
+    d[:k, :k] = np.asarray(direction, np.float64).reshape(dim, dim)[:k, :k]
+    sp = np.ones(3)
+    sp[:k] = np.asarray(spacing, np.float64)[:3]
+    org = np.zeros(3)
+    org[:k] = np.asarray(origin, np.float64)[:3]
+    affine = np.eye(4)
+    affine[:3, :3] = _LPS @ d @ np.diag(sp)
+    affine[:3, 3] = _LPS @ org
+    return affine
+
+
+def _decode(image: Any, path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any], tuple[int, ...]]:
+    sitk = _sitk()
+    array = sitk.GetArrayFromImage(image)  # (z, y, x) / (y, x), components last
+    dim = image.GetDimension()
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        array = np.moveaxis(array, -1, 0)
+        if dim == 2:
+            array = array[:, None]  # (M, 1, Y, X)
+    header = {"spacing": tuple(image.GetSpacing()), "origin": tuple(image.GetOrigin()),
+              "direction": tuple(image.GetDirection()), "dimension": dim,
+              "components": image.GetNumberOfComponentsPerPixel()}
+    affine = sitk_affine(header["spacing"], header["origin"], header["direction"])
+    return array, affine, header, tuple(int(n) for n in array.shape)
+
+
+class SitkFormat(ImageFormat):
+    """A single-file format SimpleITK reads and writes (``io_name``: its ITK ImageIO)."""
+
+    io_name: ClassVar[str]
+
+    def read(self, path: Path) -> tuple[np.ndarray, np.ndarray, Any, tuple[int, ...]]:
+        sitk = _sitk()
+        if not path.is_file():
+            raise InputError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
+        if not os.access(path, os.R_OK):
+            raise InputError(f"{path}: permission denied")
+        reader = sitk.ImageFileReader()
+        reader.SetImageIO(self.io_name)
+        reader.SetFileName(str(path))
+        try:
+            image = reader.Execute()
+        except RuntimeError as exc:
+            raise InputError(f"{path}: not a readable {self.name} image ({_first_line(exc)})") from None
+        return _decode(image, path)
+
+    def geometry(self, affine: np.ndarray, header: Any, shape: tuple[int, ...]) -> tuple:
+        dim = int(header["dimension"])
+        spacing = list(header["spacing"][:3])[::-1]
+        spacing = [1.0] * (3 - len(spacing)) + spacing
+        origin = list(header["origin"][:3]) + [0.0] * (3 - min(dim, 3))
+        direction = np.eye(3)
+        k = min(dim, 3)
+        direction[:k, :k] = np.asarray(header["direction"], np.float64).reshape(dim, dim)[:k, :k]
+        return tuple(float(s) for s in spacing), tuple(float(o) for o in origin), direction
+
+    def encode(self, path: Path, array: np.ndarray, meta: VolumeMeta, key: str) -> bytes:
+        raise NotImplementedError(f"{self.name} maps are written by SimpleITK (use write)")
+
+    def write(self, path: Path, array: np.ndarray, meta: VolumeMeta, key: str) -> Path:
+        """SimpleITK writes ``path``'s name (and a MetaImage's data file) into a hidden folder beside
+        ``path``; each file is then renamed into place, the data file before the header that
+        names it, so a reader never sees a partial file or a header without its data."""
+        sitk = _sitk()
+        image = _image_on_grid(array, meta)
+        work = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}.dir")
+        work.mkdir()
+        try:
+            writer = sitk.ImageFileWriter()
+            writer.SetImageIO(self.io_name)
+            writer.SetFileName(str(work / path.name))
+            writer.SetUseCompression(True)
+            try:
+                writer.Execute(image)
+            except RuntimeError as exc:
+                raise OSError(f"{path}: SimpleITK could not write the {self.name} file ({_first_line(exc)})") from None
+            for item in sorted(work.iterdir(), key=lambda p: p.name == path.name):  # the named file last
+                commit_temp(item, path.with_name(item.name))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return path
+
+
+def _image_on_grid(array: np.ndarray, meta: VolumeMeta) -> Any:
+    """A SimpleITK image of ``array (Z, Y, X)`` with the geometry of the input ``meta`` describes."""
+    sitk = _sitk()
+    header = meta.header if isinstance(meta.header, dict) and "spacing" in meta.header else None
+    two_d = (header["dimension"] == 2) if header else meta.ndim == 2
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array[0] if two_d else array))
+    if header is not None and header["dimension"] == image.GetDimension():
+        image.SetSpacing(header["spacing"])
+        image.SetOrigin(header["origin"])
+        image.SetDirection(header["direction"])
+    elif meta.spacing is not None and not two_d:
+        image.SetSpacing(tuple(float(s) for s in meta.spacing[::-1]))
+        if meta.origin is not None:
+            image.SetOrigin(tuple(float(o) for o in meta.origin))
+        if meta.direction is not None:
+            image.SetDirection(tuple(float(d) for d in np.asarray(meta.direction).ravel()))
+    return image
+
+
+class NrrdFormat(SitkFormat):
+    """NRRD (``.nrrd``, detached ``.nhdr`` headers read too); label maps written as gzip NRRD."""
+
+    name = "nrrd"
+    suffixes = (".nrrd", ".nhdr")
+    io_name = "NrrdImageIO"
+
+    @property
+    def output_suffix(self) -> str:
+        return ".nrrd"
+
+
+class MhaFormat(SitkFormat):
+    """MetaImage in one file (``.mha``)."""
+
+    name = "mha"
+    suffixes = (".mha",)
+    io_name = "MetaImageIO"
+
+
+class MhdFormat(SitkFormat):
+    """MetaImage header ``.mhd`` with its data file (``.raw``/``.zraw``) beside it (written data
+    file first, then the header)."""
+
+    name = "mhd"
+    suffixes = (".mhd",)
+    io_name = "MetaImageIO"
+
+
+def is_dicom_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a folder holding DICOM files (``DICM`` at byte 128 of one of its first
+    few files, by name); sub-folders are not looked into."""
+    try:
+        with os.scandir(path) as entries:
+            names = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_file())
+    except OSError:
+        return False
+    for name in names[:_DICOM_SNIFF]:
+        try:
+            with open(os.path.join(path, name), "rb") as handle:
+                head = handle.read(132)
+        except OSError:
+            continue
+        if len(head) == 132 and head[128:132] == b"DICM":
+            return True
+    return False
+
+
+def _refuse_special_files(folder: Path) -> None:
+    """Refuse a series folder holding a FIFO, socket or device: GDCM opens every file it lists,
+    and opening a FIFO blocks until a writer comes."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir():
+                continue
+            problem = not_regular_error(entry.path)
+            if problem:
+                raise InputError(f"{folder}: holds a file that is not a regular file ({problem})")
+
+
+class DicomSeriesFormat(SitkFormat):
+    """A folder holding one DICOM series (GDCM through SimpleITK); label maps are NIfTI on the
+    series' grid (RAS affine from its spacing, origin and direction)."""
+
+    name = "dicom"
+    suffixes = ()
+    reads_folders = True
+    io_name = "GDCMImageIO"
+
+    @property
+    def output_suffix(self) -> str:
+        return ".nii.gz"
+
+    def read(self, path: Path) -> tuple[np.ndarray, np.ndarray, Any, tuple[int, ...]]:
+        sitk = _sitk()
+        if not path.is_dir():
+            raise InputError(f"{path}: not a DICOM series folder")
+        _refuse_special_files(path)
+        reader = sitk.ImageSeriesReader()
+        try:
+            ids = reader.GetGDCMSeriesIDs(str(path))
+        except RuntimeError as exc:
+            raise InputError(f"{path}: cannot list DICOM series ({_first_line(exc)})") from None
+        if not ids:
+            raise InputError(f"{path}: is a directory holding no DICOM series (not an image file)")
+        if len(ids) > 1:
+            raise InputError(f"{path}: holds {len(ids)} DICOM series ({', '.join(ids[:3])}"
+                             f"{', ...' if len(ids) > 3 else ''}); put one series per folder")
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), ids[0]))
+        try:
+            image = reader.Execute()
+        except RuntimeError as exc:
+            raise InputError(f"{path}: cannot read the DICOM series ({_first_line(exc)})") from None
+        return _decode(image, path)
+
+    def write(self, path: Path, array: np.ndarray, meta: VolumeMeta, key: str) -> Path:
+        return format_for(path).write(path, array, meta, key)
+
+
+register_format(NrrdFormat())
+register_format(MhaFormat())
+register_format(MhdFormat())
+register_format(DicomSeriesFormat())

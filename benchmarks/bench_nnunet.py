@@ -1,0 +1,372 @@
+"""nnU-Net's own predictor vs atso-fast on the same nnU-Net model folder and scans, in one run.
+
+Part ``speed``: a synthetic nnU-Net v2 model folder (``atso_fast.datasets.nnunet_folder``:
+nnU-Net's PlainConvUNet, random weights) is imported (``atso_fast.import_nnunet``); then
+``nnUNetPredictor`` (CPU, float32 network, its sequential path: the same ``run_case`` /
+``predict_logits_from_preprocessed_data`` / ``export_prediction_from_logits`` functions
+``nnUNetv2_predict`` runs) and atso-fast (read -> ``relabel_volume`` -> write, then the pipelined
+``relabel_archive``) label the real scans of ``shared/data/real``. Each side runs in its own
+subprocess; seconds are split into preprocessing (read + crop/normalise/resample), network
+(forward passes + blending) and export (resample back + argmax + write). Peak RSS is the largest
+sum over the subprocess tree, sampled every 20 ms. Labels are compared voxel by voxel first.
+
+Part ``memory``: a synthetic CT (air, body, organs; int16 HU) of ``--shape`` at ``--spacing`` mm
+and a 105-class model at 1.5 mm (``--classes``, ``--model-spacing``); each side labels it in a
+subprocess and its peak RSS is reported. Sizes that need more memory than the machine has are
+skipped for nnU-Net (``--max-gb``); see RESULTS.md for the extrapolation.
+
+Usage:
+    flock /work/bench.lock python benchmarks/bench_nnunet.py speed [--cases ct_abdomen ...] [--mirror]
+    flock /work/bench.lock python benchmarks/bench_nnunet.py memory [--depths 40 80 400]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+REAL = REPO.parent / "shared" / "data" / "real"
+
+__all__ = ["main"]
+
+
+# ------------------------------------------------------------------------------ process tree RSS
+def _tree_rss(root: int) -> int:
+    """Resident bytes of ``root`` and all its descendants (from /proc)."""
+    parents: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+            parents[int(entry)] = int(fields[1])
+            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        here = frontier.pop()
+        kids = [p for p, pp in parents.items() if pp == here and p not in tree]
+        tree.update(kids)
+        frontier.extend(kids)
+    return sum(rss.get(p, 0) for p in tree)
+
+
+def run_measured(args: list[str], timeout: float) -> tuple[dict, float]:
+    """Run ``python bench_nnunet.py <args>`` and return (its JSON result, peak tree RSS GiB)."""
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _tree_rss(proc.pid))
+            done.wait(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        done.set()
+        sampler.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {args[0]} failed ({proc.returncode}):\n{err[-3000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    return result, peak[0] / 2**30
+
+
+# ------------------------------------------------------------------------------ workers (subprocesses)
+def nnunet_worker(ns: argparse.Namespace) -> dict:
+    """nnUNetPredictor's sequential path with a timer around each of its three stages."""
+    import torch
+    from nnunetv2.inference import predict_from_raw_data as pfr
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import (
+        DefaultPreprocessor,
+    )
+
+    torch.set_num_threads(ns.threads)
+    times: list[dict] = []
+
+    def timed(fn, key):
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                if key == "preprocess":
+                    times.append({})
+                times[-1][key] = times[-1].get(key, 0.0) + time.perf_counter() - start
+        return wrapper
+
+    DefaultPreprocessor.run_case = timed(DefaultPreprocessor.run_case, "preprocess")
+    pfr.nnUNetPredictor.predict_logits_from_preprocessed_data = timed(
+        pfr.nnUNetPredictor.predict_logits_from_preprocessed_data, "network")
+    pfr.export_prediction_from_logits = timed(pfr.export_prediction_from_logits, "export")
+    predictor = pfr.nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=ns.mirror,
+                                    device=torch.device("cpu"), verbose=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(ns.model, use_folds=None)
+    patch = predictor.configuration_manager.patch_size  # warm-up: one window, not timed
+    predictor.predict_sliding_window_return_logits(torch.zeros((1, *patch)))
+    out = Path(ns.out)
+    start = time.perf_counter()
+    predictor.predict_from_files_sequential([[img] for img in ns.images],
+                                            [str(out / Path(img).parent.name) for img in ns.images],
+                                            save_probabilities=False, overwrite=True)
+    return {"seconds": time.perf_counter() - start, "cases": times, "threads": torch.get_num_threads()}
+
+
+def ours_worker(ns: argparse.Namespace) -> dict:
+    """atso-fast: read -> relabel_volume -> write per case (stage split), then relabel_archive."""
+    import torch  # noqa: F401  (imported before timing, as in nnU-Net's worker)
+
+    from atso_fast.archive import relabel_archive
+    from atso_fast.engine import Relabeler
+    from atso_fast.io import read_volume, write_labels
+
+    rel = Relabeler(ns.model, runtime=ns.runtime, mirror=ns.mirror, threads=ns.threads,
+                    batch_size=ns.batch_size, accumulate_dtype=ns.accumulate)
+    window = rel.package.window3d  # warm-up: one volume of one window, not timed
+    spacing = rel.package.spacing if rel.package.spacing and len(rel.package.spacing) == 3 else None
+    rel.relabel_volume(np.ones((rel.package.in_channels, *window), np.float32),
+                       spacing=None if spacing is None else [1.25 * s for s in spacing])
+    out = Path(ns.out)
+    cases = []
+    start = time.perf_counter()
+    for img in ns.images:
+        t0 = time.perf_counter()
+        array, meta = read_volume(img)
+        t1 = time.perf_counter()
+        res = rel.relabel_volume(array, spacing=meta.spacing, affine=meta.affine)
+        del array
+        t2 = time.perf_counter()
+        write_labels(out / f"{Path(img).parent.name}.nii.gz", res.labels, meta)
+        t3 = time.perf_counter()
+        tm = res.stats["timings"]
+        cases.append({"preprocess": t1 - t0 + tm["preprocess"], "network": tm["network"] + tm["stitch"],
+                      "export": tm["export"] + t3 - t2, "read": t1 - t0, "write": t3 - t2,
+                      "relabel": t2 - t1, "windows": res.stats["windows"], "grid": res.stats["network_shape"]})
+        del res
+    sequential = time.perf_counter() - start
+    result = {"seconds": sequential, "cases": cases, "runtime": rel.runtime_label}
+    if ns.archive:
+        links = Path(tempfile.mkdtemp(prefix="bench_nnunet_in_"))
+        for img in ns.images:
+            os.symlink(img, links / f"{Path(img).parent.name}.nii.gz")
+        summary = relabel_archive(rel, links, out / "archive", progress=False)
+        result["archive_seconds"] = summary["seconds"]
+        result["archive_failed"] = summary["failed"]
+    return result
+
+
+# ------------------------------------------------------------------------------ helpers
+def machine() -> str:
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor()
+    return f"{model}, {len(os.sched_getaffinity(0))} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB"
+
+
+def agreement(a_dir: Path, b_dir: Path, names: list[str]) -> dict[str, float]:
+    from atso_fast.io import read_volume
+
+    out = {}
+    for name in names:
+        a, ma = read_volume(a_dir / f"{name}.nii.gz")
+        b, mb = read_volume(b_dir / f"{name}.nii.gz")
+        if a.shape != b.shape or not np.allclose(ma.affine, mb.affine, atol=1e-4):
+            raise RuntimeError(f"{name}: outputs differ in grid: {a.shape} vs {b.shape}")
+        out[name] = float((a == b).mean())
+    return out
+
+
+def model_folder(root: Path, ns: argparse.Namespace, num_classes: int, spacing, patch, features) -> Path:
+    from atso_fast.datasets.nnunet_folder import make_nnunet_folder
+
+    return make_nnunet_folder(root, configuration="3d_fullres", patch=patch, spacing=spacing,
+                              num_classes=num_classes, folds=tuple(range(ns.folds)), features=features,
+                              scale=ns.scale, seed=0)
+
+
+def _side_args(kind: str, model: Path, images: list[str], out: Path, ns: argparse.Namespace) -> list[str]:
+    args = [kind, "--model", str(model), "--out", str(out), "--threads", str(ns.threads), "--images", *images]
+    if ns.mirror:
+        args.append("--mirror")
+    if kind == "ours-worker":
+        args += ["--runtime", ns.runtime, "--batch-size", str(ns.batch_size), "--accumulate", ns.accumulate]
+        if getattr(ns, "archive", True):
+            args.append("--archive")
+    return args
+
+
+def _stage_sums(cases: list[dict]) -> dict[str, float]:
+    return {k: float(sum(c.get(k, 0.0) for c in cases)) for k in ("preprocess", "network", "export")}
+
+
+# ------------------------------------------------------------------------------ part: speed
+def speed(ns: argparse.Namespace) -> dict:
+    from atso_fast import import_nnunet
+
+    work = Path(tempfile.mkdtemp(prefix="bench_nnunet_"))
+    folder = model_folder(work / "results", ns, ns.num_classes, ns.model_spacing, ns.patch, ns.features)
+    start = time.perf_counter()
+    package = import_nnunet(folder, work / "package")
+    import_seconds = time.perf_counter() - start
+    images = [str(REAL / c / "image.nii.gz") for c in ns.cases]
+    (work / "nnunet").mkdir()
+    (work / "ours").mkdir()
+    theirs, theirs_gb = run_measured(_side_args("nnunet-worker", folder, images, work / "nnunet", ns), ns.timeout)
+    ours, ours_gb = run_measured(_side_args("ours-worker", package, images, work / "ours", ns), ns.timeout)
+    agree = agreement(work / "ours", work / "nnunet", ns.cases)
+    t_sum, o_sum = _stage_sums(theirs["cases"]), _stage_sums(ours["cases"])
+    return {"part": "speed", "nnunet": {**theirs, "stages": t_sum, "peak_rss_gib": theirs_gb},
+            "ours": {**ours, "stages": o_sum, "peak_rss_gib": ours_gb}, "agreement": agree,
+            "import_seconds": import_seconds, "speedup_end_to_end": theirs["seconds"] / ours["seconds"],
+            "speedup_archive": theirs["seconds"] / ours["archive_seconds"] if "archive_seconds" in ours else None,
+            "pre_export_vs_network": (o_sum["preprocess"] + o_sum["export"]) / max(o_sum["network"], 1e-9),
+            "pre_export_speedup": (t_sum["preprocess"] + t_sum["export"]) / max(o_sum["preprocess"] + o_sum["export"],
+                                                                            1e-9)}
+
+
+# ------------------------------------------------------------------------------ part: memory
+def synthetic_ct(shape_zyx: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    """int16 HU: air, an elliptic body (soft tissue), a few organs and bone, mild noise."""
+    z, y, x = shape_zyx
+    rng = np.random.default_rng(seed)
+    yy, xx = np.ogrid[:y, :x]
+    cy, cx = y / 2, x / 2
+    out = np.empty(shape_zyx, np.int16)
+    body = ((yy - cy) / (0.42 * y)) ** 2 + ((xx - cx) / (0.46 * x)) ** 2 <= 1
+    organs = [(((yy - cy - dy * y) / (ry * y)) ** 2 + ((xx - cx - dx * x) / (rx * x)) ** 2 <= 1, hu)
+              for dy, dx, ry, rx, hu in ((-0.1, -0.15, 0.12, 0.16, 60), (0.05, 0.2, 0.08, 0.08, 45),
+                                         (0.25, 0.0, 0.05, 0.05, 700))]
+    for k in range(z):
+        sl = np.full((y, x), -1000, np.int16)
+        sl[body] = 40
+        for mask, hu in organs:
+            sl[mask & body] = hu + int(20 * np.sin(k / 17))
+        sl += rng.integers(-15, 16, size=(y, x), dtype=np.int16)
+        out[k] = sl
+    return out
+
+
+def memory(ns: argparse.Namespace) -> dict:
+    import nibabel as nib
+
+    from atso_fast import import_nnunet
+
+    work = Path(tempfile.mkdtemp(prefix="bench_nnunet_mem_"))
+    folder = model_folder(work / "results", ns, ns.classes, [ns.model_spacing] * 3, ns.patch, ns.features)
+    package = import_nnunet(folder, work / "package")
+    rows = []
+    for depth in ns.depths:
+        shape = (depth, ns.size, ns.size)
+        scan = work / f"ct{depth}" / "image.nii.gz"
+        scan.parent.mkdir()
+        affine = np.diag([-ns.spacing, -ns.spacing, ns.spacing, 1.0])
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(synthetic_ct(shape).T), affine), scan)
+        row = {"shape": list(shape), "classes": ns.classes}
+        for kind, model in (("ours-worker", package), ("nnunet-worker", folder)):
+            key = "ours" if kind == "ours-worker" else "nnunet"
+            need = _nnunet_estimate_gib(shape, ns) if key == "nnunet" else 0.0
+            if key == "nnunet" and need > ns.max_gb:
+                row[key] = {"skipped": f"needs ~{need:.0f} GiB (estimate), more than --max-gb {ns.max_gb}"}
+                continue
+            out = work / f"out_{key}_{depth}"
+            out.mkdir()
+            ns.archive = False
+            result, gib = run_measured(_side_args(kind, model, [str(scan)], out, ns), ns.timeout)
+            row[key] = {"peak_rss_gib": gib, "seconds": result["seconds"], "stages": _stage_sums(result["cases"])}
+            print(f"  {key} {shape}: peak {gib:.2f} GiB, {result['seconds']:.1f} s", file=sys.stderr, flush=True)
+        if "peak_rss_gib" in row.get("nnunet", {}):
+            row["agreement"] = agreement(work / f"out_ours_{depth}", work / f"out_nnunet_{depth}", [f"ct{depth}"])
+        rows.append(row)
+    return {"part": "memory", "rows": rows, "model_spacing": ns.model_spacing, "scan_spacing": ns.spacing,
+            "patch": ns.patch, "accumulate": ns.accumulate, "batch_size": ns.batch_size}
+
+
+def _nnunet_estimate_gib(shape, ns) -> float:
+    """nnU-Net's export holds float16 target logits, their float64 copy and float16 native logits."""
+    target = np.prod([round(s * ns.spacing / ns.model_spacing) for s in shape])
+    return ns.classes * (target * (2 + 8) + np.prod(shape) * 2) / 2**30 + 1.5
+
+
+# ------------------------------------------------------------------------------ CLI
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="part", required=True)
+    for name in ("speed", "memory"):
+        q = sub.add_parser(name)
+        q.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+        q.add_argument("--mirror", action="store_true")
+        q.add_argument("--runtime", default="auto", help="atso-fast runtime (auto: probes torch and ONNX Runtime on the first batches)")
+        q.add_argument("--batch-size", type=int, default=4)
+        q.add_argument("--accumulate", default="float32", choices=["float32", "float16"])
+        q.add_argument("--folds", type=int, default=1)
+        q.add_argument("--scale", type=float, default=8.0)
+        q.add_argument("--timeout", type=float, default=7200)
+        q.add_argument("--json", type=Path)
+    s = sub.choices["speed"]
+    s.add_argument("--cases", nargs="+", default=["ct_abdomen", "tumour_lung1", "mr_abdomen", "tumour_brain1"])
+    s.add_argument("--num-classes", type=int, default=4)
+    s.add_argument("--model-spacing", type=float, nargs=3, default=[1.5, 1.5, 1.5])
+    s.add_argument("--patch", type=int, nargs=3, default=[32, 96, 96])
+    s.add_argument("--features", type=int, nargs="+", default=[8, 16, 32, 64])
+    m = sub.choices["memory"]
+    m.add_argument("--classes", type=int, default=105)
+    m.add_argument("--depths", type=int, nargs="+", default=[40, 80, 400])
+    m.add_argument("--size", type=int, default=512)
+    m.add_argument("--spacing", type=float, default=0.8)
+    m.add_argument("--model-spacing", type=float, default=1.5)
+    m.add_argument("--patch", type=int, nargs=3, default=[64, 128, 128])
+    m.add_argument("--features", type=int, nargs="+", default=[4, 8, 16, 32])
+    m.add_argument("--max-gb", type=float, default=10.0, help="skip nnU-Net runs estimated above this")
+    for name in ("nnunet-worker", "ours-worker"):
+        w = sub.add_parser(name)
+        w.add_argument("--model", required=True)
+        w.add_argument("--out", required=True)
+        w.add_argument("--images", nargs="+", required=True)
+        w.add_argument("--threads", type=int, required=True)
+        w.add_argument("--mirror", action="store_true")
+        w.add_argument("--runtime", default="onnxruntime")
+        w.add_argument("--batch-size", type=int, default=4)
+        w.add_argument("--accumulate", default="float32")
+        w.add_argument("--archive", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    if ns.part in ("nnunet-worker", "ours-worker"):
+        result = (nnunet_worker if ns.part == "nnunet-worker" else ours_worker)(ns)
+        print(json.dumps(result))
+        return 0
+    load_before = os.getloadavg()
+    result = speed(ns) if ns.part == "speed" else memory(ns)
+    result.update(machine=machine(), date=datetime.date.today().isoformat(), load_before=load_before,
+                  load_after=os.getloadavg(), threads=ns.threads, mirror=ns.mirror, runtime=ns.runtime,
+                  settings={k: v for k, v in vars(ns).items() if k not in ("json", "part")})
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    if ns.json:
+        ns.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
