@@ -41,7 +41,7 @@ from atso_fast.train.data import Case, SemiSupervisedData
 from atso_fast.train.report import contrast_table
 
 __all__ = ["ARMS", "MONITORS", "run_seed", "run_seeds", "summarise", "markdown", "charts", "machine_meta",
-           "final_values", "cpu_seconds"]
+           "final_values", "cpu_seconds", "warmup_sweep", "choose_warmup"]
 
 # name -> ATSOConfig overrides (all from the shared warm-up)
 ARMS: dict[str, dict[str, Any]] = {
@@ -110,6 +110,29 @@ def run_seed(config: ATSOConfig, data: SemiSupervisedData, test: Sequence[Case],
     out["seconds"] = time.perf_counter() - start
     out["cpu_seconds"] = time.process_time() - cpu
     return out
+
+
+def warmup_sweep(config: ATSOConfig, data: SemiSupervisedData, grid: Sequence[int]) -> dict[str, Any]:
+    """Validation Dice of M0 for each warm-up length in ``grid`` (a fresh model each, its own
+    learning-rate schedule), as ``{"warmup": {steps: Dice}, "seconds", "cpu_seconds", "arms": {}}``."""
+    start, cpu = time.perf_counter(), time.process_time()
+    out: dict[str, Any] = {"warmup": {}}
+    for steps in grid:
+        cfg = ATSOConfig.from_dict({**config.to_dict(), "warmup_steps": int(steps), "rounds": 0, "method": "supervised"})
+        run = ATSO(cfg, relabeler=direct_relabel_fn(cfg), data=data)
+        run.warmup()
+        out["warmup"][str(steps)] = run.history[0]["val_mean_dice"]
+    out["seconds"], out["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
+    out["arms"] = {}
+    return out
+
+
+def choose_warmup(pilot: Mapping[int, dict[str, Any]], tolerance: float = 0.005) -> tuple[int, dict[int, float]]:
+    """Shortest warm-up whose mean validation Dice over pilot seeds is within ``tolerance`` of the best."""
+    grid = sorted(int(k) for k in next(iter(pilot.values()))["warmup"])
+    means = {s: statistics.fmean(r["warmup"][str(s)] for r in pilot.values()) for s in grid}
+    best = max(means.values())
+    return next(s for s in grid if means[s] >= best - tolerance), means
 
 
 def _worker(task: tuple[Callable[[int], dict[str, Any]], int, str]) -> tuple[int, dict[str, Any]]:

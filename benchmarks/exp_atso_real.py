@@ -34,14 +34,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from exp_atso_protocol import ARMS, charts, cpu_seconds, machine_meta, markdown, run_seed, run_seeds, summarise  # noqa: E402,I001
+from exp_atso_protocol import (  # noqa: E402,I001
+    ARMS, charts, choose_warmup, cpu_seconds, machine_meta, markdown, run_seed, run_seeds, summarise, warmup_sweep)
 from exp_atso_synthetic import CONTRASTS, VARIANTS  # noqa: E402
 
 from atso_fast.datasets.splits import interleaved_split  # noqa: E402
 from atso_fast.train.atso import ATSOConfig  # noqa: E402
 from atso_fast.train.data import data_from_arrays  # noqa: E402
 
-__all__ = ["DATASETS", "main", "load_volume", "make_split", "seed_task"]
+__all__ = ["DATASETS", "main", "load_volume", "make_split", "seed_task", "pilot_task"]
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 _TRAIN_2D = {"batch_size": 8, "model": {"base_channels": 8, "depth": 4}, "warmup_steps": 1000, "rounds": 4,
@@ -126,6 +127,38 @@ def seed_task(spec: dict[str, Any], folder: str, dims: int, train: dict[str, Any
     return out
 
 
+def pilot_task(spec: dict[str, Any], folder: str, dims: int, train: dict[str, Any], grid: list[int],
+               seed: int) -> dict[str, Any]:
+    """Warm-up length sweep on a pilot seed's split (validation slices only)."""
+    image, label = load_volume(Path(folder), spec["classes"])
+    data, _, _ = make_split(spec, image, label, seed, dims)
+    config = ATSOConfig(num_classes=len(spec["classes"]) + 1, spatial_dims=dims, seed=seed, **train)
+    return warmup_sweep(config, data, grid)
+
+
+def _pilot(args: argparse.Namespace, spec: dict[str, Any], folder: Path, train: dict[str, Any], stem: str,
+           meta: dict[str, Any]) -> int:
+    start = time.perf_counter()
+    task = functools.partial(pilot_task, spec, str(folder), args.dims, train, args.grid)
+    pilot = run_seeds(task, args.pilot_seeds, Path(args.work or f"/tmp/atso_exp/{stem}_pilot"), workers=args.workers,
+                      log=lambda s: print(s, file=sys.stderr, flush=True))
+    chosen, means = choose_warmup(pilot)
+    meta.update(seconds=time.perf_counter() - start, cpu_seconds=cpu_seconds(pilot),
+                load_after=[round(x, 2) for x in os.getloadavg()])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}_pilot.json").write_text(json.dumps({"meta": meta, "means": means, "chosen": chosen,
+                                                        "seeds": {str(k): v for k, v in pilot.items()}}, indent=1))
+    lines = [f"# Warm-up pilot, real {args.dataset.upper()} {args.dims}D (validation slices, seeds {args.pilot_seeds})", "",
+             f"{meta['machine']}; {meta['date']}; wall {meta['seconds'] / 60:.1f} min, {meta['cpu_seconds'] / 60:.1f} CPU-min.",
+             "", "| warm-up steps | " + " | ".join(map(str, means)) + " |", "|---|" + "---|" * len(means),
+             "| val mean Dice of M0 | " + " | ".join(f"{v:.3f}" for v in means.values()) + " |", "",
+             f"Chosen (shortest within 0.005 of the best): **{chosen}** steps."]
+    (out / f"{stem}_pilot.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", choices=list(DATASETS), default="ct")
@@ -134,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", choices=("main", "all"), default="main")
     parser.add_argument("--extra-arms", nargs="*", default=[], help=f"variants to add, from {list(VARIANTS)}")
     parser.add_argument("--warmup-steps", type=int)
+    parser.add_argument("--pilot", action="store_true", help="only the warm-up length sweep on --pilot-seeds")
+    parser.add_argument("--pilot-seeds", type=int, nargs="+", default=[100, 101])
+    parser.add_argument("--grid", type=int, nargs="+", default=[250, 500, 1000, 2000])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--data", default=str(DEFAULT_DATA))
@@ -155,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     arms = {**ARMS, **VARIANTS} if args.arms == "all" else {**ARMS, **{a: VARIANTS[a] for a in args.extra_arms}}
     stem = f"atso_real_{args.dataset}_{args.dims}d" + ("_all" if args.arms == "all" else "") + ("_quick" if args.quick else "")
     meta = machine_meta(args.workers)
+    if args.pilot:
+        return _pilot(args, spec, folder, train, stem, meta)
     start = time.perf_counter()
     task = functools.partial(seed_task, spec, str(folder), args.dims, train, arms)
     results = run_seeds(task, args.seeds, Path(args.work or f"/tmp/atso_exp/{stem}"), workers=args.workers,

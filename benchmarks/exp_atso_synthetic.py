@@ -17,7 +17,7 @@ Stages:
     ``--record``  also writes ``atso_fast/train/recorded.py`` (the demo's reference).
 
 Usage: python benchmarks/exp_atso_synthetic.py [--task 2d|hard] [--pilot] [--seeds 0 ... 9]
-       [--arms main|variants|all] [--workers 2] [--out benchmarks/results] [--record]
+       [--arms main|variants|lines|all] [--set rounds=8] [--workers 2] [--out benchmarks/results] [--record]
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import functools
 import json
 import math
 import os
+import pprint
 import statistics
 import sys
 import time
@@ -38,12 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from exp_atso_protocol import (  # noqa: E402
     ARMS,
     charts,
+    choose_warmup,
     cpu_seconds,
     machine_meta,
     markdown,
     run_seed,
     run_seeds,
     summarise,
+    warmup_sweep,
 )
 
 from atso_fast.datasets.synthetic import (  # noqa: E402
@@ -51,8 +54,9 @@ from atso_fast.datasets.synthetic import (  # noqa: E402
     phantom_class_names,
     phantom_num_classes,
 )
-from atso_fast.train.atso import ATSO, ATSOConfig, direct_relabel_fn  # noqa: E402
+from atso_fast.train.atso import ATSOConfig  # noqa: E402
 from atso_fast.train.data import data_from_arrays  # noqa: E402
+from atso_fast.train.recorded import RECORDED  # noqa: E402
 
 __all__ = ["TASKS", "VARIANTS", "CONTRASTS", "main", "make_task", "make_config", "seed_task", "pilot_task"]
 
@@ -63,6 +67,11 @@ TASKS: dict[str, dict[str, Any]] = {
     "2d": _BASE,
     "hard": {**_BASE, "n_labelled": 6, "n_unlabelled": 94,
              "phantom": {"noise_hu": 35.0, "target_radius": (0.05, 0.09)}},
+    # the demo's setting (atso_fast.train.cli.DEMO_SETTINGS["full"]), plus 20 test volumes
+    "demo3d": {"shape": (16, 32, 32), "n_labelled": 4, "n_unlabelled": 20, "n_val": 6, "n_test": 20,
+               "phantom": {"target_radius": (0.14, 0.22)},
+               "config": {"batch_size": 2, "model": {"base_channels": 8, "depth": 3}, "warmup_steps": 400,
+                          "rounds": 2, "steps_per_round": 80, "lr": 1e-2, "round_lr": 3e-3}},
 }
 QUICK = {"n_labelled": 4, "n_unlabelled": 8, "n_val": 4, "n_test": 4,
          "config": {"warmup_steps": 10, "rounds": 2, "steps_per_round": 4}}
@@ -84,6 +93,9 @@ def _arms(which: str) -> dict[str, dict[str, Any]]:
         return dict(ARMS)
     if which == "variants":
         return {"self-training": ARMS["self-training"], "supervised": ARMS["supervised"], **VARIANTS}
+    if which == "lines":  # the students that never start from their teacher, next to the baselines
+        return {**{a: ARMS[a] for a in ("supervised", "self-training", "atso", "atso-m0")},
+                **{a: VARIANTS[a] for a in ("self-training-m0", "atso-lineage")}}
     return {**ARMS, **VARIANTS}
 
 
@@ -120,36 +132,15 @@ def seed_task(task: dict[str, Any], arms: dict[str, dict[str, Any]], seed: int) 
 
 def pilot_task(task: dict[str, Any], grid: list[int], seed: int) -> dict[str, Any]:
     """Validation Dice of M0 for each warm-up length (fresh model each), on a pilot seed."""
-    start, cpu = time.perf_counter(), time.process_time()
     data, _ = make_task(task, seed)
-    out: dict[str, Any] = {"warmup": {}}
-    for steps in grid:
-        cfg = make_config(task, seed, warmup_steps=steps, rounds=0)
-        run = ATSO(replace_method(cfg, "supervised"), relabeler=direct_relabel_fn(cfg), data=data)
-        run.warmup()
-        out["warmup"][str(steps)] = run.history[0]["val_mean_dice"]
-    out["seconds"], out["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
-    out["arms"] = {}
-    return out
-
-
-def replace_method(cfg: ATSOConfig, method: str) -> ATSOConfig:
-    return ATSOConfig.from_dict({**cfg.to_dict(), "method": method})
-
-
-def choose_warmup(pilot: dict[int, dict[str, Any]], tolerance: float = 0.005) -> tuple[int, dict[str, float]]:
-    """Shortest warm-up whose mean validation Dice over pilot seeds is within ``tolerance`` of the best."""
-    grid = sorted(int(k) for k in next(iter(pilot.values()))["warmup"])
-    means = {s: statistics.fmean(r["warmup"][str(s)] for r in pilot.values()) for s in grid}
-    best = max(means.values())
-    return next(s for s in grid if means[s] >= best - tolerance), means
+    return warmup_sweep(make_config(task, seed), data, grid)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", choices=list(TASKS), default="2d")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
-    parser.add_argument("--arms", choices=("main", "variants", "all"), default="main")
+    parser.add_argument("--arms", choices=("main", "variants", "lines", "all"), default="main")
     parser.add_argument("--pilot", action="store_true", help="warm-up sweep + headroom on pilot seeds (validation)")
     parser.add_argument("--pilot-seeds", type=int, nargs="+", default=[100, 101])
     parser.add_argument("--grid", type=int, nargs="+", default=[250, 500, 1000, 2000, 3000])
@@ -241,21 +232,23 @@ def _pilot(args, task, meta, stem, work, out, start) -> int:
 
 
 def _record(summary: dict[str, Any], meta: dict[str, Any], args: argparse.Namespace, source: Path) -> None:
-    """Write the demo's reference: per-arm test means and the contrasts, with provenance."""
-    recorded = {"setting": f"2D phantoms, task {args.task!r}, {meta['task']['n_labelled']} labelled / "
-                           f"{meta['task']['n_unlabelled']} unlabelled slices",
-                "seeds": len(args.seeds), "date": meta["date"], "source": str(source),
-                "endpoint": "final-round test Dice, pooled per class, foreground mean",
-                "arms": {a: round(v["test_mean"], 4) for a, v in summary["arms"].items()},
-                "contrasts": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()
-                               if k in ("a", "b", "mean", "ci_low", "ci_high", "p_holm", "n")}
-                              for c in summary["contrasts"]],
-                "aliases": {}}
-    text = ('"""The recorded ATSO experiment the demo compares itself with.\n\nGenerated by '
-            '``benchmarks/exp_atso_synthetic.py --record``; do not edit by hand.\n"""\n'
-            "from __future__ import annotations\n\n__all__ = [\"RECORDED\"]\n\n"
-            f"RECORDED = {json.dumps(recorded, indent=4)}\n")
-    text = text.replace(": null", ": None").replace(": true", ": True").replace(": false", ": False")
+    """Add this experiment to the demo's reference, ``atso_fast/train/recorded.py`` (key: the task)."""
+    def rows(contrasts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        keep = ("a", "b", "mean", "ci_low", "ci_high", "p_holm", "n")
+        return [{k: round(v, 4) if isinstance(v, float) else v for k, v in c.items() if k in keep} for c in contrasts]
+
+    task = meta["task"]
+    entry = {"setting": f"{len(task['shape'])}D phantoms {tuple(task['shape'])}, {task['n_labelled']} labelled / "
+                        f"{task['n_unlabelled']} unlabelled, task {args.task!r}",
+             "seeds": len(args.seeds), "date": meta["date"], "source": source.name,
+             "endpoint": "final-round test Dice, pooled per class, foreground mean",
+             "arms": {a: round(v["test_mean"], 4) for a, v in summary["arms"].items()},
+             "contrasts": rows(summary["contrasts"]), "val_contrasts": rows(summary["val_contrasts"])}
+    recorded = {**(RECORDED or {}), args.task: entry}
+    text = ('"""The recorded ATSO experiments the demo compares itself with (key: the task of\n'
+            '``benchmarks/exp_atso_synthetic.py``).\n\nGenerated by ``benchmarks/exp_atso_synthetic.py --record``; '
+            'do not edit by hand.\n"""\nfrom __future__ import annotations\n\n__all__ = ["RECORDED"]\n\n'
+            f"RECORDED = {pprint.pformat(recorded, width=110, sort_dicts=False)}\n")
     Path(__file__).resolve().parents[1].joinpath("atso_fast", "train", "recorded.py").write_text(text)
 
 

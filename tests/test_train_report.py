@@ -44,11 +44,16 @@ def test_contrast_table_and_demo_summary():
     assert [(r["a"], r["b"]) for r in rows] == [("atso", "self-training"), ("atso", "supervised")]
     assert all(r["p_holm"] >= r["p_wilcoxon"] for r in rows)
     recorded = {"setting": "2D phantoms", "seeds": 3, "date": "2026-01-01", "endpoint": "test Dice",
-                "contrasts": [{"a": "atso", "b": "self-training", "mean": 0.01, "ci_low": 0.005, "ci_high": 0.02,
-                               "p_holm": 0.03, "n": 3}]}
-    text = demo_summary({"supervised": 0.6, "self-training": 0.65, "atso": 0.66}, recorded)
+                "val_contrasts": [{"a": "atso", "b": "self-training", "mean": 0.01, "ci_low": 0.005, "ci_high": 0.02,
+                                   "p_holm": 0.03, "n": 3},
+                                  {"a": "oracle", "b": "supervised", "mean": 0.1, "ci_low": 0.05, "ci_high": 0.15,
+                                   "p_holm": 0.03, "n": 3}]}
+    headline = {**recorded, "contrasts": recorded["val_contrasts"]}
+    text = demo_summary({"supervised": 0.6, "self-training": 0.65, "atso": 0.66}, recorded, headline)
     assert "Winner on this run: atso" in text and "-0.010 for self-training" in text
-    assert "interval excludes 0" in text and "this run: +0.010, inside that interval" in text
-    text = demo_summary({"supervised": 0.7, "self-training": 0.65, "atso": 0.6}, recorded)
+    assert "excludes 0" in text and "this run: +0.010, inside that interval" in text
+    assert text.count("oracle - supervised") == 1  # the demo has no oracle: quoted in the headline only
+    text = demo_summary({"supervised": 0.7, "self-training": 0.65, "atso-m0": 0.6}, recorded,
+                        aliases={"atso-m0": "atso"})
     assert "Winner on this run: supervised" in text and "this run: -0.050, outside" in text
-    assert "No recorded" in demo_summary({"atso": 0.5}, None)
+    assert "No recorded" in demo_summary({"atso": 0.5})

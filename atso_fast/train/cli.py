@@ -25,6 +25,7 @@ from atso_fast.engine.relabeler import Relabeler
 from atso_fast.package import export_model
 from atso_fast.runtimes.torch_rt import torch_threads
 from atso_fast.train.atso import ATSO, run_methods
+from atso_fast.train.report import demo_report
 
 __all__ = ["train_main", "demo_main", "load_config", "format_history", "export_package", "DEMO_SETTINGS"]
 
@@ -219,6 +220,7 @@ def demo_main(argv: list[str] | None = None) -> int:
     print(f"atso-fast demo: {settings['n'] - settings['num_labelled']} unlabelled + {settings['num_labelled']} "
           f"labelled 3D phantoms {tuple(settings['shape'])}, {settings['num_val']} validation; seed {args.seed}\n")
     print(_demo_table(runs, names, relabel))
+    print("\n" + demo_report(runs))
     print(f"\nATSO rounds:\n{format_history(runs['atso'].history)}")
     print(f"\ntotal {time.perf_counter() - start:.1f} s; outputs in {out}")
     return 1 if relabel["failed"] else 0

@@ -19,12 +19,9 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-__all__ = ["paired_contrast", "holm", "contrast_table", "demo_summary", "COLUMN_HELP"]
+from atso_fast.train.recorded import RECORDED
 
-COLUMN_HELP = (
-    "val mean Dice: overlap of the model's labels with the true labels on validation cases the model never "
-    "trained on, averaged over the foreground classes (1 = perfect, 0 = no overlap); the class columns give it "
-    "per class; train s: seconds of fine-tuning after the shared warm-up.")
+__all__ = ["paired_contrast", "holm", "contrast_table", "arm_name", "demo_summary", "demo_report"]
 
 
 def paired_contrast(a: Sequence[float], b: Sequence[float], *, confidence: float = 0.95) -> dict[str, Any]:
@@ -96,15 +93,20 @@ def _ranked(finals: Mapping[str, float]) -> list[tuple[str, float]]:
     return sorted(((m, v) for m, v in finals.items() if v is not None and math.isfinite(v)), key=lambda x: -x[1])
 
 
-def demo_summary(finals: Mapping[str, float], recorded: Mapping[str, Any] | None) -> str:
-    """A few plain sentences on a demo run: who won, by how much, and against the record.
+def demo_summary(finals: Mapping[str, float], like: Mapping[str, Any] | None = None,
+                 headline: Mapping[str, Any] | None = None, aliases: Mapping[str, str] | None = None) -> str:
+    """A few plain sentences on a demo run: who won, by how much, and against the records.
 
     Args:
         finals: method -> this run's final validation mean Dice.
-        recorded: :data:`atso_fast.train.recorded.RECORDED` (or None when nothing is recorded):
-            ``{"setting": str, "seeds": int, "date": str, "endpoint": str, "arms": {name: mean},
-            "contrasts": [{"a", "b", "mean", "ci_low", "ci_high", "p_holm", "n"}, ...],
-            "aliases": {demo method: recorded arm}}``.
+        like: the record of a multi-seed experiment in this run's setting (its ``val_contrasts``,
+            on the validation Dice the demo prints, are set next to this run's differences).
+        headline: the record of the main experiment (its test-set ``contrasts`` are quoted).
+        aliases: demo method -> recorded arm name (default: the same name).
+
+        A record (:data:`atso_fast.train.recorded.RECORDED` values) is ``{"setting", "seeds", "date",
+        "endpoint", "contrasts": [{"a", "b", "mean", "ci_low", "ci_high", "p_holm", "n"}, ...],
+        "val_contrasts": [...]}``.
 
     Returns:
         the text (several lines).
@@ -116,22 +118,30 @@ def demo_summary(finals: Mapping[str, float], recorded: Mapping[str, Any] | None
     lines = [f"Winner on this run: {best} (val mean Dice {best_v:.3f})"
              + "".join(f", {v - best_v:+.3f} for {m}" for m, v in ranked[1:]) + "."]
     lines.append("One demo run is one seed on a small setting: differences of a few hundredths are within what "
-                 "changing the seed alone produces.")
-    if not recorded:
+                 "changing the seed alone produces; the recorded multi-seed experiments below say what holds.")
+    alias = dict(aliases or {})
+    if like:
+        lines.append(f"Recorded, same setting ({like['setting']}; {like['seeds']} seeds, {like['date']}; paired "
+                     "differences of the final validation Dice):")
+        rows = [c for c in like["val_contrasts"] if _this_run_difference(finals, alias, c["a"], c["b"]) is not None]
+        lines += [_contrast_line(c, _this_run_difference(finals, alias, c["a"], c["b"])) for c in rows]
+    if headline:
+        lines.append(f"Recorded, main experiment ({headline['setting']}; {headline['seeds']} seeds, {headline['date']}; "
+                     f"{headline['endpoint']}):")
+        lines += [_contrast_line(c, None) for c in headline["contrasts"]]
+    if not like and not headline:
         lines.append("No recorded multi-seed experiment to compare with (see benchmarks/RESULTS.md).")
-        return "\n".join(lines)
-    lines.append(f"Recorded experiment ({recorded['setting']}; {recorded['seeds']} seeds, {recorded['date']}; "
-                 f"{recorded['endpoint']}):")
-    alias = dict(recorded.get("aliases", {}))
-    for c in recorded["contrasts"]:
-        here = _this_run_difference(finals, alias, c["a"], c["b"])
-        verdict = "" if here is None else (f"; this run: {here:+.3f}, "
-                                           + ("inside" if c["ci_low"] <= here <= c["ci_high"] else "outside")
-                                           + " that interval")
-        sig = "the interval excludes 0" if c["ci_low"] > 0 or c["ci_high"] < 0 else "the interval includes 0"
-        lines.append(f"  {c['a']} - {c['b']}: {c['mean']:+.3f} (95% CI {c['ci_low']:+.3f} to {c['ci_high']:+.3f}, "
-                     f"{sig}, Holm p {c['p_holm']:.3g}){verdict}")
     return "\n".join(lines)
+
+
+def _contrast_line(c: Mapping[str, Any], here: float | None) -> str:
+    sig = "excludes 0" if c["ci_low"] > 0 or c["ci_high"] < 0 else "includes 0"
+    text = (f"  {c['a']} - {c['b']}: {c['mean']:+.3f} (95% CI {c['ci_low']:+.3f} to {c['ci_high']:+.3f}, {sig}; "
+            f"Holm p {c['p_holm']:.2g})")
+    if here is not None:
+        text += f"; this run: {here:+.3f}, " + ("inside" if c["ci_low"] <= here <= c["ci_high"] else "outside") \
+            + " that interval"
+    return text
 
 
 def _this_run_difference(finals: Mapping[str, float], alias: Mapping[str, str], a: str, b: str) -> float | None:
@@ -142,3 +152,24 @@ def _this_run_difference(finals: Mapping[str, float], alias: Mapping[str, str], 
     if va is None or vb is None or not (math.isfinite(va) and math.isfinite(vb)):
         return None
     return va - vb
+
+
+def arm_name(config: Any) -> str:
+    """The experiments' arm name of a run's config: ``atso`` (continue), ``atso-m0`` (restart from
+    M0), ``atso-lineage``, ``self-training``, ``self-training-m0``, ``supervised``, ``oracle``."""
+    method, init = config.method, config.init
+    if method == "atso":
+        return {"continue": "atso", "base": "atso-m0", "lineage": "atso-lineage"}[init]
+    if method == "self-training" and init == "base":
+        return "self-training-m0"
+    return method
+
+
+def demo_report(runs: Mapping[str, Any], setting: str = "demo3d", main: str = "2d") -> str:
+    """:func:`demo_summary` of finished :class:`~atso_fast.train.atso.ATSO` runs (name -> run)
+    against :data:`atso_fast.train.recorded.RECORDED` (``setting``: the demo-setting record,
+    ``main``: the main experiment's), matching runs to recorded arms by their config."""
+    finals = {name: run.history[-1]["val_mean_dice"] for name, run in runs.items()}
+    recorded = RECORDED or {}
+    return demo_summary(finals, recorded.get(setting), recorded.get(main),
+                        {name: arm_name(run.config) for name, run in runs.items()})
