@@ -1,22 +1,30 @@
-"""ATSO vs self-training vs supervised on a real abdominal CT, as 2D axial slices.
+"""ATSO vs self-training vs supervised vs oracle on real scans, with an interleaved, seeded split
+(protocol: ``exp_atso_protocol.py``; split: ``atso_fast.datasets.splits.interleaved_split``).
 
-Data: ``../shared/data/real/ct_abdomen`` (TotalSegmentator's example CT, 3 mm, 112 slices, labels
-from that model). A handful of structures that span many slices are kept (liver, kidneys, colon,
-small bowel, iliopsoas); everything else is background. The slices are cut into contiguous
-blocks along z: the labelled set is one block, a neighbouring block is the held-out test set,
-and every other slice is unlabelled. The three methods start from one shared warm-up per seed
-(paired comparison). Skips with a message (exit 0) when the data folder is absent.
+Datasets (``../shared/data/real``, read-only, never copied; labels are TotalSegmentator's output):
+    ``ct``  ``ct_abdomen`` (3 mm, 112 axial slices): liver, kidneys, colon, small bowel, iliopsoas.
+            2D: axial slices in 7 bands of 16; per band a held-out block (guard, 2 test, guard,
+            1 validation, guard, in random order and place) and 2 labelled slices; the rest is
+            unlabelled: 14 labelled, 56 unlabelled, 7 validation, 14 test slices per seed.
+            3D: slabs of 8 slices with a 1-slice gap between slabs (a guard); per seed the 12 slabs
+            go, band by band (3 bands of 4 slabs), to test (1 per band), labelled (1 per band) and
+            unlabelled, with one unlabelled slab moved to validation.
+    ``mr``  ``mr_abdomen`` (3 mm, 20 axial slices, so coronal slices, 91 of 20 x 117):
+            liver, spleen, kidneys, stomach, autochthon muscles; 7 bands of 13 coronal slices,
+            1 labelled per band: 7 labelled, 42 unlabelled, 7 validation, 14 test slices.
+Every arm of a seed starts from one warm-up (paired). Skips with a message (exit 0) when the data
+folder is absent. One scan per dataset: a check that the method behaves on real anatomy and
+intensities, not a clinical benchmark.
 
-This is one scan: a proof that the trainer runs on real scanner data (int32 HU, odd sizes, real
-anatomy), not a clinical benchmark.
-
-Usage: python benchmarks/exp_atso_real.py [--seeds 0 1 2] [--block 16] [--labelled-block 4]
-       [--test-block 5] [--threshold T] [--quick] [--threads N] [--data DIR] [--out benchmarks/results]
+Usage: python benchmarks/exp_atso_real.py [--dataset ct|mr] [--dims 2|3] [--seeds 0 1 2 3 4]
+       [--arms main|all] [--workers 2] [--warmup-steps N] [--quick] [--data DIR] [--out benchmarks/results]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,119 +34,188 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from exp_atso_synthetic import METHODS, machine_meta, markdown, summarise_run  # noqa: E402
+from exp_atso_protocol import (  # noqa: E402,I001
+    ARMS, charts, choose_warmup, cpu_seconds, machine_meta, markdown, run_seed, run_seeds, summarise, warmup_sweep)
+from exp_atso_synthetic import CONTRASTS, VARIANTS  # noqa: E402
 
-from atso_fast.train.atso import ATSOConfig, run_methods  # noqa: E402
+from atso_fast.datasets.splits import interleaved_split  # noqa: E402
+from atso_fast.train.atso import ATSOConfig  # noqa: E402
 from atso_fast.train.data import data_from_arrays  # noqa: E402
 
-__all__ = ["main", "CLASSES", "SETTING"]
+__all__ = ["DATASETS", "main", "load_volume", "make_split", "seed_task", "pilot_task"]
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "ct_abdomen"
-# new label: (name, TotalSegmentator labels merged into it)
-CLASSES: tuple[tuple[str, tuple[int, ...]], ...] = (
-    ("liver", (5,)), ("kidneys", (2, 3)), ("colon", (20,)), ("small_bowel", (18,)), ("iliopsoas", (88, 89)))
-SETTING: dict[str, Any] = {"patch_size": (64, 64), "batch_size": 8, "model": {"base_channels": 8, "depth": 4},
-                           "warmup_steps": 400, "rounds": 4, "steps_per_round": 100, "lr": 3e-3, "round_lr": 1e-3}
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+_TRAIN_2D = {"batch_size": 8, "model": {"base_channels": 8, "depth": 4}, "warmup_steps": 1000, "rounds": 4,
+             "steps_per_round": 200, "lr": 3e-3, "round_lr": 1e-3}
+DATASETS: dict[str, dict[str, Any]] = {
+    "ct": {"folder": "ct_abdomen", "normalization": "ct", "axis": 0,
+           # new label: (name, TotalSegmentator labels merged into it)
+           "classes": (("liver", (5,)), ("kidneys", (2, 3)), ("colon", (20,)), ("small_bowel", (18,)),
+                       ("iliopsoas", (88, 89))),
+           "split": {"bands": 7, "test_chunk": 2, "val_chunk": 1, "labelled_per_band": 2},
+           "train": {**_TRAIN_2D, "patch_size": (64, 64)},
+           "train3d": {"batch_size": 2, "model": {"base_channels": 8, "depth": 3}, "warmup_steps": 600,
+                       "rounds": 4, "steps_per_round": 150, "lr": 3e-3, "round_lr": 1e-3, "patch_size": (8, 48, 48)}},
+    "mr": {"folder": "mr_abdomen", "normalization": "zscore", "axis": 1,
+           "classes": (("liver", (5,)), ("spleen", (1,)), ("kidneys", (2, 3)), ("stomach", (6,)),
+                       ("autochthon", (46, 47))),
+           "split": {"bands": 7, "test_chunk": 2, "val_chunk": 1, "labelled_per_band": 1},
+           "train": {**_TRAIN_2D, "patch_size": (16, 64)}},
+}
 QUICK = {"warmup_steps": 10, "rounds": 2, "steps_per_round": 3}
 
 
-def load_slices(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(Z, Y, X)`` image and remapped labels (0 = background, 1..K = :data:`CLASSES`)."""
+def load_volume(folder: Path, classes: tuple[tuple[str, tuple[int, ...]], ...]) -> tuple[np.ndarray, np.ndarray]:
+    """``(Z, Y, X)`` image and labels remapped to 0 = background, 1..K = ``classes``."""
     from atso_fast.io import read_volume
 
     image, _ = read_volume(folder / "image.nii.gz")
     raw, _ = read_volume(folder / "label.nii.gz")
     label = np.zeros(raw.shape, np.uint8)
-    for new, (_, olds) in enumerate(CLASSES, start=1):
+    for new, (_, olds) in enumerate(classes, start=1):
         label[np.isin(raw, olds)] = new
     return image, label
 
 
-def split_blocks(depth: int, block: int, labelled_block: int, test_block: int
-                 ) -> tuple[list[int], list[int], list[int]]:
-    """Slice indices of the labelled block, the unlabelled rest and the test block.
-
-    Raises:
-        ValueError: blocks out of range or equal.
-    """
-    n_blocks = -(-depth // block)
-    if block < 1 or not (0 <= labelled_block < n_blocks and 0 <= test_block < n_blocks) \
-            or labelled_block == test_block:
-        raise ValueError(f"need distinct blocks in [0, {n_blocks}) of {block} slices, "
-                         f"got labelled {labelled_block}, test {test_block}")
-    blocks = [list(range(b * block, min((b + 1) * block, depth))) for b in range(n_blocks)]
-    unlabelled = [z for b, zs in enumerate(blocks) if b not in (labelled_block, test_block) for z in zs]
-    return blocks[labelled_block], unlabelled, blocks[test_block]
+def _slices(image: np.ndarray, label: np.ndarray, axis: int, idx: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """2D cases ``(1, H, W)`` taken along ``axis`` (0 axial, 1 coronal)."""
+    return [(np.take(image, [i], axis=axis).swapaxes(0, axis) if axis else image[i:i + 1],
+             np.take(label, [i], axis=axis).swapaxes(0, axis) if axis else label[i:i + 1]) for i in idx]
 
 
-def make_data(image: np.ndarray, label: np.ndarray, args: argparse.Namespace):
-    """Depth-1 slices ``(1, Y, X)`` as labelled / unlabelled (truth kept for the monitor) / test."""
-    lab, unl, test = split_blocks(image.shape[0], args.block, args.labelled_block, args.test_block)
-
-    def pair(z: int) -> tuple[np.ndarray, np.ndarray]:
-        return image[z:z + 1], label[z:z + 1]
-
-    return data_from_arrays([pair(z) for z in lab], [pair(z) for z in unl], [pair(z) for z in test],
-                            normalization="ct"), (lab, unl, test)
-
-
-def run_seed(data: Any, setting: dict[str, Any], seed: int) -> dict[str, Any]:
-    config = ATSOConfig(num_classes=len(CLASSES) + 1, spatial_dims=2, seed=seed, **setting)
-    start = time.perf_counter()
-    runs = run_methods(config, METHODS, data=data)
-    out: dict[str, Any] = {m: summarise_run(r) for m, r in runs.items()}
-    out["warmup"] = runs["atso"].history[0]["val_mean_dice"]
-    out["seconds"] = time.perf_counter() - start
+def slab_split(depth: int, seed: int, *, slab: int = 8, gap: int = 1, bands: int = 3) -> dict[str, list[list[int]]]:
+    """3D: slabs of ``slab`` slices separated by ``gap`` guard slices (random start offset), dealt
+    band by band: per band 1 test and 1 labelled slab, the rest unlabelled; one unlabelled slab
+    (from a random band) becomes validation."""
+    rng = np.random.default_rng([int(seed), 23])
+    count = (depth + gap) // (slab + gap)
+    offset = int(rng.integers(depth - (count * (slab + gap) - gap) + 1))
+    slabs = [list(range(offset + s * (slab + gap), offset + s * (slab + gap) + slab)) for s in range(count)]
+    out: dict[str, list[list[int]]] = {"labelled": [], "unlabelled": [], "val": [], "test": []}
+    for band in np.array_split(np.arange(count), bands):
+        order = rng.permutation(band).tolist()
+        out["test"].append(slabs[order[0]])
+        out["labelled"].append(slabs[order[1]])
+        out["unlabelled"] += [slabs[i] for i in order[2:]]
+    out["val"].append(out["unlabelled"].pop(int(rng.integers(len(out["unlabelled"])))))
     return out
+
+
+def make_split(spec: dict[str, Any], image: np.ndarray, label: np.ndarray, seed: int, dims: int):
+    """``(data, test cases, split)`` of one seed."""
+    if dims == 3:
+        split = slab_split(image.shape[0], seed)
+        cases = {k: [(image[z[0]:z[-1] + 1], label[z[0]:z[-1] + 1]) for z in v] for k, v in split.items()}
+    else:
+        split = interleaved_split(image.shape[spec["axis"]], seed=seed, **spec["split"])
+        cases = {k: _slices(image, label, spec["axis"], v) for k, v in split.items() if k != "guard"}
+    data = data_from_arrays(cases["labelled"], cases["unlabelled"], cases["val"] + cases["test"],
+                            normalization=spec["normalization"])
+    test = data.val[len(cases["val"]):]
+    data.val = data.val[:len(cases["val"])]
+    return data, test, split
+
+
+def seed_task(spec: dict[str, Any], folder: str, dims: int, train: dict[str, Any], arms: dict[str, dict[str, Any]],
+              seed: int) -> dict[str, Any]:
+    """One seed (module level: runs in spawn workers)."""
+    image, label = load_volume(Path(folder), spec["classes"])
+    data, test, split = make_split(spec, image, label, seed, dims)
+    config = ATSOConfig(num_classes=len(spec["classes"]) + 1, spatial_dims=dims, seed=seed, **train)
+    out = run_seed(config, data, test, arms)
+    out["split"] = split
+    return out
+
+
+def pilot_task(spec: dict[str, Any], folder: str, dims: int, train: dict[str, Any], grid: list[int],
+               seed: int) -> dict[str, Any]:
+    """Warm-up length sweep on a pilot seed's split (validation slices only)."""
+    image, label = load_volume(Path(folder), spec["classes"])
+    data, _, _ = make_split(spec, image, label, seed, dims)
+    config = ATSOConfig(num_classes=len(spec["classes"]) + 1, spatial_dims=dims, seed=seed, **train)
+    return warmup_sweep(config, data, grid)
+
+
+def _pilot(args: argparse.Namespace, spec: dict[str, Any], folder: Path, train: dict[str, Any], stem: str,
+           meta: dict[str, Any]) -> int:
+    start = time.perf_counter()
+    task = functools.partial(pilot_task, spec, str(folder), args.dims, train, args.grid)
+    pilot = run_seeds(task, args.pilot_seeds, Path(args.work or f"/tmp/atso_exp/{stem}_pilot"), workers=args.workers,
+                      log=lambda s: print(s, file=sys.stderr, flush=True))
+    chosen, means = choose_warmup(pilot)
+    meta.update(seconds=time.perf_counter() - start, cpu_seconds=cpu_seconds(pilot),
+                load_after=[round(x, 2) for x in os.getloadavg()])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}_pilot.json").write_text(json.dumps({"meta": meta, "means": means, "chosen": chosen,
+                                                        "seeds": {str(k): v for k, v in pilot.items()}}, indent=1))
+    lines = [f"# Warm-up pilot, real {args.dataset.upper()} {args.dims}D (validation slices, seeds {args.pilot_seeds})", "",
+             f"{meta['machine']}; {meta['date']}; wall {meta['seconds'] / 60:.1f} min, {meta['cpu_seconds'] / 60:.1f} CPU-min.",
+             "", "| warm-up steps | " + " | ".join(map(str, means)) + " |", "|---|" + "---|" * len(means),
+             "| val mean Dice of M0 | " + " | ".join(f"{v:.3f}" for v in means.values()) + " |", "",
+             f"Chosen (shortest within 0.005 of the best): **{chosen}** steps."]
+    (out / f"{stem}_pilot.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--block", type=int, default=16, help="slices per block")
-    parser.add_argument("--labelled-block", type=int, default=4)
-    parser.add_argument("--test-block", type=int, default=5)
-    parser.add_argument("--threshold", type=float, default=0.0, help="pseudo-label confidence threshold")
+    parser.add_argument("--dataset", choices=list(DATASETS), default="ct")
+    parser.add_argument("--dims", type=int, choices=(2, 3), default=2)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--arms", choices=("main", "all"), default="main")
+    parser.add_argument("--extra-arms", nargs="*", default=[], help=f"variants to add, from {list(VARIANTS)}")
+    parser.add_argument("--warmup-steps", type=int)
+    parser.add_argument("--pilot", action="store_true", help="only the warm-up length sweep on --pilot-seeds")
+    parser.add_argument("--pilot-seeds", type=int, nargs="+", default=[100, 101])
+    parser.add_argument("--grid", type=int, nargs="+", default=[250, 500, 1000, 2000])
+    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: the recorded results used 1; the count changes results)")
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--work")
     args = parser.parse_args(argv)
-    folder = Path(args.data)
+    spec = DATASETS[args.dataset]
+    folder = Path(args.data) / spec["folder"]
     if not (folder / "image.nii.gz").is_file() or not (folder / "label.nii.gz").is_file():
         print(f"exp_atso_real: skipped, no image.nii.gz/label.nii.gz in {folder} "
               "(see shared/data/real/README.md)", file=sys.stderr)
         return 0
-    image, label = load_slices(folder)
-    data, (lab, unl, test) = make_data(image, label, args)
-    setting = {**SETTING, **(QUICK if args.quick else {}), "threshold": args.threshold}
-    before = torch.get_num_threads()
-    torch.set_num_threads(args.threads or before)
+    if args.dims == 3 and "train3d" not in spec:
+        raise SystemExit(f"exp_atso_real: no 3D setting for dataset {args.dataset!r}")
+    train = dict(spec["train3d" if args.dims == 3 else "train"])
+    train.update(QUICK if args.quick else {})
+    if args.warmup_steps is not None:
+        train["warmup_steps"] = args.warmup_steps
+    arms = {**ARMS, **VARIANTS} if args.arms == "all" else {**ARMS, **{a: VARIANTS[a] for a in args.extra_arms}}
+    stem = f"atso_real_{args.dataset}_{args.dims}d" + ("_all" if args.arms == "all" else "") + ("_quick" if args.quick else "")
+    meta = machine_meta(args.workers)
+    if args.pilot:
+        return _pilot(args, spec, folder, train, stem, meta)
     start = time.perf_counter()
-    try:
-        per_seed = []
-        for seed in args.seeds:
-            per_seed.append(run_seed(data, setting, seed))
-            print(f"seed {seed}: " + ", ".join(f"{m} {per_seed[-1][m]['val_mean_dice']:.3f}" for m in METHODS),
-                  file=sys.stderr, flush=True)
-    finally:
-        torch.set_num_threads(before)
-    key = f"{len(lab)} labelled / {len(unl)} unlabelled slices"
-    meta = {**machine_meta(args.threads or before, time.perf_counter() - start, args.seeds),
-            "slices": {"labelled": lab, "unlabelled": unl, "test": test},
-            "setting": {**setting, "patch_size": list(setting["patch_size"])}}
+    task = functools.partial(seed_task, spec, str(folder), args.dims, train, arms)
+    results = run_seeds(task, args.seeds, Path(args.work or f"/tmp/atso_exp/{stem}"), workers=args.workers,
+                        log=lambda s: print(s, file=sys.stderr, flush=True))
+    meta.update(seconds=time.perf_counter() - start, cpu_seconds=cpu_seconds(results),
+                load_after=[round(x, 2) for x in os.getloadavg()], train={**train, "patch_size": list(train["patch_size"])},
+                dataset=args.dataset, dims=args.dims, arms=arms,
+                split_sizes={k: len(v) for k, v in next(iter(results.values()))["split"].items()})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "atso_real_ct" + (f"_t{args.threshold:g}" if args.threshold else "") + ("_quick" if args.quick else "")
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": {key: per_seed}}, indent=1))
-    title = (f"ATSO on real CT slices (ct_abdomen, test = slices {test[0]}-{test[-1]}, "
-             f"labelled = slices {lab[0]}-{lab[-1]}, pseudo-label threshold {args.threshold:g})")
-    text = markdown({key: per_seed}, meta, [name for name, _ in CLASSES], title)
+    summary = summarise(results, CONTRASTS)
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "summary": summary,
+                                                  "results": {str(k): v for k, v in results.items()}}, indent=1))
+    title = f"ATSO on real {args.dataset.upper()} ({spec['folder']}, {args.dims}D, interleaved split, {len(results)} seeds)"
+    png = charts(results, out / f"{stem}_monitors.png", title)
+    notes = [f"Charts: `{png.name}`. Split sizes per seed: {meta['split_sizes']} "
+             f"({'slabs' if args.dims == 3 else 'slices'}); training: {json.dumps(meta['train'])}."]
+    text = markdown(results, meta, [name for name, _ in spec["classes"]], CONTRASTS, title, notes)
     (out / f"{stem}.md").write_text(text)
     print(text)
     return 0
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)
     sys.exit(main())

@@ -1,234 +1,257 @@
-"""ATSO vs self-training vs supervised on synthetic CT-like phantoms, several seeds and label fractions.
+"""ATSO vs self-training vs supervised vs oracle on CT-like synthetic phantoms: a paired, powered
+experiment with a pilot for the warm-up length and a headroom check (protocol:
+``exp_atso_protocol.py``).
 
-For every (labelled fraction, seed) the three methods start from one shared supervised warm-up
-(same M0, same pseudo labels, same split), so their differences are paired. Reported: final
-validation Dice (mean +- std over seeds, per class and foreground mean), the paired difference
-ATSO - self-training, and the lazy-learning monitor per round (loss of the model on the pseudo
-labels it is about to learn, fraction of pseudo-label voxels that changed at relabelling, mean
-confidence, pseudo-label Dice against the phantoms' hidden truth).
+Task (``--task``): 2D phantoms (slices through 3D phantoms, 64 x 64; liver, kidney, spleen and a
+small low-contrast target in the liver), per seed ``n_labelled`` labelled, ``n_unlabelled``
+unlabelled (truth hidden from training; used by the oracle arm and the monitors), ``n_val``
+validation and ``n_test`` test slices, all drawn from that seed. ``hard`` has more noise, a fainter
+and smaller target and fewer labels (the headroom rule: if the oracle gains < 0.02 Dice over
+supervised on validation, the task is made harder).
 
-Default setting (CPU budget, about 10-15 minutes on 2 cores): 2D phantoms (slices through 3D
-phantoms, 64 x 64), 100 training slices (10% / 25% labelled), 40 validation slices, 2D U-Net
-8-16-32-64, warm-up 400 steps, 4 rounds x 100 steps. ``--dims 3`` uses 3D phantoms (16 x 32 x 32).
-``--ablation`` adds ATSO variants (confidence threshold, init from M0, decaying round lr, more
-labelled samples per batch).
+Stages:
+    ``--pilot``   warm-up length sweep on pilot seeds (validation only): M0 trained for each length in
+                  ``--grid``; the chosen length is the shortest within 0.005 of the best mean.
+                  Then every arm once per pilot seed from that M0, on validation (headroom).
+    (default)     the main experiment on ``--seeds``; writes JSON, markdown and one PNG of monitors.
+    ``--record``  also writes ``atso_fast/train/recorded.py`` (the demo's reference).
 
-Usage: python benchmarks/exp_atso_synthetic.py [--seeds 0 1 2] [--fractions 0.1 0.25] [--dims 2|3]
-       [--ablation] [--quick] [--threads N] [--out benchmarks/results]
+Usage: python benchmarks/exp_atso_synthetic.py [--task 2d|hard] [--pilot] [--seeds 0 ... 9]
+       [--arms main|variants|lines|all] [--set rounds=8] [--workers 2] [--out benchmarks/results] [--record]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import logging
+import math
 import os
-import platform
+import pprint
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from atso_fast.datasets.synthetic import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from exp_atso_protocol import (  # noqa: E402
+    ARMS,
+    charts,
+    choose_warmup,
+    cpu_seconds,
+    machine_meta,
+    markdown,
+    run_seed,
+    run_seeds,
+    summarise,
+    warmup_sweep,
+)
+
+from atso_fast.datasets.synthetic import (  # noqa: E402
     make_phantoms,
     phantom_class_names,
     phantom_num_classes,
 )
-from atso_fast.train.atso import ATSO, ATSOConfig, run_methods
-from atso_fast.train.data import data_from_arrays
+from atso_fast.train.atso import ATSOConfig  # noqa: E402
+from atso_fast.train.data import data_from_arrays  # noqa: E402
+from atso_fast.train.recorded import RECORDED  # noqa: E402
 
-__all__ = ["main", "SETTINGS", "ABLATIONS", "METHODS", "summarise_run", "run_all", "markdown", "stats",
-           "monitor_table", "machine_meta"]
+__all__ = ["TASKS", "VARIANTS", "CONTRASTS", "main", "make_task", "make_config", "seed_task", "pilot_task"]
 
-SETTINGS: dict[int, dict[str, Any]] = {
-    2: {"shape": (64, 64), "n_train": 100, "n_val": 40, "batch_size": 8, "model": {"base_channels": 8, "depth": 4},
-        "warmup_steps": 400, "rounds": 4, "steps_per_round": 100, "lr": 3e-3, "round_lr": 1e-3},
-    3: {"shape": (16, 32, 32), "n_train": 20, "n_val": 8, "batch_size": 2, "model": {"base_channels": 8, "depth": 3},
-        "warmup_steps": 500, "rounds": 4, "steps_per_round": 100, "lr": 1e-2, "round_lr": 3e-3},
+_BASE = {"shape": (64, 64), "n_labelled": 10, "n_unlabelled": 90, "n_val": 50, "n_test": 100, "phantom": {},
+         "config": {"batch_size": 8, "model": {"base_channels": 8, "depth": 4}, "warmup_steps": 1000,
+                    "rounds": 4, "steps_per_round": 200, "lr": 3e-3, "round_lr": 1e-3}}
+TASKS: dict[str, dict[str, Any]] = {
+    "2d": _BASE,
+    "hard": {**_BASE, "n_labelled": 6, "n_unlabelled": 94,
+             "phantom": {"noise_hu": 35.0, "target_radius": (0.05, 0.09)}},
+    # the demo's setting (atso_fast.train.cli.DEMO_SETTINGS["full"]), plus 20 test volumes
+    "demo3d": {"shape": (16, 32, 32), "n_labelled": 4, "n_unlabelled": 20, "n_val": 6, "n_test": 20,
+               "phantom": {"target_radius": (0.14, 0.22)},
+               "config": {"batch_size": 2, "model": {"base_channels": 8, "depth": 3}, "warmup_steps": 400,
+                          "rounds": 2, "steps_per_round": 80, "lr": 1e-2, "round_lr": 3e-3}},
 }
-QUICK = {"n_train": 20, "n_val": 6, "warmup_steps": 20, "rounds": 2, "steps_per_round": 5}
-ABLATIONS: dict[str, dict[str, Any]] = {
-    "atso threshold 0.9": {"threshold": 0.9},
-    "atso init=base": {"init": "base"},
-    "atso lr decay 0.5": {"round_lr_decay": 0.5},
-    "atso labelled ratio 0.75": {"labelled_ratio": 0.75},
+QUICK = {"n_labelled": 4, "n_unlabelled": 8, "n_val": 4, "n_test": 4,
+         "config": {"warmup_steps": 10, "rounds": 2, "steps_per_round": 4}}
+# ATSO variants that keep the student from being its own teacher (all from the shared warm-up)
+VARIANTS: dict[str, dict[str, Any]] = {
+    "self-training-m0": {"method": "self-training", "init": "base"},
+    "atso-lineage": {"method": "atso", "init": "lineage"},
+    "atso-m0-soft": {"method": "atso", "init": "base", "targets": "soft"},
+    "atso-m0-t0.9": {"method": "atso", "init": "base", "threshold": 0.9},
+    "atso-m0-k4": {"method": "atso", "init": "base", "num_subsets": 4},
+    "atso-m0-long": {"method": "atso", "init": "base", "rounds": 2, "steps_per_round": 400},
 }
-METHODS = ("supervised", "self-training", "atso")
+CONTRASTS = [("atso", "self-training"), ("atso", "supervised"), ("atso-m0", "self-training"),
+             ("atso-m0", "supervised"), ("self-training", "supervised"), ("oracle", "supervised")]
 
 
-def make_data(setting: dict[str, Any], fraction: float, seed: int):
-    """Phantoms of ``seed``: the first ``round(fraction * n_train)`` labelled, the rest unlabelled
-    (their truth kept only for the pseudo-label monitor), then ``n_val`` validation cases."""
-    n, n_val = setting["n_train"], setting["n_val"]
-    kwargs = {"target_radius": (0.14, 0.22)} if len(setting["shape"]) == 3 else {}
-    ph = make_phantoms(n + n_val, setting["shape"], seed=seed, **kwargs)
-    n_lab = max(1, round(fraction * n))
-    return data_from_arrays(ph[:n_lab], ph[n_lab:n], ph[n:], normalization="ct")
+def _arms(which: str) -> dict[str, dict[str, Any]]:
+    if which == "main":
+        return dict(ARMS)
+    if which == "variants":
+        return {"self-training": ARMS["self-training"], "supervised": ARMS["supervised"], **VARIANTS}
+    if which == "lines":  # the students that never start from their teacher, next to the baselines
+        return {**{a: ARMS[a] for a in ("supervised", "self-training", "atso", "atso-m0")},
+                **{a: VARIANTS[a] for a in ("self-training-m0", "atso-lineage")}}
+    return {**ARMS, **VARIANTS}
 
 
-def make_config(setting: dict[str, Any], seed: int) -> ATSOConfig:
-    keys = ("batch_size", "model", "warmup_steps", "rounds", "steps_per_round", "lr", "round_lr")
-    return ATSOConfig(num_classes=phantom_num_classes(), spatial_dims=len(setting["shape"]),
-                      patch_size=setting["shape"], seed=seed, **{k: setting[k] for k in keys})
+def _task(name: str, quick: bool) -> dict[str, Any]:
+    task = json.loads(json.dumps(TASKS[name]))
+    task["shape"] = tuple(task["shape"])
+    if quick:
+        task.update({k: v for k, v in QUICK.items() if k != "config"})
+        task["config"].update(QUICK["config"])
+    return task
 
 
-def summarise_run(run: ATSO) -> dict[str, Any]:
-    """Final Dice, per-round monitor and timings of one finished run."""
-    rounds = []
-    for h in run.history:
-        mon = list(h["monitor"].values())
-        pick = lambda key: [m[key] for m in mon if m.get(key) is not None]  # noqa: E731
-        rounds.append({"round": h["round"], "val_mean_dice": h["val_mean_dice"],
-                       "pre_loss": _mean(pick("pre_loss")), "changed_fraction": _mean(pick("changed_fraction")),
-                       "mean_confidence": _mean(pick("mean_confidence")), "pseudo_dice": _mean(pick("pseudo_dice")),
-                       "trained_on": h["trained_on"], "relabelled": h["relabelled"]})
-    last = run.history[-1]
-    return {"val_mean_dice": last["val_mean_dice"], "val_dice": last["val_dice"], "rounds": rounds,
-            "seconds": sum(h["seconds"] for h in run.history[1:])}
+def make_task(task: dict[str, Any], seed: int):
+    """``(data, test cases)`` of ``seed``: labelled, unlabelled (with truth), validation, test."""
+    n_lab, n_unl, n_val, n_test = (task[k] for k in ("n_labelled", "n_unlabelled", "n_val", "n_test"))
+    ph = make_phantoms(n_lab + n_unl + n_val + n_test, task["shape"], seed=seed, **task["phantom"])
+    a, b, c = n_lab, n_lab + n_unl, n_lab + n_unl + n_val
+    data = data_from_arrays(ph[:a], ph[a:b], ph[b:c] + ph[c:], normalization="ct")
+    test = data.val[n_val:]
+    data.val = data.val[:n_val]
+    return data, test
 
 
-def _mean(values: list[float]) -> float | None:
-    return float(np.mean(values)) if values else None
+def make_config(task: dict[str, Any], seed: int, **overrides: Any) -> ATSOConfig:
+    return ATSOConfig(num_classes=phantom_num_classes(), spatial_dims=len(task["shape"]), patch_size=task["shape"],
+                      seed=seed, **{**task["config"], **overrides})
 
 
-def run_setting(setting: dict[str, Any], fraction: float, seed: int, ablation: bool) -> dict[str, Any]:
-    """All methods (and ablations) of one (fraction, seed) from one shared warm-up."""
-    data = make_data(setting, fraction, seed)
-    plans = {m: {"method": m} for m in METHODS}
-    if ablation:
-        plans.update({name: {"method": "atso", **change} for name, change in ABLATIONS.items()})
-    start = time.perf_counter()
-    runs = run_methods(make_config(setting, seed), plans, data=data)
-    out: dict[str, Any] = {name: summarise_run(run) for name, run in runs.items()}
-    out["warmup"] = runs["atso"].history[0]["val_mean_dice"]
-    out["seconds"] = time.perf_counter() - start
-    return out
+def seed_task(task: dict[str, Any], arms: dict[str, dict[str, Any]], seed: int) -> dict[str, Any]:
+    """One seed of the main experiment (module level: runs in spawn workers)."""
+    data, test = make_task(task, seed)
+    return run_seed(make_config(task, seed), data, test, arms)
 
 
-def stats(values: list[float | None]) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.3f} +- {sd:.3f}"
-
-
-def markdown(results: dict[str, Any], meta: dict[str, Any], class_names: list[str], title: str) -> str:
-    """Dice table, paired differences and lazy-learning monitor, as markdown.
-
-    Args:
-        results: ``{setting: [per-seed dict of run name -> summarise_run(...), "warmup": Dice]}``.
-        meta: machine, torch, threads, date, seeds, seconds.
-        class_names: foreground class names (Dice columns).
-        title: first heading.
-    """
-    names = class_names
-    lines = [f"# {title}", "",
-             f"Machine: {meta['machine']}; torch {meta['torch']}, {meta['threads']} thread(s); {meta['date']}; "
-             f"seeds {meta['seeds']}; total {meta['seconds'] / 60:.1f} min.", "",
-             "| labelled | method | val mean Dice | " + " | ".join(names) + " |",
-             "|---|---|---|" + "---|" * len(names)]
-    for frac, per_seed in results.items():
-        methods = [k for k in per_seed[0] if isinstance(per_seed[0][k], dict)]
-        lines.append(f"| {frac} | warm-up M0 | {stats([r['warmup'] for r in per_seed])} |" + " |" * len(names))
-        for m in methods:
-            cls = [stats([r[m]["val_dice"][c + 1] for r in per_seed]) for c in range(len(names))]
-            mean = stats([r[m]["val_mean_dice"] for r in per_seed])
-            lines.append(f"| {frac} | {m} | {mean} | " + " | ".join(cls) + " |")
-    lines += ["", "Paired differences (same seed, same warm-up), mean +- std over seeds:", ""]
-    for frac, per_seed in results.items():
-        variants = [k for k in per_seed[0] if isinstance(per_seed[0][k], dict) and k not in METHODS]
-        pairs = [("atso", "self-training"), ("atso", "supervised"), ("self-training", "supervised")]
-        for a, b in pairs + [(v, ref) for v in variants for ref in ("atso", "self-training")]:
-            diff = [r[a]["val_mean_dice"] - r[b]["val_mean_dice"] for r in per_seed]
-            wins = sum(d > 0 for d in diff)
-            lines.append(f"- {frac}: {a} - {b} = {stats(diff)} ({wins}/{len(diff)} seeds > 0)")
-    lines += ["", monitor_table(results)]
-    return "\n".join(lines) + "\n"
-
-
-def monitor_table(results: dict[str, Any]) -> str:
-    lines = ["Lazy-learning monitor (mean over seeds): pre-loss = loss of the model entering the round on "
-             "the pseudo labels it then trains on; changed = fraction of relabelled voxels that changed; "
-             "pseudo Dice = relabelled subset vs hidden truth.", "",
-             "| labelled | method | round | pre-loss | changed | confidence | pseudo Dice | val Dice |",
-             "|---|---|---|---|---|---|---|---|"]
-    for frac, per_seed in results.items():
-        for m in ("self-training", "atso"):
-            for k in range(1, len(per_seed[0][m]["rounds"])):
-                rows = [r[m]["rounds"][k] for r in per_seed]
-                cells = [stats([x[key] for x in rows]) for key in
-                         ("pre_loss", "changed_fraction", "mean_confidence", "pseudo_dice", "val_mean_dice")]
-                lines.append(f"| {frac} | {m} | {k} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def run_all(setting: dict[str, Any], fractions: list[float], seeds: list[int], ablation: bool
-            ) -> dict[str, list[dict[str, Any]]]:
-    """Every (fraction, seed); progress lines on stderr."""
-    results: dict[str, list[dict[str, Any]]] = {}
-    for frac in fractions:
-        key = f"{round(100 * frac)}%"
-        for seed in seeds:
-            res = run_setting(setting, frac, seed, ablation)
-            results.setdefault(key, []).append(res)
-            print(f"{key} seed {seed}: " + ", ".join(f"{m} {res[m]['val_mean_dice']:.3f}" for m in METHODS)
-                  + f" ({res['seconds']:.0f} s)", file=sys.stderr, flush=True)
-    return results
-
-
-def machine_meta(threads: int, seconds: float, seeds: list[int]) -> dict[str, Any]:
-    """Machine, versions, threads, date: recorded with every result."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return {"machine": f"{platform.processor() or platform.machine()}, {cores} cores, CPU only",
-            "torch": torch.__version__, "threads": threads, "date": time.strftime("%Y-%m-%d"),
-            "seeds": seeds, "seconds": seconds}
+def pilot_task(task: dict[str, Any], grid: list[int], seed: int) -> dict[str, Any]:
+    """Validation Dice of M0 for each warm-up length (fresh model each), on a pilot seed."""
+    data, _ = make_task(task, seed)
+    return warmup_sweep(make_config(task, seed), data, grid)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25])
-    parser.add_argument("--dims", type=int, choices=(2, 3), default=2)
-    parser.add_argument("--ablation", action="store_true", help="also run ATSO variants (see ABLATIONS)")
+    parser.add_argument("--task", choices=list(TASKS), default="2d")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
+    parser.add_argument("--arms", choices=("main", "variants", "lines", "all"), default="main")
+    parser.add_argument("--pilot", action="store_true", help="warm-up sweep + headroom on pilot seeds (validation)")
+    parser.add_argument("--pilot-seeds", type=int, nargs="+", default=[100, 101])
+    parser.add_argument("--grid", type=int, nargs="+", default=[250, 500, 1000, 2000, 3000])
+    parser.add_argument("--warmup-steps", type=int, help="override the task's warm-up length (e.g. the pilot's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="override an ATSOConfig field of the task, e.g. --set steps_per_round=300")
+    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: the recorded results used 1; the count changes results)")
-    parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown")
-    parser.add_argument("--report", help="only re-render the markdown of a saved JSON result")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--work", help="per-seed cache folder (default /tmp/atso_exp/<stem>)")
+    parser.add_argument("--stem", help="output file stem (default atso_synthetic_<task>[_<arms>])")
+    parser.add_argument("--record", action="store_true", help="write atso_fast/train/recorded.py (demo reference)")
     return parser.parse_args(argv)
+
+
+def _setup(args: argparse.Namespace) -> dict[str, Any]:
+    task = _task(args.task, args.quick)
+    if args.warmup_steps is not None:
+        task["config"]["warmup_steps"] = args.warmup_steps
+    for item in args.set:
+        key, _, value = item.partition("=")
+        task["config"][key] = json.loads(value)
+    return task
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    if args.report:
-        saved = json.loads(Path(args.report).read_text())
-        print(markdown(saved["results"], saved["meta"], phantom_class_names()[1:],
-                       f"ATSO on synthetic phantoms ({saved['meta']['dims']}D)"))
-        return 0
-    setting = {**SETTINGS[args.dims], **(QUICK if args.quick else {})}
-    before = torch.get_num_threads()
-    torch.set_num_threads(args.threads or before)
-    start = time.perf_counter()
-    try:
-        results = run_all(setting, args.fractions, args.seeds, args.ablation)
-    finally:
-        torch.set_num_threads(before)
-    meta = {**machine_meta(args.threads or before, time.perf_counter() - start, args.seeds), "dims": args.dims,
-            "setting": {**setting, "shape": list(setting["shape"])}}
+    task = _setup(args)
+    meta = machine_meta(args.workers)
+    stem = args.stem or (f"atso_synthetic_{args.task}" + ("_pilot" if args.pilot else "")
+                         + ("" if args.arms == "main" or args.pilot else f"_{args.arms}") + ("_quick" if args.quick else ""))
+    work = Path(args.work or f"/tmp/atso_exp/{stem}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"atso_synthetic_{args.dims}d" + ("_ablation" if args.ablation else "") + ("_quick" if args.quick else "")
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    text = markdown(results, meta, phantom_class_names()[1:], f"ATSO on synthetic phantoms ({args.dims}D)")
+    start = time.perf_counter()
+    if args.pilot:
+        return _pilot(args, task, meta, stem, work, out, start)
+    arms = _arms(args.arms)
+    results = run_seeds(functools.partial(seed_task, task, arms), args.seeds, work, workers=args.workers,
+                        log=lambda s: print(s, file=sys.stderr, flush=True))
+    meta.update(seconds=time.perf_counter() - start, cpu_seconds=cpu_seconds(results),
+                load_after=[round(x, 2) for x in os.getloadavg()], task={**task, "shape": list(task["shape"])},
+                arms=arms, contrasts=CONTRASTS)
+    summary = summarise(results, CONTRASTS)
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "summary": summary,
+                                                  "results": {str(k): v for k, v in results.items()}}, indent=1))
+    title = f"ATSO on synthetic phantoms ({args.task}, {len(results)} seeds, arms: {args.arms})"
+    png = charts(results, out / f"{stem}_monitors.png", title)
+    notes = [f"Charts: `{png.name}`. Task: {json.dumps({k: v for k, v in meta['task'].items() if k != 'config'})}; "
+             f"training: {json.dumps(task['config'])}."]
+    text = markdown(results, meta, phantom_class_names()[1:], CONTRASTS, title, notes)
     (out / f"{stem}.md").write_text(text)
+    if args.record:
+        _record(summary, meta, args, out / f"{stem}.json")
     print(text)
     return 0
 
 
+def _pilot(args, task, meta, stem, work, out, start) -> int:
+    pilot = run_seeds(functools.partial(pilot_task, task, args.grid), args.pilot_seeds, work / "warmup",
+                      workers=args.workers, log=lambda s: print(s, file=sys.stderr, flush=True))
+    chosen, means = choose_warmup(pilot)
+    print(f"warm-up means {means}; chosen {chosen}", file=sys.stderr, flush=True)
+    task["config"]["warmup_steps"] = chosen
+    arms = _arms(args.arms)
+    heads = run_seeds(functools.partial(seed_task, task, arms), args.pilot_seeds, work / f"arms_w{chosen}",
+                      workers=args.workers, log=lambda s: print(s, file=sys.stderr, flush=True))
+    val = {a: statistics.fmean(r["arms"][a]["val_mean_dice"] for r in heads.values()) for a in arms}
+    headroom = val.get("oracle", math.nan) - val.get("supervised", math.nan)
+    meta.update(seconds=time.perf_counter() - start, cpu_seconds=cpu_seconds(pilot) + cpu_seconds(heads),
+                load_after=[round(x, 2) for x in os.getloadavg()], task={**task, "shape": list(task["shape"])})
+    record = {"meta": meta, "warmup_means": means, "chosen_warmup": chosen, "val_final": val, "headroom": headroom,
+              "warmup": {str(k): v for k, v in pilot.items()}, "arms": {str(k): v for k, v in heads.items()}}
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    lines = [f"# ATSO pilot ({args.task}): warm-up length and headroom, validation only, seeds {args.pilot_seeds}", "",
+             f"{meta['machine']}; {meta['date']}; load {meta['load_before']} -> {meta['load_after']}; "
+             f"wall {meta['seconds'] / 60:.1f} min, {meta['cpu_seconds'] / 60:.1f} CPU-min.", "",
+             "| warm-up steps | " + " | ".join(str(s) for s in means) + " |", "|---|" + "---|" * len(means),
+             "| val mean Dice of M0 | " + " | ".join(f"{v:.3f}" for v in means.values()) + " |", "",
+             f"Chosen warm-up (shortest within 0.005 of the best): **{chosen}** steps.", "",
+             "| arm (from that M0) | final val mean Dice |", "|---|---|"]
+    lines += [f"| {a} | {v:.3f} |" for a, v in val.items()]
+    lines += ["", f"Headroom (oracle - supervised, validation): **{headroom:+.3f}** "
+              + ("(>= 0.02: the task has headroom)" if headroom >= 0.02 else "(< 0.02: make the task harder)")]
+    charts(heads, out / f"{stem}_monitors.png", f"ATSO pilot ({args.task}), validation")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def _record(summary: dict[str, Any], meta: dict[str, Any], args: argparse.Namespace, source: Path) -> None:
+    """Add this experiment to the demo's reference, ``atso_fast/train/recorded.py`` (key: the task)."""
+    def rows(contrasts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        keep = ("a", "b", "mean", "ci_low", "ci_high", "p_holm", "n")
+        return [{k: round(v, 4) if isinstance(v, float) else v for k, v in c.items() if k in keep} for c in contrasts]
+
+    task = meta["task"]
+    entry = {"setting": f"{len(task['shape'])}D phantoms {tuple(task['shape'])}, {task['n_labelled']} labelled / "
+                        f"{task['n_unlabelled']} unlabelled, task {args.task!r}",
+             "seeds": len(args.seeds), "date": meta["date"], "source": source.name,
+             "endpoint": "final-round test Dice, pooled per class, foreground mean",
+             "arms": {a: round(v["test_mean"], 4) for a, v in summary["arms"].items()},
+             "contrasts": rows(summary["contrasts"]), "val_contrasts": rows(summary["val_contrasts"])}
+    recorded = {**(RECORDED or {}), args.task: entry}
+    text = ('"""The recorded ATSO experiments the demo compares itself with (key: the task of\n'
+            '``benchmarks/exp_atso_synthetic.py``).\n\nGenerated by ``benchmarks/exp_atso_synthetic.py --record``; '
+            'do not edit by hand.\n"""\nfrom __future__ import annotations\n\n__all__ = ["RECORDED"]\n\n'
+            f"RECORDED = {pprint.pformat(recorded, width=110, sort_dicts=False)}\n")
+    Path(__file__).resolve().parents[1].joinpath("atso_fast", "train", "recorded.py").write_text(text)
+
+
 if __name__ == "__main__":
+    torch.set_num_threads(1)
     sys.exit(main())

@@ -82,12 +82,14 @@ class SpyNet(nn.Module):
         return self.conv(x)
 
 
-def _spy_setup(method: str):
-    """Unlabelled volume i is constant 100 + i; labelled volumes are constant 0/1."""
+def _spy_setup(method: str, **kw):
+    """Unlabelled volume i is constant 100 + i (truth: class i % 2); labelled volumes constant 0/1."""
     labelled = [(np.full(SHAPE, v, np.float32), np.full(SHAPE, v, np.uint8)) for v in (0, 1)]
-    unlabelled = [np.full(SHAPE, 100 + i, np.float32) for i in range(6)]
+    unlabelled = [(np.full(SHAPE, 100 + i, np.float32), np.full(SHAPE, i % 2, np.uint8)) for i in range(6)]
     data = data_from_arrays(labelled, unlabelled, normalization="none")
-    net = SpyNet(2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = SpyNet(2)
     log: list[dict] = []
     weights = {}
 
@@ -98,13 +100,24 @@ def _spy_setup(method: str):
         log.append({"volumes": sorted(int(v.flat[0]) - 100 for v in volumes), "model": fingerprint(model)})
         return direct_relabel_fn(cfg)(model, volumes)
 
-    cfg = tiny_config(num_classes=2, method=method, rounds=3, steps_per_round=30, augment=False, normalization="none",
-                      foreground_oversample=0.0, monitor_patches=0)
+    cfg = tiny_config(**{"num_classes": 2, "method": method, "rounds": 3, "steps_per_round": 30, "augment": False,
+                         "normalization": "none", "foreground_oversample": 0.0, "monitor_patches": 0, **kw})
     atso = ATSO(cfg, model=net, relabeler=relabel, data=data)
+    batch_sizes: list[int] = []
+    forward = net.forward
+
+    def spy_forward(x):
+        if net.training and torch.is_grad_enabled():
+            batch_sizes.append(x.shape[0])
+        return forward(x)
+
+    net.forward = spy_forward
 
     def on_round(run, metrics):
         weights[metrics["round"]] = fingerprint(run.model)
         metrics["seen"] = sorted(v - 100 for v in net.seen if v >= 100)
+        metrics["batch_sizes"] = sorted(set(batch_sizes))
+        batch_sizes.clear()
         net.seen.clear()
 
     atso.add_callback(on_round)
@@ -119,8 +132,11 @@ def test_atso_schedule_never_relabels_what_it_just_trained_on():
     assert history[0]["seen"] == [] and [e["volumes"] for e in log[:2]] == [u1, u2]
     assert log[0]["model"] == log[1]["model"] == weights[0]
     for k, (trained, relabelled) in zip((1, 2, 3), ((u1, u2), (u2, u1), (u1, u2))):
-        entry = log[1 + k]
+        probe, entry = log[2 * k], log[2 * k + 1]
         assert history[k]["seen"] == trained  # independent record: intensities the network saw
+        # before training, the student predicts its training part (the agreement monitor) ...
+        assert probe["volumes"] == trained and probe["model"] == weights[k - 1]
+        # ... and after it, relabels the other part
         assert entry["volumes"] == relabelled and not set(entry["volumes"]) & set(history[k]["seen"])
         assert entry["model"] == weights[k]  # relabelled by the model fine-tuned this round (M_k)
         assert history[k]["relabelled_by"] == f"M{k}"
@@ -132,14 +148,80 @@ def test_self_training_relabels_exactly_what_it_trained_on():
     atso, log, weights = _spy_setup("self-training")
     history = atso.run()
     for k in (1, 2, 3):
-        assert history[k]["seen"] == log[k]["volumes"] == list(range(6))
-        assert log[k]["model"] == weights[k]
+        probe, entry = log[2 * k - 1], log[2 * k]
+        assert history[k]["seen"] == probe["volumes"] == entry["volumes"] == list(range(6))
+        assert probe["model"] == weights[k - 1] and entry["model"] == weights[k]  # its own labels
 
 
-def test_supervised_never_sees_unlabelled_data():
+def test_supervised_never_sees_unlabelled_data_and_matches_labelled_exposure():
     atso, log, _ = _spy_setup("supervised")
     history = atso.run()
     assert log == [] and all(h["seen"] == [] for h in history)
+    # batch 2, half labelled: the warm-up uses whole batches, the rounds only the labelled half
+    assert history[0]["batch_sizes"] == [2] and all(h["batch_sizes"] == [1] for h in history[1:])
+    full, _, _ = _spy_setup("supervised", supervised_batch="full")
+    assert all(h["batch_sizes"] == [2] for h in full.run())
+
+
+def test_continue_atso_trains_on_its_own_labels_and_restarting_breaks_that(phantom_data):
+    """The lazy-learning monitor: a student that made its own targets agrees with them exactly."""
+    relabel = direct_relabel_fn(tiny_config())
+    runs = run_methods(tiny_config(rounds=2, warmup_steps=20, steps_per_round=10), {
+        "continue": {"method": "atso"}, "restart": {"method": "atso", "init": "base"}},
+        data=phantom_data, relabeler=relabel)
+    lazy, fresh = runs["continue"].history[2], runs["restart"].history[2]
+    assert lazy["student_from"] == "M1" and lazy["train_labels_from"] == {"U2": ["M1"]}
+    assert lazy["student"]["start_agreement"] == 1.0  # M1 made the labels of U2 it now trains on
+    assert fresh["student_from"] == "M0" and fresh["student"]["start_agreement"] < 1.0
+    for h in (lazy, fresh):
+        assert h["student"]["pseudo_loss"] > 0 and 0.0 <= h["monitor"]["U1"]["changed_fg"] <= 1.0
+        assert 0.0 <= h["monitor"]["U1"]["changed_fg_m0"] <= 1.0 and 0.0 <= h["pseudo_dice_all"] <= 1.0
+    restart, log, weights = _spy_setup("atso", init="base")
+    history = restart.run()
+    assert [h["student_from"] for h in history[1:]] == ["M0", "M0", "M0"]
+    for k in (1, 2, 3):
+        assert log[2 * k]["model"] == weights[0]  # every student starts from M0's weights
+
+
+def test_two_lineages_never_train_on_their_own_labels():
+    atso, log, weights = _spy_setup("atso", init="lineage", rounds=4)
+    history = atso.run()
+    # round 1: line "U2" from M0; 2: line "U1" from M0; 3: line "U2" from M1; 4: line "U1" from M2
+    assert [h["student_from"] for h in history[1:]] == ["M0", "M0", "M1", "M2"]
+    assert [log[2 * k]["model"] for k in (1, 2, 3, 4)] == [weights[0], weights[0], weights[1], weights[2]]
+    ancestors = {0: set()}
+    for k, h in enumerate(history[1:], start=1):
+        parent = int(h["student_from"][1:])
+        ancestors[k] = ancestors[parent] | {parent} if parent else set()
+        made = {int(m[1:]) for names in h["train_labels_from"].values() for m in names}
+        assert not made & (ancestors[k] - {0}), (k, made, ancestors[k])  # no label made by its own line
+    with pytest.raises(ValueError, match="lineage"):
+        tiny_config(method="self-training", init="lineage")
+
+
+def test_more_subsets_rotate_the_held_out_part():
+    assert plan_round("atso", 1, 4) == (("U1", "U3", "U4"), ("U2",))
+    assert [plan_round("atso", k, 3)[1] for k in (1, 2, 3, 4)] == [("U2",), ("U3",), ("U1",), ("U2",)]
+    atso, log, _ = _spy_setup("atso", num_subsets=3, init="base")
+    history = atso.run()
+    parts = atso.subsets
+    assert sorted(i for v in parts.values() for i in v) == list(range(6)) and all(len(v) == 2 for v in parts.values())
+    for k, held in zip((1, 2, 3), ("U2", "U3", "U1")):
+        trained = sorted(i for n, v in parts.items() if n != held for i in v)
+        assert history[k]["seen"] == trained and log[3 + 2 * (k - 1) + 1]["volumes"] == parts[held]
+    with pytest.raises(ValueError, match="num_subsets"):
+        tiny_config(num_subsets=1)
+
+
+def test_oracle_trains_on_the_truth_and_never_relabels():
+    atso, log, _ = _spy_setup("oracle")
+    history = atso.run()
+    assert all(h["seen"] == list(range(6)) for h in history[1:])
+    assert all(h["relabelled"] == [] and h["train_labels_from"] == {"U": ["truth"]} for h in history[1:])
+    assert len(log) == 1 + 3  # warm-up relabels U once (monitor); each round only probes its student
+    ph = make_phantoms(3, SHAPE, seed=0)
+    with pytest.raises(ValueError, match="true labels"):
+        ATSO(tiny_config(method="oracle"), data=data_from_arrays(ph[:1], [p[0] for p in ph[1:]]))
 
 
 # ----------------------------------------------------------------------------- resume
@@ -149,16 +231,17 @@ def _snapshot(atso: ATSO):
             [{k: v for k, v in h.items() if k not in drop} for h in atso.history])
 
 
-@pytest.mark.parametrize("init", ["continue", "base"])
-def test_resume_after_round_one_equals_uninterrupted(tmp_path, phantom_data, init):
-    relabel = direct_relabel_fn(tiny_config())
-    full = ATSO(tiny_config(init=init, out_dir=str(tmp_path / "full")), relabeler=relabel, data=phantom_data)
+@pytest.mark.parametrize("kw", [{"init": "continue"}, {"init": "base"}, {"init": "lineage", "rounds": 3},
+                                {"targets": "soft", "init": "base"}])
+def test_resume_after_round_one_equals_uninterrupted(tmp_path, phantom_data, kw):
+    relabel = direct_relabel_fn(tiny_config(), probabilities=kw.get("targets") == "soft")
+    full = ATSO(tiny_config(**kw, out_dir=str(tmp_path / "full")), relabeler=relabel, data=phantom_data)
     full.run()
-    part = ATSO(tiny_config(init=init, out_dir=str(tmp_path / "part")), relabeler=relabel, data=phantom_data)
+    part = ATSO(tiny_config(**kw, out_dir=str(tmp_path / "part")), relabeler=relabel, data=phantom_data)
     part.warmup()
     part.round()
     del part  # "crash" after round 1
-    resumed = ATSO(tiny_config(init=init, out_dir=str(tmp_path / "part")), relabeler=relabel, data=phantom_data)
+    resumed = ATSO(tiny_config(**kw, out_dir=str(tmp_path / "part")), relabeler=relabel, data=phantom_data)
     assert resumed.resume() and resumed.round_index == 1
     resumed.run()
     a, b = _snapshot(full), _snapshot(resumed)
@@ -169,7 +252,7 @@ def test_resume_after_round_one_equals_uninterrupted(tmp_path, phantom_data, ini
         np.testing.assert_array_equal(x, y)
     assert a[2] == b[2]
     lines = (tmp_path / "part" / METRICS_NAME).read_text().splitlines()
-    assert [json.loads(line)["round"] for line in lines] == [0, 1, 2]
+    assert [json.loads(line)["round"] for line in lines] == list(range(full.config.rounds + 1))
 
 
 def test_checkpoint_is_weights_only_and_guards_mismatches(tmp_path, phantom_data):

@@ -7,7 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from atso_fast.train.losses import dice_ce_loss, dice_per_class, soft_dice_loss
+from atso_fast.train.augment import AugmentConfig
+from atso_fast.train.data import PatchSampler
+from atso_fast.train.losses import (
+    confusion_counts,
+    dice_ce_loss,
+    dice_from_counts,
+    dice_per_class,
+    soft_dice_loss,
+    soft_target_loss,
+)
+from atso_fast.train.monitor import foreground_change, pooled_dice
+from atso_fast.train.trainer import MixedBatches, train_steps
+from atso_fast.train.unet import UNet
 
 
 def test_uniform_logits_known_answer():
@@ -74,3 +86,89 @@ def test_dice_per_class_table():
     np.testing.assert_allclose(ignored[:3], [2 / 3, 2 / 3, 1.0])
     with pytest.raises(ValueError, match="shapes"):
         dice_per_class(pred, truth[:3], 4)
+
+
+# ----------------------------------------------------------------------------- soft targets
+def test_soft_target_loss_equals_hard_loss_for_one_hot_targets():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 4, 5, 6, generator=gen)
+    target = torch.randint(0, 4, (2, 5, 6), generator=gen)
+    target[0, :2] = 255
+    onehot = torch.nn.functional.one_hot(torch.where(target == 255, 0, target), 4).movedim(-1, 1).float()
+    onehot *= (target != 255).unsqueeze(1)  # ignored voxels: all-zero rows
+    assert float(soft_target_loss(logits, onehot)) == pytest.approx(float(dice_ce_loss(logits, target)), rel=1e-5)
+    # gradients agree as well
+    a, b = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    soft_target_loss(a, onehot).backward()
+    dice_ce_loss(b, target).backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_soft_target_loss_prefers_the_teacher_distribution():
+    teacher = torch.softmax(torch.randn(1, 3, 8, generator=torch.Generator().manual_seed(2)), 1)
+    matched = soft_target_loss(teacher.log(), teacher)
+    assert float(matched) < float(soft_target_loss(torch.zeros(1, 3, 8), teacher))
+    with pytest.raises(ValueError, match="soft targets"):
+        soft_target_loss(torch.zeros(1, 3, 8), torch.zeros(1, 3, 7))
+
+
+def test_mixed_batches_soft_targets_and_pseudo_part():
+    lab_img = np.zeros((1, 1, 4, 4), np.float32)
+    lab = np.ones((1, 4, 4), np.uint8)
+    probs = np.zeros((3, 1, 4, 4), np.float32)
+    probs[2] = 0.75
+    probs[0] = 0.25
+    pse_label = np.full((1, 4, 4), 2, np.uint8)
+    pse_label[0, 0, 0] = 255  # below the confidence threshold
+    pse_img = np.concatenate([np.full((1, 1, 4, 4), 7.0, np.float32), probs])
+    kw = {"patch_size": (4, 4), "num_classes": 3}
+    batches = MixedBatches(PatchSampler([lab_img], [lab], **kw), PatchSampler([pse_img], [pse_label], **kw), 4,
+                           labelled_ratio=0.5, soft_channels=3,
+                           augment=AugmentConfig(p_intensity=1.0, p_noise=1.0, scale=(2.0, 2.0)))
+    x, y = batches(np.random.default_rng(0))
+    assert x.shape == (4, 1, 4, 4) and y.shape == (4, 3, 4, 4) and batches.last_labelled == 2
+    np.testing.assert_array_equal(y[:2, 1], 1.0)  # labelled: one-hot
+    assert float(np.abs(x[2:] - 7.0).min()) > 1.0  # image intensities were augmented ...
+    ignored = y[2:].sum(1) == 0
+    assert ignored.sum() == 2  # ... the thresholded voxel (one per pseudo sample) counts for nothing ...
+    np.testing.assert_allclose(y[2:][:, 2][~ignored], 0.75)  # ... and the targets were left alone
+    only = MixedBatches(PatchSampler([lab_img], [lab], **kw), None, 4, labelled_ratio=0.5, labelled_only=True)
+    assert only(np.random.default_rng(0))[0].shape[0] == 2
+
+
+def test_train_steps_reports_the_pseudo_part_loss():
+    kw = {"patch_size": (8, 8), "num_classes": 2}
+    img = np.random.default_rng(0).normal(size=(1, 1, 8, 8)).astype(np.float32)
+    lab = (img[0] > 0).astype(np.uint8)
+    batches = MixedBatches(PatchSampler([img], [lab], **kw), PatchSampler([img], [1 - lab], **kw), 4)
+    net = UNet(1, 2, spatial_dims=2, base_channels=2, depth=1)
+    stats = train_steps(net, batches, steps=3, lr=1e-3, rng=np.random.default_rng(0))
+    assert stats["pseudo_loss"] > 0 and math.isfinite(stats["pseudo_first_loss"])
+    alone = train_steps(net, MixedBatches(PatchSampler([img], [lab], **kw), None, 4), steps=2, lr=1e-3,
+                        rng=np.random.default_rng(0))
+    assert math.isnan(alone["pseudo_loss"]) and alone["loss"] > 0
+
+
+# ----------------------------------------------------------------------------- pooled metrics
+def test_confusion_counts_and_pooled_dice_known_answers():
+    pred = np.array([0, 1, 1, 2, 0, 0])
+    truth = np.array([0, 1, 2, 2, 0, 1])
+    counts = confusion_counts(pred, truth, 4)
+    np.testing.assert_array_equal(counts, [[2, 1, 0], [1, 1, 1], [1, 0, 1], [0, 0, 0]])
+    np.testing.assert_allclose(dice_from_counts(counts)[:3], dice_per_class(pred, truth, 4)[:3])
+    # pooling: class 1 only in the second case; per-case mean would score case 1 as NaN/absent,
+    # pooled Dice weighs voxels: 2*TP / (2*TP + FP + FN) over both
+    per_class, mean_fg = pooled_dice([np.array([0, 0]), np.array([1, 0])], [np.array([0, 0]), np.array([1, 1])], 2)
+    assert per_class[1] == pytest.approx(2 / 3) and mean_fg == pytest.approx(2 / 3)
+    assert pooled_dice([], [], 3) == ([], pytest.approx(float("nan"), nan_ok=True))
+    with pytest.raises(ValueError, match="as many"):
+        pooled_dice([pred], [], 3)
+
+
+def test_foreground_change_ignores_background():
+    old = [np.array([0, 0, 0, 0, 1, 1, 2, 0])]
+    new = [np.array([0, 0, 0, 0, 1, 2, 2, 1])]
+    # foreground in either: voxels 4..7 (4); changed among them: 5 and 7
+    assert foreground_change(old, new) == pytest.approx(0.5)
+    assert math.isnan(foreground_change([np.zeros(5)], [np.zeros(5)]))  # no foreground at all
+    assert foreground_change([np.array([1, 255])], [np.array([1, 2])], ignore_index=255) == 0.0

@@ -1,15 +1,38 @@
 """Asynchronous teacher-student optimisation (ATSO) and its baselines, in one code path.
 
-ATSO: a supervised warm-up on the labelled set L gives M0, which pseudo-labels both halves U1, U2
-of a fixed, seeded, voxel-balanced split of the unlabelled set U. Round k fine-tunes the model on
-L + pseudo(Ua) (``a = U1`` for odd k, ``U2`` for even k) and then relabels the *other* half Ub
-with the fine-tuned model M_k. A model therefore never relabels the subset it was just
-fine-tuned on, which breaks the "lazy learning" of plain self-training (where M_k reproduces the
-labels it was just trained to mimic).
+ATSO (Huo et al., arXiv 2006.13461; CVPR 2021): a supervised warm-up on the labelled set L gives
+M0, which pseudo-labels every part of a fixed, seeded, voxel-balanced split of the unlabelled set
+U into ``num_subsets`` parts (two, U1 and U2, in the paper). Round k fine-tunes a student on
+L + pseudo(U \\ Uj) and then relabels the held-out part Uj (``j = k mod K + 1``: with two parts,
+odd rounds train on U1 and relabel U2, even rounds the reverse), so a model never relabels what it
+was just fine-tuned on.
+
+Where each round's student starts (``init``):
+    ``"continue"`` from the previous round's model (the arXiv v1 reading). The student of round
+        k then trains on labels that it produced itself one round earlier: the asynchrony holds
+        only on the relabelling side.
+    ``"base"``     from M0 every round (the CVPR reading: "breaks up continual learning from
+        teacher to student"). No student starts from the weights of the model that made its
+        targets, but every student restarts from the same supervised model.
+    ``"lineage"``  one model per held-out part, each continuing its own line (two lineages for
+        two parts): the model that relabels Uj never trains on Uj, so no model ever trains on
+        labels it made.
+
+Targets (``targets``): ``"hard"`` argmax labels (voxels below ``threshold`` confidence ignored)
+or ``"soft"`` the teacher's probabilities (cross-entropy + soft Dice against them).
 
 Baselines (same rounds, steps, learning rates and sampling):
-    ``method="supervised"``    fine-tune on L only.
+    ``method="supervised"``    fine-tune on L only; by default (``supervised_batch="matched"``) each
+        step holds only the labelled part of a mixed batch, so it sees as many labelled samples
+        as the semi-supervised runs.
     ``method="self-training"`` fine-tune on L + pseudo(U), then relabel all of U with that model.
+    ``method="oracle"``        fine-tune on L + U with U's true labels (the headroom).
+
+Monitors per round (``metrics["student"]`` and ``metrics["monitor"][subset]``): the student's
+hard Dice agreement with its targets before it trains (a student that already agrees has nothing
+to learn: lazy learning), its loss on the pseudo-labelled part of its batches alone, and for each
+relabelled part the foreground-only label change since the previous labels and since M0's, and
+the pseudo labels' Dice against the hidden truth when it is known.
 
 Every random choice of round k comes from generators seeded by ``(seed, k, purpose)``, and the
 optimiser is created fresh each round, so a run resumed from the checkpoint of round k gives
@@ -17,7 +40,8 @@ exactly the tensors of an uninterrupted run (same device and thread count).
 
 The relabel step is a callable ``relabel_fn(model, volumes) -> [(labels, confidence), ...]`` with
 volumes ``(M, Z, Y, X)`` float32 *already normalised*, labels ``(Z, Y, X)`` uint8 and confidence
-``(Z, Y, X)`` uint8 (max probability * 255). The default runs ``atso_fast.engine.Relabeler``.
+``(Z, Y, X)`` uint8 (max probability * 255); for soft targets each result also carries the
+probabilities ``(C, Z, Y, X)``. The default runs ``atso_fast.engine.Relabeler``.
 """
 from __future__ import annotations
 
@@ -39,22 +63,25 @@ from atso_fast.engine.relabeler import Relabeler
 from atso_fast.io import atomic_write_bytes
 from atso_fast.train.augment import AugmentConfig
 from atso_fast.train.data import (
+    Case,
     PatchSampler,
     SemiSupervisedData,
     load_raw,
     prepare_data,
     resolve_normalization,
 )
-from atso_fast.train.losses import dice_per_class
+from atso_fast.train.monitor import foreground_change, pooled_dice
 from atso_fast.train.trainer import MixedBatches, OptimConfig, mean_loss, train_steps
 from atso_fast.train.unet import UNet
 
 __all__ = [
     "METHODS",
+    "INITS",
     "ATSOConfig",
     "ATSO",
     "RelabelFn",
     "split_balanced",
+    "subset_names",
     "plan_round",
     "build_model",
     "default_relabel_fn",
@@ -67,13 +94,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-METHODS = ("atso", "self-training", "supervised")
+METHODS = ("atso", "self-training", "supervised", "oracle")
+INITS = ("continue", "base", "lineage")
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _TRAIN, _MONITOR, _SPLIT = 1, 2, 3  # rng purposes
 
-RelabelFn = Callable[[nn.Module, Sequence[np.ndarray]], list[tuple[np.ndarray, np.ndarray]]]
+RelabelFn = Callable[[nn.Module, Sequence[np.ndarray]], list[tuple[np.ndarray, ...]]]
 Callback = Callable[["ATSO", dict[str, Any]], None]
 
 
@@ -92,7 +120,7 @@ class ATSOConfig:
         model: keyword arguments of :class:`~atso_fast.train.unet.UNet` (base_channels, depth, ...).
         normalization: policy dict or ``"auto"``/``"ct"``/``"zscore"``/``"none"``; the resolved policy
             is written back here and travels with checkpoints and exported models.
-        method: ``"atso"``, ``"self-training"`` or ``"supervised"``.
+        method: ``"atso"``, ``"self-training"``, ``"supervised"`` or ``"oracle"``.
         rounds: fine-tuning rounds after the warm-up.
         warmup_steps: supervised steps giving M0.
         steps_per_round: fine-tuning steps per round.
@@ -102,7 +130,12 @@ class ATSOConfig:
         optim: :class:`~atso_fast.train.trainer.OptimConfig` fields (optimizer, schedule, ...).
         threshold: pseudo-label voxels with max probability below it are ignored in the loss.
         ignore_index: label of ignored voxels (>= num_classes, <= 255).
-        init: ``"continue"`` (round k starts from M_{k-1}) or ``"base"`` (from M0).
+        init: where each round's student starts: ``"continue"`` (from M_{k-1}), ``"base"`` (from
+            M0) or ``"lineage"`` (``"atso"`` only: one model line per held-out part).
+        num_subsets: parts of U for ``"atso"`` (>= 2).
+        targets: ``"hard"`` (argmax labels) or ``"soft"`` (the teacher's probabilities).
+        supervised_batch: ``"matched"`` (a supervised round step holds only the labelled part of a
+            mixed batch) or ``"full"`` (whole batches of labelled samples).
         labelled_ratio: fraction of each batch drawn from L during fine-tuning.
         foreground_oversample: probability of a foreground-centred patch.
         augment: True/False or :class:`~atso_fast.train.augment.AugmentConfig` fields.
@@ -136,6 +169,9 @@ class ATSOConfig:
     threshold: float = 0.0
     ignore_index: int = 255
     init: str = "continue"
+    num_subsets: int = 2
+    targets: str = "hard"
+    supervised_batch: str = "matched"
     labelled_ratio: float = 0.5
     foreground_oversample: float = 0.33
     augment: bool | dict[str, Any] = True
@@ -150,10 +186,7 @@ class ATSOConfig:
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.init not in ("continue", "base"):
-            raise ValueError(f"init must be 'continue' or 'base', got {self.init!r}")
+        self._check_choices()
         if self.spatial_dims not in (2, 3) or len(self.patch_size) != self.spatial_dims \
                 or min(self.patch_size) < 1:
             raise ValueError(f"patch_size must have spatial_dims={self.spatial_dims} positive sizes, "
@@ -174,6 +207,21 @@ class ATSOConfig:
             raise ValueError(f"in_channels and batch_size must be >= 1, got {self.in_channels}, {self.batch_size}")
         OptimConfig.from_value(self.optim)
         AugmentConfig.from_value(self.augment)
+
+    def _check_choices(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.init == "lineage" and self.method != "atso":
+            raise ValueError(f"init 'lineage' needs method 'atso' (model lines per held-out part), "
+                             f"got method {self.method!r}")
+        if int(self.num_subsets) < 2:
+            raise ValueError(f"num_subsets must be >= 2, got {self.num_subsets}")
+        if self.targets not in ("hard", "soft"):
+            raise ValueError(f"targets must be 'hard' or 'soft', got {self.targets!r}")
+        if self.supervised_batch not in ("matched", "full"):
+            raise ValueError(f"supervised_batch must be 'matched' or 'full', got {self.supervised_batch!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ATSOConfig:
@@ -196,48 +244,61 @@ class ATSOConfig:
         return json.loads(json.dumps(asdict(self)))
 
 
-def split_balanced(sizes: Sequence[int], seed: int) -> tuple[list[int], list[int]]:
-    """Split case indices into two halves with about equal voxel counts.
+def split_balanced(sizes: Sequence[int], seed: int, parts: int = 2) -> tuple[list[int], ...]:
+    """Split case indices into ``parts`` groups with about equal voxel counts.
 
     Cases are shuffled by ``seed``, stably sorted by size (largest first), and each goes to the
-    half with fewer voxels (then fewer cases). Deterministic for a given ``(sizes, seed)``; the two
-    voxel totals differ by at most the largest case.
+    group with fewer voxels (then fewer cases, then the lower index). Deterministic for a given
+    ``(sizes, seed, parts)``; any two voxel totals differ by at most the largest case.
 
     Args:
-        sizes: voxel count of each case (>= 2 cases).
+        sizes: voxel count of each case (>= ``parts`` cases).
         seed: split seed.
+        parts: number of groups (>= 2).
 
     Returns:
-        ``(U1, U2)`` sorted index lists, both non-empty.
+        ``parts`` sorted index lists, all non-empty.
 
     Raises:
-        ValueError: fewer than 2 cases or a negative size.
+        ValueError: fewer cases than parts, fewer than 2 parts, or a negative size.
     """
-    if len(sizes) < 2 or min(sizes) < 0:
-        raise ValueError(f"split_balanced needs >= 2 non-negative sizes, got {list(sizes)}")
+    if int(parts) < 2 or len(sizes) < int(parts) or (len(sizes) and min(sizes) < 0):
+        raise ValueError(f"split_balanced needs parts >= 2 and >= parts non-negative sizes, got parts={parts}, "
+                         f"sizes={list(sizes)}")
     order = np.random.default_rng([int(seed), _SPLIT]).permutation(len(sizes))
     order = sorted(order.tolist(), key=lambda i: -int(sizes[i]))
-    halves: tuple[list[int], list[int]] = ([], [])
-    loads = [0, 0]
+    groups: list[list[int]] = [[] for _ in range(int(parts))]
+    loads = [0] * int(parts)
     for i in order:
-        h = 0 if (loads[0], len(halves[0])) <= (loads[1], len(halves[1])) else 1
-        halves[h].append(i)
-        loads[h] += int(sizes[i])
-    return sorted(halves[0]), sorted(halves[1])
+        g = min(range(len(groups)), key=lambda h: (loads[h], len(groups[h]), h))
+        groups[g].append(i)
+        loads[g] += int(sizes[i])
+    return tuple(sorted(g) for g in groups)
 
 
-def plan_round(method: str, k: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Which pseudo-labelled subsets round ``k`` (>= 1) trains on, and which it relabels after.
+def subset_names(num_subsets: int) -> tuple[str, ...]:
+    """``("U1", ..., "UK")``."""
+    return tuple(f"U{i + 1}" for i in range(int(num_subsets)))
 
-    ``atso``: odd k trains on U1 and relabels U2, even k the reverse. ``self-training``: U and U.
-    ``supervised``: nothing and nothing.
+
+def plan_round(method: str, k: int, num_subsets: int = 2) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Which subsets round ``k`` (>= 1) trains on, and which it relabels after.
+
+    ``atso``: the held-out part is ``U{k mod K + 1}``; the round trains on every other part and
+    relabels the held-out one (two parts: odd k trains on U1 and relabels U2, even k the reverse).
+    ``self-training``: U and U. ``oracle``: U (true labels) and nothing. ``supervised``: nothing.
     """
-    if k < 1 or method not in METHODS:
-        raise ValueError(f"plan_round needs k >= 1 and method in {METHODS}, got k={k}, method={method!r}")
+    if k < 1 or method not in METHODS or int(num_subsets) < 2:
+        raise ValueError(f"plan_round needs k >= 1, method in {METHODS} and num_subsets >= 2, got k={k}, "
+                         f"method={method!r}, num_subsets={num_subsets}")
     if method == "atso":
-        return (("U1",), ("U2",)) if k % 2 else (("U2",), ("U1",))
+        names = subset_names(num_subsets)
+        held = names[k % len(names)]
+        return tuple(n for n in names if n != held), (held,)
     if method == "self-training":
         return ("U",), ("U",)
+    if method == "oracle":
+        return ("U",), ()
     return (), ()
 
 
@@ -251,36 +312,41 @@ def build_model(config: ATSOConfig) -> UNet:
     return model
 
 
-def default_relabel_fn(config: ATSOConfig) -> RelabelFn:
+def default_relabel_fn(config: ATSOConfig, *, probabilities: bool = False) -> RelabelFn:
     """A ``relabel_fn`` running the relabel engine (``Relabeler.from_module``) on the live model.
 
     The engine window is ``config.patch_size``; volumes are passed with ``normalized=True`` (they
     are normalised already), confidence thresholding is left to the trainer (engine threshold 0).
+    With ``probabilities`` each result is ``(labels, confidence, probabilities (C, Z, Y, X))``.
     """
-    def relabel(model: nn.Module, volumes: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def relabel(model: nn.Module, volumes: Sequence[np.ndarray]) -> list[tuple[np.ndarray, ...]]:
 
         engine = Relabeler.from_module(
             model, window=config.patch_size, num_classes=config.num_classes, kind="logits",
             normalization=config.normalization if isinstance(config.normalization, dict) else None,
             in_channels=config.in_channels, device=config.device,
-            **{"threshold": 0.0, "ignore_index": config.ignore_index, **config.relabel})
+            **{"threshold": 0.0, "ignore_index": config.ignore_index, "save_probabilities": probabilities,
+               **config.relabel})
         results = [engine.relabel_volume(v[0] if v.shape[0] == 1 else v, normalized=True) for v in volumes]
+        if probabilities:
+            return [(r.labels, r.confidence, r.probabilities) for r in results]
         return [(r.labels, r.confidence) for r in results]
 
     return relabel
 
 
-def direct_relabel_fn(config: ATSOConfig, *, batch_size: int = 8) -> RelabelFn:
+def direct_relabel_fn(config: ATSOConfig, *, batch_size: int = 8, probabilities: bool = False) -> RelabelFn:
     """A ``relabel_fn`` that runs the model on whole volumes (3D) or whole slices (2D) at once.
 
     No sliding window: each volume is zero-padded at the far end to a multiple of the model's
     ``divisor`` (when it has one) and cropped back. Meant for small volumes, tests and quick
-    experiments; large volumes belong to the relabel engine (:func:`default_relabel_fn`).
+    experiments; large volumes belong to the relabel engine (:func:`default_relabel_fn`). With
+    ``probabilities`` each result also carries the softmax ``(C, Z, Y, X)`` float32.
     """
     device = torch.device(config.device)
 
     @torch.no_grad()
-    def relabel(model: nn.Module, volumes: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def relabel(model: nn.Module, volumes: Sequence[np.ndarray]) -> list[tuple[np.ndarray, ...]]:
         div = int(getattr(model, "divisor", 1))
         out = []
         for vol in volumes:
@@ -292,10 +358,10 @@ def direct_relabel_fn(config: ATSOConfig, *, batch_size: int = 8) -> RelabelFn:
             probs = torch.cat([torch.softmax(model(x[i:i + batch_size].to(device)).float(), 1).cpu()
                                for i in range(0, x.shape[0], batch_size)])
             probs = probs[(slice(None), slice(None), *(slice(0, s) for s in spatial))]
-            conf, labels = probs.max(1)
-            if config.spatial_dims == 3:
-                conf, labels = conf[0], labels[0]
-            out.append((labels.numpy().astype(np.uint8), (conf * 255).round().numpy().astype(np.uint8)))
+            probs = probs.movedim(0, 1) if config.spatial_dims == 2 else probs[0]  # (C, Z, Y, X)
+            conf, labels = probs.max(0)
+            result = (labels.numpy().astype(np.uint8), (conf * 255).round().numpy().astype(np.uint8))
+            out.append(result + (probs.numpy(),) if probabilities else result)
         return out
 
     return relabel
@@ -321,10 +387,10 @@ def run_methods(config: ATSOConfig | dict[str, Any],
                 callbacks: Sequence[Callback] = ()) -> dict[str, ATSO]:
     """Run several methods (or variants) from one shared warm-up, for paired comparisons.
 
-    The warm-up (M0 and its pseudo labels for all of U) runs once, as ``"atso"`` (with one
-    unlabelled case as ``"self-training"``, with none as ``"supervised"``), and its state seeds
-    every run. With ``config.out_dir`` set, the warm-up checkpoint goes to ``out_dir/warmup`` and
-    each run writes to ``out_dir/<name>``.
+    The warm-up (M0 and its pseudo labels for all of U, with probabilities when any run uses soft
+    targets) runs once, as ``"atso"`` (with one unlabelled case as ``"self-training"``, with none
+    as ``"supervised"``), and its state seeds every run. With ``config.out_dir`` set, the warm-up
+    checkpoint goes to ``out_dir/warmup`` and each run writes to ``out_dir/<name>``.
 
     Args:
         config: the shared settings.
@@ -332,7 +398,8 @@ def run_methods(config: ATSOConfig | dict[str, Any],
             ``{"atso t=0.9": {"method": "atso", "threshold": 0.9}}``. Overrides should change only
             round settings (threshold, init, round_lr, ...): the warm-up is computed once, with
             ``config``.
-        data, relabeler, callbacks: as for :class:`ATSO`.
+        data, relabeler, callbacks: as for :class:`ATSO` (a custom ``relabeler`` must return
+            probabilities when any run uses soft targets).
 
     Returns:
         the finished :class:`ATSO` runs by name, in the given order.
@@ -344,7 +411,9 @@ def run_methods(config: ATSOConfig | dict[str, Any],
     plans = _method_plans(methods)
     data = data if data is not None else load_data(config)
     n = len(data.unlabelled)
+    soft = any(p.get("targets", config.targets) == "soft" for p in plans.values())
     warm_run = ATSO(replace(config, method="atso" if n >= 2 else "self-training" if n == 1 else "supervised",
+                            init="continue", num_subsets=2, targets="soft" if soft else "hard",
                             out_dir=_subdir(config.out_dir, "warmup")),
                     relabeler=relabeler, data=data, callbacks=callbacks)
     warm_run.warmup()
@@ -390,34 +459,33 @@ def _nan_to_none(value: Any) -> Any:
     return value
 
 
-def _mean_dice(cases_pred: Sequence[np.ndarray], cases_truth: Sequence[np.ndarray], num_classes: int,
-               ignore_index: int) -> tuple[list[float], float]:
-    """Per-class Dice averaged over cases (NaN classes skipped) and its foreground mean."""
-    if not cases_pred:
-        return [], math.nan
-    scores = np.stack([dice_per_class(p, t, num_classes, ignore_index=ignore_index)
-                       for p, t in zip(cases_pred, cases_truth)])
-    with np.errstate(all="ignore"):
-        counts = np.sum(~np.isnan(scores), axis=0)
-        per_class = np.where(counts > 0, np.nansum(scores, axis=0) / np.maximum(counts, 1), np.nan)
-    fg = per_class[1:][~np.isnan(per_class[1:])]
-    return [float(v) for v in per_class], float(fg.mean()) if fg.size else math.nan
+def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _tensors(arrays: Sequence[np.ndarray | None]) -> list[torch.Tensor | None]:
+    return [None if a is None else torch.from_numpy(np.ascontiguousarray(a).copy()) for a in arrays]
+
+
+def _arrays(tensors: Sequence[torch.Tensor | None] | None, n: int) -> list[np.ndarray | None]:
+    return [None] * n if tensors is None else [None if t is None else t.numpy().copy() for t in tensors]
 
 
 class ATSO:
-    """ATSO / self-training / supervised fine-tuning, round by round, with checkpoints.
+    """ATSO / self-training / supervised / oracle fine-tuning, round by round, with checkpoints.
 
     Args:
         config: :class:`ATSOConfig` or a dict of its fields.
         model: any ``nn.Module`` mapping ``(B, M, *patch)`` to logits ``(B, C, *patch)``; default a
             :class:`~atso_fast.train.unet.UNet` from ``config.model``.
         relabeler: ``relabel_fn(model, volumes)`` (see module docstring); default
-            :func:`default_relabel_fn`.
+            :func:`default_relabel_fn` (with probabilities for soft targets).
         data: :class:`~atso_fast.train.data.SemiSupervisedData`; default loaded from ``config.data``.
         callbacks: ``fn(atso, metrics)`` called after the warm-up and after every round.
 
     Raises:
-        ValueError: bad config, no data, too few unlabelled cases for the method.
+        ValueError: bad config, no data, too few unlabelled cases for the method, an oracle
+            without the unlabelled cases' true labels.
     """
 
     def __init__(self, config: ATSOConfig | dict[str, Any], model: nn.Module | None = None,
@@ -428,29 +496,43 @@ class ATSO:
         self.config = replace(config, normalization=dict(self.data.normalization),
                               spacing=config.spacing if config.spacing is not None else self.data.spacing)
         self.model = model if model is not None else build_model(self.config)
-        self.relabel_fn = relabeler if relabeler is not None else default_relabel_fn(self.config)
+        self.soft = self.config.targets == "soft"
+        self.relabel_fn = relabeler if relabeler is not None else \
+            default_relabel_fn(self.config, probabilities=self.soft)
         self.callbacks = list(callbacks)
         self.subsets = self._make_subsets()
         self.round_index = -1
-        self.pseudo: list[np.ndarray | None] = [None] * len(self.data.unlabelled)
-        self.confidence: list[np.ndarray | None] = [None] * len(self.data.unlabelled)
-        self.labelled_by: list[str | None] = [None] * len(self.data.unlabelled)
+        n = len(self.data.unlabelled)
+        self.pseudo: list[np.ndarray | None] = [None] * n
+        self.confidence: list[np.ndarray | None] = [None] * n
+        self.probs: list[np.ndarray | None] = [None] * n  # (C, Z, Y, X) float16, soft targets only
+        self.m0_labels: list[np.ndarray | None] = [None] * n
+        self.labelled_by: list[str | None] = [None] * n
         self.history: list[dict[str, Any]] = []
         self.base_state: dict[str, torch.Tensor] | None = None
+        self.lineages: dict[str, dict[str, Any]] = {}  # held-out part -> {"model": "Mk", "state": ...}
         self._labelled_sampler: PatchSampler | None = None
 
     def _make_subsets(self) -> dict[str, list[int]]:
-        n = len(self.data.unlabelled)
-        if self.config.method == "supervised":
+        cfg, cases = self.config, self.data.unlabelled
+        n = len(cases)
+        if cfg.method == "supervised":
             return {}
-        if self.config.method == "self-training":
+        if cfg.method == "oracle":
+            missing = [c.name or str(i) for i, c in enumerate(cases) if c.label is None]
+            if n < 1 or missing:
+                raise ValueError(f"method 'oracle' needs the true labels of every unlabelled case (>= 1); got {n} "
+                                 f"cases, {len(missing)} without a label: {missing[:5]}")
+            return {"U": list(range(n))}
+        if cfg.method == "self-training":
             if n < 1:
                 raise ValueError("method 'self-training' needs at least 1 unlabelled case, got 0")
             return {"U": list(range(n))}
-        if n < 2:
-            raise ValueError(f"method 'atso' needs at least 2 unlabelled cases to split, got {n}")
-        u1, u2 = split_balanced([c.image[0].size for c in self.data.unlabelled], self.config.seed)
-        return {"U1": u1, "U2": u2}
+        if n < cfg.num_subsets:
+            raise ValueError(f"method 'atso' needs at least {cfg.num_subsets} unlabelled cases to split into "
+                             f"{cfg.num_subsets} parts, got {n}")
+        parts = split_balanced([c.image[0].size for c in cases], cfg.seed, cfg.num_subsets)
+        return dict(zip(subset_names(cfg.num_subsets), parts))
 
     def add_callback(self, fn: Callback) -> None:
         """Call ``fn(atso, metrics)`` after the warm-up and after every round."""
@@ -464,35 +546,38 @@ class ATSO:
         cfg, start = self.config, time.perf_counter()
         stats = train_steps(self.model, self._batches(None), steps=cfg.warmup_steps, lr=cfg.lr,
                             rng=_rng(cfg.seed, 0, _TRAIN), **self._train_kwargs())
-        self.base_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        metrics = {"round": 0, "method": cfg.method, "model": "M0", "trained_on": ["L"],
-                   "train_labels_from": {}, "train": stats}
+        self.base_state = _state_copy(self.model)
+        metrics = {"round": 0, "method": cfg.method, "model": "M0", "student_from": None, "trained_on": ["L"],
+                   "train_labels_from": {}, "train": stats, "student": {}}
         metrics.update(self._relabel_subsets(tuple(self.subsets), "M0"))
+        self.m0_labels = list(self.pseudo)  # relabelling replaces arrays, never edits them in place
         return self._finish(metrics, start)
 
     def round(self) -> dict[str, Any]:
-        """Run the next round (fine-tune, then relabel per :func:`plan_round`). Returns metrics."""
+        """Run the next round (start the student, fine-tune, relabel per :func:`plan_round`)."""
         cfg = self.config
         if self.round_index < 0:
             raise RuntimeError("call warmup() before round()")
         if self.round_index >= cfg.rounds:
             raise RuntimeError(f"all {cfg.rounds} rounds are done")
         k, start = self.round_index + 1, time.perf_counter()
-        train_on, relabel = plan_round(cfg.method, k)
-        if cfg.init == "base":
-            self.model.load_state_dict(self.base_state)
+        train_on, relabel = plan_round(cfg.method, k, cfg.num_subsets)
+        student_from = self._start_student(k, relabel)
         idx = sorted(i for name in train_on for i in self.subsets[name])
         pseudo = self._pseudo_sampler(idx)
-        monitor = {name: {"pre_loss": self._pre_loss(pseudo, k)} for name in train_on}
+        student = self._student_monitor(idx, pseudo, k)
         lr = cfg.round_lr * cfg.round_lr_decay ** (k - 1)
         stats = train_steps(self.model, self._batches(pseudo), steps=cfg.steps_per_round, lr=lr,
                             rng=_rng(cfg.seed, k, _TRAIN), **self._train_kwargs())
-        metrics = {"round": k, "method": cfg.method, "model": f"M{k}", "trained_on": ["L", *train_on],
-                   "train_labels_from": {n: sorted({self.labelled_by[i] for i in self.subsets[n]}) for n in train_on},
-                   "train": stats}
+        if cfg.init == "lineage":
+            self.lineages[relabel[0]] = {"model": f"M{k}", "state": _state_copy(self.model)}
+        student.update({key: stats[key] for key in ("pseudo_loss", "pseudo_first_loss", "pseudo_last_loss")})
+        metrics = {"round": k, "method": cfg.method, "model": f"M{k}", "student_from": student_from,
+                   "trained_on": ["L", *train_on], "train_labels_from": self._labels_from(train_on),
+                   "train": stats, "student": student}
         metrics.update(self._relabel_subsets(relabel, f"M{k}"))
-        for name, values in monitor.items():
-            metrics["monitor"].setdefault(name, {}).update(values)
+        for name in train_on:
+            metrics["monitor"].setdefault(name, {})["pre_loss"] = student["pre_loss"]
         return self._finish(metrics, start)
 
     def run(self, *, resume: bool = False) -> list[dict[str, Any]]:
@@ -509,7 +594,24 @@ class ATSO:
             self.round()
         return self.history
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ round helpers
+    def _start_student(self, k: int, relabel: tuple[str, ...]) -> str:
+        """Load the weights this round's student starts from; returns the model's name."""
+        init = self.config.init
+        if init == "base":
+            self.model.load_state_dict(self.base_state)
+            return "M0"
+        if init == "lineage":
+            line = self.lineages.get(relabel[0])
+            self.model.load_state_dict(self.base_state if line is None else line["state"])
+            return "M0" if line is None else line["model"]
+        return f"M{k - 1}"
+
+    def _labels_from(self, train_on: Sequence[str]) -> dict[str, list[str]]:
+        if self.config.method == "oracle":
+            return {name: ["truth"] for name in train_on}
+        return {n: sorted({self.labelled_by[i] for i in self.subsets[n]}) for n in train_on}
+
     def _train_kwargs(self) -> dict[str, Any]:
         cfg = self.config
         return {"optim": OptimConfig.from_value(cfg.optim), "ignore_index": cfg.ignore_index,
@@ -521,35 +623,67 @@ class ATSO:
                             foreground_oversample=cfg.foreground_oversample, ignore_index=cfg.ignore_index)
 
     def _batches(self, pseudo: PatchSampler | None) -> MixedBatches:
+        """Warm-up (round_index < 0): whole labelled batches; rounds: per method and config."""
         if self._labelled_sampler is None:
             cases = self.data.labelled
             self._labelled_sampler = self._sampler([c.image for c in cases], [c.label for c in cases])
         cfg = self.config
+        matched = cfg.method == "supervised" and cfg.supervised_batch == "matched" and self.round_index >= 0
+        soft = cfg.num_classes if self.soft and pseudo is not None and cfg.method != "oracle" else None
         return MixedBatches(self._labelled_sampler, pseudo, cfg.batch_size, labelled_ratio=cfg.labelled_ratio,
-                            augment=AugmentConfig.from_value(cfg.augment))
+                            augment=AugmentConfig.from_value(cfg.augment), labelled_only=matched,
+                            soft_channels=soft)
 
     def _pseudo_sampler(self, idx: list[int]) -> PatchSampler | None:
-        """Sampler over the pseudo labels of ``idx``; low-confidence voxels -> ignore_index."""
+        """Sampler over the targets of ``idx``: the truth (oracle), else the pseudo labels with
+        low-confidence voxels -> ignore_index (soft targets: probabilities as extra channels)."""
         if not idx:
             return None
-        cfg = self.config
+        cfg, cases = self.config, self.data.unlabelled
+        if cfg.method == "oracle":
+            return self._sampler([cases[i].image for i in idx], [cases[i].label for i in idx])
         labels = []
         for i in idx:
             lab = self.pseudo[i].copy()
             lab[self.confidence[i] < cfg.threshold * 255.0] = cfg.ignore_index
             labels.append(lab)
-        return self._sampler([self.data.unlabelled[i].image for i in idx], labels)
+        images = [cases[i].image for i in idx]
+        if self.soft:
+            images = [np.concatenate([img, self.probs[i].astype(np.float32)]) for img, i in zip(images, idx)]
+        return self._sampler(images, labels)
 
-    def _pre_loss(self, pseudo: PatchSampler | None, k: int) -> float:
-        """Loss of the model entering round k on the pseudo labels it is about to learn."""
-        if pseudo is None or self.config.monitor_patches == 0:
+    def _student_monitor(self, idx: list[int], pseudo: PatchSampler | None, k: int) -> dict[str, float]:
+        """Before training: the student's loss on sampled target patches, and its hard Dice
+        agreement with its targets over the whole training part (1.0: nothing left to learn)."""
+        if pseudo is None:
+            return {"pre_loss": math.nan, "start_agreement": math.nan}
+        cfg = self.config
+        preds = [r[0] for r in self.predict([self.data.unlabelled[i].image for i in idx])]
+        _, agreement = pooled_dice(preds, pseudo.labels, cfg.num_classes, ignore_index=cfg.ignore_index)
+        return {"pre_loss": self._pre_loss(pseudo, k), "start_agreement": agreement}
+
+    def _pre_loss(self, pseudo: PatchSampler, k: int) -> float:
+        """Loss of the student entering round k on (hard) target patches it is about to learn."""
+        cfg = self.config
+        if cfg.monitor_patches == 0:
             return math.nan
-        rng = _rng(self.config.seed, k, _MONITOR)
-        pairs = [pseudo.sample(rng) for _ in range(self.config.monitor_patches)]
-        return mean_loss(self.model, pairs, ignore_index=self.config.ignore_index, device=self.config.device)
+        rng = _rng(cfg.seed, k, _MONITOR)
+        pairs = [pseudo.sample(rng) for _ in range(cfg.monitor_patches)]
+        pairs = [(image[:cfg.in_channels], label) for image, label in pairs]
+        return mean_loss(self.model, pairs, ignore_index=cfg.ignore_index, device=cfg.device)
 
-    def predict(self, volumes: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Run ``relabel_fn`` on normalised ``(M, Z, Y, X)`` volumes with the model in eval mode."""
+    # ------------------------------------------------------------------ prediction and monitors
+    def predict(self, volumes: Sequence[np.ndarray]) -> list[tuple[np.ndarray, ...]]:
+        """Run ``relabel_fn`` on normalised ``(M, Z, Y, X)`` volumes with the model in eval mode.
+
+        Returns:
+            ``(labels uint8, confidence uint8)`` per volume, plus ``probabilities (C, Z, Y, X)``
+            float16 when the run uses soft targets.
+
+        Raises:
+            ValueError: the relabel function returned the wrong count, shapes, or no probabilities
+                for soft targets.
+        """
         was_training = self.model.training
         self.model.eval()
         try:
@@ -558,10 +692,19 @@ class ATSO:
             self.model.train(was_training)
         if len(out) != len(volumes):
             raise ValueError(f"relabel_fn returned {len(out)} results for {len(volumes)} volumes")
-        for (labels, conf), vol in zip(out, volumes):
+        results = []
+        for res, vol in zip(out, volumes):
+            labels, conf = res[0], res[1]
             if labels.shape != vol.shape[1:] or conf.shape != vol.shape[1:]:
                 raise ValueError(f"relabel_fn returned shapes {labels.shape}, {conf.shape} for a volume {vol.shape}")
-        return [(np.asarray(lab, np.uint8), np.asarray(conf, np.uint8)) for lab, conf in out]
+            item: tuple[np.ndarray, ...] = (np.asarray(labels, np.uint8), np.asarray(conf, np.uint8))
+            if self.soft:
+                if len(res) < 3 or res[2] is None or tuple(res[2].shape) != (self.config.num_classes, *vol.shape[1:]):
+                    raise ValueError("targets='soft' needs a relabel_fn returning (labels, confidence, probabilities "
+                                     f"(C={self.config.num_classes}, *spatial)) for a volume {vol.shape}")
+                item += (np.asarray(res[2], np.float16),)
+            results.append(item)
+        return results
 
     def _relabel_subsets(self, names: Sequence[str], model_id: str) -> dict[str, Any]:
         """Relabel the named subsets with the current model; per-subset monitor statistics."""
@@ -571,38 +714,62 @@ class ATSO:
             idx = self.subsets[name]
             results = self.predict([self.data.unlabelled[i].image for i in idx])
             monitor[name] = self._pseudo_stats(idx, results)
-            for i, (labels, conf) in zip(idx, results):
-                self.pseudo[i], self.confidence[i], self.labelled_by[i] = labels, conf, model_id
+            for i, res in zip(idx, results):
+                self.pseudo[i], self.confidence[i], self.labelled_by[i] = res[0], res[1], model_id
+                if self.soft:
+                    self.probs[i] = res[2]
         voxels = sum(self.data.unlabelled[i].image[0].size for n in names for i in self.subsets[n])
         seconds = time.perf_counter() - start
         return {"relabelled": list(names), "relabelled_by": model_id if names else None, "monitor": monitor,
-                "relabel": {"seconds": seconds, "voxels": voxels}}
+                "relabel": {"seconds": seconds, "voxels": voxels}, "pseudo_dice_all": self._pseudo_dice_all()}
 
-    def _pseudo_stats(self, idx: list[int], results: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    def _pseudo_stats(self, idx: list[int], results: list[tuple[np.ndarray, ...]]) -> dict[str, Any]:
+        """Label change (all voxels; foreground only, since the last labels and since M0's),
+        confidence, ignored share and, with known truth, the new labels' pooled Dice."""
         cfg = self.config
-        total = sum(lab.size for lab, _ in results)
-        changed = sum(int(np.count_nonzero(lab != self.pseudo[i])) for i, (lab, _) in zip(idx, results)
-                      if self.pseudo[i] is not None)
-        had_old = any(self.pseudo[i] is not None for i in idx)
-        ignored = sum(int(np.count_nonzero((conf < cfg.threshold * 255.0) | (lab == cfg.ignore_index)))
-                      for lab, conf in results)
-        stats = {"changed_fraction": changed / total if had_old else math.nan,
-                 "mean_confidence": sum(float(c.sum(dtype=np.float64)) for _, c in results) / (255.0 * total),
+        labels = [r[0] for r in results]
+        total = sum(lab.size for lab in labels)
+        old = [self.pseudo[i] for i in idx]
+        m0 = [self.m0_labels[i] for i in idx]
+        has_old, has_m0 = all(o is not None for o in old), all(o is not None for o in m0)
+        changed = sum(int(np.count_nonzero(lab != o)) for lab, o in zip(labels, old)) if has_old else 0
+        ignored = sum(int(np.count_nonzero((r[1] < cfg.threshold * 255.0) | (r[0] == cfg.ignore_index)))
+                      for r in results)
+        stats = {"changed_fraction": changed / total if has_old else math.nan,
+                 "changed_fg": foreground_change(old, labels, ignore_index=cfg.ignore_index) if has_old else math.nan,
+                 "changed_fg_m0": foreground_change(m0, labels, ignore_index=cfg.ignore_index) if has_m0 else math.nan,
+                 "mean_confidence": sum(float(r[1].sum(dtype=np.float64)) for r in results) / (255.0 * total),
                  "ignored_fraction": ignored / total}
         truth = [self.data.unlabelled[i].label for i in idx]
         if all(t is not None for t in truth):
-            _, stats["pseudo_dice"] = _mean_dice([r[0] for r in results], truth, cfg.num_classes, cfg.ignore_index)
+            _, stats["pseudo_dice"] = pooled_dice(labels, truth, cfg.num_classes, ignore_index=cfg.ignore_index)
         return stats
 
-    def validate(self) -> dict[str, Any]:
-        """Dice of the current model on the validation cases: per class and foreground mean."""
-        cases = self.data.val
+    def _pseudo_dice_all(self) -> float:
+        """Pooled Dice of the current pseudo labels of every case with truth (relabelling methods)."""
+        pairs = [(p, c.label) for p, c in zip(self.pseudo, self.data.unlabelled) if p is not None and c.label is not None]
+        if not pairs or self.config.method not in ("atso", "self-training"):
+            return math.nan
+        return pooled_dice([p for p, _ in pairs], [t for _, t in pairs], self.config.num_classes,
+                           ignore_index=self.config.ignore_index)[1]
+
+    def evaluate(self, cases: Sequence[Case]) -> dict[str, Any]:
+        """Dice of the current model on labelled ``cases``, pooled per class over them.
+
+        Returns:
+            ``{"dice": [C floats], "mean_dice": mean over foreground classes}`` (NaN without cases).
+        """
         if not cases:
-            return {"val_dice": [], "val_mean_dice": math.nan}
-        preds = [p for p, _ in self.predict([c.image for c in cases])]
-        per_class, mean_fg = _mean_dice(preds, [c.label for c in cases], self.config.num_classes,
-                                        self.config.ignore_index)
-        return {"val_dice": per_class, "val_mean_dice": mean_fg}
+            return {"dice": [], "mean_dice": math.nan}
+        preds = [r[0] for r in self.predict([c.image for c in cases])]
+        per_class, mean_fg = pooled_dice(preds, [c.label for c in cases], self.config.num_classes,
+                                         ignore_index=self.config.ignore_index)
+        return {"dice": per_class, "mean_dice": mean_fg}
+
+    def validate(self) -> dict[str, Any]:
+        """Dice of the current model on the validation cases (pooled): per class and foreground mean."""
+        result = self.evaluate(self.data.val)
+        return {"val_dice": result["dice"], "val_mean_dice": result["mean_dice"]}
 
     def _finish(self, metrics: dict[str, Any], start: float) -> dict[str, Any]:
         metrics.update(self.validate())
@@ -621,47 +788,60 @@ class ATSO:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue: tensors and plain containers only (``weights_only`` safe)."""
-        def tensors(arrays: list[np.ndarray | None]) -> list[torch.Tensor | None]:
-            return [None if a is None else torch.from_numpy(np.ascontiguousarray(a).copy()) for a in arrays]
-
         return {"format_version": _FORMAT_VERSION, "round": self.round_index, "method": self.config.method,
                 "config": self.config.to_dict(), "subsets": {k: list(v) for k, v in self.subsets.items()},
-                "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-                "base_model": self.base_state, "pseudo": tensors(self.pseudo),
-                "confidence": tensors(self.confidence), "labelled_by": list(self.labelled_by),
+                "model": _state_copy(self.model), "base_model": self.base_state,
+                "pseudo": _tensors(self.pseudo), "confidence": _tensors(self.confidence),
+                "probs": _tensors(self.probs) if any(p is not None for p in self.probs) else None,
+                "m0_labels": _tensors(self.m0_labels), "labelled_by": list(self.labelled_by),
+                "lineages": {k: dict(v) for k, v in self.lineages.items()},
                 "history": json.loads(json.dumps(self.history))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`. A warm-up state (round 0) may seed any method that needs
-        no more pseudo labels than it holds; later states need the same method.
+        no more pseudo labels (or probabilities) than it holds; later states need the same method.
 
         Raises:
-            ValueError: wrong format, method, split, case count or normalisation.
+            ValueError: wrong format, method, split, case count, normalisation, or missing
+                pseudo labels or probabilities.
         """
+        self._check_state(state)
+        n = len(self.data.unlabelled)
+        self.model.load_state_dict(state["model"])
+        self.base_state = state["base_model"]
+        self.pseudo = _arrays(state["pseudo"], n)
+        self.confidence = _arrays(state["confidence"], n)
+        self.probs = _arrays(state["probs"], n) if self.soft else [None] * n
+        self.m0_labels = _arrays(state["m0_labels"], n)
+        self.labelled_by = list(state["labelled_by"])
+        self.lineages = {k: dict(v) for k, v in state["lineages"].items()} if state["round"] > 0 else {}
+        self.history = [dict(h) for h in state["history"]]
+        if state["method"] != self.config.method and self.history:  # a shared warm-up
+            self.history[0].update(method=self.config.method, warmup_from=state["method"])
+        self.round_index = int(state["round"])
+
+    def _check_state(self, state: dict[str, Any]) -> None:
         if state.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(f"unsupported ATSO state format {state.get('format_version')!r}")
-        if state["round"] > 0 and state["method"] != self.config.method:
-            raise ValueError(f"state of method {state['method']!r} at round {state['round']} cannot resume "
-                             f"method {self.config.method!r}")
+            raise ValueError(f"unsupported ATSO state format {state.get('format_version')!r} "
+                             f"(this version reads {_FORMAT_VERSION})")
+        if state["round"] > 0 and (state["method"], state["config"]["init"]) != (self.config.method, self.config.init):
+            raise ValueError(f"state of method {state['method']!r} (init {state['config']['init']!r}) at round "
+                             f"{state['round']} cannot resume method {self.config.method!r} (init {self.config.init!r})")
         if len(state["pseudo"]) != len(self.data.unlabelled):
             raise ValueError(f"state has {len(state['pseudo'])} unlabelled cases, data has {len(self.data.unlabelled)}")
         if state["config"]["normalization"] != self.config.to_dict()["normalization"]:
             raise ValueError(f"state normalization {state['config']['normalization']} differs from "
                              f"{self.config.normalization}")
-        missing = [i for n, idx in self.subsets.items() for i in idx if state["pseudo"][i] is None]
+        needed = [i for idx in self.subsets.values() for i in idx] if self.config.method != "oracle" else []
+        missing = [i for i in needed if state["pseudo"][i] is None]
         if state["round"] >= 0 and missing:
             raise ValueError(f"state lacks pseudo labels for unlabelled cases {missing[:5]}")
+        probs = state.get("probs") or [None] * len(state["pseudo"])
+        if self.soft and state["round"] >= 0 and any(probs[i] is None for i in needed):
+            raise ValueError("state lacks the probabilities that soft targets need (run the warm-up with "
+                             "targets='soft', as run_methods does when any run uses them)")
         if state["round"] > 0 and state["subsets"] != self.subsets:
             raise ValueError("state split differs from this run's split (different seed or data)")
-        self.model.load_state_dict(state["model"])
-        self.base_state = state["base_model"]
-        self.pseudo = [None if t is None else t.numpy().copy() for t in state["pseudo"]]
-        self.confidence = [None if t is None else t.numpy().copy() for t in state["confidence"]]
-        self.labelled_by = list(state["labelled_by"])
-        self.history = [dict(h) for h in state["history"]]
-        if state["method"] != self.config.method and self.history:  # a shared warm-up
-            self.history[0].update(method=self.config.method, warmup_from=state["method"])
-        self.round_index = int(state["round"])
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
         """Atomically write :meth:`state_dict` (default ``out_dir/checkpoint.pt``) and rewrite

@@ -68,7 +68,7 @@ class AugmentConfig:
 
 
 def augment_sample(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
-                   config: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
+                   config: AugmentConfig, *, channels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Apply random flips, in-plane 90-degree rotations, intensity scale/shift and noise.
 
     Args:
@@ -76,6 +76,8 @@ def augment_sample(image: np.ndarray, label: np.ndarray, rng: np.random.Generato
         label: ``(*spatial)`` integer labels (spatial part of ``image.shape``).
         rng: the only source of randomness.
         config: what to apply.
+        channels: intensity changes and noise touch only the first ``channels`` channels (default
+            all); the others (e.g. soft targets carried along) are only flipped and rotated.
 
     Returns:
         ``(image, label)``, new C-contiguous arrays of the same shapes.
@@ -96,9 +98,10 @@ def augment_sample(image: np.ndarray, label: np.ndarray, rng: np.random.Generato
         if k:
             image, label = np.rot90(image, k, axes=(-2, -1)), np.rot90(label, k, axes=(-2, -1))
     image = np.array(image, dtype=np.float32, copy=True, order="C")
+    intensity = image if channels is None else image[:channels]  # a view: edits land in image
     if rng.random() < config.p_intensity:
-        image *= np.float32(rng.uniform(*config.scale))
-        image += np.float32(rng.uniform(*config.shift))
+        intensity *= np.float32(rng.uniform(*config.scale))
+        intensity += np.float32(rng.uniform(*config.shift))
     if rng.random() < config.p_noise:
-        image += rng.normal(0.0, rng.uniform(*config.noise_std), size=image.shape).astype(np.float32)
+        intensity += rng.normal(0.0, rng.uniform(*config.noise_std), size=intensity.shape).astype(np.float32)
     return image, np.ascontiguousarray(label)

@@ -26,6 +26,7 @@ from atso_fast.engine.relabeler import Relabeler
 from atso_fast.package import export_model
 from atso_fast.runtimes.torch_rt import torch_threads
 from atso_fast.train.atso import ATSO, run_methods
+from atso_fast.train.report import demo_report
 
 __all__ = ["train_main", "demo_main", "build_train_parser", "build_demo_parser", "load_config", "format_history",
            "export_package", "DEMO_SETTINGS", "DEMO_METHODS", "METHODS_LEGEND", "ROUNDS_LEGEND"]
@@ -315,6 +316,7 @@ def demo_main(argv: list[str] | None = None) -> int:
           f"labelled 3D phantoms {tuple(settings['shape'])}, {settings['num_val']} validation; seed {args.seed}\n")
     print(_demo_table(runs, names, relabel))
     print(f"\n{METHODS_LEGEND}")
+    print("\n" + demo_report(runs))
     print(f"\nATSO rounds:\n{format_history(runs['atso'].history)}")
     print(f"\n{ROUNDS_LEGEND}")
     print(f"\ntotal {time.perf_counter() - start:.1f} s; outputs in {out}")

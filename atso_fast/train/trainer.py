@@ -3,7 +3,8 @@ label, AdamW or SGD with a poly learning-rate schedule, AMP and channels-last on
 
 All randomness comes from the ``numpy.random.Generator`` passed in (patch positions, which source
 a sample comes from, augmentation); the loop itself draws nothing from torch's global RNG.
-Batches are ``x`` ``(B, M, *patch)`` float32 and ``y`` ``(B, *patch)`` int64.
+Batches are ``x`` ``(B, M, *patch)`` float32 and ``y`` ``(B, *patch)`` int64 (hard labels) or
+``(B, C, *patch)`` float32 (soft targets, e.g. a teacher's probabilities).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from atso_fast.train.augment import AugmentConfig, augment_sample
 from atso_fast.train.data import PatchSampler
-from atso_fast.train.losses import dice_ce_loss
+from atso_fast.train.losses import dice_ce_loss, soft_target_loss
 
 __all__ = ["OptimConfig", "make_optimizer", "poly_lr", "MixedBatches", "train_steps", "mean_loss"]
 
@@ -87,7 +88,8 @@ class MixedBatches:
     """Batches mixing a labelled source and an optional pseudo-labelled source.
 
     Each batch holds ``floor(B * r)`` labelled samples plus one more with probability equal to the
-    fractional part of ``B * r`` (``r = labelled_ratio``); the rest come from ``pseudo``.
+    fractional part of ``B * r`` (``r = labelled_ratio``); the rest come from ``pseudo``. Labelled
+    samples come first; :attr:`last_labelled` holds their count in the batch drawn last.
 
     Args:
         labelled: sampler over labelled cases.
@@ -95,32 +97,64 @@ class MixedBatches:
         batch_size: B.
         labelled_ratio: r in [0, 1].
         augment: augmentation applied to every sample, or None.
+        labelled_only: keep only the labelled part of each batch (at least one sample), so that a
+            supervised run sees as many labelled samples per step as a mixed run with the same r.
+        soft_channels: C when the pseudo sampler's images carry C trailing channels of target
+            probabilities; batches then hold soft targets ``y`` ``(B, C, *patch)`` float32 (labelled
+            samples one-hot, ignored voxels all zero).
 
     Raises:
-        ValueError: bad batch size or ratio.
+        ValueError: bad batch size, ratio or channel count.
     """
 
     def __init__(self, labelled: PatchSampler, pseudo: PatchSampler | None, batch_size: int, *,
-                 labelled_ratio: float = 0.5, augment: AugmentConfig | None = None) -> None:
+                 labelled_ratio: float = 0.5, augment: AugmentConfig | None = None, labelled_only: bool = False,
+                 soft_channels: int | None = None) -> None:
         if int(batch_size) < 1 or not 0.0 <= labelled_ratio <= 1.0:
             raise ValueError(f"need batch_size >= 1 and labelled_ratio in [0, 1], got {batch_size}, {labelled_ratio}")
+        if soft_channels is not None and int(soft_channels) < 2:
+            raise ValueError(f"soft_channels must be >= 2 classes or None, got {soft_channels}")
         self.labelled, self.pseudo, self.batch_size = labelled, pseudo, int(batch_size)
-        self.ratio = 1.0 if pseudo is None else float(labelled_ratio)
+        self.labelled_only = bool(labelled_only)
+        self.ratio = 1.0 if pseudo is None and not labelled_only else float(labelled_ratio)
         self.augment = augment
+        self.soft_channels = None if soft_channels is None else int(soft_channels)
+        self.last_labelled = 0
 
     def __call__(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Draw ``(x (B, M, *patch) float32, y (B, *patch) int64)``."""
+        """Draw ``(x (B, M, *patch) float32, y (B, *patch) int64 or (B, C, *patch) float32)``."""
         want = self.batch_size * self.ratio
         n_lab = int(math.floor(want)) + int(rng.random() < want - math.floor(want))
+        size = max(1, n_lab) if self.labelled_only else self.batch_size
         images, labels = [], []
-        for i in range(self.batch_size):
-            source = self.labelled if i < n_lab or self.pseudo is None else self.pseudo
+        for i in range(size):
+            source = self.labelled if i < n_lab or self.pseudo is None or self.labelled_only else self.pseudo
             image, label = source.sample(rng)
             if self.augment is not None:
-                image, label = augment_sample(image, label, rng, self.augment)
+                channels = image.shape[0] - self.soft_channels if source is self.pseudo and self.soft_channels else None
+                image, label = augment_sample(image, label, rng, self.augment, channels=channels)
             images.append(image)
             labels.append(label)
-        return np.stack(images), np.stack(labels).astype(np.int64)
+        self.last_labelled = size if self.labelled_only or self.pseudo is None else n_lab
+        if self.soft_channels is None:
+            return np.stack(images), np.stack(labels).astype(np.int64)
+        return self._soft(images, labels, self.last_labelled)
+
+    def _soft(self, images: list[np.ndarray], labels: list[np.ndarray], n_lab: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """Split the pseudo samples' target channels off; one-hot targets for the labelled ones."""
+        c, ignore = self.soft_channels, self.labelled.ignore_index
+        xs, ys = [], []
+        for i, (image, label) in enumerate(zip(images, labels)):
+            if i < n_lab:
+                target = (np.arange(c).reshape((c,) + (1,) * label.ndim) == label[None]).astype(np.float32)
+                xs.append(image)
+            else:
+                target = np.array(image[-c:], dtype=np.float32)
+                target[:, label == ignore] = 0.0  # thresholded or padded voxels count for nothing
+                xs.append(image[:-c])
+            ys.append(target)
+        return np.ascontiguousarray(np.stack(xs)), np.stack(ys)
 
 
 def _to_device(x: np.ndarray, y: np.ndarray, device: torch.device, channels_last: bool
@@ -150,7 +184,10 @@ def train_steps(model: nn.Module, batches: BatchFn, *, steps: int, lr: float, rn
         amp, channels_last: enable on CUDA.
 
     Returns:
-        ``{"loss": mean loss, "last_loss": mean of the last 10% of steps, "steps": steps, "lr": lr}``.
+        ``{"loss": mean loss, "first_loss"/"last_loss": mean of the first/last 10% of steps,
+        "pseudo_loss", "pseudo_first_loss", "pseudo_last_loss": the same for the loss of the
+        pseudo-labelled part of each batch alone (computed without gradient; NaN when ``batches``
+        has no ``last_labelled`` or never holds pseudo-labelled samples), "steps", "lr"}``.
 
     Raises:
         ValueError: negative steps or non-positive lr.
@@ -166,13 +203,18 @@ def train_steps(model: nn.Module, batches: BatchFn, *, steps: int, lr: float, rn
     model.train()
     opt = make_optimizer(model.parameters(), lr, optim)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp)
-    losses = []
+    losses, pseudo_losses = [], []
     for step in range(int(steps)):
         for group in opt.param_groups:
             group["lr"] = poly_lr(lr, step, steps, optim.poly_exponent) if optim.schedule == "poly" else lr
         x, y = _to_device(*batches(rng), device, cuda and channels_last)
+        n_lab = getattr(batches, "last_labelled", len(x))
         with torch.autocast(device.type, dtype=torch.float16, enabled=cuda and amp):
-            loss = dice_ce_loss(model(x), y, ignore_index=ignore_index)
+            logits = model(x)
+            loss = _loss(logits, y, ignore_index)
+        if n_lab < len(x):
+            with torch.no_grad():  # a monitor: the pseudo-labelled part of the batch alone
+                pseudo_losses.append(_loss(logits[n_lab:].detach(), y[n_lab:], ignore_index))
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if optim.grad_clip > 0:
@@ -181,10 +223,25 @@ def train_steps(model: nn.Module, batches: BatchFn, *, steps: int, lr: float, rn
         scaler.step(opt)
         scaler.update()
         losses.append(loss.detach())
-    values = torch.stack(losses).float().cpu().numpy() if losses else np.zeros(0)
-    tail = values[-max(1, len(values) // 10):] if len(values) else values
-    return {"loss": float(values.mean()) if len(values) else math.nan,
-            "last_loss": float(tail.mean()) if len(tail) else math.nan, "steps": int(steps), "lr": float(lr)}
+    return {**_loss_summary(losses, ""), **_loss_summary(pseudo_losses, "pseudo_"), "steps": int(steps),
+            "lr": float(lr)}
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Hard labels ``(B, *patch)`` -> Dice + CE with ignore label; soft ``(B, C, *patch)`` -> soft loss."""
+    if y.dim() == logits.dim():
+        return soft_target_loss(logits, y)
+    return dice_ce_loss(logits, y, ignore_index=ignore_index)
+
+
+def _loss_summary(losses: list[torch.Tensor], prefix: str) -> dict[str, float]:
+    """Mean, mean of the first and of the last 10% of the steps (NaN when there were none)."""
+    if not losses:
+        return {f"{prefix}loss": math.nan, f"{prefix}first_loss": math.nan, f"{prefix}last_loss": math.nan}
+    values = torch.stack(losses).float().cpu().numpy()
+    n = max(1, len(values) // 10)
+    return {f"{prefix}loss": float(values.mean()), f"{prefix}first_loss": float(values[:n].mean()),
+            f"{prefix}last_loss": float(values[-n:].mean())}
 
 
 def _spatial_dims(model: nn.Module) -> int:
