@@ -88,7 +88,7 @@ def feed(sink, acc, wsum, rng, max_rows=5):
         ws = np.full((count + 3, *acc.shape[2:]), np.nan, np.float32)
         slab[:, :count], ws[:count] = acc[:, z:z + count], wsum[z:z + count]
         sink.take(slab, ws, z, count)
-        assert len(sink._kept) <= 1  # at most one target row outlives a call
+        assert len(sink._rows) <= 1  # at most one target row outlives a call
         z += count
 
 

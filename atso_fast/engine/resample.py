@@ -66,7 +66,13 @@ class ResampleSink:
             raise ValueError("the z map must read target rows in order")
         self._lo, self._hi = lo, hi
         self._next = 0  # next native row to emit
-        self._kept: dict[int, Any] = {}  # normalised target rows later native rows still need
+        # blended target rows (C, Yt, Xt) by index, each computed once and dropped as soon as no
+        # later native row reads it (at most two survive a call: they are copies, not views of
+        # the slab the merger reuses)
+        self._rows: dict[int, Any] = {}
+        # output buffers reused from row to row: allocating (and freeing) a C x Yn x Xn block
+        # per native row cost more than the interpolation itself (page faults)
+        self._buffers: dict[str, Any] = {}
         self._ones = None
         self.seconds = 0.0
 
@@ -90,44 +96,55 @@ class ResampleSink:
                 k1 += 1
             self._emit(k0, k1, acc_t, wsum_t, z_start)
             self._next = k1
-        # the next native row reads rows >= need: with two taps at most the last row of this
-        # batch is still needed (a fresh quotient, not a view of the reused slab)
+            self._drop_unneeded(end)
+        # the rows the next native row reads stay (quotients are fresh tensors, not slab views)
         need = int(self._lo[self._next]) if self._next < self.native[0] else end
-        keep = range(max(need, z_start), end)
-        self._kept = {t: self._quotient(acc_t, wsum_t, t - z_start, t - z_start + 1)[:, 0] for t in keep}
+        for t in range(max(need, z_start), end):
+            self._row(t, acc_t, wsum_t, z_start)
+        self._drop_unneeded(end)
         self.seconds += time.perf_counter() - start
 
-    @staticmethod
-    def _quotient(acc_t: Any, wsum_t: Any, i0: int, i1: int) -> Any:
-        """Blended logits of slab rows ``[i0, i1)``: ``acc / wsum`` (C, i1 - i0, Y, X) float32."""
+    def _drop_unneeded(self, end: int) -> None:
+        """Forget the target rows no native row from ``self._next`` on reads."""
+        need = int(self._lo[self._next]) if self._next < self.native[0] else end
+        for t in [t for t in self._rows if t < need]:
+            del self._rows[t]
+
+    def _row(self, t: int, acc_t: Any, wsum_t: Any, z_start: int) -> Any:
+        """Blended target row ``t``: ``acc / wsum`` (C, Yt, Xt) float32, computed once."""
         import torch
 
-        return acc_t[:, i0:i1].float() / torch.clamp_min(wsum_t[i0:i1], 1e-12)[None]
+        row = self._rows.get(t)
+        if row is None:
+            i = t - z_start
+            row = acc_t[:, i].float() / torch.clamp_min(wsum_t[i], 1e-12)[None]
+            self._rows[t] = row
+        return row
 
-    def _block(self, t0: int, t1: int, acc_t: Any, wsum_t: Any, z_start: int) -> Any:
-        """Target rows ``[t0, t1)`` blended (C, t1 - t0, Yt, Xt): kept rows, then slab rows."""
+    def _buffer(self, name: str, shape: tuple[int, ...], like: Any) -> Any:
+        """A reused float32 tensor of ``shape`` on ``like``'s device (grown as needed)."""
         import torch
 
-        parts = [self._kept[t][:, None] for t in range(t0, min(t1, z_start))]
-        if t1 > z_start:
-            parts.append(self._quotient(acc_t, wsum_t, max(t0, z_start) - z_start, t1 - z_start))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        size = int(np.prod(shape))
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < size:
+            buf = self._buffers[name] = torch.empty(size, dtype=torch.float32, device=like.device)
+        return buf[:size].view(shape)
 
     def _emit(self, k0: int, k1: int, acc_t: Any, wsum_t: Any, z_start: int) -> None:
         """Native rows ``[k0, k1)``: z blend, in-plane resampling, then the inner sink."""
         import torch
 
-        zop, yop, xop = self.ops
-        t0, t1 = int(self._lo[k0]), int(self._hi[k1 - 1]) + 1
-        block = self._block(t0, t1, acc_t, wsum_t, z_start)
-        i0 = torch.from_numpy(zop.idx0[k0:k1] - t0).to(block.device)
-        w = zop.w1[k0:k1]
-        rows = block if t1 - t0 == k1 - k0 and not np.any(w) and bool((i0 == torch.arange(k1 - k0,
-                                                                              device=block.device)).all()) \
-            else block.index_select(1, i0)
-        if np.any(w):
-            other = block.index_select(1, torch.from_numpy(zop.idx1[k0:k1] - t0).to(block.device))
-            rows = torch.lerp(rows, other, torch.from_numpy(w.astype(np.float32)).to(block.device)[None, :, None, None])
+        zop = self.ops[0]
+        first = self._row(int(zop.idx0[k0]), acc_t, wsum_t, z_start)
+        rows = self._buffer("z", (first.shape[0], k1 - k0, *first.shape[1:]), first)
+        for j, k in enumerate(range(k0, k1)):
+            a = self._row(int(zop.idx0[k]), acc_t, wsum_t, z_start)
+            w = float(zop.w1[k])
+            if w == 0.0:
+                rows[:, j].copy_(a)
+            else:
+                torch.lerp(a, self._row(int(zop.idx1[k]), acc_t, wsum_t, z_start), w, out=rows[:, j])
         rows = self._in_plane(rows)
         r = k1 - k0
         if self._ones is None or self._ones.shape[0] < r:
@@ -140,17 +157,17 @@ class ResampleSink:
 
     def _in_plane(self, rows: Any) -> Any:
         """``(C, r, Yt, Xt)`` -> ``(C, r, Yn, Xn)``: one bilinear pass when both axes are linear
-        (``torch.nn.functional.interpolate``, align_corners=False: scipy's grid-mode coordinates
-        and edge clamping), else the per-axis maps."""
+        (aten's ``upsample_bilinear2d`` into a reused buffer, align_corners=False: scipy's
+        grid-mode coordinates and edge clamping), else the per-axis maps."""
         import torch
 
         _, yop, xop = self.ops
         if yop.identity and xop.identity:
-            return rows.contiguous()
+            return rows
         if yop.order == 1 and xop.order == 1:
-            out = torch.nn.functional.interpolate(rows, size=(yop.n_out, xop.n_out), mode="bilinear",
-                                                  align_corners=False)
-            return out.contiguous()
+            out = self._buffer("plane", (*rows.shape[:2], yop.n_out, xop.n_out), rows)
+            torch.ops.aten.upsample_bilinear2d.out(rows, [yop.n_out, xop.n_out], False, None, None, out=out)
+            return out
         if yop.n_out * xop.n_in <= xop.n_out * yop.n_in:  # the axis that grows least first
             return apply_op(apply_op(rows, yop, 2), xop, 3).contiguous()
         return apply_op(apply_op(rows, xop, 3), yop, 2).contiguous()
