@@ -44,15 +44,12 @@ def atomic_write_bytes(path: str | os.PathLike[str],
                 view = memoryview(chunk).cast("B")
                 while view:
                     view = view[os.write(fd, view):]
-            os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
-    return path
+    return commit_temp(tmp, path)
 
 
 def temp_path(path: str | os.PathLike[str], *, pid: int | None = None) -> Path:

@@ -172,18 +172,4 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int, *,
     Raises:
         ValueError: shape mismatch.
     """
-    pred, truth = np.asarray(pred), np.asarray(truth)
-    if pred.shape != truth.shape:
-        raise ValueError(f"pred and truth shapes differ: {pred.shape} vs {truth.shape}")
-    if ignore_index is not None:
-        keep = (truth != ignore_index) & (pred != ignore_index)
-        pred, truth = pred[keep], truth[keep]
-    pred, truth = pred.ravel().astype(np.int64), truth.ravel().astype(np.int64)
-    ok = (pred < num_classes) & (truth < num_classes)
-    joint = np.bincount(pred[ok] * num_classes + truth[ok], minlength=num_classes * num_classes)
-    joint = joint.reshape(num_classes, num_classes)
-    inter = np.diag(joint).astype(np.float64)
-    denom = np.bincount(pred, minlength=num_classes)[:num_classes] + \
-        np.bincount(truth, minlength=num_classes)[:num_classes]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, 2 * inter / np.maximum(denom, 1), np.nan)
+    return dice_from_counts(confusion_counts(pred, truth, num_classes, ignore_index=ignore_index))
