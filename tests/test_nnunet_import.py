@@ -165,6 +165,14 @@ def test_model_json_carries_the_plans(models):
     assert pkg2.normalization == [{"scheme": "zscore", "use_mask": True}]
 
 
+def test_auto_runs_an_imported_package_on_onnxruntime(models):
+    """OpenVINO's float32 kernels agreed with nnU-Net on fewer voxels (RESULTS.md), so ``auto``
+    keeps an imported package on ONNX Runtime on CPU; the user can still ask for OpenVINO."""
+    package = load_package(models["3d"][1])
+    assert package.reference == "nnunetv2"
+    assert Relabeler(models["3d"][1], threads=1).runtime_name == "onnxruntime"
+
+
 def test_relabelling_an_imported_package_never_imports_nnunet(models, tmp_path):
     _, package = models["2d"]
     code = ("import sys, numpy as np\n"

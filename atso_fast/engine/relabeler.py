@@ -128,7 +128,8 @@ class Relabeler:
             raise ValueError(f"compile=True compiles the torch runtime; runtime {runtime!r} cannot be compiled")
         candidates = [self._check_runtime("torch" if compile else runtime)] if runtime != "auto" or compile else \
             auto_candidates(self.device, has_onnx=self.package.root is not None, has_module=_module is not None,
-                            has_program=self._has_program(), precision=self.precision)
+                            has_program=self._has_program(), precision=self.precision,
+                            exact=self.package.reference is not None)
         self.runtime = load_runtime(candidates, device=self.device, package=self.package, module=_module,
                                     precision=precision, batch_size=self.batch_size, compile=compile, threads=threads)
         self._kernel_threads = kernel_threads

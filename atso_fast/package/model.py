@@ -48,6 +48,14 @@ class ModelPackage:
         return tuple(self.window) if len(self.window) == 3 else (1, *self.window)  # type: ignore[return-value]
 
     @property
+    def reference(self) -> str | None:
+        """The predictor whose labels this package promises to reproduce (``"nnunetv2"`` for an
+        imported nnU-Net model), or None; ``model.json``'s ``source.kind``."""
+        source = self.extra.get("source")
+        kind = source.get("kind") if isinstance(source, dict) else None
+        return kind if isinstance(kind, str) else None
+
+    @property
     def onnx_path(self) -> Path:
         if self.root is None or self.onnx_file is None:
             raise PackageError("this model has no ONNX file (built from a live torch module)")
