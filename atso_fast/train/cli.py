@@ -56,6 +56,8 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("onnx_ir", "onnxscript", "torch.onnx"):  # the exporter's pass-by-pass notes, every round
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def load_config(path: str | Path, *, out: str | Path | None = None) -> dict[str, Any]:
@@ -119,12 +121,13 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 
 
 def export_package(atso: Any, folder: str | Path, class_names: list[str] | None = None) -> Path:
-    """Export ``atso.model`` with the run's window, classes, normalisation and spacing to ``folder``."""
+    """Export ``atso.model`` with the run's window, classes, normalisation, spacing and
+    preprocessing spec to ``folder``."""
 
     cfg = atso.config
     return export_model(atso.model, folder, window=list(cfg.patch_size), num_classes=cfg.num_classes,
                         kind="logits", normalization=cfg.normalization, in_channels=cfg.in_channels,
-                        spacing=cfg.spacing, class_names=class_names)
+                        spacing=cfg.spacing, class_names=class_names, preprocessing=cfg.preprocessing)
 
 
 def build_train_parser() -> argparse.ArgumentParser:

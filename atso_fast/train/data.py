@@ -42,6 +42,7 @@ __all__ = [
     "PatchSampler",
     "crop_with_padding",
     "training_spacing",
+    "read_listing",
 ]
 
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".npy", ".npz")
@@ -188,6 +189,22 @@ def _load_spec(spec: str | Path | dict[str, Any]) -> tuple[dict[str, Any], Path]
     if not isinstance(listing, dict):
         raise ValueError(f"{path}: expected a mapping with labelled/unlabelled/val lists, got {type(listing).__name__}")
     return listing, path.parent
+
+
+def read_listing(spec: str | Path | dict[str, Any]) -> tuple[dict[str, Any], Path]:
+    """The cases a folder, list file or dict names, without reading any image.
+
+    Returns:
+        ``(listing in list-file form, folder its paths are relative to)``.
+
+    Raises:
+        ValueError: missing folder/file, not a mapping, unknown keys.
+    """
+    listing, base = _load_spec(spec)
+    unknown = set(listing) - {"labelled", "unlabelled", "val", "modality"}
+    if unknown:
+        raise ValueError(f"data listing has unknown keys {sorted(unknown)}")
+    return listing, base
 
 
 def load_raw(spec: str | Path | dict[str, Any], *, in_channels: int = 1
