@@ -367,23 +367,28 @@ class ArchiveATSO(ATSO):
         return self._finish_round(metrics)
 
     def _relabel(self, idx: list[int], pseudo_dir: Path, *, resumed: bool) -> dict[str, Any]:
-        """The archive engine over the cached images of ``idx``, then their foreground index."""
+        """The archive engine over the cached images of ``idx``, then their foreground index.
+        Wall-clock numbers go to ``pending["timing"]``, the rest is returned."""
         if not idx:
-            return {"seconds": 0.0, "voxels": 0, "cases": 0}
+            return {"cases": 0, "voxels": 0, "runtime": None}
         cfg = self.config
         options = {"threshold": 0.0, "ignore_index": cfg.ignore_index, **cfg.relabel}
         summary = self.engine(pseudo_dir.parent / "grid_package", [self.unlabelled[i].image for i in idx], pseudo_dir,
                               options=options, resume=resumed, overwrite=not resumed, save_confidence=True,
                               progress=None)
         if summary["failed"]:
-            raise ValueError(f"relabelling {pseudo_dir} failed for {summary['failed']} cases: {summary['failures'][:3]}")
-        log.info("relabelled %d cases into %s: %.2f cases/s, runtime %s, busy %.0f%%", summary["done"], pseudo_dir,
-                 summary["cases_per_s"], summary.get("runtime"), 100 * summary["busy_fraction"])
+            raise ValueError(f"relabelling into {pseudo_dir} failed for {summary['failed']} cases: "
+                             f"{summary['failures'][:3]}")
+        log.info("relabelled %d cases into %s (%d done before): %.2f cases/s, runtime %s, busy %.0f%%",
+                 summary["done"], pseudo_dir, summary["skipped"], summary["cases_per_s"], summary.get("runtime"),
+                 100 * summary["busy_fraction"])
         for i in idx:
             self._index_pseudo(self.unlabelled[i], pseudo_dir)
-        return {"seconds": summary["seconds"], "voxels": sum(self.unlabelled[i].voxels for i in idx),
-                "cases": len(idx), "done": summary["done"], "skipped": summary["skipped"],
-                "cases_per_s": summary["cases_per_s"], "busy_fraction": summary["busy_fraction"],
+        self.pending["timing"].update({"relabel_engine_s": summary["seconds"], "relabel_done": summary["done"],
+                                       "relabel_skipped": summary["skipped"],
+                                       "relabel_cases_per_s": summary["cases_per_s"],
+                                       "relabel_busy_fraction": summary["busy_fraction"]})
+        return {"cases": len(idx), "voxels": sum(self.unlabelled[i].voxels for i in idx),
                 "runtime": summary.get("runtime")}
 
     def _index_pseudo(self, case: CachedCase, folder: Path) -> None:
@@ -473,7 +478,8 @@ class ArchiveATSO(ATSO):
         start = time.perf_counter()
         metrics.update(self.validate())
         metrics["timing"]["validate_s"] = time.perf_counter() - start
-        metrics["seconds"] = sum(metrics["timing"].values())
+        metrics["seconds"] = sum(metrics["timing"].get(key, 0.0) for key in
+                                 ("train_s", "export_s", "relabel_s", "validate_s"))
         metrics = _nan_to_none(metrics)
         k = metrics["round"]
         self.history.append(metrics)
