@@ -40,6 +40,7 @@ with SIGKILL there.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -450,13 +451,14 @@ class ArchiveATSO(ATSO):
                                                open_array(case.label), cfg.num_classes, ignore_index=cfg.ignore_index)
         return _mean_fg(dice_from_counts(counts)) if any_case else math.nan
 
-    def evaluate(self, cases: Sequence[CachedCase]) -> dict[str, Any]:  # type: ignore[override]
-        """Dice of the current model on cached labelled ``cases`` (pooled per class), one case in
-        memory at a time."""
+    def evaluate(self, cases: Sequence[CachedCase], package: Path | None = None) -> dict[str, Any]:  # type: ignore[override]
+        """Dice of the model on cached labelled ``cases`` (pooled per class), one case in memory
+        at a time: the live model through the engine's torch runtime, or with ``package`` (a
+        round's ``grid_package``) the exported network through the engine's ``auto`` runtime."""
         if not cases:
             return {"dice": [], "mean_dice": math.nan}
         cfg = self.config
-        relabel = default_relabel_fn(cfg)
+        relabel = default_relabel_fn(cfg) if package is None else _package_fn(package, cfg)
         was_training = self.model.training
         self.model.eval()
         counts = 0
@@ -470,13 +472,14 @@ class ArchiveATSO(ATSO):
         per_class = dice_from_counts(counts)
         return {"dice": [float(v) for v in per_class], "mean_dice": _mean_fg(per_class)}
 
-    def validate(self) -> dict[str, Any]:
-        result = self.evaluate(self.cache.cases["val"])
+    def validate(self, package: Path | None = None) -> dict[str, Any]:
+        """Pooled Dice on the validation cases (see :meth:`evaluate`)."""
+        result = self.evaluate(self.cache.cases["val"], package)
         return {"val_dice": result["dice"], "val_mean_dice": result["mean_dice"]}
 
     def _finish_round(self, metrics: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
-        metrics.update(self.validate())
+        metrics.update(self.validate(self.round_dir(metrics["round"]) / "grid_package"))
         metrics["timing"]["validate_s"] = time.perf_counter() - start
         metrics["seconds"] = sum(metrics["timing"].get(key, 0.0) for key in
                                  ("train_s", "export_s", "relabel_s", "validate_s"))
@@ -537,6 +540,23 @@ class ArchiveATSO(ATSO):
         self.train_state = state["train_state"]
         self.history = [dict(h) for h in state["history"]]
         self._resumed_phase = self.phase
+
+
+def _package_fn(package: Path, cfg: ATSOConfig) -> Callable[[Any, Sequence[np.ndarray]], list[tuple[np.ndarray]]]:
+    """A ``relabel_fn`` running an exported package (``auto`` runtime); the model argument is unused."""
+    engine = Relabeler(package, **{"runtime": "auto", **_relabeler_options(cfg.relabel), "threshold": 0.0,
+                                   "ignore_index": cfg.ignore_index})
+
+    def relabel(_model: Any, volumes: Sequence[np.ndarray]) -> list[tuple[np.ndarray]]:
+        return [(engine.relabel_volume(v).labels,) for v in volumes]
+
+    return relabel
+
+
+def _relabeler_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`Relabeler` arguments among ``options`` (the Ray engine's pool options left out)."""
+    known = set(inspect.signature(Relabeler).parameters) - {"model_dir"}
+    return {k: v for k, v in options.items() if k in known and not k.startswith("_")}
 
 
 def _fg_change(acc: list[int], old: np.ndarray, new: np.ndarray, ignore_index: int) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -42,6 +43,8 @@ from atso_fast.package.spec import check_preprocessing
 
 __all__ = ["CachedCase", "Cache", "SPLITS", "build_cache", "locate_foreground", "save_npy", "fg_counts_of",
            "entry_case_id"]
+
+log = logging.getLogger(__name__)
 
 SPLITS = {"labelled": "Tr", "unlabelled": "Un", "val": "Val"}
 _VERSION = 1
@@ -76,6 +79,7 @@ class Cache:
     preprocessing: dict[str, Any]
     spec_sha256: str
     built: int = 0  # cases preprocessed by this call (0: all reused)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (input, problem) of unlabelled cases left out
 
 
 def save_npy(path: Path, array: np.ndarray) -> Path:
@@ -114,8 +118,11 @@ def _identity(paths: Sequence[Path]) -> list[list[Any]]:
     """What says an input is unchanged: absolute path, size and modification time (ns)."""
     out = []
     for p in paths:
-        st = os.stat(p)
-        out.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
+        try:
+            st = os.stat(p)
+            out.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
+        except OSError:  # reading it will fail with a message naming it
+            out.append([os.path.abspath(p), None, None])
     return out
 
 
@@ -327,20 +334,32 @@ def build_cache(listing: dict[str, Any], base: Path, root: str | os.PathLike[str
     spec = {"version": _VERSION, "window": [int(w) for w in window], "in_channels": int(in_channels),
             "num_classes": int(num_classes), "normalization": policy, "spacing": target,
             "preprocessing": prep, "max_locations": int(max_locations)}
-    spec_sha = _sha(spec)
-    cases, built = {}, 0
+    cache = Cache(root, {}, policy, target, prep, _sha(spec))
     for key, items in entries.items():
-        folder, out = root / SPLITS[key], []
-        for entry, identity in zip(_bar(items, progress, f"cache: {key}"), identities[key]):
-            cid = entry_case_id(entry)
-            record = _reusable(_paths(folder, cid), identity, spec_sha)
-            if record is not None:
-                out.append(_cached(cid, _paths(folder, cid), record))
-                continue
-            out.append(_build_case(entry, cid, folder, spec, spec_sha, identity))
-            built += 1
-        cases[key] = out
-    return Cache(root, cases, policy, target, prep, spec_sha, built)
+        cache.cases[key] = [case for entry, identity in zip(_bar(items, progress, f"cache: {key}"), identities[key])
+                            if (case := _cache_one(cache, key, entry, identity, spec)) is not None]
+    return cache
+
+
+def _cache_one(cache: Cache, key: str, entry: dict[str, Any], identity: list[list[Any]], spec: dict[str, Any]
+               ) -> CachedCase | None:
+    """Reuse or build one case. A bad unlabelled case is left out (recorded in ``cache.failed``
+    and logged): one scan must not stop an archive; a bad labelled or validation case is an error."""
+    folder, cid = cache.root / SPLITS[key], entry_case_id(entry)
+    record = _reusable(_paths(folder, cid), identity, cache.spec_sha256)
+    if record is not None:
+        return _cached(cid, _paths(folder, cid), record)
+    try:
+        case = _build_case(entry, cid, folder, spec, cache.spec_sha256, identity)
+    except (ValueError, OSError) as exc:  # InputError is a ValueError
+        if key != "unlabelled":
+            raise
+        message = " ".join(str(exc).split())
+        cache.failed.append((entry["image"][0], message))
+        log.warning("cache: unlabelled case %s left out: %s", cid, message)
+        return None
+    cache.built += 1
+    return case
 
 
 def _plan(root: Path, request: dict[str, Any], entries: dict[str, list[dict[str, Any]]], in_channels: int,
