@@ -197,3 +197,26 @@ def test_storage_choice_and_refusals(tmp_path):
     assert resolve_storage(cfg, data=object()) == "memory"  # arrays passed in: the memory path
     with pytest.raises(ValueError, match="hard targets"):
         ATSO({**cfg, "storage": "disk", "targets": "soft"})
+
+
+def test_cache_leaves_out_a_bad_unlabelled_case(tmp_path):
+    make_archive(tmp_path / "data", 4, num_labelled=1, num_val=0, shape=(8, 16, 16), fmt="npy", seed=2)
+    bad = sorted((tmp_path / "data" / "imagesUn").iterdir())[0]
+    bad.write_bytes(b"not an npy file")
+    cache = _cache(tmp_path / "cache", tmp_path / "data", spacing=None)
+    assert len(cache.cases["unlabelled"]) == 2 and [f[0] for f in cache.failed] == [str(bad)]
+
+
+def test_train_engine_option(tmp_path, monkeypatch, capsys):
+    import atso_fast.cli.train as train_cli
+    from atso_fast.cli import main
+
+    calls = []
+    monkeypatch.setattr(train_cli, "relabel_archive_ray", lambda *a, **kw: calls.append((a, kw)) or {"done": 1})
+    assert train_cli.ray_archive_engine(Path("pkg"), [Path("a.npy")], Path("out"), options={"workers": 2},
+                                        resume=True) == {"done": 1}
+    assert calls == [(("pkg", ["a.npy"], Path("out")), {"resume": True, "workers": 2})]
+    config = tmp_path / "memory.json"
+    config.write_text(json.dumps({**_config(tmp_path, "m"), "storage": "memory"}))
+    assert main(["train", str(config), "--engine", "ray", "--log-level", "WARNING"]) == 2
+    assert "relabels on disk storage" in capsys.readouterr().err
