@@ -220,3 +220,16 @@ def test_train_engine_option(tmp_path, monkeypatch, capsys):
     config.write_text(json.dumps({**_config(tmp_path, "m"), "storage": "memory"}))
     assert main(["train", str(config), "--engine", "ray", "--log-level", "WARNING"]) == 2
     assert "relabels on disk storage" in capsys.readouterr().err
+
+
+def test_cache_reads_a_list_file_with_nrrd(tmp_path):
+    sitk = pytest.importorskip("SimpleITK")
+    archive = make_archive(tmp_path / "data", 2, num_labelled=1, num_val=0, shape=(8, 16, 24), seed=4)
+    image = sitk.GetImageFromArray(read_volume(archive["unlabelled"][0]["image"])[0])
+    image.SetSpacing((1.5, 1.5, 2.5))  # x, y, z
+    sitk.WriteImage(image, str(tmp_path / "scan.nrrd"))
+    listing = tmp_path / "list.json"
+    listing.write_text(json.dumps({"labelled": archive["labelled"], "unlabelled": ["scan.nrrd"]}))
+    cache = _cache(tmp_path / "cache", listing)
+    (case,) = cache.cases["unlabelled"]
+    assert case.case_id == "scan" and case.shape == (8, 8, 12)

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from atso_fast.io import read_volume
+from atso_fast.io import read_volume, supported_suffixes
 from atso_fast.package.normalize import check_policy, ct_policy_from_samples, normalize
 
 __all__ = [
@@ -45,7 +45,7 @@ __all__ = [
     "read_listing",
 ]
 
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".npy", ".npz")
+_IMAGE_SUFFIXES = supported_suffixes()  # NIfTI, NumPy, NRRD, MetaImage (atso_fast.io's formats)
 
 
 @dataclass
