@@ -143,7 +143,9 @@ class ATSOConfig:
         labelled_ratio: fraction of each batch drawn from L during fine-tuning.
         foreground_oversample: probability of a foreground-centred patch.
         augment: True/False or :class:`~atso_fast.train.augment.AugmentConfig` fields.
-        relabel: extra options of ``Relabeler.from_module`` (overlap, batch_size, ...).
+        relabel: extra options of ``Relabeler.from_module`` (overlap, batch_size, ...); on disk
+            storage of the round's ``Relabeler`` (``runtime`` defaults to ``"auto"``), plus the Ray
+            pool options (workers, address, ...) with ``atso-fast train --engine ray``.
         monitor_patches: patches used for the loss-before-fine-tuning monitor.
         seed: seeds model init, split, sampling and augmentation.
         device: torch device string.
