@@ -86,6 +86,17 @@ def test_disk_sampler_draws_what_the_memory_sampler_draws(tmp_path):
         assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
 
 
+def test_disk_sampler_ignores_low_confidence_voxels(tmp_path):
+    cases, _, _ = _phantom_files(tmp_path, n=1)
+    conf = np.full(cases[0].shape, 200, np.uint8)
+    conf[:, :10] = 50
+    cases[0].confidence = save_npy(tmp_path / "c0.npy", conf)
+    rng = np.random.default_rng(0)
+    sampler = DiskSampler(cases, (6, 20, 18), foreground_oversample=0.0, threshold=0.5)  # the whole case
+    _, label = sampler.sample(rng)
+    assert (label[:, :10] == 255).all() and (label[:, 10:] != 255).all()
+
+
 def test_loader_batches_do_not_depend_on_workers(tmp_path):
     cases, _, _ = _phantom_files(tmp_path)
     batches = MixedBatches(DiskSampler(cases, (4, 16, 16)), DiskSampler(cases[1:], (4, 16, 16)), 3)
