@@ -142,10 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20, help="steps per round (default: %(default)s)")
     ap.add_argument("--loader-batches", type=int, default=40, help="batches per loader timing (default: %(default)s)")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--loader", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--loader", type=Path, help="only time the loader on a finished run's config.json")
     args = ap.parse_args(argv)
     if args.child:
         child(args.child)
+        return 0
+    if args.loader:
+        print(json.dumps({"machine": _machine(), **loader_bench(args.loader, args.loader_batches)}, indent=1))
         return 0
     report: dict[str, Any] = {"machine": _machine(), "shape": list(SHAPE), "runs": {}}
     archive = _archive(args.out, max(args.sizes))
