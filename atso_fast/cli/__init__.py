@@ -17,7 +17,7 @@ _COMMANDS = {
     "relabel": ("atso_fast.cli.relabel", "main", "relabel an archive of volumes with a model package"),
     "export": ("atso_fast.cli.export", "main", "export a training checkpoint to an ONNX model package"),
     "import-nnunet": ("atso_fast.cli.import_nnunet", "main", "import an nnU-Net v2 model folder as a model package"),
-    "train": ("atso_fast.train.cli", "train_main", "run ATSO (or a baseline) from a config file"),
+    "train": ("atso_fast.cli.train", "main", "run ATSO (or a baseline) from a config file"),
     "demo": ("atso_fast.train.cli", "demo_main", "synthetic end-to-end demo on CPU, no downloads"),
     "bench": ("atso_fast.bench", "cli_main", "throughput benchmark of runtimes and settings"),
 }

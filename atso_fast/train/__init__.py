@@ -1,6 +1,7 @@
 """Training: a slim U-Net trainer and ATSO (with supervised and self-training baselines)."""
 from __future__ import annotations
 
+from atso_fast.train.archive_loop import ArchiveATSO
 from atso_fast.train.atso import (
     ATSO,
     METHODS,
@@ -27,6 +28,7 @@ from atso_fast.train.unet import UNet
 
 __all__ = [
     "ATSO",
+    "ArchiveATSO",
     "ATSOConfig",
     "METHODS",
     "build_model",

@@ -90,11 +90,15 @@ __all__ = [
     "run_methods",
     "CHECKPOINT_NAME",
     "METRICS_NAME",
+    "STORAGES",
+    "register_storage",
+    "resolve_storage",
 ]
 
 log = logging.getLogger(__name__)
 
 METHODS = ("atso", "self-training", "supervised", "oracle")
+STORAGES = ("auto", "memory", "disk")
 INITS = ("continue", "base", "lineage")
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -139,7 +143,9 @@ class ATSOConfig:
         labelled_ratio: fraction of each batch drawn from L during fine-tuning.
         foreground_oversample: probability of a foreground-centred patch.
         augment: True/False or :class:`~atso_fast.train.augment.AugmentConfig` fields.
-        relabel: extra options of ``Relabeler.from_module`` (overlap, batch_size, ...).
+        relabel: extra options of ``Relabeler.from_module`` (overlap, batch_size, ...); on disk
+            storage of the round's ``Relabeler`` (``runtime`` defaults to ``"auto"``), plus the Ray
+            pool options (workers, address, ...) with ``atso-fast train --engine ray``.
         monitor_patches: patches used for the loss-before-fine-tuning monitor.
         seed: seeds model init, split, sampling and augmentation.
         device: torch device string.
@@ -148,6 +154,17 @@ class ATSOConfig:
         out_dir: where ``checkpoint.pt`` and ``metrics.jsonl`` go (None: keep nothing on disk).
         spacing: ``(z, y, x)`` mm the model trains at, recorded in exported packages (relabelling
             then resamples scans to it); None: the labelled files' own spacing when they agree.
+        storage: ``"memory"`` (every case and pseudo label in RAM), ``"disk"`` (a preprocessing
+            cache, each round exports a package and relabels onto disk through the archive
+            engine: :mod:`atso_fast.train.archive_loop`) or ``"auto"``: disk when ``data`` is a
+            folder, list file or dict, ``out_dir`` is set, no data are passed to :class:`ATSO`
+            and targets are hard; memory otherwise.
+        cache_dir: disk storage: the preprocessing cache (default ``out_dir/cache``).
+        preprocessing: the package preprocessing spec (``atso_fast.package.spec``: orientation,
+            transpose, crop to nonzero, resampling, grid) the cache applies and packages carry.
+        loader_workers: disk storage: ``DataLoader`` worker processes cutting patches.
+        checkpoint_every: disk storage: also checkpoint every this many training steps (0: at
+            phase boundaries only).
     """
 
     data: str | dict[str, Any] | None = None
@@ -183,6 +200,11 @@ class ATSOConfig:
     channels_last: bool = True
     out_dir: str | None = None
     spacing: list[float] | None = None
+    storage: str = "auto"
+    cache_dir: str | None = None
+    preprocessing: dict[str, Any] | None = None
+    loader_workers: int = 0
+    checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)
@@ -203,6 +225,11 @@ class ATSOConfig:
         if not (self.lr > 0 and self.round_lr > 0 and self.round_lr_decay > 0):
             raise ValueError(f"lr, round_lr and round_lr_decay must be > 0, got {self.lr}, {self.round_lr}, "
                              f"{self.round_lr_decay}")
+        if self.storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}, got {self.storage!r}")
+        if int(self.loader_workers) < 0 or int(self.checkpoint_every) < 0:
+            raise ValueError(f"loader_workers and checkpoint_every must be >= 0, got {self.loader_workers}, "
+                             f"{self.checkpoint_every}")
         if self.in_channels < 1 or self.batch_size < 1:
             raise ValueError(f"in_channels and batch_size must be >= 1, got {self.in_channels}, {self.batch_size}")
         OptimConfig.from_value(self.optim)
@@ -367,6 +394,28 @@ def direct_relabel_fn(config: ATSOConfig, *, batch_size: int = 8, probabilities:
     return relabel
 
 
+_STORAGE_CLASSES: dict[str, type] = {}
+
+
+def register_storage(name: str, cls: type) -> None:
+    """Make ``ATSO(config)`` build ``cls`` when the config resolves to storage ``name``.
+
+    ``atso_fast.train`` registers ``"disk"`` (:class:`atso_fast.train.archive_loop.ArchiveATSO`,
+    a subclass of :class:`ATSO`) on import; the class lives in its own module, which imports
+    this one, so this registry keeps the imports one-way.
+    """
+    _STORAGE_CLASSES[name] = cls
+
+
+def resolve_storage(config: ATSOConfig | dict[str, Any], data: Any = None) -> str:
+    """``"memory"`` or ``"disk"`` for a config (see :attr:`ATSOConfig.storage`)."""
+    config = config if isinstance(config, ATSOConfig) else ATSOConfig.coerce(config)
+    if config.storage != "auto":
+        return config.storage
+    on_disk = isinstance(config.data, (str, Path, dict)) and data is None and config.out_dir is not None
+    return "disk" if on_disk and config.targets == "hard" else "memory"
+
+
 def load_data(config: ATSOConfig | dict[str, Any]) -> SemiSupervisedData:
     """Read and normalise ``config.data`` with ``config.normalization`` (resolved here).
 
@@ -482,16 +531,31 @@ class ATSO:
             :func:`default_relabel_fn` (with probabilities for soft targets).
         data: :class:`~atso_fast.train.data.SemiSupervisedData`; default loaded from ``config.data``.
         callbacks: ``fn(atso, metrics)`` called after the warm-up and after every round.
+        archive_engine: disk storage only: the bulk relabel engine of each round
+            (:func:`atso_fast.train.archive_loop.local_engine` by default; the CLI's
+            ``--engine ray`` passes the Ray engine).
+
+    With ``config.storage`` resolving to ``"disk"`` (:func:`resolve_storage`) ``ATSO(config)``
+    returns an :class:`atso_fast.train.archive_loop.ArchiveATSO`, with the same methods.
 
     Raises:
         ValueError: bad config, no data, too few unlabelled cases for the method, an oracle
             without the unlabelled cases' true labels.
     """
 
+    def __new__(cls, config: ATSOConfig | dict[str, Any], *args: Any, **kwargs: Any) -> ATSO:
+        # ATSO(config) on on-disk data builds the disk-storage subclass (register_storage)
+        if cls is ATSO and "disk" in _STORAGE_CLASSES and resolve_storage(config, kwargs.get("data")) == "disk":
+            return super().__new__(_STORAGE_CLASSES["disk"])
+        return super().__new__(cls)
+
     def __init__(self, config: ATSOConfig | dict[str, Any], model: nn.Module | None = None,
                  relabeler: RelabelFn | None = None, *, data: SemiSupervisedData | None = None,
-                 callbacks: Sequence[Callback] = ()) -> None:
+                 callbacks: Sequence[Callback] = (), archive_engine: Any = None) -> None:
         config = ATSOConfig.coerce(config)
+        if config.storage == "disk":
+            raise ValueError("storage='disk' needs data on disk (a folder, list file or dict in config.data), "
+                             "out_dir set, no data= and hard targets")
         self.data = data if data is not None else load_data(config)
         self.config = replace(config, normalization=dict(self.data.normalization),
                               spacing=config.spacing if config.spacing is not None else self.data.spacing)

@@ -25,7 +25,7 @@ from atso_fast.datasets.synthetic import make_archive, phantom_class_names
 from atso_fast.engine.relabeler import Relabeler
 from atso_fast.package import export_model
 from atso_fast.runtimes.torch_rt import torch_threads
-from atso_fast.train.atso import ATSO, run_methods
+from atso_fast.train.atso import ATSO, resolve_storage, run_methods
 from atso_fast.train.report import demo_report
 
 __all__ = ["train_main", "demo_main", "build_train_parser", "build_demo_parser", "load_config", "format_history",
@@ -56,6 +56,8 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("onnx_ir", "onnxscript", "torch.onnx"):  # the exporter's pass-by-pass notes, every round
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def load_config(path: str | Path, *, out: str | Path | None = None) -> dict[str, Any]:
@@ -119,12 +121,13 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 
 
 def export_package(atso: Any, folder: str | Path, class_names: list[str] | None = None) -> Path:
-    """Export ``atso.model`` with the run's window, classes, normalisation and spacing to ``folder``."""
+    """Export ``atso.model`` with the run's window, classes, normalisation, spacing and
+    preprocessing spec to ``folder``."""
 
     cfg = atso.config
     return export_model(atso.model, folder, window=list(cfg.patch_size), num_classes=cfg.num_classes,
                         kind="logits", normalization=cfg.normalization, in_channels=cfg.in_channels,
-                        spacing=cfg.spacing, class_names=class_names)
+                        spacing=cfg.spacing, class_names=class_names, preprocessing=cfg.preprocessing)
 
 
 def build_train_parser() -> argparse.ArgumentParser:
@@ -136,19 +139,36 @@ def build_train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="output folder (default: the config's out_dir)")
     parser.add_argument("--no-export", action="store_true", help="skip exporting OUT/model (default: off)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
+    parser.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="bulk relabel engine of each round on disk storage; ray takes its pool options "
+                             "(workers, address, ...) from the config's relabel dict (default: %(default)s)")
+    parser.add_argument("--log-level", default="INFO", help="logging level; INFO shows per-round progress: steps, "
+                        "loss, relabel cases/s (default: %(default)s)")
     return parser
 
 
-def train_main(argv: list[str] | None = None) -> int:
-    """``atso-fast train CONFIG [--resume] [--out DIR] [--no-export]``; returns the exit code."""
+def train_main(argv: list[str] | None = None, *, engines: dict[str, Any] | None = None) -> int:
+    """``atso-fast train CONFIG [--resume] [--out DIR] [--no-export] [--engine local|ray]``;
+    returns the exit code.
+
+    Args:
+        engines: archive engines by ``--engine`` name beside ``"local"`` (the command line layer
+            passes the Ray engine, which this layer may not import).
+    """
     args = build_train_parser().parse_args(argv)
     _setup_logging(args.log_level)
 
     try:
         config = load_config(args.config, out=args.out)
+        engine = None
+        if args.engine != "local":
+            if resolve_storage(config) != "disk":
+                raise ValueError(f"--engine {args.engine} relabels on disk storage; this config runs in memory")
+            if args.engine not in (engines or {}):
+                raise ValueError(f"--engine {args.engine} is not available here (run `atso-fast train`)")
+            engine = engines[args.engine]
         with _torch_threads(args.threads):
-            atso = ATSO(config)
+            atso = ATSO(config, archive_engine=engine)
             history = atso.run(resume=args.resume)
             package = None if args.no_export else export_package(atso, Path(config["out_dir"]) / "model")
     except ValueError as exc:

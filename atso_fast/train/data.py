@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from atso_fast.io import read_volume
+from atso_fast.io import read_volume, supported_suffixes
 from atso_fast.package.normalize import check_policy, ct_policy_from_samples, normalize
 
 __all__ = [
@@ -42,9 +42,10 @@ __all__ = [
     "PatchSampler",
     "crop_with_padding",
     "training_spacing",
+    "read_listing",
 ]
 
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".npy", ".npz")
+_IMAGE_SUFFIXES = supported_suffixes()  # NIfTI, NumPy, NRRD, MetaImage (atso_fast.io's formats)
 
 
 @dataclass
@@ -188,6 +189,22 @@ def _load_spec(spec: str | Path | dict[str, Any]) -> tuple[dict[str, Any], Path]
     if not isinstance(listing, dict):
         raise ValueError(f"{path}: expected a mapping with labelled/unlabelled/val lists, got {type(listing).__name__}")
     return listing, path.parent
+
+
+def read_listing(spec: str | Path | dict[str, Any]) -> tuple[dict[str, Any], Path]:
+    """The cases a folder, list file or dict names, without reading any image.
+
+    Returns:
+        ``(listing in list-file form, folder its paths are relative to)``.
+
+    Raises:
+        ValueError: missing folder/file, not a mapping, unknown keys.
+    """
+    listing, base = _load_spec(spec)
+    unknown = set(listing) - {"labelled", "unlabelled", "val", "modality"}
+    if unknown:
+        raise ValueError(f"data listing has unknown keys {sorted(unknown)}")
+    return listing, base
 
 
 def load_raw(spec: str | Path | dict[str, Any], *, in_channels: int = 1

@@ -9,7 +9,7 @@ Batches are ``x`` ``(B, M, *patch)`` float32 and ``y`` ``(B, *patch)`` int64 (ha
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -21,7 +21,7 @@ from atso_fast.train.augment import AugmentConfig, augment_sample
 from atso_fast.train.data import PatchSampler
 from atso_fast.train.losses import dice_ce_loss, soft_target_loss
 
-__all__ = ["OptimConfig", "make_optimizer", "poly_lr", "MixedBatches", "train_steps", "mean_loss"]
+__all__ = ["OptimConfig", "make_optimizer", "poly_lr", "MixedBatches", "train_steps", "train_loader", "mean_loss"]
 
 BatchFn = Callable[[np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
@@ -157,12 +157,13 @@ class MixedBatches:
         return np.ascontiguousarray(np.stack(xs)), np.stack(ys)
 
 
-def _to_device(x: np.ndarray, y: np.ndarray, device: torch.device, channels_last: bool
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    xt = torch.from_numpy(x).to(device, non_blocking=True)
+def _to_device(x: Any, y: Any, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+    y = torch.from_numpy(y) if isinstance(y, np.ndarray) else y
+    xt = x.to(device, non_blocking=True)
     if channels_last:
         xt = xt.contiguous(memory_format=torch.channels_last_3d if xt.dim() == 5 else torch.channels_last)
-    return xt, torch.from_numpy(y).to(device, non_blocking=True)
+    return xt, y.to(device, non_blocking=True)
 
 
 def train_steps(model: nn.Module, batches: BatchFn, *, steps: int, lr: float, rng: np.random.Generator,
@@ -194,37 +195,104 @@ def train_steps(model: nn.Module, batches: BatchFn, *, steps: int, lr: float, rn
     """
     if int(steps) < 0 or not lr > 0:
         raise ValueError(f"train_steps needs steps >= 0 and lr > 0, got steps={steps}, lr={lr}")
-    optim = optim or OptimConfig()
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    model.to(device)
-    if cuda and channels_last:
-        model.to(memory_format=torch.channels_last_3d if _spatial_dims(model) == 3 else torch.channels_last)
-    model.train()
-    opt = make_optimizer(model.parameters(), lr, optim)
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp)
-    losses, pseudo_losses = [], []
+    run = _Run(model, lr, optim, device, amp, channels_last)
     for step in range(int(steps)):
+        x, y = batches(rng)
+        run.step(step, int(steps), x, y, getattr(batches, "last_labelled", len(x)), ignore_index)
+    return run.summary(int(steps))
+
+
+class _Run:
+    """The state of one training run: model on the device, a fresh optimiser, AMP scaler, losses."""
+
+    def __init__(self, model: nn.Module, lr: float, optim: OptimConfig | None, device: str | torch.device,
+                 amp: bool, channels_last: bool) -> None:
+        self.optim = optim or OptimConfig()
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        self.model, self.lr, self.amp, self.channels_last = model, float(lr), cuda and amp, cuda and channels_last
+        model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last_3d if _spatial_dims(model) == 3 else torch.channels_last)
+        model.train()
+        self.opt = make_optimizer(model.parameters(), lr, self.optim)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.losses: list[torch.Tensor] = []
+        self.pseudo_losses: list[torch.Tensor] = []
+
+    def step(self, step: int, steps: int, x: Any, y: Any, n_lab: int, ignore_index: int) -> None:
+        """One optimiser step on ``x``, ``y`` (numpy arrays or CPU tensors)."""
+        optim, opt, model = self.optim, self.opt, self.model
         for group in opt.param_groups:
-            group["lr"] = poly_lr(lr, step, steps, optim.poly_exponent) if optim.schedule == "poly" else lr
-        x, y = _to_device(*batches(rng), device, cuda and channels_last)
-        n_lab = getattr(batches, "last_labelled", len(x))
-        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda and amp):
+            group["lr"] = poly_lr(self.lr, step, steps, optim.poly_exponent) if optim.schedule == "poly" else self.lr
+        x, y = _to_device(x, y, self.device, self.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             logits = model(x)
             loss = _loss(logits, y, ignore_index)
         if n_lab < len(x):
             with torch.no_grad():  # a monitor: the pseudo-labelled part of the batch alone
-                pseudo_losses.append(_loss(logits[n_lab:].detach(), y[n_lab:], ignore_index))
+                self.pseudo_losses.append(_loss(logits[n_lab:].detach(), y[n_lab:], ignore_index))
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        self.scaler.scale(loss).backward()
         if optim.grad_clip > 0:
-            scaler.unscale_(opt)
+            self.scaler.unscale_(opt)
             nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        losses.append(loss.detach())
-    return {**_loss_summary(losses, ""), **_loss_summary(pseudo_losses, "pseudo_"), "steps": int(steps),
-            "lr": float(lr)}
+        self.scaler.step(opt)
+        self.scaler.update()
+        self.losses.append(loss.detach())
+
+    def summary(self, steps: int) -> dict[str, float]:
+        return {**_loss_summary(self.losses, ""), **_loss_summary(self.pseudo_losses, "pseudo_"),
+                "steps": int(steps), "lr": float(self.lr)}
+
+    def state(self, step: int) -> dict[str, Any]:
+        """What resumes this run after ``step`` steps: optimiser and scaler state, losses so far."""
+        return {"step": int(step), "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+                "losses": [float(v) for v in self.losses], "pseudo_losses": [float(v) for v in self.pseudo_losses]}
+
+    def load(self, state: dict[str, Any]) -> int:
+        self.opt.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.losses = [torch.tensor(v, dtype=torch.float32) for v in state["losses"]]
+        self.pseudo_losses = [torch.tensor(v, dtype=torch.float32) for v in state["pseudo_losses"]]
+        return int(state["step"])
+
+
+def train_loader(model: nn.Module, loader: Iterable[tuple[Any, Any, int]], *, steps: int, lr: float,
+                 optim: OptimConfig | None = None, ignore_index: int = 255, device: str | torch.device = "cpu",
+                 amp: bool = True, channels_last: bool = True, resume: dict[str, Any] | None = None,
+                 on_step: Callable[[int, Any], None] | None = None) -> dict[str, float]:
+    """:func:`train_steps` fed by an iterable of ``(x, y, labelled count)`` batches (a
+    ``DataLoader``), resumable mid-run.
+
+    Args:
+        loader: yields the batches of steps ``resume["step"]`` (0 without ``resume``) .. ``steps - 1``.
+        resume: a state from ``run.state(step)`` (optimiser, scaler, losses, step).
+        on_step: ``on_step(steps done, run)`` after every step; ``run.losses`` holds the step
+            losses (tensors), ``run.state(step)`` builds the resume state (it copies the
+            optimiser state: call it only when saving).
+        Others: as :func:`train_steps`.
+
+    Returns:
+        as :func:`train_steps`.
+
+    Raises:
+        ValueError: negative steps, non-positive lr, or a loader that ends early.
+    """
+    if int(steps) < 0 or not lr > 0:
+        raise ValueError(f"train_loader needs steps >= 0 and lr > 0, got steps={steps}, lr={lr}")
+    run = _Run(model, lr, optim, device, amp, channels_last)
+    step = run.load(resume) if resume is not None else 0
+    for x, y, n_lab in loader:
+        if step >= int(steps):
+            break
+        run.step(step, int(steps), x, y, int(n_lab), ignore_index)
+        step += 1
+        if on_step is not None:
+            on_step(step, run)
+    if step < int(steps):
+        raise ValueError(f"the batch loader ended after {step} of {steps} steps")
+    return run.summary(int(steps))
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor, ignore_index: int) -> torch.Tensor:
