@@ -5,7 +5,8 @@
 #   2. builds atso_fast._C with CUDA in place (cmake directly; `pip install -e .` as fallback),
 #   3. runs `pytest -m cuda tests/test_kernels.py` (every kernel on CUDA against the NumPy
 #      reference, and bit for bit against the CPU kernels), then the same under
-#      `compute-sanitizer --tool memcheck`, and one small test under `--tool racecheck`,
+#      `compute-sanitizer --tool memcheck`, and one small test under `--tool racecheck`; then
+#      `pytest -m cuda tests/test_preprocess.py` (resampling on CUDA tensors vs the CPU),
 #   4. runs benchmarks/bench_kernels.py and benchmarks/bench_relabel.py with --device cuda,
 #      `atso-fast bench --device cuda`, the CUDA pytest-benchmark suites and, if time is left,
 #      benchmarks/bench_archive.py --device cuda,
@@ -185,6 +186,9 @@ main() {
     step check_build 60 10 check_build && BUILD_OK=1
   fi
   cuda_step pytest_cuda 120 30 "$PY" -m pytest -m cuda tests/test_kernels.py "${pytest_q[@]}"
+  # resampling in and back on CUDA tensors (ResampleSink) against the CPU path; its own step, as
+  # it imports the io layer (nibabel, SimpleITK) that a bare device machine may lack
+  cuda_step pytest_cuda_resample 90 30 "$PY" -m pytest -m cuda tests/test_preprocess.py "${pytest_q[@]}"
   cuda_step memcheck 180 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
     --error-exitcode 99 --print-limit 20 "$PY" -m pytest -m cuda tests/test_kernels.py -x "${pytest_q[@]}"
   cuda_step racecheck 90 30 compute-sanitizer --tool racecheck --error-exitcode 99 --print-limit 20 \
