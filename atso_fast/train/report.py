@@ -133,6 +133,7 @@ def demo_summary(finals: Mapping[str, float], like: Mapping[str, Any] | None = N
                      f"{headline['endpoint']}):")
         lines += [_contrast_line(c, None) for c in headline["contrasts"]]
         lines += _verdict(headline, "atso", "the main experiment")
+        lines += _this_run_vs(headline, finals, alias)
     if variants and variants.get("chosen_on_validation"):
         lines += _verdict(variants, variants["chosen_on_validation"],
                           f"the variants experiment ({variants['seeds']} seeds, {variants['date']}; the ATSO variant "
@@ -155,6 +156,18 @@ def _verdict(record: Mapping[str, Any], arm: str, where: str) -> list[str]:
     else:
         word = f"{arm} did not beat self-training: the difference ({ci}) is indistinguishable from 0"
     return [f"In {where}, {word}."]
+
+
+def _this_run_vs(record: Mapping[str, Any], finals: Mapping[str, float], alias: Mapping[str, str]) -> list[str]:
+    """This run's ATSO - self-training next to the recorded test interval (a different setting:
+    the comparison is of direction and size only)."""
+    row = next((c for c in record.get("contrasts", []) if c["a"] == "atso" and c["b"] == "self-training"), None)
+    here = _this_run_difference(finals, alias, "atso", "self-training")
+    if row is None or here is None:
+        return []
+    where = "inside" if row["ci_low"] <= here <= row["ci_high"] else "outside"
+    return [f"This run: atso - self-training {here:+.3f} (validation Dice, one seed, the demo's setting), {where} the "
+            "recorded interval."]
 
 
 def _contrast_line(c: Mapping[str, Any], here: float | None) -> str:
