@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from exp_atso_protocol import (  # noqa: E402,I001
     ARMS, charts, choose_warmup, cpu_seconds, machine_meta, markdown, run_seed, run_seeds, summarise, warmup_sweep)
-from exp_atso_synthetic import CONTRASTS, VARIANTS  # noqa: E402
+from exp_atso_synthetic import VARIANTS, chosen_on_validation, contrasts_for  # noqa: E402
 
 from atso_fast.datasets.splits import interleaved_split  # noqa: E402
 from atso_fast.train.atso import ATSOConfig  # noqa: E402
@@ -200,17 +200,19 @@ def main(argv: list[str] | None = None) -> int:
     meta.update(seconds=time.perf_counter() - start, cpu_seconds=cpu_seconds(results),
                 load_after=[round(x, 2) for x in os.getloadavg()], train={**train, "patch_size": list(train["patch_size"])},
                 dataset=args.dataset, dims=args.dims, arms=arms,
-                split_sizes={k: len(v) for k, v in next(iter(results.values()))["split"].items()})
+                split_sizes={k: len(v) for k, v in next(iter(results.values()))["split"].items()},
+                contrasts=contrasts_for(arms))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarise(results, CONTRASTS)
+    summary = summarise(results, meta["contrasts"])
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "summary": summary,
                                                   "results": {str(k): v for k, v in results.items()}}, indent=1))
     title = f"ATSO on real {args.dataset.upper()} ({spec['folder']}, {args.dims}D, interleaved split, {len(results)} seeds)"
     png = charts(results, out / f"{stem}_monitors.png", title)
     notes = [f"Charts: `{png.name}`. Split sizes per seed: {meta['split_sizes']} "
-             f"({'slabs' if args.dims == 3 else 'slices'}); training: {json.dumps(meta['train'])}."]
-    text = markdown(results, meta, [name for name, _ in spec["classes"]], CONTRASTS, title, notes)
+             f"({'slabs' if args.dims == 3 else 'slices'}); training: {json.dumps(meta['train'])}.", "",
+             *chosen_on_validation(summary)]
+    text = markdown(results, meta, [name for name, _ in spec["classes"]], meta["contrasts"], title, notes)
     (out / f"{stem}.md").write_text(text)
     print(text)
     return 0

@@ -14,10 +14,11 @@ Stages:
                   ``--grid``; the chosen length is the shortest within 0.005 of the best mean.
                   Then every arm once per pilot seed from that M0, on validation (headroom).
     (default)     the main experiment on ``--seeds``; writes JSON, markdown and one PNG of monitors.
-    ``--record``  also writes ``atso_fast/train/recorded.py`` (the demo's reference).
+    ``--record``  also writes ``atso_fast/train/recorded.py`` (the demo's reference);
+                  ``--record-from JSON`` records a finished experiment without running it.
 
 Usage: python benchmarks/exp_atso_synthetic.py [--task 2d|hard] [--pilot] [--seeds 0 ... 9]
-       [--arms main|variants|lines|all] [--set rounds=8] [--workers 2] [--out benchmarks/results] [--record]
+       [--arms main|variants|lineage|lineage-all|lines|all] [--set rounds=8] [--workers 2] [--out benchmarks/results] [--record]
 """
 from __future__ import annotations
 
@@ -58,7 +59,9 @@ from atso_fast.train.atso import ATSOConfig  # noqa: E402
 from atso_fast.train.data import data_from_arrays  # noqa: E402
 from atso_fast.train.recorded import RECORDED  # noqa: E402
 
-__all__ = ["TASKS", "VARIANTS", "CONTRASTS", "main", "make_task", "make_config", "seed_task", "pilot_task"]
+RECORDED_NOW: dict[str, Any] = dict(RECORDED or {})
+
+__all__ = ["TASKS", "VARIANTS", "LINEAGE_VARIANTS", "CONTRASTS", "contrasts_for", "chosen_on_validation", "record_experiment", "split_extra_arms", "partial_lines", "main", "make_task", "make_config", "seed_task", "pilot_task"]
 
 _BASE = {"shape": (64, 64), "n_labelled": 10, "n_unlabelled": 90, "n_val": 50, "n_test": 100, "phantom": {},
          "config": {"batch_size": 8, "model": {"base_channels": 8, "depth": 4}, "warmup_steps": 1000,
@@ -84,8 +87,75 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "atso-m0-k4": {"method": "atso", "init": "base", "num_subsets": 4},
     "atso-m0-long": {"method": "atso", "init": "base", "rounds": 2, "steps_per_round": 400},
 }
+# The variants experiment (``--arms lineage``): the paper's procedure as implemented (``atso``) and
+# the two-lineage reading (no model ever trains on labels it made: the best init on the pilot's
+# validation cases, 0.799 vs 0.789 for ``atso`` and 0.788 for ``atso-m0``), then one factor at a
+# time on top of two lineages: K = 3 parts, soft targets, a confidence threshold (0.9, the pilot's
+# value), longer rounds (2 x 400 steps: the same 800 fine-tuning steps as 4 x 200).
+LINEAGE_VARIANTS: dict[str, dict[str, Any]] = {
+    "atso-lineage": {"method": "atso", "init": "lineage"},
+    "atso-lineage-k3": {"method": "atso", "init": "lineage", "num_subsets": 3},
+    "atso-lineage-soft": {"method": "atso", "init": "lineage", "targets": "soft"},
+    "atso-lineage-t0.9": {"method": "atso", "init": "lineage", "threshold": 0.9},
+    "atso-lineage-long": {"method": "atso", "init": "lineage", "rounds": 2, "steps_per_round": 400},
+}
 CONTRASTS = [("atso", "self-training"), ("atso", "supervised"), ("atso-m0", "self-training"),
              ("atso-m0", "supervised"), ("self-training", "supervised"), ("oracle", "supervised")]
+
+
+def contrasts_for(arms: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """Every ATSO arm against self-training and against supervised, then self-training and the
+    oracle against supervised (the main arms give :data:`CONTRASTS`, in that order)."""
+    out = [(a, b) for a in arms if a.startswith("atso") for b in ("self-training", "supervised") if b in arms]
+    return out + [(a, "supervised") for a in ("self-training", "oracle") if a in arms and "supervised" in arms]
+
+
+def chosen_on_validation(summary: dict[str, Any]) -> list[str]:
+    """The ATSO arm with the best mean validation Dice (the only set used for choices) and its
+    test contrasts: the headline of an experiment with several ATSO arms."""
+    atso = {a: v["val_mean"] for a, v in summary["arms"].items() if a.startswith("atso")}
+    if len(atso) < 2:
+        return []
+    best = max(atso, key=atso.get)
+    rows = [c for c in summary["contrasts"] if c["a"] == best]
+    text = "; ".join(f"{best} - {c['b']} {c['mean']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}], Holm p "
+                     f"{c['p_holm']:.3f}" for c in rows)
+    return [f"ATSO arm chosen on validation (best mean validation Dice, {atso[best]:.4f}): **{best}**; "
+            f"its test contrasts: {text}."]
+
+
+def split_extra_arms(results: dict[int, dict[str, Any]], arms: dict[str, dict[str, Any]]):
+    """Keep only ``arms`` in every seed; arms that cached seeds hold beyond those (an experiment
+    narrowed part-way) come back apart as ``{arm: {seed: {"test", "val", "test_self_training",
+    "val_self_training"}}}``, to be reported as run on those seeds only."""
+    partial: dict[str, dict[str, dict[str, float]]] = {}
+    kept = {}
+    for seed, r in results.items():
+        for a, v in r["arms"].items():
+            if a not in arms and "self-training" in r["arms"]:
+                st = r["arms"]["self-training"]
+                partial.setdefault(a, {})[str(seed)] = {
+                    "test": v["test_mean_dice"], "val": v["val_mean_dice"],
+                    "test_self_training": st["test_mean_dice"], "val_self_training": st["val_mean_dice"]}
+        kept[seed] = {**r, "arms": {a: r["arms"][a] for a in arms}}
+    return kept, partial
+
+
+def partial_lines(partial: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """Plain lines for arms run on only some seeds: means and the mean paired difference to
+    self-training on those seeds (too few seeds for an interval)."""
+    if not partial:
+        return []
+    lines = ["Arms run on only some seeds (the full set was narrowed part-way to fit the time box on the shared "
+             "CPU; too few seeds for a confidence interval, not in the tables below):", ""]
+    for a, per in partial.items():
+        n = len(per)
+        mean = {k: statistics.fmean(v[k] for v in per.values()) for k in next(iter(per.values()))}
+        lines.append(f"- {a}: seeds {sorted(int(x) for x in per)}, test {mean['test']:.4f} vs self-training "
+                     f"{mean['test_self_training']:.4f} (mean paired difference "
+                     f"{mean['test'] - mean['test_self_training']:+.4f}, n={n}); validation {mean['val']:.4f} vs "
+                     f"{mean['val_self_training']:.4f} ({mean['val'] - mean['val_self_training']:+.4f}).")
+    return lines
 
 
 def _arms(which: str) -> dict[str, dict[str, Any]]:
@@ -93,6 +163,11 @@ def _arms(which: str) -> dict[str, dict[str, Any]]:
         return dict(ARMS)
     if which == "variants":
         return {"self-training": ARMS["self-training"], "supervised": ARMS["supervised"], **VARIANTS}
+    if which == "lineage-all":
+        return {**{a: ARMS[a] for a in ("supervised", "self-training", "atso")}, **LINEAGE_VARIANTS}
+    if which == "lineage":  # the variants that fit the time box at 10 seeds on a shared 2-core CPU
+        return {**{a: ARMS[a] for a in ("supervised", "self-training", "atso")},
+                **{a: LINEAGE_VARIANTS[a] for a in ("atso-lineage", "atso-lineage-long")}}
     if which == "lines":  # the students that never start from their teacher, next to the baselines
         return {**{a: ARMS[a] for a in ("supervised", "self-training", "atso", "atso-m0")},
                 **{a: VARIANTS[a] for a in ("self-training-m0", "atso-lineage")}}
@@ -140,7 +215,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", choices=list(TASKS), default="2d")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
-    parser.add_argument("--arms", choices=("main", "variants", "lines", "all"), default="main")
+    parser.add_argument("--arms", choices=("main", "variants", "lineage", "lineage-all", "lines", "all"), default="main")
     parser.add_argument("--pilot", action="store_true", help="warm-up sweep + headroom on pilot seeds (validation)")
     parser.add_argument("--pilot-seeds", type=int, nargs="+", default=[100, 101])
     parser.add_argument("--grid", type=int, nargs="+", default=[250, 500, 1000, 2000, 3000])
@@ -153,6 +228,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--work", help="per-seed cache folder (default /tmp/atso_exp/<stem>)")
     parser.add_argument("--stem", help="output file stem (default atso_synthetic_<task>[_<arms>])")
     parser.add_argument("--record", action="store_true", help="write atso_fast/train/recorded.py (demo reference)")
+    parser.add_argument("--record-from", metavar="JSON",
+                        help="only record a finished experiment's JSON (key from --task and --arms), no run")
     return parser.parse_args(argv)
 
 
@@ -168,6 +245,10 @@ def _setup(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if args.record_from:
+        entry = record_experiment(Path(args.record_from), _record_key(args))
+        print(f"recorded {_record_key(args)!r}: {entry['seeds']} seeds from {args.record_from}")
+        return 0
     task = _setup(args)
     meta = machine_meta(args.workers)
     stem = args.stem or (f"atso_synthetic_{args.task}" + ("_pilot" if args.pilot else "")
@@ -181,20 +262,21 @@ def main(argv: list[str] | None = None) -> int:
     arms = _arms(args.arms)
     results = run_seeds(functools.partial(seed_task, task, arms), args.seeds, work, workers=args.workers,
                         log=lambda s: print(s, file=sys.stderr, flush=True))
+    results, partial = split_extra_arms(results, arms)
     meta.update(seconds=time.perf_counter() - start, cpu_seconds=cpu_seconds(results),
                 load_after=[round(x, 2) for x in os.getloadavg()], task={**task, "shape": list(task["shape"])},
-                arms=arms, contrasts=CONTRASTS)
-    summary = summarise(results, CONTRASTS)
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "summary": summary,
+                arms=arms, contrasts=contrasts_for(arms))
+    summary = summarise(results, meta["contrasts"])
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "summary": summary, "partial_arms": partial,
                                                   "results": {str(k): v for k, v in results.items()}}, indent=1))
     title = f"ATSO on synthetic phantoms ({args.task}, {len(results)} seeds, arms: {args.arms})"
     png = charts(results, out / f"{stem}_monitors.png", title)
     notes = [f"Charts: `{png.name}`. Task: {json.dumps({k: v for k, v in meta['task'].items() if k != 'config'})}; "
-             f"training: {json.dumps(task['config'])}."]
-    text = markdown(results, meta, phantom_class_names()[1:], CONTRASTS, title, notes)
+             f"training: {json.dumps(task['config'])}.", "", *chosen_on_validation(summary), "", *partial_lines(partial)]
+    text = markdown(results, meta, phantom_class_names()[1:], meta["contrasts"], title, notes)
     (out / f"{stem}.md").write_text(text)
     if args.record:
-        _record(summary, meta, args, out / f"{stem}.json")
+        record_experiment(out / f"{stem}.json", _record_key(args))
     print(text)
     return 0
 
@@ -231,25 +313,39 @@ def _pilot(args, task, meta, stem, work, out, start) -> int:
     return 0
 
 
-def _record(summary: dict[str, Any], meta: dict[str, Any], args: argparse.Namespace, source: Path) -> None:
-    """Add this experiment to the demo's reference, ``atso_fast/train/recorded.py`` (key: the task)."""
+def _record_key(args: argparse.Namespace) -> str:
+    """The key of an experiment in the demo's reference: the task, plus the arm group unless main."""
+    return args.task + ("" if args.arms == "main" else f"_{args.arms}")
+
+
+def record_experiment(source: Path, key: str) -> dict[str, Any]:
+    """Add the finished experiment ``source`` (its JSON) to the demo's reference,
+    ``atso_fast/train/recorded.py``, under ``key``; returns the entry."""
     def rows(contrasts: list[dict[str, Any]]) -> list[dict[str, Any]]:
         keep = ("a", "b", "mean", "ci_low", "ci_high", "p_holm", "n")
         return [{k: round(v, 4) if isinstance(v, float) else v for k, v in c.items() if k in keep} for c in contrasts]
 
+    record = json.loads(Path(source).read_text())
+    meta, summary = record["meta"], record["summary"]
     task = meta["task"]
     entry = {"setting": f"{len(task['shape'])}D phantoms {tuple(task['shape'])}, {task['n_labelled']} labelled / "
-                        f"{task['n_unlabelled']} unlabelled, task {args.task!r}",
-             "seeds": len(args.seeds), "date": meta["date"], "source": source.name,
+                        f"{task['n_unlabelled']} unlabelled, task {key.split('_')[0]!r}",
+             "seeds": len(record["results"]), "date": meta["date"], "source": Path(source).name,
              "endpoint": "final-round test Dice, pooled per class, foreground mean",
              "arms": {a: round(v["test_mean"], 4) for a, v in summary["arms"].items()},
+             "chosen_on_validation": max((a for a in summary["arms"] if a.startswith("atso")),
+                                         key=lambda a: summary["arms"][a]["val_mean"], default=None),
              "contrasts": rows(summary["contrasts"]), "val_contrasts": rows(summary["val_contrasts"])}
-    recorded = {**(RECORDED or {}), args.task: entry}
+    recorded = {**RECORDED_NOW, key: entry}
     text = ('"""The recorded ATSO experiments the demo compares itself with (key: the task of\n'
-            '``benchmarks/exp_atso_synthetic.py``).\n\nGenerated by ``benchmarks/exp_atso_synthetic.py --record``; '
-            'do not edit by hand.\n"""\nfrom __future__ import annotations\n\n__all__ = ["RECORDED"]\n\n'
+            '``benchmarks/exp_atso_synthetic.py``, plus ``_<arms>`` for an arm group other than main).\n\n'
+            'Generated by ``benchmarks/exp_atso_synthetic.py --record`` (or ``--record-from``); do not edit by hand.\n'
+            '"""\nfrom __future__ import annotations\n\n__all__ = ["RECORDED"]\n\n'
             f"RECORDED = {pprint.pformat(recorded, width=110, sort_dicts=False)}\n")
     Path(__file__).resolve().parents[1].joinpath("atso_fast", "train", "recorded.py").write_text(text)
+    RECORDED_NOW.clear()
+    RECORDED_NOW.update(recorded)
+    return entry
 
 
 if __name__ == "__main__":

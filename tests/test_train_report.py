@@ -57,3 +57,20 @@ def test_contrast_table_and_demo_summary():
                         aliases={"atso-m0": "atso"})
     assert "Winner on this run: supervised" in text and "this run: -0.050, outside" in text
     assert "No recorded" in demo_summary({"atso": 0.5})
+
+
+def test_demo_summary_states_the_recorded_verdict_in_words():
+    row = {"a": "atso", "b": "self-training", "mean": -0.001, "ci_low": -0.007, "ci_high": 0.004, "p_holm": 0.75,
+           "n": 10}
+    headline = {"setting": "2D phantoms", "seeds": 10, "date": "2026-12-02", "endpoint": "test Dice",
+                "contrasts": [row], "val_contrasts": [row]}
+    win = {"a": "atso-lineage", "b": "self-training", "mean": 0.01, "ci_low": 0.002, "ci_high": 0.018,
+           "p_holm": 0.04, "n": 10}
+    variants = {**headline, "contrasts": [win], "chosen_on_validation": "atso-lineage"}
+    text = demo_summary({"atso": 0.7, "self-training": 0.71}, None, headline, variants=variants)
+    assert "In the main experiment, atso did not beat self-training" in text
+    assert "-0.001, 95% CI -0.007 to +0.004" in text
+    assert "atso-lineage beat self-training (+0.010, 95% CI +0.002 to +0.018)" in text
+    assert "This run: atso - self-training -0.010 (validation Dice" in text and "outside the recorded" in text
+    worse = {**variants, "contrasts": [{**win, "mean": -0.01, "ci_low": -0.02, "ci_high": -0.001}]}
+    assert "atso-lineage did worse than self-training" in demo_summary({"atso": 0.7}, None, None, variants=worse)

@@ -94,7 +94,8 @@ def _ranked(finals: Mapping[str, float]) -> list[tuple[str, float]]:
 
 
 def demo_summary(finals: Mapping[str, float], like: Mapping[str, Any] | None = None,
-                 headline: Mapping[str, Any] | None = None, aliases: Mapping[str, str] | None = None) -> str:
+                 headline: Mapping[str, Any] | None = None, aliases: Mapping[str, str] | None = None,
+                 variants: Mapping[str, Any] | None = None) -> str:
     """A few plain sentences on a demo run: who won, by how much, and against the records.
 
     Args:
@@ -103,6 +104,8 @@ def demo_summary(finals: Mapping[str, float], like: Mapping[str, Any] | None = N
             on the validation Dice the demo prints, are set next to this run's differences).
         headline: the record of the main experiment (its test-set ``contrasts`` are quoted).
         aliases: demo method -> recorded arm name (default: the same name).
+        variants: the record of the variants experiment; the test contrast of its ATSO arm chosen
+            on validation (``chosen_on_validation``) against self-training is stated in words.
 
         A record (:data:`atso_fast.train.recorded.RECORDED` values) is ``{"setting", "seeds", "date",
         "endpoint", "contrasts": [{"a", "b", "mean", "ci_low", "ci_high", "p_holm", "n"}, ...],
@@ -129,9 +132,42 @@ def demo_summary(finals: Mapping[str, float], like: Mapping[str, Any] | None = N
         lines.append(f"Recorded, main experiment ({headline['setting']}; {headline['seeds']} seeds, {headline['date']}; "
                      f"{headline['endpoint']}):")
         lines += [_contrast_line(c, None) for c in headline["contrasts"]]
+        lines += _verdict(headline, "atso", "the main experiment")
+        lines += _this_run_vs(headline, finals, alias)
+    if variants and variants.get("chosen_on_validation"):
+        lines += _verdict(variants, variants["chosen_on_validation"],
+                          f"the variants experiment ({variants['seeds']} seeds, {variants['date']}; the ATSO variant "
+                          "with the best validation Dice)")
     if not like and not headline:
         lines.append("No recorded multi-seed experiment to compare with (see benchmarks/RESULTS.md).")
     return "\n".join(lines)
+
+
+def _verdict(record: Mapping[str, Any], arm: str, where: str) -> list[str]:
+    """One plain sentence: did ``arm`` beat self-training in ``record`` (its test contrast's CI)?"""
+    row = next((c for c in record.get("contrasts", []) if c["a"] == arm and c["b"] == "self-training"), None)
+    if row is None:
+        return []
+    ci = f"{row['mean']:+.3f}, 95% CI {row['ci_low']:+.3f} to {row['ci_high']:+.3f}"
+    if row["ci_low"] > 0:
+        word = f"{arm} beat self-training ({ci})"
+    elif row["ci_high"] < 0:
+        word = f"{arm} did worse than self-training ({ci})"
+    else:
+        word = f"{arm} did not beat self-training: the difference ({ci}) is indistinguishable from 0"
+    return [f"In {where}, {word}."]
+
+
+def _this_run_vs(record: Mapping[str, Any], finals: Mapping[str, float], alias: Mapping[str, str]) -> list[str]:
+    """This run's ATSO - self-training next to the recorded test interval (a different setting:
+    the comparison is of direction and size only)."""
+    row = next((c for c in record.get("contrasts", []) if c["a"] == "atso" and c["b"] == "self-training"), None)
+    here = _this_run_difference(finals, alias, "atso", "self-training")
+    if row is None or here is None:
+        return []
+    where = "inside" if row["ci_low"] <= here <= row["ci_high"] else "outside"
+    return [f"This run: atso - self-training {here:+.3f} (validation Dice, one seed, the demo's setting), {where} the "
+            "recorded interval."]
 
 
 def _contrast_line(c: Mapping[str, Any], here: float | None) -> str:
@@ -165,11 +201,13 @@ def arm_name(config: Any) -> str:
     return method
 
 
-def demo_report(runs: Mapping[str, Any], setting: str = "demo3d", main: str = "2d") -> str:
+def demo_report(runs: Mapping[str, Any], setting: str = "demo3d", main: str = "2d",
+                variants: str = "2d_lineage") -> str:
     """:func:`demo_summary` of finished :class:`~atso_fast.train.atso.ATSO` runs (name -> run)
     against :data:`atso_fast.train.recorded.RECORDED` (``setting``: the demo-setting record,
-    ``main``: the main experiment's), matching runs to recorded arms by their config."""
+    ``main``: the main experiment's, ``variants``: the variants experiment's), matching runs to
+    recorded arms by their config."""
     finals = {name: run.history[-1]["val_mean_dice"] for name, run in runs.items()}
     recorded = RECORDED or {}
     return demo_summary(finals, recorded.get(setting), recorded.get(main),
-                        {name: arm_name(run.config) for name, run in runs.items()})
+                        {name: arm_name(run.config) for name, run in runs.items()}, recorded.get(variants))
