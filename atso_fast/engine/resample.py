@@ -67,8 +67,8 @@ class ResampleSink:
         self._lo, self._hi = lo, hi
         self._next = 0  # next native row to emit
         # blended target rows (C, Yt, Xt) by index, each computed once and dropped as soon as no
-        # later native row reads it (at most two survive a call: they are copies, not views of
-        # the slab the merger reuses)
+        # later native row reads it (at most one survives a call; quotients are fresh tensors,
+        # not views of the slab the merger reuses)
         self._rows: dict[int, Any] = {}
         # output buffers reused from row to row: allocating (and freeing) a C x Yn x Xn block
         # per native row cost more than the interpolation itself (page faults)
@@ -97,16 +97,17 @@ class ResampleSink:
             self._emit(k0, k1, acc_t, wsum_t, z_start)
             self._next = k1
             self._drop_unneeded(end)
-        # the rows the next native row reads stay (quotients are fresh tensors, not slab views)
-        need = int(self._lo[self._next]) if self._next < self.native[0] else end
-        for t in range(max(need, z_start), end):
+        for t in range(max(self._need(end), z_start), end):  # what the next native row reads stays
             self._row(t, acc_t, wsum_t, z_start)
-        self._drop_unneeded(end)
         self.seconds += time.perf_counter() - start
+
+    def _need(self, end: int) -> int:
+        """The first target row a native row from ``self._next`` on reads (``end`` when done)."""
+        return int(self._lo[self._next]) if self._next < self.native[0] else end
 
     def _drop_unneeded(self, end: int) -> None:
         """Forget the target rows no native row from ``self._next`` on reads."""
-        need = int(self._lo[self._next]) if self._next < self.native[0] else end
+        need = self._need(end)
         for t in [t for t in self._rows if t < need]:
             del self._rows[t]
 
