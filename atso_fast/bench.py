@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 __all__ = [
+    "peak_rss_mib",
     "BENCH_RUNTIMES",
     "CT_NORMALIZATION",
     "MIN_AGREEMENT",
@@ -184,6 +185,20 @@ def export_builtin(out_dir: str | os.PathLike, *, window: tuple[int, int, int], 
 def maxrss_mib() -> float:
     """Peak resident memory of this process so far (``ru_maxrss``, KiB on Linux), in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process in MiB: ``VmHWM`` (reset by :func:`reset_peak_rss`),
+    else ``ru_maxrss``. ``VmHWM`` first because a child inherits its parent's ``ru_maxrss`` across
+    fork + exec, so a parent that already held more hides the child's peak."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return maxrss_mib()
 
 
 def reset_peak_rss() -> bool:

@@ -55,17 +55,11 @@ def _listing(archive: dict[str, Any], n: int, path: Path) -> Path:
     return path
 
 
-def _vm_hwm_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def child(config_file: Path) -> None:
     """Run one ATSO config on disk storage; print peak memory and per-round timings as JSON."""
     import torch
 
+    from atso_fast.bench import peak_rss_mib
     from atso_fast.train import ATSO
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
@@ -74,7 +68,7 @@ def child(config_file: Path) -> None:
     atso = ATSO(config)
     cache_s = time.perf_counter() - start
     history = atso.run()
-    print(json.dumps({"vm_hwm_mib": _vm_hwm_mib(), "cache_s": cache_s, "built": atso.cache.built,
+    print(json.dumps({"vm_hwm_mib": peak_rss_mib(), "cache_s": cache_s, "built": atso.cache.built,
                       "total_s": time.perf_counter() - start, "unlabelled": len(atso.unlabelled),
                       "rounds": [{"round": m["round"], "timing": m["timing"], "relabel": m["relabel"],
                                   "val_mean_dice": m["val_mean_dice"]} for m in history]}))

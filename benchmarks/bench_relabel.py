@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from bench_kernels import (  # benchmarks/ is on sys.path for scripts
 )
 
 import atso_fast
-from atso_fast.bench import builtin_network, reset_peak_rss
+from atso_fast.bench import builtin_network, peak_rss_mib, reset_peak_rss
 from atso_fast.kernels import native
 
 __all__ = ["main"]
@@ -181,14 +180,9 @@ def memory_child(method: str, classes: int, device: str, cfg, batch: int) -> dic
 
 
 def _hwm_bytes() -> int:
-    """Peak RSS of this process (VmHWM, reset by ``reset_peak_rss``). Not ``ru_maxrss``: a child
-    inherits its parent's ``ru_maxrss`` across fork + exec, so a parent that already held more
-    (the speed rows at 105 classes) hid every child's peak (all rows read 0)."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak RSS of this process in bytes (VmHWM: see ``atso_fast.bench.peak_rss_mib``; with
+    ``ru_maxrss`` every row at 105 classes read 0, hidden by the parent's peak)."""
+    return int(peak_rss_mib() * 1024) * 1024
 
 
 def memory_rows(classes: int, batch: int, args) -> list[dict]:
