@@ -6,7 +6,9 @@
 
 #include "buffer.h"
 #include "cpu/isa.h"
+#include "finalize.h"
 #include "python_api.h"
+#include "stitch.h"
 
 PYBIND11_MODULE(_C, m) {
   using namespace atso;
@@ -17,14 +19,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("kernel_threads", &kernel_threads, "OpenMP threads the CPU kernels use from this thread.");
   m.def("set_cpu_isa", [](const std::string& isa) { return set_cpu_isa(isa.c_str()); }, py::arg("isa"),
         "Force the 'generic' CPU kernels, or back to 'auto'; False if unavailable.");
+  // The argument lists name the declared arguments from the kernels' headers, so a new one
+  // shows up here by itself.
   m.def("extract_patches", &extract_patches,
-        "extract_patches(*, volume, origins, patch_size, pad_value, out, out_dtype, algorithm) -> out: window "
-        "gather into out (B, M, pz, py, px); algorithm 'auto' | 'rows' (host) | 'element' (CUDA's).");
+        "extract_patches(*, volume, origins, patch_size" ATSO_ARG_NAMES(ATSO_EXTRACT_ARGS) ", out, out_dtype, "
+        "algorithm) -> out: window gather into out (B, M, pz, py, px); algorithm 'auto' | 'rows' (host) | "
+        "'element' (CUDA's).");
   m.def("accumulate", &accumulate,
-        "accumulate(*, acc, wsum, patches, origins, importance, z0, algorithm): gaussian-weighted accumulation "
-        "into a slab; algorithm 'auto' | 'blocked' (host) | 'gather' (CUDA's).");
+        "accumulate(*, acc, wsum, patches, origins" ATSO_ARG_NAMES(ATSO_ACCUMULATE_ARGS) ", algorithm): "
+        "gaussian-weighted accumulation into a slab; algorithm 'auto' | 'blocked' (host) | 'gather' (CUDA's).");
   m.def("finalize", &finalize,
-        "finalize(*, acc, wsum, threshold, ignore_index, kind, rows, algorithm) -> (labels, confidence, counts "
+        "finalize(*, acc" ATSO_ARG_NAMES(ATSO_FINALIZE_ARGS) ", rows, algorithm) -> (labels, confidence, counts "
         "(K + 2,)); algorithm 'auto' | 'blocked' (host) | 'voxel' (CUDA's).");
   m.def("finalize_label_dtype", &finalize_label_dtype,
         "finalize_label_dtype(*, channels, threshold, ignore_index, kind) -> 'uint8' | 'uint16'; raises "

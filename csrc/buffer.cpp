@@ -173,6 +173,25 @@ double float_arg(const py::kwargs& kw, const char* name) {
   }
 }
 
+float float32_arg(const py::kwargs& kw, const char* name) { return (float)float_arg(kw, name); }
+
+float unit_interval_arg(const py::kwargs& kw, const char* name) {
+  const double v = float_arg(kw, name);
+  if (!(0.0 <= v && v <= 1.0)) {
+    throw py::value_error(std::string(name) + " must be in [0, 1], got " + std::string(py::str(py::float_(v))));
+  }
+  return (float)v;
+}
+
+Kind kind_arg(const py::kwargs& kw, const char* name) {
+  const std::string kind = str_arg(kw, name);
+  if (kind != "logits" && kind != "probabilities") {
+    throw py::value_error(std::string(name) + " must be 'logits' or 'probabilities', got " +
+                          std::string(py::repr(py::str(kind))));
+  }
+  return kind == "logits" ? kLogits : kProbabilities;
+}
+
 std::string str_arg(const py::kwargs& kw, const char* name) {
   const py::handle v = arg(kw, name);
   if (!py::isinstance<py::str>(v)) {
@@ -225,6 +244,18 @@ void check_shape(const Buffer& b, const std::vector<int64_t>& want, const std::s
   if (b.shape != want) {
     throw py::value_error(b.name + " must have shape " + shape_str(want) + why + ", got " + b.describe());
   }
+}
+
+void check_rule(const Buffer& b, const char* dtype, const ShapeRule& rule) {
+  check_array(b, {dtype}, (int)rule.shape.size());
+  if (b.shape != rule.shape) {
+    throw py::value_error(b.name + " must have " + rule.what + " " + shape_str(rule.shape) + ", got " + b.describe());
+  }
+}
+
+std::vector<const Buffer*> ArgArrays::after(std::vector<const Buffer*> first) const {
+  for (const Buffer& b : buffers_) first.push_back(&b);
+  return first;
 }
 
 DType float_dtype(const Buffer& b) { return b.dtype == "float16" ? kFloat16 : kFloat32; }
@@ -280,7 +311,7 @@ py::object empty_like(const Buffer& like, const std::vector<int64_t>& shape, con
                        "); pass numpy, torch or cupy arrays");
 }
 
-bool on_cuda(std::initializer_list<const Buffer*> buffers) {
+bool on_cuda(const std::vector<const Buffer*>& buffers) {
   const Buffer& first = **buffers.begin();
   for (const Buffer* b : buffers) {
     if (b->cuda == first.cuda) continue;

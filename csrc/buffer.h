@@ -11,6 +11,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <deque>
 #include <initializer_list>
 #include <string>
 #include <vector>
@@ -47,10 +48,14 @@ Buffer to_buffer(py::handle obj, const char* name);
 
 // Keyword arguments of the Python-facing functions (python_api.h), converted like Python's
 // int(), float() and str() would, with a TypeError naming the argument otherwise.
+// The scalar parsers are also the `parser` of a declared argument (common.h): they check, too.
 py::handle arg(const py::kwargs& kw, const char* name);
 Buffer array_arg(const py::kwargs& kw, const char* name);
 int64_t int_arg(const py::kwargs& kw, const char* name);
 double float_arg(const py::kwargs& kw, const char* name);
+float float32_arg(const py::kwargs& kw, const char* name);        // float_arg rounded to float32
+float unit_interval_arg(const py::kwargs& kw, const char* name);  // a number in [0, 1]
+Kind kind_arg(const py::kwargs& kw, const char* name);            // "logits" | "probabilities"
 std::string str_arg(const py::kwargs& kw, const char* name);
 
 std::string shape_str(const std::vector<int64_t>& shape);  // Python's tuple repr
@@ -65,6 +70,44 @@ void check_writeable(const Buffer& b);
 void check_shape(const Buffer& b, const std::vector<int64_t>& want, const std::string& why = "");
 DType float_dtype(const Buffer& b);  // after check_dtype(b, {"float32", "float16"})
 
+// Shape an array argument must have, where its data starts (in elements), and how the message
+// names the shape: "importance must have the window shape (2, 2, 2), got ...".
+struct ShapeRule {
+  std::vector<int64_t> shape;
+  int64_t offset = 0;
+  std::string what = "shape";
+};
+void check_rule(const Buffer& b, const char* dtype, const ShapeRule& rule);  // dtype, ndim, contiguity, shape
+
+// The array arguments a read_args() call read, kept for the device check.
+class ArgArrays {
+ public:
+  template <typename T>
+  const T* read(const py::kwargs& kw, const char* name, const char* dtype, const ShapeRule& rule) {
+    const Buffer& b = buffers_.emplace_back(array_arg(kw, name));
+    check_rule(b, dtype, rule);
+    return b.as<const T>() + rule.offset;
+  }
+  // `first`, then the arrays read here: what on_cuda() checks.
+  std::vector<const Buffer*> after(std::vector<const Buffer*> first) const;
+
+ private:
+  std::deque<Buffer> buffers_;  // a deque: references stay valid as it grows
+};
+
+// Defines read_args(args, kw, rules, arrays) for a declared-argument LIST (common.h): for
+// SCALAR(type, name, parser), args.name = parser(kw, "name"); for ARRAY(type, name, dtype,
+// rule), args.name = kw["name"] checked against dtype and rules.rule (a ShapeRule member of
+// the kernel's Rules struct), pointing rules.rule.offset elements in. In LIST order.
+#define ATSO_READ_SCALAR(type, name, parser) args.name = parser(kw, #name);
+#define ATSO_READ_ARRAY(type, name, dtype, rule) args.name = arrays.read<type>(kw, #name, dtype, rules.rule);
+#define ATSO_DEFINE_READ_ARGS(Args, Rules, LIST)                                               \
+  inline void read_args(Args& args, const py::kwargs& kw, [[maybe_unused]] const Rules& rules, \
+                        [[maybe_unused]] ArgArrays& arrays) {                                   \
+    LIST(ATSO_READ_SCALAR, ATSO_READ_ARRAY)                                                     \
+  }
+struct NoRules {};  // the Rules of a kernel without declared array arguments
+
 // (B, 3) window origins as host int64, read from a list, NumPy array, torch tensor or CuPy
 // array (CUDA ones are copied to the host: a few integers). batch < 0: any B.
 py::array_t<int64_t> host_origins(py::handle obj, int64_t batch);
@@ -77,7 +120,7 @@ enum class Path { kBlocked, kThread, kCuda };
 
 // True when every buffer is on one CUDA device, false when all are on the host; raises
 // ValueError for a mix, RuntimeError for CUDA arrays on a build without CUDA.
-bool on_cuda(std::initializer_list<const Buffer*> buffers);
+bool on_cuda(const std::vector<const Buffer*>& buffers);
 
 // algorithm "auto" | blocked_name | thread_name; the blocked kernels run on host arrays only.
 Path choose_path(const std::string& algorithm, const char* blocked_name, const char* thread_name, bool cuda);

@@ -1,5 +1,7 @@
 // finalize as atso_fast._C sees it: arguments parsed and checked once, outputs allocated in the
 // input's framework and device, slab rows [start, end) addressed here, one implementation run.
+// The declared arguments (finalize.h: ATSO_FINALIZE_ARGS) are read by read_args; acc (which
+// sets the shapes), rows, the outputs and `algorithm`, here.
 #include "finalize.h"
 
 #include <algorithm>
@@ -23,14 +25,8 @@ std::pair<int64_t, int64_t> row_range(py::handle rows, int64_t depth) {
   return {r[0], r[1]};
 }
 
-// Checks of finalize's scalar arguments; the label dtype they imply.
-std::string label_dtype(int64_t channels, double threshold, int64_t ignore_index, const std::string& kind) {
-  if (kind != "logits" && kind != "probabilities") {
-    throw py::value_error("kind must be 'logits' or 'probabilities', got " + std::string(py::repr(py::str(kind))));
-  }
-  if (!(0.0 <= threshold && threshold <= 1.0)) {
-    throw py::value_error("threshold must be in [0, 1], got " + std::string(py::str(py::float_(threshold))));
-  }
+// The label dtype of K = max(channels, 2) classes and ignore_index, which must not be a class.
+std::string label_dtype(int64_t channels, int64_t ignore_index) {
   const int64_t k = std::max<int64_t>(channels, 2);
   if (!(k <= ignore_index && ignore_index <= 65535)) {
     throw py::value_error("ignore_index must be in [" + std::to_string(k) + ", 65535] (not a class label), got " +
@@ -39,42 +35,45 @@ std::string label_dtype(int64_t channels, double threshold, int64_t ignore_index
   return std::max(k - 1, ignore_index) <= 255 ? "uint8" : "uint16";
 }
 
+// The shape rules the array arguments of ATSO_FINALIZE_ARGS name (finalize.h).
+struct FinalizeRules {
+  ShapeRule slab;
+};
+
+ATSO_DEFINE_READ_ARGS(FinalizeArgs, FinalizeRules, ATSO_FINALIZE_ARGS)
+
 }  // namespace
 
 std::string finalize_label_dtype(const py::kwargs& kw) {
-  return label_dtype(int_arg(kw, "channels"), float_arg(kw, "threshold"), int_arg(kw, "ignore_index"),
-                     str_arg(kw, "kind"));
+  const int64_t channels = int_arg(kw, "channels");
+  unit_interval_arg(kw, "threshold");
+  const int64_t ignore_index = int_arg(kw, "ignore_index");
+  kind_arg(kw, "kind");
+  return label_dtype(channels, ignore_index);
 }
 
 py::tuple finalize(const py::kwargs& kw) {
-  const Buffer ac = array_arg(kw, "acc"), ws = array_arg(kw, "wsum");
+  const Buffer ac = array_arg(kw, "acc");
   check_array(ac, {"float32", "float16"}, 4);
-  check_array(ws, {"float32"}, 3);
   const std::vector<int64_t> spatial(ac.shape.begin() + 1, ac.shape.end());
-  check_shape(ws, spatial);
-  const int64_t c = ac.dim(0), depth = ws.dim(0), plane = ws.dim(1) * ws.dim(2);
-  if (c < 1) throw py::value_error("acc must have at least one channel, got " + ac.describe());
-  const double threshold = float_arg(kw, "threshold");
-  const int64_t ignore_index = int_arg(kw, "ignore_index");
-  const std::string kind = str_arg(kw, "kind");
-  const std::string ldtype = label_dtype(c, threshold, ignore_index, kind);
+  const int64_t c = ac.dim(0), depth = ac.dim(1), plane = ac.dim(2) * ac.dim(3);
   const auto [r0, r1] = row_range(arg(kw, "rows"), depth);
-  const Path path = choose_path(str_arg(kw, "algorithm"), "blocked", "voxel", on_cuda({&ac, &ws}));
-  const std::vector<int64_t> out_shape{r1 - r0, ws.dim(1), ws.dim(2)};
+  FinalizeArgs f{};
+  ArgArrays arrays;
+  read_args(f, kw, FinalizeRules{{spatial, r0 * plane}}, arrays);  // slab rows [r0, r1), in place
+  if (c < 1) throw py::value_error("acc must have at least one channel, got " + ac.describe());
+  const std::string ldtype = label_dtype(c, f.ignore_index);
+  const Path path = choose_path(str_arg(kw, "algorithm"), "blocked", "voxel", on_cuda(arrays.after({&ac})));
+  const std::vector<int64_t> out_shape{r1 - r0, spatial[1], spatial[2]};
   py::object labels = empty_like(ac, out_shape, ldtype), confidence = empty_like(ac, out_shape, "uint8");
   const Buffer lb = to_buffer(labels, "labels"), cf = to_buffer(confidence, "confidence");
   py::array_t<int64_t> counts(std::max<int64_t>(c, 2) + 2);
   std::fill(counts.mutable_data(), counts.mutable_data() + counts.size(), 0);
-  FinalizeArgs f{};
-  f.acc = ac.as<const char>() + r0 * plane * ac.itemsize;  // slab rows [r0, r1), in place
+  f.acc = ac.as<const char>() + r0 * plane * ac.itemsize;
   f.acc_dtype = float_dtype(ac);
-  f.wsum = ws.as<const float>() + r0 * plane;
   f.c = c;
   f.n = (r1 - r0) * plane;
   f.chan_stride = depth * plane;
-  f.threshold = (float)threshold;
-  f.ignore_index = ignore_index;
-  f.kind = kind == "logits" ? kLogits : kProbabilities;
   f.labels = lb.data;
   f.label_bytes = lb.itemsize;
   f.confidence = cf.as<uint8_t>();

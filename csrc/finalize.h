@@ -16,20 +16,27 @@ namespace atso {
 // (K + 2) int64 on the host, zeroed by the caller: counts[k] voxels labelled k, counts[K]
 // voxels below threshold, counts[K + 1] voxels with zero weight or non-finite values (both of
 // those become ignore_index).
+//
+// The declared arguments (common.h), in this order: each a field below, filled from the Python
+// keyword of its name by finalize.cpp. Array rule `slab`: acc's spatial shape (Zs, Y, X), from
+// the first finalised row.
+#define ATSO_FINALIZE_ARGS(SCALAR, ARRAY)       \
+  ARRAY(float, wsum, "float32", slab)           \
+  SCALAR(float, threshold, unit_interval_arg)   \
+  SCALAR(int64_t, ignore_index, int_arg)        \
+  SCALAR(Kind, kind, kind_arg)
+
 struct FinalizeArgs {
   const void* acc;
   DType acc_dtype;
-  const float* wsum;
   int64_t c;
   int64_t n;
   int64_t chan_stride;
-  float threshold;
-  int64_t ignore_index;
-  Kind kind;
   void* labels;
   int label_bytes;
   uint8_t* confidence;
   int64_t* counts;
+  ATSO_ARG_FIELDS(ATSO_FINALIZE_ARGS)
 };
 
 void finalize_host(const FinalizeArgs& a);

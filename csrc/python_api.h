@@ -13,13 +13,12 @@ namespace py = pybind11;
 
 namespace atso {
 
-// stitch.cpp: extract_patches(volume, origins, patch_size, pad_value, out, out_dtype, algorithm)
-// -> out; accumulate(acc, wsum, patches, origins, importance, z0, algorithm).
+// stitch.cpp: extract_patches(...) -> out; accumulate(...). finalize.cpp: finalize(...) ->
+// (labels, confidence, counts); finalize_label_dtype(channels, threshold, ignore_index, kind)
+// -> "uint8" | "uint16". Their keyword arguments: bindings.cpp's docstrings, which list the
+// declared ones from the kernels' headers.
 py::object extract_patches(const py::kwargs& kw);
 void accumulate(const py::kwargs& kw);
-
-// finalize.cpp: finalize(acc, wsum, threshold, ignore_index, kind, rows, algorithm) -> (labels,
-// confidence, counts); finalize_label_dtype(channels, threshold, ignore_index, kind) -> dtype.
 py::tuple finalize(const py::kwargs& kw);
 std::string finalize_label_dtype(const py::kwargs& kw);
 

@@ -1,5 +1,7 @@
 // extract_patches and accumulate as atso_fast._C sees them: arguments parsed and checked once,
-// the argument struct filled (all pointer arithmetic is here), one implementation run.
+// the argument struct filled (all pointer arithmetic is here), one implementation run. The
+// declared arguments (stitch.h: ATSO_EXTRACT_ARGS, ATSO_ACCUMULATE_ARGS) are read by
+// read_args; the arrays that set the kernel's shapes, the outputs and `algorithm`, here.
 #include <algorithm>
 #include <vector>
 
@@ -26,6 +28,14 @@ std::vector<int64_t> tail(const std::vector<int64_t>& shape, size_t from) {
   return std::vector<int64_t>(shape.begin() + from, shape.end());
 }
 
+// The shape rules the array arguments of ATSO_ACCUMULATE_ARGS name (stitch.h).
+struct AccumulateRules {
+  ShapeRule window;
+};
+
+ATSO_DEFINE_READ_ARGS(ExtractArgs, NoRules, ATSO_EXTRACT_ARGS)
+ATSO_DEFINE_READ_ARGS(AccumulateArgs, AccumulateRules, ATSO_ACCUMULATE_ARGS)
+
 }  // namespace
 
 py::object extract_patches(const py::kwargs& kw) {
@@ -37,7 +47,10 @@ py::object extract_patches(const py::kwargs& kw) {
   const int lead = vol.ndim() - 3;  // a 3-D volume is one channel
   const Shape3 p = patch_shape(arg(kw, "patch_size"));
   const auto org = host_origins(arg(kw, "origins"), -1);
-  on_cuda({&vol});  // before out is allocated on the volume's device
+  ExtractArgs a{};
+  ArgArrays arrays;
+  read_args(a, kw, NoRules{}, arrays);
+  on_cuda(arrays.after({&vol}));  // before out is allocated on the volume's device
   const std::vector<int64_t> shape{org.shape(0), lead ? vol.dim(0) : 1, p.z, p.y, p.x};
   py::object out_obj = py::reinterpret_borrow<py::object>(arg(kw, "out"));
   if (out_obj.is_none()) {
@@ -51,15 +64,13 @@ py::object extract_patches(const py::kwargs& kw) {
   check_array(o, {"float32", "float16"}, 5);
   check_shape(o, shape);
   check_writeable(o);
-  const Path path = choose_path(str_arg(kw, "algorithm"), "rows", "element", on_cuda({&vol, &o}));
-  ExtractArgs a{};
+  const Path path = choose_path(str_arg(kw, "algorithm"), "rows", "element", on_cuda(arrays.after({&vol, &o})));
   a.volume = vol.as<const float>();
   a.m = shape[1];
   a.vol = shape3(vol, lead);
   a.origins = org.data();
   a.b = shape[0];
   a.patch = p;
-  a.pad_value = (float)float_arg(kw, "pad_value");
   a.out = o.data;
   a.out_dtype = float_dtype(o);
   run(a, path, vol, cpu_kernels().extract_patches, &extract_patches_host, ATSO_CUDA_FN(extract_patches_cuda));
@@ -67,38 +78,32 @@ py::object extract_patches(const py::kwargs& kw) {
 }
 
 void accumulate(const py::kwargs& kw) {
-  const Buffer ac = array_arg(kw, "acc"), ws = array_arg(kw, "wsum"), pa = array_arg(kw, "patches"),
-               im = array_arg(kw, "importance");
+  const Buffer ac = array_arg(kw, "acc"), ws = array_arg(kw, "wsum"), pa = array_arg(kw, "patches");
   check_array(ac, {"float32", "float16"}, 4);
   check_array(ws, {"float32"}, 3);
   check_array(pa, {"float32", "float16"}, 5);
-  check_array(im, {"float32"}, 3);
   check_shape(ws, tail(ac.shape, 1), " (acc's spatial shape)");
   if (pa.dim(1) != ac.dim(0) && pa.dim(0) > 0) {
     throw py::value_error("patches must have " + std::to_string(ac.dim(0)) + " channels like acc, got " +
                           pa.describe());
   }
-  if (im.shape != tail(pa.shape, 2)) {
-    throw py::value_error("importance must have the window shape " + shape_str(tail(pa.shape, 2)) + ", got " +
-                          im.describe());
-  }
   check_writeable(ac);
   check_writeable(ws);
-  const auto org = host_origins(arg(kw, "origins"), pa.dim(0));
-  const Path path = choose_path(str_arg(kw, "algorithm"), "blocked", "gather", on_cuda({&ac, &ws, &pa, &im}));
   AccumulateArgs a{};
+  ArgArrays arrays;
+  read_args(a, kw, AccumulateRules{{tail(pa.shape, 2), 0, "the window shape"}}, arrays);
+  const auto org = host_origins(arg(kw, "origins"), pa.dim(0));
+  const Path path = choose_path(str_arg(kw, "algorithm"), "blocked", "gather", on_cuda(arrays.after({&ac, &ws, &pa})));
   a.acc = ac.data;
   a.acc_dtype = float_dtype(ac);
   a.wsum = ws.as<float>();
   a.c = ac.dim(0);
   a.slab = shape3(ac, 1);
-  a.z0 = int_arg(kw, "z0");
   a.patches = pa.data;
   a.patch_dtype = float_dtype(pa);
   a.origins = org.data();
   a.b = pa.dim(0);
   a.patch = shape3(pa, 2);
-  a.importance = im.as<const float>();
   if (a.b == 0) return;
   run(a, path, ac, cpu_kernels().accumulate, &accumulate_host, ATSO_CUDA_FN(accumulate_cuda));
 }

@@ -17,6 +17,10 @@ namespace atso {
 
 // volume (M, Z, Y, X) float32 -> out (B, M, pz, py, px) of out_dtype; voxels outside the
 // volume get pad_value. origins (B, 3) int64 window starts (z, y, x), may be negative.
+// The declared arguments (common.h): each a field below, filled from the Python keyword of its
+// name by stitch.cpp.
+#define ATSO_EXTRACT_ARGS(SCALAR, ARRAY) SCALAR(float, pad_value, float32_arg)
+
 struct ExtractArgs {
   const float* volume;
   int64_t m;
@@ -24,28 +28,32 @@ struct ExtractArgs {
   const int64_t* origins;
   int64_t b;
   Shape3 patch;
-  float pad_value;
   void* out;
   DType out_dtype;
+  ATSO_ARG_FIELDS(ATSO_EXTRACT_ARGS)
 };
 
 // acc (C, Zs, Y, X) of acc_dtype += importance * patches, restricted to the slab of volume
 // rows [z0, z0 + Zs); wsum (Zs, Y, X) float32 += importance. patches (B, C, pz, py, px) of
 // patch_dtype. Every voxel receives the windows in batch order (deterministic), the
 // accumulator rounded to its dtype after each window.
+// The declared arguments, as above. Array rule `window`: the patches' (pz, py, px).
+#define ATSO_ACCUMULATE_ARGS(SCALAR, ARRAY)     \
+  ARRAY(float, importance, "float32", window)   \
+  SCALAR(int64_t, z0, int_arg)
+
 struct AccumulateArgs {
   void* acc;
   DType acc_dtype;
   float* wsum;
   int64_t c;
   Shape3 slab;
-  int64_t z0;
   const void* patches;
   DType patch_dtype;
   const int64_t* origins;
   int64_t b;
   Shape3 patch;
-  const float* importance;
+  ATSO_ARG_FIELDS(ATSO_ACCUMULATE_ARGS)
 };
 
 void extract_patches_host(const ExtractArgs& a);

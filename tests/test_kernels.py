@@ -6,6 +6,9 @@ kernels' per-thread algorithm as a host loop over the same code, on every CI mac
 """
 from __future__ import annotations
 
+import inspect
+import re
+
 import numpy as np
 import pytest
 from conftest import to_numpy
@@ -318,6 +321,19 @@ def test_torch_cpu_tensors_are_used_in_place():
                                np.zeros((1, 1, 2, 2, 2), np.float32), [[0, 0, 0]], np.ones((2, 2, 2), np.float32),
                                z0=None),
      "z0 must be an integer, got None"),
+    # declared arguments (csrc/*.h tables): parsed and checked by the table's parser or rule
+    (lambda: native.extract_patches(np.zeros((4, 4, 4), np.float32), [[0, 0, 0]], (2, 2, 2), pad_value="x"),
+     "pad_value must be a number, got 'x'"),
+    (lambda: native.accumulate(np.zeros((1, 4, 4, 4), np.float32), np.zeros((4, 4, 4), np.float32),
+                               np.zeros((1, 1, 2, 2, 2), np.float32), [[0, 0, 0]], np.ones((2, 2, 2), np.float64)),
+     r"importance must have dtype float32, got numpy float64 array of shape \(2, 2, 2\) on cpu"),
+    (lambda: native.accumulate(np.zeros((1, 4, 4, 4), np.float32), np.zeros((4, 4, 4), np.float32),
+                               np.zeros((1, 1, 2, 2, 2), np.float32), [[0, 0, 0]], np.ones((2, 2), np.float32)),
+     r"importance must have 3 dimensions, got numpy float32 array of shape \(2, 2\)"),
+    (lambda: native.finalize(np.zeros((3, 4, 2, 2), np.float32), np.ones((4, 2, 2), np.float64), rows=(1, 3)),
+     r"wsum must have dtype float32, got numpy float64 array of shape \(4, 2, 2\)"),
+    (lambda: native.finalize(np.zeros((3, 4, 2, 2), np.float32), np.ones((3, 2, 2), np.float32), rows=(1, 3)),
+     r"wsum must have shape \(4, 2, 2\), got numpy float32 array of shape \(3, 2, 2\)"),
 ])
 def test_bad_arguments_name_the_argument(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -367,6 +383,16 @@ def test_cuda_arrays_refuse_the_host_algorithm():
     acc, wsum = torch.zeros((2, 3, 4, 5), device="cuda"), torch.ones((3, 4, 5), device="cuda")
     with pytest.raises(ValueError, match="algorithm 'blocked' is the host kernel; CUDA arrays run 'auto' or 'voxel'"):
         native.finalize(acc, wsum, algorithm="blocked")
+
+
+@pytest.mark.parametrize("kernel", ["extract_patches", "accumulate", "finalize"])
+def test_binding_docstrings_list_the_wrappers_arguments(kernel):
+    """The binding's argument list (declared arguments generated from the kernel's header) names
+    exactly the Python wrapper's parameters."""
+    from atso_fast import _C
+
+    listed = re.search(kernel + r"\(\*, ([^)]*)\)", getattr(_C, kernel).__doc__).group(1).split(", ")
+    assert sorted(listed) == sorted(inspect.signature(getattr(native, kernel)).parameters)
 
 
 def test_build_info_reports_build():

@@ -113,16 +113,17 @@ def extract_patches(volume: Any, origins: Any, patch_size: tuple[int, int, int],
     Raises:
         ValueError, TypeError: a bad argument, named in the message.
     """
+    args = {"pad_value": pad_value}  # the declared arguments (csrc/stitch.h), by keyword to both
     if _C is None:
         _fallback("extract_patches")
         want = reference.extract_patches(np.asarray(volume).reshape((-1, *np.shape(volume)[-3:])), origins,
-                                         patch_size, pad_value, out_dtype if out is None else out.dtype)
+                                         patch_size, out_dtype=out_dtype if out is None else out.dtype, **args)
         if out is None:
             return want
         out[...] = want
         return out
-    return _C.extract_patches(volume=volume, origins=origins, patch_size=patch_size, pad_value=pad_value, out=out,
-                              out_dtype=out_dtype, algorithm=algorithm)
+    return _C.extract_patches(volume=volume, origins=origins, patch_size=patch_size, out=out, out_dtype=out_dtype,
+                              algorithm=algorithm, **args)
 
 
 def accumulate(acc: Any, wsum: Any, patches: Any, origins: Any, importance: Any, z0: int = 0, *,
@@ -147,12 +148,12 @@ def accumulate(acc: Any, wsum: Any, patches: Any, origins: Any, importance: Any,
     Raises:
         ValueError, TypeError: a bad argument, named in the message.
     """
+    args = {"importance": importance, "z0": z0}  # the declared arguments (csrc/stitch.h)
     if _C is None:
         _fallback("accumulate")
-        reference.accumulate(acc, wsum, patches, origins, importance, int(z0))
+        reference.accumulate(acc, wsum, patches, origins, **args)
         return
-    _C.accumulate(acc=acc, wsum=wsum, patches=patches, origins=origins, importance=importance, z0=z0,
-                  algorithm=algorithm)
+    _C.accumulate(acc=acc, wsum=wsum, patches=patches, origins=origins, algorithm=algorithm, **args)
 
 
 @dataclass
@@ -209,12 +210,12 @@ def finalize(acc: Any, wsum: Any, threshold: float = 0.0, ignore_index: int = 25
     Raises:
         ValueError, TypeError: a bad argument, named in the message.
     """
+    args = {"threshold": threshold, "ignore_index": ignore_index, "kind": kind}  # declared: csrc/finalize.h
     if _C is None:
         _fallback("finalize")
         r0, r1 = rows if rows is not None else (0, wsum.shape[0])
-        labels, confidence, counts = reference.finalize(acc[:, r0:r1], wsum[r0:r1], threshold, ignore_index, kind)
+        labels, confidence, counts = reference.finalize(acc[:, r0:r1], wsum[r0:r1], **args)
     else:
-        labels, confidence, counts = _C.finalize(acc=acc, wsum=wsum, threshold=threshold, ignore_index=ignore_index,
-                                                 kind=kind, rows=rows, algorithm=algorithm)
+        labels, confidence, counts = _C.finalize(acc=acc, wsum=wsum, rows=rows, algorithm=algorithm, **args)
     k = len(counts) - 2
     return FinalizeResult(labels, confidence, counts[:k].copy(), int(counts[k]), int(counts[k + 1]))

@@ -53,12 +53,11 @@ inline void add_row(const AccumulateArgs& a, uint16_t* acc, const float* imp, co
                     const float* table) {
   int64_t i = 0;
 #ifdef ATSO_F16C
-  // accumulate_step in 8 lanes: hardware half conversion (the same bits as ops/half.h), a
-  // multiply then an add (no FMA), as the scalar loop below.
+  // accumulate_step in 8 lanes, between hardware half conversions (the same bits as ops/half.h).
   for (; i + 8 <= n; i += 8) {
-    const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(acc + i)));
-    const __m256 w = _mm256_mul_ps(_mm256_loadu_ps(imp + i), _mm256_loadu_ps(src + i));
-    const __m128i h = _mm256_cvtps_ph(_mm256_add_ps(a, w), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 sum = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(acc + i)));
+    const __m256 next = accumulate_step(a, sum, _mm256_loadu_ps(imp + i), _mm256_loadu_ps(src + i));
+    const __m128i h = _mm256_cvtps_ph(next, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(acc + i), h);
   }
 #endif

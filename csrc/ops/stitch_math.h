@@ -31,8 +31,10 @@ ATSO_HD inline Out extract_value(const ExtractArgs&, float v) {
 }
 
 // accumulate, one window's contribution to one voxel: multiply, round, add, round (never one
-// fused multiply-add), then the caller rounds to the accumulator's dtype.
-ATSO_HD inline float accumulate_step(const AccumulateArgs&, float acc, float weight, float value) {
+// fused multiply-add), then the caller rounds to the accumulator's dtype. V is float, or 8
+// float lanes (__m256) in the AVX2 build's float16 loop, so that loop runs this rule too.
+template <typename V>
+ATSO_HD inline V accumulate_step(const AccumulateArgs&, V acc, V weight, V value) {
   return add_rn(acc, mul_rn(weight, value));
 }
 ATSO_HD inline float weight_step(const AccumulateArgs&, float wsum, float weight) { return add_rn(wsum, weight); }
