@@ -18,7 +18,7 @@ Stages:
                   ``--record-from JSON`` records a finished experiment without running it.
 
 Usage: python benchmarks/exp_atso_synthetic.py [--task 2d|hard] [--pilot] [--seeds 0 ... 9]
-       [--arms main|variants|lineage|lineage-all|lines|all] [--extra-arms atso-lineage ...] [--set rounds=8]
+       [--arms main|variants|lineage|lineage-all|lines|baselines|all] [--extra-arms atso-lineage ...] [--set rounds=8]
        [--workers 2] [--out benchmarks/results] [--record]
 """
 from __future__ import annotations
@@ -181,6 +181,8 @@ def _group(which: str) -> dict[str, dict[str, Any]]:
     if which == "lineage":  # the variants that fit the time box at 10 seeds on a shared 2-core CPU
         return {**{a: ARMS[a] for a in ("supervised", "self-training", "atso")},
                 **{a: LINEAGE_VARIANTS[a] for a in ("atso-lineage", "atso-lineage-long")}}
+    if which == "baselines":  # supervised, self-training and ATSO as implemented, for --extra-arms
+        return {a: ARMS[a] for a in ("supervised", "self-training", "atso")}
     if which == "lines":  # the students that never start from their teacher, next to the baselines
         return {**{a: ARMS[a] for a in ("supervised", "self-training", "atso", "atso-m0")},
                 **{a: VARIANTS[a] for a in ("self-training-m0", "atso-lineage")}}
@@ -228,7 +230,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", choices=list(TASKS), default="2d")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
-    parser.add_argument("--arms", choices=("main", "variants", "lineage", "lineage-all", "lines", "all"), default="main")
+    parser.add_argument("--arms", choices=("main", "variants", "lineage", "lineage-all", "lines", "baselines", "all"), default="main")
     parser.add_argument("--extra-arms", nargs="*", default=[], metavar="ARM",
                         help="variants added to the --arms group (names from VARIANTS and LINEAGE_VARIANTS)")
     parser.add_argument("--pilot", action="store_true", help="warm-up sweep + headroom on pilot seeds (validation)")
