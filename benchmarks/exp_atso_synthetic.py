@@ -18,7 +18,8 @@ Stages:
                   ``--record-from JSON`` records a finished experiment without running it.
 
 Usage: python benchmarks/exp_atso_synthetic.py [--task 2d|hard] [--pilot] [--seeds 0 ... 9]
-       [--arms main|variants|lineage|lineage-all|lines|all] [--set rounds=8] [--workers 2] [--out benchmarks/results] [--record]
+       [--arms main|variants|lineage|lineage-all|lines|baselines|all] [--extra-arms atso-lineage ...] [--set rounds=8]
+       [--workers 2] [--out benchmarks/results] [--record]
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from exp_atso_protocol import (  # noqa: E402
     cpu_seconds,
     machine_meta,
     markdown,
+    monitor_table,
     run_seed,
     run_seeds,
     summarise,
@@ -61,7 +63,9 @@ from atso_fast.train.recorded import RECORDED  # noqa: E402
 
 RECORDED_NOW: dict[str, Any] = dict(RECORDED or {})
 
-__all__ = ["TASKS", "VARIANTS", "LINEAGE_VARIANTS", "CONTRASTS", "contrasts_for", "chosen_on_validation", "record_experiment", "split_extra_arms", "partial_lines", "main", "make_task", "make_config", "seed_task", "pilot_task"]
+__all__ = ["TASKS", "VARIANTS", "LINEAGE_VARIANTS", "CONTRASTS", "contrasts_for", "chosen_on_validation",
+           "record_experiment", "split_extra_arms", "partial_lines", "pilot_verdict", "main", "make_task",
+           "make_config", "seed_task", "pilot_task"]
 
 _BASE = {"shape": (64, 64), "n_labelled": 10, "n_unlabelled": 90, "n_val": 50, "n_test": 100, "phantom": {},
          "config": {"batch_size": 8, "model": {"base_channels": 8, "depth": 4}, "warmup_steps": 1000,
@@ -158,7 +162,16 @@ def partial_lines(partial: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     return lines
 
 
-def _arms(which: str) -> dict[str, dict[str, Any]]:
+def _arms(which: str, extra: list[str] = ()) -> dict[str, dict[str, Any]]:
+    """The arm group ``which`` plus the named ``extra`` variants (from VARIANTS or LINEAGE_VARIANTS)."""
+    known = {**VARIANTS, **LINEAGE_VARIANTS}
+    unknown = [a for a in extra if a not in known]
+    if unknown:
+        raise SystemExit(f"exp_atso_synthetic: unknown --extra-arms {unknown}; known: {sorted(known)}")
+    return {**_group(which), **{a: known[a] for a in extra}}
+
+
+def _group(which: str) -> dict[str, dict[str, Any]]:
     if which == "main":
         return dict(ARMS)
     if which == "variants":
@@ -168,6 +181,8 @@ def _arms(which: str) -> dict[str, dict[str, Any]]:
     if which == "lineage":  # the variants that fit the time box at 10 seeds on a shared 2-core CPU
         return {**{a: ARMS[a] for a in ("supervised", "self-training", "atso")},
                 **{a: LINEAGE_VARIANTS[a] for a in ("atso-lineage", "atso-lineage-long")}}
+    if which == "baselines":  # supervised, self-training and ATSO as implemented, for --extra-arms
+        return {a: ARMS[a] for a in ("supervised", "self-training", "atso")}
     if which == "lines":  # the students that never start from their teacher, next to the baselines
         return {**{a: ARMS[a] for a in ("supervised", "self-training", "atso", "atso-m0")},
                 **{a: VARIANTS[a] for a in ("self-training-m0", "atso-lineage")}}
@@ -215,7 +230,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", choices=list(TASKS), default="2d")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
-    parser.add_argument("--arms", choices=("main", "variants", "lineage", "lineage-all", "lines", "all"), default="main")
+    parser.add_argument("--arms", choices=("main", "variants", "lineage", "lineage-all", "lines", "baselines", "all"), default="main")
+    parser.add_argument("--extra-arms", nargs="*", default=[], metavar="ARM",
+                        help="variants added to the --arms group (names from VARIANTS and LINEAGE_VARIANTS)")
     parser.add_argument("--pilot", action="store_true", help="warm-up sweep + headroom on pilot seeds (validation)")
     parser.add_argument("--pilot-seeds", type=int, nargs="+", default=[100, 101])
     parser.add_argument("--grid", type=int, nargs="+", default=[250, 500, 1000, 2000, 3000])
@@ -252,14 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     task = _setup(args)
     meta = machine_meta(args.workers)
     stem = args.stem or (f"atso_synthetic_{args.task}" + ("_pilot" if args.pilot else "")
-                         + ("" if args.arms == "main" or args.pilot else f"_{args.arms}") + ("_quick" if args.quick else ""))
+                         + ("" if args.arms == "main" or args.pilot else f"_{args.arms}")
+                         + ("_plus" if args.extra_arms and not args.pilot else "") + ("_quick" if args.quick else ""))
     work = Path(args.work or f"/tmp/atso_exp/{stem}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if args.pilot:
         return _pilot(args, task, meta, stem, work, out, start)
-    arms = _arms(args.arms)
+    arms = _arms(args.arms, args.extra_arms)
     results = run_seeds(functools.partial(seed_task, task, arms), args.seeds, work, workers=args.workers,
                         log=lambda s: print(s, file=sys.stderr, flush=True))
     results, partial = split_extra_arms(results, arms)
@@ -269,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(results, meta["contrasts"])
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "summary": summary, "partial_arms": partial,
                                                   "results": {str(k): v for k, v in results.items()}}, indent=1))
-    title = f"ATSO on synthetic phantoms ({args.task}, {len(results)} seeds, arms: {args.arms})"
+    title = f"ATSO on synthetic phantoms ({args.task}, {len(results)} seeds, arms: {args.arms}" + (
+        f" + {', '.join(args.extra_arms)})" if args.extra_arms else ")")
     png = charts(results, out / f"{stem}_monitors.png", title)
     notes = [f"Charts: `{png.name}`. Task: {json.dumps({k: v for k, v in meta['task'].items() if k != 'config'})}; "
              f"training: {json.dumps(task['config'])}.", "", *chosen_on_validation(summary), "", *partial_lines(partial)]
@@ -287,7 +306,7 @@ def _pilot(args, task, meta, stem, work, out, start) -> int:
     chosen, means = choose_warmup(pilot)
     print(f"warm-up means {means}; chosen {chosen}", file=sys.stderr, flush=True)
     task["config"]["warmup_steps"] = chosen
-    arms = _arms(args.arms)
+    arms = _arms(args.arms, args.extra_arms)
     heads = run_seeds(functools.partial(seed_task, task, arms), args.pilot_seeds, work / f"arms_w{chosen}",
                       workers=args.workers, log=lambda s: print(s, file=sys.stderr, flush=True))
     val = {a: statistics.fmean(r["arms"][a]["val_mean_dice"] for r in heads.values()) for a in arms}
@@ -306,11 +325,47 @@ def _pilot(args, task, meta, stem, work, out, start) -> int:
              "| arm (from that M0) | final val mean Dice |", "|---|---|"]
     lines += [f"| {a} | {v:.3f} |" for a, v in val.items()]
     lines += ["", f"Headroom (oracle - supervised, validation): **{headroom:+.3f}** "
-              + ("(>= 0.02: the task has headroom)" if headroom >= 0.02 else "(< 0.02: make the task harder)")]
+              + ("(>= 0.02: the task has headroom)" if headroom >= 0.02 else "(< 0.02: make the task harder)"),
+              "", *pilot_verdict(heads, val), "", monitor_table(heads)]
     charts(heads, out / f"{stem}_monitors.png", f"ATSO pilot ({args.task}), validation")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def _final_monitor(heads: dict[int, dict[str, Any]], arm: str, key: str, k: int = -1) -> float:
+    vals = [r["arms"][arm]["rounds"][k][key] for r in heads.values()]
+    vals = [v for v in vals if v is not None]
+    return statistics.fmean(vals) if vals else math.nan
+
+
+def pilot_verdict(heads: dict[int, dict[str, Any]], val: dict[str, float]) -> list[str]:
+    """Plain lines on the two questions a pilot answers (validation only, fixed before it ran):
+    does self-training stall (gain over supervised < 0.005, or its pseudo labels' Dice rising <
+    0.005 from M0's), and is the task promising for 10 seeds (headroom >= 0.02 and the best ATSO
+    arm >= 0.005 above self-training)."""
+    if not {"self-training", "supervised"} <= set(val):
+        return []
+    st_gain = val["self-training"] - val["supervised"]
+    pd0, pd_end = _final_monitor(heads, "self-training", "pseudo_dice_all", 0), \
+        _final_monitor(heads, "self-training", "pseudo_dice_all")
+    stalls = st_gain < 0.005 or pd_end - pd0 < 0.005
+    atso = {a: v for a, v in val.items() if a.startswith("atso")}
+    best = max(atso, key=atso.get) if atso else None
+    headroom = val.get("oracle", math.nan) - val["supervised"]
+    promising = best is not None and headroom >= 0.02 and atso[best] - val["self-training"] >= 0.005
+    lines = [f"Self-training - supervised (validation): {st_gain:+.4f}; self-training's pseudo-label Dice (all U) "
+             f"{pd0:.3f} (M0) -> {pd_end:.3f} (last round); foreground change since M0 after the last round "
+             f"{_final_monitor(heads, 'self-training', 'changed_fg_m0'):.3f}. Self-training "
+             + ("**stalls** here" if stalls else "**does not stall** here") + " (rule: gain < 0.005 or pseudo Dice "
+             "rising < 0.005)."]
+    if best is not None:
+        lines.append(f"Best ATSO arm on validation: {best} {atso[best]:.4f} ({atso[best] - val['self-training']:+.4f} "
+                     f"vs self-training; its pseudo Dice {_final_monitor(heads, best, 'pseudo_dice_all'):.3f}, fg "
+                     f"change since M0 {_final_monitor(heads, best, 'changed_fg_m0'):.3f}). Task "
+                     + ("**promising**" if promising else "**not promising**") + " for a 10-seed run (rule: headroom "
+                     ">= 0.02 and best ATSO arm >= 0.005 above self-training).")
+    return lines
 
 
 def _record_key(args: argparse.Namespace) -> str:
