@@ -302,7 +302,7 @@ def memory(ns: argparse.Namespace) -> dict:
             result, gib = run_measured(_side_args(kind, model, [str(scan)], out, ns), ns.timeout)
             row[key] = {"peak_rss_gib": gib, "seconds": result["seconds"], "stages": _stage_sums(result["cases"])}
             print(f"  {key} {shape}: peak {gib:.2f} GiB, {result['seconds']:.1f} s", file=sys.stderr, flush=True)
-        if "peak_rss_gib" in row.get("nnunet", {}):
+        if all("peak_rss_gib" in row.get(side, {}) for side in ("ours", "nnunet")):
             row["agreement"] = agreement(work / f"out_ours_{depth}", work / f"out_nnunet_{depth}", [f"ct{depth}"])
         rows.append(row)
     return {"part": "memory", "rows": rows, "model_spacing": ns.model_spacing, "scan_spacing": ns.spacing,
