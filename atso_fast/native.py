@@ -15,7 +15,8 @@ from atso_fast.kernels.native import (
     has_cuda,
     has_native,
     kernel_threads,
+    resample_finalize,
 )
 
 __all__ = ["FinalizeResult", "accumulate", "build_info", "extract_patches", "finalize", "gaussian_importance",
-           "has_cuda", "has_native", "kernel_threads"]
+           "has_cuda", "has_native", "kernel_threads", "resample_finalize"]

@@ -13,11 +13,17 @@ sum over the subprocess tree, sampled every 20 ms. Labels are compared voxel by 
 Part ``memory``: a synthetic CT (air, body, organs; int16 HU) of ``--shape`` at ``--spacing`` mm
 and a 105-class model at 1.5 mm (``--classes``, ``--model-spacing``); each side labels it in a
 subprocess and its peak RSS is reported. Sizes that need more memory than the machine has are
-skipped for nnU-Net (``--max-gb``); see RESULTS.md for the extrapolation.
+skipped for nnU-Net (``--max-gb``); see RESULTS.md for the extrapolation. ``--sides`` runs one
+side only (a large network's run split into several locked runs).
+
+Part ``window``: seconds of one window's forward pass through our runtime and through the torch
+network nnU-Net's predictor runs, on the memory part's model (sizes a ``memory`` run before it
+is made).
 
 Usage:
     flock /work/bench.lock python benchmarks/bench_nnunet.py speed [--cases ct_abdomen ...] [--mirror]
-    flock /work/bench.lock python benchmarks/bench_nnunet.py memory [--depths 40 80 400]
+    flock /work/bench.lock python benchmarks/bench_nnunet.py memory [--depths 40 80 400] [--sides ours]
+    flock /work/bench.lock python benchmarks/bench_nnunet.py window --patch 128 128 128 --features 32 64 128 256 320 320
 """
 from __future__ import annotations
 
@@ -140,9 +146,12 @@ def ours_worker(ns: argparse.Namespace) -> dict:
 
     rel = Relabeler(ns.model, runtime=ns.runtime, mirror=ns.mirror, threads=ns.threads,
                     batch_size=ns.batch_size, accumulate_dtype=ns.accumulate)
-    window = rel.package.window3d  # warm-up: one volume of one window, not timed
+    # warm-up, not timed: one window through the whole path (resampled to the model's grid and
+    # back: a scan at 1.25x the model's spacing, 1/1.25 of the window on each axis)
+    window = rel.package.window3d
     spacing = rel.package.spacing if rel.package.spacing and len(rel.package.spacing) == 3 else None
-    rel.relabel_volume(np.ones((rel.package.in_channels, *window), np.float32),
+    shape = window if spacing is None else [max(1, int(w / 1.25)) for w in window]
+    rel.relabel_volume(np.ones((rel.package.in_channels, *shape), np.float32),
                        spacing=None if spacing is None else [1.25 * s for s in spacing])
     out = Path(ns.out)
     cases = []
@@ -176,7 +185,8 @@ def ours_worker(ns: argparse.Namespace) -> dict:
 # ------------------------------------------------------------------------------ helpers
 def machine() -> str:
     try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        with open("/proc/cpuinfo") as fh:
+            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
     except (OSError, StopIteration):
         model = platform.processor()
     return f"{model}, {len(os.sched_getaffinity(0))} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB"
@@ -268,11 +278,8 @@ def synthetic_ct(shape_zyx: tuple[int, int, int], seed: int = 0) -> np.ndarray:
 def memory(ns: argparse.Namespace) -> dict:
     import nibabel as nib
 
-    from atso_fast import import_nnunet
-
     work = Path(tempfile.mkdtemp(prefix="bench_nnunet_mem_"))
-    folder = model_folder(work / "results", ns, ns.classes, [ns.model_spacing] * 3, ns.patch, ns.features)
-    package = import_nnunet(folder, work / "package")
+    folder, package, _ = memory_model(ns, work)
     rows = []
     for depth in ns.depths:
         shape = (depth, ns.size, ns.size)
@@ -283,6 +290,8 @@ def memory(ns: argparse.Namespace) -> dict:
         row = {"shape": list(shape), "classes": ns.classes}
         for kind, model in (("ours-worker", package), ("nnunet-worker", folder)):
             key = "ours" if kind == "ours-worker" else "nnunet"
+            if key not in ns.sides:
+                continue
             need = _nnunet_estimate_gib(shape, ns) if key == "nnunet" else 0.0
             if key == "nnunet" and need > ns.max_gb:
                 row[key] = {"skipped": f"needs ~{need:.0f} GiB (estimate), more than --max-gb {ns.max_gb}"}
@@ -293,11 +302,39 @@ def memory(ns: argparse.Namespace) -> dict:
             result, gib = run_measured(_side_args(kind, model, [str(scan)], out, ns), ns.timeout)
             row[key] = {"peak_rss_gib": gib, "seconds": result["seconds"], "stages": _stage_sums(result["cases"])}
             print(f"  {key} {shape}: peak {gib:.2f} GiB, {result['seconds']:.1f} s", file=sys.stderr, flush=True)
-        if "peak_rss_gib" in row.get("nnunet", {}):
+        if all("peak_rss_gib" in row.get(side, {}) for side in ("ours", "nnunet")):
             row["agreement"] = agreement(work / f"out_ours_{depth}", work / f"out_nnunet_{depth}", [f"ct{depth}"])
         rows.append(row)
     return {"part": "memory", "rows": rows, "model_spacing": ns.model_spacing, "scan_spacing": ns.spacing,
-            "patch": ns.patch, "accumulate": ns.accumulate, "batch_size": ns.batch_size}
+            "patch": ns.patch, "features": ns.features, "accumulate": ns.accumulate, "batch_size": ns.batch_size,
+            "architecture": json.loads((folder / "plans.json").read_text())["configurations"]["3d_fullres"][
+                "architecture"]["arch_kwargs"]}
+
+
+def memory_model(ns: argparse.Namespace, work: Path) -> tuple[Path, Path, float | None]:
+    """The memory/window parts' nnU-Net folder and imported package: ``(folder, package, import
+    seconds)``. Built in ``work``, or reused from ``--models DIR`` when DIR holds the same model
+    (seed 0, same settings; import seconds None then), else built there: importing a large network
+    (ONNX export and its check against torch) takes minutes, once instead of per locked run."""
+    from atso_fast import import_nnunet
+
+    key = {"classes": ns.classes, "model_spacing": ns.model_spacing, "patch": ns.patch, "features": ns.features,
+           "folds": ns.folds, "scale": ns.scale, "seed": 0}
+    root = ns.models if ns.models is not None else work
+    stamp = root / "model_settings.json"
+    if stamp.is_file():
+        if json.loads(stamp.read_text()) != key:
+            raise ValueError(f"--models {root} holds another model ({stamp.read_text()}), not {key}")
+        return root / "results" / _FOLDER, root / "package", None
+    folder = model_folder(root / "results", ns, ns.classes, [ns.model_spacing] * 3, ns.patch, ns.features)
+    start = time.perf_counter()
+    package = import_nnunet(folder, root / "package")
+    seconds = time.perf_counter() - start
+    stamp.write_text(json.dumps(key))  # written last: a half-built folder is never reused
+    return folder, package, seconds
+
+
+_FOLDER = "Dataset999_Synthetic/nnUNetTrainer__nnUNetPlans__3d_fullres"
 
 
 def _nnunet_estimate_gib(shape, ns) -> float:
@@ -306,11 +343,52 @@ def _nnunet_estimate_gib(shape, ns) -> float:
     return ns.classes * (target * (2 + 8) + np.prod(shape) * 2) / 2**30 + 1.5
 
 
+# ------------------------------------------------------------------------------ part: window
+def window(ns: argparse.Namespace) -> dict:
+    """Seconds of one window's forward pass (batch 1), our runtime and nnU-Net's torch network, on
+    the memory part's model: what a ``memory`` run costs is about windows x this."""
+    import torch
+
+    from atso_fast.engine import Relabeler
+
+    torch.set_num_threads(ns.threads)
+    folder, package, import_seconds = memory_model(ns, Path(tempfile.mkdtemp(prefix="bench_nnunet_win_")))
+    out = {"part": "window", "import_seconds": import_seconds, "patch": ns.patch, "features": ns.features}
+    x = np.random.default_rng(0).standard_normal((1, 1, *ns.patch), dtype=np.float32)
+    rel = Relabeler(package, runtime=ns.runtime, threads=ns.threads, batch_size=1)
+    out["ours"] = _repeat(lambda: rel.runtime(x), ns.repeats) | {"runtime": rel.runtime_label}
+    net = _nnunet_network(folder)
+    with torch.inference_mode():
+        out["nnunet_torch"] = _repeat(lambda: net(torch.from_numpy(x)), ns.repeats)
+    return out
+
+
+def _nnunet_network(folder: Path):
+    """The network ``nnUNetPredictor`` runs for ``folder`` (fold 0, eval mode)."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(device=torch.device("cpu"), verbose=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(folder), use_folds=(0,))
+    return predictor.network.eval()
+
+
+def _repeat(fn, repeats: int) -> dict:
+    """One untimed call, then ``repeats`` timed ones."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return {"seconds": times, "median": float(np.median(times))}
+
+
 # ------------------------------------------------------------------------------ CLI
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="part", required=True)
-    for name in ("speed", "memory"):
+    for name in ("speed", "memory", "window"):
         q = sub.add_parser(name)
         q.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
         q.add_argument("--mirror", action="store_true")
@@ -327,15 +405,23 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model-spacing", type=float, nargs=3, default=[1.5, 1.5, 1.5])
     s.add_argument("--patch", type=int, nargs=3, default=[32, 96, 96])
     s.add_argument("--features", type=int, nargs="+", default=[8, 16, 32, 64])
+    for name in ("memory", "window"):
+        m = sub.choices[name]
+        m.add_argument("--classes", type=int, default=105)
+        m.add_argument("--model-spacing", type=float, default=1.5)
+        m.add_argument("--patch", type=int, nargs=3, default=[64, 128, 128])
+        m.add_argument("--models", type=Path, help="folder to build the model in once and reuse it from")
+        m.add_argument("--features", type=int, nargs="+", default=[4, 8, 16, 32],
+                       help="features per stage: 32 64 128 256 320 320 with --patch 128 128 128 is the network "
+                            "nnU-Net's default planner gives a 1.5 mm CT (see RESULTS.md)")
+    sub.choices["window"].add_argument("--repeats", type=int, default=3)
     m = sub.choices["memory"]
-    m.add_argument("--classes", type=int, default=105)
     m.add_argument("--depths", type=int, nargs="+", default=[40, 80, 400])
     m.add_argument("--size", type=int, default=512)
     m.add_argument("--spacing", type=float, default=0.8)
-    m.add_argument("--model-spacing", type=float, default=1.5)
-    m.add_argument("--patch", type=int, nargs=3, default=[64, 128, 128])
-    m.add_argument("--features", type=int, nargs="+", default=[4, 8, 16, 32])
     m.add_argument("--max-gb", type=float, default=10.0, help="skip nnU-Net runs estimated above this")
+    m.add_argument("--sides", nargs="+", default=["ours", "nnunet"], choices=["ours", "nnunet"],
+                   help="which predictors to run (each side in its own subprocess)")
     for name in ("nnunet-worker", "ours-worker"):
         w = sub.add_parser(name)
         w.add_argument("--model", required=True)
@@ -357,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     load_before = os.getloadavg()
-    result = speed(ns) if ns.part == "speed" else memory(ns)
+    result = {"speed": speed, "memory": memory, "window": window}[ns.part](ns)
     result.update(machine=machine(), date=datetime.date.today().isoformat(), load_before=load_before,
                   load_after=os.getloadavg(), threads=ns.threads, mirror=ns.mirror, runtime=ns.runtime,
                   settings={k: v for k, v in vars(ns).items() if k not in ("json", "part")})

@@ -22,4 +22,8 @@ void accumulate(const py::kwargs& kw);
 py::tuple finalize(const py::kwargs& kw);
 std::string finalize_label_dtype(const py::kwargs& kw);
 
+// resample.cpp: resample_finalize(rows, y_taps, x_taps, threshold, ignore_index, kind) -> (labels,
+// confidence, counts): bilinear resampling of rows (C, R, Yt, Xt) then finalize, in one pass.
+py::tuple resample_finalize(const py::kwargs& kw);
+
 }  // namespace atso

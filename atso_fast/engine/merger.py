@@ -132,14 +132,20 @@ class LabelSink:
 
     def take(self, acc: Any, wsum: Any, z_start: int, count: int) -> None:
         res = native.finalize(acc, wsum, self.threshold, self.ignore_index, self.kind, rows=(0, count))
-        rows = slice(z_start, z_start + count)
+        self.store(res, z_start)
+        if self.probabilities is not None:
+            rows = slice(z_start, z_start + count)
+            self.probabilities[:, rows] = self.backend.probabilities(acc[:, :count], wsum[:count], self.kind)
+
+    def store(self, res: native.FinalizeResult, z_start: int) -> None:
+        """Rows ``[z_start, z_start + len(res.labels))`` finalised elsewhere (``native.finalize``
+        or ``native.resample_finalize`` with this sink's threshold, ignore_index and kind)."""
+        rows = slice(z_start, z_start + res.labels.shape[0])
         self.labels[rows] = self.backend.to_host(res.labels)
         self.confidence[rows] = self.backend.to_host(res.confidence)
         self.totals.counts += res.counts
         self.totals.ignored += res.ignored
         self.totals.invalid += res.invalid
-        if self.probabilities is not None:
-            self.probabilities[:, rows] = self.backend.probabilities(acc[:, :count], wsum[:count], self.kind)
 
     def mark_invalid(self, mask: np.ndarray) -> None:
         """Relabel the voxels of ``mask (Z, Y, X)`` as invalid (e.g. NaN/inf input voxels), with

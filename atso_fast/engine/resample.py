@@ -12,7 +12,11 @@ rows still need are kept between calls: memory stays ``O(C x window depth x Y x 
 Like nnU-Net, the blended logits are divided by the blending weights on the target grid first and
 the quotient is resampled (linear along each axis, weights from scipy; see
 :mod:`atso_fast.engine.preprocess`). Runs with torch on the slab's device (threaded on CPU, CUDA
-tensors on GPU).
+tensors on GPU). On the host, when both in-plane axes are linear, the in-plane step and the
+label sink's finalisation run as one native pass (``native.resample_finalize``: aten's bilinear
+arithmetic, so the labels are those of torch's bilinear followed by ``native.finalize``) wherever
+aten itself would run that arithmetic (:func:`aten_generic_bilinear`), without the
+``C x rows x Yn x Xn`` block in between.
 """
 from __future__ import annotations
 
@@ -23,11 +27,48 @@ import numpy as np
 
 from atso_fast.engine.merger import LabelSink
 from atso_fast.engine.preprocess import AxisOp, apply_op
+from atso_fast.kernels import native
 
-__all__ = ["ResampleSink", "TimedSink", "restore"]
+__all__ = ["ResampleSink", "TimedSink", "aten_generic_bilinear", "bilinear_taps", "restore"]
 
 _CHUNK_BYTES = 64 << 20
 """Native rows resampled per inner ``take`` call are bounded by this many bytes of float32."""
+
+
+def bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """aten's ``upsample_bilinear2d`` taps along one axis (align_corners=False, no scale factor):
+    ``(i0, i1, w0, w1)``, int64 and float32, ``(n_out,)`` each.
+
+    As aten computes them: the source coordinate ``fma(n_in / n_out, o + 0.5, -0.5)`` in float32
+    (its CPU build fuses it), clamped at 0; ``i1`` the next input but at the last; ``w1`` the
+    fraction, ``w0 = 1 - w1``; equal sizes copy (``w0 = 1, w1 = 0``). Tests compare these with
+    the weights torch applies.
+    """
+    if n_in < 1 or n_out < 1:
+        raise ValueError(f"bilinear_taps needs n_in, n_out >= 1, got {n_in}, {n_out}")
+    o = np.arange(n_out)
+    if n_in == n_out:
+        return o, o.copy(), np.ones(n_out, np.float32), np.zeros(n_out, np.float32)
+    f32 = np.float32
+    scale = f32(n_in) / f32(n_out)
+    src = (np.float64(scale) * (o.astype(f32) + f32(0.5)).astype(np.float64) - 0.5).astype(f32)  # exact fma
+    src = np.maximum(src, f32(0))
+    i0 = src.astype(np.int64)
+    i1 = i0 + (i0 < n_in - 1)
+    w1 = (src - i0.astype(f32)).astype(f32)
+    return i0, i1, (f32(1) - w1).astype(f32), w1
+
+
+def aten_generic_bilinear(n_out_y: int, n_out_x: int, planes: int, threads: int) -> bool:
+    """Whether aten's CPU ``upsample_bilinear2d`` (contiguous, float32) runs its generic kernel,
+    the arithmetic ``native.resample_finalize`` reproduces, on ``(N, planes, *, *)`` input.
+
+    It runs a separable kernel, which rounds differently, for small outputs
+    (``Yn + Xn <= 128``) and, on one thread, for 3 planes per batch item (aten's
+    ``upsample_bilinear2d_kernel_impl_float``); the unfused path stays there, so the labels never
+    depend on which path ran.
+    """
+    return n_out_y + n_out_x > 128 and not (threads == 1 and planes == 3)
 
 
 class TimedSink:
@@ -49,12 +90,14 @@ class ResampleSink:
         inner: a :class:`LabelSink` on the native (cropped) grid ``(Zn, Yn, Xn)``.
         ops: three two-tap maps target -> native, for z, y and x (``preprocess.Geometry.back``).
         cuda: the slab lives in CUDA tensors.
+        fuse: run the in-plane step and the inner sink as one native pass where it gives the
+            same labels (the module docstring); False: always torch's bilinear, then the sink.
 
     Attributes:
         seconds: time spent resampling and finishing rows.
     """
 
-    def __init__(self, inner: LabelSink, ops: list[AxisOp], *, cuda: bool = False):
+    def __init__(self, inner: LabelSink, ops: list[AxisOp], *, cuda: bool = False, fuse: bool = True):
         if any(op.idx0 is None for op in ops):
             raise ValueError("ResampleSink needs maps of at most two taps per output (orders 0 and 1)")
         self.inner, self.ops, self.cuda = inner, ops, cuda
@@ -74,6 +117,11 @@ class ResampleSink:
         # per native row cost more than the interpolation itself (page faults)
         self._buffers: dict[str, Any] = {}
         self._ones = None
+        _, yop, xop = ops
+        fusable = (fuse and not cuda and inner.probabilities is None and yop.order == 1 and xop.order == 1
+                   and not (yop.identity and xop.identity))
+        # the fused in-plane + finalize pass (bilinear taps as aten's, per axis), or None
+        self._taps = (bilinear_taps(yop.n_in, yop.n_out), bilinear_taps(xop.n_in, xop.n_out)) if fusable else None
         self.seconds = 0.0
 
     @property
@@ -146,8 +194,13 @@ class ResampleSink:
                 rows[:, j].copy_(a)
             else:
                 torch.lerp(a, self._row(int(zop.idx1[k]), acc_t, wsum_t, z_start), w, out=rows[:, j])
-        rows = self._in_plane(rows)
         r = k1 - k0
+        if self._fused(r):
+            inner = self.inner
+            inner.store(native.resample_finalize(rows.numpy(), *self._taps, inner.threshold, inner.ignore_index,
+                                                 inner.kind), k0)
+            return
+        rows = self._in_plane(rows)
         if self._ones is None or self._ones.shape[0] < r:
             self._ones = torch.ones((r, *rows.shape[2:]), dtype=torch.float32, device=rows.device)
         ones = self._ones[:r]
@@ -155,6 +208,15 @@ class ResampleSink:
             self.inner.take(rows, ones, k0, r)
         else:
             self.inner.take(rows.numpy(), ones.numpy(), k0, r)
+
+    def _fused(self, r: int) -> bool:
+        """Whether ``r`` native rows go through ``native.resample_finalize`` (see the module docstring)."""
+        if self._taps is None:
+            return False
+        import torch
+
+        _, yop, xop = self.ops
+        return aten_generic_bilinear(yop.n_out, xop.n_out, r, torch.get_num_threads())
 
     def _in_plane(self, rows: Any) -> Any:
         """``(C, r, Yt, Xt)`` -> ``(C, r, Yn, Xn)``: one bilinear pass when both axes are linear

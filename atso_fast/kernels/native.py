@@ -45,6 +45,7 @@ __all__ = [
     "has_cuda",
     "has_native",
     "kernel_threads",
+    "resample_finalize",
 ]
 
 
@@ -217,5 +218,39 @@ def finalize(acc: Any, wsum: Any, threshold: float = 0.0, ignore_index: int = 25
         labels, confidence, counts = reference.finalize(acc[:, r0:r1], wsum[r0:r1], **args)
     else:
         labels, confidence, counts = _C.finalize(acc=acc, wsum=wsum, rows=rows, algorithm=algorithm, **args)
+    k = len(counts) - 2
+    return FinalizeResult(labels, confidence, counts[:k].copy(), int(counts[k]), int(counts[k + 1]))
+
+
+def resample_finalize(rows: Any, y_taps: tuple, x_taps: tuple, threshold: float = 0.0, ignore_index: int = 255,
+                      kind: str = "logits") -> FinalizeResult:
+    """Bilinear resampling of rows onto a finer (or coarser) plane, then :func:`finalize`, in one pass.
+
+    The same labels, confidence and counts as resampling every ``(c, r)`` plane with the taps
+    (``reference.bilinear_rows``: aten's ``upsample_bilinear2d`` arithmetic for taps from
+    ``atso_fast.engine.resample.bilinear_taps``) and finalising the result with unit weights,
+    without the ``C x R x Yn x Xn`` intermediate. Host arrays only (blocked CPU kernel).
+
+    Args:
+        rows: ``(C, R, Yt, Xt)`` float32, C-contiguous: blended values (already divided by
+            their weights).
+        y_taps, x_taps: ``(i0, i1, w0, w1)`` per output index of the axis: int64 input indices
+            and float32 weights, each 1-D of the output's length (Yn, Xn).
+        threshold, ignore_index, kind: as :func:`finalize`.
+
+    Returns:
+        FinalizeResult with labels/confidence of shape ``(R, Yn, Xn)``.
+
+    Raises:
+        ValueError, TypeError: a bad argument (an index outside its input included), named in the message.
+    """
+    if _C is None:
+        _fallback("resample_finalize")
+        vals = reference.bilinear_rows(np.asarray(rows), y_taps, x_taps)
+        labels, confidence, counts = reference.finalize(vals, np.ones(vals.shape[1:], np.float32), threshold,
+                                                        ignore_index, kind)
+    else:
+        labels, confidence, counts = _C.resample_finalize(rows=rows, y_taps=tuple(y_taps), x_taps=tuple(x_taps),
+                                                          threshold=threshold, ignore_index=ignore_index, kind=kind)
     k = len(counts) - 2
     return FinalizeResult(labels, confidence, counts[:k].copy(), int(counts[k]), int(counts[k + 1]))

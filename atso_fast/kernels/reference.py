@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["extract_patches", "accumulate", "finalize", "num_label_classes"]
+__all__ = ["accumulate", "bilinear_rows", "extract_patches", "finalize", "num_label_classes"]
 
 
 def num_label_classes(channels: int) -> int:
@@ -93,3 +93,26 @@ def finalize(acc: np.ndarray, wsum: np.ndarray, threshold: float = 0.0, ignore_i
     counts[k] = int(low.sum())
     counts[k + 1] = int(invalid.sum())
     return labels, confidence, counts
+
+
+def _fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float32 ``fma(a, b, c)``: the float64 product of two float32 values is exact; the float64
+    sum then rounds once before the float32 rounding, which differs from a single rounding only
+    when that first rounding lands exactly on a float32 tie (about 2**-29 of random inputs)."""
+    return (a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(np.float32)
+
+
+def bilinear_rows(rows: np.ndarray, y_taps, x_taps) -> np.ndarray:
+    """``(C, R, Yt, Xt)`` float32 -> ``(C, R, Yn, Xn)``: per axis ``fma(t0, w0, t1 * w1)``, along x
+    first, then y (aten's CPU ``upsample_bilinear2d`` arithmetic; ``resample_finalize``'s)."""
+    (a0, a1, u0, u1), (b0, b1, v0, v1) = y_taps, x_taps
+    rows = np.asarray(rows, np.float32)
+    v0, v1 = np.asarray(v0, np.float32), np.asarray(v1, np.float32)
+    u0, u1 = np.asarray(u0, np.float32)[:, None], np.asarray(u1, np.float32)[:, None]
+
+    def along_x(lines: np.ndarray) -> np.ndarray:
+        return _fma32(lines[..., b0], v0, lines[..., b1] * v1)
+
+    with np.errstate(invalid="ignore", over="ignore"):
+        t0, t1 = along_x(rows[:, :, a0]), along_x(rows[:, :, a1])
+        return _fma32(t0, u0, t1 * u1)

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/finalize_block.h"
 #include "cpu/half_row.h"
 #include "cpu/isa.h"
 #include "ops/finalize_math.h"
@@ -15,8 +16,6 @@
 namespace atso {
 namespace ATSO_ISA {
 namespace {
-
-constexpr int64_t kBlock = 256;
 
 // Row of the accumulator as float: in place for float32, converted into scratch for float16.
 inline const float* float_row(const float* src, int64_t, float*, const float*) { return src; }
@@ -42,55 +41,12 @@ void load_block(const FinalizeArgs& f, int64_t start, int64_t nb, float* vals, u
   }
 }
 
-// Multi-class: argmax (lowest index wins ties) and max probability.
-void decide_block(const float* __restrict vals, int64_t c, int64_t nb, Kind kind, int32_t* __restrict best,
-                  float* __restrict prob) {
-  float maxv[kBlock];
-  for (int64_t j = 0; j < nb; ++j) {
-    maxv[j] = vals[j];
-    best[j] = 0;
-  }
-  for (int32_t k = 1; k < (int32_t)c; ++k) {
-    const float* row = vals + k * nb;
-    for (int64_t j = 0; j < nb; ++j) argmax_step(row[j], k, maxv[j], best[j]);
-  }
-  if (kind == kProbabilities) {
-    for (int64_t j = 0; j < nb; ++j) prob[j] = maxv[j];
-    return;
-  }
-  float sum[kBlock];
-  for (int64_t j = 0; j < nb; ++j) sum[j] = 0.0f;
-  for (int64_t k = 0; k < c; ++k) {
-    const float* row = vals + k * nb;
-    for (int64_t j = 0; j < nb; ++j) sum[j] = add_rn(sum[j], softmax_term(row[j], maxv[j]));
-  }
-  for (int64_t j = 0; j < nb; ++j) prob[j] = softmax_prob(sum[j]);
-}
-
 template <typename A, typename L>
 void finalize_block(const FinalizeArgs& f, int64_t start, int64_t nb, int64_t* counts, float* vals,
                     const float* table) {
   uint8_t invalid[kBlock];
-  int32_t best[kBlock];
-  float prob[kBlock];
   load_block<A>(f, start, nb, vals, invalid, table);
-  if (f.c == 1) {
-    for (int64_t j = 0; j < nb; ++j) {
-      const Decision d = decide_binary(f, vals[j]);
-      best[j] = d.label;
-      prob[j] = d.prob;
-    }
-  } else {
-    decide_block(vals, f.c, nb, f.kind, best, prob);
-  }
-  const int64_t k_classes = f.c == 1 ? 2 : f.c;
-  L* labels = static_cast<L*>(f.labels);
-  for (int64_t j = 0; j < nb; ++j) {
-    const Voxel r = classify(f, invalid[j], prob[j], best[j]);
-    labels[start + j] = (L)label_value(f, r.label);
-    f.confidence[start + j] = r.confidence;
-    ++counts[count_bin(r.label, k_classes)];
-  }
+  decide_and_write<L>(f, start, nb, vals, invalid, counts);
 }
 
 template <typename A, typename L>

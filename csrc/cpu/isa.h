@@ -6,6 +6,7 @@
 #pragma once
 
 #include "finalize.h"
+#include "resample.h"
 #include "stitch.h"
 
 #ifndef ATSO_ISA
@@ -18,6 +19,7 @@ struct CpuKernels {
   void (*extract_patches)(const ExtractArgs&);
   void (*accumulate)(const AccumulateArgs&);
   void (*finalize)(const FinalizeArgs&);
+  void (*resample_finalize)(const ResampleFinalizeArgs&);
 };
 
 namespace generic {
