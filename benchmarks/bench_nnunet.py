@@ -412,8 +412,8 @@ def _parser() -> argparse.ArgumentParser:
         m.add_argument("--patch", type=int, nargs=3, default=[64, 128, 128])
         m.add_argument("--models", type=Path, help="folder to build the model in once and reuse it from")
         m.add_argument("--features", type=int, nargs="+", default=[4, 8, 16, 32],
-                       help="features per stage: 32 64 128 256 320 320 with --patch 128 128 128 is the network "
-                            "nnU-Net's default planner gives a 1.5 mm CT (see RESULTS.md)")
+                       help="features per stage; 32 64 128 256 320 320 with --patch 96 128 128 is what nnU-Net "
+                            "2.8.1's default planner gives the memory case at 105 labels (see RESULTS.md)")
     sub.choices["window"].add_argument("--repeats", type=int, default=3)
     m = sub.choices["memory"]
     m.add_argument("--depths", type=int, nargs="+", default=[40, 80, 400])
