@@ -32,7 +32,7 @@ PYBIND11_MODULE(_C, m) {
         "finalize(*, acc" ATSO_ARG_NAMES(ATSO_FINALIZE_ARGS) ", rows, algorithm) -> (labels, confidence, counts "
         "(K + 2,)); algorithm 'auto' | 'blocked' (host) | 'voxel' (CUDA's).");
   m.def("resample_finalize", &resample_finalize,
-        "resample_finalize(*, rows, y_taps, x_taps, threshold, ignore_index, kind) -> (labels, confidence, counts "
+        "resample_finalize(*, rows, y_taps, x_taps" ATSO_ARG_NAMES(ATSO_FINALIZE_SCALARS) ") -> (labels, confidence, counts "
         "(K + 2,)): rows (C, R, Yt, Xt) float32 resampled bilinearly to (R, Yn, Xn), then finalize; host only.");
   m.def("finalize_label_dtype", &finalize_label_dtype,
         "finalize_label_dtype(*, channels, threshold, ignore_index, kind) -> 'uint8' | 'uint16'; raises "

@@ -25,16 +25,6 @@ std::pair<int64_t, int64_t> row_range(py::handle rows, int64_t depth) {
   return {r[0], r[1]};
 }
 
-// The label dtype of K = max(channels, 2) classes and ignore_index, which must not be a class.
-std::string label_dtype(int64_t channels, int64_t ignore_index) {
-  const int64_t k = std::max<int64_t>(channels, 2);
-  if (!(k <= ignore_index && ignore_index <= 65535)) {
-    throw py::value_error("ignore_index must be in [" + std::to_string(k) + ", 65535] (not a class label), got " +
-                          std::to_string(ignore_index));
-  }
-  return std::max(k - 1, ignore_index) <= 255 ? "uint8" : "uint16";
-}
-
 // The shape rules the array arguments of ATSO_FINALIZE_ARGS name (finalize.h).
 struct FinalizeRules {
   ShapeRule slab;
@@ -43,6 +33,15 @@ struct FinalizeRules {
 ATSO_DEFINE_READ_ARGS(FinalizeArgs, FinalizeRules, ATSO_FINALIZE_ARGS)
 
 }  // namespace
+
+std::string label_dtype(int64_t channels, int64_t ignore_index) {
+  const int64_t k = std::max<int64_t>(channels, 2);
+  if (!(k <= ignore_index && ignore_index <= 65535)) {
+    throw py::value_error("ignore_index must be in [" + std::to_string(k) + ", 65535] (not a class label), got " +
+                          std::to_string(ignore_index));
+  }
+  return std::max(k - 1, ignore_index) <= 255 ? "uint8" : "uint16";
+}
 
 std::string finalize_label_dtype(const py::kwargs& kw) {
   const int64_t channels = int_arg(kw, "channels");

@@ -4,6 +4,7 @@
 // cpu/host_path.cpp; all three call ops/finalize_math.h).
 #pragma once
 #include <cstdint>
+#include <string>
 
 #include "common.h"
 
@@ -19,12 +20,15 @@ namespace atso {
 //
 // The declared arguments (common.h), in this order: each a field below, filled from the Python
 // keyword of its name by finalize.cpp. Array rule `slab`: acc's spatial shape (Zs, Y, X), from
-// the first finalised row.
-#define ATSO_FINALIZE_ARGS(SCALAR, ARRAY)       \
-  ARRAY(float, wsum, "float32", slab)           \
+// the first finalised row. The scalars are a list of their own because resample_finalize
+// (resample.cpp) takes them too: a new scalar here reaches both kernels.
+#define ATSO_FINALIZE_SCALARS(SCALAR, ARRAY)    \
   SCALAR(float, threshold, unit_interval_arg)   \
   SCALAR(int64_t, ignore_index, int_arg)        \
   SCALAR(Kind, kind, kind_arg)
+#define ATSO_FINALIZE_ARGS(SCALAR, ARRAY)       \
+  ARRAY(float, wsum, "float32", slab)           \
+  ATSO_FINALIZE_SCALARS(SCALAR, ARRAY)
 
 struct FinalizeArgs {
   const void* acc;
@@ -38,6 +42,10 @@ struct FinalizeArgs {
   int64_t* counts;
   ATSO_ARG_FIELDS(ATSO_FINALIZE_ARGS)
 };
+
+// The label dtype ("uint8" | "uint16") of K = max(channels, 2) classes and ignore_index;
+// ValueError when ignore_index is a class or above 65535.
+std::string label_dtype(int64_t channels, int64_t ignore_index);
 
 void finalize_host(const FinalizeArgs& a);
 #ifdef WITH_CUDA

@@ -1,6 +1,6 @@
 // resample_finalize as atso_fast._C sees it: rows and taps parsed and checked once (taps index
-// their input: every index is checked against the input's extent), outputs allocated, the
-// blocked CPU kernel run. Host arrays only: on CUDA the resample-back stage keeps torch's
+// their input: every index is checked against the input's extent), finalize's declared scalars
+// read by read_args (ATSO_FINALIZE_SCALARS), outputs allocated, the blocked CPU kernel run. Host arrays only: on CUDA the resample-back stage keeps torch's
 // bilinear and the CUDA finalize (atso_fast/engine/resample.py).
 #include "resample.h"
 
@@ -45,6 +45,9 @@ Taps parse_taps(py::handle obj, const char* name, int64_t n_in, std::vector<Buff
               n_in, n_out};
 }
 
+// finalize's declared scalars (finalize.h), read and checked as finalize reads them.
+ATSO_DEFINE_READ_ARGS(FinalizeArgs, NoRules, ATSO_FINALIZE_SCALARS)
+
 }  // namespace
 
 py::tuple resample_finalize(const py::kwargs& kw) {
@@ -57,12 +60,12 @@ py::tuple resample_finalize(const py::kwargs& kw) {
   if (c < 1 || rows.dim(1) < 1 || rows.dim(2) < 1 || rows.dim(3) < 1) {
     throw py::value_error("rows must be a non-empty (C, R, Yt, Xt) array, got " + rows.describe());
   }
-  py::kwargs check;  // finalize's own checks of the scalars, and the label dtype they imply
-  check["channels"] = c;
-  for (const char* k : {"threshold", "ignore_index", "kind"}) check[k] = arg(kw, k);
-  const std::string ldtype = finalize_label_dtype(check);
-  std::vector<Buffer> keep;
   ResampleFinalizeArgs a{};
+  FinalizeArgs& f = a.out;
+  ArgArrays none;
+  read_args(f, kw, NoRules{}, none);
+  const std::string ldtype = label_dtype(c, f.ignore_index);
+  std::vector<Buffer> keep;
   a.rows = rows.as<const float>();
   a.r = rows.dim(1);
   a.y = parse_taps(arg(kw, "y_taps"), "y_taps", rows.dim(2), keep);
@@ -72,12 +75,8 @@ py::tuple resample_finalize(const py::kwargs& kw) {
   const Buffer lb = to_buffer(labels, "labels"), cf = to_buffer(confidence, "confidence");
   py::array_t<int64_t> counts(std::max<int64_t>(c, 2) + 2);
   std::fill(counts.mutable_data(), counts.mutable_data() + counts.size(), 0);
-  FinalizeArgs& f = a.out;
   f.c = c;
   f.n = a.r * a.y.n_out * a.x.n_out;
-  f.threshold = (float)float_arg(kw, "threshold");
-  f.ignore_index = int_arg(kw, "ignore_index");
-  f.kind = str_arg(kw, "kind") == "logits" ? kLogits : kProbabilities;
   f.labels = lb.data;
   f.label_bytes = lb.itemsize;
   f.confidence = cf.as<uint8_t>();

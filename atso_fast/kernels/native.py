@@ -176,6 +176,12 @@ class FinalizeResult:
     invalid: int
 
 
+def _finalize_result(labels: Any, confidence: Any, counts: np.ndarray) -> FinalizeResult:
+    """A kernel's ``(labels, confidence, counts (K + 2,))`` as a :class:`FinalizeResult`."""
+    k = len(counts) - 2
+    return FinalizeResult(labels, confidence, counts[:k].copy(), int(counts[k]), int(counts[k + 1]))
+
+
 def _check_finalize_args(channels: int, threshold: float, ignore_index: int, kind: str) -> str:
     """Label dtype (``"uint8"`` or ``"uint16"``) of :func:`finalize`; raises ``ValueError`` for a
     bad ``threshold``, ``ignore_index`` or ``kind`` (the kernel's own check)."""
@@ -218,8 +224,7 @@ def finalize(acc: Any, wsum: Any, threshold: float = 0.0, ignore_index: int = 25
         labels, confidence, counts = reference.finalize(acc[:, r0:r1], wsum[r0:r1], **args)
     else:
         labels, confidence, counts = _C.finalize(acc=acc, wsum=wsum, rows=rows, algorithm=algorithm, **args)
-    k = len(counts) - 2
-    return FinalizeResult(labels, confidence, counts[:k].copy(), int(counts[k]), int(counts[k + 1]))
+    return _finalize_result(labels, confidence, counts)
 
 
 def resample_finalize(rows: Any, y_taps: tuple, x_taps: tuple, threshold: float = 0.0, ignore_index: int = 255,
@@ -244,13 +249,12 @@ def resample_finalize(rows: Any, y_taps: tuple, x_taps: tuple, threshold: float 
     Raises:
         ValueError, TypeError: a bad argument (an index outside its input included), named in the message.
     """
+    args = {"threshold": threshold, "ignore_index": ignore_index, "kind": kind}  # finalize's declared scalars
     if _C is None:
         _fallback("resample_finalize")
         vals = reference.bilinear_rows(np.asarray(rows), y_taps, x_taps)
-        labels, confidence, counts = reference.finalize(vals, np.ones(vals.shape[1:], np.float32), threshold,
-                                                        ignore_index, kind)
+        labels, confidence, counts = reference.finalize(vals, np.ones(vals.shape[1:], np.float32), **args)
     else:
         labels, confidence, counts = _C.resample_finalize(rows=rows, y_taps=tuple(y_taps), x_taps=tuple(x_taps),
-                                                          threshold=threshold, ignore_index=ignore_index, kind=kind)
-    k = len(counts) - 2
-    return FinalizeResult(labels, confidence, counts[:k].copy(), int(counts[k]), int(counts[k + 1]))
+                                                          **args)
+    return _finalize_result(labels, confidence, counts)
