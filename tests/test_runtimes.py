@@ -253,12 +253,33 @@ def test_openvino_float32_is_float32_and_threads_map_to_its_thread_count(package
 
 
 @needs_openvino
-def test_openvino_pads_short_batches_to_the_compiled_one(package, rng, tmp_path):
-    rt = _openvino(package, tmp_path, batch_size=3)
+def test_openvino_runs_short_batches_at_their_own_size(package, rng, tmp_path):
+    rt = _openvino(package, tmp_path, batch_size=3, in_flight=1)  # one request: _slots[0]
+    assert rt.dynamic_batch and str(rt.compiled.input(0).get_partial_shape()) == "[1..3,1,8,8,8]"
+    batch = _batch(rng, 3)
+    full = rt(batch).copy()
+    for n in (1, 2):
+        short = rt(batch[:n])
+        request = rt._slots[0].request
+        assert short.shape == (n, 3, 8, 8, 8)
+        assert tuple(request.get_input_tensor(0).shape) == (n, 1, 8, 8, 8)  # no padded windows ran
+        assert tuple(request.get_output_tensor(0).shape) == (n, 3, 8, 8, 8)
+        np.testing.assert_allclose(short, full[:n], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"compiled for batches \(<= 3, 1, 8, 8, 8\), got \(4, 1, 8, 8, 8\)"):
+        rt(_batch(rng, 4))
+
+
+@needs_openvino
+def test_openvino_static_batch_pads_short_batches_to_the_compiled_one(package, rng, tmp_path):
+    rt = _openvino(package, tmp_path, batch_size=3, dynamic_batch=False, in_flight=1)
+    assert str(rt.compiled.input(0).get_partial_shape()) == "[3,1,8,8,8]"
     batch = _batch(rng, 3)
     full, short = rt(batch).copy(), rt(batch[:1])
     assert short.shape == (1, 3, 8, 8, 8)
+    assert tuple(rt._slots[0].request.get_input_tensor(0).shape) == (3, 1, 8, 8, 8)  # padded
     np.testing.assert_allclose(short, full[:1], rtol=1e-5, atol=1e-6)
+    dynamic = _openvino(package, tmp_path, batch_size=3)
+    np.testing.assert_allclose(dynamic(batch), full, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"compiled for batches \(<= 3, 1, 8, 8, 8\), got \(4, 1, 8, 8, 8\)"):
         rt(_batch(rng, 4))
 
@@ -303,7 +324,22 @@ def test_openvino_caches_the_compiled_model_on_disk(package, rng, tmp_path, monk
     assert blobs[0].stat().st_size > 1000
     _openvino(package, tmp_path, batch_size=3)
     assert len(list((tmp_path / "cache").glob("*.blob"))) == 2  # the batch is part of the key
+    _openvino(package, tmp_path, dynamic_batch=False)
+    assert len(list((tmp_path / "cache").glob("*.blob"))) == 3  # and whether it is dynamic
     assert not list((tmp_path / "cache").glob(".*tmp"))  # written atomically, no temp left
+
+
+@needs_openvino
+def test_openvino_cached_dynamic_model_keeps_its_dynamic_batch(package, rng, tmp_path, monkeypatch):
+    batch = _batch(rng, 2)
+    want = _openvino(package, tmp_path)(batch).copy()  # compiled and cached
+    monkeypatch.setattr(OpenVinoRuntime, "_build", lambda *a: pytest.fail("compiled again despite the cache"))
+    rt = _openvino(package, tmp_path, in_flight=1)
+    assert str(rt.compiled.input(0).get_partial_shape()) == "[1..2,1,8,8,8]"
+    np.testing.assert_array_equal(rt(batch), want)
+    short = rt(batch[:1])
+    assert tuple(rt._slots[0].request.get_input_tensor(0).shape) == (1, 1, 8, 8, 8)
+    np.testing.assert_allclose(short, want[:1], rtol=1e-5, atol=1e-6)
 
 
 def test_openvino_cache_key_covers_model_version_device_precision_and_shape():
@@ -312,8 +348,9 @@ def test_openvino_cache_key_covers_model_version_device_precision_and_shape():
               compiled_cache_key(b"onnx", "2026.5", "cpu x", "float32", (4, 1, 8, 8, 8)),
               compiled_cache_key(b"onnx", "2026.4", "cpu y", "float32", (4, 1, 8, 8, 8)),
               compiled_cache_key(b"onnx", "2026.4", "cpu x", "bfloat16", (4, 1, 8, 8, 8)),
-              compiled_cache_key(b"onnx", "2026.4", "cpu x", "float32", (2, 1, 8, 8, 8))]
-    assert len({base, *others}) == 6
+              compiled_cache_key(b"onnx", "2026.4", "cpu x", "float32", (2, 1, 8, 8, 8)),
+              compiled_cache_key(b"onnx", "2026.4", "cpu x", "float32", ("1..4", 1, 8, 8, 8))]
+    assert len({base, *others}) == 7
 
 
 @needs_openvino
