@@ -63,12 +63,15 @@ def monai_labels(net, volume, window, batch, device, autocast=None):
 
 
 def network_alone(runtime, volume, window, batch, device):
-    """The runtime on exactly the windows the relabel pass runs, extracted beforehand."""
-    from atso_fast.engine.windows import sliding_window_origins
+    """The runtime on exactly the windows and batches the relabel pass runs, extracted beforehand
+    (near-equal batches for a runtime with a dynamic batch, else MONAI's)."""
+    from atso_fast.engine.windows import batch_bounds, sliding_window_origins
 
     origins = sliding_window_origins(volume.shape, window, 0.5)
+    n = len(origins)
+    bounds = batch_bounds(n, batch) if runtime.dynamic_batch else [(i, min(i + batch, n)) for i in range(0, n, batch)]
     vol = torch.from_numpy(volume)[None].to(device) if device == "cuda" else volume[None]
-    batches = [native.extract_patches(vol, origins[i:i + batch], window) for i in range(0, len(origins), batch)]
+    batches = [native.extract_patches(vol, origins[lo:hi], window) for lo, hi in bounds]
     return lambda: [runtime(b) for b in batches]
 
 
