@@ -229,8 +229,10 @@ def test_onnxruntime_relabeler_runs_kernels_on_one_thread(tmp_path):
 @needs_openvino
 def test_pipelined_openvino_runs_kernels_on_one_thread(tmp_path):
     pkg = export_model(random_net(classes=2), tmp_path / "pkg", window=(8, 8, 8), num_classes=2, save_torch=False)
-    rel = Relabeler(pkg, runtime="openvino")
-    assert rel.runtime.in_flight == 2 and rel.kernel_threads == 1
+    rel = Relabeler(pkg, runtime="openvino", threads=2)
+    assert (rel.runtime.streams, rel.runtime.in_flight) == (2, 3) and rel.kernel_threads == 1
+    rel.runtime.in_flight = 2
+    assert rel.kernel_threads == 1
     rel.runtime.in_flight = 1  # kernels run between batches: the OpenMP default
     assert rel.kernel_threads is None
 
@@ -296,16 +298,18 @@ def test_openvino_float32_matches_monai_sliding_window(rng, tmp_path, shape, roi
 
 
 @needs_openvino
-@pytest.mark.parametrize("batch,mirror", [(3, False), (4, False), (3, True)])
-def test_pipelined_labels_are_bit_identical_to_sequential(rng, tmp_path, batch, mirror):
+@pytest.mark.parametrize("batch,mirror,depth", [(3, False, 3), (4, False, 3), (4, False, 2), (3, True, 3)])
+def test_pipelined_labels_are_bit_identical_to_sequential(rng, tmp_path, batch, mirror, depth):
+    """``depth`` batches in flight on two streams vs one at a time, same compiled model."""
     pkg = export_model(random_net(classes=4), tmp_path / "pkg", window=(8, 16, 16), num_classes=4,
                        save_torch=False)
     volume = rng.standard_normal((30, 41, 37)).astype(np.float32)
-    piped = Relabeler(pkg, runtime="openvino", batch_size=batch, mirror=mirror, save_probabilities=True)
-    seq = Relabeler(pkg, runtime="openvino", batch_size=batch, mirror=mirror, save_probabilities=True)
-    seq.runtime.in_flight = 1
-    assert piped.runtime.in_flight == 2 and piped.runtime.reuse_output
-    a, b = piped.relabel_volume(volume), seq.relabel_volume(volume)
+    rel = Relabeler(pkg, runtime="openvino", batch_size=batch, mirror=mirror, save_probabilities=True, threads=2)
+    assert (rel.runtime.streams, rel.runtime.in_flight) == (2, 3) and rel.runtime.reuse_output
+    rel.runtime.in_flight = depth
+    a = rel.relabel_volume(volume)
+    rel.runtime.in_flight = 1
+    b = rel.relabel_volume(volume)
     np.testing.assert_array_equal(a.labels, b.labels)
     np.testing.assert_array_equal(a.confidence, b.confidence)
     np.testing.assert_array_equal(a.probabilities, b.probabilities)
@@ -318,7 +322,7 @@ def test_pipelined_stream_keeps_each_input_until_its_result(rng):
 
     class LateReader:
         name, device, precision, reuse_output, in_flight = "late", "cpu", "float32", False, 2
-        dynamic_batch = False
+        streams, dynamic_batch = 1, False
         choice = active = "late"
         settled = True
 
@@ -351,7 +355,7 @@ class _Recording:
     """A batch-invariant NumPy runtime (each window's output depends on that window alone) that
     records the batch sizes it ran."""
 
-    name, device, precision, reuse_output, in_flight = "recording", "cpu", "float32", False, 1
+    name, device, precision, reuse_output, in_flight, streams = "recording", "cpu", "float32", False, 1, 1
     choice = active = "recording"
     settled = True
 

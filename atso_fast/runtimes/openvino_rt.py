@@ -15,11 +15,15 @@ precision, streams and the input shape (``1..B x M x ...`` when the batch is dyn
 
 Pipelining: ``in_flight`` asynchronous infer requests, each with its own output buffer, so the
 engine can submit batch k+1 and stitch batch k while it runs
-(:meth:`~atso_fast.runtimes.base.Runtime.submit`). Requests of one compiled model run one after
-the other on all ``threads`` (latency hint, one stream; they share its intermediate buffers),
-so the overlap is network vs stitching, never two networks splitting the cores. The default is
-2 when one batch's output is at most :data:`PIPELINE_MAX_OUTPUT_BYTES`, else 1: the second
-output buffer is what the overlap costs in memory.
+(:meth:`~atso_fast.runtimes.base.Runtime.submit`). ``streams=1`` runs the requests one after
+the other on all ``threads`` (latency hint; they share its intermediate buffers), so the
+overlap is network vs stitching; ``streams=2`` runs two requests side by side, the threads
+split between them, each stream with its own intermediate buffers. Defaults, from one batch's
+output size: two streams and three batches in flight up to :data:`TWO_STREAM_MAX_OUTPUT_BYTES`
+(two on the network while the engine stitches a third), else one stream and two in flight up
+to :data:`PIPELINE_MAX_OUTPUT_BYTES`, else one in flight: each batch in flight holds its own
+output buffer, each stream its own intermediates, and that is what the overlap costs in memory.
+One thread (``threads=1``, or a one-core machine) always gets one stream.
 """
 from __future__ import annotations
 
@@ -41,11 +45,17 @@ from atso_fast.runtimes.base import (
     check_precision,
 )
 
-__all__ = ["PIPELINE_MAX_OUTPUT_BYTES", "OpenVinoRuntime", "compiled_cache_key", "openvino_available",
-           "openvino_supports"]
+__all__ = ["MAX_IN_FLIGHT", "PIPELINE_MAX_OUTPUT_BYTES", "TWO_STREAM_MAX_OUTPUT_BYTES", "OpenVinoRuntime",
+           "compiled_cache_key", "openvino_available", "openvino_supports"]
 
 PIPELINE_MAX_OUTPUT_BYTES = 256 * 2**20
 """Largest batch output (bytes) for which the default keeps two batches in flight."""
+
+TWO_STREAM_MAX_OUTPUT_BYTES = PIPELINE_MAX_OUTPUT_BYTES
+"""Largest batch output (bytes) for which the default runs two streams, three batches in flight."""
+
+MAX_IN_FLIGHT = 3
+"""Most batches that may be pending at once (two streams busy, one being stitched)."""
 
 _HINTS = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 _CAPABILITY = {"float32": "FP32", "bfloat16": "BF16", "float16": "FP16"}
@@ -130,10 +140,12 @@ class OpenVinoRuntime(FixedRuntime):
         threads: inference threads (default: OpenVINO's, all cores).
         target: OpenVINO device, ``"CPU"`` (``"GPU"``: an Intel GPU, not verified here).
         cache_dir: compiled-model cache (None: the default above; False: off).
-        in_flight: batches that may be pending at once, 1 or 2 (None: see the module docstring);
-            settable between volumes.
+        in_flight: batches that may be pending at once, 1 to :data:`MAX_IN_FLIGHT` (None: see
+            the module docstring); settable between volumes (with two streams, one in flight
+            runs on one stream's share of the threads).
         streams: OpenVINO CPU streams: 1 runs one request at a time on all threads (latency
-            hint); 2 runs two requests side by side, the threads split between them.
+            hint); 2 runs two requests side by side, the threads split between them (None: see
+            the module docstring).
         dynamic_batch: compile a batch axis of 1..``batch_size`` (short batches run at their
             size); False: the static ``batch_size``, short batches zero-padded.
 
@@ -147,7 +159,7 @@ class OpenVinoRuntime(FixedRuntime):
     def __init__(self, onnx_path: str | os.PathLike, *, device: str = "cpu", precision: str = "float32",
                  batch_size: int = 4, window: tuple[int, ...] = (), in_channels: int = 1,
                  threads: int | None = None, target: str = "CPU", cache_dir: str | os.PathLike | bool | None = None,
-                 in_flight: int | None = None, streams: int = 1, dynamic_batch: bool = True):
+                 in_flight: int | None = None, streams: int | None = None, dynamic_batch: bool = True):
         self.ov = _ov()
         self.device, self.precision = check_device(device), check_precision(precision)
         if device != "cpu":
@@ -160,18 +172,18 @@ class OpenVinoRuntime(FixedRuntime):
         self.batch_size = max(1, int(batch_size))
         self._sample = (int(in_channels), *(int(w) for w in window))
         self.threads = None if threads is None else max(int(threads), 1)
-        if int(streams) not in (1, 2):
+        if streams is not None and int(streams) not in (1, 2):
             raise ValueError(f"streams must be 1 or 2, got {streams}")
         self.dynamic_batch = bool(dynamic_batch)
         self.cache_dir = self._cache_dir(cache_dir)
         self.reuse_output = False
         model = self._read()
         out_bytes = self._output_bytes(model)
-        self.streams = int(streams)
+        self.streams = self._default_streams(out_bytes, in_flight) if streams is None else int(streams)
         self.compiled = self._load(model)
         self._slots: list[_Request] = []
         self._next = 0
-        self.in_flight = (2 if out_bytes <= PIPELINE_MAX_OUTPUT_BYTES else 1) if in_flight is None else in_flight
+        self.in_flight = self._default_in_flight(out_bytes) if in_flight is None else in_flight
 
     @property
     def in_flight(self) -> int:
@@ -179,11 +191,25 @@ class OpenVinoRuntime(FixedRuntime):
 
     @in_flight.setter
     def in_flight(self, value: int) -> None:
-        if int(value) not in (1, 2):
-            raise ValueError(f"in_flight must be 1 or 2, got {value}")
+        if not 1 <= int(value) <= MAX_IN_FLIGHT:
+            raise ValueError(f"in_flight must be 1 to {MAX_IN_FLIGHT}, got {value}")
         if any(slot.busy for slot in getattr(self, "_slots", [])):
             raise RuntimeError("runtime 'openvino': in_flight changed while batches are pending")
         self._in_flight = int(value)
+
+    def _default_streams(self, out_bytes: int, in_flight: int | None) -> int:
+        """Two streams for a small batch output, two threads to split and requests to fill them
+        (one batch in flight would leave one stream, and its threads, idle)."""
+        threads = self.threads if self.threads is not None else len(os.sched_getaffinity(0))
+        small = out_bytes <= min(TWO_STREAM_MAX_OUTPUT_BYTES, PIPELINE_MAX_OUTPUT_BYTES)
+        fills = in_flight is None or int(in_flight) >= 2
+        return 2 if small and fills and threads >= 2 and self.target == "CPU" else 1
+
+    def _default_in_flight(self, out_bytes: int) -> int:
+        """One per stream plus the one being stitched, while the outputs are small enough."""
+        if out_bytes > PIPELINE_MAX_OUTPUT_BYTES:
+            return 1
+        return MAX_IN_FLIGHT if self.streams == 2 else 2
 
     @property
     def input_shape(self) -> tuple[int | str, ...]:
