@@ -51,8 +51,11 @@ __all__ = ["MAX_IN_FLIGHT", "PIPELINE_MAX_OUTPUT_BYTES", "TWO_STREAM_MAX_OUTPUT_
 PIPELINE_MAX_OUTPUT_BYTES = 256 * 2**20
 """Largest batch output (bytes) for which the default keeps two batches in flight."""
 
-TWO_STREAM_MAX_OUTPUT_BYTES = PIPELINE_MAX_OUTPUT_BYTES
-"""Largest batch output (bytes) for which the default runs two streams, three batches in flight."""
+TWO_STREAM_MAX_OUTPUT_BYTES = 64 * 2**20
+"""Largest batch output (bytes) for which the default runs two streams, three batches in flight.
+Lower than :data:`PIPELINE_MAX_OUTPUT_BYTES`: the second stream's own intermediate buffers grow
+with the batch and the classes (benchmarks/RESULTS.md, issue 13 second pass: at 105 classes x 2
+windows of 64^3 two streams took far more memory than one, and were not faster)."""
 
 MAX_IN_FLIGHT = 3
 """Most batches that may be pending at once (two streams busy, one being stitched)."""
