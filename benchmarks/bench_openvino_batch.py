@@ -28,8 +28,8 @@ __all__ = ["main"]
 
 
 def runtimes(pkg, args) -> dict[str, OpenVinoRuntime]:
-    kw = dict(batch_size=args.batch, window=pkg.window, in_channels=pkg.in_channels, threads=args.threads,
-              cache_dir=False, in_flight=1, streams=1)
+    kw = {"batch_size": args.batch, "window": pkg.window, "in_channels": pkg.in_channels, "threads": args.threads,
+          "cache_dir": False, "in_flight": 1, "streams": 1}
     return {"static": OpenVinoRuntime(pkg.onnx_path, dynamic_batch=False, **kw),
             "dynamic": OpenVinoRuntime(pkg.onnx_path, dynamic_batch=True, **kw)}
 

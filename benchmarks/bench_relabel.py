@@ -165,9 +165,9 @@ def make_relabeler(name, pkg, net, window, classes, device, batch, precision, ac
 
 
 OPENVINO_SETTINGS = {
-    "openvino-seq": dict(streams=1, in_flight=1),  # no overlap: the stitching waits for each batch
-    "openvino-s1": dict(streams=1, in_flight=None),  # one stream, the defaults otherwise
-    "openvino-old": dict(streams=1, in_flight=None, dynamic_batch=False),  # before issue 13's second pass
+    "openvino-seq": {"streams": 1, "in_flight": 1},  # no overlap: the stitching waits for each batch
+    "openvino-s1": {"streams": 1, "in_flight": None},  # one stream, the defaults otherwise
+    "openvino-old": {"streams": 1, "in_flight": None, "dynamic_batch": False},  # before issue 13's second pass
 }
 """OpenVINO rows with other settings than the runtime's defaults."""
 
@@ -195,7 +195,7 @@ def memory_child(method: str, classes: int, device: str, cfg, batch: int) -> dic
         run = lambda: monai_labels(net, volume, window, batch, device)  # noqa: E731
     elif method.startswith("unet-openvino-"):  # unet-openvino-s<streams>-f<in flight>: part C
         rel, volume = streams_relabeler(method, classes, cfg, batch)
-        run = lambda: rel.relabel_volume(volume, normalized=True)  # noqa: E731
+        run = lambda: rel.relabel_volume(volume, normalized=True)
     else:  # ours-<accumulator dtype>[-onnxruntime|-auto]: torch on the same module, ORT, or auto
         parts = method.split("-")
         acc, runtime = parts[1], "-".join(parts[2:])

@@ -22,7 +22,12 @@ from atso_fast.archive import relabel_archive
 from atso_fast.engine.merger import ArrayBackend, LabelSink, SlabMerger
 from atso_fast.engine.preprocess import Geometry, prepare
 from atso_fast.engine.resample import ResampleSink, TimedSink, restore
-from atso_fast.engine.windows import batch_bounds, check_overlap, grid_importance, grid_origins
+from atso_fast.engine.windows import (
+    batch_bounds,
+    check_overlap,
+    grid_importance,
+    grid_origins,
+)
 from atso_fast.kernels import native
 from atso_fast.package import ModelPackage, load_package, validate_meta
 from atso_fast.runtimes import RUNTIMES, auto_candidates, load_runtime
