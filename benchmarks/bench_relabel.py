@@ -10,11 +10,18 @@ subprocess (CPU: peak RSS growth; CUDA: torch.cuda.max_memory_allocated). A one-
 head stands in for the network there so the numbers isolate stitching memory (same head for
 MONAI and us).
 
-OpenVINO rows run pipelined (two batches in flight, stitching overlapped with the network);
-``openvino-seq`` is the same runtime with one batch in flight, to show what the overlap saves.
+OpenVINO rows run with the runtime's defaults (dynamic batch, even batches; for small batch
+outputs two streams and three batches in flight, stitching overlapped with the network);
+``openvino-s1`` one stream (two in flight for small outputs); ``openvino-seq`` one stream with
+one batch in flight, to show what the overlap saves;
+``openvino-old`` the settings before issue 13's second pass (static batch, short batches padded,
+one stream, two batches in flight for small outputs, else one).
+Part C (``--streams-memory``): peak RSS of a whole relabel pass with the MONAI UNet, OpenVINO
+with one stream (two in flight) vs two streams (three in flight), each in a fresh subprocess.
 
 Usage: python benchmarks/bench_relabel.py [--device cpu|cuda] [--classes 3 105] [--json out.json]
        [--only onnxruntime:float32,openvino:bfloat16,...]   (a subset of atso-fast rows; MONAI always runs)
+       [--streams-memory]   (part C at --memory-classes x --memory-batches)
 """
 from __future__ import annotations
 
@@ -35,7 +42,7 @@ from bench_kernels import (  # benchmarks/ is on sys.path for scripts
 )
 
 import atso_fast
-from atso_fast.bench import builtin_network, peak_rss_mib, reset_peak_rss
+from atso_fast.bench import builtin_network, peak_rss_mib, reset_peak_rss, run_batches
 from atso_fast.kernels import native
 
 __all__ = ["main"]
@@ -63,13 +70,16 @@ def monai_labels(net, volume, window, batch, device, autocast=None):
 
 
 def network_alone(runtime, volume, window, batch, device):
-    """The runtime on exactly the windows the relabel pass runs, extracted beforehand."""
-    from atso_fast.engine.windows import sliding_window_origins
+    """The runtime on exactly the windows and batches the relabel pass runs, extracted beforehand
+    (near-equal batches for a runtime with a dynamic batch, else MONAI's)."""
+    from atso_fast.engine.windows import batch_bounds, sliding_window_origins
 
     origins = sliding_window_origins(volume.shape, window, 0.5)
+    n = len(origins)
+    bounds = batch_bounds(n, batch) if runtime.dynamic_batch else [(i, min(i + batch, n)) for i in range(0, n, batch)]
     vol = torch.from_numpy(volume)[None].to(device) if device == "cuda" else volume[None]
-    batches = [native.extract_patches(vol, origins[i:i + batch], window) for i in range(0, len(origins), batch)]
-    return lambda: [runtime(b) for b in batches]
+    batches = [native.extract_patches(vol, origins[lo:hi], window) for lo, hi in bounds]
+    return lambda: run_batches(runtime, batches)  # as many in flight as the relabel pass
 
 
 def speed_rows(classes: int, args, cfg) -> list[dict]:
@@ -78,8 +88,9 @@ def speed_rows(classes: int, args, cfg) -> list[dict]:
     net = builtin_network(classes, net="unet")[0].to(device)  # MONAI UNet 16-256, seed 0
     volume = np.random.default_rng(0).standard_normal(cfg["shape"]).astype(np.float32)
     low = torch.float16 if device == "cuda" else torch.bfloat16
-    fns = {"monai fp32": lambda: monai_labels(net, volume, window, batch, device),
-           f"monai autocast {str(low)[6:]}": lambda: monai_labels(net, volume, window, batch, device, low)}
+    fns = {"monai fp32": lambda: monai_labels(net, volume, window, batch, device)}
+    if device == "cuda" or cpu_has_bf16():  # else torch emulates bf16, 50x slower: no baseline
+        fns[f"monai autocast {str(low)[6:]}"] = lambda: monai_labels(net, volume, window, batch, device, low)
     ours = []
     with tempfile.TemporaryDirectory() as tmp:
         pkg = atso_fast.export_model(net.cpu(), tmp, window=window, num_classes=classes, save_torch=False)
@@ -105,21 +116,34 @@ def speed_rows(classes: int, args, cfg) -> list[dict]:
     return rows
 
 
+def cpu_has_bf16() -> bool:
+    """True when the CPU lists bfloat16 instructions (AVX512-BF16 or AMX-BF16)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line.split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def runtimes_for(device: str, only: str | None = None) -> list[tuple[str, str, bool]]:
     """(runtime, precision, torch.compile) rows; compile time falls in the untimed warm-up.
 
-    ``only``: comma list of ``runtime:precision`` (``torch-compiled:float32``, ``openvino-seq:float32``)."""
+    ``only``: comma list of ``runtime:precision`` (``torch-compiled:float32``, ``openvino-seq:float32``,
+    ``openvino-old:bfloat16``)."""
     from atso_fast.runtimes import available_runtimes
 
     have = available_runtimes(device)
     if device == "cpu":
-        out = [("onnxruntime", "float32", False), ("torch", "float32", False), ("torch", "float32", True),
-               ("torch", "bfloat16", False)]
+        out = [("onnxruntime", "float32", False), ("torch", "float32", False), ("torch", "float32", True)]
+        out += [("torch", "bfloat16", False)] if cpu_has_bf16() else []  # emulated bf16: no contest
         if "openvino" in have:
             from atso_fast.runtimes import openvino_supports
 
-            out += [("openvino", "float32", False), ("openvino-seq", "float32", False)]
-            out += [("openvino", "bfloat16", False)] if openvino_supports("bfloat16") else []
+            out += [("openvino", "float32", False), ("openvino-s1", "float32", False),
+                    ("openvino-seq", "float32", False), ("openvino-old", "float32", False)]
+            if openvino_supports("bfloat16"):
+                out += [("openvino", "bfloat16", False), ("openvino-old", "bfloat16", False)]
     else:
         out = [("torch", "float32", False), ("torch", "float16", False)]
         if "tensorrt" in have:
@@ -135,9 +159,30 @@ def make_relabeler(name, pkg, net, window, classes, device, batch, precision, ac
               compile=compile)
     if name == "torch":
         return atso_fast.Relabeler.from_module(net, window=window, num_classes=classes, **kw)
-    rel = atso_fast.Relabeler(pkg, runtime=name.removesuffix("-seq"), **kw)
-    if name.endswith("-seq"):
-        rel.runtime.in_flight = 1  # no overlap: the stitching waits for each batch
+    if name in OPENVINO_SETTINGS:
+        return openvino_relabeler(pkg, **OPENVINO_SETTINGS[name], **kw)
+    return atso_fast.Relabeler(pkg, runtime=name, **kw)
+
+
+OPENVINO_SETTINGS = {
+    "openvino-seq": {"streams": 1, "in_flight": 1},  # no overlap: the stitching waits for each batch
+    "openvino-s1": {"streams": 1, "in_flight": None},  # one stream, the defaults otherwise
+    "openvino-old": {"streams": 1, "in_flight": None, "dynamic_batch": False},  # before issue 13's second pass
+}
+"""OpenVINO rows with other settings than the runtime's defaults."""
+
+
+def openvino_relabeler(pkg, *, streams=None, in_flight=None, dynamic_batch=True, **kw):
+    """A relabeler whose OpenVINO runtime has these settings (None: the runtime's default)."""
+    from atso_fast.runtimes import OpenVinoRuntime
+
+    rel = atso_fast.Relabeler(pkg, runtime="openvino", **kw)
+    pk = rel.package
+    rel.runtime = None  # the default runtime's buffers go before the new one compiles
+    rel.runtime = OpenVinoRuntime(pk.onnx_path, precision=rel.precision, batch_size=rel.batch_size, window=pk.window,
+                                  in_channels=pk.in_channels, streams=streams, in_flight=in_flight,
+                                  dynamic_batch=dynamic_batch)
+    rel.runtime.reuse_output = True  # as the relabeler sets it: each result is taken before reuse
     return rel
 
 
@@ -148,6 +193,9 @@ def memory_child(method: str, classes: int, device: str, cfg, batch: int) -> dic
     volume = np.random.default_rng(0).standard_normal(cfg["mem_shape"]).astype(np.float32)
     if method == "monai":
         run = lambda: monai_labels(net, volume, window, batch, device)  # noqa: E731
+    elif method.startswith("unet-openvino-"):  # unet-openvino-s<streams>-f<in flight>: part C
+        rel, volume = streams_relabeler(method, classes, cfg, batch)
+        run = lambda: rel.relabel_volume(volume, normalized=True)
     else:  # ours-<accumulator dtype>[-onnxruntime|-auto]: torch on the same module, ORT, or auto
         parts = method.split("-")
         acc, runtime = parts[1], "-".join(parts[2:])
@@ -155,9 +203,10 @@ def memory_child(method: str, classes: int, device: str, cfg, batch: int) -> dic
         if runtime:  # a package; auto: the default (CPU: OpenVINO when installed, else ORT)
             pkg = atso_fast.export_model(net.cpu(), tempfile.mkdtemp(), window=window, num_classes=classes,
                                          save_torch=runtime == "auto")
-            rel = atso_fast.Relabeler(pkg, runtime=runtime.removesuffix("-seq"), **kw)
-            if runtime.endswith("-seq"):
-                rel.runtime.in_flight = 1
+            if runtime in OPENVINO_SETTINGS:
+                rel = openvino_relabeler(pkg, **OPENVINO_SETTINGS[runtime], **kw)
+            else:
+                rel = atso_fast.Relabeler(pkg, runtime=runtime, **kw)
         else:
             rel = atso_fast.Relabeler.from_module(net, window=window, num_classes=classes, **kw)
         run = lambda: rel.relabel_volume(volume, normalized=True)  # noqa: E731
@@ -179,6 +228,18 @@ def memory_child(method: str, classes: int, device: str, cfg, batch: int) -> dic
             "seconds": time.perf_counter() - t}
 
 
+def streams_relabeler(method: str, classes: int, cfg, batch: int):
+    """Part C: the speed rows' MONAI UNet and volume, OpenVINO float32 with the streams and
+    batches in flight that ``method`` (``unet-openvino-s2-f3``) names."""
+    streams, in_flight = (int(part[1:]) for part in method.split("-")[2:4])
+    net = builtin_network(classes, net="unet")[0]
+    pkg = atso_fast.export_model(net, tempfile.mkdtemp(), window=cfg["window"], num_classes=classes,
+                                 save_torch=False)
+    rel = openvino_relabeler(pkg, streams=streams, in_flight=in_flight, batch_size=batch)
+    volume = np.random.default_rng(0).standard_normal(cfg["shape"]).astype(np.float32)
+    return rel, volume
+
+
 def _hwm_bytes() -> int:
     """Peak RSS of this process in bytes (VmHWM: see ``atso_fast.bench.peak_rss_mib``; with
     ``ru_maxrss`` every row at 105 classes read 0, hidden by the parent's peak)."""
@@ -187,20 +248,30 @@ def _hwm_bytes() -> int:
 
 def memory_rows(classes: int, batch: int, args) -> list[dict]:
     """MONAI and ours at the same window batch, each in a fresh subprocess."""
-    rows = []
     methods = ["monai", "ours-float32", "ours-float16"]
     if args.device == "cpu":
         # ORT, OpenVINO with one batch in flight, and auto: the package default (OpenVINO, two in flight)
         methods += ["ours-float16-onnxruntime", "ours-float16-openvino-seq", "ours-float16-auto"]
+    rows = child_rows(methods, classes, batch, args)
+    monai = rows[0]["peak_GiB"]
+    for r in rows:
+        r["fraction_of_monai"] = r["peak_GiB"] / monai if monai > 0 else float("nan")
+    return rows
+
+
+def child_rows(methods: list[str], classes: int, batch: int, args) -> list[dict]:
+    """Each of ``methods`` in a fresh subprocess (:func:`memory_child`)."""
+    rows = []
     for method in methods:
         cmd = [sys.executable, __file__, "--device", args.device, "--mem-child", method, "--classes", str(classes),
                "--memory-batches", str(batch)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=dict(os.environ))
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    monai = rows[0]["peak_GiB"]
-    for r in rows:
-        r["fraction_of_monai"] = r["peak_GiB"] / monai if monai > 0 else float("nan")
     return rows
+
+
+STREAMS_METHODS = ["unet-openvino-s1-f1", "unet-openvino-s1-f2", "unet-openvino-s2-f3", "unet-openvino-s2-f2"]
+"""Part C: OpenVINO streams x batches in flight."""
 
 
 def print_tables(res: dict) -> None:
@@ -213,6 +284,11 @@ def print_tables(res: dict) -> None:
         print(f"{r['method']:<32}{r['classes']:>5}{r['seconds']:>9.3f}{r['voxels_per_s'] / 1e6:>9.2f}"
               f"{net if net else float('nan'):>9.3f}{ov if ov is not None else float('nan'):>10.1%}"
               f"{r['speedup_vs_monai_fp32']:>9.2f}x{r['agreement']:>9.5f}")
+    if res.get("streams_memory"):
+        print(f"# peak RSS of a relabel pass, MONAI UNet, volume {res['shape']}, window {res['window']}, OpenVINO f32")
+        print(f"{'method':<26}{'C':>5}{'batch':>6}{'peak GiB':>10}{'s':>8}")
+        for r in res["streams_memory"]:
+            print(f"{r['method']:<26}{r['classes']:>5}{r['batch']:>6}{r['peak_GiB']:>10.3f}{r['seconds']:>8.2f}")
     if res.get("memory"):
         print(f"# peak memory of blending, volume {res['mem_shape']}, window {res['mem_window']} (conv head)")
         print(f"{'method':<26}{'C':>5}{'batch':>6}{'peak GiB':>10}{'of MONAI':>10}{'s':>8}")
@@ -230,6 +306,8 @@ def main(argv=None) -> int:
                     help="window batches for the memory rows (default: the speed batch, then half of it)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", help="comma list of runtime:precision rows of ours (default: all)")
+    ap.add_argument("--streams-memory", action="store_true",
+                    help="part C instead of part B: OpenVINO one stream vs two, whole relabel pass")
     ap.add_argument("--json", help="write results to this file")
     ap.add_argument("--mem-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -243,8 +321,12 @@ def main(argv=None) -> int:
     res = {"device": args.device, "machine": machine(args.device), "date": time.strftime("%Y-%m-%d"),
            "shape": list(cfg["shape"]), "window": list(cfg["window"]), "batch": cfg["batch"],
            "mem_shape": list(cfg["mem_shape"]), "mem_window": list(cfg["mem_window"]),
-           "speed": [r for c in args.classes for r in speed_rows(c, args, cfg)],
-           "memory": [r for c in args.memory_classes for b in mem_batches for r in memory_rows(c, b, args)]}
+           "speed": [r for c in args.classes for r in speed_rows(c, args, cfg)]}
+    mem = [(c, b) for c in args.memory_classes for b in mem_batches]
+    if args.streams_memory:
+        res["streams_memory"] = [r for c, b in mem for r in child_rows(STREAMS_METHODS, c, b, args)]
+    else:
+        res["memory"] = [r for c, b in mem for r in memory_rows(c, b, args)]
     print_tables(res)
     if args.json:
         with open(args.json, "w") as fh:

@@ -9,7 +9,9 @@ import torch
 
 from atso_fast import Relabeler, export_model, load_package
 from atso_fast.engine.relabeler import NonFiniteInputError
+from atso_fast.engine.windows import batch_bounds
 from atso_fast.package import PackageError
+from atso_fast.runtimes import Ready
 from atso_fast.runtimes.openvino_rt import openvino_available, openvino_supports
 
 needs_openvino = pytest.mark.skipif(not openvino_available(), reason="openvino is not installed")
@@ -227,8 +229,10 @@ def test_onnxruntime_relabeler_runs_kernels_on_one_thread(tmp_path):
 @needs_openvino
 def test_pipelined_openvino_runs_kernels_on_one_thread(tmp_path):
     pkg = export_model(random_net(classes=2), tmp_path / "pkg", window=(8, 8, 8), num_classes=2, save_torch=False)
-    rel = Relabeler(pkg, runtime="openvino")
-    assert rel.runtime.in_flight == 2 and rel.kernel_threads == 1
+    rel = Relabeler(pkg, runtime="openvino", threads=2)
+    assert (rel.runtime.streams, rel.runtime.in_flight) == (2, 3) and rel.kernel_threads == 1
+    rel.runtime.in_flight = 2
+    assert rel.kernel_threads == 1
     rel.runtime.in_flight = 1  # kernels run between batches: the OpenMP default
     assert rel.kernel_threads is None
 
@@ -294,16 +298,18 @@ def test_openvino_float32_matches_monai_sliding_window(rng, tmp_path, shape, roi
 
 
 @needs_openvino
-@pytest.mark.parametrize("batch,mirror", [(3, False), (4, False), (3, True)])
-def test_pipelined_labels_are_bit_identical_to_sequential(rng, tmp_path, batch, mirror):
+@pytest.mark.parametrize("batch,mirror,depth", [(3, False, 3), (4, False, 3), (4, False, 2), (3, True, 3)])
+def test_pipelined_labels_are_bit_identical_to_sequential(rng, tmp_path, batch, mirror, depth):
+    """``depth`` batches in flight on two streams vs one at a time, same compiled model."""
     pkg = export_model(random_net(classes=4), tmp_path / "pkg", window=(8, 16, 16), num_classes=4,
                        save_torch=False)
     volume = rng.standard_normal((30, 41, 37)).astype(np.float32)
-    piped = Relabeler(pkg, runtime="openvino", batch_size=batch, mirror=mirror, save_probabilities=True)
-    seq = Relabeler(pkg, runtime="openvino", batch_size=batch, mirror=mirror, save_probabilities=True)
-    seq.runtime.in_flight = 1
-    assert piped.runtime.in_flight == 2 and piped.runtime.reuse_output
-    a, b = piped.relabel_volume(volume), seq.relabel_volume(volume)
+    rel = Relabeler(pkg, runtime="openvino", batch_size=batch, mirror=mirror, save_probabilities=True, threads=2)
+    assert (rel.runtime.streams, rel.runtime.in_flight) == (2, 3) and rel.runtime.reuse_output
+    rel.runtime.in_flight = depth
+    a = rel.relabel_volume(volume)
+    rel.runtime.in_flight = 1
+    b = rel.relabel_volume(volume)
     np.testing.assert_array_equal(a.labels, b.labels)
     np.testing.assert_array_equal(a.confidence, b.confidence)
     np.testing.assert_array_equal(a.probabilities, b.probabilities)
@@ -316,6 +322,7 @@ def test_pipelined_stream_keeps_each_input_until_its_result(rng):
 
     class LateReader:
         name, device, precision, reuse_output, in_flight = "late", "cpu", "float32", False, 2
+        streams, dynamic_batch = 1, False
         choice = active = "late"
         settled = True
 
@@ -342,3 +349,68 @@ def test_pipelined_stream_keeps_each_input_until_its_result(rng):
 class _TanhTwice(torch.nn.Module):
     def forward(self, x):
         return torch.tanh(x).repeat(1, 2, 1, 1, 1)
+
+
+class _Recording:
+    """A batch-invariant NumPy runtime (each window's output depends on that window alone) that
+    records the batch sizes it ran."""
+
+    name, device, precision, reuse_output, in_flight, streams = "recording", "cpu", "float32", False, 1, 1
+    choice = active = "recording"
+    settled = True
+
+    def __init__(self, dynamic_batch):
+        self.dynamic_batch, self.sizes = dynamic_batch, []
+
+    def __call__(self, batch):
+        self.sizes.append(len(batch))
+        return np.concatenate([np.tanh(batch), np.sin(3 * batch)], axis=1)
+
+    def submit(self, batch):
+        return Ready(self(batch))
+
+
+@pytest.mark.parametrize("shape,batch", [((20, 20, 20), 4), ((20, 28, 20), 4), ((12, 12, 12), 3), ((20, 20, 20), 1)])
+def test_even_batches_blend_bit_identically_to_monai_batches(rng, shape, batch):
+    rel = Relabeler.from_module(_TanhTwice(), window=(8, 8, 8), num_classes=2, batch_size=batch,
+                                save_probabilities=True)
+    volume = rng.standard_normal(shape).astype(np.float32)
+    results, sizes = [], []
+    for dynamic in (False, True):
+        rel.runtime = _Recording(dynamic)
+        results.append(rel.relabel_volume(volume))
+        sizes.append(rel.runtime.sizes)
+    n = results[0].stats["windows"]
+    assert sizes[0] == [batch] * (n // batch) + ([n % batch] if n % batch else [])  # MONAI's batches
+    assert sizes[1] == [hi - lo for lo, hi in batch_bounds(n, batch)] and len(sizes[1]) == len(sizes[0])
+    np.testing.assert_array_equal(results[1].probabilities, results[0].probabilities)
+    np.testing.assert_array_equal(results[1].labels, results[0].labels)
+    np.testing.assert_array_equal(results[1].confidence, results[0].confidence)
+
+
+@needs_openvino
+@pytest.mark.parametrize("shape,roi,batch", [((40, 50, 45), (16, 24, 20), 6),  # 64 windows: 9 x 6, 2 x 5
+                                             ((33, 17, 20), (8, 8, 8), 5)])     # 128: 24 x 5, 2 x 4
+def test_openvino_even_dynamic_batches_match_static_padded_ones(rng, tmp_path, monkeypatch, shape, roi, batch):
+    """Dynamic batch + even split vs the static padded model in MONAI's batches: probabilities
+    within OpenVINO float32's tolerance of each other and of MONAI, labels >= 99.99% identical."""
+    from atso_fast.runtimes import OpenVinoRuntime
+
+    net = random_net()
+    volume = rng.standard_normal((1, *shape)).astype(np.float32)
+    pkg = export_model(net, tmp_path / "pkg", window=roi, num_classes=3, save_torch=False)
+    dynamic = Relabeler(pkg, runtime="openvino", batch_size=batch, save_probabilities=True)
+    static = Relabeler(pkg, runtime="openvino", batch_size=batch, save_probabilities=True)
+    static.runtime = OpenVinoRuntime(pkg / "model.onnx", batch_size=batch, window=roi, dynamic_batch=False)
+    static.runtime.reuse_output = True
+    seen = []
+    submit = dynamic.runtime.submit
+    monkeypatch.setattr(dynamic.runtime, "submit", lambda x: seen.append(len(x)) or submit(x))
+    a, b = dynamic.relabel_volume(volume, normalized=True), static.relabel_volume(volume, normalized=True)
+    n = a.stats["windows"]
+    assert n % batch and seen == [hi - lo for lo, hi in batch_bounds(n, batch)]  # even, at their size
+    np.testing.assert_allclose(a.probabilities, b.probabilities, rtol=1e-4, atol=2e-5)
+    assert (a.labels == b.labels).mean() >= 0.9999
+    want = monai_probs(net, volume, roi, 0.5, 3)
+    np.testing.assert_allclose(a.probabilities, want, rtol=1e-4, atol=2e-5)
+    assert (a.labels == want.argmax(0)).mean() >= 0.9999

@@ -55,9 +55,21 @@ def test_every_runtime_declares_the_interface(package, rng, name):
     want = random_net(classes=3)(torch.from_numpy(batch)).detach().numpy()
     np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
     assert rt.choice == rt.active == name and rt.in_flight >= 1
+    assert rt.streams >= 1 and isinstance(rt.dynamic_batch, bool)
+    assert rt.streams == 1 or name == "openvino"  # only OpenVINO computes batches side by side
     pending = rt.submit(batch)
     assert isinstance(pending, Pending)
     np.testing.assert_allclose(pending.result(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_every_runtime_class_declares_streams_and_dynamic_batch():
+    from atso_fast.runtimes import TensorRTRuntime
+    from atso_fast.runtimes.base import FixedRuntime
+
+    assert FixedRuntime.streams == 1 and FixedRuntime.dynamic_batch is False
+    for cls in (OnnxRuntime, TorchRuntime, TensorRTRuntime, OpenVinoRuntime):
+        assert issubclass(cls, FixedRuntime)  # a runtime's own value, else FixedRuntime's
+        assert isinstance(cls.streams, int) and isinstance(cls.dynamic_batch, bool)
 
 
 def test_fixed_runtimes_settle_after_their_first_call(package, rng):
@@ -253,21 +265,42 @@ def test_openvino_float32_is_float32_and_threads_map_to_its_thread_count(package
 
 
 @needs_openvino
-def test_openvino_pads_short_batches_to_the_compiled_one(package, rng, tmp_path):
-    rt = _openvino(package, tmp_path, batch_size=3)
+def test_openvino_runs_short_batches_at_their_own_size(package, rng, tmp_path):
+    rt = _openvino(package, tmp_path, batch_size=3, in_flight=1)  # one request: _slots[0]
+    assert rt.dynamic_batch and str(rt.compiled.input(0).get_partial_shape()) == "[1..3,1,8,8,8]"
+    batch = _batch(rng, 3)
+    full = rt(batch).copy()
+    for n in (1, 2):
+        short = rt(batch[:n])
+        request = rt._slots[0].request
+        assert short.shape == (n, 3, 8, 8, 8)
+        assert tuple(request.get_input_tensor(0).shape) == (n, 1, 8, 8, 8)  # no padded windows ran
+        assert tuple(request.get_output_tensor(0).shape) == (n, 3, 8, 8, 8)
+        np.testing.assert_allclose(short, full[:n], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"compiled for batches \(<= 3, 1, 8, 8, 8\), got \(4, 1, 8, 8, 8\)"):
+        rt(_batch(rng, 4))
+
+
+@needs_openvino
+def test_openvino_static_batch_pads_short_batches_to_the_compiled_one(package, rng, tmp_path):
+    rt = _openvino(package, tmp_path, batch_size=3, dynamic_batch=False, in_flight=1)
+    assert str(rt.compiled.input(0).get_partial_shape()) == "[3,1,8,8,8]"
     batch = _batch(rng, 3)
     full, short = rt(batch).copy(), rt(batch[:1])
     assert short.shape == (1, 3, 8, 8, 8)
+    assert tuple(rt._slots[0].request.get_input_tensor(0).shape) == (3, 1, 8, 8, 8)  # padded
     np.testing.assert_allclose(short, full[:1], rtol=1e-5, atol=1e-6)
+    dynamic = _openvino(package, tmp_path, batch_size=3)
+    np.testing.assert_allclose(dynamic(batch), full, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"compiled for batches \(<= 3, 1, 8, 8, 8\), got \(4, 1, 8, 8, 8\)"):
         rt(_batch(rng, 4))
 
 
 @needs_openvino
 def test_openvino_two_requests_in_flight_each_with_its_own_output(package, rng, tmp_path):
-    rt = _openvino(package, tmp_path)
+    rt = _openvino(package, tmp_path, streams=1)
     rt.reuse_output = True
-    assert rt.in_flight == 2  # the default for small outputs
+    assert rt.in_flight == 2  # the default for small outputs on one stream
     a, b = _batch(rng), _batch(rng)
     want_a, want_b = rt(a).copy(), rt(b).copy()
     pa, pb = rt.submit(a), rt.submit(b)  # both on the network before either result is taken
@@ -303,7 +336,22 @@ def test_openvino_caches_the_compiled_model_on_disk(package, rng, tmp_path, monk
     assert blobs[0].stat().st_size > 1000
     _openvino(package, tmp_path, batch_size=3)
     assert len(list((tmp_path / "cache").glob("*.blob"))) == 2  # the batch is part of the key
+    _openvino(package, tmp_path, dynamic_batch=False)
+    assert len(list((tmp_path / "cache").glob("*.blob"))) == 3  # and whether it is dynamic
     assert not list((tmp_path / "cache").glob(".*tmp"))  # written atomically, no temp left
+
+
+@needs_openvino
+def test_openvino_cached_dynamic_model_keeps_its_dynamic_batch(package, rng, tmp_path, monkeypatch):
+    batch = _batch(rng, 2)
+    want = _openvino(package, tmp_path, streams=1)(batch).copy()  # compiled and cached
+    monkeypatch.setattr(OpenVinoRuntime, "_build", lambda *a: pytest.fail("compiled again despite the cache"))
+    rt = _openvino(package, tmp_path, streams=1, in_flight=1)
+    assert str(rt.compiled.input(0).get_partial_shape()) == "[1..2,1,8,8,8]"
+    np.testing.assert_array_equal(rt(batch), want)
+    short = rt(batch[:1])
+    assert tuple(rt._slots[0].request.get_input_tensor(0).shape) == (1, 1, 8, 8, 8)
+    np.testing.assert_allclose(short, want[:1], rtol=1e-5, atol=1e-6)
 
 
 def test_openvino_cache_key_covers_model_version_device_precision_and_shape():
@@ -312,8 +360,9 @@ def test_openvino_cache_key_covers_model_version_device_precision_and_shape():
               compiled_cache_key(b"onnx", "2026.5", "cpu x", "float32", (4, 1, 8, 8, 8)),
               compiled_cache_key(b"onnx", "2026.4", "cpu y", "float32", (4, 1, 8, 8, 8)),
               compiled_cache_key(b"onnx", "2026.4", "cpu x", "bfloat16", (4, 1, 8, 8, 8)),
-              compiled_cache_key(b"onnx", "2026.4", "cpu x", "float32", (2, 1, 8, 8, 8))]
-    assert len({base, *others}) == 6
+              compiled_cache_key(b"onnx", "2026.4", "cpu x", "float32", (2, 1, 8, 8, 8)),
+              compiled_cache_key(b"onnx", "2026.4", "cpu x", "float32", ("1..4", 1, 8, 8, 8))]
+    assert len({base, *others}) == 7
 
 
 @needs_openvino
@@ -337,13 +386,14 @@ def test_openvino_refuses_bad_models_and_devices(package, tmp_path):
         OpenVinoRuntime(bad, window=(8, 8, 8), cache_dir=False)
     with pytest.raises(ValueError, match="takes host arrays"):
         OpenVinoRuntime(package.onnx_path, device="cuda", window=(8, 8, 8))
-    with pytest.raises(ValueError, match="in_flight must be 1 or 2"):
-        _openvino(package, tmp_path, in_flight=3)
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match=f"in_flight must be 1 to 3, got {bad}"):
+            _openvino(package, tmp_path, in_flight=bad)
 
 
 @needs_openvino
 def test_openvino_two_streams_run_requests_side_by_side_with_the_same_numbers(package, rng, tmp_path):
-    one, two = _openvino(package, tmp_path), _openvino(package, tmp_path, streams=2, threads=2)
+    one, two = _openvino(package, tmp_path, streams=1), _openvino(package, tmp_path, streams=2, threads=2)
     assert two.compiled.get_property("NUM_STREAMS") == 2 and len(list((tmp_path / "cache").glob("*.blob"))) == 2
     a, b = _batch(rng), _batch(rng)
     pa, pb = two.submit(a), two.submit(b)
@@ -354,10 +404,31 @@ def test_openvino_two_streams_run_requests_side_by_side_with_the_same_numbers(pa
 
 
 @needs_openvino
+def test_openvino_defaults_two_streams_three_in_flight_for_small_outputs(package, rng, tmp_path, monkeypatch):
+    rt = _openvino(package, tmp_path, threads=2)  # output: 2 x 3 x 8^3 x 4 B = 12 KiB
+    assert (rt.streams, rt.in_flight) == (2, 3) and rt.compiled.get_property("NUM_STREAMS") == 2
+    rt.reuse_output = True
+    batches = [_batch(rng) for _ in range(4)]
+    want = [_openvino(package, tmp_path, streams=1, in_flight=1)(b) for b in batches]
+    pending = [rt.submit(b) for b in batches[:3]]  # two on the streams, one waiting
+    with pytest.raises(RuntimeError, match="more than in_flight=3 batches pending"):
+        rt.submit(batches[3])
+    outs = [p.result() for p in pending]
+    assert not any(np.shares_memory(a, b) for i, a in enumerate(outs) for b in outs[i + 1:])
+    for out, w in zip(outs, want):
+        np.testing.assert_allclose(out, w, rtol=1e-5, atol=1e-6)
+    assert (_openvino(package, tmp_path, threads=1).streams, _openvino(package, tmp_path, threads=1).in_flight) == (1, 2)
+    assert _openvino(package, tmp_path, in_flight=1).streams == 1  # one batch would leave a stream idle
+    monkeypatch.setattr(openvino_rt, "TWO_STREAM_MAX_OUTPUT_BYTES", 1000)
+    rt = _openvino(package, tmp_path, threads=2)
+    assert (rt.streams, rt.in_flight) == (1, 2)
+
+
+@needs_openvino
 def test_openvino_runs_one_batch_at_a_time_when_outputs_are_large(package, tmp_path, monkeypatch):
     monkeypatch.setattr(openvino_rt, "PIPELINE_MAX_OUTPUT_BYTES", 1000)  # this output: 2 x 3 x 8^3 x 4 B
     rt = _openvino(package, tmp_path)
-    assert rt.in_flight == 1
+    assert rt.in_flight == 1 and rt.streams == 1
     rt.in_flight = 2
     pending = rt.submit(np.zeros((2, 1, 8, 8, 8), np.float32))
     with pytest.raises(RuntimeError, match="changed while batches are pending"):

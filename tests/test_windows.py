@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from atso_fast.engine.windows import (
+    batch_bounds,
     check_overlap,
     padding_before,
     sliding_window_origins,
@@ -49,3 +50,31 @@ def test_overlap_validation_names_value():
         check_overlap((0.5, 0.5))
     with pytest.raises(ValueError, match="window sizes must be >= 1"):
         sliding_window_origins((4, 4, 4), (0, 2, 2))
+
+
+@pytest.mark.parametrize("n,batch,sizes", [
+    (10, 4, [4, 3, 3]), (18, 4, [4, 4, 4, 3, 3]), (8, 4, [4, 4]), (3, 4, [3]), (0, 4, []),
+    (5, 1, [1, 1, 1, 1, 1]), (7, 100, [7]), (9, 4, [3, 3, 3]),
+])
+def test_batch_bounds_hand_computed(n, batch, sizes):
+    bounds = batch_bounds(n, batch)
+    assert [hi - lo for lo, hi in bounds] == sizes
+    assert [lo for lo, _ in bounds] == [sum(sizes[:i]) for i in range(len(sizes))]  # consecutive from 0
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 7, 16])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 17, 18, 64, 101])
+def test_batch_bounds_are_even_and_cover_every_window_once(n, batch):
+    bounds = batch_bounds(n, batch)
+    sizes = [hi - lo for lo, hi in bounds]
+    assert sum(sizes) == n and len(bounds) == -(-n // batch)
+    assert all(0 < s <= batch for s in sizes)
+    assert not sizes or max(sizes) - min(sizes) <= 1
+    assert [i for lo, hi in bounds for i in range(lo, hi)] == list(range(n))
+
+
+def test_batch_bounds_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="batch_size >= 1, got n=3, batch_size=0"):
+        batch_bounds(3, 0)
+    with pytest.raises(ValueError, match="n >= 0"):
+        batch_bounds(-1, 4)

@@ -27,6 +27,7 @@ import numpy as np
 
 __all__ = [
     "as_triple",
+    "batch_bounds",
     "check_overlap",
     "padding_before",
     "scan_intervals",
@@ -121,6 +122,26 @@ def sliding_window_origins(
             for s, r, st, p in zip(padded, roi, steps, pad)]
     grid = np.meshgrid(*axes, indexing="ij")
     return np.stack([g.ravel() for g in grid], axis=1).astype(np.int64)
+
+
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of ``ceil(n / batch_size)`` consecutive batches of near-equal size.
+
+    Sizes differ by at most one, the larger ones first: ``n=10, batch_size=4`` gives sizes
+    4, 3, 3 (MONAI's fixed-size batches would be 4, 4, 2).
+
+    Raises:
+        ValueError: ``n < 0`` or ``batch_size < 1``.
+    """
+    if int(n) < 0 or int(batch_size) < 1:
+        raise ValueError(f"batch_bounds needs n >= 0 and batch_size >= 1, got n={n}, batch_size={batch_size}")
+    n, batch_size = int(n), int(batch_size)
+    count = -(-n // batch_size)
+    if count == 0:
+        return []
+    size, extra = divmod(n, count)
+    stops = np.cumsum([size + 1] * extra + [size] * (count - extra)).tolist()
+    return list(zip([0, *stops[:-1]], stops))
 
 
 @lru_cache(maxsize=16)

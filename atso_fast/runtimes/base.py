@@ -53,6 +53,13 @@ class Runtime(Protocol):
             so that timing a call measures its steady speed.
         in_flight: how many submitted batches may be pending at once (:meth:`submit`); 1 means
             ``submit`` runs the batch before it returns.
+        streams: how many batches the runtime computes side by side (OpenVINO's CPU streams,
+            the threads split between them); 1 for every other runtime. Pending batches beyond
+            ``streams`` wait for a free stream.
+        dynamic_batch: True when a batch shorter than the relabeler's ``batch_size`` runs at
+            its own size (cheaper than a full one); the engine then splits a volume's windows
+            into near-equal batches. False: a short batch costs a full one (padded, or a fixed
+            compiled shape), so the engine keeps MONAI's full batches.
 
     Pipelining (``submit``): the engine submits batch k+1 before it stitches batch k, so the
     network and the stitching kernels overlap. The caller keeps at most ``in_flight`` batches
@@ -67,6 +74,8 @@ class Runtime(Protocol):
     precision: str
     reuse_output: bool
     in_flight: int
+    streams: int
+    dynamic_batch: bool
 
     @property
     def choice(self) -> str | None: ...
@@ -86,7 +95,8 @@ class Runtime(Protocol):
 
 class FixedRuntime:
     """What every runtime shares unless it overrides it: it is its own choice, settled after one
-    call, and synchronous (``in_flight = 1``: ``submit`` runs the batch, then returns it done).
+    call, synchronous (``in_flight = 1``: ``submit`` runs the batch, then returns it done; one
+    stream), and runs MONAI's full batches (``dynamic_batch = False``).
 
     Subclasses set ``name`` and call :meth:`_called` after each run (or override ``settled``).
     """
@@ -94,6 +104,8 @@ class FixedRuntime:
     name = "fixed"
     reuse_output = False
     in_flight = 1
+    streams = 1
+    dynamic_batch = False
     _calls = 0
 
     def submit(self, batch: Any) -> Pending:

@@ -1,24 +1,29 @@
-"""OpenVINO runtime: the package's ONNX file compiled for one static window batch, cached on disk.
+"""OpenVINO runtime: the package's ONNX file compiled for window batches of 1..B, cached on disk.
 
 OpenVINO reads ``model.onnx`` directly. The model is reshaped to the relabeler's batch
-``(B, M, *window)`` and compiled once for ``target`` (``"CPU"``; an Intel ``"GPU"`` is accepted
-but not verified here). A volume's last, shorter batch is zero-padded to ``B`` windows: a
-second compiled model for its size would hold a second set of intermediate buffers (1.2 GiB
-for the MONAI UNet at 105 classes x 4 windows of 64^3) and compile mid-volume (~0.4 s).
-``precision`` maps to OpenVINO's inference precision hint: ``float32`` is set
-explicitly (``f32``), because on CPUs with bfloat16 units (AVX512-BF16, AMX) OpenVINO's
-default hint is ``bf16``; ``bfloat16``/``float16`` are accepted only where the device lists
-that capability. Compiled models are cached under ``cache_dir`` (default
-``$XDG_CACHE_HOME/atso_fast/openvino``, ``~/.cache/...`` without it), keyed like the TensorRT engine cache: the ONNX file's
-SHA-256, the OpenVINO version, the device name, precision and batch shape.
+``(1..B, M, *window)``: a dynamic batch axis bounded by ``B`` (``dynamic_batch=True``, the
+default), so a volume's last, shorter batch runs at its own size instead of being zero-padded,
+from the one compiled model; ``dynamic_batch=False`` compiles the static ``(B, M, *window)``
+and pads short batches with zero windows. It is compiled once for ``target`` (``"CPU"``; an
+Intel ``"GPU"`` is accepted but not verified here). ``precision`` maps to OpenVINO's inference
+precision hint: ``float32`` is set explicitly (``f32``), because on CPUs with bfloat16 units
+(AVX512-BF16, AMX) OpenVINO's default hint is ``bf16``; ``bfloat16``/``float16`` are accepted
+only where the device lists that capability. Compiled models are cached under ``cache_dir``
+(default ``$XDG_CACHE_HOME/atso_fast/openvino``, ``~/.cache/...`` without it), keyed like the
+TensorRT engine cache: the ONNX file's SHA-256, the OpenVINO version, the device name,
+precision, streams and the input shape (``1..B x M x ...`` when the batch is dynamic).
 
 Pipelining: ``in_flight`` asynchronous infer requests, each with its own output buffer, so the
 engine can submit batch k+1 and stitch batch k while it runs
-(:meth:`~atso_fast.runtimes.base.Runtime.submit`). Requests of one compiled model run one after
-the other on all ``threads`` (latency hint, one stream; they share its intermediate buffers),
-so the overlap is network vs stitching, never two networks splitting the cores. The default is
-2 when one batch's output is at most :data:`PIPELINE_MAX_OUTPUT_BYTES`, else 1: the second
-output buffer is what the overlap costs in memory.
+(:meth:`~atso_fast.runtimes.base.Runtime.submit`). ``streams=1`` runs the requests one after
+the other on all ``threads`` (latency hint; they share its intermediate buffers), so the
+overlap is network vs stitching; ``streams=2`` runs two requests side by side, the threads
+split between them, each stream with its own intermediate buffers. Defaults, from one batch's
+output size: two streams and three batches in flight up to :data:`TWO_STREAM_MAX_OUTPUT_BYTES`
+(two on the network while the engine stitches a third), else one stream and two in flight up
+to :data:`PIPELINE_MAX_OUTPUT_BYTES`, else one in flight: each batch in flight holds its own
+output buffer, each stream its own intermediates, and that is what the overlap costs in memory.
+One thread (``threads=1``, or a one-core machine) always gets one stream.
 """
 from __future__ import annotations
 
@@ -40,11 +45,20 @@ from atso_fast.runtimes.base import (
     check_precision,
 )
 
-__all__ = ["PIPELINE_MAX_OUTPUT_BYTES", "OpenVinoRuntime", "compiled_cache_key", "openvino_available",
-           "openvino_supports"]
+__all__ = ["MAX_IN_FLIGHT", "PIPELINE_MAX_OUTPUT_BYTES", "TWO_STREAM_MAX_OUTPUT_BYTES", "OpenVinoRuntime",
+           "compiled_cache_key", "openvino_available", "openvino_supports"]
 
 PIPELINE_MAX_OUTPUT_BYTES = 256 * 2**20
 """Largest batch output (bytes) for which the default keeps two batches in flight."""
+
+TWO_STREAM_MAX_OUTPUT_BYTES = 64 * 2**20
+"""Largest batch output (bytes) for which the default runs two streams, three batches in flight.
+Lower than :data:`PIPELINE_MAX_OUTPUT_BYTES`: the second stream's own intermediate buffers grow
+with the batch and the classes (benchmarks/RESULTS.md, issue 13 second pass: at 105 classes x 2
+windows of 64^3 two streams took far more memory than one, and were not faster)."""
+
+MAX_IN_FLIGHT = 3
+"""Most batches that may be pending at once (two streams busy, one being stitched)."""
 
 _HINTS = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 _CAPABILITY = {"float32": "FP32", "bfloat16": "BF16", "float16": "FP16"}
@@ -83,8 +97,9 @@ def openvino_supports(precision: str, target: str = "CPU") -> bool:
 
 
 def compiled_cache_key(onnx_bytes: bytes, ov_version: str, device_name: str, precision: str,
-                       input_shape: tuple[int, ...]) -> str:
-    """Cache key of a compiled model: ONNX hash + OpenVINO version + device + precision + shape."""
+                       input_shape: tuple[int | str, ...]) -> str:
+    """Cache key of a compiled model: ONNX hash + OpenVINO version + device + precision + shape
+    (a dynamic batch axis as its bounds, ``"1..4"``)."""
     h = hashlib.sha256(onnx_bytes)
     h.update(f"|{ov_version}|{device_name}|{precision}|{'x'.join(map(str, input_shape))}".encode())
     return h.hexdigest()[:32]
@@ -123,15 +138,19 @@ class OpenVinoRuntime(FixedRuntime):
         onnx_path: the package's ONNX file (one input, one output).
         device: ``"cpu"``: arrays are NumPy on the host (whatever ``target`` computes on).
         precision: ``float32``, or ``bfloat16``/``float16`` where ``target`` supports it.
-        batch_size: the batch the model is compiled for (shorter batches are padded).
+        batch_size: the largest batch the model is compiled for.
         window, in_channels: the static input shape ``(in_channels, *window)``.
         threads: inference threads (default: OpenVINO's, all cores).
         target: OpenVINO device, ``"CPU"`` (``"GPU"``: an Intel GPU, not verified here).
         cache_dir: compiled-model cache (None: the default above; False: off).
-        in_flight: batches that may be pending at once, 1 or 2 (None: see the module docstring);
-            settable between volumes.
+        in_flight: batches that may be pending at once, 1 to :data:`MAX_IN_FLIGHT` (None: see
+            the module docstring); settable between volumes (with two streams, one in flight
+            runs on one stream's share of the threads).
         streams: OpenVINO CPU streams: 1 runs one request at a time on all threads (latency
-            hint); 2 runs two requests side by side, the threads split between them.
+            hint); 2 runs two requests side by side, the threads split between them (None: see
+            the module docstring).
+        dynamic_batch: compile a batch axis of 1..``batch_size`` (short batches run at their
+            size); False: the static ``batch_size``, short batches zero-padded.
 
     Raises:
         RuntimeUnavailable: openvino is not installed.
@@ -143,7 +162,7 @@ class OpenVinoRuntime(FixedRuntime):
     def __init__(self, onnx_path: str | os.PathLike, *, device: str = "cpu", precision: str = "float32",
                  batch_size: int = 4, window: tuple[int, ...] = (), in_channels: int = 1,
                  threads: int | None = None, target: str = "CPU", cache_dir: str | os.PathLike | bool | None = None,
-                 in_flight: int | None = None, streams: int = 1):
+                 in_flight: int | None = None, streams: int | None = None, dynamic_batch: bool = True):
         self.ov = _ov()
         self.device, self.precision = check_device(device), check_precision(precision)
         if device != "cpu":
@@ -156,16 +175,18 @@ class OpenVinoRuntime(FixedRuntime):
         self.batch_size = max(1, int(batch_size))
         self._sample = (int(in_channels), *(int(w) for w in window))
         self.threads = None if threads is None else max(int(threads), 1)
-        if int(streams) not in (1, 2):
+        if streams is not None and int(streams) not in (1, 2):
             raise ValueError(f"streams must be 1 or 2, got {streams}")
-        self.streams = int(streams)
+        self.dynamic_batch = bool(dynamic_batch)
         self.cache_dir = self._cache_dir(cache_dir)
         self.reuse_output = False
-        self.compiled = self._load((self.batch_size, *self._sample))
+        model = self._read()
+        out_bytes = self._output_bytes(model)
+        self.streams = self._default_streams(out_bytes, in_flight) if streams is None else int(streams)
+        self.compiled = self._load(model)
         self._slots: list[_Request] = []
         self._next = 0
-        out_bytes = 4 * int(np.prod([int(d) for d in self.compiled.output(0).get_shape()]))
-        self.in_flight = (2 if out_bytes <= PIPELINE_MAX_OUTPUT_BYTES else 1) if in_flight is None else in_flight
+        self.in_flight = self._default_in_flight(out_bytes) if in_flight is None else in_flight
 
     @property
     def in_flight(self) -> int:
@@ -173,11 +194,31 @@ class OpenVinoRuntime(FixedRuntime):
 
     @in_flight.setter
     def in_flight(self, value: int) -> None:
-        if int(value) not in (1, 2):
-            raise ValueError(f"in_flight must be 1 or 2, got {value}")
+        if not 1 <= int(value) <= MAX_IN_FLIGHT:
+            raise ValueError(f"in_flight must be 1 to {MAX_IN_FLIGHT}, got {value}")
         if any(slot.busy for slot in getattr(self, "_slots", [])):
             raise RuntimeError("runtime 'openvino': in_flight changed while batches are pending")
         self._in_flight = int(value)
+
+    def _default_streams(self, out_bytes: int, in_flight: int | None) -> int:
+        """Two streams for a small batch output, two threads to split and requests to fill them
+        (one batch in flight would leave one stream, and its threads, idle)."""
+        threads = self.threads if self.threads is not None else len(os.sched_getaffinity(0))
+        small = out_bytes <= min(TWO_STREAM_MAX_OUTPUT_BYTES, PIPELINE_MAX_OUTPUT_BYTES)
+        fills = in_flight is None or int(in_flight) >= 2
+        return 2 if small and fills and threads >= 2 and self.target == "CPU" else 1
+
+    def _default_in_flight(self, out_bytes: int) -> int:
+        """One per stream plus the one being stitched, while the outputs are small enough."""
+        if out_bytes > PIPELINE_MAX_OUTPUT_BYTES:
+            return 1
+        return MAX_IN_FLIGHT if self.streams == 2 else 2
+
+    @property
+    def input_shape(self) -> tuple[int | str, ...]:
+        """The compiled input shape, the batch axis as ``"1..B"`` when it is dynamic."""
+        batch = f"1..{self.batch_size}" if self.dynamic_batch else self.batch_size
+        return (batch, *self._sample)
 
     @staticmethod
     def _capabilities(target: str) -> list[str]:
@@ -204,15 +245,37 @@ class OpenVinoRuntime(FixedRuntime):
             config["INFERENCE_NUM_THREADS"] = self.threads
         return config
 
-    def _load(self, shape: tuple[int, ...]) -> Any:
-        """The model compiled for input ``shape``: from the disk cache, else built (and cached)."""
-        core = _core()
+    def _read(self) -> Any:
+        """The ONNX model reshaped to :attr:`input_shape` (not compiled)."""
+        shape = self.input_shape
+        try:
+            model = _core().read_model(str(self.onnx_path))
+            if len(model.inputs) != 1 or len(model.outputs) != 1:
+                raise ValueError(f"expected one input and one output, got {len(model.inputs)} and "
+                                 f"{len(model.outputs)}")
+            batch = self.ov.Dimension(1, self.batch_size) if self.dynamic_batch else self.batch_size
+            model.reshape({model.inputs[0].get_any_name(): self.ov.PartialShape([batch, *self._sample])})
+            return model
+        except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError for everything
+            raise ValueError(f"{self.onnx_path}: OpenVINO cannot compile the model for input "
+                             f"{'x'.join(map(str, shape))} ({' '.join(str(exc).split())[:500]})") from None
+
+    def _output_bytes(self, model: Any) -> int:
+        """Bytes of one full batch's float32 output (the dynamic axis at its bound)."""
+        dims = [d.get_max_length() for d in model.output(0).get_partial_shape()]
+        if any(d < 0 for d in dims):
+            raise ValueError(f"{self.onnx_path}: the output shape {model.output(0).get_partial_shape()} "
+                             f"is not bounded for input {'x'.join(map(str, self.input_shape))}")
+        return 4 * int(np.prod(dims))
+
+    def _load(self, model: Any) -> Any:
+        """``model`` compiled: from the disk cache, else built (and cached)."""
         key = compiled_cache_key(self.onnx_path.read_bytes(), self.ov.__version__, self._device_name(),
-                                 f"{self.precision}/streams{self.streams}", shape)
+                                 f"{self.precision}/streams{self.streams}", self.input_shape)
         path = None if self.cache_dir is None else self.cache_dir / f"{key}.blob"
         compiled = self._import(path) if path is not None and path.is_file() else None
         if compiled is None:
-            compiled = self._build(core, shape)
+            compiled = self._build(_core(), model)
             if path is not None:
                 self._store(compiled, path)
         return compiled
@@ -223,17 +286,12 @@ class OpenVinoRuntime(FixedRuntime):
         except Exception:  # noqa: BLE001 - the name only refines the cache key
             return self.target
 
-    def _build(self, core: Any, shape: tuple[int, ...]) -> Any:
+    def _build(self, core: Any, model: Any) -> Any:
         try:
-            model = core.read_model(str(self.onnx_path))
-            if len(model.inputs) != 1 or len(model.outputs) != 1:
-                raise ValueError(f"expected one input and one output, got {len(model.inputs)} and "
-                                 f"{len(model.outputs)}")
-            model.reshape({model.inputs[0].get_any_name(): list(shape)})
             return core.compile_model(model, self.target, self._config())
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError for everything
-            raise ValueError(f"{self.onnx_path}: OpenVINO cannot compile the model for input {shape} "
-                             f"({' '.join(str(exc).split())[:500]})") from None
+            raise ValueError(f"{self.onnx_path}: OpenVINO cannot compile the model for input "
+                             f"{'x'.join(map(str, self.input_shape))} ({' '.join(str(exc).split())[:500]})") from None
 
     def _import(self, path: Path) -> Any:
         """A cached compiled model, or None when the blob is unreadable (it is rebuilt)."""
@@ -255,7 +313,8 @@ class OpenVinoRuntime(FixedRuntime):
 
     # ------------------------------------------------------------------ running
     def submit(self, batch: Any) -> _OvPending:
-        """Start ``batch (b, M, *window)``, b <= ``batch_size``, on the next infer request."""
+        """Start ``batch (b, M, *window)``, b <= ``batch_size``, on the next infer request (at its
+        own size with a dynamic batch, else padded to ``batch_size``)."""
         if not isinstance(batch, np.ndarray):
             raise TypeError(f"runtime 'openvino' takes NumPy arrays, got {type(batch).__name__}")
         n = int(batch.shape[0])
@@ -263,7 +322,7 @@ class OpenVinoRuntime(FixedRuntime):
             raise ValueError(f"runtime 'openvino' was compiled for batches (<= {self.batch_size}, "
                              f"{', '.join(map(str, self._sample))}), got {tuple(batch.shape)}")
         slot = self._slot()
-        if n < self.batch_size:  # zero windows pad the batch; their outputs are dropped
+        if n < self.batch_size and not self.dynamic_batch:  # zero windows pad; their outputs are dropped
             padded = np.zeros((self.batch_size, *self._sample), np.float32)
             padded[:n] = batch
             batch = padded
