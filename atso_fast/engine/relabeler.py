@@ -373,8 +373,8 @@ class Relabeler:
         """``[start, stop)`` of each batch of the ``n`` windows, in the grid's order.
 
         Batches span rows of windows. With fixed-size runtimes they are MONAI's (full, then the
-        rest): a short batch costs about as much as a full one there (padded, or torch on CPU:
-        benchmarks/RESULTS.md), so fewer batches is all that counts. A runtime with a dynamic
+        rest): a short batch costs about as much as a full one there (it is padded, or runs a
+        fixed compiled shape), so fewer batches is all that counts. A runtime with a dynamic
         batch runs a short batch at its size, so the windows are spread evenly (10 at 4: 4, 3, 3
         rather than 4, 4, 2): batches side by side on two streams finish together, and no tiny
         batch runs alone at the end. The windows' order, and so the blending, is the same.
