@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from atso_fast.engine.relabeler import Relabeler
-from atso_fast.engine.windows import check_overlap, sliding_window_origins
+from atso_fast.engine.windows import batch_bounds, check_overlap, sliding_window_origins
 from atso_fast.kernels import native
 from atso_fast.package import export_model, load_package
 from atso_fast.package.normalize import normalize
@@ -281,8 +281,9 @@ def monai_labels(net: Any, volume: np.ndarray, *, window: tuple[int, ...], batch
 def window_batches(package: Any, volume: np.ndarray, overlap: Any, batch_size: int, device: str) -> list[Any]:
     """The engine's window batches for ``volume``, extracted once (normalised, on ``device``).
 
-    Same grid and batch split as ``Relabeler._stream`` (MONAI's); each batch is shaped
-    like the runtime's input ``(B, M, *window)``.
+    Same grid as ``Relabeler._stream`` and MONAI's batch split (``batch_bounds(even=False)``:
+    the relabel pass's split for every runtime but one with a dynamic batch, OpenVINO, which
+    runs near-equal batches); each batch is shaped like the runtime's input ``(B, M, *window)``.
     """
 
     vol = np.ascontiguousarray(normalize(volume.reshape((-1, *volume.shape[-3:])), package.normalization),
@@ -294,8 +295,8 @@ def window_batches(package: Any, volume: np.ndarray, overlap: Any, batch_size: i
     win = package.window3d
     origins = sliding_window_origins(vol.shape[1:], win, overlap)
     batches = []
-    for i in range(0, len(origins), batch_size):
-        patches = native.extract_patches(vol, origins[i:i + batch_size], win)
+    for lo, hi in batch_bounds(len(origins), batch_size, even=False):
+        patches = native.extract_patches(vol, origins[lo:hi], win)
         batches.append(patches.reshape(patches.shape[0], package.in_channels, *package.window))
     return batches
 

@@ -75,8 +75,7 @@ def network_alone(runtime, volume, window, batch, device):
     from atso_fast.engine.windows import batch_bounds, sliding_window_origins
 
     origins = sliding_window_origins(volume.shape, window, 0.5)
-    n = len(origins)
-    bounds = batch_bounds(n, batch) if runtime.dynamic_batch else [(i, min(i + batch, n)) for i in range(0, n, batch)]
+    bounds = batch_bounds(len(origins), batch, even=runtime.dynamic_batch)
     vol = torch.from_numpy(volume)[None].to(device) if device == "cuda" else volume[None]
     batches = [native.extract_patches(vol, origins[lo:hi], window) for lo, hi in bounds]
     return lambda: run_batches(runtime, batches)  # as many in flight as the relabel pass

@@ -73,6 +73,15 @@ def test_batch_bounds_are_even_and_cover_every_window_once(n, batch):
     assert [i for lo, hi in bounds for i in range(lo, hi)] == list(range(n))
 
 
+@pytest.mark.parametrize("n,batch,sizes", [
+    (10, 4, [4, 4, 2]), (18, 4, [4, 4, 4, 4, 2]), (8, 4, [4, 4]), (3, 4, [3]), (0, 4, []), (5, 1, [1] * 5),
+])
+def test_batch_bounds_not_even_are_monais_full_batches_then_the_rest(n, batch, sizes):
+    bounds = batch_bounds(n, batch, even=False)
+    assert bounds == [(i, min(i + batch, n)) for i in range(0, n, batch)]
+    assert [hi - lo for lo, hi in bounds] == sizes
+
+
 def test_batch_bounds_refuses_bad_arguments():
     with pytest.raises(ValueError, match="batch_size >= 1, got n=3, batch_size=0"):
         batch_bounds(3, 0)

@@ -379,9 +379,7 @@ class Relabeler:
         rather than 4, 4, 2): batches side by side on two streams finish together, and no tiny
         batch runs alone at the end. The windows' order, and so the blending, is the same.
         """
-        if self.runtime.dynamic_batch:
-            return batch_bounds(n, self.batch_size)
-        return [(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size)]
+        return batch_bounds(n, self.batch_size, even=self.runtime.dynamic_batch)
 
     def _submit(self, patches: Any) -> Pending:
         """Windows ``(B, M, pz, py, px)`` on their way through the runtime (mirrored: at once)."""

@@ -124,11 +124,12 @@ def sliding_window_origins(
     return np.stack([g.ravel() for g in grid], axis=1).astype(np.int64)
 
 
-def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` of ``ceil(n / batch_size)`` consecutive batches of near-equal size.
+def batch_bounds(n: int, batch_size: int, *, even: bool = True) -> list[tuple[int, int]]:
+    """``[start, stop)`` of ``ceil(n / batch_size)`` consecutive batches.
 
-    Sizes differ by at most one, the larger ones first: ``n=10, batch_size=4`` gives sizes
-    4, 3, 3 (MONAI's fixed-size batches would be 4, 4, 2).
+    ``even``: near-equal sizes, differing by at most one, the larger ones first (``n=10,
+    batch_size=4`` gives sizes 4, 3, 3); False: MONAI's fixed-size batches, then the rest
+    (4, 4, 2).
 
     Raises:
         ValueError: ``n < 0`` or ``batch_size < 1``.
@@ -136,6 +137,8 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     if int(n) < 0 or int(batch_size) < 1:
         raise ValueError(f"batch_bounds needs n >= 0 and batch_size >= 1, got n={n}, batch_size={batch_size}")
     n, batch_size = int(n), int(batch_size)
+    if not even:
+        return [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
     count = -(-n // batch_size)
     if count == 0:
         return []
