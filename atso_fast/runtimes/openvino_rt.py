@@ -247,7 +247,6 @@ class OpenVinoRuntime(FixedRuntime):
 
     def _read(self) -> Any:
         """The ONNX model reshaped to :attr:`input_shape` (not compiled)."""
-        shape = self.input_shape
         try:
             model = _core().read_model(str(self.onnx_path))
             if len(model.inputs) != 1 or len(model.outputs) != 1:
@@ -257,8 +256,7 @@ class OpenVinoRuntime(FixedRuntime):
             model.reshape({model.inputs[0].get_any_name(): self.ov.PartialShape([batch, *self._sample])})
             return model
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError for everything
-            raise ValueError(f"{self.onnx_path}: OpenVINO cannot compile the model for input "
-                             f"{'x'.join(map(str, shape))} ({' '.join(str(exc).split())[:500]})") from None
+            raise self._cannot_compile(exc) from None
 
     def _output_bytes(self, model: Any) -> int:
         """Bytes of one full batch's float32 output (the dynamic axis at its bound)."""
@@ -290,8 +288,12 @@ class OpenVinoRuntime(FixedRuntime):
         try:
             return core.compile_model(model, self.target, self._config())
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError for everything
-            raise ValueError(f"{self.onnx_path}: OpenVINO cannot compile the model for input "
-                             f"{'x'.join(map(str, self.input_shape))} ({' '.join(str(exc).split())[:500]})") from None
+            raise self._cannot_compile(exc) from None
+
+    def _cannot_compile(self, exc: Exception) -> ValueError:
+        """The error for a model OpenVINO cannot read, reshape or compile: file, input shape, cause."""
+        return ValueError(f"{self.onnx_path}: OpenVINO cannot compile the model for input "
+                          f"{'x'.join(map(str, self.input_shape))} ({' '.join(str(exc).split())[:500]})")
 
     def _import(self, path: Path) -> Any:
         """A cached compiled model, or None when the blob is unreadable (it is rebuilt)."""
