@@ -9,7 +9,7 @@ For each runtime/precision pair the benchmark
 3. times ``relabel_volume`` ``repeats`` times (median) while sampling peak host memory (and
    ``torch.cuda.max_memory_allocated`` on CUDA),
 4. times the runtime alone on the very same window batches (extracted once, in the engine's
-   order), so ``overhead = (volume time - network time) / network time`` is what
+   order and batch split: near-equal batches for a runtime with a dynamic batch), so ``overhead = (volume time - network time) / network time`` is what
    normalisation, window extraction, blending and thresholding cost on top of the network;
    for a pipelined runtime (OpenVINO: two batches in flight, stitching overlapped with the
    network) the same relabeler is also timed with one batch in flight (``seq overhead``), so
@@ -23,6 +23,7 @@ small plain conv-net. Helpers here (``builtin_network``, ``export_builtin``, ``s
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -47,6 +48,8 @@ from atso_fast.runtimes import RuntimeUnavailable
 from atso_fast.runtimes.base import check_device
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from typing_extensions import Self
 
 __all__ = [
@@ -278,12 +281,13 @@ def monai_labels(net: Any, volume: np.ndarray, *, window: tuple[int, ...], batch
         return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
 
 
-def window_batches(package: Any, volume: np.ndarray, overlap: Any, batch_size: int, device: str) -> list[Any]:
+def window_batches(package: Any, volume: np.ndarray, overlap: Any, batch_size: int, device: str, *,
+                   even: bool = False) -> list[Any]:
     """The engine's window batches for ``volume``, extracted once (normalised, on ``device``).
 
-    Same grid as ``Relabeler._stream`` and MONAI's batch split (``batch_bounds(even=False)``:
-    the relabel pass's split for every runtime but one with a dynamic batch, OpenVINO, which
-    runs near-equal batches); each batch is shaped like the runtime's input ``(B, M, *window)``.
+    Same grid and split as ``Relabeler._stream``: MONAI's full batches by default, near-equal
+    ones with ``even=True`` (what a runtime with a dynamic batch, OpenVINO, runs; see
+    ``batch_bounds``); each batch is shaped like the runtime's input ``(B, M, *window)``.
     """
 
     vol = np.ascontiguousarray(normalize(volume.reshape((-1, *volume.shape[-3:])), package.normalization),
@@ -295,7 +299,7 @@ def window_batches(package: Any, volume: np.ndarray, overlap: Any, batch_size: i
     win = package.window3d
     origins = sliding_window_origins(vol.shape[1:], win, overlap)
     batches = []
-    for lo, hi in batch_bounds(len(origins), batch_size, even=False):
+    for lo, hi in batch_bounds(len(origins), batch_size, even=even):
         patches = native.extract_patches(vol, origins[lo:hi], win)
         batches.append(patches.reshape(patches.shape[0], package.in_channels, *package.window))
     return batches
@@ -547,8 +551,12 @@ def _machine(device: str) -> dict[str, Any]:
 
 
 def _run_pairs(cfg: BenchConfig, model_dir: Path, volume: np.ndarray, reference: np.ndarray,
-               batches: list[Any], cache: dict) -> list[dict[str, Any]]:
-    """One row per runtime/precision pair, in ``cfg`` order; one relabeler alive at a time."""
+               splits: Callable[[bool], list[Any]], cache: dict) -> list[dict[str, Any]]:
+    """One row per runtime/precision pair, in ``cfg`` order; one relabeler alive at a time.
+
+    ``splits(even)`` gives the window batches; each runtime's network-alone time runs the split
+    its relabel pass runs (near-equal batches for a dynamic batch), so that the overhead column
+    holds stitching and waiting only."""
     rows = []
     for runtime in cfg.runtimes:
         for precision in cfg.precisions:
@@ -557,7 +565,8 @@ def _run_pairs(cfg: BenchConfig, model_dir: Path, volume: np.ndarray, reference:
             if rel is None or compile:  # the cached reference relabeler is not compiled
                 rel, reason = _make_relabeler(cfg, model_dir, runtime, precision, compile)
             rows.append(_row(runtime, precision, "skipped", reason=reason) if rel is None else
-                        _bench_pair(cfg, rel, runtime, precision, volume, reference, batches))
+                        _bench_pair(cfg, rel, runtime, precision, volume, reference,
+                                    splits(bool(getattr(rel.runtime, "dynamic_batch", False)))))
             del rel
     return rows
 
@@ -581,12 +590,13 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         ref_name, reference = _reference(cfg, model_dir, volume, cache)
         wanted = {(r, p) for r in cfg.runtimes for p in cfg.precisions}
         cache = {k: v for k, v in cache.items() if k in wanted}  # drop an unrequested reference
-        batches = window_batches(package, volume, cfg.overlap, cfg.batch, cfg.device)
-        rows = _run_pairs(cfg, model_dir, volume, reference, batches, cache)
+        splits = functools.cache(lambda even: window_batches(package, volume, cfg.overlap, cfg.batch,
+                                                             cfg.device, even=even))
+        rows = _run_pairs(cfg, model_dir, volume, reference, splits, cache)
     ran = [r for r in rows if r["status"] != "skipped"]
     return {"config": {**asdict(cfg), "model_dir": str(cfg.model_dir) if cfg.model_dir else None},
             "model": {"source": source, "window": list(package.window), "classes": package.num_classes,
-                      "windows": sum(int(b.shape[0]) for b in batches)},
+                      "windows": sum(int(b.shape[0]) for b in splits(False))},
             "reference": ref_name, "machine": _machine(cfg.device), "results": rows,
             "correct": bool(ran) and all(r["correct"] for r in ran)}
 

@@ -102,6 +102,24 @@ def test_window_batches_follow_the_engine(convnet_package):
     assert max(b.shape[0] for b in batches) == 3
 
 
+def test_network_alone_runs_the_split_of_each_runtime(convnet_package, monkeypatch):
+    """A dynamic-batch runtime (OpenVINO) relabels in near-equal batches: its network-alone time
+    must run that split too, or the overhead column mixes in the split difference."""
+    pytest.importorskip("openvino")
+    seen = {}
+
+    def fake_time_pair(rel, cfg, volume, batches):
+        seen[rel.runtime.name] = [int(b.shape[0]) for b in batches]
+        return {}
+
+    monkeypatch.setattr(bench, "_time_pair", fake_time_pair)
+    cfg = bench.config_from_args(bench.build_parser().parse_args([str(convnet_package), "--shape", "16", "16", "56", "--repeats", "1",
+                              "--batch", "4", "--runtimes", "onnxruntime,openvino"]))
+    report = bench.run_bench(cfg)
+    assert report["model"]["windows"] == 6
+    assert seen == {"onnxruntime": [4, 2], "openvino": [3, 3]}
+
+
 def test_peak_memory_sees_native_allocations():
     with bench.PeakMemory(interval_s=0.002) as mem:
         # 64 MiB: above glibc's largest dynamic mmap threshold (32 MiB), so these are fresh
