@@ -258,7 +258,10 @@ std::vector<const Buffer*> ArgArrays::after(std::vector<const Buffer*> first) co
   return first;
 }
 
-DType float_dtype(const Buffer& b) { return b.dtype == "float16" ? kFloat16 : kFloat32; }
+DType float_dtype(const Buffer& b) {
+  if (b.dtype == "bfloat16") return kBFloat16;
+  return b.dtype == "float16" ? kFloat16 : kFloat32;
+}
 
 py::array_t<int64_t> host_origins(py::handle obj, int64_t batch) {
   py::object o = py::reinterpret_borrow<py::object>(obj);

@@ -68,7 +68,7 @@ void check_contiguous(const Buffer& b);
 void check_writeable(const Buffer& b);
 // "wsum must have shape (4, 4, 4) (acc's spatial shape), got ..." with why = " (acc's spatial shape)".
 void check_shape(const Buffer& b, const std::vector<int64_t>& want, const std::string& why = "");
-DType float_dtype(const Buffer& b);  // after check_dtype(b, {"float32", "float16"})
+DType float_dtype(const Buffer& b);  // after check_dtype(b, {"float32", "float16"[, "bfloat16"]})
 
 // Shape an array argument must have, where its data starts (in elements), and how the message
 // names the shape: "importance must have the window shape (2, 2, 2), got ...".

@@ -5,7 +5,8 @@
 
 namespace atso {
 
-enum DType : int { kFloat32 = 0, kFloat16 = 1 };
+// kBFloat16: window patches only (a network's bfloat16 output read as it is, no float32 copy).
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Output kind of the network.
 enum Kind : int { kLogits = 0, kProbabilities = 1 };

@@ -81,7 +81,7 @@ void accumulate(const py::kwargs& kw) {
   const Buffer ac = array_arg(kw, "acc"), ws = array_arg(kw, "wsum"), pa = array_arg(kw, "patches");
   check_array(ac, {"float32", "float16"}, 4);
   check_array(ws, {"float32"}, 3);
-  check_array(pa, {"float32", "float16"}, 5);
+  check_array(pa, {"float32", "float16", "bfloat16"}, 5);
   check_shape(ws, tail(ac.shape, 1), " (acc's spatial shape)");
   if (pa.dim(1) != ac.dim(0) && pa.dim(0) > 0) {
     throw py::value_error("patches must have " + std::to_string(ac.dim(0)) + " channels like acc, got " +

@@ -9,12 +9,14 @@ from __future__ import annotations
 import inspect
 import re
 
+import ml_dtypes
 import numpy as np
 import pytest
 from conftest import to_numpy
 
 PATHS = ["cpu", "cpu-thread", pytest.param("cuda", marks=pytest.mark.cuda)]
 THREAD_ALGORITHM = {"extract_patches": "element", "accumulate": "gather", "finalize": "voxel"}
+BF16 = np.dtype(ml_dtypes.bfloat16)  # window patches may be bfloat16 (a network's bf16 output)
 
 
 def to_device(array: np.ndarray, path: str):
@@ -23,6 +25,8 @@ def to_device(array: np.ndarray, path: str):
         return np.ascontiguousarray(array)
     import torch
 
+    if array.dtype == BF16:  # torch cannot take ml_dtypes' bfloat16 directly: the same bits
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.uint16)).view(torch.bfloat16).to("cuda")
     return torch.from_numpy(np.ascontiguousarray(array)).to("cuda")
 
 
@@ -91,7 +95,7 @@ def run_accumulate(rng, path, vol, patch, overlap, channels, patch_dtype, acc_dt
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("vol,patch,overlap", GRIDS)
 @pytest.mark.parametrize("channels", [1, 2, 105])
-@pytest.mark.parametrize("patch_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("patch_dtype", [np.float32, np.float16, BF16])
 def test_accumulate_matches_reference(rng, path, vol, patch, overlap, channels, patch_dtype):
     got_acc, got_w, want_acc, want_w = run_accumulate(
         rng, path, vol, patch, overlap, channels, patch_dtype, np.float32, 0, vol[0])
@@ -248,6 +252,25 @@ def test_torch_cpu_tensors_are_used_in_place():
     wsum = torch.zeros((4, 4, 4))
     native.accumulate(acc, wsum, torch.ones((1, 1, 4, 4, 4)), [[0, 0, 0]], torch.full((4, 4, 4), 2.0))
     assert float(acc.sum()) == 2.0 * 64 and float(wsum.sum()) == 2.0 * 64
+
+
+@pytest.mark.parametrize("path", ["blocked", "gather"])
+def test_bfloat16_patches_add_as_their_exact_float32_values(rng, path):
+    """bfloat16 -> float32 is exact, so bf16 patches (NumPy via ml_dtypes, or torch) give the
+    very sums of their float32 copy; an accumulator stays float32/float16."""
+    torch = pytest.importorskip("torch")
+    patches = (rng.standard_normal((3, 2, 5, 6, 7), dtype=np.float32) * 50).astype(BF16)
+    origins, imp = [[0, 0, 0], [2, 3, -1], [-1, 4, 5]], np.ascontiguousarray(gaussian_importance((5, 6, 7)))
+    results = []
+    for p in (patches.astype(np.float32), patches, torch.from_numpy(patches.view(np.uint16)).view(torch.bfloat16)):
+        acc, wsum = np.zeros((2, 8, 9, 10), np.float32), np.zeros((8, 9, 10), np.float32)
+        native.accumulate(acc, wsum, p, origins, imp, algorithm=path)
+        results.append((acc, wsum))
+    for acc, wsum in results[1:]:
+        np.testing.assert_array_equal(acc, results[0][0])
+        np.testing.assert_array_equal(wsum, results[0][1])
+    with pytest.raises(ValueError, match="acc must have dtype float32 or float16, got numpy bfloat16"):
+        native.accumulate(np.zeros((2, 8, 9, 10), BF16), wsum, patches, origins, imp, algorithm=path)
 
 
 @pytest.mark.parametrize("call,match", [
@@ -413,17 +436,24 @@ def test_gaussian_matches_monai():
 
 
 def _specials(a: np.ndarray, rng) -> np.ndarray:
-    """Sprinkle float16 specials into ``a``: NaNs with payloads, infs, subnormals, near-max values."""
-    bits = np.array([0x7E00, 0xFE01, 0x7C01, 0x7D55, 0x7C00, 0xFC00, 0x0001, 0x83FF, 0x7BFF, 0xFBFE], np.uint16)
+    """Sprinkle float16 specials into ``a`` (bfloat16 ones into a bfloat16 ``a``): NaNs with
+    payloads, infs, subnormals, near-max values."""
+    if a.dtype == BF16:
+        specials = np.array([0x7FC0, 0xFFC1, 0x7F81, 0x7FD5, 0x7F80, 0xFF80, 0x0001, 0x807F, 0x7F7F, 0xFF7E],
+                            np.uint16).view(BF16)
+    else:
+        specials = np.array([0x7E00, 0xFE01, 0x7C01, 0x7D55, 0x7C00, 0xFC00, 0x0001, 0x83FF, 0x7BFF, 0xFBFE],
+                            np.uint16).view(np.float16)
     flat = a.reshape(-1)
     idx = rng.choice(flat.size, size=min(flat.size, 200), replace=False)
-    flat[idx] = bits.view(np.float16)[rng.integers(0, len(bits), len(idx))].astype(a.dtype)
+    flat[idx] = specials[rng.integers(0, len(specials), len(idx))].astype(a.dtype)
     return a
 
 
 @pytest.mark.parametrize("channels", [1, 3, 105])
 @pytest.mark.parametrize("acc_dtype", [np.float32, np.float16])
-def test_cpu_isa_builds_agree_bit_for_bit(rng, channels, acc_dtype):
+@pytest.mark.parametrize("patch_dtype", [np.float16, BF16])
+def test_cpu_isa_builds_agree_bit_for_bit(rng, channels, acc_dtype, patch_dtype):
     from atso_fast import _C
 
     if native.build_info().get("cpu_isa") != "avx2":
@@ -431,7 +461,7 @@ def test_cpu_isa_builds_agree_bit_for_bit(rng, channels, acc_dtype):
     vol, patch = (17, 23, 19), (8, 10, 6)
     origins = np.concatenate([sliding_window_origins(vol, patch, 0.5), corner_origins(vol, patch)])
     data = np.random.default_rng(1).standard_normal((len(origins), channels, *patch), dtype=np.float32)
-    patches = _specials(data.astype(np.float16), np.random.default_rng(2))
+    patches = _specials(data.astype(patch_dtype), np.random.default_rng(2))
     start = _specials(np.random.default_rng(3).standard_normal((channels, *vol)).astype(acc_dtype),
                       np.random.default_rng(4))
     imp = np.ascontiguousarray(gaussian_importance(patch))
@@ -451,7 +481,7 @@ def test_cpu_isa_builds_agree_bit_for_bit(rng, channels, acc_dtype):
         assert _C.set_cpu_isa(isa)
         try:
             got_acc, got_w, _, _ = run_accumulate(np.random.default_rng(1), "cpu", vol, patch, 0.5, channels,
-                                                  np.float16, acc_dtype, 0, vol[0])
+                                                  patch_dtype, acc_dtype, 0, vol[0])
             fin = native.finalize(got_acc, got_w, 0.3, 255, "logits")
             results.append((got_acc, got_w, fin.labels, fin.confidence, fin.counts))
         finally:
@@ -509,7 +539,8 @@ def _run_both(call):
 @pytest.mark.parametrize("vol,patch,overlap", GRIDS)
 @pytest.mark.parametrize("channels", [1, 3, 105])
 @pytest.mark.parametrize("acc_dtype,patch_dtype", [(np.float32, np.float32), (np.float32, np.float16),
-                                                   (np.float16, np.float32), (np.float16, np.float16)])
+                                                   (np.float16, np.float32), (np.float16, np.float16),
+                                                   (np.float32, BF16), (np.float16, BF16)])
 def test_accumulate_blocked_and_gather_agree_bit_for_bit(vol, patch, overlap, channels, acc_dtype, patch_dtype):
     origins = np.concatenate([sliding_window_origins(vol, patch, overlap), corner_origins(vol, patch)])
     data = np.random.default_rng(1).standard_normal((len(origins), channels, *patch), dtype=np.float32) * 4
@@ -566,7 +597,7 @@ def test_extract_patches_rows_and_element_agree_bit_for_bit(out_dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("channels", [1, 3, 105])
 @pytest.mark.parametrize("acc_dtype,patch_dtype", [(np.float32, np.float32), (np.float32, np.float16),
-                                                   (np.float16, np.float16)])
+                                                   (np.float16, np.float16), (np.float32, BF16)])
 def test_cuda_matches_cpu_bit_for_bit(channels, acc_dtype, patch_dtype):
     torch = pytest.importorskip("torch")
     vol, patch = (17, 23, 19), (8, 10, 6)
@@ -578,7 +609,7 @@ def test_cuda_matches_cpu_bit_for_bit(channels, acc_dtype, patch_dtype):
     acc, wsum = start.copy(), np.zeros(vol, np.float32)
     native.accumulate(acc, wsum, patches, origins, imp)
     acc_d, wsum_d = torch.from_numpy(start).cuda(), torch.zeros(vol, device="cuda")
-    native.accumulate(acc_d, wsum_d, torch.from_numpy(patches).cuda(), origins, torch.from_numpy(imp).cuda())
+    native.accumulate(acc_d, wsum_d, to_device(patches, "cuda"), origins, torch.from_numpy(imp).cuda())
     assert_same_floats(to_numpy(acc_d), acc)
     assert_same_floats(to_numpy(wsum_d), wsum)
     for kind in ("logits", "probabilities"):

@@ -139,7 +139,8 @@ def accumulate(acc: Any, wsum: Any, patches: Any, origins: Any, importance: Any,
     Args:
         acc: ``(C, Zs, Y, X)`` float32 (or float16) accumulator.
         wsum: ``(Zs, Y, X)`` float32 weight sum.
-        patches: ``(B, C, pz, py, px)`` float32 or float16 window outputs.
+        patches: ``(B, C, pz, py, px)`` float32, float16 or bfloat16 window outputs (bfloat16:
+            NumPy ``ml_dtypes.bfloat16`` or torch; read exactly, no float32 copy).
         origins: ``(B, 3)`` window starts in volume coordinates.
         importance: ``(pz, py, px)`` float32 weights (``atso_fast.windows.gaussian_importance``).
         z0: volume row where the slab starts.

@@ -61,7 +61,7 @@ void extract_patches_host(const ExtractArgs& a) {
 
 void accumulate_host(const AccumulateArgs& a) {
   with_float_type(a.acc_dtype, [&](auto acc) {
-    with_float_type(a.patch_dtype, [&](auto patch) { accumulate_host_impl<decltype(acc), decltype(patch)>(a); });
+    with_patch_type(a.patch_dtype, [&](auto patch) { accumulate_host_impl<decltype(acc), decltype(patch)>(a); });
   });
 }
 

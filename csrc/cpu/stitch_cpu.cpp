@@ -75,7 +75,7 @@ struct Span {
 struct RowSpans {
   std::vector<Span> spans;
   std::vector<int64_t> start;
-  std::vector<float> buf;  // float16 patch row converted to float
+  std::vector<float> buf;  // float16/bfloat16 patch row converted to float
 };
 
 void collect_spans(int64_t z0, int64_t z, const int64_t* origins, int64_t b, Shape3 p, Shape3 slab,
@@ -127,6 +127,9 @@ void accumulate_row(const AccumulateArgs& a, A* acc, float* wsum, int64_t c, Sha
         const float* srcf;
         if constexpr (std::is_same<P, float>::value) {
           srcf = src;
+        } else if constexpr (std::is_same<P, bf16_t>::value) {
+          bf16_to_float_row(src, s.n, rs.buf.data());
+          srcf = rs.buf.data();
         } else {
           half_to_float_row(src, s.n, rs.buf.data(), table);
           srcf = rs.buf.data();
@@ -163,7 +166,7 @@ void extract_patches_cpu(const ExtractArgs& a) {
 
 void accumulate_cpu(const AccumulateArgs& a) {
   with_float_type(a.acc_dtype, [&](auto acc) {
-    with_float_type(a.patch_dtype, [&](auto patch) { accumulate_impl<decltype(acc), decltype(patch)>(a); });
+    with_patch_type(a.patch_dtype, [&](auto patch) { accumulate_impl<decltype(acc), decltype(patch)>(a); });
   });
 }
 

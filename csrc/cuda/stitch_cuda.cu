@@ -39,7 +39,7 @@ void extract_patches_cuda(const ExtractArgs& a, uintptr_t stream_handle) {
 void accumulate_cuda(const AccumulateArgs& a, uintptr_t stream_handle) {
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   with_float_type(a.acc_dtype, [&](auto acc) {
-    with_float_type(a.patch_dtype, [&](auto patch) {
+    with_patch_type(a.patch_dtype, [&](auto patch) {
       using A = decltype(acc);
       using P = decltype(patch);
       for_each_accumulate_launch(a, [&](int64_t first, int64_t count, const Origins& o, Shape3 lo, Shape3 box) {

@@ -105,6 +105,18 @@ ATSO_HD inline uint16_t from_float<uint16_t>(float v) { return float_to_half(v);
 template <typename T>
 ATSO_HD inline float round_to(float v) { return to_float(from_float<T>(v)); }
 
+// bfloat16 storage: the top 16 bits of a float32, so reading one is exact (a shift). Only
+// window patches come in bfloat16 (a network's output); accumulators stay float32/float16.
+struct bf16_t {
+  uint16_t bits;
+};
+ATSO_HD inline float bf16_to_float(uint16_t b) { return bits_to_float((uint32_t)b << 16); }
+ATSO_HD inline float to_float(bf16_t v) { return bf16_to_float(v.bits); }
+template <>
+ATSO_HD inline bf16_t load_ro(const bf16_t* p) {
+  return bf16_t{load_ro(reinterpret_cast<const uint16_t*>(p))};
+}
+
 // Calls f(T{}) with T the storage type of dtype d (host code: the kernels' type switch).
 template <typename F>
 inline void with_float_type(DType d, F&& f) {
@@ -112,6 +124,16 @@ inline void with_float_type(DType d, F&& f) {
     f(uint16_t{});
   } else {
     f(float{});
+  }
+}
+
+// with_float_type for window patches, which may also be bfloat16.
+template <typename F>
+inline void with_patch_type(DType d, F&& f) {
+  if (d == kBFloat16) {
+    f(bf16_t{});
+  } else {
+    with_float_type(d, f);
   }
 }
 
