@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -386,6 +387,46 @@ def test_even_batches_blend_bit_identically_to_monai_batches(rng, shape, batch):
     np.testing.assert_array_equal(results[1].probabilities, results[0].probabilities)
     np.testing.assert_array_equal(results[1].labels, results[0].labels)
     np.testing.assert_array_equal(results[1].confidence, results[0].confidence)
+
+
+class _Bf16Out(_Recording):
+    """_Recording's outputs rounded to bfloat16, handed over as bfloat16 or as their float32 copy."""
+
+    def __init__(self, as_bf16):
+        super().__init__(False)
+        self.as_bf16 = as_bf16
+
+    def __call__(self, batch):
+        out = super().__call__(batch).astype(ml_dtypes.bfloat16)
+        return out if self.as_bf16 else out.astype(np.float32)
+
+
+def test_bfloat16_runtime_outputs_blend_like_their_float32_values(rng):
+    """A runtime may return bfloat16 windows (OpenVINO in bfloat16): the engine blends them as
+    they are, with the very numbers of their exact float32 copy."""
+    rel = Relabeler.from_module(_TanhTwice(), window=(8, 8, 8), num_classes=2, batch_size=3,
+                                save_probabilities=True)
+    volume = rng.standard_normal((20, 17, 22)).astype(np.float32)
+    results = []
+    for as_bf16 in (False, True):
+        rel.runtime = _Bf16Out(as_bf16)
+        results.append(rel.relabel_volume(volume))
+    np.testing.assert_array_equal(results[1].probabilities, results[0].probabilities)
+    np.testing.assert_array_equal(results[1].labels, results[0].labels)
+
+
+@needs_openvino
+@pytest.mark.skipif(not openvino_supports("bfloat16"), reason="this CPU has no bfloat16 (AVX512-BF16/AMX)")
+def test_openvino_bfloat16_returns_bfloat16_windows_close_to_float32(rng, tmp_path):
+    net = random_net()
+    volume = rng.standard_normal((1, 30, 34, 28)).astype(np.float32)
+    pkg = export_model(net, tmp_path / "pkg", window=(16, 16, 16), num_classes=3, save_torch=False)
+    f32 = Relabeler(pkg, runtime="openvino", batch_size=4).relabel_volume(volume, normalized=True)
+    for _ in range(2):  # compiled, then from the disk cache: a bf16 output both times
+        rel = Relabeler(pkg, runtime="openvino", precision="bfloat16", batch_size=4)
+        assert rel.runtime.submit(np.zeros((2, 1, 16, 16, 16), np.float32)).result().dtype == ml_dtypes.bfloat16
+        bf16 = rel.relabel_volume(volume, normalized=True)
+        assert (bf16.labels == f32.labels).mean() >= 0.995
 
 
 @needs_openvino

@@ -227,6 +227,19 @@ def test_layout_probe_waits_for_a_full_batch(rng):
     assert isinstance(rt.channels_last, bool) and rt.layout_probe is not None
 
 
+def test_torch_bfloat16_on_the_host_returns_the_networks_bfloat16_windows(rng):
+    """No float32 copy: the kernels read ml_dtypes.bfloat16 windows as they are."""
+    import ml_dtypes
+
+    net = random_net()
+    batch = rng.standard_normal((2, 1, 8, 8, 8)).astype(np.float32)
+    out = TorchRuntime(net, precision="bfloat16", channels_last=False)(batch)
+    assert out.dtype == ml_dtypes.bfloat16 and out.flags.c_contiguous
+    with torch.inference_mode():
+        want = net.to(torch.bfloat16)(torch.from_numpy(batch).to(torch.bfloat16)).float().numpy()
+    np.testing.assert_array_equal(out.astype(np.float32), want)
+
+
 def test_torch_runtime_threads_hold_only_during_the_call():
     class Spy(torch.nn.Module):
         def __init__(self):

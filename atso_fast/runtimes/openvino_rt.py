@@ -8,7 +8,12 @@ and pads short batches with zero windows. It is compiled once for ``target`` (``
 Intel ``"GPU"`` is accepted but not verified here). ``precision`` maps to OpenVINO's inference
 precision hint: ``float32`` is set explicitly (``f32``), because on CPUs with bfloat16 units
 (AVX512-BF16, AMX) OpenVINO's default hint is ``bf16``; ``bfloat16``/``float16`` are accepted
-only where the device lists that capability. Compiled models are cached under ``cache_dir``
+only where the device lists that capability. With ``bfloat16`` the model's output is declared
+bfloat16 too and handed to the stitching kernels as it is (``ml_dtypes.bfloat16``): OpenVINO's
+CPU plugin keeps in float32 every node between an output it returns as float32 and the nearest
+convolution, and transposed convolutions do not stop that walk, so a U-Net's whole decoder
+(its transposed convolutions and instance norms) ran in float32 (benchmarks/RESULTS.md, issue
+13 on the AMX machine: the network 1.7x faster per batch with the bfloat16 output). Compiled models are cached under ``cache_dir``
 (default ``$XDG_CACHE_HOME/atso_fast/openvino``, ``~/.cache/...`` without it), keyed like the
 TensorRT engine cache: the ONNX file's SHA-256, the OpenVINO version, the device name,
 precision, streams and the input shape (``1..B x M x ...`` when the batch is dynamic).
@@ -35,6 +40,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from atso_fast.io import atomic_write_bytes
@@ -123,7 +129,7 @@ class _OvPending:
             slot = self._slot
             try:
                 slot.request.wait()
-                out = slot.request.get_output_tensor(0).data[: self._windows]  # padded windows dropped
+                out = self._runtime._output(slot.request)[: self._windows]  # padded windows dropped
             finally:  # a failed run frees its request too
                 slot.busy, slot.batch = False, None
             self._out = out if self._runtime.reuse_output else out.copy()
@@ -181,6 +187,7 @@ class OpenVinoRuntime(FixedRuntime):
         self.cache_dir = self._cache_dir(cache_dir)
         self.reuse_output = False
         model = self._read()
+        self._out_type = model.output(0).get_element_type().get_type_name()  # f32, or bf16 (see _read)
         out_bytes = self._output_bytes(model)
         self.streams = self._default_streams(out_bytes, in_flight) if streams is None else int(streams)
         self.compiled = self._load(model)
@@ -254,22 +261,34 @@ class OpenVinoRuntime(FixedRuntime):
                                  f"{len(model.outputs)}")
             batch = self.ov.Dimension(1, self.batch_size) if self.dynamic_batch else self.batch_size
             model.reshape({model.inputs[0].get_any_name(): self.ov.PartialShape([batch, *self._sample])})
+            if self.precision == "bfloat16":  # the decoder runs in bf16 only with a bf16 output (module docstring)
+                ppp = self.ov.preprocess.PrePostProcessor(model)
+                ppp.output(0).tensor().set_element_type(self.ov.Type.bf16)
+                model = ppp.build()
             return model
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError for everything
             raise self._cannot_compile(exc) from None
 
     def _output_bytes(self, model: Any) -> int:
-        """Bytes of one full batch's float32 output (the dynamic axis at its bound)."""
+        """Bytes of one full batch's output (the dynamic axis at its bound)."""
         dims = [d.get_max_length() for d in model.output(0).get_partial_shape()]
         if any(d < 0 for d in dims):
             raise ValueError(f"{self.onnx_path}: the output shape {model.output(0).get_partial_shape()} "
                              f"is not bounded for input {'x'.join(map(str, self.input_shape))}")
-        return 4 * int(np.prod(dims))
+        return model.output(0).get_element_type().size * int(np.prod(dims))
+
+    def _output(self, request: Any) -> np.ndarray:
+        """A finished request's output array; a bfloat16 output as ``ml_dtypes.bfloat16`` (OpenVINO
+        hands its bits over as float16)."""
+        data = request.get_output_tensor(0).data
+        if request.get_output_tensor(0).get_element_type() == self.ov.Type.bf16:
+            return data.view(ml_dtypes.bfloat16)
+        return data
 
     def _load(self, model: Any) -> Any:
         """``model`` compiled: from the disk cache, else built (and cached)."""
         key = compiled_cache_key(self.onnx_path.read_bytes(), self.ov.__version__, self._device_name(),
-                                 f"{self.precision}/streams{self.streams}", self.input_shape)
+                                 f"{self.precision}/streams{self.streams}/out-{self._out_type}", self.input_shape)
         path = None if self.cache_dir is None else self.cache_dir / f"{key}.blob"
         compiled = self._import(path) if path is not None and path.is_file() else None
         if compiled is None:

@@ -7,6 +7,7 @@ import warnings
 from contextlib import contextmanager
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from atso_fast.io.files import read_regular_file
@@ -189,10 +190,15 @@ class TorchRuntime(FixedRuntime):
                 out = self._probe(x)[:n]
             else:
                 out = self._fn(self._layout(x))[:n]
-        if out.dtype not in (torch.float32, torch.float16):
-            out = out.float()  # kernels take float32/float16 windows
+        # The kernels take float32/float16 windows, and bfloat16 ones from the host (handed over
+        # as ml_dtypes.bfloat16: no float32 copy; bfloat16 on CUDA stays converted, untested there).
+        host_bf16 = on_host and out.dtype == torch.bfloat16
+        if out.dtype not in (torch.float32, torch.float16) and not host_bf16:
+            out = out.float()
         out = out.contiguous()  # the kernels take C-order windows
         self._called()
+        if host_bf16:
+            return out.cpu().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         if on_host:
             return out.float().cpu().numpy() if out.is_cuda or out.dtype != torch.float32 else out.numpy()
         return out
