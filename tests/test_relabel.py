@@ -231,8 +231,8 @@ def test_onnxruntime_relabeler_runs_kernels_on_one_thread(tmp_path):
 def test_pipelined_openvino_runs_kernels_on_one_thread(tmp_path):
     pkg = export_model(random_net(classes=2), tmp_path / "pkg", window=(8, 8, 8), num_classes=2, save_torch=False)
     rel = Relabeler(pkg, runtime="openvino", threads=2)
-    assert (rel.runtime.streams, rel.runtime.in_flight) == (2, 3) and rel.kernel_threads == 1
-    rel.runtime.in_flight = 2
+    assert (rel.runtime.streams, rel.runtime.in_flight) == (1, 2) and rel.kernel_threads == 1
+    rel.runtime.in_flight = 3
     assert rel.kernel_threads == 1
     rel.runtime.in_flight = 1  # kernels run between batches: the OpenMP default
     assert rel.kernel_threads is None
@@ -299,14 +299,20 @@ def test_openvino_float32_matches_monai_sliding_window(rng, tmp_path, shape, roi
 
 
 @needs_openvino
-@pytest.mark.parametrize("batch,mirror,depth", [(3, False, 3), (4, False, 3), (4, False, 2), (3, True, 3)])
-def test_pipelined_labels_are_bit_identical_to_sequential(rng, tmp_path, batch, mirror, depth):
-    """``depth`` batches in flight on two streams vs one at a time, same compiled model."""
+@pytest.mark.parametrize("batch,mirror,streams,depth", [(3, False, 2, 3), (4, False, 2, 3), (4, False, 1, 2),
+                                                        (3, True, 2, 3), (3, False, 1, 3)])
+def test_pipelined_labels_are_bit_identical_to_sequential(rng, tmp_path, batch, mirror, streams, depth):
+    """``depth`` batches in flight on one or two streams vs one at a time, same compiled model."""
+    from atso_fast.runtimes import OpenVinoRuntime
+
     pkg = export_model(random_net(classes=4), tmp_path / "pkg", window=(8, 16, 16), num_classes=4,
                        save_torch=False)
     volume = rng.standard_normal((30, 41, 37)).astype(np.float32)
     rel = Relabeler(pkg, runtime="openvino", batch_size=batch, mirror=mirror, save_probabilities=True, threads=2)
-    assert (rel.runtime.streams, rel.runtime.in_flight) == (2, 3) and rel.runtime.reuse_output
+    assert (rel.runtime.streams, rel.runtime.in_flight) == (1, 2) and rel.runtime.reuse_output  # the defaults
+    if streams == 2:
+        rel.runtime = OpenVinoRuntime(pkg / "model.onnx", batch_size=batch, window=(8, 16, 16), threads=2, streams=2)
+        rel.runtime.reuse_output = True
     rel.runtime.in_flight = depth
     a = rel.relabel_volume(volume)
     rel.runtime.in_flight = 1

@@ -417,8 +417,10 @@ def test_openvino_two_streams_run_requests_side_by_side_with_the_same_numbers(pa
 
 
 @needs_openvino
-def test_openvino_defaults_two_streams_three_in_flight_for_small_outputs(package, rng, tmp_path, monkeypatch):
-    rt = _openvino(package, tmp_path, threads=2)  # output: 2 x 3 x 8^3 x 4 B = 12 KiB
+def test_openvino_defaults_one_stream_two_in_flight_and_two_streams_three(package, rng, tmp_path):
+    one = _openvino(package, tmp_path, threads=2)  # output: 2 x 3 x 8^3 x 4 B = 12 KiB
+    assert (one.streams, one.in_flight) == (1, 2)
+    rt = _openvino(package, tmp_path, threads=2, streams=2)
     assert (rt.streams, rt.in_flight) == (2, 3) and rt.compiled.get_property("NUM_STREAMS") == 2
     rt.reuse_output = True
     batches = [_batch(rng) for _ in range(4)]
@@ -431,10 +433,6 @@ def test_openvino_defaults_two_streams_three_in_flight_for_small_outputs(package
     for out, w in zip(outs, want):
         np.testing.assert_allclose(out, w, rtol=1e-5, atol=1e-6)
     assert (_openvino(package, tmp_path, threads=1).streams, _openvino(package, tmp_path, threads=1).in_flight) == (1, 2)
-    assert _openvino(package, tmp_path, in_flight=1).streams == 1  # one batch would leave a stream idle
-    monkeypatch.setattr(openvino_rt, "TWO_STREAM_MAX_OUTPUT_BYTES", 1000)
-    rt = _openvino(package, tmp_path, threads=2)
-    assert (rt.streams, rt.in_flight) == (1, 2)
 
 
 @needs_openvino

@@ -23,12 +23,13 @@ engine can submit batch k+1 and stitch batch k while it runs
 (:meth:`~atso_fast.runtimes.base.Runtime.submit`). ``streams=1`` runs the requests one after
 the other on all ``threads`` (latency hint; they share its intermediate buffers), so the
 overlap is network vs stitching; ``streams=2`` runs two requests side by side, the threads
-split between them, each stream with its own intermediate buffers. Defaults, from one batch's
-output size: two streams and three batches in flight up to :data:`TWO_STREAM_MAX_OUTPUT_BYTES`
-(two on the network while the engine stitches a third), else one stream and two in flight up
-to :data:`PIPELINE_MAX_OUTPUT_BYTES`, else one in flight: each batch in flight holds its own
-output buffer, each stream its own intermediates, and that is what the overlap costs in memory.
-One thread (``threads=1``, or a one-core machine) always gets one stream.
+split between them, each stream with its own intermediate buffers. Defaults: one stream, and
+two batches in flight while one batch's output is at most :data:`PIPELINE_MAX_OUTPUT_BYTES`,
+else one (each batch in flight holds its own output buffer: that is what the overlap costs in
+memory); ``streams=2`` defaults to three in flight (two on the network while the engine
+stitches a third). Two streams were the default for small outputs until they measured 3-7%
+slower than one on an AMX machine, within noise on an AVX2 one, at +60-70% memory
+(benchmarks/RESULTS.md, issue 13 third pass).
 """
 from __future__ import annotations
 
@@ -51,17 +52,11 @@ from atso_fast.runtimes.base import (
     check_precision,
 )
 
-__all__ = ["MAX_IN_FLIGHT", "PIPELINE_MAX_OUTPUT_BYTES", "TWO_STREAM_MAX_OUTPUT_BYTES", "OpenVinoRuntime",
+__all__ = ["MAX_IN_FLIGHT", "PIPELINE_MAX_OUTPUT_BYTES", "OpenVinoRuntime",
            "compiled_cache_key", "openvino_available", "openvino_supports"]
 
 PIPELINE_MAX_OUTPUT_BYTES = 256 * 2**20
 """Largest batch output (bytes) for which the default keeps two batches in flight."""
-
-TWO_STREAM_MAX_OUTPUT_BYTES = 64 * 2**20
-"""Largest batch output (bytes) for which the default runs two streams, three batches in flight.
-Lower than :data:`PIPELINE_MAX_OUTPUT_BYTES`: the second stream's own intermediate buffers grow
-with the batch and the classes (benchmarks/RESULTS.md, issue 13 second pass: at 105 classes x 2
-windows of 64^3 two streams took far more memory than one, and were not faster)."""
 
 MAX_IN_FLIGHT = 3
 """Most batches that may be pending at once (two streams busy, one being stitched)."""
@@ -152,9 +147,9 @@ class OpenVinoRuntime(FixedRuntime):
         in_flight: batches that may be pending at once, 1 to :data:`MAX_IN_FLIGHT` (None: see
             the module docstring); settable between volumes (with two streams, one in flight
             runs on one stream's share of the threads).
-        streams: OpenVINO CPU streams: 1 runs one request at a time on all threads (latency
-            hint); 2 runs two requests side by side, the threads split between them (None: see
-            the module docstring).
+        streams: OpenVINO CPU streams: 1 (the default) runs one request at a time on all
+            threads (latency hint); 2 runs two requests side by side, the threads split between
+            them.
         dynamic_batch: compile a batch axis of 1..``batch_size`` (short batches run at their
             size); False: the static ``batch_size``, short batches zero-padded.
 
@@ -189,7 +184,7 @@ class OpenVinoRuntime(FixedRuntime):
         model = self._read()
         self._out_type = model.output(0).get_element_type().get_type_name()  # f32, or bf16 (see _read)
         out_bytes = self._output_bytes(model)
-        self.streams = self._default_streams(out_bytes, in_flight) if streams is None else int(streams)
+        self.streams = 1 if streams is None else int(streams)
         self.compiled = self._load(model)
         self._slots: list[_Request] = []
         self._next = 0
@@ -206,14 +201,6 @@ class OpenVinoRuntime(FixedRuntime):
         if any(slot.busy for slot in getattr(self, "_slots", [])):
             raise RuntimeError("runtime 'openvino': in_flight changed while batches are pending")
         self._in_flight = int(value)
-
-    def _default_streams(self, out_bytes: int, in_flight: int | None) -> int:
-        """Two streams for a small batch output, two threads to split and requests to fill them
-        (one batch in flight would leave one stream, and its threads, idle)."""
-        threads = self.threads if self.threads is not None else len(os.sched_getaffinity(0))
-        small = out_bytes <= min(TWO_STREAM_MAX_OUTPUT_BYTES, PIPELINE_MAX_OUTPUT_BYTES)
-        fills = in_flight is None or int(in_flight) >= 2
-        return 2 if small and fills and threads >= 2 and self.target == "CPU" else 1
 
     def _default_in_flight(self, out_bytes: int) -> int:
         """One per stream plus the one being stitched, while the outputs are small enough."""
