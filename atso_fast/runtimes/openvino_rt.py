@@ -13,10 +13,11 @@ bfloat16 too and handed to the stitching kernels as it is (``ml_dtypes.bfloat16`
 CPU plugin keeps in float32 every node between an output it returns as float32 and the nearest
 convolution, and transposed convolutions do not stop that walk, so a U-Net's whole decoder
 (its transposed convolutions and instance norms) ran in float32 (benchmarks/RESULTS.md, issue
-13 on the AMX machine: the network 1.7x faster per batch with the bfloat16 output). Compiled models are cached under ``cache_dir``
-(default ``$XDG_CACHE_HOME/atso_fast/openvino``, ``~/.cache/...`` without it), keyed like the
-TensorRT engine cache: the ONNX file's SHA-256, the OpenVINO version, the device name,
-precision, streams and the input shape (``1..B x M x ...`` when the batch is dynamic).
+13 on the AMX machine: the network 1.7x faster per batch with the bfloat16 output). Compiled
+models are cached under ``cache_dir`` (default ``$XDG_CACHE_HOME/atso_fast/openvino``,
+``~/.cache/...`` without it), keyed like the TensorRT engine cache: the ONNX file's SHA-256, the
+OpenVINO version, the device name, precision, streams, output type and the input shape
+(``1..B x M x ...`` when the batch is dynamic).
 
 Pipelining: ``in_flight`` asynchronous infer requests, each with its own output buffer, so the
 engine can submit batch k+1 and stitch batch k while it runs
