@@ -12,7 +12,7 @@ MONAI and us).
 
 OpenVINO rows run with the runtime's defaults (dynamic batch, even batches, one stream, two
 batches in flight for outputs up to 256 MiB: stitching overlapped with the network);
-``openvino-f2`` two in flight at any output size; ``openvino-s2`` two streams and three in flight (the default for small outputs until issue 13's
+``openvino-s2`` two streams and three in flight (the default for small outputs until issue 13's
 third pass); ``openvino-seq`` one stream with one batch in flight, to show what the overlap saves;
 ``openvino-old`` the settings before issue 13's second pass (static batch, short batches padded,
 one stream, two batches in flight for small outputs, else one).
@@ -139,10 +139,10 @@ def runtimes_for(device: str, only: str | None = None) -> list[tuple[str, str, b
         if "openvino" in have:
             from atso_fast.runtimes import openvino_supports
 
-            out += [("openvino", "float32", False), ("openvino-s2", "float32", False), ("openvino-f2", "float32", False),
+            out += [("openvino", "float32", False), ("openvino-s2", "float32", False),
                     ("openvino-seq", "float32", False), ("openvino-old", "float32", False)]
             if openvino_supports("bfloat16"):
-                out += [("openvino", "bfloat16", False), ("openvino-s2", "bfloat16", False), ("openvino-f2", "bfloat16", False),
+                out += [("openvino", "bfloat16", False), ("openvino-s2", "bfloat16", False),
                         ("openvino-old", "bfloat16", False)]
     else:
         out = [("torch", "float32", False), ("torch", "float16", False)]
@@ -167,7 +167,6 @@ def make_relabeler(name, pkg, net, window, classes, device, batch, precision, ac
 OPENVINO_SETTINGS = {
     "openvino-seq": {"streams": 1, "in_flight": 1},  # no overlap: the stitching waits for each batch
     "openvino-s2": {"streams": 2, "in_flight": None},  # two streams (three in flight), the defaults otherwise
-    "openvino-f2": {"streams": 1, "in_flight": 2},  # two in flight whatever the output size
     "openvino-old": {"streams": 1, "in_flight": None, "dynamic_batch": False},  # before issue 13's second pass
 }
 """OpenVINO rows with other settings than the runtime's defaults."""

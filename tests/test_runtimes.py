@@ -437,7 +437,7 @@ def test_openvino_defaults_one_stream_two_in_flight_and_two_streams_three(packag
 
 @needs_openvino
 def test_openvino_runs_one_batch_at_a_time_when_outputs_are_large(package, tmp_path, monkeypatch):
-    monkeypatch.setattr(openvino_rt, "PIPELINE_MAX_OUTPUT_VALUES", 1000)  # this output: 2 x 3 x 8^3 values
+    monkeypatch.setattr(openvino_rt, "PIPELINE_MAX_OUTPUT_BYTES", 1000)  # this output: 2 x 3 x 8^3 x 4 B
     rt = _openvino(package, tmp_path)
     assert rt.in_flight == 1 and rt.streams == 1
     rt.in_flight = 2

@@ -25,10 +25,9 @@ engine can submit batch k+1 and stitch batch k while it runs
 the other on all ``threads`` (latency hint; they share its intermediate buffers), so the
 overlap is network vs stitching; ``streams=2`` runs two requests side by side, the threads
 split between them, each stream with its own intermediate buffers. Defaults: one stream, and
-two batches in flight while one batch's output holds at most :data:`PIPELINE_MAX_OUTPUT_VALUES`,
+two batches in flight while one batch's output is at most :data:`PIPELINE_MAX_OUTPUT_BYTES`,
 else one (each batch in flight holds its own output buffer: that is what the overlap costs in
-memory; and while the network runs, the kernels get one thread, which for a large output costs
-more than the overlap saves); ``streams=2`` defaults to three in flight (two on the network while the engine
+memory); ``streams=2`` defaults to three in flight (two on the network while the engine
 stitches a third). Two streams were the default for small outputs until they measured 3-7%
 slower than one on an AMX machine, within noise on an AVX2 one, at +60-70% memory
 (benchmarks/RESULTS.md, issue 13 third pass).
@@ -54,14 +53,11 @@ from atso_fast.runtimes.base import (
     check_precision,
 )
 
-__all__ = ["MAX_IN_FLIGHT", "PIPELINE_MAX_OUTPUT_VALUES", "OpenVinoRuntime",
+__all__ = ["MAX_IN_FLIGHT", "PIPELINE_MAX_OUTPUT_BYTES", "OpenVinoRuntime",
            "compiled_cache_key", "openvino_available", "openvino_supports"]
 
-PIPELINE_MAX_OUTPUT_VALUES = 64 * 2**20
-"""Largest batch output (values: windows x classes x voxels; 256 MiB in float32) for which the
-default keeps two batches in flight. Counted in values, not bytes: the stitching work follows
-the values, and a bfloat16 output of 105 classes x 4 windows of 64^3 (220 MB) ran 10% slower
-with two in flight than with one (benchmarks/RESULTS.md, issue 13 third pass)."""
+PIPELINE_MAX_OUTPUT_BYTES = 256 * 2**20
+"""Largest batch output (bytes) for which the default keeps two batches in flight."""
 
 MAX_IN_FLIGHT = 3
 """Most batches that may be pending at once (two streams busy, one being stitched)."""
@@ -188,12 +184,12 @@ class OpenVinoRuntime(FixedRuntime):
         self.reuse_output = False
         model = self._read()
         self._out_type = model.output(0).get_element_type().get_type_name()  # f32, or bf16 (see _read)
-        out_values = self._output_values(model)
+        out_bytes = self._output_bytes(model)
         self.streams = 1 if streams is None else int(streams)
         self.compiled = self._load(model)
         self._slots: list[_Request] = []
         self._next = 0
-        self.in_flight = self._default_in_flight(out_values) if in_flight is None else in_flight
+        self.in_flight = self._default_in_flight(out_bytes) if in_flight is None else in_flight
 
     @property
     def in_flight(self) -> int:
@@ -207,9 +203,9 @@ class OpenVinoRuntime(FixedRuntime):
             raise RuntimeError("runtime 'openvino': in_flight changed while batches are pending")
         self._in_flight = int(value)
 
-    def _default_in_flight(self, out_values: int) -> int:
+    def _default_in_flight(self, out_bytes: int) -> int:
         """One per stream plus the one being stitched, while the outputs are small enough."""
-        if out_values > PIPELINE_MAX_OUTPUT_VALUES:
+        if out_bytes > PIPELINE_MAX_OUTPUT_BYTES:
             return 1
         return MAX_IN_FLIGHT if self.streams == 2 else 2
 
@@ -261,13 +257,13 @@ class OpenVinoRuntime(FixedRuntime):
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError for everything
             raise self._cannot_compile(exc) from None
 
-    def _output_values(self, model: Any) -> int:
-        """Values in one full batch's output (the dynamic axis at its bound)."""
+    def _output_bytes(self, model: Any) -> int:
+        """Bytes of one full batch's output (the dynamic axis at its bound)."""
         dims = [d.get_max_length() for d in model.output(0).get_partial_shape()]
         if any(d < 0 for d in dims):
             raise ValueError(f"{self.onnx_path}: the output shape {model.output(0).get_partial_shape()} "
                              f"is not bounded for input {'x'.join(map(str, self.input_shape))}")
-        return int(np.prod(dims))
+        return model.output(0).get_element_type().size * int(np.prod(dims))
 
     def _output(self, request: Any) -> np.ndarray:
         """A finished request's output array; a bfloat16 output as ``ml_dtypes.bfloat16`` (OpenVINO
