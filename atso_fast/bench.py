@@ -9,8 +9,9 @@ For each runtime/precision pair the benchmark
 3. times ``relabel_volume`` ``repeats`` times (median) while sampling peak host memory (and
    ``torch.cuda.max_memory_allocated`` on CUDA),
 4. times the runtime alone on the very same window batches (extracted once, in the engine's
-   order and batch split: near-equal batches for a runtime with a dynamic batch), so ``overhead = (volume time - network time) / network time`` is what
-   normalisation, window extraction, blending and thresholding cost on top of the network;
+   order and batch split: near-equal batches for a runtime with a dynamic batch), so
+   ``overhead = (volume time - network time) / network time`` is what normalisation, window
+   extraction, blending and thresholding cost on top of the network;
    for a pipelined runtime (OpenVINO: two batches in flight, stitching overlapped with the
    network) the same relabeler is also timed with one batch in flight (``seq overhead``), so
    the table shows what the overlap saves.
@@ -566,7 +567,7 @@ def _run_pairs(cfg: BenchConfig, model_dir: Path, volume: np.ndarray, reference:
                 rel, reason = _make_relabeler(cfg, model_dir, runtime, precision, compile)
             rows.append(_row(runtime, precision, "skipped", reason=reason) if rel is None else
                         _bench_pair(cfg, rel, runtime, precision, volume, reference,
-                                    splits(bool(getattr(rel.runtime, "dynamic_batch", False)))))
+                                    splits(rel.runtime.dynamic_batch)))
             del rel
     return rows
 
@@ -596,7 +597,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     ran = [r for r in rows if r["status"] != "skipped"]
     return {"config": {**asdict(cfg), "model_dir": str(cfg.model_dir) if cfg.model_dir else None},
             "model": {"source": source, "window": list(package.window), "classes": package.num_classes,
-                      "windows": sum(int(b.shape[0]) for b in splits(False))},
+                      "windows": len(sliding_window_origins(volume.shape[-3:], package.window3d, cfg.overlap))},
             "reference": ref_name, "machine": _machine(cfg.device), "results": rows,
             "correct": bool(ran) and all(r["correct"] for r in ran)}
 

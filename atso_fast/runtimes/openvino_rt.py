@@ -268,10 +268,10 @@ class OpenVinoRuntime(FixedRuntime):
     def _output(self, request: Any) -> np.ndarray:
         """A finished request's output array; a bfloat16 output as ``ml_dtypes.bfloat16`` (OpenVINO
         hands its bits over as float16)."""
-        data = request.get_output_tensor(0).data
-        if request.get_output_tensor(0).get_element_type() == self.ov.Type.bf16:
-            return data.view(ml_dtypes.bfloat16)
-        return data
+        tensor = request.get_output_tensor(0)
+        if tensor.get_element_type() == self.ov.Type.bf16:
+            return tensor.data.view(ml_dtypes.bfloat16)
+        return tensor.data
 
     def _load(self, model: Any) -> Any:
         """``model`` compiled: from the disk cache, else built (and cached)."""
