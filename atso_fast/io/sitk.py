@@ -20,6 +20,7 @@ from atso_fast.io.atomic import TMP_MARK, commit_temp
 from atso_fast.io.base import InputError, VolumeMeta
 from atso_fast.io.files import not_regular_error
 from atso_fast.io.registry import ImageFormat, format_for, register_format
+from atso_fast.io.sitk_headers import staged_copy
 
 __all__ = ["DicomSeriesFormat", "MhaFormat", "MhdFormat", "NrrdFormat", "SitkFormat", "is_dicom_folder",
            "sitk_affine"]
@@ -89,18 +90,17 @@ class SitkFormat(ImageFormat):
     io_name: ClassVar[str]
 
     def read(self, path: Path) -> tuple[np.ndarray, np.ndarray, Any, tuple[int, ...]]:
+        """SimpleITK reads a private copy of the file and its data file, made after their header
+        was checked (:mod:`atso_fast.io.sitk_headers`): it never follows a header's name."""
         sitk = _sitk()
-        if not path.is_file():
-            raise InputError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
-        if not os.access(path, os.R_OK):
-            raise InputError(f"{path}: permission denied")
         reader = sitk.ImageFileReader()
         reader.SetImageIO(self.io_name)
-        reader.SetFileName(str(path))
-        try:
-            image = reader.Execute()
-        except RuntimeError as exc:
-            raise InputError(f"{path}: not a readable {self.name} image ({_first_line(exc)})") from None
+        with staged_copy(path, nrrd=self.io_name == "NrrdImageIO") as copy:
+            reader.SetFileName(str(copy))
+            try:
+                image = reader.Execute()
+            except RuntimeError as exc:
+                raise InputError(f"{path}: not a readable {self.name} image ({_first_line(exc)})") from None
         return _decode(image, path)
 
     def geometry(self, affine: np.ndarray, header: Any, shape: tuple[int, ...]) -> tuple:
