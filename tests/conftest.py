@@ -60,3 +60,21 @@ def torch_one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture
+def deny_open(monkeypatch):
+    """``deny_open(name)``: opening a file of that name raises EACCES, as the kernel does for a
+    file without read permission (root, which runs CI, ignores chmod 000)."""
+    import os
+
+    real_open = os.open
+    denied: set[str] = set()
+
+    def fake_open(path, *args, **kwargs):
+        if os.path.basename(os.fspath(path)) in denied:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    return denied.add

@@ -108,7 +108,7 @@ def _bad_kinds(folder: Path, good: bytes) -> dict[str, tuple[str, str]]:
     add("empty file", "empty.nii.gz", "empty", lambda p: _write(p, b""))
     add("text named .nii", "text.nii", "not a nifti", lambda p: _write(p, b"not a scan\n" * 40))
     add("bad sizeof_hdr", "badhdr.nii", "not a nifti", lambda p: _write(p, b"\x01\x02\x03\x04" + good[4:400]))
-    add("huge NIfTI dims", "hugedims.nii", "truncated", lambda p: _write(p, _nifti_bytes(
+    add("huge NIfTI dims", "hugedims.nii", "needs", lambda p: _write(p, _nifti_bytes(
         lambda h: h.__setitem__("dim", [3, 30000, 30000, 30000, 1, 1, 1, 1]))))
     add("vox_offset past EOF", "voxoffset.nii", "truncated", lambda p: _write(p, _nifti_bytes(
         lambda h: h.__setitem__("vox_offset", 1e9))))
@@ -129,7 +129,7 @@ def _bad_kinds(folder: Path, good: bytes) -> dict[str, tuple[str, str]]:
     add("string dtype", "strings.npy", "non-numeric", lambda p: _save(p, np.array([["ab"]] * 3)))
     add("structured dtype", "struct.npy", "non-numeric", lambda p: _save(
         p, np.zeros((3, 4, 5), dtype=[("a", "<f4"), ("b", "<i2")])))
-    add("npy header claims 4 PB", "hugeshape.npy", "allocate", lambda p: _write(p, _npy_bytes(
+    add("npy header claims 4 PB", "hugeshape.npy", "needs", lambda p: _write(p, _npy_bytes(
         "{'descr': '<f4', 'fortran_order': False, 'shape': (100000, 100000, 100000), }")))
     add("npy header of 4 GiB", "hugeheader.npy", "array header", lambda p: _write(
         p, b"\x93NUMPY\x02\x00" + (2**32 - 1).to_bytes(4, "little") + b"{" * 64))

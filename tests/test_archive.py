@@ -200,7 +200,7 @@ def _bad_cases(folder: Path) -> dict[str, str]:
             "locked": "permission denied", "adir": "directory"}
 
 
-def test_every_bad_input_fails_alone(tmp_path, monkeypatch, capsys):
+def test_every_bad_input_fails_alone(tmp_path, deny_open, capsys):
     folder = tmp_path / "in"
     folder.mkdir()
     expected = _bad_cases(folder)
@@ -208,14 +208,7 @@ def test_every_bad_input_fails_alone(tmp_path, monkeypatch, capsys):
     (folder / "adir.nii.gz").mkdir()
     names = goods + [p.name for p in sorted(folder.iterdir()) if p.name not in goods]
     (folder / "cases.txt").write_text("\n".join(names) + "\n")
-    real_read_bytes = Path.read_bytes
-
-    def read_bytes(self):  # root ignores chmod 000, so deny reading this one file by hand
-        if self.name == "locked.nii.gz":
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_read_bytes(self)
-
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    deny_open("locked.nii.gz")
     out = tmp_path / "out"
     summary = relabel_archive(FakeRelabeler(), folder / "cases.txt", out, progress=False)
     assert summary["done"] == len(goods) and summary["failed"] == len(expected)

@@ -190,10 +190,14 @@ def test_bad_inputs_raise_input_error_naming_file_and_problem(tmp_path):
 def test_permission_denied_is_an_input_error(tmp_path, monkeypatch):
     path = save_nifti(tmp_path / "locked.nii.gz", xyz_data((3, 3, 3)))
 
-    def denied(self):
-        raise PermissionError(13, "Permission denied", str(self))
+    real_open = os.open
 
-    monkeypatch.setattr(Path, "read_bytes", denied)
+    def denied(name, *args, **kwargs):  # root reads any file: deny the way the kernel does for others
+        if os.fspath(name) == str(path):
+            raise PermissionError(13, "Permission denied", str(name))
+        return real_open(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denied)
     with pytest.raises(InputError, match="permission denied") as info:
         read_volume(path)
     assert str(path) in str(info.value)

@@ -18,16 +18,22 @@ clipping to the input range is kept (per slice when separate, as nnU-Net).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
+from atso_fast.io.limits import check_bytes
 from atso_fast.package import ModelPackage
 from atso_fast.package.normalize import normalize, uses_mask
 
-__all__ = ["AxisOp", "Geometry", "axis_op", "new_shape", "prepare", "ras_view", "separate_axis"]
+__all__ = ["RESAMPLE_SHARE", "AxisOp", "Geometry", "axis_op", "new_shape", "prepare", "ras_view", "separate_axis"]
+
+RESAMPLE_SHARE = 3
+"""The resampled float32 grid may take 1/3 of the memory budget: resampling holds it and one
+intermediate axis product at once, and the engine its slab beside them."""
 
 
 # ------------------------------------------------------------------------------ 1D maps
@@ -266,6 +272,9 @@ def plan_geometry(vol: np.ndarray, package: ModelPackage, spacing, affine) -> Ge
         if min(geom.target) < 1:
             raise ValueError(f"resampling {geom.cropped} voxels at {geom.spacing} mm to {geom.target_spacing} mm "
                              "leaves an empty grid")
+        check_bytes(None, 4 * vol.shape[0] * math.prod(geom.target), f"resampling {geom.cropped} voxels at "
+                    f"{geom.spacing} mm to {geom.target_spacing} mm (grid {geom.target}, float32)",
+                    share=RESAMPLE_SHARE)
         if geom.target != geom.cropped:
             res = spec["resampling"]
             sep = separate_axis(geom.target_spacing, geom.spacing, res["separate_z"], res["anisotropy_threshold"])

@@ -10,10 +10,11 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from pathlib import Path
 
-from atso_fast.io.base import InputError
+from atso_fast.io.base import InputError, os_error
 
-__all__ = ["file_kind", "not_regular_error", "read_regular_file"]
+__all__ = ["file_kind", "not_regular_error", "open_regular", "read_regular_file"]
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
@@ -46,12 +47,12 @@ def not_regular_error(path: str | os.PathLike[str]) -> str | None:
     return f"{path}: is {file_kind(mode)}, not a regular file; refused (it is never opened)"
 
 
-def read_regular_file(path: str | os.PathLike[str], *, max_bytes: int | None = None) -> bytes:
-    """All bytes of the regular file ``path``; anything else is refused without blocking.
+def open_regular(path: str | os.PathLike[str]) -> int:
+    """A read-only descriptor of the regular file ``path``, opened without blocking and checked
+    again once open (the path may have been swapped for a FIFO in between); the caller closes it.
 
     Raises:
-        InputError: not a regular file (FIFO, socket, device, directory), missing, unreadable,
-            or larger than ``max_bytes``.
+        InputError: not a regular file, missing, or cannot be opened.
     """
     problem = not_regular_error(path)
     if problem:
@@ -59,13 +60,25 @@ def read_regular_file(path: str | os.PathLike[str], *, max_bytes: int | None = N
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except OSError as exc:
-        raise InputError(f"{path}: cannot open ({exc.strerror or exc})") from None
+        raise os_error(Path(path), exc) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise InputError(f"{path}: is {file_kind(mode)}, not a regular file; refused")
+    return fd
+
+
+def read_regular_file(path: str | os.PathLike[str], *, max_bytes: int | None = None) -> bytes:
+    """All bytes of the regular file ``path``; anything else is refused without blocking.
+
+    Raises:
+        InputError: not a regular file (FIFO, socket, device, directory), missing, unreadable,
+            or larger than ``max_bytes``.
+    """
+    fd = open_regular(path)
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):  # swapped after the check above
-            raise InputError(f"{path}: is {file_kind(info.st_mode)}, not a regular file; refused")
-        if max_bytes is not None and info.st_size > max_bytes:
-            raise InputError(f"{path}: {info.st_size} bytes, more than the {max_bytes} allowed")
+        if max_bytes is not None and os.fstat(fd).st_size > max_bytes:
+            raise InputError(f"{path}: {os.fstat(fd).st_size} bytes, more than the {max_bytes} allowed")
         with os.fdopen(fd, "rb", closefd=False) as handle:
             data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
     except OSError as exc:

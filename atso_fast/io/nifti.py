@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ from typing import Any
 import numpy as np
 from isal import igzip, isal_zlib
 
-from atso_fast.io.base import NUMERIC_KINDS, InputError, VolumeMeta, read_bytes
+from atso_fast.io.base import NUMERIC_KINDS, InputError, VolumeMeta
+from atso_fast.io.files import open_regular
+from atso_fast.io.limits import DECODE_SHARE, check_bytes
 from atso_fast.io.registry import ImageFormat, affine_geometry, register_format
 
 __all__ = ["GZIP_LEVEL", "NiftiFormat"]
@@ -44,14 +47,13 @@ class NiftiFormat(ImageFormat):
     reversed_axes = True
 
     def read(self, path: Path) -> tuple[np.ndarray, np.ndarray, Any, tuple[int, ...]]:
-        return _decode_nifti(read_bytes(path), path)
+        return _decode_nifti(_read_nifti_bytes(path), path)
 
     def geometry(self, affine: np.ndarray, header: Any, shape: tuple[int, ...]) -> tuple:
         """Spacing from ``pixdim`` (as ITK and nnU-Net's readers take it), origin and direction
         from the best affine."""
         _, origin, direction = affine_geometry(affine)
         zooms = [float(z) for z in header.get_zooms()[:min(len(shape), 3)]]
-        zooms = [z if np.isfinite(z) and z > 0 else 1.0 for z in zooms]
         if len(zooms) < 3:
             zooms += [1.0] * (3 - len(zooms))
         return tuple(zooms[::-1]), origin, direction
@@ -65,19 +67,70 @@ class NiftiFormat(ImageFormat):
 register_format(NiftiFormat())
 
 
-def _gunzip(raw: bytes, path: Path) -> bytes:
+_HEADER_PEEK = 544
+"""Bytes enough for a NIfTI-1 (348) or NIfTI-2 (540) header and the extension flag."""
+_TRAILING = 1 << 20
+"""Decompressed bytes tolerated past the data (padding); more is refused, never inflated."""
+
+
+def _read_nifti_bytes(path: Path) -> bytes:
+    """The bytes of ``path`` up to the end of its image data, decompressed, read through a
+    descriptor that never blocks (a FIFO is refused), with the header's decoded size checked
+    against the memory budget before the data are read: a 2 MB gzip bomb or an 8 GiB sparse
+    tail costs nothing."""
+    fd = open_regular(path)
     try:
-        return igzip.decompress(raw)
-    except Exception as exc:  # isal raises EOFError, BadGzipFile, isal_zlib.error
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            gz = handle.read(2) == _GZIP_MAGIC
+            handle.seek(0)
+            if not gz:
+                return _bounded_read(handle, path, check_trailing=False)
+            with igzip.IGzipFile(fileobj=handle, mode="rb") as stream:
+                return _bounded_read(stream, path, check_trailing=True)
+    except InputError:
+        raise
+    except (EOFError, OSError, isal_zlib.error) as exc:  # BadGzipFile is an OSError
         raise InputError(f"{path}: truncated or corrupt gzip data ({exc})") from None
+    finally:
+        os.close(fd)
+
+
+def _bounded_read(stream: Any, path: Path, *, check_trailing: bool) -> bytes:
+    head = stream.read(_HEADER_PEEK)
+    end = _data_end(head, path)
+    data = head[:end] if end <= len(head) else head + stream.read(end - len(head))
+    # reading on to the end of the gzip stream checks its CRC; a stream that goes on is a bomb
+    if check_trailing and len(stream.read(_TRAILING)) >= _TRAILING:
+        raise InputError(f"{path}: gzip data go on past the image's {end} bytes; refused")
+    return data
+
+
+def _data_end(head: bytes, path: Path) -> int:
+    """Offset just past the image data the header declares (or ``len(head)`` when ``head`` is not
+    a header the budget check can read: the decoder then names the problem)."""
+    import nibabel as nib
+
+    if len(head) < 348:
+        return len(head)
+    klass = nib.Nifti2Header if int.from_bytes(head[:4], "little") == 540 or \
+        int.from_bytes(head[:4], "big") == 540 else nib.Nifti1Header
+    try:
+        header = klass.from_fileobj(io.BytesIO(head[:klass.sizeof_hdr]), check=False)
+        shape = [int(n) for n in header.get_data_shape()]
+        end = max(int(header.get_data_offset()), klass.sizeof_hdr)  # a pair's header says offset 0
+        end += math.prod(shape) * header.get_data_dtype().itemsize
+    except Exception:  # not a NIfTI header: _decode_nifti says so
+        return len(head)
+    if min(shape, default=0) < 0:
+        return len(head)  # _decode_nifti names the invalid shape
+    check_bytes(path, end, "the decoded image", share=DECODE_SHARE)
+    return end
 
 
 def _decode_nifti(raw: bytes, path: Path) -> tuple[np.ndarray, np.ndarray, Any, tuple[int, ...]]:
     """Decode NIfTI bytes into a ``(Z, Y, X[, ...])`` view (C order), affine, header, stored shape."""
     if not raw:
         raise InputError(f"{path}: empty file")
-    if raw[:2] == _GZIP_MAGIC:
-        raw = _gunzip(raw, path)
     img = _nifti_image(raw, path)
     proxy = img.dataobj
     shape = tuple(int(n) for n in proxy.shape)
@@ -112,10 +165,26 @@ def _nifti_image(raw: bytes, path: Path) -> Any:
     if raw[where] != magic.encode("latin-1"):
         raise InputError(f"{path}: not a single-file {name} image (magic {raw[where]!r})")
     klass = nib.Nifti1Image if name == "NIfTI-1" else nib.Nifti2Image
+    _check_pixdim(klass.header_class, raw, path)
     try:
         return klass.from_bytes(raw)
     except Exception as exc:  # nibabel raises HeaderDataError, ValueError, struct errors ...
         raise InputError(f"{path}: invalid {name} header ({exc})") from None
+
+
+def _check_pixdim(header_class: Any, raw: bytes, path: Path) -> None:
+    """Refuse zero or non-finite voxel sizes as stored (nibabel quietly sets a zero to 1 mm, and a
+    wrong size resamples the scan wrongly); a negative size is taken as its magnitude, as nibabel
+    and ITK take it."""
+    try:
+        stored = header_class(raw[:header_class.sizeof_hdr], check=False)
+        ndim = int(stored["dim"][0])
+        zooms = [float(z) for z in stored["pixdim"][1:1 + min(max(ndim, 0), 3)]]
+    except Exception:  # an invalid header: from_bytes names it
+        return
+    if not all(math.isfinite(z) and z != 0 for z in zooms):
+        raise InputError(f"{path}: invalid voxel size {tuple(zooms)} mm (x, y, z) in the header: every size must "
+                         "be finite and non-zero")
 
 
 def _scaled(array: np.ndarray, slope: float, inter: float) -> np.ndarray:

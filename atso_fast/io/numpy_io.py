@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import io
+import math
+import os
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from atso_fast.io.base import InputError, VolumeMeta, os_error
+from atso_fast.io.base import InputError, VolumeMeta
+from atso_fast.io.files import open_regular
+from atso_fast.io.limits import DECODE_SHARE, check_bytes
 from atso_fast.io.registry import ImageFormat, register_format
 
 __all__ = ["NpyFormat", "NpzFormat"]
@@ -49,24 +53,41 @@ register_format(NpzFormat())
 
 
 def _load_numpy(path: Path, fmt: str) -> np.ndarray:
-    """Load a ``.npy`` array or the image array of a ``.npz`` archive (no pickles)."""
+    """Load a ``.npy`` array or the image array of a ``.npz`` archive (no pickles), through a
+    descriptor that never blocks, with the header's size checked against the memory budget."""
+    fd = open_regular(path)
     try:
-        if fmt == "npy":
-            return np.load(path, allow_pickle=False)
-        with np.load(path, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise InputError(f"{path}: not a .npz archive")
-            keys = list(archive.files)
-            if not keys:
-                raise InputError(f"{path}: .npz archive holds no arrays")
-            key = next((k for k in _NPZ_KEYS if k in keys), keys[0])
-            return archive[key]
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            if fmt == "npy":
+                return _read_npy(handle, path)
+            with zipfile.ZipFile(handle) as archive:
+                with archive.open(_npz_member(archive, path)) as member:
+                    return _read_npy(member, path)
     except InputError:
         raise
-    except (IsADirectoryError, PermissionError, FileNotFoundError) as exc:
-        raise os_error(path, exc) from None
     except Exception as exc:  # ValueError (bad magic, pickles), EOFError, BadZipFile, OSError
         raise InputError(f"{path}: not a valid .{fmt} file ({exc})") from None
+    finally:
+        os.close(fd)
+
+
+def _npz_member(archive: zipfile.ZipFile, path: Path) -> str:
+    names = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
+    if not names:
+        raise InputError(f"{path}: .npz archive holds no arrays")
+    return next((k for k in _NPZ_KEYS if k in names), names[0]) + ".npy"
+
+
+def _read_npy(handle: Any, path: Path) -> np.ndarray:
+    version = np.lib.format.read_magic(handle)
+    header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = header(handle)
+    if dtype.hasobject:
+        raise InputError(f"{path}: not a valid .npy image: it holds Python objects (a pickle), which atso-fast "
+                         "never loads")
+    check_bytes(path, math.prod(shape) * dtype.itemsize, "the decoded image", share=DECODE_SHARE)
+    handle.seek(0)
+    return np.load(handle, allow_pickle=False)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

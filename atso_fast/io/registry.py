@@ -8,6 +8,7 @@ class and one ``register_format`` call, with no suffix if-chains elsewhere.
 """
 from __future__ import annotations
 
+import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -159,7 +160,8 @@ def read_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, VolumeMeta]:
 
     Raises:
         InputError: unsupported suffix, unreadable file (missing, permission denied, a folder),
-            corrupt or truncated data, not an image, 1D or >4D data, zero voxels, non-numeric dtype.
+            corrupt or truncated data, not an image, 1D or >4D data, zero voxels, non-numeric dtype,
+            a voxel size that is zero, negative or not finite.
     """
     path = Path(path)
     fmt = format_for(path)
@@ -172,6 +174,9 @@ def read_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, VolumeMeta]:
     array = np.ascontiguousarray(array.reshape(out_shape))
     affine = np.asarray(affine, dtype=np.float64)
     spacing, origin, direction = fmt.geometry(affine, header, tuple(shape))
+    if spacing is not None and not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise InputError(f"{path}: invalid voxel size {tuple(spacing)[::-1]} mm (x, y, z) in the header: every "
+                         "size must be finite and positive")
     meta = VolumeMeta(path, fmt.name, affine, header, shape, len(shape), array.dtype,
                       tuple(int(n) for n in out_shape[-3:]), spacing, origin, direction)
     return array, meta

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ from pathlib import Path
 from isal import isal_zlib
 
 from atso_fast.io.base import InputError
-from atso_fast.io.files import file_kind, not_regular_error
+from atso_fast.io.files import open_regular
 from atso_fast.io.limits import DECODE_SHARE, check_bytes
 
 __all__ = ["HeaderFacts", "parse_header", "staged_copy"]
@@ -187,21 +186,6 @@ def _meta_facts(info: dict[str, str], length: int, path: Path) -> HeaderFacts:
     return HeaderFacts(length, data, voxels * _MET_SIZES[element], kind, skip)
 
 
-def _open_regular(path: Path) -> int:
-    problem = not_regular_error(path)
-    if problem:
-        raise InputError(problem)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        raise InputError(f"{path}: cannot open ({exc.strerror or exc})") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):  # swapped after the check
-        os.close(fd)
-        raise InputError(f"{path}: is {file_kind(mode)}, not a regular file; refused")
-    return fd
-
-
 def _data_path(header: Path, name: str) -> Path:
     """The data file beside ``header``; a link must stay in the same folder."""
     candidate = header.parent / name
@@ -272,7 +256,7 @@ def staged_copy(path: Path, *, nrrd: bool) -> Iterator[Path]:
         InputError: see :func:`parse_header`, plus a data file that is missing, not a regular file,
             too short for the raw data the header declares, or a decoded size over the budget.
     """
-    fd = _open_regular(path)
+    fd = open_regular(path)
     folder = None
     try:
         facts = parse_header(os.pread(fd, MAX_HEADER_BYTES, 0), path, nrrd=nrrd)
@@ -299,7 +283,7 @@ def _check_for(facts: HeaderFacts, nrrd: bool, where: Path, offset: int) -> _Zli
 
 def _stage_data(header: Path, facts: HeaderFacts, name: str, folder: Path, nrrd: bool) -> None:
     data = _data_path(header, name)
-    fd = _open_regular(data)
+    fd = open_regular(data)
     try:
         _check_size(facts, os.fstat(fd).st_size, data)
         _copy(fd, folder / name, _check_for(facts, nrrd, data, 0))
