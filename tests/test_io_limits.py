@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import os
 import zipfile
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np

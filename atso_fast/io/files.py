@@ -14,7 +14,10 @@ from pathlib import Path
 
 from atso_fast.io.base import InputError, os_error
 
-__all__ = ["file_kind", "not_regular_error", "open_regular", "read_regular_file"]
+__all__ = ["MAX_TEXT_BYTES", "file_kind", "not_regular_error", "open_regular", "read_regular_file", "read_text_file"]
+
+MAX_TEXT_BYTES = 64 << 20
+"""Largest config, list or JSON file read (plans.json, dataset.json, YAML lists: kilobytes)."""
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
@@ -88,3 +91,17 @@ def read_regular_file(path: str | os.PathLike[str], *, max_bytes: int | None = N
     if max_bytes is not None and len(data) > max_bytes:
         raise InputError(f"{path}: more than the {max_bytes} bytes allowed")
     return data
+
+
+def read_text_file(path: str | os.PathLike[str], *, max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """The UTF-8 text of the regular file ``path`` (a config, list or JSON file), read without
+    blocking.
+
+    Raises:
+        InputError: see :func:`read_regular_file`, or the bytes are not UTF-8.
+    """
+    data = read_regular_file(path, max_bytes=max_bytes)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None

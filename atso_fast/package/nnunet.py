@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import copy
 import importlib
+import io
 import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
+from atso_fast.io.base import InputError
+from atso_fast.io.files import read_regular_file, read_text_file
 from atso_fast.package.export import export_model
 from atso_fast.package.model import PackageError
 
@@ -62,11 +65,13 @@ _RESAMPLING = "resample_data_or_seg_to_shape"
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PackageError(f"{path}: not found (an nnU-Net model folder holds dataset.json, plans.json "
-                           "and fold_K/checkpoint_final.pth)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        if not os.path.lexists(path):
+            raise PackageError(f"{path}: not found (an nnU-Net model folder holds dataset.json, plans.json "
+                               "and fold_K/checkpoint_final.pth)")
+        return json.loads(read_text_file(path))
+    except InputError as exc:
+        raise PackageError(str(exc)) from None
+    except json.JSONDecodeError as exc:
         raise PackageError(f"{path}: unreadable JSON ({exc})") from None
 
 
@@ -94,11 +99,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     import torch
 
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise PackageError(f"{path}: checkpoint not found")
     try:
+        data = read_regular_file(path)
+    except InputError as exc:
+        raise PackageError(str(exc)) from None
+    try:
         with torch.serialization.safe_globals(_safe_globals()):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError (not a zip/pickle), EOFError ...
         found = re.search(r"(?:Unsupported global: GLOBAL|but got) <?(?:class ')?([\w.]+)", str(exc))
         what = f"a Python object atso-fast does not unpickle ({found.group(1)})" if found else \
@@ -131,7 +140,7 @@ def _configuration(plans: dict, name: str, where: Path) -> dict:
 def _folds(folder: Path, folds: Any, checkpoint: str) -> list[str]:
     if folds is None:  # nnU-Net's auto_detect_available_folds: fold_K with the checkpoint, not fold_all
         found = sorted((p.name[5:] for p in folder.glob("fold_*") if p.name != "fold_all"
-                        and (p / checkpoint).is_file()), key=lambda f: (len(f), f))
+                        and os.path.lexists(p / checkpoint)), key=lambda f: (len(f), f))
         if not found:
             raise PackageError(f"{folder}: no fold_K/{checkpoint} found")
         return found

@@ -49,6 +49,7 @@ import io
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -60,7 +61,7 @@ import torch
 from torch import nn
 
 from atso_fast.engine.relabeler import Relabeler
-from atso_fast.io import atomic_write_bytes
+from atso_fast.io import atomic_write_bytes, read_regular_file
 from atso_fast.train.augment import AugmentConfig
 from atso_fast.train.data import (
     Case,
@@ -428,6 +429,24 @@ def load_data(config: ATSOConfig | dict[str, Any]) -> SemiSupervisedData:
     raw, modality = load_raw(config.data, in_channels=config.in_channels)
     policy = resolve_normalization(config.normalization, raw["labelled"], modality)
     return prepare_data(raw, policy, modality)
+
+
+def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A trainer checkpoint read without blocking and loaded with ``weights_only=True``.
+
+    Raises:
+        ValueError: not a regular file, or truncated/corrupt (the message names the file).
+    """
+    data = read_regular_file(path)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError (truncated zip), EOFError ...
+        raise ValueError(f"{path}: not a readable atso-fast checkpoint ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}); delete it to start "
+                         "afresh") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not an atso-fast checkpoint (holds {type(state).__name__})")
+    return state
 
 
 def run_methods(config: ATSOConfig | dict[str, Any],
@@ -926,8 +945,8 @@ class ATSO:
             if self.config.out_dir is None:
                 raise ValueError("resume needs config.out_dir or an explicit checkpoint path")
             path = Path(self.config.out_dir) / CHECKPOINT_NAME
-        if not Path(path).is_file():
+        if not os.path.lexists(path):
             return False
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.load_state_dict(load_checkpoint_file(path))
         log.info("resumed %s from %s at round %d", self.config.method, path, self.round_index)
         return True

@@ -10,9 +10,9 @@ ATSO model, relabels the unlabelled archive with the relabel engine and prints a
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -23,9 +23,11 @@ from typing import Any
 
 from atso_fast.datasets.synthetic import make_archive, phantom_class_names
 from atso_fast.engine.relabeler import Relabeler
+from atso_fast.io.files import read_text_file
 from atso_fast.package import export_model
 from atso_fast.runtimes.torch_rt import torch_threads
 from atso_fast.train.atso import ATSO, resolve_storage, run_methods
+from atso_fast.train.data import parse_listing_text
 from atso_fast.train.report import demo_report
 
 __all__ = ["train_main", "demo_main", "build_train_parser", "build_demo_parser", "load_config", "format_history",
@@ -71,15 +73,9 @@ def load_config(path: str | Path, *, out: str | Path | None = None) -> dict[str,
         ValueError: unreadable file, not a mapping, or no output folder.
     """
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ValueError(f"config file {path} not found")
-    text = path.read_text()
-    if path.suffix.lower() == ".json":
-        config = json.loads(text)
-    else:
-        import yaml
-
-        config = yaml.safe_load(text)
+    config = parse_listing_text(read_text_file(path), path)
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a mapping of ATSOConfig fields, got {type(config).__name__}")
     if isinstance(config.get("data"), str):

@@ -21,6 +21,7 @@ List file (YAML or JSON; paths relative to the file)::
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from atso_fast.io import read_volume, supported_suffixes
+from atso_fast.io.files import read_text_file
 from atso_fast.package.normalize import check_policy, ct_policy_from_samples, normalize
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "crop_with_padding",
     "training_spacing",
     "read_listing",
+    "parse_listing_text",
 ]
 
 _IMAGE_SUFFIXES = supported_suffixes()  # NIfTI, NumPy, NRRD, MetaImage (atso_fast.io's formats)
@@ -166,6 +169,17 @@ def _folder_entries(root: Path, images: str, labels: str) -> list[dict[str, Any]
     return entries
 
 
+def parse_listing_text(text: str, path: Path) -> Any:
+    """A JSON (``.json``) or YAML document read from ``path``; a syntax error names the file."""
+    import yaml
+
+    try:
+        return json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} "
+                         f"({str(exc).splitlines()[0][:200]})") from None
+
+
 def _load_spec(spec: str | Path | dict[str, Any]) -> tuple[dict[str, Any], Path]:
     if isinstance(spec, dict):
         return spec, Path(".")
@@ -174,18 +188,13 @@ def _load_spec(spec: str | Path | dict[str, Any]) -> tuple[dict[str, Any], Path]
         listing = {key: _folder_entries(path, f"images{sfx}", f"labels{sfx}")
                    for key, sfx in (("labelled", "Tr"), ("unlabelled", "Un"), ("val", "Val"))}
         meta_file = path / "dataset.json"
-        if meta_file.is_file():
-            channels = json.loads(meta_file.read_text()).get("channel_names", {})
+        if os.path.lexists(meta_file):
+            channels = parse_listing_text(read_text_file(meta_file), meta_file).get("channel_names", {})
             listing["modality"] = channels.get("0") if isinstance(channels, dict) else None
         return listing, Path(".")
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ValueError(f"data must be a folder, a .yaml/.json list or a dict, got {spec!s} (not found)")
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        listing = yaml.safe_load(path.read_text())
-    else:
-        listing = json.loads(path.read_text())
+    listing = parse_listing_text(read_text_file(path), path)
     if not isinstance(listing, dict):
         raise ValueError(f"{path}: expected a mapping with labelled/unlabelled/val lists, got {type(listing).__name__}")
     return listing, path.parent

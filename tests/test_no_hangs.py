@@ -1,0 +1,100 @@
+"""Nothing a user hands over hangs a command (issue 26): FIFOs, devices and sockets among a
+model folder's or a training set's files are refused by name without being opened."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+from test_archive import make_case
+from test_archive_hardening import no_hang
+
+from atso_fast.io import InputError
+from atso_fast.package.errors import PackageError
+from atso_fast.train.data import load_raw
+
+pytest.importorskip("nnunetv2")
+
+
+@pytest.fixture(scope="module")
+def nnunet_folder(tmp_path_factory):
+    from atso_fast.datasets.nnunet_folder import make_nnunet_folder
+
+    return make_nnunet_folder(tmp_path_factory.mktemp("nn") / "results", configuration="3d_fullres",
+                              patch=(16, 16, 16), spacing=(1.0, 1.0, 1.0), folds=(0,), features=(4, 8), seed=0)
+
+
+def copy_folder(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("name", ["plans.json", "dataset.json", "fold_0/checkpoint_final.pth"])
+def test_import_nnunet_refuses_a_fifo_without_hanging(nnunet_folder, tmp_path, name):
+    from atso_fast import import_nnunet
+
+    folder = copy_folder(nnunet_folder, tmp_path / "model")
+    (folder / name).unlink()
+    os.mkfifo(folder / name)
+    with pytest.raises(PackageError, match="FIFO"):
+        no_hang(import_nnunet, folder, tmp_path / "pkg", timeout=60, fifos=(folder / name,))
+
+
+@pytest.mark.parametrize("name, text, problem", [
+    ("plans.json", "{not json", "unreadable JSON"),
+    ("dataset.json", "\xff\xfe", "UTF-8"),
+])
+def test_import_nnunet_names_a_malformed_json(nnunet_folder, tmp_path, name, text, problem):
+    from atso_fast import import_nnunet
+
+    folder = copy_folder(nnunet_folder, tmp_path / "model")
+    (folder / name).write_bytes(text.encode("latin-1"))
+    with pytest.raises(PackageError, match=problem) as info:
+        import_nnunet(folder, tmp_path / "pkg")
+    assert name in str(info.value)
+
+
+def test_training_data_with_a_fifo_is_refused_without_hanging(tmp_path):
+    root = tmp_path / "data"
+    make_case(root / "imagesTr" / "a_0000.nii.gz", 0)
+    label = root / "labelsTr" / "a.nii.gz"
+    label.parent.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((9, 8, 7), np.uint8), np.eye(4)), label)
+    os.mkfifo(root / "imagesTr" / "b_0000.nii.gz")
+    shutil.copy(label, root / "labelsTr" / "b.nii.gz")
+    with pytest.raises(InputError, match="b_0000.nii.gz.*FIFO"):
+        no_hang(load_raw, root, timeout=30, fifos=(root / "imagesTr" / "b_0000.nii.gz",))
+
+
+def test_training_list_and_config_fifos_are_refused(tmp_path):
+    from atso_fast.train.cli import load_config
+
+    for name in ("list.yaml", "config.json"):
+        os.mkfifo(tmp_path / name)
+    with pytest.raises(InputError, match="FIFO"):
+        no_hang(load_raw, tmp_path / "list.yaml", timeout=30, fifos=(tmp_path / "list.yaml",))
+    with pytest.raises(InputError, match="FIFO"):
+        no_hang(load_config, tmp_path / "config.json", timeout=30, fifos=(tmp_path / "config.json",))
+    (tmp_path / "bad.json").write_text(json.dumps([1])[:-1])
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        load_raw(tmp_path / "bad.json")
+
+
+def test_a_truncated_or_fifo_trainer_checkpoint_names_the_file(tmp_path):
+    import torch
+
+    from atso_fast.train.atso import load_checkpoint_file
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"round": 1, "weights": torch.ones(1000)}, path)
+    assert load_checkpoint_file(path)["round"] == 1
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(ValueError, match="checkpoint.pt: not a readable atso-fast checkpoint"):
+        load_checkpoint_file(path)
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(InputError, match="FIFO"):
+        no_hang(load_checkpoint_file, path, timeout=20, fifos=(path,))
