@@ -321,3 +321,65 @@ def test_onnx_external_data_is_refused(package):
     _set_meta(package, onnx_sha256=hashlib.sha256(data).hexdigest())
     with pytest.raises(PackageError, match="external data"):
         load_package(package)
+
+
+def _external(name: str, location: str = "../../etc/passwd"):
+    import onnx
+
+    tensor = onnx.helper.make_tensor(name, onnx.TensorProto.FLOAT, [1], [0.0])
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.ClearField("float_data")
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", location
+    return tensor
+
+
+@pytest.mark.parametrize("where", ["function", "sparse_initializer", "sparse_attribute", "subgraph", "entry only"])
+def test_external_data_hidden_anywhere_in_the_model_is_refused(package, where):
+    """Tensors hide in model-local functions, sparse tensors, attributes and sub-graphs; a tensor
+    with external_data entries but data_location DEFAULT is refused too."""
+    import onnx
+
+    model = onnx.load(package / "model.onnx")
+    helper = onnx.helper
+    if where == "function":
+        const = helper.make_node("Constant", [], ["c"], value=_external("f"))
+        model.functions.append(helper.make_function("local", "F", [], ["c"], [const],
+                                                    [helper.make_opsetid("", 17)]))
+    elif where == "sparse_initializer":
+        values, indices = _external("s_values"), helper.make_tensor("s_idx", onnx.TensorProto.INT64, [1], [0])
+        model.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [4]))
+    elif where == "sparse_attribute":
+        values, indices = _external("a_values"), helper.make_tensor("a_idx", onnx.TensorProto.INT64, [1], [0])
+        node = helper.make_node("Constant", [], ["unused"], sparse_value=helper.make_sparse_tensor(values, indices, [4]))
+        model.graph.node.append(node)
+    elif where == "subgraph":
+        inner = helper.make_graph([helper.make_node("Constant", [], ["y"], value=_external("g"))], "inner", [],
+                                  [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+        cond = helper.make_tensor("cond", onnx.TensorProto.BOOL, [], [True])
+        model.graph.initializer.append(cond)
+        model.graph.node.append(helper.make_node("If", ["cond"], ["unused2"], then_branch=inner, else_branch=inner))
+    else:
+        tensor = _external("e")
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        model.graph.initializer.append(tensor)
+    data = model.SerializeToString()
+    (package / "model.onnx").write_bytes(data)
+    _set_meta(package, onnx_sha256=hashlib.sha256(data).hexdigest())
+    with pytest.raises(PackageError, match="external data"):
+        load_package(package)
+
+
+def test_runtimes_load_the_verified_bytes_not_the_file_again(package):
+    """A model.onnx swapped after load_package checked it never runs: the runtimes get the bytes
+    that were hashed."""
+    from atso_fast.runtimes import create_runtime
+
+    pkg = load_package(package)
+    reference = create_runtime("onnxruntime", package=pkg)
+    window = np.random.default_rng(0).normal(size=(1, pkg.in_channels, *pkg.window)).astype(np.float32)
+    expected = np.array(reference(window))
+    (package / "model.onnx").write_bytes(b"swapped after the check")
+    for name in ("onnxruntime", "openvino"):
+        runtime = create_runtime(name, package=pkg)
+        np.testing.assert_allclose(np.array(runtime(window)), expected, rtol=1e-4, atol=1e-4)

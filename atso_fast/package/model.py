@@ -37,6 +37,20 @@ class ModelPackage:
     extra: dict[str, Any] = field(default_factory=dict)
     preprocessing: dict[str, Any] = field(default_factory=default_preprocessing)
     mirror_axes: list[int] | None = None
+    verified: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
+    """The bytes of ``model.onnx`` (``"onnx"``) and ``model.pt2`` (``"torch"``) that passed the
+    checks of :func:`~atso_fast.package.trust.verify_package`: runtimes load these, never the files
+    again (a file swapped after the check never runs)."""
+
+    def onnx_bytes(self) -> bytes:
+        """The verified ONNX bytes.
+
+        Raises:
+            PackageError: the package was not loaded by :func:`load_package` (no verified bytes).
+        """
+        if "onnx" not in self.verified:
+            raise PackageError(f"{self.onnx_path}: not verified (load the package with load_package)")
+        return self.verified["onnx"]
 
     @property
     def spatial_dims(self) -> int:

@@ -6,7 +6,10 @@
   mix-ups and corruption; an attacker who writes the files also writes the hashes).
 - The ONNX graph's input and output shapes must agree with ``window``, ``in_channels`` and
   ``num_classes`` (refused when the package loads, not per case); ONNX external data (files the
-  graph names, outside the hash) is refused.
+  graph names, outside the hash) is refused wherever a tensor sits (functions, sparse tensors,
+  attributes, sub-graphs: every field is walked).
+- The checked bytes are kept (``ModelPackage.verified``) and handed to the runtimes: a file
+  swapped after the check never runs.
 - ``model.pt2`` must pass :func:`atso_fast.io.pt2.check_torch_program` (nothing in it may run
   code), whichever runtime will run: a package that carries an unsafe program is refused. A file
   that is no torch.export archive at all (say from another torch version) runs nothing and is
@@ -102,6 +105,7 @@ def verify_package(pkg: Any, meta: dict[str, Any], meta_path: Path) -> None:
     data = _read(onnx_path)
     _check_hash(onnx_path, data, meta.get("onnx_sha256"), "onnx_sha256", meta_path)
     check_onnx_graph(data, onnx_path, pkg, meta_path)
+    pkg.verified["onnx"] = data
     torch_path = confined_file(root, pkg.torch_file, "torch_file", meta_path, required=False) \
         if pkg.torch_file else None
     if torch_path is not None:  # a missing model.pt2 only means the torch runtime is unavailable
@@ -109,6 +113,7 @@ def verify_package(pkg: Any, meta: dict[str, Any], meta_path: Path) -> None:
         _check_hash(torch_path, data, meta.get("torch_sha256"), "torch_sha256", meta_path)
         try:
             check_torch_program(data, str(torch_path))
+            pkg.verified["torch"] = data
         except UnsafeArchiveError as exc:  # could run code: refused whatever the runtime
             raise PackageError(f"{exc} (to run this package with ONNX Runtime only, delete {torch_path.name} "
                                f"and its torch_file entry in {meta_path.name})") from None
@@ -145,7 +150,7 @@ def check_onnx_graph(data: bytes, path: Path, pkg: Any, meta_path: Path) -> None
         model = onnx.load_model_from_string(data)
     except Exception as exc:  # noqa: BLE001 - protobuf DecodeError and friends
         raise PackageError(f"{path}: not a valid ONNX model ({type(exc).__name__}: {exc})") from None
-    if _uses_external_data(model.graph):
+    if _uses_external_data(model):
         raise PackageError(f"{path}: the graph keeps weights in external data files, which are refused "
                            "(re-export with the weights inside model.onnx)")
     graph = model.graph
@@ -184,19 +189,26 @@ def _check_dims(dims: list[int | None] | None, field: str, channels: int, pkg: A
                            f"shape {shown}")
 
 
-def _uses_external_data(graph: Any) -> bool:
-    """Whether any tensor of ``graph`` (initializers, constants, sub-graphs) lives in a file."""
+def _uses_external_data(message: Any) -> bool:
+    """Whether any tensor anywhere in ``message`` (an ONNX ``ModelProto``: initializers, sparse
+    initializers and their values and indices, node attributes, sub-graphs, model-local functions,
+    training info) lives in an external file. Walks every set message field by protobuf
+    reflection, so no place a tensor can hide is missed."""
     import onnx
 
-    external = onnx.TensorProto.EXTERNAL
-    if any(t.data_location == external for t in graph.initializer):
+    if isinstance(message, onnx.TensorProto) and (
+            message.data_location == onnx.TensorProto.EXTERNAL or len(message.external_data) > 0):
         return True
-    for node in graph.node:
-        for attr in node.attribute:
-            tensors = [attr.t] if attr.HasField("t") else []
-            if any(t.data_location == external for t in [*tensors, *attr.tensors]):
-                return True
-            graphs = [attr.g] if attr.HasField("g") else []
-            if any(_uses_external_data(g) for g in [*graphs, *attr.graphs]):
-                return True
+    for descriptor, value in message.ListFields():
+        if descriptor.type != descriptor.TYPE_MESSAGE:
+            continue
+        items = value if _repeated(descriptor) else [value]
+        if any(_uses_external_data(item) for item in items):
+            return True
     return False
+
+
+def _repeated(descriptor: Any) -> bool:
+    """Whether a protobuf field is repeated (``is_repeated`` in protobuf >= 5.27, ``label`` before)."""
+    flag = getattr(descriptor, "is_repeated", None)
+    return bool(flag) if flag is not None else descriptor.label == descriptor.LABEL_REPEATED

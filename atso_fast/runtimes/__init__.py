@@ -103,13 +103,14 @@ def create_runtime(name: str, *, device: str = "cpu", package: Any = None, modul
         raise ValueError(f"create_runtime takes one of {RUNTIMES[1:]}, got {name!r}")
     if package is None or package.root is None:
         raise ValueError(f"runtime {name!r} needs an exported model package (model.onnx), not a live module")
+    onnx, source = package.onnx_bytes(), package.onnx_path  # the verified bytes, never the file again
     if name == "onnxruntime":
-        return OnnxRuntime(package.onnx_path, device=device, precision=precision, threads=threads)
+        return OnnxRuntime(onnx, device=device, precision=precision, threads=threads, source=source)
     if name == "openvino":
-        return OpenVinoRuntime(package.onnx_path, device=device, precision=precision, batch_size=batch_size,
-                               window=package.window, in_channels=package.in_channels, threads=threads)
-    return TensorRTRuntime(package.onnx_path, device=device, precision=precision,
-                           max_batch=batch_size, window=package.window, in_channels=package.in_channels)
+        return OpenVinoRuntime(onnx, device=device, precision=precision, batch_size=batch_size,
+                               window=package.window, in_channels=package.in_channels, threads=threads, source=source)
+    return TensorRTRuntime(onnx, device=device, precision=precision, max_batch=batch_size, window=package.window,
+                           in_channels=package.in_channels, source=source)
 
 
 def load_runtime(candidates: Sequence[str], **kw: Any) -> Runtime:

@@ -1,10 +1,14 @@
 """The runtime interface: everything the engine reads from a runtime is declared here."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from atso_fast.io.files import read_regular_file
+
 __all__ = ["FixedRuntime", "PRECISIONS", "Pending", "Ready", "Runtime", "RuntimeUnavailable", "check_device",
-           "check_precision"]
+           "check_precision", "model_bytes"]
 
 PRECISIONS = ("float32", "float16", "bfloat16")
 
@@ -139,3 +143,13 @@ def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return precision
+
+
+def model_bytes(model: str | os.PathLike[str] | bytes, source: str | os.PathLike[str] | None = None
+                ) -> tuple[bytes, Path]:
+    """``(bytes, path for messages)`` of a serialised model given as bytes (a package's verified
+    ``model.onnx``: the runtime loads exactly the bytes that were checked, never the file again)
+    or as a path (read once, without blocking)."""
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        return bytes(model), Path(source if source is not None else "model.onnx")
+    return read_regular_file(model), Path(model)

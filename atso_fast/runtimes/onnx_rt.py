@@ -7,7 +7,6 @@ straight into the CUDA accumulate kernel with no host round trip. That path need
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +16,7 @@ from atso_fast.runtimes.base import (
     RuntimeUnavailable,
     check_device,
     check_precision,
+    model_bytes,
 )
 
 __all__ = ["OnnxRuntime", "onnxruntime_has_cuda"]
@@ -41,8 +41,8 @@ def onnxruntime_has_cuda() -> bool:
 class OnnxRuntime(FixedRuntime):
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: str | os.PathLike, *, device: str = "cpu", precision: str = "float32",
-                 threads: int | None = None):
+    def __init__(self, onnx: str | os.PathLike | bytes, *, device: str = "cpu", precision: str = "float32",
+                 threads: int | None = None, source: str | os.PathLike | None = None):
         ort = _ort()
         self.device = check_device(device)
         self.precision = check_precision(precision)
@@ -63,8 +63,9 @@ class OnnxRuntime(FixedRuntime):
                 raise RuntimeUnavailable("runtime 'onnxruntime' on cuda needs onnxruntime-gpu: "
                                          "pip uninstall onnxruntime && pip install onnxruntime-gpu")
             providers = [("CUDAExecutionProvider", {"device_id": self._device_id})]
-        try:
-            self.session = ort.InferenceSession(str(Path(onnx_path)), sess_options=opts, providers=providers)
+        data, onnx_path = model_bytes(onnx, source)
+        try:  # from the bytes: what was verified is what runs
+            self.session = ort.InferenceSession(data, sess_options=opts, providers=providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             raise ValueError(f"{onnx_path}: ONNX Runtime cannot load the model ({exc})") from None
         self._input = self.session.get_inputs()[0].name

@@ -45,13 +45,14 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from atso_fast.io import atomic_write_bytes
 from atso_fast.runtimes.base import (
     FixedRuntime,
     RuntimeUnavailable,
     check_device,
     check_precision,
+    model_bytes,
 )
+from atso_fast.runtimes.blob_cache import BlobCache
 
 __all__ = ["MAX_IN_FLIGHT", "PIPELINE_MAX_OUTPUT_BYTES", "OpenVinoRuntime",
            "compiled_cache_key", "openvino_available", "openvino_supports"]
@@ -161,10 +162,11 @@ class OpenVinoRuntime(FixedRuntime):
 
     name = "openvino"
 
-    def __init__(self, onnx_path: str | os.PathLike, *, device: str = "cpu", precision: str = "float32",
+    def __init__(self, onnx: str | os.PathLike | bytes, *, device: str = "cpu", precision: str = "float32",
                  batch_size: int = 4, window: tuple[int, ...] = (), in_channels: int = 1,
                  threads: int | None = None, target: str = "CPU", cache_dir: str | os.PathLike | bool | None = None,
-                 in_flight: int | None = None, streams: int | None = None, dynamic_batch: bool = True):
+                 in_flight: int | None = None, streams: int | None = None, dynamic_batch: bool = True,
+                 source: str | os.PathLike | None = None):
         self.ov = _ov()
         self.device, self.precision = check_device(device), check_precision(precision)
         if device != "cpu":
@@ -173,7 +175,8 @@ class OpenVinoRuntime(FixedRuntime):
         if not openvino_supports(precision, target):
             raise ValueError(f"runtime 'openvino': {target} does not support {precision} "
                              f"(its capabilities: {self._capabilities(target)}); use float32")
-        self.onnx_path, self.target = Path(onnx_path), str(target)
+        self.onnx_bytes, self.onnx_path = model_bytes(onnx, source)
+        self.target = str(target)
         self.batch_size = max(1, int(batch_size))
         self._sample = (int(in_channels), *(int(w) for w in window))
         self.threads = None if threads is None else max(int(threads), 1)
@@ -243,7 +246,7 @@ class OpenVinoRuntime(FixedRuntime):
     def _read(self) -> Any:
         """The ONNX model reshaped to :attr:`input_shape` (not compiled)."""
         try:
-            model = _core().read_model(str(self.onnx_path))
+            model = _core().read_model(self.onnx_bytes)
             if len(model.inputs) != 1 or len(model.outputs) != 1:
                 raise ValueError(f"expected one input and one output, got {len(model.inputs)} and "
                                  f"{len(model.outputs)}")
@@ -275,14 +278,15 @@ class OpenVinoRuntime(FixedRuntime):
 
     def _load(self, model: Any) -> Any:
         """``model`` compiled: from the disk cache, else built (and cached)."""
-        key = compiled_cache_key(self.onnx_path.read_bytes(), self.ov.__version__, self._device_name(),
+        key = compiled_cache_key(self.onnx_bytes, self.ov.__version__, self._device_name(),
                                  f"{self.precision}/streams{self.streams}/out-{self._out_type}", self.input_shape)
-        path = None if self.cache_dir is None else self.cache_dir / f"{key}.blob"
-        compiled = self._import(path) if path is not None and path.is_file() else None
+        cache = None if self.cache_dir is None else BlobCache(self.cache_dir, self.name)
+        blob = None if cache is None else cache.load(key)
+        compiled = None if blob is None else self._import(blob)
         if compiled is None:
             compiled = self._build(_core(), model)
-            if path is not None:
-                self._store(compiled, path)
+            if cache is not None:
+                self._store(compiled, cache, key)
         return compiled
 
     def _device_name(self) -> str:
@@ -302,23 +306,24 @@ class OpenVinoRuntime(FixedRuntime):
         return ValueError(f"{self.onnx_path}: OpenVINO cannot compile the model for input "
                           f"{'x'.join(map(str, self.input_shape))} ({' '.join(str(exc).split())[:500]})")
 
-    def _import(self, path: Path) -> Any:
-        """A cached compiled model, or None when the blob is unreadable (it is rebuilt)."""
+    def _import(self, blob: bytes) -> Any:
+        """A cached compiled model (checked by :class:`BlobCache`), or None when OpenVINO cannot
+        import it (another build: it is compiled again and overwritten)."""
         try:
-            return _core().import_model(path.read_bytes(), self.target, self._config())
-        except Exception:  # noqa: BLE001 - a stale or damaged blob: rebuild and overwrite it
+            return _core().import_model(blob, self.target, self._config())
+        except Exception:  # noqa: BLE001 - a stale blob: rebuild and overwrite it
             return None
 
-    def _store(self, compiled: Any, path: Path) -> None:
+    def _store(self, compiled: Any, cache: BlobCache, key: str) -> None:
         """Write the compiled model to the cache; a cache we cannot write only costs a rebuild."""
         try:
             buf = io.BytesIO()
             compiled.export_model(buf)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, buf.getbuffer())
-        except Exception as exc:  # noqa: BLE001 - a read-only or full cache must not stop a run
-            warnings.warn(f"runtime openvino: compiled model not cached at {path} ({exc})", RuntimeWarning,
+        except Exception as exc:  # noqa: BLE001 - export is an optimisation; the run goes on
+            warnings.warn(f"runtime openvino: compiled model not exported for the cache ({exc})", RuntimeWarning,
                           stacklevel=3)
+            return
+        cache.store(key, buf.getbuffer())
 
     # ------------------------------------------------------------------ running
     def submit(self, batch: Any) -> _OvPending:

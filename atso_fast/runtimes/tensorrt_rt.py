@@ -20,7 +20,9 @@ from atso_fast.runtimes.base import (
     RuntimeUnavailable,
     check_device,
     check_precision,
+    model_bytes,
 )
+from atso_fast.runtimes.blob_cache import BlobCache
 
 __all__ = ["TensorRTRuntime", "tensorrt_available", "engine_cache_key"]
 
@@ -42,9 +44,9 @@ def engine_cache_key(onnx_bytes: bytes, gpu_name: str, trt_version: str, precisi
 class TensorRTRuntime(FixedRuntime):
     name = "tensorrt"
 
-    def __init__(self, onnx_path: str | os.PathLike, *, device: str = "cuda", precision: str = "float16",
+    def __init__(self, onnx: str | os.PathLike | bytes, *, device: str = "cuda", precision: str = "float16",
                  max_batch: int = 4, window: tuple[int, ...] = (), in_channels: int = 1,
-                 cache_dir: str | os.PathLike | None = None):
+                 cache_dir: str | os.PathLike | None = None, source: str | os.PathLike | None = None):
         if not tensorrt_available():
             raise RuntimeUnavailable("runtime 'tensorrt' needs NVIDIA TensorRT: pip install tensorrt "
                                      "(and a CUDA GPU)")
@@ -55,28 +57,24 @@ class TensorRTRuntime(FixedRuntime):
         self.max_batch = max(1, int(max_batch))
         self._shape = (in_channels, *window)
         cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "atso_fast" / "tensorrt"
-        self._engine = self._load_or_build(Path(onnx_path), cache)
+        self._engine = self._load_or_build(*model_bytes(onnx, source), BlobCache(cache, self.name))
         self._context = self._engine.create_execution_context()
 
-    def _load_or_build(self, onnx_path: Path, cache: Path) -> Any:
+    def _load_or_build(self, data: bytes, onnx_path: Path, cache: BlobCache) -> Any:
+        """The engine from the cache (its checks: :class:`BlobCache`), else built and cached."""
         import tensorrt as trt
         import torch
 
-        data = onnx_path.read_bytes()
         gpu = torch.cuda.get_device_name(torch.device(self.device))
         key = engine_cache_key(data, gpu, trt.__version__, self.precision, self.max_batch)
-        path = cache / f"{key}.engine"
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
-        if path.is_file():
-            engine = runtime.deserialize_cuda_engine(path.read_bytes())
-            if engine is not None:
-                return engine
+        blob = cache.load(key)
+        engine = None if blob is None else runtime.deserialize_cuda_engine(blob)
+        if engine is not None:
+            return engine
         plan = self._build(trt, logger, data, onnx_path)
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(plan)
-        os.replace(tmp, path)
+        cache.store(key, plan)
         return runtime.deserialize_cuda_engine(plan)
 
     def _build(self, trt: Any, logger: Any, data: bytes, onnx_path: Path) -> bytes:
