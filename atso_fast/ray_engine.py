@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from atso_fast.archive import Case, CaseRecorder, relabel_case, run_archive
-from atso_fast.engine.relabeler import Relabeler
+from atso_fast.engine.relabeler import Relabeler, run_fingerprint
 from atso_fast.package import load_package
 
 __all__ = ["DEFAULT_MAX_ATTEMPTS", "RAY_INSTALL_HINT", "RayRunError", "ray_runner",
@@ -163,7 +163,9 @@ def ray_runner(model_dir_or_relabeler_kwargs: str | os.PathLike[str] | Mapping[s
     if spec.factory is None and spec.kwargs.get("threads") is None:
         spec.kwargs["threads"] = max(1, int(cpus))  # an actor's runtime stays in its CPU share
     pool = _pool(1 if workers is None else workers, cpus, gpus_per_worker, max_attempts, device)
-    return partial(run_archive, partial(_process_on_ray, spec=spec, pool=pool, address=address))
+    fingerprint = None if spec.factory is not None else run_fingerprint(load_package(spec.model_dir), spec.kwargs)
+    return partial(run_archive, partial(_process_on_ray, spec=spec, pool=pool, address=address),
+                   fingerprint=fingerprint)
 
 
 # ------------------------------------------------------------------------------ validation

@@ -30,10 +30,12 @@ import numpy as np
 
 from atso_fast.archive.plan import (
     Case,
+    check_output_folder,
     check_resume,
     plan_archive,
     remove_stale_temps,
     report_skipped,
+    run_lock,
 )
 from atso_fast.io import (
     InputError,
@@ -95,8 +97,8 @@ class CaseRecorder(Protocol):
 class _Tally:
     """Thread-safe counters, the failure list and the progress bar of one run."""
 
-    def __init__(self, manifest: Manifest, output_dir: Path, bar: Any) -> None:
-        self.manifest, self.output_dir, self.bar = manifest, output_dir, bar
+    def __init__(self, manifest: Manifest, output_dir: Path, bar: Any, fingerprint: str | None = None) -> None:
+        self.manifest, self.output_dir, self.bar, self.fingerprint = manifest, output_dir, bar, fingerprint
         self.lock = threading.Lock()
         self.done = self.failed = self.voxels = 0
         self.busy = 0.0
@@ -113,7 +115,7 @@ class _Tally:
             "label_counts": stats.get("label_counts"),
             "ignored_fraction": stats.get("ignored_fraction"),
             "mean_confidence": stats.get("mean_confidence"), "outputs": outputs, "error": None,
-            "spacing": stats.get("spacing"), "timings": stats.get("timings"),
+            "spacing": stats.get("spacing"), "timings": stats.get("timings"), "run": self.fingerprint,
         })
         with self.lock:
             self.done += 1
@@ -201,7 +203,8 @@ def relabel_archive(relabeler: Any, inputs: str | os.PathLike[str] | Sequence[st
     process = partial(_pipeline, relabeler, readers=readers, writers=writers, queue_size=queue_size)
     summary = run_archive(process, inputs, output_dir, recursive=recursive, resume=resume,
                           overwrite=overwrite, num_parts=num_parts, part_id=part_id,
-                          save_confidence=save_confidence, progress=progress)
+                          save_confidence=save_confidence, progress=progress,
+                          fingerprint=getattr(relabeler, "fingerprint", None))
     label = getattr(relabeler, "runtime_label", None)  # optional (VolumeRelabeler)
     if label:
         summary["runtime"] = label
@@ -212,7 +215,8 @@ def run_archive(process: Callable[[list[Case], CaseRecorder], None],
                 inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
                 output_dir: str | os.PathLike[str], *, recursive: bool = False,
                 resume: bool = False, overwrite: bool = False, num_parts: int = 1, part_id: int = 0,
-                save_confidence: bool = False, progress: bool | None = None) -> dict[str, Any]:
+                save_confidence: bool = False, progress: bool | None = None,
+                fingerprint: str | None = None) -> dict[str, Any]:
     """Plan, resume and record an archive run around an engine's ``process(cases, tally)``.
 
     The engine-independent part of :func:`relabel_archive` (planning, part split, resume, stale
@@ -220,19 +224,23 @@ def run_archive(process: Callable[[list[Case], CaseRecorder], None],
     threaded pipeline here, ``atso_fast.ray_engine``) has the same semantics. ``process`` gets
     the cases still to do and must record each one with ``tally.ok(case, meta, stats, seconds)``
     or ``tally.fail(case, message, shape)``; ``meta`` needs only ``spatial_shape``. Arguments
-    and return value are those of :func:`relabel_archive`.
+    and return value are those of :func:`relabel_archive`; ``fingerprint`` (the engine's
+    :attr:`~atso_fast.engine.Relabeler.fingerprint`) goes into every ``ok`` row, and a resume over
+    cases finished with another one is refused. One process at a time writes a part of a folder
+    (an exclusive lock for the run), and an output folder it cannot write is refused up front.
     """
     output_dir = Path(output_dir)
     plan, todo = _prepare(inputs, output_dir, recursive=recursive, resume=resume, overwrite=overwrite,
-                          num_parts=num_parts, part_id=part_id, save_confidence=save_confidence)
+                          num_parts=num_parts, part_id=part_id, save_confidence=save_confidence,
+                          fingerprint=fingerprint)
     cases = plan.cases
     output_dir.mkdir(parents=True, exist_ok=True)
-    with Manifest(output_dir / MANIFEST_NAME) as manifest:
+    with run_lock(output_dir, part_id, num_parts), Manifest(output_dir / MANIFEST_NAME) as manifest:
         manifest.drop({c.case_id for c in todo})  # redone cases get one new row each
         remove_stale_temps(todo, also=[manifest.path])
         report_skipped(plan.skipped)
         with _progress_bar(progress, len(cases), len(cases) - len(todo)) as bar:
-            tally = _Tally(manifest, output_dir, bar)
+            tally = _Tally(manifest, output_dir, bar, fingerprint)
             for case in (c for c in todo if c.error is not None):
                 tally.fail(case, case.error or "cannot plan outputs")
             process([c for c in todo if c.error is None], tally)
@@ -256,13 +264,15 @@ def check_archive(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[st
     return {"total": len(plan.cases), "todo": len(todo)}
 
 
-def _prepare(inputs: Any, output_dir: Path, *, resume: bool, overwrite: bool, **plan_kw: Any) -> tuple[Any, list[Case]]:
+def _prepare(inputs: Any, output_dir: Path, *, resume: bool, overwrite: bool, fingerprint: str | None = None,
+             **plan_kw: Any) -> tuple[Any, list[Case]]:
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: resume skips finished cases, "
                          "overwrite redoes them")
     plan = plan_archive(inputs, output_dir, **plan_kw)
+    check_output_folder(output_dir)
     todo = check_resume(plan.cases, Manifest(output_dir / MANIFEST_NAME), output_dir, resume=resume,
-                        overwrite=overwrite)
+                        overwrite=overwrite, fingerprint=fingerprint)
     return plan, todo
 
 

@@ -11,13 +11,19 @@ every case exactly once:
 - two inputs with one case id (``a.nii.gz`` and ``a.npy``, or ``a.nii.gz`` and
   ``a_0000.nii.gz``) are refused with both names (see :func:`case_ids`);
 - a folder that already holds finished cases is refused unless the run resumes (skips them) or
-  overwrites (redoes them): ``manifest.jsonl`` keeps exactly one row per case.
+  overwrites (redoes them): ``manifest.jsonl`` keeps exactly one row per case; a resume over
+  cases another model or other settings made is refused (each row records the run's fingerprint);
+- an input with nothing to relabel, an output folder that cannot be written and a manifest that
+  is a link are refused; one run at a time writes each part of a folder (:func:`run_lock`).
 """
 from __future__ import annotations
 
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,10 +37,17 @@ from atso_fast.io import (
     output_path,
     scan_inputs,
     select_part,
+    supported_suffixes,
 )
 from atso_fast.io import case_id as make_case_id
 
-__all__ = ["Case", "Plan", "case_ids", "check_resume", "plan_archive", "remove_stale_temps", "report_skipped"]
+try:  # POSIX advisory locks; elsewhere concurrent runs on one folder are not detected
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["Case", "Plan", "case_ids", "check_output_folder", "check_resume", "plan_archive", "remove_stale_temps",
+           "report_skipped", "run_lock"]
 
 
 @dataclass
@@ -69,6 +82,11 @@ def plan_archive(inputs: Any, output_dir: Path, *, recursive: bool, num_parts: i
     """
     select_part([], num_parts, part_id)
     listing = _collect(inputs, output_dir, recursive)
+    if not listing.paths and not listing.failed:
+        left = f"; left out: {', '.join(f'{p} ({why})' for p, why in listing.skipped[:3])}" if listing.skipped else ""
+        raise InputError(f"{inputs}: nothing to relabel: no file with a supported suffix "
+                         f"({', '.join(supported_suffixes())}) and no DICOM series folder"
+                         f"{'' if recursive else ' (sub-folders are read with --recursive)'}{left}")
     ids = case_ids(listing.paths, listing.root)
     all_inputs = frozenset(os.path.realpath(p) for p in listing.paths)
     owners: dict[str, str] = {}
@@ -169,15 +187,18 @@ def _plan_case(path: Path, cid: str | None, root: Path | None, output_dir: Path,
 
 
 def check_resume(cases: list[Case], manifest: Manifest, output_dir: Path, *, resume: bool,
-                 overwrite: bool) -> list[Case]:
+                 overwrite: bool, fingerprint: str | None = None) -> list[Case]:
     """The cases to do. Finished cases (``ok`` row, the same output files present) are
     skipped with ``resume``, redone with ``overwrite``, and refused otherwise.
 
     Raises:
-        InputError: finished cases found and neither ``resume`` nor ``overwrite``.
+        InputError: finished cases found and neither ``resume`` nor ``overwrite``; or ``resume``
+            over cases whose rows record another ``fingerprint`` (another model or settings).
     """
     finished = manifest.completed()
     done = [case for case in cases if case.error is None and _finished(case, finished, output_dir)]
+    if resume and fingerprint is not None:
+        _refuse_other_runs(done, finished, fingerprint, manifest.path)
     if done and not (resume or overwrite):
         raise InputError(f"{output_dir}: {len(done)} case{'s' if len(done) != 1 else ''} already done here "
                          f"(of {len(cases)} planned; "
@@ -185,6 +206,56 @@ def check_resume(cases: list[Case], manifest: Manifest, output_dir: Path, *, res
                          "--overwrite (overwrite=True) to redo them")
     skip = {id(case) for case in done}
     return [case for case in cases if id(case) not in skip] if resume else list(cases)
+
+
+def _refuse_other_runs(done: list[Case], finished: dict[str, dict[str, Any]], fingerprint: str,
+                       manifest: Path) -> None:
+    other = [c.case_id for c in done if finished[c.case_id].get("run") not in (None, fingerprint)]
+    if other:
+        runs = sorted({str(finished[c]["run"]) for c in other})
+        raise InputError(f"{manifest}: {len(other)} finished case{'s' if len(other) != 1 else ''} ({', '.join(other[:3])}"
+                         f"{', ...' if len(other) > 3 else ''}) were made by another model or settings (run "
+                         f"{', '.join(runs[:2])}; this run is {fingerprint}); resuming would mix outputs: use "
+                         "--overwrite to redo them, or another output folder")
+
+
+def check_output_folder(output_dir: Path) -> None:
+    """Refuse an output folder that cannot be written (found before any case is computed) or
+    whose manifest is a link (rows would land wherever it points)."""
+    manifest = output_dir / "manifest.jsonl"
+    if manifest.is_symlink():
+        raise InputError(f"{manifest}: is a symbolic link; refused (rows are never written through a link)")
+    probe = output_dir if output_dir.is_dir() else next((p for p in output_dir.parents if p.is_dir()), Path("."))
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise InputError(f"{output_dir}: output folder cannot be written ({exc.strerror or exc})") from None
+
+
+@contextmanager
+def run_lock(output_dir: Path, part_id: int, num_parts: int) -> Iterator[None]:
+    """Hold an exclusive lock on part ``part_id`` of ``num_parts`` of ``output_dir`` for a run:
+    a second run on the same part (two ``--resume`` at once) is refused, not interleaved."""
+    path = output_dir / f".atso-fast-part-{part_id}-of-{num_parts}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot open the run lock ({exc.strerror or exc})") from None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise InputError(f"{output_dir}: another atso-fast run is writing part {part_id} of {num_parts} "
+                                 "here; wait for it to end (or use another output folder)") from None
+        yield
+    finally:
+        try:  # no clutter left in the output folder (a run starting right now takes a new file)
+            path.unlink()
+        except OSError:
+            pass
+        os.close(fd)
 
 
 def _finished(case: Case, finished: dict[str, dict[str, Any]], output_dir: Path) -> bool:
@@ -210,7 +281,11 @@ def remove_stale_temps(cases: list[Case], also: Sequence[Path] = ()) -> None:
             continue
         for name in entries:
             if is_stale_temp(name) and name[1:name.rindex(".atso-")] in names:
-                (folder / name).unlink(missing_ok=True)
+                stale = folder / name
+                if stale.is_dir() and not stale.is_symlink():  # a killed SimpleITK writer's folder
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
 
 
 def report_skipped(skipped: list[tuple[Path, str]], *, limit: int = 5) -> None:

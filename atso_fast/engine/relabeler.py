@@ -8,7 +8,10 @@ finishes rows as soon as no later window covers them, so peak accumulator memory
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
 import itertools
+import json
 import time
 import warnings
 from collections import deque
@@ -33,7 +36,10 @@ from atso_fast.package import ModelPackage, load_package, validate_meta
 from atso_fast.runtimes import RUNTIMES, auto_candidates, load_runtime
 from atso_fast.runtimes.base import Pending, Ready, check_device, check_precision
 
-__all__ = ["Relabeler", "RelabelResult", "NonFiniteInputError"]
+__all__ = ["Relabeler", "RelabelResult", "NonFiniteInputError", "run_fingerprint"]
+
+_LABEL_OPTIONS = ("runtime", "overlap", "threshold", "ignore_index", "mirror", "precision", "accumulate_dtype")
+"""The Relabeler options that change the labels (the fingerprint's settings)."""
 
 
 class NonFiniteInputError(ValueError):
@@ -58,6 +64,22 @@ class RelabelResult:
     confidence: np.ndarray
     probabilities: np.ndarray | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+
+
+def run_fingerprint(package: ModelPackage, options: dict[str, Any]) -> str | None:
+    """What decides a run's labels, hashed: the package's verified network, its ``model.json``
+    fields and the label-changing options (:data:`_LABEL_OPTIONS`, defaults filled in). The
+    archive records it in every ``ok`` row and refuses to resume a folder that another model or
+    other settings finished (mixed outputs). ``None`` for a live module (nothing verified)."""
+    onnx = package.verified.get("onnx")
+    if onnx is None:
+        return None
+    defaults = inspect.signature(Relabeler.__init__).parameters
+    settings = {k: options.get(k, defaults[k].default) for k in _LABEL_OPTIONS}
+    settings["overlap"] = list(check_overlap(settings["overlap"]))
+    digest = hashlib.sha256(onnx)
+    digest.update(json.dumps({"package": package.to_json(), **settings}, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
 
 
 def _mirror_axes(spatial_dims: int, allowed: list[int] | None = None) -> list[tuple[int, ...]]:
@@ -110,6 +132,8 @@ class Relabeler:
                  threads: int | None = None, kernel_threads: int | None = None,
                  _package: ModelPackage | None = None, _module: Any = None):
         self.package = _package if _package is not None else load_package(model_dir)
+        self._options = {"runtime": runtime, "overlap": overlap, "threshold": threshold, "ignore_index": ignore_index,
+                         "mirror": mirror, "precision": precision, "accumulate_dtype": accumulate_dtype}
         self.device = check_device(device)
         self.overlap = check_overlap(overlap)
         if int(batch_size) < 1:
@@ -158,6 +182,11 @@ class Relabeler:
     def runtime_label(self) -> str:
         """``runtime_name`` for reports (the archive summary's ``runtime``)."""
         return self.runtime_name
+
+    @property
+    def fingerprint(self) -> str | None:
+        """:func:`run_fingerprint` of this relabeler's package and options."""
+        return run_fingerprint(self.package, self._options)
 
     @staticmethod
     def _check_runtime(name: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 __all__ = ["atomic_write_bytes", "commit_temp", "is_stale_temp", "is_temp_name", "temp_path", "TMP_MARK"]
 
 TMP_MARK = ".atso-"
-_OWNER = re.compile(r"\.atso-(\d+)(?:-(\d+))?-[0-9a-f]+\.tmp$")
+_OWNER = re.compile(r"\.atso-(\d+)(?:-(\d+))?-[0-9a-f]+\.(?:tmp|dir)$")
 
 
 def atomic_write_bytes(path: str | os.PathLike[str],
@@ -52,18 +52,19 @@ def atomic_write_bytes(path: str | os.PathLike[str],
     return commit_temp(tmp, path)
 
 
-def temp_path(path: str | os.PathLike[str], *, pid: int | None = None) -> Path:
+def temp_path(path: str | os.PathLike[str], *, pid: int | None = None, folder: bool = False) -> Path:
     """A fresh temp name for writing ``path``: ``.NAME.atso-PID-START-TOKEN.tmp`` in its folder.
 
     Args:
         pid: the writing process (default this one); ``START`` is its start time (Linux
             ``/proc``), so a later process that reuses the id is not mistaken for the writer.
+        folder: a temp folder name (``.dir``) for writers that produce several files.
     """
     path = Path(path)
     pid = os.getpid() if pid is None else int(pid)
     start = _own_start() if pid == os.getpid() else _start_time(pid)
     owner = f"{pid}-{start}" if start is not None else str(pid)
-    return path.with_name(f".{path.name}{TMP_MARK}{owner}-{secrets.token_hex(4)}.tmp")
+    return path.with_name(f".{path.name}{TMP_MARK}{owner}-{secrets.token_hex(4)}.{'dir' if folder else 'tmp'}")
 
 
 def commit_temp(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
@@ -85,8 +86,9 @@ def commit_temp(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> Pa
 
 
 def is_temp_name(name: str) -> bool:
-    """Whether ``name`` is a temp file left by :func:`atomic_write_bytes` (e.g. after a kill)."""
-    return name.startswith(".") and TMP_MARK in name and name.endswith(".tmp")
+    """Whether ``name`` is a temp file left by :func:`atomic_write_bytes` (``.tmp``) or a temp
+    folder of a multi-file writer (``.dir``, see :func:`temp_path`), e.g. after a kill."""
+    return name.startswith(".") and TMP_MARK in name and name.endswith((".tmp", ".dir"))
 
 
 def is_stale_temp(name: str) -> bool:

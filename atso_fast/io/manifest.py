@@ -131,7 +131,8 @@ class Manifest:
             os.close(self._fd)  # another process rewrote the manifest: append to the new file
             self._fd = None
         if self._fd is None:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            # never through a link: a planted manifest.jsonl -> elsewhere would get our rows
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
             if _ends_torn(self.path):
                 os.write(fd, b"\n")
             self._fd = fd

@@ -9,14 +9,13 @@ SimpleITK is imported when a file of these formats is first read or written.
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from atso_fast.io.atomic import TMP_MARK, commit_temp
+from atso_fast.io.atomic import commit_temp, temp_path
 from atso_fast.io.base import InputError, VolumeMeta
 from atso_fast.io.files import not_regular_error
 from atso_fast.io.registry import ImageFormat, format_for, register_format
@@ -122,7 +121,7 @@ class SitkFormat(ImageFormat):
         names it, so a reader never sees a partial file or a header without its data."""
         sitk = _sitk()
         image = _image_on_grid(array, meta)
-        work = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}.dir")
+        work = temp_path(path, folder=True)  # a resumed run removes it after a kill (is_stale_temp)
         work.mkdir()
         try:
             writer = sitk.ImageFileWriter()
