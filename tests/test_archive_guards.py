@@ -100,3 +100,27 @@ def test_resume_removes_temp_folders_a_killed_writer_left(tmp_path):
     assert not stale.exists()
     np.testing.assert_equal(sorted(p.name for p in out.iterdir()),
                             sorted(["manifest.jsonl", "c0.nii.gz", "c1.nii.gz", "c2.nii.gz"]))
+
+
+def test_a_network_emitting_nan_fails_the_case_not_ok(tmp_path):
+    import torch
+
+    from atso_fast.engine import Relabeler
+
+    class NaNNet(torch.nn.Module):
+        def forward(self, x):
+            out = torch.zeros(x.shape[0], 2, *x.shape[2:])
+            out[:, :, 0] = float("nan")
+            return out
+
+    relabeler = Relabeler.from_module(NaNNet(), window=(4, 8, 8), num_classes=2)
+    summary = relabel_archive(relabeler, archive(tmp_path, n=1), tmp_path / "out", progress=False)
+    row = Manifest(tmp_path / "out" / "manifest.jsonl").latest()["c0"]
+    assert summary["failed"] == 1 and row["status"] == "failed" and "NaN/inf" in row["error"], row
+
+
+def test_a_package_with_a_nan_normalisation_is_refused():
+    from atso_fast.package.normalize import check_policy
+
+    with pytest.raises(ValueError, match="finite"):
+        check_policy({"scheme": "ct", "mean": float("nan"), "std": 1.0, "clip": [0, 1]})

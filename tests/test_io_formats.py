@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import locale
+import shutil
 import os
 import time
 from pathlib import Path
@@ -223,3 +224,35 @@ def test_real_scans_geometry_matches_simpleitk(real_data):
         np.testing.assert_allclose(meta.spacing, itk.GetSpacing()[::-1], rtol=1e-5, err_msg=str(path))
         np.testing.assert_allclose(meta.origin, itk.GetOrigin(), atol=1e-3, err_msg=str(path))
         np.testing.assert_allclose(meta.direction.ravel(), itk.GetDirection(), atol=1e-4, err_msg=str(path))
+
+
+@pytest.mark.parametrize("damage", ["missing", "duplicate"])
+def test_dicom_series_with_a_gap_or_duplicate_is_refused(tmp_path, damage):
+    series = tmp_path / "series"
+    write_dicom_series(series, np.arange(6 * 4 * 5, dtype=np.int16).reshape(6, 4, 5))
+    if damage == "missing":
+        (series / "slice003.dcm").unlink()
+    else:
+        shutil.copy(series / "slice002.dcm", series / "slice002b.dcm")
+    with pytest.raises(InputError, match="not evenly spaced|not part of the series"):
+        read_volume(series)
+
+
+def test_dicom_series_with_a_truncated_slice_is_refused(tmp_path):
+    series = tmp_path / "series"
+    write_dicom_series(series, np.arange(6 * 4 * 5, dtype=np.int16).reshape(6, 4, 5))
+    data = (series / "slice003.dcm").read_bytes()
+    (series / "slice003.dcm").write_bytes(data[: len(data) - 30])
+    with pytest.raises(InputError, match=r"series"):
+        read_volume(series)
+
+
+def test_a_series_folder_whose_first_files_are_not_dicom_is_found(tmp_path):
+    from atso_fast.io import is_dicom_folder
+
+    series = tmp_path / "series"
+    write_dicom_series(series, np.zeros((3, 4, 5), np.int16))
+    for i in range(10):
+        (series / f"a{i:02d}_readme.txt").write_text("not dicom")
+    assert is_dicom_folder(series)
+    assert read_volume(series)[0].shape == (3, 4, 5)

@@ -129,3 +129,16 @@ def test_a_header_claiming_huge_voxels_is_refused_before_resampling(monkeypatch)
         plan_geometry(vol, package, (100.0, 100.0, 100.0), None)
     geom = plan_geometry(vol, package, (2.0, 2.0, 2.0), None)
     assert geom.target == (40, 40, 40)
+
+
+def test_uint16_labels_stay_uint16_whatever_the_case_holds(tmp_path):
+    from atso_fast.io import write_labels
+
+    raw = nifti_bytes(np.ones((4, 5, 6), np.int16))
+    (tmp_path / "a.nii").write_bytes(raw)
+    _, meta = read_volume(tmp_path / "a.nii")
+    labels = np.zeros(meta.spatial_shape, np.uint16)  # a 300-class package, this case only class 0
+    write_labels(tmp_path / "seg.nii", labels, meta)
+    assert read_volume(tmp_path / "seg.nii")[0].dtype == np.uint16
+    write_labels(tmp_path / "seg8.nii", labels.astype(np.int64), meta)
+    assert read_volume(tmp_path / "seg8.nii")[0].dtype == np.uint8

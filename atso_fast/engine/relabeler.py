@@ -254,6 +254,7 @@ class Relabeler:
         Raises:
             ValueError: wrong rank, channel count, dtype or spacing, or an empty volume.
             NonFiniteInputError: NaN/inf voxels while ``nonfinite="fail"``.
+            ValueError: the network's output holds NaN/inf (a broken model or package).
         """
         start = time.perf_counter()
         arr, bad = self._prepare(array)
@@ -269,6 +270,9 @@ class Relabeler:
             sink = self._stream(vol)
         streamed = time.perf_counter()
         out = self._finish(sink, geom)
+        if out.totals.invalid:  # before the input's own NaN voxels are marked
+            raise ValueError(f"the network's output holds NaN/inf for {out.totals.invalid} of "
+                             f"{out.labels.size} voxels; no labels are written for a broken output")
         if bad is not None:
             out.mark_invalid(bad)
         end = time.perf_counter()

@@ -194,7 +194,9 @@ def write_labels(path: str | os.PathLike[str], labels: np.ndarray, meta: VolumeM
         path: output file; must not be the input file.
         labels: ``(Z, Y, X)`` integer array equal to ``meta.spatial_shape``.
         meta: the :class:`VolumeMeta` of the input.
-        dtype: stored dtype; default uint8, or uint16 when a label exceeds 255.
+        dtype: stored dtype; default the labels' own when uint8 or uint16 (the engine picks it
+            from the package's classes, so every case of a run has the same one), else uint8, or
+            uint16 when a label exceeds 255.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -231,8 +233,10 @@ def _label_dtype(labels: np.ndarray, dtype: np.dtype | str | None) -> np.dtype:
         if dtype.kind not in "iu":
             raise ValueError(f"label dtype must be an integer type, got {dtype}")
         return dtype
-    if labels.dtype == np.uint8 or labels.dtype == np.bool_:
+    if labels.dtype == np.bool_:
         return np.dtype(np.uint8)
+    if labels.dtype in (np.uint8, np.uint16):  # the engine's dtype follows the package, not the case
+        return labels.dtype
     lo, hi = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
     if lo < 0 or hi > np.iinfo(np.uint16).max:
         raise ValueError(f"labels must lie in [0, 65535], got range [{lo}, {hi}]")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -18,15 +19,13 @@ import numpy as np
 from atso_fast.io.atomic import commit_temp, temp_path
 from atso_fast.io.base import InputError, VolumeMeta
 from atso_fast.io.files import not_regular_error
-from atso_fast.io.registry import ImageFormat, format_for, register_format
+from atso_fast.io.registry import ImageFormat, format_for, image_suffix, register_format
 from atso_fast.io.sitk_headers import staged_copy
 
 __all__ = ["DicomSeriesFormat", "MhaFormat", "MhdFormat", "NrrdFormat", "SitkFormat", "is_dicom_folder",
            "sitk_affine"]
 
 _LPS = np.diag([-1.0, -1.0, 1.0])
-_DICOM_SNIFF = 8
-"""Files looked at (sorted by name) to decide whether a folder holds a DICOM series."""
 
 
 def _sitk() -> Any:
@@ -188,22 +187,13 @@ class MhdFormat(SitkFormat):
 
 
 def is_dicom_folder(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a folder holding DICOM files (``DICM`` at byte 128 of one of its first
-    few files, by name); sub-folders are not looked into."""
+    """Whether ``path`` is a folder holding DICOM files (``DICM`` at byte 128 of any of its
+    files: a series folder whose first files are a README and thumbnails still counts);
+    sub-folders are not looked into."""
     try:
-        with os.scandir(path) as entries:
-            names = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_file())
+        return next(_dicom_files(Path(path)), None) is not None
     except OSError:
         return False
-    for name in names[:_DICOM_SNIFF]:
-        try:
-            with open(os.path.join(path, name), "rb") as handle:
-                head = handle.read(132)
-        except OSError:
-            continue
-        if len(head) == 132 and head[128:132] == b"DICM":
-            return True
-    return False
 
 
 def _refuse_special_files(folder: Path) -> None:
@@ -216,6 +206,72 @@ def _refuse_special_files(folder: Path) -> None:
             problem = not_regular_error(entry.path)
             if problem:
                 raise InputError(f"{folder}: holds a file that is not a regular file ({problem})")
+
+
+_SPACING_TOLERANCE = 0.02
+"""Relative spread of the distances between slices above which a series is refused (a missing
+slice doubles one distance; ITK would read the series as if evenly spaced, geometry off)."""
+
+
+def _dicom_files(folder: Path) -> Iterator[str]:
+    """The files of ``folder`` with the DICOM magic (``DICM`` at byte 128); files named like
+    another image format, hidden files and non-regular files are not opened."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") or image_suffix(entry.name) or not entry.is_file():
+                continue
+            try:
+                with open(entry.path, "rb") as handle:
+                    head = handle.read(132)
+            except OSError:
+                continue
+            if len(head) == 132 and head[128:132] == b"DICM":
+                yield entry.path
+
+
+def _check_series_files(folder: Path, names: Sequence[str]) -> None:
+    """Every DICOM file of the folder must belong to the series GDCM assembled: a truncated or
+    unreadable slice is left out by GDCM, and the volume would silently miss it."""
+    left_out = sorted(set(map(os.path.realpath, _dicom_files(folder))) - set(map(os.path.realpath, names)))
+    if left_out:
+        raise InputError(f"{folder}: {len(left_out)} DICOM file(s) are not part of the series "
+                         f"(unreadable, truncated or of another geometry: {', '.join(Path(p).name for p in left_out[:3])}"
+                         f"{', ...' if len(left_out) > 3 else ''}); refused rather than read with slices missing")
+
+
+def _slice_positions(names: Sequence[str]) -> np.ndarray | None:
+    """Each slice's position along the slice normal (mm), or None when a header lacks the tags."""
+    sitk = _sitk()
+    reader = sitk.ImageFileReader()
+    positions = []
+    for name in names:
+        reader.SetFileName(name)
+        try:
+            reader.ReadImageInformation()
+            ipp = [float(v) for v in reader.GetMetaData("0020|0032").split("\\")]
+            iop = [float(v) for v in reader.GetMetaData("0020|0037").split("\\")]
+        except (RuntimeError, ValueError):
+            return None
+        if len(ipp) != 3 or len(iop) != 6:
+            return None
+        positions.append(float(np.dot(np.cross(iop[:3], iop[3:]), ipp)))
+    return np.asarray(positions)
+
+
+def _check_slice_spacing(folder: Path, names: Sequence[str]) -> None:
+    """Refuse a series whose slices are not evenly spaced (a gap, a duplicate): ITK reads it as
+    if they were, and every label would sit at the wrong height."""
+    if len(names) < 3:
+        return
+    positions = _slice_positions(names)
+    if positions is None:
+        return
+    steps = np.abs(np.diff(np.sort(positions)))
+    typical = float(np.median(steps))
+    if typical <= 0 or float(steps.min()) < 1e-3 or float(np.ptp(steps)) > _SPACING_TOLERANCE * typical:
+        raise InputError(f"{folder}: DICOM slices are not evenly spaced (distances {float(steps.min()):.3g} to "
+                         f"{float(steps.max()):.3g} mm, typical {typical:.3g}): a missing, duplicate or "
+                         "misplaced slice; refused rather than read with the wrong geometry")
 
 
 class DicomSeriesFormat(SitkFormat):
@@ -246,7 +302,10 @@ class DicomSeriesFormat(SitkFormat):
         if len(ids) > 1:
             raise InputError(f"{path}: holds {len(ids)} DICOM series ({', '.join(ids[:3])}"
                              f"{', ...' if len(ids) > 3 else ''}); put one series per folder")
-        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), ids[0]))
+        names = reader.GetGDCMSeriesFileNames(str(path), ids[0])
+        _check_series_files(path, names)
+        _check_slice_spacing(path, names)
+        reader.SetFileNames(names)
         try:
             image = reader.Execute()
         except RuntimeError as exc:

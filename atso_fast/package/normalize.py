@@ -15,6 +15,8 @@ scheme).
 """
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import numpy as np
@@ -52,6 +54,8 @@ def _check_one(policy: Any) -> dict[str, Any]:
         lo, hi = (float(v) for v in out["clip"])
         if not lo < hi or not float(out["std"]) > 0:
             raise ValueError(f"normalization 'ct' needs clip lo < hi and std > 0, got {policy!r}")
+        if not all(math.isfinite(v) for v in (lo, hi, float(out["mean"]), float(out["std"]))):
+            raise ValueError(f"normalization 'ct' needs finite clip, mean and std, got {policy!r}")
         out.update(clip=[lo, hi], mean=float(out["mean"]), std=float(out["std"]))
     if out["scheme"] == "zscore":
         use_mask = out.get("use_mask", False)
