@@ -98,3 +98,56 @@ def test_a_truncated_or_fifo_trainer_checkpoint_names_the_file(tmp_path):
     os.mkfifo(path)
     with pytest.raises(InputError, match="FIFO"):
         no_hang(load_checkpoint_file, path, timeout=20, fifos=(path,))
+
+
+def _edit_json(folder, name, edit):
+    data = json.loads((folder / name).read_text())
+    (folder / name).write_text(json.dumps(edit(data)))
+
+
+def _config(plans):
+    return next(iter(plans["configurations"].values()))
+
+
+@pytest.mark.parametrize("name, edit, problem", [
+    ("plans.json", lambda p: [1, 2], "must hold a JSON object"),
+    ("dataset.json", lambda d: [1], "must hold a JSON object"),
+    ("plans.json", lambda p: (_config(p).update(spacing="x"), p)[1], "malformed"),
+    ("plans.json", lambda p: (_config(p).update(architecture=None), p)[1], "malformed"),
+    ("plans.json", lambda p: {**p, "foreground_intensity_properties_per_channel": "x"}, "malformed"),
+    ("plans.json", lambda p: (_config(p).update(patch_size=[1024, 1024, 1024]), p)[1], "more than"),
+    ("plans.json", lambda p: (_config(p).update(patch_size="abc"), p)[1], "window must be"),
+])
+def test_import_nnunet_refuses_malformed_plans_without_a_traceback(nnunet_folder, tmp_path, name, edit, problem):
+    from atso_fast import import_nnunet
+
+    folder = copy_folder(nnunet_folder, tmp_path / "model")
+    _edit_json(folder, name, edit)
+    with pytest.raises(PackageError, match=problem):
+        import_nnunet(folder, tmp_path / "pkg")
+
+
+def test_export_refuses_a_window_or_class_count_that_cannot_fit(tmp_path):
+    import torch
+
+    from atso_fast import export_model
+
+    net = torch.nn.Conv3d(1, 2, 1)
+    with pytest.raises(PackageError, match="more than the 16777216"):
+        export_model(net, tmp_path / "a", window=(512, 512, 512), num_classes=2)
+    with pytest.raises(PackageError, match="num_classes must be an integer in"):
+        export_model(net, tmp_path / "b", window=(8, 8, 8), num_classes=70000)
+
+
+def test_a_class_count_whose_accumulator_cannot_fit_fails_the_case(tmp_path, monkeypatch):
+    import torch
+
+    from atso_fast.engine import Relabeler
+    from atso_fast.io import limits
+
+    relabeler = Relabeler.from_module(torch.nn.Conv3d(1, 3, 1), window=(4, 8, 8), num_classes=3)
+    monkeypatch.setattr(limits, "memory_budget", lambda: 4096)
+    with pytest.raises(InputError, match="relabelling a 4x8x8 grid with 3 classes"):
+        relabeler.relabel_volume(np.zeros((4, 8, 8), np.float32))
+    monkeypatch.undo()
+    assert relabeler.relabel_volume(np.zeros((4, 8, 8), np.float32)).labels.shape == (4, 8, 8)

@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import itertools
 import json
+import math
 import time
 import warnings
 from collections import deque
@@ -31,6 +32,7 @@ from atso_fast.engine.windows import (
     grid_importance,
     grid_origins,
 )
+from atso_fast.io.limits import check_bytes
 from atso_fast.kernels import native
 from atso_fast.package import ModelPackage, load_package, validate_meta
 from atso_fast.runtimes import RUNTIMES, auto_candidates, load_runtime
@@ -368,6 +370,19 @@ class Relabeler:
             arr = np.where(finite, arr, np.float32(arr[finite].mean() if finite.any() else 0.0))
         return arr, bad
 
+    def _check_memory(self, shape: tuple[int, ...]) -> None:
+        """Refuse a volume whose accumulator slab and window outputs cannot fit (a package with
+        60,000 classes, say) before allocating them, with the numbers."""
+        if self.device != "cpu":
+            return  # GPU memory is the runtime's to report
+        classes, win = self.package.num_classes, self.package.window3d
+        slab = classes * min(win[0], shape[0]) * shape[1] * shape[2] * (2 if self.accumulate_dtype == "float16" else 4)
+        outputs = self.batch_size * max(self.runtime.in_flight, 1) * classes * math.prod(win) * 4
+        probabilities = classes * math.prod(shape) * 4 if self.save_probabilities else 0
+        check_bytes(None, slab + outputs + probabilities, f"relabelling a {'x'.join(map(str, shape))} grid with "
+                    f"{classes} classes (accumulator slab, window outputs{', probabilities' if probabilities else ''})",
+                    share=2)
+
     def _stream(self, vol: np.ndarray) -> Any:
         """Sliding window over ``vol (M, Z, Y, X)`` in the grid profile's order and :meth:`_batches`,
         blended by a :class:`~atso_fast.engine.merger.SlabMerger` into the row sink of
@@ -381,6 +396,7 @@ class Relabeler:
         be, pkg = self._backend, self.package
         shape = vol.shape[1:]
         win = pkg.window3d
+        self._check_memory(shape)
         sink = self._make_sink(shape)
         merger = SlabMerger(shape, pkg.num_classes, win[0], sink, backend=be, accumulate_dtype=self.accumulate_dtype)
         origins = grid_origins(self._grid, shape, win, self.overlap)

@@ -5,6 +5,7 @@ problem in a :class:`PackageError` (see ``atso_fast/CONTRACTS.md`` for the forma
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +16,13 @@ from atso_fast.package.normalize import check_policy
 from atso_fast.package.spec import check_fields, default_preprocessing
 from atso_fast.package.trust import read_meta, verify_package
 
-__all__ = ["FORMAT_VERSION", "ModelPackage", "PackageError", "load_package", "validate_fields", "validate_meta"]
+__all__ = ["FORMAT_VERSION", "MAX_CLASSES", "MAX_WINDOW_VOXELS", "ModelPackage", "PackageError", "load_package", "validate_fields", "validate_meta"]
 
 FORMAT_VERSION = 1
+MAX_WINDOW_VOXELS = 256 ** 3
+"""Largest network window (nnU-Net's patches stay far below; 512^3 only exhausts memory)."""
+MAX_CLASSES = 65535
+"""Most classes a package may declare: labels are stored as uint16 at most."""
 
 
 @dataclass
@@ -91,10 +96,14 @@ def validate_meta(window, in_channels, num_classes, kind, normalization, where: 
         raise PackageError(f"{where}: window must be 2 or 3 integers, got {window!r}") from None
     if len(win) not in (2, 3) or min(win) < 1:
         raise PackageError(f"{where}: window must be 2 or 3 positive integers, got {window!r}")
+    if math.prod(win) > MAX_WINDOW_VOXELS:
+        raise PackageError(f"{where}: window {list(win)} holds {math.prod(win)} voxels, more than the "
+                           f"{MAX_WINDOW_VOXELS} (256^3) a network window may have; refused")
     if not isinstance(in_channels, int) or in_channels < 1:
         raise PackageError(f"{where}: in_channels must be a positive integer, got {in_channels!r}")
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise PackageError(f"{where}: num_classes must be a positive integer, got {num_classes!r}")
+    if not isinstance(num_classes, int) or not 1 <= num_classes <= MAX_CLASSES:
+        raise PackageError(f"{where}: num_classes must be an integer in [1, {MAX_CLASSES}] (uint16 label maps), "
+                           f"got {num_classes!r}")
     if kind not in ("logits", "probabilities"):
         raise PackageError(f"{where}: kind must be 'logits' or 'probabilities', got {kind!r}")
     try:

@@ -28,13 +28,15 @@ import io
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from atso_fast.io.base import InputError
 from atso_fast.io.files import read_regular_file, read_text_file
 from atso_fast.package.export import export_model
-from atso_fast.package.model import PackageError
+from atso_fast.package.model import PackageError, validate_meta
 
 __all__ = ["NETWORK_CLASSES", "import_nnunet", "load_checkpoint", "read_model_folder"]
 
@@ -63,12 +65,15 @@ _READERS = {"SimpleITKIO": "as-stored", "NibabelIO": "as-stored", "NibabelIOWith
 _RESAMPLING = "resample_data_or_seg_to_shape"
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path) -> dict[str, Any]:
     try:
         if not os.path.lexists(path):
             raise PackageError(f"{path}: not found (an nnU-Net model folder holds dataset.json, plans.json "
                                "and fold_K/checkpoint_final.pth)")
-        return json.loads(read_text_file(path))
+        data = json.loads(read_text_file(path))
+        if not isinstance(data, dict):
+            raise PackageError(f"{path}: must hold a JSON object, got a {type(data).__name__}")
+        return data
     except InputError as exc:
         raise PackageError(str(exc)) from None
     except json.JSONDecodeError as exc:
@@ -369,14 +374,35 @@ def import_nnunet(model_folder: str | os.PathLike, out_dir: str | os.PathLike, *
     Raises:
         PackageError: a missing/inconsistent file or an unsupported model, with the reason.
     """
-    model = read_model_folder(model_folder, folds, checkpoint)
-    _refuse_unsupported(model)
+    with _malformed(model_folder):
+        model = read_model_folder(model_folder, folds, checkpoint)
+        _refuse_unsupported(model)
+        spec = _package_spec(model, checkpoint)
+        module = _fold_mean(_fold_networks(model, spec["in_channels"], spec["num_classes"]))
+    return export_model(module, out_dir, **spec, tolerance=_tolerance(module, spec["window"], spec["in_channels"]))
+
+
+@contextmanager
+def _malformed(folder: Any) -> Iterator[None]:
+    """A plans.json or dataset.json of the wrong shape (a list for a mapping, a string for a
+    number) becomes one PackageError naming the folder, not a traceback."""
+    try:
+        yield
+    except PackageError:
+        raise
+    except (AttributeError, TypeError, KeyError, ValueError, IndexError) as exc:
+        raise PackageError(f"{folder}: malformed plans.json or dataset.json ({type(exc).__name__}: "
+                           f"{str(exc)[:200]})") from None
+
+
+def _package_spec(model: dict[str, Any], checkpoint: str) -> dict[str, Any]:
+    """``export_model``'s arguments for an nnU-Net model read by :func:`read_model_folder`."""
     where, cfg, dataset, plans = model["folder"], model["configuration"], model["dataset"], model["plans"]
     names = _class_names(dataset, where)
     channels = _channels(dataset)
-    window = [int(p) for p in cfg["patch_size"]]
-    nets = _fold_networks(model, channels, len(names))
-    module = _fold_mean(nets)
+    window = cfg.get("patch_size")
+    validate_meta(window, channels, len(names), "logits", None, f"{where / 'plans.json'}: patch_size")
+    window = [int(p) for p in window]
     preprocessing = {"orientation": _READERS[plans.get("image_reader_writer", "SimpleITKIO")],
                      "transpose": _transpose(plans, where / "plans.json"), "crop_to_nonzero": True,
                      "resampling": _resampling(cfg, where / "plans.json"), "grid": "nnunet"}
@@ -384,8 +410,7 @@ def import_nnunet(model_folder: str | os.PathLike, out_dir: str | os.PathLike, *
               "folds": model["folds"], "checkpoint": checkpoint,
               "trainer": model["checkpoints"][0].get("trainer_name"), "plans_name": plans.get("plans_name"),
               "dataset_name": plans.get("dataset_name"), "labels": dataset["labels"]}
-    return export_model(module, out_dir, window=window, num_classes=len(names), kind="logits",
-                        normalization=_normalization(model, channels), in_channels=channels,
-                        spacing=[float(s) for s in cfg["spacing"]], class_names=names,
-                        preprocessing=preprocessing, mirror_axes=_mirror_axes(model["checkpoints"][0], len(window)),
-                        extra={"source": source}, tolerance=_tolerance(module, window, channels))
+    return {"window": window, "num_classes": len(names), "kind": "logits",
+            "normalization": _normalization(model, channels), "in_channels": channels,
+            "spacing": [float(s) for s in cfg["spacing"]], "class_names": names, "preprocessing": preprocessing,
+            "mirror_axes": _mirror_axes(model["checkpoints"][0], len(window)), "extra": {"source": source}}
