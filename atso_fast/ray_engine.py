@@ -348,7 +348,8 @@ def _dataset(ray: ModuleType, cases: list[Any], spec: _WorkerSpec, pool: _Pool, 
              ledger: Any) -> Any:
     """One row and one block per case (a retry redoes one case), mapped by ``size`` actors."""
     items = [{"index": i, "case_id": case.case_id, "path": os.path.abspath(case.path),
-              "outputs": json.dumps({k: os.path.abspath(p) for k, p in case.outputs.items()})}
+              "outputs": json.dumps({k: os.path.abspath(p) for k, p in case.outputs.items()}),
+              "channels": json.dumps([os.path.abspath(c) for c in case.channels])}
              for i, case in enumerate(cases)]
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     return dataset.map_batches(
@@ -436,13 +437,13 @@ class _CaseWorker:
         self.ledger, self.max_attempts = ledger, max_attempts
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outcomes = [self._relabel_row(int(i), str(c), str(p), str(o)) for i, c, p, o in
-                    zip(batch["index"], batch["case_id"], batch["path"], batch["outputs"],
+        outcomes = [self._relabel_row(int(i), str(c), str(p), str(o), str(ch)) for i, c, p, o, ch in
+                    zip(batch["index"], batch["case_id"], batch["path"], batch["outputs"], batch["channels"],
                         strict=True)]
         return {"index": np.asarray(batch["index"], dtype=np.int64),
                 "outcome": np.asarray(outcomes, dtype=object)}
 
-    def _relabel_row(self, index: int, case_id: str, path: str, outputs: str) -> str:
+    def _relabel_row(self, index: int, case_id: str, path: str, outputs: str, channels: str) -> str:
         import ray
 
         outcome = _Outcome()
@@ -452,7 +453,7 @@ class _CaseWorker:
                                "this case (a crash or out of memory?); not retried again")
             return outcome.to_json()
         try:
-            relabel_case(self.relabeler, case_id, Path(path), json.loads(outputs), outcome)
+            relabel_case(self.relabeler, case_id, Path(path), json.loads(outputs), outcome, json.loads(channels))
         except Exception as exc:  # a bug here must cost one case, not the run
             outcome.fail(None, f"{path}: {type(exc).__name__}: {exc}")
         return outcome.to_json()

@@ -47,6 +47,7 @@ from atso_fast.io import (
     write_confidence,
     write_labels,
 )
+from atso_fast.io.naming import channel_index
 
 __all__ = ["Case", "CaseRecorder", "Grid", "MANIFEST_NAME", "VolumeRelabeler", "check_archive", "relabel_archive",
            "relabel_case", "read_input", "run_archive"]
@@ -277,17 +278,20 @@ def _prepare(inputs: Any, output_dir: Path, *, resume: bool, overwrite: bool, fi
 
 
 def relabel_case(relabeler: Any, case_id: str, path: str | os.PathLike[str],
-                 outputs: Mapping[str, str | os.PathLike[str]], tally: CaseRecorder) -> None:
+                 outputs: Mapping[str, str | os.PathLike[str]], tally: CaseRecorder,
+                 channels: Sequence[str | os.PathLike[str]] = ()) -> None:
     """Read, relabel and write one planned case in this thread (a Ray actor's unit of work).
 
     Same steps, error messages and write order as the threaded pipeline; the outcome goes to
     ``tally.ok`` / ``tally.fail`` (``tally`` also needs ``lock`` and a float ``busy``).
-    ``outputs`` maps ``"labels"`` (and optionally ``"confidence"``) to the planned files.
+    ``outputs`` maps ``"labels"`` (and optionally ``"confidence"``) to the planned files;
+    ``channels`` lists a multi-channel case's files (``Case.channels``).
     """
-    case = Case(case_id, Path(path), {k: Path(v) for k, v in outputs.items()})
+    case = Case(case_id, Path(path), {k: Path(v) for k, v in outputs.items()},
+                channels=tuple(Path(c) for c in channels))
     read: Future = Future()
     try:
-        read.set_result(read_input(case.path))
+        read.set_result(read_input(case.files, model_channels(relabeler)))
     except Exception as exc:  # reported by _take exactly as a reader thread's error
         read.set_exception(exc)
     loaded = _take(case, read, tally)
@@ -296,6 +300,12 @@ def relabel_case(relabeler: Any, case_id: str, path: str | os.PathLike[str],
     result, seconds = _relabel(relabeler, case, loaded, tally)
     if result is not None:
         _write_case(case, loaded[1], result, seconds, tally, threading.Semaphore(0))
+
+
+def model_channels(relabeler: Any) -> int | None:
+    """The input channels of the relabeler's model package, when it has one."""
+    channels = getattr(getattr(relabeler, "package", None), "in_channels", None)
+    return channels if isinstance(channels, int) else None
 
 
 def _check_options(relabeler: Any, **counts: int) -> None:
@@ -324,14 +334,15 @@ def _pipeline(relabeler: VolumeRelabeler, cases: list[Case], tally: _Tally, *, r
     """Read ahead on ``readers`` threads, relabel here, write on ``writers`` threads."""
     slots = threading.BoundedSemaphore(writers + queue_size)
     feed = iter(cases)
+    channels = model_channels(relabeler)
     pending: deque[tuple[Case, Future]] = deque()
     with ThreadPoolExecutor(readers, "atso-read") as read_pool, \
             ThreadPoolExecutor(writers, "atso-write") as write_pool:
         try:
-            _top_up(pending, feed, read_pool, readers + queue_size)
+            _top_up(pending, feed, read_pool, readers + queue_size, channels)
             while pending:
                 case, future = pending.popleft()
-                _top_up(pending, feed, read_pool, readers + queue_size)
+                _top_up(pending, feed, read_pool, readers + queue_size, channels)
                 loaded = _take(case, future, tally)
                 if loaded is None:
                     continue
@@ -347,22 +358,56 @@ def _pipeline(relabeler: VolumeRelabeler, cases: list[Case], tally: _Tally, *, r
             raise
 
 
-def _top_up(pending: deque, feed: Iterator[Case], pool: ThreadPoolExecutor, depth: int) -> None:
+def _top_up(pending: deque, feed: Iterator[Case], pool: ThreadPoolExecutor, depth: int,
+            in_channels: int | None) -> None:
     while len(pending) < depth:
         case = next(feed, None)
         if case is None:
             return
-        pending.append((case, pool.submit(read_input, case.path)))
+        pending.append((case, pool.submit(read_input, case.files, in_channels)))
 
 
-def read_input(path: Path) -> tuple[np.ndarray, VolumeMeta]:
-    """``read_volume(path)`` for a regular file or a DICOM series folder only: a FIFO, socket,
-    device or other folder is refused without being opened (opening a FIFO blocks until a writer
-    comes, maybe never).
+def read_input(files: Path | Sequence[Path], in_channels: int | None = None) -> tuple[np.ndarray, VolumeMeta]:
+    """``read_volume`` for a regular file or a DICOM series folder only (a FIFO, socket, device
+    or other folder is refused without being opened: opening a FIFO blocks until a writer comes,
+    maybe never). Several files are the channels of one nnU-Net case (``CASE_0000``, ...): each is
+    read, they must share one grid, and they are stacked as ``(M, Z, Y, X)``.
+
+    Args:
+        files: one path, or a case's channel files in channel order.
+        in_channels: the model's input channels; nnU-Net channel files are checked against it
+            before anything is read.
 
     Raises:
-        InputError: naming the file and what it is.
+        InputError: naming the file and what is wrong with it.
     """
+    files = (files,) if isinstance(files, (str, os.PathLike)) else tuple(files)
+    _check_channel_files(files, in_channels)
+    loaded = [_read_one(Path(f)) for f in files]
+    if len(loaded) == 1:
+        return loaded[0]
+    first = loaded[0][1]
+    for array, meta in loaded[1:]:
+        if meta.spatial_shape != first.spatial_shape or not np.allclose(meta.affine, first.affine, atol=1e-3):
+            raise InputError(f"{meta.path}: channel grid {meta.spatial_shape} differs from {first.path}'s "
+                             f"{first.spatial_shape} (shape or affine): the channels of a case must share one grid")
+    return np.stack([a.reshape(first.spatial_shape) for a, _ in loaded]), first
+
+
+def _check_channel_files(files: Sequence[Path], in_channels: int | None) -> None:
+    """An nnU-Net-named case must hold exactly channels ``_0000`` to ``_{in_channels - 1}``."""
+    found = [channel_index(f) for f in files]
+    if in_channels is None or any(f is None for f in found):
+        return
+    have = [f[1] for f in found if f is not None]
+    if have != list(range(in_channels)):
+        names = ", ".join(Path(f).name for f in files)
+        need = ", ".join(f"_{k:04d}" for k in range(in_channels))
+        raise InputError(f"{files[0]}: the model takes {in_channels} input channel(s) ({need}); this case has "
+                         f"{len(files)} channel file(s): {names}")
+
+
+def _read_one(path: Path) -> tuple[np.ndarray, VolumeMeta]:
     problem = not_regular_error(path)
     if problem and not (os.path.isdir(path) and is_dicom_folder(path)):
         raise InputError(problem)

@@ -40,6 +40,7 @@ from atso_fast.io import (
     supported_suffixes,
 )
 from atso_fast.io import case_id as make_case_id
+from atso_fast.io.naming import channel_groups
 
 try:  # POSIX advisory locks; elsewhere concurrent runs on one folder are not detected
     import fcntl
@@ -52,12 +53,21 @@ __all__ = ["Case", "Plan", "case_ids", "check_output_folder", "check_resume", "p
 
 @dataclass
 class Case:
-    """One input and the outputs planned for it (``error`` set when planning refused it)."""
+    """One input and the outputs planned for it (``error`` set when planning refused it).
+
+    ``channels``: every file of a multi-channel nnU-Net case (``CASE_0000``, ``CASE_0001``, ...;
+    ``path`` is the first), empty for a one-file case."""
 
     case_id: str
     path: Path
     outputs: dict[str, Path] = field(default_factory=dict)
     error: str | None = None
+    channels: tuple[Path, ...] = ()
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """The input files of the case (its channel files, or its one path)."""
+        return self.channels or (self.path,)
 
 
 @dataclass
@@ -91,8 +101,11 @@ def plan_archive(inputs: Any, output_dir: Path, *, recursive: bool, num_parts: i
     all_inputs = frozenset(os.path.realpath(p) for p in listing.paths)
     owners: dict[str, str] = {}
     cases = []
-    for path in select_part(listing.paths, num_parts, part_id):
+    groups = {group[0]: group for group in channel_groups(listing.paths)}
+    for path in select_part(list(groups), num_parts, part_id):
         case = _plan_case(path, ids.get(path), listing.root, output_dir, save_confidence, all_inputs)
+        if len(groups[path]) > 1 and case.error is None:
+            case.channels = groups[path]
         clash = next((owners[os.path.realpath(p)] for p in case.outputs.values()
                       if os.path.realpath(p) in owners), None)
         if clash is not None:  # report under the input path so the owner's rows stay clean

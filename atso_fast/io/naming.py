@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
+import re
+from collections.abc import Collection, Sequence
 from pathlib import Path
+from typing import Any
 
 from atso_fast.io.base import InputError
 from atso_fast.io.registry import image_suffix
 
-__all__ = ["case_id", "output_path"]
+__all__ = ["case_id", "channel_groups", "channel_index", "output_path"]
+
+_CHANNEL = re.compile(r"^(.+)_(\d{4})$")
 
 
 def case_id(path: str | os.PathLike[str], root: str | os.PathLike[str] | None) -> str:
@@ -34,6 +38,34 @@ def case_id(path: str | os.PathLike[str], root: str | os.PathLike[str] | None) -
     if not stem:
         raise InputError(f"{path}: file name has no case name before its suffix")
     return (rel.parent / stem).as_posix()
+
+
+def channel_index(path: str | os.PathLike[str]) -> tuple[str, int] | None:
+    """``(CASE, K)`` for an nnU-Net channel file ``CASE_KKKK.<suffix>`` (``K`` four digits), else
+    ``None``."""
+    name = Path(path).name
+    suffix = image_suffix(name)
+    match = _CHANNEL.match(name[: len(name) - len(suffix)] if suffix else name)
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def channel_groups(paths: Sequence[Path]) -> list[tuple[Path, ...]]:
+    """Group nnU-Net channel files into cases, by nnU-Net's rule: ``CASE_0000``, ``CASE_0001``,
+    ... of one folder are the channels of case ``CASE`` (sorted by channel). A group forms only
+    where ``CASE_0000`` exists, so an archive that merely numbers its scans (``scan_0001``,
+    ``scan_0002``, no ``_0000``) keeps one case per file. Order: that of each group's first file.
+    """
+    index: dict[Path, tuple[tuple[str, str], int]] = {}
+    for path in paths:
+        found = channel_index(path)
+        if found is not None:
+            index[path] = ((os.path.dirname(os.path.abspath(path)), found[0]), found[1])
+    grouped = {key for key, channel in index.values() if channel == 0}
+    groups: dict[Any, list[Path]] = {}
+    for path in paths:
+        key = index[path][0] if path in index and index[path][0] in grouped else ("file", path)
+        groups.setdefault(key, []).append(path)
+    return [tuple(sorted(g, key=lambda p: index[p][1])) if len(g) > 1 else (g[0],) for g in groups.values()]
 
 
 def output_path(output_dir: str | os.PathLike[str], case_id: str, suffix: str, *,
