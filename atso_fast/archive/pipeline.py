@@ -397,8 +397,8 @@ def read_input(files: Path | Sequence[Path], in_channels: int | None = None) -> 
 def _check_channel_files(files: Sequence[Path], in_channels: int | None) -> None:
     """An nnU-Net-named case must hold exactly channels ``_0000`` to ``_{in_channels - 1}``."""
     found = [channel_index(f) for f in files]
-    if in_channels is None or any(f is None for f in found):
-        return
+    if in_channels is None or any(f is None for f in found) or found[0][1] != 0:  # type: ignore[index]
+        return  # not nnU-Net channel files (a numbered scan such as scan_0002 stands alone)
     have = [f[1] for f in found if f is not None]
     if have != list(range(in_channels)):
         names = ", ".join(Path(f).name for f in files)
