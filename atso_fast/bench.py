@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from atso_fast.cli.common import make_parser
 from atso_fast.engine.relabeler import Relabeler
 from atso_fast.engine.windows import batch_bounds, check_overlap, sliding_window_origins
 from atso_fast.kernels import native
@@ -328,7 +329,7 @@ class BenchConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of ``atso-fast bench``."""
-    p = argparse.ArgumentParser(prog="atso-fast bench", description=(
+    p = make_parser("atso-fast bench", (
         "Seconds per volume, voxels/s, windows/s, peak memory, stitching overhead over the network "
         "alone, and label agreement with the float32 reference, per runtime and precision."))
     p.add_argument("model_dir", nargs="?", type=Path,
@@ -341,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=None,
                    help="comma list of float32,float16,bfloat16 or 'all' (default float32 on cpu, "
                         "float32,float16 on cuda)")
-    p.add_argument("--batch", type=int, default=4, help="windows per runtime call")
+    p.add_argument("--batch-size", "--batch", dest="batch", type=int, default=4, help="windows per runtime call")
     p.add_argument("--overlap", type=float, default=0.5, help="window overlap in [0, 1)")
     p.add_argument("--classes", type=int, help="built-in model only: output classes (default 3)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")

@@ -79,7 +79,7 @@ def relabel_archive_ray(model_dir_or_relabeler_kwargs: str | os.PathLike[str] | 
                         output_dir: str | os.PathLike[str], *, address: str | None = None,
                         workers: int = 1, gpus_per_worker: float = 0, cpus_per_worker: float = 1,
                         resume: bool = False, overwrite: bool = False, num_parts: int = 1, part_id: int = 0,
-                        recursive: bool = False, save_confidence: bool = False,
+                        recursive: bool = False, save_confidence: bool = False, save_probabilities: bool = False,
                         progress: bool | None = None, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
                         relabeler_factory: Callable[..., Any] | None = None,
                         **relabeler_kwargs: Any) -> dict[str, Any]:
@@ -128,12 +128,15 @@ def relabel_archive_ray(model_dir_or_relabeler_kwargs: str | os.PathLike[str] | 
         ConnectionError: no Ray cluster at ``address``.
         RayRunError: the Ray run stopped early (finished cases are kept in the manifest).
     """
+    if save_probabilities and relabeler_factory is None:
+        relabeler_kwargs.setdefault("save_probabilities", True)
     run = ray_runner(model_dir_or_relabeler_kwargs, address=address, workers=workers,
                      gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
                      max_attempts=max_attempts, relabeler_factory=relabeler_factory,
                      **relabeler_kwargs)
     return run(inputs, output_dir, recursive=recursive, resume=resume, overwrite=overwrite,
-               num_parts=num_parts, part_id=part_id, save_confidence=save_confidence, progress=progress)
+               num_parts=num_parts, part_id=part_id, save_confidence=save_confidence, progress=progress,
+               save_probabilities=save_probabilities)
 
 
 def ray_runner(model_dir_or_relabeler_kwargs: str | os.PathLike[str] | Mapping[str, Any], *,

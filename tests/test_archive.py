@@ -243,7 +243,7 @@ def test_cli_exits_nonzero_when_a_case_failed(tmp_path, monkeypatch, capsys):
     assert seen == {"model_dir": str(tmp_path / "model"), "runtime": "auto", "device": "cpu",
                     "overlap": 0.25, "batch_size": 3, "threshold": 0.6, "ignore_index": 255,
                     "mirror": True, "precision": "float16", "accumulate_dtype": "float32",
-                    "nonfinite": "fail", "threads": None, "compile": False}
+                    "nonfinite": "fail", "threads": None, "compile": False, "save_probabilities": False}
     (folder / "broken.nii.gz").unlink()
     assert cli_main(argv[:3] + ["--resume", "--quiet"]) == 0
     assert capsys.readouterr().out == ""

@@ -13,6 +13,7 @@ without an ``ok`` row, and its outputs equal those of an uninterrupted run byte 
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import sys
@@ -41,6 +42,7 @@ from atso_fast.io import (
     InputError,
     Manifest,
     VolumeMeta,
+    atomic_write_bytes,
     is_dicom_folder,
     not_regular_error,
     read_volume,
@@ -152,7 +154,7 @@ class _Tally:
 def relabel_archive(relabeler: Any, inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
                     output_dir: str | os.PathLike[str], *, recursive: bool = False,
                     resume: bool = False, overwrite: bool = False, num_parts: int = 1, part_id: int = 0,
-                    save_confidence: bool = False, readers: int = 2, writers: int = 2,
+                    save_confidence: bool = False, save_probabilities: bool = False, readers: int = 2, writers: int = 2,
                     queue_size: int = 2, progress: bool | None = None) -> dict[str, Any]:
     """Relabel every volume of an archive and write label maps plus a JSONL manifest.
 
@@ -181,6 +183,9 @@ def relabel_archive(relabeler: Any, inputs: str | os.PathLike[str] | Sequence[st
         num_parts: split the sorted inputs round robin into this many parts ...
         part_id: ... and process only this one (``0 <= part_id < num_parts``).
         save_confidence: also write the uint8 confidence map.
+        save_probabilities: also write ``<case_id>_probabilities.npz`` (key ``probabilities``,
+            float32 ``(C, Z, Y, X)`` on the input's grid; the relabeler must return them:
+            ``Relabeler(save_probabilities=True)``).
         readers: reader threads (decode ahead of the relabeler).
         writers: writer threads (compress and write behind it).
         queue_size: decoded volumes waiting for the relabeler beyond those being read; also
@@ -205,7 +210,7 @@ def relabel_archive(relabeler: Any, inputs: str | os.PathLike[str] | Sequence[st
     summary = run_archive(process, inputs, output_dir, recursive=recursive, resume=resume,
                           overwrite=overwrite, num_parts=num_parts, part_id=part_id,
                           save_confidence=save_confidence, progress=progress,
-                          fingerprint=getattr(relabeler, "fingerprint", None))
+                          fingerprint=getattr(relabeler, "fingerprint", None), save_probabilities=save_probabilities)
     label = getattr(relabeler, "runtime_label", None)  # optional (VolumeRelabeler)
     if label:
         summary["runtime"] = label
@@ -217,7 +222,7 @@ def run_archive(process: Callable[[list[Case], CaseRecorder], None],
                 output_dir: str | os.PathLike[str], *, recursive: bool = False,
                 resume: bool = False, overwrite: bool = False, num_parts: int = 1, part_id: int = 0,
                 save_confidence: bool = False, progress: bool | None = None,
-                fingerprint: str | None = None) -> dict[str, Any]:
+                fingerprint: str | None = None, save_probabilities: bool = False) -> dict[str, Any]:
     """Plan, resume and record an archive run around an engine's ``process(cases, tally)``.
 
     The engine-independent part of :func:`relabel_archive` (planning, part split, resume, stale
@@ -233,7 +238,7 @@ def run_archive(process: Callable[[list[Case], CaseRecorder], None],
     output_dir = Path(output_dir)
     plan, todo = _prepare(inputs, output_dir, recursive=recursive, resume=resume, overwrite=overwrite,
                           num_parts=num_parts, part_id=part_id, save_confidence=save_confidence,
-                          fingerprint=fingerprint)
+                          fingerprint=fingerprint, save_probabilities=save_probabilities)
     cases = plan.cases
     output_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(output_dir, part_id, num_parts), Manifest(output_dir / MANIFEST_NAME) as manifest:
@@ -253,7 +258,7 @@ def run_archive(process: Callable[[list[Case], CaseRecorder], None],
 def check_archive(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
                   output_dir: str | os.PathLike[str], *, recursive: bool = False, resume: bool = False,
                   overwrite: bool = False, num_parts: int = 1, part_id: int = 0,
-                  save_confidence: bool = False) -> dict[str, int]:
+                  save_confidence: bool = False, save_probabilities: bool = False) -> dict[str, int]:
     """Everything :func:`run_archive` refuses up front, checked without writing anything (the
     CLI calls it before it loads the model). Returns ``{"total": cases, "todo": to do}``.
 
@@ -261,7 +266,8 @@ def check_archive(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[st
         InputError, ValueError: as :func:`relabel_archive`.
     """
     plan, todo = _prepare(inputs, Path(output_dir), recursive=recursive, resume=resume, overwrite=overwrite,
-                          num_parts=num_parts, part_id=part_id, save_confidence=save_confidence)
+                          num_parts=num_parts, part_id=part_id, save_confidence=save_confidence,
+                          save_probabilities=save_probabilities)
     return {"total": len(plan.cases), "todo": len(todo)}
 
 
@@ -306,6 +312,16 @@ def model_channels(relabeler: Any) -> int | None:
     """The input channels of the relabeler's model package, when it has one."""
     channels = getattr(getattr(relabeler, "package", None), "in_channels", None)
     return channels if isinstance(channels, int) else None
+
+
+def write_probabilities(path: Path, probabilities: np.ndarray | None) -> Path:
+    """``path`` (``.npz``) holding ``probabilities`` ``(C, Z, Y, X)`` float32 under the key
+    ``probabilities`` (nnU-Net's file layout), written atomically."""
+    if probabilities is None:
+        raise ValueError("the relabeler returned no probabilities (build it with save_probabilities=True)")
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, probabilities=np.asarray(probabilities, dtype=np.float32))
+    return atomic_write_bytes(path, buffer.getbuffer())
 
 
 def _check_options(relabeler: Any, **counts: int) -> None:
@@ -466,6 +482,8 @@ def _write_case(case: Case, meta: VolumeMeta, result: Any, seconds: float, tally
                 if getattr(result, "confidence", None) is None:
                     raise ValueError("the relabeler returned no confidence map")
                 write_confidence(case.outputs["confidence"], result.confidence, meta)
+            if "probabilities" in case.outputs:
+                write_probabilities(case.outputs["probabilities"], getattr(result, "probabilities", None))
             stats = dict(getattr(result, "stats", None) or {})
         except Exception as exc:
             tally.fail(case, f"{case.path}: writing outputs failed: {type(exc).__name__}: {exc}",

@@ -79,7 +79,7 @@ class Plan:
 
 
 def plan_archive(inputs: Any, output_dir: Path, *, recursive: bool, num_parts: int, part_id: int,
-                 save_confidence: bool) -> Plan:
+                 save_confidence: bool, save_probabilities: bool = False) -> Plan:
     """The cases of part ``part_id`` with their output paths.
 
     Listing failures (unreadable sub-folders, bad list lines) are recorded by part 0 only, so
@@ -103,7 +103,8 @@ def plan_archive(inputs: Any, output_dir: Path, *, recursive: bool, num_parts: i
     cases = []
     groups = {group[0]: group for group in channel_groups(listing.paths)}
     for path in select_part(list(groups), num_parts, part_id):
-        case = _plan_case(path, ids.get(path), listing.root, output_dir, save_confidence, all_inputs)
+        case = _plan_case(path, ids.get(path), listing.root, output_dir, save_confidence, all_inputs,
+                          save_probabilities)
         if len(groups[path]) > 1 and case.error is None:
             case.channels = groups[path]
         clash = next((owners[os.path.realpath(p)] for p in case.outputs.values()
@@ -181,7 +182,7 @@ def case_ids(paths: Sequence[Path], root: Path | None) -> dict[Path, str]:
 
 
 def _plan_case(path: Path, cid: str | None, root: Path | None, output_dir: Path, save_confidence: bool,
-               all_inputs: frozenset[str]) -> Case:
+               all_inputs: frozenset[str], save_probabilities: bool = False) -> Case:
     if cid is None:
         try:
             cid = make_case_id(path, root)
@@ -192,6 +193,8 @@ def _plan_case(path: Path, cid: str | None, root: Path | None, output_dir: Path,
         outputs = {"labels": output_path(output_dir, cid, suffix, inputs=all_inputs)}
         if save_confidence:
             outputs["confidence"] = output_path(output_dir, cid, "_confidence" + suffix, inputs=all_inputs)
+        if save_probabilities:  # nnU-Net's --save_probabilities: one .npz per case
+            outputs["probabilities"] = output_path(output_dir, cid, "_probabilities.npz", inputs=all_inputs)
     except InputError as exc:
         return Case(cid, path, error=str(exc))
     except ValueError as exc:

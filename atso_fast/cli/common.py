@@ -7,7 +7,7 @@ import os
 import sys
 import warnings
 
-__all__ = ["HelpFormatter", "one_line", "quiet_library_warnings", "silence_stdout"]
+__all__ = ["HelpFormatter", "make_parser", "one_line", "quiet_library_warnings", "silence_stdout"]
 
 _LIBRARIES = r"(torch|torchvision|onnx|onnxruntime|onnxscript|monai|nibabel|ray|numpy)(\.|$)"
 
@@ -27,6 +27,22 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return f"{text} (default: %(default)s)"
 
 
+class _ExactParser(argparse.ArgumentParser):
+    """An option must be spelt out: ``allow_abbrev=False`` alone still lets ``-d`` stand for a
+    single-dash long option such as nnU-Net's ``-device`` (Python 3.11)."""
+
+    def _get_option_tuples(self, option_string: str) -> list:  # type: ignore[override]
+        tuples = super()._get_option_tuples(option_string)
+        # keep exact names and a one-letter option with its value attached (-f0); drop prefixes
+        return [t for t in tuples if t[1] in (option_string, option_string[:2]) and len(t[1]) <= len(option_string)]
+
+
+def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """Every command's parser: help that shows defaults, and no abbreviations (nnU-Net's ``-d 901``
+    must not be taken for ``-device``; a typo is an error, not a guess)."""
+    return _ExactParser(prog=prog, description=description, formatter_class=HelpFormatter, allow_abbrev=False)
+
+
 def one_line(message: str) -> str:
     """The first non-empty line of ``message`` (errors are one line on the console)."""
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]
@@ -36,12 +52,20 @@ def one_line(message: str) -> str:
 def quiet_library_warnings() -> None:
     """Hide third-party deprecation chatter and library ``UserWarning``s on the console, unless
     the user asked for warnings (``python -W ...`` or ``PYTHONWARNINGS``). Our own warnings
-    (``RuntimeWarning``: say, ``auto`` running one runtime because the other did not load) stay."""
+    (``RuntimeWarning``: say, ``auto`` running one runtime because the other did not load) stay,
+    printed as one line each."""
+    warnings.formatwarning = _one_line_warning
     if sys.warnoptions:
         return
     for category in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
     warnings.filterwarnings("ignore", category=UserWarning, module=_LIBRARIES)
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    """Warnings on the console as one line, ``atso-fast: warning: ...`` (no source line)."""
+    return f"atso-fast: warning: {message}\n"
 
 
 def silence_stdout() -> None:

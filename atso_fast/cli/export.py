@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from atso_fast.cli.common import HelpFormatter, one_line
+from atso_fast.cli.common import make_parser, one_line
 from atso_fast.io import InputError, read_regular_file
 from atso_fast.package import PackageError, export_model, load_package
 from atso_fast.train.atso import ATSOConfig, build_model
@@ -88,7 +88,7 @@ def _from_training_checkpoint(obj: dict[str, Any], path: Path) -> tuple[Any, dic
 
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of ``atso-fast export``."""
-    ap = argparse.ArgumentParser(prog="atso-fast export", description=_DESCRIPTION, formatter_class=HelpFormatter)
+    ap = make_parser("atso-fast export", _DESCRIPTION)
     ap.add_argument("checkpoint", type=Path, help="checkpoint file (see the kinds above)")
     ap.add_argument("out_dir", type=Path, help="package folder to write (created)")
     ap.add_argument("--window", type=int, nargs="+", help="patch size (default: the checkpoint's)")

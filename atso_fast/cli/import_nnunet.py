@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from atso_fast.cli.common import make_parser
 from atso_fast.package import PackageError, load_package
 from atso_fast.package.nnunet import import_nnunet
 
@@ -14,9 +15,9 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="atso-fast import-nnunet",
-        description="Import a trained nnU-Net v2 model folder (dataset.json, plans.json, fold_K/<checkpoint>) "
+    p = make_parser(
+        "atso-fast import-nnunet",
+        "Import a trained nnU-Net v2 model folder (dataset.json, plans.json, fold_K/<checkpoint>) "
                     "as an atso-fast model package: each fold's network from the plans, the folds' logits "
                     "averaged in one ONNX graph verified against PyTorch, nnU-Net's preprocessing in model.json.")
     p.add_argument("model_folder", type=Path, help="nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIGURATION")

@@ -14,9 +14,10 @@ from typing import Any
 
 from atso_fast import ray_engine
 from atso_fast.archive import check_archive, relabel_archive
-from atso_fast.cli.common import HelpFormatter, one_line
+from atso_fast.cli.common import make_parser, one_line
 from atso_fast.engine import Relabeler
 from atso_fast.io import InputError, select_part
+from atso_fast.kernels import native
 from atso_fast.package import PackageError
 
 __all__ = ["build_parser", "main"]
@@ -39,13 +40,13 @@ manifest.jsonl (one row per case). A folder that already holds finished cases ne
 
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of ``atso-fast relabel`` (nnU-Net spellings accepted where they exist)."""
-    p = argparse.ArgumentParser(prog="atso-fast relabel", description=_DESCRIPTION, formatter_class=HelpFormatter)
+    p = make_parser("atso-fast relabel", _DESCRIPTION)
     p.add_argument("paths", nargs="*", metavar="PATH",
                    help="MODEL_DIR INPUT OUTPUT_DIR, in this order; they fill whichever of the three "
                    "-m/-i/-o leave out")
     p.add_argument("-m", "--model", dest="model_dir", help="model package folder (model.onnx + model.json) (default: the 1st PATH)")
     p.add_argument("-i", "--input", dest="input", help="folder, list file (.txt/.lst) or single image (default: the next PATH)")
-    p.add_argument("-o", "--output", dest="output_dir", help="output folder: labels, confidence, manifest.jsonl (default: the next PATH)")
+    p.add_argument("-o", "--output", "--out", dest="output_dir", help="output folder: labels, confidence, manifest.jsonl (default: the next PATH)")
     p.add_argument("--runtime", default="auto", choices=["auto", "openvino", "onnxruntime", "torch", "tensorrt"],
                    help="inference runtime; auto on CPU: OpenVINO, else ONNX Runtime, else torch")
     p.add_argument("--device", "-device", default="cpu", choices=["cpu", "cuda"], help="where the network runs")
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-step_size", "--step_size", dest="step_size", type=float, default=None,
                    help="nnU-Net's spelling: window step as a fraction of the window, in (0, 1]; "
                    f"overlap = 1 - step_size (default: {1 - DEFAULT_OVERLAP})")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--threshold", type=float, default=0.0,
                    help="voxels whose max probability is below this get --ignore-index")
     p.add_argument("--ignore-index", type=int, default=255, help="label of voxels below --threshold")
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the torch runtime (implies --runtime torch; slow first batch)")
     p.add_argument("--save-confidence", action="store_true", help="also write <case>_confidence (uint8)")
+    p.add_argument("--save-probabilities", "--save_probabilities", action="store_true",
+                   help="also write <case>_probabilities.npz: float32 softmax (C, Z, Y, X) on the input's grid, "
+                   "key 'probabilities', as nnU-Net's --save_probabilities")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders of a folder INPUT")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", "--continue_prediction", action="store_true",
@@ -136,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in ("readers", "writers", "batch_size"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        _check_settings(args)
         ray_flags = [f for f in _RAY_FLAGS if getattr(args, f[2:].replace("-", "_")) is not None]
         if args.engine == "local" and ray_flags:
             raise ValueError(f"{', '.join(ray_flags)} only apply to --engine ray")
@@ -161,9 +166,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if summary["failed"] else 0
 
 
+def _check_settings(args: argparse.Namespace) -> None:
+    """What can be wrong with the options themselves, said as such (not as a model that cannot load)."""
+    if not 0.0 <= args.threshold <= 1.0:
+        raise ValueError(f"--threshold is a probability in [0, 1], got {args.threshold}")
+    if not 0 <= args.ignore_index <= 65535:
+        raise ValueError(f"--ignore-index must be in [0, 65535], got {args.ignore_index}")
+    if args.device == "cuda" and not native.has_cuda():
+        info = native.build_info()
+        raise ValueError(f"--device cuda needs an NVIDIA GPU and a CUDA build of atso-fast (GPUs visible: "
+                         f"{info['cuda_devices']}, built with CUDA: {info['cuda']}); use --device cpu")
+
+
 def _archive_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"recursive": args.recursive, "resume": args.resume, "overwrite": args.overwrite,
-            "num_parts": args.num_parts, "part_id": args.part_id, "save_confidence": args.save_confidence}
+            "num_parts": args.num_parts, "part_id": args.part_id, "save_confidence": args.save_confidence,
+            "save_probabilities": args.save_probabilities}
 
 
 def _usage_error(message: str) -> int:
@@ -180,7 +198,7 @@ def _relabeler_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "batch_size": args.batch_size, "threshold": args.threshold,
             "ignore_index": args.ignore_index, "mirror": args.mirror, "precision": args.precision,
             "accumulate_dtype": args.accumulate_dtype, "nonfinite": args.nonfinite, "threads": args.threads,
-            "compile": args.compile}
+            "compile": args.compile, "save_probabilities": args.save_probabilities}
 
 
 def _local_runner(args: argparse.Namespace) -> tuple[Callable[..., dict] | None, tuple]:
@@ -211,9 +229,11 @@ def _load_relabeler(args: argparse.Namespace) -> Any:
     """Build the engine; any failure is one stderr line (no traceback) and ``None``."""
     try:
         return Relabeler(args.model_dir, **_relabeler_kwargs(args))
-    except Exception as exc:  # bad ONNX, mismatched model.json, missing runtime, ...
+    except Exception as exc:  # bad ONNX, mismatched model.json, missing runtime, bad option ...
         detail = _one_line(str(exc)) if str(exc).strip() else type(exc).__name__
-        _usage_error(f"cannot load model package {args.model_dir}: {detail}")
+        what = f"cannot load model package {args.model_dir}" if isinstance(exc, PackageError) else \
+            f"cannot start relabelling with {args.model_dir}"
+        _usage_error(f"{what}: {detail}")
         return None
 
 

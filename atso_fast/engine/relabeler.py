@@ -300,10 +300,13 @@ class Relabeler:
             "timings": timings,  # spacing: the scan's own (z, y, x), undoing the network axes' order
         }
 
-    def _warn_once(self, message: str) -> None:
-        if message not in self._warned:
-            self._warned.add(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+    def _warn_once(self, message: str, key: str | None = None) -> None:
+        """One warning per relabeler per kind (``key``, default the message): a note that names
+        each scan's values must not repeat for every scan of an archive."""
+        key = message if key is None else key
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message + " (said once per run)", RuntimeWarning, stacklevel=3)
 
     def _check_spacing(self, spacing: Any, depth: int) -> tuple[float, float, float] | None:
         """Validate a scan's spacing; for a package without one, warn once when scans' spacings
@@ -325,7 +328,8 @@ class Relabeler:
                      for a, b in zip(seen, self._first_spacing)):
                 self._warn_once(f"scans' spacings differ by more than 20% ({list(self._first_spacing)} vs "
                                 f"{list(sp)} mm) but the model package records no spacing, so every scan runs "
-                                "at its own resolution; export the package with spacing= to resample")
+                                "at its own resolution; export the package with --spacing (export_model(spacing=...)) "
+                                "to resample", key="spacings differ")
         return sp
 
     def _make_sink(self, shape: tuple[int, ...]) -> Any:

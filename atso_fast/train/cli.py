@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from atso_fast.cli.common import make_parser
 from atso_fast.datasets.synthetic import make_archive, phantom_class_names
 from atso_fast.engine.relabeler import Relabeler
 from atso_fast.io.files import read_text_file
@@ -128,11 +129,10 @@ def export_package(atso: Any, folder: str | Path, class_names: list[str] | None 
 
 def build_train_parser() -> argparse.ArgumentParser:
     """Argument parser of ``atso-fast train``."""
-    parser = argparse.ArgumentParser(prog="atso-fast train", description="Run ATSO (or a baseline) from a "
-                                     "YAML/JSON config of ATSOConfig fields.")
+    parser = make_parser("atso-fast train", "Run ATSO (or a baseline) from a YAML/JSON config of ATSOConfig fields.")
     parser.add_argument("config", help="YAML or JSON file")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (default: off)")
-    parser.add_argument("--out", help="output folder (default: the config's out_dir)")
+    parser.add_argument("-o", "--out", "--output", dest="out", help="output folder (default: the config's out_dir)")
     parser.add_argument("--no-export", action="store_true", help="skip exporting OUT/model (default: off)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--engine", choices=["local", "ray"], default="local",
@@ -303,9 +303,9 @@ def _run_demo(settings: dict[str, Any], seed: int, out: Path) -> tuple[dict[str,
 
 def build_demo_parser() -> argparse.ArgumentParser:
     """Argument parser of ``atso-fast demo``."""
-    parser = argparse.ArgumentParser(prog="atso-fast demo", description="Synthetic end-to-end ATSO demo on CPU: "
-                                     "a phantom archive, three training methods, export, the relabel engine.")
-    parser.add_argument("--out", default="_demo_out", help="output folder (default: %(default)s)")
+    parser = make_parser("atso-fast demo", "Synthetic end-to-end ATSO demo on CPU: a phantom archive, three "
+                         "training methods, export, the relabel engine.")
+    parser.add_argument("-o", "--out", "--output", dest="out", default="_demo_out", help="output folder (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, split and training (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (tests, < 1 minute) (default: off)")
     parser.add_argument("--threads", type=int, default=1,

@@ -1,0 +1,64 @@
+"""Command-line messages a new user meets (issue 26): options are spelt out, option errors are
+named as such, nnU-Net's --save_probabilities works, aliases agree across commands."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_archive import make_case
+
+from atso_fast import export_model
+from atso_fast.cli import main
+from atso_fast.engine import Relabeler
+from atso_fast.io import read_volume
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    torch.manual_seed(0)
+    return export_model(torch.nn.Conv3d(1, 3, 3, padding=1), tmp_path_factory.mktemp("pkg"), window=(4, 8, 8),
+                        num_classes=3, normalization={"scheme": "zscore"})
+
+
+@pytest.fixture
+def archive(tmp_path):
+    make_case(tmp_path / "in" / "a.nii.gz", 0)
+    return tmp_path / "in"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-d", "901"], "unrecognized arguments: -d"),
+    (["--thresh", "0.5"], "unrecognized arguments: --thresh"),
+    (["--threshold", "1.5"], "--threshold is a probability in [0, 1], got 1.5"),
+    (["--ignore-index", "70000"], "--ignore-index must be in [0, 65535]"),
+])
+def test_option_errors_are_named_as_such(package, archive, tmp_path, capsys, flags, message):
+    assert main(["relabel", str(package), str(archive), str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "cannot load model package" not in err
+
+
+def test_device_cuda_without_a_gpu_says_so(package, archive, tmp_path, capsys):
+    from atso_fast.kernels import native
+
+    if native.has_cuda():
+        pytest.skip("this machine has a CUDA GPU")
+    assert main(["relabel", str(package), str(archive), str(tmp_path / "out"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda needs an NVIDIA GPU" in err and "cannot load model package" not in err
+
+
+def test_save_probabilities_writes_nnunets_npz(package, archive, tmp_path):
+    out = tmp_path / "out"
+    assert main(["relabel", "-m", str(package), "-i", str(archive), "--out", str(out), "--save_probabilities",
+                 "--batch", "2", "--quiet"]) == 0
+    with np.load(out / "a_probabilities.npz") as data:
+        probabilities = data["probabilities"]
+    image, meta = read_volume(archive / "a.nii.gz")
+    want = Relabeler(package, save_probabilities=True).relabel_volume(image, spacing=meta.spacing,
+                                                                      affine=meta.affine).probabilities
+    assert probabilities.shape == (3, *meta.spatial_shape) and probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities, want, atol=1e-5)
+    np.testing.assert_allclose(probabilities.sum(0), 1.0, atol=1e-4)
+    labels, _ = read_volume(out / "a.nii.gz")
+    np.testing.assert_array_equal(labels, probabilities.argmax(0))
