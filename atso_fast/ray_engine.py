@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -279,7 +278,7 @@ def _process_on_ray(cases: list[Case], tally: CaseRecorder, *, spec: _WorkerSpec
         return  # nothing to do (e.g. everything resumed): do not even start Ray
     ray = require_ray()
     with _connected(ray, address), _quiet_data_context(ray):
-        _warn_if_short(ray, pool)
+        _refuse_if_unplaceable(ray, pool)
         ledger = ray.remote(num_cpus=0)(_AttemptLedger).remote()
         try:
             done = _stream(ray, cases, tally, spec, pool, ledger)
@@ -317,13 +316,21 @@ def _quiet_data_context(ray: ModuleType) -> Iterator[None]:
         context.enable_progress_bars = saved
 
 
-def _warn_if_short(ray: ModuleType, pool: _Pool) -> None:
-    """One stderr line when the cluster cannot host a single worker yet (autoscalers may add)."""
-    have = ray.cluster_resources()
-    for name, need in (("CPU", pool.cpus), ("GPU", pool.gpus)):
-        if need > have.get(name, 0):
-            print(f"atso-fast relabel: warning: each worker needs {need:g} {name} but the Ray "
-                  f"cluster has {have.get(name, 0):g}; waiting for resources", file=sys.stderr)
+def _refuse_if_unplaceable(ray: ModuleType, pool: _Pool) -> None:
+    """Refuse a worker no node of the cluster can host (Ray would wait for it forever): one
+    worker's CPUs and GPUs must fit one alive node.
+
+    Raises:
+        ValueError: with what a worker needs and what the largest node has.
+    """
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive", n.get("alive", True))]
+    if any(all(node.get(name, 0) >= need for name, need in (("CPU", pool.cpus), ("GPU", pool.gpus)))
+           for node in nodes):
+        return
+    most = {name: max((node.get(name, 0) for node in nodes), default=0) for name in ("CPU", "GPU")}
+    raise ValueError(f"no node of the Ray cluster can host a worker: each needs {pool.cpus:g} CPU and "
+                     f"{pool.gpus:g} GPU, the largest node has {most['CPU']:g} CPU and {most['GPU']:g} GPU "
+                     f"({len(nodes)} node(s)); lower --cpus-per-worker/--gpus-per-worker or add nodes")
 
 
 def _stream(ray: ModuleType, cases: list[Case], tally: CaseRecorder, spec: _WorkerSpec, pool: _Pool,

@@ -261,3 +261,12 @@ def test_cli_ray_usage_errors(model, tmp_path, capsys, monkeypatch):
     assert cli_main(base + ["--engine", "ray"]) == 2
     err = capsys.readouterr().err
     assert 'pip install "atso-fast[ray]"' in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_worker_no_node_can_host_is_refused_not_waited_for(ray_cluster, model, archive, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"each needs 4 CPU and 0 GPU, the largest node has 2 CPU"):
+        relabel_archive_ray(model, archive, out, workers=1, cpus_per_worker=4, recursive=True, progress=False)
+    assert cli_main([str(model), str(archive), str(tmp_path / "o2"), "--engine", "ray", "--cpus-per-worker", "4",
+                     "--recursive"]) == 2
+    assert "lower --cpus-per-worker" in capsys.readouterr().err

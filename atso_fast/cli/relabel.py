@@ -16,7 +16,7 @@ from atso_fast import ray_engine
 from atso_fast.archive import check_archive, relabel_archive
 from atso_fast.cli.common import make_parser, one_line
 from atso_fast.engine import Relabeler
-from atso_fast.io import InputError, select_part
+from atso_fast.io import select_part
 from atso_fast.kernels import native
 from atso_fast.package import PackageError
 
@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         summary = run(args.input, args.output_dir, progress=False if args.quiet else None, **_archive_kwargs(args))
-    except (InputError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # InputError, or a Ray cluster that cannot host a worker
         return _usage_error(str(exc))
     except stop_errors as exc:  # the Ray run stopped; finished cases are in the manifest
         print(f"atso-fast relabel: error: {_one_line(str(exc))}", file=sys.stderr)
