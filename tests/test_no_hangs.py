@@ -151,3 +151,27 @@ def test_a_class_count_whose_accumulator_cannot_fit_fails_the_case(tmp_path, mon
         relabeler.relabel_volume(np.zeros((4, 8, 8), np.float32))
     monkeypatch.undo()
     assert relabeler.relabel_volume(np.zeros((4, 8, 8), np.float32)).labels.shape == (4, 8, 8)
+
+
+def _labelled_folder(root, value):
+    make_case(root / "imagesTr" / "a_0000.nii.gz", 0)
+    label = np.zeros((9, 8, 7), np.uint8)
+    label[2, 3, 4] = value
+    (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(label, np.eye(4)), root / "labelsTr" / "a.nii.gz")
+    return root
+
+
+def test_a_label_value_that_is_no_class_names_file_and_value(tmp_path):
+    from atso_fast.train.cache import build_cache
+    from atso_fast.train.data import read_listing
+
+    root = _labelled_folder(tmp_path / "data", 52)
+    with pytest.raises(ValueError, match=r"labelsTr/a.nii.gz: label value\(s\) 52 \(1 voxels\) are not classes"):
+        load_raw(root, num_classes=3)
+    listing, base = read_listing(root)
+    with pytest.raises(ValueError, match=r"labelsTr/a.nii.gz: label value\(s\) 52"):
+        build_cache(listing, base, tmp_path / "cache", window=(4, 4, 4), in_channels=1, num_classes=3,
+                    normalization="zscore", spacing=[1.0, 1.0, 1.0], progress=False)
+    ok = _labelled_folder(tmp_path / "ok", 255)  # the ignore label is allowed
+    assert load_raw(ok, num_classes=3)[0]["labelled"][0].label.max() == 255

@@ -426,7 +426,8 @@ def load_data(config: ATSOConfig | dict[str, Any]) -> SemiSupervisedData:
     config = ATSOConfig.coerce(config)
     if config.data is None:
         raise ValueError("ATSO needs data: set config.data (folder, list file or dict) or pass data=")
-    raw, modality = load_raw(config.data, in_channels=config.in_channels)
+    raw, modality = load_raw(config.data, in_channels=config.in_channels, num_classes=config.num_classes,
+                             ignore_index=config.ignore_index)
     policy = resolve_normalization(config.normalization, raw["labelled"], modality)
     return prepare_data(raw, policy, modality)
 

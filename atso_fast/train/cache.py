@@ -35,11 +35,17 @@ from typing import Any
 import numpy as np
 
 from atso_fast.engine.preprocess import axis_op, prepare
-from atso_fast.io import atomic_write_bytes, case_id, commit_temp, read_volume
+from atso_fast.io import atomic_write_bytes, case_id, commit_temp
 from atso_fast.io.atomic import temp_path
 from atso_fast.package import ModelPackage
 from atso_fast.package.normalize import check_policy, ct_policy_from_samples
 from atso_fast.package.spec import check_preprocessing
+from atso_fast.train.data import (
+    RawCase,
+    read_case,
+    resolve_normalization,
+    training_spacing,
+)
 
 __all__ = ["CachedCase", "Cache", "SPLITS", "build_cache", "locate_foreground", "save_npy", "fg_counts_of",
            "entry_case_id"]
@@ -156,31 +162,15 @@ def _entries(listing: dict[str, Any], base: Path) -> dict[str, list[dict[str, An
     return out
 
 
-def _read_case(entry: dict[str, Any], in_channels: int) -> tuple[np.ndarray, np.ndarray | None, Any]:
-    """``(image (M, Z, Y, X) float32, label (Z, Y, X) or None, meta of the first channel)``."""
-    read = [read_volume(p) for p in entry["image"]]
-    chans = [a for a, _ in read]
-    image = chans[0] if len(chans) == 1 else np.stack(chans)
-    if image.ndim == 3 and in_channels == 1:
-        image = image[None]
-    where = entry["image"][0]
-    if image.ndim != 4 or image.shape[0] != in_channels:
-        raise ValueError(f"{where}: expected (Z, Y, X) or ({in_channels}, Z, Y, X), got shape {image.shape}")
+def _read_case(entry: dict[str, Any], in_channels: int, num_classes: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray | None, Any]:
+    """``(image (M, Z, Y, X) float32, label (Z, Y, X) or None, meta of the first channel)``
+    (:func:`~atso_fast.train.data.read_case`; entries hold absolute paths), NaN-free."""
+    image, label, meta = read_case(entry, Path("/"), in_channels, num_classes)
     image = np.asarray(image, np.float32)
     if not np.isfinite(image).all():
-        raise ValueError(f"{where}: the image holds NaN or infinite voxels")
-    label = None
-    if entry["label"]:
-        label = np.asarray(read_volume(entry["label"])[0])
-        if label.ndim == 4 and label.shape[0] == 1:
-            label = label[0]
-        if label.shape != image.shape[1:]:
-            raise ValueError(f"{entry['label']}: label shape {label.shape} differs from image spatial shape "
-                             f"{image.shape[1:]}")
-        if label.size and (label.min() < 0 or label.max() > 255):
-            raise ValueError(f"{entry['label']}: labels must be in [0, 255], got [{label.min()}, {label.max()}]")
-        label = label.astype(np.uint8)
-    return image, label, read[0][1]
+        raise ValueError(f"{entry['image'][0]}: the image holds NaN or infinite voxels")
+    return image, label, meta
 
 
 def _ct_samples(image: np.ndarray, label: np.ndarray) -> np.ndarray:
@@ -194,7 +184,6 @@ def _resolve(request: dict[str, Any], entries: dict[str, list[dict[str, Any]]], 
              in_channels: int, progress: Any) -> tuple[dict[str, Any], list[float] | None]:
     """The normalisation policy and target spacing, reading labelled cases only when needed
     (CT statistics from their foreground, or their median spacing when the config has none)."""
-    from atso_fast.train.data import RawCase, resolve_normalization, training_spacing
 
     spec = request["normalization"]
     is_ct = spec == "ct" or (spec in (None, "auto") and (modality or "").upper() == "CT")
@@ -246,7 +235,7 @@ def _label_to_grid(label: np.ndarray, geom: Any) -> np.ndarray:
 
 def _build_case(entry: dict[str, Any], cid: str, folder: Path, spec: dict[str, Any], spec_sha: str,
                 identity: list[list[Any]]) -> CachedCase:
-    image, label, meta = _read_case(entry, spec["in_channels"])
+    image, label, meta = _read_case(entry, spec["in_channels"], spec["num_classes"])
     vol, geom = prepare(image, _package(spec), spacing=meta.spacing, affine=meta.affine)
     del image
     paths = _paths(folder, cid)

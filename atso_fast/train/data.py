@@ -46,6 +46,8 @@ __all__ = [
     "training_spacing",
     "read_listing",
     "parse_listing_text",
+    "check_label",
+    "read_case",
 ]
 
 _IMAGE_SUFFIXES = supported_suffixes()  # NIfTI, NumPy, NRRD, MetaImage (atso_fast.io's formats)
@@ -101,7 +103,19 @@ def _as_channels(image: np.ndarray, in_channels: int, what: str) -> np.ndarray:
     return image
 
 
-def _check_label(label: np.ndarray | None, image: np.ndarray, what: str) -> np.ndarray | None:
+def check_label(label: np.ndarray | None, image: np.ndarray, what: str, num_classes: int | None = None,
+                ignore_index: int = 255) -> np.ndarray | None:
+    """``label`` as ``(Z, Y, X)`` uint8 on ``image``'s grid, every value a class or the ignore label.
+
+    Args:
+        what: the label file, named in every error.
+        num_classes: the model's classes (values ``0 .. num_classes - 1``); ``None``: any
+            value in ``[0, 255]``.
+        ignore_index: the one other value allowed (voxels the loss skips).
+
+    Raises:
+        ValueError: another shape, or values that are no class, with the values and counts.
+    """
     if label is None:
         return None
     label = np.asarray(label)
@@ -111,7 +125,16 @@ def _check_label(label: np.ndarray | None, image: np.ndarray, what: str) -> np.n
         raise ValueError(f"{what}: label shape {label.shape} differs from image spatial shape {image.shape[1:]}")
     if label.size and (label.min() < 0 or label.max() > 255):
         raise ValueError(f"{what}: labels must be in [0, 255], got [{label.min()}, {label.max()}]")
-    return label.astype(np.uint8)
+    label = label.astype(np.uint8)
+    if num_classes is not None:
+        values, counts = np.unique(label, return_counts=True)
+        bad = [(int(v), int(c)) for v, c in zip(values, counts) if v >= num_classes and v != ignore_index]
+        if bad:
+            shown = ", ".join(f"{v} ({c} voxels)" for v, c in bad[:5])
+            raise ValueError(f"{what}: label value(s) {shown} are not classes of this model (num_classes "
+                             f"{num_classes}: 0..{num_classes - 1}, ignore label {ignore_index}); fix the labels or "
+                             "num_classes")
+    return label
 
 
 def _read(path: Path) -> np.ndarray:
@@ -119,8 +142,11 @@ def _read(path: Path) -> np.ndarray:
     return read_volume(path)[0]
 
 
-def _read_entry(entry: Any, base: Path, in_channels: int) -> RawCase:
-    """A list-file entry: a path, a list of channel paths, or ``{"image": ..., "label": ...}``."""
+def read_case(entry: Any, base: Path, in_channels: int, num_classes: int | None = None, ignore_index: int = 255
+              ) -> tuple[np.ndarray, np.ndarray | None, Any]:
+    """``(image (M, Z, Y, X), label (Z, Y, X) uint8 or None, meta of the first channel)`` of a
+    list-file entry: a path, a list of channel paths, or ``{"image": ..., "label": ...}``;
+    labels are checked against ``num_classes`` (:func:`check_label`)."""
     if not isinstance(entry, dict):
         entry = {"image": entry}
     if "image" not in entry:
@@ -129,9 +155,17 @@ def _read_entry(entry: Any, base: Path, in_channels: int) -> RawCase:
     read = [read_volume(base / str(p)) for p in paths]
     chans = [array for array, _ in read]
     image = chans[0] if len(chans) == 1 else np.stack(chans)
-    image = _as_channels(image, in_channels, str(paths[0]))
-    label = _read(base / str(entry["label"])) if entry.get("label") else None
-    return RawCase(image, _check_label(label, image, str(paths[0])), Path(str(paths[0])).name, read[0][1].spacing)
+    image = _as_channels(image, in_channels, str(base / str(paths[0])))
+    label = None
+    if entry.get("label"):
+        label_path = base / str(entry["label"])
+        label = check_label(_read(label_path), image, str(label_path), num_classes, ignore_index)
+    return image, label, read[0][1]
+
+
+def _read_entry(entry: Any, base: Path, in_channels: int, num_classes: int | None, ignore_index: int) -> RawCase:
+    image, label, meta = read_case(entry, base, in_channels, num_classes, ignore_index)
+    return RawCase(image, label, Path(meta.path).name, meta.spacing)
 
 
 def training_spacing(cases: Sequence[RawCase]) -> list[float] | None:
@@ -216,8 +250,8 @@ def read_listing(spec: str | Path | dict[str, Any]) -> tuple[dict[str, Any], Pat
     return listing, base
 
 
-def load_raw(spec: str | Path | dict[str, Any], *, in_channels: int = 1
-             ) -> tuple[dict[str, list[RawCase]], str | None]:
+def load_raw(spec: str | Path | dict[str, Any], *, in_channels: int = 1, num_classes: int | None = None,
+             ignore_index: int = 255) -> tuple[dict[str, list[RawCase]], str | None]:
     """Read every case named by a folder, a list file, or a dict in list-file form.
 
     Returns:
@@ -230,7 +264,7 @@ def load_raw(spec: str | Path | dict[str, Any], *, in_channels: int = 1
     unknown = set(listing) - {"labelled", "unlabelled", "val", "modality"}
     if unknown:
         raise ValueError(f"data listing has unknown keys {sorted(unknown)}")
-    out = {key: [_read_entry(e, base, in_channels) for e in (listing.get(key) or [])]
+    out = {key: [_read_entry(e, base, in_channels, num_classes, ignore_index) for e in (listing.get(key) or [])]
            for key in ("labelled", "unlabelled", "val")}
     if not out["labelled"]:
         raise ValueError(f"data {spec!s}: no labelled case found")
@@ -294,7 +328,7 @@ def data_from_arrays(labelled: Sequence[tuple[np.ndarray, np.ndarray]],
     def raw(item: Any, what: str) -> RawCase:
         image, label = item if isinstance(item, tuple) else (item, None)
         image = _as_channels(image, in_channels, what)
-        return RawCase(image, _check_label(label, image, what), what)
+        return RawCase(image, check_label(label, image, what), what)
 
     cases = {"labelled": [raw(x, f"labelled[{i}]") for i, x in enumerate(labelled)],
              "unlabelled": [raw(x, f"unlabelled[{i}]") for i, x in enumerate(unlabelled)],
