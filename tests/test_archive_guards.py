@@ -124,3 +124,11 @@ def test_a_package_with_a_nan_normalisation_is_refused():
 
     with pytest.raises(ValueError, match="finite"):
         check_policy({"scheme": "ct", "mean": float("nan"), "std": 1.0, "clip": [0, 1]})
+
+
+def test_one_line_per_case_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    relabel_archive(FakeRelabeler(), archive(tmp_path), tmp_path / "out", progress=None)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("atso-fast relabel: [")]
+    assert len(lines) == 3 and lines[-1].startswith("atso-fast relabel: [3/3] case c") and "ETA" in lines[-1]
+    relabel_archive(FakeRelabeler(), archive(tmp_path), tmp_path / "out2", progress=False)
+    assert capsys.readouterr().err == ""

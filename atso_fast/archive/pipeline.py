@@ -100,8 +100,10 @@ class CaseRecorder(Protocol):
 class _Tally:
     """Thread-safe counters, the failure list and the progress bar of one run."""
 
-    def __init__(self, manifest: Manifest, output_dir: Path, bar: Any, fingerprint: str | None = None) -> None:
+    def __init__(self, manifest: Manifest, output_dir: Path, bar: Any, fingerprint: str | None = None,
+                 lines: tuple[int, int] | None = None) -> None:
         self.manifest, self.output_dir, self.bar, self.fingerprint = manifest, output_dir, bar, fingerprint
+        self.lines = lines  # (cases to do, cases in all): a line per case on stderr (no terminal)
         self.lock = threading.Lock()
         self.done = self.failed = self.voxels = 0
         self.busy = 0.0
@@ -124,6 +126,7 @@ class _Tally:
             self.done += 1
             self.voxels += math.prod(meta.spatial_shape)
             self._advance()
+            self._line(f"case {case.case_id} ok ({seconds:.1f} s)")
 
     def fail(self, case: Case, message: str, shape: Sequence[int] | None = None) -> None:
         """Record a failed case: manifest row, one line on stderr, counters."""
@@ -142,6 +145,19 @@ class _Tally:
                 else:
                     print(line, file=sys.stderr, flush=True)
                 self._advance()
+                self._line(f"case {case.case_id} failed")
+
+    def _line(self, what: str) -> None:
+        """nnU-Net prints every case: with stderr in a file (nohup, SLURM) a bar shows nothing,
+        so one line per case, with the count and an ETA from the pace so far."""
+        if self.lines is None:
+            return
+        todo, total = self.lines
+        finished = self.done + self.failed
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / finished * (todo - finished) if finished else 0.0
+        print(f"atso-fast relabel: [{finished}/{todo}{f' of {total}' if total != todo else ''}] {what}; "
+              f"{elapsed:.0f} s elapsed, ETA {_duration(eta)}", file=sys.stderr, flush=True)
 
     def _advance(self) -> None:
         if self.bar is not None:
@@ -190,7 +206,8 @@ def relabel_archive(relabeler: Any, inputs: str | os.PathLike[str] | Sequence[st
         writers: writer threads (compress and write behind it).
         queue_size: decoded volumes waiting for the relabeler beyond those being read; also
             bounds finished results waiting for a writer. Memory stays bounded by these.
-        progress: tqdm bar on stderr; ``None`` means only when stderr is a terminal.
+        progress: tqdm bar on stderr; ``None``: a bar when stderr is a terminal, else one line
+            per case (count, seconds, ETA) as nnU-Net prints; ``False``: nothing.
 
     Returns:
         Summary dict: ``total, done, skipped, failed, seconds, cases_per_s, voxels_per_s,
@@ -246,7 +263,8 @@ def run_archive(process: Callable[[list[Case], CaseRecorder], None],
         remove_stale_temps(todo, also=[manifest.path])
         report_skipped(plan.skipped)
         with _progress_bar(progress, len(cases), len(cases) - len(todo)) as bar:
-            tally = _Tally(manifest, output_dir, bar, fingerprint)
+            lines = (len(todo), len(cases)) if progress is None and bar is None else None
+            tally = _Tally(manifest, output_dir, bar, fingerprint, lines)
             for case in (c for c in todo if c.error is not None):
                 tally.fail(case, case.error or "cannot plan outputs")
             process([c for c in todo if c.error is None], tally)
@@ -312,6 +330,13 @@ def model_channels(relabeler: Any) -> int | None:
     """The input channels of the relabeler's model package, when it has one."""
     channels = getattr(getattr(relabeler, "package", None), "in_channels", None)
     return channels if isinstance(channels, int) else None
+
+
+def _duration(seconds: float) -> str:
+    """``"42 s"``, ``"7.5 min"`` or ``"2.3 h"``."""
+    if seconds < 100:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 6000 else f"{seconds / 3600:.1f} h"
 
 
 def write_probabilities(path: Path, probabilities: np.ndarray | None) -> Path:
