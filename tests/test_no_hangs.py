@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -175,3 +176,23 @@ def test_a_label_value_that_is_no_class_names_file_and_value(tmp_path):
                     normalization="zscore", spacing=[1.0, 1.0, 1.0], progress=False)
     ok = _labelled_folder(tmp_path / "ok", 255)  # the ignore label is allowed
     assert load_raw(ok, num_classes=3)[0]["labelled"][0].label.max() == 255
+
+
+def test_the_package_carries_no_test_hook():
+    import atso_fast.train.archive_loop as archive_loop
+
+    source = Path(archive_loop.__file__).read_text()
+    assert "ATSO_FAST_TEST" not in source and "SIGKILL" not in source and "os.kill" not in source
+
+
+def test_training_reports_progress_with_an_eta(capsys):
+    from atso_fast.train.progress import Progress
+
+    progress = Progress("atso round 1/2: fine-tune", 4, every=0.0)
+    for step in range(1, 5):
+        progress.update(step)
+    progress.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "atso-fast: atso round 1/2: fine-tune: 4 steps"
+    assert any("step 2/4 (50%)" in line and "ETA" in line for line in lines)
+    assert lines[-1].startswith("atso-fast: atso round 1/2: fine-tune: done, 4 steps in")

@@ -14,7 +14,6 @@ import pytest
 from atso_fast.datasets.synthetic import make_archive, phantom_num_classes
 from atso_fast.io import read_volume
 from atso_fast.train import ATSO, ArchiveATSO
-from atso_fast.train.archive_loop import KILL_ENV
 from atso_fast.train.cache import build_cache, locate_foreground, save_npy
 from atso_fast.train.data import PatchSampler, read_listing
 from atso_fast.train.loader import BatchDataset, DiskCase, DiskSampler, make_loader
@@ -165,11 +164,10 @@ def test_rounds_export_relabel_and_call_back(reference):
 
 def _train(config: Path, *args: str, kill: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop(KILL_ENV, None)
-    if kill:
-        env[KILL_ENV] = kill
-    return subprocess.run([sys.executable, "-m", "atso_fast", "train", str(config), "--no-export", "--threads", "1",
-                           "--log-level", "WARNING", *args], env=env, capture_output=True, text=True, timeout=300)
+    command = [str(Path(__file__).with_name("kill_at.py")), kill] if kill else ["-m", "atso_fast"]
+    return subprocess.run([sys.executable, *command, *([] if kill else ["train"]), str(config), "--no-export",
+                           "--threads", "1", "--log-level", "WARNING", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.mark.slow

@@ -32,11 +32,9 @@ Not on disk storage: soft targets (``targets="soft"`` needs the memory path) and
 ``start_agreement`` monitor (it would cost an extra inference pass over the training part each
 round; it is NaN here).
 
-Test hook (tests only, documented here so nobody is surprised): when the environment variable
-``ATSO_FAST_TEST_KILL_AT`` is ``train:K:S`` (after step S of round K), ``export:K`` (after the
-round's package is written, before the phase is recorded) or ``relabel:K:N`` (before the N-th
-case of round K is relabelled, once N - 1 cases are in the manifest), the process kills itself
-with SIGKILL there.
+The kill -9 tests reach the phase boundaries through the seams ``ArchiveATSO._on_step``,
+``ArchiveATSO._export_phase`` and the module's ``local_engine`` (``tests/kill_at.py``); no test
+hook lives in the package.
 """
 from __future__ import annotations
 
@@ -46,7 +44,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -91,13 +88,13 @@ from atso_fast.train.loader import (
     open_array,
 )
 from atso_fast.train.losses import confusion_counts, dice_from_counts
+from atso_fast.train.progress import Progress
 from atso_fast.train.trainer import MixedBatches, train_loader
 
-__all__ = ["ArchiveATSO", "ArchiveEngine", "local_engine", "KILL_ENV"]
+__all__ = ["ArchiveATSO", "ArchiveEngine", "local_engine"]
 
 log = logging.getLogger(__name__)
 
-KILL_ENV = "ATSO_FAST_TEST_KILL_AT"
 _FORMAT = "disk-1"
 _PHASES = ("train", "export", "relabel", "done")
 
@@ -109,46 +106,8 @@ progress) -> summary`` (the summary of :func:`atso_fast.archive.relabel_archive`
 def local_engine(package_dir: Path, inputs: Sequence[Path], output_dir: Path, *, options: dict[str, Any],
                  **kw: Any) -> dict[str, Any]:
     """The threaded archive engine with ``Relabeler(package_dir, runtime="auto", **options)``."""
-    relabeler = _KillHook.wrap(Relabeler(package_dir, **{"runtime": "auto", **options}), output_dir)
+    relabeler = Relabeler(package_dir, **{"runtime": "auto", **options})
     return relabel_archive(relabeler, [str(p) for p in inputs], output_dir, **kw)
-
-
-class _KillHook:
-    """The test-only SIGKILL points (see the module docstring)."""
-
-    @staticmethod
-    def point(name: str, k: int, n: int | None = None) -> None:
-        want = os.environ.get(KILL_ENV)
-        if want and want == (f"{name}:{k}" if n is None else f"{name}:{k}:{n}"):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    @staticmethod
-    def wrap(relabeler: Any, output_dir: Path) -> Any:
-        want = os.environ.get(KILL_ENV, "")
-        if not want.startswith("relabel:"):
-            return relabeler
-        _, k, n = want.split(":")
-        if output_dir.parent.name != f"round_{k}":
-            return relabeler
-        inner, calls = relabeler.relabel_volume, [0]
-
-        def relabel_volume(array: Any, **kw: Any) -> Any:
-            calls[0] += 1
-            if calls[0] == int(n):
-                _wait_rows(output_dir / "manifest.jsonl", int(n) - 1)
-                os.kill(os.getpid(), signal.SIGKILL)
-            return inner(array, **kw)
-
-        relabeler.relabel_volume = relabel_volume
-        return relabeler
-
-
-def _wait_rows(path: Path, rows: int, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if path.is_file() and len(path.read_text().splitlines()) >= rows:
-            return
-        time.sleep(0.01)
 
 
 class ArchiveATSO(ATSO):
@@ -258,7 +217,6 @@ class ArchiveATSO(ATSO):
             self._enter("export")
         if self.phase == "export":
             self._export_phase(k)
-            _KillHook.point("export", k)
             self._enter("relabel")
         return self._relabel_phase(k)
 
@@ -304,16 +262,19 @@ class ArchiveATSO(ATSO):
         self.pending["timing"]["train_s"] = self.pending["timing"].get("train_s", 0.0) + time.perf_counter() - start
 
     def _on_step(self, k: int, steps: int) -> Callable[[int, Any], None]:
-        every, report = int(self.config.checkpoint_every), max(1, steps // 10)
+        cfg = self.config
+        every, report = int(cfg.checkpoint_every), max(1, steps // 10)
+        phase = "warm-up on L" if k == 0 else f"round {k}/{cfg.rounds}: fine-tune"
+        progress = Progress(f"{cfg.method} {phase}", steps, enabled=cfg.progress)
 
         def on_step(step: int, run: Any) -> None:
             if step % report == 0 or step == steps:
                 log.info("round %d: train step %d/%d, loss %.4f", k, step, steps, float(run.losses[-1]))
+            progress.update(step)
             if every and step % every == 0 and step < steps:
                 self.train_state = run.state(step)
                 self.save_checkpoint()
                 self.train_state = None
-            _KillHook.point("train", k, step)
 
         return on_step
 

@@ -50,6 +50,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -72,6 +73,7 @@ from atso_fast.train.data import (
     resolve_normalization,
 )
 from atso_fast.train.monitor import foreground_change, pooled_dice
+from atso_fast.train.progress import Progress, duration
 from atso_fast.train.trainer import MixedBatches, OptimConfig, mean_loss, train_steps
 from atso_fast.train.unet import UNet
 
@@ -166,6 +168,9 @@ class ATSOConfig:
         loader_workers: disk storage: ``DataLoader`` worker processes cutting patches.
         checkpoint_every: disk storage: also checkpoint every this many training steps (0: at
             phase boundaries only).
+        progress: a line on stderr as each phase starts, every 10 s while it runs (step,
+            elapsed, ETA) and when it ends, with the run's ETA after each round (never minutes of
+            silence); ``False``: quiet.
     """
 
     data: str | dict[str, Any] | None = None
@@ -206,6 +211,7 @@ class ATSOConfig:
     preprocessing: dict[str, Any] | None = None
     loader_workers: int = 0
     checkpoint_every: int = 0
+    progress: bool = True
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)
@@ -629,7 +635,7 @@ class ATSO:
             raise RuntimeError("warm-up already done (round_index >= 0)")
         cfg, start = self.config, time.perf_counter()
         stats = train_steps(self.model, self._batches(None), steps=cfg.warmup_steps, lr=cfg.lr,
-                            rng=_rng(cfg.seed, 0, _TRAIN), **self._train_kwargs())
+                            rng=_rng(cfg.seed, 0, _TRAIN), **self._train_kwargs("warm-up on L", cfg.warmup_steps))
         self.base_state = _state_copy(self.model)
         metrics = {"round": 0, "method": cfg.method, "model": "M0", "student_from": None, "trained_on": ["L"],
                    "train_labels_from": {}, "train": stats, "student": {}}
@@ -652,7 +658,8 @@ class ATSO:
         student = self._student_monitor(idx, pseudo, k)
         lr = cfg.round_lr * cfg.round_lr_decay ** (k - 1)
         stats = train_steps(self.model, self._batches(pseudo), steps=cfg.steps_per_round, lr=lr,
-                            rng=_rng(cfg.seed, k, _TRAIN), **self._train_kwargs())
+                            rng=_rng(cfg.seed, k, _TRAIN),
+                            **self._train_kwargs(f"round {k}/{cfg.rounds}: fine-tune", cfg.steps_per_round))
         if cfg.init == "lineage":
             self.lineages[relabel[0]] = {"model": f"M{k}", "state": _state_copy(self.model)}
         student.update({key: stats[key] for key in ("pseudo_loss", "pseudo_first_loss", "pseudo_last_loss")})
@@ -696,10 +703,14 @@ class ATSO:
             return {name: ["truth"] for name in train_on}
         return {n: sorted({self.labelled_by[i] for i in self.subsets[n]}) for n in train_on}
 
-    def _train_kwargs(self) -> dict[str, Any]:
+    def _train_kwargs(self, phase: str | None = None, steps: int = 0) -> dict[str, Any]:
         cfg = self.config
-        return {"optim": OptimConfig.from_value(cfg.optim), "ignore_index": cfg.ignore_index,
-                "device": cfg.device, "amp": cfg.amp, "channels_last": cfg.channels_last}
+        kwargs = {"optim": OptimConfig.from_value(cfg.optim), "ignore_index": cfg.ignore_index,
+                  "device": cfg.device, "amp": cfg.amp, "channels_last": cfg.channels_last}
+        if phase is not None and steps > 0:
+            progress = Progress(f"{cfg.method} {phase}", steps, enabled=cfg.progress)
+            kwargs["on_step"] = lambda done, run: progress.update(done)
+        return kwargs
 
     def _sampler(self, images: list[np.ndarray], labels: list[np.ndarray]) -> PatchSampler:
         cfg = self.config
@@ -855,6 +866,21 @@ class ATSO:
         result = self.evaluate(self.data.val)
         return {"val_dice": result["dice"], "val_mean_dice": result["mean_dice"]}
 
+    def _say_round(self, metrics: dict[str, Any]) -> None:
+        """One line per finished round: loss, validation Dice, time, and the run's ETA from the
+        rounds so far (a warm-up counts as one)."""
+        if not self.config.progress:
+            return
+        done = [m["seconds"] for m in self.history if m.get("round", 0) > 0]
+        left = self.config.rounds - metrics["round"]
+        eta = (sum(done) / len(done) if done else metrics["seconds"]) * left
+        dice = metrics.get("val_mean_dice")
+        loss = metrics["train"].get("loss")
+        print(f"atso-fast: {self.config.method} {'warm-up' if metrics['round'] == 0 else 'round ' + str(metrics['round'])}"
+              f" done in {duration(metrics['seconds'])}: train loss {'-' if loss is None else f'{loss:.4f}'}, "
+              f"val mean Dice {'-' if dice is None else f'{dice:.4f}'}; {left} round(s) left, ETA {duration(eta)}",
+              file=sys.stderr, flush=True)
+
     def _finish(self, metrics: dict[str, Any], start: float) -> dict[str, Any]:
         metrics.update(self.validate())
         metrics["seconds"] = time.perf_counter() - start
@@ -863,6 +889,7 @@ class ATSO:
         self.history.append(metrics)
         log.info("%s round %d: train loss %s, val mean Dice %s, %.1f s", self.config.method, metrics["round"],
                  metrics["train"]["loss"], metrics["val_mean_dice"], metrics["seconds"])
+        self._say_round(metrics)
         if self.config.out_dir is not None:
             self.save_checkpoint()
         for fn in self.callbacks:

@@ -46,6 +46,7 @@ from atso_fast.train.data import (
     resolve_normalization,
     training_spacing,
 )
+from atso_fast.train.progress import progress_lines
 
 __all__ = ["CachedCase", "Cache", "SPLITS", "build_cache", "locate_foreground", "save_npy", "fg_counts_of",
            "entry_case_id"]
@@ -208,10 +209,11 @@ def _resolve(request: dict[str, Any], entries: dict[str, list[dict[str, Any]]], 
 
 
 def _bar(items: Sequence[Any], progress: Any, desc: str) -> Any:
-    if progress is None:
-        progress = bool(getattr(sys.stderr, "isatty", lambda: False)())
-    if not progress or not items:
+    """A tqdm bar on a terminal, lines every 10 s elsewhere (``progress=None``), or nothing."""
+    if progress is False or not items:
         return items
+    if progress is None and not getattr(sys.stderr, "isatty", lambda: False)():
+        return progress_lines(items, desc, len(items))
     from tqdm import tqdm
 
     return tqdm(items, desc=desc, unit="case", file=sys.stderr, dynamic_ncols=True)

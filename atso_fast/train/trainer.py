@@ -168,7 +168,8 @@ def _to_device(x: Any, y: Any, device: torch.device, channels_last: bool) -> tup
 
 def train_steps(model: nn.Module, batches: BatchFn, *, steps: int, lr: float, rng: np.random.Generator,
                 optim: OptimConfig | None = None, ignore_index: int = 255, device: str | torch.device = "cpu",
-                amp: bool = True, channels_last: bool = True) -> dict[str, float]:
+                amp: bool = True, channels_last: bool = True,
+                on_step: Callable[[int, Any], None] | None = None) -> dict[str, float]:
     """Train ``model`` for ``steps`` steps with a fresh optimiser and its own lr schedule.
 
     AMP (fp16 autocast + grad scaling) and channels-last apply only on CUDA devices.
@@ -183,6 +184,7 @@ def train_steps(model: nn.Module, batches: BatchFn, *, steps: int, lr: float, rn
         ignore_index: label left out of the loss.
         device: torch device.
         amp, channels_last: enable on CUDA.
+        on_step: ``on_step(steps done, run)`` after every step (progress reports).
 
     Returns:
         ``{"loss": mean loss, "first_loss"/"last_loss": mean of the first/last 10% of steps,
@@ -199,6 +201,8 @@ def train_steps(model: nn.Module, batches: BatchFn, *, steps: int, lr: float, rn
     for step in range(int(steps)):
         x, y = batches(rng)
         run.step(step, int(steps), x, y, getattr(batches, "last_labelled", len(x)), ignore_index)
+        if on_step is not None:
+            on_step(step + 1, run)
     return run.summary(int(steps))
 
 
