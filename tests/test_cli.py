@@ -162,6 +162,9 @@ def test_export_takes_the_trainers_checkpoint(trained_run, tmp_path, capsys):
     pkg = load_package(tmp_path / "pkg")
     assert pkg.window == (8, 16, 16) and pkg.in_channels == 1 and pkg.normalization["scheme"] != "none"
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["num_classes"] == pkg.num_classes
+    from atso_fast.datasets.synthetic import phantom_class_names
+
+    assert pkg.class_names == list(phantom_class_names())  # from the data's dataset.json, through training
 
 
 class _Evil:

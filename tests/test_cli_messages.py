@@ -62,3 +62,27 @@ def test_save_probabilities_writes_nnunets_npz(package, archive, tmp_path):
     np.testing.assert_allclose(probabilities.sum(0), 1.0, atol=1e-4)
     labels, _ = read_volume(out / "a.nii.gz")
     np.testing.assert_array_equal(labels, probabilities.argmax(0))
+
+
+def test_export_a_monai_state_dict_from_the_command_line(tmp_path, capsys):
+    monai_nets = pytest.importorskip("monai.networks.nets")
+    kwargs = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": [2],
+              "num_res_units": 1}
+    torch.manual_seed(0)
+    net = monai_nets.UNet(**kwargs).eval()
+    torch.save(net.state_dict(), tmp_path / "unet.pt")
+    import json
+
+    argv = ["export", str(tmp_path / "unet.pt"), str(tmp_path / "pkg"), "--window", "8", "16", "16", "--classes", "2",
+            "--network", "monai.networks.nets:UNet", "--network-kwargs", json.dumps(kwargs),
+            "--class-names", "background", "tumour"]
+    assert main(argv) == 0
+    relabeler = Relabeler(tmp_path / "pkg", runtime="onnxruntime")
+    volume = np.random.default_rng(0).normal(size=(8, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        want = net(torch.from_numpy(volume)[None, None]).argmax(1)[0].numpy()
+    np.testing.assert_array_equal(relabeler.relabel_volume(volume).labels, want)
+    assert relabeler.package.class_names == ["background", "tumour"]
+    assert main(["export", str(tmp_path / "unet.pt"), str(tmp_path / "p2"), "--window", "8", "16", "16",
+                 "--classes", "2"]) == 2
+    assert "needs --network MODULE:CLASS" in capsys.readouterr().err

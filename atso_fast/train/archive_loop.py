@@ -79,7 +79,7 @@ from atso_fast.train.cache import (
     locate_foreground,
     save_npy,
 )
-from atso_fast.train.data import read_listing
+from atso_fast.train.data import dataset_class_names, read_listing
 from atso_fast.train.loader import (
     BatchDataset,
     DiskCase,
@@ -143,7 +143,8 @@ class ArchiveATSO(ATSO):
             in_channels=config.in_channels, num_classes=config.num_classes, normalization=config.normalization,
             spacing=config.spacing, preprocessing=config.preprocessing)
         self.config = replace(config, normalization=self.cache.normalization, spacing=self.cache.spacing,
-                              preprocessing=self.cache.preprocessing)
+                              preprocessing=self.cache.preprocessing,
+                              class_names=config.class_names or dataset_class_names(config.data, config.num_classes))
         self.model = model if model is not None else build_model(self.config)
         self.soft, self.callbacks = False, list(callbacks)
         self.engine = archive_engine or local_engine
@@ -306,6 +307,7 @@ class ArchiveATSO(ATSO):
         package = export_model(self.model, folder / "package", window=list(cfg.patch_size),
                                num_classes=cfg.num_classes, kind="logits", normalization=cfg.normalization,
                                in_channels=cfg.in_channels, spacing=cfg.spacing, preprocessing=cfg.preprocessing,
+                               class_names=cfg.class_names,
                                extra={"source": {"atso_round": k, "method": cfg.method}}, save_torch=False)
         _grid_package(package, folder / "grid_package")
         self.pending["timing"]["export_s"] = time.perf_counter() - start

@@ -68,6 +68,7 @@ from atso_fast.train.data import (
     Case,
     PatchSampler,
     SemiSupervisedData,
+    dataset_class_names,
     load_raw,
     prepare_data,
     resolve_normalization,
@@ -171,6 +172,9 @@ class ATSOConfig:
         progress: a line on stderr as each phase starts, every 10 s while it runs (step,
             elapsed, ETA) and when it ends, with the run's ETA after each round (never minutes of
             silence); ``False``: quiet.
+        class_names: one name per class, in label order, carried into exported packages
+            (default: the data folder's nnU-Net ``dataset.json`` ``labels``, when they name
+            classes ``0 .. num_classes - 1``).
     """
 
     data: str | dict[str, Any] | None = None
@@ -212,6 +216,7 @@ class ATSOConfig:
     loader_workers: int = 0
     checkpoint_every: int = 0
     progress: bool = True
+    class_names: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)
@@ -584,7 +589,8 @@ class ATSO:
                              "out_dir set, no data= and hard targets")
         self.data = data if data is not None else load_data(config)
         self.config = replace(config, normalization=dict(self.data.normalization),
-                              spacing=config.spacing if config.spacing is not None else self.data.spacing)
+                              spacing=config.spacing if config.spacing is not None else self.data.spacing,
+                              class_names=config.class_names or dataset_class_names(config.data, config.num_classes))
         self.model = model if model is not None else build_model(self.config)
         self.soft = self.config.targets == "soft"
         self.relabel_fn = relabeler if relabeler is not None else \

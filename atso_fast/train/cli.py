@@ -124,7 +124,8 @@ def export_package(atso: Any, folder: str | Path, class_names: list[str] | None 
     cfg = atso.config
     return export_model(atso.model, folder, window=list(cfg.patch_size), num_classes=cfg.num_classes,
                         kind="logits", normalization=cfg.normalization, in_channels=cfg.in_channels,
-                        spacing=cfg.spacing, class_names=class_names, preprocessing=cfg.preprocessing)
+                        spacing=cfg.spacing, class_names=class_names or cfg.class_names,
+                        preprocessing=cfg.preprocessing)
 
 
 def build_train_parser() -> argparse.ArgumentParser:

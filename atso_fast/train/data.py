@@ -47,6 +47,7 @@ __all__ = [
     "read_listing",
     "parse_listing_text",
     "check_label",
+    "dataset_class_names",
     "read_case",
 ]
 
@@ -179,6 +180,21 @@ def training_spacing(cases: Sequence[RawCase]) -> list[float] | None:
     if np.any(ratios > 1.2) or np.any(ratios < 1 / 1.2):
         return None
     return [float(m) for m in median]
+
+
+def dataset_class_names(data: Any, num_classes: int) -> list[str] | None:
+    """Class names from a data folder's nnU-Net ``dataset.json`` (``labels``: name -> value),
+    when its values are exactly ``0 .. num_classes - 1``; else ``None``."""
+    if not isinstance(data, (str, os.PathLike)) or not os.path.isdir(data):
+        return None
+    meta_file = Path(data) / "dataset.json"
+    if not os.path.lexists(meta_file):
+        return None
+    labels = parse_listing_text(read_text_file(meta_file), meta_file).get("labels")
+    if not isinstance(labels, dict):
+        return None
+    by_value = {v: str(k) for k, v in labels.items() if isinstance(v, int) and not isinstance(v, bool)}
+    return [by_value[i] for i in range(num_classes)] if sorted(by_value) == list(range(num_classes)) else None
 
 
 def _strip_suffix(name: str) -> str:
