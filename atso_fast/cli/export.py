@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--grid", choices=["monai", "nnunet"], help="window grid and gaussian profile (default: monai)")
     ap.add_argument("--network", metavar="MODULE:CLASS",
                     help="build the network with this class and load a state_dict checkpoint into it "
-                    "(e.g. monai.networks.nets:UNet)")
+                    "(e.g. monai.networks.nets:UNet; default: none)")
     ap.add_argument("--network-kwargs", metavar="JSON", default="{}",
                     help="the --network class's arguments as a JSON object")
     ap.add_argument("--trust-pickle", action="store_true",
