@@ -79,6 +79,7 @@ def relabel_archive_ray(model_dir_or_relabeler_kwargs: str | os.PathLike[str] | 
                         workers: int = 1, gpus_per_worker: float = 0, cpus_per_worker: float = 1,
                         resume: bool = False, overwrite: bool = False, num_parts: int = 1, part_id: int = 0,
                         recursive: bool = False, save_confidence: bool = False, save_probabilities: bool = False,
+                        save_overlay: bool = False,
                         progress: bool | None = None, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
                         relabeler_factory: Callable[..., Any] | None = None,
                         **relabeler_kwargs: Any) -> dict[str, Any]:
@@ -135,7 +136,7 @@ def relabel_archive_ray(model_dir_or_relabeler_kwargs: str | os.PathLike[str] | 
                      **relabeler_kwargs)
     return run(inputs, output_dir, recursive=recursive, resume=resume, overwrite=overwrite,
                num_parts=num_parts, part_id=part_id, save_confidence=save_confidence, progress=progress,
-               save_probabilities=save_probabilities)
+               save_probabilities=save_probabilities, save_overlay=save_overlay)
 
 
 def ray_runner(model_dir_or_relabeler_kwargs: str | os.PathLike[str] | Mapping[str, Any], *,

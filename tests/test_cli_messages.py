@@ -86,3 +86,29 @@ def test_export_a_monai_state_dict_from_the_command_line(tmp_path, capsys):
     assert main(["export", str(tmp_path / "unet.pt"), str(tmp_path / "p2"), "--window", "8", "16", "16",
                  "--classes", "2"]) == 2
     assert "needs --network MODULE:CLASS" in capsys.readouterr().err
+
+
+def test_overlay_pictures_on_request(package, archive, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "out"
+    assert main(["relabel", str(package), str(archive), str(out), "--overlay", "--quiet"]) == 0
+    with Image.open(out / "a_overlay.png") as picture:
+        assert picture.format == "PNG" and picture.size[1] == 256 and picture.mode == "RGB"
+    assert main(["relabel", str(package), str(archive), str(tmp_path / "plain"), "--quiet"]) == 0
+    assert not list((tmp_path / "plain").glob("*.png"))
+
+
+def test_overlay_blends_the_labels_where_they_are():
+    import io
+
+    from PIL import Image
+
+    from atso_fast.io.overlay import overlay_png
+
+    image = np.zeros((10, 20, 30), np.float32)
+    labels = np.zeros(image.shape, np.uint8)
+    labels[4:6, 8:12, 10:20] = 1
+    picture = np.asarray(Image.open(io.BytesIO(overlay_png(image, labels))))
+    coloured = np.abs(picture[..., 0].astype(int) - picture[..., 2].astype(int)) > 0
+    assert coloured.any() and coloured.mean() < 0.5  # some pixels tinted, most grey

@@ -196,3 +196,17 @@ def test_training_reports_progress_with_an_eta(capsys):
     assert lines[0] == "atso-fast: atso round 1/2: fine-tune: 4 steps"
     assert any("step 2/4 (50%)" in line and "ETA" in line for line in lines)
     assert lines[-1].startswith("atso-fast: atso round 1/2: fine-tune: done, 4 steps in")
+
+
+def test_training_curves_picture():
+    import io
+
+    from PIL import Image
+
+    from atso_fast.train.curves import curves_png
+
+    history = [{"round": 0, "train": {"loss": 1.0}, "val_mean_dice": 0.5, "monitor": {}},
+               {"round": 1, "train": {"loss": 0.7}, "val_mean_dice": 0.6, "monitor": {"U1": {"pseudo_dice": 0.55}}},
+               {"round": 2, "train": {"loss": None}, "val_mean_dice": None, "monitor": {"U2": {"pseudo_dice": 0.6}}}]
+    with Image.open(io.BytesIO(curves_png(history, "atso"))) as picture:
+        assert picture.format == "PNG" and picture.size == (900, 340)

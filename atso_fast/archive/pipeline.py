@@ -50,6 +50,7 @@ from atso_fast.io import (
     write_labels,
 )
 from atso_fast.io.naming import channel_index
+from atso_fast.io.overlay import write_overlay
 
 __all__ = ["Case", "CaseRecorder", "Grid", "MANIFEST_NAME", "VolumeRelabeler", "check_archive", "relabel_archive",
            "relabel_case", "read_input", "run_archive"]
@@ -170,7 +171,8 @@ class _Tally:
 def relabel_archive(relabeler: Any, inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
                     output_dir: str | os.PathLike[str], *, recursive: bool = False,
                     resume: bool = False, overwrite: bool = False, num_parts: int = 1, part_id: int = 0,
-                    save_confidence: bool = False, save_probabilities: bool = False, readers: int = 2, writers: int = 2,
+                    save_confidence: bool = False, save_probabilities: bool = False, save_overlay: bool = False,
+                    readers: int = 2, writers: int = 2,
                     queue_size: int = 2, progress: bool | None = None) -> dict[str, Any]:
     """Relabel every volume of an archive and write label maps plus a JSONL manifest.
 
@@ -202,6 +204,8 @@ def relabel_archive(relabeler: Any, inputs: str | os.PathLike[str] | Sequence[st
         save_probabilities: also write ``<case_id>_probabilities.npz`` (key ``probabilities``,
             float32 ``(C, Z, Y, X)`` on the input's grid; the relabeler must return them:
             ``Relabeler(save_probabilities=True)``).
+        save_overlay: also write ``<case_id>_overlay.png``, a picture of the three orthogonal
+            slices through the labels with the labels on top (:mod:`atso_fast.io.overlay`).
         readers: reader threads (decode ahead of the relabeler).
         writers: writer threads (compress and write behind it).
         queue_size: decoded volumes waiting for the relabeler beyond those being read; also
@@ -227,7 +231,8 @@ def relabel_archive(relabeler: Any, inputs: str | os.PathLike[str] | Sequence[st
     summary = run_archive(process, inputs, output_dir, recursive=recursive, resume=resume,
                           overwrite=overwrite, num_parts=num_parts, part_id=part_id,
                           save_confidence=save_confidence, progress=progress,
-                          fingerprint=getattr(relabeler, "fingerprint", None), save_probabilities=save_probabilities)
+                          fingerprint=getattr(relabeler, "fingerprint", None), save_probabilities=save_probabilities,
+                          save_overlay=save_overlay)
     label = getattr(relabeler, "runtime_label", None)  # optional (VolumeRelabeler)
     if label:
         summary["runtime"] = label
@@ -239,7 +244,8 @@ def run_archive(process: Callable[[list[Case], CaseRecorder], None],
                 output_dir: str | os.PathLike[str], *, recursive: bool = False,
                 resume: bool = False, overwrite: bool = False, num_parts: int = 1, part_id: int = 0,
                 save_confidence: bool = False, progress: bool | None = None,
-                fingerprint: str | None = None, save_probabilities: bool = False) -> dict[str, Any]:
+                fingerprint: str | None = None, save_probabilities: bool = False,
+                save_overlay: bool = False) -> dict[str, Any]:
     """Plan, resume and record an archive run around an engine's ``process(cases, tally)``.
 
     The engine-independent part of :func:`relabel_archive` (planning, part split, resume, stale
@@ -255,7 +261,7 @@ def run_archive(process: Callable[[list[Case], CaseRecorder], None],
     output_dir = Path(output_dir)
     plan, todo = _prepare(inputs, output_dir, recursive=recursive, resume=resume, overwrite=overwrite,
                           num_parts=num_parts, part_id=part_id, save_confidence=save_confidence,
-                          fingerprint=fingerprint, save_probabilities=save_probabilities)
+                          fingerprint=fingerprint, save_probabilities=save_probabilities, save_overlay=save_overlay)
     cases = plan.cases
     output_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(output_dir, part_id, num_parts), Manifest(output_dir / MANIFEST_NAME) as manifest:
@@ -276,7 +282,8 @@ def run_archive(process: Callable[[list[Case], CaseRecorder], None],
 def check_archive(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
                   output_dir: str | os.PathLike[str], *, recursive: bool = False, resume: bool = False,
                   overwrite: bool = False, num_parts: int = 1, part_id: int = 0,
-                  save_confidence: bool = False, save_probabilities: bool = False) -> dict[str, int]:
+                  save_confidence: bool = False, save_probabilities: bool = False,
+                  save_overlay: bool = False) -> dict[str, int]:
     """Everything :func:`run_archive` refuses up front, checked without writing anything (the
     CLI calls it before it loads the model). Returns ``{"total": cases, "todo": to do}``.
 
@@ -285,7 +292,7 @@ def check_archive(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[st
     """
     plan, todo = _prepare(inputs, Path(output_dir), recursive=recursive, resume=resume, overwrite=overwrite,
                           num_parts=num_parts, part_id=part_id, save_confidence=save_confidence,
-                          save_probabilities=save_probabilities)
+                          save_probabilities=save_probabilities, save_overlay=save_overlay)
     return {"total": len(plan.cases), "todo": len(todo)}
 
 
@@ -323,7 +330,7 @@ def relabel_case(relabeler: Any, case_id: str, path: str | os.PathLike[str],
         return
     result, seconds = _relabel(relabeler, case, loaded, tally)
     if result is not None:
-        _write_case(case, loaded[1], result, seconds, tally, threading.Semaphore(0))
+        _write_case(case, loaded[1], result, seconds, tally, threading.Semaphore(0), loaded[0])
 
 
 def model_channels(relabeler: Any) -> int | None:
@@ -391,7 +398,8 @@ def _pipeline(relabeler: VolumeRelabeler, cases: list[Case], tally: _Tally, *, r
                 if result is None:
                     continue
                 slots.acquire()
-                write_pool.submit(_write_case, case, loaded[1], result, seconds, tally, slots)
+                image = loaded[0] if "overlay" in case.outputs else None  # kept only for the picture
+                write_pool.submit(_write_case, case, loaded[1], result, seconds, tally, slots, image)
                 del loaded, result
         except BaseException:
             for _, future in pending:
@@ -497,7 +505,7 @@ def _geometry(relabeler: VolumeRelabeler, meta: VolumeMeta) -> dict[str, Any]:
 
 
 def _write_case(case: Case, meta: VolumeMeta, result: Any, seconds: float, tally: CaseRecorder,
-                slots: threading.BoundedSemaphore) -> None:
+                slots: threading.BoundedSemaphore, image: np.ndarray | None = None) -> None:
     """Write a case's outputs atomically, then its ``ok`` row (never the other way round)."""
     try:
         try:
@@ -509,6 +517,9 @@ def _write_case(case: Case, meta: VolumeMeta, result: Any, seconds: float, tally
                 write_confidence(case.outputs["confidence"], result.confidence, meta)
             if "probabilities" in case.outputs:
                 write_probabilities(case.outputs["probabilities"], getattr(result, "probabilities", None))
+            if "overlay" in case.outputs and image is not None:
+                write_overlay(case.outputs["overlay"], image, result.labels, meta.spacing,
+                              getattr(result, "stats", {}).get("ignore_index", 255))
             stats = dict(getattr(result, "stats", None) or {})
         except Exception as exc:
             tally.fail(case, f"{case.path}: writing outputs failed: {type(exc).__name__}: {exc}",

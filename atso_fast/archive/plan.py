@@ -42,6 +42,9 @@ from atso_fast.io import (
 from atso_fast.io import case_id as make_case_id
 from atso_fast.io.naming import channel_groups
 
+_EXTRA_SUFFIXES = {"probabilities": "_probabilities.npz", "overlay": "_overlay.png"}
+"""Outputs written on request, and their name endings after the case id."""
+
 try:  # POSIX advisory locks; elsewhere concurrent runs on one folder are not detected
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -79,7 +82,7 @@ class Plan:
 
 
 def plan_archive(inputs: Any, output_dir: Path, *, recursive: bool, num_parts: int, part_id: int,
-                 save_confidence: bool, save_probabilities: bool = False) -> Plan:
+                 save_confidence: bool, save_probabilities: bool = False, save_overlay: bool = False) -> Plan:
     """The cases of part ``part_id`` with their output paths.
 
     Listing failures (unreadable sub-folders, bad list lines) are recorded by part 0 only, so
@@ -103,8 +106,8 @@ def plan_archive(inputs: Any, output_dir: Path, *, recursive: bool, num_parts: i
     cases = []
     groups = {group[0]: group for group in channel_groups(listing.paths)}
     for path in select_part(list(groups), num_parts, part_id):
-        case = _plan_case(path, ids.get(path), listing.root, output_dir, save_confidence, all_inputs,
-                          save_probabilities)
+        extras = {"probabilities": save_probabilities, "overlay": save_overlay}
+        case = _plan_case(path, ids.get(path), listing.root, output_dir, save_confidence, all_inputs, extras)
         if len(groups[path]) > 1 and case.error is None:
             case.channels = groups[path]
         clash = next((owners[os.path.realpath(p)] for p in case.outputs.values()
@@ -182,7 +185,7 @@ def case_ids(paths: Sequence[Path], root: Path | None) -> dict[Path, str]:
 
 
 def _plan_case(path: Path, cid: str | None, root: Path | None, output_dir: Path, save_confidence: bool,
-               all_inputs: frozenset[str], save_probabilities: bool = False) -> Case:
+               all_inputs: frozenset[str], extras: dict[str, bool] | None = None) -> Case:
     if cid is None:
         try:
             cid = make_case_id(path, root)
@@ -193,8 +196,9 @@ def _plan_case(path: Path, cid: str | None, root: Path | None, output_dir: Path,
         outputs = {"labels": output_path(output_dir, cid, suffix, inputs=all_inputs)}
         if save_confidence:
             outputs["confidence"] = output_path(output_dir, cid, "_confidence" + suffix, inputs=all_inputs)
-        if save_probabilities:  # nnU-Net's --save_probabilities: one .npz per case
-            outputs["probabilities"] = output_path(output_dir, cid, "_probabilities.npz", inputs=all_inputs)
+        for name, suffix in _EXTRA_SUFFIXES.items():  # on request: nnU-Net's probabilities, QC pictures
+            if (extras or {}).get(name):
+                outputs[name] = output_path(output_dir, cid, suffix, inputs=all_inputs)
     except InputError as exc:
         return Case(cid, path, error=str(exc))
     except ValueError as exc:

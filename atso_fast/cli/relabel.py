@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-probabilities", "--save_probabilities", action="store_true",
                    help="also write <case>_probabilities.npz: float32 softmax (C, Z, Y, X) on the input's grid, "
                    "key 'probabilities', as nnU-Net's --save_probabilities")
+    p.add_argument("--overlay", action="store_true",
+                   help="also write <case>_overlay.png: the three orthogonal slices through the labels with the "
+                   "labels on top, for a person to check")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders of a folder INPUT")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", "--continue_prediction", action="store_true",
@@ -181,7 +184,7 @@ def _check_settings(args: argparse.Namespace) -> None:
 def _archive_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"recursive": args.recursive, "resume": args.resume, "overwrite": args.overwrite,
             "num_parts": args.num_parts, "part_id": args.part_id, "save_confidence": args.save_confidence,
-            "save_probabilities": args.save_probabilities}
+            "save_probabilities": args.save_probabilities, "save_overlay": args.overlay}
 
 
 def _usage_error(message: str) -> int:

@@ -296,6 +296,7 @@ class Relabeler:
             "mean_confidence": float(conf.mean(dtype=np.float64)) / 255.0,
             "nonfinite_input_voxels": 0 if bad is None else int(bad.sum()),
             "runtime": self.runtime_name, "device": self.device, "network_shape": list(geom.target),
+            "ignore_index": self.ignore_index,
             "spacing": None if geom.spacing is None else [geom.spacing[geom.perm.index(a)] for a in range(3)],
             "timings": timings,  # spacing: the scan's own (z, y, x), undoing the network axes' order
         }

@@ -64,6 +64,7 @@ from torch import nn
 from atso_fast.engine.relabeler import Relabeler
 from atso_fast.io import atomic_write_bytes, read_regular_file
 from atso_fast.train.augment import AugmentConfig
+from atso_fast.train.curves import CURVES_NAME, curves_png
 from atso_fast.train.data import (
     Case,
     PatchSampler,
@@ -962,7 +963,7 @@ class ATSO:
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
         """Atomically write :meth:`state_dict` (default ``out_dir/checkpoint.pt``) and rewrite
-        ``metrics.jsonl`` from the history, so both always agree."""
+        ``metrics.jsonl`` and its curves ``metrics.png`` from the history, so they always agree."""
 
         folder = Path(self.config.out_dir) if path is None else Path(path).parent
         folder.mkdir(parents=True, exist_ok=True)
@@ -971,6 +972,7 @@ class ATSO:
         target = atomic_write_bytes(folder / CHECKPOINT_NAME if path is None else Path(path), buffer.getbuffer())
         lines = "".join(json.dumps(h) + "\n" for h in self.history)
         atomic_write_bytes(folder / METRICS_NAME, lines.encode())
+        atomic_write_bytes(folder / CURVES_NAME, curves_png(self.history, f"{self.config.method}: {folder.name}"))
         return target
 
     def resume(self, path: str | Path | None = None) -> bool:
