@@ -112,3 +112,15 @@ def test_overlay_blends_the_labels_where_they_are():
     picture = np.asarray(Image.open(io.BytesIO(overlay_png(image, labels))))
     coloured = np.abs(picture[..., 0].astype(int) - picture[..., 2].astype(int)) > 0
     assert coloured.any() and coloured.mean() < 0.5  # some pixels tinted, most grey
+
+
+def test_relabel_file_writes_labels_on_the_scans_grid(package, archive, tmp_path):
+    import nibabel as nib
+
+    relabeler = Relabeler(package)
+    result = relabeler.relabel_file(archive / "a.nii.gz", tmp_path / "seg.nii.gz", confidence=tmp_path / "c.nii.gz")
+    written = nib.load(tmp_path / "seg.nii.gz")
+    source = nib.load(archive / "a.nii.gz")
+    np.testing.assert_allclose(written.affine, source.affine)
+    np.testing.assert_array_equal(np.asarray(written.dataobj).T, result.labels)
+    assert written.get_data_dtype() == np.uint8 and (tmp_path / "c.nii.gz").is_file()

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from atso_fast.archive import relabel_archive
+from atso_fast.archive import read_input, relabel_archive
 from atso_fast.engine.merger import ArrayBackend, LabelSink, SlabMerger
 from atso_fast.engine.preprocess import Geometry, prepare
 from atso_fast.engine.resample import ResampleSink, TimedSink, restore
@@ -32,6 +32,7 @@ from atso_fast.engine.windows import (
     grid_importance,
     grid_origins,
 )
+from atso_fast.io import write_confidence, write_labels
 from atso_fast.io.limits import check_bytes
 from atso_fast.kernels import native
 from atso_fast.package import ModelPackage, load_package, validate_meta
@@ -232,6 +233,30 @@ class Relabeler:
                         **kw) -> dict[str, Any]:
         """Relabel every volume under ``inputs`` into ``output_dir`` (see ``atso_fast.archive``)."""
         return relabel_archive(self, inputs, output_dir, resume=resume, num_parts=num_parts, part_id=part_id, **kw)
+
+    def relabel_file(self, image: str | Path | list[str | Path], output: str | Path, *,
+                     confidence: str | Path | None = None) -> RelabelResult:
+        """Relabel one scan file and write its label map on the scan's own grid and header.
+
+        Args:
+            image: the scan (any format ``atso_fast.io`` reads, a DICOM series folder), or an
+                nnU-Net case's channel files ``[CASE_0000, CASE_0001, ...]``.
+            output: the label map; its suffix picks the format (``.nii.gz``, ``.nrrd``, ...).
+            confidence: also write the uint8 confidence map here.
+
+        Returns:
+            the :class:`RelabelResult` (labels, confidence, stats).
+
+        Raises:
+            InputError: an unreadable scan (naming it); ValueError: see :meth:`relabel_volume`.
+        """
+        files = [Path(p) for p in image] if isinstance(image, (list, tuple)) else [Path(image)]
+        array, meta = read_input(files, self.package.in_channels)
+        result = self.relabel_volume(array, spacing=meta.spacing, affine=meta.affine)
+        write_labels(output, result.labels, meta)
+        if confidence is not None:
+            write_confidence(confidence, result.confidence, meta)
+        return result
 
     # ------------------------------------------------------------------ one volume
     def relabel_volume(self, array: Any, *, spacing: Any = None, affine: Any = None,
