@@ -1,6 +1,7 @@
 """Shared fixtures: seeded RNG, device parametrisation, real-data folder."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,10 @@ import pytest
 
 from atso_fast.kernels import native
 
-REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+REAL_DATA = Path(os.environ.get("ATSO_FAST_REAL_DATA") or
+                 Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real")
+REAL_DATA_MISSING = (f"real scans not found at {REAL_DATA}: rebuild them from public packages as the README's "
+                     "'Real-scan tests' section says, and point ATSO_FAST_REAL_DATA at the folder")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,7 +33,7 @@ def rng():
 @pytest.fixture
 def real_data() -> Path:
     if not REAL_DATA.is_dir():
-        pytest.skip(f"real scans not found at {REAL_DATA} (see shared/data/real/README.md)")
+        pytest.skip(REAL_DATA_MISSING)
     return REAL_DATA
 
 

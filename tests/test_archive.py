@@ -21,7 +21,8 @@ from atso_fast.io import InputError, Manifest, has_nonfinite, read_volume
 from atso_fast.package import export_model
 
 REPO = Path(__file__).resolve().parents[1]
-REAL = REPO.parent / "shared" / "data" / "real"
+from conftest import REAL_DATA as REAL  # noqa: E402
+from conftest import REAL_DATA_MISSING  # noqa: E402
 REAL_IMAGES = sorted(REAL.glob("*/image.nii.gz")) if REAL.is_dir() else []
 
 
@@ -366,7 +367,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 # ------------------------------------------------------------------------------- real data
 @pytest.mark.realdata
-@pytest.mark.skipif(not REAL_IMAGES, reason=f"real scans not found under {REAL}")
+@pytest.mark.skipif(not REAL_IMAGES, reason=REAL_DATA_MISSING)
 def test_real_nifti_round_trip_keeps_affine_shape_orientation(tmp_path):
     out = tmp_path / "out"
     summary = relabel_archive(FakeRelabeler(), REAL_IMAGES, out, readers=2, writers=2,

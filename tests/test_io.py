@@ -26,7 +26,8 @@ from atso_fast.io import (
     write_labels,
 )
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+from conftest import REAL_DATA as REAL  # noqa: E402
+from conftest import REAL_DATA_MISSING  # noqa: E402
 REAL_IMAGES = sorted(REAL.glob("*/image.nii.gz")) if REAL.is_dir() else []
 
 
@@ -487,7 +488,7 @@ def test_manifest_concurrent_appends_give_whole_lines(tmp_path):
 
 # ----------------------------------------------------------------------------- real data
 @pytest.mark.realdata
-@pytest.mark.skipif(not REAL_IMAGES, reason=f"real scans not found under {REAL}")
+@pytest.mark.skipif(not REAL_IMAGES, reason=REAL_DATA_MISSING)
 @pytest.mark.parametrize("path", REAL_IMAGES, ids=lambda p: p.parent.name)
 def test_real_nifti_read_matches_nibabel_and_round_trips(tmp_path, path):
     array, meta = read_volume(path)
