@@ -46,6 +46,7 @@ from atso_fast.engine.windows import batch_bounds, check_overlap, sliding_window
 from atso_fast.kernels import native
 from atso_fast.package import export_model, load_package
 from atso_fast.package.normalize import normalize
+from atso_fast.progress import Progress
 from atso_fast.runtimes import RuntimeUnavailable
 from atso_fast.runtimes.base import check_device
 
@@ -560,16 +561,19 @@ def _run_pairs(cfg: BenchConfig, model_dir: Path, volume: np.ndarray, reference:
     its relabel pass runs (near-equal batches for a dynamic batch), so that the overhead column
     holds stitching and waiting only."""
     rows = []
-    for runtime in cfg.runtimes:
-        for precision in cfg.precisions:
-            compile = cfg.compile and runtime == "torch"
-            rel, reason = cache.pop((runtime, precision), None), None
-            if rel is None or compile:  # the cached reference relabeler is not compiled
-                rel, reason = _make_relabeler(cfg, model_dir, runtime, precision, compile)
-            rows.append(_row(runtime, precision, "skipped", reason=reason) if rel is None else
-                        _bench_pair(cfg, rel, runtime, precision, volume, reference,
-                                    splits(rel.runtime.dynamic_batch)))
-            del rel
+    pairs = [(r, p) for r in cfg.runtimes for p in cfg.precisions]
+    progress = Progress("bench: runtime/precision pairs", len(pairs), unit="pair", every=0.0)
+    for runtime, precision in pairs:
+        progress.update(len(rows), f"next {runtime}/{precision}, {cfg.repeats} timed runs")
+        compile = cfg.compile and runtime == "torch"
+        rel, reason = cache.pop((runtime, precision), None), None
+        if rel is None or compile:  # the cached reference relabeler is not compiled
+            rel, reason = _make_relabeler(cfg, model_dir, runtime, precision, compile)
+        rows.append(_row(runtime, precision, "skipped", reason=reason) if rel is None else
+                    _bench_pair(cfg, rel, runtime, precision, volume, reference,
+                                splits(rel.runtime.dynamic_batch)))
+        del rel
+    progress.close()
     return rows
 
 

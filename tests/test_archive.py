@@ -23,6 +23,7 @@ from atso_fast.package import export_model
 REPO = Path(__file__).resolve().parents[1]
 from conftest import REAL_DATA as REAL  # noqa: E402
 from conftest import REAL_DATA_MISSING  # noqa: E402
+
 REAL_IMAGES = sorted(REAL.glob("*/image.nii.gz")) if REAL.is_dir() else []
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import REAL_DATA as REAL  # noqa: E402
+from conftest import REAL_DATA_MISSING  # noqa: E402
 from isal import igzip
 
 from atso_fast import io as aio
@@ -26,8 +28,6 @@ from atso_fast.io import (
     write_labels,
 )
 
-from conftest import REAL_DATA as REAL  # noqa: E402
-from conftest import REAL_DATA_MISSING  # noqa: E402
 REAL_IMAGES = sorted(REAL.glob("*/image.nii.gz")) if REAL.is_dir() else []
 
 

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import locale
-import shutil
 import os
+import shutil
 import time
 from pathlib import Path
 

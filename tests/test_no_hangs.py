@@ -186,7 +186,7 @@ def test_the_package_carries_no_test_hook():
 
 
 def test_training_reports_progress_with_an_eta(capsys):
-    from atso_fast.train.progress import Progress
+    from atso_fast.progress import Progress
 
     progress = Progress("atso round 1/2: fine-tune", 4, every=0.0)
     for step in range(1, 5):

@@ -51,6 +51,7 @@ from atso_fast.io import (
 )
 from atso_fast.io.naming import channel_index
 from atso_fast.io.overlay import write_overlay
+from atso_fast.progress import duration
 
 __all__ = ["Case", "CaseRecorder", "Grid", "MANIFEST_NAME", "VolumeRelabeler", "check_archive", "relabel_archive",
            "relabel_case", "read_input", "run_archive"]
@@ -158,7 +159,7 @@ class _Tally:
         elapsed = time.perf_counter() - self.start
         eta = elapsed / finished * (todo - finished) if finished else 0.0
         print(f"atso-fast relabel: [{finished}/{todo}{f' of {total}' if total != todo else ''}] {what}; "
-              f"{elapsed:.0f} s elapsed, ETA {_duration(eta)}", file=sys.stderr, flush=True)
+              f"{elapsed:.0f} s elapsed, ETA {duration(eta)}", file=sys.stderr, flush=True)
 
     def _advance(self) -> None:
         if self.bar is not None:
@@ -337,13 +338,6 @@ def model_channels(relabeler: Any) -> int | None:
     """The input channels of the relabeler's model package, when it has one."""
     channels = getattr(getattr(relabeler, "package", None), "in_channels", None)
     return channels if isinstance(channels, int) else None
-
-
-def _duration(seconds: float) -> str:
-    """``"42 s"``, ``"7.5 min"`` or ``"2.3 h"``."""
-    if seconds < 100:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 6000 else f"{seconds / 3600:.1f} h"
 
 
 def write_probabilities(path: Path, probabilities: np.ndarray | None) -> Path:

@@ -58,6 +58,7 @@ from atso_fast.engine.relabeler import Relabeler
 from atso_fast.io import atomic_write_bytes
 from atso_fast.package import export_model
 from atso_fast.package.spec import default_preprocessing
+from atso_fast.progress import Progress
 from atso_fast.train.atso import (
     _TRAIN,
     ATSO,
@@ -88,7 +89,6 @@ from atso_fast.train.loader import (
     open_array,
 )
 from atso_fast.train.losses import confusion_counts, dice_from_counts
-from atso_fast.train.progress import Progress
 from atso_fast.train.trainer import MixedBatches, train_loader
 
 __all__ = ["ArchiveATSO", "ArchiveEngine", "local_engine"]

@@ -63,6 +63,7 @@ from torch import nn
 
 from atso_fast.engine.relabeler import Relabeler
 from atso_fast.io import atomic_write_bytes, read_regular_file
+from atso_fast.progress import Progress, duration
 from atso_fast.train.augment import AugmentConfig
 from atso_fast.train.curves import CURVES_NAME, curves_png
 from atso_fast.train.data import (
@@ -75,7 +76,6 @@ from atso_fast.train.data import (
     resolve_normalization,
 )
 from atso_fast.train.monitor import foreground_change, pooled_dice
-from atso_fast.train.progress import Progress, duration
 from atso_fast.train.trainer import MixedBatches, OptimConfig, mean_loss, train_steps
 from atso_fast.train.unet import UNet
 

@@ -40,13 +40,13 @@ from atso_fast.io.atomic import temp_path
 from atso_fast.package import ModelPackage
 from atso_fast.package.normalize import check_policy, ct_policy_from_samples
 from atso_fast.package.spec import check_preprocessing
+from atso_fast.progress import progress_lines
 from atso_fast.train.data import (
     RawCase,
     read_case,
     resolve_normalization,
     training_spacing,
 )
-from atso_fast.train.progress import progress_lines
 
 __all__ = ["CachedCase", "Cache", "SPLITS", "build_cache", "locate_foreground", "save_npy", "fg_counts_of",
            "entry_case_id"]
@@ -166,8 +166,8 @@ def _entries(listing: dict[str, Any], base: Path) -> dict[str, list[dict[str, An
 def _read_case(entry: dict[str, Any], in_channels: int, num_classes: int | None = None
                ) -> tuple[np.ndarray, np.ndarray | None, Any]:
     """``(image (M, Z, Y, X) float32, label (Z, Y, X) or None, meta of the first channel)``
-    (:func:`~atso_fast.train.data.read_case`; entries hold absolute paths), NaN-free."""
-    image, label, meta = read_case(entry, Path("/"), in_channels, num_classes)
+    (:func:`~atso_fast.train.data.read_case`; entries hold their full paths), NaN-free."""
+    image, label, meta = read_case(entry, Path("."), in_channels, num_classes)
     image = np.asarray(image, np.float32)
     if not np.isfinite(image).all():
         raise ValueError(f"{entry['image'][0]}: the image holds NaN or infinite voxels")

@@ -1,4 +1,5 @@
-"""Progress of long training steps on stderr: never minutes of silence (issue 26).
+"""Progress of long work on stderr (training steps, cache building, benchmarks): never minutes of
+silence.
 
 A :class:`Progress` prints one line when a piece of work starts, then at most one every
 ``every`` seconds, then one when it ends: what runs, how far, the pace and an ETA. Lines, not a
