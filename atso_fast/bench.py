@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from atso_fast.cli.common import make_parser
+from atso_fast.cliargs import make_parser
 from atso_fast.engine.relabeler import Relabeler
 from atso_fast.engine.windows import batch_bounds, check_overlap, sliding_window_origins
 from atso_fast.kernels import native

@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "atso_fast"
 
 RANKS = {
     "_C": 0, "kernels": 0,
-    "io": 1,
+    "io": 1, "progress": 1, "cliargs": 1,
     "package": 2, "runtimes": 2, "archive": 2,
     "engine": 3,
     "datasets": 2,

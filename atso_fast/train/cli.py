@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from atso_fast.cli.common import make_parser
+from atso_fast.cliargs import make_parser
 from atso_fast.datasets.synthetic import make_archive, phantom_class_names
 from atso_fast.engine.relabeler import Relabeler
 from atso_fast.io.files import read_text_file
