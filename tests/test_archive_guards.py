@@ -132,3 +132,17 @@ def test_one_line_per_case_when_stderr_is_not_a_terminal(tmp_path, capsys):
     assert len(lines) == 3 and lines[-1].startswith("atso-fast relabel: [3/3] case c") and "ETA" in lines[-1]
     relabel_archive(FakeRelabeler(), archive(tmp_path), tmp_path / "out2", progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_a_full_disk_never_stops_the_run_nor_hides_a_failure(tmp_path, monkeypatch, capsys):
+    inputs, out = archive(tmp_path), tmp_path / "out"
+    (inputs / "bad.nii.gz").write_bytes(b"\x1f\x8b broken")
+
+    def full(self, row):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Manifest, "append", full)
+    summary = relabel_archive(FakeRelabeler(), inputs, out, progress=False)
+    assert summary["total"] == 4 and summary["failed"] == 4 and summary["done"] == 0
+    err = capsys.readouterr().err
+    assert "case bad failed" in err and err.count("manifest row could not be written: No space left") == 4

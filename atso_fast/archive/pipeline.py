@@ -133,12 +133,15 @@ class _Tally:
     def fail(self, case: Case, message: str, shape: Sequence[int] | None = None) -> None:
         """Record a failed case: manifest row, one line on stderr, counters."""
         message = " ".join(str(message).split()) or "unknown error"
+        unrecorded = ""
         try:
             self.manifest.append({"case_id": case.case_id, "input": os.path.abspath(case.path),
                                   "status": "failed", "shape": shape, "outputs": {},
                                   "error": message})
+        except OSError as exc:  # disk full: the run goes on, the failure is still counted and said
+            unrecorded = f" (its manifest row could not be written: {exc.strerror or exc})"
         finally:
-            line = f"atso-fast relabel: case {case.case_id} failed: {message}"
+            line = f"atso-fast relabel: case {case.case_id} failed: {message}{unrecorded}"
             with self.lock:
                 self.failed += 1
                 self.failures.append((case.case_id, message))
