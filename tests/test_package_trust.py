@@ -383,3 +383,33 @@ def test_runtimes_load_the_verified_bytes_not_the_file_again(package):
     for name in ("onnxruntime", "openvino"):
         runtime = create_runtime(name, package=pkg)
         np.testing.assert_allclose(np.array(runtime(window)), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_graph_that_allocates_gigabytes_inside_is_refused(package, monkeypatch):
+    """A package whose graph builds a 6 GiB tensor (ConstantOfShape) is refused when the relabeler
+    starts, with the tensor and the numbers, instead of being OOM-killed mid-run (here with 8 GiB
+    free, as under the adversarial run's memory limit)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from atso_fast.io import limits
+
+    model = onnx.load(package / "model.onnx")
+    graph = model.graph
+    out = graph.output[0].name
+    graph.node[-1].output[0] = "net_out"
+    graph.initializer.append(numpy_helper.from_array(np.array([1536, 1024, 1024], np.int64), "big_shape"))
+    graph.node.extend([
+        helper.make_node("ConstantOfShape", ["big_shape"], ["big"], value=numpy_helper.from_array(np.zeros(1, np.float32))),
+        helper.make_node("ReduceSum", ["big"], ["big_sum"], keepdims=0),
+        helper.make_node("Add", ["net_out", "big_sum"], [out]),
+    ])
+    data = model.SerializeToString()
+    (package / "model.onnx").write_bytes(data)
+    (package / "model.pt2").unlink()
+    _set_meta(package, onnx_sha256=hashlib.sha256(data).hexdigest(), torch_file=None)
+    monkeypatch.setattr(limits, "memory_budget", lambda: 8 << 30)
+    with pytest.raises(ValueError, match=r"its graph's tensor 'big' \(batch 4\) needs 6.00 GiB"):
+        Relabeler(package, runtime="onnxruntime")
+    monkeypatch.setattr(limits, "memory_budget", lambda: 64 << 30)
+    assert Relabeler(package, runtime="onnxruntime").package.num_classes == 3

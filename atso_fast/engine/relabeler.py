@@ -36,6 +36,7 @@ from atso_fast.io import write_confidence, write_labels
 from atso_fast.io.limits import check_bytes
 from atso_fast.kernels import native
 from atso_fast.package import ModelPackage, load_package, validate_meta
+from atso_fast.package.trust import largest_tensor
 from atso_fast.runtimes import RUNTIMES, auto_candidates, load_runtime
 from atso_fast.runtimes.base import Pending, Ready, check_device, check_precision
 
@@ -162,6 +163,7 @@ class Relabeler:
             auto_candidates(self.device, has_onnx=self.package.root is not None, has_module=_module is not None,
                             has_program=self._has_program(), precision=self.precision,
                             exact=self.package.reference is not None)
+        self._check_graph_memory()
         self.runtime = load_runtime(candidates, device=self.device, package=self.package, module=_module,
                                     precision=precision, batch_size=self.batch_size, compile=compile, threads=threads)
         self._kernel_threads = kernel_threads
@@ -399,6 +401,15 @@ class Relabeler:
                                           "(--nonfinite ignore) to label them ignore_index")
             arr = np.where(finite, arr, np.float32(arr[finite].mean() if finite.any() else 0.0))
         return arr, bad
+
+    def _check_graph_memory(self) -> None:
+        """Refuse a package whose ONNX graph computes a tensor the memory cannot hold at this
+        batch size (found by shape inference, before any runtime allocates it)."""
+        onnx = self.package.verified.get("onnx")
+        if onnx is None:
+            return
+        name, nbytes = largest_tensor(onnx, self.batch_size)
+        check_bytes(self.package.onnx_path, nbytes, f"its graph's tensor {name!r} (batch {self.batch_size})", share=2)
 
     def _check_memory(self, shape: tuple[int, ...]) -> None:
         """Refuse a volume whose accumulator slab and window outputs cannot fit (a package with

@@ -23,12 +23,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from atso_fast.io.base import InputError
 from atso_fast.io.files import not_regular_error, read_regular_file
 from atso_fast.io.pt2 import UnsafeArchiveError, check_torch_program
 from atso_fast.package.errors import PackageError
 
-__all__ = ["MAX_META_BYTES", "confined_file", "read_meta", "verify_package"]
+__all__ = ["MAX_META_BYTES", "confined_file", "largest_tensor", "read_meta", "verify_package"]
+
+_KEEP_BYTES = 4096
+"""Initializers up to this size keep their data for shape inference (shapes given as tensors)."""
 
 MAX_META_BYTES = 16 * 1024 * 1024
 """``model.json`` above this size is refused (it is a small JSON object)."""
@@ -187,6 +192,37 @@ def _check_dims(dims: list[int | None] | None, field: str, channels: int, pkg: A
     if any(d is not None and d != w for d, w in zip(dims[2:], window)):
         raise PackageError(f"{meta_path}: window {list(window)} disagrees with {path}: its {what} has "
                            f"shape {shown}")
+
+
+def largest_tensor(data: bytes, batch: int) -> tuple[str, int]:
+    """``(name, bytes)`` of the largest tensor the ONNX graph ``data`` computes for a batch of
+    ``batch`` windows, from ONNX shape inference (with constant propagation); tensors whose
+    shape stays unknown count as 0. A graph that allocates gigabytes inside (a
+    ``ConstantOfShape`` of 6 GiB, say) is found before any runtime runs it."""
+    import onnx
+
+    model = onnx.load_model_from_string(data)
+    for weight in model.graph.initializer:  # shapes need dims only: skip copying the weights
+        if len(weight.raw_data) > _KEEP_BYTES:
+            weight.ClearField("raw_data")
+    for value in model.graph.input[:1]:
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = int(batch)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is a check of its own; the runtime reports errors
+        return "", 0
+    best = ("", 0)
+    for value in [*inferred.graph.value_info, *inferred.graph.output]:
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        if not tensor.HasField("shape") or None in dims:
+            continue
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize if tensor.elem_type else 4
+        size = itemsize * int(np.prod(dims, dtype=np.float64))
+        best = max(best, (value.name, size), key=lambda item: item[1])
+    return best
 
 
 def _uses_external_data(message: Any) -> bool:
