@@ -187,7 +187,7 @@ def test_broken_packages_name_file_and_problem(tmp_path):
     meta = json.loads((pkg / "model.json").read_text())
     meta["num_classes"] = 0
     (pkg / "model.json").write_text(json.dumps(meta))
-    with pytest.raises(PackageError, match="model.json: num_classes must be a positive integer"):
+    with pytest.raises(PackageError, match="model.json: num_classes must be an integer in \[1, 65535\]"):
         load_package(pkg)
     with pytest.raises(PackageError, match="not found"):
         load_package(tmp_path / "missing")
