@@ -283,7 +283,10 @@ def _check_for(facts: HeaderFacts, nrrd: bool, where: Path, offset: int) -> _Zli
 
 def _stage_data(header: Path, facts: HeaderFacts, name: str, folder: Path, nrrd: bool) -> None:
     data = _data_path(header, name)
-    fd = open_regular(data)
+    try:
+        fd = open_regular(data)
+    except InputError as exc:  # name the header too: the user listed it, not its data file
+        raise InputError(f"{header}: its data file {exc}") from None
     try:
         _check_size(facts, os.fstat(fd).st_size, data)
         _copy(fd, folder / name, _check_for(facts, nrrd, data, 0))

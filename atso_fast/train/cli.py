@@ -182,7 +182,9 @@ def _demo_config(archive: dict[str, Any], settings: dict[str, Any], seed: int, o
             "batch_size": 2, "model": {"base_channels": 8, "depth": 3}, "normalization": "auto",
             "warmup_steps": settings["warmup_steps"], "rounds": settings["rounds"],
             "steps_per_round": settings["steps_per_round"], "lr": 1e-2, "round_lr": 3e-3, "seed": seed,
-            "out_dir": str(out / "runs")}
+            "out_dir": str(out / "runs"),
+            # on a terminal the demo's own bar reports; elsewhere the trainer's lines do
+            "progress": not getattr(sys.stderr, "isatty", lambda: False)()}
 
 
 def _relabel_archive(atso: Any, archive_root: str, out: Path, class_names: list[str]) -> dict[str, Any]:
