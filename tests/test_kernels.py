@@ -421,7 +421,8 @@ def test_binding_docstrings_list_the_wrappers_arguments(kernel):
 def test_build_info_reports_build():
     info = native.build_info()
     assert info["native"] is True
-    assert isinstance(info["cuda"], bool) and info["openmp"] in (True, False)
+    # the build machines and CI compile with OpenMP (gcc); a build that lost it must fail here
+    assert isinstance(info["cuda"], bool) and info["openmp"] is True and info["omp_max_threads"] >= 1
     if not info["cuda"]:
         assert not native.has_cuda()
 

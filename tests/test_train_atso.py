@@ -310,7 +310,16 @@ def test_run_methods_shares_the_warm_up(tmp_path, phantom_data):
                        data=phantom_data, relabeler=relabel)
     assert list(runs) == ["supervised", "self-training", "atso"]
     warm = [r.history[0]["val_dice"] for r in runs.values()]
-    assert warm[0] == warm[1] == warm[2]
+    # every run started from the one warm-up's weights (not three warm-ups that happen to agree)
+    import torch
+
+    shared = torch.load(tmp_path / "warmup" / CHECKPOINT_NAME, weights_only=True)["model"]
+    for run in runs.values():
+        assert shared.keys() == run.base_state.keys()
+        assert all(torch.equal(run.base_state[k], shared[k]) for k in shared)
+    probe = runs["supervised"]  # and the shared round-0 record is those weights' own score
+    probe.model.load_state_dict(shared)
+    np.testing.assert_allclose(probe.evaluate(phantom_data.val)["dice"], warm[0], rtol=1e-6)
     assert runs["self-training"].history[0]["warmup_from"] == "atso"
     assert runs["self-training"].history[1]["trained_on"] == ["L", "U"]
     assert runs["supervised"].history[1]["trained_on"] == ["L"]

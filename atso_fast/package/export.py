@@ -12,6 +12,7 @@ import copy
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -30,6 +31,8 @@ from atso_fast.package.model import (
 )
 
 __all__ = ["export_model"]
+
+log = logging.getLogger(__name__)
 
 
 def _onnx_bytes(module, example, opset: int) -> bytes:
@@ -80,7 +83,9 @@ def _torch_program(module, example) -> bytes | None:
         buf = io.BytesIO()
         torch.export.save(program, buf)
         return buf.getvalue()
-    except Exception:  # noqa: BLE001 - optional artefact: ONNX is the package's contract
+    except Exception as exc:  # noqa: BLE001 - optional artefact: ONNX is the package's contract
+        log.warning("no model.pt2: torch.export could not export %s (%s: %s); the package runs on "
+                    "ONNX Runtime/OpenVINO", type(module).__name__, type(exc).__name__, str(exc).splitlines()[0][:200])
         return None
 
 
