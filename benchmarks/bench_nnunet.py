@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from atso_fast.bench import synthetic_ct  # the one CT-like phantom of the benchmarks
+
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "data" / "real"
 
@@ -254,27 +256,6 @@ def speed(ns: argparse.Namespace) -> dict:
 
 
 # ------------------------------------------------------------------------------ part: memory
-def synthetic_ct(shape_zyx: tuple[int, int, int], seed: int = 0) -> np.ndarray:
-    """int16 HU: air, an elliptic body (soft tissue), a few organs and bone, mild noise."""
-    z, y, x = shape_zyx
-    rng = np.random.default_rng(seed)
-    yy, xx = np.ogrid[:y, :x]
-    cy, cx = y / 2, x / 2
-    out = np.empty(shape_zyx, np.int16)
-    body = ((yy - cy) / (0.42 * y)) ** 2 + ((xx - cx) / (0.46 * x)) ** 2 <= 1
-    organs = [(((yy - cy - dy * y) / (ry * y)) ** 2 + ((xx - cx - dx * x) / (rx * x)) ** 2 <= 1, hu)
-              for dy, dx, ry, rx, hu in ((-0.1, -0.15, 0.12, 0.16, 60), (0.05, 0.2, 0.08, 0.08, 45),
-                                         (0.25, 0.0, 0.05, 0.05, 700))]
-    for k in range(z):
-        sl = np.full((y, x), -1000, np.int16)
-        sl[body] = 40
-        for mask, hu in organs:
-            sl[mask & body] = hu + int(20 * np.sin(k / 17))
-        sl += rng.integers(-15, 16, size=(y, x), dtype=np.int16)
-        out[k] = sl
-    return out
-
-
 def memory(ns: argparse.Namespace) -> dict:
     import nibabel as nib
 
