@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from atso_fast.archive import Case, CaseRecorder, relabel_case, run_archive
-from atso_fast.engine.relabeler import Relabeler, run_fingerprint
+from atso_fast.engine.relabeler import Relabeler, relabeler_options, run_fingerprint
 from atso_fast.package import load_package
 
 __all__ = ["DEFAULT_MAX_ATTEMPTS", "RAY_INSTALL_HINT", "RayRunError", "ray_runner",
@@ -219,19 +219,8 @@ def _worker_spec(model: Any, kwargs: dict[str, Any],
     if factory is None:
 
         load_package(model_dir)  # PackageError naming the file, before any Ray work
-        _check_relabeler_options(kwargs)
+        relabeler_options(kwargs)
     return _WorkerSpec(os.path.abspath(model_dir), kwargs, factory)
-
-
-def _check_relabeler_options(kwargs: Mapping[str, Any]) -> None:
-    import inspect
-
-
-    params = inspect.signature(Relabeler.__init__).parameters
-    known = {n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and not n.startswith("_")}
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        raise TypeError(f"unknown Relabeler option(s) {unknown}; known: {sorted(known)}")
 
 
 def _pool(workers: Any, cpus: Any, gpus: Any, max_attempts: Any, device: str) -> _Pool:

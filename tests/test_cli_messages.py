@@ -124,3 +124,11 @@ def test_relabel_file_writes_labels_on_the_scans_grid(package, archive, tmp_path
     np.testing.assert_allclose(written.affine, source.affine)
     np.testing.assert_array_equal(np.asarray(written.dataobj).T, result.labels)
     assert written.get_data_dtype() == np.uint8 and (tmp_path / "c.nii.gz").is_file()
+
+
+def test_one_relabeler_option_check_for_every_caller():
+    from atso_fast.engine.relabeler import relabeler_options
+
+    assert relabeler_options({"overlap": 0.25, "workers": 2}, ignore=("workers",)) == {"overlap": 0.25}
+    with pytest.raises(TypeError, match=r"unknown Relabeler option\(s\) \['overlapp'\]"):
+        relabeler_options({"overlapp": 0.25})

@@ -16,6 +16,7 @@ import math
 import time
 import warnings
 from collections import deque
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from atso_fast.package.trust import largest_tensor
 from atso_fast.runtimes import RUNTIMES, auto_candidates, load_runtime
 from atso_fast.runtimes.base import Pending, Ready, check_device, check_precision
 
-__all__ = ["Relabeler", "RelabelResult", "NonFiniteInputError", "run_fingerprint"]
+__all__ = ["Relabeler", "RelabelResult", "NonFiniteInputError", "relabeler_options", "run_fingerprint"]
 
 _LABEL_OPTIONS = ("runtime", "overlap", "threshold", "ignore_index", "mirror", "precision", "accumulate_dtype")
 """The Relabeler options that change the labels (the fingerprint's settings)."""
@@ -68,6 +69,24 @@ class RelabelResult:
     confidence: np.ndarray
     probabilities: np.ndarray | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+
+
+def relabeler_options(options: Mapping[str, Any], *, ignore: Collection[str] = ()) -> dict[str, Any]:
+    """The :class:`Relabeler` keyword options among ``options``, checked by name (one rule for
+    every caller: the Ray engine's workers and the trainer's relabel passes).
+
+    Args:
+        ignore: other keys the caller takes itself (a Ray pool's ``workers``, say): left out.
+
+    Raises:
+        TypeError: a key that is neither a Relabeler option nor in ``ignore``, with the known ones.
+    """
+    params = inspect.signature(Relabeler.__init__).parameters
+    known = {n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and not n.startswith("_")}
+    unknown = sorted(set(options) - known - set(ignore))
+    if unknown:
+        raise TypeError(f"unknown Relabeler option(s) {unknown}; known: {sorted(known)}")
+    return {k: v for k, v in options.items() if k in known}
 
 
 def run_fingerprint(package: ModelPackage, options: dict[str, Any]) -> str | None:

@@ -38,7 +38,6 @@ hook lives in the package.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -54,7 +53,7 @@ import numpy as np
 import torch
 
 from atso_fast.archive import relabel_archive
-from atso_fast.engine.relabeler import Relabeler
+from atso_fast.engine.relabeler import Relabeler, relabeler_options
 from atso_fast.io import atomic_write_bytes
 from atso_fast.package import export_model
 from atso_fast.package.spec import default_preprocessing
@@ -516,10 +515,14 @@ def _package_fn(package: Path, cfg: ATSOConfig) -> Callable[[Any, Sequence[np.nd
     return relabel
 
 
+_POOL_OPTIONS = ("address", "workers", "gpus_per_worker", "cpus_per_worker", "max_attempts")
+"""``config.relabel`` keys a Ray archive engine takes for its pool, not the Relabeler."""
+
+
 def _relabeler_options(options: dict[str, Any]) -> dict[str, Any]:
-    """The :class:`Relabeler` arguments among ``options`` (the Ray engine's pool options left out)."""
-    known = set(inspect.signature(Relabeler).parameters) - {"model_dir"}
-    return {k: v for k, v in options.items() if k in known and not k.startswith("_")}
+    """The :class:`Relabeler` arguments among ``options`` (a Ray engine's pool options left out;
+    any other unknown key is an error, as on the Ray engine)."""
+    return relabeler_options(options, ignore=_POOL_OPTIONS)
 
 
 def _fg_change(acc: list[int], old: np.ndarray, new: np.ndarray, ignore_index: int) -> None:
