@@ -17,7 +17,7 @@ For each runtime/precision pair the benchmark
    the table shows what the overlap saves.
 
 Without ``MODEL_DIR`` a built-in network is exported to a temporary package: MONAI's 3D U-Net
-(16-32-64-128-256, two residual units, the DESIGN.md anchor) when MONAI is importable, else a
+(16-32-64-128-256, two residual units, the design sketch's anchor network) when MONAI is importable, else a
 small plain conv-net. Helpers here (``builtin_network``, ``export_builtin``, ``synthetic_ct``,
 ``PeakMemory``) are shared with ``benchmarks/``.
 """
@@ -87,7 +87,7 @@ CT_NORMALIZATION = {"scheme": "ct", "clip": [-1000.0, 1000.0], "mean": 0.0, "std
 """Intensity policy stored with the built-in model (HU in, roughly unit scale out)."""
 MIN_AGREEMENT = {"float32": 0.9999, "float16": 0.999, "bfloat16": 0.995}
 """Label agreement with the float32 reference below which a pair counts as incorrect
-(DESIGN.md targets: 99.99% float32, 99.9% fp16; bfloat16, 8 mantissa bits: 99.5%)."""
+(the design targets: 99.99% float32, 99.9% fp16; bfloat16, 8 mantissa bits: 99.5%)."""
 _PRECISIONS = ("float32", "float16", "bfloat16")
 _MIB = 2.0**20
 
@@ -128,7 +128,7 @@ def synthetic_ct(shape: tuple[int, int, int], seed: int = 0, noise_hu: float = 1
 
 
 def default_window(device: str) -> tuple[int, int, int]:
-    """The built-in model's window: 64^3 on CPU, 96^3 on CUDA (DESIGN.md's anchor)."""
+    """The built-in model's window: 64^3 on CPU, 96^3 on CUDA (the design sketch's anchor)."""
     return (96, 96, 96) if device.startswith("cuda") else (64, 64, 64)
 
 

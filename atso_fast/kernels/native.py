@@ -142,7 +142,7 @@ def accumulate(acc: Any, wsum: Any, patches: Any, origins: Any, importance: Any,
         patches: ``(B, C, pz, py, px)`` float32, float16 or bfloat16 window outputs (bfloat16:
             NumPy ``ml_dtypes.bfloat16`` or torch; read exactly, no float32 copy).
         origins: ``(B, 3)`` window starts in volume coordinates.
-        importance: ``(pz, py, px)`` float32 weights (``atso_fast.windows.gaussian_importance``).
+        importance: ``(pz, py, px)`` float32 weights (``atso_fast.engine.windows.gaussian_importance``).
         z0: volume row where the slab starts.
         algorithm: ``"auto"``, ``"blocked"`` (the CPU kernel) or ``"gather"`` (the CUDA
             kernel's, on host arrays a host loop over it).

@@ -103,7 +103,7 @@ def export_model(module, out_dir: str | os.PathLike, *, window, num_classes: int
         window: ``(pz, py, px)`` or ``(py, px)`` patch size the network runs on.
         num_classes: output channels C (1 means a sigmoid foreground channel).
         kind: ``"logits"`` or ``"probabilities"``.
-        normalization: intensity policy (``atso_fast.normalize``), stored for inference; a list
+        normalization: intensity policy (``atso_fast.package.normalize``), stored for inference; a list
             holds one policy per input channel.
         in_channels: input channels M.
         spacing: the spacing (mm, ``(z, y, x)``; ``(y, x)`` for a 2D model keeps z) the network

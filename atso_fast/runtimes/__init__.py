@@ -43,13 +43,12 @@ def auto_candidates(device: str, *, has_onnx: bool, has_module: bool, has_progra
                     precision: str = "float32", exact: bool = False) -> list[str]:
     """The runtimes ``auto`` tries, best first (see the module docstring).
 
-    On CPU OpenVINO leads because it was the fastest runtime in every CPU case measured
-    (benchmarks/RESULTS.md: 1.4-1.9x torch and 1.7-2.2x ONNX Runtime on the network alone, at
-    3 to 105 classes); ONNX Runtime comes next (float32 only) and torch last, when the package
-    has a torch program. ``exact`` (a package that promises a reference predictor's labels)
-    leaves OpenVINO out: with its float32 hint, a convolution followed by instance norm was 15x
-    further from float64 than ONNX Runtime, and an nnU-Net network's labels agreed with
-    nnU-Net's on 99.86-99.97% of voxels against ONNX Runtime's 99.97-99.98% (RESULTS.md).
+    On CPU OpenVINO leads because it was the fastest runtime in every CPU case measured (the
+    figures live in benchmarks/RESULTS.md and the README, not here); ONNX Runtime comes next
+    (float32 only) and torch last, when the package has a torch program. ``exact`` (a package
+    that promises a reference predictor's labels) leaves OpenVINO out: its float32 instance
+    norms are further from float64 than ONNX Runtime's, and its labels agree less often with
+    nnU-Net's (RESULTS.md, README).
     """
     if has_module or not has_onnx:
         return ["torch"]

@@ -293,7 +293,7 @@ def load_raw(spec: str | Path | dict[str, Any], *, in_channels: int = 1, num_cla
 
 def resolve_normalization(spec: str | dict[str, Any] | None, labelled: Sequence[RawCase],
                           modality: str | None = None) -> dict[str, Any]:
-    """Turn a normalisation spec into a full policy (``atso_fast.normalize``).
+    """Turn a normalisation spec into a full policy (``atso_fast.package.normalize``).
 
     Args:
         spec: a policy dict, or ``"ct"`` (statistics of the labelled foreground), ``"zscore"``,
