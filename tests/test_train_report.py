@@ -71,6 +71,7 @@ def test_demo_summary_states_the_recorded_verdict_in_words():
     assert "In the main experiment, atso did not beat self-training" in text
     assert "-0.001, 95% CI -0.007 to +0.004" in text
     assert "atso-lineage beat self-training (+0.010, 95% CI +0.002 to +0.018)" in text
-    assert "This run: atso - self-training -0.010 (validation Dice" in text and "outside the recorded" in text
+    assert "This run: atso - self-training -0.010 (validation Dice" in text
+    assert "of another setting (2D phantoms), so this run neither confirms nor contradicts it" in text
     worse = {**variants, "contrasts": [{**win, "mean": -0.01, "ci_low": -0.02, "ci_high": -0.001}]}
     assert "atso-lineage did worse than self-training" in demo_summary({"atso": 0.7}, None, None, variants=worse)
