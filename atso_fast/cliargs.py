@@ -8,7 +8,8 @@ __all__ = ["HelpFormatter", "make_parser"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the description's line breaks and appends ``(default: X)`` to every option's help, unless the help already says it; flags
+    """Keeps the description's line breaks and appends ``(default: X)`` to every option's help,
+    unless the help already says it; flags
     show ``off``/``on`` rather than ``False``/``True``, and a ``None`` default is left to the
     help text (which then says what it means, e.g. ``default: all cores``)."""
 

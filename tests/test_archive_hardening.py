@@ -291,7 +291,7 @@ def test_list_file_outputs_land_at_the_case_name_and_inputs_are_absolute(tmp_pat
     summary = relabel_archive(FakeRelabeler(), Path("lists/test.txt"), out, progress=False)
     assert summary["done"] == 2
     assert sorted(p.name for p in out.iterdir()) == ["case_a.nii.gz", "case_b.nii.gz", "manifest.jsonl"]
-    for cid, row in rows(out).items():
+    for row in rows(out).values():
         assert os.path.isabs(row["input"]) and Path(row["input"]).is_file(), row
 
 

@@ -113,7 +113,8 @@ def test_network_alone_runs_the_split_of_each_runtime(convnet_package, monkeypat
         return {}
 
     monkeypatch.setattr(bench, "_time_pair", fake_time_pair)
-    cfg = bench.config_from_args(bench.build_parser().parse_args([str(convnet_package), "--shape", "16", "16", "56", "--repeats", "1",
+    cfg = bench.config_from_args(bench.build_parser().parse_args([str(convnet_package), "--shape", "16", "16", "56",
+                                                                  "--repeats", "1",
                               "--batch", "4", "--runtimes", "onnxruntime,openvino"]))
     report = bench.run_bench(cfg)
     assert report["model"]["windows"] == 6

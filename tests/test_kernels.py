@@ -523,7 +523,8 @@ def assert_same_floats(a: np.ndarray, b: np.ndarray) -> None:
     canonical NaN, so only NaN-ness is part of the contract."""
     nan_a, nan_b = np.isnan(a), np.isnan(b)
     np.testing.assert_array_equal(nan_a, nan_b)
-    np.testing.assert_array_equal(_bits(np.where(nan_a, 0, a).astype(a.dtype)), _bits(np.where(nan_b, 0, b).astype(b.dtype)))
+    np.testing.assert_array_equal(_bits(np.where(nan_a, 0, a).astype(a.dtype)),
+                                  _bits(np.where(nan_b, 0, b).astype(b.dtype)))
 
 
 def _special_start(channels, vol, acc_dtype):
@@ -552,7 +553,8 @@ def test_accumulate_blocked_and_gather_agree_bit_for_bit(vol, patch, overlap, ch
 
     def call(algorithm):
         acc, wsum = start.copy(), np.zeros((zs, *vol[1:]), np.float32)
-        native.accumulate(acc, wsum, patches, origins, imp, z0, algorithm={"thread": "gather"}.get(algorithm, algorithm))
+        native.accumulate(acc, wsum, patches, origins, imp, z0,
+                          algorithm={"thread": "gather"}.get(algorithm, algorithm))
         return acc, wsum
 
     (acc_a, w_a), (acc_b, w_b) = _run_both(call)
@@ -618,9 +620,11 @@ def test_cuda_matches_cpu_bit_for_bit(channels, acc_dtype, patch_dtype):
         dev = native.finalize(acc_d, wsum_d, 0.3, 255, kind, rows=(2, 15))
         np.testing.assert_array_equal(to_numpy(dev.labels), host.labels)
         np.testing.assert_array_equal(to_numpy(dev.confidence), host.confidence)
-        assert dev.counts.tolist() == host.counts.tolist() and (dev.ignored, dev.invalid) == (host.ignored, host.invalid)
+        assert dev.counts.tolist() == host.counts.tolist()
+        assert (dev.ignored, dev.invalid) == (host.ignored, host.invalid)
     volume = _specials(np.random.default_rng(6).standard_normal((2, *vol), dtype=np.float32), np.random.default_rng(7))
     for out_dtype in ("float32", "float16"):  # a pure conversion: the same bits, NaN payloads included
         host = native.extract_patches(volume, origins, patch, pad_value=-1.5, out_dtype=out_dtype)
-        dev = native.extract_patches(torch.from_numpy(volume).cuda(), origins, patch, pad_value=-1.5, out_dtype=out_dtype)
+        dev = native.extract_patches(torch.from_numpy(volume).cuda(), origins, patch, pad_value=-1.5,
+                                     out_dtype=out_dtype)
         np.testing.assert_array_equal(_bits(to_numpy(dev)), _bits(host))

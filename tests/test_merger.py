@@ -119,7 +119,8 @@ def test_aggregate_after_finalize_is_an_error():
     merger = SlabMerger((4, 4, 4), 1, 4, RecordingSink(), backend=CPU)
     merger.finalize()
     with pytest.raises(RuntimeError, match="after finalize"):
-        merger.aggregate(np.ones((1, 1, 4, 4, 4), np.float32), np.zeros((1, 3), np.int64), np.ones((4, 4, 4), np.float32))
+        merger.aggregate(np.ones((1, 1, 4, 4, 4), np.float32), np.zeros((1, 3), np.int64),
+                         np.ones((4, 4, 4), np.float32))
 
 
 def test_bad_accumulate_dtype():

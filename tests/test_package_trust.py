@@ -351,7 +351,8 @@ def test_external_data_hidden_anywhere_in_the_model_is_refused(package, where):
         model.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [4]))
     elif where == "sparse_attribute":
         values, indices = _external("a_values"), helper.make_tensor("a_idx", onnx.TensorProto.INT64, [1], [0])
-        node = helper.make_node("Constant", [], ["unused"], sparse_value=helper.make_sparse_tensor(values, indices, [4]))
+        sparse = helper.make_sparse_tensor(values, indices, [4])
+        node = helper.make_node("Constant", [], ["unused"], sparse_value=sparse)
         model.graph.node.append(node)
     elif where == "subgraph":
         inner = helper.make_graph([helper.make_node("Constant", [], ["y"], value=_external("g"))], "inner", [],
@@ -400,7 +401,8 @@ def test_a_graph_that_allocates_gigabytes_inside_is_refused(package, monkeypatch
     graph.node[-1].output[0] = "net_out"
     graph.initializer.append(numpy_helper.from_array(np.array([1536, 1024, 1024], np.int64), "big_shape"))
     graph.node.extend([
-        helper.make_node("ConstantOfShape", ["big_shape"], ["big"], value=numpy_helper.from_array(np.zeros(1, np.float32))),
+        helper.make_node("ConstantOfShape", ["big_shape"], ["big"],
+                         value=numpy_helper.from_array(np.zeros(1, np.float32))),
         helper.make_node("ReduceSum", ["big"], ["big_sum"], keepdims=0),
         helper.make_node("Add", ["net_out", "big_sum"], [out]),
     ])

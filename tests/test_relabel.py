@@ -75,7 +75,8 @@ def test_accumulator_holds_one_window_depth(rng, monkeypatch):
 
     shapes = []
     real_zeros = ArrayBackend.zeros
-    monkeypatch.setattr(ArrayBackend, "zeros", lambda self, shape, dtype: shapes.append(shape) or real_zeros(self, shape, dtype))
+    monkeypatch.setattr(ArrayBackend, "zeros",
+                        lambda self, shape, dtype: shapes.append(shape) or real_zeros(self, shape, dtype))
     rel = Relabeler.from_module(random_net(classes=5), window=(8, 16, 16), num_classes=5, overlap=0.5)
     rel.relabel_volume(rng.standard_normal((64, 32, 32)).astype(np.float32))
     assert shapes[0] == (5, 8, 32, 32)  # C x pz x Y x X, not C x Z x Y x X
@@ -186,7 +187,7 @@ def test_broken_packages_name_file_and_problem(tmp_path):
     meta = json.loads((pkg / "model.json").read_text())
     meta["num_classes"] = 0
     (pkg / "model.json").write_text(json.dumps(meta))
-    with pytest.raises(PackageError, match="model.json: num_classes must be an integer in \[1, 65535\]"):
+    with pytest.raises(PackageError, match=r"model.json: num_classes must be an integer in \[1, 65535\]"):
         load_package(pkg)
     with pytest.raises(PackageError, match="not found"):
         load_package(tmp_path / "missing")

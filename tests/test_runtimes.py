@@ -432,7 +432,8 @@ def test_openvino_defaults_one_stream_two_in_flight_and_two_streams_three(packag
     assert not any(np.shares_memory(a, b) for i, a in enumerate(outs) for b in outs[i + 1:])
     for out, w in zip(outs, want):
         np.testing.assert_allclose(out, w, rtol=1e-5, atol=1e-6)
-    assert (_openvino(package, tmp_path, threads=1).streams, _openvino(package, tmp_path, threads=1).in_flight) == (1, 2)
+    one = _openvino(package, tmp_path, threads=1)
+    assert (one.streams, one.in_flight) == (1, 2)
 
 
 @needs_openvino

@@ -433,7 +433,7 @@ def read_input(files: Path | Sequence[Path], in_channels: int | None = None) -> 
     if len(loaded) == 1:
         return loaded[0]
     first = loaded[0][1]
-    for array, meta in loaded[1:]:
+    for _, meta in loaded[1:]:
         if meta.spatial_shape != first.spatial_shape or not np.allclose(meta.affine, first.affine, atol=1e-3):
             raise InputError(f"{meta.path}: channel grid {meta.spatial_shape} differs from {first.path}'s "
                              f"{first.spatial_shape} (shape or affine): the channels of a case must share one grid")

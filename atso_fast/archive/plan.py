@@ -233,7 +233,8 @@ def _refuse_other_runs(done: list[Case], finished: dict[str, dict[str, Any]], fi
     other = [c.case_id for c in done if finished[c.case_id].get("run") not in (None, fingerprint)]
     if other:
         runs = sorted({str(finished[c]["run"]) for c in other})
-        raise InputError(f"{manifest}: {len(other)} finished case{'s' if len(other) != 1 else ''} ({', '.join(other[:3])}"
+        plural = "s" if len(other) != 1 else ""
+        raise InputError(f"{manifest}: {len(other)} finished case{plural} ({', '.join(other[:3])}"
                          f"{', ...' if len(other) > 3 else ''}) were made by another model or settings (run "
                          f"{', '.join(runs[:2])}; this run is {fingerprint}); resuming would mix outputs: use "
                          "--overwrite to redo them, or another output folder")

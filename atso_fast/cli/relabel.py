@@ -44,9 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="*", metavar="PATH",
                    help="MODEL_DIR INPUT OUTPUT_DIR, in this order; they fill whichever of the three "
                    "-m/-i/-o leave out")
-    p.add_argument("-m", "--model", dest="model_dir", help="model package folder (model.onnx + model.json) (default: the 1st PATH)")
-    p.add_argument("-i", "--input", dest="input", help="folder, list file (.txt/.lst) or single image (default: the next PATH)")
-    p.add_argument("-o", "--output", "--out", dest="output_dir", help="output folder: labels, confidence, manifest.jsonl (default: the next PATH)")
+    p.add_argument("-m", "--model", dest="model_dir",
+                   help="model package folder (model.onnx + model.json) (default: the 1st PATH)")
+    p.add_argument("-i", "--input", dest="input",
+                   help="folder, list file (.txt/.lst) or single image (default: the next PATH)")
+    p.add_argument("-o", "--output", "--out", dest="output_dir",
+                   help="output folder: labels, confidence, manifest.jsonl (default: the next PATH)")
     p.add_argument("--runtime", default="auto", choices=["auto", "openvino", "onnxruntime", "torch", "tensorrt"],
                    help="inference runtime; auto on CPU: OpenVINO, else ONNX Runtime, else torch")
     p.add_argument("--device", "-device", default="cpu", choices=["cpu", "cuda"], help="where the network runs")
@@ -112,7 +115,7 @@ def _resolve(args: argparse.Namespace) -> None:
         ValueError: a path given twice or missing, or both --overlap and -step_size.
     """
     free = list(args.paths)
-    for name, flag in (("model_dir", "-m/--model"), ("input", "-i/--input"), ("output_dir", "-o/--output")):
+    for name in ("model_dir", "input", "output_dir"):
         if getattr(args, name) is None:
             if free:
                 setattr(args, name, free.pop(0))

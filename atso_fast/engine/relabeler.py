@@ -475,7 +475,8 @@ class Relabeler:
         while pending:
             self._merge(merger, *pending.popleft())
         merger.finalize()
-        self._windows = len(origins) * (1 + (len(_mirror_axes(pkg.spatial_dims, pkg.mirror_axes)) if self.mirror else 0))
+        passes = 1 + (len(_mirror_axes(pkg.spatial_dims, pkg.mirror_axes)) if self.mirror else 0)
+        self._windows = len(origins) * passes
         return sink
 
     def _batches(self, n: int) -> list[tuple[int, int]]:

@@ -235,7 +235,8 @@ def _check_series_files(folder: Path, names: Sequence[str]) -> None:
     left_out = sorted(set(map(os.path.realpath, _dicom_files(folder))) - set(map(os.path.realpath, names)))
     if left_out:
         raise InputError(f"{folder}: {len(left_out)} DICOM file(s) are not part of the series "
-                         f"(unreadable, truncated or of another geometry: {', '.join(Path(p).name for p in left_out[:3])}"
+                         "(unreadable, truncated or of another geometry: "
+                         f"{', '.join(Path(p).name for p in left_out[:3])}"
                          f"{', ...' if len(left_out) > 3 else ''}); refused rather than read with slices missing")
 
 

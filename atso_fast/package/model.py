@@ -16,7 +16,8 @@ from atso_fast.package.normalize import check_policy
 from atso_fast.package.spec import check_fields, default_preprocessing
 from atso_fast.package.trust import read_meta, verify_package
 
-__all__ = ["FORMAT_VERSION", "MAX_CLASSES", "MAX_WINDOW_VOXELS", "ModelPackage", "PackageError", "load_package", "validate_fields", "validate_meta"]
+__all__ = ["FORMAT_VERSION", "MAX_CLASSES", "MAX_WINDOW_VOXELS", "ModelPackage", "PackageError", "load_package",
+           "validate_fields", "validate_meta"]
 
 FORMAT_VERSION = 1
 MAX_WINDOW_VOXELS = 256 ** 3

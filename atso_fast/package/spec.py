@@ -65,7 +65,8 @@ def _check_resampling(value: Any, where: str) -> dict[str, Any]:
         raise _fail(where, "preprocessing.resampling probabilities orders must be 0 or 1 (the output is "
                     f"resampled row by row), got {value!r}")
     if out["separate_z"] not in (None, True, False):
-        raise _fail(where, f"preprocessing.resampling.separate_z must be null, true or false, got {out['separate_z']!r}")
+        raise _fail(where, "preprocessing.resampling.separate_z must be null, true or false, got "
+                           f"{out['separate_z']!r}")
     thr = out["anisotropy_threshold"]
     if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not math.isfinite(thr) or thr <= 0:
         raise _fail(where, f"preprocessing.resampling.anisotropy_threshold must be a positive number, got {thr!r}")

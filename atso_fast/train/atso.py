@@ -849,7 +849,8 @@ class ATSO:
 
     def _pseudo_dice_all(self) -> float:
         """Pooled Dice of the current pseudo labels of every case with truth (relabelling methods)."""
-        pairs = [(p, c.label) for p, c in zip(self.pseudo, self.data.unlabelled) if p is not None and c.label is not None]
+        pairs = [(p, c.label) for p, c in zip(self.pseudo, self.data.unlabelled)
+                 if p is not None and c.label is not None]
         if not pairs or self.config.method not in ("atso", "self-training"):
             return math.nan
         return pooled_dice([p for p, _ in pairs], [t for _, t in pairs], self.config.num_classes,
@@ -883,7 +884,8 @@ class ATSO:
         eta = (sum(done) / len(done) if done else metrics["seconds"]) * left
         dice = metrics.get("val_mean_dice")
         loss = metrics["train"].get("loss")
-        print(f"atso-fast: {self.config.method} {'warm-up' if metrics['round'] == 0 else 'round ' + str(metrics['round'])}"
+        stage = "warm-up" if metrics["round"] == 0 else f"round {metrics['round']}"
+        print(f"atso-fast: {self.config.method} {stage}"
               f" done in {duration(metrics['seconds'])}: train loss {'-' if loss is None else f'{loss:.4f}'}, "
               f"val mean Dice {'-' if dice is None else f'{dice:.4f}'}; {left} round(s) left, ETA {duration(eta)}",
               file=sys.stderr, flush=True)
@@ -944,7 +946,8 @@ class ATSO:
                              f"(this version reads {_FORMAT_VERSION})")
         if state["round"] > 0 and (state["method"], state["config"]["init"]) != (self.config.method, self.config.init):
             raise ValueError(f"state of method {state['method']!r} (init {state['config']['init']!r}) at round "
-                             f"{state['round']} cannot resume method {self.config.method!r} (init {self.config.init!r})")
+                             f"{state['round']} cannot resume method {self.config.method!r} "
+                             f"(init {self.config.init!r})")
         if len(state["pseudo"]) != len(self.data.unlabelled):
             raise ValueError(f"state has {len(state['pseudo'])} unlabelled cases, data has {len(self.data.unlabelled)}")
         if state["config"]["normalization"] != self.config.to_dict()["normalization"]:

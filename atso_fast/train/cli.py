@@ -308,7 +308,8 @@ def build_demo_parser() -> argparse.ArgumentParser:
     """Argument parser of ``atso-fast demo``."""
     parser = make_parser("atso-fast demo", "Synthetic end-to-end ATSO demo on CPU: a phantom archive, three "
                          "training methods, export, the relabel engine.")
-    parser.add_argument("-o", "--out", "--output", dest="out", default="_demo_out", help="output folder (default: %(default)s)")
+    parser.add_argument("-o", "--out", "--output", dest="out", default="_demo_out",
+                        help="output folder (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, split and training (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (tests, < 1 minute) (default: off)")
     parser.add_argument("--threads", type=int, default=1,

@@ -129,7 +129,8 @@ def demo_summary(finals: Mapping[str, float], like: Mapping[str, Any] | None = N
         rows = [c for c in like["val_contrasts"] if _this_run_difference(finals, alias, c["a"], c["b"]) is not None]
         lines += [_contrast_line(c, _this_run_difference(finals, alias, c["a"], c["b"])) for c in rows]
     if headline:
-        lines.append(f"Recorded, main experiment ({headline['setting']}; {headline['seeds']} seeds, {headline['date']}; "
+        lines.append(f"Recorded, main experiment ({headline['setting']}; {headline['seeds']} seeds, "
+                     f"{headline['date']}; "
                      f"{headline['endpoint']}):")
         lines += [_contrast_line(c, None) for c in headline["contrasts"]]
         lines += _verdict(headline, "atso", "the main experiment")
