@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["InputError", "VolumeMeta", "NUMERIC_KINDS", "check_array", "has_nonfinite", "os_error", "read_bytes"]
+__all__ = ["InputError", "VolumeMeta", "NUMERIC_KINDS", "check_array", "has_nonfinite", "os_error"]
 
 NUMERIC_KINDS = "biuf"
 
@@ -63,14 +63,6 @@ def has_nonfinite(array: np.ndarray) -> bool:
     if array.dtype.kind not in "fc" or array.size == 0:
         return False
     return not (np.isfinite(array.min()) and np.isfinite(array.max()))
-
-
-def read_bytes(path: Path) -> bytes:
-    """Whole file as bytes; OS errors become :class:`InputError` naming the file."""
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise os_error(path, exc) from None
 
 
 def os_error(path: Path, exc: OSError) -> InputError:
