@@ -131,3 +131,14 @@ def test_bad_accumulate_dtype():
 def test_z_runs():
     assert z_runs(np.array([0, 0, 3, 3, 3, 7])) == [(0, 2), (2, 5), (5, 6)]
     assert z_runs(np.array([5])) == [(0, 1)]
+
+
+def test_one_label_dtype_rule_for_kernel_and_merger():
+    from atso_fast.engine.merger import label_dtype
+    from atso_fast.kernels import native
+
+    for classes, ignore in ((3, 255), (255, 255), (256, 256), (300, 65535)):
+        acc = np.zeros((classes, 1, 2, 2), np.float32)
+        labels = native.finalize(acc, np.ones((1, 2, 2), np.float32), ignore_index=ignore).labels
+        assert label_dtype(classes, ignore) == native.label_dtype(classes, ignore) == labels.dtype
+    assert native.label_dtype(3, 255) == np.uint8 and native.label_dtype(300, 65535) == np.uint16

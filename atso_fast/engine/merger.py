@@ -26,9 +26,9 @@ __all__ = ["ArrayBackend", "LabelSink", "RowSink", "SlabMerger", "Totals", "labe
 
 
 def label_dtype(num_classes: int, ignore_index: int) -> np.dtype:
-    """uint8 labels, or uint16 when a class index or ``ignore_index`` exceeds 255."""
-    k = reference.num_label_classes(num_classes)
-    return np.dtype(np.uint8 if max(k - 1, ignore_index) <= 255 else np.uint16)
+    """uint8 labels, or uint16 when a class index or ``ignore_index`` exceeds 255 (the kernel's
+    rule, :func:`atso_fast.kernels.native.label_dtype`)."""
+    return native.label_dtype(num_classes, ignore_index)
 
 
 def z_runs(z: np.ndarray) -> list[tuple[int, int]]:

@@ -45,6 +45,7 @@ __all__ = [
     "has_cuda",
     "has_native",
     "kernel_threads",
+    "label_dtype",
     "resample_finalize",
 ]
 
@@ -181,6 +182,12 @@ def _finalize_result(labels: Any, confidence: Any, counts: np.ndarray) -> Finali
     """A kernel's ``(labels, confidence, counts (K + 2,))`` as a :class:`FinalizeResult`."""
     k = len(counts) - 2
     return FinalizeResult(labels, confidence, counts[:k].copy(), int(counts[k]), int(counts[k + 1]))
+
+
+def label_dtype(channels: int, ignore_index: int, kind: str = "logits") -> np.dtype:
+    """The dtype of :func:`finalize`'s labels for ``channels`` outputs: uint8, or uint16 when a
+    class index or ``ignore_index`` exceeds 255 (the one rule; the engine's label maps use it)."""
+    return np.dtype(_check_finalize_args(channels, 0.0, ignore_index, kind))
 
 
 def _check_finalize_args(channels: int, threshold: float, ignore_index: int, kind: str) -> str:
