@@ -148,7 +148,8 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         seq = run_sequential(net, paths, work / f"out_sequential_{i}", args)
         ours = run_atso(model_dir, work / "inputs", work / f"out_atso_{i}", args)
         rounds.append({"sequential": seq, "atso_fast": ours, "speedup": seq["seconds"] / ours["seconds"]})
-    per_round = [compare_outputs(paths, work / f"out_sequential_{i}", work / f"out_atso_{i}") for i in range(args.rounds)]
+    per_round = [compare_outputs(paths, work / f"out_sequential_{i}", work / f"out_atso_{i}")
+                 for i in range(args.rounds)]
     agreement = [min(case) for case in zip(*per_round)]  # each case's worst round
     mid = sorted(rounds, key=lambda r: r["speedup"])[(len(rounds) - 1) // 2]  # the median round
     return {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
@@ -165,7 +166,8 @@ def format_report(r: dict[str, Any]) -> str:
     """Human-readable summary of a report (see ``--json`` for every number)."""
     c, seq, ours = r["config"], r["sequential"], r["atso_fast"]
     ph = seq["phases_per_case"]
-    name_b = f"(b) atso_fast relabel_archive ({ours['runtime']}{' compiled' if c.get('compile') else ''}, {c['readers']}+{c['writers']} threads)"
+    compiled = " compiled" if c.get("compile") else ""
+    name_b = f"(b) atso_fast relabel_archive ({ours['runtime']}{compiled}, {c['readers']}+{c['writers']} threads)"
     return "\n".join([
         (f"archive: {c['cases']} x {'x'.join(map(str, c['shape']))} int16 .nii.gz ({r['input_mib']:.1f} MiB each); "
          f"model {r['model']}, window {'x'.join(map(str, c['window']))}, {c['classes']} classes, overlap "

@@ -108,7 +108,7 @@ def loader_bench(config_file: Path, batches: int) -> dict[str, Any]:
         model, stamps = copy.deepcopy(atso.model), []
         start = time.perf_counter()
         train_loader(model, make_loader(data, workers=workers), steps=batches, lr=1e-3, optim=OptimConfig(),
-                     on_step=lambda step, run: stamps.append(time.perf_counter()))
+                     on_step=lambda step, run: stamps.append(time.perf_counter()))  # noqa: B023 (called in this iteration)
         out[f"train_w{workers}"] = _rates(start, stamps, cfg.batch_size)
     return out
 
@@ -130,7 +130,8 @@ def _machine() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("/tmp/atso_archive_bench"), help="work folder (default: %(default)s)")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/atso_archive_bench"),
+                    help="work folder (default: %(default)s)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[40, 320], help="training volumes per run")
     ap.add_argument("--warmup-steps", type=int, default=20, help="warm-up steps (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=20, help="steps per round (default: %(default)s)")

@@ -197,7 +197,8 @@ def print_table(res: dict) -> None:
     nan = float("nan")
     for r in res["rows"]:
         print(f"{r['kernel']:<16}{r['classes']:>5}{r['seconds']:>10.4f}{r.get('torch_seconds', nan):>10.4f}"
-              f"{r.get('speedup_vs_torch', nan):>9.2f}{r.get('floor_seconds', nan):>9.4f}{r.get('of_floor', nan):>9.0%}")
+              f"{r.get('speedup_vs_torch', nan):>9.2f}{r.get('floor_seconds', nan):>9.4f}"
+              f"{r.get('of_floor', nan):>9.0%}")
 
 
 # ----------------------------------------------------------------------------- old vs new

@@ -191,7 +191,8 @@ def machine() -> str:
             model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
     except (OSError, StopIteration):
         model = platform.processor()
-    return f"{model}, {len(os.sched_getaffinity(0))} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB"
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    return f"{model}, {len(os.sched_getaffinity(0))} cores, {memory:.0f} GiB"
 
 
 def agreement(a_dir: Path, b_dir: Path, names: list[str]) -> dict[str, float]:
@@ -373,7 +374,7 @@ def _parser() -> argparse.ArgumentParser:
         q = sub.add_parser(name)
         q.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
         q.add_argument("--mirror", action="store_true")
-        q.add_argument("--runtime", default="auto", help="atso-fast runtime (auto: probes torch and ONNX Runtime on the first batches)")
+        q.add_argument("--runtime", default="auto", help="atso-fast runtime (default: auto, the package's rule)")
         q.add_argument("--batch-size", type=int, default=4)
         q.add_argument("--accumulate", default="float32", choices=["float32", "float16"])
         q.add_argument("--folds", type=int, default=1)

@@ -195,7 +195,7 @@ def memory_child(method: str, classes: int, device: str, cfg, batch: int) -> dic
         run = lambda: monai_labels(net, volume, window, batch, device)  # noqa: E731
     elif method.startswith("unet-openvino-"):  # unet-openvino-s<streams>-f<in flight>: part C
         rel, volume = streams_relabeler(method, classes, cfg, batch)
-        run = lambda: rel.relabel_volume(volume, normalized=True)
+        run = lambda: rel.relabel_volume(volume, normalized=True)  # noqa: E731
     else:  # ours-<accumulator dtype>[-onnxruntime|-auto]: torch on the same module, ORT, or auto
         parts = method.split("-")
         acc, runtime = parts[1], "-".join(parts[2:])
@@ -209,7 +209,7 @@ def memory_child(method: str, classes: int, device: str, cfg, batch: int) -> dic
                 rel = atso_fast.Relabeler(pkg, runtime=runtime, **kw)
         else:
             rel = atso_fast.Relabeler.from_module(net, window=window, num_classes=classes, **kw)
-        run = lambda: rel.relabel_volume(volume, normalized=True)  # noqa: E731
+        run = lambda: rel.relabel_volume(volume, normalized=True)  # noqa: E731  # noqa: E731
     if device == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats()

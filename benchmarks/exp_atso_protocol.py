@@ -118,7 +118,8 @@ def warmup_sweep(config: ATSOConfig, data: SemiSupervisedData, grid: Sequence[in
     start, cpu = time.perf_counter(), time.process_time()
     out: dict[str, Any] = {"warmup": {}}
     for steps in grid:
-        cfg = ATSOConfig.from_dict({**config.to_dict(), "warmup_steps": int(steps), "rounds": 0, "method": "supervised"})
+        cfg = ATSOConfig.from_dict({**config.to_dict(), "warmup_steps": int(steps), "rounds": 0,
+                                    "method": "supervised"})
         run = ATSO(cfg, relabeler=direct_relabel_fn(cfg), data=data)
         run.warmup()
         out["warmup"][str(steps)] = run.history[0]["val_mean_dice"]
@@ -212,7 +213,8 @@ def _fmt_p(p: float | None) -> str:
 
 
 def contrast_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
-    lines = ["| contrast | mean difference | 95% CI (t) | Wilcoxon p | Holm p | seeds a > b |", "|---|---|---|---|---|---|"]
+    lines = ["| contrast | mean difference | 95% CI (t) | Wilcoxon p | Holm p | seeds a > b |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['a']} - {r['b']} | {r['mean']:+.4f} | {r['ci_low']:+.4f} to {r['ci_high']:+.4f} | "
                      f"{_fmt_p(r['p_wilcoxon'])} | {_fmt_p(r['p_holm'])} | {r['wins']}/{r['n']} |")
@@ -264,7 +266,8 @@ def monitor_table(results: Mapping[int, dict[str, Any]]) -> str:
     for a in rows[0]["arms"]:
         for k in range(len(rows[0]["arms"][a]["rounds"])):
             cells = [_mean_only([r["arms"][a]["rounds"][k][key] for r in rows]) for key in keys]
-            lines.append(f"| {a} | {k} | {rows[0]['arms'][a]['rounds'][k]['student_from'] or '-'} | " + " | ".join(cells) + " |")
+            start = rows[0]["arms"][a]["rounds"][k]["student_from"] or "-"
+            lines.append(f"| {a} | {k} | {start} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -149,8 +149,10 @@ def _pilot(args: argparse.Namespace, spec: dict[str, Any], folder: Path, train: 
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}_pilot.json").write_text(json.dumps({"meta": meta, "means": means, "chosen": chosen,
                                                         "seeds": {str(k): v for k, v in pilot.items()}}, indent=1))
-    lines = [f"# Warm-up pilot, real {args.dataset.upper()} {args.dims}D (validation slices, seeds {args.pilot_seeds})", "",
-             f"{meta['machine']}; {meta['date']}; wall {meta['seconds'] / 60:.1f} min, {meta['cpu_seconds'] / 60:.1f} CPU-min.",
+    lines = [f"# Warm-up pilot, real {args.dataset.upper()} {args.dims}D (validation slices, seeds "
+             f"{args.pilot_seeds})", "",
+             f"{meta['machine']}; {meta['date']}; wall {meta['seconds'] / 60:.1f} min, "
+             f"{meta['cpu_seconds'] / 60:.1f} CPU-min.",
              "", "| warm-up steps | " + " | ".join(map(str, means)) + " |", "|---|" + "---|" * len(means),
              "| val mean Dice of M0 | " + " | ".join(f"{v:.3f}" for v in means.values()) + " |", "",
              f"Chosen (shortest within 0.005 of the best): **{chosen}** steps."]
@@ -189,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup_steps is not None:
         train["warmup_steps"] = args.warmup_steps
     arms = {**ARMS, **VARIANTS} if args.arms == "all" else {**ARMS, **{a: VARIANTS[a] for a in args.extra_arms}}
-    stem = f"atso_real_{args.dataset}_{args.dims}d" + ("_all" if args.arms == "all" else "") + ("_quick" if args.quick else "")
+    stem = (f"atso_real_{args.dataset}_{args.dims}d" + ("_all" if args.arms == "all" else "")
+            + ("_quick" if args.quick else ""))
     meta = machine_meta(args.workers)
     if args.pilot:
         return _pilot(args, spec, folder, train, stem, meta)
@@ -198,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     results = run_seeds(task, args.seeds, Path(args.work or f"/tmp/atso_exp/{stem}"), workers=args.workers,
                         log=lambda s: print(s, file=sys.stderr, flush=True))
     meta.update(seconds=time.perf_counter() - start, cpu_seconds=cpu_seconds(results),
-                load_after=[round(x, 2) for x in os.getloadavg()], train={**train, "patch_size": list(train["patch_size"])},
+                load_after=[round(x, 2) for x in os.getloadavg()],
+                train={**train, "patch_size": list(train["patch_size"])},
                 dataset=args.dataset, dims=args.dims, arms=arms,
                 split_sizes={k: len(v) for k, v in next(iter(results.values()))["split"].items()},
                 contrasts=contrasts_for(arms))
@@ -207,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(results, meta["contrasts"])
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "summary": summary,
                                                   "results": {str(k): v for k, v in results.items()}}, indent=1))
-    title = f"ATSO on real {args.dataset.upper()} ({spec['folder']}, {args.dims}D, interleaved split, {len(results)} seeds)"
+    title = (f"ATSO on real {args.dataset.upper()} ({spec['folder']}, {args.dims}D, interleaved split, "
+             f"{len(results)} seeds)")
     png = charts(results, out / f"{stem}_monitors.png", title)
     notes = [f"Charts: `{png.name}`. Split sizes per seed: {meta['split_sizes']} "
              f"({'slabs' if args.dims == 3 else 'slices'}); training: {json.dumps(meta['train'])}.", "",

@@ -230,7 +230,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", choices=list(TASKS), default="2d")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
-    parser.add_argument("--arms", choices=("main", "variants", "lineage", "lineage-all", "lines", "baselines", "all"), default="main")
+    parser.add_argument("--arms", default="main",
+                        choices=("main", "variants", "lineage", "lineage-all", "lines", "baselines", "all"))
     parser.add_argument("--extra-arms", nargs="*", default=[], metavar="ARM",
                         help="variants added to the --arms group (names from VARIANTS and LINEAGE_VARIANTS)")
     parser.add_argument("--pilot", action="store_true", help="warm-up sweep + headroom on pilot seeds (validation)")
@@ -291,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         f" + {', '.join(args.extra_arms)})" if args.extra_arms else ")")
     png = charts(results, out / f"{stem}_monitors.png", title)
     notes = [f"Charts: `{png.name}`. Task: {json.dumps({k: v for k, v in meta['task'].items() if k != 'config'})}; "
-             f"training: {json.dumps(task['config'])}.", "", *chosen_on_validation(summary), "", *partial_lines(partial)]
+             f"training: {json.dumps(task['config'])}.", "", *chosen_on_validation(summary), "",
+             *partial_lines(partial)]
     text = markdown(results, meta, phantom_class_names()[1:], meta["contrasts"], title, notes)
     (out / f"{stem}.md").write_text(text)
     if args.record:
