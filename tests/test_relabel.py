@@ -330,7 +330,6 @@ def test_pipelined_stream_keeps_each_input_until_its_result(rng):
     class LateReader:
         name, device, precision, reuse_output, in_flight = "late", "cpu", "float32", False, 2
         streams, dynamic_batch = 1, False
-        choice = active = "late"
         settled = True
 
         def __call__(self, batch):
@@ -363,7 +362,6 @@ class _Recording:
     records the batch sizes it ran."""
 
     name, device, precision, reuse_output, in_flight, streams = "recording", "cpu", "float32", False, 1, 1
-    choice = active = "recording"
     settled = True
 
     def __init__(self, dynamic_batch):

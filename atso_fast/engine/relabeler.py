@@ -200,7 +200,7 @@ class Relabeler:
     @property
     def runtime_name(self) -> str:
         """The runtime that runs the windows (what ``auto`` chose)."""
-        return self.runtime.choice or self.runtime.name
+        return self.runtime.name
 
     @property
     def runtime_label(self) -> str:
@@ -223,7 +223,7 @@ class Relabeler:
         """OpenMP threads of the stitching kernels for the next volume (None: OpenMP default)."""
         if self._kernel_threads is not None:
             return self._kernel_threads
-        active = self.runtime.active
+        active = self.runtime.name
         if self.device != "cpu":
             return None
         if active == "onnxruntime" and self.package.num_classes <= 8:

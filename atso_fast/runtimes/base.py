@@ -50,9 +50,6 @@ class Runtime(Protocol):
         precision: network precision.
         reuse_output: when set True by the caller, outputs may live in one buffer reused by the
             next call (the engine consumes each batch before the next one); False: fresh arrays.
-        choice: the runtime that runs from now on (None: a runtime that is still choosing;
-            none of ours does since ``auto`` became a rule).
-        active: the runtime the next batch runs on.
         settled: True once the runtime's one-off costs are behind it (first call, layout probe),
             so that timing a call measures its steady speed.
         in_flight: how many submitted batches may be pending at once (:meth:`submit`); 1 means
@@ -82,12 +79,6 @@ class Runtime(Protocol):
     dynamic_batch: bool
 
     @property
-    def choice(self) -> str | None: ...
-
-    @property
-    def active(self) -> str: ...
-
-    @property
     def settled(self) -> bool: ...
 
     def __call__(self, batch: Any) -> Any:
@@ -98,9 +89,9 @@ class Runtime(Protocol):
 
 
 class FixedRuntime:
-    """What every runtime shares unless it overrides it: it is its own choice, settled after one
-    call, synchronous (``in_flight = 1``: ``submit`` runs the batch, then returns it done; one
-    stream), and runs MONAI's full batches (``dynamic_batch = False``).
+    """What every runtime shares unless it overrides it: settled after one call, synchronous
+    (``in_flight = 1``: ``submit`` runs the batch, then returns it done; one stream), and runs
+    MONAI's full batches (``dynamic_batch = False``).
 
     Subclasses set ``name`` and call :meth:`_called` after each run (or override ``settled``).
     """
@@ -114,14 +105,6 @@ class FixedRuntime:
 
     def submit(self, batch: Any) -> Pending:
         return Ready(self(batch))
-
-    @property
-    def choice(self) -> str:
-        return self.name
-
-    @property
-    def active(self) -> str:
-        return self.name
 
     @property
     def settled(self) -> bool:
