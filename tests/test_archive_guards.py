@@ -127,11 +127,16 @@ def test_a_package_with_a_nan_normalisation_is_refused():
 
 
 def test_one_line_per_case_when_stderr_is_not_a_terminal(tmp_path, capsys):
-    relabel_archive(FakeRelabeler(), archive(tmp_path), tmp_path / "out", progress=None)
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("atso-fast relabel: [")]
-    assert len(lines) == 3 and lines[-1].startswith("atso-fast relabel: [3/3] case c") and "ETA" in lines[-1]
-    relabel_archive(FakeRelabeler(), archive(tmp_path), tmp_path / "out2", progress=False)
-    assert capsys.readouterr().err == ""
+    inputs = archive(tmp_path)
+    (inputs / "bad.nii.gz").write_bytes(b"\x1f\x8b broken")
+    relabel_archive(FakeRelabeler(), inputs, tmp_path / "out", progress=None)
+    err = capsys.readouterr().err.splitlines()
+    lines = [line for line in err if line.startswith("atso-fast relabel: [")]
+    assert len(lines) == 4 and lines[-1].startswith("atso-fast relabel: [4/4] case c") and "ETA" in lines[-1]
+    assert [line for line in err if "case bad" in line] == [lines[0]] and "case bad failed: " in lines[0]
+    relabel_archive(FakeRelabeler(), inputs, tmp_path / "out2", progress=False)
+    quiet = capsys.readouterr().err.splitlines()  # without progress: the failure alone, no counts
+    assert len(quiet) == 1 and quiet[0].startswith("atso-fast relabel: case bad failed: ")
 
 
 def test_a_full_disk_never_stops_the_run_nor_hides_a_failure(tmp_path, monkeypatch, capsys):

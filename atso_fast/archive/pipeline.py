@@ -141,16 +141,17 @@ class _Tally:
         except OSError as exc:  # disk full: the run goes on, the failure is still counted and said
             unrecorded = f" (its manifest row could not be written: {exc.strerror or exc})"
         finally:
-            line = f"atso-fast relabel: case {case.case_id} failed: {message}{unrecorded}"
+            line = f"case {case.case_id} failed: {message}{unrecorded}"
             with self.lock:
                 self.failed += 1
                 self.failures.append((case.case_id, message))
-                if self.bar is not None:
-                    self.bar.write(line, file=sys.stderr)
+                if self.lines is not None:  # the failure, with the count and ETA, in one line
+                    self._line(line)
+                elif self.bar is not None:
+                    self.bar.write(f"atso-fast relabel: {line}", file=sys.stderr)
                 else:
-                    print(line, file=sys.stderr, flush=True)
+                    print(f"atso-fast relabel: {line}", file=sys.stderr, flush=True)
                 self._advance()
-                self._line(f"case {case.case_id} failed")
 
     def _line(self, what: str) -> None:
         """nnU-Net prints every case: with stderr in a file (nohup, SLURM) a bar shows nothing,
@@ -512,12 +513,12 @@ def _write_case(case: Case, meta: VolumeMeta, result: Any, seconds: float, tally
                 if getattr(result, "confidence", None) is None:
                     raise ValueError("the relabeler returned no confidence map")
                 write_confidence(case.outputs["confidence"], result.confidence, meta)
+            stats = dict(getattr(result, "stats", None) or {})
             if "probabilities" in case.outputs:
                 write_probabilities(case.outputs["probabilities"], getattr(result, "probabilities", None))
             if "overlay" in case.outputs and image is not None:
                 write_overlay(case.outputs["overlay"], image, result.labels, meta.spacing,
-                              getattr(result, "stats", {}).get("ignore_index", 255))
-            stats = dict(getattr(result, "stats", None) or {})
+                              stats.get("ignore_index", 255))
         except Exception as exc:
             tally.fail(case, f"{case.path}: writing outputs failed: {type(exc).__name__}: {exc}",
                        list(meta.spatial_shape))

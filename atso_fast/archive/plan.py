@@ -105,8 +105,8 @@ def plan_archive(inputs: Any, output_dir: Path, *, recursive: bool, num_parts: i
     owners: dict[str, str] = {}
     cases = []
     groups = {group[0]: group for group in channel_groups(listing.paths)}
+    extras = {"probabilities": save_probabilities, "overlay": save_overlay}
     for path in select_part(list(groups), num_parts, part_id):
-        extras = {"probabilities": save_probabilities, "overlay": save_overlay}
         case = _plan_case(path, ids.get(path), listing.root, output_dir, save_confidence, all_inputs, extras)
         if len(groups[path]) > 1 and case.error is None:
             case.channels = groups[path]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import json
 import pickle
@@ -95,8 +96,6 @@ def _from_state_dict(obj: Any, path: Path, network: str, kwargs: dict[str, Any])
 
 
 def _build_network(network: str, kwargs: dict[str, Any]) -> Any:
-    import importlib
-
     module_name, _, attr = network.partition(":")
     if not module_name or not attr:
         raise PackageError(f"--network must be MODULE:CLASS (e.g. monai.networks.nets:UNet), got {network!r}")

@@ -119,8 +119,11 @@ def _data_end(head: bytes, path: Path) -> int:
         shape = [int(n) for n in header.get_data_shape()]
         end = max(int(header.get_data_offset()), klass.sizeof_hdr)  # a pair's header says offset 0
         end += math.prod(shape) * header.get_data_dtype().itemsize
+        ndim = int(header["dim"][0])
+        zooms = [float(z) for z in header["pixdim"][1:1 + min(max(ndim, 0), 3)]]
     except Exception:  # not a NIfTI header: _decode_nifti says so
         return len(head)
+    _check_zooms(zooms, path)
     if min(shape, default=0) < 0:
         return len(head)  # _decode_nifti names the invalid shape
     check_bytes(path, end, "the decoded image", share=DECODE_SHARE)
@@ -165,23 +168,16 @@ def _nifti_image(raw: bytes, path: Path) -> Any:
     if raw[where] != magic.encode("latin-1"):
         raise InputError(f"{path}: not a single-file {name} image (magic {raw[where]!r})")
     klass = nib.Nifti1Image if name == "NIfTI-1" else nib.Nifti2Image
-    _check_pixdim(klass.header_class, raw, path)
     try:
         return klass.from_bytes(raw)
     except Exception as exc:  # nibabel raises HeaderDataError, ValueError, struct errors ...
         raise InputError(f"{path}: invalid {name} header ({exc})") from None
 
 
-def _check_pixdim(header_class: Any, raw: bytes, path: Path) -> None:
-    """Refuse zero or non-finite voxel sizes as stored (nibabel quietly sets a zero to 1 mm, and a
-    wrong size resamples the scan wrongly); a negative size is taken as its magnitude, as nibabel
-    and ITK take it."""
-    try:
-        stored = header_class(raw[:header_class.sizeof_hdr], check=False)
-        ndim = int(stored["dim"][0])
-        zooms = [float(z) for z in stored["pixdim"][1:1 + min(max(ndim, 0), 3)]]
-    except Exception:  # an invalid header: from_bytes names it
-        return
+def _check_zooms(zooms: list[float], path: Path) -> None:
+    """Refuse zero or non-finite voxel sizes as stored (read with ``check=False``: nibabel would
+    quietly set a zero to 1 mm, and a wrong size resamples the scan wrongly); a negative size is
+    taken as its magnitude, as nibabel and ITK take it."""
     if not all(math.isfinite(z) and z != 0 for z in zooms):
         raise InputError(f"{path}: invalid voxel size {tuple(zooms)} mm (x, y, z) in the header: every size must "
                          "be finite and non-zero")
