@@ -5,13 +5,18 @@ All randomness comes from the ``numpy.random.Generator`` passed in (patch positi
 a sample comes from, augmentation); the loop itself draws nothing from torch's global RNG.
 Batches are ``x`` ``(B, M, *patch)`` float32 and ``y`` ``(B, *patch)`` int64 (hard labels) or
 ``(B, C, *patch)`` float32 (soft targets, e.g. a teacher's probabilities).
+
+A consistency term (:class:`ConsistencyTerm`, e.g. :class:`atso_fast.train.mean_teacher.MeanTeacher`)
+adds a loss on the unlabelled part of each batch; the supervised loss then covers only the first
+``n_lab`` samples. Its noise comes from a torch generator reseeded every step from
+``(noise seed, global step)``, so a run is reproducible and resumes mid-way with the same noise.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -21,7 +26,8 @@ from atso_fast.train.augment import AugmentConfig, augment_sample
 from atso_fast.train.data import PatchSampler
 from atso_fast.train.losses import dice_ce_loss, soft_target_loss
 
-__all__ = ["OptimConfig", "make_optimizer", "poly_lr", "MixedBatches", "train_steps", "train_loader", "mean_loss"]
+__all__ = ["OptimConfig", "make_optimizer", "poly_lr", "MixedBatches", "ConsistencyTerm", "train_steps",
+           "train_loader", "mean_loss"]
 
 BatchFn = Callable[[np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
@@ -157,6 +163,39 @@ class MixedBatches:
         return np.ascontiguousarray(np.stack(xs)), np.stack(ys)
 
 
+class ConsistencyTerm(Protocol):
+    """What the training loop reads from a consistency term (e.g. Mean Teacher's EMA teacher).
+
+    ``step`` is the step of the current call; ``step_offset + step`` the step of the whole run.
+    """
+
+    step_offset: int
+
+    def to(self, device: str | torch.device, memory_format: torch.memory_format = ...) -> Any:
+        """Move whatever model the term holds next to the student."""
+
+    def weight(self, step: int) -> float:
+        """The term's weight at ``step`` (reported)."""
+
+    def loss(self, x: torch.Tensor, logits: torch.Tensor, n_lab: int, step: int,
+             generator: torch.Generator) -> torch.Tensor:
+        """The weighted term of a batch whose first ``n_lab`` samples are labelled."""
+
+    def update(self, student: nn.Module, step: int) -> None:
+        """After the optimiser step."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Whatever resumes the term mid-run."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+
+def _noise_seed(seed: int, step: int) -> int:
+    """The noise generator's seed at global step ``step``."""
+    return int(np.random.SeedSequence([int(seed), int(step)]).generate_state(1, np.uint64)[0])
+
+
 def _to_device(x: Any, y: Any, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
     y = torch.from_numpy(y) if isinstance(y, np.ndarray) else y
@@ -169,7 +208,8 @@ def _to_device(x: Any, y: Any, device: torch.device, channels_last: bool) -> tup
 def train_steps(model: nn.Module, batches: BatchFn, *, steps: int, lr: float, rng: np.random.Generator,
                 optim: OptimConfig | None = None, ignore_index: int = 255, device: str | torch.device = "cpu",
                 amp: bool = True, channels_last: bool = True,
-                on_step: Callable[[int, Any], None] | None = None) -> dict[str, float]:
+                on_step: Callable[[int, Any], None] | None = None,
+                consistency: ConsistencyTerm | None = None) -> dict[str, float]:
     """Train ``model`` for ``steps`` steps with a fresh optimiser and its own lr schedule.
 
     AMP (fp16 autocast + grad scaling) and channels-last apply only on CUDA devices.
@@ -185,19 +225,26 @@ def train_steps(model: nn.Module, batches: BatchFn, *, steps: int, lr: float, rn
         device: torch device.
         amp, channels_last: enable on CUDA.
         on_step: ``on_step(steps done, run)`` after every step (progress reports).
+        consistency: a consistency term on the samples after ``batches.last_labelled`` (their
+            labels are not used: the supervised loss covers the labelled samples only); it is
+            updated after every optimiser step. Its noise seed is drawn once from ``rng`` before
+            the first batch (only when given, so runs without it draw exactly as before).
 
     Returns:
         ``{"loss": mean loss, "first_loss"/"last_loss": mean of the first/last 10% of steps,
         "pseudo_loss", "pseudo_first_loss", "pseudo_last_loss": the same for the loss of the
         pseudo-labelled part of each batch alone (computed without gradient; NaN when ``batches``
-        has no ``last_labelled`` or never holds pseudo-labelled samples), "steps", "lr"}``.
+        has no ``last_labelled`` or never holds pseudo-labelled samples, and always with
+        ``consistency``), "steps", "lr"}``; with ``consistency`` also ``"consistency_loss"`` (mean
+        weighted term) and ``"consistency_weight"`` (its weight at the last step).
 
     Raises:
         ValueError: negative steps or non-positive lr.
     """
     if int(steps) < 0 or not lr > 0:
         raise ValueError(f"train_steps needs steps >= 0 and lr > 0, got steps={steps}, lr={lr}")
-    run = _Run(model, lr, optim, device, amp, channels_last)
+    noise_seed = int(rng.integers(2**63)) if consistency is not None else 0
+    run = _Run(model, lr, optim, device, amp, channels_last, consistency, noise_seed)
     for step in range(int(steps)):
         x, y = batches(rng)
         run.step(step, int(steps), x, y, getattr(batches, "last_labelled", len(x)), ignore_index)
@@ -210,19 +257,28 @@ class _Run:
     """The state of one training run: model on the device, a fresh optimiser, AMP scaler, losses."""
 
     def __init__(self, model: nn.Module, lr: float, optim: OptimConfig | None, device: str | torch.device,
-                 amp: bool, channels_last: bool) -> None:
+                 amp: bool, channels_last: bool, consistency: ConsistencyTerm | None = None,
+                 noise_seed: int = 0) -> None:
         self.optim = optim or OptimConfig()
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         self.model, self.lr, self.amp, self.channels_last = model, float(lr), cuda and amp, cuda and channels_last
         model.to(self.device)
+        memory_format = torch.preserve_format
         if self.channels_last:
-            model.to(memory_format=torch.channels_last_3d if _spatial_dims(model) == 3 else torch.channels_last)
+            memory_format = torch.channels_last_3d if _spatial_dims(model) == 3 else torch.channels_last
+            model.to(memory_format=memory_format)
         model.train()
         self.opt = make_optimizer(model.parameters(), lr, self.optim)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.losses: list[torch.Tensor] = []
         self.pseudo_losses: list[torch.Tensor] = []
+        self.consistency, self.noise_seed = consistency, int(noise_seed)
+        self.consistency_losses: list[torch.Tensor] = []
+        self.consistency_weight = math.nan
+        if consistency is not None:
+            consistency.to(self.device, memory_format)
+            self.generator = torch.Generator(device=self.device)
 
     def step(self, step: int, steps: int, x: Any, y: Any, n_lab: int, ignore_index: int) -> None:
         """One optimiser step on ``x``, ``y`` (numpy arrays or CPU tensors)."""
@@ -232,8 +288,11 @@ class _Run:
         x, y = _to_device(x, y, self.device, self.channels_last)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             logits = model(x)
-            loss = _loss(logits, y, ignore_index)
-        if n_lab < len(x):
+            if self.consistency is None:
+                loss = _loss(logits, y, ignore_index)
+            else:
+                loss = _loss(logits[:n_lab], y[:n_lab], ignore_index) + self._consistency(x, logits, n_lab, step)
+        if n_lab < len(x) and self.consistency is None:
             with torch.no_grad():  # a monitor: the pseudo-labelled part of the batch alone
                 self.pseudo_losses.append(_loss(logits[n_lab:].detach(), y[n_lab:], ignore_index))
         opt.zero_grad(set_to_none=True)
@@ -243,29 +302,56 @@ class _Run:
             nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
         self.scaler.step(opt)
         self.scaler.update()
+        if self.consistency is not None:
+            self.consistency.update(model, step)
         self.losses.append(loss.detach())
 
+    def _consistency(self, x: torch.Tensor, logits: torch.Tensor, n_lab: int, step: int) -> torch.Tensor:
+        """The consistency term of this step, noise reseeded from ``(noise seed, global step)``."""
+        term = self.consistency
+        self.generator.manual_seed(_noise_seed(self.noise_seed, term.step_offset + step))
+        value = term.loss(x, logits, n_lab, step, self.generator)
+        self.consistency_losses.append(value.detach())
+        self.consistency_weight = float(term.weight(step))
+        return value
+
     def summary(self, steps: int) -> dict[str, float]:
-        return {**_loss_summary(self.losses, ""), **_loss_summary(self.pseudo_losses, "pseudo_"),
-                "steps": int(steps), "lr": float(self.lr)}
+        out = {**_loss_summary(self.losses, ""), **_loss_summary(self.pseudo_losses, "pseudo_"),
+               "steps": int(steps), "lr": float(self.lr)}
+        if self.consistency is not None:
+            losses = self.consistency_losses
+            out["consistency_loss"] = float(torch.stack(losses).float().mean()) if losses else math.nan
+            out["consistency_weight"] = self.consistency_weight
+        return out
 
     def state(self, step: int) -> dict[str, Any]:
-        """What resumes this run after ``step`` steps: optimiser and scaler state, losses so far."""
-        return {"step": int(step), "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
-                "losses": [float(v) for v in self.losses], "pseudo_losses": [float(v) for v in self.pseudo_losses]}
+        """What resumes this run after ``step`` steps: optimiser and scaler state, losses so far
+        (and the consistency term's state and losses, when there is one)."""
+        state = {"step": int(step), "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+                 "losses": [float(v) for v in self.losses], "pseudo_losses": [float(v) for v in self.pseudo_losses]}
+        if self.consistency is not None:
+            state["consistency"] = self.consistency.state_dict()
+            state["consistency_losses"] = [float(v) for v in self.consistency_losses]
+        return state
 
     def load(self, state: dict[str, Any]) -> int:
         self.opt.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.losses = [torch.tensor(v, dtype=torch.float32) for v in state["losses"]]
         self.pseudo_losses = [torch.tensor(v, dtype=torch.float32) for v in state["pseudo_losses"]]
+        if self.consistency is not None:
+            if "consistency" not in state:
+                raise ValueError("resume state has no consistency term state, but a consistency term was given")
+            self.consistency.load_state_dict(state["consistency"])
+            self.consistency_losses = [torch.tensor(v, dtype=torch.float32) for v in state["consistency_losses"]]
         return int(state["step"])
 
 
 def train_loader(model: nn.Module, loader: Iterable[tuple[Any, Any, int]], *, steps: int, lr: float,
                  optim: OptimConfig | None = None, ignore_index: int = 255, device: str | torch.device = "cpu",
                  amp: bool = True, channels_last: bool = True, resume: dict[str, Any] | None = None,
-                 on_step: Callable[[int, Any], None] | None = None) -> dict[str, float]:
+                 on_step: Callable[[int, Any], None] | None = None, consistency: ConsistencyTerm | None = None,
+                 noise_seed: int = 0) -> dict[str, float]:
     """:func:`train_steps` fed by an iterable of ``(x, y, labelled count)`` batches (a
     ``DataLoader``), resumable mid-run.
 
@@ -275,17 +361,24 @@ def train_loader(model: nn.Module, loader: Iterable[tuple[Any, Any, int]], *, st
         on_step: ``on_step(steps done, run)`` after every step; ``run.losses`` holds the step
             losses (tensors), ``run.state(step)`` builds the resume state (it copies the
             optimiser state: call it only when saving).
+        consistency: as :func:`train_steps`; give it the same ``step_offset`` when resuming (the
+            resume state restores its teacher).
+        noise_seed: seeds the consistency term's noise (with the global step; >= 0): pass the
+            same value to a resumed call.
         Others: as :func:`train_steps`.
 
     Returns:
         as :func:`train_steps`.
 
     Raises:
-        ValueError: negative steps, non-positive lr, or a loader that ends early.
+        ValueError: negative steps or noise seed, non-positive lr, a loader that ends early, or a
+            resume state without the consistency term's state.
     """
     if int(steps) < 0 or not lr > 0:
         raise ValueError(f"train_loader needs steps >= 0 and lr > 0, got steps={steps}, lr={lr}")
-    run = _Run(model, lr, optim, device, amp, channels_last)
+    if int(noise_seed) < 0:
+        raise ValueError(f"noise_seed must be >= 0, got {noise_seed}")
+    run = _Run(model, lr, optim, device, amp, channels_last, consistency, noise_seed)
     step = run.load(resume) if resume is not None else 0
     for x, y, n_lab in loader:
         if step >= int(steps):
