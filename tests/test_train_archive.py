@@ -115,7 +115,7 @@ def _config(tmp_path: Path, out: str, **extra) -> dict:
     return {"data": str(data), "num_classes": phantom_num_classes(), "patch_size": [8, 16, 16],
             "model": {"base_channels": 4, "depth": 2}, "warmup_steps": 3, "rounds": 1, "steps_per_round": 3,
             "batch_size": 2, "cache_dir": str(tmp_path / "cache"), "checkpoint_every": 1,
-            "out_dir": str(tmp_path / out), **extra}
+            "out_dir": str(tmp_path / out), "consolidate": False, **extra}  # consolidation: tests of its own
 
 
 def _stable(path: Path) -> list[dict]:
@@ -160,6 +160,26 @@ def test_rounds_export_relabel_and_call_back(reference):
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["phase"] == "done" and state["round"] == 1 and state["train_state"] is None
     assert not any(isinstance(v, torch.Tensor) and v.dim() >= 3 for v in state.values())
+
+
+def test_disk_run_reinit_consolidates_and_predicts(tmp_path):
+    """The published setting on disk storage: reinit students, a consolidated final model that is
+    exported like a round's, and predict() on the finished run (the memory path's API)."""
+    import numpy as np
+
+    atso = ATSO(_config(tmp_path, "pub", init="reinit", consolidate=True, checkpoint_every=0))
+    history = atso.run()
+    assert isinstance(atso, ArchiveATSO) and atso.finished
+    assert [h["stage"] for h in history] == ["warm-up", "round", "consolidate"]
+    assert [h["student_from"] for h in history[1:]] == ["theta0", "theta0"]
+    assert history[-1]["model"] == "Mc" and history[-1]["trained_on"] == ["L", "U1", "U2"]
+    assert history[-1]["pseudo_dir"] is None and (tmp_path / "pub" / "round_2" / "package" / "model.json").is_file()
+    assert all(h["train"]["steps"] == 3 for h in history) and history[-1]["val_cases"]["cases"] == 1
+    case = atso.cache.cases["val"][0]
+    labels, confidence = atso.predict([np.asarray(np.load(case.image, mmap_mode="r"))])[0]
+    assert labels.shape == tuple(case.shape) and confidence.dtype == np.uint8
+    again = ATSO(_config(tmp_path, "pub", init="reinit", consolidate=True, checkpoint_every=0))
+    assert again.resume() and again.finished and again.run() == history  # nothing left to do
 
 
 def _train(config: Path, *args: str, kill: str | None = None) -> subprocess.CompletedProcess:

@@ -23,12 +23,18 @@ def _write_config(tmp_path, **extra) -> str:
 
 
 def test_train_runs_resumes_and_reports(tmp_path, capsys):
-    config = _write_config(tmp_path)
+    """The published setting from the command line: reinit students and a consolidated model."""
+    config = _write_config(tmp_path, init="reinit", consolidate=True)
     assert main(["train", config, "--no-export", "--log-level", "WARNING"]) == 0
     out = capsys.readouterr().out
-    assert "L+U1" in out and "L+U2" in out and "val Dice" in out
+    assert "L+U1" in out and "L+U2" in out and "val Dice" in out and "L+U1+U2" in out
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(m)["round"] for m in metrics] == [0, 1, 2]
+    rows = [json.loads(m) for m in metrics]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert [r["stage"] for r in rows] == ["warm-up", "round", "round", "consolidate"]
+    assert [r["student_from"] for r in rows[1:]] == ["theta0"] * 3 and rows[3]["model"] == "Mc"
+    assert all(r["train"]["steps"] == 3 for r in rows)  # reinit: the warm-up's full schedule every time
+    assert rows[3]["trained_on"] == ["L", "U1", "U2"] and rows[3]["relabelled"] == []
     # resuming a finished run does no more work and reports the same rounds
     assert main(["train", config, "--resume", "--no-export", "--log-level", "WARNING"]) == 0
     assert (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() == metrics

@@ -66,7 +66,10 @@ from atso_fast.train.atso import (
     _state_copy,
     build_model,
     default_relabel_fn,
+    load_pretrained,
+    model_name,
     plan_round,
+    premise,
     register_storage,
     split_balanced,
     subset_names,
@@ -79,7 +82,7 @@ from atso_fast.train.cache import (
     locate_foreground,
     save_npy,
 )
-from atso_fast.train.data import dataset_class_names, read_listing
+from atso_fast.train.data import dataset_class_names, low_confidence, read_listing
 from atso_fast.train.loader import (
     BatchDataset,
     DiskCase,
@@ -88,13 +91,14 @@ from atso_fast.train.loader import (
     open_array,
 )
 from atso_fast.train.losses import confusion_counts, dice_from_counts
+from atso_fast.train.metrics import as_case_maps, case_metrics, case_summary, combine_case_metrics
 from atso_fast.train.trainer import MixedBatches, train_loader
 
 __all__ = ["ArchiveATSO", "ArchiveEngine", "local_engine"]
 
 log = logging.getLogger(__name__)
 
-_FORMAT = "disk-1"
+_FORMAT = "disk-2"
 _PHASES = ("train", "export", "relabel", "done")
 
 ArchiveEngine = Callable[..., dict[str, Any]]
@@ -135,6 +139,9 @@ class ArchiveATSO(ATSO):
             raise ValueError("disk storage needs config.data on disk, config.out_dir, hard targets, and no data= or "
                              f"relabeler= (got out_dir={config.out_dir!r}, data passed: {data is not None}, "
                              f"targets={config.targets!r}, relabeler passed: {relabeler is not None})")
+        if config.method == "mean-teacher":
+            raise ValueError("method 'mean-teacher' runs on memory storage only (storage='memory'): its teacher "
+                             "needs the unlabelled images in every batch, not pseudo labels on disk")
         self.out = Path(config.out_dir)
         listing, base = read_listing(config.data)
         self.cache: Cache = build_cache(
@@ -145,7 +152,11 @@ class ArchiveATSO(ATSO):
                               preprocessing=self.cache.preprocessing,
                               class_names=config.class_names or dataset_class_names(config.data, config.num_classes))
         self.model = model if model is not None else build_model(self.config)
+        if self.config.pretrained is not None:
+            load_pretrained(self.model, self.config.pretrained)
+        self.init_state = _state_copy(self.model)  # theta0
         self.soft, self.callbacks = False, list(callbacks)
+        self.relabel_fn = default_relabel_fn(self.config)  # predict(): the live model through the engine
         self.engine = archive_engine or local_engine
         self.unlabelled: list[CachedCase] = self.cache.cases["unlabelled"]
         self.subsets = self._make_subsets()
@@ -210,6 +221,13 @@ class ArchiveATSO(ATSO):
             raise RuntimeError(f"all {self.config.rounds} rounds are done")
         return self._run_round(self.round_index + 1)
 
+    def consolidate(self) -> dict[str, Any]:
+        """The final student on L + all of U with the final labels (exported, relabels nothing)."""
+        if self.round_index != self.config.rounds:
+            raise RuntimeError(f"consolidate() follows the last round ({self.config.rounds}); the run is at "
+                               f"{self.round_index}")
+        return self._run_round(self.config.rounds + 1)
+
     def _run_round(self, k: int) -> dict[str, Any]:
         """The phases of round ``k`` from the one it is in (resumed runs re-enter it)."""
         if self.phase == "train":
@@ -227,13 +245,17 @@ class ArchiveATSO(ATSO):
     def _plan(self, k: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
         if k == 0:
             return (), tuple(self.subsets)
+        if k > self.config.rounds:  # consolidation
+            return tuple(self.subsets), ()
         return plan_round(self.config.method, k, self.config.num_subsets)
 
     def _train_phase(self, k: int) -> None:
         cfg, start = self.config, time.perf_counter()
         train_on, relabel = self._plan(k)
         if self.train_state is None:  # a fresh start of the phase (not a mid-round resume)
-            self.pending = {"round": k, "method": cfg.method, "model": f"M{k}", "student_from": None,
+            stage = "warm-up" if k == 0 else "consolidate" if k > cfg.rounds else "round"
+            self.pending = {"round": k, "stage": stage, "method": cfg.method, "model": model_name(k, cfg.rounds),
+                            "student_from": None,
                             "trained_on": ["L", *train_on], "train_labels_from": self._labels_from(train_on),
                             "student": {}, "timing": {}}
             if k > 0:
@@ -243,8 +265,7 @@ class ArchiveATSO(ATSO):
         if k > 0 and self.train_state is None:
             self.pending["student"] = {"pre_loss": self._pre_loss(pseudo, k) if pseudo is not None else None,
                                        "start_agreement": None}
-        steps, lr = (cfg.warmup_steps, cfg.lr) if k == 0 else \
-            (cfg.steps_per_round, cfg.round_lr * cfg.round_lr_decay ** (k - 1))
+        steps, lr = self.schedule(k)
         loader = make_loader(BatchDataset(self._batches(pseudo, k), (cfg.seed, k, _TRAIN), steps),
                              start=0 if self.train_state is None else self.train_state["step"],
                              workers=cfg.loader_workers, device=cfg.device, seed=cfg.seed, k=k)
@@ -253,8 +274,8 @@ class ArchiveATSO(ATSO):
         self.train_state = None
         if k == 0:
             self.base_state = _state_copy(self.model)
-        if cfg.init == "lineage" and k > 0:
-            self.lineages[relabel[0]] = {"model": f"M{k}", "state": _state_copy(self.model)}
+        if cfg.init == "lineage" and k > 0 and relabel:
+            self.lineages[relabel[0]] = {"model": model_name(k, cfg.rounds), "state": _state_copy(self.model)}
         self.pending["train"] = stats
         if k > 0:
             self.pending["student"].update({key: stats[key] for key in
@@ -264,7 +285,8 @@ class ArchiveATSO(ATSO):
     def _on_step(self, k: int, steps: int) -> Callable[[int, Any], None]:
         cfg = self.config
         every, report = int(cfg.checkpoint_every), max(1, steps // 10)
-        phase = "warm-up on L" if k == 0 else f"round {k}/{cfg.rounds}: fine-tune"
+        phase = "warm-up on L" if k == 0 else "consolidate: fine-tune" if k > cfg.rounds else \
+            f"round {k}/{cfg.rounds}: fine-tune"
         progress = Progress(f"{cfg.method} {phase}", steps, enabled=cfg.progress)
 
         def on_step(step: int, run: Any) -> None:
@@ -314,7 +336,7 @@ class ArchiveATSO(ATSO):
     def _relabel_phase(self, k: int) -> dict[str, Any]:
         start = time.perf_counter()
         _, names = self._plan(k)
-        model_id = f"M{k}"
+        model_id = model_name(k, self.config.rounds)
         idx = sorted(i for n in names for i in self.subsets[n])
         pseudo_dir = self.round_dir(k) / "pseudo"
         summary = self._relabel(idx, pseudo_dir, resumed=self._resumed_phase == "relabel")
@@ -326,6 +348,8 @@ class ArchiveATSO(ATSO):
                    "package": f"round_{k}/package", "pseudo_dir": f"round_{k}/pseudo" if idx else None}
         for name in metrics["trained_on"][1:]:
             metrics["monitor"].setdefault(name, {})["pre_loss"] = metrics["student"].get("pre_loss")
+        # the trained part's side of the premise needs another pass over it: memory storage only
+        metrics["premise"] = premise({}, [monitor[n] for n in names])
         metrics["timing"]["relabel_s"] = time.perf_counter() - start
         return self._finish_round(metrics)
 
@@ -358,8 +382,9 @@ class ArchiveATSO(ATSO):
         """``fg/<case>.npy`` (foreground of the thresholded pseudo label) and ``fg/<case>.json``."""
         cfg = self.config
         label = np.array(open_array(folder / f"{case.case_id}.npy"))
-        if cfg.threshold > 0:
-            label[open_array(folder / f"{case.case_id}_confidence.npy") < cfg.threshold * 255.0] = cfg.ignore_index
+        if cfg.threshold != 0.0:
+            label[low_confidence(label, open_array(folder / f"{case.case_id}_confidence.npy"), cfg.threshold)] = \
+                cfg.ignore_index
         fg, counts = locate_foreground(label, cfg.num_classes)
         save_npy(folder / "fg" / f"{case.case_id}.npy", fg)
         atomic_write_bytes(folder / "fg" / f"{case.case_id}.json", json.dumps(counts).encode())
@@ -377,7 +402,8 @@ class ArchiveATSO(ATSO):
             new, conf = open_array(new_case.label), open_array(new_case.confidence)
             acc["total"] += new.size
             acc["conf"] += float(conf.sum(dtype=np.float64))
-            acc["ignored"] += int(np.count_nonzero((conf < cfg.threshold * 255.0) | (new == cfg.ignore_index)))
+            ignored = low_confidence(new, conf, cfg.threshold) | (new == cfg.ignore_index)
+            acc["ignored"] += int(np.count_nonzero(ignored))
             old_round = self.label_round[i]
             has_old = has_old and old_round is not None
             if has_old:
@@ -423,21 +449,28 @@ class ArchiveATSO(ATSO):
         relabel = default_relabel_fn(cfg) if package is None else _package_fn(package, cfg)
         was_training = self.model.training
         self.model.eval()
-        counts = 0
+        counts, parts = 0, []
         try:
             for case in cases:
                 labels = relabel(self.model, [np.asarray(open_array(case.image))])[0][0]
-                counts = counts + confusion_counts(labels, open_array(case.label), cfg.num_classes,
-                                                   ignore_index=cfg.ignore_index)
+                truth = np.asarray(open_array(case.label))
+                counts = counts + confusion_counts(labels, truth, cfg.num_classes, ignore_index=cfg.ignore_index)
+                (pred, spacing), (truth, _) = as_case_maps(labels, cfg.spacing), as_case_maps(truth, cfg.spacing)
+                parts.append(case_metrics([pred], [truth], cfg.num_classes, spacing=spacing,
+                                          ignore_index=cfg.ignore_index))
         finally:
             self.model.train(was_training)
         per_class = dice_from_counts(counts)
-        return {"dice": [float(v) for v in per_class], "mean_dice": _mean_fg(per_class)}
+        return {"dice": [float(v) for v in per_class], "mean_dice": _mean_fg(per_class),
+                "cases": combine_case_metrics(parts, cfg.num_classes)}
 
     def validate(self, package: Path | None = None) -> dict[str, Any]:
         """Pooled Dice on the validation cases (see :meth:`evaluate`)."""
         result = self.evaluate(self.cache.cases["val"], package)
-        return {"val_dice": result["dice"], "val_mean_dice": result["mean_dice"]}
+        out = {"val_dice": result["dice"], "val_mean_dice": result["mean_dice"]}
+        if "cases" in result:
+            out["val_cases"] = case_summary(result["cases"])
+        return out
 
     def _finish_round(self, metrics: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
@@ -449,7 +482,7 @@ class ArchiveATSO(ATSO):
         k = metrics["round"]
         self.history.append(metrics)
         self.round_index, self.pending, self._resumed_phase = k, {}, None
-        self.phase = "done" if k >= self.config.rounds else "train"
+        self.phase = "done" if k >= self.config.rounds + int(self.config.consolidate) else "train"
         self.save_checkpoint()
         log.info("%s round %d: train loss %s, val mean Dice %s, %.1f s (train %.1f, export %.1f, relabel %.1f)",
                  self.config.method, k, metrics["train"]["loss"], metrics["val_mean_dice"], metrics["seconds"],
@@ -468,7 +501,7 @@ class ArchiveATSO(ATSO):
         return {"format_version": _FORMAT, "round": self.round_index, "phase": self.phase, "method": self.config.method,
                 "config": self.config.to_dict(), "subsets": {k: list(v) for k, v in self.subsets.items()},
                 "case_ids": [c.case_id for c in self.unlabelled], "cache_spec_sha256": self.cache.spec_sha256,
-                "model": _state_copy(self.model), "base_model": self.base_state,
+                "model": _state_copy(self.model), "base_model": self.base_state, "init_model": self.init_state,
                 "labelled_by": list(self.labelled_by), "label_round": list(self.label_round),
                 "lineages": {k: dict(v) for k, v in self.lineages.items()},
                 "pending": json.loads(json.dumps(_nan_to_none(self.pending))), "train_state": self.train_state,
@@ -494,7 +527,7 @@ class ArchiveATSO(ATSO):
         if state["phase"] not in _PHASES:
             raise ValueError(f"checkpoint phase must be one of {_PHASES}, got {state['phase']!r}")
         self.model.load_state_dict(state["model"])
-        self.base_state = state["base_model"]
+        self.base_state, self.init_state = state["base_model"], state["init_model"]
         self.round_index, self.phase = int(state["round"]), state["phase"]
         self.labelled_by, self.label_round = list(state["labelled_by"]), list(state["label_round"])
         self.lineages = {k: dict(v) for k, v in state["lineages"].items()}

@@ -8,15 +8,22 @@ odd rounds train on U1 and relabel U2, even rounds the reverse), so a model neve
 was just fine-tuned on.
 
 Where each round's student starts (``init``):
-    ``"continue"`` from the previous round's model (the arXiv v1 reading). The student of round
-        k then trains on labels that it produced itself one round earlier: the asynchrony holds
+    ``"continue"`` from the previous round's model (the arXiv v1 reading: "alternately uses one
+        subset to fine-tune the model and updates the label on the other subset"). From round 2
+        the student trains on labels it produced itself one round earlier: the asynchrony holds
         only on the relabelling side.
-    ``"base"``     from M0 every round (the CVPR reading: "breaks up continual learning from
-        teacher to student"). No student starts from the weights of the model that made its
-        targets, but every student restarts from the same supervised model.
+    ``"reinit"``   from theta0, the run's initial weights (random, or ``pretrained``), with the
+        warm-up's full schedule every round (the CVPR 2021 reading: ATSO "breaks up continual
+        learning from teacher to student"): no student inherits any teacher's weights.
+    ``"m0"``       from M0 every round (``"base"`` before): no student starts from the model that
+        made its targets, but every student restarts from the same supervised model.
     ``"lineage"``  one model per held-out part, each continuing its own line (two lineages for
-        two parts): the model that relabels Uj never trains on Uj, so no model ever trains on
-        labels it made.
+        two parts): the model that relabels Uj never trains on Uj.
+
+After the last round, ``consolidate`` (on by default) trains one final student, started as
+``init`` says, on L + every part of U with the final labels, relabelling nothing: the model
+every arm is evaluated with (``metrics`` row ``stage: "consolidate"``, model ``Mc``). Without
+it the final model of ATSO has seen one part of U only and the freshest labels go unused.
 
 Targets (``targets``): ``"hard"`` argmax labels (voxels below ``threshold`` confidence ignored)
 or ``"soft"`` the teacher's probabilities (cross-entropy + soft Dice against them).
@@ -27,12 +34,18 @@ Baselines (same rounds, steps, learning rates and sampling):
         as the semi-supervised runs.
     ``method="self-training"`` fine-tune on L + pseudo(U), then relabel all of U with that model.
     ``method="oracle"``        fine-tune on L + U with U's true labels (the headroom).
+    ``method="mean-teacher"``  one student through every round with an EMA teacher and a
+        consistency loss on U's images (Tarvainen and Valpola 2017, the SSL4MIS recipe:
+        :mod:`atso_fast.train.mean_teacher`); relabels nothing; memory storage only.
 
-Monitors per round (``metrics["student"]`` and ``metrics["monitor"][subset]``): the student's
-hard Dice agreement with its targets before it trains (a student that already agrees has nothing
-to learn: lazy learning), its loss on the pseudo-labelled part of its batches alone, and for each
-relabelled part the foreground-only label change since the previous labels and since M0's, and
-the pseudo labels' Dice against the hidden truth when it is known.
+Monitors per round (``metrics["student"]``, ``metrics["monitor"][subset]``, ``metrics["premise"]``):
+the student's hard Dice agreement with its targets before it trains (1.0 is the lazy condition:
+nothing left to learn; a ``continue`` student from round 2 sits near it by construction), its
+loss on the pseudo-labelled part of its batches alone; for each relabelled part the foreground
+label change since the previous labels and since M0's, and, with known truth, the pseudo labels'
+Dice before and after; and the paper's premise (:func:`premise`): how much the round's model
+improves on the labels of the part it trained on, against the improvement of the part it
+relabelled (truth known only).
 
 Every random choice of round k comes from generators seeded by ``(seed, k, purpose)``, and the
 optimiser is created fresh each round, so a run resumed from the checkpoint of round k gives
@@ -41,7 +54,9 @@ exactly the tensors of an uninterrupted run (same device and thread count).
 The relabel step is a callable ``relabel_fn(model, volumes) -> [(labels, confidence), ...]`` with
 volumes ``(M, Z, Y, X)`` float32 *already normalised*, labels ``(Z, Y, X)`` uint8 and confidence
 ``(Z, Y, X)`` uint8 (max probability * 255); for soft targets each result also carries the
-probabilities ``(C, Z, Y, X)``. The default runs ``atso_fast.engine.Relabeler``.
+probabilities ``(C, Z, Y, X)``. The default (:func:`default_relabel_fn`) runs the engine's sliding
+window with the training patch as the window, so an InstanceNorm network sees the same context
+when it relabels as when it trained (a whole-slice pass normalises over other statistics).
 """
 from __future__ import annotations
 
@@ -72,9 +87,12 @@ from atso_fast.train.data import (
     SemiSupervisedData,
     dataset_class_names,
     load_raw,
+    low_confidence,
     prepare_data,
     resolve_normalization,
 )
+from atso_fast.train.mean_teacher import MeanTeacher, MeanTeacherConfig, mean_teacher_batches
+from atso_fast.train.metrics import as_case_maps, case_metrics, case_summary
 from atso_fast.train.monitor import foreground_change, pooled_dice
 from atso_fast.train.trainer import MixedBatches, OptimConfig, mean_loss, train_steps
 from atso_fast.train.unet import UNet
@@ -90,9 +108,11 @@ __all__ = [
     "plan_round",
     "build_model",
     "default_relabel_fn",
-    "direct_relabel_fn",
     "load_data",
     "run_methods",
+    "load_pretrained",
+    "model_name",
+    "premise",
     "CHECKPOINT_NAME",
     "METRICS_NAME",
     "STORAGES",
@@ -102,12 +122,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-METHODS = ("atso", "self-training", "supervised", "oracle")
+METHODS = ("atso", "self-training", "supervised", "oracle", "mean-teacher")
 STORAGES = ("auto", "memory", "disk")
-INITS = ("continue", "base", "lineage")
+INITS = ("continue", "reinit", "m0", "lineage")
+_INIT_ALIASES = {"base": "m0"}  # the name before issue 23
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 _TRAIN, _MONITOR, _SPLIT = 1, 2, 3  # rng purposes
 
 RelabelFn = Callable[[nn.Module, Sequence[np.ndarray]], list[tuple[np.ndarray, ...]]]
@@ -129,7 +150,7 @@ class ATSOConfig:
         model: keyword arguments of :class:`~atso_fast.train.unet.UNet` (base_channels, depth, ...).
         normalization: policy dict or ``"auto"``/``"ct"``/``"zscore"``/``"none"``; the resolved policy
             is written back here and travels with checkpoints and exported models.
-        method: ``"atso"``, ``"self-training"``, ``"supervised"`` or ``"oracle"``.
+        method: ``"atso"``, ``"self-training"``, ``"supervised"``, ``"oracle"`` or ``"mean-teacher"``.
         rounds: fine-tuning rounds after the warm-up.
         warmup_steps: supervised steps giving M0.
         steps_per_round: fine-tuning steps per round.
@@ -137,15 +158,26 @@ class ATSOConfig:
         round_lr: peak learning rate of round 1; round k uses ``round_lr * round_lr_decay ** (k-1)``.
         round_lr_decay: per-round learning-rate factor.
         optim: :class:`~atso_fast.train.trainer.OptimConfig` fields (optimizer, schedule, ...).
-        threshold: pseudo-label voxels with max probability below it are ignored in the loss.
+        threshold: pseudo-label voxels with max probability below it are ignored in the loss; one
+            value, or one per class (class-wise: a small structure's confidence is often lower
+            than the background's, and one threshold deletes it).
         ignore_index: label of ignored voxels (>= num_classes, <= 255).
-        init: where each round's student starts: ``"continue"`` (from M_{k-1}), ``"base"`` (from
-            M0) or ``"lineage"`` (``"atso"`` only: one model line per held-out part).
+        init: where each round's student starts: ``"continue"`` (from M_{k-1}), ``"reinit"`` (from
+            theta0 with the warm-up's steps and lr: the CVPR reading), ``"m0"`` (from M0; ``"base"``
+            is read as ``"m0"``) or ``"lineage"`` (``"atso"`` only: one model line per held-out
+            part). See the module docstring.
+        consolidate: after the last round, train a final student (started as ``init`` says) on
+            L + all of U with the final labels; it is the evaluated model.
+        mean_teacher: :class:`~atso_fast.train.mean_teacher.MeanTeacherConfig` fields (EMA decay,
+            consistency weight and ramp-up, teacher input noise) for ``method="mean-teacher"``.
+        pretrained: a weights file (state dict or atso-fast checkpoint, read ``weights_only``) that
+            becomes theta0: the warm-up and every ``reinit`` student start from it.
         num_subsets: parts of U for ``"atso"`` (>= 2).
         targets: ``"hard"`` (argmax labels) or ``"soft"`` (the teacher's probabilities).
         supervised_batch: ``"matched"`` (a supervised round step holds only the labelled part of a
             mixed batch) or ``"full"`` (whole batches of labelled samples).
-        labelled_ratio: fraction of each batch drawn from L during fine-tuning.
+        labelled_ratio: fraction of each batch drawn from L during fine-tuning; 0 fine-tunes on
+            pseudo labels alone (the arXiv v1 description), 1 on L alone.
         foreground_oversample: probability of a foreground-centred patch.
         augment: True/False or :class:`~atso_fast.train.augment.AugmentConfig` fields.
         relabel: extra options of ``Relabeler.from_module`` (overlap, batch_size, ...); on disk
@@ -194,9 +226,12 @@ class ATSOConfig:
     round_lr: float = 5e-4
     round_lr_decay: float = 1.0
     optim: dict[str, Any] = field(default_factory=dict)
-    threshold: float = 0.0
+    threshold: float | list[float] = 0.0
     ignore_index: int = 255
     init: str = "continue"
+    consolidate: bool = True
+    pretrained: str | None = None
+    mean_teacher: dict[str, Any] = field(default_factory=dict)
     num_subsets: int = 2
     targets: str = "hard"
     supervised_batch: str = "matched"
@@ -232,7 +267,8 @@ class ATSOConfig:
         for name in ("rounds", "warmup_steps", "steps_per_round", "monitor_patches"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("threshold", "labelled_ratio", "foreground_oversample"):
+        self.threshold = _check_threshold(self.threshold, self.num_classes)
+        for name in ("labelled_ratio", "foreground_oversample"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not (self.lr > 0 and self.round_lr > 0 and self.round_lr_decay > 0):
@@ -247,12 +283,17 @@ class ATSOConfig:
             raise ValueError(f"in_channels and batch_size must be >= 1, got {self.in_channels}, {self.batch_size}")
         OptimConfig.from_value(self.optim)
         AugmentConfig.from_value(self.augment)
+        MeanTeacherConfig.from_value(self.mean_teacher)
 
     def _check_choices(self) -> None:
+        self.init = _INIT_ALIASES.get(self.init, self.init)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.method == "mean-teacher" and self.init != "continue":
+            raise ValueError(f"method 'mean-teacher' trains one student and its EMA teacher through every round "
+                             f"(init 'continue'), got init {self.init!r}")
         if self.init == "lineage" and self.method != "atso":
             raise ValueError(f"init 'lineage' needs method 'atso' (model lines per held-out part), "
                              f"got method {self.method!r}")
@@ -282,6 +323,16 @@ class ATSOConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable dict (tuples become lists)."""
         return json.loads(json.dumps(asdict(self)))
+
+
+def _check_threshold(value: Any, num_classes: int) -> float | list[float]:
+    """One confidence threshold in [0, 1], or one per class (a list of ``num_classes``)."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if isinstance(value, (list, tuple)) and len(values) != num_classes:
+        raise ValueError(f"threshold must be one number or one per class ({num_classes}), got {len(values)} values")
+    if not all(isinstance(v, (int, float)) and 0.0 <= float(v) <= 1.0 for v in values):
+        raise ValueError(f"threshold values must be in [0, 1], got {value}")
+    return [float(v) for v in values] if isinstance(value, (list, tuple)) else float(value)
 
 
 def split_balanced(sizes: Sequence[int], seed: int, parts: int = 2) -> tuple[list[int], ...]:
@@ -326,7 +377,8 @@ def plan_round(method: str, k: int, num_subsets: int = 2) -> tuple[tuple[str, ..
 
     ``atso``: the held-out part is ``U{k mod K + 1}``; the round trains on every other part and
     relabels the held-out one (two parts: odd k trains on U1 and relabels U2, even k the reverse).
-    ``self-training``: U and U. ``oracle``: U (true labels) and nothing. ``supervised``: nothing.
+    ``self-training``: U and U. ``oracle``: U (true labels) and nothing. ``mean-teacher``: U (images
+    only) and nothing. ``supervised``: nothing.
     """
     if k < 1 or method not in METHODS or int(num_subsets) < 2:
         raise ValueError(f"plan_round needs k >= 1, method in {METHODS} and num_subsets >= 2, got k={k}, "
@@ -337,7 +389,7 @@ def plan_round(method: str, k: int, num_subsets: int = 2) -> tuple[tuple[str, ..
         return tuple(n for n in names if n != held), (held,)
     if method == "self-training":
         return ("U",), ("U",)
-    if method == "oracle":
+    if method in ("oracle", "mean-teacher"):
         return ("U",), ()
     return (), ()
 
@@ -371,38 +423,6 @@ def default_relabel_fn(config: ATSOConfig, *, probabilities: bool = False) -> Re
         if probabilities:
             return [(r.labels, r.confidence, r.probabilities) for r in results]
         return [(r.labels, r.confidence) for r in results]
-
-    return relabel
-
-
-def direct_relabel_fn(config: ATSOConfig, *, batch_size: int = 8, probabilities: bool = False) -> RelabelFn:
-    """A ``relabel_fn`` that runs the model on whole volumes (3D) or whole slices (2D) at once.
-
-    No sliding window: each volume is zero-padded at the far end to a multiple of the model's
-    ``divisor`` (when it has one) and cropped back. Meant for small volumes, tests and quick
-    experiments; large volumes belong to the relabel engine (:func:`default_relabel_fn`). With
-    ``probabilities`` each result also carries the softmax ``(C, Z, Y, X)`` float32.
-    """
-    device = torch.device(config.device)
-
-    @torch.no_grad()
-    def relabel(model: nn.Module, volumes: Sequence[np.ndarray]) -> list[tuple[np.ndarray, ...]]:
-        div = int(getattr(model, "divisor", 1))
-        out = []
-        for vol in volumes:
-            x = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))
-            x = x.movedim(1, 0) if config.spatial_dims == 2 else x[None]  # (B, M, *spatial)
-            spatial = x.shape[2:]
-            pad = [a for s in reversed(spatial) for a in (0, -s % div)]
-            x = torch.nn.functional.pad(x, pad)
-            probs = torch.cat([torch.softmax(model(x[i:i + batch_size].to(device)).float(), 1).cpu()
-                               for i in range(0, x.shape[0], batch_size)])
-            probs = probs[(slice(None), slice(None), *(slice(0, s) for s in spatial))]
-            probs = probs.movedim(0, 1) if config.spatial_dims == 2 else probs[0]  # (C, Z, Y, X)
-            conf, labels = probs.max(0)
-            result = (labels.numpy().astype(np.uint8), (conf * 255).round().numpy().astype(np.uint8))
-            out.append(result + (probs.numpy(),) if probabilities else result)
-        return out
 
     return relabel
 
@@ -526,6 +546,44 @@ def _subdir(out_dir: str | None, name: str) -> str | None:
     return None if out_dir is None else str(Path(out_dir) / name.replace(" ", "_").replace("/", "_"))
 
 
+def model_name(k: int, rounds: int) -> str:
+    """``M0`` (warm-up), ``M1`` .. ``MR`` (rounds), ``Mc`` (the consolidated model)."""
+    return "Mc" if k > rounds else f"M{k}"
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Load pretrained weights into ``model``: a state dict, or an atso-fast checkpoint (its
+    ``model``), read with ``weights_only=True`` (never unpickled).
+
+    Raises:
+        ValueError: unreadable file, or weights that do not fit the model (names the file).
+    """
+    state = load_checkpoint_file(path)
+    state = state["model"] if isinstance(state.get("model"), dict) else state
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"{path}: pretrained weights do not fit the model: {str(exc).splitlines()[0][:300]}") from None
+
+
+def premise(trained: dict[str, float], held: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The paper's premise, per round: a model learns little about the labels it trained on
+    (lazy learning) and improves the labels of a part it did not train on.
+
+    ``trained``: from :meth:`ATSO._premise_trained`; ``held``: the monitors of the parts this
+    round relabelled (``pseudo_dice`` and ``pseudo_dice_before``). Gains are Dice against the
+    hidden truth, after minus before; NaN where the truth is unknown.
+    """
+    before = [m.get("pseudo_dice_before", math.nan) for m in held]
+    after = [m.get("pseudo_dice", math.nan) for m in held]
+    held_gain = float(np.mean([a - b for a, b in zip(after, before)])) if held else math.nan
+    return {"trained_label_dice": trained.get("label_dice", math.nan),
+            "trained_model_dice": trained.get("model_dice", math.nan),
+            "trained_gain": trained.get("model_dice", math.nan) - trained.get("label_dice", math.nan),
+            "trained_agreement": trained.get("agreement", math.nan),
+            "held_gain": held_gain}
+
+
 def _rng(seed: int, k: int, purpose: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(k), int(purpose)])
 
@@ -593,6 +651,9 @@ class ATSO:
                               spacing=config.spacing if config.spacing is not None else self.data.spacing,
                               class_names=config.class_names or dataset_class_names(config.data, config.num_classes))
         self.model = model if model is not None else build_model(self.config)
+        if self.config.pretrained is not None:
+            load_pretrained(self.model, self.config.pretrained)
+        self.init_state = _state_copy(self.model)  # theta0: where reinit students start
         self.soft = self.config.targets == "soft"
         self.relabel_fn = relabeler if relabeler is not None else \
             default_relabel_fn(self.config, probabilities=self.soft)
@@ -609,6 +670,8 @@ class ATSO:
         self.base_state: dict[str, torch.Tensor] | None = None
         self.lineages: dict[str, dict[str, Any]] = {}  # held-out part -> {"model": "Mk", "state": ...}
         self._labelled_sampler: PatchSampler | None = None
+        self._fresh: dict[int, tuple[np.ndarray, ...]] = {}  # predictions of the current model, by case
+        self.teacher_state: dict[str, Any] | None = None  # mean-teacher: the EMA teacher between rounds
 
     def _make_subsets(self) -> dict[str, list[int]]:
         cfg, cases = self.config, self.data.unlabelled
@@ -621,9 +684,9 @@ class ATSO:
                 raise ValueError(f"method 'oracle' needs the true labels of every unlabelled case (>= 1); got {n} "
                                  f"cases, {len(missing)} without a label: {missing[:5]}")
             return {"U": list(range(n))}
-        if cfg.method == "self-training":
+        if cfg.method in ("self-training", "mean-teacher"):
             if n < 1:
-                raise ValueError("method 'self-training' needs at least 1 unlabelled case, got 0")
+                raise ValueError(f"method {cfg.method!r} needs at least 1 unlabelled case, got 0")
             return {"U": list(range(n))}
         if n < cfg.num_subsets:
             raise ValueError(f"method 'atso' needs at least {cfg.num_subsets} unlabelled cases to split into "
@@ -644,8 +707,8 @@ class ATSO:
         stats = train_steps(self.model, self._batches(None), steps=cfg.warmup_steps, lr=cfg.lr,
                             rng=_rng(cfg.seed, 0, _TRAIN), **self._train_kwargs("warm-up on L", cfg.warmup_steps))
         self.base_state = _state_copy(self.model)
-        metrics = {"round": 0, "method": cfg.method, "model": "M0", "student_from": None, "trained_on": ["L"],
-                   "train_labels_from": {}, "train": stats, "student": {}}
+        metrics = {"round": 0, "stage": "warm-up", "method": cfg.method, "model": "M0", "student_from": None,
+                   "trained_on": ["L"], "train_labels_from": {}, "train": stats, "student": {}}
         metrics.update(self._relabel_subsets(tuple(self.subsets), "M0"))
         self.m0_labels = list(self.pseudo)  # relabelling replaces arrays, never edits them in place
         return self._finish(metrics, start)
@@ -657,26 +720,77 @@ class ATSO:
             raise RuntimeError("call warmup() before round()")
         if self.round_index >= cfg.rounds:
             raise RuntimeError(f"all {cfg.rounds} rounds are done")
-        k, start = self.round_index + 1, time.perf_counter()
-        train_on, relabel = plan_round(cfg.method, k, cfg.num_subsets)
+        k = self.round_index + 1
+        return self._train_round(k, *plan_round(cfg.method, k, cfg.num_subsets))
+
+    def consolidate(self) -> dict[str, Any]:
+        """The final student: trained on L + every part of U with the final labels (started as
+        ``init`` says), relabelling nothing. It is the model the run is evaluated with."""
+        cfg = self.config
+        if self.round_index != cfg.rounds:
+            raise RuntimeError(f"consolidate() follows the last round ({cfg.rounds}); the run is at "
+                               f"{self.round_index}")
+        return self._train_round(cfg.rounds + 1, tuple(self.subsets), ())
+
+    @property
+    def finished(self) -> bool:
+        """Warm-up, every round and (with ``consolidate``) the consolidation step are done."""
+        return self.round_index >= self.config.rounds + int(self.config.consolidate)
+
+    def _train_round(self, k: int, train_on: tuple[str, ...], relabel: tuple[str, ...]) -> dict[str, Any]:
+        cfg, start = self.config, time.perf_counter()
         student_from = self._start_student(k, relabel)
         idx = sorted(i for name in train_on for i in self.subsets[name])
         pseudo = self._pseudo_sampler(idx)
         student = self._student_monitor(idx, pseudo, k)
-        lr = cfg.round_lr * cfg.round_lr_decay ** (k - 1)
-        stats = train_steps(self.model, self._batches(pseudo), steps=cfg.steps_per_round, lr=lr,
-                            rng=_rng(cfg.seed, k, _TRAIN),
-                            **self._train_kwargs(f"round {k}/{cfg.rounds}: fine-tune", cfg.steps_per_round))
-        if cfg.init == "lineage":
-            self.lineages[relabel[0]] = {"model": f"M{k}", "state": _state_copy(self.model)}
+        steps, lr = self.schedule(k)
+        stage = "consolidate" if k > cfg.rounds else f"round {k}/{cfg.rounds}"
+        teacher = self._teacher(idx)
+        batches = self._batches(pseudo) if teacher is None else self._teacher_batches(idx)
+        stats = train_steps(self.model, batches, steps=steps, lr=lr, rng=_rng(cfg.seed, k, _TRAIN),
+                            consistency=teacher, **self._train_kwargs(f"{stage}: fine-tune", steps))
+        if teacher is not None:
+            self.teacher_state = teacher.state_dict()
+        if cfg.init == "lineage" and relabel:
+            self.lineages[relabel[0]] = {"model": model_name(k, cfg.rounds), "state": _state_copy(self.model)}
         student.update({key: stats[key] for key in ("pseudo_loss", "pseudo_first_loss", "pseudo_last_loss")})
-        metrics = {"round": k, "method": cfg.method, "model": f"M{k}", "student_from": student_from,
-                   "trained_on": ["L", *train_on], "train_labels_from": self._labels_from(train_on),
-                   "train": stats, "student": student}
-        metrics.update(self._relabel_subsets(relabel, f"M{k}"))
+        metrics = {"round": k, "stage": "consolidate" if k > cfg.rounds else "round", "method": cfg.method,
+                   "model": model_name(k, cfg.rounds), "student_from": student_from, "trained_on": ["L", *train_on],
+                   "train_labels_from": self._labels_from(train_on), "train": stats, "student": student}
+        trained = self._premise_trained(idx) if relabel else {}
+        metrics.update(self._relabel_subsets(relabel, model_name(k, cfg.rounds)))
         for name in train_on:
             metrics["monitor"].setdefault(name, {})["pre_loss"] = student["pre_loss"]
+        metrics["premise"] = premise(trained, [metrics["monitor"][n] for n in relabel])
         return self._finish(metrics, start)
+
+    def _teacher(self, idx: list[int]) -> MeanTeacher | None:
+        """Mean Teacher: the EMA teacher, continued from the last round (a copy of M0 at first);
+        its consistency ramp spans every round and the consolidation."""
+        cfg = self.config
+        if cfg.method != "mean-teacher" or not idx:
+            return None
+        if self.teacher_state is not None:
+            return MeanTeacher.from_state(self.model, self.teacher_state)
+        total = cfg.steps_per_round * (cfg.rounds + int(cfg.consolidate))
+        return MeanTeacher(self.model, MeanTeacherConfig.from_value(cfg.mean_teacher), total_steps=total)
+
+    def _teacher_batches(self, idx: list[int]) -> MixedBatches:
+        """Labelled samples first, then patches of the unlabelled images ``idx`` (labels all ignored)."""
+        cfg = self.config
+        self._batches(None)  # builds the labelled sampler
+        return mean_teacher_batches(self._labelled_sampler, [self.data.unlabelled[i].image for i in idx],
+                                    cfg.batch_size, labelled_ratio=cfg.labelled_ratio,
+                                    augment=AugmentConfig.from_value(cfg.augment))
+
+    def schedule(self, k: int) -> tuple[int, float]:
+        """``(steps, peak learning rate)`` of round ``k`` (0: the warm-up; ``rounds + 1``: the
+        consolidation). A ``reinit`` student starts from theta0, so it gets the warm-up's full
+        schedule; other students fine-tune for ``steps_per_round`` at ``round_lr`` (decayed)."""
+        cfg = self.config
+        if k == 0 or cfg.init == "reinit":
+            return cfg.warmup_steps, cfg.lr
+        return cfg.steps_per_round, cfg.round_lr * cfg.round_lr_decay ** (min(k, cfg.rounds) - 1)
 
     def run(self, *, resume: bool = False) -> list[dict[str, Any]]:
         """Warm-up (unless done) and all remaining rounds. Returns the metrics history.
@@ -690,24 +804,30 @@ class ATSO:
             self.warmup()
         while self.round_index < self.config.rounds:
             self.round()
+        if self.config.consolidate and self.round_index == self.config.rounds:
+            self.consolidate()
         return self.history
 
     # ------------------------------------------------------------------ round helpers
     def _start_student(self, k: int, relabel: tuple[str, ...]) -> str:
         """Load the weights this round's student starts from; returns the model's name."""
         init = self.config.init
-        if init == "base":
+        if init == "reinit":
+            self.model.load_state_dict(self.init_state)
+            return "theta0"
+        if init == "m0":
             self.model.load_state_dict(self.base_state)
             return "M0"
-        if init == "lineage":
+        if init == "lineage" and relabel:
             line = self.lineages.get(relabel[0])
             self.model.load_state_dict(self.base_state if line is None else line["state"])
             return "M0" if line is None else line["model"]
-        return f"M{k - 1}"
+        return model_name(k - 1, self.config.rounds)  # continue (lineage: consolidation continues the last model)
 
     def _labels_from(self, train_on: Sequence[str]) -> dict[str, list[str]]:
-        if self.config.method == "oracle":
-            return {name: ["truth"] for name in train_on}
+        if self.config.method in ("oracle", "mean-teacher"):
+            source = "truth" if self.config.method == "oracle" else "teacher"
+            return {name: [source] for name in train_on}
         return {n: sorted({self.labelled_by[i] for i in self.subsets[n]}) for n in train_on}
 
     def _train_kwargs(self, phase: str | None = None, steps: int = 0) -> dict[str, Any]:
@@ -744,10 +864,12 @@ class ATSO:
         cfg, cases = self.config, self.data.unlabelled
         if cfg.method == "oracle":
             return self._sampler([cases[i].image for i in idx], [cases[i].label for i in idx])
+        if cfg.method == "mean-teacher":
+            return None  # no targets on U: the teacher's consistency term (see _teacher_batches)
         labels = []
         for i in idx:
             lab = self.pseudo[i].copy()
-            lab[self.confidence[i] < cfg.threshold * 255.0] = cfg.ignore_index
+            lab[low_confidence(lab, self.confidence[i], cfg.threshold)] = cfg.ignore_index
             labels.append(lab)
         images = [cases[i].image for i in idx]
         if self.soft:
@@ -763,6 +885,22 @@ class ATSO:
         preds = [r[0] for r in self.predict([self.data.unlabelled[i].image for i in idx])]
         _, agreement = pooled_dice(preds, pseudo.labels, cfg.num_classes, ignore_index=cfg.ignore_index)
         return {"pre_loss": self._pre_loss(pseudo, k), "start_agreement": agreement}
+
+    def _premise_trained(self, idx: list[int]) -> dict[str, float]:
+        """After fine-tuning, where the truth of the training part is known: the Dice of the labels
+        the student trained on, of its own predictions there, and their agreement. The predictions
+        are kept for a relabelling of the same cases by the same model (self-training)."""
+        cfg = self.config
+        truth = [self.data.unlabelled[i].label for i in idx]
+        if not idx or any(t is None for t in truth) or cfg.method not in ("atso", "self-training"):
+            return {}
+        results = self.predict([self.data.unlabelled[i].image for i in idx])
+        self._fresh = dict(zip(idx, results))
+        preds, labels = [r[0] for r in results], [self.pseudo[i] for i in idx]
+        c, ignore = cfg.num_classes, cfg.ignore_index
+        return {"label_dice": pooled_dice(labels, truth, c, ignore_index=ignore)[1],
+                "model_dice": pooled_dice(preds, truth, c, ignore_index=ignore)[1],
+                "agreement": pooled_dice(preds, labels, c, ignore_index=ignore)[1]}
 
     def _pre_loss(self, pseudo: PatchSampler, k: int) -> float:
         """Loss of the student entering round k on (hard) target patches it is about to learn."""
@@ -812,9 +950,13 @@ class ATSO:
         """Relabel the named subsets with the current model; per-subset monitor statistics."""
         monitor: dict[str, dict[str, Any]] = {}
         start = time.perf_counter()
+        fresh, self._fresh = self._fresh, {}
         for name in names:
             idx = self.subsets[name]
-            results = self.predict([self.data.unlabelled[i].image for i in idx])
+            todo = [i for i in idx if i not in fresh]
+            if todo:
+                fresh.update(zip(todo, self.predict([self.data.unlabelled[i].image for i in todo])))
+            results = [fresh[i] for i in idx]
             monitor[name] = self._pseudo_stats(idx, results)
             for i, res in zip(idx, results):
                 self.pseudo[i], self.confidence[i], self.labelled_by[i] = res[0], res[1], model_id
@@ -835,7 +977,7 @@ class ATSO:
         m0 = [self.m0_labels[i] for i in idx]
         has_old, has_m0 = all(o is not None for o in old), all(o is not None for o in m0)
         changed = sum(int(np.count_nonzero(lab != o)) for lab, o in zip(labels, old)) if has_old else 0
-        ignored = sum(int(np.count_nonzero((r[1] < cfg.threshold * 255.0) | (r[0] == cfg.ignore_index)))
+        ignored = sum(int(np.count_nonzero(low_confidence(r[0], r[1], cfg.threshold) | (r[0] == cfg.ignore_index)))
                       for r in results)
         stats = {"changed_fraction": changed / total if has_old else math.nan,
                  "changed_fg": foreground_change(old, labels, ignore_index=cfg.ignore_index) if has_old else math.nan,
@@ -845,6 +987,8 @@ class ATSO:
         truth = [self.data.unlabelled[i].label for i in idx]
         if all(t is not None for t in truth):
             _, stats["pseudo_dice"] = pooled_dice(labels, truth, cfg.num_classes, ignore_index=cfg.ignore_index)
+            if has_old:
+                _, stats["pseudo_dice_before"] = pooled_dice(old, truth, cfg.num_classes, ignore_index=cfg.ignore_index)
         return stats
 
     def _pseudo_dice_all(self) -> float:
@@ -857,22 +1001,32 @@ class ATSO:
                            ignore_index=self.config.ignore_index)[1]
 
     def evaluate(self, cases: Sequence[Case]) -> dict[str, Any]:
-        """Dice of the current model on labelled ``cases``, pooled per class over them.
+        """Dice of the current model on labelled ``cases``: pooled per class over them, and per
+        case (Dice and HD95 mean +- SD per class, :func:`~atso_fast.train.metrics.case_metrics`).
 
         Returns:
-            ``{"dice": [C floats], "mean_dice": mean over foreground classes}`` (NaN without cases).
+            ``{"dice": [C floats], "mean_dice": mean over foreground classes, "cases": per-case
+            metrics}`` (NaN and no ``cases`` without cases).
         """
         if not cases:
             return {"dice": [], "mean_dice": math.nan}
         preds = [r[0] for r in self.predict([c.image for c in cases])]
-        per_class, mean_fg = pooled_dice(preds, [c.label for c in cases], self.config.num_classes,
-                                         ignore_index=self.config.ignore_index)
-        return {"dice": per_class, "mean_dice": mean_fg}
+        cfg = self.config
+        per_class, mean_fg = pooled_dice(preds, [c.label for c in cases], cfg.num_classes,
+                                         ignore_index=cfg.ignore_index)
+        maps = [(as_case_maps(p, cfg.spacing), as_case_maps(c.label, cfg.spacing)) for p, c in zip(preds, cases)]
+        per_case = case_metrics([p[0] for p, _ in maps], [t[0] for _, t in maps], cfg.num_classes,
+                                spacing=[p[1] or [1.0] * p[0].ndim for p, _ in maps], ignore_index=cfg.ignore_index)
+        return {"dice": per_class, "mean_dice": mean_fg, "cases": per_case}
 
     def validate(self) -> dict[str, Any]:
-        """Dice of the current model on the validation cases (pooled): per class and foreground mean."""
+        """The current model on the validation cases: pooled Dice per class and its foreground
+        mean, and the per-case summary (Dice and HD95 mean +- SD per class)."""
         result = self.evaluate(self.data.val)
-        return {"val_dice": result["dice"], "val_mean_dice": result["mean_dice"]}
+        out = {"val_dice": result["dice"], "val_mean_dice": result["mean_dice"]}
+        if "cases" in result:
+            out["val_cases"] = case_summary(result["cases"])
+        return out
 
     def _say_round(self, metrics: dict[str, Any]) -> None:
         """One line per finished round: loss, validation Dice, time, and the run's ETA from the
@@ -880,14 +1034,14 @@ class ATSO:
         if not self.config.progress:
             return
         done = [m["seconds"] for m in self.history if m.get("round", 0) > 0]
-        left = self.config.rounds - metrics["round"]
+        left = self.config.rounds + int(self.config.consolidate) - metrics["round"]
         eta = (sum(done) / len(done) if done else metrics["seconds"]) * left
         dice = metrics.get("val_mean_dice")
         loss = metrics["train"].get("loss")
-        stage = "warm-up" if metrics["round"] == 0 else f"round {metrics['round']}"
+        stage = metrics["stage"] if metrics["stage"] != "round" else f"round {metrics['round']}"
         print(f"atso-fast: {self.config.method} {stage}"
               f" done in {duration(metrics['seconds'])}: train loss {'-' if loss is None else f'{loss:.4f}'}, "
-              f"val mean Dice {'-' if dice is None else f'{dice:.4f}'}; {left} round(s) left, ETA {duration(eta)}",
+              f"val mean Dice {'-' if dice is None else f'{dice:.4f}'}; {left} stage(s) left, ETA {duration(eta)}",
               file=sys.stderr, flush=True)
 
     def _finish(self, metrics: dict[str, Any], start: float) -> dict[str, Any]:
@@ -910,11 +1064,11 @@ class ATSO:
         """Everything needed to continue: tensors and plain containers only (``weights_only`` safe)."""
         return {"format_version": _FORMAT_VERSION, "round": self.round_index, "method": self.config.method,
                 "config": self.config.to_dict(), "subsets": {k: list(v) for k, v in self.subsets.items()},
-                "model": _state_copy(self.model), "base_model": self.base_state,
+                "model": _state_copy(self.model), "base_model": self.base_state, "init_model": self.init_state,
                 "pseudo": _tensors(self.pseudo), "confidence": _tensors(self.confidence),
                 "probs": _tensors(self.probs) if any(p is not None for p in self.probs) else None,
                 "m0_labels": _tensors(self.m0_labels), "labelled_by": list(self.labelled_by),
-                "lineages": {k: dict(v) for k, v in self.lineages.items()},
+                "lineages": {k: dict(v) for k, v in self.lineages.items()}, "teacher": self.teacher_state,
                 "history": json.loads(json.dumps(self.history))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -928,13 +1082,15 @@ class ATSO:
         self._check_state(state)
         n = len(self.data.unlabelled)
         self.model.load_state_dict(state["model"])
-        self.base_state = state["base_model"]
+        self.base_state, self.init_state = state["base_model"], state["init_model"]
+        self._fresh = {}
         self.pseudo = _arrays(state["pseudo"], n)
         self.confidence = _arrays(state["confidence"], n)
         self.probs = _arrays(state["probs"], n) if self.soft else [None] * n
         self.m0_labels = _arrays(state["m0_labels"], n)
         self.labelled_by = list(state["labelled_by"])
         self.lineages = {k: dict(v) for k, v in state["lineages"].items()} if state["round"] > 0 else {}
+        self.teacher_state = state["teacher"] if state["round"] > 0 else None
         self.history = [dict(h) for h in state["history"]]
         if state["method"] != self.config.method and self.history:  # a shared warm-up
             self.history[0].update(method=self.config.method, warmup_from=state["method"])
@@ -953,7 +1109,8 @@ class ATSO:
         if state["config"]["normalization"] != self.config.to_dict()["normalization"]:
             raise ValueError(f"state normalization {state['config']['normalization']} differs from "
                              f"{self.config.normalization}")
-        needed = [i for idx in self.subsets.values() for i in idx] if self.config.method != "oracle" else []
+        needed = [i for idx in self.subsets.values() for i in idx] \
+            if self.config.method not in ("oracle", "mean-teacher") else []
         missing = [i for i in needed if state["pseudo"][i] is None]
         if state["round"] >= 0 and missing:
             raise ValueError(f"state lacks pseudo labels for unlabelled cases {missing[:5]}")

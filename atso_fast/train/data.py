@@ -34,6 +34,7 @@ from atso_fast.io.files import read_text_file
 from atso_fast.package.normalize import check_policy, ct_policy_from_samples, normalize
 
 __all__ = [
+    "low_confidence",
     "Case",
     "SemiSupervisedData",
     "RawCase",
@@ -353,6 +354,20 @@ def data_from_arrays(labelled: Sequence[tuple[np.ndarray, np.ndarray]],
         raise ValueError("data_from_arrays needs at least one labelled case, and labels for all labelled/val cases")
     policy = resolve_normalization(normalization, cases["labelled"], modality)
     return prepare_data(cases, policy, modality)
+
+
+def low_confidence(labels: np.ndarray, confidence: np.ndarray, threshold: float | Sequence[float]) -> np.ndarray:
+    """Voxels whose confidence (uint8, max probability x 255) is below the threshold of their label.
+
+    ``threshold`` is one value in [0, 1] or one per class (class-wise thresholds keep a small
+    structure whose confidence is lower than the background's); labels past the list (the ignore
+    label) use its last value. Returns a boolean mask of ``labels``' shape.
+    """
+    conf = np.asarray(confidence)
+    if not isinstance(threshold, (list, tuple, np.ndarray)):
+        return conf < float(threshold) * 255.0 if threshold > 0 else np.zeros(conf.shape, bool)
+    limits = np.asarray(threshold, np.float32) * 255.0
+    return conf < limits[np.minimum(np.asarray(labels), len(limits) - 1)]
 
 
 def crop_with_padding(array: np.ndarray, origin: Sequence[int], size: Sequence[int], fill: float) -> np.ndarray:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from atso_fast.train.data import crop_with_padding
+from atso_fast.train.data import crop_with_padding, low_confidence
 from atso_fast.train.trainer import MixedBatches
 
 __all__ = ["DiskCase", "DiskSampler", "BatchDataset", "make_loader", "open_array"]
@@ -58,15 +58,16 @@ class DiskSampler:
         patch_size: ``(pz, py, px)``, or ``(py, px)`` for 2D slices.
         foreground_oversample: probability of a foreground-centred patch.
         ignore_index: label of ignored voxels and padding.
-        threshold: voxels whose confidence is below ``threshold * 255`` get ``ignore_index``
-            (cases with a ``confidence`` file only).
+        threshold: voxels whose confidence is below ``threshold * 255`` (one value, or one per
+            class: :func:`~atso_fast.train.data.low_confidence`) get ``ignore_index`` (cases with a
+            ``confidence`` file only).
 
     Raises:
         ValueError: no case, bad patch size or probability.
     """
 
     def __init__(self, cases: Sequence[DiskCase], patch_size: Sequence[int], *, foreground_oversample: float = 0.33,
-                 ignore_index: int = 255, threshold: float = 0.0) -> None:
+                 ignore_index: int = 255, threshold: float | Sequence[float] = 0.0) -> None:
         if not cases:
             raise ValueError("DiskSampler needs at least one case, got 0")
         if len(patch_size) not in (2, 3) or min(patch_size) < 1:
@@ -77,7 +78,7 @@ class DiskSampler:
         self.flat = len(patch_size) == 2
         self.patch = (1, *patch_size) if self.flat else tuple(int(p) for p in patch_size)
         self.p_fg, self.ignore_index = float(foreground_oversample), int(ignore_index)
-        self.threshold = float(threshold)
+        self.threshold = list(threshold) if isinstance(threshold, (list, tuple)) else float(threshold)
         # per case: [(class, offset, count)] of the classes present, in increasing class order
         self._locs = [self._offsets(c.fg_counts) for c in self.cases]
 
@@ -109,9 +110,9 @@ class DiskSampler:
         origin = self._origin(index, rng)
         image = crop_with_padding(open_array(case.image), origin, self.patch, 0.0)
         label = crop_with_padding(open_array(case.label), origin, self.patch, self.ignore_index)
-        if case.confidence is not None and self.threshold > 0:
+        if case.confidence is not None and self.threshold != 0.0:
             conf = crop_with_padding(open_array(case.confidence), origin, self.patch, 255)
-            label[conf < self.threshold * 255.0] = self.ignore_index
+            label[low_confidence(label, conf, self.threshold)] = self.ignore_index
         if self.flat:
             return image[:, 0], label[0]
         return image, label

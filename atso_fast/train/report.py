@@ -193,12 +193,13 @@ def _this_run_difference(finals: Mapping[str, float], alias: Mapping[str, str], 
 
 def arm_name(config: Any) -> str:
     """The experiments' arm name of a run's config: ``atso`` (continue), ``atso-m0`` (restart from
-    M0), ``atso-lineage``, ``self-training``, ``self-training-m0``, ``supervised``, ``oracle``."""
+    M0), ``atso-reinit``, ``atso-lineage``, ``self-training``, ``self-training-m0`` / ``-reinit``,
+    ``supervised``, ``oracle``, ``mean-teacher``."""
     method, init = config.method, config.init
     if method == "atso":
-        return {"continue": "atso", "base": "atso-m0", "lineage": "atso-lineage"}[init]
-    if method == "self-training" and init == "base":
-        return "self-training-m0"
+        return {"continue": "atso", "m0": "atso-m0", "lineage": "atso-lineage", "reinit": "atso-reinit"}[init]
+    if method == "self-training" and init in ("m0", "reinit"):
+        return f"self-training-{init}"
     return method
 
 
