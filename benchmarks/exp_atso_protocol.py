@@ -36,8 +36,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from atso_fast.train.atso import ATSO, ATSOConfig, direct_relabel_fn, run_methods
+from atso_fast.train.atso import ATSO, ATSOConfig, default_relabel_fn, run_methods
 from atso_fast.train.data import Case, SemiSupervisedData
+from atso_fast.train.metrics import case_summary
+from atso_fast.train.monitor import pooled_dice
 from atso_fast.train.report import contrast_table
 
 __all__ = ["ARMS", "MONITORS", "run_seed", "run_seeds", "summarise", "markdown", "charts", "machine_meta",
@@ -48,7 +50,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "supervised": {"method": "supervised"},
     "self-training": {"method": "self-training"},
     "atso": {"method": "atso", "init": "continue"},
-    "atso-m0": {"method": "atso", "init": "base"},
+    "atso-m0": {"method": "atso", "init": "m0"},
     "oracle": {"method": "oracle"},
 }
 # monitor key -> (plain label, where it lives)
@@ -78,14 +80,22 @@ def _round_row(h: dict[str, Any]) -> dict[str, Any]:
             "pre_loss": student.get("pre_loss"), "changed_fg": pick("changed_fg"),
             "changed_fg_m0": pick("changed_fg_m0"), "changed_fraction": pick("changed_fraction"),
             "pseudo_dice": pick("pseudo_dice"), "pseudo_dice_all": h.get("pseudo_dice_all"),
-            "train_loss": h["train"]["loss"], "seconds": h["seconds"]}
+            "train_loss": h["train"]["loss"], "seconds": h["seconds"], "stage": h.get("stage"),
+            **{f"premise_{k}": v for k, v in (h.get("premise") or {}).items()}}
 
 
 def summarise_run(run: ATSO, test: Sequence[Case]) -> dict[str, Any]:
     """Final test and validation Dice, per-round monitors and seconds of one finished run."""
     result = run.evaluate(test)
     last = run.history[-1]
+    cfg, cases = run.config, result["cases"]
+    truth = [(p, c.label) for p, c in zip(run.pseudo, run.data.unlabelled) if p is not None and c.label is not None]
+    pseudo = pooled_dice([p for p, _ in truth], [t for _, t in truth], cfg.num_classes,
+                         ignore_index=cfg.ignore_index) if cfg.method in ("atso", "self-training") and truth else None
     return {"test_mean_dice": result["mean_dice"], "test_dice": result["dice"],
+            "test_case_dice": cases["mean_dice"], "test_case_dice_sd": cases["mean_dice_sd"],
+            "test_case": case_summary(cases), "pseudo_dice_final": None if pseudo is None else pseudo[0],
+            "pseudo_mean_dice_final": None if pseudo is None else pseudo[1],
             "val_mean_dice": last["val_mean_dice"], "val_dice": last["val_dice"],
             "rounds": [_round_row(h) for h in run.history],
             "seconds": sum(h["seconds"] for h in run.history[1:])}
@@ -95,17 +105,18 @@ def run_seed(config: ATSOConfig, data: SemiSupervisedData, test: Sequence[Case],
              arms: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
     """Every arm of one seed from one shared warm-up; test Dice of M0 too."""
     start, cpu = time.perf_counter(), time.process_time()
-    relabel = direct_relabel_fn(config, probabilities=any(a.get("targets") == "soft" for a in arms.values()))
+    relabel = default_relabel_fn(config, probabilities=any(a.get("targets") == "soft" for a in arms.values()))
     m0: dict[str, Any] = {}
 
     def keep_m0(run: ATSO, metrics: dict[str, Any]) -> None:
         if metrics["round"] == 0 and not m0:
-            m0.update(run.evaluate(test), val_mean_dice=metrics["val_mean_dice"])
+            result = run.evaluate(test)
+            m0.update(result, val_mean_dice=metrics["val_mean_dice"], test_case_dice=result["cases"]["mean_dice"])
 
     runs = run_methods(config, dict(arms), data=data, relabeler=relabel, callbacks=[keep_m0])
     out: dict[str, Any] = {"arms": {name: summarise_run(run, test) for name, run in runs.items()}}
     out["m0"] = {"test_mean_dice": m0.get("mean_dice"), "test_dice": m0.get("dice"),
-                 "val_mean_dice": m0.get("val_mean_dice")}
+                 "val_mean_dice": m0.get("val_mean_dice"), "test_case_dice": m0.get("test_case_dice")}
     out["warmup_seconds"] = next(iter(runs.values())).history[0]["seconds"]
     out["seconds"] = time.perf_counter() - start
     out["cpu_seconds"] = time.process_time() - cpu
@@ -120,7 +131,7 @@ def warmup_sweep(config: ATSOConfig, data: SemiSupervisedData, grid: Sequence[in
     for steps in grid:
         cfg = ATSOConfig.from_dict({**config.to_dict(), "warmup_steps": int(steps), "rounds": 0,
                                     "method": "supervised"})
-        run = ATSO(cfg, relabeler=direct_relabel_fn(cfg), data=data)
+        run = ATSO(cfg, relabeler=default_relabel_fn(cfg), data=data)
         run.warmup()
         out["warmup"][str(steps)] = run.history[0]["val_mean_dice"]
     out["seconds"], out["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu

@@ -84,12 +84,12 @@ QUICK = {"n_labelled": 4, "n_unlabelled": 8, "n_val": 4, "n_test": 4,
          "config": {"warmup_steps": 10, "rounds": 2, "steps_per_round": 4}}
 # ATSO variants that keep the student from being its own teacher (all from the shared warm-up)
 VARIANTS: dict[str, dict[str, Any]] = {
-    "self-training-m0": {"method": "self-training", "init": "base"},
+    "self-training-m0": {"method": "self-training", "init": "m0"},
     "atso-lineage": {"method": "atso", "init": "lineage"},
-    "atso-m0-soft": {"method": "atso", "init": "base", "targets": "soft"},
-    "atso-m0-t0.9": {"method": "atso", "init": "base", "threshold": 0.9},
-    "atso-m0-k4": {"method": "atso", "init": "base", "num_subsets": 4},
-    "atso-m0-long": {"method": "atso", "init": "base", "rounds": 2, "steps_per_round": 400},
+    "atso-m0-soft": {"method": "atso", "init": "m0", "targets": "soft"},
+    "atso-m0-t0.9": {"method": "atso", "init": "m0", "threshold": 0.9},
+    "atso-m0-k4": {"method": "atso", "init": "m0", "num_subsets": 4},
+    "atso-m0-long": {"method": "atso", "init": "m0", "rounds": 2, "steps_per_round": 400},
 }
 # The variants experiment (``--arms lineage``): the paper's procedure as implemented (``atso``) and
 # the two-lineage reading (no model ever trains on labels it made: the best init on the pilot's

@@ -1,0 +1,166 @@
+"""Issue 23, experiment D2 (decisive): ATSO as published vs its baselines on the phantom 2D task.
+
+Protocol and decision rule: ``benchmarks/RESULTS.md``, section "Issue 23: D2", written before the
+run. In short: task ``2d`` of ``exp_atso_synthetic.py`` (64 x 64 slices, 10 labelled, 90
+unlabelled with hidden truth, 50 validation, 100 test per seed; the window is the training patch,
+so relabelling is the engine's sliding window over the same context the network trained on),
+fresh seeds, one shared warm-up per seed, every arm consolidated (the evaluated model), arms
+supervised, self-training, ATSO-reinit, ATSO-continue, Mean Teacher, oracle. Primary endpoint:
+consolidated test Dice, per-case mean (each slice's Dice per class, averaged over slices, then
+over the foreground classes). Decision contrast: ATSO-reinit - self-training, paired over seeds.
+
+Usage: python benchmarks/exp_atso_d2.py [--seeds 10 ... 19] [--workers 2] [--quick] [--stage 2]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from exp_atso_protocol import charts, cpu_seconds, machine_meta, run_seed, run_seeds  # noqa: E402
+from exp_atso_synthetic import _task, make_config, make_task  # noqa: E402
+
+from atso_fast.datasets.synthetic import phantom_class_names  # noqa: E402
+from atso_fast.train.report import contrast_table, paired_contrast  # noqa: E402
+
+ARMS: dict[str, dict[str, Any]] = {
+    "supervised": {"method": "supervised"},
+    "self-training": {"method": "self-training"},
+    "atso-reinit": {"method": "atso", "init": "reinit"},
+    "atso-continue": {"method": "atso", "init": "continue"},
+    "mean-teacher": {"method": "mean-teacher"},
+    "oracle": {"method": "oracle"},
+}
+SETTINGS = {"rounds": 2, "consolidate": True}  # fixed before the run (RESULTS.md, "Issue 23: D2")
+DECISION = ("atso-reinit", "self-training")
+MARGIN = 0.005
+CONTRASTS = [DECISION, ("atso-continue", "self-training"), ("atso-reinit", "atso-continue"),
+             ("atso-reinit", "mean-teacher"), ("atso-reinit", "supervised"), ("self-training", "supervised"),
+             ("mean-teacher", "supervised"), ("oracle", "supervised")]
+
+
+def seed_d2(task: dict[str, Any], seed: int) -> dict[str, Any]:
+    """One seed: every arm from one warm-up (module level: runs in spawn workers)."""
+    data, test = make_task(task, seed)
+    return run_seed(make_config(task, seed, **SETTINGS), data, test, ARMS)
+
+
+def verdict(row: dict[str, Any], confidence: float) -> str:
+    """The decision rule fixed before the run (see RESULTS.md)."""
+    if row["ci_low"] > 0 and row["mean"] >= MARGIN:
+        return "ATSO helps"
+    if row["ci_high"] < MARGIN:
+        return "no effect"
+    return f"inconclusive at {confidence:.3f}: run the next stage (seeds 20-29, alpha 0.025 per stage)"
+
+
+def _values(results: dict[int, dict[str, Any]], key: str) -> dict[str, list[float]]:
+    return {a: [float(r["arms"][a][key]) for r in results.values()] for a in ARMS}
+
+
+def _ms(values: list[float | None]) -> str:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return "-"
+    return f"{statistics.fmean(vals):.4f} +- {statistics.stdev(vals):.4f}" if len(vals) > 1 else f"{vals[0]:.4f}"
+
+
+def report(results: dict[int, dict[str, Any]], meta: dict[str, Any], confidence: float) -> tuple[dict, str]:
+    test = _values(results, "test_case_dice")
+    decision = {**paired_contrast(test[DECISION[0]], test[DECISION[1]], confidence=confidence),
+                "a": DECISION[0], "b": DECISION[1]}
+    decision["verdict"] = verdict(decision, confidence)
+    summary = {"decision": decision, "contrasts": contrast_table(test, CONTRASTS),
+               "pooled_contrasts": contrast_table(_values(results, "test_mean_dice"), CONTRASTS),
+               "val_contrasts": contrast_table(_values(results, "val_mean_dice"), CONTRASTS)}
+    names = phantom_class_names()[1:]
+    rows = list(results.values())
+    lines = [f"# Issue 23, D2: ATSO as published vs baselines, phantom 2D, seeds {list(results)}", "",
+             f"Machine: {meta['machine']}; torch {meta['torch']}, 1 thread per process, {meta['workers']} processes; "
+             f"{meta['date']}; load {meta['load_before']} -> {meta['load_after']}; "
+             f"wall {meta['seconds'] / 60:.1f} min, "
+             f"{meta['cpu_seconds'] / 60:.1f} CPU-min. Settings: {json.dumps(SETTINGS)}; arms {json.dumps(ARMS)}.", "",
+             f"**Decision ({DECISION[0]} - {DECISION[1]}, per-case test Dice, {confidence:.3f} CI): "
+             f"{decision['mean']:+.4f} [{decision['ci_low']:+.4f}, {decision['ci_high']:+.4f}], "
+             f"{decision['wins']}/{decision['n']} seeds ahead: {decision['verdict']}.**", "",
+             "## Consolidated test Dice (mean +- SD over seeds)", "",
+             "| arm | per-case Dice (primary) | pooled Dice | " + " | ".join(f"{n} (per case)" for n in names)
+             + " | HD95 mm | pseudo Dice on U (final) | val pooled Dice |",
+             "|---|---|---|" + "---|" * len(names) + "---|---|---|"]
+    lines.append("| warm-up M0 | " + _ms([r["m0"]["test_case_dice"] for r in rows]) + " | "
+                 + _ms([r["m0"]["test_mean_dice"] for r in rows]) + " |" + " - |" * len(names) + " - | - | "
+                 + _ms([r["m0"]["val_mean_dice"] for r in rows]) + " |")
+    for a in ARMS:
+        arm = [r["arms"][a] for r in rows]
+        per = [_ms([x["test_case"]["dice_mean"][c] for x in arm]) for c in range(len(names))]
+        lines.append(f"| {a} | {_ms([x['test_case_dice'] for x in arm])} | {_ms([x['test_mean_dice'] for x in arm])} | "
+                     + " | ".join(per) + f" | {_ms([x['test_case']['mean_hd95'] for x in arm])} | "
+                     f"{_ms([x['pseudo_mean_dice_final'] for x in arm])} | {_ms([x['val_mean_dice'] for x in arm])} |")
+    for title, key in (("Paired contrasts, per-case test Dice (Holm over the table)", "contrasts"),
+                       ("Same, pooled test Dice", "pooled_contrasts"), ("Same, validation (pooled)", "val_contrasts")):
+        lines += ["", f"## {title}", "",
+                  f"| contrast | mean | {confidence:.1%} CI (t) | Wilcoxon p | Holm p | seeds a > b |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {c['a']} - {c['b']} | {c['mean']:+.4f} | {c['ci_low']:+.4f} to {c['ci_high']:+.4f} | "
+                  f"{c['p_wilcoxon']:.4f} | {c['p_holm']:.4f} | {c['wins']}/{c['n']} |" for c in summary[key]]
+    lines += ["", "## Premise monitor per round (mean over seeds; truth known)", "",
+              "trained gain = Dice of the round's model on the part it trained on minus the Dice of the labels it "
+              "trained on there (lazy learning: ~0); held-out gain = Dice of the part it relabelled, after minus "
+              "before; start agreement = the student's Dice against its targets before it trains (1.0: lazy).", "",
+              "| arm | round | student from | start agreement | trained gain | held-out gain | pseudo Dice (all U) "
+              "| val Dice |", "|---|---|---|---|---|---|---|---|"]
+    for a in ("self-training", "atso-reinit", "atso-continue"):
+        for k in range(len(rows[0]["arms"][a]["rounds"])):
+            cells = [_mean([r["arms"][a]["rounds"][k].get(key) for r in rows]) for key in
+                     ("start_agreement", "premise_trained_gain", "premise_held_gain", "pseudo_dice_all",
+                      "val_mean_dice")]
+            lines.append(f"| {a} | {k} | {rows[0]['arms'][a]['rounds'][k]['student_from'] or '-'} | "
+                         + " | ".join(cells) + " |")
+    return summary, "\n".join(lines) + "\n"
+
+
+def _mean(values: list[float | None]) -> str:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return f"{statistics.fmean(vals):+.4f}" if vals else "-"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10, 20)))
+    parser.add_argument("--stage", type=int, choices=(1, 2), default=1,
+                        help="2: the second stage of the rule (alpha 0.025 per stage)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    task = _task("2d", args.quick)
+    stem = "atso_d2" + ("_quick" if args.quick else "") + ("_stage2" if args.stage == 2 else "")
+    meta = machine_meta(args.workers)
+    start = time.perf_counter()
+    results = run_seeds(functools.partial(seed_d2, task), args.seeds, Path(f"/tmp/atso_exp/{stem}"),
+                        workers=args.workers, log=lambda s: print(s, file=sys.stderr, flush=True))
+    meta.update(seconds=time.perf_counter() - start, cpu_seconds=cpu_seconds(results),
+                load_after=[round(x, 2) for x in os.getloadavg()], task={**task, "shape": list(task["shape"])},
+                settings=SETTINGS, arms=ARMS)
+    confidence = 0.95 if args.stage == 1 else 0.975
+    summary, text = report(results, meta, confidence)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "summary": summary,
+                                                  "results": {str(k): v for k, v in results.items()}}, indent=1))
+    charts(results, out / f"{stem}_monitors.png", f"Issue 23 D2 ({len(results)} seeds)")
+    (out / f"{stem}.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
