@@ -628,3 +628,37 @@ def test_cuda_matches_cpu_bit_for_bit(channels, acc_dtype, patch_dtype):
         dev = native.extract_patches(torch.from_numpy(volume).cuda(), origins, patch, pad_value=-1.5,
                                      out_dtype=out_dtype)
         np.testing.assert_array_equal(_bits(to_numpy(dev)), _bits(host))
+
+
+@pytest.mark.cuda
+def test_cuda_accumulate_over_128_windows_matches_cpu():
+    """More windows than one launch takes (ops/stitch_math.h kMaxWindows = 128): the launch split."""
+    torch = pytest.importorskip("torch")
+    vol, patch = (20, 21, 22), (4, 5, 6)
+    rng = np.random.default_rng(11)
+    origins = np.stack([rng.integers(-2, n - p + 3, size=300) for n, p in zip(vol, patch)], axis=1).astype(np.int64)
+    patches = rng.standard_normal((len(origins), 3, *patch), dtype=np.float32)
+    imp = np.ascontiguousarray(gaussian_importance(patch))
+    acc, wsum = np.zeros((3, *vol), np.float32), np.zeros(vol, np.float32)
+    native.accumulate(acc, wsum, patches, origins, imp)
+    acc_d, wsum_d = torch.zeros((3, *vol), device="cuda"), torch.zeros(vol, device="cuda")
+    native.accumulate(acc_d, wsum_d, torch.from_numpy(patches).cuda(), origins, torch.from_numpy(imp).cuda())
+    assert_same_floats(to_numpy(acc_d), acc)
+    assert_same_floats(to_numpy(wsum_d), wsum)
+
+
+@pytest.mark.cuda
+def test_cuda_finalize_past_the_shared_histogram_matches_cpu():
+    """More classes than the per-block shared histogram holds (finalize_cuda.cu kSharedBins = 2048):
+    the global-atomics branch, with uint16 labels."""
+    torch = pytest.importorskip("torch")
+    channels, vol = 2100, (2, 3, 4)
+    acc = np.random.default_rng(12).standard_normal((channels, *vol), dtype=np.float32) * 3
+    wsum = np.ones(vol, np.float32)
+    for kind in ("logits", "probabilities"):
+        host = native.finalize(acc, wsum, 0.0, 65535, kind)
+        dev = native.finalize(torch.from_numpy(acc).cuda(), torch.from_numpy(wsum).cuda(), 0.0, 65535, kind)
+        assert host.labels.dtype == np.uint16
+        np.testing.assert_array_equal(to_numpy(dev.labels), host.labels)
+        np.testing.assert_array_equal(to_numpy(dev.confidence), host.confidence)
+        assert dev.counts.tolist() == host.counts.tolist()
