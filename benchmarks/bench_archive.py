@@ -1,6 +1,6 @@
 """Bulk relabelling of an archive: the usual sequential loop vs ``atso_fast`` pipelined threads.
 
-An archive of synthetic CT-like int16 ``.nii.gz`` volumes (``atso_fast.bench.synthetic_ct``,
+An archive of synthetic CT-like int16 ``.nii.gz`` volumes (``atso_fast.datasets.synthetic.synthetic_ct``,
 written by nibabel) is labelled twice with the same network (the built-in 3D U-Net, same
 seeded weights):
 
@@ -40,14 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from monai_baseline import monai_labels
 
-from atso_fast.bench import (
-    builtin_network,
-    default_window,
-    export_builtin,
-    monai_labels,
-    synthetic_ct,
-)
+from atso_fast.bench.networks import builtin_network, default_window, export_builtin
+from atso_fast.datasets.synthetic import synthetic_ct
 
 __all__ = ["build_parser", "compare_outputs", "format_report", "main", "make_archive", "run_atso", "run_sequential"]
 

@@ -59,7 +59,7 @@ def child(config_file: Path) -> None:
     """Run one ATSO config on disk storage; print peak memory and per-round timings as JSON."""
     import torch
 
-    from atso_fast.bench import peak_rss_mib
+    from atso_fast.bench.memory import peak_rss_mib
     from atso_fast.train import ATSO
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))

@@ -42,7 +42,7 @@ MODELS = {
 
 def export(model: str, folder: Path) -> Path:
     import atso_fast
-    from atso_fast.bench import CT_NORMALIZATION, builtin_network
+    from atso_fast.bench.networks import CT_NORMALIZATION, builtin_network
 
     spec = MODELS[model]
     if spec["net"] == "demo":
@@ -61,7 +61,7 @@ def export(model: str, folder: Path) -> Path:
 def child(package: str, runtime: str, shape: tuple[int, ...]) -> dict:
     """One user's run: build the relabeler, label one volume (in this fresh process)."""
     import atso_fast
-    from atso_fast.bench import synthetic_ct
+    from atso_fast.datasets.synthetic import synthetic_ct
 
     volume = synthetic_ct(shape, 0)
     t0 = time.perf_counter()

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from atso_fast.bench import synthetic_ct  # the one CT-like phantom of the benchmarks
+from atso_fast.datasets.synthetic import synthetic_ct  # the one CT-like phantom of the benchmarks
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "data" / "real"

@@ -21,7 +21,7 @@ import numpy as np
 from bench_kernels import machine  # benchmarks/ is on sys.path for scripts
 
 import atso_fast
-from atso_fast.bench import builtin_network
+from atso_fast.bench.networks import builtin_network
 from atso_fast.runtimes import OpenVinoRuntime
 
 __all__ = ["main"]

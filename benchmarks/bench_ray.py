@@ -1,6 +1,6 @@
 """Throughput of the Ray engine (1 and 2 workers) vs the local engine, measured in one run.
 
-A synthetic archive of CT-like int16 ``.nii.gz`` volumes (``atso_fast.bench.synthetic_ct``) is
+A synthetic archive of CT-like int16 ``.nii.gz`` volumes (``atso_fast.datasets.synthetic.synthetic_ct``) is
 relabelled with one exported package (the built-in plain conv-net, seeded weights):
 
 - ``local``: ``atso_fast.archive.relabel_archive`` (reader/writer threads, one relabeler);
@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from atso_fast.bench import export_builtin, synthetic_ct
+from atso_fast.bench.networks import export_builtin
+from atso_fast.datasets.synthetic import synthetic_ct
 
 __all__ = ["build_parser", "format_table", "main", "make_archive", "run_config"]
 

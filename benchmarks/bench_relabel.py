@@ -42,7 +42,9 @@ from bench_kernels import (  # benchmarks/ is on sys.path for scripts
 )
 
 import atso_fast
-from atso_fast.bench import builtin_network, peak_rss_mib, reset_peak_rss, run_batches
+from atso_fast.bench.memory import peak_rss_mib, reset_peak_rss
+from atso_fast.bench.networks import builtin_network
+from atso_fast.bench.runner import run_batches
 from atso_fast.kernels import native
 
 __all__ = ["main"]
@@ -241,7 +243,7 @@ def streams_relabeler(method: str, classes: int, cfg, batch: int):
 
 
 def _hwm_bytes() -> int:
-    """Peak RSS of this process in bytes (VmHWM: see ``atso_fast.bench.peak_rss_mib``; with
+    """Peak RSS of this process in bytes (VmHWM: see ``atso_fast.bench.memory.peak_rss_mib``; with
     ``ru_maxrss`` every row at 105 classes read 0, hidden by the parent's peak)."""
     return int(peak_rss_mib() * 1024) * 1024
 

@@ -12,7 +12,7 @@ Time: one more subprocess per point runs both methods ``--repeats`` times, inter
 run after a small warm-up, so load from other processes on a shared machine hits both alike;
 the median is plotted, the minimum is kept in the JSON too.
 
-Both methods run the same seeded built-in network (``atso_fast.bench.builtin_network``) on the
+Both methods run the same seeded built-in network (``atso_fast.bench.networks.builtin_network``) on the
 same synthetic CT phantom. ``--runtime torch`` (default) gives atso_fast the very same torch
 module (``Relabeler.from_module``), so the two differ only in windowing, blending and
 finalisation; ``--runtime onnxruntime|auto|tensorrt`` exports a package first. Labels of the two
@@ -73,7 +73,9 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 # ------------------------------------------------------------------------------ child side
 def _runner(spec: dict[str, Any], net: Any) -> Any:
     """``volume -> labels`` for ``spec["method"]``."""
-    from atso_fast.bench import CT_NORMALIZATION, monai_labels
+    from monai_baseline import monai_labels
+
+    from atso_fast.bench.networks import CT_NORMALIZATION
 
     if spec["method"] == "monai":
         return lambda vol: monai_labels(net, vol, window=spec["window"], batch=spec["batch"],
@@ -92,13 +94,10 @@ def _runner(spec: dict[str, Any], net: Any) -> Any:
 
 def measure_point(spec: dict[str, Any]) -> dict[str, Any]:
     """Peak memory of one method at one point: one cold run in this process; saves its labels."""
-    from atso_fast.bench import (
-        Device,
-        builtin_network,
-        maxrss_mib,
-        reset_peak_rss,
-        synthetic_ct,
-    )
+    from atso_fast.bench.memory import maxrss_mib, reset_peak_rss
+    from atso_fast.bench.networks import builtin_network
+    from atso_fast.bench.runner import Device
+    from atso_fast.datasets.synthetic import synthetic_ct
 
     net, _ = builtin_network(spec["classes"], net=spec["net"], seed=spec["seed"])
     run = _runner(spec, net.to(spec["device"]))
@@ -123,7 +122,9 @@ def measure_point(spec: dict[str, Any]) -> dict[str, Any]:
 def time_point(spec: dict[str, Any]) -> dict[str, list[float]]:
     """Seconds of both methods at one point, interleaved run by run in this process, so that
     load from other processes hits both alike; one warm-up on a window-sized volume first."""
-    from atso_fast.bench import Device, builtin_network, synthetic_ct, time_repeats
+    from atso_fast.bench.networks import builtin_network
+    from atso_fast.bench.runner import Device, time_repeats
+    from atso_fast.datasets.synthetic import synthetic_ct
 
     net, _ = builtin_network(spec["classes"], net=spec["net"], seed=spec["seed"])
     net = net.to(spec["device"])
@@ -182,7 +183,7 @@ def _model_dirs(args: argparse.Namespace, classes: set[int], scratch: Path) -> d
     """An exported package per class count, only for runtimes that need one."""
     if args.runtime == "torch":
         return {c: None for c in classes}
-    from atso_fast.bench import export_builtin
+    from atso_fast.bench.networks import export_builtin
 
     return {c: str(export_builtin(scratch / f"model_c{c}", window=tuple(args.window), classes=c, net=args.net,
                                   seed=args.seed)[0]) for c in sorted(classes)}

@@ -7,7 +7,10 @@ import time
 import numpy as np
 import pytest
 
-from atso_fast import bench, cli, load_package
+from atso_fast import cli, load_package
+from atso_fast.bench import cli as bench_cli
+from atso_fast.bench import memory, networks, runner
+from atso_fast.datasets import synthetic
 from atso_fast.runtimes import tensorrt_available
 
 TINY = ["--shape", "32", "32", "40", "--repeats", "1", "--batch", "2"]
@@ -15,7 +18,7 @@ TINY = ["--shape", "32", "32", "40", "--repeats", "1", "--batch", "2"]
 
 @pytest.fixture(scope="module")
 def convnet_package(tmp_path_factory):
-    path, name = bench.export_builtin(tmp_path_factory.mktemp("pkg") / "model", window=(16, 16, 16), classes=2,
+    path, name = networks.export_builtin(tmp_path_factory.mktemp("pkg") / "model", window=(16, 16, 16), classes=2,
                                       net="convnet")
     assert name == "convnet"
     return path
@@ -61,39 +64,39 @@ def test_table_with_model_dir_lists_skipped_pairs(convnet_package, capsys):
     (["--device", "tpu"], "'tpu'"),
 ])
 def test_bad_options_name_the_value(argv, needle, capsys):
-    assert bench.cli_main(argv) == 2
+    assert bench_cli.cli_main(argv) == 2
     assert needle in capsys.readouterr().err
 
 
 def test_model_dir_rejects_builtin_options(convnet_package, capsys):
-    assert bench.cli_main([str(convnet_package), "--classes", "4"]) == 2
+    assert bench_cli.cli_main([str(convnet_package), "--classes", "4"]) == 2
     assert "built-in" in capsys.readouterr().err
 
 
 def test_missing_package_is_a_usage_error(tmp_path, capsys):
-    assert bench.cli_main([str(tmp_path / "nope")]) == 2
+    assert bench_cli.cli_main([str(tmp_path / "nope")]) == 2
     assert "model.json" in capsys.readouterr().err
 
 
 def test_unet_window_must_survive_four_halvings():
     with pytest.raises(ValueError, match=r"multiples of 16 and >= 32, got \(16, 16, 16\)"):
-        bench.check_builtin_window((16, 16, 16), "monai-unet")
-    bench.check_builtin_window((16, 16, 16), "convnet")
+        networks.check_builtin_window((16, 16, 16), "monai-unet")
+    networks.check_builtin_window((16, 16, 16), "convnet")
 
 
 def test_synthetic_ct_is_seeded_int16_hu():
-    a, b = bench.synthetic_ct((12, 20, 18), seed=3), bench.synthetic_ct((12, 20, 18), seed=3)
+    a, b = synthetic.synthetic_ct((12, 20, 18), seed=3), synthetic.synthetic_ct((12, 20, 18), seed=3)
     assert a.dtype == np.int16 and a.shape == (12, 20, 18)
     np.testing.assert_array_equal(a, b)
     assert a.min() < -900 and a.max() > 500  # air and bone are both there
     with pytest.raises(ValueError, match=r"got \(0, 4, 4\)"):
-        bench.synthetic_ct((0, 4, 4))
+        synthetic.synthetic_ct((0, 4, 4))
 
 
 def test_window_batches_follow_the_engine(convnet_package):
     package = load_package(convnet_package)
-    volume = bench.synthetic_ct((20, 40, 24))
-    batches = bench.window_batches(package, volume, 0.5, 3, "cpu")
+    volume = synthetic.synthetic_ct((20, 40, 24))
+    batches = runner.window_batches(package, volume, 0.5, 3, "cpu")
     from atso_fast import Relabeler
 
     rel = Relabeler(convnet_package, runtime="onnxruntime", batch_size=3)
@@ -112,17 +115,17 @@ def test_network_alone_runs_the_split_of_each_runtime(convnet_package, monkeypat
         seen[rel.runtime.name] = [int(b.shape[0]) for b in batches]
         return {}
 
-    monkeypatch.setattr(bench, "_time_pair", fake_time_pair)
-    cfg = bench.config_from_args(bench.build_parser().parse_args([str(convnet_package), "--shape", "16", "16", "56",
-                                                                  "--repeats", "1",
-                              "--batch", "4", "--runtimes", "onnxruntime,openvino"]))
-    report = bench.run_bench(cfg)
+    monkeypatch.setattr(runner, "_time_pair", fake_time_pair)
+    args = bench_cli.build_parser().parse_args([str(convnet_package), "--shape", "16", "16", "56", "--repeats", "1",
+                                                "--batch", "4", "--runtimes", "onnxruntime,openvino"])
+    cfg = bench_cli.config_from_args(args)
+    report = runner.run_bench(cfg)
     assert report["model"]["windows"] == 6
     assert seen == {"onnxruntime": [4, 2], "openvino": [3, 3]}
 
 
 def test_peak_memory_sees_native_allocations():
-    with bench.PeakMemory(interval_s=0.002) as mem:
+    with memory.PeakMemory(interval_s=0.002) as mem:
         # 64 MiB: above glibc's largest dynamic mmap threshold (32 MiB), so these are fresh
         # pages whatever earlier tests freed, and resident memory must grow
         block = np.ones(64 * 2**20, np.uint8)
@@ -175,8 +178,8 @@ def test_scaling_point_in_process(tmp_path):
 def test_reset_peak_rss_forgets_an_earlier_peak():
     block = np.ones(64 * 2**20, np.uint8)  # 64 MiB peak, then freed
     del block
-    if not bench.reset_peak_rss():
+    if not memory.reset_peak_rss():
         pytest.skip("no /proc/self/clear_refs here")
-    with bench.PeakMemory() as now:  # start_mib: the current RSS
+    with memory.PeakMemory() as now:  # start_mib: the current RSS
         pass
-    assert bench.maxrss_mib() < now.start_mib + 32  # the freed 64 MiB no longer counts
+    assert memory.maxrss_mib() < now.start_mib + 32  # the freed 64 MiB no longer counts
