@@ -1,6 +1,6 @@
 """Native kernel throughput vs the PyTorch way of doing the same sum, and vs the machine's limit.
 
-CPU: ``atso_fast.native.accumulate`` vs a MONAI-style PyTorch loop
+CPU: ``atso_fast.kernels.native.accumulate`` vs a MONAI-style PyTorch loop
 (``acc[:, sl] += out[b] * imp; count[sl] += imp`` per window), at 3 and 32 classes, plus
 ``finalize`` and ``extract_patches``. The machine's streaming bandwidth (``b += a``: NumPy on one
 thread, torch on the torch threads) is measured in the same run. ``accumulate`` is also stated
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
 
 
 def _native():
-    from atso_fast import native
+    from atso_fast.kernels import native
 
     return native
 

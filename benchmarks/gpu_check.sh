@@ -136,7 +136,7 @@ build_pip() {
 }
 
 check_build() {
-  "$PY" -c 'import sys; from atso_fast import native; i = native.build_info(); print(i)
+  "$PY" -c 'import sys; from atso_fast.kernels import native; i = native.build_info(); print(i)
 sys.exit(0 if native.has_cuda() else f"atso_fast._C sees no CUDA device or was built without CUDA: {i}")'
 }
 

@@ -1,6 +1,6 @@
 """pytest-benchmark suites: native kernels and the relabel pass, each checked before it is timed.
 
-Every test first compares the native result with ``atso_fast.reference`` (or with labels known
+Every test first compares the native result with ``atso_fast.kernels.reference`` (or with labels known
 by construction) and only then hands the call to the ``benchmark`` fixture. No timing is
 asserted. Sizes are small so the file runs in seconds; with ``--benchmark-disable`` (CI) each
 benchmarked call runs once, still checked::

@@ -3,7 +3,7 @@
 Layers, bottom to top (``atso_fast/CONTRACTS.md``)::
 
     kernels  <  io  <  package, runtimes, archive, datasets  <  engine
-      <  ray_engine, bench, train, native/reference (public shims)  <  cli  <  __main__
+      <  ray_engine, bench, train  <  cli  <  __main__
 
 Every ``import`` statement counts, top-level or inside a function: a function-level import is not
 a way around a cycle (the only function-level imports allowed are of optional heavy third-party
@@ -24,7 +24,7 @@ RANKS = {
     "package": 2, "runtimes": 2, "archive": 2,
     "engine": 3,
     "datasets": 2,
-    "ray_engine": 4, "bench": 4, "train": 4, "native": 4, "reference": 4,
+    "ray_engine": 4, "bench": 4, "train": 4,
     "cli": 5, "__main__": 6,
 }
 

@@ -1,7 +1,7 @@
 """NumPy reference of every native kernel: the oracle the tests compare ``atso_fast._C`` to.
 
 Straightforward loops over windows, written for clarity, not speed. Shapes follow the kernel
-contracts in ``atso_fast.native``.
+contracts in ``atso_fast.kernels.native``.
 """
 from __future__ import annotations
 
