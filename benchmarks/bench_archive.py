@@ -40,10 +40,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from monai_baseline import monai_labels
 
-from atso_fast.bench.networks import builtin_network, default_window, export_builtin
-from atso_fast.datasets.synthetic import synthetic_ct
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from monai_baseline import monai_labels  # noqa: E402
+
+from atso_fast.bench.networks import builtin_network, default_window, export_builtin  # noqa: E402
+from atso_fast.datasets.synthetic import synthetic_ct  # noqa: E402
 
 __all__ = ["build_parser", "compare_outputs", "format_report", "main", "make_archive", "run_atso", "run_sequential"]
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from atso_fast import cli, load_package
-from atso_fast.bench import cli as bench_cli
 from atso_fast.bench import memory, networks, runner
+from atso_fast.cli import bench as bench_cli
 from atso_fast.datasets import synthetic
 from atso_fast.runtimes import tensorrt_available
 

@@ -19,7 +19,7 @@ _COMMANDS = {
     "import-nnunet": ("atso_fast.cli.import_nnunet", "main", "import an nnU-Net v2 model folder as a model package"),
     "train": ("atso_fast.cli.train", "main", "run ATSO (or a baseline) from a config file"),
     "demo": ("atso_fast.train.cli", "demo_main", "synthetic end-to-end demo on CPU, no downloads"),
-    "bench": ("atso_fast.bench.cli", "cli_main", "throughput benchmark of runtimes and settings"),
+    "bench": ("atso_fast.cli.bench", "cli_main", "throughput benchmark of runtimes and settings"),
 }
 _BROKEN_PIPE = 141
 """Exit status when stdout's reader went away (128 + SIGPIPE, what a shell reports for it)."""
