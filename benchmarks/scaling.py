@@ -73,6 +73,7 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 # ------------------------------------------------------------------------------ child side
 def _runner(spec: dict[str, Any], net: Any) -> Any:
     """``volume -> labels`` for ``spec["method"]``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from monai_baseline import monai_labels
 
     from atso_fast.bench.networks import CT_NORMALIZATION
