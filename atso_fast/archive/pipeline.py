@@ -178,7 +178,8 @@ def relabel_archive(relabeler: Any, inputs: str | os.PathLike[str] | Sequence[st
                     resume: bool = False, overwrite: bool = False, num_parts: int = 1, part_id: int = 0,
                     save_confidence: bool = False, save_probabilities: bool = False, save_overlay: bool = False,
                     readers: int = 2, writers: int = 2,
-                    queue_size: int = 2, progress: bool | None = None) -> dict[str, Any]:
+                    queue_size: int = 2, progress: bool | None = None,
+                    overlay_palette: np.ndarray | None = None) -> dict[str, Any]:
     """Relabel every volume of an archive and write label maps plus a JSONL manifest.
 
     Outputs go to ``output_dir/<case_id>.nii.gz`` for NIfTI inputs (input affine and header,
@@ -210,13 +211,17 @@ def relabel_archive(relabeler: Any, inputs: str | os.PathLike[str] | Sequence[st
             float32 ``(C, Z, Y, X)`` on the input's grid; the relabeler must return them:
             ``Relabeler(save_probabilities=True)``).
         save_overlay: also write ``<case_id>_overlay.png``, a picture of the three orthogonal
-            slices through the labels with the labels on top (:mod:`atso_fast.io.overlay`).
+            slices through the labels with the labels on top (:mod:`atso_fast.io.overlay`; a 2D
+            frame: the whole frame, in colour when it has 3 channels).
         readers: reader threads (decode ahead of the relabeler).
         writers: writer threads (compress and write behind it).
         queue_size: decoded volumes waiting for the relabeler beyond those being read; also
             bounds finished results waiting for a writer. Memory stays bounded by these.
         progress: tqdm bar on stderr; ``None``: a bar when stderr is a terminal, else one line
             per case (count, seconds, ETA) as nnU-Net prints; ``False``: nothing.
+        overlay_palette: ``(N, 3)`` uint8 overlay colours indexed by written label (e.g. the
+            Cityscapes colours; every label but the ignore index is drawn, 0 included); default
+            tab20 with label 0 as background.
 
     Returns:
         Summary dict: ``total, done, skipped, failed, seconds, cases_per_s, voxels_per_s,
@@ -232,7 +237,8 @@ def relabel_archive(relabeler: Any, inputs: str | os.PathLike[str] | Sequence[st
         TypeError: ``relabeler`` has no ``relabel_volume``.
     """
     _check_options(relabeler, readers=readers, writers=writers, queue_size=queue_size)
-    process = partial(_pipeline, relabeler, readers=readers, writers=writers, queue_size=queue_size)
+    process = partial(_pipeline, relabeler, readers=readers, writers=writers, queue_size=queue_size,
+                      palette=overlay_palette)
     summary = run_archive(process, inputs, output_dir, recursive=recursive, resume=resume,
                           overwrite=overwrite, num_parts=num_parts, part_id=part_id,
                           save_confidence=save_confidence, progress=progress,
@@ -315,7 +321,7 @@ def _prepare(inputs: Any, output_dir: Path, *, resume: bool, overwrite: bool, fi
 
 def relabel_case(relabeler: Any, case_id: str, path: str | os.PathLike[str],
                  outputs: Mapping[str, str | os.PathLike[str]], tally: CaseRecorder,
-                 channels: Sequence[str | os.PathLike[str]] = ()) -> None:
+                 channels: Sequence[str | os.PathLike[str]] = (), palette: np.ndarray | None = None) -> None:
     """Read, relabel and write one planned case in this thread (a Ray actor's unit of work).
 
     Same steps, error messages and write order as the threaded pipeline; the outcome goes to
@@ -335,7 +341,7 @@ def relabel_case(relabeler: Any, case_id: str, path: str | os.PathLike[str],
         return
     result, seconds = _relabel(relabeler, case, loaded, tally)
     if result is not None:
-        _write_case(case, loaded[1], result, seconds, tally, threading.Semaphore(0), loaded[0])
+        _write_case(case, loaded[1], result, seconds, tally, threading.Semaphore(0), loaded[0], palette)
 
 
 def model_channels(relabeler: Any) -> int | None:
@@ -376,7 +382,7 @@ def _summary(tally: _Tally, *, total: int, skipped: int) -> dict[str, Any]:
 
 # -------------------------------------------------------------------------------- pipeline
 def _pipeline(relabeler: VolumeRelabeler, cases: list[Case], tally: _Tally, *, readers: int,
-              writers: int, queue_size: int) -> None:
+              writers: int, queue_size: int, palette: np.ndarray | None = None) -> None:
     """Read ahead on ``readers`` threads, relabel here, write on ``writers`` threads."""
     slots = threading.BoundedSemaphore(writers + queue_size)
     feed = iter(cases)
@@ -397,7 +403,7 @@ def _pipeline(relabeler: VolumeRelabeler, cases: list[Case], tally: _Tally, *, r
                     continue
                 slots.acquire()
                 image = loaded[0] if "overlay" in case.outputs else None  # kept only for the picture
-                write_pool.submit(_write_case, case, loaded[1], result, seconds, tally, slots, image)
+                write_pool.submit(_write_case, case, loaded[1], result, seconds, tally, slots, image, palette)
                 del loaded, result
         except BaseException:
             for _, future in pending:
@@ -503,7 +509,8 @@ def _geometry(relabeler: VolumeRelabeler, meta: VolumeMeta) -> dict[str, Any]:
 
 
 def _write_case(case: Case, meta: VolumeMeta, result: Any, seconds: float, tally: CaseRecorder,
-                slots: threading.BoundedSemaphore, image: np.ndarray | None = None) -> None:
+                slots: threading.BoundedSemaphore, image: np.ndarray | None = None,
+                palette: np.ndarray | None = None) -> None:
     """Write a case's outputs atomically, then its ``ok`` row (never the other way round)."""
     try:
         try:
@@ -518,7 +525,7 @@ def _write_case(case: Case, meta: VolumeMeta, result: Any, seconds: float, tally
                 write_probabilities(case.outputs["probabilities"], getattr(result, "probabilities", None))
             if "overlay" in case.outputs and image is not None:
                 write_overlay(case.outputs["overlay"], image, result.labels, meta.spacing,
-                              stats.get("ignore_index", 255))
+                              _written_ignore(stats), palette)
         except Exception as exc:
             tally.fail(case, f"{case.path}: writing outputs failed: {type(exc).__name__}: {exc}",
                        list(meta.spatial_shape))
@@ -529,6 +536,13 @@ def _write_case(case: Case, meta: VolumeMeta, result: Any, seconds: float, tally
             tally.fail(case, f"{case.path}: manifest append failed: {type(exc).__name__}: {exc}")
     finally:
         slots.release()
+
+
+def _written_ignore(stats: Mapping[str, Any]) -> int:
+    """The value ignored voxels have in the written labels: ``stats["ignore_index"]``, through the
+    relabeler's ``stats["label_map"]`` pairs when it has them (Cityscapes labelIds: 255 -> 0)."""
+    ignore = int(stats.get("ignore_index", 255))
+    return next((int(value) for key, value in stats.get("label_map") or () if key == ignore), ignore)
 
 
 @contextmanager

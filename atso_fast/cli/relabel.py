@@ -15,10 +15,18 @@ from typing import Any
 from atso_fast import ray_engine
 from atso_fast.archive import check_archive, relabel_archive
 from atso_fast.cli.common import make_parser, one_line
+from atso_fast.datasets.cityscapes import (
+    NUM_CLASSES,
+    TRAIN_NAMES,
+    is_cityscapes_split,
+    label_id_colors,
+    train_id_colors,
+    train_to_label_map,
+)
 from atso_fast.engine import Relabeler
 from atso_fast.io import select_part
 from atso_fast.kernels import native
-from atso_fast.package import PackageError
+from atso_fast.package import PackageError, load_package
 
 __all__ = ["build_parser", "main"]
 
@@ -35,7 +43,13 @@ MODEL_DIR, INPUT and OUTPUT_DIR may be given as positionals (in this order) or a
 it without the image suffix and nnU-Net's _0000), a list file (.txt/.lst: one path per line;
 case ids are the file names) or one image. OUTPUT_DIR gets one label map per case and
 manifest.jsonl (one row per case). A folder that already holds finished cases needs --resume
-(skip them) or --overwrite (redo them)."""
+(skip them) or --overwrite (redo them).
+
+Natural images: PNG/JPEG frames (a 2D package with 3 input channels) get one label PNG each, of
+the frame's size, under the same relative path (a JPEG frame's labels are a .png). A Cityscapes
+folder (leftImg8bit or leftImg8bit/SPLIT) is read with its city sub-folders. A 19-class package is
+taken to predict Cityscapes trainIds: --label-ids writes the official labelIds instead, and
+--overlay pictures use the Cityscapes colours."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,8 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "key 'probabilities', as nnU-Net's --save_probabilities")
     p.add_argument("--overlay", action="store_true",
                    help="also write <case>_overlay.png: the three orthogonal slices through the labels with the "
-                   "labels on top, for a person to check")
-    p.add_argument("--recursive", action="store_true", help="descend into sub-folders of a folder INPUT")
+                   "labels on top, for a person to check (a 2D frame: the whole frame in colour)")
+    p.add_argument("--label-ids", action="store_true",
+                   help="write Cityscapes labelIds instead of the network's trainIds (a 19-class Cityscapes "
+                   "package; --ignore-index pixels become 0, unlabeled)")
+    p.add_argument("--recursive", action="store_true",
+                   help="descend into sub-folders of a folder INPUT (always on for a Cityscapes leftImg8bit folder)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", "--continue_prediction", action="store_true",
                        help="skip cases already finished in OUTPUT_DIR/manifest.jsonl (failed ones are retried)")
@@ -142,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         _resolve(args)
+        args.recursive = args.recursive or is_cityscapes_split(args.input)
         select_part([], args.num_parts, args.part_id)
         for name in ("readers", "writers", "batch_size"):
             if getattr(args, name) < 1:
@@ -153,6 +172,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # everything about the inputs and the output folder, before the (slow) model load
         check_archive(args.input, args.output_dir, **_archive_kwargs(args))
     except (ValueError, OSError) as exc:  # InputError is a ValueError
+        return _usage_error(str(exc))
+    try:
+        args.label_map, args.palette = _label_space(args)
+    except PackageError as exc:
+        return _usage_error(f"cannot load model package {args.model_dir}: {_one_line(str(exc))}")
+    except ValueError as exc:
         return _usage_error(str(exc))
     run, stop_errors = _ray_runner(args) if args.engine == "ray" else _local_runner(args)
     if run is None:
@@ -204,7 +229,32 @@ def _relabeler_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "batch_size": args.batch_size, "threshold": args.threshold,
             "ignore_index": args.ignore_index, "mirror": args.mirror, "precision": args.precision,
             "accumulate_dtype": args.accumulate_dtype, "nonfinite": args.nonfinite, "threads": args.threads,
-            "compile": args.compile, "save_probabilities": args.save_probabilities}
+            "compile": args.compile, "save_probabilities": args.save_probabilities,
+            **({"label_map": args.label_map} if args.label_map is not None else {})}
+
+
+def _label_space(args: argparse.Namespace) -> tuple[dict[int, int] | None, Any]:
+    """``(label_map, overlay palette)``: Cityscapes trainIds -> labelIds with --label-ids, and the
+    Cityscapes colours (of the written ids) for a 19-class package's overlays.
+
+    Raises:
+        PackageError: the package cannot be loaded; ValueError: --label-ids for another package.
+    """
+    if not (args.label_ids or args.overlay):
+        return None, None
+    package = load_package(args.model_dir)
+    cityscapes = package.num_classes == NUM_CLASSES and package.class_names in (None, list(TRAIN_NAMES))
+    if args.label_ids and not cityscapes:
+        raise ValueError(f"--label-ids maps Cityscapes trainIds to labelIds: the package must predict the "
+                         f"{NUM_CLASSES} Cityscapes classes (class_names the Cityscapes names, or none); "
+                         f"{args.model_dir} has {package.num_classes} classes"
+                         + (f" ({', '.join(package.class_names[:4])}, ...)" if package.class_names else ""))
+    label_map = None
+    if args.label_ids:
+        label_map = {k: v for k, v in train_to_label_map().items() if k < NUM_CLASSES}
+        label_map[args.ignore_index] = 0  # unlabeled
+    palette = (label_id_colors() if args.label_ids else train_id_colors()) if cityscapes else None
+    return label_map, palette
 
 
 def _local_runner(args: argparse.Namespace) -> tuple[Callable[..., dict] | None, tuple]:
@@ -212,7 +262,8 @@ def _local_runner(args: argparse.Namespace) -> tuple[Callable[..., dict] | None,
     relabeler = _load_relabeler(args)
     if relabeler is None:
         return None, ()
-    return partial(relabel_archive, relabeler, readers=args.readers, writers=args.writers), ()
+    return partial(relabel_archive, relabeler, readers=args.readers, writers=args.writers,
+                   overlay_palette=args.palette), ()
 
 
 def _ray_runner(args: argparse.Namespace) -> tuple[Callable[..., dict] | None, tuple]:

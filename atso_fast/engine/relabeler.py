@@ -41,7 +41,8 @@ from atso_fast.package.trust import largest_tensor
 from atso_fast.runtimes import RUNTIMES, auto_candidates, load_runtime
 from atso_fast.runtimes.base import Pending, Ready, check_device, check_precision
 
-__all__ = ["Relabeler", "RelabelResult", "NonFiniteInputError", "relabeler_options", "run_fingerprint"]
+__all__ = ["Relabeler", "RelabelResult", "NonFiniteInputError", "check_label_map", "relabeler_options",
+           "run_fingerprint"]
 
 _LABEL_OPTIONS = ("runtime", "overlap", "threshold", "ignore_index", "mirror", "precision", "accumulate_dtype")
 """The Relabeler options that change the labels (the fingerprint's settings)."""
@@ -61,8 +62,8 @@ class RelabelResult:
         probabilities: ``(C, Z, Y, X)`` float32 when asked for, else None.
         stats: shape, seconds, windows, label_counts, ignored_voxels, invalid_voxels,
             ignored_fraction, mean_confidence, nonfinite_input_voxels, runtime, device,
-            network_shape (the grid the network ran on), timings (seconds: preprocess,
-            network, stitch, export).
+            network_shape (the grid the network ran on), ignore_index, label_map (the
+            relabeler's, or None), timings (seconds: preprocess, network, stitch, export).
     """
 
     labels: np.ndarray
@@ -100,9 +101,52 @@ def run_fingerprint(package: ModelPackage, options: dict[str, Any]) -> str | Non
     defaults = inspect.signature(Relabeler.__init__).parameters
     settings = {k: options.get(k, defaults[k].default) for k in _LABEL_OPTIONS}
     settings["overlap"] = list(check_overlap(settings["overlap"]))
+    label_map = check_label_map(options.get("label_map"))
+    if label_map is not None:  # only then: fingerprints of runs without a map stay as they were
+        settings["label_map"] = label_map
     digest = hashlib.sha256(onnx)
     digest.update(json.dumps({"package": package.to_json(), **settings}, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
+
+
+def check_label_map(label_map: Any) -> list[list[int]] | None:
+    """A label map as sorted ``[[from, to], ...]`` pairs (JSON-friendly), or None.
+
+    Args:
+        label_map: ``{label: written label}`` or ``(label, written label)`` pairs; labels not in
+            it are written as they are.
+
+    Raises:
+        ValueError: a value that is not an int in [0, 65535], or a label mapped twice.
+    """
+    if label_map is None:
+        return None
+    pairs = list(label_map.items()) if isinstance(label_map, Mapping) else list(label_map)
+    out: dict[int, int] = {}
+    for pair in pairs:
+        try:
+            key, value = pair
+        except (TypeError, ValueError):
+            raise ValueError(f"label_map must be {{label: written label}} or (label, written label) pairs, "
+                             f"got {pair!r}") from None
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 65535
+                   for v in (key, value)):
+            raise ValueError(f"label_map entries must be ints in [0, 65535], got {key!r}: {value!r}")
+        if int(key) in out:
+            raise ValueError(f"label_map maps label {key} twice")
+        out[int(key)] = int(value)
+    return [[k, out[k]] for k in sorted(out)]
+
+
+def _apply_label_map(labels: np.ndarray, pairs: list[list[int]]) -> np.ndarray:
+    """``labels`` (uint8/uint16) through the map; uint8 unless the labels are uint16 or the map holds a
+    value above 255 (decided by the package and the map, never by a case, so a run's files share one dtype)."""
+    wide = labels.dtype != np.uint8 or any(v > 255 for _, v in pairs) or any(k > 255 for k, _ in pairs)
+    lut = np.arange(65536 if wide else 256, dtype=np.uint16 if wide else np.uint8)
+    for key, value in pairs:
+        if key < len(lut):
+            lut[key] = value
+    return lut[labels]
 
 
 def _mirror_axes(spatial_dims: int, allowed: list[int] | None = None) -> list[tuple[int, ...]]:
@@ -140,6 +184,10 @@ class Relabeler:
         threads: CPU threads of the runtime (OpenVINO's inference threads, ONNX Runtime's
             session, torch's intra-op threads during each call; default: all cores); set it
             when several relabelers share a machine (Ray actors do).
+        label_map: ``{class: written label}`` applied to the labels last (ignored voxels are
+            ``ignore_index`` before it, so map that too if it should change): a network trained on
+            Cityscapes trainIds writes labelIds with ``cityscapes.train_to_label_map()``. Labels
+            not in the map are kept; ``stats["label_counts"]`` still counts the network's classes.
         kernel_threads: OpenMP threads of our CPU stitching kernels (default: 1 with ONNX
             Runtime on CPU for up to 8 classes, so ORT's own pool keeps the cores, and 1 beside
             a pipelined OpenVINO, whose threads run the next batch meanwhile; else the OpenMP
@@ -152,11 +200,14 @@ class Relabeler:
                  overlap: float = 0.5, batch_size: int = 4, threshold: float = 0.0, ignore_index: int = 255,
                  mirror: bool = False, precision: str = "float32", accumulate_dtype: str = "float32",
                  save_probabilities: bool = False, nonfinite: str = "fail", compile: bool = False,
-                 threads: int | None = None, kernel_threads: int | None = None,
+                 threads: int | None = None, kernel_threads: int | None = None, label_map: Any = None,
                  _package: ModelPackage | None = None, _module: Any = None):
         self.package = _package if _package is not None else load_package(model_dir)
         self._options = {"runtime": runtime, "overlap": overlap, "threshold": threshold, "ignore_index": ignore_index,
                          "mirror": mirror, "precision": precision, "accumulate_dtype": accumulate_dtype}
+        self.label_map = check_label_map(label_map)
+        if self.label_map is not None:
+            self._options["label_map"] = self.label_map
         self.device = check_device(device)
         self.overlap = check_overlap(overlap)
         if int(batch_size) < 1:
@@ -323,12 +374,13 @@ class Relabeler:
                              f"{out.labels.size} voxels; no labels are written for a broken output")
         if bad is not None:
             out.mark_invalid(bad)
+        labels = out.labels if self.label_map is None else _apply_label_map(out.labels, self.label_map)
         end = time.perf_counter()
         sink_seconds = sink.seconds
         timings = {"preprocess": prepared - start, "network": self._net_seconds,
                    "stitch": max(streamed - prepared - self._net_seconds - sink_seconds, 0.0),
                    "export": sink_seconds + end - streamed}
-        return RelabelResult(out.labels, out.confidence, out.probabilities,
+        return RelabelResult(labels, out.confidence, out.probabilities,
                              self._stats(out, geom, bad, end - start, timings))
 
     def _stats(self, out: LabelSink, geom: Geometry, bad: np.ndarray | None, seconds: float,
@@ -342,7 +394,7 @@ class Relabeler:
             "mean_confidence": float(conf.mean(dtype=np.float64)) / 255.0,
             "nonfinite_input_voxels": 0 if bad is None else int(bad.sum()),
             "runtime": self.runtime_name, "device": self.device, "network_shape": list(geom.target),
-            "ignore_index": self.ignore_index,
+            "ignore_index": self.ignore_index, "label_map": self.label_map,
             "spacing": None if geom.spacing is None else [geom.spacing[geom.perm.index(a)] for a in range(3)],
             "timings": timings,  # spacing: the scan's own (z, y, x), undoing the network axes' order
         }

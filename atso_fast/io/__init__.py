@@ -3,11 +3,13 @@
 Every array this package returns or accepts is ``(Z, Y, X)`` or ``(M, Z, Y, X)`` (``M`` =
 channels), C-contiguous (``atso_fast/CONTRACTS.md``). Formats: ``nifti`` (``.nii``, ``.nii.gz``),
 ``npy``, ``npz``, and through SimpleITK ``nrrd`` (``.nrrd``, ``.nhdr``), ``mha``, ``mhd`` and
-``dicom`` (a folder holding one series; NIfTI outputs); each is one class in the registry
+``dicom`` (a folder holding one series; NIfTI outputs), and through Pillow ``png`` and ``jpeg``
+(natural images: colour frames ``(3, 1, H, W)``, label PNGs; PNG outputs); each is one class in the registry
 (:mod:`atso_fast.io.registry`). Every write is atomic (:mod:`atso_fast.io.atomic`).
 """
 from __future__ import annotations
 
+from atso_fast.io import images as _images  # noqa: F401  (registers the formats)
 from atso_fast.io import nifti as _nifti  # noqa: F401  (registers the format)
 from atso_fast.io import numpy_io as _numpy_io  # noqa: F401  (registers the formats)
 from atso_fast.io import sitk as _sitk  # noqa: F401  (registers the formats)

@@ -1,5 +1,10 @@
 """Quality-control pictures: a scan's three orthogonal slices with its labels on top (PNG).
 
+A 2D frame (a depth-1 volume: a photo, a slice) is drawn once, at its own size: a colour frame
+``(3, 1, H, W)`` in its colours, anything else windowed grey, the labels on top at 50%; with a
+``palette`` (colours indexed by label value, e.g. the Cityscapes colours) every label but
+``ignore_index`` is drawn, label 0 included (trainId 0 is road).
+
 A person checking a bulk run looks at these, not at label volumes: each picture shows the axial,
 coronal and sagittal slice through the labelled region's centre (the volume's centre when nothing
 is labelled), the image windowed to its 1st-99th percentiles, each class in its own colour at
@@ -16,7 +21,7 @@ import numpy as np
 
 from atso_fast.io.atomic import atomic_write_bytes
 
-__all__ = ["overlay_png", "write_overlay"]
+__all__ = ["frame_overlay", "overlay_png", "write_overlay"]
 
 _ALPHA = 0.4
 _HEIGHT = 256
@@ -59,17 +64,48 @@ def _panel(image: np.ndarray, labels: np.ndarray, row_mm: float, col_mm: float, 
     return np.asarray(picture.resize((width, _HEIGHT), Image.Resampling.NEAREST))
 
 
+def frame_overlay(image: np.ndarray, labels: np.ndarray, ignore_index: int = 255,
+                  palette: np.ndarray | None = None, alpha: float = 0.5) -> np.ndarray:
+    """``(H, W, 3)`` uint8: the frame ``image`` (``(3, H, W)`` colour 0-255, or ``(H, W)`` windowed
+    grey) with ``labels (H, W)`` blended on top in ``palette`` colours (``(N, 3)`` uint8 indexed by
+    label; default tab20 with label 0 left out)."""
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[0] == 3:
+        rgb = np.clip(np.moveaxis(image, 0, -1).astype(np.float32), 0, 255)
+    else:
+        rgb = np.repeat(_window(np.asarray(image, np.float32))[..., None], 3, axis=2).astype(np.float32)
+    if rgb.shape[:2] != labels.shape:
+        raise ValueError(f"image {image.shape} and labels {labels.shape} differ")
+    if palette is None:
+        shown = (labels > 0) & (labels != ignore_index)
+        colours = _colours(int(labels.max()) + 1).astype(np.float32)
+    else:
+        colours = np.asarray(palette, np.float32).reshape(-1, 3)
+        shown = (labels < len(colours)) & (labels != ignore_index)
+    rgb[shown] = (1 - alpha) * rgb[shown] + alpha * colours[labels[shown]]
+    return (rgb + 0.5).astype(np.uint8)
+
+
 def overlay_png(image: np.ndarray, labels: np.ndarray, spacing: tuple[float, float, float] | None = None,
-                ignore_index: int = 255) -> bytes:
+                ignore_index: int = 255, palette: np.ndarray | None = None) -> bytes:
     """PNG bytes of the three orthogonal slices of ``image (Z, Y, X)`` (or ``(M, Z, Y, X)``: the
-    first channel) with ``labels (Z, Y, X)`` blended on top.
+    first channel) with ``labels (Z, Y, X)`` blended on top; a 2D frame (``Z`` = 1) is drawn
+    whole instead (:func:`frame_overlay`: colour when it has 3 channels).
 
     Args:
         spacing: ``(z, y, x)`` mm, for the panels' proportions (default isotropic).
         ignore_index: label drawn as background.
+        palette: ``(N, 3)`` uint8 colours indexed by label, for 2D frames (default tab20).
     """
     from PIL import Image
 
+    labels = np.asarray(labels)
+    if labels.ndim == 3 and labels.shape[0] == 1:
+        image = np.asarray(image)
+        frame = image[:, 0] if image.ndim == 4 and image.shape[0] == 3 else image.reshape(-1, *labels.shape)[0, 0]
+        buffer = io.BytesIO()
+        Image.fromarray(frame_overlay(frame, labels[0], ignore_index, palette)).save(buffer, format="PNG")
+        return buffer.getvalue()
     image = np.asarray(image, np.float32)
     image = image[0] if image.ndim == 4 else image
     if image.shape != labels.shape:
@@ -87,6 +123,7 @@ def overlay_png(image: np.ndarray, labels: np.ndarray, spacing: tuple[float, flo
 
 
 def write_overlay(path: str | os.PathLike[str], image: np.ndarray, labels: np.ndarray,
-                  spacing: tuple[float, float, float] | None = None, ignore_index: int = 255) -> Path:
+                  spacing: tuple[float, float, float] | None = None, ignore_index: int = 255,
+                  palette: np.ndarray | None = None) -> Path:
     """:func:`overlay_png` written atomically to ``path``."""
-    return atomic_write_bytes(path, overlay_png(image, labels, spacing, ignore_index))
+    return atomic_write_bytes(path, overlay_png(image, labels, spacing, ignore_index, palette))

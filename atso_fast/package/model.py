@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from atso_fast.package.errors import PackageError
-from atso_fast.package.normalize import check_policy
+from atso_fast.package.normalize import channels_of, check_policy
 from atso_fast.package.spec import check_fields, default_preprocessing
 from atso_fast.package.trust import read_meta, verify_package
 
@@ -113,6 +113,12 @@ def validate_meta(window, in_channels, num_classes, kind, normalization, where: 
         raise PackageError(f"{where}: {exc}") from None
     if isinstance(norm, list) and len(norm) != in_channels:
         raise PackageError(f"{where}: normalization lists {len(norm)} channel policies for {in_channels} "
+                           "input channel(s)")
+    wanted = [channels_of(p) for p in (norm if isinstance(norm, list) else [norm])]
+    if isinstance(norm, list) and any(w not in (None, 1) for w in wanted):
+        raise PackageError(f"{where}: a per-channel 'rgb' policy must hold one mean and one std, got {norm!r}")
+    if not isinstance(norm, list) and wanted[0] not in (None, in_channels):
+        raise PackageError(f"{where}: normalization 'rgb' has {wanted[0]} channel statistics for {in_channels} "
                            "input channel(s)")
     return win, norm
 

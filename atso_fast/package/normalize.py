@@ -10,6 +10,10 @@ A policy is a plain dict so it round-trips through JSON:
                                                  0.5/99.5 percentiles, then its mean/std)
     {"scheme": "rescale_to_0_1"}                 (x - min) / max (nnU-Net's RescaleTo01)
     {"scheme": "rgb_to_0_1"}                     x / 255 (nnU-Net's RGBTo01)
+    {"scheme": "rgb", "mean": [m0, m1, m2], "std": [s0, s1, s2]}   per channel (x - mean[m]) / std[m]
+                                                 on 0-255 input (natural images; e.g.
+                                                 :data:`IMAGENET_RGB`, the statistics that
+                                                 ImageNet-pretrained encoders expect)
 or a list of such dicts, one per input channel (nnU-Net normalises each channel by its own
 scheme).
 """
@@ -20,9 +24,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["normalize", "check_policy", "uses_mask", "SCHEMES", "ct_policy_from_samples"]
+__all__ = ["IMAGENET_RGB", "channels_of", "normalize", "check_policy", "uses_mask", "SCHEMES", "ct_policy_from_samples"]
 
-SCHEMES = ("none", "zscore", "ct", "rescale_to_0_1", "rgb_to_0_1")
+SCHEMES = ("none", "zscore", "ct", "rescale_to_0_1", "rgb_to_0_1", "rgb")
+IMAGENET_RGB: dict[str, Any] = {"scheme": "rgb", "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}
+"""ImageNet's per-channel mean and std (R, G, B) on 0-255 input (torchvision's 0.485/0.229, ... x 255)."""
 _EPS = 1e-8
 
 
@@ -56,6 +62,8 @@ def _check_one(policy: Any) -> dict[str, Any]:
         if not all(math.isfinite(v) for v in (lo, hi, float(out["mean"]), float(out["std"]))):
             raise ValueError(f"normalization 'ct' needs finite clip, mean and std, got {policy!r}")
         out.update(clip=[lo, hi], mean=float(out["mean"]), std=float(out["std"]))
+    if out["scheme"] == "rgb":
+        out.update(_check_rgb(policy))
     if out["scheme"] == "zscore":
         use_mask = out.get("use_mask", False)
         if not isinstance(use_mask, bool):
@@ -63,6 +71,26 @@ def _check_one(policy: Any) -> dict[str, Any]:
         if not use_mask:
             out.pop("use_mask", None)  # the plain z-score keeps its one-key form
     return out
+
+
+def _check_rgb(policy: dict[str, Any]) -> dict[str, list[float]]:
+    try:
+        mean, std = [float(v) for v in policy["mean"]], [float(v) for v in policy["std"]]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"normalization 'rgb' needs lists 'mean' and 'std' (one number per channel), got {policy!r}") \
+            from None
+    if not mean or len(mean) != len(std) or not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+        raise ValueError(f"normalization 'rgb' needs equally long, finite 'mean' and 'std' lists with std > 0, "
+                         f"got {policy!r}")
+    return {"mean": mean, "std": std}
+
+
+def channels_of(policy: dict[str, Any] | list[dict[str, Any]]) -> int | None:
+    """The input channels a (checked) policy is made for: the list's length, the ``rgb`` scheme's
+    channel count, or ``None`` (any)."""
+    if isinstance(policy, list):
+        return len(policy)
+    return len(policy["mean"]) if policy["scheme"] == "rgb" else None
 
 
 def uses_mask(policy: dict[str, Any] | list[dict[str, Any]] | None) -> bool:
@@ -113,11 +141,25 @@ def _normalize_one(vol: np.ndarray, policy: dict[str, Any], mask: np.ndarray | N
         return out
     if scheme == "rgb_to_0_1":
         return vol / np.float32(255.0)
+    if scheme == "rgb":
+        return _rgb(vol, policy)
     if policy.get("use_mask"):
         if mask is None:
             raise ValueError("normalization 'zscore' with use_mask needs the nonzero mask")
         return _masked_zscore(vol, mask)
     return _zscore(vol)
+
+
+def _rgb(vol: np.ndarray, policy: dict[str, Any]) -> np.ndarray:
+    """``(M, ...)`` (or one channel of any shape when the policy has one) minus ``mean[m]``, over
+    ``std[m]``."""
+    mean, std = policy["mean"], policy["std"]
+    if len(mean) == 1 and (vol.ndim != 4 or vol.shape[0] != 1):
+        return (vol - np.float32(mean[0])) / np.float32(std[0])
+    if vol.ndim != 4 or vol.shape[0] != len(mean):
+        raise ValueError(f"normalization 'rgb' has {len(mean)} channel statistics for a volume of shape {vol.shape}")
+    shape = (len(mean),) + (1,) * (vol.ndim - 1)
+    return (vol - np.asarray(mean, np.float32).reshape(shape)) / np.asarray(std, np.float32).reshape(shape)
 
 
 def _zscore(vol: np.ndarray) -> np.ndarray:
