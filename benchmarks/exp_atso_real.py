@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--work")
+    parser.add_argument("--stem", help="output file stem (default atso_real_<dataset>_<dims>d[...])")
     args = parser.parse_args(argv)
     spec = DATASETS[args.dataset]
     folder = Path(args.data) / spec["folder"]
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         train["warmup_steps"] = args.warmup_steps
     arms = {**ARMS, **VARIANTS} if args.arms == "all" else {**ARMS, **{a: VARIANTS[a] for a in args.extra_arms}}
     stem = (f"atso_real_{args.dataset}_{args.dims}d" + ("_all" if args.arms == "all" else "")
-            + ("_quick" if args.quick else ""))
+            + ("_quick" if args.quick else "")) if args.stem is None else args.stem
     meta = machine_meta(args.workers)
     if args.pilot:
         return _pilot(args, spec, folder, train, stem, meta)
