@@ -17,8 +17,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from atso_fast import Relabeler, native, reference
+from atso_fast import Relabeler
 from atso_fast.engine.windows import gaussian_importance, sliding_window_origins
+from atso_fast.kernels import native, reference
 
 __all__: list[str] = []
 
