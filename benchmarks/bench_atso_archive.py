@@ -68,8 +68,8 @@ def child(config_file: Path) -> None:
     atso = ATSO(config)
     cache_s = time.perf_counter() - start
     history = atso.run()
-    print(json.dumps({"vm_hwm_mib": peak_rss_mib(), "cache_s": cache_s, "built": atso.cache.built,
-                      "total_s": time.perf_counter() - start, "unlabelled": len(atso.unlabelled),
+    print(json.dumps({"vm_hwm_mib": peak_rss_mib(), "cache_s": cache_s, "built": atso.store.cache.built,
+                      "total_s": time.perf_counter() - start, "unlabelled": len(atso.store.unlabelled),
                       "rounds": [{"round": m["round"], "timing": m["timing"], "relabel": m["relabel"],
                                   "val_mean_dice": m["val_mean_dice"]} for m in history]}))
 

@@ -39,6 +39,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "mean-teacher": {"method": "mean-teacher"},
     "oracle": {"method": "oracle"},
 }
+# the rule's follow-up if ATSO-reinit wins: re-initialisation without asynchrony (same warm-ups)
+FOLLOW_UP: dict[str, dict[str, Any]] = {"self-training-reinit": {"method": "self-training", "init": "reinit"}}
 SETTINGS = {"rounds": 2, "consolidate": True}  # fixed before the run (RESULTS.md, "Issue 23: D2")
 DECISION = ("atso-reinit", "self-training")
 MARGIN = 0.005
@@ -47,10 +49,11 @@ CONTRASTS = [DECISION, ("atso-continue", "self-training"), ("atso-reinit", "atso
              ("mean-teacher", "supervised"), ("oracle", "supervised")]
 
 
-def seed_d2(task: dict[str, Any], seed: int) -> dict[str, Any]:
-    """One seed: every arm from one warm-up (module level: runs in spawn workers)."""
+def seed_d2(task: dict[str, Any], arms: dict[str, dict[str, Any]], seed: int) -> dict[str, Any]:
+    """One seed: every arm from one warm-up (module level: runs in spawn workers). The warm-up is
+    deterministic, so a follow-up run on the same seed starts from the same M0 (paired)."""
     data, test = make_task(task, seed)
-    return run_seed(make_config(task, seed, **SETTINGS), data, test, ARMS)
+    return run_seed(make_config(task, seed, **SETTINGS), data, test, arms)
 
 
 def verdict(row: dict[str, Any], confidence: float) -> str:
@@ -139,13 +142,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="2: the second stage of the rule (alpha 0.025 per stage)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
+    parser.add_argument("--follow-up", action="store_true",
+                        help="only the follow-up arm (self-training-reinit), paired with a finished D2 run's JSON")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     task = _task("2d", args.quick)
     stem = "atso_d2" + ("_quick" if args.quick else "") + ("_stage2" if args.stage == 2 else "")
+    if args.follow_up:
+        return follow_up(args, task, stem)
     meta = machine_meta(args.workers)
     start = time.perf_counter()
-    results = run_seeds(functools.partial(seed_d2, task), args.seeds, Path(f"/tmp/atso_exp/{stem}"),
+    results = run_seeds(functools.partial(seed_d2, task, ARMS), args.seeds, Path(f"/tmp/atso_exp/{stem}"),
                         workers=args.workers, log=lambda s: print(s, file=sys.stderr, flush=True))
     meta.update(seconds=time.perf_counter() - start, cpu_seconds=cpu_seconds(results),
                 load_after=[round(x, 2) for x in os.getloadavg()], task={**task, "shape": list(task["shape"])},
@@ -158,6 +165,35 @@ def main(argv: list[str] | None = None) -> int:
                                                   "results": {str(k): v for k, v in results.items()}}, indent=1))
     charts(results, out / f"{stem}_monitors.png", f"Issue 23 D2 ({len(results)} seeds)")
     (out / f"{stem}.md").write_text(text)
+    print(text)
+    return 0
+
+
+def follow_up(args: argparse.Namespace, task: dict[str, Any], stem: str) -> int:
+    """self-training-reinit on the seeds of ``OUT/<stem>.json``, against its atso-reinit and
+    self-training arms (same warm-ups): separates re-initialisation from asynchrony."""
+    main_run = json.loads((Path(args.out) / f"{stem}.json").read_text())["results"]
+    start = time.perf_counter()
+    results = run_seeds(functools.partial(seed_d2, task, FOLLOW_UP), args.seeds, Path(f"/tmp/atso_exp/{stem}_follow"),
+                        workers=args.workers, log=lambda s: print(s, file=sys.stderr, flush=True))
+    for seed, r in results.items():  # the same M0: checked, not assumed
+        if abs(r["m0"]["val_mean_dice"] - main_run[str(seed)]["m0"]["val_mean_dice"]) > 1e-9:
+            raise SystemExit(f"seed {seed}: the follow-up's warm-up differs from the main run's")
+    arm = "self-training-reinit"
+    values = {a: [float(main_run[str(s)]["arms"][a]["test_case_dice"]) for s in results]
+              for a in ("atso-reinit", "self-training")}
+    values[arm] = [float(r["arms"][arm]["test_case_dice"]) for r in results.values()]
+    rows = contrast_table(values, [("atso-reinit", arm), (arm, "self-training")])
+    lines = [f"# Issue 23, D2 follow-up: {arm}, seeds {list(results)}", "",
+             f"wall {(time.perf_counter() - start) / 60:.1f} min; per-case test Dice: {arm} "
+             f"{statistics.fmean(values[arm]):.4f}", "", "| contrast | mean | 95% CI | Holm p | seeds a > b |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {c['a']} - {c['b']} | {c['mean']:+.4f} | {c['ci_low']:+.4f} to {c['ci_high']:+.4f} | "
+              f"{c['p_holm']:.4f} | {c['wins']}/{c['n']} |" for c in rows]
+    text = "\n".join(lines) + "\n"
+    (Path(args.out) / f"{stem}_follow_up.json").write_text(json.dumps(
+        {"contrasts": rows, "values": values, "results": {str(k): v for k, v in results.items()}}, indent=1))
+    (Path(args.out) / f"{stem}_follow_up.md").write_text(text)
     print(text)
     return 0
 

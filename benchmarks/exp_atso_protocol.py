@@ -89,7 +89,8 @@ def summarise_run(run: ATSO, test: Sequence[Case]) -> dict[str, Any]:
     result = run.evaluate(test)
     last = run.history[-1]
     cfg, cases = run.config, result["cases"]
-    truth = [(p, c.label) for p, c in zip(run.pseudo, run.data.unlabelled) if p is not None and c.label is not None]
+    store = run.store
+    truth = [(p, c.label) for p, c in zip(store.pseudo, store.data.unlabelled) if p is not None and c.label is not None]
     pseudo = pooled_dice([p for p, _ in truth], [t for _, t in truth], cfg.num_classes,
                          ignore_index=cfg.ignore_index) if cfg.method in ("atso", "self-training") and truth else None
     return {"test_mean_dice": result["mean_dice"], "test_dice": result["dice"],

@@ -13,10 +13,10 @@ import pytest
 
 from atso_fast.datasets.synthetic import make_archive, phantom_num_classes
 from atso_fast.io import read_volume
-from atso_fast.train import ATSO, ArchiveATSO
-from atso_fast.train.cache import build_cache, locate_foreground, save_npy
-from atso_fast.train.data import PatchSampler, read_listing
-from atso_fast.train.loader import BatchDataset, DiskCase, DiskSampler, make_loader
+from atso_fast.train import ATSO, ArchiveATSO, CacheStore
+from atso_fast.train.cache import build_cache, save_npy
+from atso_fast.train.data import PatchCase, PatchSampler, locate_foreground, read_listing
+from atso_fast.train.loader import BatchDataset, make_loader
 from atso_fast.train.trainer import MixedBatches
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -69,20 +69,28 @@ def _phantom_files(tmp_path: Path, n: int = 3):
         label = label.astype(np.uint8)
         fg, counts = locate_foreground(label, 3)
         paths = [save_npy(tmp_path / f"{kind}{i}.npy", a) for kind, a in (("i", image), ("l", label), ("f", fg))]
-        cases.append(DiskCase(paths[0], paths[1], label.shape, paths[2], counts))
+        cases.append(PatchCase(paths[0], paths[1], label.shape, paths[2], counts))
         images.append(image)
         labels.append(label)
     return cases, images, labels
 
 
 def test_disk_sampler_draws_what_the_memory_sampler_draws(tmp_path):
+    """One sampler: over .npy files with the cache's foreground index, and over arrays in memory."""
     cases, images, labels = _phantom_files(tmp_path)
-    disk = DiskSampler(cases, (4, 16, 16), foreground_oversample=0.7)
+    disk = PatchSampler.from_cases(cases, (4, 16, 16), foreground_oversample=0.7)
     memory = PatchSampler(images, labels, (4, 16, 16), num_classes=3, foreground_oversample=0.7)
-    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    arrays = PatchSampler.from_cases([PatchCase(i, lab, lab.shape, *locate_foreground(lab, 3)) for i, lab in
+                                      zip(images, labels)], (4, 16, 16), foreground_oversample=0.7)
+    rngs = [np.random.default_rng(5) for _ in range(3)]
+    fg = 0
     for _ in range(20):
-        (xa, ya), (xb, yb) = disk.sample(a), memory.sample(b)
-        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+        (xa, ya), (xb, yb), (xc, yc) = disk.sample(rngs[0]), memory.sample(rngs[1]), arrays.sample(rngs[2])
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb) and np.array_equal(xa, xc) and np.array_equal(ya, yc)
+        fg += int((ya > 0).any())
+    assert fg > 5  # foreground-centred patches were drawn, not only uniform ones
+    with pytest.raises(ValueError, match="at least one case"):
+        PatchSampler.from_cases([], (4, 16, 16))
 
 
 def test_disk_sampler_ignores_low_confidence_voxels(tmp_path):
@@ -91,14 +99,15 @@ def test_disk_sampler_ignores_low_confidence_voxels(tmp_path):
     conf[:, :10] = 50
     cases[0].confidence = save_npy(tmp_path / "c0.npy", conf)
     rng = np.random.default_rng(0)
-    sampler = DiskSampler(cases, (6, 20, 18), foreground_oversample=0.0, threshold=0.5)  # the whole case
+    sampler = PatchSampler.from_cases(cases, (6, 20, 18), foreground_oversample=0.0, threshold=0.5)  # the whole case
     _, label = sampler.sample(rng)
     assert (label[:, :10] == 255).all() and (label[:, 10:] != 255).all()
 
 
 def test_loader_batches_do_not_depend_on_workers(tmp_path):
     cases, _, _ = _phantom_files(tmp_path)
-    batches = MixedBatches(DiskSampler(cases, (4, 16, 16)), DiskSampler(cases[1:], (4, 16, 16)), 3)
+    patch = (4, 16, 16)
+    batches = MixedBatches(PatchSampler.from_cases(cases, patch), PatchSampler.from_cases(cases[1:], patch), 3)
     data = BatchDataset(batches, (0, 1, 1), 5)
     seen = [[(x.numpy(), y.numpy(), n) for x, y, n in make_loader(data, workers=w, start=1)] for w in (0, 2)]
     assert len(seen[0]) == len(seen[1]) == 4
@@ -135,7 +144,7 @@ def reference(tmp_path_factory):
     seen = []
     with torch_threads(1):
         atso = ATSO(_config(tmp_path, "ref"), callbacks=[lambda run, m: seen.append(m)])
-        assert isinstance(atso, ArchiveATSO)
+        assert isinstance(atso.store, CacheStore) and ArchiveATSO is ATSO
         atso.run()
     return tmp_path, seen
 
@@ -154,6 +163,19 @@ def test_rounds_export_relabel_and_call_back(reference):
         assert m["relabel"]["runtime"] and m["timing"]["relabel_busy_fraction"] > 0
     assert seen[1]["relabelled"] == ["U2"] and seen[1]["monitor"]["U2"]["changed_fraction"] is not None
     assert seen[1]["monitor"]["U2"]["pseudo_dice"] is not None and seen[1]["val_mean_dice"] is not None
+    # the held-out side of the premise is measured on disk too (the trained side needs another pass: memory only)
+    held = seen[1]["monitor"]["U2"]
+    assert seen[1]["premise"]["held_gain"] == pytest.approx(held["pseudo_dice"] - held["pseudo_dice_before"])
+    assert seen[1]["premise"]["trained_gain"] is None and seen[1]["student"]["start_agreement"] is None
+    # round 1's grid package: the same network, no preprocessing but its window grid
+    source, grid = out / "round_1" / "package", out / "round_1" / "grid_package"
+    meta, derived = (json.loads((f / "model.json").read_text()) for f in (source, grid))
+    assert derived["normalization"] == {"scheme": "none"} and derived["spacing"] is None
+    assert derived["preprocessing"]["grid"] == meta["preprocessing"]["grid"] and derived["torch_file"] is None
+    assert (grid / derived["onnx_file"]).read_bytes() == (source / meta["onnx_file"]).read_bytes()
+    assert {k: v for k, v in derived.items() if k not in ("normalization", "spacing", "preprocessing", "torch_file")} \
+        == {k: v for k, v in meta.items() if k not in ("normalization", "spacing", "preprocessing", "torch_file",
+                                                       "torch_sha256")}
     # the checkpoint holds the model and round state, not data
     import torch
 
@@ -169,15 +191,20 @@ def test_disk_run_reinit_consolidates_and_predicts(tmp_path):
 
     atso = ATSO(_config(tmp_path, "pub", init="reinit", consolidate=True, checkpoint_every=0))
     history = atso.run()
-    assert isinstance(atso, ArchiveATSO) and atso.finished
+    assert isinstance(atso.store, CacheStore) and atso.finished
     assert [h["stage"] for h in history] == ["warm-up", "round", "consolidate"]
     assert [h["student_from"] for h in history[1:]] == ["theta0", "theta0"]
     assert history[-1]["model"] == "Mc" and history[-1]["trained_on"] == ["L", "U1", "U2"]
     assert history[-1]["pseudo_dir"] is None and (tmp_path / "pub" / "round_2" / "package" / "model.json").is_file()
     assert all(h["train"]["steps"] == 3 for h in history) and history[-1]["val_cases"]["cases"] == 1
-    case = atso.cache.cases["val"][0]
+    case = atso.store.cache.cases["val"][0]
     labels, confidence = atso.predict([np.asarray(np.load(case.image, mmap_mode="r"))])[0]
     assert labels.shape == tuple(case.shape) and confidence.dtype == np.uint8
+    # evaluate/validate with the live model and with the exported grid package agree with the record
+    live, exported = atso.validate(), atso.validate(tmp_path / "pub" / "round_2" / "grid_package")
+    assert exported["val_mean_dice"] == history[-1]["val_mean_dice"]
+    assert live["val_dice"] == pytest.approx(exported["val_dice"], abs=0.02, nan_ok=True)
+    assert atso.evaluate(atso.store.cache.cases["val"])["cases"]["cases"] == 1
     again = ATSO(_config(tmp_path, "pub", init="reinit", consolidate=True, checkpoint_every=0))
     assert again.resume() and again.finished and again.run() == history  # nothing left to do
 
@@ -226,6 +253,10 @@ def test_storage_choice_and_refusals(tmp_path):
     assert resolve_storage(cfg, data=object()) == "memory"  # arrays passed in: the memory path
     with pytest.raises(ValueError, match="hard targets"):
         ATSO({**cfg, "storage": "disk", "targets": "soft"})
+    with pytest.raises(ValueError, match="memory storage only"):
+        ATSO({**cfg, "method": "mean-teacher"})
+    with pytest.raises(ValueError, match="relabeler= "):
+        ATSO(cfg, relabeler=lambda model, volumes: [])
 
 
 def test_cache_leaves_out_a_bad_unlabelled_case(tmp_path):

@@ -233,7 +233,7 @@ def test_oracle_trains_on_the_truth_and_never_relabels():
 # ----------------------------------------------------------------------------- resume
 def _snapshot(atso: ATSO):
     drop = {"seconds", "relabel"}
-    return ({k: v.clone() for k, v in atso.model.state_dict().items()}, [p.copy() for p in atso.pseudo],
+    return ({k: v.clone() for k, v in atso.model.state_dict().items()}, [p.copy() for p in atso.store.pseudo],
             [{k: v for k, v in h.items() if k not in drop} for h in atso.history])
 
 
@@ -448,7 +448,7 @@ def test_class_wise_thresholds_keep_a_low_confidence_class(phantom_data):
     atso = ATSO(tiny_config(rounds=1, threshold=0.99), data=phantom_data)
     atso.warmup()
     i = atso.subsets["U1"][0]
-    labels, conf = atso.pseudo[i], atso.confidence[i]
+    labels, conf = atso.store.pseudo[i], atso.store.confidence[i]
     per_class = [0.99] + [0.0] * (phantom_num_classes() - 1)  # strict on background, keep every organ
     strict = ATSO(tiny_config(rounds=1, threshold=per_class), data=phantom_data)
     strict.load_state_dict(atso.state_dict())

@@ -17,7 +17,7 @@ from atso_fast.train.losses import (
     soft_dice_loss,
     soft_target_loss,
 )
-from atso_fast.train.monitor import foreground_change, pooled_dice
+from atso_fast.train.monitor import PooledDice, PseudoLabelStats, foreground_change, pooled_dice
 from atso_fast.train.trainer import MixedBatches, train_steps
 from atso_fast.train.unet import UNet
 
@@ -172,3 +172,38 @@ def test_foreground_change_ignores_background():
     assert foreground_change(old, new) == pytest.approx(0.5)
     assert math.isnan(foreground_change([np.zeros(5)], [np.zeros(5)]))  # no foreground at all
     assert foreground_change([np.array([1, 255])], [np.array([1, 2])], ignore_index=255) == 0.0
+
+
+def test_streaming_monitors_equal_the_one_shot_ones():
+    rng = np.random.default_rng(0)
+    preds = [rng.integers(0, 3, size=(4, 5, 6)) for _ in range(3)]
+    truths = [rng.integers(0, 3, size=(4, 5, 6)) for _ in range(3)]
+    truths[1][0] = 255
+    acc = PooledDice(3, ignore_index=255)
+    for p, t in zip(preds, truths):
+        acc.add(p, t)
+    assert acc.result() == pooled_dice(preds, truths, 3, ignore_index=255)
+    assert PooledDice(3).result() == ([], pytest.approx(float("nan"), nan_ok=True))
+
+
+def test_pseudo_label_stats_known_answer():
+    """Two cases of 4 voxels; confidence below 0.5 (127.5) or the ignore label count as ignored."""
+    stats = PseudoLabelStats(3, ignore_index=255, threshold=0.5)
+    new = [np.array([0, 1, 1, 2]), np.array([0, 0, 2, 255])]
+    conf = [np.array([255, 100, 200, 255]), np.array([255, 255, 50, 0])]
+    old = [np.array([0, 1, 2, 2]), np.array([0, 1, 2, 2])]
+    truth = [np.array([0, 1, 1, 2]), np.array([0, 0, 2, 2])]
+    for n, c, o, t in zip(new, conf, old, truth):
+        stats.add(n, c, previous=o, m0=o, truth=t)
+    result = stats.result()
+    assert result["changed_fraction"] == 3 / 8  # voxel 2 of case 1, voxels 1 and 3 of case 2
+    # foreground in either (ignored voxels left out): case 1 voxels 1-3, case 2 voxels 1-2; changed: 2 of 5
+    assert result["changed_fg"] == result["changed_fg_m0"] == pytest.approx(2 / 5)
+    assert result["mean_confidence"] == pytest.approx(sum(map(int, np.concatenate(conf))) / (255 * 8))
+    assert result["ignored_fraction"] == 3 / 8  # 100, 50, and the ignore label (also conf 0)
+    assert result["pseudo_dice"] == pooled_dice(new, truth, 3, ignore_index=255)[1] == 1.0
+    assert result["pseudo_dice_before"] == pooled_dice(old, truth, 3, ignore_index=255)[1]
+    first = PseudoLabelStats(3, ignore_index=255, threshold=0.0)  # the warm-up: no previous labels, no truth
+    first.add(new[0], conf[0])
+    got = first.result()
+    assert math.isnan(got["changed_fraction"]) and math.isnan(got["changed_fg_m0"]) and "pseudo_dice" not in got

@@ -1,10 +1,11 @@
-"""Training: a slim U-Net trainer and ATSO (with supervised and self-training baselines)."""
+"""Training: a slim U-Net trainer and ATSO (with its baselines), one round engine over a data
+store in memory (:class:`ArrayStore`) or on disk (:class:`CacheStore`)."""
 from __future__ import annotations
 
-from atso_fast.train.archive_loop import ArchiveATSO
 from atso_fast.train.atso import (
     ATSO,
     METHODS,
+    ArchiveATSO,
     ATSOConfig,
     build_model,
     default_relabel_fn,
@@ -16,12 +17,15 @@ from atso_fast.train.atso import (
 from atso_fast.train.augment import AugmentConfig, augment_sample
 from atso_fast.train.data import (
     Case,
+    PatchCase,
     PatchSampler,
     SemiSupervisedData,
     data_from_arrays,
     load_raw,
 )
+from atso_fast.train.disk_store import CacheStore
 from atso_fast.train.losses import dice_ce_loss, dice_per_class, soft_dice_loss
+from atso_fast.train.stores import ArrayStore, DataStore
 from atso_fast.train.trainer import MixedBatches, OptimConfig, train_steps
 from atso_fast.train.unet import UNet
 
@@ -29,6 +33,9 @@ __all__ = [
     "ATSO",
     "ArchiveATSO",
     "ATSOConfig",
+    "DataStore",
+    "ArrayStore",
+    "CacheStore",
     "METHODS",
     "build_model",
     "default_relabel_fn",
@@ -39,6 +46,7 @@ __all__ = [
     "AugmentConfig",
     "augment_sample",
     "Case",
+    "PatchCase",
     "PatchSampler",
     "SemiSupervisedData",
     "data_from_arrays",

@@ -1,5 +1,6 @@
 """The preprocessing cache of on-disk training: every case once on the network's grid, stored
-uncompressed for memory-mapping, with the foreground locations the patch sampler oversamples.
+uncompressed for memory-mapping, with the foreground locations the patch sampler oversamples
+(:func:`atso_fast.train.data.locate_foreground`).
 
 Each case is brought to the grid by :func:`atso_fast.engine.preprocess.prepare`, the very code the
 relabel engine runs on a scan (orientation, transpose, crop to nonzero, normalisation, resampling
@@ -43,13 +44,13 @@ from atso_fast.package.spec import check_preprocessing
 from atso_fast.progress import progress_lines
 from atso_fast.train.data import (
     RawCase,
+    locate_foreground,
     read_case,
     resolve_normalization,
     training_spacing,
 )
 
-__all__ = ["CachedCase", "Cache", "SPLITS", "build_cache", "locate_foreground", "save_npy", "fg_counts_of",
-           "entry_case_id"]
+__all__ = ["CachedCase", "Cache", "SPLITS", "build_cache", "save_npy", "fg_counts_of", "entry_case_id"]
 
 log = logging.getLogger(__name__)
 
@@ -96,25 +97,6 @@ def save_npy(path: Path, array: np.ndarray) -> Path:
     with open(tmp, "wb") as f:
         np.save(f, np.ascontiguousarray(array), allow_pickle=False)
     return commit_temp(tmp, path)
-
-
-def locate_foreground(label: np.ndarray, num_classes: int, max_locations: int = 10000
-                      ) -> tuple[np.ndarray, dict[int, int]]:
-    """Flat indices of each foreground class (at most ``max_locations``, evenly strided, as
-    :class:`~atso_fast.train.data.PatchSampler`), concatenated class by class.
-
-    Returns:
-        ``(indices int64 (N,), {class: count})``.
-    """
-    flat = np.asarray(label).ravel()
-    parts, counts = [], {}
-    for c in np.unique(flat):
-        if 0 < c < num_classes:
-            idx = np.flatnonzero(flat == c)
-            idx = idx[:: max(1, len(idx) // max_locations)]
-            parts.append(idx.astype(np.int64))
-            counts[int(c)] = len(idx)
-    return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), counts
 
 
 def fg_counts_of(meta: dict[str, Any]) -> dict[int, int]:

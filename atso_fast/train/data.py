@@ -1,5 +1,6 @@
 """Training data: loading (nnU-Net-style folders, YAML/JSON lists, in-memory arrays), intensity
-normalisation, and a patch sampler with foreground oversampling.
+normalisation, and the one patch sampler (foreground oversampling; arrays in memory or ``.npy``
+files memory-mapped per patch).
 
 Shapes: images are held as ``(M, Z, Y, X)`` float32 after normalisation (M = input channels),
 labels as ``(Z, Y, X)`` uint8. A 2D model trains on ``(Y, X)`` slices of these volumes.
@@ -43,6 +44,9 @@ __all__ = [
     "data_from_arrays",
     "resolve_normalization",
     "PatchSampler",
+    "PatchCase",
+    "open_array",
+    "locate_foreground",
     "crop_with_padding",
     "training_spacing",
     "read_listing",
@@ -395,13 +399,75 @@ def crop_with_padding(array: np.ndarray, origin: Sequence[int], size: Sequence[i
     return out
 
 
+def open_array(path: str | os.PathLike[str]) -> np.ndarray:
+    """A read-only memory map of an ``.npy`` file (no pickles)."""
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def locate_foreground(label: np.ndarray, num_classes: int, max_locations: int = 10000
+                      ) -> tuple[np.ndarray, dict[int, int]]:
+    """Flat indices of each foreground class's voxels (at most ``max_locations`` per class,
+    evenly strided), concatenated class by class in increasing class order: the index
+    :class:`PatchSampler` centres foreground patches on.
+
+    Returns:
+        ``(indices int64 (N,), {class: count})`` (classes absent from ``label`` left out).
+    """
+    flat = np.asarray(label).ravel()
+    parts, counts = [], {}
+    for c in np.unique(flat):
+        if 0 < c < num_classes:
+            idx = np.flatnonzero(flat == c)
+            idx = idx[:: max(1, len(idx) // max_locations)]
+            parts.append(idx.astype(np.int64))
+            counts[int(c)] = len(idx)
+    return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), counts
+
+
+Source = np.ndarray | Path
+"""An array in memory, or an ``.npy`` file memory-mapped each time it is read."""
+
+
+def _view(source: Source) -> np.ndarray:
+    return open_array(source) if isinstance(source, (str, os.PathLike)) else source
+
+
+@dataclass
+class PatchCase:
+    """One case a :class:`PatchSampler` cuts patches from, in memory or in ``.npy`` files.
+
+    ``image`` ``(M, Z, Y, X)`` float32; ``label`` ``(Z, Y, X)`` uint8; ``shape`` its ``(Z, Y, X)``;
+    ``fg`` int64 flat indices of foreground voxels, ``fg_counts[c]`` of them for class ``c``,
+    classes in increasing order (:func:`locate_foreground`); ``confidence`` (optional) uint8 of
+    the label's shape, for thresholding at sampling time.
+    """
+
+    image: Source
+    label: Source
+    shape: tuple[int, ...]
+    fg: Source | None = None
+    fg_counts: dict[int, int] = field(default_factory=dict)
+    confidence: Source | None = None
+
+
+def _check_sampling(patch_size: Sequence[int], foreground_oversample: float) -> None:
+    if len(patch_size) not in (2, 3) or min(patch_size) < 1:
+        raise ValueError(f"patch_size must be 2 or 3 positive ints, got {tuple(patch_size)}")
+    if not 0.0 <= foreground_oversample <= 1.0:
+        raise ValueError(f"foreground_oversample must be in [0, 1], got {foreground_oversample}")
+
+
 class PatchSampler:
-    """Random patches with nnU-Net-style foreground oversampling.
+    """Random patches with nnU-Net-style foreground oversampling, from arrays in memory or from
+    memory-mapped ``.npy`` files (:meth:`from_cases`); both draw the same patches from the same
+    data and generator.
 
     A sample picks a case uniformly; with probability ``foreground_oversample`` the patch is
     centred on a voxel of a foreground class (the class drawn uniformly among those present, so
-    small structures are seen), otherwise it is placed uniformly. Volumes smaller than the patch
-    are padded (image 0, label ``ignore_index``).
+    small structures are seen; the voxel from the case's foreground index, :func:`locate_foreground`),
+    otherwise it is placed uniformly. Volumes smaller than the patch are padded (image 0, label
+    ``ignore_index``). Nothing per case is held but what the cases hold: a case on disk is
+    mapped for one patch and let go.
 
     Args:
         images: ``(M, Z, Y, X)`` float32 arrays.
@@ -421,47 +487,84 @@ class PatchSampler:
                  max_locations: int = 10000) -> None:
         if not images or len(images) != len(labels):
             raise ValueError(f"PatchSampler needs as many labels as images (>= 1), got {len(images)} and {len(labels)}")
-        if len(patch_size) not in (2, 3) or min(patch_size) < 1:
-            raise ValueError(f"patch_size must be 2 or 3 positive ints, got {tuple(patch_size)}")
-        if not 0.0 <= foreground_oversample <= 1.0:
-            raise ValueError(f"foreground_oversample must be in [0, 1], got {foreground_oversample}")
+        _check_sampling(patch_size, foreground_oversample)
         for img, lab in zip(images, labels):
             if img.ndim != 4 or img.shape[1:] != lab.shape:
                 raise ValueError(f"PatchSampler needs images (M, Z, Y, X) and labels (Z, Y, X), "
                                  f"got {img.shape}, {lab.shape}")
-        self.images, self.labels = list(images), list(labels)
+        cases = [PatchCase(img, lab, lab.shape, *locate_foreground(lab, num_classes, max_locations))
+                 for img, lab in zip(images, labels)]
+        self._setup(cases, patch_size, foreground_oversample, ignore_index, 0.0)
+
+    @classmethod
+    def from_cases(cls, cases: Sequence[PatchCase], patch_size: Sequence[int], *, foreground_oversample: float = 0.33,
+                   ignore_index: int = 255, threshold: float | Sequence[float] = 0.0) -> PatchSampler:
+        """A sampler over cases whose foreground index is already made (e.g. the preprocessing
+        cache's), arrays or ``.npy`` files.
+
+        Args:
+            threshold: voxels whose confidence is below ``threshold * 255`` (one value, or one
+                per class: :func:`low_confidence`) get ``ignore_index`` (cases with a
+                ``confidence`` only).
+            Others: as the constructor.
+
+        Raises:
+            ValueError: no case, bad patch size or probability.
+        """
+        if not cases:
+            raise ValueError("PatchSampler.from_cases needs at least one case, got 0")
+        _check_sampling(patch_size, foreground_oversample)
+        sampler = cls.__new__(cls)
+        sampler._setup(list(cases), patch_size, foreground_oversample, ignore_index, threshold)
+        return sampler
+
+    def _setup(self, cases: list[PatchCase], patch_size: Sequence[int], foreground_oversample: float,
+               ignore_index: int, threshold: float | Sequence[float]) -> None:
+        self.cases = cases
         self.flat = len(patch_size) == 2
         self.patch = (1, *patch_size) if self.flat else tuple(int(p) for p in patch_size)
         self.p_fg, self.ignore_index = float(foreground_oversample), int(ignore_index)
-        self.locations = [self._locate(lab, num_classes, max_locations) for lab in self.labels]
+        self.threshold = list(threshold) if isinstance(threshold, (list, tuple)) else float(threshold)
+        # per case: [(class, offset into fg, count)] of the classes present, in increasing class order
+        self._locs = [self._offsets(c.fg_counts) for c in cases]
+
+    @property
+    def images(self) -> list[Source]:
+        return [c.image for c in self.cases]
+
+    @property
+    def labels(self) -> list[Source]:
+        return [c.label for c in self.cases]
 
     @staticmethod
-    def _locate(label: np.ndarray, num_classes: int, max_locations: int) -> dict[int, np.ndarray]:
-        flat = label.ravel()
-        out = {}
-        for c in np.unique(flat):
-            if 0 < c < num_classes:
-                idx = np.flatnonzero(flat == c)
-                out[int(c)] = idx[:: max(1, len(idx) // max_locations)]
+    def _offsets(counts: dict[int, int]) -> list[tuple[int, int, int]]:
+        out, offset = [], 0
+        for cls in sorted(counts):
+            if counts[cls] > 0:
+                out.append((cls, offset, counts[cls]))
+            offset += counts[cls]
         return out
 
-    def _origin(self, case: int, rng: np.random.Generator) -> list[int]:
-        shape = self.labels[case].shape
-        locs = self.locations[case]
-        lows = [min(0, n - p) for n, p in zip(shape, self.patch)]
-        highs = [max(0, n - p) for n, p in zip(shape, self.patch)]
+    def _origin(self, index: int, rng: np.random.Generator) -> list[int]:
+        case, locs = self.cases[index], self._locs[index]
+        lows = [min(0, n - p) for n, p in zip(case.shape, self.patch)]
+        highs = [max(0, n - p) for n, p in zip(case.shape, self.patch)]
         if locs and rng.random() < self.p_fg:
-            cls = list(locs)[int(rng.integers(len(locs)))]
-            center = np.unravel_index(int(locs[cls][rng.integers(len(locs[cls]))]), shape)
+            _, offset, count = locs[int(rng.integers(len(locs)))]
+            center = np.unravel_index(int(_view(case.fg)[offset + int(rng.integers(count))]), case.shape)
             return [int(np.clip(c - p // 2, lo, hi)) for c, p, lo, hi in zip(center, self.patch, lows, highs)]
         return [int(rng.integers(lo, hi + 1)) for lo, hi in zip(lows, highs)]
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """One ``(image (M, *patch), label (*patch))`` pair; ``rng`` is the only randomness."""
-        case = int(rng.integers(len(self.images)))
-        origin = self._origin(case, rng)
-        image = crop_with_padding(self.images[case], origin, self.patch, 0.0)
-        label = crop_with_padding(self.labels[case], origin, self.patch, self.ignore_index)
+        index = int(rng.integers(len(self.cases)))
+        case = self.cases[index]
+        origin = self._origin(index, rng)
+        image = crop_with_padding(_view(case.image), origin, self.patch, 0.0)
+        label = crop_with_padding(_view(case.label), origin, self.patch, self.ignore_index)
+        if case.confidence is not None and self.threshold != 0.0:
+            conf = crop_with_padding(_view(case.confidence), origin, self.patch, 255)
+            label[low_confidence(label, conf, self.threshold)] = self.ignore_index
         if self.flat:
             return image[:, 0], label[0]
         return image, label
