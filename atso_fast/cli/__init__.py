@@ -1,4 +1,4 @@
-"""Command line entry point: ``atso-fast relabel | export | train | demo | bench``.
+"""Command line entry point: ``atso-fast relabel | export | import-nnunet | train | demo | bench | measure``.
 
 Each subcommand keeps its own small ``main(argv)`` next to the code it drives; this module
 only dispatches, so importing the CLI stays cheap (torch/onnx load only when needed).
@@ -20,6 +20,7 @@ _COMMANDS = {
     "train": ("atso_fast.cli.train", "main", "run ATSO (or a baseline) from a config file"),
     "demo": ("atso_fast.train.cli", "demo_main", "synthetic end-to-end demo on CPU, no downloads"),
     "bench": ("atso_fast.cli.bench", "cli_main", "throughput benchmark of runtimes and settings"),
+    "measure": ("atso_fast.cli.measure", "main", "record how exactly and fast each runtime runs a package"),
 }
 _BROKEN_PIPE = 141
 """Exit status when stdout's reader went away (128 + SIGPIPE, what a shell reports for it)."""

@@ -11,7 +11,9 @@ from typing import Any
 from atso_fast.bench.networks import default_window
 from atso_fast.bench.runner import _PRECISIONS, BENCH_RUNTIMES, BenchConfig, run_bench
 from atso_fast.cliargs import make_parser
+from atso_fast.engine.agreement import RECORD_KEY, agreement_table
 from atso_fast.engine.windows import check_overlap
+from atso_fast.package import load_package
 from atso_fast.runtimes.base import check_device
 
 __all__ = ["build_parser", "config_from_args", "format_table", "cli_main"]
@@ -146,4 +148,8 @@ def cli_main(argv: list[str] | None = None) -> int:
         print(f"atso-fast bench: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(report) if args.json else format_table(report))
+    if args.model_dir is not None and not args.json:  # what export/import measured, and auto's choice
+        record = load_package(args.model_dir).extra.get(RECORD_KEY)
+        if isinstance(record, dict):
+            print(agreement_table(record))
     return 0 if report["correct"] else 1

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from atso_fast.cli.common import make_parser, one_line
+from atso_fast.cli.measure import measure_after_writing
 from atso_fast.io import InputError, read_regular_file
 from atso_fast.package import PackageError, export_model, load_package
 from atso_fast.train.atso import ATSOConfig, build_model
@@ -158,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the --network class's arguments as a JSON object")
     ap.add_argument("--trust-pickle", action="store_true",
                     help="allow a pickled nn.Module (runs code from the file: only for files you made)")
+    ap.add_argument("--no-measure", action="store_true",
+                    help="do not measure the runtimes' agreement and speed on this machine after writing the package "
+                    "(atso-fast measure does it later; without a record, auto follows its rule; default: measure)")
+    ap.add_argument("--measure-scan", type=Path, metavar="SCAN",
+                    help="measure on real windows of this scan (default: seeded random normalised windows)")
     return ap
 
 
@@ -183,5 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     except (PackageError, OSError, ValueError) as exc:
         print(f"atso-fast export: {one_line(str(exc))}", file=sys.stderr)
         return 2
+    if not args.no_measure:
+        measure_after_writing(out, args.measure_scan, "atso-fast export")
     print(json.dumps(load_package(out).to_json()))
     return 0

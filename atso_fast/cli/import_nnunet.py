@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from atso_fast.cli.common import make_parser
+from atso_fast.cli.measure import measure_after_writing
 from atso_fast.package import PackageError, load_package
 from atso_fast.package.nnunet import import_nnunet
 
@@ -26,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folds to ensemble (numbers or 'all'; default: every fold_K holding the checkpoint)")
     p.add_argument("--checkpoint", "-chk", default="checkpoint_final.pth", help="checkpoint file name in fold_K")
     p.add_argument("--quiet", action="store_true", help="do not print model.json")
+    p.add_argument("--no-measure", action="store_true",
+                    help="do not measure the runtimes' agreement and speed on this machine after writing the package "
+                    "(atso-fast measure does it later; without a record, auto follows its rule; default: measure)")
+    p.add_argument("--measure-scan", type=Path, metavar="SCAN",
+                    help="measure on real windows of this scan (default: seeded random normalised windows)")
     return p
 
 
@@ -40,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PackageError, OSError) as exc:
         print(f"atso-fast import-nnunet: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    if not args.no_measure:
+        measure_after_writing(out, args.measure_scan, "atso-fast import-nnunet")
     if not args.quiet:
         print(json.dumps(load_package(out).to_json(), indent=2))
     return 0

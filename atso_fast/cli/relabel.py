@@ -24,6 +24,7 @@ from atso_fast.datasets.cityscapes import (
     train_to_label_map,
 )
 from atso_fast.engine import Relabeler
+from atso_fast.engine.agreement import RECORD_KEY, agreement_table
 from atso_fast.io import select_part
 from atso_fast.kernels import native
 from atso_fast.package import PackageError, load_package
@@ -122,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="GPUs per actor (default: 0, or 1 with --device cuda)")
     ray.add_argument("--cpus-per-worker", type=float, metavar="C", help="CPUs per actor (default: 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also print the package's measured runtime agreement table (atso-fast measure; default: off)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     return p
 
@@ -262,6 +265,11 @@ def _local_runner(args: argparse.Namespace) -> tuple[Callable[..., dict] | None,
     relabeler = _load_relabeler(args)
     if relabeler is None:
         return None, ()
+    if not args.quiet:  # which runtime runs, and why (the measured agreement or the rule): once per run
+        print(f"atso-fast relabel: runtime {relabeler.runtime_reason}", file=sys.stderr)
+        record = relabeler.package.extra.get(RECORD_KEY)
+        if args.verbose and isinstance(record, dict):
+            print(agreement_table(record), file=sys.stderr)
     return partial(relabel_archive, relabeler, readers=args.readers, writers=args.writers,
                    overlay_palette=args.palette), ()
 

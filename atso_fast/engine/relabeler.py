@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from atso_fast.archive import read_input, relabel_archive
+from atso_fast.engine.agreement import choose_runtime
 from atso_fast.engine.merger import ArrayBackend, LabelSink, SlabMerger
 from atso_fast.engine.preprocess import Geometry, prepare
 from atso_fast.engine.resample import ResampleSink, TimedSink, restore
@@ -38,7 +39,7 @@ from atso_fast.io.limits import check_bytes
 from atso_fast.kernels import native
 from atso_fast.package import ModelPackage, load_package, validate_meta
 from atso_fast.package.trust import largest_tensor
-from atso_fast.runtimes import RUNTIMES, auto_candidates, load_runtime
+from atso_fast.runtimes import RUNTIMES, load_runtime
 from atso_fast.runtimes.base import Pending, Ready, check_device, check_precision
 
 __all__ = ["Relabeler", "RelabelResult", "NonFiniteInputError", "check_label_map", "relabeler_options",
@@ -164,9 +165,11 @@ class Relabeler:
     Args:
         model_dir: folder with ``model.json`` + ``model.onnx`` (``atso_fast.export_model``).
         runtime: ``"auto"``, ``"openvino"``, ``"onnxruntime"``, ``"tensorrt"`` or ``"torch"``.
-            ``auto`` is a rule (``atso_fast.runtimes``): on CPU OpenVINO when installed, else
-            ONNX Runtime, else torch; a first choice that cannot load the model is skipped with
-            a warning. ``runtime_name`` says which runs.
+            ``auto`` runs the fastest runtime whose label agreement, measured for this network
+            and recorded in ``model.json`` (:mod:`atso_fast.engine.agreement`), meets the
+            tolerance; without a record, the rule of ``atso_fast.runtimes``. A first choice that
+            cannot load the model is skipped with a warning. ``runtime_name`` says which runs,
+            ``runtime_reason`` why.
         device: ``"cpu"`` or ``"cuda[:N]"``.
         overlap: window overlap in ``[0, 1)``, scalar or per axis (MONAI's meaning).
         batch_size: windows per runtime call.
@@ -229,10 +232,13 @@ class Relabeler:
                                f"build_info: {native.build_info()}")
         if compile and runtime not in ("auto", "torch"):
             raise ValueError(f"compile=True compiles the torch runtime; runtime {runtime!r} cannot be compiled")
-        candidates = [self._check_runtime("torch" if compile else runtime)] if runtime != "auto" or compile else \
-            auto_candidates(self.device, has_onnx=self.package.root is not None, has_module=_module is not None,
-                            has_program=self._has_program(), precision=self.precision,
-                            exact=self.package.reference is not None)
+        if runtime != "auto" or compile:
+            candidates = [self._check_runtime("torch" if compile else runtime)]
+            self.runtime_reason = f"{candidates[0]}: asked for"
+        else:  # the package's measured agreement, else the rule (atso_fast.engine.agreement)
+            candidates, self.runtime_reason = choose_runtime(
+                self.package, device=self.device, precision=self.precision, has_module=_module is not None,
+                has_program=self._has_program())
         self._check_graph_memory()
         self.runtime = load_runtime(candidates, device=self.device, package=self.package, module=_module,
                                     precision=precision, batch_size=self.batch_size, compile=compile, threads=threads)

@@ -6,7 +6,9 @@ NumPy array for ``device="cpu"``, a CUDA torch tensor for ``device="cuda"``) to
 without waiting (see :class:`~atso_fast.runtimes.base.Runtime`). ``create_runtime`` builds one
 by name.
 
-``auto`` is a rule, backed by benchmarks/RESULTS.md, not a measurement at run time: on CPU,
+``auto`` follows a package's measured agreement when ``model.json`` records one for its network
+(:mod:`atso_fast.engine.agreement`, chosen in the engine); otherwise it is this rule, backed by
+benchmarks/RESULTS.md, not a measurement at run time: on CPU,
 OpenVINO (when installed and the CPU runs the precision), else ONNX Runtime for float32, else
 torch (OpenVINO is left out for a package that promises the labels of a reference predictor, an
 imported nnU-Net model: its fused convolution + instance-norm kernels are less exact, see
