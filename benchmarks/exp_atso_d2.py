@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from exp_atso_protocol import charts, cpu_seconds, machine_meta, run_seed, run_seeds  # noqa: E402
-from exp_atso_synthetic import _task, make_config, make_task  # noqa: E402
+from exp_atso_synthetic import _task, make_config, make_task, write_record  # noqa: E402
 
 from atso_fast.datasets.synthetic import phantom_class_names  # noqa: E402
 from atso_fast.train.report import contrast_table, paired_contrast  # noqa: E402
@@ -142,10 +142,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="2: the second stage of the rule (alpha 0.025 per stage)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
+    parser.add_argument("--record-from", metavar="JSON",
+                        help="only add a finished D2 run (its JSON) to atso_fast/train/recorded.py as 'd2'")
     parser.add_argument("--follow-up", action="store_true",
                         help="only the follow-up arm (self-training-reinit), paired with a finished D2 run's JSON")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
+    if args.record_from:
+        entry = record_d2(Path(args.record_from))
+        print(f"recorded 'd2': {entry['seeds']} seeds, {entry['decision']['verdict']}")
+        return 0
     task = _task("2d", args.quick)
     stem = "atso_d2" + ("_quick" if args.quick else "") + ("_stage2" if args.stage == 2 else "")
     if args.follow_up:
@@ -167,6 +173,28 @@ def main(argv: list[str] | None = None) -> int:
     (out / f"{stem}.md").write_text(text)
     print(text)
     return 0
+
+
+def record_d2(source: Path) -> dict[str, Any]:
+    """The demo's reference entry ``d2`` from a finished run's JSON (arm means and contrasts on
+    the primary endpoint, the decision as the rule read it)."""
+    def rows(contrasts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        keep = ("a", "b", "mean", "ci_low", "ci_high", "p_holm", "n")
+        return [{k: round(v, 4) if isinstance(v, float) else v for k, v in c.items() if k in keep} for c in contrasts]
+
+    record = json.loads(source.read_text())
+    meta, summary, results = record["meta"], record["summary"], record["results"]
+    decision = summary["decision"]
+    entry = {"setting": "2D phantoms (64, 64), 10 labelled / 90 unlabelled, task '2d', 2 rounds, consolidated",
+             "seeds": len(results), "date": meta["date"], "source": source.name,
+             "endpoint": "consolidated test Dice, per-case mean, foreground mean",
+             "arms": {a: round(statistics.fmean(r["arms"][a]["test_case_dice"] for r in results.values()), 4)
+                      for a in next(iter(results.values()))["arms"]},
+             "contrasts": rows(summary["contrasts"]), "val_contrasts": rows(summary["val_contrasts"]),
+             "decision": {"a": decision["a"], "b": decision["b"], "mean": round(decision["mean"], 4),
+                          "ci_low": round(decision["ci_low"], 4), "ci_high": round(decision["ci_high"], 4),
+                          "verdict": decision["verdict"]}}
+    return write_record("d2", entry)
 
 
 def follow_up(args: argparse.Namespace, task: dict[str, Any], stem: str) -> int:

@@ -64,8 +64,8 @@ from atso_fast.train.recorded import RECORDED  # noqa: E402
 RECORDED_NOW: dict[str, Any] = dict(RECORDED or {})
 
 __all__ = ["TASKS", "VARIANTS", "LINEAGE_VARIANTS", "CONTRASTS", "contrasts_for", "chosen_on_validation",
-           "record_experiment", "split_extra_arms", "partial_lines", "pilot_verdict", "main", "make_task",
-           "make_config", "seed_task", "pilot_task"]
+           "record_experiment", "write_record", "split_extra_arms", "partial_lines", "pilot_verdict", "main",
+           "make_task", "make_config", "seed_task", "pilot_task"]
 
 _BASE = {"shape": (64, 64), "n_labelled": 10, "n_unlabelled": 90, "n_val": 50, "n_test": 100, "phantom": {},
          "config": {"batch_size": 8, "model": {"base_channels": 8, "depth": 4}, "warmup_steps": 1000,
@@ -393,6 +393,11 @@ def record_experiment(source: Path, key: str) -> dict[str, Any]:
              "chosen_on_validation": max((a for a in summary["arms"] if a.startswith("atso")),
                                          key=lambda a: summary["arms"][a]["val_mean"], default=None),
              "contrasts": rows(summary["contrasts"]), "val_contrasts": rows(summary["val_contrasts"])}
+    return write_record(key, entry)
+
+
+def write_record(key: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """Write ``atso_fast/train/recorded.py`` with ``entry`` under ``key`` (the others kept)."""
     recorded = {**RECORDED_NOW, key: entry}
     text = ('"""The recorded ATSO experiments the demo compares itself with (key: the task of\n'
             '``benchmarks/exp_atso_synthetic.py``, plus ``_<arms>`` for an arm group other than main).\n\n'

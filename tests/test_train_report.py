@@ -75,3 +75,15 @@ def test_demo_summary_states_the_recorded_verdict_in_words():
     assert "of another setting (2D phantoms), so this run neither confirms nor contradicts it" in text
     worse = {**variants, "contrasts": [{**win, "mean": -0.01, "ci_low": -0.02, "ci_high": -0.001}]}
     assert "atso-lineage did worse than self-training" in demo_summary({"atso": 0.7}, None, None, variants=worse)
+
+
+def test_demo_summary_states_the_decisive_experiment_first():
+    from atso_fast.train.report import demo_summary
+
+    d2 = {"setting": "2D phantoms", "seeds": 20, "date": "2026-12-06", "endpoint": "per-case Dice",
+          "decision": {"a": "atso-reinit", "b": "self-training", "mean": -0.003, "ci_low": -0.03, "ci_high": 0.02,
+                       "verdict": "inconclusive"}}
+    text = demo_summary({"atso": 0.7, "self-training": 0.71}, decisive=d2)
+    line = next(x for x in text.splitlines() if x.startswith("Recorded, decisive"))
+    assert "atso-reinit - self-training -0.003 (CI -0.030 to +0.020): inconclusive" in line
+    assert "No recorded multi-seed" not in text

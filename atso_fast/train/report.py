@@ -95,7 +95,7 @@ def _ranked(finals: Mapping[str, float]) -> list[tuple[str, float]]:
 
 def demo_summary(finals: Mapping[str, float], like: Mapping[str, Any] | None = None,
                  headline: Mapping[str, Any] | None = None, aliases: Mapping[str, str] | None = None,
-                 variants: Mapping[str, Any] | None = None) -> str:
+                 variants: Mapping[str, Any] | None = None, decisive: Mapping[str, Any] | None = None) -> str:
     """A few plain sentences on a demo run: who won, by how much, and against the records.
 
     Args:
@@ -106,6 +106,8 @@ def demo_summary(finals: Mapping[str, float], like: Mapping[str, Any] | None = N
         aliases: demo method -> recorded arm name (default: the same name).
         variants: the record of the variants experiment; the test contrast of its ATSO arm chosen
             on validation (``chosen_on_validation``) against self-training is stated in words.
+        decisive: the record of the decisive experiment (issue 23's D2: ATSO as published, with
+            its ``decision`` read by the rule fixed before the run), stated first.
 
         A record (:data:`atso_fast.train.recorded.RECORDED` values) is ``{"setting", "seeds", "date",
         "endpoint", "contrasts": [{"a", "b", "mean", "ci_low", "ci_high", "p_holm", "n"}, ...],
@@ -123,6 +125,11 @@ def demo_summary(finals: Mapping[str, float], like: Mapping[str, Any] | None = N
     lines.append("One demo run is one seed on a small setting: differences of a few hundredths are within what "
                  "changing the seed alone produces; the recorded multi-seed experiments below say what holds.")
     alias = dict(aliases or {})
+    if decisive and decisive.get("decision"):
+        d = decisive["decision"]
+        lines.append(f"Recorded, decisive experiment ({decisive['setting']}; {decisive['seeds']} seeds, "
+                     f"{decisive['date']}; {decisive['endpoint']}): {d['a']} - {d['b']} {d['mean']:+.3f} "
+                     f"(CI {d['ci_low']:+.3f} to {d['ci_high']:+.3f}): {d['verdict']}.")
     if like:
         lines.append(f"Recorded, same setting ({like['setting']}; {like['seeds']} seeds, {like['date']}; paired "
                      "differences of the final validation Dice):")
@@ -139,7 +146,7 @@ def demo_summary(finals: Mapping[str, float], like: Mapping[str, Any] | None = N
         lines += _verdict(variants, variants["chosen_on_validation"],
                           f"the variants experiment ({variants['seeds']} seeds, {variants['date']}; the ATSO variant "
                           "with the best validation Dice)")
-    if not like and not headline:
+    if not like and not headline and not decisive:
         lines.append("No recorded multi-seed experiment to compare with (see benchmarks/RESULTS.md).")
     return "\n".join(lines)
 
@@ -212,4 +219,5 @@ def demo_report(runs: Mapping[str, Any], setting: str | None = None, main: str =
     finals = {name: run.history[-1]["val_mean_dice"] for name, run in runs.items()}
     recorded = RECORDED or {}
     return demo_summary(finals, recorded.get(setting) if setting else None, recorded.get(main),
-                        {name: arm_name(run.config) for name, run in runs.items()}, recorded.get(variants))
+                        {name: arm_name(run.config) for name, run in runs.items()}, recorded.get(variants),
+                        recorded.get("d2"))
