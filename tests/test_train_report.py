@@ -78,8 +78,6 @@ def test_demo_summary_states_the_recorded_verdict_in_words():
 
 
 def test_demo_summary_states_the_decisive_experiment_first():
-    from atso_fast.train.report import demo_summary
-
     d2 = {"setting": "2D phantoms", "seeds": 20, "date": "2026-12-06", "endpoint": "per-case Dice",
           "decision": {"a": "atso-reinit", "b": "self-training", "mean": -0.003, "ci_low": -0.03, "ci_high": 0.02,
                        "verdict": "inconclusive"}}
