@@ -10,7 +10,7 @@ from typing import Any
 
 from atso_fast.bench.networks import default_window
 from atso_fast.bench.runner import _PRECISIONS, BENCH_RUNTIMES, BenchConfig, run_bench
-from atso_fast.cliargs import make_parser
+from atso_fast.cli.common import make_parser, parse_or_status
 from atso_fast.engine.agreement import RECORD_KEY, agreement_table
 from atso_fast.engine.windows import check_overlap
 from atso_fast.package import load_package
@@ -138,10 +138,9 @@ def format_table(report: dict[str, Any]) -> str:
 def cli_main(argv: list[str] | None = None) -> int:
     """``atso-fast bench [MODEL_DIR] [options]``: 0 when every pair that ran is correct, 1 when
     one is incorrect or failed, 2 on bad usage or a model package that cannot be loaded."""
-    try:
-        args = build_parser().parse_args(None if argv is None else list(argv))
-    except SystemExit as exc:  # --help (0) or an argparse usage error (2)
-        return exc.code if isinstance(exc.code, int) else 2
+    args = parse_or_status(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     try:
         report = run_bench(config_from_args(args))
     except (ValueError, RuntimeError, ImportError) as exc:

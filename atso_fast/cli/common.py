@@ -2,13 +2,15 @@
 console (no library warnings unless asked for), and a clean exit when stdout goes away."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 
 from atso_fast.cliargs import HelpFormatter, make_parser
 
-__all__ = ["HelpFormatter", "make_parser", "one_line", "quiet_library_warnings", "silence_stdout"]
+__all__ = ["HelpFormatter", "make_parser", "one_line", "parse_or_status", "quiet_library_warnings", "silence_stdout"]
 
 _LIBRARIES = r"(torch|torchvision|onnx|onnxruntime|onnxscript|monai|nibabel|ray|numpy)(\.|$)"
 
@@ -47,3 +49,11 @@ def silence_stdout() -> None:
         os.close(devnull)
     except (OSError, ValueError, AttributeError):  # no real file descriptor (captured stdout)
         pass
+
+
+def parse_or_status(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace | int:
+    """The parsed arguments, or the exit status argparse chose (``--help``: 0, a usage error: 2)."""
+    try:
+        return parser.parse_args(None if argv is None else list(argv))
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from atso_fast.cli.common import make_parser
+from atso_fast.cli.common import make_parser, parse_or_status
 from atso_fast.cli.measure import measure_after_writing
 from atso_fast.package import PackageError, load_package
 from atso_fast.package.nnunet import import_nnunet
@@ -37,10 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """0 on success, 2 on bad usage or a model that cannot be imported (one line on stderr)."""
-    try:
-        args = build_parser().parse_args(None if argv is None else list(argv))
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
+    args = parse_or_status(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     try:
         out = import_nnunet(args.model_folder, args.out_dir, folds=args.folds, checkpoint=args.checkpoint)
     except (PackageError, OSError) as exc:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from atso_fast.cli.common import make_parser, one_line
+from atso_fast.cli.common import make_parser, one_line, parse_or_status
 from atso_fast.engine import Relabeler
 from atso_fast.engine.agreement import DEFAULT_TOLERANCE, agreement_table, measure_package
 from atso_fast.io import read_volume
@@ -54,10 +54,9 @@ def measure_after_writing(model_dir: Path, scan: Path | None, command: str) -> N
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(None if argv is None else list(argv))
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
+    args = parse_or_status(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     try:
         record = measure_and_say(args.model_dir, scan=args.scan, windows=args.windows, tolerance=args.tolerance,
                                  stream=sys.stderr if args.json else sys.stdout)

@@ -14,7 +14,7 @@ from typing import Any
 
 from atso_fast import ray_engine
 from atso_fast.archive import check_archive, relabel_archive
-from atso_fast.cli.common import make_parser, one_line
+from atso_fast.cli.common import make_parser, one_line, parse_or_status
 from atso_fast.datasets.cityscapes import (
     NUM_CLASSES,
     TRAIN_NAMES,
@@ -157,10 +157,9 @@ def _resolve(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """``atso-fast relabel ...``: 0 when every case succeeded, 1 when any failed, 2 on bad usage,
     an input that cannot be relabelled as asked, or a model package that cannot be loaded."""
-    try:
-        args = build_parser().parse_args(None if argv is None else list(argv))
-    except SystemExit as exc:  # --help (0) or a usage error (2)
-        return exc.code if isinstance(exc.code, int) else 2
+    args = parse_or_status(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     try:
         _resolve(args)
         args.recursive = args.recursive or is_cityscapes_split(args.input)
