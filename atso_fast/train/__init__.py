@@ -1,5 +1,7 @@
 """Training: a slim U-Net trainer and ATSO (with its baselines), one round engine over a data
-store in memory (:class:`ArrayStore`) or on disk (:class:`CacheStore`)."""
+store in memory (:class:`ArrayStore`) or on disk (:class:`CacheStore`); driving scenes (the
+Cityscapes data form, :class:`ResNetUNet`, road-scene augmentation :class:`ScenePatches`, IoU)
+in memory."""
 from __future__ import annotations
 
 from atso_fast.train.atso import (
@@ -24,7 +26,11 @@ from atso_fast.train.data import (
     load_raw,
 )
 from atso_fast.train.disk_store import CacheStore
+from atso_fast.train.iou import IoUMeter
 from atso_fast.train.losses import dice_ce_loss, dice_per_class, soft_dice_loss
+from atso_fast.train.resnet_unet import ResNetUNet
+from atso_fast.train.scene_augment import SceneAugmentConfig, ScenePatches
+from atso_fast.train.scene_data import scene_cases
 from atso_fast.train.stores import ArrayStore, DataStore
 from atso_fast.train.trainer import MixedBatches, OptimConfig, train_steps
 from atso_fast.train.unet import UNet
@@ -58,4 +64,9 @@ __all__ = [
     "OptimConfig",
     "train_steps",
     "UNet",
+    "IoUMeter",
+    "ResNetUNet",
+    "SceneAugmentConfig",
+    "ScenePatches",
+    "scene_cases",
 ]

@@ -22,6 +22,11 @@ Map of this module (read top to bottom):
 * **state**: :meth:`ATSO.state_dict` (the engine's part: model, theta0, M0, lineages, teacher,
   history; plus the store's part), checkpoints, ``metrics.jsonl``, callbacks.
 
+Driving scenes (issue 24) run on the same engine: the Cityscapes data form of ``config.data``
+(:mod:`atso_fast.train.scene_data`), ``model: {name: resnet_unet, ...}`` (:func:`build_model`),
+the road-scene augmentation (:class:`~atso_fast.train.scene_augment.ScenePatches`) and IoU /
+mIoU in :meth:`ATSO.evaluate` (``val_miou`` in every row), memory storage.
+
 ATSO (Huo et al., arXiv 2006.13461; CVPR 2021): a supervised warm-up on the labelled set L gives
 M0, which pseudo-labels every part of a fixed, seeded, voxel-balanced split of the unlabelled set
 U into ``num_subsets`` parts (two, U1 and U2, in the paper). Round k fine-tunes a student on
@@ -104,15 +109,17 @@ from torch import nn
 from atso_fast.engine.relabeler import Relabeler
 from atso_fast.io import atomic_write_bytes, read_regular_file
 from atso_fast.progress import Progress, duration
-from atso_fast.train.augment import AugmentConfig
-from atso_fast.train.config import INITS, METHODS, STORAGES, ATSOConfig, resolve_storage
+from atso_fast.train.augment import patch_augment
+from atso_fast.train.config import INITS, METHODS, STORAGES, ATSOConfig, reports_iou, resolve_storage
 from atso_fast.train.curves import CURVES_NAME, curves_png
-from atso_fast.train.data import PatchSampler, SemiSupervisedData
+from atso_fast.train.data import Sampler, SemiSupervisedData
 from atso_fast.train.disk_store import ArchiveEngine, CacheStore, package_relabel_fn
+from atso_fast.train.iou import IoUMeter
 from atso_fast.train.mean_teacher import MeanTeacher, MeanTeacherConfig, mean_teacher_batches
 from atso_fast.train.metrics import as_case_maps, case_metrics, case_summary, combine_case_metrics
 from atso_fast.train.monitor import PooledDice, pooled_dice
-from atso_fast.train.stores import ArrayStore, DataStore, load_data
+from atso_fast.train.resnet_unet import ResNetUNet, load_encoder, resnet_unet_options
+from atso_fast.train.stores import ArrayStore, DataStore, load_data, scene_sampler
 from atso_fast.train.trainer import MixedBatches, OptimConfig, mean_loss
 from atso_fast.train.unet import UNet
 
@@ -213,11 +220,34 @@ def plan_round(method: str, k: int, num_subsets: int = 2) -> tuple[tuple[str, ..
     return (), ()
 
 
-def build_model(config: ATSOConfig) -> UNet:
-    """The config's U-Net, initialised from ``config.seed`` without touching torch's global RNG."""
+def build_model(config: ATSOConfig) -> nn.Module:
+    """The config's network, initialised from ``config.seed`` without touching torch's global RNG:
+    a :class:`~atso_fast.train.unet.UNet` (``config.model`` holds its keyword arguments), or with
+    ``model["name"] == "resnet_unet"`` a :class:`~atso_fast.train.resnet_unet.ResNetUNet` whose
+    encoder is loaded from ``encoder_weights`` when given (``weights_only``; theta0 is then that
+    encoder and a freshly initialised decoder).
+
+    Raises:
+        ValueError: a patch that is not a multiple of the network's divisor (the relabel window is
+            the patch), or encoder weights that do not fit (naming the file).
+    """
+    spec = dict(config.model)
+    if spec.get("name", "unet") == "resnet_unet":
+        options = resnet_unet_options(spec)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            net = ResNetUNet(config.num_classes, in_channels=config.in_channels, depth=options["depth"],
+                             decoder_channels=options["decoder_channels"])
+        if any(p % net.divisor for p in config.patch_size):
+            raise ValueError(f"patch_size {config.patch_size} must be multiples of {net.divisor} for the ResNet "
+                             "U-Net (five stride-2 stages); the patch is also the relabel window")
+        if options["encoder_weights"] is not None:
+            load_encoder(net.encoder, options["encoder_weights"])
+        return net
+    spec.pop("name", None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = UNet(config.in_channels, config.num_classes, spatial_dims=config.spatial_dims, **config.model)
+        model = UNet(config.in_channels, config.num_classes, spatial_dims=config.spatial_dims, **spec)
     if any(p % model.divisor for p in config.patch_size):
         raise ValueError(f"patch_size {config.patch_size} must be multiples of {model.divisor} for depth {model.depth}")
     return model
@@ -696,16 +726,16 @@ class ATSO:
         progress = Progress(f"{cfg.method} {phase}", steps, enabled=cfg.progress)
         return lambda done, run: progress.update(done)
 
-    def _batches(self, pseudo: PatchSampler | None, k: int) -> MixedBatches:
+    def _batches(self, pseudo: Sampler | None, k: int) -> MixedBatches:
         """Warm-up (k = 0): whole labelled batches; rounds: per method and config."""
         cfg = self.config
         matched = cfg.method == "supervised" and cfg.supervised_batch == "matched" and k > 0
         soft = cfg.num_classes if self.soft and pseudo is not None and cfg.method != "oracle" else None
         return MixedBatches(self.store.labelled_sampler(), pseudo, cfg.batch_size, labelled_ratio=cfg.labelled_ratio,
-                            augment=AugmentConfig.from_value(cfg.augment), labelled_only=matched,
+                            augment=patch_augment(cfg.augment), labelled_only=matched,
                             soft_channels=soft)
 
-    def _pseudo_sampler(self, idx: list[int]) -> PatchSampler | None:
+    def _pseudo_sampler(self, idx: list[int]) -> Sampler | None:
         """Sampler over the targets of ``idx``: the truth (oracle), else the pseudo labels with
         low-confidence voxels -> ignore_index; None without cases or targets (Mean Teacher)."""
         if not idx or self.config.method == "mean-teacher":
@@ -724,13 +754,16 @@ class ATSO:
         return MeanTeacher(self.model, MeanTeacherConfig.from_value(cfg.mean_teacher), total_steps=total)
 
     def _teacher_batches(self, idx: list[int]) -> MixedBatches:
-        """Labelled samples first, then patches of the unlabelled images ``idx`` (labels all ignored)."""
+        """Labelled samples first, then patches of the unlabelled images ``idx`` (labels all ignored;
+        road scenes: augmented frames, :func:`~atso_fast.train.stores.scene_sampler`)."""
         cfg = self.config
-        return mean_teacher_batches(self.store.labelled_sampler(), self.store.images(idx), cfg.batch_size,
-                                    labelled_ratio=cfg.labelled_ratio, augment=AugmentConfig.from_value(cfg.augment))
+        images = self.store.images(idx)
+        pool = scene_sampler(cfg, images, [np.broadcast_to(np.uint8(cfg.ignore_index), im.shape[1:]) for im in images])
+        return mean_teacher_batches(self.store.labelled_sampler(), images, cfg.batch_size,
+                                    labelled_ratio=cfg.labelled_ratio, augment=patch_augment(cfg.augment), pool=pool)
 
     # ------------------------------------------------------------------ monitors
-    def _student_monitor(self, idx: list[int], pseudo: PatchSampler | None, k: int) -> dict[str, float]:
+    def _student_monitor(self, idx: list[int], pseudo: Sampler | None, k: int) -> dict[str, float]:
         """Before training: the student's loss on sampled target patches, and (memory storage)
         its hard Dice agreement with its targets over the whole training part (1.0: nothing left
         to learn)."""
@@ -742,7 +775,7 @@ class ATSO:
             _, agreement = pooled_dice(preds, pseudo.labels, cfg.num_classes, ignore_index=cfg.ignore_index)
         return {"pre_loss": self._pre_loss(pseudo, k), "start_agreement": agreement}
 
-    def _pre_loss(self, pseudo: PatchSampler, k: int) -> float:
+    def _pre_loss(self, pseudo: Sampler, k: int) -> float:
         """Loss of the student entering round k on (hard) target patches it is about to learn."""
         cfg = self.config
         if cfg.monitor_patches == 0:
@@ -788,10 +821,12 @@ class ATSO:
         dice = metrics.get("val_mean_dice")
         loss = metrics["train"].get("loss")
         stage = metrics["stage"] if metrics["stage"] != "round" else f"round {metrics['round']}"
+        miou = metrics.get("val_miou")
         print(f"atso-fast: {self.config.method} {stage}"
               f" done in {duration(metrics['seconds'])}: train loss {'-' if loss is None else f'{loss:.4f}'}, "
-              f"val mean Dice {'-' if dice is None else f'{dice:.4f}'}; {left} stage(s) left, ETA {duration(eta)}",
-              file=sys.stderr, flush=True)
+              f"val mean Dice {'-' if dice is None else f'{dice:.4f}'}"
+              + ("" if "val_miou" not in metrics else f", val mIoU {'-' if miou is None else f'{miou:.4f}'}")
+              + f"; {left} stage(s) left, ETA {duration(eta)}", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ prediction and evaluation
     def predict(self, volumes: Sequence[np.ndarray]) -> list[tuple[np.ndarray, ...]]:
@@ -832,7 +867,9 @@ class ATSO:
 
     def evaluate(self, cases: Sequence[Any], package: str | os.PathLike[str] | None = None) -> dict[str, Any]:
         """Dice of the current model on labelled ``cases``: pooled per class over them, and per
-        case (Dice and HD95 mean +- SD per class, :func:`~atso_fast.train.metrics.case_metrics`).
+        case (Dice and HD95 mean +- SD per class, :func:`~atso_fast.train.metrics.case_metrics`);
+        with :func:`~atso_fast.train.config.reports_iou` also IoU (:mod:`atso_fast.train.iou`),
+        and no HD95.
 
         Args:
             cases: objects with ``image`` ``(M, Z, Y, X)`` (normalised, on the model's grid) and
@@ -844,29 +881,45 @@ class ATSO:
 
         Returns:
             ``{"dice": [C floats], "mean_dice": mean over foreground classes, "cases": per-case
-            metrics}`` (NaN and no ``cases`` without cases).
+            metrics}`` (NaN and no ``cases`` without cases); with IoU also ``"iou"`` ([C], pooled
+            over the cases: NaN for a class absent from truth and prediction), ``"miou"`` (its
+            mean over the defined classes, background included: the Cityscapes number) and
+            ``"miou_per_image"`` (each case's mIoU, averaged).
         """
+        iou = reports_iou(self.config)
         if not cases:
-            return {"dice": [], "mean_dice": math.nan}
+            return {"dice": [], "mean_dice": math.nan, **({"iou": [], "miou": math.nan, "miou_per_image": math.nan}
+                                                         if iou else {})}
         cfg = self.config
         relabel_fn = self.relabel_fn if package is None else package_relabel_fn(package, cfg)
         dice, parts = PooledDice(cfg.num_classes, ignore_index=cfg.ignore_index), []
+        meter = IoUMeter(cfg.num_classes, cfg.ignore_index) if iou else None
         for images, truths in self.store.case_batches(cases):
             preds = [r[0] for r in self._predict_with(relabel_fn, images)]
             for pred, truth in zip(preds, truths):
                 dice.add(pred, truth)
                 (pred_map, spacing), (truth_map, _) = as_case_maps(pred, cfg.spacing), as_case_maps(truth, cfg.spacing)
                 parts.append(case_metrics([pred_map], [truth_map], cfg.num_classes, spacing=spacing,
-                                          ignore_index=cfg.ignore_index))
+                                          ignore_index=cfg.ignore_index, hd95=not iou))
+                if meter is not None:
+                    meter.update(pred_map, truth_map)
         per_class, mean_fg = dice.result()
-        return {"dice": per_class, "mean_dice": mean_fg, "cases": combine_case_metrics(parts, cfg.num_classes)}
+        out = {"dice": per_class, "mean_dice": mean_fg, "cases": combine_case_metrics(parts, cfg.num_classes)}
+        if meter is not None:
+            result = meter.result()
+            out.update(iou=result["pooled"]["iou"], miou=result["pooled"]["miou"],
+                       miou_per_image=result["per_image"]["miou"])
+        return out
 
     def validate(self, package: str | os.PathLike[str] | None = None) -> dict[str, Any]:
         """The current model (or ``package``, see :meth:`evaluate`) on the validation cases:
         pooled Dice per class and its foreground mean, and the per-case summary (Dice and HD95
-        mean +- SD per class)."""
+        mean +- SD per class); with IoU also ``val_iou``, ``val_miou`` (pooled) and
+        ``val_miou_per_image``."""
         result = self.evaluate(self.store.val_cases, package)
         out = {"val_dice": result["dice"], "val_mean_dice": result["mean_dice"]}
+        if "miou" in result:
+            out.update(val_iou=result["iou"], val_miou=result["miou"], val_miou_per_image=result["miou_per_image"])
         if "cases" in result:
             out["val_cases"] = case_summary(result["cases"])
         return out

@@ -3,6 +3,12 @@
 Shapes: image ``(M, *spatial)`` float32 (already normalised), label ``(*spatial)``; spatial is
 ``(Z, Y, X)`` or ``(Y, X)``. Rotations are by 90 degrees in the ``(Y, X)`` plane (the last two
 axes), so no interpolation touches the labels.
+
+A config's ``augment`` value selects the recipe: ``True``/``False``, a dict of
+:class:`AugmentConfig` fields (optionally with ``kind: medical``): this module's per-patch recipe
+(the default); ``{"kind": "scene", ...}``: the road-scene recipe on whole frames
+(:mod:`atso_fast.train.scene_augment`: scale, crop, horizontal flip, colour jitter; applied as a
+frame is sampled, so :func:`patch_augment` gives None for it).
 """
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["AugmentConfig", "augment_sample"]
+__all__ = ["AugmentConfig", "augment_sample", "augment_kind", "patch_augment"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,10 @@ class AugmentConfig:
             return value
         if not isinstance(value, dict):
             raise ValueError(f"augment must be a bool, a dict or AugmentConfig, got {value!r}")
+        if augment_kind(value) == "scene":
+            raise ValueError("augment kind 'scene' is the road-scene recipe (atso_fast.train.scene_augment), "
+                             "not AugmentConfig")
+        value = {k: v for k, v in value.items() if k != "kind"}
         unknown = set(value) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown augment options {sorted(unknown)}")
@@ -65,6 +75,26 @@ class AugmentConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (lists for ranges), for configs and checkpoints."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def augment_kind(value: Any) -> str | None:
+    """``"scene"`` or ``"medical"`` for a config's ``augment`` value, None for no augmentation.
+
+    Raises:
+        ValueError: a dict whose ``kind`` is neither.
+    """
+    if value is None or value is False:
+        return None
+    kind = value.get("kind", "medical") if isinstance(value, dict) else "medical"
+    if kind not in ("medical", "scene"):
+        raise ValueError(f"augment kind must be 'medical' or 'scene', got {kind!r}")
+    return kind
+
+
+def patch_augment(value: AugmentConfig | dict[str, Any] | bool | None) -> AugmentConfig | None:
+    """The per-patch augmentation of a config's ``augment`` value (:meth:`AugmentConfig.from_value`);
+    None for none and for the road-scene kind (whole frames are augmented as they are sampled)."""
+    return None if augment_kind(value) == "scene" else AugmentConfig.from_value(value)
 
 
 def augment_sample(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,

@@ -13,16 +13,22 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from atso_fast.train.augment import AugmentConfig
+from atso_fast.train.augment import AugmentConfig, augment_kind
 from atso_fast.train.mean_teacher import MeanTeacherConfig
+from atso_fast.train.resnet_unet import resnet_unet_options
+from atso_fast.train.scene_augment import SceneAugmentConfig
+from atso_fast.train.scene_data import SCENE_CLASSES, check_scene_spec, is_scene_spec
 from atso_fast.train.trainer import OptimConfig
 
-__all__ = ["METHODS", "INITS", "STORAGES", "ATSOConfig", "resolve_storage"]
+__all__ = ["METHODS", "INITS", "STORAGES", "MODELS", "ATSOConfig", "resolve_storage", "reports_iou"]
 
 METHODS = ("atso", "self-training", "supervised", "oracle", "mean-teacher")
 STORAGES = ("auto", "memory", "disk")
 INITS = ("continue", "reinit", "m0", "lineage")
 _INIT_ALIASES = {"base": "m0"}  # the name before issue 23
+MODELS = ("unet", "resnet_unet")
+"""Networks ``model["name"]`` may pick (no name: ``unet``)."""
+_SCENE_NEEDS = {"num_classes": SCENE_CLASSES, "in_channels": 3, "spatial_dims": 2, "ignore_index": 255}
 
 
 @dataclass
@@ -30,15 +36,22 @@ class ATSOConfig:
     """Everything an ATSO (or baseline) run needs; plain values only, so it round-trips via JSON.
 
     Attributes:
-        data: a data folder, a YAML/JSON list file, or a dict in list-file form
-            (see :mod:`atso_fast.train.data`); None when data are passed to
-            :class:`~atso_fast.train.atso.ATSO`.
+        data: a data folder, a YAML/JSON list file, a dict in list-file form, or the Cityscapes
+            form (a dict with a ``cityscapes`` key: driving scenes, memory storage, and then
+            ``num_classes`` 19, ``in_channels`` 3, ``spatial_dims`` 2, ``ignore_index`` 255;
+            :mod:`atso_fast.train.scene_data`) (see :mod:`atso_fast.train.data`); None when data
+            are passed to :class:`~atso_fast.train.atso.ATSO`.
         num_classes: C, background included.
         in_channels: M.
         spatial_dims: 3 (patches ``(pz, py, px)``) or 2 (slices, patches ``(py, px)``).
         patch_size: training patch, also the relabel window.
         batch_size: patches per step.
-        model: keyword arguments of :class:`~atso_fast.train.unet.UNet` (base_channels, depth, ...).
+        model: keyword arguments of :class:`~atso_fast.train.unet.UNet` (base_channels, depth, ...);
+            or ``{"name": "resnet_unet", "layers": 18 | 34, "encoder_weights": PATH | None,
+            "decoder_channels": [5 widths]}``: a 2D U-Net on a ResNet encoder
+            (:class:`~atso_fast.train.resnet_unet.ResNetUNet`; patches multiples of 32), its
+            encoder loaded from a torchvision-layout state_dict the user has on disk (read
+            ``weights_only``; nothing is downloaded), so theta0 is that encoder and a fresh decoder.
         normalization: policy dict or ``"auto"``/``"ct"``/``"zscore"``/``"none"``; the resolved policy
             is written back here and travels with checkpoints and exported models.
         method: ``"atso"``, ``"self-training"``, ``"supervised"``, ``"oracle"`` or ``"mean-teacher"``.
@@ -70,7 +83,12 @@ class ATSOConfig:
         labelled_ratio: fraction of each batch drawn from L during fine-tuning; 0 fine-tunes on
             pseudo labels alone (the arXiv v1 description), 1 on L alone.
         foreground_oversample: probability of a foreground-centred patch.
-        augment: True/False or :class:`~atso_fast.train.augment.AugmentConfig` fields.
+        augment: True/False or :class:`~atso_fast.train.augment.AugmentConfig` fields (the per-patch
+            recipe); or ``{"kind": "scene", ...}``: the road-scene recipe on whole frames (random
+            scale, crop to ``patch_size``, horizontal flip, colour jitter; options as
+            :class:`~atso_fast.train.scene_augment.SceneAugmentConfig` but ``crop``; never a
+            vertical flip or rotation; 2D RGB, hard targets). With the Cityscapes data form
+            ``True`` means the road-scene recipe and the per-patch one is refused.
         relabel: extra options of ``Relabeler.from_module`` (overlap, batch_size, ...); on disk
             storage of the round's ``Relabeler`` (``runtime`` defaults to ``"auto"``), plus the Ray
             pool options (workers, address, ...) with ``atso-fast train --engine ray``.
@@ -98,7 +116,11 @@ class ATSOConfig:
             silence); ``False``: quiet.
         class_names: one name per class, in label order, carried into exported packages
             (default: the data folder's nnU-Net ``dataset.json`` ``labels``, when they name
-            classes ``0 .. num_classes - 1``).
+            classes ``0 .. num_classes - 1``; Cityscapes' trainId names for the Cityscapes form).
+        report_iou: also report per-class IoU and mIoU (pooled over the images and the mean per
+            image, :mod:`atso_fast.train.iou`) beside Dice, and leave out HD95 (a distance in mm,
+            meaningless on photographs); None (default): on for the Cityscapes data form and for
+            data normalised with the ``rgb`` scheme (:func:`reports_iou`).
     """
 
     data: str | dict[str, Any] | None = None
@@ -144,6 +166,7 @@ class ATSOConfig:
     checkpoint_every: int = 0
     progress: bool = True
     class_names: list[str] | None = None
+    report_iou: bool | None = None
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)
@@ -172,9 +195,53 @@ class ATSOConfig:
                              f"{self.checkpoint_every}")
         if self.in_channels < 1 or self.batch_size < 1:
             raise ValueError(f"in_channels and batch_size must be >= 1, got {self.in_channels}, {self.batch_size}")
+        if self.report_iou not in (None, True, False):
+            raise ValueError(f"report_iou must be true, false or null, got {self.report_iou!r}")
         OptimConfig.from_value(self.optim)
-        AugmentConfig.from_value(self.augment)
         MeanTeacherConfig.from_value(self.mean_teacher)
+        self._check_scene()
+        self._check_augment()
+        self._check_model()
+
+    def _check_scene(self) -> None:
+        """The Cityscapes data form: its keys, the settings its frames need, memory storage, and
+        ``augment: true`` read as the road-scene recipe."""
+        if not isinstance(self.data, dict) or not is_scene_spec(self.data):
+            return
+        check_scene_spec(self.data)
+        wrong = {k: getattr(self, k) for k, v in _SCENE_NEEDS.items() if getattr(self, k) != v}
+        if wrong:
+            raise ValueError(f"the cityscapes data form (RGB frames, 19 trainId classes, 255 ignored) needs "
+                             f"{_SCENE_NEEDS}, got {wrong}")
+        if self.storage == "disk":
+            raise ValueError("the cityscapes data form runs on memory storage (frames are small enough to hold in "
+                             "RAM); got storage 'disk'")
+        if self.augment is True:
+            self.augment = {"kind": "scene"}
+        elif augment_kind(self.augment) == "medical":
+            raise ValueError(f"driving scenes are never flipped upside down or rotated: augment must be true (the "
+                             f"road-scene recipe), false or {{kind: scene, ...}}, got {self.augment!r}")
+
+    def _check_augment(self) -> None:
+        if augment_kind(self.augment) != "scene":
+            AugmentConfig.from_value(self.augment)
+            return
+        SceneAugmentConfig.from_value(self.augment, self.patch_size, self.ignore_index)
+        if self.spatial_dims != 2 or self.in_channels != 3 or self.targets != "hard":
+            raise ValueError(f"augment kind 'scene' augments 2D RGB frames with hard targets: needs spatial_dims 2, "
+                             f"in_channels 3 and targets 'hard', got {self.spatial_dims}, {self.in_channels}, "
+                             f"{self.targets!r}")
+
+    def _check_model(self) -> None:
+        if not isinstance(self.model, dict):
+            raise ValueError(f"model must be a dict, got {self.model!r}")
+        name = self.model.get("name", "unet")
+        if name not in MODELS:
+            raise ValueError(f"model name must be one of {MODELS}, got {name!r}")
+        if name == "resnet_unet":
+            resnet_unet_options(self.model)
+            if self.spatial_dims != 2:
+                raise ValueError(f"model 'resnet_unet' is 2D: needs spatial_dims 2, got {self.spatial_dims}")
 
     def _check_choices(self) -> None:
         self.init = _INIT_ALIASES.get(self.init, self.init)
@@ -227,9 +294,22 @@ def _check_threshold(value: Any, num_classes: int) -> float | list[float]:
 
 
 def resolve_storage(config: ATSOConfig | dict[str, Any], data: Any = None) -> str:
-    """``"memory"`` or ``"disk"`` for a config (see :attr:`ATSOConfig.storage`)."""
+    """``"memory"`` or ``"disk"`` for a config (see :attr:`ATSOConfig.storage`; the Cityscapes
+    data form: memory)."""
     config = config if isinstance(config, ATSOConfig) else ATSOConfig.coerce(config)
     if config.storage != "auto":
         return config.storage
+    if is_scene_spec(config.data):
+        return "memory"
     on_disk = isinstance(config.data, (str, Path, dict)) and data is None and config.out_dir is not None
     return "disk" if on_disk and config.targets == "hard" else "memory"
+
+
+def reports_iou(config: ATSOConfig) -> bool:
+    """Whether evaluation reports IoU and mIoU (:attr:`ATSOConfig.report_iou`; None: for the
+    Cityscapes data form and for data normalised with the ``rgb`` scheme)."""
+    if config.report_iou is not None:
+        return bool(config.report_iou)
+    policy = config.normalization
+    scheme = policy.get("scheme") if isinstance(policy, dict) else policy
+    return is_scene_spec(config.data) or scheme in ("rgb", "imagenet")

@@ -18,6 +18,23 @@ List file (YAML or JSON; paths relative to the file)::
     unlabelled: [b.nii.gz, {image: c.nii.gz, label: c_truth.nii.gz}, ...]
     val:        [{image: ..., label: ...}]
     modality:   CT                                              # optional
+
+Driving scenes (issue 24): a dict naming Cityscapes-layout folders instead (memory storage only;
+keys, defaults and the transfer setting in :mod:`atso_fast.train.scene_data`)::
+
+    cityscapes:      ROOT          # required: dataset folder of the labelled frames
+    labelled:        train         # split of ROOT (default train)
+    labelled_count:  N             # optional: N frames of it (default all), drawn by
+    labelled_seed:   0             #   this seed (default 0), kept in name order
+    unlabelled:      train_extra   # split of unlabelled frames (default none); the labelled split
+                                   #   itself: its frames not drawn into the labelled set
+    unlabelled_root: ROOT_B        # optional (default ROOT): another dataset (transfer)
+    val:             val           # validation split (default val; null: none)
+    val_root:        ROOT_B        # optional (default ROOT)
+
+Frames become cases with image ``(3, 1, H, W)`` (RGB, ``normalization: auto`` -> ImageNet's
+statistics, the ``rgb`` scheme) and label ``(1, H, W)`` uint8 trainIds (255 ignored); such runs
+need ``num_classes: 19``, ``in_channels: 3``, ``spatial_dims: 2``, ``ignore_index: 255``.
 """
 from __future__ import annotations
 
@@ -26,13 +43,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from atso_fast.io import read_volume, supported_suffixes
 from atso_fast.io.files import read_text_file
-from atso_fast.package.normalize import check_policy, ct_policy_from_samples, normalize
+from atso_fast.package.normalize import IMAGENET_RGB, check_policy, ct_policy_from_samples, normalize
 
 __all__ = [
     "low_confidence",
@@ -45,6 +62,7 @@ __all__ = [
     "resolve_normalization",
     "PatchSampler",
     "PatchCase",
+    "Sampler",
     "open_array",
     "locate_foreground",
     "crop_with_padding",
@@ -302,9 +320,12 @@ def resolve_normalization(spec: str | dict[str, Any] | None, labelled: Sequence[
 
     Args:
         spec: a policy dict, or ``"ct"`` (statistics of the labelled foreground), ``"zscore"``,
-            ``"none"``, or ``"auto"``/``None`` (``"ct"`` when ``modality`` is CT, else ``"zscore"``).
+            ``"none"``, ``"imagenet"`` (:data:`~atso_fast.package.normalize.IMAGENET_RGB`: the
+            ``rgb`` scheme with ImageNet's per-channel statistics on 0-255 pictures), or
+            ``"auto"``/``None`` (``"ct"`` when ``modality`` is CT, ``"imagenet"`` when it is RGB,
+            else ``"zscore"``).
         labelled: raw labelled cases, for the CT statistics (first channel).
-        modality: e.g. ``"CT"`` from ``dataset.json``.
+        modality: e.g. ``"CT"`` from ``dataset.json``, ``"RGB"`` for driving scenes.
 
     Raises:
         ValueError: unknown spec.
@@ -312,12 +333,15 @@ def resolve_normalization(spec: str | dict[str, Any] | None, labelled: Sequence[
     if isinstance(spec, dict):
         return check_policy(spec)
     if spec in (None, "auto"):
-        spec = "ct" if (modality or "").upper() == "CT" else "zscore"
+        spec = {"CT": "ct", "RGB": "imagenet"}.get((modality or "").upper(), "zscore")
+    if spec == "imagenet":
+        return check_policy(IMAGENET_RGB)
     if spec == "ct":
         return ct_policy_from_samples([c.image[0] for c in labelled], [c.label for c in labelled])
     if spec in ("zscore", "none"):
         return check_policy({"scheme": spec})
-    raise ValueError(f"normalization must be a policy dict or one of 'auto', 'ct', 'zscore', 'none', got {spec!r}")
+    raise ValueError(f"normalization must be a policy dict or one of 'auto', 'ct', 'zscore', 'none', 'imagenet', "
+                     f"got {spec!r}")
 
 
 def prepare_data(raw: dict[str, list[RawCase]], policy: dict[str, Any],
@@ -422,6 +446,33 @@ def locate_foreground(label: np.ndarray, num_classes: int, max_locations: int = 
             parts.append(idx.astype(np.int64))
             counts[int(c)] = len(idx)
     return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), counts
+
+
+class Sampler(Protocol):
+    """What the trainer reads from a source of training samples: :class:`PatchSampler`, or
+    :class:`~atso_fast.train.scene_augment.ScenePatches` (road scenes).
+
+    Attributes:
+        patch: ``(pz, py, px)``, or ``(1, py, px)`` when ``flat``.
+        flat: samples are 2D ``(M, py, px)`` with labels ``(py, px)``.
+        ignore_index: the label of voxels left out of the loss.
+        images, labels: the cases' ``(M, Z, Y, X)`` images and ``(Z, Y, X)`` labels.
+    """
+
+    patch: tuple[int, ...]
+    flat: bool
+    ignore_index: int
+
+    @property
+    def images(self) -> Sequence[Any]:
+        """The cases' images (arrays, or ``.npy`` paths)."""
+
+    @property
+    def labels(self) -> Sequence[Any]:
+        """The cases' labels (arrays, or ``.npy`` paths)."""
+
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """One ``(image (M, *patch), label (*patch))`` pair; ``rng`` is the only randomness."""
 
 
 Source = np.ndarray | Path

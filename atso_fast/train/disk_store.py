@@ -35,6 +35,7 @@ round that last relabelled it (``label_round``). Every random draw comes from ge
 one (same device and threads; wall-clock fields ``seconds`` and ``timing`` aside).
 
 Not on disk storage: soft targets and Mean Teacher (both need every unlabelled image in memory),
+driving scenes (the Cityscapes data form and the road-scene augmentation: whole frames in memory),
 a custom ``relabeler`` (each round's exported package relabels), and the monitors that cost
 another inference pass over the training part each round (``start_agreement`` and the premise's
 trained side are NaN here).
@@ -61,6 +62,7 @@ from atso_fast.engine.relabeler import Relabeler, relabeler_options
 from atso_fast.io import atomic_write_bytes
 from atso_fast.package import export_model
 from atso_fast.package.grid import grid_package
+from atso_fast.train.augment import augment_kind
 from atso_fast.train.cache import Cache, CachedCase, build_cache, save_npy
 from atso_fast.train.config import ATSOConfig
 from atso_fast.train.data import (
@@ -146,6 +148,9 @@ class CacheStore:
         if config.method == "mean-teacher":
             raise ValueError("method 'mean-teacher' runs on memory storage only (storage='memory'): its teacher "
                              "needs the unlabelled images in every batch, not pseudo labels on disk")
+        if augment_kind(config.augment) == "scene":
+            raise ValueError("the road-scene augmentation (augment kind 'scene') samples whole RGB frames in memory: "
+                             "run it with storage='memory' (driving-scene frames are small)")
         self.out = Path(config.out_dir)
         listing, base = read_listing(config.data)
         self.cache: Cache = build_cache(

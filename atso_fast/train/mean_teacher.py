@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atso_fast.train.augment import AugmentConfig
-from atso_fast.train.data import PatchSampler
+from atso_fast.train.data import PatchSampler, Sampler
 from atso_fast.train.trainer import MixedBatches
 
 __all__ = ["MeanTeacherConfig", "MeanTeacher", "sigmoid_rampup", "ema_alpha", "unlabelled_sampler",
@@ -203,17 +203,24 @@ def unlabelled_sampler(images: Sequence[np.ndarray], patch_size: Sequence[int], 
                         ignore_index=ignore_index)
 
 
-def mean_teacher_batches(labelled: PatchSampler, unlabelled_images: Sequence[np.ndarray], batch_size: int, *,
-                         labelled_ratio: float = 0.5, augment: AugmentConfig | None = None) -> MixedBatches:
+def mean_teacher_batches(labelled: Sampler, unlabelled_images: Sequence[np.ndarray], batch_size: int, *,
+                         labelled_ratio: float = 0.5, augment: AugmentConfig | None = None,
+                         pool: Sampler | None = None) -> MixedBatches:
     """:class:`MixedBatches` for Mean Teacher: labelled samples first (``last_labelled`` of them),
     then unlabelled ones whose labels are all ``labelled.ignore_index``; same patch size and
     augmentation for both.
+
+    Args:
+        pool: the sampler of the unlabelled samples (``sample(rng)``, labels all ignored), e.g.
+            road-scene samples of whole frames; default uniform patches of ``unlabelled_images``
+            (:func:`unlabelled_sampler`).
 
     Raises:
         ValueError: no unlabelled image, or bad batch size or ratio.
     """
     if not unlabelled_images:
         raise ValueError("mean_teacher_batches needs at least one unlabelled image, got none")
-    patch = labelled.patch[1:] if labelled.flat else labelled.patch
-    pool = unlabelled_sampler(unlabelled_images, patch, ignore_index=labelled.ignore_index)
+    if pool is None:
+        patch = labelled.patch[1:] if labelled.flat else labelled.patch
+        pool = unlabelled_sampler(unlabelled_images, patch, ignore_index=labelled.ignore_index)
     return MixedBatches(labelled, pool, batch_size, labelled_ratio=labelled_ratio, augment=augment)

@@ -20,11 +20,17 @@ Inputs are expected normalised as the encoder was trained (ImageNet:
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["BLOCKS", "BasicBlock", "ResNetEncoder", "ResNetUNet", "load_encoder"]
+__all__ = ["BLOCKS", "BasicBlock", "ResNetEncoder", "ResNetUNet", "load_encoder", "resnet_unet_options",
+           "MODEL_KEYS"]
+
+MODEL_KEYS = ("name", "layers", "encoder_weights", "decoder_channels")
+"""The keys of a training config's ``model`` dict that picks this network (``name: resnet_unet``)."""
 
 BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 """Basic blocks per stage of ResNet-18 and ResNet-34."""
@@ -172,3 +178,28 @@ def load_encoder(encoder: ResNetEncoder, path: str | os.PathLike[str]) -> ResNet
                          f"channel(s) in torchvision's layout; {'; '.join(problems)}")
     encoder.load_state_dict(state, strict=True)
     return encoder
+
+
+def resnet_unet_options(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The network a config's ``model`` dict names (``{"name": "resnet_unet", "layers": 18 | 34,
+    "encoder_weights": PATH | None, "decoder_channels": [5 widths]}``; ``layers`` default 18) as
+    ``{"depth", "decoder_channels", "encoder_weights"}`` (the file is not read here).
+
+    Raises:
+        ValueError: an unknown key, or a value out of range.
+    """
+    unknown = sorted(set(spec) - set(MODEL_KEYS))
+    if unknown:
+        raise ValueError(f"model 'resnet_unet' takes the keys {list(MODEL_KEYS)}, got unknown {unknown}")
+    depth = spec.get("layers", 18)
+    if isinstance(depth, bool) or depth not in BLOCKS:
+        raise ValueError(f"model 'resnet_unet' layers must be one of {sorted(BLOCKS)}, got {depth!r}")
+    weights = spec.get("encoder_weights")
+    if weights is not None and (not isinstance(weights, (str, os.PathLike)) or not os.fspath(weights)):
+        raise ValueError(f"model 'resnet_unet' encoder_weights must be a file path or null, got {weights!r}")
+    widths = spec.get("decoder_channels", (256, 128, 64, 32, 16))
+    if not isinstance(widths, (list, tuple)) or len(widths) != 5 or \
+            not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths):
+        raise ValueError(f"model 'resnet_unet' decoder_channels must be 5 positive ints, got {widths!r}")
+    return {"depth": int(depth), "decoder_channels": tuple(widths),
+            "encoder_weights": None if weights is None else os.fspath(weights)}

@@ -12,14 +12,25 @@ Shapes: image ``(3, H, W)`` (uint8 or float, 0-255), labels ``(H, W)`` integer (
 output image ``(3, h, w)`` float32 0-255, labels ``(h, w)`` uint8 (uint16 kept), ``(h, w)`` the
 crop. Where the scaled frame is smaller than the crop, the picture is padded with 0 and the labels
 with ``ignore_index`` (mmsegmentation's rule).
+
+In training (``augment: {kind: scene, ...}`` in an ATSO config, options as
+:class:`SceneAugmentConfig` but ``crop``, which is the training patch), :class:`ScenePatches`
+samples from whole frames held in memory: a frame drawn uniformly, taken back from its
+normalisation to 0-255, augmented, normalised again. It stands where a
+:class:`~atso_fast.train.data.PatchSampler` would (same ``sample(rng)``; no foreground
+oversampling: crops are placed uniformly, as published Cityscapes training does).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 
-__all__ = ["SceneAugmentConfig", "augment_scene", "resize_pair"]
+from atso_fast.package.normalize import check_policy, normalize
+
+__all__ = ["SceneAugmentConfig", "ScenePatches", "augment_scene", "resize_pair", "to_pixels"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,29 @@ class SceneAugmentConfig:
         for name in ("brightness", "contrast", "saturation"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_value(cls, value: Any, crop: Sequence[int], ignore_index: int = 255) -> SceneAugmentConfig | None:
+        """The recipe of a config's ``augment`` value when it is ``{"kind": "scene", ...}`` (its
+        other keys: ``scale``, ``flip``, ``brightness``, ``contrast``, ``saturation``), with the
+        training patch as ``crop``; None for any other value.
+
+        Raises:
+            ValueError: an unknown option (``crop`` included: it is the patch) or a value out of range.
+        """
+        if not isinstance(value, dict) or value.get("kind") != "scene":
+            return None
+        allowed = {f.name for f in fields(cls)} - {"crop", "ignore_index"}
+        options = {k: v for k, v in value.items() if k != "kind"}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise ValueError(f"augment kind 'scene' takes {sorted(allowed)} (the crop is the patch_size), "
+                             f"got unknown {unknown}")
+        if "scale" in options:
+            options["scale"] = tuple(float(v) for v in options["scale"])
+        if len(crop) != 2:
+            raise ValueError(f"augment kind 'scene' crops 2D patches (h, w), got patch_size {tuple(crop)}")
+        return cls(crop=(int(crop[0]), int(crop[1])), ignore_index=int(ignore_index), **options)
 
 
 def resize_pair(image: np.ndarray, labels: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -121,3 +155,77 @@ def augment_scene(image: np.ndarray, labels: np.ndarray, rng: np.random.Generato
     image = _jitter(image, config, rng)
     out_labels = labels.astype(np.uint16 if labels.dtype == np.uint16 else np.uint8)
     return np.ascontiguousarray(image), np.ascontiguousarray(out_labels)
+
+
+def to_pixels(image: np.ndarray, normalization: dict[str, Any]) -> np.ndarray:
+    """Undo a picture's normalisation: ``image`` (any shape, channels first) back to 0-255 float32.
+
+    Raises:
+        ValueError: a policy that cannot be undone from the picture alone (only ``rgb``,
+            ``rgb_to_0_1`` and ``none`` can).
+    """
+    policy = check_policy(normalization)
+    if not isinstance(policy, dict):
+        raise ValueError(f"road-scene augmentation undoes one policy for every channel, got a list {normalization!r}")
+    scheme = policy["scheme"]
+    image = np.asarray(image, np.float32)
+    if scheme == "none":
+        return image
+    if scheme == "rgb_to_0_1":
+        return image * np.float32(255.0)
+    if scheme == "rgb":
+        shape = (-1,) + (1,) * (image.ndim - 1)
+        std, mean = (np.asarray(policy[k], np.float32).reshape(shape) for k in ("std", "mean"))
+        return image * std + mean
+    raise ValueError(f"road-scene augmentation works on 0-255 pictures: the normalization must be 'rgb', "
+                     f"'rgb_to_0_1' or 'none', got {normalization!r}")
+
+
+class ScenePatches:
+    """Road-scene training samples from whole frames in memory (see the module docstring).
+
+    Args:
+        images: normalised frames ``(3, 1, H, W)`` float32.
+        labels: ``(1, H, W)`` integer labels (trainIds; ``ignore_index`` left out of the loss).
+        config: the recipe; its ``crop`` is the sample size ``(h, w)``.
+        normalization: the policy ``images`` were normalised with (``rgb``, ``rgb_to_0_1`` or
+            ``none``): samples are normalised with it again.
+
+    Attributes:
+        patch: ``(1, h, w)``; ``flat`` True: samples are ``(3, h, w)`` images and ``(h, w)`` labels.
+
+    Raises:
+        ValueError: no frame, mismatched counts or shapes, a policy that cannot be undone.
+    """
+
+    flat = True
+
+    def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], config: SceneAugmentConfig,
+                 normalization: dict[str, Any]) -> None:
+        if not images or len(images) != len(labels):
+            raise ValueError(f"ScenePatches needs as many labels as frames (>= 1), got {len(images)} and {len(labels)}")
+        for image, label in zip(images, labels):
+            if image.ndim != 4 or image.shape[:2] != (3, 1) or tuple(label.shape) != image.shape[1:]:
+                raise ValueError(f"ScenePatches needs frames (3, 1, H, W) and labels (1, H, W), got {image.shape} "
+                                 f"and {label.shape}")
+        to_pixels(images[0][:, :, :1, :1], normalization)  # refuses a policy it cannot undo, now
+        self._images, self._labels = list(images), list(labels)
+        self.config, self.normalization = config, dict(normalization)
+        self.patch: tuple[int, ...] = (1, *config.crop)
+        self.ignore_index = config.ignore_index
+
+    @property
+    def images(self) -> list[np.ndarray]:
+        return self._images
+
+    @property
+    def labels(self) -> list[np.ndarray]:
+        return self._labels
+
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """One ``(image (3, h, w) float32 normalised, labels (h, w) uint8)``; ``rng`` is the only
+        randomness (the frame first, then :func:`augment_scene`'s draws)."""
+        index = int(rng.integers(len(self._images)))
+        pixels = to_pixels(self._images[index][:, 0], self.normalization)
+        image, labels = augment_scene(pixels, np.asarray(self._labels[index][0]), rng, self.config)
+        return normalize(image[:, None], self.normalization)[:, 0], labels

@@ -19,6 +19,8 @@ Two stores implement it:
 
 * :class:`ArrayStore` (here): every case and pseudo label in RAM as NumPy arrays; the live model
   relabels through the engine's sliding window (``predict``); soft targets and Mean Teacher work.
+  Driving scenes (the Cityscapes data form, :mod:`atso_fast.train.scene_data`) live here: frames
+  are small, and the road-scene augmentation samples whole frames (:func:`scene_sampler`).
 * :class:`~atso_fast.train.disk_store.CacheStore`: a preprocessing cache of ``.npy`` files,
   memory-mapped patches through a ``DataLoader``, each round exported as a model package that
   relabels onto disk through the bulk archive engine, phase checkpoints.
@@ -38,6 +40,7 @@ from torch import nn
 from atso_fast.train.config import ATSOConfig
 from atso_fast.train.data import (
     PatchSampler,
+    Sampler,
     SemiSupervisedData,
     dataset_class_names,
     load_raw,
@@ -47,9 +50,11 @@ from atso_fast.train.data import (
     resolve_normalization,
 )
 from atso_fast.train.monitor import PooledDice, PseudoLabelStats
+from atso_fast.train.scene_augment import SceneAugmentConfig, ScenePatches
+from atso_fast.train.scene_data import is_scene_spec, load_scene_raw, scene_class_names
 from atso_fast.train.trainer import ConsistencyTerm, MixedBatches, train_steps
 
-__all__ = ["DataStore", "ArrayStore", "Predict", "load_data", "read_case_array"]
+__all__ = ["DataStore", "ArrayStore", "Predict", "load_data", "read_case_array", "scene_sampler"]
 
 Predict = Callable[[Sequence[np.ndarray]], list[tuple[np.ndarray, ...]]]
 """``predict(volumes)``: the current model on normalised ``(M, Z, Y, X)`` volumes ->
@@ -90,10 +95,10 @@ class DataStore(Protocol):
     def labels(self, idx: Sequence[int]) -> list[np.ndarray | None]:
         """The current pseudo labels of unlabelled cases ``idx`` (None before the first)."""
 
-    def labelled_sampler(self) -> PatchSampler:
+    def labelled_sampler(self) -> Sampler:
         """Patches of L with their labels."""
 
-    def target_sampler(self, idx: Sequence[int], *, truth: bool = False) -> PatchSampler:
+    def target_sampler(self, idx: Sequence[int], *, truth: bool = False) -> Sampler:
         """Patches of unlabelled cases ``idx`` with their targets: the truth (``truth=True``), else
         the current pseudo labels, voxels below the confidence threshold set to ``ignore_index``."""
 
@@ -145,7 +150,8 @@ class DataStore(Protocol):
 
 
 def load_data(config: ATSOConfig | dict[str, Any]) -> SemiSupervisedData:
-    """Read and normalise ``config.data`` with ``config.normalization`` (resolved here).
+    """Read and normalise ``config.data`` (a folder, list file or dict, or the Cityscapes form) with
+    ``config.normalization`` (resolved here).
 
     Raises:
         ValueError: no ``data`` in the config, or see :func:`~atso_fast.train.data.load_raw`.
@@ -153,10 +159,26 @@ def load_data(config: ATSOConfig | dict[str, Any]) -> SemiSupervisedData:
     config = ATSOConfig.coerce(config)
     if config.data is None:
         raise ValueError("ATSO needs data: set config.data (folder, list file or dict) or pass data=")
-    raw, modality = load_raw(config.data, in_channels=config.in_channels, num_classes=config.num_classes,
-                             ignore_index=config.ignore_index)
+    modality: str | None
+    if isinstance(config.data, dict) and is_scene_spec(config.data):
+        raw, modality = load_scene_raw(config.data)
+    else:
+        raw, modality = load_raw(config.data, in_channels=config.in_channels, num_classes=config.num_classes,
+                                 ignore_index=config.ignore_index)
     policy = resolve_normalization(config.normalization, raw["labelled"], modality)
     return prepare_data(raw, policy, modality)
+
+
+def scene_sampler(config: ATSOConfig, images: Sequence[np.ndarray], labels: Sequence[np.ndarray]
+                  ) -> ScenePatches | None:
+    """With ``augment: {kind: scene}``: the road-scene sampler over whole frames ``(3, 1, H, W)``
+    (normalised with ``config.normalization``) and their labels ``(1, H, W)``; else None."""
+    scene = SceneAugmentConfig.from_value(config.augment, config.patch_size, config.ignore_index)
+    if scene is None:
+        return None
+    if not isinstance(config.normalization, dict):
+        raise ValueError(f"the road-scene sampler needs a resolved normalization policy, got {config.normalization!r}")
+    return ScenePatches(images, labels, scene, config.normalization)
 
 
 def read_case_array(source: Any) -> np.ndarray:
@@ -189,7 +211,8 @@ class ArrayStore:
         self.data = data if data is not None else load_data(config)
         self.config = replace(config, normalization=dict(self.data.normalization),
                               spacing=config.spacing if config.spacing is not None else self.data.spacing,
-                              class_names=config.class_names or dataset_class_names(config.data, config.num_classes))
+                              class_names=config.class_names or scene_class_names(config.data, config.num_classes)
+                              or dataset_class_names(config.data, config.num_classes))
         cases = self.data.unlabelled
         self.unlabelled_names = [c.name or str(i) for i, c in enumerate(cases)]
         self.unlabelled_sizes = [int(c.image[0].size) for c in cases]
@@ -200,7 +223,7 @@ class ArrayStore:
         self.confidence: list[np.ndarray | None] = [None] * n
         self.probs: list[np.ndarray | None] = [None] * n  # (C, Z, Y, X) float16, soft targets only
         self.m0_labels: list[np.ndarray | None] = [None] * n
-        self._labelled: PatchSampler | None = None
+        self._labelled: Sampler | None = None
 
     # ------------------------------------------------------------------ reading
     def images(self, idx: Sequence[int]) -> list[np.ndarray]:
@@ -217,19 +240,23 @@ class ArrayStore:
         yield [read_case_array(c.image) for c in cases], [read_case_array(c.label) for c in cases]
 
     # ------------------------------------------------------------------ training
-    def _sampler(self, images: list[np.ndarray], labels: list[np.ndarray]) -> PatchSampler:
+    def _sampler(self, images: list[np.ndarray], labels: list[np.ndarray]) -> Sampler:
+        """Patches with foreground oversampling, or road-scene samples of whole frames."""
         cfg = self.config
+        scene = scene_sampler(cfg, images, labels)
+        if scene is not None:
+            return scene
         return PatchSampler(images, labels, cfg.patch_size, num_classes=cfg.num_classes,
                             foreground_oversample=cfg.foreground_oversample, ignore_index=cfg.ignore_index)
 
-    def labelled_sampler(self) -> PatchSampler:
+    def labelled_sampler(self) -> Sampler:
         """Patches of L (built once)."""
         if self._labelled is None:
             cases = self.data.labelled
             self._labelled = self._sampler([c.image for c in cases], [c.label for c in cases])
         return self._labelled
 
-    def target_sampler(self, idx: Sequence[int], *, truth: bool = False) -> PatchSampler:
+    def target_sampler(self, idx: Sequence[int], *, truth: bool = False) -> Sampler:
         """The truth (``truth=True``), else the pseudo labels of ``idx`` with low-confidence
         voxels set to ``ignore_index`` (soft targets: the probabilities as extra image channels)."""
         cfg, cases = self.config, self.data.unlabelled

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from atso_fast.train.augment import AugmentConfig, augment_sample
-from atso_fast.train.data import PatchSampler
+from atso_fast.train.data import Sampler
 from atso_fast.train.losses import dice_ce_loss, soft_target_loss
 
 __all__ = ["OptimConfig", "make_optimizer", "poly_lr", "MixedBatches", "ConsistencyTerm", "train_steps",
@@ -113,7 +113,7 @@ class MixedBatches:
         ValueError: bad batch size, ratio or channel count.
     """
 
-    def __init__(self, labelled: PatchSampler, pseudo: PatchSampler | None, batch_size: int, *,
+    def __init__(self, labelled: Sampler, pseudo: Sampler | None, batch_size: int, *,
                  labelled_ratio: float = 0.5, augment: AugmentConfig | None = None, labelled_only: bool = False,
                  soft_channels: int | None = None) -> None:
         if int(batch_size) < 1 or not 0.0 <= labelled_ratio <= 1.0:
