@@ -27,7 +27,7 @@ class _ExactParser(argparse.ArgumentParser):
     """An option must be spelt out: ``allow_abbrev=False`` alone still lets ``-d`` stand for a
     single-dash long option such as nnU-Net's ``-device`` (Python 3.11)."""
 
-    def _get_option_tuples(self, option_string: str) -> list:  # type: ignore[override]
+    def _get_option_tuples(self, option_string: str) -> list:
         tuples = super()._get_option_tuples(option_string)
         # keep exact names and a one-letter option with its value attached (-f0); drop prefixes
         return [t for t in tuples if t[1] in (option_string, option_string[:2]) and len(t[1]) <= len(option_string)]

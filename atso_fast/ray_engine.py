@@ -375,8 +375,8 @@ def _root_cause(exc: BaseException) -> str:
     """One line naming what stopped a Ray run: the original error of a Ray task, else the
     last line of the message (Ray ends actor errors with the worker's ``Type: message``)."""
     cause = exc
-    while isinstance(getattr(cause, "cause", None), BaseException):
-        cause = cause.cause
+    while isinstance(inner := getattr(cause, "cause", None), BaseException):
+        cause = inner
     if cause is not exc:
         return f"{type(cause).__name__}: {' '.join(str(cause).split())[:500]}"
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]

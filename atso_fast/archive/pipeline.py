@@ -450,9 +450,9 @@ def read_input(files: Path | Sequence[Path], in_channels: int | None = None) -> 
 def _check_channel_files(files: Sequence[Path], in_channels: int | None) -> None:
     """An nnU-Net-named case must hold exactly channels ``_0000`` to ``_{in_channels - 1}``."""
     found = [channel_index(f) for f in files]
-    if in_channels is None or any(f is None for f in found) or found[0][1] != 0:  # type: ignore[index]
-        return  # not nnU-Net channel files (a numbered scan such as scan_0002 stands alone)
     have = [f[1] for f in found if f is not None]
+    if in_channels is None or len(have) != len(found) or have[0] != 0:
+        return  # not nnU-Net channel files (a numbered scan such as scan_0002 stands alone)
     if have != list(range(in_channels)):
         names = ", ".join(Path(f).name for f in files)
         need = ", ".join(f"_{k:04d}" for k in range(in_channels))
@@ -509,7 +509,7 @@ def _geometry(relabeler: VolumeRelabeler, meta: VolumeMeta) -> dict[str, Any]:
 
 
 def _write_case(case: Case, meta: VolumeMeta, result: Any, seconds: float, tally: CaseRecorder,
-                slots: threading.BoundedSemaphore, image: np.ndarray | None = None,
+                slots: threading.Semaphore, image: np.ndarray | None = None,
                 palette: np.ndarray | None = None) -> None:
     """Write a case's outputs atomically, then its ``ok`` row (never the other way round)."""
     try:

@@ -48,7 +48,7 @@ _EXTRA_SUFFIXES = {"probabilities": "_probabilities.npz", "overlay": "_overlay.p
 try:  # POSIX advisory locks; elsewhere concurrent runs on one folder are not detected
     import fcntl
 except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # a module name rebound to None: no annotation can say so
 
 __all__ = ["Case", "Plan", "case_ids", "check_output_folder", "check_resume", "plan_archive", "remove_stale_temps",
            "report_skipped", "run_lock"]

@@ -43,9 +43,9 @@ def builtin_network(classes: int, *, net: str = "auto", seed: int = 0) -> tuple[
     if net == "unet":
         from monai.networks.nets import UNet
 
-        module = UNet(spatial_dims=3, in_channels=1, out_channels=int(classes), channels=(16, 32, 64, 128, 256),
-                      strides=(2, 2, 2, 2), num_res_units=2)
-        return module.eval(), "monai-unet"
+        unet = UNet(spatial_dims=3, in_channels=1, out_channels=int(classes), channels=(16, 32, 64, 128, 256),
+                    strides=(2, 2, 2, 2), num_res_units=2)
+        return unet.eval(), "monai-unet"
     conv = torch.nn.Conv3d
     module = torch.nn.Sequential(conv(1, 16, 3, padding=1), torch.nn.ReLU(), conv(16, 16, 3, padding=1),
                                  torch.nn.ReLU(), conv(16, int(classes), 1))

@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -47,6 +47,9 @@ from atso_fast.package import load_package
 from atso_fast.package.normalize import normalize
 from atso_fast.progress import Progress
 from atso_fast.runtimes import RuntimeUnavailable
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["BENCH_RUNTIMES", "MIN_AGREEMENT", "BenchConfig", "Device", "run_bench", "run_batches", "time_repeats",
            "window_batches"]
@@ -68,8 +71,8 @@ def window_batches(package: Any, volume: np.ndarray, overlap: Any, batch_size: i
     ``batch_bounds``); each batch is shaped like the runtime's input ``(B, M, *window)``.
     """
 
-    vol = np.ascontiguousarray(normalize(volume.reshape((-1, *volume.shape[-3:])), package.normalization),
-                               dtype=np.float32)
+    vol: np.ndarray | torch.Tensor = np.ascontiguousarray(
+        normalize(volume.reshape((-1, *volume.shape[-3:])), package.normalization), dtype=np.float32)
     if device.startswith("cuda"):
         import torch
 
@@ -252,7 +255,7 @@ def _machine(device: str) -> dict[str, Any]:
     import torch
 
 
-    info = {"cpu_count": os.cpu_count(), "torch": torch.__version__, "native": native.build_info()}
+    info: dict[str, Any] = {"cpu_count": os.cpu_count(), "torch": torch.__version__, "native": native.build_info()}
     if device.startswith("cuda"):
         info["device_name"] = torch.cuda.get_device_name(torch.device(device))
     return info
@@ -265,7 +268,7 @@ def _run_pairs(cfg: BenchConfig, model_dir: Path, volume: np.ndarray, reference:
     ``splits(even)`` gives the window batches; each runtime's network-alone time runs the split
     its relabel pass runs (near-equal batches for a dynamic batch), so that the overhead column
     holds stitching and waiting only."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     pairs = [(r, p) for r in cfg.runtimes for p in cfg.precisions]
     progress = Progress("bench: runtime/precision pairs", len(pairs), unit="pair", every=0.0)
     for runtime, precision in pairs:

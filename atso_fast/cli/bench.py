@@ -65,6 +65,14 @@ def _positive(values: Any, name: str) -> tuple[int, ...]:
     return out
 
 
+def _positive_zyx(values: Any, name: str) -> tuple[int, int, int]:
+    out = _positive(values, name)
+    if len(out) != 3:
+        raise ValueError(f"{name} takes 3 values (Z Y X), got {' '.join(map(str, out))}")
+    z, y, x = out
+    return z, y, x
+
+
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """Validate parsed arguments into a :class:`BenchConfig`.
 
@@ -78,8 +86,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise ValueError("--window and --classes describe the built-in model; a MODEL_DIR package "
                          f"({args.model_dir}) brings its own")
     cuda = device.startswith("cuda")
-    shape = _positive(args.shape or ((200, 512, 512) if cuda else (128, 128, 128)), "--shape")
-    window = _positive(args.window or default_window(device), "--window")
+    shape = _positive_zyx(args.shape or ((200, 512, 512) if cuda else (128, 128, 128)), "--shape")
+    window = _positive_zyx(args.window or default_window(device), "--window")
     classes, batch, repeats = (_positive([v], n)[0] for v, n in (
         (3 if args.classes is None else args.classes, "--classes"), (args.batch, "--batch"),
         (args.repeats, "--repeats")))

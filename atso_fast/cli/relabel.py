@@ -264,8 +264,9 @@ def _local_runner(args: argparse.Namespace) -> tuple[Callable[..., dict] | None,
     relabeler = _load_relabeler(args)
     if relabeler is None:
         return None, ()
-    if not args.quiet:  # which runtime runs, and why (the measured agreement or the rule): once per run
-        print(f"atso-fast relabel: runtime {relabeler.runtime_reason}", file=sys.stderr)
+    reason = getattr(relabeler, "runtime_reason", None)  # a custom relabeler may not say
+    if not args.quiet and reason:  # which runtime runs, and why (the measured agreement or the rule): once per run
+        print(f"atso-fast relabel: runtime {reason}", file=sys.stderr)
         record = relabeler.package.extra.get(RECORD_KEY)
         if args.verbose and isinstance(record, dict):
             print(agreement_table(record), file=sys.stderr)

@@ -28,7 +28,8 @@ import os
 import platform
 import time
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -164,17 +165,18 @@ def measure_package(package_dir: str | os.PathLike[str], volume: np.ndarray | No
     """
     if not 0.0 < float(tolerance) <= 1.0:
         raise ValueError(f"tolerance must be in (0, 1], got {tolerance}")
-    package = load_package(package_dir)
+    root = Path(package_dir)
+    package = load_package(root)
     windows, source = sample_windows(package, volume, spacing=spacing, affine=affine, count=count)
     record = measure_runtimes(package, windows, device=device, precisions=precisions, source=source,
                               tolerance=tolerance, batch_size=batch_size)
-    meta_path, meta = read_meta(package.root)
+    meta_path, meta = read_meta(root)
     meta[RECORD_KEY] = record
     atomic_write_bytes(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
     return record
 
 
-def _valid_record(record: Any, package: ModelPackage, device: str) -> bool:
+def _valid_record(record: Any, package: ModelPackage, device: str) -> TypeGuard[dict[str, Any]]:
     """A record of this network (sha256 of the verified ONNX bytes) and this device, well formed."""
     if not isinstance(record, dict) or record.get("version") != _VERSION or record.get("device") != device:
         return False

@@ -19,6 +19,7 @@ clipping to the input range is kept (per slice when separate, as nnU-Net).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -55,9 +56,21 @@ class AxisOp:
     w1: np.ndarray | None = None
     identity: bool = False
 
+    def two_taps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(idx0, idx1, w1)`` of a two-tap map.
+
+        Raises:
+            ValueError: the map has more than two taps per output (``idx0`` is None).
+        """
+        if self.idx0 is None or self.idx1 is None or self.w1 is None:
+            raise ValueError(f"the order-{self.order} map {self.n_in} -> {self.n_out} has more than two taps "
+                             "per output")
+        return self.idx0, self.idx1, self.w1
+
     def sources(self, k: int) -> tuple[int, int]:
         """The first and last input sample output ``k`` reads (two-tap maps)."""
-        return int(min(self.idx0[k], self.idx1[k])), int(max(self.idx0[k], self.idx1[k]))
+        idx0, idx1, _ = self.two_taps()
+        return int(min(idx0[k], idx1[k])), int(max(idx0[k], idx1[k]))
 
 
 def _taps(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -102,7 +115,8 @@ def axis_op(n_in: int, n_out: int, order: int, kind: str = "zoom") -> AxisOp:
     taps = _taps(matrix) if order <= 1 else None
     matrix.setflags(write=False)
     identity = n_in == n_out and bool(np.array_equal(matrix, np.eye(n_in)))
-    return AxisOp(n_in, n_out, order, matrix, *(taps or (None, None, None)), identity=identity)
+    idx0, idx1, w1 = taps if taps is not None else (None, None, None)
+    return AxisOp(n_in, n_out, order, matrix, idx0, idx1, w1, identity=identity)
 
 
 def new_shape(shape, old_spacing, new_spacing) -> tuple[int, ...]:
@@ -152,20 +166,27 @@ def ras_view(affine: np.ndarray) -> tuple[tuple[int, int, int], tuple[bool, bool
         out_axis = 2 - int(world)  # RAS world axis j is array axis 2 - j of a canonical (Z, Y, X)
         perm[out_axis] = 2 - i
         flip[out_axis] = sign < 0
-    return tuple(perm), tuple(flip)  # type: ignore[return-value]
+    return (perm[0], perm[1], perm[2]), (flip[0], flip[1], flip[2])
+
+
+# (Ellipsis,) + slices rather than (Ellipsis, *slices): mypy reads a starred tuple inside [...] as
+# Python 3.11 syntax even in parentheses, where Python 3.10 accepts it
+def _flip_slices(flip) -> tuple[slice, ...]:
+    """``[::-1]`` on each flipped axis, ``[:]`` on the others."""
+    return tuple(slice(None, None, -1) if f else slice(None) for f in flip)
 
 
 def _forward(array: np.ndarray, perm, flip) -> np.ndarray:
     """``array (..., Z, Y, X)`` viewed on the network's axes (no copy)."""
     lead = array.ndim - 3
     out = array.transpose(*range(lead), *(lead + p for p in perm))
-    return out[(Ellipsis, *(slice(None, None, -1) if f else slice(None) for f in flip))]
+    return out[(Ellipsis,) + _flip_slices(flip)]
 
 
 def _backward(array: np.ndarray, perm, flip) -> np.ndarray:
     """The inverse of :func:`_forward` (a view)."""
     lead = array.ndim - 3
-    unflipped = array[(Ellipsis, *(slice(None, None, -1) if f else slice(None) for f in flip))]
+    unflipped = array[(Ellipsis,) + _flip_slices(flip)]
     inverse = [perm.index(k) for k in range(3)]
     return unflipped.transpose(*range(lead), *(lead + p for p in inverse))
 
@@ -202,7 +223,7 @@ class Geometry:
 
     def to_net(self, array: np.ndarray) -> np.ndarray:
         """``array (..., Z, Y, X)`` of the native grid on the cropped network grid (a view)."""
-        return _forward(array, self.perm, self.flip)[(Ellipsis, *self.bbox)]
+        return _forward(array, self.perm, self.flip)[(Ellipsis,) + self.bbox]
 
     def to_native(self, array: np.ndarray) -> np.ndarray:
         """``array (..., Z, Y, X)`` of the full network grid back on the native grid (a view)."""
@@ -217,7 +238,7 @@ def _bbox(vol: np.ndarray) -> tuple[slice, slice, slice]:
     for axis in range(3):
         hit = np.flatnonzero(np.any(nonzero, axis=tuple(a for a in range(3) if a != axis)))
         out.append(slice(int(hit[0]), int(hit[-1]) + 1) if hit.size else slice(0, nonzero.shape[axis]))
-    return tuple(out)  # type: ignore[return-value]
+    return out[0], out[1], out[2]
 
 
 def _nonzero_mask(vol: np.ndarray) -> np.ndarray:
@@ -233,7 +254,8 @@ def _target_spacing(package: ModelPackage, spacing) -> tuple[float, float, float
     target = list(package.spacing)
     if len(target) == 2:  # a 2D model keeps the distance between slices (nnU-Net's 2d config)
         target = [spacing[0], *target]
-    return tuple(float(t) for t in target)  # type: ignore[return-value]
+    z, y, x = (float(t) for t in target)  # a package's spacing has 2 or 3 entries (package.spec)
+    return z, y, x
 
 
 def _orientation(spec: dict, affine, geom: Geometry) -> None:
@@ -245,30 +267,39 @@ def _orientation(spec: dict, affine, geom: Geometry) -> None:
             geom.perm, geom.flip = ras_view(affine)
     if spec["transpose"] is not None:
         t = spec["transpose"]
-        geom.perm = tuple(geom.perm[a] for a in t)  # type: ignore[assignment]
-        geom.flip = tuple(geom.flip[a] for a in t)  # type: ignore[assignment]
+        a, b, c = t  # a permutation of (0, 1, 2) (package.spec)
+        geom.perm = (geom.perm[a], geom.perm[b], geom.perm[c])
+        geom.flip = (geom.flip[a], geom.flip[b], geom.flip[c])
+
+
+def _zyx(sizes: Iterable[Any]) -> tuple[int, int, int]:
+    """Three sizes as a ``(Z, Y, X)`` tuple of ints."""
+    z, y, x = (int(n) for n in sizes)
+    return z, y, x
 
 
 def plan_geometry(vol: np.ndarray, package: ModelPackage, spacing, affine) -> Geometry:
     """The :class:`Geometry` of ``vol (M, Z, Y, X)`` for ``package`` (no voxel is touched)."""
+    if vol.ndim != 4:
+        raise ValueError(f"vol must be (M, Z, Y, X), got shape {vol.shape}")
     spec = package.preprocessing
-    geom = Geometry(tuple(int(n) for n in vol.shape[1:]))  # type: ignore[arg-type]
+    geom = Geometry(_zyx(vol.shape[1:]))
     _orientation(spec, affine, geom)
     net_view = _forward(vol, geom.perm, geom.flip)
-    geom.net = tuple(int(n) for n in net_view.shape[1:])  # type: ignore[assignment]
+    geom.net = _zyx(net_view.shape[1:])
     if spec["crop_to_nonzero"]:
         geom.bbox = _bbox(net_view)
-    geom.cropped = tuple(s.stop - s.start if s.start is not None else n
-                         for s, n in zip(geom.bbox, geom.net))  # type: ignore[assignment]
+    geom.cropped = _zyx(s.stop - s.start if s.start is not None else n for s, n in zip(geom.bbox, geom.net))
     geom.target = geom.cropped
     if spacing is not None:
-        geom.spacing = tuple(float(spacing[p]) for p in geom.perm)  # type: ignore[assignment]
+        sz, sy, sx = (float(spacing[p]) for p in geom.perm)
+        geom.spacing = (sz, sy, sx)
     if package.spacing is not None and geom.spacing is None:
         geom.notes.append("the scan has no spacing (e.g. a .npy file): it is taken to be at the model's "
                           f"spacing {package.spacing}")
     elif package.spacing is not None:
         geom.target_spacing = _target_spacing(package, geom.spacing)
-        geom.target = new_shape(geom.cropped, geom.spacing, geom.target_spacing)  # type: ignore[assignment]
+        geom.target = _zyx(new_shape(geom.cropped, geom.spacing, geom.target_spacing))
         if min(geom.target) < 1:
             raise ValueError(f"resampling {geom.cropped} voxels at {geom.spacing} mm to {geom.target_spacing} mm "
                              "leaves an empty grid")
@@ -348,14 +379,15 @@ def apply_op(t: Any, op: AxisOp, dim: int) -> Any:
     if op.identity:
         return t
     if op.idx0 is not None:
+        idx0, idx1, w1 = op.two_taps()
         shape = [1] * t.dim()
         shape[dim] = op.n_out
-        i0 = torch.from_numpy(op.idx0).to(t.device)
+        i0 = torch.from_numpy(idx0).to(t.device)
         a = t.index_select(dim, i0)
-        if not np.any(op.w1):
+        if not np.any(w1):
             return a
-        b = t.index_select(dim, torch.from_numpy(op.idx1).to(t.device))
-        return torch.lerp(a, b, torch.from_numpy(op.w1.astype(np.float32)).to(t.device).reshape(shape))
+        b = t.index_select(dim, torch.from_numpy(idx1).to(t.device))
+        return torch.lerp(a, b, torch.from_numpy(w1.astype(np.float32)).to(t.device).reshape(shape))
     return _banded_product(t.contiguous(), op, dim)
 
 

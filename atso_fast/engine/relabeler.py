@@ -157,6 +157,16 @@ def _mirror_axes(spatial_dims: int, allowed: list[int] | None = None) -> list[tu
     return [c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
+def _package_or_load(package: ModelPackage | None, model_dir: str | Path | None) -> ModelPackage:
+    """``package`` when given, else the package in ``model_dir``."""
+    if package is not None:
+        return package
+    if model_dir is None:
+        raise TypeError("Relabeler needs model_dir, a model package folder, got None "
+                        "(a live torch module: Relabeler.from_module)")
+    return load_package(model_dir)
+
+
 class Relabeler:
     """Pseudo-label volumes with a model package (or a live torch module).
 
@@ -205,7 +215,7 @@ class Relabeler:
                  save_probabilities: bool = False, nonfinite: str = "fail", compile: bool = False,
                  threads: int | None = None, kernel_threads: int | None = None, label_map: Any = None,
                  _package: ModelPackage | None = None, _module: Any = None):
-        self.package = _package if _package is not None else load_package(model_dir)
+        self.package = _package_or_load(_package, model_dir)
         self._options = {"runtime": runtime, "overlap": overlap, "threshold": threshold, "ignore_index": ignore_index,
                          "mirror": mirror, "precision": precision, "accumulate_dtype": accumulate_dtype}
         self.label_map = check_label_map(label_map)
@@ -252,7 +262,7 @@ class Relabeler:
         self._geometry: Geometry | None = None  # of the volume being relabelled
         self._net_seconds = 0.0
         self._warned: set[str] = set()
-        self._first_spacing: tuple[float, ...] | None = None
+        self._first_spacing: tuple[float | None, ...] | None = None  # z is None for a 2D image
 
     @property
     def runtime_name(self) -> str:
@@ -296,7 +306,9 @@ class Relabeler:
 
     def _has_program(self) -> bool:
         pkg = self.package
-        return pkg.root is not None and bool(pkg.torch_file) and (pkg.root / pkg.torch_file).is_file()
+        if pkg.root is None or not pkg.torch_file:
+            return False
+        return (pkg.root / pkg.torch_file).is_file()
 
     @classmethod
     def from_module(cls, module: Any, *, window, num_classes: int, kind: str = "logits",
@@ -437,10 +449,10 @@ class Relabeler:
                                 "to resample", key="spacings differ")
         return sp
 
-    def _make_sink(self, shape: tuple[int, ...]) -> Any:
-        """The row sink of the network's grid: labels directly, or resampling back first."""
+    def _make_sink(self, shape: tuple[int, int, int]) -> Any:
+        """The row sink of the network's grid ``(Z, Y, X)``: labels directly, or resampling back first."""
         pkg, geom = self.package, self._geometry
-        native_shape = tuple(shape) if geom is None or geom.back is None else geom.cropped
+        native_shape = shape if geom is None or geom.back is None else geom.cropped
         inner = LabelSink(native_shape, pkg.num_classes, kind=pkg.kind, threshold=self.threshold,
                           ignore_index=self.ignore_index, backend=self._backend,
                           save_probabilities=self.save_probabilities)

@@ -21,13 +21,16 @@ aten itself would run that arithmetic (:func:`aten_generic_bilinear`), without t
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from atso_fast.engine.merger import LabelSink
 from atso_fast.engine.preprocess import AxisOp, apply_op
 from atso_fast.kernels import native
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ResampleSink", "TimedSink", "aten_generic_bilinear", "bilinear_taps", "restore"]
 
@@ -102,9 +105,9 @@ class ResampleSink:
             raise ValueError("ResampleSink needs maps of at most two taps per output (orders 0 and 1)")
         self.inner, self.ops, self.cuda = inner, ops, cuda
         self.native = tuple(op.n_out for op in ops)
-        zop = ops[0]
-        lo = np.minimum(zop.idx0, zop.idx1)
-        hi = np.maximum(zop.idx0, zop.idx1)
+        z0, z1, _ = ops[0].two_taps()
+        lo = np.minimum(z0, z1)
+        hi = np.maximum(z0, z1)
         if np.any(np.diff(lo) < 0) or np.any(np.diff(hi) < 0):
             raise ValueError("the z map must read target rows in order")
         self._lo, self._hi = lo, hi
@@ -116,7 +119,7 @@ class ResampleSink:
         # output buffers reused from row to row: allocating (and freeing) a C x Yn x Xn block
         # per native row cost more than the interpolation itself (page faults)
         self._buffers: dict[str, Any] = {}
-        self._ones = None
+        self._ones: torch.Tensor | None = None
         _, yop, xop = ops
         fusable = (fuse and not cuda and inner.probabilities is None and yop.order == 1 and xop.order == 1
                    and not (yop.identity and xop.identity))
@@ -184,20 +187,21 @@ class ResampleSink:
         """Native rows ``[k0, k1)``: z blend, in-plane resampling, then the inner sink."""
         import torch
 
-        zop = self.ops[0]
-        first = self._row(int(zop.idx0[k0]), acc_t, wsum_t, z_start)
+        z0, z1, zw = self.ops[0].two_taps()
+        first = self._row(int(z0[k0]), acc_t, wsum_t, z_start)
         rows = self._buffer("z", (first.shape[0], k1 - k0, *first.shape[1:]), first)
         for j, k in enumerate(range(k0, k1)):
-            a = self._row(int(zop.idx0[k]), acc_t, wsum_t, z_start)
-            w = float(zop.w1[k])
+            a = self._row(int(z0[k]), acc_t, wsum_t, z_start)
+            w = float(zw[k])
             if w == 0.0:
                 rows[:, j].copy_(a)
             else:
-                torch.lerp(a, self._row(int(zop.idx1[k]), acc_t, wsum_t, z_start), w, out=rows[:, j])
+                torch.lerp(a, self._row(int(z1[k]), acc_t, wsum_t, z_start), w, out=rows[:, j])
         r = k1 - k0
-        if self._fused(r):
+        if self._taps is not None and self._fused(r):
             inner = self.inner
-            inner.store(native.resample_finalize(rows.numpy(), *self._taps, inner.threshold, inner.ignore_index,
+            y_taps, x_taps = self._taps
+            inner.store(native.resample_finalize(rows.numpy(), y_taps, x_taps, inner.threshold, inner.ignore_index,
                                                  inner.kind), k0)
             return
         rows = self._in_plane(rows)
@@ -210,9 +214,8 @@ class ResampleSink:
             self.inner.take(rows.numpy(), ones.numpy(), k0, r)
 
     def _fused(self, r: int) -> bool:
-        """Whether ``r`` native rows go through ``native.resample_finalize`` (see the module docstring)."""
-        if self._taps is None:
-            return False
+        """Whether ``r`` native rows of a fusable sink (``self._taps`` set) go through
+        ``native.resample_finalize`` (see the module docstring)."""
         import torch
 
         _, yop, xop = self.ops

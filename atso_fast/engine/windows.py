@@ -58,11 +58,11 @@ def as_triple(value: int | float | Sequence[int | float], name: str, ndim: int =
 
 def check_overlap(overlap: float | Sequence[float]) -> tuple[float, float, float]:
     """Validate overlap (each in ``[0, 1)``) and broadcast it to three axes."""
-    out = tuple(float(o) for o in as_triple(overlap, "overlap"))
-    for o in out:
+    z, y, x = (float(o) for o in as_triple(overlap, "overlap"))
+    for o in (z, y, x):
         if not 0.0 <= o < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
-    return out  # type: ignore[return-value]
+    return z, y, x
 
 
 def _check_sizes(image_size: Sequence[int], roi: Sequence[int]) -> None:

@@ -10,18 +10,22 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12 on
 
 __all__ = ["atomic_write_bytes", "commit_temp", "is_stale_temp", "is_temp_name", "temp_path", "TMP_MARK"]
 
 TMP_MARK = ".atso-"
 _OWNER = re.compile(r"\.atso-(\d+)(?:-(\d+))?-[0-9a-f]+\.(?:tmp|dir)$")
+# a bytes-like object; a TypeVar rather than Buffer itself so that a list[bytes] fits list[_Chunk]
+_Chunk = TypeVar("_Chunk", bound="Buffer")
 
 
 def atomic_write_bytes(path: str | os.PathLike[str],
-                       data: bytes | bytearray | memoryview | Sequence[Any]) -> Path:
+                       data: _Chunk | list[_Chunk] | tuple[_Chunk, ...]) -> Path:
     """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``.
 
     A reader (or a resumed run) sees either the previous file or the complete new one; the

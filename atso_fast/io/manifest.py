@@ -17,7 +17,7 @@ from atso_fast.io.atomic import atomic_write_bytes
 try:  # POSIX advisory locks; elsewhere processes sharing one manifest are not coordinated
     import fcntl
 except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # a module name rebound to None: no annotation can say so
 
 __all__ = ["MANIFEST_FIELDS", "Manifest"]
 

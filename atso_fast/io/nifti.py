@@ -89,7 +89,8 @@ def _read_nifti_bytes(path: Path) -> bytes:
                 return _bounded_read(stream, path, check_trailing=True)
     except InputError:
         raise
-    except (EOFError, OSError, isal_zlib.error) as exc:  # BadGzipFile is an OSError
+    # BadGzipFile is an OSError; isal's stub declares `error: Exception` (an instance), at run time a class
+    except (EOFError, OSError, isal_zlib.error) as exc:  # type: ignore[misc]
         raise InputError(f"{path}: truncated or corrupt gzip data ({exc})") from None
     finally:
         os.close(fd)

@@ -44,9 +44,8 @@ def _window(image: np.ndarray) -> np.ndarray:
 
 def _centre(labels: np.ndarray, ignore_index: int) -> tuple[int, int, int]:
     found = np.argwhere((labels > 0) & (labels != ignore_index))
-    if not found.size:
-        return tuple(int(n) // 2 for n in labels.shape)  # type: ignore[return-value]
-    return tuple(int(v) for v in np.median(found, axis=0))  # type: ignore[return-value]
+    z, y, x = (int(n) // 2 for n in labels.shape) if not found.size else (int(v) for v in np.median(found, axis=0))
+    return z, y, x
 
 
 def _panel(image: np.ndarray, labels: np.ndarray, row_mm: float, col_mm: float, ignore_index: int) -> np.ndarray:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -36,8 +35,9 @@ def affine_geometry(affine: np.ndarray) -> tuple[tuple[float, float, float], tup
     zooms = np.where(zooms > 0, zooms, 1.0)
     direction = _LPS @ (affine[:3, :3] / zooms)
     origin = _LPS @ affine[:3, 3]
-    return (tuple(float(z) for z in zooms[::-1]), tuple(float(o) for o in origin),  # type: ignore[return-value]
-            direction)
+    sz, sy, sx = (float(z) for z in zooms[::-1])
+    ox, oy, oz = (float(o) for o in origin)
+    return (sz, sy, sx), (ox, oy, oz), direction
 
 
 class ImageFormat(ABC):
@@ -70,7 +70,7 @@ class ImageFormat(ABC):
         """
 
     @abstractmethod
-    def encode(self, path: Path, array: np.ndarray, meta: VolumeMeta, key: str) -> bytes | Sequence[Any]:
+    def encode(self, path: Path, array: np.ndarray, meta: VolumeMeta, key: str) -> bytes | list[Any]:
         """Bytes (or chunks) of ``path`` holding ``array`` ``(Z, Y, X)`` of its final dtype, on
         ``meta``'s grid; ``key`` is ``"labels"`` or ``"confidence"``."""
 
@@ -177,8 +177,9 @@ def read_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, VolumeMeta]:
     if spacing is not None and not all(math.isfinite(s) and s > 0 for s in spacing):
         raise InputError(f"{path}: invalid voxel size {tuple(spacing)[::-1]} mm (x, y, z) in the header: every "
                          "size must be finite and positive")
+    z, y, x = (int(n) for n in out_shape[-3:])  # out_shape has 3 or 4 axes here
     meta = VolumeMeta(path, fmt.name, affine, header, shape, len(shape), array.dtype,
-                      tuple(int(n) for n in out_shape[-3:]), spacing, origin, direction)
+                      (z, y, x), spacing, origin, direction)
     return array, meta
 
 

@@ -226,7 +226,8 @@ class _ZlibCheck:
                 data = self.inflate.unconsumed_tail
                 if self.count > self.expected:
                     break
-        except isal_zlib.error as exc:
+        # isal's stub declares `error: Exception` (an instance); at run time it is a class
+        except isal_zlib.error as exc:  # type: ignore[misc]
             raise InputError(f"{self.where}: corrupt compressed data ({exc})") from None
 
     def close(self) -> None:

@@ -225,13 +225,14 @@ def finalize(acc: Any, wsum: Any, threshold: float = 0.0, ignore_index: int = 25
     Raises:
         ValueError, TypeError: a bad argument, named in the message.
     """
-    args = {"threshold": threshold, "ignore_index": ignore_index, "kind": kind}  # declared: csrc/finalize.h
     if _C is None:
         _fallback("finalize")
         r0, r1 = rows if rows is not None else (0, wsum.shape[0])
-        labels, confidence, counts = reference.finalize(acc[:, r0:r1], wsum[r0:r1], **args)
-    else:
-        labels, confidence, counts = _C.finalize(acc=acc, wsum=wsum, rows=rows, algorithm=algorithm, **args)
+        labels, confidence, counts = reference.finalize(acc[:, r0:r1], wsum[r0:r1], threshold=threshold,
+                                                        ignore_index=ignore_index, kind=kind)
+    else:  # the scalars as declared in csrc/finalize.h
+        labels, confidence, counts = _C.finalize(acc=acc, wsum=wsum, rows=rows, algorithm=algorithm,
+                                                 threshold=threshold, ignore_index=ignore_index, kind=kind)
     return _finalize_result(labels, confidence, counts)
 
 
@@ -257,12 +258,12 @@ def resample_finalize(rows: Any, y_taps: tuple, x_taps: tuple, threshold: float 
     Raises:
         ValueError, TypeError: a bad argument (an index outside its input included), named in the message.
     """
-    args = {"threshold": threshold, "ignore_index": ignore_index, "kind": kind}  # finalize's declared scalars
     if _C is None:
         _fallback("resample_finalize")
         vals = reference.bilinear_rows(np.asarray(rows), y_taps, x_taps)
-        labels, confidence, counts = reference.finalize(vals, np.ones(vals.shape[1:], np.float32), **args)
-    else:
+        labels, confidence, counts = reference.finalize(vals, np.ones(vals.shape[1:], np.float32), threshold=threshold,
+                                                        ignore_index=ignore_index, kind=kind)
+    else:  # finalize's declared scalars
         labels, confidence, counts = _C.resample_finalize(rows=rows, y_taps=tuple(y_taps), x_taps=tuple(x_taps),
-                                                          **args)
+                                                          threshold=threshold, ignore_index=ignore_index, kind=kind)
     return _finalize_result(labels, confidence, counts)

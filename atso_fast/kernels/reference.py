@@ -53,8 +53,9 @@ def accumulate(acc: np.ndarray, wsum: np.ndarray, patches: np.ndarray, origins: 
         dst = (slice(a0, a1), slice(y0, y1), slice(x0, x1))
         imp = importance[win]
         wsum[dst] += imp
-        contrib = imp[None] * patches[b][(slice(None), *win)].astype(np.float32)
-        acc[(slice(None), *dst)] = (acc[(slice(None), *dst)].astype(np.float32) + contrib).astype(acc.dtype)
+        every = (slice(None),)  # all channels; + rather than (slice(None), *win), which mypy misreads as 3.11 syntax
+        contrib = imp[None] * patches[b][every + win].astype(np.float32)
+        acc[every + dst] = (acc[every + dst].astype(np.float32) + contrib).astype(acc.dtype)
 
 
 def finalize(acc: np.ndarray, wsum: np.ndarray, threshold: float = 0.0, ignore_index: int = 255,

@@ -65,7 +65,12 @@ class ModelPackage:
     @property
     def window3d(self) -> tuple[int, int, int]:
         """The window as a 3D ``(pz, py, px)``; 2D networks run through ``(1, py, px)``."""
-        return tuple(self.window) if len(self.window) == 3 else (1, *self.window)  # type: ignore[return-value]
+        w = self.window
+        if len(w) == 3:
+            return w[0], w[1], w[2]
+        if len(w) == 2:
+            return 1, w[0], w[1]
+        raise ValueError(f"window must have 2 or 3 entries, got {w!r}")
 
     @property
     def reference(self) -> str | None:

@@ -85,8 +85,9 @@ def _safe_globals() -> list[Any]:
     """The few non-tensor types nnU-Net checkpoints hold (numpy scalars in the training log)."""
     import numpy as np
 
-    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
-    rebuild = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+    # numpy 2 moved it to numpy._core; imported by name, as the installed stubs know one path only
+    multiarray = importlib.import_module("numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray")
+    scalar, rebuild = multiarray.scalar, multiarray._reconstruct
     dtypes = [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int8", "int16", "int32", "int64",
                                            "uint8", "uint16", "uint32", "uint64", "bool")]
     return [scalar, (scalar, "numpy.core.multiarray.scalar"), rebuild, (rebuild, "numpy.core.multiarray._reconstruct"),

@@ -194,5 +194,5 @@ def ct_policy_from_samples(volumes: list[np.ndarray], labels: list[np.ndarray] |
     allv = np.concatenate(samples)
     lo, hi = np.percentile(allv, [0.5, 99.5])
     clipped = np.clip(allv, lo, hi)
-    return check_policy({"scheme": "ct", "clip": [float(lo), float(hi)],
-                         "mean": float(clipped.mean()), "std": float(max(clipped.std(), 1e-8))})
+    return _check_one({"scheme": "ct", "clip": [float(lo), float(hi)],
+                       "mean": float(clipped.mean()), "std": float(max(clipped.std(), 1e-8))})

@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -60,6 +60,10 @@ def read_meta(root: Path) -> tuple[Path, dict[str, Any]]:
     return meta_path, meta
 
 
+@overload
+def confined_file(root: Path, name: Any, field: str, meta_path: Path, *, required: Literal[True] = ...) -> Path: ...
+@overload
+def confined_file(root: Path, name: Any, field: str, meta_path: Path, *, required: bool) -> Path | None: ...
 def confined_file(root: Path, name: Any, field: str, meta_path: Path, *, required: bool = True) -> Path | None:
     """``root / name`` when, after resolving links, it is a regular file inside ``root``.
 

@@ -131,8 +131,8 @@ def load_runtime(candidates: Sequence[str], **kw: Any) -> Runtime:
                 raise
             errors[name] = exc
             continue
-        for failed, exc in errors.items():
-            warnings.warn(f"runtime auto: {failed} did not load ({exc}); running {name}", RuntimeWarning,
+        for failed, error in errors.items():  # not `exc`: Python deletes the except clause's name
+            warnings.warn(f"runtime auto: {failed} did not load ({error}); running {name}", RuntimeWarning,
                           stacklevel=3)
         return runtime
     raise next(iter(errors.values()))

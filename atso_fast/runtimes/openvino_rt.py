@@ -119,7 +119,8 @@ class _OvPending:
     """A batch on an infer request; ``result()`` waits for it and frees the request."""
 
     def __init__(self, runtime: OpenVinoRuntime, slot: _Request, windows: int):
-        self._runtime, self._slot, self._windows, self._out = runtime, slot, windows, None
+        self._runtime, self._slot, self._windows = runtime, slot, windows
+        self._out: np.ndarray | None = None
 
     def result(self) -> np.ndarray:
         if self._out is None:

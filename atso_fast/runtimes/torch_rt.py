@@ -88,7 +88,8 @@ class TorchRuntime(FixedRuntime):
         on_cuda = self.device.startswith("cuda")
         self.channels_last = (False if on_cuda else None) if channels_last is None else bool(channels_last)
         self.layout_probe: dict[str, float] | None = None
-        self._probe_step, self._probe_times = 0, {}
+        self._probe_step = 0
+        self._probe_times: dict[str, float] = {}
         self.probe_batch = max(int(probe_batch), 1)
         # CPU threads per call (None: torch's own setting); a Ray actor passes its CPU share
         self.threads = None if on_cuda or threads is None else max(int(threads), 1)
