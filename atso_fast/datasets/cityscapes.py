@@ -285,7 +285,8 @@ def plain_frames(root: str | os.PathLike[str], *, labels: bool = True, label_kin
     images = _walk(images_dir, _PICTURES)
     if not images:
         raise InputError(f"{images_dir}: no PNG/JPEG pictures")
-    frames, owners = [], {}
+    frames: list[Frame] = []
+    owners: dict[str, Path] = {}
     for image in images:
         rel = image.relative_to(images_dir)
         name = rel.with_suffix("").as_posix()

@@ -92,7 +92,7 @@ def _blob(rng: np.random.Generator, coords: tuple[np.ndarray, ...], center: np.n
     return r2 < (1.0 + wobble * _smooth_field(rng, coords)) ** 2
 
 
-def _grid(zc: np.ndarray, shape_yx: tuple[int, int]) -> tuple[np.ndarray, ...]:
+def _grid(zc: np.ndarray, shape_yx: Sequence[int]) -> tuple[np.ndarray, ...]:
     yc = np.linspace(-1.0, 1.0, shape_yx[0], dtype=np.float32)
     xc = np.linspace(-1.0, 1.0, shape_yx[1], dtype=np.float32)
     return (zc[:, None, None], yc[None, :, None], xc[None, None, :])
@@ -225,7 +225,7 @@ def make_phantoms(n: int, shape: Sequence[int] = (32, 64, 64), *, seed: int = 0,
     return [maker(shape, seed=seed, index=start + i, **kwargs) for i in range(int(n))]
 
 
-def _save(path: Path, array: np.ndarray, spacing: tuple[float, float, float]) -> None:
+def _save(path: Path, array: np.ndarray, spacing: Sequence[float]) -> None:
     """Write ``(Z, Y, X)`` as NIfTI ``(X, Y, Z)`` (nibabel order) or as ``.npy``."""
     if path.name.endswith(".npy"):
         np.save(path, array)
@@ -302,7 +302,7 @@ def make_archive(folder: str | Path, n: int, *, num_labelled: int | None = None,
 
 
 def _write_group(root: Path, suffix: str, start: int, count: int, with_label: bool,
-                 shape: Sequence[int], seed: int, fmt: str, spacing: tuple[float, float, float],
+                 shape: Sequence[int], seed: int, fmt: str, spacing: Sequence[float],
                  phantom_kwargs: dict[str, Any]) -> list[dict[str, str | None]]:
     img_dir, lab_dir = root / f"images{suffix}", root / f"labels{suffix}"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -343,13 +343,13 @@ def synthetic_ct(shape: tuple[int, int, int], seed: int = 0, noise_hu: float = 1
     Raises:
         ValueError: a non-positive size.
     """
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"shape must be three positive integers (Z, Y, X), got {shape!r}")
-    grids = [g.astype(np.float32) for g in np.ogrid[tuple(slice(-1.0, 1.0, complex(0, n)) for n in shape)]]
-    vol = np.full(shape, -1000.0, np.float32)
+    dims = tuple(int(s) for s in shape)
+    if len(dims) != 3 or min(dims) < 1:
+        raise ValueError(f"shape must be three positive integers (Z, Y, X), got {dims!r}")
+    grids = [g.astype(np.float32) for g in np.ogrid[tuple(slice(-1.0, 1.0, complex(0, n)) for n in dims)]]
+    vol = np.full(dims, -1000.0, np.float32)
     for centre, radii, hu in _CT_BODY:
         dist = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii))
         vol[dist <= 1.0] = hu
-    vol += np.random.default_rng(seed).normal(0.0, noise_hu, shape).astype(np.float32)
+    vol += np.random.default_rng(seed).normal(0.0, noise_hu, dims).astype(np.float32)
     return np.clip(np.rint(vol), -1024, 3071).astype(np.int16)

@@ -182,8 +182,8 @@ def split_balanced(sizes: Sequence[int], seed: int, parts: int = 2) -> tuple[lis
     if int(parts) < 2 or len(sizes) < int(parts) or (len(sizes) and min(sizes) < 0):
         raise ValueError(f"split_balanced needs parts >= 2 and >= parts non-negative sizes, got parts={parts}, "
                          f"sizes={list(sizes)}")
-    order = np.random.default_rng([int(seed), _SPLIT]).permutation(len(sizes))
-    order = sorted(order.tolist(), key=lambda i: -int(sizes[i]))
+    perm = np.random.default_rng([int(seed), _SPLIT]).permutation(len(sizes))
+    order = sorted(perm.tolist(), key=lambda i: -int(sizes[i]))
     groups: list[list[int]] = [[] for _ in range(int(parts))]
     loads = [0] * int(parts)
     for i in order:
@@ -269,9 +269,15 @@ def default_relabel_fn(config: ATSOConfig, *, probabilities: bool = False) -> Re
             **{"threshold": 0.0, "ignore_index": config.ignore_index, "save_probabilities": probabilities,
                **config.relabel})
         results = [engine.relabel_volume(v[0] if v.shape[0] == 1 else v, normalized=True) for v in volumes]
-        if probabilities:
-            return [(r.labels, r.confidence, r.probabilities) for r in results]
-        return [(r.labels, r.confidence) for r in results]
+        if not probabilities:
+            return [(r.labels, r.confidence) for r in results]
+        out: list[tuple[np.ndarray, ...]] = []
+        for r in results:
+            if r.probabilities is None:  # config.relabel turned save_probabilities off
+                raise ValueError("soft targets need the relabel engine's probabilities: drop save_probabilities "
+                                 "from config.relabel")
+            out.append((r.labels, r.confidence, r.probabilities))
+        return out
 
     return relabel
 
@@ -423,6 +429,12 @@ def _nan_to_none(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_nan_to_none(v) for v in value]
     return value
+
+
+def _all_present(arrays: Sequence[np.ndarray | None]) -> list[np.ndarray] | None:
+    """``arrays`` as a list when none is missing, else None."""
+    present = [a for a in arrays if a is not None]
+    return present if len(present) == len(arrays) else None
 
 
 def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -697,19 +709,34 @@ class ATSO:
             self.model.load_state_dict(self.init_state)
             return "theta0"
         if init == "m0":
-            self.model.load_state_dict(self.base_state)
+            self.model.load_state_dict(self._m0_state())
             return "M0"
         if init == "lineage" and relabel:
             line = self.lineages.get(relabel[0])
-            self.model.load_state_dict(self.base_state if line is None else line["state"])
+            self.model.load_state_dict(self._m0_state() if line is None else line["state"])
             return "M0" if line is None else line["model"]
         return model_name(k - 1, self.config.rounds)  # continue (lineage: consolidation continues the last model)
+
+    def _m0_state(self) -> dict[str, torch.Tensor]:
+        """M0's weights (kept by the warm-up)."""
+        if self.base_state is None:
+            raise ValueError("M0's weights are not there: the warm-up (round 0) has not finished")
+        return self.base_state
 
     def _labels_from(self, train_on: Sequence[str]) -> dict[str, list[str]]:
         if self.config.method in ("oracle", "mean-teacher"):
             source = "truth" if self.config.method == "oracle" else "teacher"
             return {name: [source] for name in train_on}
-        return {n: sorted({self.labelled_by[i] for i in self.subsets[n]}) for n in train_on}
+        out = {}
+        for name in train_on:
+            models = set()
+            for i in self.subsets[name]:
+                model = self.labelled_by[i]
+                if model is None:
+                    raise ValueError(f"unlabelled case {i} of part {name} has no pseudo label to train on")
+                models.add(model)
+            out[name] = sorted(models)
+        return out
 
     def _train_kwargs(self) -> dict[str, Any]:
         cfg = self.config
@@ -793,12 +820,14 @@ class ATSO:
         cfg = self.config
         if not idx or not self.store.in_memory or cfg.method not in ("atso", "self-training"):
             return {}
-        truth = self.store.truths(idx)
-        if any(t is None for t in truth):
+        truth = _all_present(self.store.truths(idx))
+        if truth is None:
             return {}
         results = self.predict(self.store.images(idx))
         self._fresh = dict(zip(idx, results))
-        preds, labels = [r[0] for r in results], self.store.labels(idx)
+        preds, labels = [r[0] for r in results], _all_present(self.store.labels(idx))
+        if labels is None:
+            raise ValueError("the student's training cases have no pseudo labels")
         c, ignore = cfg.num_classes, cfg.ignore_index
         return {"label_dice": pooled_dice(labels, truth, c, ignore_index=ignore)[1],
                 "model_dice": pooled_dice(preds, truth, c, ignore_index=ignore)[1],
@@ -984,11 +1013,15 @@ class ATSO:
         """Atomically write :meth:`state_dict` (default ``out_dir/checkpoint.pt``) and rewrite
         ``metrics.jsonl`` and its curves ``metrics.png`` from the history, so they always agree."""
 
-        folder = Path(self.config.out_dir) if path is None else Path(path).parent
+        if path is None:
+            if self.config.out_dir is None:
+                raise ValueError("save_checkpoint needs config.out_dir or an explicit checkpoint path")
+            path = Path(self.config.out_dir) / CHECKPOINT_NAME
+        folder = Path(path).parent
         folder.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         torch.save(self.state_dict(), buffer)
-        target = atomic_write_bytes(folder / CHECKPOINT_NAME if path is None else Path(path), buffer.getbuffer())
+        target = atomic_write_bytes(Path(path), buffer.getbuffer())
         lines = "".join(json.dumps(h) + "\n" for h in self.history)
         atomic_write_bytes(folder / METRICS_NAME, lines.encode())
         atomic_write_bytes(folder / CURVES_NAME, curves_png(self.history, f"{self.config.method}: {folder.name}"))

@@ -121,7 +121,7 @@ def augment_sample(image: np.ndarray, label: np.ndarray, rng: np.random.Generato
     if config.flip:
         axes = [a for a in range(nd) if rng.random() < 0.5]
         if axes:
-            image, label = np.flip(image, [a + 1 for a in axes]), np.flip(label, axes)
+            image, label = np.flip(image, tuple(a + 1 for a in axes)), np.flip(label, tuple(axes))
     if config.rot90 and nd >= 2:
         square = label.shape[-1] == label.shape[-2]
         k = int(rng.integers(4)) if square else 2 * int(rng.integers(2))

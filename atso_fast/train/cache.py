@@ -44,6 +44,7 @@ from atso_fast.package.spec import check_preprocessing
 from atso_fast.progress import progress_lines
 from atso_fast.train.data import (
     RawCase,
+    case_labels,
     locate_foreground,
     read_case,
     resolve_normalization,
@@ -68,7 +69,7 @@ class CachedCase:
     image: Path
     label: Path | None
     fg: Path | None
-    shape: tuple[int, int, int]
+    shape: tuple[int, ...]  # (Z, Y, X)
     fg_counts: dict[int, int] = field(default_factory=dict)
 
     @property
@@ -177,14 +178,14 @@ def _resolve(request: dict[str, Any], entries: dict[str, list[dict[str, Any]]], 
             image, label, meta = _read_case(e, in_channels)
             spacings.append(RawCase(image[:, :0], None, e["image"][0], meta.spacing))
             if is_ct:
+                if label is None:  # build_cache refuses labelled entries without a label first
+                    raise ValueError(f"{e['image'][0]}: a labelled case without a label")
                 values = _ct_samples(image, label)
                 samples.append(RawCase(values[None, None, None], np.ones((1, 1, values.size), np.uint8)))
             del image, label
-    if isinstance(spec, dict):
-        policy = check_policy(spec)
-    elif is_ct:
-        policy = ct_policy_from_samples([c.image[0] for c in samples], [c.label for c in samples])
-    else:
+    if is_ct:  # never with a policy dict
+        policy = ct_policy_from_samples([c.image[0] for c in samples], case_labels(samples, "labelled"))
+    else:  # a policy dict is checked there
         policy = resolve_normalization(spec, [], modality)
     spacing = request["spacing"] if not need_spacing else training_spacing(spacings)
     return policy, (None if spacing is None else [float(s) for s in spacing])
@@ -342,7 +343,9 @@ def _plan(root: Path, request: dict[str, Any], entries: dict[str, list[dict[str,
     try:
         plan = json.loads(plan_file.read_text())
         if plan.get("request_sha256") == key:
-            return check_policy(plan["normalization"]), plan["spacing"]
+            policy = check_policy(plan["normalization"])
+            if isinstance(policy, dict):  # what _resolve writes; anything else: a damaged plan, resolved again
+                return policy, plan["spacing"]
     except (OSError, ValueError, KeyError):
         pass
     policy, target = _resolve(request, entries, request["modality"], in_channels, progress)

@@ -194,9 +194,10 @@ def train_main(argv: list[str] | None = None, *, engines: dict[str, Any] | None 
         if args.engine != "local":
             if resolve_storage(config) != "disk":
                 raise ValueError(f"--engine {args.engine} relabels on disk storage; this config runs in memory")
-            if args.engine not in (engines or {}):
+            available = engines or {}
+            if args.engine not in available:
                 raise ValueError(f"--engine {args.engine} is not available here (run `atso-fast train`)")
-            engine = engines[args.engine]
+            engine = available[args.engine]
         with _torch_threads(args.threads):
             atso = ATSO(config, archive_engine=engine)
             history = atso.run(resume=args.resume)
@@ -296,14 +297,14 @@ class _DemoProgress:
 
             self.bar = tqdm(total=self.total, unit="step", file=self.stream, dynamic_ncols=True,
                             desc=f"training: {self.stages[0][0]}", smoothing=0.3)
-            threading.Thread(target=self._tick, daemon=True, name="atso-demo-progress").start()
+            threading.Thread(target=self._tick, args=(self.bar,), daemon=True, name="atso-demo-progress").start()
         else:
             print(f"atso-fast demo: training {len(self.stages)} stages, {self.total} steps "
                   f"(first: {self.stages[0][0]})", file=self.stream, flush=True)
 
-    def _tick(self) -> None:
+    def _tick(self, bar: Any) -> None:
         while not self._stop.wait(1.0):
-            self.bar.refresh()
+            bar.refresh()
 
     def __call__(self, atso: Any, metrics: dict[str, Any]) -> None:
         name, steps = self.stages[min(self.index, len(self.stages) - 1)]

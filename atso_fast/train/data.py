@@ -43,7 +43,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from types import EllipsisType
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -72,6 +73,10 @@ __all__ = [
     "check_label",
     "dataset_class_names",
     "read_case",
+    "case_labels",
+    "Threshold",
+    "Source",
+    "view_array",
 ]
 
 _IMAGE_SUFFIXES = supported_suffixes()  # NIfTI, NumPy, NRRD, MetaImage (atso_fast.io's formats)
@@ -98,7 +103,7 @@ class Case:
 
     @property
     def spatial_shape(self) -> tuple[int, int, int]:
-        return tuple(self.image.shape[1:])  # type: ignore[return-value]
+        return tuple(self.image.shape[1:])
 
 
 @dataclass
@@ -115,6 +120,20 @@ class SemiSupervisedData:
     normalization: dict[str, Any] = field(default_factory=lambda: {"scheme": "none"})
     modality: str | None = None
     spacing: list[float] | None = None  # the labelled cases' spacing (training_spacing)
+
+
+def case_labels(cases: Sequence[Case | RawCase], what: str) -> list[np.ndarray]:
+    """The labels of cases that must have one (labelled and validation cases, truths asked for).
+
+    Raises:
+        ValueError: a case without a label (named, with ``what``: e.g. ``"labelled"``).
+    """
+    labels = []
+    for i, case in enumerate(cases):
+        if case.label is None:
+            raise ValueError(f"{what} case {case.name or i!r} has no label")
+        labels.append(case.label)
+    return labels
 
 
 def _as_channels(image: np.ndarray, in_channels: int, what: str) -> np.ndarray:
@@ -258,8 +277,8 @@ def _load_spec(spec: str | Path | dict[str, Any]) -> tuple[dict[str, Any], Path]
         return spec, Path(".")
     path = Path(spec)
     if path.is_dir():
-        listing = {key: _folder_entries(path, f"images{sfx}", f"labels{sfx}")
-                   for key, sfx in (("labelled", "Tr"), ("unlabelled", "Un"), ("val", "Val"))}
+        listing: dict[str, Any] = {key: _folder_entries(path, f"images{sfx}", f"labels{sfx}")
+                                   for key, sfx in (("labelled", "Tr"), ("unlabelled", "Un"), ("val", "Val"))}
         meta_file = path / "dataset.json"
         if os.path.lexists(meta_file):
             channels = parse_listing_text(read_text_file(meta_file), meta_file).get("channel_names", {})
@@ -331,17 +350,22 @@ def resolve_normalization(spec: str | dict[str, Any] | None, labelled: Sequence[
         ValueError: unknown spec.
     """
     if isinstance(spec, dict):
-        return check_policy(spec)
+        return _check_single_policy(spec)
     if spec in (None, "auto"):
         spec = {"CT": "ct", "RGB": "imagenet"}.get((modality or "").upper(), "zscore")
     if spec == "imagenet":
-        return check_policy(IMAGENET_RGB)
+        return _check_single_policy(IMAGENET_RGB)
     if spec == "ct":
-        return ct_policy_from_samples([c.image[0] for c in labelled], [c.label for c in labelled])
+        return ct_policy_from_samples([c.image[0] for c in labelled], case_labels(labelled, "labelled"))
     if spec in ("zscore", "none"):
-        return check_policy({"scheme": spec})
+        return _check_single_policy({"scheme": spec})
     raise ValueError(f"normalization must be a policy dict or one of 'auto', 'ct', 'zscore', 'none', 'imagenet', "
                      f"got {spec!r}")
+
+
+def _check_single_policy(policy: dict[str, Any]) -> dict[str, Any]:
+    # check_policy returns a list only for a list of per-channel policies; its annotation does not say so
+    return cast(dict[str, Any], check_policy(policy))
 
 
 def prepare_data(raw: dict[str, list[RawCase]], policy: dict[str, Any],
@@ -351,7 +375,7 @@ def prepare_data(raw: dict[str, list[RawCase]], policy: dict[str, Any],
         return Case(normalize(case.image, policy).astype(np.float32, copy=False), case.label, case.name)
 
     return SemiSupervisedData([norm(c) for c in raw["labelled"]], [norm(c) for c in raw["unlabelled"]],
-                              [norm(c) for c in raw["val"]], check_policy(policy), modality,
+                              [norm(c) for c in raw["val"]], _check_single_policy(policy), modality,
                               training_spacing(raw["labelled"]))
 
 
@@ -384,7 +408,11 @@ def data_from_arrays(labelled: Sequence[tuple[np.ndarray, np.ndarray]],
     return prepare_data(cases, policy, modality)
 
 
-def low_confidence(labels: np.ndarray, confidence: np.ndarray, threshold: float | Sequence[float]) -> np.ndarray:
+Threshold = float | list[float] | tuple[float, ...]
+"""A confidence threshold in [0, 1], or one per class (:func:`low_confidence`)."""
+
+
+def low_confidence(labels: np.ndarray, confidence: np.ndarray, threshold: Threshold | np.ndarray) -> np.ndarray:
     """Voxels whose confidence (uint8, max probability x 255) is below the threshold of their label.
 
     ``threshold`` is one value in [0, 1] or one per class (class-wise thresholds keep a small
@@ -412,7 +440,8 @@ def crop_with_padding(array: np.ndarray, origin: Sequence[int], size: Sequence[i
     """
     lead = array.shape[: array.ndim - len(size)]
     out = np.full(lead + tuple(size), fill, dtype=array.dtype)
-    src, dst = [Ellipsis], [Ellipsis]
+    src: list[EllipsisType | slice] = [Ellipsis]
+    dst: list[EllipsisType | slice] = [Ellipsis]
     for o, s, n in zip(origin, size, array.shape[len(lead):]):
         lo, hi = max(o, 0), min(o + s, n)
         if hi <= lo:
@@ -479,7 +508,8 @@ Source = np.ndarray | Path
 """An array in memory, or an ``.npy`` file memory-mapped each time it is read."""
 
 
-def _view(source: Source) -> np.ndarray:
+def view_array(source: Source) -> np.ndarray:
+    """``source`` itself when an array, else its ``.npy`` file memory-mapped (:func:`open_array`)."""
     return open_array(source) if isinstance(source, (str, os.PathLike)) else source
 
 
@@ -549,7 +579,7 @@ class PatchSampler:
 
     @classmethod
     def from_cases(cls, cases: Sequence[PatchCase], patch_size: Sequence[int], *, foreground_oversample: float = 0.33,
-                   ignore_index: int = 255, threshold: float | Sequence[float] = 0.0) -> PatchSampler:
+                   ignore_index: int = 255, threshold: Threshold = 0.0) -> PatchSampler:
         """A sampler over cases whose foreground index is already made (e.g. the preprocessing
         cache's), arrays or ``.npy`` files.
 
@@ -570,7 +600,7 @@ class PatchSampler:
         return sampler
 
     def _setup(self, cases: list[PatchCase], patch_size: Sequence[int], foreground_oversample: float,
-               ignore_index: int, threshold: float | Sequence[float]) -> None:
+               ignore_index: int, threshold: Threshold) -> None:
         self.cases = cases
         self.flat = len(patch_size) == 2
         self.patch = (1, *patch_size) if self.flat else tuple(int(p) for p in patch_size)
@@ -601,8 +631,10 @@ class PatchSampler:
         lows = [min(0, n - p) for n, p in zip(case.shape, self.patch)]
         highs = [max(0, n - p) for n, p in zip(case.shape, self.patch)]
         if locs and rng.random() < self.p_fg:
+            if case.fg is None:
+                raise ValueError(f"case {index} has foreground counts {case.fg_counts} but no foreground index (fg)")
             _, offset, count = locs[int(rng.integers(len(locs)))]
-            center = np.unravel_index(int(_view(case.fg)[offset + int(rng.integers(count))]), case.shape)
+            center = np.unravel_index(int(view_array(case.fg)[offset + int(rng.integers(count))]), case.shape)
             return [int(np.clip(c - p // 2, lo, hi)) for c, p, lo, hi in zip(center, self.patch, lows, highs)]
         return [int(rng.integers(lo, hi + 1)) for lo, hi in zip(lows, highs)]
 
@@ -611,10 +643,10 @@ class PatchSampler:
         index = int(rng.integers(len(self.cases)))
         case = self.cases[index]
         origin = self._origin(index, rng)
-        image = crop_with_padding(_view(case.image), origin, self.patch, 0.0)
-        label = crop_with_padding(_view(case.label), origin, self.patch, self.ignore_index)
+        image = crop_with_padding(view_array(case.image), origin, self.patch, 0.0)
+        label = crop_with_padding(view_array(case.label), origin, self.patch, self.ignore_index)
         if case.confidence is not None and self.threshold != 0.0:
-            conf = crop_with_padding(_view(case.confidence), origin, self.patch, 255)
+            conf = crop_with_padding(view_array(case.confidence), origin, self.patch, 255)
             label[low_confidence(label, conf, self.threshold)] = self.ignore_index
         if self.flat:
             return image[:, 0], label[0]

@@ -73,6 +73,7 @@ from atso_fast.train.data import (
     low_confidence,
     open_array,
     read_listing,
+    view_array,
 )
 from atso_fast.train.loader import BatchDataset, make_loader
 from atso_fast.train.monitor import PooledDice, PseudoLabelStats
@@ -107,7 +108,7 @@ def package_relabel_fn(package: str | os.PathLike[str], config: ATSOConfig
     Raises:
         ValueError: an unknown ``config.relabel`` key, or an unloadable package.
     """
-    engine = Relabeler(package, **{"runtime": "auto", **relabeler_options(config.relabel, ignore=POOL_OPTIONS),
+    engine = Relabeler(Path(package), **{"runtime": "auto", **relabeler_options(config.relabel, ignore=POOL_OPTIONS),
                                    "threshold": 0.0, "ignore_index": config.ignore_index})
 
     def relabel(_model: Any, volumes: Sequence[np.ndarray]) -> list[tuple[np.ndarray, ...]]:
@@ -172,11 +173,13 @@ class CacheStore:
         """``OUT/round_K``: round ``k``'s packages and pseudo labels."""
         return self.out / f"round_{k}"
 
-    def _label_case(self, i: int, k: int | None = None) -> PatchCase | None:
-        """Unlabelled case ``i`` with its pseudo label of round ``k`` (default: its latest)."""
-        k = self.label_round[i] if k is None else k
-        if k is None:
-            return None
+    def _label_case(self, i: int) -> PatchCase | None:
+        """Unlabelled case ``i`` with its latest pseudo label (None: not relabelled yet)."""
+        k = self.label_round[i]
+        return None if k is None else self._round_case(i, k)
+
+    def _round_case(self, i: int, k: int) -> PatchCase:
+        """Unlabelled case ``i`` with its pseudo label of round ``k``."""
         case, folder = self.unlabelled[i], self.round_dir(k) / "pseudo"
         meta = json.loads((folder / "fg" / f"{case.case_id}.json").read_text())
         return PatchCase(case.image, folder / f"{case.case_id}.npy", case.shape, folder / "fg" / f"{case.case_id}.npy",
@@ -184,17 +187,20 @@ class CacheStore:
 
     @staticmethod
     def _truth_case(case: CachedCase) -> PatchCase:
+        if case.label is None:
+            raise ValueError(f"case {case.case_id} has no label in the cache")
         return PatchCase(case.image, case.label, case.shape, case.fg, dict(case.fg_counts))
 
     def images(self, idx: Sequence[int]) -> list[np.ndarray]:
         return [open_array(self.unlabelled[i].image) for i in idx]
 
     def truths(self, idx: Sequence[int]) -> list[np.ndarray | None]:
-        return [None if self.unlabelled[i].label is None else open_array(self.unlabelled[i].label) for i in idx]
+        cases = [self.unlabelled[i] for i in idx]
+        return [None if c.label is None else open_array(c.label) for c in cases]
 
     def labels(self, idx: Sequence[int]) -> list[np.ndarray | None]:
         cases = [self._label_case(i) for i in idx]
-        return [None if c is None else open_array(c.label) for c in cases]
+        return [None if c is None else view_array(c.label) for c in cases]
 
     def case_batches(self, cases: Sequence[Any]) -> Iterator[tuple[list[np.ndarray], list[np.ndarray]]]:
         """One case at a time, read into memory."""
@@ -215,7 +221,14 @@ class CacheStore:
         each patch is cut."""
         if truth:
             return self._sampler([self._truth_case(self.unlabelled[i]) for i in idx])
-        return self._sampler([self._label_case(i) for i in idx], self.config.threshold)
+        return self._sampler([self._pseudo_case(i) for i in idx], self.config.threshold)
+
+    def _pseudo_case(self, i: int) -> PatchCase:
+        """Unlabelled case ``i`` with its latest pseudo label, which it must have."""
+        case = self._label_case(i)
+        if case is None:
+            raise ValueError(f"unlabelled case {i} has no pseudo label yet (not relabelled)")
+        return case
 
     def fit(self, model: nn.Module, batches: MixedBatches, *, key: tuple[int, int, int], steps: int, lr: float,
             on_step: Callable[[int, Any], None] | None = None, consistency: ConsistencyTerm | None = None,
@@ -249,6 +262,8 @@ class CacheStore:
     def export(self, model: nn.Module, k: int) -> None:
         """``round_K/package`` (for raw scans) and ``round_K/grid_package`` (for the cache grid)."""
         cfg, folder = self.config, self.round_dir(k)
+        if not isinstance(cfg.normalization, dict):  # resolved by the cache in __init__
+            raise ValueError(f"export needs a resolved normalization policy, got {cfg.normalization!r}")
         package = export_model(model, folder / "package", window=list(cfg.patch_size), num_classes=cfg.num_classes,
                                kind="logits", normalization=cfg.normalization, in_channels=cfg.in_channels,
                                spacing=cfg.spacing, preprocessing=cfg.preprocessing, class_names=cfg.class_names,
@@ -312,13 +327,14 @@ class CacheStore:
         cfg = self.config
         stats = PseudoLabelStats(cfg.num_classes, ignore_index=cfg.ignore_index, threshold=cfg.threshold)
         for i in idx:
-            new = self._label_case(i, k)
+            new = self._round_case(i, k)
             previous = self._label_case(i)
-            m0 = self._label_case(i, 0) if k > 0 else None
+            m0 = self._round_case(i, 0) if k > 0 else None
             truth = self.unlabelled[i].label
-            stats.add(open_array(new.label), open_array(new.confidence),
-                      previous=None if previous is None else open_array(previous.label),
-                      m0=None if m0 is None else open_array(m0.label),
+            assert new.confidence is not None  # _round_case always names the confidence file
+            stats.add(view_array(new.label), view_array(new.confidence),
+                      previous=None if previous is None else view_array(previous.label),
+                      m0=None if m0 is None else view_array(m0.label),
                       truth=None if truth is None else open_array(truth))
         return stats.result()
 
@@ -326,8 +342,9 @@ class CacheStore:
         cfg = self.config
         dice = PooledDice(cfg.num_classes, ignore_index=cfg.ignore_index)
         for i, case in enumerate(self.unlabelled):
-            if case.label is not None and self.label_round[i] is not None:
-                dice.add(np.asarray(open_array(self._label_case(i).label)), open_array(case.label))
+            k = self.label_round[i]
+            if case.label is not None and k is not None:
+                dice.add(np.asarray(view_array(self._round_case(i, k).label)), open_array(case.label))
         return dice.result()[1]
 
     def validation_package(self, k: int) -> Path:

@@ -58,7 +58,8 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: 
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = 255,
-                 ce_weight: float = 1.0, dice_weight: float = 1.0, **dice_kwargs: object) -> torch.Tensor:
+                 ce_weight: float = 1.0, dice_weight: float = 1.0, include_background: bool = False,
+                 smooth: float = 1e-5, batch_dice: bool = True) -> torch.Tensor:
     """``ce_weight * CE + dice_weight * soft Dice loss``, both over non-ignored voxels only.
 
     A batch where every voxel is ignored gives 0 (still attached to the graph), not NaN, and
@@ -67,7 +68,7 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: in
     Args:
         logits: ``(N, C, *spatial)``.
         target: ``(N, *spatial)`` int with ``ignore_index`` for left-out voxels.
-        **dice_kwargs: passed to :func:`soft_dice_loss`.
+        include_background, smooth, batch_dice: passed to :func:`soft_dice_loss` (same defaults).
 
     Returns:
         scalar tensor.
@@ -76,7 +77,8 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: in
     target = target.long()
     count = (target != ignore_index).sum().clamp_min(1)
     ce = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum") / count
-    dice = soft_dice_loss(logits, target, ignore_index=ignore_index, **dice_kwargs)
+    dice = soft_dice_loss(logits, target, ignore_index=ignore_index, include_background=include_background,
+                          smooth=smooth, batch_dice=batch_dice)
     return ce_weight * ce + dice_weight * dice
 
 

@@ -137,7 +137,8 @@ class MeanTeacher:
         """Move the teacher (e.g. where the trainer put the student)."""
         self.teacher.to(device)
         if memory_format is not torch.preserve_format:
-            self.teacher.to(memory_format=memory_format)
+            # Module.to(memory_format=...) is documented torch API; torch's overload stubs omit it
+            self.teacher.to(memory_format=memory_format)  # type: ignore[call-overload]
         return self
 
     def weight(self, step: int) -> float:
@@ -178,8 +179,8 @@ class MeanTeacher:
         alpha = ema_alpha(self.step_offset + step, self.config.ema_decay)
         for t, s in zip(self.teacher.parameters(), student.parameters()):
             t.mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)
-        for t, s in zip(self.teacher.buffers(), student.buffers()):
-            t.copy_(s)
+        for tb, sb in zip(self.teacher.buffers(), student.buffers()):
+            tb.copy_(sb)
         self.steps_done = self.step_offset + step + 1
 
     def state_dict(self) -> dict[str, Any]:

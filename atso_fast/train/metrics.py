@@ -147,10 +147,11 @@ def _case_spacings(spacing: Sequence[float] | Sequence[Sequence[float]] | float 
     """One per-axis spacing tuple per case, from any accepted form of ``spacing``."""
     if spacing is None:
         return [(1.0,) * nd for nd in ndims]
-    if isinstance(spacing, numbers.Real):
+    # float and int spelled out for the type checker; numbers.Real adds NumPy scalars
+    if isinstance(spacing, (float, int, numbers.Real)):
         per_case: list[Any] = [[spacing] * nd for nd in ndims]
     else:
-        items = list(spacing)
+        items: list[float | Sequence[float]] = list(spacing)
         nested = any(np.ndim(s) > 0 for s in items)
         if nested and len(items) != len(ndims):
             raise ValueError(f"spacing gives {len(items)} per-case spacings for {len(ndims)} cases")

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from atso_fast.train.data import low_confidence
+from atso_fast.train.data import Threshold, low_confidence
 from atso_fast.train.losses import confusion_counts, dice_from_counts
 
 __all__ = ["pooled_dice", "foreground_change", "PooledDice", "ForegroundChange", "PseudoLabelStats"]
@@ -97,7 +97,7 @@ class PseudoLabelStats:
         threshold: the confidence threshold(s) of :func:`~atso_fast.train.data.low_confidence`.
     """
 
-    def __init__(self, num_classes: int, *, ignore_index: int, threshold: float | Sequence[float]) -> None:
+    def __init__(self, num_classes: int, *, ignore_index: int, threshold: Threshold) -> None:
         self.ignore_index, self.threshold = int(ignore_index), threshold
         self.total = self.changed = self.ignored = 0
         self.confidence = 0.0
@@ -116,17 +116,17 @@ class PseudoLabelStats:
         ignored = low_confidence(labels, confidence, self.threshold) | (labels == self.ignore_index)
         self.ignored += int(np.count_nonzero(ignored))
         self.has_previous = self.has_previous and previous is not None
-        if self.has_previous:
+        if self.has_previous and previous is not None:
             previous = np.asarray(previous)
             self.changed += int(np.count_nonzero(labels != previous))
             self.fg.add(previous, labels)
         self.has_m0 = self.has_m0 and m0 is not None
-        if self.has_m0:
+        if self.has_m0 and m0 is not None:
             self.fg_m0.add(m0, labels)
         self.has_truth = self.has_truth and truth is not None
-        if self.has_truth:
+        if self.has_truth and truth is not None:
             self.dice.add(labels, truth)
-            if self.has_previous:
+            if self.has_previous and previous is not None:
                 self.dice_before.add(previous, truth)
 
     def result(self) -> dict[str, float]:

@@ -39,11 +39,11 @@ def paired_contrast(a: Sequence[float], b: Sequence[float], *, confidence: float
     Raises:
         ValueError: different lengths or a non-finite value.
     """
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape or a.ndim != 1 or not (np.isfinite(a).all() and np.isfinite(b).all()):
-        raise ValueError(f"paired_contrast needs two finite 1-D sequences of equal length, got {a.tolist()} "
-                         f"and {b.tolist()}")
-    d = a - b
+    xa, xb = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if xa.shape != xb.shape or xa.ndim != 1 or not (np.isfinite(xa).all() and np.isfinite(xb).all()):
+        raise ValueError(f"paired_contrast needs two finite 1-D sequences of equal length, got {xa.tolist()} "
+                         f"and {xb.tolist()}")
+    d = xa - xb
     n = len(d)
     out = {"n": n, "mean": float(d.mean()) if n else math.nan, "sd": math.nan, "ci_low": math.nan,
            "ci_high": math.nan, "p_wilcoxon": math.nan, "wins": int((d > 0).sum())}

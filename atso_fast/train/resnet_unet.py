@@ -62,6 +62,12 @@ class ResNetEncoder(nn.Module):
     """ResNet-18/34 trunk (no pooling head); :meth:`forward` returns the five feature maps at
     strides 2, 4, 8, 16, 32 (64, 64, 128, 256, 512 channels)."""
 
+    # registered by name in __init__ (torchvision's names, so its weights load); declared for the type checker
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(self, depth: int = 18, in_channels: int = 3) -> None:
         super().__init__()
         if depth not in BLOCKS:

@@ -42,6 +42,7 @@ from atso_fast.train.data import (
     PatchSampler,
     Sampler,
     SemiSupervisedData,
+    case_labels,
     dataset_class_names,
     load_raw,
     low_confidence,
@@ -81,10 +82,15 @@ class DataStore(Protocol):
     config: ATSOConfig
     in_memory: bool
     checkpoints_phases: bool
-    format_version: int | str
     unlabelled_names: list[str]
     unlabelled_sizes: list[int]
-    val_cases: Sequence[Any]
+
+    # read-only here, so that a store may narrow the type (an int or a str; a list of its own cases)
+    @property
+    def format_version(self) -> int | str: ...
+
+    @property
+    def val_cases(self) -> Sequence[Any]: ...
 
     def images(self, idx: Sequence[int]) -> list[np.ndarray]:
         """Normalised ``(M, Z, Y, X)`` images of unlabelled cases ``idx`` (memory maps on disk)."""
@@ -253,7 +259,7 @@ class ArrayStore:
         """Patches of L (built once)."""
         if self._labelled is None:
             cases = self.data.labelled
-            self._labelled = self._sampler([c.image for c in cases], [c.label for c in cases])
+            self._labelled = self._sampler([c.image for c in cases], case_labels(cases, "labelled"))
         return self._labelled
 
     def target_sampler(self, idx: Sequence[int], *, truth: bool = False) -> Sampler:
@@ -261,15 +267,16 @@ class ArrayStore:
         voxels set to ``ignore_index`` (soft targets: the probabilities as extra image channels)."""
         cfg, cases = self.config, self.data.unlabelled
         if truth:
-            return self._sampler([cases[i].image for i in idx], [cases[i].label for i in idx])
+            return self._sampler([cases[i].image for i in idx], case_labels([cases[i] for i in idx], "unlabelled"))
         labels = []
         for i in idx:
-            lab = self.pseudo[i].copy()
-            lab[low_confidence(lab, self.confidence[i], cfg.threshold)] = cfg.ignore_index
+            lab = _relabelled(self.pseudo, i, "pseudo label").copy()
+            lab[low_confidence(lab, _relabelled(self.confidence, i, "confidence"), cfg.threshold)] = cfg.ignore_index
             labels.append(lab)
         images = [cases[i].image for i in idx]
         if self.soft:
-            images = [np.concatenate([img, self.probs[i].astype(np.float32)]) for img, i in zip(images, idx)]
+            images = [np.concatenate([img, _relabelled(self.probs, i, "probabilities").astype(np.float32)])
+                      for img, i in zip(images, idx)]
         return self._sampler(images, labels)
 
     def fit(self, model: nn.Module, batches: MixedBatches, *, key: tuple[int, int, int], steps: int, lr: float,
@@ -367,6 +374,14 @@ class ArrayStore:
         self.confidence = _arrays(state["confidence"], n)
         self.probs = _arrays(state["probs"], n) if self.soft else [None] * n
         self.m0_labels = _arrays(state["m0_labels"], n)
+
+
+def _relabelled(arrays: Sequence[np.ndarray | None], i: int, what: str) -> np.ndarray:
+    """``arrays[i]``, which relabelling (or a loaded checkpoint) sets."""
+    array = arrays[i]
+    if array is None:
+        raise ValueError(f"unlabelled case {i} has no {what} yet (not relabelled)")
+    return array
 
 
 def _tensors(arrays: Sequence[np.ndarray | None]) -> list[torch.Tensor | None]:

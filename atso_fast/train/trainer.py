@@ -66,8 +66,7 @@ class OptimConfig:
             return cls()
         if isinstance(value, cls):
             return value
-        unknown = set(value) - {f.name for f in fields(cls)} if isinstance(value, dict) else None
-        if unknown is None or unknown:
+        if not isinstance(value, dict) or not set(value) <= {f.name for f in fields(cls)}:
             raise ValueError(f"optim must be a dict of {[f.name for f in fields(cls)]}, got {value!r}")
         return cls(**value)
 
@@ -144,12 +143,12 @@ class MixedBatches:
         self.last_labelled = size if self.labelled_only or self.pseudo is None else n_lab
         if self.soft_channels is None:
             return np.stack(images), np.stack(labels).astype(np.int64)
-        return self._soft(images, labels, self.last_labelled)
+        return self._soft(images, labels, self.last_labelled, self.soft_channels)
 
-    def _soft(self, images: list[np.ndarray], labels: list[np.ndarray], n_lab: int
+    def _soft(self, images: list[np.ndarray], labels: list[np.ndarray], n_lab: int, c: int
               ) -> tuple[np.ndarray, np.ndarray]:
-        """Split the pseudo samples' target channels off; one-hot targets for the labelled ones."""
-        c, ignore = self.soft_channels, self.labelled.ignore_index
+        """Split the pseudo samples' ``c`` target channels off; one-hot targets for the labelled ones."""
+        ignore = self.labelled.ignore_index
         xs, ys = [], []
         for i, (image, label) in enumerate(zip(images, labels)):
             if i < n_lab:
@@ -267,7 +266,8 @@ class _Run:
         memory_format = torch.preserve_format
         if self.channels_last:
             memory_format = torch.channels_last_3d if _spatial_dims(model) == 3 else torch.channels_last
-            model.to(memory_format=memory_format)
+            # Module.to(memory_format=...) is documented torch API; torch's overload stubs omit it
+            model.to(memory_format=memory_format)  # type: ignore[call-overload]
         model.train()
         self.opt = make_optimizer(model.parameters(), lr, self.optim)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
@@ -282,17 +282,18 @@ class _Run:
 
     def step(self, step: int, steps: int, x: Any, y: Any, n_lab: int, ignore_index: int) -> None:
         """One optimiser step on ``x``, ``y`` (numpy arrays or CPU tensors)."""
-        optim, opt, model = self.optim, self.opt, self.model
+        optim, opt, model, consistency = self.optim, self.opt, self.model, self.consistency
         for group in opt.param_groups:
             group["lr"] = poly_lr(self.lr, step, steps, optim.poly_exponent) if optim.schedule == "poly" else self.lr
         x, y = _to_device(x, y, self.device, self.channels_last)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             logits = model(x)
-            if self.consistency is None:
+            if consistency is None:
                 loss = _loss(logits, y, ignore_index)
             else:
-                loss = _loss(logits[:n_lab], y[:n_lab], ignore_index) + self._consistency(x, logits, n_lab, step)
-        if n_lab < len(x) and self.consistency is None:
+                loss = _loss(logits[:n_lab], y[:n_lab], ignore_index)
+                loss = loss + self._consistency(consistency, x, logits, n_lab, step)
+        if n_lab < len(x) and consistency is None:
             with torch.no_grad():  # a monitor: the pseudo-labelled part of the batch alone
                 self.pseudo_losses.append(_loss(logits[n_lab:].detach(), y[n_lab:], ignore_index))
         opt.zero_grad(set_to_none=True)
@@ -302,13 +303,13 @@ class _Run:
             nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
         self.scaler.step(opt)
         self.scaler.update()
-        if self.consistency is not None:
-            self.consistency.update(model, step)
+        if consistency is not None:
+            consistency.update(model, step)
         self.losses.append(loss.detach())
 
-    def _consistency(self, x: torch.Tensor, logits: torch.Tensor, n_lab: int, step: int) -> torch.Tensor:
-        """The consistency term of this step, noise reseeded from ``(noise seed, global step)``."""
-        term = self.consistency
+    def _consistency(self, term: ConsistencyTerm, x: torch.Tensor, logits: torch.Tensor, n_lab: int,
+                     step: int) -> torch.Tensor:
+        """The consistency term's value this step, noise reseeded from ``(noise seed, global step)``."""
         self.generator.manual_seed(_noise_seed(self.noise_seed, term.step_offset + step))
         value = term.loss(x, logits, n_lab, step, self.generator)
         self.consistency_losses.append(value.detach())
