@@ -4,6 +4,7 @@ medical image segmentation, with a native relabel engine.
 Public names are loaded on first use, so ``import atso_fast.io`` does not pull in torch or
 ONNX, and one broken optional part does not break the others.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -1,5 +1,6 @@
 """Argument parsers of every ``atso-fast`` command (also the commands that live below ``cli``:
 ``bench``, ``train``): help that shows defaults, and options spelt out in full."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "%(default)" in text or "default" in text or action.default is argparse.SUPPRESS \
-                or not action.option_strings or action.default is None:
+        if (
+            "%(default)" in text
+            or "default" in text
+            or action.default is argparse.SUPPRESS
+            or not action.option_strings
+            or action.default is None
+        ):
             return text
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             return f"{text} (default: {'on' if action.default else 'off'})"

@@ -5,6 +5,7 @@ A :class:`Progress` prints one line when a piece of work starts, then at most on
 ``every`` seconds, then one when it ends: what runs, how far, the pace and an ETA. Lines, not a
 redrawn bar, so output captured to a file (nohup, SLURM) reads as well as a terminal.
 """
+
 from __future__ import annotations
 
 import sys
@@ -34,8 +35,16 @@ class Progress:
         stream: default ``sys.stderr`` (read when a line is printed).
     """
 
-    def __init__(self, what: str, total: int, *, unit: str = "step", enabled: bool = True, every: float = 10.0,
-                 stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        what: str,
+        total: int,
+        *,
+        unit: str = "step",
+        enabled: bool = True,
+        every: float = 10.0,
+        stream: TextIO | None = None,
+    ) -> None:
         self.what, self.total, self.unit, self.enabled, self.every = what, int(total), unit, enabled, every
         self.stream = stream
         self.start = self.last = time.perf_counter()
@@ -51,21 +60,26 @@ class Progress:
         self.last = now
         elapsed = now - self.start
         eta = elapsed / max(self.done, 1) * (self.total - self.done)
-        self._say(f"{self.what}: {self.unit} {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.0f}%)"
-                  f"{', ' + note if note else ''}; {duration(elapsed)} elapsed, ETA {duration(eta)}")
+        self._say(
+            f"{self.what}: {self.unit} {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.0f}%)"
+            f"{', ' + note if note else ''}; {duration(elapsed)} elapsed, ETA {duration(eta)}"
+        )
 
     def close(self, note: str = "") -> None:
         """The closing line (total time)."""
-        self._say(f"{self.what}: done, {self.done} {self.unit}s in {duration(time.perf_counter() - self.start)}"
-                  f"{', ' + note if note else ''}")
+        self._say(
+            f"{self.what}: done, {self.done} {self.unit}s in {duration(time.perf_counter() - self.start)}"
+            f"{', ' + note if note else ''}"
+        )
 
     def _say(self, line: str) -> None:
         if self.enabled:
             print(f"atso-fast: {line}", file=self.stream or sys.stderr, flush=True)
 
 
-def progress_lines(items: Iterable[Any], what: str, total: int, *, unit: str = "case", enabled: bool = True
-                   ) -> Iterator[Any]:
+def progress_lines(
+    items: Iterable[Any], what: str, total: int, *, unit: str = "case", enabled: bool = True
+) -> Iterator[Any]:
     """``items``, reporting through a :class:`Progress` as they are consumed."""
     progress = Progress(what, total, unit=unit, enabled=enabled)
     for index, item in enumerate(items, 1):

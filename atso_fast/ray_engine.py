@@ -25,6 +25,7 @@ lost), ``resume`` redoes exactly the cases without an ``ok`` row.
 Inputs, the output folder and the model package must be visible to every node under the same
 path (a shared file system); paths are made absolute before they are shipped to the actors.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,14 @@ from atso_fast.archive import Case, CaseRecorder, relabel_case, run_archive
 from atso_fast.engine.relabeler import Relabeler, relabeler_options, run_fingerprint
 from atso_fast.package import load_package
 
-__all__ = ["DEFAULT_MAX_ATTEMPTS", "RAY_INSTALL_HINT", "RayRunError", "ray_runner",
-           "relabel_archive_ray", "require_ray"]
+__all__ = [
+    "DEFAULT_MAX_ATTEMPTS",
+    "RAY_INSTALL_HINT",
+    "RayRunError",
+    "ray_runner",
+    "relabel_archive_ray",
+    "require_ray",
+]
 
 RAY_INSTALL_HINT = 'pip install "atso-fast[ray]"'
 """How to install the optional Ray dependency."""
@@ -67,22 +74,35 @@ def require_ray() -> ModuleType:
         import ray
         import ray.data
     except ImportError as exc:
-        raise ModuleNotFoundError(f"the Ray engine needs Ray Data, which cannot be imported "
-                                  f"({exc}); install it with: {RAY_INSTALL_HINT}") from None
+        raise ModuleNotFoundError(
+            f"the Ray engine needs Ray Data, which cannot be imported ({exc}); install it with: {RAY_INSTALL_HINT}"
+        ) from None
     return ray
 
 
 # ------------------------------------------------------------------------------ public API
-def relabel_archive_ray(model_dir_or_relabeler_kwargs: str | os.PathLike[str] | Mapping[str, Any],
-                        inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-                        output_dir: str | os.PathLike[str], *, address: str | None = None,
-                        workers: int = 1, gpus_per_worker: float = 0, cpus_per_worker: float = 1,
-                        resume: bool = False, overwrite: bool = False, num_parts: int = 1, part_id: int = 0,
-                        recursive: bool = False, save_confidence: bool = False, save_probabilities: bool = False,
-                        save_overlay: bool = False,
-                        progress: bool | None = None, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-                        relabeler_factory: Callable[..., Any] | None = None,
-                        **relabeler_kwargs: Any) -> dict[str, Any]:
+def relabel_archive_ray(
+    model_dir_or_relabeler_kwargs: str | os.PathLike[str] | Mapping[str, Any],
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    output_dir: str | os.PathLike[str],
+    *,
+    address: str | None = None,
+    workers: int = 1,
+    gpus_per_worker: float = 0,
+    cpus_per_worker: float = 1,
+    resume: bool = False,
+    overwrite: bool = False,
+    num_parts: int = 1,
+    part_id: int = 0,
+    recursive: bool = False,
+    save_confidence: bool = False,
+    save_probabilities: bool = False,
+    save_overlay: bool = False,
+    progress: bool | None = None,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    relabeler_factory: Callable[..., Any] | None = None,
+    **relabeler_kwargs: Any,
+) -> dict[str, Any]:
     """Relabel an archive like :func:`atso_fast.archive.relabel_archive`, on a pool of Ray actors.
 
     Each actor builds ``Relabeler(model_dir, **relabeler_kwargs)`` once and then reads,
@@ -130,21 +150,42 @@ def relabel_archive_ray(model_dir_or_relabeler_kwargs: str | os.PathLike[str] | 
     """
     if save_probabilities and relabeler_factory is None:
         relabeler_kwargs.setdefault("save_probabilities", True)
-    run = ray_runner(model_dir_or_relabeler_kwargs, address=address, workers=workers,
-                     gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
-                     max_attempts=max_attempts, relabeler_factory=relabeler_factory,
-                     **relabeler_kwargs)
-    return run(inputs, output_dir, recursive=recursive, resume=resume, overwrite=overwrite,
-               num_parts=num_parts, part_id=part_id, save_confidence=save_confidence, progress=progress,
-               save_probabilities=save_probabilities, save_overlay=save_overlay)
+    run = ray_runner(
+        model_dir_or_relabeler_kwargs,
+        address=address,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        cpus_per_worker=cpus_per_worker,
+        max_attempts=max_attempts,
+        relabeler_factory=relabeler_factory,
+        **relabeler_kwargs,
+    )
+    return run(
+        inputs,
+        output_dir,
+        recursive=recursive,
+        resume=resume,
+        overwrite=overwrite,
+        num_parts=num_parts,
+        part_id=part_id,
+        save_confidence=save_confidence,
+        progress=progress,
+        save_probabilities=save_probabilities,
+        save_overlay=save_overlay,
+    )
 
 
-def ray_runner(model_dir_or_relabeler_kwargs: str | os.PathLike[str] | Mapping[str, Any], *,
-               address: str | None = None, workers: int | None = None,
-               gpus_per_worker: float | None = None, cpus_per_worker: float | None = None,
-               max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-               relabeler_factory: Callable[..., Any] | None = None,
-               **relabeler_kwargs: Any) -> Callable[..., dict[str, Any]]:
+def ray_runner(
+    model_dir_or_relabeler_kwargs: str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float | None = None,
+    cpus_per_worker: float | None = None,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    relabeler_factory: Callable[..., Any] | None = None,
+    **relabeler_kwargs: Any,
+) -> Callable[..., dict[str, Any]]:
     """Check the Ray options now and bind them (what ``atso-fast relabel --engine ray`` runs).
 
     ``None`` means the default: 1 worker, 1 CPU each, 1 GPU each with a CUDA ``device`` else 0.
@@ -167,8 +208,9 @@ def ray_runner(model_dir_or_relabeler_kwargs: str | os.PathLike[str] | Mapping[s
         spec.kwargs["threads"] = max(1, int(cpus))  # an actor's runtime stays in its CPU share
     pool = _pool(1 if workers is None else workers, cpus, gpus_per_worker, max_attempts, device)
     fingerprint = None if spec.factory is not None else run_fingerprint(load_package(spec.model_dir), spec.kwargs)
-    return partial(run_archive, partial(_process_on_ray, spec=spec, pool=pool, address=address),
-                   fingerprint=fingerprint)
+    return partial(
+        run_archive, partial(_process_on_ray, spec=spec, pool=pool, address=address), fingerprint=fingerprint
+    )
 
 
 # ------------------------------------------------------------------------------ validation
@@ -183,7 +225,6 @@ class _WorkerSpec:
     def build(self) -> Any:
         factory = self.factory
         if factory is None:
-
             factory = Relabeler
         return factory(self.model_dir, **self.kwargs)
 
@@ -198,8 +239,7 @@ class _Pool:
     max_attempts: int
 
 
-def _worker_spec(model: Any, kwargs: dict[str, Any],
-                 factory: Callable[..., Any] | None) -> _WorkerSpec:
+def _worker_spec(model: Any, kwargs: dict[str, Any], factory: Callable[..., Any] | None) -> _WorkerSpec:
     """Split the model argument into a folder and options; check both unless ``factory``."""
     if isinstance(model, Mapping):
         options = dict(model)
@@ -213,11 +253,12 @@ def _worker_spec(model: Any, kwargs: dict[str, Any],
     else:
         model_dir = model
     if not isinstance(model_dir, (str, os.PathLike)):
-        raise TypeError("the model must be a package folder or a dict of Relabeler arguments with "
-                        "'model_dir' (each Ray worker builds its own relabeler), got "
-                        f"{type(model_dir).__name__}")
+        raise TypeError(
+            "the model must be a package folder or a dict of Relabeler arguments with "
+            "'model_dir' (each Ray worker builds its own relabeler), got "
+            f"{type(model_dir).__name__}"
+        )
     if factory is None:
-
         load_package(model_dir)  # PackageError naming the file, before any Ray work
         relabeler_options(kwargs)
     return _WorkerSpec(os.path.abspath(model_dir), kwargs, factory)
@@ -236,21 +277,24 @@ def _pool(workers: Any, cpus: Any, gpus: Any, max_attempts: Any, device: str) ->
 
 
 def _is_number(value: Any) -> bool:
-    return (not isinstance(value, bool) and isinstance(value, (int, float, np.number))
-            and bool(np.isfinite(value)))
+    return not isinstance(value, bool) and isinstance(value, (int, float, np.number)) and bool(np.isfinite(value))
 
 
 def _check_device(device: str, gpus: float) -> None:
     cuda = device.startswith("cuda")
     if gpus > 0 and not cuda:
-        raise ValueError(f"gpus_per_worker={gpus:g} reserves GPUs that device {device!r} would "
-                         "not use; pass device='cuda'")
+        raise ValueError(
+            f"gpus_per_worker={gpus:g} reserves GPUs that device {device!r} would not use; pass device='cuda'"
+        )
     if cuda and gpus == 0:
-        raise ValueError(f"device {device!r} needs gpus_per_worker > 0 (1: one worker per GPU), "
-                         "got 0: Ray would not reserve the GPU the workers use")
+        raise ValueError(
+            f"device {device!r} needs gpus_per_worker > 0 (1: one worker per GPU), "
+            "got 0: Ray would not reserve the GPU the workers use"
+        )
     if cuda and device not in ("cuda", "cuda:0"):
-        raise ValueError(f"device {device!r} names a GPU, but Ray gives each worker its own "
-                         "GPUs (as cuda:0); use device='cuda'")
+        raise ValueError(
+            f"device {device!r} names a GPU, but Ray gives each worker its own GPUs (as cuda:0); use device='cuda'"
+        )
 
 
 # --------------------------------------------------------------------------------- driver
@@ -261,8 +305,9 @@ class _Grid:
     spatial_shape: tuple[int, ...]
 
 
-def _process_on_ray(cases: list[Case], tally: CaseRecorder, *, spec: _WorkerSpec, pool: _Pool,
-                    address: str | None) -> None:
+def _process_on_ray(
+    cases: list[Case], tally: CaseRecorder, *, spec: _WorkerSpec, pool: _Pool, address: str | None
+) -> None:
     """``run_archive``'s ``process``: relabel ``cases`` on Ray and record each outcome."""
     if not cases:
         return  # nothing to do (e.g. everything resumed): do not even start Ray
@@ -314,17 +359,19 @@ def _refuse_if_unplaceable(ray: ModuleType, pool: _Pool) -> None:
         ValueError: with what a worker needs and what the largest node has.
     """
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive", n.get("alive", True))]
-    if any(all(node.get(name, 0) >= need for name, need in (("CPU", pool.cpus), ("GPU", pool.gpus)))
-           for node in nodes):
+    if any(all(node.get(name, 0) >= need for name, need in (("CPU", pool.cpus), ("GPU", pool.gpus))) for node in nodes):
         return
     most = {name: max((node.get(name, 0) for node in nodes), default=0) for name in ("CPU", "GPU")}
-    raise ValueError(f"no node of the Ray cluster can host a worker: each needs {pool.cpus:g} CPU and "
-                     f"{pool.gpus:g} GPU, the largest node has {most['CPU']:g} CPU and {most['GPU']:g} GPU "
-                     f"({len(nodes)} node(s)); lower --cpus-per-worker/--gpus-per-worker or add nodes")
+    raise ValueError(
+        f"no node of the Ray cluster can host a worker: each needs {pool.cpus:g} CPU and "
+        f"{pool.gpus:g} GPU, the largest node has {most['CPU']:g} CPU and {most['GPU']:g} GPU "
+        f"({len(nodes)} node(s)); lower --cpus-per-worker/--gpus-per-worker or add nodes"
+    )
 
 
-def _stream(ray: ModuleType, cases: list[Case], tally: CaseRecorder, spec: _WorkerSpec, pool: _Pool,
-            ledger: Any) -> set[int]:
+def _stream(
+    ray: ModuleType, cases: list[Case], tally: CaseRecorder, spec: _WorkerSpec, pool: _Pool, ledger: Any
+) -> set[int]:
     """Iterate outcomes as actors finish them; returns the indices of the recorded cases."""
     size = min(pool.workers, len(cases))
     rows = iter(_dataset(ray, cases, spec, pool, size, ledger).iter_rows())
@@ -333,9 +380,11 @@ def _stream(ray: ModuleType, cases: list[Case], tally: CaseRecorder, spec: _Work
         try:
             row = next(rows, None)
         except Exception as exc:  # actor start failed, cluster lost, ...: the run cannot go on
-            raise RayRunError(f"the Ray run stopped after {len(done)} of {len(cases)} cases "
-                              f"({_root_cause(exc)}); finished cases are in the manifest; rerun "
-                              "with --resume (resume=True)") from exc
+            raise RayRunError(
+                f"the Ray run stopped after {len(done)} of {len(cases)} cases "
+                f"({_root_cause(exc)}); finished cases are in the manifest; rerun "
+                "with --resume (resume=True)"
+            ) from exc
         if row is None:
             return done
         index = int(row["index"])
@@ -344,18 +393,28 @@ def _stream(ray: ModuleType, cases: list[Case], tally: CaseRecorder, spec: _Work
             _record(cases[index], json.loads(row["outcome"]), tally, size)
 
 
-def _dataset(ray: ModuleType, cases: list[Any], spec: _WorkerSpec, pool: _Pool, size: int,
-             ledger: Any) -> Any:
+def _dataset(ray: ModuleType, cases: list[Any], spec: _WorkerSpec, pool: _Pool, size: int, ledger: Any) -> Any:
     """One row and one block per case (a retry redoes one case), mapped by ``size`` actors."""
-    items = [{"index": i, "case_id": case.case_id, "path": os.path.abspath(case.path),
-              "outputs": json.dumps({k: os.path.abspath(p) for k, p in case.outputs.items()}),
-              "channels": json.dumps([os.path.abspath(c) for c in case.channels])}
-             for i, case in enumerate(cases)]
+    items = [
+        {
+            "index": i,
+            "case_id": case.case_id,
+            "path": os.path.abspath(case.path),
+            "outputs": json.dumps({k: os.path.abspath(p) for k, p in case.outputs.items()}),
+            "channels": json.dumps([os.path.abspath(c) for c in case.channels]),
+        }
+        for i, case in enumerate(cases)
+    ]
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     return dataset.map_batches(
-        _CaseWorker, batch_size=1, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=size), num_cpus=pool.cpus, num_gpus=pool.gpus,
-        fn_constructor_kwargs={"spec": spec, "ledger": ledger, "max_attempts": pool.max_attempts})
+        _CaseWorker,
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=size),
+        num_cpus=pool.cpus,
+        num_gpus=pool.gpus,
+        fn_constructor_kwargs={"spec": spec, "ledger": ledger, "max_attempts": pool.max_attempts},
+    )
 
 
 def _record(case: Case, outcome: dict[str, Any], tally: CaseRecorder, workers: int) -> None:
@@ -417,9 +476,17 @@ class _Outcome:
         self.shape = None if shape is None else [int(n) for n in shape]
 
     def to_json(self) -> str:
-        return json.dumps({"status": self.status, "shape": self.shape, "stats": self.stats,
-                           "seconds": self.seconds, "error": self.error, "busy": self.busy},
-                          default=_plain)
+        return json.dumps(
+            {
+                "status": self.status,
+                "shape": self.shape,
+                "stats": self.stats,
+                "seconds": self.seconds,
+                "error": self.error,
+                "busy": self.busy,
+            },
+            default=_plain,
+        )
 
 
 def _plain(value: Any) -> Any:
@@ -437,11 +504,13 @@ class _CaseWorker:
         self.ledger, self.max_attempts = ledger, max_attempts
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outcomes = [self._relabel_row(int(i), str(c), str(p), str(o), str(ch)) for i, c, p, o, ch in
-                    zip(batch["index"], batch["case_id"], batch["path"], batch["outputs"], batch["channels"],
-                        strict=True)]
-        return {"index": np.asarray(batch["index"], dtype=np.int64),
-                "outcome": np.asarray(outcomes, dtype=object)}
+        outcomes = [
+            self._relabel_row(int(i), str(c), str(p), str(o), str(ch))
+            for i, c, p, o, ch in zip(
+                batch["index"], batch["case_id"], batch["path"], batch["outputs"], batch["channels"], strict=True
+            )
+        ]
+        return {"index": np.asarray(batch["index"], dtype=np.int64), "outcome": np.asarray(outcomes, dtype=object)}
 
     def _relabel_row(self, index: int, case_id: str, path: str, outputs: str, channels: str) -> str:
         import ray
@@ -449,8 +518,11 @@ class _CaseWorker:
         outcome = _Outcome()
         starts = ray.get(self.ledger.begin.remote(index))
         if starts > self.max_attempts:
-            outcome.fail(None, f"{path}: the Ray worker died {starts - 1} times while relabelling "
-                               "this case (a crash or out of memory?); not retried again")
+            outcome.fail(
+                None,
+                f"{path}: the Ray worker died {starts - 1} times while relabelling "
+                "this case (a crash or out of memory?); not retried again",
+            )
             return outcome.to_json()
         try:
             relabel_case(self.relabeler, case_id, Path(path), json.loads(outputs), outcome, json.loads(channels))

@@ -9,6 +9,7 @@ steadier of the two. Cases are bench_kernels.py's (96x160x160 volume, 48x64x64 w
 
 Usage: python benchmarks/ab_kernels.py A_CHECKOUT B_CHECKOUT [--pairs 40] [--classes 3 32]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ def load_c(checkout: str, tag: str):
 def accumulate_case(classes: int, shape, patch, batch: int):
     """``run(C)`` adds every batch into a zeroed slab and returns it."""
     origins = sliding_window_origins(shape, patch, 0.5)
-    groups = [np.ascontiguousarray(origins[i:i + batch]) for i in range(0, len(origins) - batch + 1, batch)]
+    groups = [np.ascontiguousarray(origins[i : i + batch]) for i in range(0, len(origins) - batch + 1, batch)]
     patches = np.random.default_rng(0).standard_normal((batch, classes, *patch), dtype=np.float32)
     imp = np.ascontiguousarray(gaussian_importance(patch))
     acc, wsum = np.zeros((classes, *shape), np.float32), np.zeros(shape, np.float32)
@@ -48,6 +49,7 @@ def accumulate_case(classes: int, shape, patch, batch: int):
         for g in groups:
             c.accumulate(acc=acc, wsum=wsum, patches=patches, origins=g, importance=imp, z0=0, algorithm="auto")
         return time.perf_counter() - t, (acc.copy(), wsum.copy())
+
     return run
 
 
@@ -58,9 +60,11 @@ def finalize_case(classes: int, shape):
 
     def run(c):
         t = time.perf_counter()
-        out = c.finalize(acc=acc, wsum=wsum, threshold=0.5, ignore_index=255, kind="logits", rows=None,
-                         algorithm="auto")
+        out = c.finalize(
+            acc=acc, wsum=wsum, threshold=0.5, ignore_index=255, kind="logits", rows=None, algorithm="auto"
+        )
         return time.perf_counter() - t, out
+
     return run
 
 
@@ -70,9 +74,17 @@ def extract_case(shape, patch):
 
     def run(c):
         t = time.perf_counter()
-        out = c.extract_patches(volume=volume, origins=origins, patch_size=patch, pad_value=0.0, out=None,
-                                out_dtype="float32", algorithm="auto")
+        out = c.extract_patches(
+            volume=volume,
+            origins=origins,
+            patch_size=patch,
+            pad_value=0.0,
+            out=None,
+            out_dtype="float32",
+            algorithm="auto",
+        )
         return time.perf_counter() - t, out
+
     return run
 
 
@@ -94,8 +106,12 @@ def paired(run, mods, pairs: int) -> dict:
         for i in order:
             times[i].append(run(mods[i])[0])
     ratios = [b / a for a, b in zip(*times)]
-    return {"a": statistics.median(times[0]), "b": statistics.median(times[1]),
-            "median_ratio": statistics.median(ratios), "min_ratio": min(times[1]) / min(times[0])}
+    return {
+        "a": statistics.median(times[0]),
+        "b": statistics.median(times[1]),
+        "median_ratio": statistics.median(ratios),
+        "min_ratio": min(times[1]) / min(times[0]),
+    }
 
 
 def main(argv=None) -> int:
@@ -110,8 +126,10 @@ def main(argv=None) -> int:
     cases = [("extract_patches", 1, extract_case(shape, patch))]
     for c in args.classes:
         cases += [("accumulate", c, accumulate_case(c, shape, patch, 4)), ("finalize", c, finalize_case(c, shape))]
-    print(f"# A {args.a}, B {args.b}; {args.pairs} alternating pairs; {time.strftime('%Y-%m-%d %H:%M')}, "
-          f"load {os.getloadavg()[0]:.2f}")
+    print(
+        f"# A {args.a}, B {args.b}; {args.pairs} alternating pairs; {time.strftime('%Y-%m-%d %H:%M')}, "
+        f"load {os.getloadavg()[0]:.2f}"
+    )
     print(f"{'kernel':<16}{'C':>4}{'A s':>9}{'B s':>9}{'B/A median':>12}{'B/A fastest':>13}")
     for name, c, run in cases:
         r = paired(run, mods, args.pairs)

@@ -10,6 +10,7 @@ report their peak resident memory (``VmHWM`` of ``/proc/self/status``) and the p
 ``timing`` of ``metrics.jsonl``. Then ``--loader`` times batches of the largest run's cache
 (0 and 2 workers): cutting patches only, and cutting + training steps.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,23 @@ LABELLED, VAL = 4, 2
 
 
 def _config(data: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    return {"data": str(data), "num_classes": 5, "patch_size": [32, 64, 64], "batch_size": 2,
-            "model": {"base_channels": 8, "depth": 3}, "warmup_steps": args.warmup_steps, "rounds": 2,
-            "steps_per_round": args.steps, "lr": 1e-2, "round_lr": 3e-3, "seed": 0, "out_dir": str(out),
-            "storage": "disk", "relabel": {"batch_size": 4}, "loader_workers": 0}
+    return {
+        "data": str(data),
+        "num_classes": 5,
+        "patch_size": [32, 64, 64],
+        "batch_size": 2,
+        "model": {"base_channels": 8, "depth": 3},
+        "warmup_steps": args.warmup_steps,
+        "rounds": 2,
+        "steps_per_round": args.steps,
+        "lr": 1e-2,
+        "round_lr": 3e-3,
+        "seed": 0,
+        "out_dir": str(out),
+        "storage": "disk",
+        "relabel": {"batch_size": 4},
+        "loader_workers": 0,
+    }
 
 
 def _archive(root: Path, n: int) -> dict[str, Any]:
@@ -49,8 +63,12 @@ def _archive(root: Path, n: int) -> dict[str, Any]:
 
 def _listing(archive: dict[str, Any], n: int, path: Path) -> Path:
     """A list file of the first ``n`` training volumes (labelled first) and the validation ones."""
-    listing = {"labelled": archive["labelled"], "unlabelled": archive["unlabelled"][: n - LABELLED],
-               "val": archive["val"], "modality": "CT"}
+    listing = {
+        "labelled": archive["labelled"],
+        "unlabelled": archive["unlabelled"][: n - LABELLED],
+        "val": archive["val"],
+        "modality": "CT",
+    }
     path.write_text(json.dumps(listing))
     return path
 
@@ -68,10 +86,26 @@ def child(config_file: Path) -> None:
     atso = ATSO(config)
     cache_s = time.perf_counter() - start
     history = atso.run()
-    print(json.dumps({"vm_hwm_mib": peak_rss_mib(), "cache_s": cache_s, "built": atso.store.cache.built,
-                      "total_s": time.perf_counter() - start, "unlabelled": len(atso.store.unlabelled),
-                      "rounds": [{"round": m["round"], "timing": m["timing"], "relabel": m["relabel"],
-                                  "val_mean_dice": m["val_mean_dice"]} for m in history]}))
+    print(
+        json.dumps(
+            {
+                "vm_hwm_mib": peak_rss_mib(),
+                "cache_s": cache_s,
+                "built": atso.store.cache.built,
+                "total_s": time.perf_counter() - start,
+                "unlabelled": len(atso.store.unlabelled),
+                "rounds": [
+                    {
+                        "round": m["round"],
+                        "timing": m["timing"],
+                        "relabel": m["relabel"],
+                        "val_mean_dice": m["val_mean_dice"],
+                    }
+                    for m in history
+                ],
+            }
+        )
+    )
 
 
 def _run_child(config: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -107,8 +141,14 @@ def loader_bench(config_file: Path, batches: int) -> dict[str, Any]:
         out[f"cut_w{workers}"] = _rates(start, stamps, cfg.batch_size)
         model, stamps = copy.deepcopy(atso.model), []
         start = time.perf_counter()
-        train_loader(model, make_loader(data, workers=workers), steps=batches, lr=1e-3, optim=OptimConfig(),
-                     on_step=lambda step, run: stamps.append(time.perf_counter()))  # noqa: B023 (called in this iteration)
+        train_loader(
+            model,
+            make_loader(data, workers=workers),
+            steps=batches,
+            lr=1e-3,
+            optim=OptimConfig(),
+            on_step=lambda step, run: stamps.append(time.perf_counter()),  # noqa: B023 (called in this iteration)
+        )
         out[f"train_w{workers}"] = _rates(start, stamps, cfg.batch_size)
     return out
 
@@ -117,21 +157,29 @@ def _rates(start: float, stamps: list[float], batch_size: int) -> dict[str, floa
     """Patches/s over all batches, and after the first (worker start-up excluded)."""
     n = len(stamps)
     steady = (n - 1) * batch_size / (stamps[-1] - stamps[0]) if n > 1 and stamps[-1] > stamps[0] else float("nan")
-    return {"patches_per_s": n * batch_size / (stamps[-1] - start), "steady_patches_per_s": steady,
-            "first_batch_s": stamps[0] - start}
+    return {
+        "patches_per_s": n * batch_size / (stamps[-1] - start),
+        "steady_patches_per_s": steady,
+        "first_batch_s": stamps[0] - start,
+    }
 
 
 def _machine() -> dict[str, str]:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
     model = next((line.split(":", 1)[1].strip() for line in lscpu if line.startswith("Model name")), "?")
-    return {"cpu": model, "cpus": str(os.cpu_count()), "date": time.strftime("%Y-%m-%d"),
-            "load_before": " ".join(f"{v:.2f}" for v in os.getloadavg())}
+    return {
+        "cpu": model,
+        "cpus": str(os.cpu_count()),
+        "date": time.strftime("%Y-%m-%d"),
+        "load_before": " ".join(f"{v:.2f}" for v in os.getloadavg()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("/tmp/atso_archive_bench"),
-                    help="work folder (default: %(default)s)")
+    ap.add_argument(
+        "--out", type=Path, default=Path("/tmp/atso_archive_bench"), help="work folder (default: %(default)s)"
+    )
     ap.add_argument("--sizes", type=int, nargs="+", default=[40, 320], help="training volumes per run")
     ap.add_argument("--warmup-steps", type=int, default=20, help="warm-up steps (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=20, help="steps per round (default: %(default)s)")

@@ -14,6 +14,7 @@ compare before/after in one run).
 Usage: python benchmarks/bench_default.py [--models unet3,demo] [--volumes small,256,ct]
        [--runtimes auto,openvino,onnxruntime,torch] [--rounds 2] [--busy 1] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,9 @@ def export(model: str, folder: Path) -> Path:
         net = UNet(1, spec["classes"], base_channels=8, depth=3).eval()
     else:
         net, _ = builtin_network(spec["classes"], net=spec["net"])
-    return atso_fast.export_model(net, folder, window=spec["window"], num_classes=spec["classes"],
-                                  normalization=CT_NORMALIZATION)
+    return atso_fast.export_model(
+        net, folder, window=spec["window"], num_classes=spec["classes"], normalization=CT_NORMALIZATION
+    )
 
 
 def child(package: str, runtime: str, shape: tuple[int, ...]) -> dict:
@@ -69,9 +71,15 @@ def child(package: str, runtime: str, shape: tuple[int, ...]) -> dict:
     t1 = time.perf_counter()
     res = rel.relabel_volume(volume)
     t2 = time.perf_counter()
-    return {"runtime": runtime, "ran": rel.runtime_name, "build_s": t1 - t0, "relabel_s": t2 - t1,
-            "total_s": t2 - t0, "peak_rss_mib": _peak_rss_mib(),
-            "labels_sha1": hashlib.sha1(res.labels.tobytes()).hexdigest()[:12]}
+    return {
+        "runtime": runtime,
+        "ran": rel.runtime_name,
+        "build_s": t1 - t0,
+        "relabel_s": t2 - t1,
+        "total_s": t2 - t0,
+        "peak_rss_mib": _peak_rss_mib(),
+        "labels_sha1": hashlib.sha1(res.labels.tobytes()).hexdigest()[:12],
+    }
 
 
 def _peak_rss_mib() -> float:
@@ -125,23 +133,36 @@ def _summary(model: str, vol: str, label: str, rs: list[dict]) -> dict:
     if not ok:
         return {"model": model, "volume": vol, "runtime": label, "error": rs[0]["error"]}
     med = {k: statistics.median(r[k] for r in ok) for k in ("total_s", "relabel_s", "build_s", "peak_rss_mib")}
-    return {"model": model, "volume": vol, "runtime": label, "ran": ok[0]["ran"], **med,
-            "total_all": [r["total_s"] for r in ok], "labels_sha1": sorted({r["labels_sha1"] for r in ok})}
+    return {
+        "model": model,
+        "volume": vol,
+        "runtime": label,
+        "ran": ok[0]["ran"],
+        **med,
+        "total_all": [r["total_s"] for r in ok],
+        "labels_sha1": sorted({r["labels_sha1"] for r in ok}),
+    }
 
 
 def print_table(res: dict) -> None:
-    print(f"# {res['machine']}, {res['date']}, busy processes {res['busy']}, load {res['load_before']} -> "
-          f"{res['load_after']}; median of {res['rounds']} fresh-process runs")
-    print(f"{'model':<7}{'volume':<7}{'runtime':<18}{'ran':<13}{'total s':>9}{'relabel s':>10}{'build s':>8}"
-          f"{'peak MiB':>9}{'vs best':>8}  every run")
-    for (model, vol) in dict.fromkeys((r["model"], r["volume"]) for r in res["rows"]):
+    print(
+        f"# {res['machine']}, {res['date']}, busy processes {res['busy']}, load {res['load_before']} -> "
+        f"{res['load_after']}; median of {res['rounds']} fresh-process runs"
+    )
+    print(
+        f"{'model':<7}{'volume':<7}{'runtime':<18}{'ran':<13}{'total s':>9}{'relabel s':>10}{'build s':>8}"
+        f"{'peak MiB':>9}{'vs best':>8}  every run"
+    )
+    for model, vol in dict.fromkeys((r["model"], r["volume"]) for r in res["rows"]):
         group = [r for r in res["rows"] if (r["model"], r["volume"]) == (model, vol) and "error" not in r]
         fixed = [r["total_s"] for r in group if not r["runtime"].startswith("auto")]
         best = min(fixed) if fixed else float("nan")
         for r in group:
-            print(f"{model:<7}{vol:<7}{r['runtime']:<18}{r['ran']:<13}{r['total_s']:>9.2f}{r['relabel_s']:>10.2f}"
-                  f"{r['build_s']:>8.2f}{r['peak_rss_mib']:>9.0f}{r['total_s'] / best:>7.2f}x  "
-                  + ", ".join(f"{t:.2f}" for t in r["total_all"]))
+            print(
+                f"{model:<7}{vol:<7}{r['runtime']:<18}{r['ran']:<13}{r['total_s']:>9.2f}{r['relabel_s']:>10.2f}"
+                f"{r['build_s']:>8.2f}{r['peak_rss_mib']:>9.0f}{r['total_s'] / best:>7.2f}x  "
+                + ", ".join(f"{t:.2f}" for t in r["total_all"])
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,9 +193,15 @@ def main(argv: list[str] | None = None) -> int:
         stop.set()
         for p in burners:
             p.join()
-    res = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
-           "busy": args.busy, "rounds": args.rounds, "load_before": " ".join(load_before),
-           "load_after": " ".join(open("/proc/loadavg").read().split()[:3]), "rows": rows}
+    res = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"),
+        "busy": args.busy,
+        "rounds": args.rounds,
+        "load_before": " ".join(load_before),
+        "load_after": " ".join(open("/proc/loadavg").read().split()[:3]),
+        "rows": rows,
+    }
     print_table(res)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))

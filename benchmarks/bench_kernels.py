@@ -19,6 +19,7 @@ kernel API, so an older build runs it too).
 Usage: python benchmarks/bench_kernels.py [--device cpu|cuda] [--classes 3 32] [--json out.json]
        python benchmarks/bench_kernels.py --compare /path/to/old/checkout --rounds 7
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,7 +90,7 @@ def covered_voxels(groups, shape, patch) -> int:
     for origins in groups:
         mask = np.zeros(shape, bool)
         for z, y, x in origins:
-            mask[max(z, 0):z + patch[0], max(y, 0):y + patch[1], max(x, 0):x + patch[2]] = True
+            mask[max(z, 0) : z + patch[0], max(y, 0) : y + patch[1], max(x, 0) : x + patch[2]] = True
         total += int(mask.sum())
     return total
 
@@ -98,7 +99,7 @@ def accumulate_case(native, device: str, classes: int, shape, patch, batch: int)
     gaussian_importance, sliding_window_origins = window_maths()
 
     origins = sliding_window_origins(shape, patch, 0.5)
-    groups = [origins[i:i + batch] for i in range(0, len(origins) - batch + 1, batch)]
+    groups = [origins[i : i + batch] for i in range(0, len(origins) - batch + 1, batch)]
     gen = torch.Generator().manual_seed(0)
     patches = torch.randn((batch, classes, *patch), generator=gen).to(device)
     imp = torch.from_numpy(gaussian_importance(patch).copy()).to(device)
@@ -130,8 +131,9 @@ def stream_bandwidth(device: str, n: int, repeats: int) -> dict:
     if device == "cpu":
         a, b = np.ones(n, np.float32), np.ones(n, np.float32)
         ta, tb = torch.ones(n), torch.ones(n)
-        sec, _ = timed_interleaved({"numpy": lambda: np.add(b, a, out=b), "torch": lambda: tb.add_(ta)}, device,
-                                   repeats)
+        sec, _ = timed_interleaved(
+            {"numpy": lambda: np.add(b, a, out=b), "torch": lambda: tb.add_(ta)}, device, repeats
+        )
     else:
         ta, tb = torch.ones(n, device=device), torch.ones(n, device=device)
         sec, _ = timed_interleaved({"torch": lambda: tb.add_(ta)}, device, repeats)
@@ -142,9 +144,17 @@ def accumulate_row(native, device, classes, shape, patch, batch, repeats, bw) ->
     windows, floor_bytes, ours, theirs = accumulate_case(native, device, classes, shape, patch, batch)
     sec, _ = timed_interleaved({"ours": ours, "torch": theirs}, device, repeats)
     floor_s = floor_bytes / bw
-    return {"kernel": "accumulate", "classes": classes, "windows": windows, "seconds": sec["ours"],
-            "torch_seconds": sec["torch"], "speedup_vs_torch": sec["torch"] / sec["ours"],
-            "floor_GB": floor_bytes / 1e9, "floor_seconds": floor_s, "of_floor": floor_s / sec["ours"]}
+    return {
+        "kernel": "accumulate",
+        "classes": classes,
+        "windows": windows,
+        "seconds": sec["ours"],
+        "torch_seconds": sec["torch"],
+        "speedup_vs_torch": sec["torch"] / sec["ours"],
+        "floor_GB": floor_bytes / 1e9,
+        "floor_seconds": floor_s,
+        "of_floor": floor_s / sec["ours"],
+    }
 
 
 def finalize_row(native, device: str, classes: int, shape, repeats: int) -> dict:
@@ -164,8 +174,13 @@ def extract_row(native, device: str, shape, patch, repeats: int) -> dict:
     origins = sliding_window_origins(shape, patch, 0.5)
     sec, out = timed_interleaved({"ours": lambda: native.extract_patches(vol, origins, patch)}, device, repeats)
     nbytes = 2 * out["ours"].numel() * 4 if device == "cuda" else 2 * out["ours"].nbytes
-    return {"kernel": "extract_patches", "classes": 1, "windows": len(origins), "seconds": sec["ours"],
-            "GB/s": nbytes / sec["ours"] / 1e9}
+    return {
+        "kernel": "extract_patches",
+        "classes": 1,
+        "windows": len(origins),
+        "seconds": sec["ours"],
+        "GB/s": nbytes / sec["ours"] / 1e9,
+    }
 
 
 def run(device: str, classes_list, shape, patch, batch: int, repeats: int) -> dict:
@@ -176,10 +191,20 @@ def run(device: str, classes_list, shape, patch, batch: int, repeats: int) -> di
     for classes in classes_list:
         rows.append(accumulate_row(native, device, classes, shape, patch, batch, repeats, bw2))
         rows.append(finalize_row(native, device, classes, shape, repeats))
-    return {"device": device, "machine": machine(device), "date": time.strftime("%Y-%m-%d"),
-            "load_avg": os.getloadavg()[0], "threads": torch.get_num_threads(),
-            "stream_GB/s": {k: v / 1e9 for k, v in bw.items()}, "shape": list(shape), "patch": list(patch),
-            "batch": batch, "rows": rows, "build": native.build_info(), "module": sys.modules["atso_fast._C"].__file__}
+    return {
+        "device": device,
+        "machine": machine(device),
+        "date": time.strftime("%Y-%m-%d"),
+        "load_avg": os.getloadavg()[0],
+        "threads": torch.get_num_threads(),
+        "stream_GB/s": {k: v / 1e9 for k, v in bw.items()},
+        "shape": list(shape),
+        "patch": list(patch),
+        "batch": batch,
+        "rows": rows,
+        "build": native.build_info(),
+        "module": sys.modules["atso_fast._C"].__file__,
+    }
 
 
 def machine(device: str) -> str:
@@ -191,14 +216,18 @@ def machine(device: str) -> str:
 
 def print_table(res: dict) -> None:
     bw = ", ".join(f"{k} {v:.1f} GB/s" for k, v in res["stream_GB/s"].items())
-    print(f"# {res['machine']} ({res['device']}), {res['date']}, load {res['load_avg']:.2f}; stream b+=a: {bw}; "
-          f"volume {res['shape']}, window {res['patch']}, batch {res['batch']}")
+    print(
+        f"# {res['machine']} ({res['device']}), {res['date']}, load {res['load_avg']:.2f}; stream b+=a: {bw}; "
+        f"volume {res['shape']}, window {res['patch']}, batch {res['batch']}"
+    )
     print(f"{'kernel':<16}{'C':>5}{'ours s':>10}{'torch s':>10}{'speedup':>9}{'floor s':>9}{'of floor':>9}")
     nan = float("nan")
     for r in res["rows"]:
-        print(f"{r['kernel']:<16}{r['classes']:>5}{r['seconds']:>10.4f}{r.get('torch_seconds', nan):>10.4f}"
-              f"{r.get('speedup_vs_torch', nan):>9.2f}{r.get('floor_seconds', nan):>9.4f}"
-              f"{r.get('of_floor', nan):>9.0%}")
+        print(
+            f"{r['kernel']:<16}{r['classes']:>5}{r['seconds']:>10.4f}{r.get('torch_seconds', nan):>10.4f}"
+            f"{r.get('speedup_vs_torch', nan):>9.2f}{r.get('floor_seconds', nan):>9.4f}"
+            f"{r.get('of_floor', nan):>9.0%}"
+        )
 
 
 # ----------------------------------------------------------------------------- old vs new
@@ -207,8 +236,9 @@ def one_run(pythonpath: str, args: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "res.json"
         env = dict(os.environ, PYTHONPATH=pythonpath)
-        subprocess.run([sys.executable, __file__, *args, "--json", str(out)], env=env, check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, __file__, *args, "--json", str(out)], env=env, check=True, stdout=subprocess.DEVNULL
+        )
         return json.loads(out.read_text())
 
 
@@ -216,7 +246,7 @@ def compare(old: str, new: str, rounds: int, args: list[str]) -> dict:
     """Alternating subprocess rounds of both builds (order flipped every round)."""
     runs: dict = {"old": [], "new": []}
     for r in range(rounds):
-        for name in (("old", "new") if r % 2 == 0 else ("new", "old")):
+        for name in ("old", "new") if r % 2 == 0 else ("new", "old"):
             runs[name].append(one_run(old if name == "old" else new, args))
     return runs
 
@@ -224,8 +254,10 @@ def compare(old: str, new: str, rounds: int, args: list[str]) -> dict:
 def print_comparison(runs: dict) -> None:
     first = runs["new"][0]
     loads = [r["load_avg"] for rs in runs.values() for r in rs]
-    print(f"# {first['machine']}, {first['date']}, {len(runs['new'])} alternating rounds, load {min(loads):.2f}-"
-          f"{max(loads):.2f}; old {runs['old'][0]['module']}, new {first['module']}")
+    print(
+        f"# {first['machine']}, {first['date']}, {len(runs['new'])} alternating rounds, load {min(loads):.2f}-"
+        f"{max(loads):.2f}; old {runs['old'][0]['module']}, new {first['module']}"
+    )
     bw2 = [r["stream_GB/s"].get("torch") for rs in runs.values() for r in rs]
     print(f"# two-thread stream b+=a {min(bw2):.1f}-{max(bw2):.1f} GB/s")
     print(f"{'kernel':<16}{'C':>5}{'old s (min-max)':>26}{'new s (min-max)':>26}{'new/old':>9}{'new of floor':>16}")
@@ -261,8 +293,20 @@ def main(argv=None) -> int:
     shape = tuple(args.shape or ((200, 512, 512) if args.device == "cuda" else (96, 160, 160)))
     patch = tuple(args.patch or ((96, 96, 96) if args.device == "cuda" else (48, 64, 64)))
     if args.compare:
-        sub = ["--device", args.device, "--classes", *map(str, args.classes), "--shape", *map(str, shape),
-               "--patch", *map(str, patch), "--batch", str(args.batch), "--repeats", str(args.repeats)]
+        sub = [
+            "--device",
+            args.device,
+            "--classes",
+            *map(str, args.classes),
+            "--shape",
+            *map(str, shape),
+            "--patch",
+            *map(str, patch),
+            "--batch",
+            str(args.batch),
+            "--repeats",
+            str(args.repeats),
+        ]
         new = args.compare[1] if len(args.compare) > 1 else str(REPO)
         res = compare(args.compare[0], new, args.rounds, sub)
         print_comparison(res)

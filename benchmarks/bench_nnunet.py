@@ -25,6 +25,7 @@ Usage:
     flock /work/bench.lock python benchmarks/bench_nnunet.py memory [--depths 40 80 400] [--sides ours]
     flock /work/bench.lock python benchmarks/bench_nnunet.py window --patch 128 128 128 --features 32 64 128 256 320 320
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,8 +76,13 @@ def _tree_rss(root: int) -> int:
 
 def run_measured(args: list[str], timeout: float) -> tuple[dict, float]:
     """Run ``python bench_nnunet.py <args>`` and return (its JSON result, peak tree RSS GiB)."""
-    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, __file__, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     peak = [0]
     done = threading.Event()
 
@@ -119,22 +125,33 @@ def nnunet_worker(ns: argparse.Namespace) -> dict:
                 if key == "preprocess":
                     times.append({})
                 times[-1][key] = times[-1].get(key, 0.0) + time.perf_counter() - start
+
         return wrapper
 
     DefaultPreprocessor.run_case = timed(DefaultPreprocessor.run_case, "preprocess")
     pfr.nnUNetPredictor.predict_logits_from_preprocessed_data = timed(
-        pfr.nnUNetPredictor.predict_logits_from_preprocessed_data, "network")
+        pfr.nnUNetPredictor.predict_logits_from_preprocessed_data, "network"
+    )
     pfr.export_prediction_from_logits = timed(pfr.export_prediction_from_logits, "export")
-    predictor = pfr.nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=ns.mirror,
-                                    device=torch.device("cpu"), verbose=False, allow_tqdm=False)
+    predictor = pfr.nnUNetPredictor(
+        tile_step_size=0.5,
+        use_gaussian=True,
+        use_mirroring=ns.mirror,
+        device=torch.device("cpu"),
+        verbose=False,
+        allow_tqdm=False,
+    )
     predictor.initialize_from_trained_model_folder(ns.model, use_folds=None)
     patch = predictor.configuration_manager.patch_size  # warm-up: one window, not timed
     predictor.predict_sliding_window_return_logits(torch.zeros((1, *patch)))
     out = Path(ns.out)
     start = time.perf_counter()
-    predictor.predict_from_files_sequential([[img] for img in ns.images],
-                                            [str(out / Path(img).parent.name) for img in ns.images],
-                                            save_probabilities=False, overwrite=True)
+    predictor.predict_from_files_sequential(
+        [[img] for img in ns.images],
+        [str(out / Path(img).parent.name) for img in ns.images],
+        save_probabilities=False,
+        overwrite=True,
+    )
     return {"seconds": time.perf_counter() - start, "cases": times, "threads": torch.get_num_threads()}
 
 
@@ -146,15 +163,23 @@ def ours_worker(ns: argparse.Namespace) -> dict:
     from atso_fast.engine import Relabeler
     from atso_fast.io import read_volume, write_labels
 
-    rel = Relabeler(ns.model, runtime=ns.runtime, mirror=ns.mirror, threads=ns.threads,
-                    batch_size=ns.batch_size, accumulate_dtype=ns.accumulate)
+    rel = Relabeler(
+        ns.model,
+        runtime=ns.runtime,
+        mirror=ns.mirror,
+        threads=ns.threads,
+        batch_size=ns.batch_size,
+        accumulate_dtype=ns.accumulate,
+    )
     # warm-up, not timed: one window through the whole path (resampled to the model's grid and
     # back: a scan at 1.25x the model's spacing, 1/1.25 of the window on each axis)
     window = rel.package.window3d
     spacing = rel.package.spacing if rel.package.spacing and len(rel.package.spacing) == 3 else None
     shape = window if spacing is None else [max(1, int(w / 1.25)) for w in window]
-    rel.relabel_volume(np.ones((rel.package.in_channels, *shape), np.float32),
-                       spacing=None if spacing is None else [1.25 * s for s in spacing])
+    rel.relabel_volume(
+        np.ones((rel.package.in_channels, *shape), np.float32),
+        spacing=None if spacing is None else [1.25 * s for s in spacing],
+    )
     out = Path(ns.out)
     cases = []
     start = time.perf_counter()
@@ -168,9 +193,18 @@ def ours_worker(ns: argparse.Namespace) -> dict:
         write_labels(out / f"{Path(img).parent.name}.nii.gz", res.labels, meta)
         t3 = time.perf_counter()
         tm = res.stats["timings"]
-        cases.append({"preprocess": t1 - t0 + tm["preprocess"], "network": tm["network"] + tm["stitch"],
-                      "export": tm["export"] + t3 - t2, "read": t1 - t0, "write": t3 - t2,
-                      "relabel": t2 - t1, "windows": res.stats["windows"], "grid": res.stats["network_shape"]})
+        cases.append(
+            {
+                "preprocess": t1 - t0 + tm["preprocess"],
+                "network": tm["network"] + tm["stitch"],
+                "export": tm["export"] + t3 - t2,
+                "read": t1 - t0,
+                "write": t3 - t2,
+                "relabel": t2 - t1,
+                "windows": res.stats["windows"],
+                "grid": res.stats["network_shape"],
+            }
+        )
         del res
     sequential = time.perf_counter() - start
     result = {"seconds": sequential, "cases": cases, "runtime": rel.runtime_label}
@@ -211,9 +245,17 @@ def agreement(a_dir: Path, b_dir: Path, names: list[str]) -> dict[str, float]:
 def model_folder(root: Path, ns: argparse.Namespace, num_classes: int, spacing, patch, features) -> Path:
     from atso_fast.datasets.nnunet_folder import make_nnunet_folder
 
-    return make_nnunet_folder(root, configuration="3d_fullres", patch=patch, spacing=spacing,
-                              num_classes=num_classes, folds=tuple(range(ns.folds)), features=features,
-                              scale=ns.scale, seed=0)
+    return make_nnunet_folder(
+        root,
+        configuration="3d_fullres",
+        patch=patch,
+        spacing=spacing,
+        num_classes=num_classes,
+        folds=tuple(range(ns.folds)),
+        features=features,
+        scale=ns.scale,
+        seed=0,
+    )
 
 
 def _side_args(kind: str, model: Path, images: list[str], out: Path, ns: argparse.Namespace) -> list[str]:
@@ -247,13 +289,18 @@ def speed(ns: argparse.Namespace) -> dict:
     ours, ours_gb = run_measured(_side_args("ours-worker", package, images, work / "ours", ns), ns.timeout)
     agree = agreement(work / "ours", work / "nnunet", ns.cases)
     t_sum, o_sum = _stage_sums(theirs["cases"]), _stage_sums(ours["cases"])
-    return {"part": "speed", "nnunet": {**theirs, "stages": t_sum, "peak_rss_gib": theirs_gb},
-            "ours": {**ours, "stages": o_sum, "peak_rss_gib": ours_gb}, "agreement": agree,
-            "import_seconds": import_seconds, "speedup_end_to_end": theirs["seconds"] / ours["seconds"],
-            "speedup_archive": theirs["seconds"] / ours["archive_seconds"] if "archive_seconds" in ours else None,
-            "pre_export_vs_network": (o_sum["preprocess"] + o_sum["export"]) / max(o_sum["network"], 1e-9),
-            "pre_export_speedup": (t_sum["preprocess"] + t_sum["export"]) / max(o_sum["preprocess"] + o_sum["export"],
-                                                                            1e-9)}
+    return {
+        "part": "speed",
+        "nnunet": {**theirs, "stages": t_sum, "peak_rss_gib": theirs_gb},
+        "ours": {**ours, "stages": o_sum, "peak_rss_gib": ours_gb},
+        "agreement": agree,
+        "import_seconds": import_seconds,
+        "speedup_end_to_end": theirs["seconds"] / ours["seconds"],
+        "speedup_archive": theirs["seconds"] / ours["archive_seconds"] if "archive_seconds" in ours else None,
+        "pre_export_vs_network": (o_sum["preprocess"] + o_sum["export"]) / max(o_sum["network"], 1e-9),
+        "pre_export_speedup": (t_sum["preprocess"] + t_sum["export"])
+        / max(o_sum["preprocess"] + o_sum["export"], 1e-9),
+    }
 
 
 # ------------------------------------------------------------------------------ part: memory
@@ -287,10 +334,19 @@ def memory(ns: argparse.Namespace) -> dict:
         if all("peak_rss_gib" in row.get(side, {}) for side in ("ours", "nnunet")):
             row["agreement"] = agreement(work / f"out_ours_{depth}", work / f"out_nnunet_{depth}", [f"ct{depth}"])
         rows.append(row)
-    return {"part": "memory", "rows": rows, "model_spacing": ns.model_spacing, "scan_spacing": ns.spacing,
-            "patch": ns.patch, "features": ns.features, "accumulate": ns.accumulate, "batch_size": ns.batch_size,
-            "architecture": json.loads((folder / "plans.json").read_text())["configurations"]["3d_fullres"][
-                "architecture"]["arch_kwargs"]}
+    return {
+        "part": "memory",
+        "rows": rows,
+        "model_spacing": ns.model_spacing,
+        "scan_spacing": ns.spacing,
+        "patch": ns.patch,
+        "features": ns.features,
+        "accumulate": ns.accumulate,
+        "batch_size": ns.batch_size,
+        "architecture": json.loads((folder / "plans.json").read_text())["configurations"]["3d_fullres"]["architecture"][
+            "arch_kwargs"
+        ],
+    }
 
 
 def memory_model(ns: argparse.Namespace, work: Path) -> tuple[Path, Path, float | None]:
@@ -300,8 +356,15 @@ def memory_model(ns: argparse.Namespace, work: Path) -> tuple[Path, Path, float 
     (ONNX export and its check against torch) takes minutes, once instead of per locked run."""
     from atso_fast import import_nnunet
 
-    key = {"classes": ns.classes, "model_spacing": ns.model_spacing, "patch": ns.patch, "features": ns.features,
-           "folds": ns.folds, "scale": ns.scale, "seed": 0}
+    key = {
+        "classes": ns.classes,
+        "model_spacing": ns.model_spacing,
+        "patch": ns.patch,
+        "features": ns.features,
+        "folds": ns.folds,
+        "scale": ns.scale,
+        "seed": 0,
+    }
     root = ns.models if ns.models is not None else work
     stamp = root / "model_settings.json"
     if stamp.is_file():
@@ -393,17 +456,27 @@ def _parser() -> argparse.ArgumentParser:
         m.add_argument("--model-spacing", type=float, default=1.5)
         m.add_argument("--patch", type=int, nargs=3, default=[64, 128, 128])
         m.add_argument("--models", type=Path, help="folder to build the model in once and reuse it from")
-        m.add_argument("--features", type=int, nargs="+", default=[4, 8, 16, 32],
-                       help="features per stage; 32 64 128 256 320 320 with --patch 96 128 128 is what nnU-Net "
-                            "2.8.1's default planner gives the memory case at 105 labels (see RESULTS.md)")
+        m.add_argument(
+            "--features",
+            type=int,
+            nargs="+",
+            default=[4, 8, 16, 32],
+            help="features per stage; 32 64 128 256 320 320 with --patch 96 128 128 is what nnU-Net "
+            "2.8.1's default planner gives the memory case at 105 labels (see RESULTS.md)",
+        )
     sub.choices["window"].add_argument("--repeats", type=int, default=3)
     m = sub.choices["memory"]
     m.add_argument("--depths", type=int, nargs="+", default=[40, 80, 400])
     m.add_argument("--size", type=int, default=512)
     m.add_argument("--spacing", type=float, default=0.8)
     m.add_argument("--max-gb", type=float, default=10.0, help="skip nnU-Net runs estimated above this")
-    m.add_argument("--sides", nargs="+", default=["ours", "nnunet"], choices=["ours", "nnunet"],
-                   help="which predictors to run (each side in its own subprocess)")
+    m.add_argument(
+        "--sides",
+        nargs="+",
+        default=["ours", "nnunet"],
+        choices=["ours", "nnunet"],
+        help="which predictors to run (each side in its own subprocess)",
+    )
     for name in ("nnunet-worker", "ours-worker"):
         w = sub.add_parser(name)
         w.add_argument("--model", required=True)
@@ -426,9 +499,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     load_before = os.getloadavg()
     result = {"speed": speed, "memory": memory, "window": window}[ns.part](ns)
-    result.update(machine=machine(), date=datetime.date.today().isoformat(), load_before=load_before,
-                  load_after=os.getloadavg(), threads=ns.threads, mirror=ns.mirror, runtime=ns.runtime,
-                  settings={k: v for k, v in vars(ns).items() if k not in ("json", "part")})
+    result.update(
+        machine=machine(),
+        date=datetime.date.today().isoformat(),
+        load_before=load_before,
+        load_after=os.getloadavg(),
+        threads=ns.threads,
+        mirror=ns.mirror,
+        runtime=ns.runtime,
+        settings={k: v for k, v in vars(ns).items() if k not in ("json", "part")},
+    )
     text = json.dumps(result, indent=2, default=str)
     print(text)
     if ns.json:

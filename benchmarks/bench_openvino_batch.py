@@ -9,6 +9,7 @@ tolerance. Ratios are medians over rounds of the same round's dynamic / static.
 Usage: python benchmarks/bench_openvino_batch.py [--classes 3] [--batch 4] [--window 64] [--short 2]
        [--threads 2] [--repeats 7] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,19 @@ __all__ = ["main"]
 
 
 def runtimes(pkg, args) -> dict[str, OpenVinoRuntime]:
-    kw = {"batch_size": args.batch, "window": pkg.window, "in_channels": pkg.in_channels, "threads": args.threads,
-          "cache_dir": False, "in_flight": 1, "streams": 1}
-    return {"static": OpenVinoRuntime(pkg.onnx_path, dynamic_batch=False, **kw),
-            "dynamic": OpenVinoRuntime(pkg.onnx_path, dynamic_batch=True, **kw)}
+    kw = {
+        "batch_size": args.batch,
+        "window": pkg.window,
+        "in_channels": pkg.in_channels,
+        "threads": args.threads,
+        "cache_dir": False,
+        "in_flight": 1,
+        "streams": 1,
+    }
+    return {
+        "static": OpenVinoRuntime(pkg.onnx_path, dynamic_batch=False, **kw),
+        "dynamic": OpenVinoRuntime(pkg.onnx_path, dynamic_batch=True, **kw),
+    }
 
 
 def check_outputs(rts: dict, full: np.ndarray, short: np.ndarray) -> float:
@@ -51,7 +61,7 @@ def timed_abba(fns: dict, repeats: int) -> dict[str, list[float]]:
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(repeats):
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+        for name in list(fns) if r % 2 == 0 else list(fns)[::-1]:
             t = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - t)
@@ -79,21 +89,33 @@ def main(argv=None) -> int:
     full = rng.standard_normal((args.batch, 1, *win)).astype(np.float32)
     short = full[: args.short].copy()
     with tempfile.TemporaryDirectory() as tmp:
-        pkg = atso_fast.load_package(atso_fast.export_model(net, tmp, window=win, num_classes=args.classes,
-                                                            save_torch=False))
+        pkg = atso_fast.load_package(
+            atso_fast.export_model(net, tmp, window=win, num_classes=args.classes, save_torch=False)
+        )
         rts = runtimes(pkg, args)
         diff = check_outputs(rts, full, short)
-        fns = {f"{name} {label}": (lambda rt=rt, x=x: rt(x))
-               for label, x in (("full", full), ("short", short)) for name, rt in rts.items()}
+        fns = {
+            f"{name} {label}": (lambda rt=rt, x=x: rt(x))
+            for label, x in (("full", full), ("short", short))
+            for name, rt in rts.items()
+        }
         times = timed_abba(fns, args.repeats)
-    res = {"machine": machine("cpu"), "date": time.strftime("%Y-%m-%d %H:%M"), "classes": args.classes,
-           "batch": args.batch, "short": args.short, "window": list(win), "threads": args.threads,
-           "repeats": args.repeats, "max_abs_diff": diff,
-           "median_seconds": {k: statistics.median(v) for k, v in times.items()},
-           "min_seconds": {k: min(v) for k, v in times.items()},
-           "dynamic_over_static_full": paired_ratio(times, "dynamic full", "static full"),
-           "dynamic_over_static_short": paired_ratio(times, "dynamic short", "static short"),
-           "seconds_per_round": times}
+    res = {
+        "machine": machine("cpu"),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "classes": args.classes,
+        "batch": args.batch,
+        "short": args.short,
+        "window": list(win),
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "max_abs_diff": diff,
+        "median_seconds": {k: statistics.median(v) for k, v in times.items()},
+        "min_seconds": {k: min(v) for k, v in times.items()},
+        "dynamic_over_static_full": paired_ratio(times, "dynamic full", "static full"),
+        "dynamic_over_static_short": paired_ratio(times, "dynamic short", "static short"),
+        "seconds_per_round": times,
+    }
     print(json.dumps(res, indent=2))
     if args.json:
         with open(args.json, "w") as fh:

@@ -23,6 +23,7 @@ Usage: python benchmarks/bench_relabel.py [--device cpu|cuda] [--classes 3 105] 
        [--only onnxruntime:float32,openvino:bfloat16,...]   (a subset of atso-fast rows; MONAI always runs)
        [--streams-memory]   (part C at --memory-classes x --memory-batches)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,10 +50,20 @@ from atso_fast.kernels import native
 
 __all__ = ["main"]
 
-CPU_DEFAULTS = {"shape": (96, 128, 128), "window": (64, 64, 64), "batch": 4,
-                "mem_shape": (200, 256, 256), "mem_window": (64, 64, 64)}
-GPU_DEFAULTS = {"shape": (200, 512, 512), "window": (96, 96, 96), "batch": 16,
-                "mem_shape": (200, 512, 512), "mem_window": (96, 96, 96)}
+CPU_DEFAULTS = {
+    "shape": (96, 128, 128),
+    "window": (64, 64, 64),
+    "batch": 4,
+    "mem_shape": (200, 256, 256),
+    "mem_window": (64, 64, 64),
+}
+GPU_DEFAULTS = {
+    "shape": (200, 512, 512),
+    "window": (96, 96, 96),
+    "batch": 16,
+    "mem_shape": (200, 512, 512),
+    "mem_window": (96, 96, 96),
+}
 
 
 def head(classes: int) -> torch.nn.Module:
@@ -66,8 +77,7 @@ def monai_labels(net, volume, window, batch, device, autocast=None):
 
     x = torch.from_numpy(volume)[None, None].to(device)
     with torch.inference_mode(), torch.autocast(device, enabled=autocast is not None, dtype=autocast):
-        logits = sliding_window_inference(x, window, batch, net, overlap=0.5, mode="gaussian",
-                                          sigma_scale=0.125)
+        logits = sliding_window_inference(x, window, batch, net, overlap=0.5, mode="gaussian", sigma_scale=0.125)
     return logits[0].argmax(0).to(torch.uint8).cpu().numpy()
 
 
@@ -106,8 +116,12 @@ def speed_rows(classes: int, args, cfg) -> list[dict]:
     ref, t_monai = outs["monai fp32"], secs["monai fp32"]
     rows = []
     for method in [m for m in fns if not m.endswith(" net")]:
-        row = {"method": method, "classes": classes, "seconds": secs[method],
-               "agreement": float((outs[method] == ref).mean())}
+        row = {
+            "method": method,
+            "classes": classes,
+            "seconds": secs[method],
+            "agreement": float((outs[method] == ref).mean()),
+        }
         if method in ours:
             t_net = secs[method + " net"]
             row.update(network_alone_seconds=t_net, overhead=(secs[method] - t_net) / t_net)
@@ -141,11 +155,18 @@ def runtimes_for(device: str, only: str | None = None) -> list[tuple[str, str, b
         if "openvino" in have:
             from atso_fast.runtimes import openvino_supports
 
-            out += [("openvino", "float32", False), ("openvino-s2", "float32", False),
-                    ("openvino-seq", "float32", False), ("openvino-old", "float32", False)]
+            out += [
+                ("openvino", "float32", False),
+                ("openvino-s2", "float32", False),
+                ("openvino-seq", "float32", False),
+                ("openvino-old", "float32", False),
+            ]
             if openvino_supports("bfloat16"):
-                out += [("openvino", "bfloat16", False), ("openvino-s2", "bfloat16", False),
-                        ("openvino-old", "bfloat16", False)]
+                out += [
+                    ("openvino", "bfloat16", False),
+                    ("openvino-s2", "bfloat16", False),
+                    ("openvino-old", "bfloat16", False),
+                ]
     else:
         out = [("torch", "float32", False), ("torch", "float16", False)]
         if "tensorrt" in have:
@@ -157,8 +178,7 @@ def runtimes_for(device: str, only: str | None = None) -> list[tuple[str, str, b
 
 
 def make_relabeler(name, pkg, net, window, classes, device, batch, precision, acc="float32", compile=False):
-    kw = dict(device=device, overlap=0.5, batch_size=batch, precision=precision, accumulate_dtype=acc,
-              compile=compile)
+    kw = dict(device=device, overlap=0.5, batch_size=batch, precision=precision, accumulate_dtype=acc, compile=compile)
     if name == "torch":
         return atso_fast.Relabeler.from_module(net, window=window, num_classes=classes, **kw)
     if name in OPENVINO_SETTINGS:
@@ -181,9 +201,16 @@ def openvino_relabeler(pkg, *, streams=None, in_flight=None, dynamic_batch=True,
     rel = atso_fast.Relabeler(pkg, runtime="openvino", **kw)
     pk = rel.package
     rel.runtime = None  # the default runtime's buffers go before the new one compiles
-    rel.runtime = OpenVinoRuntime(pk.onnx_path, precision=rel.precision, batch_size=rel.batch_size, window=pk.window,
-                                  in_channels=pk.in_channels, streams=streams, in_flight=in_flight,
-                                  dynamic_batch=dynamic_batch)
+    rel.runtime = OpenVinoRuntime(
+        pk.onnx_path,
+        precision=rel.precision,
+        batch_size=rel.batch_size,
+        window=pk.window,
+        in_channels=pk.in_channels,
+        streams=streams,
+        in_flight=in_flight,
+        dynamic_batch=dynamic_batch,
+    )
     rel.runtime.reuse_output = True  # as the relabeler sets it: each result is taken before reuse
     return rel
 
@@ -203,8 +230,9 @@ def memory_child(method: str, classes: int, device: str, cfg, batch: int) -> dic
         acc, runtime = parts[1], "-".join(parts[2:])
         kw = dict(device=device, batch_size=batch, accumulate_dtype=acc)
         if runtime:  # a package; auto: the default (CPU: OpenVINO when installed, else ORT)
-            pkg = atso_fast.export_model(net.cpu(), tempfile.mkdtemp(), window=window, num_classes=classes,
-                                         save_torch=runtime == "auto")
+            pkg = atso_fast.export_model(
+                net.cpu(), tempfile.mkdtemp(), window=window, num_classes=classes, save_torch=runtime == "auto"
+            )
             if runtime in OPENVINO_SETTINGS:
                 rel = openvino_relabeler(pkg, **OPENVINO_SETTINGS[runtime], **kw)
             else:
@@ -226,8 +254,13 @@ def memory_child(method: str, classes: int, device: str, cfg, batch: int) -> dic
         t = time.perf_counter()
         run()
         peak = _hwm_bytes() - base
-    return {"method": method, "classes": classes, "batch": batch, "peak_GiB": peak / 2**30,
-            "seconds": time.perf_counter() - t}
+    return {
+        "method": method,
+        "classes": classes,
+        "batch": batch,
+        "peak_GiB": peak / 2**30,
+        "seconds": time.perf_counter() - t,
+    }
 
 
 def streams_relabeler(method: str, classes: int, cfg, batch: int):
@@ -235,8 +268,7 @@ def streams_relabeler(method: str, classes: int, cfg, batch: int):
     batches in flight that ``method`` (``unet-openvino-s2-f3``) names."""
     streams, in_flight = (int(part[1:]) for part in method.split("-")[2:4])
     net = builtin_network(classes, net="unet")[0]
-    pkg = atso_fast.export_model(net, tempfile.mkdtemp(), window=cfg["window"], num_classes=classes,
-                                 save_torch=False)
+    pkg = atso_fast.export_model(net, tempfile.mkdtemp(), window=cfg["window"], num_classes=classes, save_torch=False)
     rel = openvino_relabeler(pkg, streams=streams, in_flight=in_flight, batch_size=batch)
     volume = np.random.default_rng(0).standard_normal(cfg["shape"]).astype(np.float32)
     return rel, volume
@@ -265,8 +297,18 @@ def child_rows(methods: list[str], classes: int, batch: int, args) -> list[dict]
     """Each of ``methods`` in a fresh subprocess (:func:`memory_child`)."""
     rows = []
     for method in methods:
-        cmd = [sys.executable, __file__, "--device", args.device, "--mem-child", method, "--classes", str(classes),
-               "--memory-batches", str(batch)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--device",
+            args.device,
+            "--mem-child",
+            method,
+            "--classes",
+            str(classes),
+            "--memory-batches",
+            str(batch),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=dict(os.environ))
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return rows
@@ -277,15 +319,19 @@ STREAMS_METHODS = ["unet-openvino-s1-f1", "unet-openvino-s1-f2", "unet-openvino-
 
 
 def print_tables(res: dict) -> None:
-    print(f"# {res['machine']}, {res['date']}; volume {res['shape']}, window {res['window']}, "
-          f"batch {res['batch']}, overlap 0.5")
+    print(
+        f"# {res['machine']}, {res['date']}; volume {res['shape']}, window {res['window']}, "
+        f"batch {res['batch']}, overlap 0.5"
+    )
     print(f"{'method':<32}{'C':>5}{'s/vol':>9}{'Mvox/s':>9}{'net s':>9}{'overhead':>10}{'vs MONAI':>10}{'agree':>9}")
     for r in res["speed"]:
         net = r.get("network_alone_seconds")
         ov = r.get("overhead")
-        print(f"{r['method']:<32}{r['classes']:>5}{r['seconds']:>9.3f}{r['voxels_per_s'] / 1e6:>9.2f}"
-              f"{net if net else float('nan'):>9.3f}{ov if ov is not None else float('nan'):>10.1%}"
-              f"{r['speedup_vs_monai_fp32']:>9.2f}x{r['agreement']:>9.5f}")
+        print(
+            f"{r['method']:<32}{r['classes']:>5}{r['seconds']:>9.3f}{r['voxels_per_s'] / 1e6:>9.2f}"
+            f"{net if net else float('nan'):>9.3f}{ov if ov is not None else float('nan'):>10.1%}"
+            f"{r['speedup_vs_monai_fp32']:>9.2f}x{r['agreement']:>9.5f}"
+        )
     if res.get("streams_memory"):
         print(f"# peak RSS of a relabel pass, MONAI UNet, volume {res['shape']}, window {res['window']}, OpenVINO f32")
         print(f"{'method':<26}{'C':>5}{'batch':>6}{'peak GiB':>10}{'s':>8}")
@@ -295,8 +341,10 @@ def print_tables(res: dict) -> None:
         print(f"# peak memory of blending, volume {res['mem_shape']}, window {res['mem_window']} (conv head)")
         print(f"{'method':<26}{'C':>5}{'batch':>6}{'peak GiB':>10}{'of MONAI':>10}{'s':>8}")
         for r in res["memory"]:
-            print(f"{r['method']:<26}{r['classes']:>5}{r['batch']:>6}{r['peak_GiB']:>10.3f}{r['fraction_of_monai']:>10.2f}"
-                  f"{r['seconds']:>8.2f}")
+            print(
+                f"{r['method']:<26}{r['classes']:>5}{r['batch']:>6}{r['peak_GiB']:>10.3f}{r['fraction_of_monai']:>10.2f}"
+                f"{r['seconds']:>8.2f}"
+            )
 
 
 def main(argv=None) -> int:
@@ -304,12 +352,20 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--classes", type=int, nargs="*", default=[3, 105], help="speed rows (none: memory only)")
     ap.add_argument("--memory-classes", type=int, nargs="*", default=[105])
-    ap.add_argument("--memory-batches", type=int, nargs="+", default=None,
-                    help="window batches for the memory rows (default: the speed batch, then half of it)")
+    ap.add_argument(
+        "--memory-batches",
+        type=int,
+        nargs="+",
+        default=None,
+        help="window batches for the memory rows (default: the speed batch, then half of it)",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", help="comma list of runtime:precision rows of ours (default: all)")
-    ap.add_argument("--streams-memory", action="store_true",
-                    help="part C instead of part B: OpenVINO one stream vs two, whole relabel pass")
+    ap.add_argument(
+        "--streams-memory",
+        action="store_true",
+        help="part C instead of part B: OpenVINO one stream vs two, whole relabel pass",
+    )
     ap.add_argument("--json", help="write results to this file")
     ap.add_argument("--mem-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -320,10 +376,17 @@ def main(argv=None) -> int:
     mem_batches = args.memory_batches or [cfg["batch"], max(cfg["batch"] // 2, 1)]
     if args.device == "cuda" and not native.has_cuda():
         raise SystemExit(f"--device cuda needs a GPU and a CUDA build: {native.build_info()}")
-    res = {"device": args.device, "machine": machine(args.device), "date": time.strftime("%Y-%m-%d"),
-           "shape": list(cfg["shape"]), "window": list(cfg["window"]), "batch": cfg["batch"],
-           "mem_shape": list(cfg["mem_shape"]), "mem_window": list(cfg["mem_window"]),
-           "speed": [r for c in args.classes for r in speed_rows(c, args, cfg)]}
+    res = {
+        "device": args.device,
+        "machine": machine(args.device),
+        "date": time.strftime("%Y-%m-%d"),
+        "shape": list(cfg["shape"]),
+        "window": list(cfg["window"]),
+        "batch": cfg["batch"],
+        "mem_shape": list(cfg["mem_shape"]),
+        "mem_window": list(cfg["mem_window"]),
+        "speed": [r for c in args.classes for r in speed_rows(c, args, cfg)],
+    }
     mem = [(c, b) for c in args.memory_classes for b in mem_batches]
     if args.streams_memory:
         res["streams_memory"] = [r for c, b in mem for r in child_rows(STREAMS_METHODS, c, b, args)]

@@ -10,6 +10,7 @@ one run, and whether their labels and confidence are identical (exit status 1 if
 Usage:
     flock /work/bench.lock python benchmarks/bench_resample_back.py [--rows 40] [--classes 105] [--paths fused]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,13 +35,14 @@ def run_once(classes: int, zn: int, threads: int, fuse: bool) -> tuple[float, np
     rng = np.random.default_rng(0)
     slab = rng.standard_normal((classes, 16, yt, yt), dtype=np.float32)
     wsum = np.ones((16, yt, yt), np.float32)
-    inner = LabelSink((zn, yn, yn), classes, kind="logits", threshold=0.0, ignore_index=255,
-                      backend=ArrayBackend("cpu"))
+    inner = LabelSink(
+        (zn, yn, yn), classes, kind="logits", threshold=0.0, ignore_index=255, backend=ArrayBackend("cpu")
+    )
     sink = ResampleSink(inner, ops, fuse=fuse)
     start = time.perf_counter()
     for z in range(0, zt, 8):
         n = min(8, zt - z)
-        sink.take(slab[:, z % 8:z % 8 + n], wsum[:n], z, n)
+        sink.take(slab[:, z % 8 : z % 8 + n], wsum[:n], z, n)
     sink.finalize()
     return time.perf_counter() - start, inner.labels, inner.confidence
 
@@ -51,10 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, default=105)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--kernel-threads", type=int, default=0,
-                        help="OpenMP threads of the native kernels (0: the OpenMP default)")
-    parser.add_argument("--paths", nargs="+", default=["unfused", "fused"], choices=["unfused", "fused"],
-                        help="unfused: torch's bilinear then the label sink; fused: native.resample_finalize")
+    parser.add_argument(
+        "--kernel-threads", type=int, default=0, help="OpenMP threads of the native kernels (0: the OpenMP default)"
+    )
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        default=["unfused", "fused"],
+        choices=["unfused", "fused"],
+        help="unfused: torch's bilinear then the label sink; fused: native.resample_finalize",
+    )
     args = parser.parse_args(argv)
     times: dict[str, list[float]] = {p: [] for p in args.paths}
     outputs = {}
@@ -65,13 +73,17 @@ def main(argv: list[str] | None = None) -> int:
             times[path].append(seconds)
             outputs[path] = (labels, confidence)
     for path, ts in times.items():
-        print(f"{path}: {args.classes} classes, {args.rows} native rows 512x512 from 273x273: seconds "
-              f"{[round(t, 3) for t in ts]}, median {np.median(ts) / args.rows * 1e3:.1f} ms per native row")
+        print(
+            f"{path}: {args.classes} classes, {args.rows} native rows 512x512 from 273x273: seconds "
+            f"{[round(t, 3) for t in ts]}, median {np.median(ts) / args.rows * 1e3:.1f} ms per native row"
+        )
     if len(outputs) == 2:
         (la, ca), (lb, cb) = outputs.values()
         same = bool(np.array_equal(la, lb) and np.array_equal(ca, cb))
-        print(f"labels and confidence identical: {same}; speed-up (medians) "
-              f"{np.median(times['unfused']) / np.median(times['fused']):.2f}x")
+        print(
+            f"labels and confidence identical: {same}; speed-up (medians) "
+            f"{np.median(times['unfused']) / np.median(times['fused']):.2f}x"
+        )
         if not same:
             return 1
     return 0

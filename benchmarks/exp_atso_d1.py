@@ -12,6 +12,7 @@ old path, kept here only to measure it), 2 rounds each, consolidated.
 
 Usage: python benchmarks/exp_atso_d1.py [--seeds 0 1] [--workers 2] [--quick] [--data DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,14 +37,17 @@ from atso_fast.train.atso import ATSO, ATSOConfig, default_relabel_fn  # noqa: E
 from atso_fast.train.monitor import pooled_dice  # noqa: E402
 
 SETTINGS = {"warmup_steps": 2000, "rounds": 2, "consolidate": True}
-ARMS = {"supervised": ({"method": "supervised"}, "engine"),
-        "self-training (engine, window = patch)": ({"method": "self-training"}, "engine"),
-        "self-training (whole slices, old path)": ({"method": "self-training"}, "whole")}
+ARMS = {
+    "supervised": ({"method": "supervised"}, "engine"),
+    "self-training (engine, window = patch)": ({"method": "self-training"}, "engine"),
+    "self-training (whole slices, old path)": ({"method": "self-training"}, "whole"),
+}
 
 
 def whole_slice_relabel_fn(config: ATSOConfig):
     """The old experiments' shortcut, kept only to measure it: the network on the whole slice at
     once (zero-padded to a multiple of its divisor and cropped back), not on training-size windows."""
+
     @torch.no_grad()
     def relabel(model: torch.nn.Module, volumes: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         div = int(getattr(model, "divisor", 1))
@@ -52,7 +56,7 @@ def whole_slice_relabel_fn(config: ATSOConfig):
             x = torch.from_numpy(np.ascontiguousarray(vol, np.float32)).movedim(1, 0)  # (Z, M, Y, X)
             spatial = x.shape[2:]
             x = torch.nn.functional.pad(x, [a for s in reversed(spatial) for a in (0, -s % div)])
-            probs = torch.softmax(model(x).float(), 1)[..., :spatial[0], :spatial[1]].movedim(0, 1)
+            probs = torch.softmax(model(x).float(), 1)[..., : spatial[0], : spatial[1]].movedim(0, 1)
             conf, labels = probs.max(0)
             out.append((labels.numpy().astype(np.uint8), (conf * 255).round().numpy().astype(np.uint8)))
         return out
@@ -72,13 +76,17 @@ def seed_d1(folder: str, quick: bool, seed: int) -> dict[str, Any]:
     image, label = load_volume(Path(folder), spec["classes"])
     data, test, _ = make_split(spec, image, label, seed, 2)
     settings = {**SETTINGS, **({"warmup_steps": 10, "steps_per_round": 3} if quick else {})}
-    config = ATSOConfig(num_classes=len(spec["classes"]) + 1, spatial_dims=2, seed=seed,
-                        **{**spec["train"], **settings})
+    config = ATSOConfig(
+        num_classes=len(spec["classes"]) + 1, spatial_dims=2, seed=seed, **{**spec["train"], **settings}
+    )
     warm = ATSO(ATSOConfig.from_dict({**config.to_dict(), "method": "self-training"}), data=data)
     warm.warmup()
     whole, engine = whole_slice_relabel_fn(warm.config), default_relabel_fn(warm.config)
-    m0 = {f"{split}_{path}": _dice(warm, cases, fn) for split, cases in (("val", data.val), ("test", test))
-          for path, fn in (("whole", whole), ("engine", engine))}
+    m0 = {
+        f"{split}_{path}": _dice(warm, cases, fn)
+        for split, cases in (("val", data.val), ("test", test))
+        for path, fn in (("whole", whole), ("engine", engine))
+    }
     state, arms = warm.state_dict(), {}
     for name, (overrides, path) in ARMS.items():
         cfg = ATSOConfig.from_dict({**warm.config.to_dict(), **overrides})
@@ -86,8 +94,13 @@ def seed_d1(folder: str, quick: bool, seed: int) -> dict[str, Any]:
         run.load_state_dict(state)
         run.run()
         arms[name] = summarise_run(run, test)  # scored through the engine (the product's path)
-    return {"m0": m0, "arms": arms, "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
-            "shape": list(image.shape)}
+    return {
+        "m0": m0,
+        "arms": arms,
+        "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu,
+        "shape": list(image.shape),
+    }
 
 
 def _ms(values: list[float | None]) -> str:
@@ -111,35 +124,53 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     stem = "atso_d1" + ("_quick" if args.quick else "")
     meta, start = machine_meta(args.workers), time.perf_counter()
-    results = run_seeds(functools.partial(seed_d1, str(folder), args.quick), args.seeds,
-                        Path(f"/tmp/atso_exp/{stem}"), workers=args.workers,
-                        log=lambda s: print(s, file=sys.stderr, flush=True))
-    meta.update(seconds=time.perf_counter() - start, cpu_seconds=cpu_seconds(results),
-                load_after=[round(x, 2) for x in os.getloadavg()], settings=SETTINGS)
+    results = run_seeds(
+        functools.partial(seed_d1, str(folder), args.quick),
+        args.seeds,
+        Path(f"/tmp/atso_exp/{stem}"),
+        workers=args.workers,
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+    )
+    meta.update(
+        seconds=time.perf_counter() - start,
+        cpu_seconds=cpu_seconds(results),
+        load_after=[round(x, 2) for x in os.getloadavg()],
+        settings=SETTINGS,
+    )
     rows = list(results.values())
-    lines = [f"# Issue 23, D1: whole-slice vs sliding-window relabelling on real CT 2D, seeds {list(results)}", "",
-             f"Machine: {meta['machine']}; torch {meta['torch']}, 1 thread per process; {meta['date']}; load "
-             f"{meta['load_before']} -> {meta['load_after']}; wall {meta['seconds'] / 60:.1f} min. Settings "
-             f"{json.dumps(SETTINGS)} on `exp_atso_real.py`'s CT 2D task (patch 64 x 64, slices "
-             f"{rows[0]['shape'][1:]}).",
-             "", "Values: mean (seed values). Pooled foreground Dice.", "",
-             "| M0 scored with | validation | test |", "|---|---|---|",
-             f"| whole slice | {_ms([r['m0']['val_whole'] for r in rows])} | "
-             f"{_ms([r['m0']['test_whole'] for r in rows])} |",
-             f"| sliding window (window = patch) | {_ms([r['m0']['val_engine'] for r in rows])} | "
-             f"{_ms([r['m0']['test_engine'] for r in rows])} |", "",
-             "| arm (consolidated, scored through the engine) | test pooled | test per-case | val pooled "
-             "| pseudo Dice on U (final) |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Issue 23, D1: whole-slice vs sliding-window relabelling on real CT 2D, seeds {list(results)}",
+        "",
+        f"Machine: {meta['machine']}; torch {meta['torch']}, 1 thread per process; {meta['date']}; load "
+        f"{meta['load_before']} -> {meta['load_after']}; wall {meta['seconds'] / 60:.1f} min. Settings "
+        f"{json.dumps(SETTINGS)} on `exp_atso_real.py`'s CT 2D task (patch 64 x 64, slices "
+        f"{rows[0]['shape'][1:]}).",
+        "",
+        "Values: mean (seed values). Pooled foreground Dice.",
+        "",
+        "| M0 scored with | validation | test |",
+        "|---|---|---|",
+        f"| whole slice | {_ms([r['m0']['val_whole'] for r in rows])} | {_ms([r['m0']['test_whole'] for r in rows])} |",
+        f"| sliding window (window = patch) | {_ms([r['m0']['val_engine'] for r in rows])} | "
+        f"{_ms([r['m0']['test_engine'] for r in rows])} |",
+        "",
+        "| arm (consolidated, scored through the engine) | test pooled | test per-case | val pooled "
+        "| pseudo Dice on U (final) |",
+        "|---|---|---|---|---|",
+    ]
     for a in ARMS:
         arm = [r["arms"][a] for r in rows]
-        cells = [_ms([x[key] for x in arm]) for key in ("test_mean_dice", "test_case_dice", "val_mean_dice",
-                                                         "pseudo_mean_dice_final")]
+        cells = [
+            _ms([x[key] for x in arm])
+            for key in ("test_mean_dice", "test_case_dice", "val_mean_dice", "pseudo_mean_dice_final")
+        ]
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": {str(k): v for k, v in results.items()}},
-                                                 indent=1))
+    (out / f"{stem}.json").write_text(
+        json.dumps({"meta": meta, "results": {str(k): v for k, v in results.items()}}, indent=1)
+    )
     (out / f"{stem}.md").write_text(text)
     print(text)
     return 0

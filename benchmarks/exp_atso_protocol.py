@@ -18,6 +18,7 @@ Protocol (fixed before any run):
 Seeds run in ``workers`` single-thread processes (``spawn``); each finished seed is written to
 ``work/seed_<s>.json`` so an interrupted experiment resumes where it stopped.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,20 @@ from atso_fast.train.metrics import case_summary
 from atso_fast.train.monitor import pooled_dice
 from atso_fast.train.report import contrast_table
 
-__all__ = ["ARMS", "MONITORS", "run_seed", "run_seeds", "summarise", "markdown", "charts", "machine_meta",
-           "final_values", "cpu_seconds", "warmup_sweep", "choose_warmup"]
+__all__ = [
+    "ARMS",
+    "MONITORS",
+    "run_seed",
+    "run_seeds",
+    "summarise",
+    "markdown",
+    "charts",
+    "machine_meta",
+    "final_values",
+    "cpu_seconds",
+    "warmup_sweep",
+    "choose_warmup",
+]
 
 # name -> ATSOConfig overrides (all from the shared warm-up)
 ARMS: dict[str, dict[str, Any]] = {
@@ -73,15 +86,27 @@ def _round_row(h: dict[str, Any]) -> dict[str, Any]:
         return float(np.mean(vals)) if vals else None
 
     student = h.get("student", {})
-    return {"round": h["round"], "val_mean_dice": h["val_mean_dice"], "student_from": h.get("student_from"),
-            "trained_on": h["trained_on"], "relabelled": h["relabelled"],
-            "start_agreement": student.get("start_agreement"), "pseudo_loss": student.get("pseudo_loss"),
-            "pseudo_first_loss": student.get("pseudo_first_loss"), "pseudo_last_loss": student.get("pseudo_last_loss"),
-            "pre_loss": student.get("pre_loss"), "changed_fg": pick("changed_fg"),
-            "changed_fg_m0": pick("changed_fg_m0"), "changed_fraction": pick("changed_fraction"),
-            "pseudo_dice": pick("pseudo_dice"), "pseudo_dice_all": h.get("pseudo_dice_all"),
-            "train_loss": h["train"]["loss"], "seconds": h["seconds"], "stage": h.get("stage"),
-            **{f"premise_{k}": v for k, v in (h.get("premise") or {}).items()}}
+    return {
+        "round": h["round"],
+        "val_mean_dice": h["val_mean_dice"],
+        "student_from": h.get("student_from"),
+        "trained_on": h["trained_on"],
+        "relabelled": h["relabelled"],
+        "start_agreement": student.get("start_agreement"),
+        "pseudo_loss": student.get("pseudo_loss"),
+        "pseudo_first_loss": student.get("pseudo_first_loss"),
+        "pseudo_last_loss": student.get("pseudo_last_loss"),
+        "pre_loss": student.get("pre_loss"),
+        "changed_fg": pick("changed_fg"),
+        "changed_fg_m0": pick("changed_fg_m0"),
+        "changed_fraction": pick("changed_fraction"),
+        "pseudo_dice": pick("pseudo_dice"),
+        "pseudo_dice_all": h.get("pseudo_dice_all"),
+        "train_loss": h["train"]["loss"],
+        "seconds": h["seconds"],
+        "stage": h.get("stage"),
+        **{f"premise_{k}": v for k, v in (h.get("premise") or {}).items()},
+    }
 
 
 def summarise_run(run: ATSO, test: Sequence[Case]) -> dict[str, Any]:
@@ -91,19 +116,29 @@ def summarise_run(run: ATSO, test: Sequence[Case]) -> dict[str, Any]:
     cfg, cases = run.config, result["cases"]
     store = run.store
     truth = [(p, c.label) for p, c in zip(store.pseudo, store.data.unlabelled) if p is not None and c.label is not None]
-    pseudo = pooled_dice([p for p, _ in truth], [t for _, t in truth], cfg.num_classes,
-                         ignore_index=cfg.ignore_index) if cfg.method in ("atso", "self-training") and truth else None
-    return {"test_mean_dice": result["mean_dice"], "test_dice": result["dice"],
-            "test_case_dice": cases["mean_dice"], "test_case_dice_sd": cases["mean_dice_sd"],
-            "test_case": case_summary(cases), "pseudo_dice_final": None if pseudo is None else pseudo[0],
-            "pseudo_mean_dice_final": None if pseudo is None else pseudo[1],
-            "val_mean_dice": last["val_mean_dice"], "val_dice": last["val_dice"],
-            "rounds": [_round_row(h) for h in run.history],
-            "seconds": sum(h["seconds"] for h in run.history[1:])}
+    pseudo = (
+        pooled_dice([p for p, _ in truth], [t for _, t in truth], cfg.num_classes, ignore_index=cfg.ignore_index)
+        if cfg.method in ("atso", "self-training") and truth
+        else None
+    )
+    return {
+        "test_mean_dice": result["mean_dice"],
+        "test_dice": result["dice"],
+        "test_case_dice": cases["mean_dice"],
+        "test_case_dice_sd": cases["mean_dice_sd"],
+        "test_case": case_summary(cases),
+        "pseudo_dice_final": None if pseudo is None else pseudo[0],
+        "pseudo_mean_dice_final": None if pseudo is None else pseudo[1],
+        "val_mean_dice": last["val_mean_dice"],
+        "val_dice": last["val_dice"],
+        "rounds": [_round_row(h) for h in run.history],
+        "seconds": sum(h["seconds"] for h in run.history[1:]),
+    }
 
 
-def run_seed(config: ATSOConfig, data: SemiSupervisedData, test: Sequence[Case],
-             arms: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+def run_seed(
+    config: ATSOConfig, data: SemiSupervisedData, test: Sequence[Case], arms: Mapping[str, dict[str, Any]]
+) -> dict[str, Any]:
     """Every arm of one seed from one shared warm-up; test Dice of M0 too."""
     start, cpu = time.perf_counter(), time.process_time()
     relabel = default_relabel_fn(config, probabilities=any(a.get("targets") == "soft" for a in arms.values()))
@@ -116,8 +151,12 @@ def run_seed(config: ATSOConfig, data: SemiSupervisedData, test: Sequence[Case],
 
     runs = run_methods(config, dict(arms), data=data, relabeler=relabel, callbacks=[keep_m0])
     out: dict[str, Any] = {"arms": {name: summarise_run(run, test) for name, run in runs.items()}}
-    out["m0"] = {"test_mean_dice": m0.get("mean_dice"), "test_dice": m0.get("dice"),
-                 "val_mean_dice": m0.get("val_mean_dice"), "test_case_dice": m0.get("test_case_dice")}
+    out["m0"] = {
+        "test_mean_dice": m0.get("mean_dice"),
+        "test_dice": m0.get("dice"),
+        "val_mean_dice": m0.get("val_mean_dice"),
+        "test_case_dice": m0.get("test_case_dice"),
+    }
     out["warmup_seconds"] = next(iter(runs.values())).history[0]["seconds"]
     out["seconds"] = time.perf_counter() - start
     out["cpu_seconds"] = time.process_time() - cpu
@@ -130,8 +169,9 @@ def warmup_sweep(config: ATSOConfig, data: SemiSupervisedData, grid: Sequence[in
     start, cpu = time.perf_counter(), time.process_time()
     out: dict[str, Any] = {"warmup": {}}
     for steps in grid:
-        cfg = ATSOConfig.from_dict({**config.to_dict(), "warmup_steps": int(steps), "rounds": 0,
-                                    "method": "supervised"})
+        cfg = ATSOConfig.from_dict(
+            {**config.to_dict(), "warmup_steps": int(steps), "rounds": 0, "method": "supervised"}
+        )
         run = ATSO(cfg, relabeler=default_relabel_fn(cfg), data=data)
         run.warmup()
         out["warmup"][str(steps)] = run.history[0]["val_mean_dice"]
@@ -159,8 +199,14 @@ def _worker(task: tuple[Callable[[int], dict[str, Any]], int, str]) -> tuple[int
     return seed, result
 
 
-def run_seeds(fn: Callable[[int], dict[str, Any]], seeds: Sequence[int], work: Path, *, workers: int = 2,
-              log: Callable[[str], None] = print) -> dict[int, dict[str, Any]]:
+def run_seeds(
+    fn: Callable[[int], dict[str, Any]],
+    seeds: Sequence[int],
+    work: Path,
+    *,
+    workers: int = 2,
+    log: Callable[[str], None] = print,
+) -> dict[int, dict[str, Any]]:
     """``fn(seed)`` for every seed in ``workers`` single-thread processes, cached in ``work``.
 
     ``fn`` must be a module-level function (it is pickled into ``spawn`` workers).
@@ -184,8 +230,10 @@ def run_seeds(fn: Callable[[int], dict[str, Any]], seeds: Sequence[int], work: P
         try:
             for seed, result in results:
                 done[seed] = result
-                log(f"seed {seed} done in {result['seconds']:.0f} s (cpu {result['cpu_seconds']:.0f} s): " + ", ".join(
-                    f"{a} {v['test_mean_dice']:.3f}" for a, v in result["arms"].items()))
+                log(
+                    f"seed {seed} done in {result['seconds']:.0f} s (cpu {result['cpu_seconds']:.0f} s): "
+                    + ", ".join(f"{a} {v['test_mean_dice']:.3f}" for a, v in result["arms"].items())
+                )
         finally:
             if pool is not None:
                 pool.close()
@@ -215,9 +263,12 @@ def summarise(results: Mapping[int, dict[str, Any]], contrasts: Sequence[tuple[s
     test, val = final_values(results), final_values(results, "val_mean_dice")
     arms = list(test)
     pairs = [(a, b) for a, b in contrasts if a in test and b in test]
-    return {"arms": {a: {"test_mean": statistics.fmean(test[a]), "val_mean": statistics.fmean(val[a])} for a in arms},
-            "m0": {"test_mean": statistics.fmean([r["m0"]["test_mean_dice"] for r in results.values()])},
-            "contrasts": contrast_table(test, pairs), "val_contrasts": contrast_table(val, pairs)}
+    return {
+        "arms": {a: {"test_mean": statistics.fmean(test[a]), "val_mean": statistics.fmean(val[a])} for a in arms},
+        "m0": {"test_mean": statistics.fmean([r["m0"]["test_mean_dice"] for r in results.values()])},
+        "contrasts": contrast_table(test, pairs),
+        "val_contrasts": contrast_table(val, pairs),
+    }
 
 
 def _fmt_p(p: float | None) -> str:
@@ -225,35 +276,61 @@ def _fmt_p(p: float | None) -> str:
 
 
 def contrast_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
-    lines = ["| contrast | mean difference | 95% CI (t) | Wilcoxon p | Holm p | seeds a > b |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| contrast | mean difference | 95% CI (t) | Wilcoxon p | Holm p | seeds a > b |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['a']} - {r['b']} | {r['mean']:+.4f} | {r['ci_low']:+.4f} to {r['ci_high']:+.4f} | "
-                     f"{_fmt_p(r['p_wilcoxon'])} | {_fmt_p(r['p_holm'])} | {r['wins']}/{r['n']} |")
+        lines.append(
+            f"| {r['a']} - {r['b']} | {r['mean']:+.4f} | {r['ci_low']:+.4f} to {r['ci_high']:+.4f} | "
+            f"{_fmt_p(r['p_wilcoxon'])} | {_fmt_p(r['p_holm'])} | {r['wins']}/{r['n']} |"
+        )
     return lines
 
 
-def markdown(results: Mapping[int, dict[str, Any]], meta: Mapping[str, Any], class_names: Sequence[str],
-             contrasts: Sequence[tuple[str, str]], title: str, notes: Sequence[str] = ()) -> str:
+def markdown(
+    results: Mapping[int, dict[str, Any]],
+    meta: Mapping[str, Any],
+    class_names: Sequence[str],
+    contrasts: Sequence[tuple[str, str]],
+    title: str,
+    notes: Sequence[str] = (),
+) -> str:
     """Tables: final test Dice per arm and class, paired contrasts, monitors per round."""
     summary = summarise(results, contrasts)
     rows = list(results.values())
     arms = list(rows[0]["arms"])
-    lines = [f"# {title}", "", *notes, "" if notes else "",
-             f"Machine: {meta['machine']}; torch {meta['torch']}, 1 thread per process, {meta['workers']} processes; "
-             f"{meta['date']}; load average {meta['load_before']} -> {meta['load_after']}; seeds {list(results)}; "
-             f"wall {meta['seconds'] / 60:.1f} min, {meta['cpu_seconds'] / 60:.1f} CPU-min "
-             f"({meta['cpu_seconds'] / 60 / max(1, meta['workers']):.1f} min per process if idle).", "",
-             "## Primary endpoint: final-round test Dice (pooled per class over the test cases, foreground mean)", "",
-             "| arm | test mean Dice | " + " | ".join(class_names) + " | val mean Dice |",
-             "|---|---|" + "---|" * len(class_names) + "---|"]
-    lines.append("| warm-up M0 | " + _ms([r["m0"]["test_mean_dice"] for r in rows]) + " | "
-                 + " | ".join(_ms([r["m0"]["test_dice"][c + 1] for r in rows]) for c in range(len(class_names)))
-                 + " | " + _ms([r["m0"]["val_mean_dice"] for r in rows]) + " |")
+    lines = [
+        f"# {title}",
+        "",
+        *notes,
+        "" if notes else "",
+        f"Machine: {meta['machine']}; torch {meta['torch']}, 1 thread per process, {meta['workers']} processes; "
+        f"{meta['date']}; load average {meta['load_before']} -> {meta['load_after']}; seeds {list(results)}; "
+        f"wall {meta['seconds'] / 60:.1f} min, {meta['cpu_seconds'] / 60:.1f} CPU-min "
+        f"({meta['cpu_seconds'] / 60 / max(1, meta['workers']):.1f} min per process if idle).",
+        "",
+        "## Primary endpoint: final-round test Dice (pooled per class over the test cases, foreground mean)",
+        "",
+        "| arm | test mean Dice | " + " | ".join(class_names) + " | val mean Dice |",
+        "|---|---|" + "---|" * len(class_names) + "---|",
+    ]
+    lines.append(
+        "| warm-up M0 | "
+        + _ms([r["m0"]["test_mean_dice"] for r in rows])
+        + " | "
+        + " | ".join(_ms([r["m0"]["test_dice"][c + 1] for r in rows]) for c in range(len(class_names)))
+        + " | "
+        + _ms([r["m0"]["val_mean_dice"] for r in rows])
+        + " |"
+    )
     for a in arms:
         per = [_ms([r["arms"][a]["test_dice"][c + 1] for r in rows]) for c in range(len(class_names))]
-        lines.append(f"| {a} | {_ms([r['arms'][a]['test_mean_dice'] for r in rows])} | " + " | ".join(per)
-                     + f" | {_ms([r['arms'][a]['val_mean_dice'] for r in rows])} |")
+        lines.append(
+            f"| {a} | {_ms([r['arms'][a]['test_mean_dice'] for r in rows])} | "
+            + " | ".join(per)
+            + f" | {_ms([r['arms'][a]['val_mean_dice'] for r in rows])} |"
+        )
     lines += ["", "Mean +- SD over seeds.", "", "## Paired contrasts (test, final round; Holm over this table)", ""]
     lines += contrast_lines(summary["contrasts"])
     lines += ["", "Same contrasts on the validation cases (the set used for choices):", ""]
@@ -263,17 +340,29 @@ def markdown(results: Mapping[int, dict[str, Any]], meta: Mapping[str, Any], cla
 
 
 def monitor_table(results: Mapping[int, dict[str, Any]]) -> str:
-    keys = ("val_mean_dice", "start_agreement", "pseudo_loss", "changed_fg", "changed_fg_m0", "pseudo_dice",
-            "pseudo_dice_all")
-    lines = ["## Monitors per round (mean over seeds)", "",
-             "start agreement = hard Dice of the student, as it starts the round, against the targets it is about "
-             "to train on (1.0 = it already reproduces them: nothing to learn); pseudo loss = its loss on the "
-             "pseudo-labelled half of its batches; fg change = share of the voxels labelled foreground before or "
-             "after that changed label (since the previous labels of the same cases / since M0's labels: equal "
-             "age); pseudo Dice = the labels relabelled this round / all current labels of U against the hidden "
-             "truth.", "",
-             "| arm | round | student from | val Dice | start agreement | pseudo loss | fg change | fg change since M0 "
-             "| pseudo Dice (relabelled) | pseudo Dice (all U) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    keys = (
+        "val_mean_dice",
+        "start_agreement",
+        "pseudo_loss",
+        "changed_fg",
+        "changed_fg_m0",
+        "pseudo_dice",
+        "pseudo_dice_all",
+    )
+    lines = [
+        "## Monitors per round (mean over seeds)",
+        "",
+        "start agreement = hard Dice of the student, as it starts the round, against the targets it is about "
+        "to train on (1.0 = it already reproduces them: nothing to learn); pseudo loss = its loss on the "
+        "pseudo-labelled half of its batches; fg change = share of the voxels labelled foreground before or "
+        "after that changed label (since the previous labels of the same cases / since M0's labels: equal "
+        "age); pseudo Dice = the labels relabelled this round / all current labels of U against the hidden "
+        "truth.",
+        "",
+        "| arm | round | student from | val Dice | start agreement | pseudo loss | fg change | fg change since M0 "
+        "| pseudo Dice (relabelled) | pseudo Dice (all U) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     rows = list(results.values())
     for a in rows[0]["arms"]:
         for k in range(len(rows[0]["arms"][a]["rounds"])):
@@ -335,9 +424,17 @@ def machine_meta(workers: int) -> dict[str, Any]:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines()[:14]
     except (OSError, subprocess.SubprocessError):
         lscpu = []
-    model = next((line.split(":", 1)[1].strip() for line in lscpu if line.startswith("Model name")),
-                 platform.processor() or platform.machine())
+    model = next(
+        (line.split(":", 1)[1].strip() for line in lscpu if line.startswith("Model name")),
+        platform.processor() or platform.machine(),
+    )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return {"machine": f"{model}, {cores} cores, CPU only", "lscpu": lscpu, "torch": torch.__version__,
-            "python": sys.version.split()[0], "workers": workers, "date": time.strftime("%Y-%m-%d"),
-            "load_before": [round(x, 2) for x in os.getloadavg()]}
+    return {
+        "machine": f"{model}, {cores} cores, CPU only",
+        "lscpu": lscpu,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "workers": workers,
+        "date": time.strftime("%Y-%m-%d"),
+        "load_before": [round(x, 2) for x in os.getloadavg()],
+    }

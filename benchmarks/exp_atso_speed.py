@@ -11,6 +11,7 @@ same machine load.
 Usage: python benchmarks/exp_atso_speed.py [--steps 60] [--repeats 5] [--threads 1]
        [--compare OTHER_CHECKOUT] [--json OUT.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,10 @@ def _one(name: str, steps: int, threads: int, other: str | None) -> float:
         torch.set_num_threads(threads)
         return measure(name, steps)
     env = {**os.environ, "PYTHONPATH": other}
-    code = (f"import sys, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); torch.set_num_threads({threads}); "
-            f"import exp_atso_speed as s; print(s.measure({name!r}, {steps}))")
+    code = (
+        f"import sys, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); torch.set_num_threads({threads}); "
+        f"import exp_atso_speed as s; print(s.measure({name!r}, {steps}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -81,8 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", help="another checkout to time, interleaved, in a subprocess")
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args(argv)
-    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "threads": args.threads,
-                               "load_before": os.getloadavg(), "this": str(Path.cwd()), "other": args.compare}
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "threads": args.threads,
+        "load_before": os.getloadavg(),
+        "this": str(Path.cwd()),
+        "other": args.compare,
+    }
     for name in args.settings:
         runs: dict[str, list[float]] = {"this": [], "other": []}
         for _ in range(args.repeats):
@@ -92,8 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = {k: {"median": statistics.median(v), "runs": v} for k, v in runs.items() if v}
         line = f"{name}: this {results[name]['this']['median']:.2f} steps/s"
         if args.compare:
-            line += (f", other {results[name]['other']['median']:.2f} steps/s "
-                     f"(this/other {results[name]['this']['median'] / results[name]['other']['median']:.3f})")
+            line += (
+                f", other {results[name]['other']['median']:.2f} steps/s "
+                f"(this/other {results[name]['this']['median'] / results[name]['other']['median']:.3f})"
+            )
         print(line, flush=True)
     results["load_after"] = os.getloadavg()
     if args.json:

@@ -21,6 +21,7 @@ Usage: python benchmarks/exp_atso_synthetic.py [--task 2d|hard] [--pilot] [--see
        [--arms main|variants|lineage|lineage-all|lines|baselines|all] [--extra-arms atso-lineage ...] [--set rounds=8]
        [--workers 2] [--out benchmarks/results] [--record]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,25 +64,76 @@ from atso_fast.train.recorded import RECORDED  # noqa: E402
 
 RECORDED_NOW: dict[str, Any] = dict(RECORDED or {})
 
-__all__ = ["TASKS", "VARIANTS", "LINEAGE_VARIANTS", "CONTRASTS", "contrasts_for", "chosen_on_validation",
-           "record_experiment", "write_record", "split_extra_arms", "partial_lines", "pilot_verdict", "main",
-           "make_task", "make_config", "seed_task", "pilot_task"]
+__all__ = [
+    "TASKS",
+    "VARIANTS",
+    "LINEAGE_VARIANTS",
+    "CONTRASTS",
+    "contrasts_for",
+    "chosen_on_validation",
+    "record_experiment",
+    "write_record",
+    "split_extra_arms",
+    "partial_lines",
+    "pilot_verdict",
+    "main",
+    "make_task",
+    "make_config",
+    "seed_task",
+    "pilot_task",
+]
 
-_BASE = {"shape": (64, 64), "n_labelled": 10, "n_unlabelled": 90, "n_val": 50, "n_test": 100, "phantom": {},
-         "config": {"batch_size": 8, "model": {"base_channels": 8, "depth": 4}, "warmup_steps": 1000,
-                    "rounds": 4, "steps_per_round": 200, "lr": 3e-3, "round_lr": 1e-3}}
+_BASE = {
+    "shape": (64, 64),
+    "n_labelled": 10,
+    "n_unlabelled": 90,
+    "n_val": 50,
+    "n_test": 100,
+    "phantom": {},
+    "config": {
+        "batch_size": 8,
+        "model": {"base_channels": 8, "depth": 4},
+        "warmup_steps": 1000,
+        "rounds": 4,
+        "steps_per_round": 200,
+        "lr": 3e-3,
+        "round_lr": 1e-3,
+    },
+}
 TASKS: dict[str, dict[str, Any]] = {
     "2d": _BASE,
-    "hard": {**_BASE, "n_labelled": 6, "n_unlabelled": 94,
-             "phantom": {"noise_hu": 35.0, "target_radius": (0.05, 0.09)}},
+    "hard": {
+        **_BASE,
+        "n_labelled": 6,
+        "n_unlabelled": 94,
+        "phantom": {"noise_hu": 35.0, "target_radius": (0.05, 0.09)},
+    },
     # the demo's setting (atso_fast.train.cli.DEMO_SETTINGS["full"]), plus 20 test volumes
-    "demo3d": {"shape": (16, 32, 32), "n_labelled": 4, "n_unlabelled": 20, "n_val": 6, "n_test": 20,
-               "phantom": {"target_radius": (0.14, 0.22)},
-               "config": {"batch_size": 2, "model": {"base_channels": 8, "depth": 3}, "warmup_steps": 400,
-                          "rounds": 2, "steps_per_round": 80, "lr": 1e-2, "round_lr": 3e-3}},
+    "demo3d": {
+        "shape": (16, 32, 32),
+        "n_labelled": 4,
+        "n_unlabelled": 20,
+        "n_val": 6,
+        "n_test": 20,
+        "phantom": {"target_radius": (0.14, 0.22)},
+        "config": {
+            "batch_size": 2,
+            "model": {"base_channels": 8, "depth": 3},
+            "warmup_steps": 400,
+            "rounds": 2,
+            "steps_per_round": 80,
+            "lr": 1e-2,
+            "round_lr": 3e-3,
+        },
+    },
 }
-QUICK = {"n_labelled": 4, "n_unlabelled": 8, "n_val": 4, "n_test": 4,
-         "config": {"warmup_steps": 10, "rounds": 2, "steps_per_round": 4}}
+QUICK = {
+    "n_labelled": 4,
+    "n_unlabelled": 8,
+    "n_val": 4,
+    "n_test": 4,
+    "config": {"warmup_steps": 10, "rounds": 2, "steps_per_round": 4},
+}
 # ATSO variants that keep the student from being its own teacher (all from the shared warm-up)
 VARIANTS: dict[str, dict[str, Any]] = {
     "self-training-m0": {"method": "self-training", "init": "m0"},
@@ -103,8 +155,14 @@ LINEAGE_VARIANTS: dict[str, dict[str, Any]] = {
     "atso-lineage-t0.9": {"method": "atso", "init": "lineage", "threshold": 0.9},
     "atso-lineage-long": {"method": "atso", "init": "lineage", "rounds": 2, "steps_per_round": 400},
 }
-CONTRASTS = [("atso", "self-training"), ("atso", "supervised"), ("atso-m0", "self-training"),
-             ("atso-m0", "supervised"), ("self-training", "supervised"), ("oracle", "supervised")]
+CONTRASTS = [
+    ("atso", "self-training"),
+    ("atso", "supervised"),
+    ("atso-m0", "self-training"),
+    ("atso-m0", "supervised"),
+    ("self-training", "supervised"),
+    ("oracle", "supervised"),
+]
 
 
 def contrasts_for(arms: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
@@ -122,10 +180,14 @@ def chosen_on_validation(summary: dict[str, Any]) -> list[str]:
         return []
     best = max(atso, key=atso.get)
     rows = [c for c in summary["contrasts"] if c["a"] == best]
-    text = "; ".join(f"{best} - {c['b']} {c['mean']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}], Holm p "
-                     f"{c['p_holm']:.3f}" for c in rows)
-    return [f"ATSO arm chosen on validation (best mean validation Dice, {atso[best]:.4f}): **{best}**; "
-            f"its test contrasts: {text}."]
+    text = "; ".join(
+        f"{best} - {c['b']} {c['mean']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}], Holm p {c['p_holm']:.3f}"
+        for c in rows
+    )
+    return [
+        f"ATSO arm chosen on validation (best mean validation Dice, {atso[best]:.4f}): **{best}**; "
+        f"its test contrasts: {text}."
+    ]
 
 
 def split_extra_arms(results: dict[int, dict[str, Any]], arms: dict[str, dict[str, Any]]):
@@ -139,8 +201,11 @@ def split_extra_arms(results: dict[int, dict[str, Any]], arms: dict[str, dict[st
             if a not in arms and "self-training" in r["arms"]:
                 st = r["arms"]["self-training"]
                 partial.setdefault(a, {})[str(seed)] = {
-                    "test": v["test_mean_dice"], "val": v["val_mean_dice"],
-                    "test_self_training": st["test_mean_dice"], "val_self_training": st["val_mean_dice"]}
+                    "test": v["test_mean_dice"],
+                    "val": v["val_mean_dice"],
+                    "test_self_training": st["test_mean_dice"],
+                    "val_self_training": st["val_mean_dice"],
+                }
         kept[seed] = {**r, "arms": {a: r["arms"][a] for a in arms}}
     return kept, partial
 
@@ -150,15 +215,20 @@ def partial_lines(partial: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     self-training on those seeds (too few seeds for an interval)."""
     if not partial:
         return []
-    lines = ["Arms run on only some seeds (the full set was narrowed part-way to fit the time box on the shared "
-             "CPU; too few seeds for a confidence interval, not in the tables below):", ""]
+    lines = [
+        "Arms run on only some seeds (the full set was narrowed part-way to fit the time box on the shared "
+        "CPU; too few seeds for a confidence interval, not in the tables below):",
+        "",
+    ]
     for a, per in partial.items():
         n = len(per)
         mean = {k: statistics.fmean(v[k] for v in per.values()) for k in next(iter(per.values()))}
-        lines.append(f"- {a}: seeds {sorted(int(x) for x in per)}, test {mean['test']:.4f} vs self-training "
-                     f"{mean['test_self_training']:.4f} (mean paired difference "
-                     f"{mean['test'] - mean['test_self_training']:+.4f}, n={n}); validation {mean['val']:.4f} vs "
-                     f"{mean['val_self_training']:.4f} ({mean['val'] - mean['val_self_training']:+.4f}).")
+        lines.append(
+            f"- {a}: seeds {sorted(int(x) for x in per)}, test {mean['test']:.4f} vs self-training "
+            f"{mean['test_self_training']:.4f} (mean paired difference "
+            f"{mean['test'] - mean['test_self_training']:+.4f}, n={n}); validation {mean['val']:.4f} vs "
+            f"{mean['val_self_training']:.4f} ({mean['val'] - mean['val_self_training']:+.4f})."
+        )
     return lines
 
 
@@ -179,13 +249,17 @@ def _group(which: str) -> dict[str, dict[str, Any]]:
     if which == "lineage-all":
         return {**{a: ARMS[a] for a in ("supervised", "self-training", "atso")}, **LINEAGE_VARIANTS}
     if which == "lineage":  # the variants that fit the time box at 10 seeds on a shared 2-core CPU
-        return {**{a: ARMS[a] for a in ("supervised", "self-training", "atso")},
-                **{a: LINEAGE_VARIANTS[a] for a in ("atso-lineage", "atso-lineage-long")}}
+        return {
+            **{a: ARMS[a] for a in ("supervised", "self-training", "atso")},
+            **{a: LINEAGE_VARIANTS[a] for a in ("atso-lineage", "atso-lineage-long")},
+        }
     if which == "baselines":  # supervised, self-training and ATSO as implemented, for --extra-arms
         return {a: ARMS[a] for a in ("supervised", "self-training", "atso")}
     if which == "lines":  # the students that never start from their teacher, next to the baselines
-        return {**{a: ARMS[a] for a in ("supervised", "self-training", "atso", "atso-m0")},
-                **{a: VARIANTS[a] for a in ("self-training-m0", "atso-lineage")}}
+        return {
+            **{a: ARMS[a] for a in ("supervised", "self-training", "atso", "atso-m0")},
+            **{a: VARIANTS[a] for a in ("self-training-m0", "atso-lineage")},
+        }
     return {**ARMS, **VARIANTS}
 
 
@@ -210,8 +284,13 @@ def make_task(task: dict[str, Any], seed: int):
 
 
 def make_config(task: dict[str, Any], seed: int, **overrides: Any) -> ATSOConfig:
-    return ATSOConfig(num_classes=phantom_num_classes(), spatial_dims=len(task["shape"]), patch_size=task["shape"],
-                      seed=seed, **{**task["config"], **overrides})
+    return ATSOConfig(
+        num_classes=phantom_num_classes(),
+        spatial_dims=len(task["shape"]),
+        patch_size=task["shape"],
+        seed=seed,
+        **{**task["config"], **overrides},
+    )
 
 
 def seed_task(task: dict[str, Any], arms: dict[str, dict[str, Any]], seed: int) -> dict[str, Any]:
@@ -230,24 +309,38 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", choices=list(TASKS), default="2d")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
-    parser.add_argument("--arms", default="main",
-                        choices=("main", "variants", "lineage", "lineage-all", "lines", "baselines", "all"))
-    parser.add_argument("--extra-arms", nargs="*", default=[], metavar="ARM",
-                        help="variants added to the --arms group (names from VARIANTS and LINEAGE_VARIANTS)")
+    parser.add_argument(
+        "--arms", default="main", choices=("main", "variants", "lineage", "lineage-all", "lines", "baselines", "all")
+    )
+    parser.add_argument(
+        "--extra-arms",
+        nargs="*",
+        default=[],
+        metavar="ARM",
+        help="variants added to the --arms group (names from VARIANTS and LINEAGE_VARIANTS)",
+    )
     parser.add_argument("--pilot", action="store_true", help="warm-up sweep + headroom on pilot seeds (validation)")
     parser.add_argument("--pilot-seeds", type=int, nargs="+", default=[100, 101])
     parser.add_argument("--grid", type=int, nargs="+", default=[250, 500, 1000, 2000, 3000])
     parser.add_argument("--warmup-steps", type=int, help="override the task's warm-up length (e.g. the pilot's)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                        help="override an ATSOConfig field of the task, e.g. --set steps_per_round=300")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="override an ATSOConfig field of the task, e.g. --set steps_per_round=300",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--work", help="per-seed cache folder (default /tmp/atso_exp/<stem>)")
     parser.add_argument("--stem", help="output file stem (default atso_synthetic_<task>[_<arms>])")
     parser.add_argument("--record", action="store_true", help="write atso_fast/train/recorded.py (demo reference)")
-    parser.add_argument("--record-from", metavar="JSON",
-                        help="only record a finished experiment's JSON (key from --task and --arms), no run")
+    parser.add_argument(
+        "--record-from",
+        metavar="JSON",
+        help="only record a finished experiment's JSON (key from --task and --arms), no run",
+    )
     return parser.parse_args(argv)
 
 
@@ -269,9 +362,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     task = _setup(args)
     meta = machine_meta(args.workers)
-    stem = args.stem or (f"atso_synthetic_{args.task}" + ("_pilot" if args.pilot else "")
-                         + ("" if args.arms == "main" or args.pilot else f"_{args.arms}")
-                         + ("_plus" if args.extra_arms and not args.pilot else "") + ("_quick" if args.quick else ""))
+    stem = args.stem or (
+        f"atso_synthetic_{args.task}"
+        + ("_pilot" if args.pilot else "")
+        + ("" if args.arms == "main" or args.pilot else f"_{args.arms}")
+        + ("_plus" if args.extra_arms and not args.pilot else "")
+        + ("_quick" if args.quick else "")
+    )
     work = Path(args.work or f"/tmp/atso_exp/{stem}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -279,21 +376,46 @@ def main(argv: list[str] | None = None) -> int:
     if args.pilot:
         return _pilot(args, task, meta, stem, work, out, start)
     arms = _arms(args.arms, args.extra_arms)
-    results = run_seeds(functools.partial(seed_task, task, arms), args.seeds, work, workers=args.workers,
-                        log=lambda s: print(s, file=sys.stderr, flush=True))
+    results = run_seeds(
+        functools.partial(seed_task, task, arms),
+        args.seeds,
+        work,
+        workers=args.workers,
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+    )
     results, partial = split_extra_arms(results, arms)
-    meta.update(seconds=time.perf_counter() - start, cpu_seconds=cpu_seconds(results),
-                load_after=[round(x, 2) for x in os.getloadavg()], task={**task, "shape": list(task["shape"])},
-                arms=arms, contrasts=contrasts_for(arms))
+    meta.update(
+        seconds=time.perf_counter() - start,
+        cpu_seconds=cpu_seconds(results),
+        load_after=[round(x, 2) for x in os.getloadavg()],
+        task={**task, "shape": list(task["shape"])},
+        arms=arms,
+        contrasts=contrasts_for(arms),
+    )
     summary = summarise(results, meta["contrasts"])
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "summary": summary, "partial_arms": partial,
-                                                  "results": {str(k): v for k, v in results.items()}}, indent=1))
+    (out / f"{stem}.json").write_text(
+        json.dumps(
+            {
+                "meta": meta,
+                "summary": summary,
+                "partial_arms": partial,
+                "results": {str(k): v for k, v in results.items()},
+            },
+            indent=1,
+        )
+    )
     title = f"ATSO on synthetic phantoms ({args.task}, {len(results)} seeds, arms: {args.arms}" + (
-        f" + {', '.join(args.extra_arms)})" if args.extra_arms else ")")
+        f" + {', '.join(args.extra_arms)})" if args.extra_arms else ")"
+    )
     png = charts(results, out / f"{stem}_monitors.png", title)
-    notes = [f"Charts: `{png.name}`. Task: {json.dumps({k: v for k, v in meta['task'].items() if k != 'config'})}; "
-             f"training: {json.dumps(task['config'])}.", "", *chosen_on_validation(summary), "",
-             *partial_lines(partial)]
+    notes = [
+        f"Charts: `{png.name}`. Task: {json.dumps({k: v for k, v in meta['task'].items() if k != 'config'})}; "
+        f"training: {json.dumps(task['config'])}.",
+        "",
+        *chosen_on_validation(summary),
+        "",
+        *partial_lines(partial),
+    ]
     text = markdown(results, meta, phantom_class_names()[1:], meta["contrasts"], title, notes)
     (out / f"{stem}.md").write_text(text)
     if args.record:
@@ -303,32 +425,67 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _pilot(args, task, meta, stem, work, out, start) -> int:
-    pilot = run_seeds(functools.partial(pilot_task, task, args.grid), args.pilot_seeds, work / "warmup",
-                      workers=args.workers, log=lambda s: print(s, file=sys.stderr, flush=True))
+    pilot = run_seeds(
+        functools.partial(pilot_task, task, args.grid),
+        args.pilot_seeds,
+        work / "warmup",
+        workers=args.workers,
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+    )
     chosen, means = choose_warmup(pilot)
     print(f"warm-up means {means}; chosen {chosen}", file=sys.stderr, flush=True)
     task["config"]["warmup_steps"] = chosen
     arms = _arms(args.arms, args.extra_arms)
-    heads = run_seeds(functools.partial(seed_task, task, arms), args.pilot_seeds, work / f"arms_w{chosen}",
-                      workers=args.workers, log=lambda s: print(s, file=sys.stderr, flush=True))
+    heads = run_seeds(
+        functools.partial(seed_task, task, arms),
+        args.pilot_seeds,
+        work / f"arms_w{chosen}",
+        workers=args.workers,
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+    )
     val = {a: statistics.fmean(r["arms"][a]["val_mean_dice"] for r in heads.values()) for a in arms}
     headroom = val.get("oracle", math.nan) - val.get("supervised", math.nan)
-    meta.update(seconds=time.perf_counter() - start, cpu_seconds=cpu_seconds(pilot) + cpu_seconds(heads),
-                load_after=[round(x, 2) for x in os.getloadavg()], task={**task, "shape": list(task["shape"])})
-    record = {"meta": meta, "warmup_means": means, "chosen_warmup": chosen, "val_final": val, "headroom": headroom,
-              "warmup": {str(k): v for k, v in pilot.items()}, "arms": {str(k): v for k, v in heads.items()}}
+    meta.update(
+        seconds=time.perf_counter() - start,
+        cpu_seconds=cpu_seconds(pilot) + cpu_seconds(heads),
+        load_after=[round(x, 2) for x in os.getloadavg()],
+        task={**task, "shape": list(task["shape"])},
+    )
+    record = {
+        "meta": meta,
+        "warmup_means": means,
+        "chosen_warmup": chosen,
+        "val_final": val,
+        "headroom": headroom,
+        "warmup": {str(k): v for k, v in pilot.items()},
+        "arms": {str(k): v for k, v in heads.items()},
+    }
     (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
-    lines = [f"# ATSO pilot ({args.task}): warm-up length and headroom, validation only, seeds {args.pilot_seeds}", "",
-             f"{meta['machine']}; {meta['date']}; load {meta['load_before']} -> {meta['load_after']}; "
-             f"wall {meta['seconds'] / 60:.1f} min, {meta['cpu_seconds'] / 60:.1f} CPU-min.", "",
-             "| warm-up steps | " + " | ".join(str(s) for s in means) + " |", "|---|" + "---|" * len(means),
-             "| val mean Dice of M0 | " + " | ".join(f"{v:.3f}" for v in means.values()) + " |", "",
-             f"Chosen warm-up (shortest within 0.005 of the best): **{chosen}** steps.", "",
-             "| arm (from that M0) | final val mean Dice |", "|---|---|"]
+    lines = [
+        f"# ATSO pilot ({args.task}): warm-up length and headroom, validation only, seeds {args.pilot_seeds}",
+        "",
+        f"{meta['machine']}; {meta['date']}; load {meta['load_before']} -> {meta['load_after']}; "
+        f"wall {meta['seconds'] / 60:.1f} min, {meta['cpu_seconds'] / 60:.1f} CPU-min.",
+        "",
+        "| warm-up steps | " + " | ".join(str(s) for s in means) + " |",
+        "|---|" + "---|" * len(means),
+        "| val mean Dice of M0 | " + " | ".join(f"{v:.3f}" for v in means.values()) + " |",
+        "",
+        f"Chosen warm-up (shortest within 0.005 of the best): **{chosen}** steps.",
+        "",
+        "| arm (from that M0) | final val mean Dice |",
+        "|---|---|",
+    ]
     lines += [f"| {a} | {v:.3f} |" for a, v in val.items()]
-    lines += ["", f"Headroom (oracle - supervised, validation): **{headroom:+.3f}** "
-              + ("(>= 0.02: the task has headroom)" if headroom >= 0.02 else "(< 0.02: make the task harder)"),
-              "", *pilot_verdict(heads, val), "", monitor_table(heads)]
+    lines += [
+        "",
+        f"Headroom (oracle - supervised, validation): **{headroom:+.3f}** "
+        + ("(>= 0.02: the task has headroom)" if headroom >= 0.02 else "(< 0.02: make the task harder)"),
+        "",
+        *pilot_verdict(heads, val),
+        "",
+        monitor_table(heads),
+    ]
     charts(heads, out / f"{stem}_monitors.png", f"ATSO pilot ({args.task}), validation")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -349,24 +506,32 @@ def pilot_verdict(heads: dict[int, dict[str, Any]], val: dict[str, float]) -> li
     if not {"self-training", "supervised"} <= set(val):
         return []
     st_gain = val["self-training"] - val["supervised"]
-    pd0, pd_end = _final_monitor(heads, "self-training", "pseudo_dice_all", 0), \
-        _final_monitor(heads, "self-training", "pseudo_dice_all")
+    pd0, pd_end = (
+        _final_monitor(heads, "self-training", "pseudo_dice_all", 0),
+        _final_monitor(heads, "self-training", "pseudo_dice_all"),
+    )
     stalls = st_gain < 0.005 or pd_end - pd0 < 0.005
     atso = {a: v for a, v in val.items() if a.startswith("atso")}
     best = max(atso, key=atso.get) if atso else None
     headroom = val.get("oracle", math.nan) - val["supervised"]
     promising = best is not None and headroom >= 0.02 and atso[best] - val["self-training"] >= 0.005
-    lines = [f"Self-training - supervised (validation): {st_gain:+.4f}; self-training's pseudo-label Dice (all U) "
-             f"{pd0:.3f} (M0) -> {pd_end:.3f} (last round); foreground change since M0 after the last round "
-             f"{_final_monitor(heads, 'self-training', 'changed_fg_m0'):.3f}. Self-training "
-             + ("**stalls** here" if stalls else "**does not stall** here") + " (rule: gain < 0.005 or pseudo Dice "
-             "rising < 0.005)."]
+    lines = [
+        f"Self-training - supervised (validation): {st_gain:+.4f}; self-training's pseudo-label Dice (all U) "
+        f"{pd0:.3f} (M0) -> {pd_end:.3f} (last round); foreground change since M0 after the last round "
+        f"{_final_monitor(heads, 'self-training', 'changed_fg_m0'):.3f}. Self-training "
+        + ("**stalls** here" if stalls else "**does not stall** here")
+        + " (rule: gain < 0.005 or pseudo Dice "
+        "rising < 0.005)."
+    ]
     if best is not None:
-        lines.append(f"Best ATSO arm on validation: {best} {atso[best]:.4f} ({atso[best] - val['self-training']:+.4f} "
-                     f"vs self-training; its pseudo Dice {_final_monitor(heads, best, 'pseudo_dice_all'):.3f}, fg "
-                     f"change since M0 {_final_monitor(heads, best, 'changed_fg_m0'):.3f}). Task "
-                     + ("**promising**" if promising else "**not promising**") + " for a 10-seed run (rule: headroom "
-                     ">= 0.02 and best ATSO arm >= 0.005 above self-training).")
+        lines.append(
+            f"Best ATSO arm on validation: {best} {atso[best]:.4f} ({atso[best] - val['self-training']:+.4f} "
+            f"vs self-training; its pseudo Dice {_final_monitor(heads, best, 'pseudo_dice_all'):.3f}, fg "
+            f"change since M0 {_final_monitor(heads, best, 'changed_fg_m0'):.3f}). Task "
+            + ("**promising**" if promising else "**not promising**")
+            + " for a 10-seed run (rule: headroom "
+            ">= 0.02 and best ATSO arm >= 0.005 above self-training)."
+        )
     return lines
 
 
@@ -378,6 +543,7 @@ def _record_key(args: argparse.Namespace) -> str:
 def record_experiment(source: Path, key: str) -> dict[str, Any]:
     """Add the finished experiment ``source`` (its JSON) to the demo's reference,
     ``atso_fast/train/recorded.py``, under ``key``; returns the entry."""
+
     def rows(contrasts: list[dict[str, Any]]) -> list[dict[str, Any]]:
         keep = ("a", "b", "mean", "ci_low", "ci_high", "p_holm", "n")
         return [{k: round(v, 4) if isinstance(v, float) else v for k, v in c.items() if k in keep} for c in contrasts]
@@ -385,25 +551,35 @@ def record_experiment(source: Path, key: str) -> dict[str, Any]:
     record = json.loads(Path(source).read_text())
     meta, summary = record["meta"], record["summary"]
     task = meta["task"]
-    entry = {"setting": f"{len(task['shape'])}D phantoms {tuple(task['shape'])}, {task['n_labelled']} labelled / "
-                        f"{task['n_unlabelled']} unlabelled, task {key.split('_')[0]!r}",
-             "seeds": len(record["results"]), "date": meta["date"], "source": Path(source).name,
-             "endpoint": "final-round test Dice, pooled per class, foreground mean",
-             "arms": {a: round(v["test_mean"], 4) for a, v in summary["arms"].items()},
-             "chosen_on_validation": max((a for a in summary["arms"] if a.startswith("atso")),
-                                         key=lambda a: summary["arms"][a]["val_mean"], default=None),
-             "contrasts": rows(summary["contrasts"]), "val_contrasts": rows(summary["val_contrasts"])}
+    entry = {
+        "setting": f"{len(task['shape'])}D phantoms {tuple(task['shape'])}, {task['n_labelled']} labelled / "
+        f"{task['n_unlabelled']} unlabelled, task {key.split('_')[0]!r}",
+        "seeds": len(record["results"]),
+        "date": meta["date"],
+        "source": Path(source).name,
+        "endpoint": "final-round test Dice, pooled per class, foreground mean",
+        "arms": {a: round(v["test_mean"], 4) for a, v in summary["arms"].items()},
+        "chosen_on_validation": max(
+            (a for a in summary["arms"] if a.startswith("atso")),
+            key=lambda a: summary["arms"][a]["val_mean"],
+            default=None,
+        ),
+        "contrasts": rows(summary["contrasts"]),
+        "val_contrasts": rows(summary["val_contrasts"]),
+    }
     return write_record(key, entry)
 
 
 def write_record(key: str, entry: dict[str, Any]) -> dict[str, Any]:
     """Write ``atso_fast/train/recorded.py`` with ``entry`` under ``key`` (the others kept)."""
     recorded = {**RECORDED_NOW, key: entry}
-    text = ('"""The recorded ATSO experiments the demo compares itself with (key: the task of\n'
-            '``benchmarks/exp_atso_synthetic.py``, plus ``_<arms>`` for an arm group other than main).\n\n'
-            'Generated by ``benchmarks/exp_atso_synthetic.py --record`` (or ``--record-from``); do not edit by hand.\n'
-            '"""\nfrom __future__ import annotations\n\n__all__ = ["RECORDED"]\n\n'
-            f"RECORDED = {pprint.pformat(recorded, width=110, sort_dicts=False)}\n")
+    text = (
+        '"""The recorded ATSO experiments the demo compares itself with (key: the task of\n'
+        "``benchmarks/exp_atso_synthetic.py``, plus ``_<arms>`` for an arm group other than main).\n\n"
+        "Generated by ``benchmarks/exp_atso_synthetic.py --record`` (or ``--record-from``); do not edit by hand.\n"
+        '"""\nfrom __future__ import annotations\n\n__all__ = ["RECORDED"]\n\n'
+        f"RECORDED = {pprint.pformat(recorded, width=110, sort_dicts=False)}\n"
+    )
     Path(__file__).resolve().parents[1].joinpath("atso_fast", "train", "recorded.py").write_text(text)
     RECORDED_NOW.clear()
     RECORDED_NOW.update(recorded)

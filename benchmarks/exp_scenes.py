@@ -38,6 +38,7 @@ that it works; its numbers mean nothing. Results go to ``--out`` (default benchm
 Usage: python benchmarks/exp_scenes.py [--quick] [--target fog|dusk] [--seeds 0 1 ...] [--workers 1]
        [--encoder-weights resnet18.pth] [--out benchmarks/results]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,16 +68,44 @@ from atso_fast.train.scene_data import scene_cases
 __all__ = ["SETTINGS", "ARMS", "CONTRASTS", "make_data", "make_config", "run_seed", "summarise", "markdown", "main"]
 
 SETTINGS: dict[str, dict[str, Any]] = {
-    "full": {"height": 128, "width": 256, "n_labelled": 20, "n_unlabelled": 100, "n_val": 20, "n_test": 50,
-             "seeds": list(range(10)),
-             "config": {"patch_size": [128, 128], "batch_size": 8, "warmup_steps": 600, "rounds": 3,
-                        "steps_per_round": 150, "lr": 1e-3, "round_lr": 5e-4,
-                        "model": {"name": "resnet_unet", "layers": 18}}},
-    "quick": {"height": 64, "width": 128, "n_labelled": 4, "n_unlabelled": 6, "n_val": 2, "n_test": 4,
-              "seeds": [0, 1],
-              "config": {"patch_size": [64, 64], "batch_size": 2, "warmup_steps": 6, "rounds": 1,
-                         "steps_per_round": 3, "lr": 1e-3, "round_lr": 5e-4,
-                         "model": {"name": "resnet_unet", "layers": 18, "decoder_channels": [16, 16, 16, 16, 16]}}},
+    "full": {
+        "height": 128,
+        "width": 256,
+        "n_labelled": 20,
+        "n_unlabelled": 100,
+        "n_val": 20,
+        "n_test": 50,
+        "seeds": list(range(10)),
+        "config": {
+            "patch_size": [128, 128],
+            "batch_size": 8,
+            "warmup_steps": 600,
+            "rounds": 3,
+            "steps_per_round": 150,
+            "lr": 1e-3,
+            "round_lr": 5e-4,
+            "model": {"name": "resnet_unet", "layers": 18},
+        },
+    },
+    "quick": {
+        "height": 64,
+        "width": 128,
+        "n_labelled": 4,
+        "n_unlabelled": 6,
+        "n_val": 2,
+        "n_test": 4,
+        "seeds": [0, 1],
+        "config": {
+            "patch_size": [64, 64],
+            "batch_size": 2,
+            "warmup_steps": 6,
+            "rounds": 1,
+            "steps_per_round": 3,
+            "lr": 1e-3,
+            "round_lr": 5e-4,
+            "model": {"name": "resnet_unet", "layers": 18, "decoder_channels": [16, 16, 16, 16, 16]},
+        },
+    },
 }
 ARMS: dict[str, dict[str, Any]] = {
     "supervised": {"method": "supervised"},
@@ -84,32 +113,57 @@ ARMS: dict[str, dict[str, Any]] = {
     "atso-reinit": {"method": "atso", "init": "reinit"},
     "mean-teacher": {"method": "mean-teacher"},
 }
-CONTRASTS = [("atso-reinit", "self-training"), ("atso-reinit", "supervised"), ("atso-reinit", "mean-teacher"),
-             ("self-training", "supervised"), ("mean-teacher", "supervised")]
+CONTRASTS = [
+    ("atso-reinit", "self-training"),
+    ("atso-reinit", "supervised"),
+    ("atso-reinit", "mean-teacher"),
+    ("self-training", "supervised"),
+    ("mean-teacher", "supervised"),
+]
 SOURCE, SOURCE_SEED, TARGET_SEED = "day", 1000, 2000
 
 
 def make_data(folder: Path, setting: Mapping[str, Any], seed: int, target: str) -> tuple[Path, Path]:
     """Dataset A (source, labelled) and dataset B (target: unlabelled, val, test) of one seed."""
     size = {"height": setting["height"], "width": setting["width"]}
-    a = make_driving_cityscapes(folder / "A", splits={"train": setting["n_labelled"]}, domain=SOURCE,
-                                seed=SOURCE_SEED + seed, **size)
-    b = make_driving_cityscapes(folder / "B", splits={"train": setting["n_unlabelled"], "val": setting["n_val"],
-                                                      "test": setting["n_test"]},
-                                domain=target, seed=TARGET_SEED + seed, **size)
+    a = make_driving_cityscapes(
+        folder / "A", splits={"train": setting["n_labelled"]}, domain=SOURCE, seed=SOURCE_SEED + seed, **size
+    )
+    b = make_driving_cityscapes(
+        folder / "B",
+        splits={"train": setting["n_unlabelled"], "val": setting["n_val"], "test": setting["n_test"]},
+        domain=target,
+        seed=TARGET_SEED + seed,
+        **size,
+    )
     return a, b
 
 
-def make_config(setting: Mapping[str, Any], a: Path, b: Path, seed: int,
-                encoder_weights: str | None = None) -> dict[str, Any]:
+def make_config(
+    setting: Mapping[str, Any], a: Path, b: Path, seed: int, encoder_weights: str | None = None
+) -> dict[str, Any]:
     """The shared ATSO config of one seed (the transfer data form)."""
     config = json.loads(json.dumps(setting["config"]))
     if encoder_weights:
         config["model"]["encoder_weights"] = str(encoder_weights)
-    data = {"cityscapes": str(a), "labelled": "train", "unlabelled_root": str(b), "unlabelled": "train",
-            "val_root": str(b), "val": "val"}
-    return {"data": data, "num_classes": 19, "in_channels": 3, "spatial_dims": 2, "augment": {"kind": "scene"},
-            "seed": seed, "progress": False, **config}
+    data = {
+        "cityscapes": str(a),
+        "labelled": "train",
+        "unlabelled_root": str(b),
+        "unlabelled": "train",
+        "val_root": str(b),
+        "val": "val",
+    }
+    return {
+        "data": data,
+        "num_classes": 19,
+        "in_channels": 3,
+        "spatial_dims": 2,
+        "augment": {"kind": "scene"},
+        "seed": seed,
+        "progress": False,
+        **config,
+    }
 
 
 def _clean(value: Any) -> Any:
@@ -125,8 +179,12 @@ def _clean(value: Any) -> Any:
 
 def _test_row(run: ATSO, test: Sequence[Any]) -> dict[str, Any]:
     result = run.evaluate(test)
-    return {"test_miou": result["miou"], "test_miou_per_image": result["miou_per_image"], "test_iou": result["iou"],
-            "test_mean_dice": result["mean_dice"]}
+    return {
+        "test_miou": result["miou"],
+        "test_miou_per_image": result["miou_per_image"],
+        "test_iou": result["iou"],
+        "test_mean_dice": result["mean_dice"],
+    }
 
 
 def run_seed(seed: int, quick: bool, target: str, encoder_weights: str | None = None) -> dict[str, Any]:
@@ -141,21 +199,42 @@ def run_seed(seed: int, quick: bool, target: str, encoder_weights: str | None = 
 
         def keep_m0(run: ATSO, metrics: dict[str, Any]) -> None:
             if metrics["round"] == 0 and not m0:
-                m0.update(_test_row(run, scene_cases(b, "test", run.config.normalization)),
-                          val_miou=metrics["val_miou"])
+                m0.update(
+                    _test_row(run, scene_cases(b, "test", run.config.normalization)), val_miou=metrics["val_miou"]
+                )
 
         runs = run_methods(config, ARMS, callbacks=[keep_m0])
         test = scene_cases(b, "test", next(iter(runs.values())).config.normalization)
-        arms = {name: {**_test_row(run, test), "val_miou": run.history[-1]["val_miou"],
-                       "seconds": sum(h["seconds"] for h in run.history[1:]),
-                       "rounds": [{"round": h["round"], "stage": h["stage"], "val_miou": h["val_miou"],
-                                   "train_loss": h["train"]["loss"], "pseudo_dice_all": h.get("pseudo_dice_all")}
-                                  for h in run.history]}
-                for name, run in runs.items()}
+        arms = {
+            name: {
+                **_test_row(run, test),
+                "val_miou": run.history[-1]["val_miou"],
+                "seconds": sum(h["seconds"] for h in run.history[1:]),
+                "rounds": [
+                    {
+                        "round": h["round"],
+                        "stage": h["stage"],
+                        "val_miou": h["val_miou"],
+                        "train_loss": h["train"]["loss"],
+                        "pseudo_dice_all": h.get("pseudo_dice_all"),
+                    }
+                    for h in run.history
+                ],
+            }
+            for name, run in runs.items()
+        }
     classes = sorted({int(v) for case in test for v in np.unique(case.label)} - {255})
-    return _clean({"seed": seed, "arms": arms, "m0": m0, "test_classes": classes,
-                   "warmup_seconds": next(iter(runs.values())).history[0]["seconds"],
-                   "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu})
+    return _clean(
+        {
+            "seed": seed,
+            "arms": arms,
+            "m0": m0,
+            "test_classes": classes,
+            "warmup_seconds": next(iter(runs.values())).history[0]["seconds"],
+            "seconds": time.perf_counter() - start,
+            "cpu_seconds": time.process_time() - cpu,
+        }
+    )
 
 
 def _run_cached(seed: int, quick: bool, target: str, encoder_weights: str | None, work: Path) -> dict[str, Any]:
@@ -169,8 +248,9 @@ def _run_cached(seed: int, quick: bool, target: str, encoder_weights: str | None
     return result
 
 
-def run_seeds(seeds: Sequence[int], quick: bool, target: str, encoder_weights: str | None, work: Path,
-              workers: int) -> dict[int, dict[str, Any]]:
+def run_seeds(
+    seeds: Sequence[int], quick: bool, target: str, encoder_weights: str | None, work: Path, workers: int
+) -> dict[int, dict[str, Any]]:
     """Every seed, cached in ``work``; ``workers`` single-thread processes (1: this process)."""
     work.mkdir(parents=True, exist_ok=True)
     args = [(s, quick, target, encoder_weights, work) for s in seeds]
@@ -180,8 +260,12 @@ def run_seeds(seeds: Sequence[int], quick: bool, target: str, encoder_weights: s
         with ProcessPoolExecutor(min(workers, len(args)), mp_context=multiprocessing.get_context("spawn")) as pool:
             results = list(pool.map(_run_cached, *zip(*args)))
     for r in results:
-        print(f"seed {r['seed']}: {r['seconds']:.0f} s; test mIoU " + ", ".join(
-            f"{a} {_num(v['test_miou'])}" for a, v in r["arms"].items()), file=sys.stderr, flush=True)
+        print(
+            f"seed {r['seed']}: {r['seconds']:.0f} s; test mIoU "
+            + ", ".join(f"{a} {_num(v['test_miou'])}" for a, v in r["arms"].items()),
+            file=sys.stderr,
+            flush=True,
+        )
     return {r["seed"]: r for r in results}
 
 
@@ -209,19 +293,30 @@ def summarise(results: Mapping[int, dict[str, Any]]) -> dict[str, Any]:
     val = {a: [r["arms"][a]["val_miou"] for r in rows] for a in arms}
     pairs = [(a, b) for a, b in CONTRASTS if a in test and b in test]
     complete = all(v is not None for a in arms for v in test[a] + val[a])
-    return {"arms": {a: {"test_miou": statistics.fmean(test[a]) if complete else None,
-                         "val_miou": statistics.fmean(val[a]) if complete else None} for a in arms},
-            "contrasts": _clean(contrast_table(test, pairs)) if complete else [],
-            "val_contrasts": _clean(contrast_table(val, pairs)) if complete else []}
+    return {
+        "arms": {
+            a: {
+                "test_miou": statistics.fmean(test[a]) if complete else None,
+                "val_miou": statistics.fmean(val[a]) if complete else None,
+            }
+            for a in arms
+        },
+        "contrasts": _clean(contrast_table(test, pairs)) if complete else [],
+        "val_contrasts": _clean(contrast_table(val, pairs)) if complete else [],
+    }
 
 
 def _contrast_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    lines = ["| contrast | mean difference | 95% CI (t) | Wilcoxon p | Holm p | seeds a > b |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| contrast | mean difference | 95% CI (t) | Wilcoxon p | Holm p | seeds a > b |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['a']} - {r['b']} | {_num(r['mean'], '+.4f')} | {_num(r['ci_low'], '+.4f')} to "
-                     f"{_num(r['ci_high'], '+.4f')} | {_num(r['p_wilcoxon'], '.4f')} | {_num(r['p_holm'], '.4f')} | "
-                     f"{r['wins']}/{r['n']} |")
+        lines.append(
+            f"| {r['a']} - {r['b']} | {_num(r['mean'], '+.4f')} | {_num(r['ci_low'], '+.4f')} to "
+            f"{_num(r['ci_high'], '+.4f')} | {_num(r['p_wilcoxon'], '.4f')} | {_num(r['p_holm'], '.4f')} | "
+            f"{r['wins']}/{r['n']} |"
+        )
     return lines
 
 
@@ -230,26 +325,49 @@ def markdown(results: Mapping[int, dict[str, Any]], summary: Mapping[str, Any], 
     rows = list(results.values())
     arms = list(rows[0]["arms"])
     used = sorted({k for r in rows for k in r["test_classes"]})
-    lines = [f"# {meta['title']}", "", f"Machine: {meta['machine']}; torch {meta['torch']}, 1 thread per process, "
-             f"{meta['workers']} process(es); {meta['date']}; seeds {list(results)}; "
-             f"wall {meta['seconds'] / 60:.1f} min, {meta['cpu_seconds'] / 60:.1f} CPU-min.", "",
-             "## Primary endpoint: pooled test mIoU of the final model (mean +- SD over seeds)", "",
-             "| arm | test mIoU (pooled) | test mIoU (per image) | val mIoU | train s |", "|---|---|---|---|---|"]
-    lines.append(f"| warm-up M0 (source only) | {_ms([r['m0']['test_miou'] for r in rows])} | "
-                 f"{_ms([r['m0']['test_miou_per_image'] for r in rows])} | "
-                 f"{_ms([r['m0']['val_miou'] for r in rows])} | - |")
+    lines = [
+        f"# {meta['title']}",
+        "",
+        f"Machine: {meta['machine']}; torch {meta['torch']}, 1 thread per process, "
+        f"{meta['workers']} process(es); {meta['date']}; seeds {list(results)}; "
+        f"wall {meta['seconds'] / 60:.1f} min, {meta['cpu_seconds'] / 60:.1f} CPU-min.",
+        "",
+        "## Primary endpoint: pooled test mIoU of the final model (mean +- SD over seeds)",
+        "",
+        "| arm | test mIoU (pooled) | test mIoU (per image) | val mIoU | train s |",
+        "|---|---|---|---|---|",
+    ]
+    lines.append(
+        f"| warm-up M0 (source only) | {_ms([r['m0']['test_miou'] for r in rows])} | "
+        f"{_ms([r['m0']['test_miou_per_image'] for r in rows])} | "
+        f"{_ms([r['m0']['val_miou'] for r in rows])} | - |"
+    )
     for a in arms:
-        lines.append(f"| {a} | {_ms([r['arms'][a]['test_miou'] for r in rows])} | "
-                     f"{_ms([r['arms'][a]['test_miou_per_image'] for r in rows])} | "
-                     f"{_ms([r['arms'][a]['val_miou'] for r in rows])} | "
-                     f"{statistics.fmean(r['arms'][a]['seconds'] for r in rows):.0f} |")
-    lines += ["", "## Test IoU per class (mean over seeds; the classes of the test frames' truth)", "",
-              "| arm | " + " | ".join(TRAIN_NAMES[k] for k in used) + " |", "|---|" + "---|" * len(used)]
+        lines.append(
+            f"| {a} | {_ms([r['arms'][a]['test_miou'] for r in rows])} | "
+            f"{_ms([r['arms'][a]['test_miou_per_image'] for r in rows])} | "
+            f"{_ms([r['arms'][a]['val_miou'] for r in rows])} | "
+            f"{statistics.fmean(r['arms'][a]['seconds'] for r in rows):.0f} |"
+        )
+    lines += [
+        "",
+        "## Test IoU per class (mean over seeds; the classes of the test frames' truth)",
+        "",
+        "| arm | " + " | ".join(TRAIN_NAMES[k] for k in used) + " |",
+        "|---|" + "---|" * len(used),
+    ]
     for a in arms:
         lines.append(f"| {a} | " + " | ".join(_mean([r["arms"][a]["test_iou"][k] for r in rows]) for k in used) + " |")
-    lines += ["", "## Paired contrasts, test mIoU (Holm over this table)", "", *_contrast_lines(summary["contrasts"]),
-              "", "Same contrasts on validation (a monitor: nothing was chosen on it):", "",
-              *_contrast_lines(summary["val_contrasts"])]
+    lines += [
+        "",
+        "## Paired contrasts, test mIoU (Holm over this table)",
+        "",
+        *_contrast_lines(summary["contrasts"]),
+        "",
+        "Same contrasts on validation (a monitor: nothing was chosen on it):",
+        "",
+        *_contrast_lines(summary["val_contrasts"]),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -258,12 +376,22 @@ def _meta(args: argparse.Namespace, seconds: float, results: Mapping[int, dict[s
     size = "quick check: numbers mean nothing" if args.quick else "full protocol"
     init = "pretrained encoder" if args.encoder_weights else "random encoder init"
     title = f"ATSO on driving scenes, day -> {args.target} ({size}, {init})"
-    return {"title": title, "machine": f"{platform.processor() or platform.machine()}, {cores} cores, CPU only",
-            "torch": torch.__version__, "python": sys.version.split()[0], "workers": args.workers,
-            "date": time.strftime("%Y-%m-%d"), "seconds": seconds,
-            "cpu_seconds": sum(r["cpu_seconds"] for r in results.values()), "target": args.target,
-            "quick": args.quick, "encoder_weights": args.encoder_weights,
-            "setting": SETTINGS["quick" if args.quick else "full"], "arms": ARMS, "contrasts": CONTRASTS}
+    return {
+        "title": title,
+        "machine": f"{platform.processor() or platform.machine()}, {cores} cores, CPU only",
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "workers": args.workers,
+        "date": time.strftime("%Y-%m-%d"),
+        "seconds": seconds,
+        "cpu_seconds": sum(r["cpu_seconds"] for r in results.values()),
+        "target": args.target,
+        "quick": args.quick,
+        "encoder_weights": args.encoder_weights,
+        "setting": SETTINGS["quick" if args.quick else "full"],
+        "arms": ARMS,
+        "contrasts": CONTRASTS,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ measured points, not a measurement.
 Usage:
     python benchmarks/fit_nnunet_memory.py benchmarks/results/nnunet_memory_*.json [--depth 400]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,9 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     theirs = np.array([peaks["nnunet"][d][0] for d in depths])
     a, b, res = fit_line(z, theirs)
     at = a + b * args.depth
-    result = {"nnunet_measured": {d: peaks["nnunet"][d] for d in depths}, "intercept_gib": a,
-              "slope_gib_per_slice": b, "residuals_gib": dict(zip(depths, res.round(4).tolist())),
-              "depth": args.depth, "nnunet_extrapolated_gib": at}
+    result = {
+        "nnunet_measured": {d: peaks["nnunet"][d] for d in depths},
+        "intercept_gib": a,
+        "slope_gib_per_slice": b,
+        "residuals_gib": dict(zip(depths, res.round(4).tolist())),
+        "depth": args.depth,
+        "nnunet_extrapolated_gib": at,
+    }
     if args.depth in peaks["ours"]:
         ours, source = peaks["ours"][args.depth]
         result.update(ours_measured_gib=ours, ours_source=source, ratio_extrapolated=ours / at)

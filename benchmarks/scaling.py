@@ -27,6 +27,7 @@ Run from the repository root::
 Writes ``benchmarks/results/scaling_<device>.json``, ``scaling_<device>_size.png`` and
 ``scaling_<device>_classes.png`` (``--out-dir`` to change the folder).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,10 +49,18 @@ __all__ = ["build_parser", "main", "measure_point", "parse_shape", "plot", "run_
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("atso_fast", "monai")
 DEFAULTS = {
-    "cpu": {"sizes": ["64,64,64", "96,128,128", "128,192,192", "160,256,256"], "class_shape": "160,96,96",
-            "classes": [2, 8, 32, 128], "window": "64,64,64"},
-    "cuda": {"sizes": ["64,64,64", "128,128,128", "128,256,256", "200,512,512", "400,512,512"],
-             "class_shape": "200,512,512", "classes": [2, 8, 32, 105, 128], "window": "96,96,96"},
+    "cpu": {
+        "sizes": ["64,64,64", "96,128,128", "128,192,192", "160,256,256"],
+        "class_shape": "160,96,96",
+        "classes": [2, 8, 32, 128],
+        "window": "64,64,64",
+    },
+    "cuda": {
+        "sizes": ["64,64,64", "128,128,128", "128,256,256", "200,512,512", "400,512,512"],
+        "class_shape": "200,512,512",
+        "classes": [2, 8, 32, 105, 128],
+        "window": "96,96,96",
+    },
 }
 
 
@@ -79,15 +88,21 @@ def _runner(spec: dict[str, Any], net: Any) -> Any:
     from atso_fast.bench.networks import CT_NORMALIZATION
 
     if spec["method"] == "monai":
-        return lambda vol: monai_labels(net, vol, window=spec["window"], batch=spec["batch"],
-                                        overlap=spec["overlap"], device=spec["device"])
+        return lambda vol: monai_labels(
+            net, vol, window=spec["window"], batch=spec["batch"], overlap=spec["overlap"], device=spec["device"]
+        )
     from atso_fast.engine.relabeler import Relabeler
 
-    kw = {"device": spec["device"], "overlap": spec["overlap"], "batch_size": spec["batch"],
-          "accumulate_dtype": spec["accumulate_dtype"]}
+    kw = {
+        "device": spec["device"],
+        "overlap": spec["overlap"],
+        "batch_size": spec["batch"],
+        "accumulate_dtype": spec["accumulate_dtype"],
+    }
     if spec["runtime"] == "torch":
-        rel = Relabeler.from_module(net, window=spec["window"], num_classes=spec["classes"],
-                                    normalization=CT_NORMALIZATION, **kw)
+        rel = Relabeler.from_module(
+            net, window=spec["window"], num_classes=spec["classes"], normalization=CT_NORMALIZATION, **kw
+        )
     else:
         rel = Relabeler(spec["model_dir"], runtime=spec["runtime"], **kw)
     return lambda vol: rel.relabel_volume(vol).labels
@@ -115,9 +130,14 @@ def measure_point(spec: dict[str, Any]) -> dict[str, Any]:
     host = maxrss_mib() - base
     dev_peak = dev.peak_mib()
     np.save(spec["labels_path"], labels)
-    return {"method": spec["method"], "peak_host_mib": host, "baseline_host_mib": base, "peak_reset": reset,
-            "cold_seconds": cold,
-            "device_peak_mib": None if dev_peak is None else dev_peak - dev_base}
+    return {
+        "method": spec["method"],
+        "peak_host_mib": host,
+        "baseline_host_mib": base,
+        "peak_reset": reset,
+        "cold_seconds": cold,
+        "device_peak_mib": None if dev_peak is None else dev_peak - dev_base,
+    }
 
 
 def time_point(spec: dict[str, Any]) -> dict[str, list[float]]:
@@ -144,30 +164,54 @@ def time_point(spec: dict[str, Any]) -> dict[str, list[float]]:
 def run_child(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     """Run :func:`measure_point` in a fresh interpreter; its last stdout line is the JSON result."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-                          capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout_s,
+        check=False,
+    )
     if proc.returncode != 0:
-        raise RuntimeError(f"point {spec['method']} {spec['shape']} C={spec['classes']} failed "
-                           f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"point {spec['method']} {spec['shape']} C={spec['classes']} failed "
+            f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------------------ parent side
-def _point_pair(args: argparse.Namespace, shape: tuple[int, int, int], classes: int, model_dir: str | None,
-                scratch: Path) -> list[dict[str, Any]]:
+def _point_pair(
+    args: argparse.Namespace, shape: tuple[int, int, int], classes: int, model_dir: str | None, scratch: Path
+) -> list[dict[str, Any]]:
     """Both methods at one point: a memory child each, then one interleaved timing child."""
-    spec = {"shape": list(shape), "classes": classes, "window": list(args.window), "overlap": args.overlap,
-            "batch": args.batch, "device": args.device, "runtime": args.runtime, "net": args.net,
-            "accumulate_dtype": args.accumulate_dtype, "model_dir": model_dir, "seed": args.seed,
-            "repeats": args.repeats}
-    rows = [run_child({**spec, "method": m, "labels_path": str(scratch / f"{m}.npy")}, args.timeout)
-            for m in METHODS]
+    spec = {
+        "shape": list(shape),
+        "classes": classes,
+        "window": list(args.window),
+        "overlap": args.overlap,
+        "batch": args.batch,
+        "device": args.device,
+        "runtime": args.runtime,
+        "net": args.net,
+        "accumulate_dtype": args.accumulate_dtype,
+        "model_dir": model_dir,
+        "seed": args.seed,
+        "repeats": args.repeats,
+    }
+    rows = [run_child({**spec, "method": m, "labels_path": str(scratch / f"{m}.npy")}, args.timeout) for m in METHODS]
     times = run_child({**spec, "method": "timing"}, args.timeout)
     agreement = float(np.mean(np.load(scratch / f"{METHODS[0]}.npy") == np.load(scratch / f"{METHODS[1]}.npy")))
     for row in rows:
         t = times[row["method"]]
-        row.update(shape=list(shape), classes=classes, seconds=statistics.median(t), seconds_min=min(t),
-                   seconds_all=t, agreement=agreement)
+        row.update(
+            shape=list(shape),
+            classes=classes,
+            seconds=statistics.median(t),
+            seconds_min=min(t),
+            seconds_all=t,
+            agreement=agreement,
+        )
     _progress(rows)
     return rows
 
@@ -175,9 +219,13 @@ def _point_pair(args: argparse.Namespace, shape: tuple[int, int, int], classes: 
 def _progress(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         dev = "" if r["device_peak_mib"] is None else f", GPU +{r['device_peak_mib']:.0f} MiB"
-        print(f"  {r['method']:<9} {'x'.join(map(str, r['shape'])):>12} C={r['classes']:<4} {r['seconds']:8.3f} s "
-              f"(min {r['seconds_min']:.3f}), "
-              f"host +{r['peak_host_mib']:.0f} MiB{dev}, agreement {r['agreement']:.6f}", file=sys.stderr, flush=True)
+        print(
+            f"  {r['method']:<9} {'x'.join(map(str, r['shape'])):>12} C={r['classes']:<4} {r['seconds']:8.3f} s "
+            f"(min {r['seconds_min']:.3f}), "
+            f"host +{r['peak_host_mib']:.0f} MiB{dev}, agreement {r['agreement']:.6f}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _model_dirs(args: argparse.Namespace, classes: set[int], scratch: Path) -> dict[int, str | None]:
@@ -186,8 +234,14 @@ def _model_dirs(args: argparse.Namespace, classes: set[int], scratch: Path) -> d
         return {c: None for c in classes}
     from atso_fast.bench.networks import export_builtin
 
-    return {c: str(export_builtin(scratch / f"model_c{c}", window=tuple(args.window), classes=c, net=args.net,
-                                  seed=args.seed)[0]) for c in sorted(classes)}
+    return {
+        c: str(
+            export_builtin(scratch / f"model_c{c}", window=tuple(args.window), classes=c, net=args.net, seed=args.seed)[
+                0
+            ]
+        )
+        for c in sorted(classes)
+    }
 
 
 def _sweep(args: argparse.Namespace, scratch: Path) -> dict[str, list[dict[str, Any]]]:
@@ -216,8 +270,10 @@ def plot(rows: list[dict[str, Any]], xkey: Any, xlabel: str, title: str, path: P
 
     mem_key = "device_peak_mib" if any(r["device_peak_mib"] is not None for r in rows) else "peak_host_mib"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, ylabel in ((axes[0], "seconds", "seconds per volume"),
-                            (axes[1], mem_key, "peak memory over baseline (MiB)")):
+    for ax, key, ylabel in (
+        (axes[0], "seconds", "seconds per volume"),
+        (axes[1], mem_key, "peak memory over baseline (MiB)"),
+    ):
         for method in METHODS:
             xs, ys = _series(rows, method, xkey, key)
             ax.plot(xs, ys, marker="o", label=method)
@@ -248,12 +304,23 @@ def _write(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -
     what = f"{args.runtime} runtime, window {'x'.join(map(str, args.window))}, {tag}"
     if results["size"]:
         written.append(args.out_dir / f"scaling_{tag}_size.png")
-        plot(results["size"], lambda r: float(np.prod(r["shape"])) / 1e6, "megavoxels",
-             f"vs volume size ({args.classes} classes; {what})", written[-1])
+        plot(
+            results["size"],
+            lambda r: float(np.prod(r["shape"])) / 1e6,
+            "megavoxels",
+            f"vs volume size ({args.classes} classes; {what})",
+            written[-1],
+        )
     if results["classes"]:
         written.append(args.out_dir / f"scaling_{tag}_classes.png")
-        plot(results["classes"], lambda r: r["classes"], "classes",
-             f"vs classes ({args.class_shape}; {what})", written[-1], log2x=True)
+        plot(
+            results["classes"],
+            lambda r: r["classes"],
+            "classes",
+            f"vs classes ({args.class_shape}; {what})",
+            written[-1],
+            log2x=True,
+        )
     return written
 
 
@@ -267,8 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", help="window Z,Y,X (default 64^3 cpu, 96^3 cuda)")
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--runtime", default="torch", choices=["torch", "auto", "onnxruntime", "tensorrt"],
-                   help="atso_fast runtime (torch: the very module MONAI runs)")
+    p.add_argument(
+        "--runtime",
+        default="torch",
+        choices=["torch", "auto", "onnxruntime", "tensorrt"],
+        help="atso_fast runtime (torch: the very module MONAI runs)",
+    )
     p.add_argument("--accumulate-dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--net", default="auto", choices=["auto", "unet", "convnet"])
     p.add_argument("--repeats", type=int, default=2, help="timed runs per method, interleaved (median)")
@@ -290,8 +361,10 @@ def _finish_args(args: argparse.Namespace) -> argparse.Namespace:
     for s in [*args.sizes, args.class_shape]:
         parse_shape(s)
     if min([args.classes, *args.classes_list, args.batch, args.repeats]) < 1:
-        raise ValueError(f"--classes, --classes-list, --batch and --repeats must be >= 1, got {args.classes}, "
-                         f"{args.classes_list}, {args.batch}, {args.repeats}")
+        raise ValueError(
+            f"--classes, --classes-list, --batch and --repeats must be >= 1, got {args.classes}, "
+            f"{args.classes_list}, {args.batch}, {args.repeats}"
+        )
     return args
 
 

@@ -12,6 +12,7 @@ benchmarked call runs once, still checked::
 (*) With pytest 9 and this project's ``addopts = "... -ra"`` pytest-benchmark's table is only
 printed when passed tests are reported too (``-rA``).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,8 +25,10 @@ from atso_fast.kernels import native, reference
 __all__: list[str] = []
 
 NO_CUDA = f"needs a CUDA GPU and a CUDA build of atso_fast._C (build_info: {native.build_info()})"
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not native.has_cuda(),
-                                                                                   reason=NO_CUDA)])]
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not native.has_cuda(), reason=NO_CUDA)]),
+]
 VOLUME, PATCH, CHANNELS, BATCH = (40, 56, 48), (16, 16, 16), 3, 8
 
 

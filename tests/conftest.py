@@ -1,4 +1,5 @@
 """Shared fixtures: seeded RNG, device parametrisation, real-data folder."""
+
 from __future__ import annotations
 
 import os
@@ -9,10 +10,13 @@ import pytest
 
 from atso_fast.kernels import native
 
-REAL_DATA = Path(os.environ.get("ATSO_FAST_REAL_DATA") or
-                 Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real")
-REAL_DATA_MISSING = (f"real scans not found at {REAL_DATA}: rebuild them from public packages as the README's "
-                     "'Real-scan tests' section says, and point ATSO_FAST_REAL_DATA at the folder")
+REAL_DATA = Path(
+    os.environ.get("ATSO_FAST_REAL_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+)
+REAL_DATA_MISSING = (
+    f"real scans not found at {REAL_DATA}: rebuild them from public packages as the README's "
+    "'Real-scan tests' section says, and point ATSO_FAST_REAL_DATA at the folder"
+)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,6 +7,7 @@ manifest). The points are reached through seams of ``atso_fast.train.disk_store`
 here: ``CacheStore._on_step``, ``CacheStore.export`` and the module's ``local_engine``), so the
 package carries no test hook.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,7 +46,9 @@ def install(point: str) -> None:
                 inner(step, run)  # the checkpoint of this step (checkpoint_every=1) is written first
                 if kk == k and step == int(numbers[1]):
                     _die()
+
             return on_step
+
         disk_store.CacheStore._on_step = _on_step
     elif name == "export":
         export = disk_store.CacheStore.export
@@ -55,8 +58,10 @@ def install(point: str) -> None:
             if kk == k:
                 _die()
             return out
+
         disk_store.CacheStore.export = _export
     elif name == "relabel":
+
         def local_engine(package_dir, inputs, output_dir, *, options, **kw):
             relabeler = Relabeler(package_dir, **{"runtime": "auto", **options})
             if output_dir.parent.name == f"round_{k}":
@@ -68,8 +73,10 @@ def install(point: str) -> None:
                         _wait_rows(output_dir / "manifest.jsonl", int(numbers[1]) - 1)
                         _die()
                     return inner(array, **geometry)
+
                 relabeler.relabel_volume = relabel_volume
             return relabel_archive(relabeler, [str(p) for p in inputs], output_dir, **kw)
+
         disk_store.local_engine = local_engine
     else:
         raise SystemExit(f"unknown kill point {point!r}")

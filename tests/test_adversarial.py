@@ -17,6 +17,7 @@ Root ignores file permissions, so when the tests run as root, "permission denied
 where the kernel would produce it for anyone else: a ``sitecustomize`` in the subprocess makes
 ``os.scandir``/``os.open``/``open`` fail with ``EACCES`` for the listed paths.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 180  # seconds a sweep run may take before it counts as hung
 IS_ROOT = os.geteuid() == 0
 
-DENY_HOOK = '''
+DENY_HOOK = """
 import builtins, errno, io, os
 _deny = {os.path.realpath(p) for p in os.environ.get("ATSO_TEST_DENY", "").split(os.pathsep) if p}
 def _check(path):
@@ -56,7 +57,7 @@ def _wrap(fn):
     return wrapped
 os.scandir, os.open = _wrap(os.scandir), _wrap(os.open)
 builtins.open = io.open = _wrap(io.open)
-'''
+"""
 
 
 # ------------------------------------------------------------------------------ builders
@@ -108,36 +109,78 @@ def _bad_kinds(folder: Path, good: bytes) -> dict[str, tuple[str, str]]:
     add("empty file", "empty.nii.gz", "empty", lambda p: _write(p, b""))
     add("text named .nii", "text.nii", "not a nifti", lambda p: _write(p, b"not a scan\n" * 40))
     add("bad sizeof_hdr", "badhdr.nii", "not a nifti", lambda p: _write(p, b"\x01\x02\x03\x04" + good[4:400]))
-    add("huge NIfTI dims", "hugedims.nii", "needs", lambda p: _write(p, _nifti_bytes(
-        lambda h: h.__setitem__("dim", [3, 30000, 30000, 30000, 1, 1, 1, 1]))))
-    add("vox_offset past EOF", "voxoffset.nii", "truncated", lambda p: _write(p, _nifti_bytes(
-        lambda h: h.__setitem__("vox_offset", 1e9))))
-    add("negative NIfTI dim", "negdim.nii", "invalid image shape", lambda p: _write(p, _nifti_bytes(
-        lambda h: h.__setitem__("dim", [3, -4, 4, 4, 1, 1, 1, 1]))))
-    add("unknown NIfTI datatype", "dtype.nii", "dtype", lambda p: _write(p, _nifti_bytes(
-        lambda h: h.__setitem__("datatype", 9999))))
+    add(
+        "huge NIfTI dims",
+        "hugedims.nii",
+        "needs",
+        lambda p: _write(p, _nifti_bytes(lambda h: h.__setitem__("dim", [3, 30000, 30000, 30000, 1, 1, 1, 1]))),
+    )
+    add(
+        "vox_offset past EOF",
+        "voxoffset.nii",
+        "truncated",
+        lambda p: _write(p, _nifti_bytes(lambda h: h.__setitem__("vox_offset", 1e9))),
+    )
+    add(
+        "negative NIfTI dim",
+        "negdim.nii",
+        "invalid image shape",
+        lambda p: _write(p, _nifti_bytes(lambda h: h.__setitem__("dim", [3, -4, 4, 4, 1, 1, 1, 1]))),
+    )
+    add(
+        "unknown NIfTI datatype",
+        "dtype.nii",
+        "dtype",
+        lambda p: _write(p, _nifti_bytes(lambda h: h.__setitem__("datatype", 9999))),
+    )
     add("1D array", "one_d.npy", "shape (10,)", lambda p: _save(p, np.zeros(10)))
     add("5D array", "five_d.npy", "shape (1, 2, 3, 4, 5)", lambda p: _save(p, np.zeros((1, 2, 3, 4, 5))))
     add("zero-size array", "zero.npy", "zero-size", lambda p: _save(p, np.zeros((0, 4, 5))))
-    add("two channels for a 1-channel model", "two_ch.npy", "channel", lambda p: _save(
-        p, np.zeros((2, 6, 7, 8), np.float32)))
+    add(
+        "two channels for a 1-channel model",
+        "two_ch.npy",
+        "channel",
+        lambda p: _save(p, np.zeros((2, 6, 7, 8), np.float32)),
+    )
     add("NaN voxels", "nan.npy", "NaN/inf", lambda p: _save(p, _nan()))
     add("inf voxels", "inf.npy", "NaN/inf", lambda p: _save(p, _inf()))
-    add("object dtype (pickle)", "pickled.npy", "pickle", lambda p: _save(
-        p, np.array([{"a": 1}], dtype=object), allow_pickle=True))
+    add(
+        "object dtype (pickle)",
+        "pickled.npy",
+        "pickle",
+        lambda p: _save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True),
+    )
     add("complex dtype", "complex.npy", "non-numeric", lambda p: _save(p, np.ones((3, 4, 5), np.complex64)))
     add("string dtype", "strings.npy", "non-numeric", lambda p: _save(p, np.array([["ab"]] * 3)))
-    add("structured dtype", "struct.npy", "non-numeric", lambda p: _save(
-        p, np.zeros((3, 4, 5), dtype=[("a", "<f4"), ("b", "<i2")])))
-    add("npy header claims 4 PB", "hugeshape.npy", "needs", lambda p: _write(p, _npy_bytes(
-        "{'descr': '<f4', 'fortran_order': False, 'shape': (100000, 100000, 100000), }")))
-    add("npy header of 4 GiB", "hugeheader.npy", "array header", lambda p: _write(
-        p, b"\x93NUMPY\x02\x00" + (2**32 - 1).to_bytes(4, "little") + b"{" * 64))
+    add(
+        "structured dtype",
+        "struct.npy",
+        "non-numeric",
+        lambda p: _save(p, np.zeros((3, 4, 5), dtype=[("a", "<f4"), ("b", "<i2")])),
+    )
+    add(
+        "npy header claims 4 PB",
+        "hugeshape.npy",
+        "needs",
+        lambda p: _write(
+            p, _npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (100000, 100000, 100000), }")
+        ),
+    )
+    add(
+        "npy header of 4 GiB",
+        "hugeheader.npy",
+        "array header",
+        lambda p: _write(p, b"\x93NUMPY\x02\x00" + (2**32 - 1).to_bytes(4, "little") + b"{" * 64),
+    )
     add("empty .npy", "emptynpy.npy", "not a valid .npy", lambda p: _write(p, b""))
     add("npz without arrays", "emptyzip.npz", "no arrays", lambda p: zipfile.ZipFile(p, "w").close())
     add("corrupt npz", "badzip.npz", "not a valid .npz", lambda p: _write(p, b"PK\x03\x04" + b"\xff" * 100))
-    add("npz with a pickled array", "pickled_npz.npz", "pickle", lambda p: np.savez(
-        p, image=np.array([{"a": 1}], dtype=object)))
+    add(
+        "npz with a pickled array",
+        "pickled_npz.npz",
+        "pickle",
+        lambda p: np.savez(p, image=np.array([{"a": 1}], dtype=object)),
+    )
     add("FIFO", "fifo.nii.gz", "FIFO", os.mkfifo)
     add("socket", "sock.npy", "socket", _bind_socket)
     add("character device", "zero_dev.npy", "character device", lambda p: p.symlink_to("/dev/zero"))
@@ -145,8 +188,12 @@ def _bad_kinds(folder: Path, good: bytes) -> dict[str, tuple[str, str]]:
     add("broken symlink", "dangling.nii.gz", "broken", lambda p: p.symlink_to("nowhere.nii.gz"))
     add("folder named like an image", "adir.nii.gz", "directory", lambda p: p.mkdir())
     add("unreadable file", "locked.nii.gz", "permission denied", lambda p: _write(p, good))
-    add("unreadable sub-folder (--recursive)", "lockeddir", "permission denied", lambda p: (
-        p.mkdir(), make_case(p / "inner.nii.gz", 9)))
+    add(
+        "unreadable sub-folder (--recursive)",
+        "lockeddir",
+        "permission denied",
+        lambda p: (p.mkdir(), make_case(p / "inner.nii.gz", 9)),
+    )
     kinds["unreadable sub-folder (--recursive)"] = ("lockeddir/", "permission denied")
     return kinds
 
@@ -190,8 +237,13 @@ def _relabel(args: list[str], env: dict[str, str]) -> tuple[subprocess.Completed
     """The CLI in a subprocess; ``None`` when it outlived :data:`TIMEOUT` (hung, then killed)."""
     start = time.monotonic()
     try:
-        done = subprocess.run([sys.executable, "-m", "atso_fast", "relabel", *args], capture_output=True,
-                              text=True, env=env, timeout=TIMEOUT)
+        done = subprocess.run(
+            [sys.executable, "-m", "atso_fast", "relabel", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=TIMEOUT,
+        )
     except subprocess.TimeoutExpired:
         return None, time.monotonic() - start
     return done, time.monotonic() - start
@@ -202,8 +254,11 @@ def _rows(out: Path) -> list[dict]:
 
 
 def _outputs(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != "manifest.jsonl"}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "manifest.jsonl"
+    }
 
 
 def _deny(paths: list[Path]) -> list[Path]:
@@ -233,8 +288,9 @@ def test_bad_input_sweep(package, tmp_path):
     denied = _deny([folder / "locked.nii.gz", folder / "lockeddir"])
     out, reference = tmp_path / "out", tmp_path / "reference"
     try:
-        done, seconds = _relabel([str(package), str(folder), str(out), "--recursive", "--save-confidence"],
-                                 _env(tmp_path, denied))
+        done, seconds = _relabel(
+            [str(package), str(folder), str(out), "--recursive", "--save-confidence"], _env(tmp_path, denied)
+        )
     finally:
         _undeny(denied)
         for sock in _SOCKETS:
@@ -242,9 +298,14 @@ def test_bad_input_sweep(package, tmp_path):
     hung = done is None
     assert not hung, "the run hung on a bad input"
     rows = {r["case_id"]: r for r in _rows(out)}
-    handled = {kind for kind, (cid, word) in kinds.items()
-               if rows.get(cid, {}).get("status") == "failed" and word.lower() in rows[cid]["error"].lower()
-               and (cid.rstrip("/") in rows[cid]["error"]) and "\n" not in rows[cid]["error"]}
+    handled = {
+        kind
+        for kind, (cid, word) in kinds.items()
+        if rows.get(cid, {}).get("status") == "failed"
+        and word.lower() in rows[cid]["error"].lower()
+        and (cid.rstrip("/") in rows[cid]["error"])
+        and "\n" not in rows[cid]["error"]
+    }
     reported = ".hidden.nii.gz" in done.stderr and "symbolic link to a folder" in done.stderr
     # the good cases, relabelled alone in a clean run, must come out byte for byte the same
     clean = tmp_path / "clean"
@@ -253,14 +314,17 @@ def test_bad_input_sweep(package, tmp_path):
         os.link(folder / name, clean / name)
     (clean / "sub").mkdir()
     os.link(nested, clean / "sub" / nested.name)
-    ref, _ = _relabel([str(package), str(clean), str(reference), "--recursive", "--save-confidence"],
-                      _env(tmp_path, []))
+    ref, _ = _relabel(
+        [str(package), str(clean), str(reference), "--recursive", "--save-confidence"], _env(tmp_path, [])
+    )
     assert ref is not None and ref.returncode == 0, ref.stderr if ref else "reference run hung"
     ours, theirs = _outputs(out), _outputs(reference)
     lost = [name for name in theirs if ours.get(name) != theirs[name]]
-    print(f"\nbad-input sweep (folder, --recursive): {len(kinds)} kinds tried, {len(handled)} failed alone with a "
-          f"clear per-case error, {int(hung)} runs hung or stopped, {len(lost)} finished cases lost, "
-          f"hidden file and folder loop reported: {reported}; exit {done.returncode} in {seconds:.1f} s")
+    print(
+        f"\nbad-input sweep (folder, --recursive): {len(kinds)} kinds tried, {len(handled)} failed alone with a "
+        f"clear per-case error, {int(hung)} runs hung or stopped, {len(lost)} finished cases lost, "
+        f"hidden file and folder loop reported: {reported}; exit {done.returncode} in {seconds:.1f} s"
+    )
     assert sorted(set(kinds) - handled) == [], {k: rows.get(kinds[k][0], {}).get("error") for k in set(kinds) - handled}
     assert done.returncode == 1 and lost == [] and reported
     assert len(rows) == len(kinds) + len(goods) + 1  # one row per entry, nothing else
@@ -276,22 +340,39 @@ def test_bad_list_file_sweep(package, tmp_path):
         handle.write(good.read_bytes())
     os.mkfifo(folder / "fifo.nii.gz")
     (folder / "adir.nii.gz").mkdir()
-    lines = [b"\xef\xbb\xbf# a comment after a UTF-8 byte order mark", os.fsencode(str(good)) + b"\r",
-             latin1, b"missing.nii.gz", b"in/fifo.nii.gz", b"in/adir.nii.gz", b"in/bad\x00name.nii.gz", b"",
-             b"in/notes.txt"]
+    lines = [
+        b"\xef\xbb\xbf# a comment after a UTF-8 byte order mark",
+        os.fsencode(str(good)) + b"\r",
+        latin1,
+        b"missing.nii.gz",
+        b"in/fifo.nii.gz",
+        b"in/adir.nii.gz",
+        b"in/bad\x00name.nii.gz",
+        b"",
+        b"in/notes.txt",
+    ]
     lst = tmp_path / "cases.txt"
     lst.write_bytes(b"\n".join(lines) + b"\n")
-    kinds = {"missing entry": ("missing", "no such file"), "FIFO entry": ("fifo", "FIFO"),
-             "folder entry": ("adir", "directory"), "NUL byte in a line": ("cases.txt:7", "NUL"),
-             "unsupported suffix": ("notes.txt", "unsupported suffix")}
+    kinds = {
+        "missing entry": ("missing", "no such file"),
+        "FIFO entry": ("fifo", "FIFO"),
+        "folder entry": ("adir", "directory"),
+        "NUL byte in a line": ("cases.txt:7", "NUL"),
+        "unsupported suffix": ("notes.txt", "unsupported suffix"),
+    }
     done, seconds = _relabel([str(package), str(lst), str(tmp_path / "out")], _env(tmp_path, []))
     assert done is not None, "the run hung on a list file entry"
     rows = {r["case_id"]: r for r in _rows(tmp_path / "out")}
-    handled = {k for k, (cid, word) in kinds.items()
-               if rows.get(cid, {}).get("status") == "failed" and word.lower() in rows[cid]["error"].lower()}
+    handled = {
+        k
+        for k, (cid, word) in kinds.items()
+        if rows.get(cid, {}).get("status") == "failed" and word.lower() in rows[cid]["error"].lower()
+    }
     oks = sorted(cid for cid, r in rows.items() if r["status"] == "ok")
-    print(f"\nbad-input sweep (list file): {len(kinds) + 2} kinds tried (BOM, CRLF, non-UTF-8 name relabelled "
-          f"fine), {len(handled)} failed alone with a clear error, 0 hung, ok: {oks}, {seconds:.1f} s")
+    print(
+        f"\nbad-input sweep (list file): {len(kinds) + 2} kinds tried (BOM, CRLF, non-UTF-8 name relabelled "
+        f"fine), {len(handled)} failed alone with a clear error, 0 hung, ok: {oks}, {seconds:.1f} s"
+    )
     assert sorted(set(kinds) - handled) == [], rows
     assert len(oks) == 2 and "good" in oks and done.returncode == 1
 
@@ -319,8 +400,10 @@ def test_setups_that_cannot_work_stop_at_once_with_one_clear_line(package, tmp_p
         "list file is a FIFO": ([str(package), str(tmp_path / "fifo.txt"), str(tmp_path / "o3")], "FIFO"),
         "list file in UTF-16": ([str(package), str(tmp_path / "utf16.txt"), str(tmp_path / "o4")], "UTF-16"),
         "rerun without --resume": ([str(package), str(folder), str(done_out)], "already done here"),
-        "--resume with --overwrite": ([str(package), str(folder), str(done_out), "--resume", "--overwrite"],
-                                      "not allowed with"),
+        "--resume with --overwrite": (
+            [str(package), str(folder), str(done_out), "--resume", "--overwrite"],
+            "not allowed with",
+        ),
         "package not found": ([str(tmp_path / "nomodel"), str(folder), str(tmp_path / "o5")], "model.json"),
     }
     handled = []
@@ -331,8 +414,10 @@ def test_setups_that_cannot_work_stop_at_once_with_one_clear_line(package, tmp_p
         last = err.splitlines()[-1] if err else ""  # argparse prints its usage first
         if done.returncode == 2 and word.lower() in last.lower() and "Traceback" not in err:
             handled.append(name)
-    print(f"\nrun-level refusals: {len(setups)} setups tried, {len(handled)} stopped at once with exit 2 and a "
-          "clear line, 0 hung")
+    print(
+        f"\nrun-level refusals: {len(setups)} setups tried, {len(handled)} stopped at once with exit 2 and a "
+        "clear line, 0 hung"
+    )
     assert sorted(set(setups) - set(handled)) == []
     assert not (tmp_path / "o2").exists() and sorted(p.name for p in folder.iterdir()) == ["a.nii.gz"]
 
@@ -369,12 +454,21 @@ def test_kill_9_at_ten_points_then_resume_is_byte_identical(tmp_path):
     env = _env(tmp_path, [])
     # ten kill points: before any row (start-up, planning, manifest rewrite), then after more and
     # more rows, each at a different delay so some land in the middle of a write
-    points = [(0, 0.15), (1, 0.0), (3, 0.013), (6, 0.0), (9, 0.021), (12, 0.0), (15, 0.034), (19, 0.0),
-              (23, 0.008), (27, 0.0)]
+    points = [
+        (0, 0.15),
+        (1, 0.0),
+        (3, 0.013),
+        (6, 0.0),
+        (9, 0.021),
+        (12, 0.0),
+        (15, 0.034),
+        (19, 0.0),
+        (23, 0.008),
+        (27, 0.0),
+    ]
     survived = 0
     for rows_before, delay in points:
-        proc = subprocess.Popen([sys.executable, str(script), *args, "--resume"], env=env,
-                                stderr=subprocess.PIPE)
+        proc = subprocess.Popen([sys.executable, str(script), *args, "--resume"], env=env, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
         while _ok_rows(out / "manifest.jsonl") < rows_before and proc.poll() is None:
             if time.monotonic() > deadline:
@@ -385,20 +479,28 @@ def test_kill_9_at_ten_points_then_resume_is_byte_identical(tmp_path):
         proc.send_signal(signal.SIGKILL)
         _, err = proc.communicate()
         survived += proc.returncode == -signal.SIGKILL  # killed while still working
-    final = subprocess.run([sys.executable, str(script), *args, "--resume"], env=env, capture_output=True,
-                           text=True, timeout=120)
+    final = subprocess.run(
+        [sys.executable, str(script), *args, "--resume"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert final.returncode == 0, final.stderr
     reference = tmp_path / "reference"
-    clean = subprocess.run([sys.executable, str(script), str(folder), str(reference), "--save-confidence",
-                            "--quiet"], env=env, capture_output=True, text=True, timeout=120)
+    clean = subprocess.run(
+        [sys.executable, str(script), str(folder), str(reference), "--save-confidence", "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert clean.returncode == 0, clean.stderr
     killed, uninterrupted = _outputs(out), _outputs(reference)
     identical = sorted(killed) == sorted(uninterrupted) and all(killed[k] == uninterrupted[k] for k in uninterrupted)
     rows = _rows(out)
     one_row_each = sorted(r["case_id"] for r in rows) == sorted({r["case_id"] for r in rows}) and len(rows) == n + 1
-    print(f"\nkill -9 sweep: {survived}/{len(points)} kill points hit a running CLI; after resuming, outputs "
-          f"byte-identical to an uninterrupted run: {identical}; one manifest row per case: {one_row_each}; "
-          f"temp files left: {sorted(k for k in killed if k.endswith('.tmp'))}")
+    print(
+        f"\nkill -9 sweep: {survived}/{len(points)} kill points hit a running CLI; after resuming, outputs "
+        f"byte-identical to an uninterrupted run: {identical}; one manifest row per case: {one_row_each}; "
+        f"temp files left: {sorted(k for k in killed if k.endswith('.tmp'))}"
+    )
     assert survived == len(points), "some runs had finished before their kill (make the cases slower)"
     assert identical and one_row_each and all(r["status"] == "ok" for r in rows)
 
@@ -413,9 +515,25 @@ def test_parts_running_at_once_share_one_manifest(tmp_path):
     out = tmp_path / "out"
     env = _env(tmp_path, [])
     for attempt in range(2):  # the second time, each part first drops its own failed rows
-        procs = [subprocess.Popen([sys.executable, str(script), str(folder), str(out), "--quiet", "--resume",
-                                   "--num-parts", "3", "--part-id", str(k)], env=env, stderr=subprocess.PIPE)
-                 for k in range(3)]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(script),
+                    str(folder),
+                    str(out),
+                    "--quiet",
+                    "--resume",
+                    "--num-parts",
+                    "3",
+                    "--part-id",
+                    str(k),
+                ],
+                env=env,
+                stderr=subprocess.PIPE,
+            )
+            for k in range(3)
+        ]
         for proc in procs:
             proc.communicate(timeout=120)
         rows = _rows(out)

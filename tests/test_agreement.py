@@ -1,4 +1,5 @@
 """``auto`` by measured agreement (issue 25): the record, and the choice it drives."""
+
 from __future__ import annotations
 
 import json
@@ -27,14 +28,18 @@ needs_openvino = pytest.mark.skipif(not openvino_available(), reason="openvino i
 
 def _net(seed=0):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.Tanh(),
-                               torch.nn.Conv3d(8, 3, 1)).eval()
+    return torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv3d(8, 3, 1)).eval()
 
 
 @pytest.fixture
 def package_dir(tmp_path):
-    return export_model(_net(), tmp_path / "pkg", window=(8, 8, 8), num_classes=3,
-                        normalization={"scheme": "zscore", "mean": 0.0, "std": 1.0})
+    return export_model(
+        _net(),
+        tmp_path / "pkg",
+        window=(8, 8, 8),
+        num_classes=3,
+        normalization={"scheme": "zscore", "mean": 0.0, "std": 1.0},
+    )
 
 
 def _rewrite(package_dir, record):
@@ -45,9 +50,18 @@ def _rewrite(package_dir, record):
 
 def _record(package_dir, results, machine=None, device="cpu"):
     meta = json.loads((package_dir / "model.json").read_text())
-    return {"version": 1, "onnx_sha256": meta["onnx_sha256"], "device": device, "machine": machine or machine_id(),
-            "measured": "test", "reference": "torch/float32", "windows": 4, "input": "test", "tolerance": 0.999,
-            "results": results}
+    return {
+        "version": 1,
+        "onnx_sha256": meta["onnx_sha256"],
+        "device": device,
+        "machine": machine or machine_id(),
+        "measured": "test",
+        "reference": "torch/float32",
+        "windows": 4,
+        "input": "test",
+        "tolerance": 0.999,
+        "results": results,
+    }
 
 
 def test_measure_records_every_runtime_against_the_reference(package_dir):
@@ -79,14 +93,23 @@ def test_auto_takes_the_fastest_runtime_that_meets_the_tolerance(package_dir):
     fast_but_wrong = {"status": "ok", "label_agreement": 0.98, "max_abs_logit_error": 0.5, "windows_per_s": 900.0}
     good = {"status": "ok", "label_agreement": 0.9995, "max_abs_logit_error": 1e-4, "windows_per_s": 300.0}
     slower = {"status": "ok", "label_agreement": 1.0, "max_abs_logit_error": 0.0, "windows_per_s": 100.0}
-    _rewrite(package_dir, _record(package_dir, {"openvino/float32": fast_but_wrong, "onnxruntime/float32": good,
-                                                "torch/float32": slower}))
+    _rewrite(
+        package_dir,
+        _record(
+            package_dir, {"openvino/float32": fast_but_wrong, "onnxruntime/float32": good, "torch/float32": slower}
+        ),
+    )
     rel = Relabeler(package_dir)
     assert rel.runtime_name == "onnxruntime" and "fastest" in rel.runtime_reason and "99.95" in rel.runtime_reason
     # the same record with openvino agreeing: it is the fastest that meets the tolerance
     if openvino_available():
-        _rewrite(package_dir, _record(package_dir, {"openvino/float32": {**fast_but_wrong, "label_agreement": 0.9999},
-                                                    "onnxruntime/float32": good}))
+        _rewrite(
+            package_dir,
+            _record(
+                package_dir,
+                {"openvino/float32": {**fast_but_wrong, "label_agreement": 0.9999}, "onnxruntime/float32": good},
+            ),
+        )
         assert Relabeler(package_dir).runtime_name == "openvino"
 
 
@@ -111,8 +134,7 @@ def test_no_runtime_meets_the_tolerance_falls_back_to_the_rule(package_dir):
     bad = {"status": "ok", "label_agreement": 0.5, "max_abs_logit_error": 3.0, "windows_per_s": 10.0}
     _rewrite(package_dir, _record(package_dir, {"onnxruntime/float32": bad, "torch/float32": bad}))
     package = load_package(package_dir)
-    candidates, reason = choose_runtime(package, device="cpu", precision="float32", has_module=False,
-                                        has_program=True)
+    candidates, reason = choose_runtime(package, device="cpu", precision="float32", has_module=False, has_program=True)
     assert "no runtime met" in reason and candidates
 
 
@@ -139,8 +161,21 @@ def test_relabel_says_its_runtime_and_verbose_shows_the_table(package_dir, tmp_p
 def test_export_measures_unless_told_not_to(tmp_path, capsys):
     torch.save(torch.nn.Conv3d(1, 3, 1).state_dict(), tmp_path / "conv.pt")
     kwargs = '{"in_channels": 1, "out_channels": 3, "kernel_size": 1}'
-    argv = ["export", str(tmp_path / "conv.pt"), str(tmp_path / "pkg"), "--window", "8", "8", "8", "--classes", "3",
-            "--network", "torch.nn:Conv3d", "--network-kwargs", kwargs]
+    argv = [
+        "export",
+        str(tmp_path / "conv.pt"),
+        str(tmp_path / "pkg"),
+        "--window",
+        "8",
+        "8",
+        "8",
+        "--classes",
+        "3",
+        "--network",
+        "torch.nn:Conv3d",
+        "--network-kwargs",
+        kwargs,
+    ]
     assert main(argv) == 0
     assert "measuring the runtimes" in capsys.readouterr().err
     assert RECORD_KEY in json.loads((tmp_path / "pkg" / "model.json").read_text())

@@ -1,4 +1,5 @@
 """Tests of atso_fast.archive: bulk relabelling, resume, part split, failures, kill -9, CLI."""
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,7 @@ def fake_result(array: np.ndarray) -> types.SimpleNamespace:
     labels = (array >= 0).astype(np.uint8) + (array > 100)
     confidence = np.clip(np.abs(array), 0, 255).astype(np.uint8)
     counts = np.bincount(labels.ravel(), minlength=3).tolist()
-    stats = {"label_counts": counts, "ignored_fraction": 0.0,
-             "mean_confidence": float(confidence.mean()) / 255}
+    stats = {"label_counts": counts, "ignored_fraction": 0.0, "mean_confidence": float(confidence.mean()) / 255}
     return types.SimpleNamespace(labels=labels, confidence=confidence, stats=stats)
 
 
@@ -79,8 +79,11 @@ def make_archive(root: Path, n: int = 6) -> list[Path]:
 
 
 def output_files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != "manifest.jsonl"}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "manifest.jsonl"
+    }
 
 
 def statuses(out: Path) -> dict[str, str]:
@@ -91,13 +94,13 @@ def statuses(out: Path) -> dict[str, str]:
 def test_relabel_archive_writes_labels_on_the_input_grid(tmp_path):
     make_archive(tmp_path / "in")
     out = tmp_path / "out"
-    summary = relabel_archive(FakeRelabeler(), tmp_path / "in", out, recursive=True,
-                              save_confidence=True, progress=False)
+    summary = relabel_archive(
+        FakeRelabeler(), tmp_path / "in", out, recursive=True, save_confidence=True, progress=False
+    )
     assert (summary["total"], summary["done"], summary["skipped"], summary["failed"]) == (6, 6, 0, 0)
     assert 0 < summary["busy_fraction"] <= 1 and summary["voxels_per_s"] > 0
     assert summary["failures"] == []
-    assert statuses(out) == {k: "ok" for k in
-                             ["case00", "case01", "case02", "case03", "sub/deep", "vol"]}
+    assert statuses(out) == {k: "ok" for k in ["case00", "case01", "case02", "case03", "sub/deep", "vol"]}
     for src in [tmp_path / "in" / "case01.nii.gz", tmp_path / "in" / "sub/deep_0000.nii.gz"]:
         image, meta = read_volume(src)
         rel = src.relative_to(tmp_path / "in").as_posix().replace("_0000", "")
@@ -108,8 +111,7 @@ def test_relabel_archive_writes_labels_on_the_input_grid(tmp_path):
         np.testing.assert_array_equal(np.asanyarray(written.dataobj), expected.labels.T)
         confidence = nib.load(out / rel.replace(".nii.gz", "_confidence.nii.gz"))
         np.testing.assert_array_equal(np.asanyarray(confidence.dataobj), expected.confidence.T)
-    np.testing.assert_array_equal(np.load(out / "vol.npy"),
-                                  fake_result(np.load(tmp_path / "in" / "vol.npy")).labels)
+    np.testing.assert_array_equal(np.load(out / "vol.npy"), fake_result(np.load(tmp_path / "in" / "vol.npy")).labels)
     row = Manifest(out / "manifest.jsonl").latest()["case01"]
     assert row["shape"] == [7, 8, 9] and sum(row["label_counts"]) == 7 * 8 * 9
     assert row["outputs"] == {"labels": "case01.nii.gz", "confidence": "case01_confidence.nii.gz"}
@@ -117,11 +119,11 @@ def test_relabel_archive_writes_labels_on_the_input_grid(tmp_path):
 
 def test_progress_bar_and_option_validation(tmp_path, capsys):
     make_archive(tmp_path / "in", n=3)
-    relabel_archive(FakeRelabeler(), tmp_path / "in", tmp_path / "out", progress=True,
-                    readers=1, writers=1, queue_size=1)
+    relabel_archive(
+        FakeRelabeler(), tmp_path / "in", tmp_path / "out", progress=True, readers=1, writers=1, queue_size=1
+    )
     assert "relabel" in capsys.readouterr().err
-    for bad in [{"readers": 0}, {"writers": -1}, {"queue_size": 1.5}, {"num_parts": 0},
-                {"part_id": 3, "num_parts": 2}]:
+    for bad in [{"readers": 0}, {"writers": -1}, {"queue_size": 1.5}, {"num_parts": 0}, {"part_id": 3, "num_parts": 2}]:
         with pytest.raises(ValueError):
             relabel_archive(FakeRelabeler(), tmp_path / "in", tmp_path / "o2", **bad)
     with pytest.raises(TypeError, match="relabel_volume"):
@@ -135,16 +137,15 @@ def test_resume_skips_finished_and_redoes_missing_outputs(tmp_path):
     relabel_archive(FakeRelabeler(), tmp_path / "in", out, recursive=True, progress=False)
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.nii.gz")}
     fake = FakeRelabeler()
-    summary = relabel_archive(fake, tmp_path / "in", out, recursive=True, resume=True,
-                              progress=False)
+    summary = relabel_archive(fake, tmp_path / "in", out, recursive=True, resume=True, progress=False)
     assert (summary["done"], summary["skipped"], fake.calls) == (0, 6, 0)
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*.nii.gz")}
     (out / "case02.nii.gz").unlink()
-    summary = relabel_archive(fake, tmp_path / "in", out, recursive=True, resume=True,
-                              progress=False)
+    summary = relabel_archive(fake, tmp_path / "in", out, recursive=True, resume=True, progress=False)
     assert (summary["done"], summary["skipped"], fake.calls) == (1, 5, 1)
-    summary = relabel_archive(fake, tmp_path / "in", out, recursive=True, resume=True,
-                              save_confidence=True, progress=False)  # needs the extra output
+    summary = relabel_archive(
+        fake, tmp_path / "in", out, recursive=True, resume=True, save_confidence=True, progress=False
+    )  # needs the extra output
     assert (summary["done"], summary["skipped"]) == (6, 0)
 
 
@@ -168,8 +169,9 @@ def test_parts_cover_every_case_exactly_once(tmp_path):
     out = tmp_path / "out"
     done = []
     for part in range(3):
-        summary = relabel_archive(FakeRelabeler(), tmp_path / "in", out, recursive=True,
-                                  num_parts=3, part_id=part, progress=False)
+        summary = relabel_archive(
+            FakeRelabeler(), tmp_path / "in", out, recursive=True, num_parts=3, part_id=part, progress=False
+        )
         assert summary["failed"] == 0
         done.append(summary["done"])
     rows = Manifest(out / "manifest.jsonl").rows()
@@ -196,10 +198,18 @@ def _bad_cases(folder: Path) -> dict[str, str]:
     np.save(folder / "nan.npy", nan)
     np.save(folder / "zero.npy", np.zeros((0, 4, 5)))
     make_case(folder / "locked.nii.gz", 2)
-    return {"truncated": "gzip", "corrupt": "gzip", "notimage": "not a NIfTI",
-            "one_d": "shape (10,)", "five_d": "shape (1, 2, 3, 4, 5)",
-            "two_channels": "1 input channel", "nan": "non-finite", "zero": "zero-size",
-            "locked": "permission denied", "adir": "directory"}
+    return {
+        "truncated": "gzip",
+        "corrupt": "gzip",
+        "notimage": "not a NIfTI",
+        "one_d": "shape (10,)",
+        "five_d": "shape (1, 2, 3, 4, 5)",
+        "two_channels": "1 input channel",
+        "nan": "non-finite",
+        "zero": "zero-size",
+        "locked": "permission denied",
+        "adir": "directory",
+    }
 
 
 def test_every_bad_input_fails_alone(tmp_path, deny_open, capsys):
@@ -236,16 +246,41 @@ def test_cli_exits_nonzero_when_a_case_failed(tmp_path, monkeypatch, capsys):
             seen.update(kwargs, model_dir=model_dir)
 
     monkeypatch.setattr(relabel_cli, "Relabeler", Relabeler)
-    argv = [str(tmp_path / "model"), str(folder), str(tmp_path / "out"), "--json", "--overlap", "0.25",
-            "--batch-size", "3", "--mirror", "--precision", "float16", "--threshold", "0.6"]
+    argv = [
+        str(tmp_path / "model"),
+        str(folder),
+        str(tmp_path / "out"),
+        "--json",
+        "--overlap",
+        "0.25",
+        "--batch-size",
+        "3",
+        "--mirror",
+        "--precision",
+        "float16",
+        "--threshold",
+        "0.6",
+    ]
     assert cli_main(argv) == 1
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
     assert (summary["done"], summary["failed"]) == (3, 1) and "broken.nii.gz" in captured.err
-    assert seen == {"model_dir": str(tmp_path / "model"), "runtime": "auto", "device": "cpu",
-                    "overlap": 0.25, "batch_size": 3, "threshold": 0.6, "ignore_index": 255,
-                    "mirror": True, "precision": "float16", "accumulate_dtype": "float32",
-                    "nonfinite": "fail", "threads": None, "compile": False, "save_probabilities": False}
+    assert seen == {
+        "model_dir": str(tmp_path / "model"),
+        "runtime": "auto",
+        "device": "cpu",
+        "overlap": 0.25,
+        "batch_size": 3,
+        "threshold": 0.6,
+        "ignore_index": 255,
+        "mirror": True,
+        "precision": "float16",
+        "accumulate_dtype": "float32",
+        "nonfinite": "fail",
+        "threads": None,
+        "compile": False,
+        "save_probabilities": False,
+    }
     (folder / "broken.nii.gz").unlink()
     assert cli_main(argv[:3] + ["--resume", "--quiet"]) == 0
     assert capsys.readouterr().out == ""
@@ -255,8 +290,9 @@ def test_cli_broken_model_is_one_line_and_exit_2(tmp_path, capsys):
     model = tmp_path / "model"
     model.mkdir()
     (model / "model.onnx").write_bytes(b"definitely not protobuf")
-    (model / "model.json").write_text(json.dumps({"format_version": 1, "window": [8, 8, 8],
-                                                  "num_classes": 3, "in_channels": 5}))
+    (model / "model.json").write_text(
+        json.dumps({"format_version": 1, "window": [8, 8, 8], "num_classes": 3, "in_channels": 5})
+    )
     make_archive(tmp_path / "in", n=3)
     assert cli_main([str(model), str(tmp_path / "in"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
@@ -264,9 +300,14 @@ def test_cli_broken_model_is_one_line_and_exit_2(tmp_path, capsys):
     assert err.startswith("atso-fast relabel: error:")
 
 
-@pytest.mark.parametrize("extra,word", [(["--workers", "2"], "only apply to --engine ray"),
-                                        (["--num-parts", "2", "--part-id", "2"], "part_id"),
-                                        (["--readers", "0"], "--readers")])
+@pytest.mark.parametrize(
+    "extra,word",
+    [
+        (["--workers", "2"], "only apply to --engine ray"),
+        (["--num-parts", "2", "--part-id", "2"], "part_id"),
+        (["--readers", "0"], "--readers"),
+    ],
+)
 def test_cli_usage_errors_exit_2(tmp_path, capsys, extra, word):
     assert cli_main([str(tmp_path), str(tmp_path), str(tmp_path / "o"), *extra]) == 2
     assert word in capsys.readouterr().err
@@ -290,8 +331,7 @@ def test_outputs_stay_inside_and_inputs_are_never_overwritten(tmp_path):
     summary = relabel_archive(FakeRelabeler(), folder, out, recursive=True, progress=False)
     assert dict(summary["failures"])["sub/deep"].count("outside the output folder") == 1
     assert list(outside.iterdir()) == [] and summary["done"] == 2
-    assert {k: v for k, v in output_files(folder).items() if not k.endswith("manifest.jsonl")} \
-        == before
+    assert {k: v for k, v in output_files(folder).items() if not k.endswith("manifest.jsonl")} == before
 
 
 def test_nested_output_is_refused_and_name_clashes_fail(tmp_path):
@@ -300,8 +340,7 @@ def test_nested_output_is_refused_and_name_clashes_fail(tmp_path):
     with pytest.raises(InputError, match="inside the input folder"):  # issue 14: never reread outputs
         relabel_archive(FakeRelabeler(), folder, folder / "labels", recursive=True, progress=False)
     other = make_case(tmp_path / "other" / "case00.nii.gz", 7)
-    summary = relabel_archive(FakeRelabeler(), [folder / "case00.nii.gz", other],
-                              tmp_path / "o2", progress=False)
+    summary = relabel_archive(FakeRelabeler(), [folder / "case00.nii.gz", other], tmp_path / "o2", progress=False)
     assert summary["total"] == 2  # ids relative to the common folder: in/case00, other/case00
     lst = tmp_path / "lists" / "clash.txt"  # a list file's cases are named by their file names
     lst.parent.mkdir()
@@ -338,8 +377,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
         make_case(folder / f"c{i:02d}.nii.gz", i, shape_xyz=(20, 18, 16))
     out = tmp_path / "killed"
     script = tmp_path / "run.py"
-    script.write_text(KILL_SCRIPT.format(repo=str(REPO), tests=str(REPO / "tests"),
-                                         inp=str(folder), out=str(out)))
+    script.write_text(KILL_SCRIPT.format(repo=str(REPO), tests=str(REPO / "tests"), inp=str(folder), out=str(out)))
     for wait_rows in (3, 9):  # kill twice at different points, resuming in between
         proc = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
@@ -353,13 +391,13 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
         assert proc.returncode == -signal.SIGKILL, err.decode()
     finished = Manifest(out / "manifest.jsonl").completed()
     assert 9 <= len(finished) < 24
-    summary = relabel_archive(FakeRelabeler(), folder, out, recursive=True, save_confidence=True,
-                              resume=True, progress=False)
+    summary = relabel_archive(
+        FakeRelabeler(), folder, out, recursive=True, save_confidence=True, resume=True, progress=False
+    )
     assert summary["skipped"] == len(finished) and summary["failed"] == 0
     assert summary["done"] + summary["skipped"] == 24
     reference = tmp_path / "reference"
-    relabel_archive(FakeRelabeler(), folder, reference, recursive=True, save_confidence=True,
-                    progress=False)
+    relabel_archive(FakeRelabeler(), folder, reference, recursive=True, save_confidence=True, progress=False)
     killed, clean = output_files(out), output_files(reference)
     assert sorted(killed) == sorted(clean) and len(clean) == 48  # no temp files left either
     assert all(killed[name] == clean[name] for name in clean)
@@ -371,8 +409,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
 @pytest.mark.skipif(not REAL_IMAGES, reason=REAL_DATA_MISSING)
 def test_real_nifti_round_trip_keeps_affine_shape_orientation(tmp_path):
     out = tmp_path / "out"
-    summary = relabel_archive(FakeRelabeler(), REAL_IMAGES, out, readers=2, writers=2,
-                              progress=False)
+    summary = relabel_archive(FakeRelabeler(), REAL_IMAGES, out, readers=2, writers=2, progress=False)
     assert summary["failed"] == 0 and summary["done"] == len(REAL_IMAGES)
     for src in REAL_IMAGES:
         reference = nib.load(src)
@@ -396,8 +433,7 @@ def test_real_relabeler_through_the_archive(tmp_path):
         conv.bias.zero_()
     relabeler = Relabeler.from_module(conv.eval(), window=(4, 4, 4), num_classes=3)
     make_archive(tmp_path / "in", n=3)
-    summary = relabel_archive(relabeler, tmp_path / "in", tmp_path / "out", save_confidence=True,
-                              progress=False)
+    summary = relabel_archive(relabeler, tmp_path / "in", tmp_path / "out", save_confidence=True, progress=False)
     assert summary["failed"] == 0, summary["failures"]
     image, _ = read_volume(tmp_path / "in" / "case00.nii.gz")
     labels = np.asanyarray(nib.load(tmp_path / "out" / "case00.nii.gz").dataobj).T

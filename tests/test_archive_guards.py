@@ -1,5 +1,6 @@
 """Up-front guards of a bulk run (issue 26): links, locks, mixed resumes, empty inputs,
 unwritable outputs, temp folders left by kill -9."""
+
 from __future__ import annotations
 
 import os
@@ -98,8 +99,9 @@ def test_resume_removes_temp_folders_a_killed_writer_left(tmp_path):
     (stale / "c0.nii.gz").write_bytes(b"partial")
     relabel_archive(FakeRelabeler(), inputs, out, progress=False, resume=True)
     assert not stale.exists()
-    np.testing.assert_equal(sorted(p.name for p in out.iterdir()),
-                            sorted(["manifest.jsonl", "c0.nii.gz", "c1.nii.gz", "c2.nii.gz"]))
+    np.testing.assert_equal(
+        sorted(p.name for p in out.iterdir()), sorted(["manifest.jsonl", "c0.nii.gz", "c1.nii.gz", "c2.nii.gz"])
+    )
 
 
 def test_a_network_emitting_nan_fails_the_case_not_ok(tmp_path):

@@ -3,6 +3,7 @@
 Every test that could hang (a FIFO opened for reading blocks until a writer appears) runs the
 archive under :func:`no_hang`, which fails the test instead of hanging CI.
 """
+
 from __future__ import annotations
 
 import os
@@ -88,8 +89,14 @@ def test_a_fifo_in_a_folder_is_one_failed_row_and_never_hangs(tmp_path):
     os.mkfifo(folder / "pipe.nii.gz")
     os.mkfifo(folder / "pipe2.npy")
     out = tmp_path / "out"
-    summary = no_hang(relabel_archive, FakeRelabeler(), folder, out, progress=False,
-                      fifos=(folder / "pipe.nii.gz", folder / "pipe2.npy"))
+    summary = no_hang(
+        relabel_archive,
+        FakeRelabeler(),
+        folder,
+        out,
+        progress=False,
+        fifos=(folder / "pipe.nii.gz", folder / "pipe2.npy"),
+    )
     assert (summary["done"], summary["failed"]) == (3, 2)
     got = rows(out)
     for cid in ("pipe", "pipe2"):
@@ -108,8 +115,14 @@ def test_a_fifo_in_a_list_file_or_as_the_list_never_hangs(tmp_path):
     assert (summary["done"], summary["failed"]) == (1, 1) and "FIFO" in rows(out)["pipe"]["error"]
     os.mkfifo(tmp_path / "fifo.txt")
     with pytest.raises(InputError, match="FIFO"):
-        no_hang(relabel_archive, FakeRelabeler(), tmp_path / "fifo.txt", tmp_path / "o2", progress=False,
-                fifos=(tmp_path / "fifo.txt",))
+        no_hang(
+            relabel_archive,
+            FakeRelabeler(),
+            tmp_path / "fifo.txt",
+            tmp_path / "o2",
+            progress=False,
+            fifos=(tmp_path / "fifo.txt",),
+        )
 
 
 def test_a_socket_or_device_is_refused_without_opening_it(tmp_path):
@@ -246,8 +259,9 @@ def test_stale_temp_cleanup_spares_a_live_process(tmp_path):
         from atso_fast.io.atomic import temp_path
 
         live_tmp = temp_path(out / "a.nii.gz", pid=live.pid)
-        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True, check=True)
+        dead = subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+        )
         dead_tmp = out / f".b.nii.gz.atso-{int(dead.stdout)}-deadbeef.tmp"
         dead_manifest_tmp = out / f".manifest.jsonl.atso-{int(dead.stdout)}-0badf00d.tmp"  # killed mid-rewrite
         for tmp in (live_tmp, dead_tmp, dead_manifest_tmp):

@@ -1,4 +1,5 @@
 """``atso-fast bench``: runs on a tiny volume, prints the table or valid JSON, checks correctness."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,9 @@ TINY = ["--shape", "32", "32", "40", "--repeats", "1", "--batch", "2"]
 
 @pytest.fixture(scope="module")
 def convnet_package(tmp_path_factory):
-    path, name = networks.export_builtin(tmp_path_factory.mktemp("pkg") / "model", window=(16, 16, 16), classes=2,
-                                      net="convnet")
+    path, name = networks.export_builtin(
+        tmp_path_factory.mktemp("pkg") / "model", window=(16, 16, 16), classes=2, net="convnet"
+    )
     assert name == "convnet"
     return path
 
@@ -42,8 +44,9 @@ def test_builtin_unet_json(capsys):
 
 
 def test_table_with_model_dir_lists_skipped_pairs(convnet_package, capsys):
-    rc = cli.main(["bench", str(convnet_package), *TINY, "--runtimes", "onnxruntime,torch",
-                   "--precision", "float32,float16"])
+    rc = cli.main(
+        ["bench", str(convnet_package), *TINY, "--runtimes", "onnxruntime,torch", "--precision", "float32,float16"]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     lines = out.splitlines()
@@ -55,14 +58,17 @@ def test_table_with_model_dir_lists_skipped_pairs(convnet_package, capsys):
     assert any(line.startswith("skipped: torch/float16:") and "cuda" in line for line in lines)
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--overlap", "1.5"], "1.5"),
-    (["--runtimes", "onnx"], "'onnx'"),
-    (["--precision", "float8"], "'float8'"),
-    (["--shape", "0", "8", "8"], "--shape must be positive, got 0 8 8"),
-    (["--repeats", "0"], "--repeats must be positive, got 0"),
-    (["--device", "tpu"], "'tpu'"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--overlap", "1.5"], "1.5"),
+        (["--runtimes", "onnx"], "'onnx'"),
+        (["--precision", "float8"], "'float8'"),
+        (["--shape", "0", "8", "8"], "--shape must be positive, got 0 8 8"),
+        (["--repeats", "0"], "--repeats must be positive, got 0"),
+        (["--device", "tpu"], "'tpu'"),
+    ],
+)
 def test_bad_options_name_the_value(argv, needle, capsys):
     assert bench_cli.cli_main(argv) == 2
     assert needle in capsys.readouterr().err
@@ -116,8 +122,21 @@ def test_network_alone_runs_the_split_of_each_runtime(convnet_package, monkeypat
         return {}
 
     monkeypatch.setattr(runner, "_time_pair", fake_time_pair)
-    args = bench_cli.build_parser().parse_args([str(convnet_package), "--shape", "16", "16", "56", "--repeats", "1",
-                                                "--batch", "4", "--runtimes", "onnxruntime,openvino"])
+    args = bench_cli.build_parser().parse_args(
+        [
+            str(convnet_package),
+            "--shape",
+            "16",
+            "16",
+            "56",
+            "--repeats",
+            "1",
+            "--batch",
+            "4",
+            "--runtimes",
+            "onnxruntime,openvino",
+        ]
+    )
     cfg = bench_cli.config_from_args(args)
     report = runner.run_bench(cfg)
     assert report["model"]["windows"] == 6
@@ -150,8 +169,26 @@ def test_bench_archive_smoke(tmp_path, capsys):
     pytest.importorskip("monai")
     archive = _load_script("bench_archive")
     out = tmp_path / "report.json"
-    rc = archive.main(["--cases", "2", "--shape", "20", "24", "28", "--window", "16", "16", "16", "--net",
-                       "convnet", "--workdir", str(tmp_path / "work"), "--output", str(out)])
+    rc = archive.main(
+        [
+            "--cases",
+            "2",
+            "--shape",
+            "20",
+            "24",
+            "28",
+            "--window",
+            "16",
+            "16",
+            "16",
+            "--net",
+            "convnet",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--output",
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
     assert rc == 0 and report["correct"] and report["agreement_min"] >= 0.9999
     assert report["atso_fast"]["summary"]["done"] == 2 and report["speedup"] > 0
@@ -164,9 +201,22 @@ def test_scaling_point_in_process(tmp_path):
     assert scaling.parse_shape("8x9,10") == (8, 9, 10)
     with pytest.raises(ValueError, match="got '8,9'"):
         scaling.parse_shape("8,9")
-    spec = {"method": "atso_fast", "shape": [20, 24, 28], "classes": 4, "window": [16, 16, 16], "overlap": 0.5,
-            "batch": 2, "device": "cpu", "runtime": "torch", "accumulate_dtype": "float16", "model_dir": None,
-            "net": "convnet", "seed": 0, "repeats": 1, "labels_path": str(tmp_path / "a.npy")}
+    spec = {
+        "method": "atso_fast",
+        "shape": [20, 24, 28],
+        "classes": 4,
+        "window": [16, 16, 16],
+        "overlap": 0.5,
+        "batch": 2,
+        "device": "cpu",
+        "runtime": "torch",
+        "accumulate_dtype": "float16",
+        "model_dir": None,
+        "net": "convnet",
+        "seed": 0,
+        "repeats": 1,
+        "labels_path": str(tmp_path / "a.npy"),
+    }
     row = scaling.measure_point(spec)
     scaling.measure_point({**spec, "method": "monai", "labels_path": str(tmp_path / "b.npy")})
     assert row["cold_seconds"] > 0 and row["peak_host_mib"] >= 0 and row["device_peak_mib"] is None

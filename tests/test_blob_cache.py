@@ -1,5 +1,6 @@
 """Compiled-model caches are not trusted blindly (issue 26): a planted, damaged, linked or
 foreign-writable blob is never loaded; the model is compiled again."""
+
 from __future__ import annotations
 
 import hashlib
@@ -70,8 +71,9 @@ def test_openvino_ignores_a_blob_planted_under_its_key(package, tmp_path):  # no
     batch = _batch(np.random.default_rng(0))
     want = _openvino(package, tmp_path)(batch).copy()
     blob = next((tmp_path / "cache").glob("*.blob"))
-    other = load_package(export_model(random_net(classes=3, seed=7), tmp_path / "other_pkg", window=(8, 8, 8),
-                                      num_classes=3))
+    other = load_package(
+        export_model(random_net(classes=3, seed=7), tmp_path / "other_pkg", window=(8, 8, 8), num_classes=3)
+    )
     foreign = _openvino(other, tmp_path / "other")(batch).copy()
     assert not np.allclose(foreign, want)
     blob.write_bytes(next((tmp_path / "other" / "cache").glob("*.blob")).read_bytes())

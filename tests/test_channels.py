@@ -1,5 +1,6 @@
 """nnU-Net multi-channel inputs (issue 26): ``CASE_0000``, ``CASE_0001``, ... of a folder are one
 case, checked against the model's input channels, stacked in channel order."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,10 +29,24 @@ def save(path: Path, data: np.ndarray) -> None:
 
 
 def test_channel_groups_follow_nnunets_rule():
-    paths = [Path(p) for p in ("d/a_0001.nii.gz", "d/a_0000.nii.gz", "d/scan_0001.nii.gz", "d/scan_0002.nii.gz",
-                               "e/a_0001.nii.gz", "d/c.npy")]
-    assert channel_groups(paths) == [(Path("d/a_0000.nii.gz"), Path("d/a_0001.nii.gz")), (Path("d/scan_0001.nii.gz"),),
-                                     (Path("d/scan_0002.nii.gz"),), (Path("e/a_0001.nii.gz"),), (Path("d/c.npy"),)]
+    paths = [
+        Path(p)
+        for p in (
+            "d/a_0001.nii.gz",
+            "d/a_0000.nii.gz",
+            "d/scan_0001.nii.gz",
+            "d/scan_0002.nii.gz",
+            "e/a_0001.nii.gz",
+            "d/c.npy",
+        )
+    ]
+    assert channel_groups(paths) == [
+        (Path("d/a_0000.nii.gz"), Path("d/a_0001.nii.gz")),
+        (Path("d/scan_0001.nii.gz"),),
+        (Path("d/scan_0002.nii.gz"),),
+        (Path("e/a_0001.nii.gz"),),
+        (Path("d/c.npy"),),
+    ]
 
 
 def relabel(tmp_path, in_channels):

@@ -1,5 +1,6 @@
 """The Cityscapes label table and maps against the official values, the folder layouts, and the
 procedural driving scenes that write them (issue 24)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,13 +25,48 @@ from atso_fast.io import InputError
 from atso_fast.io.atomic import atomic_write_bytes
 from atso_fast.io.images import encode_png
 
-OFFICIAL_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
-                  26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+OFFICIAL_TRAIN = {
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
+    33: 18,
+}
 """cityscapesScripts labels.py: the 19 evaluated labelIds and their trainIds (everything else 255)."""
 
 
-@pytest.mark.parametrize("label_id, train_id", [(7, 0), (8, 1), (11, 2), (26, 13), (24, 11), (0, 255), (-1, 255),
-                                                (1, 255), (9, 255), (29, 255), (33, 18), (34, 255), (255, 255)])
+@pytest.mark.parametrize(
+    "label_id, train_id",
+    [
+        (7, 0),
+        (8, 1),
+        (11, 2),
+        (26, 13),
+        (24, 11),
+        (0, 255),
+        (-1, 255),
+        (1, 255),
+        (9, 255),
+        (29, 255),
+        (33, 18),
+        (34, 255),
+        (255, 255),
+    ],
+)
 def test_key_entries_of_the_official_table(label_id, train_id):
     assert label_ids_to_train_ids(np.array([label_id], np.int32)).tolist() == [train_id]
 
@@ -42,9 +78,27 @@ def test_every_label_id_maps_as_the_official_table():
     assert len(LABELS) == 35 and [lab.id for lab in LABELS[:34]] == list(range(34))
     plate = LABELS[-1]
     assert (plate.name, plate.id, plate.train_id, plate.ignore_in_eval) == ("license plate", -1, -1, True)
-    assert TRAIN_NAMES == ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-                           "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
-                           "motorcycle", "bicycle")
+    assert TRAIN_NAMES == (
+        "road",
+        "sidewalk",
+        "building",
+        "wall",
+        "fence",
+        "pole",
+        "traffic light",
+        "traffic sign",
+        "vegetation",
+        "terrain",
+        "sky",
+        "person",
+        "rider",
+        "car",
+        "truck",
+        "bus",
+        "train",
+        "motorcycle",
+        "bicycle",
+    )
     by_name = {lab.name: lab for lab in LABELS}
     assert by_name["road"].color == (128, 64, 128) and by_name["car"].color == (0, 0, 142)
     assert by_name["person"].category == "human" and by_name["person"].has_instances
@@ -77,8 +131,10 @@ def write_png(path, array):
 def test_cityscapes_layout_pairs_frames_and_labels(tmp_path):
     root = make_driving_cityscapes(tmp_path / "cs", splits={"train": 3, "val": 2}, height=40, width=64)
     frames = cityscapes_frames(root, "val")
-    assert [(f.city, f.name) for f in frames] == [("aachen", "aachen_000000_000000"),
-                                                  ("bremen", "bremen_000000_000001")]
+    assert [(f.city, f.name) for f in frames] == [
+        ("aachen", "aachen_000000_000000"),
+        ("bremen", "bremen_000000_000001"),
+    ]
     assert frames[0].label == root / "gtFine/val/aachen/aachen_000000_000000_gtFine_labelIds.png"
     rgb, train = load_frame(frames[0])
     _, label_ids = make_scene(0, 3, height=40, width=64)  # val comes after the 3 train frames

@@ -1,4 +1,5 @@
 """The command line a new user (an nnU-Net user) expects (issue 14, items 11 and 12)."""
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,7 @@ def test_nnunet_style_flags_and_positionals_are_both_accepted(tmp_path, fake_eng
     model = str(tmp_path / "model")
     assert main(["relabel", "-m", model, "-i", str(tmp_path / "in"), "-o", str(tmp_path / "a"), "--quiet"]) == 0
     assert fake_engine.seen["model_dir"] == model
-    assert main(["relabel", model, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "b"),
-                 "--quiet"]) == 0
+    assert main(["relabel", model, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "b"), "--quiet"]) == 0
     assert main(["relabel", "--model", model, str(tmp_path / "in"), str(tmp_path / "c"), "--quiet"]) == 0
     assert (tmp_path / "c" / "manifest.jsonl").is_file()
     assert main(["relabel", model, str(tmp_path / "in"), str(tmp_path / "d"), "-o", str(tmp_path / "e")]) == 2
@@ -87,8 +87,11 @@ def test_old_spellings_still_work(tmp_path, fake_engine):
 def _help_lines(parser: argparse.ArgumentParser) -> dict[str, str]:
     """Each option's help as formatted, keyed by its first option string."""
     formatter = parser._get_formatter()
-    return {(a.option_strings or [a.dest])[0]: formatter._expand_help(a) if a.help else ""
-            for a in parser._actions if not isinstance(a, (argparse._HelpAction, argparse._VersionAction))}
+    return {
+        (a.option_strings or [a.dest])[0]: formatter._expand_help(a) if a.help else ""
+        for a in parser._actions
+        if not isinstance(a, (argparse._HelpAction, argparse._VersionAction))
+    }
 
 
 @pytest.mark.parametrize("name", ["relabel", "export", "demo", "train"])
@@ -96,8 +99,12 @@ def test_every_option_has_help_with_its_default(name):
     from atso_fast.cli import export as export_cli
     from atso_fast.train import cli as train_cli
 
-    parser = {"relabel": relabel_cli.build_parser, "export": export_cli.build_parser,
-              "demo": train_cli.build_demo_parser, "train": train_cli.build_train_parser}[name]()
+    parser = {
+        "relabel": relabel_cli.build_parser,
+        "export": export_cli.build_parser,
+        "demo": train_cli.build_demo_parser,
+        "train": train_cli.build_train_parser,
+    }[name]()
     for option, text in _help_lines(parser).items():
         assert text.strip(), f"{name} {option}: no help text"
         if parser._option_string_actions.get(option) is not None:
@@ -147,9 +154,16 @@ def trained_run(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("train")
     make_phantoms(root / "data", 5, num_labelled=2, num_val=1, shape=(8, 16, 16), fmt="npy", seed=3)
-    config = {"data": "data", "num_classes": phantom_num_classes(), "patch_size": [8, 16, 16],
-              "model": {"base_channels": 4, "depth": 2}, "warmup_steps": 2, "rounds": 1, "steps_per_round": 1,
-              "out_dir": "runs/atso"}
+    config = {
+        "data": "data",
+        "num_classes": phantom_num_classes(),
+        "patch_size": [8, 16, 16],
+        "model": {"base_channels": 4, "depth": 2},
+        "warmup_steps": 2,
+        "rounds": 1,
+        "steps_per_round": 1,
+        "out_dir": "runs/atso",
+    }
     (root / "config.json").write_text(json.dumps(config))
     assert main(["train", str(root / "config.json"), "--no-export", "--log-level", "WARNING"]) == 0
     return root / "runs" / "atso" / "checkpoint.pt"
@@ -188,8 +202,23 @@ def test_export_never_unpickles_unless_trusted(tmp_path, capsys):
     torch.save(torch.nn.Conv3d(1, 2, 1), module)  # a whole pickled nn.Module
     assert main(["export", str(module), str(tmp_path / "pkg")]) == 2
     assert "pickled" in capsys.readouterr().err
-    assert main(["export", str(module), str(tmp_path / "pkg"), "--trust-pickle", "--window", "4", "4", "4",
-                 "--classes", "2"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(module),
+                str(tmp_path / "pkg"),
+                "--trust-pickle",
+                "--window",
+                "4",
+                "4",
+                "4",
+                "--classes",
+                "2",
+            ]
+        )
+        == 0
+    )
     (tmp_path / "junk.pt").write_bytes(pickle.dumps([1, 2]) + b"garbage")
     assert main(["export", str(tmp_path / "junk.pt"), str(tmp_path / "p2")]) == 2
     assert "atso-fast export:" in capsys.readouterr().err
@@ -249,11 +278,30 @@ def test_demo_progress_ticks_on_a_terminal_and_prints_stage_lines_otherwise():
 def test_the_demo_explains_every_column_it_prints():
     from atso_fast.train.cli import METHODS_LEGEND, ROUNDS_LEGEND, format_history
 
-    history = [{"round": 0, "trained_on": ["L"], "train_labels_from": {}, "relabelled": ["U1"], "relabelled_by": "M0",
-                "train": {"loss": 1.0}, "monitor": {}, "val_mean_dice": 0.5}]
+    history = [
+        {
+            "round": 0,
+            "trained_on": ["L"],
+            "train_labels_from": {},
+            "relabelled": ["U1"],
+            "relabelled_by": "M0",
+            "train": {"loss": 1.0},
+            "monitor": {},
+            "val_mean_dice": 0.5,
+        }
+    ]
     header = format_history(history).splitlines()[0]
-    for column in ("round", "trained on", "labels by", "relabelled", "loss", "pre-loss", "changed", "confidence",
-                   "val Dice"):
+    for column in (
+        "round",
+        "trained on",
+        "labels by",
+        "relabelled",
+        "loss",
+        "pre-loss",
+        "changed",
+        "confidence",
+        "val Dice",
+    ):
         assert column in header and f"  {column}" in ROUNDS_LEGEND, column
     for column in ("val mean Dice", "train s", "relabel engine", "Mvox/s"):
         assert column in METHODS_LEGEND, column

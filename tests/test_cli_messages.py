@@ -1,5 +1,6 @@
 """Command-line messages a new user meets (issue 26): options are spelt out, option errors are
 named as such, nnU-Net's --save_probabilities works, aliases agree across commands."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,8 +17,13 @@ from atso_fast.io import read_volume
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
     torch.manual_seed(0)
-    return export_model(torch.nn.Conv3d(1, 3, 3, padding=1), tmp_path_factory.mktemp("pkg"), window=(4, 8, 8),
-                        num_classes=3, normalization={"scheme": "zscore"})
+    return export_model(
+        torch.nn.Conv3d(1, 3, 3, padding=1),
+        tmp_path_factory.mktemp("pkg"),
+        window=(4, 8, 8),
+        num_classes=3,
+        normalization={"scheme": "zscore"},
+    )
 
 
 @pytest.fixture
@@ -26,12 +32,15 @@ def archive(tmp_path):
     return tmp_path / "in"
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["-d", "901"], "unrecognized arguments: -d"),
-    (["--thresh", "0.5"], "unrecognized arguments: --thresh"),
-    (["--threshold", "1.5"], "--threshold is a probability in [0, 1], got 1.5"),
-    (["--ignore-index", "70000"], "--ignore-index must be in [0, 65535]"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["-d", "901"], "unrecognized arguments: -d"),
+        (["--thresh", "0.5"], "unrecognized arguments: --thresh"),
+        (["--threshold", "1.5"], "--threshold is a probability in [0, 1], got 1.5"),
+        (["--ignore-index", "70000"], "--ignore-index must be in [0, 65535]"),
+    ],
+)
 def test_option_errors_are_named_as_such(package, archive, tmp_path, capsys, flags, message):
     assert main(["relabel", str(package), str(archive), str(tmp_path / "out"), *flags]) == 2
     err = capsys.readouterr().err
@@ -50,13 +59,32 @@ def test_device_cuda_without_a_gpu_says_so(package, archive, tmp_path, capsys):
 
 def test_save_probabilities_writes_nnunets_npz(package, archive, tmp_path):
     out = tmp_path / "out"
-    assert main(["relabel", "-m", str(package), "-i", str(archive), "--out", str(out), "--save_probabilities",
-                 "--batch", "2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "relabel",
+                "-m",
+                str(package),
+                "-i",
+                str(archive),
+                "--out",
+                str(out),
+                "--save_probabilities",
+                "--batch",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     with np.load(out / "a_probabilities.npz") as data:
         probabilities = data["probabilities"]
     image, meta = read_volume(archive / "a.nii.gz")
-    want = Relabeler(package, save_probabilities=True).relabel_volume(image, spacing=meta.spacing,
-                                                                      affine=meta.affine).probabilities
+    want = (
+        Relabeler(package, save_probabilities=True)
+        .relabel_volume(image, spacing=meta.spacing, affine=meta.affine)
+        .probabilities
+    )
     assert probabilities.shape == (3, *meta.spatial_shape) and probabilities.dtype == np.float32
     np.testing.assert_allclose(probabilities, want, atol=1e-5)
     np.testing.assert_allclose(probabilities.sum(0), 1.0, atol=1e-4)
@@ -66,16 +94,37 @@ def test_save_probabilities_writes_nnunets_npz(package, archive, tmp_path):
 
 def test_export_a_monai_state_dict_from_the_command_line(tmp_path, capsys):
     monai_nets = pytest.importorskip("monai.networks.nets")
-    kwargs = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": [2],
-              "num_res_units": 1}
+    kwargs = {
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "out_channels": 2,
+        "channels": [4, 8],
+        "strides": [2],
+        "num_res_units": 1,
+    }
     torch.manual_seed(0)
     net = monai_nets.UNet(**kwargs).eval()
     torch.save(net.state_dict(), tmp_path / "unet.pt")
     import json
 
-    argv = ["export", str(tmp_path / "unet.pt"), str(tmp_path / "pkg"), "--window", "8", "16", "16", "--classes", "2",
-            "--network", "monai.networks.nets:UNet", "--network-kwargs", json.dumps(kwargs),
-            "--class-names", "background", "tumour"]
+    argv = [
+        "export",
+        str(tmp_path / "unet.pt"),
+        str(tmp_path / "pkg"),
+        "--window",
+        "8",
+        "16",
+        "16",
+        "--classes",
+        "2",
+        "--network",
+        "monai.networks.nets:UNet",
+        "--network-kwargs",
+        json.dumps(kwargs),
+        "--class-names",
+        "background",
+        "tumour",
+    ]
     assert main(argv) == 0
     relabeler = Relabeler(tmp_path / "pkg", runtime="onnxruntime")
     volume = np.random.default_rng(0).normal(size=(8, 16, 16)).astype(np.float32)
@@ -83,8 +132,10 @@ def test_export_a_monai_state_dict_from_the_command_line(tmp_path, capsys):
         want = net(torch.from_numpy(volume)[None, None]).argmax(1)[0].numpy()
     np.testing.assert_array_equal(relabeler.relabel_volume(volume).labels, want)
     assert relabeler.package.class_names == ["background", "tumour"]
-    assert main(["export", str(tmp_path / "unet.pt"), str(tmp_path / "p2"), "--window", "8", "16", "16",
-                 "--classes", "2"]) == 2
+    assert (
+        main(["export", str(tmp_path / "unet.pt"), str(tmp_path / "p2"), "--window", "8", "16", "16", "--classes", "2"])
+        == 2
+    )
     assert "needs --network MODULE:CLASS" in capsys.readouterr().err
 
 

@@ -1,4 +1,5 @@
 """Interleaved slice splits: disjoint, covering, every band in every set, guards around held-out chunks."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """The ATSO experiment script's arm groups and pilot verdict (benchmarks/exp_atso_synthetic.py)."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -1,5 +1,6 @@
 """PNG/JPEG in the format registry (issue 24): layout, modes, label PNGs, and untrusted input
 (bombs, truncated and corrupt files, FIFOs) refused with one clear line."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,12 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     """A valid PNG header claiming ``width x height`` RGB pixels, with a few bytes of data."""
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def test_rgb_png_is_three_channels_of_one_slice(tmp_path, rng):
@@ -54,11 +59,14 @@ def test_jpeg_reads_as_rgb_and_its_labels_are_png(tmp_path):
     assert read_volume(tmp_path / "labels.png")[0].tolist() == labels.tolist()
 
 
-@pytest.mark.parametrize("mode, data, want", [
-    ("L", np.array([[0, 7], [255, 3]], np.uint8), [[0, 7], [255, 3]]),
-    ("P", np.array([[0, 1], [2, 19]], np.uint8), [[0, 1], [2, 19]]),  # palette indices (label PNGs)
-    ("1", np.array([[0, 255], [255, 0]], np.uint8), [[0, 1], [1, 0]]),
-])
+@pytest.mark.parametrize(
+    "mode, data, want",
+    [
+        ("L", np.array([[0, 7], [255, 3]], np.uint8), [[0, 7], [255, 3]]),
+        ("P", np.array([[0, 1], [2, 19]], np.uint8), [[0, 1], [2, 19]]),  # palette indices (label PNGs)
+        ("1", np.array([[0, 255], [255, 0]], np.uint8), [[0, 1], [1, 0]]),
+    ],
+)
 def test_single_band_modes(tmp_path, mode, data, want):
     picture = Image.new(mode, data.shape[::-1])
     picture.putdata(data.ravel().tolist())
@@ -115,10 +123,13 @@ def test_memory_budget_refuses_a_big_picture_when_the_pixel_limit_is_off(tmp_pat
         read_volume(path)
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"not a picture at all", r"not a valid PNG file"),
-    (b"\xff\xd8\xff\xe0" + b"\0" * 40, r"not a valid PNG file"),  # a JPEG start under a .png name
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"not a picture at all", r"not a valid PNG file"),
+        (b"\xff\xd8\xff\xe0" + b"\0" * 40, r"not a valid PNG file"),  # a JPEG start under a .png name
+    ],
+)
 def test_garbage_is_named(tmp_path, content, message):
     path = tmp_path / "bad.png"
     path.write_bytes(content)

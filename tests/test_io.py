@@ -1,4 +1,5 @@
 """Tests of atso_fast.io: readers, writers, names, listing, part split and manifest."""
+
 from __future__ import annotations
 
 import json
@@ -146,9 +147,13 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
     (tmp / "short.nii").write_bytes(raw[: len(raw) - 10])
     (tmp / "img.xyz").write_bytes(b"x")
     (tmp / "folder.nii.gz").mkdir()
-    for name, arr in {"one_d": np.zeros(5), "five_d": np.zeros((1, 2, 2, 2, 2)),
-                      "zero": np.zeros((0, 3, 4)), "text": np.array([["a", "b"]]),
-                      "complex": np.zeros((2, 2, 2), np.complex64)}.items():
+    for name, arr in {
+        "one_d": np.zeros(5),
+        "five_d": np.zeros((1, 2, 2, 2, 2)),
+        "zero": np.zeros((0, 3, 4)),
+        "text": np.array([["a", "b"]]),
+        "complex": np.zeros((2, 2, 2), np.complex64),
+    }.items():
         np.save(tmp / f"{name}.npy", arr)
     np.save(tmp / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     (tmp / "garbage.npz").write_bytes(b"PK not really a zip")
@@ -212,8 +217,7 @@ def test_nan_is_not_an_io_error(tmp_path):
     assert has_nonfinite(array)
 
 
-@pytest.mark.parametrize("value,expected", [(np.nan, True), (np.inf, True), (-np.inf, True),
-                                            (1e30, False)])
+@pytest.mark.parametrize("value,expected", [(np.nan, True), (np.inf, True), (-np.inf, True), (1e30, False)])
 def test_has_nonfinite(value, expected):
     array = np.zeros((3, 4, 5), np.float32)
     array[2, 1, 0] = value
@@ -259,19 +263,25 @@ def _variant_inputs(tmp: Path) -> list[Path]:
     ext = nib.Nifti1Image(xyz_data((5, 6, 7)), affine_for(()))
     ext.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"an extension"))
     nib.save(ext, tmp / "ext.nii.gz")
-    return [tmp / "be.nii", tmp / "ext.nii.gz",
-            save_nifti(tmp / "plain.nii.gz", xyz_data((5, 6, 7)), cal_min=-5, cal_max=5),
-            save_nifti(tmp / "two.nii", xyz_data((5, 6, 7)), klass=nib.Nifti2Image),
-            save_nifti(tmp / "four.nii.gz", xyz_data((5, 6, 7, 2))),
-            save_nifti(tmp / "flat.nii.gz", xyz_data((5, 6)))]
+    return [
+        tmp / "be.nii",
+        tmp / "ext.nii.gz",
+        save_nifti(tmp / "plain.nii.gz", xyz_data((5, 6, 7)), cal_min=-5, cal_max=5),
+        save_nifti(tmp / "two.nii", xyz_data((5, 6, 7)), klass=nib.Nifti2Image),
+        save_nifti(tmp / "four.nii.gz", xyz_data((5, 6, 7, 2))),
+        save_nifti(tmp / "flat.nii.gz", xyz_data((5, 6))),
+    ]
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 def test_nifti_bytes_equal_what_nibabel_writes(tmp_path, dtype):
     for src in _variant_inputs(tmp_path):
         _, meta = read_volume(src)
-        labels = np.random.default_rng(3).integers(0, 300 if dtype == np.uint16 else 9,
-                                                   size=meta.spatial_shape).astype(dtype)
+        labels = (
+            np.random.default_rng(3)
+            .integers(0, 300 if dtype == np.uint16 else 9, size=meta.spatial_shape)
+            .astype(dtype)
+        )
         mine = write_labels(tmp_path / "out.nii", labels, meta).read_bytes()
         assert mine == _nibabel_reference_bytes(labels, meta), src.name
         gz = write_labels(tmp_path / "out.nii.gz", labels, meta).read_bytes()
@@ -352,11 +362,20 @@ def test_atomic_write_replaces_and_cleans_up(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------ names and lists
-@pytest.mark.parametrize("rel,expected", [
-    ("case1.nii.gz", "case1"), ("a/b/case1.nii.gz", "a/b/case1"), ("c_0000.nii.gz", "c"),
-    ("c_0001.nii.gz", "c_0001"), ("x.NII.GZ", "x"), ("v.npy", "v"), ("w.npz", "w"),
-    ("d.nii", "d"), ("_0000.nii", "_0000"),
-])
+@pytest.mark.parametrize(
+    "rel,expected",
+    [
+        ("case1.nii.gz", "case1"),
+        ("a/b/case1.nii.gz", "a/b/case1"),
+        ("c_0000.nii.gz", "c"),
+        ("c_0001.nii.gz", "c_0001"),
+        ("x.NII.GZ", "x"),
+        ("v.npy", "v"),
+        ("w.npz", "w"),
+        ("d.nii", "d"),
+        ("_0000.nii", "_0000"),
+    ],
+)
 def test_case_id(tmp_path, rel, expected):
     assert case_id(tmp_path / rel, tmp_path) == expected
 
@@ -393,8 +412,18 @@ def _touch(path: Path) -> Path:
 
 
 def test_list_inputs_folder(tmp_path):
-    for rel in ["b.nii.gz", "a.npy", "c.npz", "d.nii", "notes.txt", ".hidden.nii.gz",
-                "sub/e.nii.gz", ".git/f.nii.gz", "sub/.g.npy", "x.xyz"]:
+    for rel in [
+        "b.nii.gz",
+        "a.npy",
+        "c.npz",
+        "d.nii",
+        "notes.txt",
+        ".hidden.nii.gz",
+        "sub/e.nii.gz",
+        ".git/f.nii.gz",
+        "sub/.g.npy",
+        "x.xyz",
+    ]:
         _touch(tmp_path / rel)
     (tmp_path / "dir.nii.gz").mkdir()
     names = [p.relative_to(tmp_path).as_posix() for p in list_inputs(tmp_path)]
@@ -408,8 +437,12 @@ def test_list_inputs_list_file_and_single_file(tmp_path):
     lst = tmp_path / "lists" / "cases.lst"
     lst.parent.mkdir()
     lst.write_text(f"# header\n\nimgs/a.nii.gz\n  imgs/b.npy  \n{elsewhere}\n#x.npy\nmissing.npy\n")
-    assert list_inputs(lst) == [lst.parent / "imgs/a.nii.gz", lst.parent / "imgs/b.npy",
-                                elsewhere, lst.parent / "missing.npy"]
+    assert list_inputs(lst) == [
+        lst.parent / "imgs/a.nii.gz",
+        lst.parent / "imgs/b.npy",
+        elsewhere,
+        lst.parent / "missing.npy",
+    ]
     assert list_inputs(elsewhere) == [elsewhere]
     with pytest.raises(InputError, match="no such file"):
         list_inputs(tmp_path / "nothing")
@@ -428,8 +461,7 @@ def test_select_part_covers_every_path_once(num_parts):
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
-@pytest.mark.parametrize("num_parts,part_id", [(0, 0), (2, 2), (2, -1), (1.5, 0), (True, 0),
-                                               (2, "1")])
+@pytest.mark.parametrize("num_parts,part_id", [(0, 0), (2, 2), (2, -1), (1.5, 0), (True, 0), (2, "1")])
 def test_select_part_validates(num_parts, part_id):
     with pytest.raises(ValueError, match="num_parts|part_id"):
         select_part([Path("a")], num_parts, part_id)
@@ -439,11 +471,17 @@ def test_select_part_validates(num_parts, part_id):
 def test_manifest_rows_and_completed(tmp_path):
     manifest = Manifest(tmp_path / "manifest.jsonl")
     _touch(tmp_path / "a.nii.gz")
-    manifest.append({"case_id": "a", "status": "ok", "outputs": {"labels": "a.nii.gz"},
-                     "mean_confidence": np.float32(0.5), "label_counts": np.array([3, 4])})
+    manifest.append(
+        {
+            "case_id": "a",
+            "status": "ok",
+            "outputs": {"labels": "a.nii.gz"},
+            "mean_confidence": np.float32(0.5),
+            "label_counts": np.array([3, 4]),
+        }
+    )
     manifest.append({"case_id": "b", "status": "ok", "outputs": {"labels": "b.nii.gz"}})
-    manifest.append({"case_id": "c", "status": "failed", "error": "boom",
-                     "mean_confidence": float("nan")})
+    manifest.append({"case_id": "c", "status": "failed", "error": "boom", "mean_confidence": float("nan")})
     manifest.close()
     rows = manifest.rows()
     assert [r["case_id"] for r in rows] == ["a", "b", "c"]

@@ -1,4 +1,5 @@
 """NRRD, MetaImage (.mha, .mhd) and DICOM series through the format registry: geometry round trips."""
+
 from __future__ import annotations
 
 import locale
@@ -126,8 +127,14 @@ def test_corrupt_sitk_files_raise_input_error(tmp_path, content):
         read_volume(tmp_path / "missing.mha")
 
 
-def write_dicom_series(folder: Path, array_zyx: np.ndarray, *, series_uid: str = "1.2.826.0.1.3680043.2.1125.1",
-                       spacing=(0.75, 0.75, 3.0), origin=(-100.0, -120.0, 40.0)) -> None:
+def write_dicom_series(
+    folder: Path,
+    array_zyx: np.ndarray,
+    *,
+    series_uid: str = "1.2.826.0.1.3680043.2.1125.1",
+    spacing=(0.75, 0.75, 3.0),
+    origin=(-100.0, -120.0, 40.0),
+) -> None:
     """A CT series, one file per slice, written with SimpleITK's GDCM writer (the slices' own
     position and orientation tags give the geometry back). GDCM's writer sets the process locale
     to "C" (Python's default file encoding then turns ASCII): it is restored afterwards."""
@@ -147,16 +154,24 @@ def _write_dicom_slices(folder: Path, array_zyx: np.ndarray, series_uid: str, sp
     writer.KeepOriginalImageUIDOn()
     now = time.strftime("%Y%m%d"), time.strftime("%H%M%S")
     direction = image.GetDirection()
-    orientation = "\\".join(str(v) for v in (direction[0], direction[3], direction[6],
-                                               direction[1], direction[4], direction[7]))
+    orientation = "\\".join(
+        str(v) for v in (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7])
+    )
     for z in range(image.GetDepth()):
         piece = image[:, :, z]
         position = image.TransformIndexToPhysicalPoint((0, 0, z))
-        for tag, value in (("0008|0031", now[1]), ("0008|0021", now[0]), ("0008|0060", "CT"),
-                           ("0020|000e", series_uid), ("0020|000d", series_uid + ".0"),
-                           ("0020|0037", orientation), ("0020|0032", "\\".join(map(str, position))),
-                           ("0020|0013", str(z + 1)), ("0018|0050", str(spacing[2])),
-                           ("0028|0030", f"{spacing[1]}\\{spacing[0]}")):
+        for tag, value in (
+            ("0008|0031", now[1]),
+            ("0008|0021", now[0]),
+            ("0008|0060", "CT"),
+            ("0020|000e", series_uid),
+            ("0020|000d", series_uid + ".0"),
+            ("0020|0037", orientation),
+            ("0020|0032", "\\".join(map(str, position))),
+            ("0020|0013", str(z + 1)),
+            ("0018|0050", str(spacing[2])),
+            ("0028|0030", f"{spacing[1]}\\{spacing[0]}"),
+        ):
             piece.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
         writer.Execute(piece)

@@ -1,6 +1,7 @@
 """One file never stops a run (issue 26): sizes are checked against the memory budget before
 allocating, gzip data past the image are never inflated, sparse tails are never read, bad voxel
 sizes are refused, and FIFOs are refused without blocking."""
+
 from __future__ import annotations
 
 import gzip
@@ -119,9 +120,17 @@ def test_a_fifo_is_refused_without_blocking(tmp_path, name):
 def test_a_header_claiming_huge_voxels_is_refused_before_resampling(monkeypatch):
     package = ModelPackage.__new__(ModelPackage)
     monkeypatch.setattr(limits_mod, "memory_budget", lambda: 1 << 30)
-    spec = {"orientation": "as-stored", "transpose": None, "crop_to_nonzero": False,
-            "resampling": {"separate_z": None, "anisotropy_threshold": 3.0, "probabilities_order": 1,
-                           "probabilities_order_z": 0}}
+    spec = {
+        "orientation": "as-stored",
+        "transpose": None,
+        "crop_to_nonzero": False,
+        "resampling": {
+            "separate_z": None,
+            "anisotropy_threshold": 3.0,
+            "probabilities_order": 1,
+            "probabilities_order_z": 0,
+        },
+    }
     monkeypatch.setattr(ModelPackage, "preprocessing", property(lambda self: spec), raising=False)
     monkeypatch.setattr(ModelPackage, "spacing", property(lambda self: (1.0, 1.0, 1.0)), raising=False)
     vol = np.zeros((1, 20, 20, 20), np.float32)

@@ -4,6 +4,7 @@ Every kernel runs on three paths: ``cpu`` (the blocked CPU kernels), ``cpu-threa
 kernels' per-thread algorithm as a host loop over the same code, on every CI machine) and
 ``cuda`` (on a GPU). The first two must agree bit for bit.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -33,6 +34,7 @@ def to_device(array: np.ndarray, path: str):
 def algo(path: str, kernel: str) -> dict:
     """The ``algorithm`` keyword of ``kernel`` on ``path``."""
     return {"algorithm": THREAD_ALGORITHM[kernel] if path == "cpu-thread" else "auto"}
+
 
 from atso_fast.engine.windows import gaussian_importance, sliding_window_origins
 from atso_fast.kernels import native, reference
@@ -64,8 +66,9 @@ def corner_origins(vol, patch):
 def test_extract_patches_matches_reference(rng, path, vol, patch, overlap, channels, out_dtype):
     volume = rng.standard_normal((channels, *vol), dtype=np.float32)
     origins = np.concatenate([sliding_window_origins(vol, patch, overlap), corner_origins(vol, patch)])
-    got = native.extract_patches(to_device(volume, path), origins, patch, pad_value=-3.0, out_dtype=out_dtype,
-                                 **algo(path, "extract_patches"))
+    got = native.extract_patches(
+        to_device(volume, path), origins, patch, pad_value=-3.0, out_dtype=out_dtype, **algo(path, "extract_patches")
+    )
     want = reference.extract_patches(volume, origins, patch, pad_value=-3.0, out_dtype=out_dtype)
     np.testing.assert_array_equal(to_numpy(got), want)
 
@@ -86,8 +89,9 @@ def run_accumulate(rng, path, vol, patch, overlap, channels, patch_dtype, acc_dt
     acc = np.zeros((channels, zs, vol[1], vol[2]), acc_dtype)
     wsum = np.zeros((zs, vol[1], vol[2]), np.float32)
     acc_d, wsum_d = to_device(acc, path), to_device(wsum, path)
-    native.accumulate(acc_d, wsum_d, to_device(patches, path), origins, to_device(imp, path), z0,
-                      **algo(path, "accumulate"))
+    native.accumulate(
+        acc_d, wsum_d, to_device(patches, path), origins, to_device(imp, path), z0, **algo(path, "accumulate")
+    )
     reference.accumulate(acc, wsum, patches, origins, imp, z0)
     return to_numpy(acc_d), to_numpy(wsum_d), acc, wsum
 
@@ -98,7 +102,8 @@ def run_accumulate(rng, path, vol, patch, overlap, channels, patch_dtype, acc_dt
 @pytest.mark.parametrize("patch_dtype", [np.float32, np.float16, BF16])
 def test_accumulate_matches_reference(rng, path, vol, patch, overlap, channels, patch_dtype):
     got_acc, got_w, want_acc, want_w = run_accumulate(
-        rng, path, vol, patch, overlap, channels, patch_dtype, np.float32, 0, vol[0])
+        rng, path, vol, patch, overlap, channels, patch_dtype, np.float32, 0, vol[0]
+    )
     # Same additions in the same order, no FMA contraction: bit-identical on every path.
     np.testing.assert_array_equal(got_w, want_w)
     np.testing.assert_array_equal(got_acc, want_acc)
@@ -108,8 +113,7 @@ def test_accumulate_matches_reference(rng, path, vol, patch, overlap, channels, 
 @pytest.mark.parametrize("z0,zs", [(0, 3), (5, 4), (13, 4), (16, 1)])
 def test_accumulate_slab_clips_rows(rng, path, z0, zs):
     vol, patch = (17, 23, 19), (8, 10, 6)
-    got_acc, got_w, want_acc, want_w = run_accumulate(
-        rng, path, vol, patch, 0.5, 3, np.float32, np.float32, z0, zs)
+    got_acc, got_w, want_acc, want_w = run_accumulate(rng, path, vol, patch, 0.5, 3, np.float32, np.float32, z0, zs)
     np.testing.assert_array_equal(got_w, want_w)
     np.testing.assert_array_equal(got_acc, want_acc)
 
@@ -117,7 +121,8 @@ def test_accumulate_slab_clips_rows(rng, path, z0, zs):
 @pytest.mark.parametrize("path", PATHS)
 def test_accumulate_float16_accumulator(rng, path):
     got_acc, got_w, want_acc, want_w = run_accumulate(
-        rng, path, (17, 23, 19), (8, 10, 6), 0.5, 2, np.float16, np.float16, 0, 17)
+        rng, path, (17, 23, 19), (8, 10, 6), 0.5, 2, np.float16, np.float16, 0, 17
+    )
     np.testing.assert_array_equal(got_w, want_w)
     np.testing.assert_allclose(got_acc.astype(np.float32), want_acc.astype(np.float32), rtol=2e-3, atol=2e-3)
 
@@ -143,8 +148,14 @@ def test_accumulate_empty_batch_is_noop(path):
     acc = to_device(np.ones((2, 3, 4, 5), np.float32), path)
     wsum = to_device(np.ones((3, 4, 5), np.float32), path)
     patches = to_device(np.zeros((0, 2, 2, 2, 2), np.float32), path)
-    native.accumulate(acc, wsum, patches, np.zeros((0, 3), np.int64), to_device(np.ones((2, 2, 2), np.float32), path),
-                      **algo(path, "accumulate"))
+    native.accumulate(
+        acc,
+        wsum,
+        patches,
+        np.zeros((0, 3), np.int64),
+        to_device(np.ones((2, 2, 2), np.float32), path),
+        **algo(path, "accumulate"),
+    )
     assert (to_numpy(acc) == 1).all() and (to_numpy(wsum) == 1).all()
 
 
@@ -171,8 +182,9 @@ def test_finalize_matches_reference(rng, path, channels, kind, threshold):
         acc = (probs * wsum[None]).astype(np.float32)
         acc[0, 1, 1, 1] = np.nan
     ignore = 255 if channels <= 255 else 1000
-    got = native.finalize(to_device(acc, path), to_device(wsum, path), threshold, ignore, kind,
-                          **algo(path, "finalize"))
+    got = native.finalize(
+        to_device(acc, path), to_device(wsum, path), threshold, ignore, kind, **algo(path, "finalize")
+    )
     labels, conf, counts = reference.finalize(acc, wsum, threshold, ignore, kind)
     k = max(channels, 2)
     got_labels, got_conf = to_numpy(got.labels), to_numpy(got.confidence)
@@ -192,8 +204,9 @@ def test_finalize_matches_reference(rng, path, channels, kind, threshold):
 @pytest.mark.parametrize("rows", [(0, 6), (2, 5), (3, 3), (5, 6)])
 def test_finalize_rows_match_reference_of_those_rows(rng, path, rows):
     acc, wsum = random_blend(rng, 4)
-    got = native.finalize(to_device(acc, path), to_device(wsum, path), 0.4, 255, "probabilities", rows=rows,
-                          **algo(path, "finalize"))
+    got = native.finalize(
+        to_device(acc, path), to_device(wsum, path), 0.4, 255, "probabilities", rows=rows, **algo(path, "finalize")
+    )
     r0, r1 = rows
     labels, conf, counts = reference.finalize(acc[:, r0:r1], wsum[r0:r1], 0.4, 255, "probabilities")
     # probabilities need no exp: exact against the reference
@@ -227,8 +240,14 @@ def test_finalize_ties_and_threshold_edges(path):
     acc = np.array([[0.5, 0.5, 0.5, 0.9], [0.5, 0.25, 0.25, 0.1], [0.0, 0.25, 0.25, 0.0]], np.float32)
     acc[:, 2] = [0.49999997, 0.25, 0.25000003]
     wsum = np.array([1, 1, 1, 0], np.float32)
-    out = native.finalize(to_device(acc.reshape(3, 1, 1, 4), path), to_device(wsum.reshape(1, 1, 4), path),
-                          threshold=0.5, ignore_index=7, kind="probabilities", **algo(path, "finalize"))
+    out = native.finalize(
+        to_device(acc.reshape(3, 1, 1, 4), path),
+        to_device(wsum.reshape(1, 1, 4), path),
+        threshold=0.5,
+        ignore_index=7,
+        kind="probabilities",
+        **algo(path, "finalize"),
+    )
     assert to_numpy(out.labels).ravel().tolist() == [0, 0, 7, 7]
     assert to_numpy(out.confidence).ravel().tolist() == [128, 128, 127, 0]
     assert out.counts.tolist() == [2, 0, 0] and out.ignored == 1 and out.invalid == 1
@@ -241,8 +260,12 @@ def test_finalize_single_channel_sigmoid(path):
     out = native.finalize(to_device(logits, path), to_device(wsum, path), kind="logits", **algo(path, "finalize"))
     assert to_numpy(out.labels).ravel().tolist() == [0, 1, 0, 1]  # p = 0.5 is a tie -> background
     p = 1 / (1 + np.exp(-2.0))
-    assert to_numpy(out.confidence).ravel().tolist() == [128, int(np.floor(p * 255 + 0.5)),
-                                                         int(np.floor(p * 255 + 0.5)), 255]
+    assert to_numpy(out.confidence).ravel().tolist() == [
+        128,
+        int(np.floor(p * 255 + 0.5)),
+        int(np.floor(p * 255 + 0.5)),
+        255,
+    ]
     assert out.counts.tolist() == [2, 2]
 
 
@@ -273,91 +296,233 @@ def test_bfloat16_patches_add_as_their_exact_float32_values(rng, path):
         native.accumulate(np.zeros((2, 8, 9, 10), BF16), wsum, patches, origins, imp, algorithm=path)
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: native.accumulate(np.zeros((1, 4, 4, 4), np.float64), np.zeros((4, 4, 4), np.float32),
-                               np.zeros((1, 1, 2, 2, 2), np.float32), [[0, 0, 0]], np.ones((2, 2, 2), np.float32)),
-     "acc must have dtype float32 or float16, got numpy float64"),
-    (lambda: native.accumulate(np.zeros((1, 4, 4, 4), np.float32), np.zeros((4, 4, 5), np.float32),
-                               np.zeros((1, 1, 2, 2, 2), np.float32), [[0, 0, 0]], np.ones((2, 2, 2), np.float32)),
-     r"wsum must have shape \(4, 4, 4\)"),
-    (lambda: native.accumulate(np.zeros((2, 4, 4, 4), np.float32), np.zeros((4, 4, 4), np.float32),
-                               np.zeros((1, 1, 2, 2, 2), np.float32), [[0, 0, 0]], np.ones((2, 2, 2), np.float32)),
-     "patches must have 2 channels"),
-    (lambda: native.accumulate(np.zeros((1, 4, 4, 4), np.float32), np.zeros((4, 4, 4), np.float32),
-                               np.zeros((1, 1, 2, 2, 2), np.float32), [[0, 0]], np.ones((2, 2, 2), np.float32)),
-     r"origins must have shape \(1, 3\)"),
-    (lambda: native.accumulate(np.zeros((1, 4, 4, 8), np.float32)[..., ::2], np.zeros((4, 4, 4), np.float32),
-                               np.zeros((1, 1, 2, 2, 2), np.float32), [[0, 0, 0]], np.ones((2, 2, 2), np.float32)),
-     "acc must be C-contiguous"),
-    (lambda: native.finalize(np.zeros((3, 2, 2, 2), np.float32), np.ones((2, 2, 2), np.float32), ignore_index=2),
-     r"ignore_index must be in \[3, 65535\]"),
-    (lambda: native.finalize(np.zeros((3, 2, 2, 2), np.float32), np.ones((2, 2, 2), np.float32), threshold=1.5),
-     r"threshold must be in \[0, 1\]"),
-    (lambda: native.finalize(np.zeros((3, 2, 2, 2), np.float32), np.ones((2, 2, 2), np.float32), kind="softmax"),
-     "kind must be"),
-    (lambda: native.extract_patches(np.zeros((4, 4), np.float32), [[0, 0, 0]], (2, 2, 2)),
-     r"volume must be \(Z, Y, X\) or \(M, Z, Y, X\)"),
-    (lambda: native.extract_patches([[1.0]], [[0, 0, 0]], (2, 2, 2)), "volume must be a numpy array"),
-    (lambda: native.extract_patches(np.zeros((4, 4, 4)), [[0, 0, 0]], (2, 2, 2)),
-     r"volume must have dtype float32, got numpy float64 array of shape \(4, 4, 4\) on cpu"),
-    (lambda: native.extract_patches(np.zeros((4, 4, 4), np.float32), [[0, 0, 0]], (2, 2)),
-     r"patch_size must be three positive integers, got \(2, 2\)"),
-    (lambda: native.extract_patches(np.zeros((4, 4, 4), np.float32), [[0, 0, 0]], (2, 2, 2), out_dtype="int8"),
-     "out_dtype must be float32 or float16, got 'int8'"),
-    (lambda: native.extract_patches(np.zeros((4, 4, 4), np.float32), [[0, 0, 0]], (2, 2, 2),
-                                    out=np.zeros((1, 1, 2, 2, 3), np.float32)),
-     r"out must have shape \(1, 1, 2, 2, 2\), got numpy float32 array of shape \(1, 1, 2, 2, 3\)"),
-    (lambda: native.extract_patches(np.zeros((4, 4, 4), np.float32), [[0, 0, 0]], (2, 2, 2), algorithm="gather"),
-     "algorithm must be 'auto', 'rows' or 'element', got 'gather'"),
-    (lambda: native.accumulate(np.zeros((1, 4, 4, 4), np.float32), np.zeros((4, 4, 4), np.float32),
-                               np.zeros((1, 1, 2, 2, 2), np.float32), [[0, 0, 2**40]], np.ones((2, 2, 2), np.float32)),
-     r"origins must lie within \+-2\*\*30 voxels"),
-    (lambda: native.accumulate(np.zeros((1, 4, 4, 4), np.float32), np.zeros((4, 4, 4), np.float32),
-                               np.zeros((1, 1, 2, 2, 2), np.float32), [[0, 0, 0]], np.ones((2, 2, 3), np.float32)),
-     r"importance must have the window shape \(2, 2, 2\), got numpy float32 array of shape \(2, 2, 3\)"),
-    (lambda: native.accumulate(np.zeros((1, 4, 4, 4), np.float32), np.zeros((4, 4, 4), np.float32),
-                               np.zeros((1, 1, 2, 2, 2), np.float32), [[0, 0, 0]], np.ones((2, 2, 2), np.float32),
-                               algorithm="voxel"),
-     "algorithm must be 'auto', 'blocked' or 'gather', got 'voxel'"),
-    (lambda: native.accumulate(np.zeros((1, 4, 4, 4), np.float32), np.zeros((4, 4, 4), np.float32),
-                               np.zeros((1, 1, 2, 2, 2), np.float32), "abc", np.ones((2, 2, 2), np.float32)),
-     "origins must be"),
-    (lambda: native.accumulate(np.broadcast_to(np.float32(0), (1, 4, 4, 4)), np.zeros((4, 4, 4), np.float32),
-                               np.zeros((1, 1, 2, 2, 2), np.float32), [[0, 0, 0]], np.ones((2, 2, 2), np.float32)),
-     "acc must be C-contiguous"),
-    (lambda: native.accumulate(_read_only(np.zeros((1, 4, 4, 4), np.float32)), np.zeros((4, 4, 4), np.float32),
-                               np.zeros((1, 1, 2, 2, 2), np.float32), [[0, 0, 0]], np.ones((2, 2, 2), np.float32)),
-     r"acc must be writeable, got a read-only numpy float32 array of shape \(1, 4, 4, 4\) on cpu"),
-    (lambda: native.finalize(np.zeros((3, 2, 2, 2), np.float32), np.ones((2, 2, 2), np.float32), rows=(1, 3)),
-     r"rows must satisfy 0 <= start <= end <= 2, got \(1, 3\)"),
-    (lambda: native.finalize(np.zeros((3, 2, 2, 2), np.float32), np.ones((2, 2, 3), np.float32)),
-     r"wsum must have shape \(2, 2, 2\), got numpy float32 array of shape \(2, 2, 3\) on cpu"),
-    (lambda: native.finalize(np.zeros((0, 2, 2, 2), np.float32), np.ones((2, 2, 2), np.float32)),
-     "acc must have at least one channel"),
-    (lambda: native.finalize(np.zeros((3, 2, 2, 2), np.float32), np.ones((2, 2, 2), np.float32), algorithm="gather"),
-     "algorithm must be 'auto', 'blocked' or 'voxel', got 'gather'"),
-    (lambda: native.finalize(np.zeros((3, 2, 2, 2), np.float32), np.ones((2, 2, 2), np.float32), kind=None),
-     "kind must be a string, got None"),
-    (lambda: native.finalize(np.zeros((3, 2, 2, 2), np.float32), np.ones((2, 2, 2), np.float32), threshold="high"),
-     "threshold must be a number, got 'high'"),
-    (lambda: native.accumulate(np.zeros((1, 4, 4, 4), np.float32), np.zeros((4, 4, 4), np.float32),
-                               np.zeros((1, 1, 2, 2, 2), np.float32), [[0, 0, 0]], np.ones((2, 2, 2), np.float32),
-                               z0=None),
-     "z0 must be an integer, got None"),
-    # declared arguments (csrc/*.h tables): parsed and checked by the table's parser or rule
-    (lambda: native.extract_patches(np.zeros((4, 4, 4), np.float32), [[0, 0, 0]], (2, 2, 2), pad_value="x"),
-     "pad_value must be a number, got 'x'"),
-    (lambda: native.accumulate(np.zeros((1, 4, 4, 4), np.float32), np.zeros((4, 4, 4), np.float32),
-                               np.zeros((1, 1, 2, 2, 2), np.float32), [[0, 0, 0]], np.ones((2, 2, 2), np.float64)),
-     r"importance must have dtype float32, got numpy float64 array of shape \(2, 2, 2\) on cpu"),
-    (lambda: native.accumulate(np.zeros((1, 4, 4, 4), np.float32), np.zeros((4, 4, 4), np.float32),
-                               np.zeros((1, 1, 2, 2, 2), np.float32), [[0, 0, 0]], np.ones((2, 2), np.float32)),
-     r"importance must have 3 dimensions, got numpy float32 array of shape \(2, 2\)"),
-    (lambda: native.finalize(np.zeros((3, 4, 2, 2), np.float32), np.ones((4, 2, 2), np.float64), rows=(1, 3)),
-     r"wsum must have dtype float32, got numpy float64 array of shape \(4, 2, 2\)"),
-    (lambda: native.finalize(np.zeros((3, 4, 2, 2), np.float32), np.ones((3, 2, 2), np.float32), rows=(1, 3)),
-     r"wsum must have shape \(4, 2, 2\), got numpy float32 array of shape \(3, 2, 2\)"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (
+            lambda: native.accumulate(
+                np.zeros((1, 4, 4, 4), np.float64),
+                np.zeros((4, 4, 4), np.float32),
+                np.zeros((1, 1, 2, 2, 2), np.float32),
+                [[0, 0, 0]],
+                np.ones((2, 2, 2), np.float32),
+            ),
+            "acc must have dtype float32 or float16, got numpy float64",
+        ),
+        (
+            lambda: native.accumulate(
+                np.zeros((1, 4, 4, 4), np.float32),
+                np.zeros((4, 4, 5), np.float32),
+                np.zeros((1, 1, 2, 2, 2), np.float32),
+                [[0, 0, 0]],
+                np.ones((2, 2, 2), np.float32),
+            ),
+            r"wsum must have shape \(4, 4, 4\)",
+        ),
+        (
+            lambda: native.accumulate(
+                np.zeros((2, 4, 4, 4), np.float32),
+                np.zeros((4, 4, 4), np.float32),
+                np.zeros((1, 1, 2, 2, 2), np.float32),
+                [[0, 0, 0]],
+                np.ones((2, 2, 2), np.float32),
+            ),
+            "patches must have 2 channels",
+        ),
+        (
+            lambda: native.accumulate(
+                np.zeros((1, 4, 4, 4), np.float32),
+                np.zeros((4, 4, 4), np.float32),
+                np.zeros((1, 1, 2, 2, 2), np.float32),
+                [[0, 0]],
+                np.ones((2, 2, 2), np.float32),
+            ),
+            r"origins must have shape \(1, 3\)",
+        ),
+        (
+            lambda: native.accumulate(
+                np.zeros((1, 4, 4, 8), np.float32)[..., ::2],
+                np.zeros((4, 4, 4), np.float32),
+                np.zeros((1, 1, 2, 2, 2), np.float32),
+                [[0, 0, 0]],
+                np.ones((2, 2, 2), np.float32),
+            ),
+            "acc must be C-contiguous",
+        ),
+        (
+            lambda: native.finalize(np.zeros((3, 2, 2, 2), np.float32), np.ones((2, 2, 2), np.float32), ignore_index=2),
+            r"ignore_index must be in \[3, 65535\]",
+        ),
+        (
+            lambda: native.finalize(np.zeros((3, 2, 2, 2), np.float32), np.ones((2, 2, 2), np.float32), threshold=1.5),
+            r"threshold must be in \[0, 1\]",
+        ),
+        (
+            lambda: native.finalize(np.zeros((3, 2, 2, 2), np.float32), np.ones((2, 2, 2), np.float32), kind="softmax"),
+            "kind must be",
+        ),
+        (
+            lambda: native.extract_patches(np.zeros((4, 4), np.float32), [[0, 0, 0]], (2, 2, 2)),
+            r"volume must be \(Z, Y, X\) or \(M, Z, Y, X\)",
+        ),
+        (lambda: native.extract_patches([[1.0]], [[0, 0, 0]], (2, 2, 2)), "volume must be a numpy array"),
+        (
+            lambda: native.extract_patches(np.zeros((4, 4, 4)), [[0, 0, 0]], (2, 2, 2)),
+            r"volume must have dtype float32, got numpy float64 array of shape \(4, 4, 4\) on cpu",
+        ),
+        (
+            lambda: native.extract_patches(np.zeros((4, 4, 4), np.float32), [[0, 0, 0]], (2, 2)),
+            r"patch_size must be three positive integers, got \(2, 2\)",
+        ),
+        (
+            lambda: native.extract_patches(np.zeros((4, 4, 4), np.float32), [[0, 0, 0]], (2, 2, 2), out_dtype="int8"),
+            "out_dtype must be float32 or float16, got 'int8'",
+        ),
+        (
+            lambda: native.extract_patches(
+                np.zeros((4, 4, 4), np.float32), [[0, 0, 0]], (2, 2, 2), out=np.zeros((1, 1, 2, 2, 3), np.float32)
+            ),
+            r"out must have shape \(1, 1, 2, 2, 2\), got numpy float32 array of shape \(1, 1, 2, 2, 3\)",
+        ),
+        (
+            lambda: native.extract_patches(np.zeros((4, 4, 4), np.float32), [[0, 0, 0]], (2, 2, 2), algorithm="gather"),
+            "algorithm must be 'auto', 'rows' or 'element', got 'gather'",
+        ),
+        (
+            lambda: native.accumulate(
+                np.zeros((1, 4, 4, 4), np.float32),
+                np.zeros((4, 4, 4), np.float32),
+                np.zeros((1, 1, 2, 2, 2), np.float32),
+                [[0, 0, 2**40]],
+                np.ones((2, 2, 2), np.float32),
+            ),
+            r"origins must lie within \+-2\*\*30 voxels",
+        ),
+        (
+            lambda: native.accumulate(
+                np.zeros((1, 4, 4, 4), np.float32),
+                np.zeros((4, 4, 4), np.float32),
+                np.zeros((1, 1, 2, 2, 2), np.float32),
+                [[0, 0, 0]],
+                np.ones((2, 2, 3), np.float32),
+            ),
+            r"importance must have the window shape \(2, 2, 2\), got numpy float32 array of shape \(2, 2, 3\)",
+        ),
+        (
+            lambda: native.accumulate(
+                np.zeros((1, 4, 4, 4), np.float32),
+                np.zeros((4, 4, 4), np.float32),
+                np.zeros((1, 1, 2, 2, 2), np.float32),
+                [[0, 0, 0]],
+                np.ones((2, 2, 2), np.float32),
+                algorithm="voxel",
+            ),
+            "algorithm must be 'auto', 'blocked' or 'gather', got 'voxel'",
+        ),
+        (
+            lambda: native.accumulate(
+                np.zeros((1, 4, 4, 4), np.float32),
+                np.zeros((4, 4, 4), np.float32),
+                np.zeros((1, 1, 2, 2, 2), np.float32),
+                "abc",
+                np.ones((2, 2, 2), np.float32),
+            ),
+            "origins must be",
+        ),
+        (
+            lambda: native.accumulate(
+                np.broadcast_to(np.float32(0), (1, 4, 4, 4)),
+                np.zeros((4, 4, 4), np.float32),
+                np.zeros((1, 1, 2, 2, 2), np.float32),
+                [[0, 0, 0]],
+                np.ones((2, 2, 2), np.float32),
+            ),
+            "acc must be C-contiguous",
+        ),
+        (
+            lambda: native.accumulate(
+                _read_only(np.zeros((1, 4, 4, 4), np.float32)),
+                np.zeros((4, 4, 4), np.float32),
+                np.zeros((1, 1, 2, 2, 2), np.float32),
+                [[0, 0, 0]],
+                np.ones((2, 2, 2), np.float32),
+            ),
+            r"acc must be writeable, got a read-only numpy float32 array of shape \(1, 4, 4, 4\) on cpu",
+        ),
+        (
+            lambda: native.finalize(np.zeros((3, 2, 2, 2), np.float32), np.ones((2, 2, 2), np.float32), rows=(1, 3)),
+            r"rows must satisfy 0 <= start <= end <= 2, got \(1, 3\)",
+        ),
+        (
+            lambda: native.finalize(np.zeros((3, 2, 2, 2), np.float32), np.ones((2, 2, 3), np.float32)),
+            r"wsum must have shape \(2, 2, 2\), got numpy float32 array of shape \(2, 2, 3\) on cpu",
+        ),
+        (
+            lambda: native.finalize(np.zeros((0, 2, 2, 2), np.float32), np.ones((2, 2, 2), np.float32)),
+            "acc must have at least one channel",
+        ),
+        (
+            lambda: native.finalize(
+                np.zeros((3, 2, 2, 2), np.float32), np.ones((2, 2, 2), np.float32), algorithm="gather"
+            ),
+            "algorithm must be 'auto', 'blocked' or 'voxel', got 'gather'",
+        ),
+        (
+            lambda: native.finalize(np.zeros((3, 2, 2, 2), np.float32), np.ones((2, 2, 2), np.float32), kind=None),
+            "kind must be a string, got None",
+        ),
+        (
+            lambda: native.finalize(
+                np.zeros((3, 2, 2, 2), np.float32), np.ones((2, 2, 2), np.float32), threshold="high"
+            ),
+            "threshold must be a number, got 'high'",
+        ),
+        (
+            lambda: native.accumulate(
+                np.zeros((1, 4, 4, 4), np.float32),
+                np.zeros((4, 4, 4), np.float32),
+                np.zeros((1, 1, 2, 2, 2), np.float32),
+                [[0, 0, 0]],
+                np.ones((2, 2, 2), np.float32),
+                z0=None,
+            ),
+            "z0 must be an integer, got None",
+        ),
+        # declared arguments (csrc/*.h tables): parsed and checked by the table's parser or rule
+        (
+            lambda: native.extract_patches(np.zeros((4, 4, 4), np.float32), [[0, 0, 0]], (2, 2, 2), pad_value="x"),
+            "pad_value must be a number, got 'x'",
+        ),
+        (
+            lambda: native.accumulate(
+                np.zeros((1, 4, 4, 4), np.float32),
+                np.zeros((4, 4, 4), np.float32),
+                np.zeros((1, 1, 2, 2, 2), np.float32),
+                [[0, 0, 0]],
+                np.ones((2, 2, 2), np.float64),
+            ),
+            r"importance must have dtype float32, got numpy float64 array of shape \(2, 2, 2\) on cpu",
+        ),
+        (
+            lambda: native.accumulate(
+                np.zeros((1, 4, 4, 4), np.float32),
+                np.zeros((4, 4, 4), np.float32),
+                np.zeros((1, 1, 2, 2, 2), np.float32),
+                [[0, 0, 0]],
+                np.ones((2, 2), np.float32),
+            ),
+            r"importance must have 3 dimensions, got numpy float32 array of shape \(2, 2\)",
+        ),
+        (
+            lambda: native.finalize(np.zeros((3, 4, 2, 2), np.float32), np.ones((4, 2, 2), np.float64), rows=(1, 3)),
+            r"wsum must have dtype float32, got numpy float64 array of shape \(4, 2, 2\)",
+        ),
+        (
+            lambda: native.finalize(np.zeros((3, 4, 2, 2), np.float32), np.ones((3, 2, 2), np.float32), rows=(1, 3)),
+            r"wsum must have shape \(4, 2, 2\), got numpy float32 array of shape \(3, 2, 2\)",
+        ),
+    ],
+)
 def test_bad_arguments_name_the_argument(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
@@ -370,8 +535,11 @@ def _read_only(a: np.ndarray) -> np.ndarray:
 
 def test_torch_arguments_are_described_by_torch():
     torch = pytest.importorskip("torch")
-    with pytest.raises(ValueError, match=r"volume must have dtype float32, got torch bfloat16 array of shape "
-                                         r"\(3, 4, 5\) on cpu"):
+    with pytest.raises(
+        ValueError,
+        match=r"volume must have dtype float32, got torch bfloat16 array of shape "
+        r"\(3, 4, 5\) on cpu",
+    ):
         native.extract_patches(torch.zeros((3, 4, 5), dtype=torch.bfloat16), [[0, 0, 0]], (2, 2, 2))
     with pytest.raises(ValueError, match=r"wsum must be C-contiguous .* got a strided torch float32 array"):
         native.finalize(torch.zeros((2, 3, 4, 5)), torch.ones((5, 4, 3)).permute(2, 1, 0))
@@ -381,8 +549,13 @@ class FakeCudaArray:
     """Claims to be a CUDA float32 array (``__cuda_array_interface__``) with no memory behind it."""
 
     def __init__(self, shape):
-        self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": "<f4", "data": (0, False),
-                                         "strides": None, "version": 3}
+        self.__cuda_array_interface__ = {
+            "shape": tuple(shape),
+            "typestr": "<f4",
+            "data": (0, False),
+            "strides": None,
+            "version": 3,
+        }
 
 
 @pytest.mark.skipif(native.has_cuda(), reason="a GPU is visible: a fake CUDA array would reach the driver")
@@ -395,8 +568,11 @@ def test_cuda_arrays_without_a_gpu_fail_loudly():
         native.finalize(acc, wsum)
     with pytest.raises(RuntimeError, match=loud):
         native.extract_patches(wsum, [[0, 0, 0]], (2, 2, 2))
-    with pytest.raises(ValueError, match="arrays must all be on the host or all on one CUDA device; got acc: "
-                                         r"test_kernels float32 array of shape \(1, 4, 4, 4\) on cuda:-1, wsum: numpy"):
+    with pytest.raises(
+        ValueError,
+        match="arrays must all be on the host or all on one CUDA device; got acc: "
+        r"test_kernels float32 array of shape \(1, 4, 4, 4\) on cuda:-1, wsum: numpy",
+    ):
         native.finalize(acc, np.ones((4, 4, 4), np.float32))
 
 
@@ -440,11 +616,13 @@ def _specials(a: np.ndarray, rng) -> np.ndarray:
     """Sprinkle float16 specials into ``a`` (bfloat16 ones into a bfloat16 ``a``): NaNs with
     payloads, infs, subnormals, near-max values."""
     if a.dtype == BF16:
-        specials = np.array([0x7FC0, 0xFFC1, 0x7F81, 0x7FD5, 0x7F80, 0xFF80, 0x0001, 0x807F, 0x7F7F, 0xFF7E],
-                            np.uint16).view(BF16)
+        specials = np.array(
+            [0x7FC0, 0xFFC1, 0x7F81, 0x7FD5, 0x7F80, 0xFF80, 0x0001, 0x807F, 0x7F7F, 0xFF7E], np.uint16
+        ).view(BF16)
     else:
-        specials = np.array([0x7E00, 0xFE01, 0x7C01, 0x7D55, 0x7C00, 0xFC00, 0x0001, 0x83FF, 0x7BFF, 0xFBFE],
-                            np.uint16).view(np.float16)
+        specials = np.array(
+            [0x7E00, 0xFE01, 0x7C01, 0x7D55, 0x7C00, 0xFC00, 0x0001, 0x83FF, 0x7BFF, 0xFBFE], np.uint16
+        ).view(np.float16)
     flat = a.reshape(-1)
     idx = rng.choice(flat.size, size=min(flat.size, 200), replace=False)
     flat[idx] = specials[rng.integers(0, len(specials), len(idx))].astype(a.dtype)
@@ -463,8 +641,9 @@ def test_cpu_isa_builds_agree_bit_for_bit(rng, channels, acc_dtype, patch_dtype)
     origins = np.concatenate([sliding_window_origins(vol, patch, 0.5), corner_origins(vol, patch)])
     data = np.random.default_rng(1).standard_normal((len(origins), channels, *patch), dtype=np.float32)
     patches = _specials(data.astype(patch_dtype), np.random.default_rng(2))
-    start = _specials(np.random.default_rng(3).standard_normal((channels, *vol)).astype(acc_dtype),
-                      np.random.default_rng(4))
+    start = _specials(
+        np.random.default_rng(3).standard_normal((channels, *vol)).astype(acc_dtype), np.random.default_rng(4)
+    )
     imp = np.ascontiguousarray(gaussian_importance(patch))
     results = []
     for isa in ("generic", "auto"):
@@ -481,8 +660,9 @@ def test_cpu_isa_builds_agree_bit_for_bit(rng, channels, acc_dtype, patch_dtype)
     for isa in ("generic", "auto"):
         assert _C.set_cpu_isa(isa)
         try:
-            got_acc, got_w, _, _ = run_accumulate(np.random.default_rng(1), "cpu", vol, patch, 0.5, channels,
-                                                  patch_dtype, acc_dtype, 0, vol[0])
+            got_acc, got_w, _, _ = run_accumulate(
+                np.random.default_rng(1), "cpu", vol, patch, 0.5, channels, patch_dtype, acc_dtype, 0, vol[0]
+            )
             fin = native.finalize(got_acc, got_w, 0.3, 255, "logits")
             results.append((got_acc, got_w, fin.labels, fin.confidence, fin.counts))
         finally:
@@ -499,8 +679,9 @@ def test_kernel_threads_scope_and_determinism(rng):
     for n in (1, 2, None):
         with native.kernel_threads(n):
             assert _C.kernel_threads() == (n or _C.build_info()["omp_max_threads"])
-            acc, w, _, _ = run_accumulate(np.random.default_rng(5), "cpu", vol, patch, 0.5, 3,
-                                          np.float32, np.float32, 0, vol[0])
+            acc, w, _, _ = run_accumulate(
+                np.random.default_rng(5), "cpu", vol, patch, 0.5, 3, np.float32, np.float32, 0, vol[0]
+            )
             fin = native.finalize(acc, w, 0.3, 255, "logits")
         runs.append((acc, w, fin.labels, fin.confidence, fin.counts))
     assert _C.kernel_threads() == _C.build_info()["omp_max_threads"]  # restored
@@ -523,8 +704,9 @@ def assert_same_floats(a: np.ndarray, b: np.ndarray) -> None:
     canonical NaN, so only NaN-ness is part of the contract."""
     nan_a, nan_b = np.isnan(a), np.isnan(b)
     np.testing.assert_array_equal(nan_a, nan_b)
-    np.testing.assert_array_equal(_bits(np.where(nan_a, 0, a).astype(a.dtype)),
-                                  _bits(np.where(nan_b, 0, b).astype(b.dtype)))
+    np.testing.assert_array_equal(
+        _bits(np.where(nan_a, 0, a).astype(a.dtype)), _bits(np.where(nan_b, 0, b).astype(b.dtype))
+    )
 
 
 def _special_start(channels, vol, acc_dtype):
@@ -540,9 +722,17 @@ def _run_both(call):
 
 @pytest.mark.parametrize("vol,patch,overlap", GRIDS)
 @pytest.mark.parametrize("channels", [1, 3, 105])
-@pytest.mark.parametrize("acc_dtype,patch_dtype", [(np.float32, np.float32), (np.float32, np.float16),
-                                                   (np.float16, np.float32), (np.float16, np.float16),
-                                                   (np.float32, BF16), (np.float16, BF16)])
+@pytest.mark.parametrize(
+    "acc_dtype,patch_dtype",
+    [
+        (np.float32, np.float32),
+        (np.float32, np.float16),
+        (np.float16, np.float32),
+        (np.float16, np.float16),
+        (np.float32, BF16),
+        (np.float16, BF16),
+    ],
+)
 def test_accumulate_blocked_and_gather_agree_bit_for_bit(vol, patch, overlap, channels, acc_dtype, patch_dtype):
     origins = np.concatenate([sliding_window_origins(vol, patch, overlap), corner_origins(vol, patch)])
     data = np.random.default_rng(1).standard_normal((len(origins), channels, *patch), dtype=np.float32) * 4
@@ -553,8 +743,9 @@ def test_accumulate_blocked_and_gather_agree_bit_for_bit(vol, patch, overlap, ch
 
     def call(algorithm):
         acc, wsum = start.copy(), np.zeros((zs, *vol[1:]), np.float32)
-        native.accumulate(acc, wsum, patches, origins, imp, z0,
-                          algorithm={"thread": "gather"}.get(algorithm, algorithm))
+        native.accumulate(
+            acc, wsum, patches, origins, imp, z0, algorithm={"thread": "gather"}.get(algorithm, algorithm)
+        )
         return acc, wsum
 
     (acc_a, w_a), (acc_b, w_b) = _run_both(call)
@@ -576,8 +767,9 @@ def test_finalize_blocked_and_voxel_agree_bit_for_bit(rng, channels, kind, thres
     ignore = 255 if channels <= 255 else 1000
 
     def call(algorithm):
-        out = native.finalize(acc, wsum, threshold, ignore, kind, rows=rows,
-                              algorithm={"thread": "voxel"}.get(algorithm, algorithm))
+        out = native.finalize(
+            acc, wsum, threshold, ignore, kind, rows=rows, algorithm={"thread": "voxel"}.get(algorithm, algorithm)
+        )
         return out.labels, out.confidence, out.counts, out.ignored, out.invalid
 
     blocked, voxel = _run_both(call)
@@ -592,15 +784,19 @@ def test_extract_patches_rows_and_element_agree_bit_for_bit(out_dtype):
     volume = _specials(np.random.default_rng(6).standard_normal((2, *vol), dtype=np.float32), np.random.default_rng(7))
     volume.reshape(-1)[:4] = np.array([0x7FC12345, 0xFF812345, 0x33000001, 0x477FEFFF], np.uint32).view(np.float32)
     origins = np.concatenate([sliding_window_origins(vol, patch, 0.75), corner_origins(vol, patch)])
-    got = [native.extract_patches(volume, origins, patch, pad_value=np.nan, out_dtype=out_dtype, algorithm=a)
-           for a in ("rows", "element")]
+    got = [
+        native.extract_patches(volume, origins, patch, pad_value=np.nan, out_dtype=out_dtype, algorithm=a)
+        for a in ("rows", "element")
+    ]
     np.testing.assert_array_equal(_bits(got[0]), _bits(got[1]))
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("channels", [1, 3, 105])
-@pytest.mark.parametrize("acc_dtype,patch_dtype", [(np.float32, np.float32), (np.float32, np.float16),
-                                                   (np.float16, np.float16), (np.float32, BF16)])
+@pytest.mark.parametrize(
+    "acc_dtype,patch_dtype",
+    [(np.float32, np.float32), (np.float32, np.float16), (np.float16, np.float16), (np.float32, BF16)],
+)
 def test_cuda_matches_cpu_bit_for_bit(channels, acc_dtype, patch_dtype):
     torch = pytest.importorskip("torch")
     vol, patch = (17, 23, 19), (8, 10, 6)
@@ -625,8 +821,9 @@ def test_cuda_matches_cpu_bit_for_bit(channels, acc_dtype, patch_dtype):
     volume = _specials(np.random.default_rng(6).standard_normal((2, *vol), dtype=np.float32), np.random.default_rng(7))
     for out_dtype in ("float32", "float16"):  # a pure conversion: the same bits, NaN payloads included
         host = native.extract_patches(volume, origins, patch, pad_value=-1.5, out_dtype=out_dtype)
-        dev = native.extract_patches(torch.from_numpy(volume).cuda(), origins, patch, pad_value=-1.5,
-                                     out_dtype=out_dtype)
+        dev = native.extract_patches(
+            torch.from_numpy(volume).cuda(), origins, patch, pad_value=-1.5, out_dtype=out_dtype
+        )
         np.testing.assert_array_equal(_bits(to_numpy(dev)), _bits(host))
 
 

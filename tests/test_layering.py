@@ -9,6 +9,7 @@ Every ``import`` statement counts, top-level or inside a function: a function-le
 a way around a cycle (the only function-level imports allowed are of optional heavy third-party
 packages, which this test does not see).
 """
+
 from __future__ import annotations
 
 import ast
@@ -19,13 +20,21 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "atso_fast"
 
 RANKS = {
-    "_C": 0, "kernels": 0,
-    "io": 1, "progress": 1, "cliargs": 1,
-    "package": 2, "runtimes": 2, "archive": 2,
+    "_C": 0,
+    "kernels": 0,
+    "io": 1,
+    "progress": 1,
+    "cliargs": 1,
+    "package": 2,
+    "runtimes": 2,
+    "archive": 2,
     "engine": 3,
     "datasets": 2,
-    "ray_engine": 4, "bench": 4, "train": 4,
-    "cli": 5, "__main__": 6,
+    "ray_engine": 4,
+    "bench": 4,
+    "train": 4,
+    "cli": 5,
+    "__main__": 6,
 }
 
 
@@ -68,13 +77,13 @@ def test_imports_point_down(name):
         if target == "atso_fast" or there == here:
             continue
         assert there in RANKS, f"{name} imports {target}, which has no layer"
-        assert RANKS[there] < RANKS[here], (f"{name} (layer {RANKS[here]}) imports {target} "
-                                            f"(layer {RANKS[there]}): arrows must point down")
+        assert RANKS[there] < RANKS[here], (
+            f"{name} (layer {RANKS[here]}) imports {target} (layer {RANKS[there]}): arrows must point down"
+        )
 
 
 def test_no_import_cycles():
-    graph = {name: {t for t in imported_modules(path) if t in MODULES and t != name}
-             for name, path in MODULES.items()}
+    graph = {name: {t for t in imported_modules(path) if t in MODULES and t != name} for name, path in MODULES.items()}
     graph["atso_fast"] = set()  # the top package loads its exports lazily
     state: dict[str, int] = {}
 
@@ -82,7 +91,7 @@ def test_no_import_cycles():
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycle = trail[trail.index(nxt):] + [nxt] if nxt in trail else [node, nxt]
+                cycle = trail[trail.index(nxt) :] + [nxt] if nxt in trail else [node, nxt]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if nxt not in state:
                 visit(nxt, trail + [nxt])

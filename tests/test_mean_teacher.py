@@ -1,4 +1,5 @@
 """Mean Teacher: EMA teacher, consistency ramp and term, MT batches, and the trainer's consistency path."""
+
 from __future__ import annotations
 
 import copy
@@ -67,8 +68,12 @@ def test_ema_alpha_and_update_known_answer():
     mt.update(student, 99)  # global step 199: alpha = min(1 - 1/200, 0.99) = 0.99
     torch.testing.assert_close(mt.teacher.w, torch.tensor([0.99 * 1 + 0.01 * 2, 0.99 * -2 + 0.0]))
     assert float(mt.teacher.count) == 7.0 and mt.state_dict()["step"] == 200
-    fresh = MeanTeacher(student, MeanTeacherConfig(), total_steps=10, teacher_state={"w": torch.tensor([4.0, 4.0]),
-                                                                                       "count": torch.tensor([0.0])})
+    fresh = MeanTeacher(
+        student,
+        MeanTeacherConfig(),
+        total_steps=10,
+        teacher_state={"w": torch.tensor([4.0, 4.0]), "count": torch.tensor([0.0])},
+    )
     fresh.update(student, 9)  # global step 9: alpha = 0.9
     torch.testing.assert_close(fresh.teacher.w, torch.tensor([0.9 * 4 + 0.1 * 2, 0.9 * 4 + 0.0]))
     fresh.update(student, 0)  # global step 0: alpha = 0, the teacher becomes the student
@@ -77,7 +82,8 @@ def test_ema_alpha_and_update_known_answer():
 
 def test_weight_ramp():
     assert sigmoid_rampup(0, 40) == pytest.approx(math.exp(-5)) and sigmoid_rampup(20, 40) == pytest.approx(
-        math.exp(-1.25))
+        math.exp(-1.25)
+    )
     assert sigmoid_rampup(40, 40) == 1.0 and sigmoid_rampup(1000, 40) == 1.0 and sigmoid_rampup(0, 0) == 1.0
     cfg = MeanTeacherConfig(consistency=0.3, rampup=0.4)
     mt = MeanTeacher(_Toy(), cfg, total_steps=100)  # ramp over 40 steps
@@ -137,10 +143,12 @@ def test_state_dict_round_trip_is_weights_only_safe():
 
 def test_mean_teacher_batches_hide_unlabelled_labels():
     lab_images = [np.zeros((1, 3, 20, 20), np.float32)]
-    labelled = PatchSampler(lab_images, [np.ones((3, 20, 20), np.uint8)], PATCH, num_classes=2,
-                            foreground_oversample=1.0)
-    batches = mean_teacher_batches(labelled, [np.ones((1, 2, 18, 24), np.float32)], 4,
-                                   augment=AugmentConfig(p_intensity=0.0, p_noise=0.0))
+    labelled = PatchSampler(
+        lab_images, [np.ones((3, 20, 20), np.uint8)], PATCH, num_classes=2, foreground_oversample=1.0
+    )
+    batches = mean_teacher_batches(
+        labelled, [np.ones((1, 2, 18, 24), np.float32)], 4, augment=AugmentConfig(p_intensity=0.0, p_noise=0.0)
+    )
     rng = np.random.default_rng(0)
     for _ in range(5):
         x, y = batches(rng)
@@ -158,8 +166,9 @@ def test_mean_teacher_batches_hide_unlabelled_labels():
 def _mt_setup(u_labels: str = "truth", u_fg: float = 0.0) -> tuple[MixedBatches, UNet, MeanTeacher]:
     images, labels = _volumes(3, 4)
     if u_labels == "garbage":
-        labels = labels[:2] + [np.random.default_rng(9).integers(0, 2, lab.shape).astype(np.uint8)
-                               for lab in labels[2:]]
+        labels = labels[:2] + [
+            np.random.default_rng(9).integers(0, 2, lab.shape).astype(np.uint8) for lab in labels[2:]
+        ]
     lab = PatchSampler(images[:2], labels[:2], PATCH, num_classes=2)
     unl = PatchSampler(images[2:], labels[2:], PATCH, num_classes=2, foreground_oversample=u_fg)
     net = _net()
@@ -202,8 +211,7 @@ def test_consistency_draws_one_seed_and_nothing_else_from_rng():
             return seen[-1]
 
         record.last_labelled = 2
-        train_steps(net, record, steps=2, lr=1e-2, rng=np.random.default_rng(7),
-                    consistency=mt if with_mt else None)
+        train_steps(net, record, steps=2, lr=1e-2, rng=np.random.default_rng(7), consistency=mt if with_mt else None)
         twin = np.random.default_rng(7)
         if with_mt:
             twin.integers(2**63)
@@ -239,8 +247,7 @@ def test_train_loader_resumes_mean_teacher_exactly():
     again = _net()
     again.load_state_dict(dict(zip(again.state_dict(), saved["model"])))
     mt2 = MeanTeacher(again, MeanTeacherConfig(rampup=0.5), total_steps=4)
-    resumed = train_loader(again, drawn[2:], steps=4, lr=1e-2, consistency=mt2, noise_seed=3,
-                           resume=saved["state"])
+    resumed = train_loader(again, drawn[2:], steps=4, lr=1e-2, consistency=mt2, noise_seed=3, resume=saved["state"])
     assert _same(_params(again), _params(net)) and _same(_params(mt2.teacher), _params(mt.teacher))
     assert resumed == full
     with pytest.raises(ValueError, match="consistency term state"):

@@ -1,4 +1,5 @@
 """The slab merger on hand-made window outputs: no network, exact answers."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,16 +30,19 @@ def merge(shape, window, overlap, outputs, origins, sink, batch=3, dtype="float3
     merger = SlabMerger(shape, outputs.shape[1], window[0], sink, backend=CPU, accumulate_dtype=dtype)
     imp = np.ascontiguousarray(gaussian_importance(window))
     for i in range(0, len(origins), batch):
-        merger.aggregate(outputs[i:i + batch], origins[i:i + batch], imp)
+        merger.aggregate(outputs[i : i + batch], origins[i : i + batch], imp)
     return merger.finalize()
 
 
-@pytest.mark.parametrize("shape,window,overlap", [
-    ((23, 17, 19), (8, 8, 8), 0.5),
-    ((5, 20, 20), (8, 8, 8), 0.25),   # thinner than the window: origins start above row 0
-    ((16, 16, 16), (4, 8, 8), 0.0),
-    ((30, 9, 12), (6, 4, 16), 0.75),
-])
+@pytest.mark.parametrize(
+    "shape,window,overlap",
+    [
+        ((23, 17, 19), (8, 8, 8), 0.5),
+        ((5, 20, 20), (8, 8, 8), 0.25),  # thinner than the window: origins start above row 0
+        ((16, 16, 16), (4, 8, 8), 0.0),
+        ((30, 9, 12), (6, 4, 16), 0.75),
+    ],
+)
 def test_streamed_slab_equals_whole_volume_accumulation(rng, shape, window, overlap):
     origins = sliding_window_origins(shape, window, overlap)
     outputs = rng.standard_normal((len(origins), 3, *window)).astype(np.float32)
@@ -56,8 +60,7 @@ def test_label_sink_matches_reference_finalize(rng):
     shape, window = (19, 14, 15), (6, 8, 8)
     origins = sliding_window_origins(shape, window, 0.5)
     outputs = rng.standard_normal((len(origins), 4, *window)).astype(np.float32)
-    sink = LabelSink(shape, 4, kind="logits", threshold=0.4, ignore_index=255, backend=CPU,
-                     save_probabilities=True)
+    sink = LabelSink(shape, 4, kind="logits", threshold=0.4, ignore_index=255, backend=CPU, save_probabilities=True)
     merge(shape, window, 0.5, outputs, origins, sink, batch=5)
     acc = np.zeros((4, *shape), np.float32)
     wsum = np.zeros(shape, np.float32)
@@ -77,8 +80,9 @@ def test_constant_windows_blend_to_the_constant():
     outputs = np.zeros((len(origins), 2, *window), np.float32)
     outputs[:, 1] = 0.75
     outputs[:, 0] = 0.25
-    sink = LabelSink(shape, 2, kind="probabilities", threshold=0.0, ignore_index=255, backend=CPU,
-                     save_probabilities=True)
+    sink = LabelSink(
+        shape, 2, kind="probabilities", threshold=0.0, ignore_index=255, backend=CPU, save_probabilities=True
+    )
     merge(shape, window, 0.5, outputs, origins, sink)
     np.testing.assert_allclose(sink.probabilities[1], 0.75, rtol=1e-6)
     assert (sink.labels == 1).all() and (sink.confidence == round(0.75 * 255)).all()
@@ -119,8 +123,9 @@ def test_aggregate_after_finalize_is_an_error():
     merger = SlabMerger((4, 4, 4), 1, 4, RecordingSink(), backend=CPU)
     merger.finalize()
     with pytest.raises(RuntimeError, match="after finalize"):
-        merger.aggregate(np.ones((1, 1, 4, 4, 4), np.float32), np.zeros((1, 3), np.int64),
-                         np.ones((4, 4, 4), np.float32))
+        merger.aggregate(
+            np.ones((1, 1, 4, 4, 4), np.float32), np.zeros((1, 3), np.int64), np.ones((4, 4, 4), np.float32)
+        )
 
 
 def test_bad_accumulate_dtype():

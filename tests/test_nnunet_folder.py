@@ -5,6 +5,7 @@ target spacing, the kernel sizes and strides it writes must be those nnU-Net's d
 ``ExperimentPlanner`` derives for the same patch (``get_pool_and_conv_props``, feature maps no
 smaller than 4), and the planner's features per stage (32 doubling up to 320) go through unchanged.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -25,9 +26,16 @@ def test_isotropic_architecture_matches_nnunet_planner(patch):
     spacing = (1.5, 1.5, 1.5)
     _, strides, kernels, planned_patch, _ = get_pool_and_conv_props(spacing, patch, 4, 999999)
     assert tuple(planned_patch) == patch  # the patch is one the planner can return as it is
-    features = [min(320, 32 * 2 ** i) for i in range(len(strides))]
-    arch = plans_for("3d_fullres", patch=patch, spacing=spacing, normalization="CTNormalization", use_mask=False,
-                     intensity=INTENSITY, features=features)["configurations"]["3d_fullres"]["architecture"]
+    features = [min(320, 32 * 2**i) for i in range(len(strides))]
+    arch = plans_for(
+        "3d_fullres",
+        patch=patch,
+        spacing=spacing,
+        normalization="CTNormalization",
+        use_mask=False,
+        intensity=INTENSITY,
+        features=features,
+    )["configurations"]["3d_fullres"]["architecture"]
     kw = arch["arch_kwargs"]
     assert [list(s) for s in kw["strides"]] == [list(s) for s in strides]
     assert [list(k) for k in kw["kernel_sizes"]] == [list(k) for k in kernels]

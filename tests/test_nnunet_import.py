@@ -11,6 +11,7 @@ program: the same kernels as nnU-Net's eager network), which isolates the pipeli
 from nnU-Net's float16 rounding and from ONNX Runtime's own float32 rounding (about 2e-4 of the
 logits' scale on these networks; the labels tests run ONNX Runtime).
 """
+
 from __future__ import annotations
 
 import json
@@ -45,32 +46,65 @@ def models(tmp_path_factory):
     before = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        f3 = make_nnunet_folder(root / "results3d", configuration="3d_fullres", patch=(32, 64, 64),
-                                spacing=(10.0, 3.0, 3.0), folds=(0, 1), features=(4, 8, 16, 32), scale=8.0, seed=1)
-        f2 = make_nnunet_folder(root / "results2d", configuration="2d", patch=(64, 64), spacing=(2.5, 2.5),
-                                folds=(0,), normalization="ZScoreNormalization", use_mask=True,
-                                features=(8, 16, 32), scale=8.0, seed=2, mirror_axes=(0, 1))
+        f3 = make_nnunet_folder(
+            root / "results3d",
+            configuration="3d_fullres",
+            patch=(32, 64, 64),
+            spacing=(10.0, 3.0, 3.0),
+            folds=(0, 1),
+            features=(4, 8, 16, 32),
+            scale=8.0,
+            seed=1,
+        )
+        f2 = make_nnunet_folder(
+            root / "results2d",
+            configuration="2d",
+            patch=(64, 64),
+            spacing=(2.5, 2.5),
+            folds=(0,),
+            normalization="ZScoreNormalization",
+            use_mask=True,
+            features=(8, 16, 32),
+            scale=8.0,
+            seed=2,
+            mirror_axes=(0, 1),
+        )
         p3, p2 = import_nnunet(f3, root / "pkg3d"), import_nnunet(f2, root / "pkg2d")
     finally:
         torch.set_num_threads(before)
     return {"3d": (f3, p3), "2d": (f2, p2), "root": root}
 
 
-def run_nnunet(folder: Path, image: Path, out: Path, *, mirror: bool, probabilities: bool = False,
-               fp32: bool = False, monkeypatch=None) -> Path:
+def run_nnunet(
+    folder: Path,
+    image: Path,
+    out: Path,
+    *,
+    mirror: bool,
+    probabilities: bool = False,
+    fp32: bool = False,
+    monkeypatch=None,
+) -> Path:
     """nnUNetPredictor on one scan (CPU); returns the label file. ``fp32``: float32 accumulators."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirror,
-                                device=torch.device("cpu"), verbose=False, allow_tqdm=False)
+    predictor = nnUNetPredictor(
+        tile_step_size=0.5,
+        use_gaussian=True,
+        use_mirroring=mirror,
+        device=torch.device("cpu"),
+        verbose=False,
+        allow_tqdm=False,
+    )
     predictor.initialize_from_trained_model_folder(str(folder), use_folds=None)
     before = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
         if fp32:
             monkeypatch.setattr(torch, "half", torch.float32)
-        predictor.predict_from_files_sequential([[str(image)]], [str(out)], save_probabilities=probabilities,
-                                                overwrite=True)
+        predictor.predict_from_files_sequential(
+            [[str(image)]], [str(out)], save_probabilities=probabilities, overwrite=True
+        )
     finally:
         if fp32:
             monkeypatch.undo()
@@ -78,10 +112,10 @@ def run_nnunet(folder: Path, image: Path, out: Path, *, mirror: bool, probabilit
     return out.with_name(out.name + ".nii.gz")
 
 
-def run_ours(package: Path, image: Path, out: Path, *, mirror: bool, probabilities: bool = False,
-             runtime: str = "onnxruntime"):
-    relabeler = Relabeler(package, runtime=runtime, mirror=mirror, save_probabilities=probabilities,
-                          threads=THREADS)
+def run_ours(
+    package: Path, image: Path, out: Path, *, mirror: bool, probabilities: bool = False, runtime: str = "onnxruntime"
+):
+    relabeler = Relabeler(package, runtime=runtime, mirror=mirror, save_probabilities=probabilities, threads=THREADS)
     array, meta = read_volume(image)
     result = relabeler.relabel_volume(array, spacing=meta.spacing, affine=meta.affine)
     write_labels(out, result.labels, meta)
@@ -97,25 +131,32 @@ def compare_labels(ours: Path, theirs: Path) -> float:
     return float((a == b).mean())
 
 
-@pytest.mark.parametrize("case, mirror", [
-    ("ct_abdomen", False),      # CT, isotropic 3 mm scan -> anisotropic grid (separate z)
-    ("tumour_breast1", True),   # anisotropic scan smaller than the patch (padding), mirroring
-    ("brain_mni152", False),    # zero background: crop to the nonzero box, background outside
-])
+@pytest.mark.parametrize(
+    "case, mirror",
+    [
+        ("ct_abdomen", False),  # CT, isotropic 3 mm scan -> anisotropic grid (separate z)
+        ("tumour_breast1", True),  # anisotropic scan smaller than the patch (padding), mirroring
+        ("brain_mni152", False),  # zero background: crop to the nonzero box, background outside
+    ],
+)
 def test_3d_two_folds_labels_match_nnunet_predictor(models, real_data, tmp_path, case, mirror, monkeypatch):
     folder, package = models["3d"]
     image = real_data / case / "image.nii.gz"
     theirs = run_nnunet(folder, image, tmp_path / "nnunet", mirror=mirror)
     result, ours = run_ours(package, image, tmp_path / "ours.nii.gz", mirror=mirror)
     agree = compare_labels(ours, theirs)
-    print(f"{case} mirror={mirror}: labels agree on {agree:.5%} of {result.labels.size} voxels; "
-          f"network grid {result.stats['network_shape']}")
+    print(
+        f"{case} mirror={mirror}: labels agree on {agree:.5%} of {result.labels.size} voxels; "
+        f"network grid {result.stats['network_shape']}"
+    )
     assert agree >= 0.999
     if case == "ct_abdomen":  # what is left is nnU-Net's float16 accumulation: without it, ~identical
         exact = run_nnunet(folder, image, tmp_path / "nnunet32", mirror=mirror, fp32=True, monkeypatch=monkeypatch)
         agree32 = compare_labels(ours, exact)
-        print(f"{case}: vs nnU-Net with float32 accumulators {agree32:.5%}; nnU-Net float16 vs float32 "
-              f"{compare_labels(theirs, exact):.5%}")
+        print(
+            f"{case}: vs nnU-Net with float32 accumulators {agree32:.5%}; nnU-Net float16 vs float32 "
+            f"{compare_labels(theirs, exact):.5%}"
+        )
         assert agree32 >= 0.9999
     assert len(np.unique(result.labels)) >= 2  # the scaled model is not trivially constant
 
@@ -134,10 +175,10 @@ def test_2d_zscore_labels_match_nnunet_predictor(models, real_data, tmp_path):
 def test_probabilities_match_nnunet_with_float32_accumulators(models, real_data, tmp_path, monkeypatch):
     folder, package = models["3d"]
     image = real_data / "tumour_breast1" / "image.nii.gz"
-    theirs = run_nnunet(folder, image, tmp_path / "nnunet", mirror=False, probabilities=True, fp32=True,
-                        monkeypatch=monkeypatch)
-    result, ours = run_ours(package, image, tmp_path / "ours.nii.gz", mirror=False, probabilities=True,
-                            runtime="torch")
+    theirs = run_nnunet(
+        folder, image, tmp_path / "nnunet", mirror=False, probabilities=True, fp32=True, monkeypatch=monkeypatch
+    )
+    result, ours = run_ours(package, image, tmp_path / "ours.nii.gz", mirror=False, probabilities=True, runtime="torch")
     want = np.load(tmp_path / "nnunet.npz")["probabilities"]
     assert want.shape == result.probabilities.shape
     diff = float(np.abs(want - result.probabilities).max())
@@ -154,11 +195,20 @@ def test_model_json_carries_the_plans(models):
     assert meta["class_names"] == ["background", "class_1", "class_2"]
     assert meta["mirror_axes"] == [0, 1, 2]
     assert meta["normalization"] == [{"scheme": "ct", "clip": [-150.0, 300.0], "mean": 40.0, "std": 120.0}]
-    assert meta["preprocessing"] == {"orientation": "as-stored", "transpose": None, "crop_to_nonzero": True,
-                                     "resampling": {"data_order": 3, "data_order_z": 0, "probabilities_order": 1,
-                                                    "probabilities_order_z": 0, "separate_z": None,
-                                                    "anisotropy_threshold": 3.0},
-                                     "grid": "nnunet"}
+    assert meta["preprocessing"] == {
+        "orientation": "as-stored",
+        "transpose": None,
+        "crop_to_nonzero": True,
+        "resampling": {
+            "data_order": 3,
+            "data_order_z": 0,
+            "probabilities_order": 1,
+            "probabilities_order_z": 0,
+            "separate_z": None,
+            "anisotropy_threshold": 3.0,
+        },
+        "grid": "nnunet",
+    }
     assert meta["source"]["folds"] == ["0", "1"] and meta["source"]["kind"] == "nnunetv2"
     pkg2 = load_package(models["2d"][1])
     assert pkg2.window == (64, 64) and pkg2.spacing == [2.5, 2.5] and pkg2.mirror_axes == [0, 1]
@@ -175,12 +225,14 @@ def test_auto_runs_an_imported_package_on_onnxruntime(models):
 
 def test_relabelling_an_imported_package_never_imports_nnunet(models, tmp_path):
     _, package = models["2d"]
-    code = ("import sys, numpy as np\n"
-            "from atso_fast.engine import Relabeler\n"
-            f"r = Relabeler({str(package)!r}, runtime='onnxruntime', threads=1)\n"
-            "r.relabel_volume(np.random.default_rng(0).normal(size=(2, 70, 70)).astype('float32'), spacing=(3, 1, 1))\n"
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('nnunetv2', 'dynamic_network_architectures')]\n"
-            "print(bad); sys.exit(1 if bad else 0)\n")
+    code = (
+        "import sys, numpy as np\n"
+        "from atso_fast.engine import Relabeler\n"
+        f"r = Relabeler({str(package)!r}, runtime='onnxruntime', threads=1)\n"
+        "r.relabel_volume(np.random.default_rng(0).normal(size=(2, 70, 70)).astype('float32'), spacing=(3, 1, 1))\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('nnunetv2', 'dynamic_network_architectures')]\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -189,9 +241,17 @@ def test_relabelling_an_imported_package_never_imports_nnunet(models, tmp_path):
 def test_transposed_plans_match_nnunet_predictor(tmp_path, real_data):
     """``transpose_forward`` (the network sees the axes in another order; spacing and patch are
     in that order): nnU-Net transposes, crops, normalises and resamples, then undoes it all."""
-    folder = make_nnunet_folder(tmp_path / "results", configuration="3d_fullres", patch=(32, 16, 32),
-                                spacing=(3.0, 10.0, 3.0), folds=(0,), features=(4, 8, 16), scale=8.0, seed=3,
-                                transpose=(2, 0, 1))
+    folder = make_nnunet_folder(
+        tmp_path / "results",
+        configuration="3d_fullres",
+        patch=(32, 16, 32),
+        spacing=(3.0, 10.0, 3.0),
+        folds=(0,),
+        features=(4, 8, 16),
+        scale=8.0,
+        seed=3,
+        transpose=(2, 0, 1),
+    )
     package = import_nnunet(folder, tmp_path / "pkg")
     assert load_package(package).preprocessing["transpose"] == [2, 0, 1]
     image = real_data / "tumour_breast1" / "image.nii.gz"

@@ -1,4 +1,5 @@
 """The nnU-Net importer on bad or unsupported model folders: clear refusals, no code run."""
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,16 @@ from atso_fast.package.nnunet import import_nnunet, load_checkpoint  # noqa: E40
 
 @pytest.fixture(scope="module")
 def folder2d(tmp_path_factory) -> Path:
-    return make_nnunet_folder(tmp_path_factory.mktemp("nn") / "results", configuration="2d", patch=(32, 32),
-                              spacing=(1.0, 1.0), folds=(0,), normalization="ZScoreNormalization",
-                              features=(4, 8), mirror_axes=None)
+    return make_nnunet_folder(
+        tmp_path_factory.mktemp("nn") / "results",
+        configuration="2d",
+        patch=(32, 32),
+        spacing=(1.0, 1.0),
+        folds=(0,),
+        normalization="ZScoreNormalization",
+        features=(4, 8),
+        mirror_axes=None,
+    )
 
 
 def edited_copy(src: Path, dst: Path, *, dataset=None, plans=None) -> Path:
@@ -53,10 +61,13 @@ def test_cascades_are_refused(folder2d, tmp_path):
         import_nnunet(bad, tmp_path / "out")
 
 
-@pytest.mark.parametrize("key, value, words", [
-    ("network_class_name", "os.system", "not one the importer builds"),
-    ("nonlin", "builtins.eval", "not one the importer builds"),
-])
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("network_class_name", "os.system", "not one the importer builds"),
+        ("nonlin", "builtins.eval", "not one the importer builds"),
+    ],
+)
 def test_class_names_outside_the_allow_list_are_refused(folder2d, tmp_path, key, value, words):
     def evil(p):
         arch = p["configurations"]["2d"]["architecture"]

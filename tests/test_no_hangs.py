@@ -1,5 +1,6 @@
 """Nothing a user hands over hangs a command (issue 26): FIFOs, devices and sockets among a
 model folder's or a training set's files are refused by name without being opened."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,15 @@ pytest.importorskip("nnunetv2")
 def nnunet_folder(tmp_path_factory):
     from atso_fast.datasets.nnunet_folder import make_nnunet_folder
 
-    return make_nnunet_folder(tmp_path_factory.mktemp("nn") / "results", configuration="3d_fullres",
-                              patch=(16, 16, 16), spacing=(1.0, 1.0, 1.0), folds=(0,), features=(4, 8), seed=0)
+    return make_nnunet_folder(
+        tmp_path_factory.mktemp("nn") / "results",
+        configuration="3d_fullres",
+        patch=(16, 16, 16),
+        spacing=(1.0, 1.0, 1.0),
+        folds=(0,),
+        features=(4, 8),
+        seed=0,
+    )
 
 
 def copy_folder(src, dst):
@@ -44,10 +52,13 @@ def test_import_nnunet_refuses_a_fifo_without_hanging(nnunet_folder, tmp_path, n
         no_hang(import_nnunet, folder, tmp_path / "pkg", timeout=60, fifos=(folder / name,))
 
 
-@pytest.mark.parametrize("name, text, problem", [
-    ("plans.json", "{not json", "unreadable JSON"),
-    ("dataset.json", "\xff\xfe", "UTF-8"),
-])
+@pytest.mark.parametrize(
+    "name, text, problem",
+    [
+        ("plans.json", "{not json", "unreadable JSON"),
+        ("dataset.json", "\xff\xfe", "UTF-8"),
+    ],
+)
 def test_import_nnunet_names_a_malformed_json(nnunet_folder, tmp_path, name, text, problem):
     from atso_fast import import_nnunet
 
@@ -110,15 +121,18 @@ def _config(plans):
     return next(iter(plans["configurations"].values()))
 
 
-@pytest.mark.parametrize("name, edit, problem", [
-    ("plans.json", lambda p: [1, 2], "must hold a JSON object"),
-    ("dataset.json", lambda d: [1], "must hold a JSON object"),
-    ("plans.json", lambda p: (_config(p).update(spacing="x"), p)[1], "malformed"),
-    ("plans.json", lambda p: (_config(p).update(architecture=None), p)[1], "malformed"),
-    ("plans.json", lambda p: {**p, "foreground_intensity_properties_per_channel": "x"}, "malformed"),
-    ("plans.json", lambda p: (_config(p).update(patch_size=[1024, 1024, 1024]), p)[1], "more than"),
-    ("plans.json", lambda p: (_config(p).update(patch_size="abc"), p)[1], "window must be"),
-])
+@pytest.mark.parametrize(
+    "name, edit, problem",
+    [
+        ("plans.json", lambda p: [1, 2], "must hold a JSON object"),
+        ("dataset.json", lambda d: [1], "must hold a JSON object"),
+        ("plans.json", lambda p: (_config(p).update(spacing="x"), p)[1], "malformed"),
+        ("plans.json", lambda p: (_config(p).update(architecture=None), p)[1], "malformed"),
+        ("plans.json", lambda p: {**p, "foreground_intensity_properties_per_channel": "x"}, "malformed"),
+        ("plans.json", lambda p: (_config(p).update(patch_size=[1024, 1024, 1024]), p)[1], "more than"),
+        ("plans.json", lambda p: (_config(p).update(patch_size="abc"), p)[1], "window must be"),
+    ],
+)
 def test_import_nnunet_refuses_malformed_plans_without_a_traceback(nnunet_folder, tmp_path, name, edit, problem):
     from atso_fast import import_nnunet
 
@@ -172,8 +186,17 @@ def test_a_label_value_that_is_no_class_names_file_and_value(tmp_path):
         load_raw(root, num_classes=3)
     listing, base = read_listing(root)
     with pytest.raises(ValueError, match=r"labelsTr/a.nii.gz: label value\(s\) 52"):
-        build_cache(listing, base, tmp_path / "cache", window=(4, 4, 4), in_channels=1, num_classes=3,
-                    normalization="zscore", spacing=[1.0, 1.0, 1.0], progress=False)
+        build_cache(
+            listing,
+            base,
+            tmp_path / "cache",
+            window=(4, 4, 4),
+            in_channels=1,
+            num_classes=3,
+            normalization="zscore",
+            spacing=[1.0, 1.0, 1.0],
+            progress=False,
+        )
     ok = _labelled_folder(tmp_path / "ok", 255)  # the ignore label is allowed
     assert load_raw(ok, num_classes=3)[0]["labelled"][0].label.max() == 255
 
@@ -208,8 +231,10 @@ def test_training_curves_picture():
 
     from atso_fast.train.curves import curves_png
 
-    history = [{"round": 0, "train": {"loss": 1.0}, "val_mean_dice": 0.5, "monitor": {}},
-               {"round": 1, "train": {"loss": 0.7}, "val_mean_dice": 0.6, "monitor": {"U1": {"pseudo_dice": 0.55}}},
-               {"round": 2, "train": {"loss": None}, "val_mean_dice": None, "monitor": {"U2": {"pseudo_dice": 0.6}}}]
+    history = [
+        {"round": 0, "train": {"loss": 1.0}, "val_mean_dice": 0.5, "monitor": {}},
+        {"round": 1, "train": {"loss": 0.7}, "val_mean_dice": 0.6, "monitor": {"U1": {"pseudo_dice": 0.55}}},
+        {"round": 2, "train": {"loss": None}, "val_mean_dice": None, "monitor": {"U2": {"pseudo_dice": 0.6}}},
+    ]
     with Image.open(io.BytesIO(curves_png(history, "atso"))) as picture:
         assert picture.format == "PNG" and picture.size == (900, 340)

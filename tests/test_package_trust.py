@@ -5,6 +5,7 @@ The malicious archives here are real exploits against ``torch.export.load`` (a p
 runs ``open(marker, "w")`` when unpickled); each test checks both that the package is refused
 with a clear error and that the marker file was never created.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -89,6 +90,7 @@ def _edit_program_json(package: Path, edit) -> None:
             edit(program)
             return json.dumps(program).encode()
         return None if data is None else data
+
     _rewrite_pt2(package / "model.pt2", member)
 
 
@@ -126,8 +128,13 @@ def test_a_pickled_constant_or_custom_object_is_refused(package, tmp_path):
 
     def member(name, data):
         if name == "data/constants/model_constants_config.json":
-            return json.dumps({"config": {"c": {"path_name": "opaque_obj_0", "is_param": False,
-                                                "use_pickle": True, "tensor_meta": None}}}).encode()
+            return json.dumps(
+                {
+                    "config": {
+                        "c": {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": True, "tensor_meta": None}
+                    }
+                }
+            ).encode()
         if name == "":
             return {"data/constants/opaque_obj_0": pickle.dumps(_Evil(marker))}
         return data
@@ -143,16 +150,16 @@ def test_sample_inputs_that_need_a_full_unpickle_are_refused(package, tmp_path):
 
     evil = io.BytesIO()
     torch.save((_Evil(marker),), evil)  # torch.export retries such a file with weights_only=False
-    _rewrite_pt2(package / "model.pt2",
-                 lambda name, data: evil.getvalue() if name == "data/sample_inputs/model.pt" else data)
+    _rewrite_pt2(
+        package / "model.pt2", lambda name, data: evil.getvalue() if name == "data/sample_inputs/model.pt" else data
+    )
     _refused(package, "sample_inputs")
     assert not marker.exists()
 
 
 def test_guards_code_is_refused(package, tmp_path):
     marker = tmp_path / "PWNED"
-    _edit_program_json(package, lambda p: p.__setitem__(
-        "guards_code", [f"open({str(marker)!r}, 'w') is not None"]))
+    _edit_program_json(package, lambda p: p.__setitem__("guards_code", [f"open({str(marker)!r}, 'w') is not None"]))
     _refused(package, "guards_code")
     assert not marker.exists()
 
@@ -166,20 +173,30 @@ def test_symbolic_expressions_are_parsed_not_evaluated(package, tmp_path):
             for size in value["sizes"]:
                 if "as_expr" in size:
                     size["as_expr"]["expr_str"] = payload
+
     _edit_program_json(package, edit)
     _refused(package, "expression")
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("target", ["torch.serialization.os.system", "builtins.exec",
-                                    "torch.ops.higher_order.invoke_subgraph", "torch.ops.aten.from_file.default"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "torch.serialization.os.system",
+        "builtins.exec",
+        "torch.ops.higher_order.invoke_subgraph",
+        "torch.ops.aten.from_file.default",
+    ],
+)
 def test_graph_calls_outside_aten_are_refused(package, target):
     _edit_program_json(package, lambda p: p["graph_module"]["graph"]["nodes"][0].__setitem__("target", target))
     _refused(package, "target")
 
 
-@pytest.mark.parametrize("where,value", [("stack_trace", "File \"x\", line 1, in f\n    y\rimport os"),
-                                         ("parameter_name", 'weight")); import os; (("')])
+@pytest.mark.parametrize(
+    "where,value",
+    [("stack_trace", 'File "x", line 1, in f\n    y\rimport os'), ("parameter_name", 'weight")); import os; (("')],
+)
 def test_strings_that_could_break_out_of_generated_code_are_refused(package, where, value):
     def edit(program):
         if where == "stack_trace":
@@ -187,13 +204,16 @@ def test_strings_that_could_break_out_of_generated_code_are_refused(package, whe
         else:
             spec = program["graph_module"]["signature"]["input_specs"][0]
             spec["parameter"]["parameter_name"] = value
+
     _edit_program_json(package, edit)
     _refused(package, "model.json")
 
 
 def test_native_code_members_are_refused(package):
-    _rewrite_pt2(package / "model.pt2", lambda name, data: {"data/aotinductor/model/model.so": b"\x7fELF"}
-                 if name == "" else data)
+    _rewrite_pt2(
+        package / "model.pt2",
+        lambda name, data: {"data/aotinductor/model/model.so": b"\x7fELF"} if name == "" else data,
+    )
     _refused(package, "aotinductor")
 
 
@@ -268,12 +288,14 @@ def test_the_torch_hash_is_recorded_and_checked(package):
 
 def _fifo_guard(path: Path):
     """Unblock anything stuck opening the FIFO ``path`` (a writer end gives readers EOF)."""
+
     def release():
         try:
             fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
             os.close(fd)
         except OSError:
             pass
+
     return release
 
 
@@ -300,9 +322,14 @@ def _catch(fn, *args):
 
 
 # ----------------------------------------------------------------------------- item 3
-@pytest.mark.parametrize("fields,word", [({"num_classes": 5}, "num_classes 5.*3"),
-                                         ({"window": [8, 8, 8]}, "window"),
-                                         ({"in_channels": 2}, "in_channels 2")])
+@pytest.mark.parametrize(
+    "fields,word",
+    [
+        ({"num_classes": 5}, "num_classes 5.*3"),
+        ({"window": [8, 8, 8]}, "window"),
+        ({"in_channels": 2}, "in_channels 2"),
+    ],
+)
 def test_metadata_disagreeing_with_the_onnx_graph_is_refused_at_load(package, fields, word):
     _set_meta(package, **fields)
     with pytest.raises(PackageError, match=word):
@@ -314,8 +341,7 @@ def test_onnx_external_data_is_refused(package):
     from onnx.external_data_helper import convert_model_to_external_data
 
     model = onnx.load(package / "model.onnx")
-    convert_model_to_external_data(model, all_tensors_to_one_file=True, location="../../weights.bin",
-                                   size_threshold=0)
+    convert_model_to_external_data(model, all_tensors_to_one_file=True, location="../../weights.bin", size_threshold=0)
     data = model.SerializeToString()
     (package / "model.onnx").write_bytes(data)
     _set_meta(package, onnx_sha256=hashlib.sha256(data).hexdigest())
@@ -344,8 +370,7 @@ def test_external_data_hidden_anywhere_in_the_model_is_refused(package, where):
     helper = onnx.helper
     if where == "function":
         const = helper.make_node("Constant", [], ["c"], value=_external("f"))
-        model.functions.append(helper.make_function("local", "F", [], ["c"], [const],
-                                                    [helper.make_opsetid("", 17)]))
+        model.functions.append(helper.make_function("local", "F", [], ["c"], [const], [helper.make_opsetid("", 17)]))
     elif where == "sparse_initializer":
         values, indices = _external("s_values"), helper.make_tensor("s_idx", onnx.TensorProto.INT64, [1], [0])
         model.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [4]))
@@ -355,8 +380,12 @@ def test_external_data_hidden_anywhere_in_the_model_is_refused(package, where):
         node = helper.make_node("Constant", [], ["unused"], sparse_value=sparse)
         model.graph.node.append(node)
     elif where == "subgraph":
-        inner = helper.make_graph([helper.make_node("Constant", [], ["y"], value=_external("g"))], "inner", [],
-                                  [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+        inner = helper.make_graph(
+            [helper.make_node("Constant", [], ["y"], value=_external("g"))],
+            "inner",
+            [],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        )
         cond = helper.make_tensor("cond", onnx.TensorProto.BOOL, [], [True])
         model.graph.initializer.append(cond)
         model.graph.node.append(helper.make_node("If", ["cond"], ["unused2"], then_branch=inner, else_branch=inner))
@@ -400,12 +429,15 @@ def test_a_graph_that_allocates_gigabytes_inside_is_refused(package, monkeypatch
     out = graph.output[0].name
     graph.node[-1].output[0] = "net_out"
     graph.initializer.append(numpy_helper.from_array(np.array([1536, 1024, 1024], np.int64), "big_shape"))
-    graph.node.extend([
-        helper.make_node("ConstantOfShape", ["big_shape"], ["big"],
-                         value=numpy_helper.from_array(np.zeros(1, np.float32))),
-        helper.make_node("ReduceSum", ["big"], ["big_sum"], keepdims=0),
-        helper.make_node("Add", ["net_out", "big_sum"], [out]),
-    ])
+    graph.node.extend(
+        [
+            helper.make_node(
+                "ConstantOfShape", ["big_shape"], ["big"], value=numpy_helper.from_array(np.zeros(1, np.float32))
+            ),
+            helper.make_node("ReduceSum", ["big"], ["big_sum"], keepdims=0),
+            helper.make_node("Add", ["net_out", "big_sum"], [out]),
+        ]
+    )
     data = model.SerializeToString()
     (package / "model.onnx").write_bytes(data)
     (package / "model.pt2").unlink()

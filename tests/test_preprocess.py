@@ -1,5 +1,6 @@
 """Preprocessing spec, resampling in and out, crop/uncrop and orientation, against nnU-Net's own
 functions (``default_resampling``, normalisation classes, ``crop_to_nonzero``) and nibabel."""
+
 from __future__ import annotations
 
 import warnings
@@ -31,18 +32,19 @@ except ImportError:
 needs_nnunet = pytest.mark.skipif(resampling is None, reason="needs nnunetv2 (the reference resampling)")
 
 CASES = [  # (scan spacing, model spacing, scan shape (Z, Y, X))
-    ((3.0, 3.0, 3.0), (2.0, 1.5, 1.5), (20, 30, 25)),    # upsampling, isotropic: 3D cubic
-    ((5.0, 0.6, 0.6), (5.0, 1.5, 1.5), (12, 60, 70)),    # anisotropic scan: separate z, z kept
-    ((1.0, 1.0, 1.0), (4.0, 1.2, 1.2), (30, 40, 50)),    # anisotropic model: separate z, z order 0
-    ((2.0, 6.5, 0.8), (2.0, 4.0, 1.0), (16, 10, 40)),    # low-resolution axis 1 (not z)
-    ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0), (7, 8, 9)),       # same spacing: nothing to do
+    ((3.0, 3.0, 3.0), (2.0, 1.5, 1.5), (20, 30, 25)),  # upsampling, isotropic: 3D cubic
+    ((5.0, 0.6, 0.6), (5.0, 1.5, 1.5), (12, 60, 70)),  # anisotropic scan: separate z, z kept
+    ((1.0, 1.0, 1.0), (4.0, 1.2, 1.2), (30, 40, 50)),  # anisotropic model: separate z, z order 0
+    ((2.0, 6.5, 0.8), (2.0, 4.0, 1.0), (16, 10, 40)),  # low-resolution axis 1 (not z)
+    ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0), (7, 8, 9)),  # same spacing: nothing to do
 ]
 
 
 def package(spacing, *, num_classes=3, window=(8, 8, 8), **spec):
     pre = {**default_preprocessing(), **spec}
-    return ModelPackage(None, window, 1, num_classes, spacing=None if spacing is None else list(spacing),
-                        preprocessing=pre)
+    return ModelPackage(
+        None, window, 1, num_classes, spacing=None if spacing is None else list(spacing), preprocessing=pre
+    )
 
 
 @pytest.mark.parametrize("order, kind", [(0, "zoom"), (1, "zoom"), (3, "zoom"), (0, "coords"), (1, "coords")])
@@ -65,8 +67,13 @@ def test_axis_maps_are_scipys(order, kind, n_in, n_out):
 
 @needs_nnunet
 def test_separate_axis_is_nnunets_rule():
-    for current, new in [((3, 1, 1), (1, 1, 1)), ((1, 1, 1), (4, 1, 1)), ((1, 1, 1), (2, 1, 1)),
-                         ((1, 4, 4), (1, 1, 1)), ((1, 5, 1), (1, 1, 1))]:
+    for current, new in [
+        ((3, 1, 1), (1, 1, 1)),
+        ((1, 1, 1), (4, 1, 1)),
+        ((1, 1, 1), (2, 1, 1)),
+        ((1, 4, 4), (1, 1, 1)),
+        ((1, 5, 1), (1, 1, 1)),
+    ]:
         for force in (None, True, False):
             want_sep, want_axis = resampling.determine_do_sep_z_and_axis(force, current, new, 3)
             assert separate_axis(current, new, force, 3.0) == (want_axis if want_sep else None)
@@ -92,7 +99,7 @@ def feed(sink, acc, wsum, rng, max_rows=5):
         count = min(int(rng.integers(1, max_rows + 1)), acc.shape[1] - z)
         slab = np.full((acc.shape[0], count + 3, *acc.shape[2:]), np.nan, np.float32)
         ws = np.full((count + 3, *acc.shape[2:]), np.nan, np.float32)
-        slab[:, :count], ws[:count] = acc[:, z:z + count], wsum[z:z + count]
+        slab[:, :count], ws[:count] = acc[:, z : z + count], wsum[z : z + count]
         sink.take(slab, ws, z, count)
         assert len(sink._rows) <= 1  # at most one target row outlives a call
         z += count
@@ -106,13 +113,21 @@ def test_resample_sink_streams_what_nnunet_resamples_whole(scan_spacing, model_s
     geom = plan_geometry(np.zeros((1, *shape), np.float32), pkg, scan_spacing, None)
     logits = (rng.normal(size=(4, *geom.target)) * 3).astype(np.float32)
     wsum = rng.uniform(0.5, 2.0, size=geom.target).astype(np.float32)
-    inner = LabelSink(geom.cropped, 4, kind="logits", threshold=0.0, ignore_index=255,
-                      backend=ArrayBackend("cpu"), save_probabilities=True)
+    inner = LabelSink(
+        geom.cropped,
+        4,
+        kind="logits",
+        threshold=0.0,
+        ignore_index=255,
+        backend=ArrayBackend("cpu"),
+        save_probabilities=True,
+    )
     sink = ResampleSink(inner, geom.back)
     feed(sink, logits * wsum[None], wsum, rng)
     assert sink.finalize() is inner
-    want = resampling.resample_data_or_seg_to_shape(logits, geom.cropped, geom.target_spacing, scan_spacing,
-                                                    False, 1, 0, None)
+    want = resampling.resample_data_or_seg_to_shape(
+        logits, geom.cropped, geom.target_spacing, scan_spacing, False, 1, 0, None
+    )
     probs = torch.softmax(torch.from_numpy(np.asarray(want, np.float32)), 0).numpy()
     np.testing.assert_allclose(inner.probabilities, probs, atol=1e-5)
     np.testing.assert_array_equal(inner.labels, want.argmax(0))
@@ -207,13 +222,17 @@ def test_spec_validation_names_the_field():
     ok = check_fields({"spacing": [2, 1.5, 1.5], "mirror_axes": [2, 0]}, 3, 3, "m.json")
     assert ok["spacing"] == [2.0, 1.5, 1.5] and ok["mirror_axes"] == [0, 2]
     assert ok["preprocessing"] == default_preprocessing()
-    for bad, words in [({"spacing": [1, 2]}, "spacing"), ({"spacing": [1, -2, 3]}, "spacing"),
-                       ({"preprocessing": {"orientation": "LPS"}}, "orientation"),
-                       ({"preprocessing": {"grid": "x"}}, "grid"),
-                       ({"preprocessing": {"transpose": [0, 0, 1]}}, "transpose"),
-                       ({"preprocessing": {"resampling": {"probabilities_order": 3}}}, "0 or 1"),
-                       ({"preprocessing": {"bogus": 1}}, "keys"), ({"mirror_axes": [3]}, "mirror_axes"),
-                       ({"class_names": ["a"]}, "class_names")]:
+    for bad, words in [
+        ({"spacing": [1, 2]}, "spacing"),
+        ({"spacing": [1, -2, 3]}, "spacing"),
+        ({"preprocessing": {"orientation": "LPS"}}, "orientation"),
+        ({"preprocessing": {"grid": "x"}}, "grid"),
+        ({"preprocessing": {"transpose": [0, 0, 1]}}, "transpose"),
+        ({"preprocessing": {"resampling": {"probabilities_order": 3}}}, "0 or 1"),
+        ({"preprocessing": {"bogus": 1}}, "keys"),
+        ({"mirror_axes": [3]}, "mirror_axes"),
+        ({"class_names": ["a"]}, "class_names"),
+    ]:
         with pytest.raises(ValueError, match=words):
             check_fields(bad, 3, 3, "m.json")
 
@@ -222,9 +241,17 @@ def test_export_records_the_spec(tmp_path):
     from atso_fast.package import export_model
 
     net = torch.nn.Conv3d(1, 3, 1)
-    out = export_model(net, tmp_path / "pkg", window=(4, 8, 8), num_classes=3, spacing=[2.0, 0.8, 0.8],
-                       orientation="RAS", class_names=["bg", "liver", "spleen"], save_torch=False,
-                       preprocessing={"crop_to_nonzero": True, "grid": "nnunet"})
+    out = export_model(
+        net,
+        tmp_path / "pkg",
+        window=(4, 8, 8),
+        num_classes=3,
+        spacing=[2.0, 0.8, 0.8],
+        orientation="RAS",
+        class_names=["bg", "liver", "spleen"],
+        save_torch=False,
+        preprocessing={"crop_to_nonzero": True, "grid": "nnunet"},
+    )
     pkg = load_package(out)
     assert pkg.spacing == [2.0, 0.8, 0.8] and pkg.class_names == ["bg", "liver", "spleen"]
     assert pkg.preprocessing["orientation"] == "RAS" and pkg.preprocessing["grid"] == "nnunet"
@@ -261,8 +288,11 @@ def test_cuda_resampling_matches_cpu(scan_spacing, model_spacing, shape):
     """Resampling in and out on CUDA tensors gives the CPU result (float32 rounding apart)."""
     x = np.random.default_rng(4).normal(size=shape).astype(np.float32)
     pkg = package(model_spacing, num_classes=2, window=(6, 8, 8), grid="nnunet")
-    out = {dev: Relabeler(None, _package=pkg, _module=Pointwise(), runtime="torch", device=dev,
-                          save_probabilities=True).relabel_volume(x, spacing=scan_spacing)
-           for dev in ("cpu", "cuda")}
+    out = {
+        dev: Relabeler(
+            None, _package=pkg, _module=Pointwise(), runtime="torch", device=dev, save_probabilities=True
+        ).relabel_volume(x, spacing=scan_spacing)
+        for dev in ("cpu", "cuda")
+    }
     np.testing.assert_allclose(out["cuda"].probabilities, out["cpu"].probabilities, atol=1e-5)
     assert (out["cuda"].labels == out["cpu"].labels).mean() > 0.9999

@@ -3,6 +3,7 @@
 One Ray instance (2 CPUs, small object store) serves the whole module. Every run is compared
 with the local engine on the same archive: label files byte for byte, manifest rows equal.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,10 @@ ray = pytest.importorskip("ray", reason='Ray is not installed (pip install "atso
 pytest.importorskip("ray.data", reason='Ray Data is not installed (pip install "atso-fast[ray]")')
 
 # Older Ray (2.30) leaves its log files open at ray.init; not ours to fix, not an error here.
-pytestmark = [pytest.mark.filterwarnings("ignore::ResourceWarning"),
-              pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
 
 CRASH_SHAPE = (5, 10, 11)  # (Z, Y, X) of the one case the crashing relabelers die on
 
@@ -61,8 +64,7 @@ def broken_factory(model_dir, **kwargs):
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # ship the test factories
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20,
-             log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
     try:
         yield ray
     finally:
@@ -77,8 +79,13 @@ def model(tmp_path_factory) -> Path:
     net = torch.nn.Conv3d(1, 3, kernel_size=3, padding=1)
     with torch.no_grad():
         net.weight.mul_(0.05)
-    return export_model(net.eval(), tmp_path_factory.mktemp("model"), window=(4, 8, 8),
-                        num_classes=3, normalization={"scheme": "zscore"})
+    return export_model(
+        net.eval(),
+        tmp_path_factory.mktemp("model"),
+        window=(4, 8, 8),
+        num_classes=3,
+        normalization={"scheme": "zscore"},
+    )
 
 
 def _nifti(path: Path, seed: int, shape_xyz: tuple[int, ...]) -> None:
@@ -108,22 +115,26 @@ def archive(tmp_path_factory) -> Path:
 def reference(model, archive, tmp_path_factory) -> tuple[Path, dict]:
     """The local engine's outputs and summary for the archive."""
     out = tmp_path_factory.mktemp("local")
-    summary = relabel_archive(Relabeler(model), archive, out, recursive=True,
-                              save_confidence=True, progress=False)
+    summary = relabel_archive(Relabeler(model), archive, out, recursive=True, save_confidence=True, progress=False)
     assert (summary["done"], summary["failed"]) == (8, 1)
     return out, summary
 
 
 def output_files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != "manifest.jsonl"}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "manifest.jsonl"
+    }
 
 
 def manifest_rows(folder: Path) -> dict[str, dict]:
     """Latest row per case without the timing fields and the run fingerprint (unknown to the
     driver with a custom relabeler factory; compared where it is known)."""
-    return {cid: {k: v for k, v in row.items() if k not in ("seconds", "timings", "run")}
-            for cid, row in Manifest(folder / "manifest.jsonl").latest().items()}
+    return {
+        cid: {k: v for k, v in row.items() if k not in ("seconds", "timings", "run")}
+        for cid, row in Manifest(folder / "manifest.jsonl").latest().items()
+    }
 
 
 def assert_same_as_local(out: Path, reference: tuple[Path, dict]) -> None:
@@ -135,11 +146,9 @@ def assert_same_as_local(out: Path, reference: tuple[Path, dict]) -> None:
 
 
 # ------------------------------------------------------------------------------- the engine
-def test_outputs_and_manifest_equal_the_local_engine(ray_cluster, model, archive, reference,
-                                                     tmp_path):
+def test_outputs_and_manifest_equal_the_local_engine(ray_cluster, model, archive, reference, tmp_path):
     out = tmp_path / "out"
-    summary = relabel_archive_ray(model, archive, out, workers=2, recursive=True,
-                                  save_confidence=True, progress=False)
+    summary = relabel_archive_ray(model, archive, out, workers=2, recursive=True, save_confidence=True, progress=False)
     local_summary = reference[1]
     for key in ("total", "done", "skipped", "failed", "failures"):
         assert summary[key] == local_summary[key], key
@@ -152,25 +161,39 @@ def test_outputs_and_manifest_equal_the_local_engine(ray_cluster, model, archive
     assert {r.get("run") for r in rows if r["status"] == "ok"} == local_runs and None not in local_runs
 
 
-def test_a_killed_worker_is_retried_and_no_case_is_lost(ray_cluster, model, archive, reference,
-                                                        tmp_path):
+def test_a_killed_worker_is_retried_and_no_case_is_lost(ray_cluster, model, archive, reference, tmp_path):
     marker = tmp_path / "crashed-once"
     out = tmp_path / "out"
-    summary = relabel_archive_ray({"model_dir": model}, archive, out, workers=2, recursive=True,
-                                  save_confidence=True, progress=False,
-                                  relabeler_factory=CrashingRelabeler, crash_shape=CRASH_SHAPE,
-                                  marker=str(marker))
+    summary = relabel_archive_ray(
+        {"model_dir": model},
+        archive,
+        out,
+        workers=2,
+        recursive=True,
+        save_confidence=True,
+        progress=False,
+        relabeler_factory=CrashingRelabeler,
+        crash_shape=CRASH_SHAPE,
+        marker=str(marker),
+    )
     assert marker.exists()  # the worker did die on the crash case
     assert (summary["done"], summary["failed"]) == (8, 1)
     assert_same_as_local(out, reference)
 
 
-def test_a_case_that_always_kills_its_worker_fails_alone(ray_cluster, model, archive,
-                                                          reference, tmp_path):
+def test_a_case_that_always_kills_its_worker_fails_alone(ray_cluster, model, archive, reference, tmp_path):
     out = tmp_path / "out"
-    summary = relabel_archive_ray(model, archive, out, workers=2, recursive=True,
-                                  progress=False, max_attempts=2,
-                                  relabeler_factory=CrashingRelabeler, crash_shape=CRASH_SHAPE)
+    summary = relabel_archive_ray(
+        model,
+        archive,
+        out,
+        workers=2,
+        recursive=True,
+        progress=False,
+        max_attempts=2,
+        relabeler_factory=CrashingRelabeler,
+        crash_shape=CRASH_SHAPE,
+    )
     failures = dict(summary["failures"])
     assert (summary["done"], summary["failed"]) == (7, 2) and sorted(failures) == ["corrupt", "crash"]
     assert "died 2 times" in failures["crash"] and "crash.npy" in failures["crash"]
@@ -182,12 +205,14 @@ def test_a_case_that_always_kills_its_worker_fails_alone(ray_cluster, model, arc
 
 def test_resume_skips_finished_cases(ray_cluster, model, archive, reference, tmp_path):
     out = tmp_path / "out"
-    first = relabel_archive_ray(model, archive, out, workers=2, recursive=True, num_parts=2,
-                                part_id=0, save_confidence=True, progress=False)
+    first = relabel_archive_ray(
+        model, archive, out, workers=2, recursive=True, num_parts=2, part_id=0, save_confidence=True, progress=False
+    )
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.*") if p.name != "manifest.jsonl"}
     finished = [cid for cid, row in manifest_rows(out).items() if row["status"] == "ok"]
-    summary = relabel_archive_ray(model, archive, out, workers=2, recursive=True, resume=True,
-                                  save_confidence=True, progress=False)
+    summary = relabel_archive_ray(
+        model, archive, out, workers=2, recursive=True, resume=True, save_confidence=True, progress=False
+    )
     assert summary["skipped"] == len(finished) == first["done"] > 0
     assert summary["done"] + summary["skipped"] == 8 and summary["failed"] == 1
     rows = Manifest(out / "manifest.jsonl").rows()
@@ -198,8 +223,20 @@ def test_resume_skips_finished_cases(ray_cluster, model, archive, reference, tmp
 
 def test_cli_engine_ray(ray_cluster, model, archive, reference, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = [str(model), str(archive), str(out), "--engine", "ray", "--workers", "2",
-            "--cpus-per-worker", "1", "--recursive", "--save-confidence", "--json"]
+    argv = [
+        str(model),
+        str(archive),
+        str(out),
+        "--engine",
+        "ray",
+        "--workers",
+        "2",
+        "--cpus-per-worker",
+        "1",
+        "--recursive",
+        "--save-confidence",
+        "--json",
+    ]
     assert cli_main(argv) == 1  # the corrupt case failed
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
@@ -209,28 +246,29 @@ def test_cli_engine_ray(ray_cluster, model, archive, reference, tmp_path, capsys
     assert capsys.readouterr().out == ""
 
 
-def test_a_run_that_cannot_start_workers_stops_with_one_clear_error(ray_cluster, model, archive,
-                                                                    tmp_path):
+def test_a_run_that_cannot_start_workers_stops_with_one_clear_error(ray_cluster, model, archive, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(RayRunError, match="cannot be loaded on the workers") as info:
-        relabel_archive_ray(model, archive, out, recursive=True, progress=False,
-                            relabeler_factory=broken_factory)
+        relabel_archive_ray(model, archive, out, recursive=True, progress=False, relabeler_factory=broken_factory)
     assert "rerun with --resume" in str(info.value) and "\n" not in str(info.value)
     assert Manifest(out / "manifest.jsonl").completed() == {}
 
 
 # ------------------------------------------------------------------- checks before any Ray
-@pytest.mark.parametrize("options,error,word", [
-    ({"workers": 0}, ValueError, "workers must be an int >= 1, got 0"),
-    ({"workers": 1.5}, ValueError, "workers"),
-    ({"cpus_per_worker": 0}, ValueError, "cpus_per_worker must be a number > 0, got 0"),
-    ({"gpus_per_worker": -1}, ValueError, "gpus_per_worker"),
-    ({"gpus_per_worker": 1}, ValueError, "device 'cpu'"),
-    ({"device": "cuda"}, ValueError, "gpus_per_worker > 0"),
-    ({"device": "cuda:1", "gpus_per_worker": 1}, ValueError, "use device='cuda'"),
-    ({"max_attempts": 0}, ValueError, "max_attempts"),
-    ({"overlapp": 0.5}, TypeError, "overlapp"),
-])
+@pytest.mark.parametrize(
+    "options,error,word",
+    [
+        ({"workers": 0}, ValueError, "workers must be an int >= 1, got 0"),
+        ({"workers": 1.5}, ValueError, "workers"),
+        ({"cpus_per_worker": 0}, ValueError, "cpus_per_worker must be a number > 0, got 0"),
+        ({"gpus_per_worker": -1}, ValueError, "gpus_per_worker"),
+        ({"gpus_per_worker": 1}, ValueError, "device 'cpu'"),
+        ({"device": "cuda"}, ValueError, "gpus_per_worker > 0"),
+        ({"device": "cuda:1", "gpus_per_worker": 1}, ValueError, "use device='cuda'"),
+        ({"max_attempts": 0}, ValueError, "max_attempts"),
+        ({"overlapp": 0.5}, TypeError, "overlapp"),
+    ],
+)
 def test_options_are_checked_before_ray_starts(model, tmp_path, options, error, word):
     with pytest.raises(error, match=word.replace("(", r"\(")):
         relabel_archive_ray(model, tmp_path, tmp_path / "out", **options)
@@ -267,6 +305,10 @@ def test_a_worker_no_node_can_host_is_refused_not_waited_for(ray_cluster, model,
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"each needs 4 CPU and 0 GPU, the largest node has 2 CPU"):
         relabel_archive_ray(model, archive, out, workers=1, cpus_per_worker=4, recursive=True, progress=False)
-    assert cli_main([str(model), str(archive), str(tmp_path / "o2"), "--engine", "ray", "--cpus-per-worker", "4",
-                     "--recursive"]) == 2
+    assert (
+        cli_main(
+            [str(model), str(archive), str(tmp_path / "o2"), "--engine", "ray", "--cpus-per-worker", "4", "--recursive"]
+        )
+        == 2
+    )
     assert "lower --cpus-per-worker" in capsys.readouterr().err

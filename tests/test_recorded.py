@@ -1,5 +1,6 @@
 """``atso_fast/train/recorded.py`` (what the demo quotes) is tied to the experiment JSON it was
 generated from: every arm mean and every contrast must be that file's, rounded as recorded."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,9 @@ def test_recorded_entries_match_their_experiment_json(key):
         assert entry["arms"] == {a: round(v["test_mean"], 4) for a, v in summary["arms"].items()}
     else:  # D2's primary endpoint: the per-case test Dice of each seed
         seeds = list(record["results"].values())
-        assert entry["arms"] == {a: round(sum(r["arms"][a]["test_case_dice"] for r in seeds) / len(seeds), 4)
-                                 for a in seeds[0]["arms"]}
+        assert entry["arms"] == {
+            a: round(sum(r["arms"][a]["test_case_dice"] for r in seeds) / len(seeds), 4) for a in seeds[0]["arms"]
+        }
         assert entry["decision"]["mean"] == round(summary["decision"]["mean"], 4)
     assert entry["contrasts"] == _rows(summary["contrasts"])
     assert entry["val_contrasts"] == _rows(summary["val_contrasts"])

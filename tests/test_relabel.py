@@ -1,4 +1,5 @@
 """Relabel engine: MONAI equivalence, known-answer predictors, streaming memory, options."""
+
 from __future__ import annotations
 
 import json
@@ -36,24 +37,29 @@ class PlusOne(torch.nn.Module):
 def monai_probs(net, volume, roi, overlap, classes):
     inferers = pytest.importorskip("monai.inferers")
     with torch.no_grad():
-        logits = inferers.sliding_window_inference(torch.from_numpy(volume)[None], roi, 4, net, overlap=overlap,
-                                                   mode="gaussian", sigma_scale=0.125)
+        logits = inferers.sliding_window_inference(
+            torch.from_numpy(volume)[None], roi, 4, net, overlap=overlap, mode="gaussian", sigma_scale=0.125
+        )
     return torch.softmax(logits, 1)[0].numpy() if classes > 1 else torch.sigmoid(logits)[0].numpy()
 
 
-@pytest.mark.parametrize("shape,roi,overlap,batch", [
-    ((40, 50, 45), (16, 24, 20), 0.5, 3),
-    ((40, 50, 45), (16, 24, 20), 0.5, 5),    # batches span two rows of windows
-    ((40, 50, 45), (16, 24, 20), 0.5, 100),  # one batch holds every window
-    ((10, 21, 33), (16, 16, 16), 0.25, 3),   # smaller than the window along z and y
-    ((33, 17, 20), (8, 8, 8), 0.0, 4),
-])
+@pytest.mark.parametrize(
+    "shape,roi,overlap,batch",
+    [
+        ((40, 50, 45), (16, 24, 20), 0.5, 3),
+        ((40, 50, 45), (16, 24, 20), 0.5, 5),  # batches span two rows of windows
+        ((40, 50, 45), (16, 24, 20), 0.5, 100),  # one batch holds every window
+        ((10, 21, 33), (16, 16, 16), 0.25, 3),  # smaller than the window along z and y
+        ((33, 17, 20), (8, 8, 8), 0.0, 4),
+    ],
+)
 def test_matches_monai_sliding_window(rng, shape, roi, overlap, batch):
     net = random_net()
     volume = rng.standard_normal((1, *shape)).astype(np.float32)
     want = monai_probs(net, volume, roi, overlap, 3)
-    rel = Relabeler.from_module(net, window=roi, num_classes=3, overlap=overlap, batch_size=batch,
-                                save_probabilities=True)
+    rel = Relabeler.from_module(
+        net, window=roi, num_classes=3, overlap=overlap, batch_size=batch, save_probabilities=True
+    )
     got = rel.relabel_volume(volume)
     np.testing.assert_allclose(got.probabilities, want, rtol=1e-5, atol=2e-6)
     agree = (got.labels == want.argmax(0)).mean()
@@ -63,8 +69,9 @@ def test_matches_monai_sliding_window(rng, shape, roi, overlap, batch):
 
 def test_known_answer_plus_one(rng):
     volume = rng.standard_normal((23, 31, 19)).astype(np.float32)
-    rel = Relabeler.from_module(PlusOne(), window=(8, 16, 8), num_classes=1, kind="probabilities",
-                                overlap=0.5, save_probabilities=True)
+    rel = Relabeler.from_module(
+        PlusOne(), window=(8, 16, 8), num_classes=1, kind="probabilities", overlap=0.5, save_probabilities=True
+    )
     got = rel.relabel_volume(volume)
     np.testing.assert_allclose(got.probabilities[0], volume + 1, rtol=1e-5, atol=1e-5)
     assert (got.labels == ((volume + 1) > 0.5)).mean() > 0.999
@@ -75,8 +82,9 @@ def test_accumulator_holds_one_window_depth(rng, monkeypatch):
 
     shapes = []
     real_zeros = ArrayBackend.zeros
-    monkeypatch.setattr(ArrayBackend, "zeros",
-                        lambda self, shape, dtype: shapes.append(shape) or real_zeros(self, shape, dtype))
+    monkeypatch.setattr(
+        ArrayBackend, "zeros", lambda self, shape, dtype: shapes.append(shape) or real_zeros(self, shape, dtype)
+    )
     rel = Relabeler.from_module(random_net(classes=5), window=(8, 16, 16), num_classes=5, overlap=0.5)
     rel.relabel_volume(rng.standard_normal((64, 32, 32)).astype(np.float32))
     assert shapes[0] == (5, 8, 32, 32)  # C x pz x Y x X, not C x Z x Y x X
@@ -112,8 +120,9 @@ def test_2d_network_runs_slice_by_slice(rng):
 def test_threshold_ignore_and_stats(rng):
     net = random_net(classes=3)
     volume = rng.standard_normal((20, 24, 24)).astype(np.float32)
-    rel = Relabeler.from_module(net, window=(8, 16, 16), num_classes=3, threshold=0.6, ignore_index=9,
-                                save_probabilities=True)
+    rel = Relabeler.from_module(
+        net, window=(8, 16, 16), num_classes=3, threshold=0.6, ignore_index=9, save_probabilities=True
+    )
     got = rel.relabel_volume(volume)
     low = got.probabilities.max(0) < 0.6
     assert ((got.labels == 9) == low).mean() > 0.999
@@ -151,15 +160,22 @@ def test_bad_volumes_raise_clear_errors(rng):
 
 def test_export_package_and_onnxruntime_match_torch(rng, tmp_path):
     net = random_net(classes=3)
-    pkg_dir = export_model(net, tmp_path / "pkg", window=(8, 16, 16), num_classes=3,
-                           normalization={"scheme": "zscore"}, class_names=["bg", "a", "b"])
+    pkg_dir = export_model(
+        net,
+        tmp_path / "pkg",
+        window=(8, 16, 16),
+        num_classes=3,
+        normalization={"scheme": "zscore"},
+        class_names=["bg", "a", "b"],
+    )
     meta = json.loads((pkg_dir / "model.json").read_text())
     assert meta["window"] == [8, 16, 16] and meta["num_classes"] == 3 and meta["kind"] == "logits"
     assert meta["normalization"] == {"scheme": "zscore"} and meta["onnx_max_abs_diff"] < 1e-4
     volume = (rng.standard_normal((20, 30, 30)) * 50 + 100).astype(np.float32)
     onnx = Relabeler(pkg_dir, runtime="onnxruntime", save_probabilities=True).relabel_volume(volume)
-    live = Relabeler.from_module(net, window=(8, 16, 16), num_classes=3, normalization={"scheme": "zscore"},
-                                 save_probabilities=True).relabel_volume(volume)
+    live = Relabeler.from_module(
+        net, window=(8, 16, 16), num_classes=3, normalization={"scheme": "zscore"}, save_probabilities=True
+    ).relabel_volume(volume)
     np.testing.assert_allclose(onnx.probabilities, live.probabilities, atol=1e-5)
     assert Relabeler(pkg_dir, runtime="auto").runtime_name == CPU_DEFAULT
     bf16 = "openvino" if openvino_available() and openvino_supports("bfloat16") else "torch"
@@ -279,13 +295,16 @@ def test_archive_summary_names_the_runtime_auto_chose(rng, tmp_path):
 
 # --------------------------------------------------------------------------- OpenVINO, pipelined
 @needs_openvino
-@pytest.mark.parametrize("shape,roi,overlap,batch", [
-    ((40, 50, 45), (16, 24, 20), 0.5, 3),
-    ((40, 50, 45), (16, 24, 20), 0.5, 5),    # batches span two rows of windows; short last batch
-    ((40, 50, 45), (16, 24, 20), 0.5, 100),  # one batch holds every window
-    ((10, 21, 33), (16, 16, 16), 0.25, 3),   # smaller than the window along z and y
-    ((33, 17, 20), (8, 8, 8), 0.0, 4),
-])
+@pytest.mark.parametrize(
+    "shape,roi,overlap,batch",
+    [
+        ((40, 50, 45), (16, 24, 20), 0.5, 3),
+        ((40, 50, 45), (16, 24, 20), 0.5, 5),  # batches span two rows of windows; short last batch
+        ((40, 50, 45), (16, 24, 20), 0.5, 100),  # one batch holds every window
+        ((10, 21, 33), (16, 16, 16), 0.25, 3),  # smaller than the window along z and y
+        ((33, 17, 20), (8, 8, 8), 0.0, 4),
+    ],
+)
 def test_openvino_float32_matches_monai_sliding_window(rng, tmp_path, shape, roi, overlap, batch):
     """Tolerance of OpenVINO float32: probabilities within 2e-5 of MONAI's, labels >= 99.99%."""
     net = random_net()
@@ -299,14 +318,15 @@ def test_openvino_float32_matches_monai_sliding_window(rng, tmp_path, shape, roi
 
 
 @needs_openvino
-@pytest.mark.parametrize("batch,mirror,streams,depth", [(3, False, 2, 3), (4, False, 2, 3), (4, False, 1, 2),
-                                                        (3, True, 2, 3), (3, False, 1, 3)])
+@pytest.mark.parametrize(
+    "batch,mirror,streams,depth",
+    [(3, False, 2, 3), (4, False, 2, 3), (4, False, 1, 2), (3, True, 2, 3), (3, False, 1, 3)],
+)
 def test_pipelined_labels_are_bit_identical_to_sequential(rng, tmp_path, batch, mirror, streams, depth):
     """``depth`` batches in flight on one or two streams vs one at a time, same compiled model."""
     from atso_fast.runtimes import OpenVinoRuntime
 
-    pkg = export_model(random_net(classes=4), tmp_path / "pkg", window=(8, 16, 16), num_classes=4,
-                       save_torch=False)
+    pkg = export_model(random_net(classes=4), tmp_path / "pkg", window=(8, 16, 16), num_classes=4, save_torch=False)
     volume = rng.standard_normal((30, 41, 37)).astype(np.float32)
     rel = Relabeler(pkg, runtime="openvino", batch_size=batch, mirror=mirror, save_probabilities=True, threads=2)
     assert (rel.runtime.streams, rel.runtime.in_flight) == (1, 2) and rel.runtime.reuse_output  # the defaults
@@ -341,10 +361,10 @@ def test_pipelined_stream_keeps_each_input_until_its_result(rng):
             class Late:
                 def result(self):
                     return runtime(batch)
+
             return Late()
 
-    rel = Relabeler.from_module(_TanhTwice(), window=(8, 8, 8), num_classes=2, batch_size=2,
-                                save_probabilities=True)
+    rel = Relabeler.from_module(_TanhTwice(), window=(8, 8, 8), num_classes=2, batch_size=2, save_probabilities=True)
     volume = rng.standard_normal((20, 20, 20)).astype(np.float32)
     want = rel.relabel_volume(volume)  # torch, one batch at a time
     rel.runtime = LateReader()
@@ -377,8 +397,9 @@ class _Recording:
 
 @pytest.mark.parametrize("shape,batch", [((20, 20, 20), 4), ((20, 28, 20), 4), ((12, 12, 12), 3), ((20, 20, 20), 1)])
 def test_even_batches_blend_bit_identically_to_monai_batches(rng, shape, batch):
-    rel = Relabeler.from_module(_TanhTwice(), window=(8, 8, 8), num_classes=2, batch_size=batch,
-                                save_probabilities=True)
+    rel = Relabeler.from_module(
+        _TanhTwice(), window=(8, 8, 8), num_classes=2, batch_size=batch, save_probabilities=True
+    )
     volume = rng.standard_normal(shape).astype(np.float32)
     results, sizes = [], []
     for dynamic in (False, True):
@@ -408,8 +429,7 @@ class _Bf16Out(_Recording):
 def test_bfloat16_runtime_outputs_blend_like_their_float32_values(rng):
     """A runtime may return bfloat16 windows (OpenVINO in bfloat16): the engine blends them as
     they are, with the very numbers of their exact float32 copy."""
-    rel = Relabeler.from_module(_TanhTwice(), window=(8, 8, 8), num_classes=2, batch_size=3,
-                                save_probabilities=True)
+    rel = Relabeler.from_module(_TanhTwice(), window=(8, 8, 8), num_classes=2, batch_size=3, save_probabilities=True)
     volume = rng.standard_normal((20, 17, 22)).astype(np.float32)
     results = []
     for as_bf16 in (False, True):
@@ -434,8 +454,13 @@ def test_openvino_bfloat16_returns_bfloat16_windows_close_to_float32(rng, tmp_pa
 
 
 @needs_openvino
-@pytest.mark.parametrize("shape,roi,batch", [((40, 50, 45), (16, 24, 20), 6),  # 64 windows: 9 x 6, 2 x 5
-                                             ((33, 17, 20), (8, 8, 8), 5)])     # 128: 24 x 5, 2 x 4
+@pytest.mark.parametrize(
+    "shape,roi,batch",
+    [
+        ((40, 50, 45), (16, 24, 20), 6),  # 64 windows: 9 x 6, 2 x 5
+        ((33, 17, 20), (8, 8, 8), 5),
+    ],
+)  # 128: 24 x 5, 2 x 4
 def test_openvino_even_dynamic_batches_match_static_padded_ones(rng, tmp_path, monkeypatch, shape, roi, batch):
     """Dynamic batch + even split vs the static padded model in MONAI's batches: probabilities
     within OpenVINO float32's tolerance of each other and of MONAI, labels >= 99.99% identical."""

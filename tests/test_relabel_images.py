@@ -1,6 +1,7 @@
 """Bulk relabelling of natural-image folders (issue 24): ``atso-fast relabel PKG
 cityscapes/leftImg8bit/val OUT`` with a 2D RGB package, label PNGs of each frame's size, labelIds
 on request, overlays, and bad frames failing alone."""
+
 from __future__ import annotations
 
 import io
@@ -31,8 +32,15 @@ def tiny_rgb_net(classes: int = NUM_CLASSES) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
-    return export_model(tiny_rgb_net(), tmp_path_factory.mktemp("pkg") / "pkg", window=(32, 48),
-                        num_classes=NUM_CLASSES, in_channels=3, normalization=IMAGENET_RGB, save_torch=False)
+    return export_model(
+        tiny_rgb_net(),
+        tmp_path_factory.mktemp("pkg") / "pkg",
+        window=(32, 48),
+        num_classes=NUM_CLASSES,
+        in_channels=3,
+        normalization=IMAGENET_RGB,
+        save_torch=False,
+    )
 
 
 @pytest.fixture
@@ -89,8 +97,15 @@ def test_bad_frames_fail_alone(package, scenes, tmp_path, torch_one_thread):
 
 
 def test_label_ids_need_a_cityscapes_package(tmp_path, scenes, capsys):
-    other = export_model(tiny_rgb_net(4), tmp_path / "pkg4", window=(32, 48), num_classes=4, in_channels=3,
-                         normalization=IMAGENET_RGB, save_torch=False)
+    other = export_model(
+        tiny_rgb_net(4),
+        tmp_path / "pkg4",
+        window=(32, 48),
+        num_classes=4,
+        in_channels=3,
+        normalization=IMAGENET_RGB,
+        save_torch=False,
+    )
     code = main(["relabel", str(other), str(scenes / "leftImg8bit" / "val"), str(tmp_path / "out"), "--label-ids"])
     assert code == 2 and "--label-ids maps Cityscapes trainIds to labelIds" in capsys.readouterr().err
 
@@ -99,8 +114,9 @@ def test_jpeg_frames_in_a_plain_folder(tmp_path, torch_one_thread):
     folder = tmp_path / "frames"
     folder.mkdir()
     Image.fromarray(np.full((24, 40, 3), 90, np.uint8)).save(folder / "cam0.jpg")
-    relabeler = Relabeler.from_module(tiny_rgb_net(3), window=(16, 16), num_classes=3, in_channels=3,
-                                      normalization=IMAGENET_RGB)
+    relabeler = Relabeler.from_module(
+        tiny_rgb_net(3), window=(16, 16), num_classes=3, in_channels=3, normalization=IMAGENET_RGB
+    )
     summary = relabel_archive(relabeler, folder, tmp_path / "out", progress=False, save_overlay=True)
     assert summary["done"] == 1
     labels, _ = read_volume(tmp_path / "out" / "cam0.png")
@@ -129,8 +145,9 @@ def test_label_map_of_the_relabeler(rng):
     net = tiny_rgb_net(3)
     frame = rng.integers(0, 256, (3, 1, 20, 30)).astype(np.float32)
     plain = Relabeler.from_module(net, window=(16, 16), num_classes=3, in_channels=3).relabel_volume(frame)
-    mapped = Relabeler.from_module(net, window=(16, 16), num_classes=3, in_channels=3,
-                                   label_map={0: 7, 2: 300}).relabel_volume(frame)
+    mapped = Relabeler.from_module(
+        net, window=(16, 16), num_classes=3, in_channels=3, label_map={0: 7, 2: 300}
+    ).relabel_volume(frame)
     want = np.choose(plain.labels, [7, 1, 300])
     assert mapped.labels.dtype == np.uint16 and mapped.labels.tolist() == want.tolist()
     assert mapped.stats["label_counts"] == plain.stats["label_counts"]

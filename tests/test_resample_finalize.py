@@ -7,6 +7,7 @@ confidence, counts) on random inputs and edge shapes, on both CPU builds and thr
 its labels are those of the unfused path (torch's bilinear, then ``native.finalize``), which the
 last tests also compare directly, through ``ResampleSink`` too.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,21 @@ from atso_fast.engine.preprocess import axis_op
 from atso_fast.engine.resample import ResampleSink, aten_generic_bilinear, bilinear_taps
 from atso_fast.kernels import native, reference
 
-SIZES = [(273, 512), (512, 273), (7, 3), (1, 5), (5, 1), (64, 31), (33, 100), (200, 375), (150, 281), (17, 17),
-         (2, 1), (100, 187), (3, 700)]
+SIZES = [
+    (273, 512),
+    (512, 273),
+    (7, 3),
+    (1, 5),
+    (5, 1),
+    (64, 31),
+    (33, 100),
+    (200, 375),
+    (150, 281),
+    (17, 17),
+    (2, 1),
+    (100, 187),
+    (3, 700),
+]
 
 
 @pytest.fixture
@@ -46,8 +60,9 @@ def _dense(taps, n_in: int) -> np.ndarray:
 
 
 def _torch_bilinear(rows: np.ndarray, yn: int, xn: int) -> np.ndarray:
-    return torch.nn.functional.interpolate(torch.from_numpy(rows), size=(yn, xn), mode="bilinear",
-                                           align_corners=False).numpy()
+    return torch.nn.functional.interpolate(
+        torch.from_numpy(rows), size=(yn, xn), mode="bilinear", align_corners=False
+    ).numpy()
 
 
 def _specials(a: np.ndarray, rng) -> np.ndarray:
@@ -70,8 +85,17 @@ def test_taps_are_the_weights_torch_applies(n_in, n_out, torch_threads):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("yt,yn,xt,xn,planes", [(273, 512, 273, 512, 1), (40, 75, 37, 69, 2), (150, 80, 140, 75, 4),
-                                                (1, 100, 50, 29, 1), (64, 64, 30, 90, 5), (3, 130, 2, 1, 2)])
+@pytest.mark.parametrize(
+    "yt,yn,xt,xn,planes",
+    [
+        (273, 512, 273, 512, 1),
+        (40, 75, 37, 69, 2),
+        (150, 80, 140, 75, 4),
+        (1, 100, 50, 29, 1),
+        (64, 64, 30, 90, 5),
+        (3, 130, 2, 1, 2),
+    ],
+)
 def test_reference_bilinear_is_torch_bit_for_bit(yt, yn, xt, xn, planes, threads, torch_threads):
     torch_threads(threads)
     assert aten_generic_bilinear(yn, xn, planes, threads)
@@ -90,14 +114,14 @@ def test_aten_generic_bilinear_rule():
 CASES = [  # channels, R, Yt, Xt, Yn, Xn, kind, threshold, ignore_index
     (105, 1, 27, 27, 51, 51, "logits", 0.0, 255),
     (4, 3, 20, 31, 37, 58, "logits", 0.4, 255),
-    (1, 2, 16, 16, 30, 30, "logits", 0.7, 255),      # one sigmoid channel
+    (1, 2, 16, 16, 30, 30, "logits", 0.7, 255),  # one sigmoid channel
     (1, 1, 9, 9, 17, 17, "probabilities", 0.0, 255),
     (3, 2, 12, 12, 23, 23, "probabilities", 0.5, 255),
-    (2, 1, 1, 1, 5, 7, "logits", 0.0, 255),          # one input sample in the plane
-    (6, 2, 33, 40, 33, 75, "logits", 0.0, 300),      # identity along y; uint16 labels
-    (5, 1, 50, 60, 21, 22, "logits", 0.2, 255),      # downsampling
-    (3, 4, 8, 8, 1, 1, "logits", 0.0, 255),          # one output sample
-    (7, 1, 10, 300, 19, 561, "logits", 0.0, 255),    # several blocks per output line
+    (2, 1, 1, 1, 5, 7, "logits", 0.0, 255),  # one input sample in the plane
+    (6, 2, 33, 40, 33, 75, "logits", 0.0, 300),  # identity along y; uint16 labels
+    (5, 1, 50, 60, 21, 22, "logits", 0.2, 255),  # downsampling
+    (3, 4, 8, 8, 1, 1, "logits", 0.0, 255),  # one output sample
+    (7, 1, 10, 300, 19, 561, "logits", 0.0, 255),  # several blocks per output line
 ]
 
 
@@ -148,12 +172,13 @@ def _sink_run(fused: bool, classes: int, zt: int, zn: int, yt: int, yn: int) -> 
     rng = np.random.default_rng(3)
     slab = (rng.standard_normal((classes, zt, yt, yt)) * 8).astype(np.float32)
     wsum = (rng.random((zt, yt, yt), dtype=np.float32) + 0.5).astype(np.float32)
-    inner = LabelSink((zn, yn, yn), classes, kind="logits", threshold=0.3, ignore_index=255,
-                      backend=ArrayBackend("cpu"))
+    inner = LabelSink(
+        (zn, yn, yn), classes, kind="logits", threshold=0.3, ignore_index=255, backend=ArrayBackend("cpu")
+    )
     sink = ResampleSink(inner, ops, fuse=fused)
     for z in range(0, zt, 3):
         n = min(3, zt - z)
-        sink.take(slab[:, z:z + n], wsum[z:z + n], z, n)
+        sink.take(slab[:, z : z + n], wsum[z : z + n], z, n)
     return sink.finalize()
 
 
@@ -175,8 +200,9 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match=r"y_taps\[0\] \(i0\) must index \[0, 4\)"):
         native.resample_finalize(rows, bad, good, 0.0, 255, "logits")
     with pytest.raises(ValueError, match=r"x_taps\[2\] \(w0\) must have dtype float32"):
-        native.resample_finalize(rows, good, (good[0], good[1], good[2].astype(np.float64), good[3]), 0.0, 255,
-                                 "logits")
+        native.resample_finalize(
+            rows, good, (good[0], good[1], good[2].astype(np.float64), good[3]), 0.0, 255, "logits"
+        )
     with pytest.raises(ValueError, match="rows must have dtype float32"):
         native.resample_finalize(rows.astype(np.float64), good, good, 0.0, 255, "logits")
     with pytest.raises(ValueError, match="threshold must be in"):

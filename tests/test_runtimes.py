@@ -1,6 +1,7 @@
 """Runtimes on their own: the declared interface (``atso_fast.runtimes.base.Runtime``), each
 runtime's contract (OpenVINO: precision, disk cache, asynchronous requests), the torch layout
 probe and ``auto``'s rule."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -40,8 +41,9 @@ def random_net(in_ch=1, classes=3, dims=3, seed=0):
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
-    return load_package(export_model(random_net(classes=3), tmp_path_factory.mktemp("pkg"), window=(8, 8, 8),
-                                     num_classes=3))
+    return load_package(
+        export_model(random_net(classes=3), tmp_path_factory.mktemp("pkg"), window=(8, 8, 8), num_classes=3)
+    )
 
 
 @pytest.mark.parametrize("name", ["onnxruntime", "torch", pytest.param("openvino", marks=needs_openvino)])
@@ -99,12 +101,15 @@ def test_reuse_output_contract(package, rng):
     assert np.shares_memory(b, ort(batch)) and np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("kw,want", [
-    (dict(device="cpu", has_onnx=True, has_module=False, has_program=True), ["onnxruntime", "torch"]),
-    (dict(device="cpu", has_onnx=True, has_module=False, has_program=False), ["onnxruntime"]),
-    (dict(device="cpu", has_onnx=True, has_module=False, has_program=True, precision="bfloat16"), ["torch"]),
-    (dict(device="cpu", has_onnx=False, has_module=True), ["torch"]),
-])
+@pytest.mark.parametrize(
+    "kw,want",
+    [
+        (dict(device="cpu", has_onnx=True, has_module=False, has_program=True), ["onnxruntime", "torch"]),
+        (dict(device="cpu", has_onnx=True, has_module=False, has_program=False), ["onnxruntime"]),
+        (dict(device="cpu", has_onnx=True, has_module=False, has_program=True, precision="bfloat16"), ["torch"]),
+        (dict(device="cpu", has_onnx=False, has_module=True), ["torch"]),
+    ],
+)
 def test_auto_rules_without_openvino(monkeypatch, kw, want):
     monkeypatch.setattr("atso_fast.runtimes.openvino_available", lambda: False)
     assert auto_candidates(**kw) == want
@@ -129,8 +134,9 @@ def test_load_runtime_warns_and_takes_the_next_candidate(package, monkeypatch):
         raise ValueError("model.onnx: unsupported operator")
 
     monkeypatch.setattr("atso_fast.runtimes.OpenVinoRuntime", broken)
-    with pytest.warns(RuntimeWarning, match="runtime auto: openvino did not load .*unsupported operator.*"
-                                            "running onnxruntime"):
+    with pytest.warns(
+        RuntimeWarning, match="runtime auto: openvino did not load .*unsupported operator.*running onnxruntime"
+    ):
         rt = load_runtime(["openvino", "onnxruntime"], package=package, batch_size=2)
     assert rt.name == "onnxruntime"
     with pytest.raises(ValueError, match="unsupported operator"):  # nothing else to take
@@ -369,12 +375,14 @@ def test_openvino_cached_dynamic_model_keeps_its_dynamic_batch(package, rng, tmp
 
 def test_openvino_cache_key_covers_model_version_device_precision_and_shape():
     base = compiled_cache_key(b"onnx", "2026.4", "cpu x", "float32", (4, 1, 8, 8, 8))
-    others = [compiled_cache_key(b"onnx2", "2026.4", "cpu x", "float32", (4, 1, 8, 8, 8)),
-              compiled_cache_key(b"onnx", "2026.5", "cpu x", "float32", (4, 1, 8, 8, 8)),
-              compiled_cache_key(b"onnx", "2026.4", "cpu y", "float32", (4, 1, 8, 8, 8)),
-              compiled_cache_key(b"onnx", "2026.4", "cpu x", "bfloat16", (4, 1, 8, 8, 8)),
-              compiled_cache_key(b"onnx", "2026.4", "cpu x", "float32", (2, 1, 8, 8, 8)),
-              compiled_cache_key(b"onnx", "2026.4", "cpu x", "float32", ("1..4", 1, 8, 8, 8))]
+    others = [
+        compiled_cache_key(b"onnx2", "2026.4", "cpu x", "float32", (4, 1, 8, 8, 8)),
+        compiled_cache_key(b"onnx", "2026.5", "cpu x", "float32", (4, 1, 8, 8, 8)),
+        compiled_cache_key(b"onnx", "2026.4", "cpu y", "float32", (4, 1, 8, 8, 8)),
+        compiled_cache_key(b"onnx", "2026.4", "cpu x", "bfloat16", (4, 1, 8, 8, 8)),
+        compiled_cache_key(b"onnx", "2026.4", "cpu x", "float32", (2, 1, 8, 8, 8)),
+        compiled_cache_key(b"onnx", "2026.4", "cpu x", "float32", ("1..4", 1, 8, 8, 8)),
+    ]
     assert len({base, *others}) == 7
 
 
@@ -429,7 +437,7 @@ def test_openvino_defaults_one_stream_two_in_flight_and_two_streams_three(packag
     with pytest.raises(RuntimeError, match="more than in_flight=3 batches pending"):
         rt.submit(batches[3])
     outs = [p.result() for p in pending]
-    assert not any(np.shares_memory(a, b) for i, a in enumerate(outs) for b in outs[i + 1:])
+    assert not any(np.shares_memory(a, b) for i, a in enumerate(outs) for b in outs[i + 1 :])
     for out, w in zip(outs, want):
         np.testing.assert_allclose(out, w, rtol=1e-5, atol=1e-6)
     one = _openvino(package, tmp_path, threads=1)

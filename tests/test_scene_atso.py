@@ -1,6 +1,7 @@
 """ATSO on driving scenes (issue 24): the Cityscapes data form, the road-scene sampler, the ResNet
 U-Net with encoder weights from a file, IoU in evaluation, every arm end to end on generated
 frames, and ``atso-fast train`` -> export -> ``atso-fast relabel`` to label PNGs."""
+
 from __future__ import annotations
 
 import copy
@@ -41,9 +42,20 @@ def roots(tmp_path_factory):
 
 
 def scene_config(data, **extra):
-    return {"data": data, "num_classes": 19, "in_channels": 3, "spatial_dims": 2, "patch_size": [64, 64],
-            "batch_size": 2, "model": dict(TINY), "warmup_steps": 2, "rounds": 1, "steps_per_round": 2,
-            "progress": False, **extra}
+    return {
+        "data": data,
+        "num_classes": 19,
+        "in_channels": 3,
+        "spatial_dims": 2,
+        "patch_size": [64, 64],
+        "batch_size": 2,
+        "model": dict(TINY),
+        "warmup_steps": 2,
+        "rounds": 1,
+        "steps_per_round": 2,
+        "progress": False,
+        **extra,
+    }
 
 
 # ------------------------------------------------------------------------------ data
@@ -68,25 +80,38 @@ def test_transfer_form_and_unlabelled_frames_without_truth(roots, tmp_path):
     a, b = roots
     b_copy = shutil.copytree(b, tmp_path / "B")
     shutil.rmtree(b_copy / "gtFine" / "train")  # U without ground truth (as train_extra's coarse-only frames)
-    data = load_data(scene_config({"cityscapes": str(a), "labelled": "train", "unlabelled_root": str(b_copy),
-                                   "unlabelled": "train", "val_root": str(b_copy), "val": "val"}))
+    data = load_data(
+        scene_config(
+            {
+                "cityscapes": str(a),
+                "labelled": "train",
+                "unlabelled_root": str(b_copy),
+                "unlabelled": "train",
+                "val_root": str(b_copy),
+                "val": "val",
+            }
+        )
+    )
     assert len(data.labelled) == 5 and len(data.unlabelled) == 4 and len(data.val) == 2
     assert all(c.label is None and c.image.shape == (3, 1, 64, 96) for c in data.unlabelled)
     assert all(c.label.shape == (1, 64, 96) for c in data.val)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"num_classes": 2}, r"needs \{'num_classes': 19.*got \{'num_classes': 2\}"),
-    ({"storage": "disk"}, "runs on memory storage"),
-    ({"augment": {"flip": True}}, "never flipped upside down"),
-    ({"data": {"cityscapes": "x", "labeled": "train"}}, r"unknown \['labeled'\]"),
-    ({"data": {"cityscapes": "x", "labelled_count": 0}}, "labelled_count must be an int >= 1"),
-    ({"model": {"name": "resnet_unet", "depth": 18}}, r"unknown \['depth'\]"),
-    ({"model": {"name": "resnet_unet", "layers": 50}}, r"layers must be one of \[18, 34\]"),
-    ({"model": {"name": "vit"}}, "model name must be one of"),
-    ({"augment": {"kind": "scene", "crop": [32, 32]}}, r"the crop is the patch_size"),
-    ({"augment": {"kind": "scene"}, "targets": "soft"}, "hard targets"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_classes": 2}, r"needs \{'num_classes': 19.*got \{'num_classes': 2\}"),
+        ({"storage": "disk"}, "runs on memory storage"),
+        ({"augment": {"flip": True}}, "never flipped upside down"),
+        ({"data": {"cityscapes": "x", "labeled": "train"}}, r"unknown \['labeled'\]"),
+        ({"data": {"cityscapes": "x", "labelled_count": 0}}, "labelled_count must be an int >= 1"),
+        ({"model": {"name": "resnet_unet", "depth": 18}}, r"unknown \['depth'\]"),
+        ({"model": {"name": "resnet_unet", "layers": 50}}, r"layers must be one of \[18, 34\]"),
+        ({"model": {"name": "vit"}}, "model name must be one of"),
+        ({"augment": {"kind": "scene", "crop": [32, 32]}}, r"the crop is the patch_size"),
+        ({"augment": {"kind": "scene"}, "targets": "soft"}, "hard targets"),
+    ],
+)
 def test_scene_config_errors(change, message):
     with pytest.raises(ValueError, match=message):
         ATSOConfig.from_dict({**scene_config({"cityscapes": "x"}), **change})
@@ -109,8 +134,7 @@ def test_scene_config_defaults_and_other_errors(roots):
 def test_scene_patches_undo_the_normalisation_exactly_without_augmentation(roots):
     data = load_data(scene_config({"cityscapes": str(roots[0])}))
     images, labels = [c.image for c in data.labelled], [c.label for c in data.labelled]
-    still = SceneAugmentConfig(crop=(64, 128), scale=(1.0, 1.0), flip=0.0, brightness=0.0, contrast=0.0,
-                               saturation=0.0)
+    still = SceneAugmentConfig(crop=(64, 128), scale=(1.0, 1.0), flip=0.0, brightness=0.0, contrast=0.0, saturation=0.0)
     sampler = ScenePatches(images, labels, still, IMAGENET_RGB)
     rng = np.random.default_rng(0)
     for _ in range(3):
@@ -152,8 +176,11 @@ def test_resnet_unet_starts_from_the_encoder_file(roots, tmp_path):
     torch.save(weights, tmp_path / "r18.pth")
     config = ATSOConfig.from_dict(scene_config({"cityscapes": str(roots[0])}))
     fresh = build_model(config)
-    pretrained = build_model(ATSOConfig.from_dict(scene_config(
-        {"cityscapes": str(roots[0])}, model={**TINY, "encoder_weights": str(tmp_path / "r18.pth")})))
+    pretrained = build_model(
+        ATSOConfig.from_dict(
+            scene_config({"cityscapes": str(roots[0])}, model={**TINY, "encoder_weights": str(tmp_path / "r18.pth")})
+        )
+    )
     assert isinstance(pretrained, ResNetUNet)
     for name, value in pretrained.encoder.state_dict().items():
         torch.testing.assert_close(value, weights[name])
@@ -185,6 +212,7 @@ def test_default_relabel_fn_on_normalised_rgb_frames(roots):
 def test_evaluate_reports_iou_against_a_hand_count(roots):
     """A relabeler that calls every pixel road: IoU(road) = road pixels / valid pixels, pooled;
     every other class present in the truth 0; absent ones NaN."""
+
     def all_road(model, volumes):
         return [(np.zeros(v.shape[1:], np.uint8), np.full(v.shape[1:], 255, np.uint8)) for v in volumes]
 
@@ -198,8 +226,9 @@ def test_evaluate_reports_iou_against_a_hand_count(roots):
     assert all(result["iou"][k] == 0.0 for k in present if k != ROAD)
     assert all(math.isnan(result["iou"][k]) for k in range(19) if k not in present)
     assert result["miou"] == pytest.approx(road / valid / len(present))
-    per_image = [int((t == ROAD).sum()) / int((t != 255).sum()) / len({int(v) for v in np.unique(t)} - {255})
-                 for t in truths]
+    per_image = [
+        int((t == ROAD).sum()) / int((t != 255).sum()) / len({int(v) for v in np.unique(t)} - {255}) for t in truths
+    ]
     assert result["miou_per_image"] == pytest.approx(np.mean(per_image))
     assert result["cases"]["hd95_mean"] == [] or all(math.isnan(v) for v in result["cases"]["hd95_mean"])
     row = run.validate()
@@ -210,9 +239,13 @@ def test_evaluate_reports_iou_against_a_hand_count(roots):
 # ------------------------------------------------------------------------------ arms end to end
 def test_every_arm_runs_on_scenes(roots):
     config = scene_config({"cityscapes": str(roots[0]), "labelled_count": 2, "unlabelled": "train"})
-    arms = {"supervised": {"method": "supervised"}, "self-training": {"method": "self-training"},
-            "atso-reinit": {"method": "atso", "init": "reinit"}, "atso": {"method": "atso"},
-            "mean-teacher": {"method": "mean-teacher"}}
+    arms = {
+        "supervised": {"method": "supervised"},
+        "self-training": {"method": "self-training"},
+        "atso-reinit": {"method": "atso", "init": "reinit"},
+        "atso": {"method": "atso"},
+        "mean-teacher": {"method": "mean-teacher"},
+    }
     runs = run_methods(config, arms)
     for name, run in runs.items():
         stages = [h["stage"] for h in run.history]
@@ -234,8 +267,14 @@ def test_train_export_relabel_on_a_cityscapes_folder(roots, tmp_path, capsys):
     the exported package relabels B's validation split to one label PNG per frame."""
     a, b = roots
     torch.save(torchvision_resnet_state(18), tmp_path / "r18.pth")
-    data = {"cityscapes": str(a), "labelled": "train", "unlabelled_root": str(b), "unlabelled": "train",
-            "val_root": str(b), "val": "val"}
+    data = {
+        "cityscapes": str(a),
+        "labelled": "train",
+        "unlabelled_root": str(b),
+        "unlabelled": "train",
+        "val_root": str(b),
+        "val": "val",
+    }
     config = scene_config(data, model={**TINY, "encoder_weights": "r18.pth"}, init="reinit", out_dir="run")
     config.pop("progress")
     (tmp_path / "config.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in config.items()))

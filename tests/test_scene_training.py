@@ -1,5 +1,6 @@
 """Training pieces for driving scenes (issue 24): IoU against a hand-computed example, road-scene
 augmentation (never upside down), and the ResNet U-Net loading a torchvision-layout state_dict."""
+
 from __future__ import annotations
 
 import math
@@ -53,7 +54,7 @@ def street(h: int = 40, w: int = 60) -> tuple[np.ndarray, np.ndarray]:
     """Sky (10) above road (0); the left third of the road is sidewalk (1)."""
     labels = np.zeros((h, w), np.uint8)
     labels[: h // 2] = 10
-    labels[h // 2:, : w // 3] = 1
+    labels[h // 2 :, : w // 3] = 1
     image = np.stack([labels * 20, labels * 10, 255 - labels * 20]).astype(np.uint8)
     return image, labels
 
@@ -153,8 +154,11 @@ def test_load_encoder_names_what_does_not_fit(tmp_path):
     state["layer2.0.conv1.weight"] = torch.zeros(128, 32, 3, 3)
     del state["layer4.1.bn2.bias"]
     torch.save(state, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match=r"bad\.pth: not a ResNet-18 .*missing: layer4\.1\.bn2\.bias; other shape: "
-                       r"layer2\.0\.conv1\.weight \(128, 32, 3, 3\) \(encoder: \(128, 64, 3, 3\)\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"bad\.pth: not a ResNet-18 .*missing: layer4\.1\.bn2\.bias; other shape: "
+        r"layer2\.0\.conv1\.weight \(128, 32, 3, 3\) \(encoder: \(128, 64, 3, 3\)\)",
+    ):
         load_encoder(ResNetEncoder(18), tmp_path / "bad.pth")
     torch.save(torchvision_resnet_state(18), tmp_path / "r18.pth")
     with pytest.raises(ValueError, match=r"not a ResNet-34 .*missing: layer1\.2\.bn1\.bias"):
@@ -184,12 +188,19 @@ def test_resnet_unet_package_runs_the_same_on_every_cpu_runtime(tmp_path, torch_
 
     pytest.importorskip("openvino")
     torch.manual_seed(0)
-    package = export_model(ResNetUNet(19).eval(), tmp_path / "pkg", window=(64, 64), num_classes=19,
-                           in_channels=3, normalization=IMAGENET_RGB)
+    package = export_model(
+        ResNetUNet(19).eval(),
+        tmp_path / "pkg",
+        window=(64, 64),
+        num_classes=19,
+        in_channels=3,
+        normalization=IMAGENET_RGB,
+    )
     assert (package / "model.pt2").is_file()
     frame = np.random.default_rng(0).integers(0, 256, (3, 1, 80, 100)).astype(np.float32)
-    labels = {rt: Relabeler(package, runtime=rt).relabel_volume(frame).labels
-              for rt in ("onnxruntime", "openvino", "torch")}
+    labels = {
+        rt: Relabeler(package, runtime=rt).relabel_volume(frame).labels for rt in ("onnxruntime", "openvino", "torch")
+    }
     assert labels["onnxruntime"].shape == (1, 80, 100)
     for rt in ("openvino", "torch"):
         assert (labels[rt] == labels["onnxruntime"]).mean() > 0.999, rt

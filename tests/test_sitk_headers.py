@@ -4,6 +4,7 @@ A detached header names its data file; ITK follows any name. Each attack below m
 clear ``InputError`` naming the file, never the named file's bytes and never a hang; a bulk run
 records it as one failed case and finishes the others.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,10 @@ SHAPE = (3, 4, 5)  # (Z, Y, X): 60 int16 voxels, 120 bytes
 
 def nhdr(folder: Path, data_file: str, *, name: str = "scan.nhdr", encoding: str = "raw") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    text = (f"NRRD0004\ntype: short\ndimension: 3\nsizes: {SHAPE[2]} {SHAPE[1]} {SHAPE[0]}\n"
-            f"endian: little\nencoding: {encoding}\ndata file: {data_file}\n")
+    text = (
+        f"NRRD0004\ntype: short\ndimension: 3\nsizes: {SHAPE[2]} {SHAPE[1]} {SHAPE[0]}\n"
+        f"endian: little\nencoding: {encoding}\ndata file: {data_file}\n"
+    )
     path = folder / name
     path.write_text(text)
     return path
@@ -35,9 +38,11 @@ def nhdr(folder: Path, data_file: str, *, name: str = "scan.nhdr", encoding: str
 
 def mhd(folder: Path, data_file: str, *, name: str = "scan.mhd") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    text = (f"ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
-            f"CompressedData = False\nDimSize = {SHAPE[2]} {SHAPE[1]} {SHAPE[0]}\nElementType = MET_SHORT\n"
-            f"ElementDataFile = {data_file}\n")
+    text = (
+        f"ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+        f"CompressedData = False\nDimSize = {SHAPE[2]} {SHAPE[1]} {SHAPE[0]}\nElementType = MET_SHORT\n"
+        f"ElementDataFile = {data_file}\n"
+    )
     path = folder / name
     path.write_text(text)
     return path
@@ -56,8 +61,9 @@ def test_detached_data_file_in_the_same_folder_reads(tmp_path, make):
 
 
 @pytest.mark.parametrize("make", [nhdr, mhd])
-@pytest.mark.parametrize("name", ["/etc/passwd", "../secret.raw", "sub/scan.raw", "/dev/stdin",
-                                  "LIST", "scan%03d.raw 1 3 1", "..", "."])
+@pytest.mark.parametrize(
+    "name", ["/etc/passwd", "../secret.raw", "sub/scan.raw", "/dev/stdin", "LIST", "scan%03d.raw 1 3 1", "..", "."]
+)
 def test_data_file_outside_the_folder_is_refused(tmp_path, make, name):
     secret = tmp_path / "secret.raw"
     secret.write_bytes(raw_bytes(1))
@@ -120,14 +126,17 @@ def test_decoded_size_over_the_budget_is_refused_before_reading(tmp_path, monkey
         read_volume(header)
 
 
-@pytest.mark.parametrize("head, problem", [
-    (b"NRRD0004\ntype: short\nsizes: 0 4\n\n", "positive sizes"),
-    (b"NRRD0004\ntype: block\nsizes: 2 4\n\n", "unsupported NRRD type"),
-    (b"NRRD0004\ntype: short\n\n", "lacks 'sizes'"),
-    (b"NDims = 3\nDimSize = 2 2 2\nElementType = MET_OPAQUE\nElementDataFile = LOCAL\n", "ElementType"),
-    (b"NDims = 3\nDimSize = 2 2\nElementType = MET_SHORT\n", "lacks"),
-    (b"garbage without separators\n", "malformed"),
-])
+@pytest.mark.parametrize(
+    "head, problem",
+    [
+        (b"NRRD0004\ntype: short\nsizes: 0 4\n\n", "positive sizes"),
+        (b"NRRD0004\ntype: block\nsizes: 2 4\n\n", "unsupported NRRD type"),
+        (b"NRRD0004\ntype: short\n\n", "lacks 'sizes'"),
+        (b"NDims = 3\nDimSize = 2 2 2\nElementType = MET_OPAQUE\nElementDataFile = LOCAL\n", "ElementType"),
+        (b"NDims = 3\nDimSize = 2 2\nElementType = MET_SHORT\n", "lacks"),
+        (b"garbage without separators\n", "malformed"),
+    ],
+)
 def test_malformed_headers_name_the_problem(tmp_path, head, problem):
     with pytest.raises(InputError, match=problem):
         parse_header(head, tmp_path / "x", nrrd=head.startswith(b"NRRD"))

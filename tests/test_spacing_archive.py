@@ -1,5 +1,6 @@
 """A package with a spacing over an archive of mixed formats: every output on its input's grid,
 in its input's format, with the spacing read from each file and recorded in the manifest."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,9 +26,16 @@ class Threshold(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
-    return export_model(Threshold(), tmp_path_factory.mktemp("pkg") / "pkg", window=(8, 16, 16), num_classes=2,
-                        spacing=[2.0, 1.2, 1.2], class_names=["background", "bright"], save_torch=False,
-                        normalization={"scheme": "ct", "clip": [-200.0, 200.0], "mean": 0.0, "std": 100.0})
+    return export_model(
+        Threshold(),
+        tmp_path_factory.mktemp("pkg") / "pkg",
+        window=(8, 16, 16),
+        num_classes=2,
+        spacing=[2.0, 1.2, 1.2],
+        class_names=["background", "bright"],
+        save_torch=False,
+        normalization={"scheme": "ct", "clip": [-200.0, 200.0], "mean": 0.0, "std": 100.0},
+    )
 
 
 def _image(rng, shape, spacing, origin=(0.0, 0.0, 0.0)):
@@ -42,8 +50,11 @@ def test_mixed_format_archive_on_native_grids(package, tmp_path, rng):
     archive = tmp_path / "archive"
     archive.mkdir()
     scans = {}
-    for name, suffix, spacing in (("a", ".nii.gz", (0.8, 0.8, 3.0)), ("b", ".nrrd", (1.5, 1.5, 1.0)),
-                                  ("c", ".mha", (0.6, 0.9, 2.5))):
+    for name, suffix, spacing in (
+        ("a", ".nii.gz", (0.8, 0.8, 3.0)),
+        ("b", ".nrrd", (1.5, 1.5, 1.0)),
+        ("c", ".mha", (0.6, 0.9, 2.5)),
+    ):
         array, image = _image(rng, (10, 30, 36), spacing, (5.0, -3.0, 12.0))
         sitk.WriteImage(image, str(archive / f"{name}{suffix}"))
         scans[name] = (suffix, image)

@@ -1,4 +1,5 @@
 """Synthetic CT-like phantoms: determinism, shapes, classes, HU ranges, archive layout."""
+
 from __future__ import annotations
 
 import json
@@ -63,13 +64,16 @@ def test_2d_phantom_is_a_depth_one_volume():
     assert make_phantoms(2, (48, 40), seed=2)[0][0].shape == (1, 48, 40)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"shape": (4, 4)}, "shape"),
-    ({"shape": (0, 4, 4)}, "shape"),
-    ({"num_organs": 9}, "num_organs"),
-    ({"noise_hu": -1.0}, "noise_hu"),
-    ({"target_radius": (0.2, 0.1)}, "target_radius"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"shape": (4, 4)}, "shape"),
+        ({"shape": (0, 4, 4)}, "shape"),
+        ({"num_organs": 9}, "num_organs"),
+        ({"noise_hu": -1.0}, "noise_hu"),
+        ({"target_radius": (0.2, 0.1)}, "target_radius"),
+    ],
+)
 def test_phantom_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_phantom(**{"shape": (8, 16, 16), **kwargs})
@@ -79,8 +83,9 @@ def test_phantom_validation(kwargs, match):
 def test_make_archive_writes_an_nnunet_layout(tmp_path, fmt):
     from atso_fast.io import read_volume
 
-    out = make_archive(tmp_path / "a", 5, num_labelled=2, num_val=1, shape=(8, 16, 16), seed=7, fmt=fmt,
-                       unlabelled_truth=True)
+    out = make_archive(
+        tmp_path / "a", 5, num_labelled=2, num_val=1, shape=(8, 16, 16), seed=7, fmt=fmt, unlabelled_truth=True
+    )
     assert len(out["labelled"]) == 2 and len(out["unlabelled"]) == 3 and len(out["val"]) == 1
     for sub in ("imagesTr", "labelsTr", "imagesUn", "labelsUn", "imagesVal", "labelsVal"):
         assert (tmp_path / "a" / sub).is_dir()

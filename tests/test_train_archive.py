@@ -1,5 +1,6 @@
 """ATSO on disk storage: the preprocessing cache, the memory-mapped sampler and its DataLoader,
 the per-round export + bulk relabel, and resuming after SIGKILL at three points."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _cache(root: Path, data: Path, **kw):
     listing, base = read_listing(data)
-    args = {"window": [8, 16, 16], "in_channels": 1, "num_classes": phantom_num_classes(), "normalization": "auto",
-            "spacing": [2.5, 3.0, 3.0], **kw}
+    args = {
+        "window": [8, 16, 16],
+        "in_channels": 1,
+        "num_classes": phantom_num_classes(),
+        "normalization": "auto",
+        "spacing": [2.5, 3.0, 3.0],
+        **kw,
+    }
     return build_cache(listing, base, root, progress=False, **args)
 
 
@@ -80,8 +87,11 @@ def test_disk_sampler_draws_what_the_memory_sampler_draws(tmp_path):
     cases, images, labels = _phantom_files(tmp_path)
     disk = PatchSampler.from_cases(cases, (4, 16, 16), foreground_oversample=0.7)
     memory = PatchSampler(images, labels, (4, 16, 16), num_classes=3, foreground_oversample=0.7)
-    arrays = PatchSampler.from_cases([PatchCase(i, lab, lab.shape, *locate_foreground(lab, 3)) for i, lab in
-                                      zip(images, labels)], (4, 16, 16), foreground_oversample=0.7)
+    arrays = PatchSampler.from_cases(
+        [PatchCase(i, lab, lab.shape, *locate_foreground(lab, 3)) for i, lab in zip(images, labels)],
+        (4, 16, 16),
+        foreground_oversample=0.7,
+    )
     rngs = [np.random.default_rng(5) for _ in range(3)]
     fg = 0
     for _ in range(20):
@@ -119,12 +129,22 @@ def test_loader_batches_do_not_depend_on_workers(tmp_path):
 def _config(tmp_path: Path, out: str, **extra) -> dict:
     data = tmp_path / "data"
     if not data.is_dir():
-        make_archive(data, 8, num_labelled=2, num_val=1, shape=(8, 16, 16), fmt="npy", seed=3,
-                     unlabelled_truth=True)
-    return {"data": str(data), "num_classes": phantom_num_classes(), "patch_size": [8, 16, 16],
-            "model": {"base_channels": 4, "depth": 2}, "warmup_steps": 3, "rounds": 1, "steps_per_round": 3,
-            "batch_size": 2, "cache_dir": str(tmp_path / "cache"), "checkpoint_every": 1,
-            "out_dir": str(tmp_path / out), "consolidate": False, **extra}  # consolidation: tests of its own
+        make_archive(data, 8, num_labelled=2, num_val=1, shape=(8, 16, 16), fmt="npy", seed=3, unlabelled_truth=True)
+    return {
+        "data": str(data),
+        "num_classes": phantom_num_classes(),
+        "patch_size": [8, 16, 16],
+        "model": {"base_channels": 4, "depth": 2},
+        "warmup_steps": 3,
+        "rounds": 1,
+        "steps_per_round": 3,
+        "batch_size": 2,
+        "cache_dir": str(tmp_path / "cache"),
+        "checkpoint_every": 1,
+        "out_dir": str(tmp_path / out),
+        "consolidate": False,
+        **extra,
+    }  # consolidation: tests of its own
 
 
 def _stable(path: Path) -> list[dict]:
@@ -173,9 +193,13 @@ def test_rounds_export_relabel_and_call_back(reference):
     assert derived["normalization"] == {"scheme": "none"} and derived["spacing"] is None
     assert derived["preprocessing"]["grid"] == meta["preprocessing"]["grid"] and derived["torch_file"] is None
     assert (grid / derived["onnx_file"]).read_bytes() == (source / meta["onnx_file"]).read_bytes()
-    assert {k: v for k, v in derived.items() if k not in ("normalization", "spacing", "preprocessing", "torch_file")} \
-        == {k: v for k, v in meta.items() if k not in ("normalization", "spacing", "preprocessing", "torch_file",
-                                                       "torch_sha256")}
+    assert {
+        k: v for k, v in derived.items() if k not in ("normalization", "spacing", "preprocessing", "torch_file")
+    } == {
+        k: v
+        for k, v in meta.items()
+        if k not in ("normalization", "spacing", "preprocessing", "torch_file", "torch_sha256")
+    }
     # the checkpoint holds the model and round state, not data
     import torch
 
@@ -212,9 +236,24 @@ def test_disk_run_reinit_consolidates_and_predicts(tmp_path):
 def _train(config: Path, *args: str, kill: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [str(Path(__file__).with_name("kill_at.py")), kill] if kill else ["-m", "atso_fast"]
-    return subprocess.run([sys.executable, *command, *([] if kill else ["train"]), str(config), "--no-export",
-                           "--threads", "1", "--log-level", "WARNING", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            *command,
+            *([] if kill else ["train"]),
+            str(config),
+            "--no-export",
+            "--threads",
+            "1",
+            "--log-level",
+            "WARNING",
+            *args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow
@@ -273,8 +312,9 @@ def test_train_engine_option(tmp_path, monkeypatch, capsys):
 
     calls = []
     monkeypatch.setattr(train_cli, "relabel_archive_ray", lambda *a, **kw: calls.append((a, kw)) or {"done": 1})
-    assert train_cli.ray_archive_engine(Path("pkg"), [Path("a.npy")], Path("out"), options={"workers": 2},
-                                        resume=True) == {"done": 1}
+    assert train_cli.ray_archive_engine(
+        Path("pkg"), [Path("a.npy")], Path("out"), options={"workers": 2}, resume=True
+    ) == {"done": 1}
     assert calls == [(("pkg", ["a.npy"], Path("out")), {"resume": True, "workers": 2})]
     config = tmp_path / "memory.json"
     config.write_text(json.dumps({**_config(tmp_path, "m"), "storage": "memory"}))

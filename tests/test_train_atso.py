@@ -1,4 +1,5 @@
 """ATSO rounds: split, schedule (who labels what), checkpoint/resume, baselines, monitors."""
+
 from __future__ import annotations
 
 import json
@@ -35,9 +36,18 @@ def phantom_data():
 
 
 def tiny_config(**kw) -> ATSOConfig:
-    base = dict(num_classes=phantom_num_classes(), patch_size=SHAPE, model={"base_channels": 4, "depth": 2},
-                rounds=2, warmup_steps=4, steps_per_round=3, lr=3e-3, round_lr=1e-3, monitor_patches=2,
-                consolidate=False)  # the consolidation step has tests of its own
+    base = dict(
+        num_classes=phantom_num_classes(),
+        patch_size=SHAPE,
+        model={"base_channels": 4, "depth": 2},
+        rounds=2,
+        warmup_steps=4,
+        steps_per_round=3,
+        lr=3e-3,
+        round_lr=1e-3,
+        monitor_patches=2,
+        consolidate=False,
+    )  # the consolidation step has tests of its own
     return ATSOConfig(**{**base, **kw})
 
 
@@ -61,8 +71,7 @@ def test_split_validation():
 
 
 def test_plan_round_table():
-    assert [plan_round("atso", k) for k in (1, 2, 3)] == [
-        (("U1",), ("U2",)), (("U2",), ("U1",)), (("U1",), ("U2",))]
+    assert [plan_round("atso", k) for k in (1, 2, 3)] == [(("U1",), ("U2",)), (("U2",), ("U1",)), (("U1",), ("U2",))]
     assert plan_round("self-training", 2) == (("U",), ("U",))
     assert plan_round("supervised", 1) == ((), ())
     with pytest.raises(ValueError, match="k >= 1"):
@@ -102,8 +111,19 @@ def _spy_setup(method: str, **kw):
         log.append({"volumes": sorted(int(v.flat[0]) - 100 for v in volumes), "model": fingerprint(model)})
         return default_relabel_fn(cfg)(model, volumes)
 
-    cfg = tiny_config(**{"num_classes": 2, "method": method, "rounds": 3, "steps_per_round": 30, "augment": False,
-                         "normalization": "none", "foreground_oversample": 0.0, "monitor_patches": 0, **kw})
+    cfg = tiny_config(
+        **{
+            "num_classes": 2,
+            "method": method,
+            "rounds": 3,
+            "steps_per_round": 30,
+            "augment": False,
+            "normalization": "none",
+            "foreground_oversample": 0.0,
+            "monitor_patches": 0,
+            **kw,
+        }
+    )
     atso = ATSO(cfg, model=net, relabeler=relabel, data=data)
     batch_sizes: list[int] = []
     forward = net.forward
@@ -171,9 +191,12 @@ def test_supervised_never_sees_unlabelled_data_and_matches_labelled_exposure():
 def test_continue_atso_trains_on_its_own_labels_and_restarting_breaks_that(phantom_data):
     """The lazy-learning monitor: a student that made its own targets agrees with them exactly."""
     relabel = default_relabel_fn(tiny_config())
-    runs = run_methods(tiny_config(rounds=2, warmup_steps=20, steps_per_round=10), {
-        "continue": {"method": "atso"}, "restart": {"method": "atso", "init": "m0"}},
-        data=phantom_data, relabeler=relabel)
+    runs = run_methods(
+        tiny_config(rounds=2, warmup_steps=20, steps_per_round=10),
+        {"continue": {"method": "atso"}, "restart": {"method": "atso", "init": "m0"}},
+        data=phantom_data,
+        relabeler=relabel,
+    )
     lazy, fresh = runs["continue"].history[2], runs["restart"].history[2]
     assert lazy["student_from"] == "M1" and lazy["train_labels_from"] == {"U2": ["M1"]}
     assert lazy["student"]["start_agreement"] == 1.0  # M1 made the labels of U2 it now trains on
@@ -233,12 +256,23 @@ def test_oracle_trains_on_the_truth_and_never_relabels():
 # ----------------------------------------------------------------------------- resume
 def _snapshot(atso: ATSO):
     drop = {"seconds", "relabel"}
-    return ({k: v.clone() for k, v in atso.model.state_dict().items()}, [p.copy() for p in atso.store.pseudo],
-            [{k: v for k, v in h.items() if k not in drop} for h in atso.history])
+    return (
+        {k: v.clone() for k, v in atso.model.state_dict().items()},
+        [p.copy() for p in atso.store.pseudo],
+        [{k: v for k, v in h.items() if k not in drop} for h in atso.history],
+    )
 
 
-@pytest.mark.parametrize("kw", [{"init": "continue"}, {"init": "m0"}, {"init": "lineage", "rounds": 3},
-                                {"targets": "soft", "init": "m0"}, {"init": "reinit", "consolidate": True}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"init": "continue"},
+        {"init": "m0"},
+        {"init": "lineage", "rounds": 3},
+        {"targets": "soft", "init": "m0"},
+        {"init": "reinit", "consolidate": True},
+    ],
+)
 def test_resume_after_round_one_equals_uninterrupted(tmp_path, phantom_data, kw):
     relabel = default_relabel_fn(tiny_config(), probabilities=kw.get("targets") == "soft")
     full = ATSO(tiny_config(**kw, out_dir=str(tmp_path / "full")), relabeler=relabel, data=phantom_data)
@@ -273,8 +307,9 @@ def test_checkpoint_is_weights_only_and_guards_mismatches(tmp_path, phantom_data
     with pytest.raises(ValueError, match="cannot resume"):
         other.load_state_dict(state)
     ph = make_phantoms(4, SHAPE, seed=1)
-    fewer = ATSO(tiny_config(), relabeler=relabel,
-                 data=data_from_arrays(ph[:1], [p[0] for p in ph[1:3]], normalization="ct"))
+    fewer = ATSO(
+        tiny_config(), relabeler=relabel, data=data_from_arrays(ph[:1], [p[0] for p in ph[1:3]], normalization="ct")
+    )
     with pytest.raises(ValueError, match="unlabelled cases"):
         fewer.load_state_dict(state)
     with pytest.raises(RuntimeError, match="all 1 rounds"):
@@ -309,7 +344,7 @@ def test_relabelling_sees_a_region_as_training_saw_it_instance_norm():
     model.eval()
     rng = np.random.default_rng(0)
     volume = rng.normal(size=(1, SHAPE[0], SHAPE[1], 2 * SHAPE[2])).astype(np.float32)
-    volume[..., SHAPE[2]:] = volume[..., SHAPE[2]:] * 3 + 2  # the two halves differ in statistics
+    volume[..., SHAPE[2] :] = volume[..., SHAPE[2] :] * 3 + 2  # the two halves differ in statistics
     labels = default_relabel_fn(cfg)(model, [volume])[0][0]
     with torch.no_grad():
         whole = model(torch.from_numpy(volume[None]))[0]
@@ -331,8 +366,12 @@ def test_threshold_ignores_low_confidence_voxels(phantom_data):
 
 def test_run_methods_shares_the_warm_up(tmp_path, phantom_data):
     relabel = default_relabel_fn(tiny_config())
-    runs = run_methods(tiny_config(rounds=1, out_dir=str(tmp_path)), ("supervised", "self-training", "atso"),
-                       data=phantom_data, relabeler=relabel)
+    runs = run_methods(
+        tiny_config(rounds=1, out_dir=str(tmp_path)),
+        ("supervised", "self-training", "atso"),
+        data=phantom_data,
+        relabeler=relabel,
+    )
     assert list(runs) == ["supervised", "self-training", "atso"]
     warm = [r.history[0]["val_dice"] for r in runs.values()]
     # every run started from the one warm-up's weights (not three warm-ups that happen to agree)
@@ -350,8 +389,9 @@ def test_run_methods_shares_the_warm_up(tmp_path, phantom_data):
     assert runs["supervised"].history[1]["trained_on"] == ["L"]
     assert (tmp_path / "supervised" / CHECKPOINT_NAME).is_file()
     assert (tmp_path / "warmup" / CHECKPOINT_NAME).is_file()
-    variants = run_methods(tiny_config(rounds=1), {"atso t=1": {"threshold": 1.0, "method": "atso"}},
-                           data=phantom_data, relabeler=relabel)
+    variants = run_methods(
+        tiny_config(rounds=1), {"atso t=1": {"threshold": 1.0, "method": "atso"}}, data=phantom_data, relabeler=relabel
+    )
     assert variants["atso t=1"].config.threshold == 1.0
     assert variants["atso t=1"].history[0]["val_dice"] == warm[0]
     with pytest.raises(ValueError, match="method must be one of"):
@@ -360,15 +400,18 @@ def test_run_methods_shares_the_warm_up(tmp_path, phantom_data):
         run_methods(tiny_config(), {"atso": {"epochs": 3}}, data=phantom_data, relabeler=relabel)
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"method": "co-training"}, "method"),
-    ({"threshold": [0.5, 0.9]}, "one per class"),
-    ({"init": "random"}, "init"),
-    ({"patch_size": (8, 16)}, "patch_size"),
-    ({"threshold": 1.5}, "threshold"),
-    ({"ignore_index": 3}, "ignore_index"),
-    ({"optim": {"optimizer": "adam"}}, "optimizer"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"method": "co-training"}, "method"),
+        ({"threshold": [0.5, 0.9]}, "one per class"),
+        ({"init": "random"}, "init"),
+        ({"patch_size": (8, 16)}, "patch_size"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"ignore_index": 3}, "ignore_index"),
+        ({"optim": {"optimizer": "adam"}}, "optimizer"),
+    ],
+)
 def test_config_validation(kw, match):
     with pytest.raises(ValueError, match=match):
         tiny_config(**kw)

@@ -1,4 +1,5 @@
 """``atso-fast train`` and ``atso-fast demo --quick`` end to end, on CPU."""
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,17 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 def _write_config(tmp_path, **extra) -> str:
     make_archive(tmp_path / "data", 5, num_labelled=2, num_val=1, shape=(8, 16, 16), fmt="npy", seed=3)
-    config = {"data": "data", "num_classes": phantom_num_classes(), "patch_size": [8, 16, 16],
-              "model": {"base_channels": 4, "depth": 2}, "warmup_steps": 3, "rounds": 2, "steps_per_round": 2,
-              "out_dir": "run", **extra}
+    config = {
+        "data": "data",
+        "num_classes": phantom_num_classes(),
+        "patch_size": [8, 16, 16],
+        "model": {"base_channels": 4, "depth": 2},
+        "warmup_steps": 3,
+        "rounds": 2,
+        "steps_per_round": 2,
+        "out_dir": "run",
+        **extra,
+    }
     path = tmp_path / "config.yaml"
     path.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in config.items()))
     return str(path)

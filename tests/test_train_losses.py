@@ -1,4 +1,5 @@
 """Loss and metric known answers; the ignore label contributes nothing."""
+
 from __future__ import annotations
 
 import math
@@ -122,9 +123,14 @@ def test_mixed_batches_soft_targets_and_pseudo_part():
     pse_label[0, 0, 0] = 255  # below the confidence threshold
     pse_img = np.concatenate([np.full((1, 1, 4, 4), 7.0, np.float32), probs])
     kw = {"patch_size": (4, 4), "num_classes": 3}
-    batches = MixedBatches(PatchSampler([lab_img], [lab], **kw), PatchSampler([pse_img], [pse_label], **kw), 4,
-                           labelled_ratio=0.5, soft_channels=3,
-                           augment=AugmentConfig(p_intensity=1.0, p_noise=1.0, scale=(2.0, 2.0)))
+    batches = MixedBatches(
+        PatchSampler([lab_img], [lab], **kw),
+        PatchSampler([pse_img], [pse_label], **kw),
+        4,
+        labelled_ratio=0.5,
+        soft_channels=3,
+        augment=AugmentConfig(p_intensity=1.0, p_noise=1.0, scale=(2.0, 2.0)),
+    )
     x, y = batches(np.random.default_rng(0))
     assert x.shape == (4, 1, 4, 4) and y.shape == (4, 3, 4, 4) and batches.last_labelled == 2
     np.testing.assert_array_equal(y[:2, 1], 1.0)  # labelled: one-hot
@@ -144,8 +150,9 @@ def test_train_steps_reports_the_pseudo_part_loss():
     net = UNet(1, 2, spatial_dims=2, base_channels=2, depth=1)
     stats = train_steps(net, batches, steps=3, lr=1e-3, rng=np.random.default_rng(0))
     assert stats["pseudo_loss"] > 0 and math.isfinite(stats["pseudo_first_loss"])
-    alone = train_steps(net, MixedBatches(PatchSampler([img], [lab], **kw), None, 4), steps=2, lr=1e-3,
-                        rng=np.random.default_rng(0))
+    alone = train_steps(
+        net, MixedBatches(PatchSampler([img], [lab], **kw), None, 4), steps=2, lr=1e-3, rng=np.random.default_rng(0)
+    )
     assert math.isnan(alone["pseudo_loss"]) and alone["loss"] > 0
 
 

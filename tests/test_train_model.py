@@ -1,4 +1,5 @@
 """U-Net, patch sampling, augmentation and the training loop."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -110,20 +111,25 @@ def test_train_steps_learns_a_trivial_task(optimizer):
         torch.manual_seed(0)
         net = UNet(1, 2, base_channels=4, depth=2)
     lr = 1e-2 if optimizer == "adamw" else 1e-1
-    first = train_steps(net, batches, steps=3, lr=lr, rng=np.random.default_rng(0),
-                        optim=OptimConfig(optimizer=optimizer, schedule="constant"))
-    later = train_steps(net, batches, steps=25, lr=lr, rng=np.random.default_rng(1),
-                        optim=OptimConfig(optimizer=optimizer))
+    first = train_steps(
+        net,
+        batches,
+        steps=3,
+        lr=lr,
+        rng=np.random.default_rng(0),
+        optim=OptimConfig(optimizer=optimizer, schedule="constant"),
+    )
+    later = train_steps(
+        net, batches, steps=25, lr=lr, rng=np.random.default_rng(1), optim=OptimConfig(optimizer=optimizer)
+    )
     assert later["last_loss"] < 0.6 * first["loss"]
     with pytest.raises(ValueError, match="steps"):
         train_steps(net, batches, steps=-1, lr=lr, rng=np.random.default_rng(0))
 
 
 def test_mixed_batches_ratio():
-    lab = PatchSampler([np.zeros((1, 2, 4, 4), np.float32)], [np.zeros((2, 4, 4), np.uint8)], (2, 4, 4),
-                       num_classes=2)
-    pseudo = PatchSampler([np.ones((1, 2, 4, 4), np.float32)], [np.ones((2, 4, 4), np.uint8)], (2, 4, 4),
-                          num_classes=2)
+    lab = PatchSampler([np.zeros((1, 2, 4, 4), np.float32)], [np.zeros((2, 4, 4), np.uint8)], (2, 4, 4), num_classes=2)
+    pseudo = PatchSampler([np.ones((1, 2, 4, 4), np.float32)], [np.ones((2, 4, 4), np.uint8)], (2, 4, 4), num_classes=2)
     rng = np.random.default_rng(4)
     x, y = MixedBatches(lab, pseudo, 4, labelled_ratio=0.25)(rng)
     assert x.shape == (4, 1, 2, 4, 4) and y.dtype == np.int64
@@ -145,9 +151,11 @@ def test_data_from_arrays_and_list_files(tmp_path):
     folder, modality = load_raw(archive["root"])
     assert [len(folder[k]) for k in ("labelled", "unlabelled", "val")] == [1, 2, 1] and modality == "CT"
     listing = tmp_path / "list.yaml"
-    listing.write_text(f"labelled:\n  - image: {archive['labelled'][0]['image']}\n"
-                       f"    label: {archive['labelled'][0]['label']}\n"
-                       f"unlabelled:\n  - {archive['unlabelled'][0]['image']}\n")
+    listing.write_text(
+        f"labelled:\n  - image: {archive['labelled'][0]['image']}\n"
+        f"    label: {archive['labelled'][0]['label']}\n"
+        f"unlabelled:\n  - {archive['unlabelled'][0]['image']}\n"
+    )
     listed, _ = load_raw(listing)
     np.testing.assert_array_equal(listed["labelled"][0].image, folder["labelled"][0].image)
     assert len(listed["unlabelled"]) == 1 and listed["val"] == []

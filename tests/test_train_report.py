@@ -1,4 +1,5 @@
 """Paired statistics (t interval, Wilcoxon, Holm) and the demo summary, against known answers."""
+
 from __future__ import annotations
 
 import math
@@ -43,29 +44,55 @@ def test_contrast_table_and_demo_summary():
     rows = contrast_table(values, [("atso", "self-training"), ("atso", "supervised")])
     assert [(r["a"], r["b"]) for r in rows] == [("atso", "self-training"), ("atso", "supervised")]
     assert all(r["p_holm"] >= r["p_wilcoxon"] for r in rows)
-    recorded = {"setting": "2D phantoms", "seeds": 3, "date": "2026-01-01", "endpoint": "test Dice",
-                "val_contrasts": [{"a": "atso", "b": "self-training", "mean": 0.01, "ci_low": 0.005, "ci_high": 0.02,
-                                   "p_holm": 0.03, "n": 3},
-                                  {"a": "oracle", "b": "supervised", "mean": 0.1, "ci_low": 0.05, "ci_high": 0.15,
-                                   "p_holm": 0.03, "n": 3}]}
+    recorded = {
+        "setting": "2D phantoms",
+        "seeds": 3,
+        "date": "2026-01-01",
+        "endpoint": "test Dice",
+        "val_contrasts": [
+            {"a": "atso", "b": "self-training", "mean": 0.01, "ci_low": 0.005, "ci_high": 0.02, "p_holm": 0.03, "n": 3},
+            {"a": "oracle", "b": "supervised", "mean": 0.1, "ci_low": 0.05, "ci_high": 0.15, "p_holm": 0.03, "n": 3},
+        ],
+    }
     headline = {**recorded, "contrasts": recorded["val_contrasts"]}
     text = demo_summary({"supervised": 0.6, "self-training": 0.65, "atso": 0.66}, recorded, headline)
     assert "Winner on this run: atso" in text and "-0.010 for self-training" in text
     assert "excludes 0" in text and "this run: +0.010, inside that interval" in text
     assert text.count("oracle - supervised") == 1  # the demo has no oracle: quoted in the headline only
-    text = demo_summary({"supervised": 0.7, "self-training": 0.65, "atso-m0": 0.6}, recorded,
-                        aliases={"atso-m0": "atso"})
+    text = demo_summary(
+        {"supervised": 0.7, "self-training": 0.65, "atso-m0": 0.6}, recorded, aliases={"atso-m0": "atso"}
+    )
     assert "Winner on this run: supervised" in text and "this run: -0.050, outside" in text
     assert "No recorded" in demo_summary({"atso": 0.5})
 
 
 def test_demo_summary_states_the_recorded_verdict_in_words():
-    row = {"a": "atso", "b": "self-training", "mean": -0.001, "ci_low": -0.007, "ci_high": 0.004, "p_holm": 0.75,
-           "n": 10}
-    headline = {"setting": "2D phantoms", "seeds": 10, "date": "2026-12-02", "endpoint": "test Dice",
-                "contrasts": [row], "val_contrasts": [row]}
-    win = {"a": "atso-lineage", "b": "self-training", "mean": 0.01, "ci_low": 0.002, "ci_high": 0.018,
-           "p_holm": 0.04, "n": 10}
+    row = {
+        "a": "atso",
+        "b": "self-training",
+        "mean": -0.001,
+        "ci_low": -0.007,
+        "ci_high": 0.004,
+        "p_holm": 0.75,
+        "n": 10,
+    }
+    headline = {
+        "setting": "2D phantoms",
+        "seeds": 10,
+        "date": "2026-12-02",
+        "endpoint": "test Dice",
+        "contrasts": [row],
+        "val_contrasts": [row],
+    }
+    win = {
+        "a": "atso-lineage",
+        "b": "self-training",
+        "mean": 0.01,
+        "ci_low": 0.002,
+        "ci_high": 0.018,
+        "p_holm": 0.04,
+        "n": 10,
+    }
     variants = {**headline, "contrasts": [win], "chosen_on_validation": "atso-lineage"}
     text = demo_summary({"atso": 0.7, "self-training": 0.71}, None, headline, variants=variants)
     assert "In the main experiment, atso did not beat self-training" in text
@@ -78,9 +105,20 @@ def test_demo_summary_states_the_recorded_verdict_in_words():
 
 
 def test_demo_summary_states_the_decisive_experiment_first():
-    d2 = {"setting": "2D phantoms", "seeds": 20, "date": "2026-12-06", "endpoint": "per-case Dice",
-          "decision": {"a": "atso-reinit", "b": "self-training", "mean": -0.003, "ci_low": -0.03, "ci_high": 0.02,
-                       "verdict": "inconclusive"}}
+    d2 = {
+        "setting": "2D phantoms",
+        "seeds": 20,
+        "date": "2026-12-06",
+        "endpoint": "per-case Dice",
+        "decision": {
+            "a": "atso-reinit",
+            "b": "self-training",
+            "mean": -0.003,
+            "ci_low": -0.03,
+            "ci_high": 0.02,
+            "verdict": "inconclusive",
+        },
+    }
     text = demo_summary({"atso": 0.7, "self-training": 0.71}, decisive=d2)
     line = next(x for x in text.splitlines() if x.startswith("Recorded, decisive"))
     assert "atso-reinit - self-training -0.003 (CI -0.030 to +0.020): inconclusive" in line

@@ -1,4 +1,5 @@
 """Window grid and padding against MONAI's own helpers and hand-computed tables."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,14 +25,17 @@ def test_padding_is_split_like_monai():
     assert padding_before((5, 10, 3), (8, 8, 8)) == (1, 0, 2)
 
 
-@pytest.mark.parametrize("size,roi,overlap", [
-    ((64, 70, 33), (32, 32, 32), 0.5),
-    ((20, 9, 41), (16, 16, 16), 0.25),
-    ((5, 6, 7), (8, 8, 8), 0.5),
-    ((96, 96, 96), (96, 96, 96), 0.5),
-    ((30, 30, 30), (8, 8, 8), 0.0),
-    ((1, 50, 61), (1, 16, 16), 0.75),
-])
+@pytest.mark.parametrize(
+    "size,roi,overlap",
+    [
+        ((64, 70, 33), (32, 32, 32), 0.5),
+        ((20, 9, 41), (16, 16, 16), 0.25),
+        ((5, 6, 7), (8, 8, 8), 0.5),
+        ((96, 96, 96), (96, 96, 96), 0.5),
+        ((30, 30, 30), (8, 8, 8), 0.0),
+        ((1, 50, 61), (1, 16, 16), 0.75),
+    ],
+)
 def test_grid_matches_monai(size, roi, overlap):
     utils = pytest.importorskip("monai.inferers.utils")
     data_utils = pytest.importorskip("monai.data.utils")
@@ -52,10 +56,19 @@ def test_overlap_validation_names_value():
         sliding_window_origins((4, 4, 4), (0, 2, 2))
 
 
-@pytest.mark.parametrize("n,batch,sizes", [
-    (10, 4, [4, 3, 3]), (18, 4, [4, 4, 4, 3, 3]), (8, 4, [4, 4]), (3, 4, [3]), (0, 4, []),
-    (5, 1, [1, 1, 1, 1, 1]), (7, 100, [7]), (9, 4, [3, 3, 3]),
-])
+@pytest.mark.parametrize(
+    "n,batch,sizes",
+    [
+        (10, 4, [4, 3, 3]),
+        (18, 4, [4, 4, 4, 3, 3]),
+        (8, 4, [4, 4]),
+        (3, 4, [3]),
+        (0, 4, []),
+        (5, 1, [1, 1, 1, 1, 1]),
+        (7, 100, [7]),
+        (9, 4, [3, 3, 3]),
+    ],
+)
 def test_batch_bounds_hand_computed(n, batch, sizes):
     bounds = batch_bounds(n, batch)
     assert [hi - lo for lo, hi in bounds] == sizes
@@ -73,9 +86,17 @@ def test_batch_bounds_are_even_and_cover_every_window_once(n, batch):
     assert [i for lo, hi in bounds for i in range(lo, hi)] == list(range(n))
 
 
-@pytest.mark.parametrize("n,batch,sizes", [
-    (10, 4, [4, 4, 2]), (18, 4, [4, 4, 4, 4, 2]), (8, 4, [4, 4]), (3, 4, [3]), (0, 4, []), (5, 1, [1] * 5),
-])
+@pytest.mark.parametrize(
+    "n,batch,sizes",
+    [
+        (10, 4, [4, 4, 2]),
+        (18, 4, [4, 4, 4, 4, 2]),
+        (8, 4, [4, 4]),
+        (3, 4, [3]),
+        (0, 4, []),
+        (5, 1, [1] * 5),
+    ],
+)
 def test_batch_bounds_not_even_are_monais_full_batches_then_the_rest(n, batch, sizes):
     bounds = batch_bounds(n, batch, even=False)
     assert bounds == [(i, min(i + batch, n)) for i in range(0, n, batch)]

@@ -1,4 +1,5 @@
 """The ``nnunet`` window-grid profile against nnU-Net v2's own functions (and hand-made tables)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -75,8 +76,11 @@ def test_origins_match_nnunet_predictor_2d(size):
 def test_gaussian_matches_compute_gaussian(tile):
     torch = pytest.importorskip("torch")
     swp = pytest.importorskip("nnunetv2.inference.sliding_window_prediction")
-    want = swp.compute_gaussian(tuple(tile), sigma_scale=1.0 / 8, value_scaling_factor=10,
-                                device=torch.device("cpu")).float().numpy()
+    want = (
+        swp.compute_gaussian(tuple(tile), sigma_scale=1.0 / 8, value_scaling_factor=10, device=torch.device("cpu"))
+        .float()
+        .numpy()
+    )
     got = nnunet_gaussian(tile)
     np.testing.assert_array_equal(got, want)
     assert got.dtype == np.float32 and got.min() > 0 and got.max() == pytest.approx(10, rel=1e-3)

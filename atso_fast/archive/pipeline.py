@@ -11,6 +11,7 @@ Crash safety: outputs are written atomically and a case's ``ok`` row is appended
 its outputs are renamed into place, so after ``kill -9`` a resumed run redoes exactly the cases
 without an ``ok`` row, and its outputs equal those of an uninterrupted run byte for byte.
 """
+
 from __future__ import annotations
 
 import io
@@ -53,8 +54,18 @@ from atso_fast.io.naming import channel_index
 from atso_fast.io.overlay import write_overlay
 from atso_fast.progress import duration
 
-__all__ = ["Case", "CaseRecorder", "Grid", "MANIFEST_NAME", "VolumeRelabeler", "check_archive", "relabel_archive",
-           "relabel_case", "read_input", "run_archive"]
+__all__ = [
+    "Case",
+    "CaseRecorder",
+    "Grid",
+    "MANIFEST_NAME",
+    "VolumeRelabeler",
+    "check_archive",
+    "relabel_archive",
+    "relabel_case",
+    "read_input",
+    "run_archive",
+]
 
 MANIFEST_NAME = "manifest.jsonl"
 """File name of the manifest inside the output folder."""
@@ -102,8 +113,14 @@ class CaseRecorder(Protocol):
 class _Tally:
     """Thread-safe counters, the failure list and the progress bar of one run."""
 
-    def __init__(self, manifest: Manifest, output_dir: Path, bar: Any, fingerprint: str | None = None,
-                 lines: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        output_dir: Path,
+        bar: Any,
+        fingerprint: str | None = None,
+        lines: tuple[int, int] | None = None,
+    ) -> None:
         self.manifest, self.output_dir, self.bar, self.fingerprint = manifest, output_dir, bar, fingerprint
         self.lines = lines  # (cases to do, cases in all): a line per case on stderr (no terminal)
         self.lock = threading.Lock()
@@ -114,16 +131,24 @@ class _Tally:
 
     def ok(self, case: Case, meta: Grid, stats: Mapping[str, Any], seconds: float) -> None:
         """Record a finished case: manifest row first, then counters and progress."""
-        outputs = {k: Path(os.path.relpath(p, self.output_dir)).as_posix()
-                   for k, p in case.outputs.items()}
-        self.manifest.append({
-            "case_id": case.case_id, "input": os.path.abspath(case.path), "status": "ok",
-            "shape": list(meta.spatial_shape), "seconds": round(seconds, 6),
-            "label_counts": stats.get("label_counts"),
-            "ignored_fraction": stats.get("ignored_fraction"),
-            "mean_confidence": stats.get("mean_confidence"), "outputs": outputs, "error": None,
-            "spacing": stats.get("spacing"), "timings": stats.get("timings"), "run": self.fingerprint,
-        })
+        outputs = {k: Path(os.path.relpath(p, self.output_dir)).as_posix() for k, p in case.outputs.items()}
+        self.manifest.append(
+            {
+                "case_id": case.case_id,
+                "input": os.path.abspath(case.path),
+                "status": "ok",
+                "shape": list(meta.spatial_shape),
+                "seconds": round(seconds, 6),
+                "label_counts": stats.get("label_counts"),
+                "ignored_fraction": stats.get("ignored_fraction"),
+                "mean_confidence": stats.get("mean_confidence"),
+                "outputs": outputs,
+                "error": None,
+                "spacing": stats.get("spacing"),
+                "timings": stats.get("timings"),
+                "run": self.fingerprint,
+            }
+        )
         with self.lock:
             self.done += 1
             self.voxels += math.prod(meta.spatial_shape)
@@ -135,9 +160,16 @@ class _Tally:
         message = " ".join(str(message).split()) or "unknown error"
         unrecorded = ""
         try:
-            self.manifest.append({"case_id": case.case_id, "input": os.path.abspath(case.path),
-                                  "status": "failed", "shape": shape, "outputs": {},
-                                  "error": message})
+            self.manifest.append(
+                {
+                    "case_id": case.case_id,
+                    "input": os.path.abspath(case.path),
+                    "status": "failed",
+                    "shape": shape,
+                    "outputs": {},
+                    "error": message,
+                }
+            )
         except OSError as exc:  # disk full: the run goes on, the failure is still counted and said
             unrecorded = f" (its manifest row could not be written: {exc.strerror or exc})"
         finally:
@@ -162,8 +194,12 @@ class _Tally:
         finished = self.done + self.failed
         elapsed = time.perf_counter() - self.start
         eta = elapsed / finished * (todo - finished) if finished else 0.0
-        print(f"atso-fast relabel: [{finished}/{todo}{f' of {total}' if total != todo else ''}] {what}; "
-              f"{elapsed:.0f} s elapsed, ETA {duration(eta)}", file=sys.stderr, flush=True)
+        print(
+            f"atso-fast relabel: [{finished}/{todo}{f' of {total}' if total != todo else ''}] {what}; "
+            f"{elapsed:.0f} s elapsed, ETA {duration(eta)}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _advance(self) -> None:
         if self.bar is not None:
@@ -173,13 +209,25 @@ class _Tally:
 
 
 # ------------------------------------------------------------------------------ public API
-def relabel_archive(relabeler: Any, inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-                    output_dir: str | os.PathLike[str], *, recursive: bool = False,
-                    resume: bool = False, overwrite: bool = False, num_parts: int = 1, part_id: int = 0,
-                    save_confidence: bool = False, save_probabilities: bool = False, save_overlay: bool = False,
-                    readers: int = 2, writers: int = 2,
-                    queue_size: int = 2, progress: bool | None = None,
-                    overlay_palette: np.ndarray | None = None) -> dict[str, Any]:
+def relabel_archive(
+    relabeler: Any,
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    output_dir: str | os.PathLike[str],
+    *,
+    recursive: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
+    num_parts: int = 1,
+    part_id: int = 0,
+    save_confidence: bool = False,
+    save_probabilities: bool = False,
+    save_overlay: bool = False,
+    readers: int = 2,
+    writers: int = 2,
+    queue_size: int = 2,
+    progress: bool | None = None,
+    overlay_palette: np.ndarray | None = None,
+) -> dict[str, Any]:
     """Relabel every volume of an archive and write label maps plus a JSONL manifest.
 
     Outputs go to ``output_dir/<case_id>.nii.gz`` for NIfTI inputs (input affine and header,
@@ -237,26 +285,46 @@ def relabel_archive(relabeler: Any, inputs: str | os.PathLike[str] | Sequence[st
         TypeError: ``relabeler`` has no ``relabel_volume``.
     """
     _check_options(relabeler, readers=readers, writers=writers, queue_size=queue_size)
-    process = partial(_pipeline, relabeler, readers=readers, writers=writers, queue_size=queue_size,
-                      palette=overlay_palette)
-    summary = run_archive(process, inputs, output_dir, recursive=recursive, resume=resume,
-                          overwrite=overwrite, num_parts=num_parts, part_id=part_id,
-                          save_confidence=save_confidence, progress=progress,
-                          fingerprint=getattr(relabeler, "fingerprint", None), save_probabilities=save_probabilities,
-                          save_overlay=save_overlay)
+    process = partial(
+        _pipeline, relabeler, readers=readers, writers=writers, queue_size=queue_size, palette=overlay_palette
+    )
+    summary = run_archive(
+        process,
+        inputs,
+        output_dir,
+        recursive=recursive,
+        resume=resume,
+        overwrite=overwrite,
+        num_parts=num_parts,
+        part_id=part_id,
+        save_confidence=save_confidence,
+        progress=progress,
+        fingerprint=getattr(relabeler, "fingerprint", None),
+        save_probabilities=save_probabilities,
+        save_overlay=save_overlay,
+    )
     label = getattr(relabeler, "runtime_label", None)  # optional (VolumeRelabeler)
     if label:
         summary["runtime"] = label
     return summary
 
 
-def run_archive(process: Callable[[list[Case], CaseRecorder], None],
-                inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-                output_dir: str | os.PathLike[str], *, recursive: bool = False,
-                resume: bool = False, overwrite: bool = False, num_parts: int = 1, part_id: int = 0,
-                save_confidence: bool = False, progress: bool | None = None,
-                fingerprint: str | None = None, save_probabilities: bool = False,
-                save_overlay: bool = False) -> dict[str, Any]:
+def run_archive(
+    process: Callable[[list[Case], CaseRecorder], None],
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    output_dir: str | os.PathLike[str],
+    *,
+    recursive: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
+    num_parts: int = 1,
+    part_id: int = 0,
+    save_confidence: bool = False,
+    progress: bool | None = None,
+    fingerprint: str | None = None,
+    save_probabilities: bool = False,
+    save_overlay: bool = False,
+) -> dict[str, Any]:
     """Plan, resume and record an archive run around an engine's ``process(cases, tally)``.
 
     The engine-independent part of :func:`relabel_archive` (planning, part split, resume, stale
@@ -270,9 +338,19 @@ def run_archive(process: Callable[[list[Case], CaseRecorder], None],
     (an exclusive lock for the run), and an output folder it cannot write is refused up front.
     """
     output_dir = Path(output_dir)
-    plan, todo = _prepare(inputs, output_dir, recursive=recursive, resume=resume, overwrite=overwrite,
-                          num_parts=num_parts, part_id=part_id, save_confidence=save_confidence,
-                          fingerprint=fingerprint, save_probabilities=save_probabilities, save_overlay=save_overlay)
+    plan, todo = _prepare(
+        inputs,
+        output_dir,
+        recursive=recursive,
+        resume=resume,
+        overwrite=overwrite,
+        num_parts=num_parts,
+        part_id=part_id,
+        save_confidence=save_confidence,
+        fingerprint=fingerprint,
+        save_probabilities=save_probabilities,
+        save_overlay=save_overlay,
+    )
     cases = plan.cases
     output_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(output_dir, part_id, num_parts), Manifest(output_dir / MANIFEST_NAME) as manifest:
@@ -290,38 +368,67 @@ def run_archive(process: Callable[[list[Case], CaseRecorder], None],
     return summary
 
 
-def check_archive(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-                  output_dir: str | os.PathLike[str], *, recursive: bool = False, resume: bool = False,
-                  overwrite: bool = False, num_parts: int = 1, part_id: int = 0,
-                  save_confidence: bool = False, save_probabilities: bool = False,
-                  save_overlay: bool = False) -> dict[str, int]:
+def check_archive(
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    output_dir: str | os.PathLike[str],
+    *,
+    recursive: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
+    num_parts: int = 1,
+    part_id: int = 0,
+    save_confidence: bool = False,
+    save_probabilities: bool = False,
+    save_overlay: bool = False,
+) -> dict[str, int]:
     """Everything :func:`run_archive` refuses up front, checked without writing anything (the
     CLI calls it before it loads the model). Returns ``{"total": cases, "todo": to do}``.
 
     Raises:
         InputError, ValueError: as :func:`relabel_archive`.
     """
-    plan, todo = _prepare(inputs, Path(output_dir), recursive=recursive, resume=resume, overwrite=overwrite,
-                          num_parts=num_parts, part_id=part_id, save_confidence=save_confidence,
-                          save_probabilities=save_probabilities, save_overlay=save_overlay)
+    plan, todo = _prepare(
+        inputs,
+        Path(output_dir),
+        recursive=recursive,
+        resume=resume,
+        overwrite=overwrite,
+        num_parts=num_parts,
+        part_id=part_id,
+        save_confidence=save_confidence,
+        save_probabilities=save_probabilities,
+        save_overlay=save_overlay,
+    )
     return {"total": len(plan.cases), "todo": len(todo)}
 
 
-def _prepare(inputs: Any, output_dir: Path, *, resume: bool, overwrite: bool, fingerprint: str | None = None,
-             **plan_kw: Any) -> tuple[Any, list[Case]]:
+def _prepare(
+    inputs: Any, output_dir: Path, *, resume: bool, overwrite: bool, fingerprint: str | None = None, **plan_kw: Any
+) -> tuple[Any, list[Case]]:
     if resume and overwrite:
-        raise ValueError("resume and overwrite exclude each other: resume skips finished cases, "
-                         "overwrite redoes them")
+        raise ValueError("resume and overwrite exclude each other: resume skips finished cases, overwrite redoes them")
     plan = plan_archive(inputs, output_dir, **plan_kw)
     check_output_folder(output_dir)
-    todo = check_resume(plan.cases, Manifest(output_dir / MANIFEST_NAME), output_dir, resume=resume,
-                        overwrite=overwrite, fingerprint=fingerprint)
+    todo = check_resume(
+        plan.cases,
+        Manifest(output_dir / MANIFEST_NAME),
+        output_dir,
+        resume=resume,
+        overwrite=overwrite,
+        fingerprint=fingerprint,
+    )
     return plan, todo
 
 
-def relabel_case(relabeler: Any, case_id: str, path: str | os.PathLike[str],
-                 outputs: Mapping[str, str | os.PathLike[str]], tally: CaseRecorder,
-                 channels: Sequence[str | os.PathLike[str]] = (), palette: np.ndarray | None = None) -> None:
+def relabel_case(
+    relabeler: Any,
+    case_id: str,
+    path: str | os.PathLike[str],
+    outputs: Mapping[str, str | os.PathLike[str]],
+    tally: CaseRecorder,
+    channels: Sequence[str | os.PathLike[str]] = (),
+    palette: np.ndarray | None = None,
+) -> None:
     """Read, relabel and write one planned case in this thread (a Ray actor's unit of work).
 
     Same steps, error messages and write order as the threaded pipeline; the outcome goes to
@@ -329,8 +436,9 @@ def relabel_case(relabeler: Any, case_id: str, path: str | os.PathLike[str],
     ``outputs`` maps ``"labels"`` (and optionally ``"confidence"``) to the planned files;
     ``channels`` lists a multi-channel case's files (``Case.channels``).
     """
-    case = Case(case_id, Path(path), {k: Path(v) for k, v in outputs.items()},
-                channels=tuple(Path(c) for c in channels))
+    case = Case(
+        case_id, Path(path), {k: Path(v) for k, v in outputs.items()}, channels=tuple(Path(c) for c in channels)
+    )
     read: Future = Future()
     try:
         read.set_result(read_input(case.files, model_channels(relabeler)))
@@ -371,7 +479,10 @@ def _check_options(relabeler: Any, **counts: int) -> None:
 def _summary(tally: _Tally, *, total: int, skipped: int) -> dict[str, Any]:
     seconds = time.perf_counter() - tally.start
     return {
-        "total": total, "done": tally.done, "skipped": skipped, "failed": tally.failed,
+        "total": total,
+        "done": tally.done,
+        "skipped": skipped,
+        "failed": tally.failed,
         "seconds": seconds,
         "cases_per_s": tally.done / seconds if seconds > 0 else 0.0,
         "voxels_per_s": tally.voxels / seconds if seconds > 0 else 0.0,
@@ -381,15 +492,22 @@ def _summary(tally: _Tally, *, total: int, skipped: int) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------- pipeline
-def _pipeline(relabeler: VolumeRelabeler, cases: list[Case], tally: _Tally, *, readers: int,
-              writers: int, queue_size: int, palette: np.ndarray | None = None) -> None:
+def _pipeline(
+    relabeler: VolumeRelabeler,
+    cases: list[Case],
+    tally: _Tally,
+    *,
+    readers: int,
+    writers: int,
+    queue_size: int,
+    palette: np.ndarray | None = None,
+) -> None:
     """Read ahead on ``readers`` threads, relabel here, write on ``writers`` threads."""
     slots = threading.BoundedSemaphore(writers + queue_size)
     feed = iter(cases)
     channels = model_channels(relabeler)
     pending: deque[tuple[Case, Future]] = deque()
-    with ThreadPoolExecutor(readers, "atso-read") as read_pool, \
-            ThreadPoolExecutor(writers, "atso-write") as write_pool:
+    with ThreadPoolExecutor(readers, "atso-read") as read_pool, ThreadPoolExecutor(writers, "atso-write") as write_pool:
         try:
             _top_up(pending, feed, read_pool, readers + queue_size, channels)
             while pending:
@@ -411,8 +529,9 @@ def _pipeline(relabeler: VolumeRelabeler, cases: list[Case], tally: _Tally, *, r
             raise
 
 
-def _top_up(pending: deque, feed: Iterator[Case], pool: ThreadPoolExecutor, depth: int,
-            in_channels: int | None) -> None:
+def _top_up(
+    pending: deque, feed: Iterator[Case], pool: ThreadPoolExecutor, depth: int, in_channels: int | None
+) -> None:
     while len(pending) < depth:
         case = next(feed, None)
         if case is None:
@@ -442,8 +561,10 @@ def read_input(files: Path | Sequence[Path], in_channels: int | None = None) -> 
     first = loaded[0][1]
     for _, meta in loaded[1:]:
         if meta.spatial_shape != first.spatial_shape or not np.allclose(meta.affine, first.affine, atol=1e-3):
-            raise InputError(f"{meta.path}: channel grid {meta.spatial_shape} differs from {first.path}'s "
-                             f"{first.spatial_shape} (shape or affine): the channels of a case must share one grid")
+            raise InputError(
+                f"{meta.path}: channel grid {meta.spatial_shape} differs from {first.path}'s "
+                f"{first.spatial_shape} (shape or affine): the channels of a case must share one grid"
+            )
     return np.stack([a.reshape(first.spatial_shape) for a, _ in loaded]), first
 
 
@@ -456,8 +577,10 @@ def _check_channel_files(files: Sequence[Path], in_channels: int | None) -> None
     if have != list(range(in_channels)):
         names = ", ".join(Path(f).name for f in files)
         need = ", ".join(f"_{k:04d}" for k in range(in_channels))
-        raise InputError(f"{files[0]}: the model takes {in_channels} input channel(s) ({need}); this case has "
-                         f"{len(files)} channel file(s): {names}")
+        raise InputError(
+            f"{files[0]}: the model takes {in_channels} input channel(s) ({need}); this case has "
+            f"{len(files)} channel file(s): {names}"
+        )
 
 
 def _read_one(path: Path) -> tuple[np.ndarray, VolumeMeta]:
@@ -468,8 +591,10 @@ def _read_one(path: Path) -> tuple[np.ndarray, VolumeMeta]:
     # a header can claim sizes its data cannot have (a negative NIfTI dim reads as data of
     # another shape): refused here, before the relabeler runs on it
     if min(meta.spatial_shape) < 1 or tuple(array.shape[-3:]) != tuple(meta.spatial_shape):
-        raise InputError(f"{path}: invalid image shape {tuple(meta.shape)} in its header (a size is not "
-                         f"positive or disagrees with the data, {tuple(array.shape)})")
+        raise InputError(
+            f"{path}: invalid image shape {tuple(meta.shape)} in its header (a size is not "
+            f"positive or disagrees with the data, {tuple(array.shape)})"
+        )
     return array, meta
 
 
@@ -483,16 +608,16 @@ def _take(case: Case, future: Future, tally: CaseRecorder) -> tuple[np.ndarray, 
     return None
 
 
-def _relabel(relabeler: VolumeRelabeler, case: Case, loaded: tuple[np.ndarray, VolumeMeta],
-             tally: CaseRecorder) -> tuple[Any, float]:
+def _relabel(
+    relabeler: VolumeRelabeler, case: Case, loaded: tuple[np.ndarray, VolumeMeta], tally: CaseRecorder
+) -> tuple[Any, float]:
     array, meta = loaded
     start = time.perf_counter()
     try:
         result = relabeler.relabel_volume(array, **_geometry(relabeler, meta))
     except Exception as exc:  # one bad case must not stop the archive
         result = None
-        tally.fail(case, f"{case.path}: relabel failed: {type(exc).__name__}: {exc}",
-                   list(array.shape))
+        tally.fail(case, f"{case.path}: relabel failed: {type(exc).__name__}: {exc}", list(array.shape))
     finally:
         seconds = time.perf_counter() - start
         with tally.lock:
@@ -508,9 +633,16 @@ def _geometry(relabeler: VolumeRelabeler, meta: VolumeMeta) -> dict[str, Any]:
     return {"spacing": meta.spacing, "affine": meta.affine}
 
 
-def _write_case(case: Case, meta: VolumeMeta, result: Any, seconds: float, tally: CaseRecorder,
-                slots: threading.Semaphore, image: np.ndarray | None = None,
-                palette: np.ndarray | None = None) -> None:
+def _write_case(
+    case: Case,
+    meta: VolumeMeta,
+    result: Any,
+    seconds: float,
+    tally: CaseRecorder,
+    slots: threading.Semaphore,
+    image: np.ndarray | None = None,
+    palette: np.ndarray | None = None,
+) -> None:
     """Write a case's outputs atomically, then its ``ok`` row (never the other way round)."""
     try:
         try:
@@ -524,11 +656,13 @@ def _write_case(case: Case, meta: VolumeMeta, result: Any, seconds: float, tally
             if "probabilities" in case.outputs:
                 write_probabilities(case.outputs["probabilities"], getattr(result, "probabilities", None))
             if "overlay" in case.outputs and image is not None:
-                write_overlay(case.outputs["overlay"], image, result.labels, meta.spacing,
-                              _written_ignore(stats), palette)
+                write_overlay(
+                    case.outputs["overlay"], image, result.labels, meta.spacing, _written_ignore(stats), palette
+                )
         except Exception as exc:
-            tally.fail(case, f"{case.path}: writing outputs failed: {type(exc).__name__}: {exc}",
-                       list(meta.spatial_shape))
+            tally.fail(
+                case, f"{case.path}: writing outputs failed: {type(exc).__name__}: {exc}", list(meta.spatial_shape)
+            )
             return
         try:
             tally.ok(case, meta, stats, seconds)
@@ -555,8 +689,9 @@ def _progress_bar(progress: bool | None, total: int, initial: int) -> Iterator[A
         return
     from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=initial, unit="case", file=sys.stderr, dynamic_ncols=True,
-               desc="relabel", smoothing=0.1)
+    bar = tqdm(
+        total=total, initial=initial, unit="case", file=sys.stderr, dynamic_ncols=True, desc="relabel", smoothing=0.1
+    )
     try:
         yield bar
     finally:

@@ -16,6 +16,7 @@ every case exactly once:
 - an input with nothing to relabel, an output folder that cannot be written and a manifest that
   is a link are refused; one run at a time writes each part of a folder (:func:`run_lock`).
 """
+
 from __future__ import annotations
 
 import os
@@ -50,8 +51,17 @@ try:  # POSIX advisory locks; elsewhere concurrent runs on one folder are not de
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]  # a module name rebound to None: no annotation can say so
 
-__all__ = ["Case", "Plan", "case_ids", "check_output_folder", "check_resume", "plan_archive", "remove_stale_temps",
-           "report_skipped", "run_lock"]
+__all__ = [
+    "Case",
+    "Plan",
+    "case_ids",
+    "check_output_folder",
+    "check_resume",
+    "plan_archive",
+    "remove_stale_temps",
+    "report_skipped",
+    "run_lock",
+]
 
 
 @dataclass
@@ -81,8 +91,17 @@ class Plan:
     skipped: list[tuple[Path, str]]
 
 
-def plan_archive(inputs: Any, output_dir: Path, *, recursive: bool, num_parts: int, part_id: int,
-                 save_confidence: bool, save_probabilities: bool = False, save_overlay: bool = False) -> Plan:
+def plan_archive(
+    inputs: Any,
+    output_dir: Path,
+    *,
+    recursive: bool,
+    num_parts: int,
+    part_id: int,
+    save_confidence: bool,
+    save_probabilities: bool = False,
+    save_overlay: bool = False,
+) -> Plan:
     """The cases of part ``part_id`` with their output paths.
 
     Listing failures (unreadable sub-folders, bad list lines) are recorded by part 0 only, so
@@ -97,9 +116,11 @@ def plan_archive(inputs: Any, output_dir: Path, *, recursive: bool, num_parts: i
     listing = _collect(inputs, output_dir, recursive)
     if not listing.paths and not listing.failed:
         left = f"; left out: {', '.join(f'{p} ({why})' for p, why in listing.skipped[:3])}" if listing.skipped else ""
-        raise InputError(f"{inputs}: nothing to relabel: no file with a supported suffix "
-                         f"({', '.join(supported_suffixes())}) and no DICOM series folder"
-                         f"{'' if recursive else ' (sub-folders are read with --recursive)'}{left}")
+        raise InputError(
+            f"{inputs}: nothing to relabel: no file with a supported suffix "
+            f"({', '.join(supported_suffixes())}) and no DICOM series folder"
+            f"{'' if recursive else ' (sub-folders are read with --recursive)'}{left}"
+        )
     ids = case_ids(listing.paths, listing.root)
     all_inputs = frozenset(os.path.realpath(p) for p in listing.paths)
     owners: dict[str, str] = {}
@@ -110,8 +131,9 @@ def plan_archive(inputs: Any, output_dir: Path, *, recursive: bool, num_parts: i
         case = _plan_case(path, ids.get(path), listing.root, output_dir, save_confidence, all_inputs, extras)
         if len(groups[path]) > 1 and case.error is None:
             case.channels = groups[path]
-        clash = next((owners[os.path.realpath(p)] for p in case.outputs.values()
-                      if os.path.realpath(p) in owners), None)
+        clash = next(
+            (owners[os.path.realpath(p)] for p in case.outputs.values() if os.path.realpath(p) in owners), None
+        )
         if clash is not None:  # report under the input path so the owner's rows stay clean
             case = Case(str(path), path, error=f"{path}: output name clashes with case {clash}")
         for out in case.outputs.values():
@@ -135,18 +157,22 @@ def _collect(inputs: Any, output_dir: Path, recursive: bool) -> Listing:
     real_out = os.path.realpath(output_dir)
     inside = [p for p in listing.paths if _within(os.path.realpath(p), real_out)]
     if inside:
-        raise InputError(f"{inside[0]} lies inside the output folder {output_dir} ({len(inside)} such "
-                         "inputs): outputs of a run would be read as inputs; list inputs from elsewhere")
+        raise InputError(
+            f"{inside[0]} lies inside the output folder {output_dir} ({len(inside)} such "
+            "inputs): outputs of a run would be read as inputs; list inputs from elsewhere"
+        )
     return listing
 
 
 def _refuse_nested_output(folder: Path, output_dir: Path) -> None:
     real_in, real_out = os.path.realpath(folder), os.path.realpath(output_dir)
     if _within(real_out, real_in):
-        raise InputError(f"output folder {output_dir} is inside the input folder {folder}"
-                         + (" (it is the input folder)" if real_out == real_in else "")
-                         + ": outputs would be read as inputs on the next run; choose an output folder "
-                         "outside the input folder")
+        raise InputError(
+            f"output folder {output_dir} is inside the input folder {folder}"
+            + (" (it is the input folder)" if real_out == real_in else "")
+            + ": outputs would be read as inputs on the next run; choose an output folder "
+            "outside the input folder"
+        )
 
 
 def _within(path: str, folder: str) -> bool:
@@ -179,13 +205,22 @@ def case_ids(paths: Sequence[Path], root: Path | None) -> dict[Path, str]:
         ids[path] = cid
     if clashes:
         more = f" (and {len(clashes) - 3} more)" if len(clashes) > 3 else ""
-        raise InputError("; ".join(clashes[:3]) + more + ": case ids are file names without the image suffix "
-                         "and nnU-Net's _0000, so each case needs its own name; rename or move one of each pair")
+        raise InputError(
+            "; ".join(clashes[:3]) + more + ": case ids are file names without the image suffix "
+            "and nnU-Net's _0000, so each case needs its own name; rename or move one of each pair"
+        )
     return ids
 
 
-def _plan_case(path: Path, cid: str | None, root: Path | None, output_dir: Path, save_confidence: bool,
-               all_inputs: frozenset[str], extras: dict[str, bool] | None = None) -> Case:
+def _plan_case(
+    path: Path,
+    cid: str | None,
+    root: Path | None,
+    output_dir: Path,
+    save_confidence: bool,
+    all_inputs: frozenset[str],
+    extras: dict[str, bool] | None = None,
+) -> Case:
     if cid is None:
         try:
             cid = make_case_id(path, root)
@@ -206,8 +241,15 @@ def _plan_case(path: Path, cid: str | None, root: Path | None, output_dir: Path,
     return Case(cid, path, outputs)
 
 
-def check_resume(cases: list[Case], manifest: Manifest, output_dir: Path, *, resume: bool,
-                 overwrite: bool, fingerprint: str | None = None) -> list[Case]:
+def check_resume(
+    cases: list[Case],
+    manifest: Manifest,
+    output_dir: Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    fingerprint: str | None = None,
+) -> list[Case]:
     """The cases to do. Finished cases (``ok`` row, the same output files present) are
     skipped with ``resume``, redone with ``overwrite``, and refused otherwise.
 
@@ -220,24 +262,27 @@ def check_resume(cases: list[Case], manifest: Manifest, output_dir: Path, *, res
     if resume and fingerprint is not None:
         _refuse_other_runs(done, finished, fingerprint, manifest.path)
     if done and not (resume or overwrite):
-        raise InputError(f"{output_dir}: {len(done)} case{'s' if len(done) != 1 else ''} already done here "
-                         f"(of {len(cases)} planned; "
-                         f"{manifest.path.name} names them); use --resume (resume=True) to skip them or "
-                         "--overwrite (overwrite=True) to redo them")
+        raise InputError(
+            f"{output_dir}: {len(done)} case{'s' if len(done) != 1 else ''} already done here "
+            f"(of {len(cases)} planned; "
+            f"{manifest.path.name} names them); use --resume (resume=True) to skip them or "
+            "--overwrite (overwrite=True) to redo them"
+        )
     skip = {id(case) for case in done}
     return [case for case in cases if id(case) not in skip] if resume else list(cases)
 
 
-def _refuse_other_runs(done: list[Case], finished: dict[str, dict[str, Any]], fingerprint: str,
-                       manifest: Path) -> None:
+def _refuse_other_runs(done: list[Case], finished: dict[str, dict[str, Any]], fingerprint: str, manifest: Path) -> None:
     other = [c.case_id for c in done if finished[c.case_id].get("run") not in (None, fingerprint)]
     if other:
         runs = sorted({str(finished[c]["run"]) for c in other})
         plural = "s" if len(other) != 1 else ""
-        raise InputError(f"{manifest}: {len(other)} finished case{plural} ({', '.join(other[:3])}"
-                         f"{', ...' if len(other) > 3 else ''}) were made by another model or settings (run "
-                         f"{', '.join(runs[:2])}; this run is {fingerprint}); resuming would mix outputs: use "
-                         "--overwrite to redo them, or another output folder")
+        raise InputError(
+            f"{manifest}: {len(other)} finished case{plural} ({', '.join(other[:3])}"
+            f"{', ...' if len(other) > 3 else ''}) were made by another model or settings (run "
+            f"{', '.join(runs[:2])}; this run is {fingerprint}); resuming would mix outputs: use "
+            "--overwrite to redo them, or another output folder"
+        )
 
 
 def check_output_folder(output_dir: Path) -> None:
@@ -268,8 +313,10 @@ def run_lock(output_dir: Path, part_id: int, num_parts: int) -> Iterator[None]:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise InputError(f"{output_dir}: another atso-fast run is writing part {part_id} of {num_parts} "
-                                 "here; wait for it to end (or use another output folder)") from None
+                raise InputError(
+                    f"{output_dir}: another atso-fast run is writing part {part_id} of {num_parts} "
+                    "here; wait for it to end (or use another output folder)"
+                ) from None
         yield
     finally:
         try:  # no clutter left in the output folder (a run starting right now takes a new file)
@@ -301,7 +348,7 @@ def remove_stale_temps(cases: list[Case], also: Sequence[Path] = ()) -> None:
         except OSError:
             continue
         for name in entries:
-            if is_stale_temp(name) and name[1:name.rindex(".atso-")] in names:
+            if is_stale_temp(name) and name[1 : name.rindex(".atso-")] in names:
                 stale = folder / name
                 if stale.is_dir() and not stale.is_symlink():  # a killed SimpleITK writer's folder
                     shutil.rmtree(stale, ignore_errors=True)
@@ -314,5 +361,8 @@ def report_skipped(skipped: list[tuple[Path, str]], *, limit: int = 5) -> None:
     for path, why in skipped[:limit]:
         print(f"atso-fast relabel: skipped {path}: {why}", file=sys.stderr, flush=True)
     if len(skipped) > limit:
-        print(f"atso-fast relabel: skipped {len(skipped) - limit} more inputs (see the summary's "
-              "skipped_inputs)", file=sys.stderr, flush=True)
+        print(
+            f"atso-fast relabel: skipped {len(skipped) - limit} more inputs (see the summary's skipped_inputs)",
+            file=sys.stderr,
+            flush=True,
+        )

@@ -1,5 +1,6 @@
 """Peak host memory of this process: ``ru_maxrss``, ``VmHWM`` and a sampling context manager;
 shared by ``atso-fast bench`` and ``benchmarks/``."""
+
 from __future__ import annotations
 
 import os

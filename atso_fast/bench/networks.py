@@ -1,5 +1,6 @@
 """The built-in benchmark network (seeded MONAI U-Net or a small conv-net) and its export as a
 model package; shared by ``atso-fast bench`` and ``benchmarks/``."""
+
 from __future__ import annotations
 
 import os
@@ -43,12 +44,23 @@ def builtin_network(classes: int, *, net: str = "auto", seed: int = 0) -> tuple[
     if net == "unet":
         from monai.networks.nets import UNet
 
-        unet = UNet(spatial_dims=3, in_channels=1, out_channels=int(classes), channels=(16, 32, 64, 128, 256),
-                    strides=(2, 2, 2, 2), num_res_units=2)
+        unet = UNet(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=int(classes),
+            channels=(16, 32, 64, 128, 256),
+            strides=(2, 2, 2, 2),
+            num_res_units=2,
+        )
         return unet.eval(), "monai-unet"
     conv = torch.nn.Conv3d
-    module = torch.nn.Sequential(conv(1, 16, 3, padding=1), torch.nn.ReLU(), conv(16, 16, 3, padding=1),
-                                 torch.nn.ReLU(), conv(16, int(classes), 1))
+    module = torch.nn.Sequential(
+        conv(1, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        conv(16, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        conv(16, int(classes), 1),
+    )
     return module.eval(), "convnet"
 
 
@@ -63,12 +75,14 @@ def _monai_available() -> bool:
 def check_builtin_window(window: tuple[int, ...], net_name: str) -> None:
     """The U-Net halves the window four times and instance-normalises the bottleneck."""
     if net_name in ("unet", "monai-unet") and any(w % 16 or w < 32 for w in window):
-        raise ValueError(f"the built-in U-Net needs window sizes that are multiples of 16 and >= 32, "
-                         f"got {tuple(window)}")
+        raise ValueError(
+            f"the built-in U-Net needs window sizes that are multiples of 16 and >= 32, got {tuple(window)}"
+        )
 
 
-def export_builtin(out_dir: str | os.PathLike, *, window: tuple[int, int, int], classes: int,
-                   net: str = "auto", seed: int = 0) -> tuple[Path, str]:
+def export_builtin(
+    out_dir: str | os.PathLike, *, window: tuple[int, int, int], classes: int, net: str = "auto", seed: int = 0
+) -> tuple[Path, str]:
     """Export :func:`builtin_network` as a model package (CT normalisation); returns (dir, name)."""
 
     module, name = builtin_network(classes, net=net, seed=seed)

@@ -22,6 +22,7 @@ small plain conv-net. The network and memory helpers
 (:mod:`atso_fast.bench.networks`, :mod:`atso_fast.bench.memory`) are shared with ``benchmarks/``;
 the volume is :func:`atso_fast.datasets.synthetic.synthetic_ct`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -51,8 +52,16 @@ from atso_fast.runtimes import RuntimeUnavailable
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BENCH_RUNTIMES", "MIN_AGREEMENT", "BenchConfig", "Device", "run_bench", "run_batches", "time_repeats",
-           "window_batches"]
+__all__ = [
+    "BENCH_RUNTIMES",
+    "MIN_AGREEMENT",
+    "BenchConfig",
+    "Device",
+    "run_bench",
+    "run_batches",
+    "time_repeats",
+    "window_batches",
+]
 
 BENCH_RUNTIMES = ("openvino", "onnxruntime", "torch", "tensorrt")
 """Runtimes ``--runtimes all`` tries, in table order."""
@@ -62,8 +71,9 @@ MIN_AGREEMENT = {"float32": 0.9999, "float16": 0.999, "bfloat16": 0.995}
 _PRECISIONS = ("float32", "float16", "bfloat16")
 
 
-def window_batches(package: Any, volume: np.ndarray, overlap: Any, batch_size: int, device: str, *,
-                   even: bool = False) -> list[Any]:
+def window_batches(
+    package: Any, volume: np.ndarray, overlap: Any, batch_size: int, device: str, *, even: bool = False
+) -> list[Any]:
     """The engine's window batches for ``volume``, extracted once (normalised, on ``device``).
 
     Same grid and split as ``Relabeler._stream``: MONAI's full batches by default, near-equal
@@ -72,7 +82,8 @@ def window_batches(package: Any, volume: np.ndarray, overlap: Any, batch_size: i
     """
 
     vol: np.ndarray | torch.Tensor = np.ascontiguousarray(
-        normalize(volume.reshape((-1, *volume.shape[-3:])), package.normalization), dtype=np.float32)
+        normalize(volume.reshape((-1, *volume.shape[-3:])), package.normalization), dtype=np.float32
+    )
     if device.startswith("cuda"):
         import torch
 
@@ -134,13 +145,21 @@ class Device:
         return self.torch.cuda.max_memory_allocated(self.device) / _MIB
 
 
-def _make_relabeler(cfg: BenchConfig, model_dir: Path, runtime: str, precision: str,
-                    compile: bool = False) -> tuple[Any, str | None]:
+def _make_relabeler(
+    cfg: BenchConfig, model_dir: Path, runtime: str, precision: str, compile: bool = False
+) -> tuple[Any, str | None]:
     """A relabeler, or ``(None, reason)`` when the pair cannot run here."""
 
     try:
-        return Relabeler(model_dir, runtime=runtime, device=cfg.device, overlap=cfg.overlap,
-                         batch_size=cfg.batch, precision=precision, compile=compile), None
+        return Relabeler(
+            model_dir,
+            runtime=runtime,
+            device=cfg.device,
+            overlap=cfg.overlap,
+            batch_size=cfg.batch,
+            precision=precision,
+            compile=compile,
+        ), None
     except (RuntimeUnavailable, ImportError, ValueError) as exc:
         return None, " ".join(str(exc).split()) or type(exc).__name__
 
@@ -182,8 +201,9 @@ def _time_pair(rel: Any, cfg: BenchConfig, volume: np.ndarray, batches: list[Any
     stages: list[dict[str, float]] = []  # the engine's own split of each volume's seconds
     with PeakMemory() as mem:
         for _ in range(cfg.repeats):
-            vol_times += time_repeats(lambda: stages.append(rel.relabel_volume(volume).stats.get("timings") or {}),
-                                      1, dev)
+            vol_times += time_repeats(
+                lambda: stages.append(rel.relabel_volume(volume).stats.get("timings") or {}), 1, dev
+            )
             net_times += time_repeats(lambda: run_batches(rel.runtime, batches), 1, dev)
             if depth > 1 and getattr(rel.runtime, "streams", 1) == 1:  # two streams, one batch: half the threads
                 seq_times += _sequential(rel, volume, dev)
@@ -191,13 +211,24 @@ def _time_pair(rel: Any, cfg: BenchConfig, volume: np.ndarray, batches: list[Any
     stage_seconds = {k: statistics.median(st[k] for st in stages) for k in stages[0]} if stages and stages[0] else None
     windows = sum(int(b.shape[0]) for b in batches)
     seq = statistics.median(seq_times) if seq_times else None
-    return {"seconds": seconds, "seconds_all": vol_times, "voxels_per_s": float(np.prod(cfg.shape)) / seconds,
-            "windows_per_s": windows / seconds, "network_seconds": network, "network_seconds_all": net_times,
-            "overhead": (seconds - network) / network, "overhead_min": min(vol_times) / min(net_times) - 1.0,
-            "in_flight": depth, "sequential_seconds": seq, "sequential_seconds_all": seq_times or None,
-            "sequential_overhead": None if seq is None else (seq - network) / network,
-            "peak_host_mib": mem.peak_mib, "host_delta_mib": mem.delta_mib, "device_peak_mib": dev.peak_mib(),
-            "stage_seconds": stage_seconds}
+    return {
+        "seconds": seconds,
+        "seconds_all": vol_times,
+        "voxels_per_s": float(np.prod(cfg.shape)) / seconds,
+        "windows_per_s": windows / seconds,
+        "network_seconds": network,
+        "network_seconds_all": net_times,
+        "overhead": (seconds - network) / network,
+        "overhead_min": min(vol_times) / min(net_times) - 1.0,
+        "in_flight": depth,
+        "sequential_seconds": seq,
+        "sequential_seconds_all": seq_times or None,
+        "sequential_overhead": None if seq is None else (seq - network) / network,
+        "peak_host_mib": mem.peak_mib,
+        "host_delta_mib": mem.delta_mib,
+        "device_peak_mib": dev.peak_mib(),
+        "stage_seconds": stage_seconds,
+    }
 
 
 def _sequential(rel: Any, volume: np.ndarray, dev: Device) -> list[float]:
@@ -211,19 +242,39 @@ def _sequential(rel: Any, volume: np.ndarray, dev: Device) -> list[float]:
 
 
 def _row(runtime: str, precision: str, status: str, **fields: Any) -> dict[str, Any]:
-    return {"runtime": runtime, "precision": precision, "status": status, "reason": None,
-            "correct": None, "agreement": None, **fields}
+    return {
+        "runtime": runtime,
+        "precision": precision,
+        "status": status,
+        "reason": None,
+        "correct": None,
+        "agreement": None,
+        **fields,
+    }
 
 
-def _bench_pair(cfg: BenchConfig, rel: Any, runtime: str, precision: str, volume: np.ndarray,
-                reference: np.ndarray, batches: list[Any]) -> dict[str, Any]:
+def _bench_pair(
+    cfg: BenchConfig,
+    rel: Any,
+    runtime: str,
+    precision: str,
+    volume: np.ndarray,
+    reference: np.ndarray,
+    batches: list[Any],
+) -> dict[str, Any]:
     """Warm-up + correctness, then (only if correct) the timings."""
     try:
         labels = rel.relabel_volume(volume).labels
         agreement = float(np.mean(labels == reference))
         if agreement < MIN_AGREEMENT[precision]:
-            return _row(runtime, precision, "incorrect", correct=False, agreement=agreement,
-                        reason=f"label agreement {agreement:.6f} < {MIN_AGREEMENT[precision]}")
+            return _row(
+                runtime,
+                precision,
+                "incorrect",
+                correct=False,
+                agreement=agreement,
+                reason=f"label agreement {agreement:.6f} < {MIN_AGREEMENT[precision]}",
+            )
         timings = _time_pair(rel, cfg, volume, batches)
     except Exception as exc:  # noqa: BLE001 - one broken pair must not hide the others
         return _row(runtime, precision, "failed", correct=False, reason=f"{type(exc).__name__}: {exc}")
@@ -246,14 +297,12 @@ def _reference(cfg: BenchConfig, model_dir: Path, volume: np.ndarray, cache: dic
 def _model_dir(cfg: BenchConfig, scratch: Path) -> tuple[Path, str]:
     if cfg.model_dir is not None:
         return cfg.model_dir, str(cfg.model_dir)
-    path, name = export_builtin(scratch / "model", window=cfg.window, classes=cfg.classes, net=cfg.net,
-                                seed=cfg.seed)
+    path, name = export_builtin(scratch / "model", window=cfg.window, classes=cfg.classes, net=cfg.net, seed=cfg.seed)
     return path, f"builtin:{name}"
 
 
 def _machine(device: str) -> dict[str, Any]:
     import torch
-
 
     info: dict[str, Any] = {"cpu_count": os.cpu_count(), "torch": torch.__version__, "native": native.build_info()}
     if device.startswith("cuda"):
@@ -261,8 +310,14 @@ def _machine(device: str) -> dict[str, Any]:
     return info
 
 
-def _run_pairs(cfg: BenchConfig, model_dir: Path, volume: np.ndarray, reference: np.ndarray,
-               splits: Callable[[bool], list[Any]], cache: dict) -> list[dict[str, Any]]:
+def _run_pairs(
+    cfg: BenchConfig,
+    model_dir: Path,
+    volume: np.ndarray,
+    reference: np.ndarray,
+    splits: Callable[[bool], list[Any]],
+    cache: dict,
+) -> list[dict[str, Any]]:
     """One row per runtime/precision pair, in ``cfg`` order; one relabeler alive at a time.
 
     ``splits(even)`` gives the window batches; each runtime's network-alone time runs the split
@@ -277,9 +332,11 @@ def _run_pairs(cfg: BenchConfig, model_dir: Path, volume: np.ndarray, reference:
         rel, reason = cache.pop((runtime, precision), None), None
         if rel is None or compile:  # the cached reference relabeler is not compiled
             rel, reason = _make_relabeler(cfg, model_dir, runtime, precision, compile)
-        rows.append(_row(runtime, precision, "skipped", reason=reason) if rel is None else
-                    _bench_pair(cfg, rel, runtime, precision, volume, reference,
-                                splits(rel.runtime.dynamic_batch)))
+        rows.append(
+            _row(runtime, precision, "skipped", reason=reason)
+            if rel is None
+            else _bench_pair(cfg, rel, runtime, precision, volume, reference, splits(rel.runtime.dynamic_batch))
+        )
         del rel
     progress.close()
     return rows
@@ -294,8 +351,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """
 
     if cfg.device.startswith("cuda") and not native.has_cuda():
-        raise RuntimeError(f"device {cfg.device!r} needs a CUDA GPU and a CUDA build (build_info: "
-                           f"{native.build_info()})")
+        raise RuntimeError(
+            f"device {cfg.device!r} needs a CUDA GPU and a CUDA build (build_info: {native.build_info()})"
+        )
     with tempfile.TemporaryDirectory(prefix="atso-bench-") as scratch:
         model_dir, source = _model_dir(cfg, Path(scratch))
         package = load_package(model_dir)
@@ -304,12 +362,21 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         ref_name, reference = _reference(cfg, model_dir, volume, cache)
         wanted = {(r, p) for r in cfg.runtimes for p in cfg.precisions}
         cache = {k: v for k, v in cache.items() if k in wanted}  # drop an unrequested reference
-        splits = functools.cache(lambda even: window_batches(package, volume, cfg.overlap, cfg.batch,
-                                                             cfg.device, even=even))
+        splits = functools.cache(
+            lambda even: window_batches(package, volume, cfg.overlap, cfg.batch, cfg.device, even=even)
+        )
         rows = _run_pairs(cfg, model_dir, volume, reference, splits, cache)
     ran = [r for r in rows if r["status"] != "skipped"]
-    return {"config": {**asdict(cfg), "model_dir": str(cfg.model_dir) if cfg.model_dir else None},
-            "model": {"source": source, "window": list(package.window), "classes": package.num_classes,
-                      "windows": len(sliding_window_origins(volume.shape[-3:], package.window3d, cfg.overlap))},
-            "reference": ref_name, "machine": _machine(cfg.device), "results": rows,
-            "correct": bool(ran) and all(r["correct"] for r in ran)}
+    return {
+        "config": {**asdict(cfg), "model_dir": str(cfg.model_dir) if cfg.model_dir else None},
+        "model": {
+            "source": source,
+            "window": list(package.window),
+            "classes": package.num_classes,
+            "windows": len(sliding_window_origins(volume.shape[-3:], package.window3d, cfg.overlap)),
+        },
+        "reference": ref_name,
+        "machine": _machine(cfg.device),
+        "results": rows,
+        "correct": bool(ran) and all(r["correct"] for r in ran),
+    }

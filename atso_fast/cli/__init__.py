@@ -3,6 +3,7 @@
 Each subcommand keeps its own small ``main(argv)`` next to the code it drives; this module
 only dispatches, so importing the CLI stays cheap (torch/onnx load only when needed).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -29,8 +30,14 @@ _BROKEN_PIPE = 141
 def _usage() -> str:
     lines = ["usage: atso-fast COMMAND [options]", "", "commands:"]
     lines += [f"  {name:<13} {help_}" for name, (_, _, help_) in _COMMANDS.items()]
-    lines += ["", "options:", "  -h, --help     show this message", "  -V, --version  show the version",
-              "", "`atso-fast COMMAND --help` shows a command's options."]
+    lines += [
+        "",
+        "options:",
+        "  -h, --help     show this message",
+        "  -V, --version  show the version",
+        "",
+        "`atso-fast COMMAND --help` shows a command's options.",
+    ]
     return "\n".join(lines)
 
 

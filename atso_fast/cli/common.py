@@ -1,5 +1,6 @@
 """What every ``atso-fast`` command shares: help that shows defaults, one-line errors, a quiet
 console (no library warnings unless asked for), and a clean exit when stdout goes away."""
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,9 @@ def quiet_library_warnings() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=_LIBRARIES)
 
 
-def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                      line: str | None = None) -> str:
+def _one_line_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
     """Warnings on the console as one line, ``atso-fast: warning: ...`` (no source line)."""
     return f"atso-fast: warning: {message}\n"
 

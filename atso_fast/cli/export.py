@@ -1,4 +1,5 @@
 """``atso-fast export CHECKPOINT OUT_DIR``: a training checkpoint to a verified ONNX model package."""
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,9 @@ Checkpoints are read with torch.load(weights_only=True), which loads tensors and
 containers only; anything else is refused unless --trust-pickle."""
 
 
-def load_checkpoint(path: Path, *, trust_pickle: bool = False, network: str | None = None,
-                    network_kwargs: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+def load_checkpoint(
+    path: Path, *, trust_pickle: bool = False, network: str | None = None, network_kwargs: dict[str, Any] | None = None
+) -> tuple[Any, dict[str, Any]]:
     """``(module, settings)`` from a checkpoint of a kind listed in the command's help.
 
     ``settings`` holds what the checkpoint records (``window``, ``num_classes``,
@@ -61,9 +63,11 @@ def load_checkpoint(path: Path, *, trust_pickle: bool = False, network: str | No
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not trust_pickle:
-            raise PackageError(f"{path}: holds pickled Python objects beyond tensors (a pickled nn.Module?): "
-                               f"{one_line(str(exc))[:160]}. Loading it would run code from the file; pass "
-                               "--trust-pickle only if you made this file yourself") from None
+            raise PackageError(
+                f"{path}: holds pickled Python objects beyond tensors (a pickled nn.Module?): "
+                f"{one_line(str(exc))[:160]}. Loading it would run code from the file; pass "
+                "--trust-pickle only if you made this file yourself"
+            ) from None
         obj = _load_pickle(data, path)
     except Exception as exc:  # noqa: BLE001 - corrupt zip, not a torch file, ...
         raise PackageError(f"{path}: not a torch checkpoint ({type(exc).__name__}: {one_line(str(exc))})") from None
@@ -73,9 +77,11 @@ def load_checkpoint(path: Path, *, trust_pickle: bool = False, network: str | No
         return _from_state_dict(obj, path, network, network_kwargs or {}), {}
     if isinstance(obj, dict) and isinstance(obj.get("config"), dict) and isinstance(obj.get("model"), dict):
         return _from_training_checkpoint(obj, path)
-    raise PackageError(f"{path}: a {type(obj).__name__}, not an atso-fast training checkpoint (a dict with "
-                       "'config' and 'model', as runs/<method>/checkpoint.pt) or a pickled nn.Module; a "
-                       "state_dict needs --network MODULE:CLASS and --network-kwargs (see --help)")
+    raise PackageError(
+        f"{path}: a {type(obj).__name__}, not an atso-fast training checkpoint (a dict with "
+        "'config' and 'model', as runs/<method>/checkpoint.pt) or a pickled nn.Module; a "
+        "state_dict needs --network MODULE:CLASS and --network-kwargs (see --help)"
+    )
 
 
 def _from_state_dict(obj: Any, path: Path, network: str, kwargs: dict[str, Any]) -> Any:
@@ -128,9 +134,14 @@ def _from_training_checkpoint(obj: dict[str, Any], path: Path) -> tuple[Any, dic
     except (ValueError, TypeError, KeyError, RuntimeError) as exc:
         raise PackageError(f"{path}: training checkpoint does not match its config ({one_line(str(exc))})") from None
     norm = config.normalization if isinstance(config.normalization, dict) else None
-    return model.eval(), {"window": list(config.patch_size), "num_classes": config.num_classes,
-                          "in_channels": config.in_channels, "normalization": norm, "spacing": config.spacing,
-                          "class_names": config.class_names}
+    return model.eval(), {
+        "window": list(config.patch_size),
+        "num_classes": config.num_classes,
+        "in_channels": config.in_channels,
+        "normalization": norm,
+        "spacing": config.spacing,
+        "class_names": config.class_names,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,28 +153,51 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--classes", type=int, help="output channels (default: the checkpoint's)")
     ap.add_argument("--in-channels", type=int, help="input channels (default: the checkpoint's, else 1)")
     ap.add_argument("--kind", choices=["logits", "probabilities"], default="logits", help="what the network outputs")
-    ap.add_argument("--normalization",
-                    help="JSON intensity policy, e.g. '{\"scheme\": \"zscore\"}' (default: the checkpoint's)")
-    ap.add_argument("--spacing", type=float, nargs="+", metavar="MM",
-                    help="spacing the network was trained at, z y x in mm (y x for a 2D model keeps z); "
-                    "scans are resampled to it and the labels back (default: the checkpoint's, else none)")
-    ap.add_argument("--orientation", choices=["as-stored", "RAS"],
-                    help="as-stored (nnU-Net's way, default) or RAS (reorient to canonical, as MONAI)")
+    ap.add_argument(
+        "--normalization", help='JSON intensity policy, e.g. \'{"scheme": "zscore"}\' (default: the checkpoint\'s)'
+    )
+    ap.add_argument(
+        "--spacing",
+        type=float,
+        nargs="+",
+        metavar="MM",
+        help="spacing the network was trained at, z y x in mm (y x for a 2D model keeps z); "
+        "scans are resampled to it and the labels back (default: the checkpoint's, else none)",
+    )
+    ap.add_argument(
+        "--orientation",
+        choices=["as-stored", "RAS"],
+        help="as-stored (nnU-Net's way, default) or RAS (reorient to canonical, as MONAI)",
+    )
     ap.add_argument("--class-names", nargs="+", metavar="NAME", help="one name per class (default: none)")
     ap.add_argument("--crop-to-nonzero", action="store_true", help="crop scans to their nonzero box (nnU-Net)")
     ap.add_argument("--grid", choices=["monai", "nnunet"], help="window grid and gaussian profile (default: monai)")
-    ap.add_argument("--network", metavar="MODULE:CLASS",
-                    help="build the network with this class and load a state_dict checkpoint into it "
-                    "(e.g. monai.networks.nets:UNet; default: none)")
-    ap.add_argument("--network-kwargs", metavar="JSON", default="{}",
-                    help="the --network class's arguments as a JSON object")
-    ap.add_argument("--trust-pickle", action="store_true",
-                    help="allow a pickled nn.Module (runs code from the file: only for files you made)")
-    ap.add_argument("--no-measure", action="store_true",
-                    help="do not measure the runtimes' agreement and speed on this machine after writing the package "
-                    "(atso-fast measure does it later; without a record, auto follows its rule; default: measure)")
-    ap.add_argument("--measure-scan", type=Path, metavar="SCAN",
-                    help="measure on real windows of this scan (default: seeded random normalised windows)")
+    ap.add_argument(
+        "--network",
+        metavar="MODULE:CLASS",
+        help="build the network with this class and load a state_dict checkpoint into it "
+        "(e.g. monai.networks.nets:UNet; default: none)",
+    )
+    ap.add_argument(
+        "--network-kwargs", metavar="JSON", default="{}", help="the --network class's arguments as a JSON object"
+    )
+    ap.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow a pickled nn.Module (runs code from the file: only for files you made)",
+    )
+    ap.add_argument(
+        "--no-measure",
+        action="store_true",
+        help="do not measure the runtimes' agreement and speed on this machine after writing the package "
+        "(atso-fast measure does it later; without a record, auto follows its rule; default: measure)",
+    )
+    ap.add_argument(
+        "--measure-scan",
+        type=Path,
+        metavar="SCAN",
+        help="measure on real windows of this scan (default: seeded random normalised windows)",
+    )
     return ap
 
 
@@ -174,18 +208,28 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = json.loads(args.network_kwargs)
         if not isinstance(kwargs, dict):
             raise PackageError(f"--network-kwargs must be a JSON object, got {args.network_kwargs!r}")
-        module, cfg = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle, network=args.network,
-                                      network_kwargs=kwargs)
+        module, cfg = load_checkpoint(
+            args.checkpoint, trust_pickle=args.trust_pickle, network=args.network, network_kwargs=kwargs
+        )
         window = args.window or cfg.get("window")
         classes = args.classes or cfg.get("num_classes")
         if window is None or classes is None:
             raise PackageError("--window and --classes are required for a checkpoint that does not record them")
         norm = json.loads(args.normalization) if args.normalization else cfg.get("normalization")
         spec = {k: v for k, v in (("crop_to_nonzero", args.crop_to_nonzero or None), ("grid", args.grid)) if v}
-        out = export_model(module, args.out_dir, window=window, num_classes=classes, kind=args.kind,
-                           normalization=norm, in_channels=args.in_channels or cfg.get("in_channels", 1),
-                           spacing=args.spacing or cfg.get("spacing"), orientation=args.orientation,
-                           class_names=args.class_names or cfg.get("class_names"), preprocessing=spec or None)
+        out = export_model(
+            module,
+            args.out_dir,
+            window=window,
+            num_classes=classes,
+            kind=args.kind,
+            normalization=norm,
+            in_channels=args.in_channels or cfg.get("in_channels", 1),
+            spacing=args.spacing or cfg.get("spacing"),
+            orientation=args.orientation,
+            class_names=args.class_names or cfg.get("class_names"),
+            preprocessing=spec or None,
+        )
     except (PackageError, OSError, ValueError) as exc:
         print(f"atso-fast export: {one_line(str(exc))}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
 """``atso-fast import-nnunet MODEL_FOLDER OUT_DIR``: an nnU-Net v2 model folder to a model package."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,19 +20,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = make_parser(
         "atso-fast import-nnunet",
         "Import a trained nnU-Net v2 model folder (dataset.json, plans.json, fold_K/<checkpoint>) "
-                    "as an atso-fast model package: each fold's network from the plans, the folds' logits "
-                    "averaged in one ONNX graph verified against PyTorch, nnU-Net's preprocessing in model.json.")
+        "as an atso-fast model package: each fold's network from the plans, the folds' logits "
+        "averaged in one ONNX graph verified against PyTorch, nnU-Net's preprocessing in model.json.",
+    )
     p.add_argument("model_folder", type=Path, help="nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIGURATION")
     p.add_argument("out_dir", type=Path, help="package folder to write")
-    p.add_argument("--folds", "-f", nargs="+", default=None,
-                   help="folds to ensemble (numbers or 'all'; default: every fold_K holding the checkpoint)")
+    p.add_argument(
+        "--folds",
+        "-f",
+        nargs="+",
+        default=None,
+        help="folds to ensemble (numbers or 'all'; default: every fold_K holding the checkpoint)",
+    )
     p.add_argument("--checkpoint", "-chk", default="checkpoint_final.pth", help="checkpoint file name in fold_K")
     p.add_argument("--quiet", action="store_true", help="do not print model.json")
-    p.add_argument("--no-measure", action="store_true",
-                    help="do not measure the runtimes' agreement and speed on this machine after writing the package "
-                    "(atso-fast measure does it later; without a record, auto follows its rule; default: measure)")
-    p.add_argument("--measure-scan", type=Path, metavar="SCAN",
-                    help="measure on real windows of this scan (default: seeded random normalised windows)")
+    p.add_argument(
+        "--no-measure",
+        action="store_true",
+        help="do not measure the runtimes' agreement and speed on this machine after writing the package "
+        "(atso-fast measure does it later; without a record, auto follows its rule; default: measure)",
+    )
+    p.add_argument(
+        "--measure-scan",
+        type=Path,
+        metavar="SCAN",
+        help="measure on real windows of this scan (default: seeded random normalised windows)",
+    )
     return p
 
 

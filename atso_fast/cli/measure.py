@@ -1,6 +1,7 @@
 """``atso-fast measure PKG [--scan FILE]``: measure which runtimes run a package's network how
 exactly and how fast on this machine, and record it in ``model.json`` (``runtime="auto"`` then
 picks the fastest runtime that meets the tolerance: :mod:`atso_fast.engine.agreement`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,17 +21,31 @@ __all__ = ["build_parser", "main", "measure_and_say", "measure_after_writing"]
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser("atso-fast measure", __doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("model_dir", type=Path, help="model package folder (model.json + model.onnx)")
-    p.add_argument("--scan", type=Path, help="measure on real windows of this scan (any format relabel reads); "
-                   "default: seeded random normalised windows")
+    p.add_argument(
+        "--scan",
+        type=Path,
+        help="measure on real windows of this scan (any format relabel reads); "
+        "default: seeded random normalised windows",
+    )
     p.add_argument("--windows", type=int, default=8, help="windows to run (default 8)")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                   help=f"label agreement auto requires, in (0, 1] (default {DEFAULT_TOLERANCE})")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help=f"label agreement auto requires, in (0, 1] (default {DEFAULT_TOLERANCE})",
+    )
     p.add_argument("--json", action="store_true", help="print the record as JSON")
     return p
 
 
-def measure_and_say(model_dir: Path, *, scan: Path | None = None, windows: int = 8,
-                    tolerance: float = DEFAULT_TOLERANCE, stream=sys.stdout) -> dict:
+def measure_and_say(
+    model_dir: Path,
+    *,
+    scan: Path | None = None,
+    windows: int = 8,
+    tolerance: float = DEFAULT_TOLERANCE,
+    stream=sys.stdout,
+) -> dict:
     """Measure, record, and print the table and what ``auto`` would run now."""
     volume, spacing, affine = None, None, None
     if scan is not None:
@@ -58,8 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(args, int):
         return args
     try:
-        record = measure_and_say(args.model_dir, scan=args.scan, windows=args.windows, tolerance=args.tolerance,
-                                 stream=sys.stderr if args.json else sys.stdout)
+        record = measure_and_say(
+            args.model_dir,
+            scan=args.scan,
+            windows=args.windows,
+            tolerance=args.tolerance,
+            stream=sys.stderr if args.json else sys.stdout,
+        )
         if args.json:
             print(json.dumps(record))
     except (ValueError, OSError) as exc:  # PackageError and InputError are ValueErrors

@@ -1,5 +1,6 @@
 """Datasets without downloads: CT-like synthetic phantoms, and the Cityscapes label table, layouts
 and procedural driving scenes (natural images), for tests, demos and experiments."""
+
 from __future__ import annotations
 
 from atso_fast.datasets.cityscapes import (

@@ -13,6 +13,7 @@ Layouts (file names are only listed here, never opened):
     plain: ``ROOT/images/**/NAME.{png,jpg,jpeg}`` with ``ROOT/labels/**/NAME.png`` (same
     relative path, labels in trainIds unless the caller says otherwise).
 """
+
 from __future__ import annotations
 
 import os
@@ -25,9 +26,23 @@ import numpy as np
 
 from atso_fast.io import InputError, read_volume
 
-__all__ = ["IGNORE_INDEX", "LABELS", "NUM_CLASSES", "TRAIN_NAMES", "Frame", "Label", "cityscapes_frames",
-           "is_cityscapes_split", "label_id_colors", "label_ids_to_train_ids", "load_frame", "plain_frames",
-           "train_id_colors", "train_ids_to_label_ids", "train_to_label_map"]
+__all__ = [
+    "IGNORE_INDEX",
+    "LABELS",
+    "NUM_CLASSES",
+    "TRAIN_NAMES",
+    "Frame",
+    "Label",
+    "cityscapes_frames",
+    "is_cityscapes_split",
+    "label_id_colors",
+    "label_ids_to_train_ids",
+    "load_frame",
+    "plain_frames",
+    "train_id_colors",
+    "train_ids_to_label_ids",
+    "train_to_label_map",
+]
 
 IGNORE_INDEX = 255
 """trainId of every label that is not evaluated (and of pixels a network is unsure about)."""
@@ -54,41 +69,41 @@ class Label(NamedTuple):
 
 LABELS: tuple[Label, ...] = (
     #     name                    id  trainId category       catId inst   ignore color
-    Label("unlabeled",             0, 255, "void",          0, False, True, (0, 0, 0)),
-    Label("ego vehicle",           1, 255, "void",          0, False, True, (0, 0, 0)),
-    Label("rectification border",  2, 255, "void",          0, False, True, (0, 0, 0)),
-    Label("out of roi",            3, 255, "void",          0, False, True, (0, 0, 0)),
-    Label("static",                4, 255, "void",          0, False, True, (0, 0, 0)),
-    Label("dynamic",               5, 255, "void",          0, False, True, (111, 74, 0)),
-    Label("ground",                6, 255, "void",          0, False, True, (81, 0, 81)),
-    Label("road",                  7,   0, "flat",          1, False, False, (128, 64, 128)),
-    Label("sidewalk",              8,   1, "flat",          1, False, False, (244, 35, 232)),
-    Label("parking",               9, 255, "flat",          1, False, True, (250, 170, 160)),
-    Label("rail track",           10, 255, "flat",          1, False, True, (230, 150, 140)),
-    Label("building",             11,   2, "construction",  2, False, False, (70, 70, 70)),
-    Label("wall",                 12,   3, "construction",  2, False, False, (102, 102, 156)),
-    Label("fence",                13,   4, "construction",  2, False, False, (190, 153, 153)),
-    Label("guard rail",           14, 255, "construction",  2, False, True, (180, 165, 180)),
-    Label("bridge",               15, 255, "construction",  2, False, True, (150, 100, 100)),
-    Label("tunnel",               16, 255, "construction",  2, False, True, (150, 120, 90)),
-    Label("pole",                 17,   5, "object",        3, False, False, (153, 153, 153)),
-    Label("polegroup",            18, 255, "object",        3, False, True, (153, 153, 153)),
-    Label("traffic light",        19,   6, "object",        3, False, False, (250, 170, 30)),
-    Label("traffic sign",         20,   7, "object",        3, False, False, (220, 220, 0)),
-    Label("vegetation",           21,   8, "nature",        4, False, False, (107, 142, 35)),
-    Label("terrain",              22,   9, "nature",        4, False, False, (152, 251, 152)),
-    Label("sky",                  23,  10, "sky",           5, False, False, (70, 130, 180)),
-    Label("person",               24,  11, "human",         6, True, False, (220, 20, 60)),
-    Label("rider",                25,  12, "human",         6, True, False, (255, 0, 0)),
-    Label("car",                  26,  13, "vehicle",       7, True, False, (0, 0, 142)),
-    Label("truck",                27,  14, "vehicle",       7, True, False, (0, 0, 70)),
-    Label("bus",                  28,  15, "vehicle",       7, True, False, (0, 60, 100)),
-    Label("caravan",              29, 255, "vehicle",       7, True, True, (0, 0, 90)),
-    Label("trailer",              30, 255, "vehicle",       7, True, True, (0, 0, 110)),
-    Label("train",                31,  16, "vehicle",       7, True, False, (0, 80, 100)),
-    Label("motorcycle",           32,  17, "vehicle",       7, True, False, (0, 0, 230)),
-    Label("bicycle",              33,  18, "vehicle",       7, True, False, (119, 11, 32)),
-    Label("license plate",        -1,  -1, "vehicle",       7, False, True, (0, 0, 142)),
+    Label("unlabeled", 0, 255, "void", 0, False, True, (0, 0, 0)),
+    Label("ego vehicle", 1, 255, "void", 0, False, True, (0, 0, 0)),
+    Label("rectification border", 2, 255, "void", 0, False, True, (0, 0, 0)),
+    Label("out of roi", 3, 255, "void", 0, False, True, (0, 0, 0)),
+    Label("static", 4, 255, "void", 0, False, True, (0, 0, 0)),
+    Label("dynamic", 5, 255, "void", 0, False, True, (111, 74, 0)),
+    Label("ground", 6, 255, "void", 0, False, True, (81, 0, 81)),
+    Label("road", 7, 0, "flat", 1, False, False, (128, 64, 128)),
+    Label("sidewalk", 8, 1, "flat", 1, False, False, (244, 35, 232)),
+    Label("parking", 9, 255, "flat", 1, False, True, (250, 170, 160)),
+    Label("rail track", 10, 255, "flat", 1, False, True, (230, 150, 140)),
+    Label("building", 11, 2, "construction", 2, False, False, (70, 70, 70)),
+    Label("wall", 12, 3, "construction", 2, False, False, (102, 102, 156)),
+    Label("fence", 13, 4, "construction", 2, False, False, (190, 153, 153)),
+    Label("guard rail", 14, 255, "construction", 2, False, True, (180, 165, 180)),
+    Label("bridge", 15, 255, "construction", 2, False, True, (150, 100, 100)),
+    Label("tunnel", 16, 255, "construction", 2, False, True, (150, 120, 90)),
+    Label("pole", 17, 5, "object", 3, False, False, (153, 153, 153)),
+    Label("polegroup", 18, 255, "object", 3, False, True, (153, 153, 153)),
+    Label("traffic light", 19, 6, "object", 3, False, False, (250, 170, 30)),
+    Label("traffic sign", 20, 7, "object", 3, False, False, (220, 220, 0)),
+    Label("vegetation", 21, 8, "nature", 4, False, False, (107, 142, 35)),
+    Label("terrain", 22, 9, "nature", 4, False, False, (152, 251, 152)),
+    Label("sky", 23, 10, "sky", 5, False, False, (70, 130, 180)),
+    Label("person", 24, 11, "human", 6, True, False, (220, 20, 60)),
+    Label("rider", 25, 12, "human", 6, True, False, (255, 0, 0)),
+    Label("car", 26, 13, "vehicle", 7, True, False, (0, 0, 142)),
+    Label("truck", 27, 14, "vehicle", 7, True, False, (0, 0, 70)),
+    Label("bus", 28, 15, "vehicle", 7, True, False, (0, 60, 100)),
+    Label("caravan", 29, 255, "vehicle", 7, True, True, (0, 0, 90)),
+    Label("trailer", 30, 255, "vehicle", 7, True, True, (0, 0, 110)),
+    Label("train", 31, 16, "vehicle", 7, True, False, (0, 80, 100)),
+    Label("motorcycle", 32, 17, "vehicle", 7, True, False, (0, 0, 230)),
+    Label("bicycle", 33, 18, "vehicle", 7, True, False, (119, 11, 32)),
+    Label("license plate", -1, -1, "vehicle", 7, False, True, (0, 0, 142)),
 )
 """The official table, in its order (the inverse map relies on it)."""
 
@@ -232,8 +247,9 @@ def cityscapes_frames(root: str | os.PathLike[str], split: str = "train", *, lab
     root = Path(root)
     images_dir, labels_dir = root / "leftImg8bit" / split, root / "gtFine" / split
     if not images_dir.is_dir():
-        raise InputError(f"{images_dir}: no such folder (Cityscapes layout: ROOT/leftImg8bit/{split}/CITY/"
-                         f"*{IMAGE_SUFFIX})")
+        raise InputError(
+            f"{images_dir}: no such folder (Cityscapes layout: ROOT/leftImg8bit/{split}/CITY/*{IMAGE_SUFFIX})"
+        )
     images = [p for p in _walk(images_dir, [IMAGE_SUFFIX]) if p.parent.parent == images_dir]
     if not images:
         raise InputError(f"{images_dir}: no frames (*{IMAGE_SUFFIX} in city sub-folders)")
@@ -243,8 +259,12 @@ def cityscapes_frames(root: str | os.PathLike[str], split: str = "train", *, lab
         label = labels_dir / image.parent.name / (stem + LABEL_SUFFIX) if labels else None
         frames.append(Frame(stem, image, label, image.parent.name))
     if labels:
-        _check_pairs(frames, labels_dir, LABEL_SUFFIX,
-                     lambda p: images_dir / p.parent.name / (p.name[: -len(LABEL_SUFFIX)] + IMAGE_SUFFIX))
+        _check_pairs(
+            frames,
+            labels_dir,
+            LABEL_SUFFIX,
+            lambda p: images_dir / p.parent.name / (p.name[: -len(LABEL_SUFFIX)] + IMAGE_SUFFIX),
+        )
     return frames
 
 
@@ -252,12 +272,18 @@ def _check_pairs(frames: list[Frame], labels_dir: Path, suffix: str, image_of) -
     """Every frame's label exists, and every label under ``labels_dir`` has its frame."""
     missing = [f for f in frames if f.label is not None and not f.label.is_file()]
     wanted = {os.path.abspath(f.label) for f in frames if f.label is not None}
-    orphans = [p for p in (_walk(labels_dir, [suffix]) if labels_dir.is_dir() else [])
-               if os.path.abspath(p) not in wanted]
+    orphans = [
+        p for p in (_walk(labels_dir, [suffix]) if labels_dir.is_dir() else []) if os.path.abspath(p) not in wanted
+    ]
     problems = []
     if missing:
-        problems.append(_unpaired(f"{len(missing)} frame(s) without a label", (f.image for f in missing),
-                                  (f.label for f in missing)))  # type: ignore[misc]
+        problems.append(
+            _unpaired(
+                f"{len(missing)} frame(s) without a label",
+                (f.image for f in missing),
+                (f.label for f in missing),  # type: ignore[misc]
+            )
+        )
     if orphans:
         problems.append(_unpaired(f"{len(orphans)} label(s) without a frame", orphans, map(image_of, orphans)))
     if problems:
@@ -317,7 +343,9 @@ def load_frame(frame: Frame) -> tuple[np.ndarray, np.ndarray | None]:
         return rgb, None
     label, _ = read_volume(frame.label)
     if label.ndim != 3 or label.dtype != np.uint8 or label.shape[1:] != rgb.shape[1:]:
-        raise InputError(f"{frame.label}: expected one 8-bit band of {rgb.shape[1]} x {rgb.shape[2]} pixels "
-                         f"(the frame's size), got {label.shape} {label.dtype}")
+        raise InputError(
+            f"{frame.label}: expected one 8-bit band of {rgb.shape[1]} x {rgb.shape[2]} pixels "
+            f"(the frame's size), got {label.shape} {label.dtype}"
+        )
     ids = label[0]
     return rgb, label_ids_to_train_ids(ids) if frame.label_kind == "label_ids" else ids

@@ -14,6 +14,7 @@ exercises the official labelId -> trainId map. Every scene is a pure function of
 ``(seed, index, domain, size)``: any frame can be drawn alone and the same one always comes back.
 Frames are small by default (128 x 256); a frame takes a few milliseconds.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,14 +51,38 @@ class SceneIds:
 IDS = SceneIds()
 
 DOMAINS: Mapping[str, dict[str, float | tuple[float, float, float]]] = {
-    "day": {"light": 1.0, "tint": (1.0, 1.0, 1.0), "sky_top": (0.35, 0.55, 0.85), "sky_low": (0.7, 0.8, 0.92),
-            "fog": 0.0, "noise": 0.02},
-    "dusk": {"light": 0.7, "tint": (1.1, 0.85, 0.7), "sky_top": (0.3, 0.25, 0.45), "sky_low": (0.95, 0.55, 0.3),
-             "fog": 0.0, "noise": 0.03},
-    "fog": {"light": 0.95, "tint": (0.95, 0.97, 1.0), "sky_top": (0.75, 0.77, 0.8), "sky_low": (0.8, 0.82, 0.84),
-            "fog": 1.6, "noise": 0.02},
-    "night": {"light": 0.3, "tint": (0.8, 0.85, 1.1), "sky_top": (0.02, 0.02, 0.06), "sky_low": (0.08, 0.07, 0.12),
-              "fog": 0.0, "noise": 0.06},
+    "day": {
+        "light": 1.0,
+        "tint": (1.0, 1.0, 1.0),
+        "sky_top": (0.35, 0.55, 0.85),
+        "sky_low": (0.7, 0.8, 0.92),
+        "fog": 0.0,
+        "noise": 0.02,
+    },
+    "dusk": {
+        "light": 0.7,
+        "tint": (1.1, 0.85, 0.7),
+        "sky_top": (0.3, 0.25, 0.45),
+        "sky_low": (0.95, 0.55, 0.3),
+        "fog": 0.0,
+        "noise": 0.03,
+    },
+    "fog": {
+        "light": 0.95,
+        "tint": (0.95, 0.97, 1.0),
+        "sky_top": (0.75, 0.77, 0.8),
+        "sky_low": (0.8, 0.82, 0.84),
+        "fog": 1.6,
+        "noise": 0.02,
+    },
+    "night": {
+        "light": 0.3,
+        "tint": (0.8, 0.85, 1.1),
+        "sky_top": (0.02, 0.02, 0.06),
+        "sky_low": (0.08, 0.07, 0.12),
+        "fog": 0.0,
+        "noise": 0.06,
+    },
 }
 """Looks: global light, colour tint, sky gradient, fog density (0: none), sensor noise sigma."""
 
@@ -72,8 +97,14 @@ class _Canvas:
         self.rows = np.arange(height, dtype=np.float32)[:, None]
         self.cols = np.arange(width, dtype=np.float32)[None, :]
 
-    def paint(self, mask: np.ndarray, label: int, colour, texture: float = 0.05,
-              box: tuple[slice, slice] = (slice(None), slice(None))) -> None:
+    def paint(
+        self,
+        mask: np.ndarray,
+        label: int,
+        colour,
+        texture: float = 0.05,
+        box: tuple[slice, slice] = (slice(None), slice(None)),
+    ) -> None:
         """``colour`` with multiplicative noise where ``mask`` (of the ``box`` region) is set."""
         if not mask.any():
             return
@@ -163,8 +194,9 @@ def _agents(c: _Canvas, horizon: float, vx: float, spread: tuple[float, float]) 
             x0 = c.rng.uniform(left, max(right - width, left))
             body = (c.rows <= bottom) & (c.rows >= bottom - 0.55 * width) & (c.cols >= x0) & (c.cols <= x0 + width)
             c.paint(body, IDS.car, c.rng.uniform(0.05, 0.9, 3), 0.04)
-            glass = body & (c.rows <= bottom - 0.32 * width) & (c.cols >= x0 + 0.12 * width) & \
-                (c.cols <= x0 + 0.88 * width)
+            glass = (
+                body & (c.rows <= bottom - 0.32 * width) & (c.cols >= x0 + 0.12 * width) & (c.cols <= x0 + 0.88 * width)
+            )
             c.rgb[glass] *= 0.35
         else:
             height = (right - left) * c.rng.uniform(0.2, 0.3)
@@ -193,8 +225,9 @@ def _look(c: _Canvas, horizon: float, look: dict) -> np.ndarray:
     return (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def make_scene(seed: int = 0, index: int = 0, *, height: int = 128, width: int = 256,
-               domain: str = "day") -> tuple[np.ndarray, np.ndarray]:
+def make_scene(
+    seed: int = 0, index: int = 0, *, height: int = 128, width: int = 256, domain: str = "day"
+) -> tuple[np.ndarray, np.ndarray]:
     """One scene: ``(rgb (H, W, 3) uint8, label_ids (H, W) uint8)`` (Cityscapes labelIds).
 
     Raises:
@@ -219,9 +252,16 @@ def make_scene(seed: int = 0, index: int = 0, *, height: int = 128, width: int =
     return _look(c, horizon, DOMAINS[domain]), c.ids
 
 
-def make_driving_cityscapes(root: str | os.PathLike[str], *, splits: Mapping[str, int] | None = None,
-                            cities: Sequence[str] = ("aachen", "bremen"), height: int = 128, width: int = 256,
-                            domain: str = "day", seed: int = 0) -> Path:
+def make_driving_cityscapes(
+    root: str | os.PathLike[str],
+    *,
+    splits: Mapping[str, int] | None = None,
+    cities: Sequence[str] = ("aachen", "bremen"),
+    height: int = 128,
+    width: int = 256,
+    domain: str = "day",
+    seed: int = 0,
+) -> Path:
     """Write scenes as a Cityscapes folder: ``ROOT/leftImg8bit/{split}/{city}/{city}_000000_{k:06d}_leftImg8bit.png``
     and ``ROOT/gtFine/{split}/{city}/..._gtFine_labelIds.png`` (atomically); returns ``root``.
 

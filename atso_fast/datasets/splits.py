@@ -7,6 +7,7 @@ side of every held-out chunk, which no set uses, so that no training slice touch
 and then labelled and unlabelled slices from the rest of the band. Every band of the volume
 therefore contributes to every set, and the draw changes with the seed.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,8 +15,16 @@ import numpy as np
 __all__ = ["interleaved_split"]
 
 
-def interleaved_split(n: int, *, bands: int, test_chunk: int = 2, val_chunk: int = 0, labelled_per_band: int = 2,
-                      guard: int = 1, seed: int = 0) -> dict[str, list[int]]:
+def interleaved_split(
+    n: int,
+    *,
+    bands: int,
+    test_chunk: int = 2,
+    val_chunk: int = 0,
+    labelled_per_band: int = 2,
+    guard: int = 1,
+    seed: int = 0,
+) -> dict[str, list[int]]:
     """Indices ``0..n-1`` split into labelled, unlabelled, validation, test and guard sets.
 
     Band ``b`` covers ``[edges[b], edges[b+1])`` with ``edges = linspace(0, n, bands + 1)``. Its
@@ -39,17 +48,21 @@ def interleaved_split(n: int, *, bands: int, test_chunk: int = 2, val_chunk: int
         ValueError: a band too small for its held-out block, labelled slices and one unlabelled slice.
     """
     if bands < 1 or test_chunk < 1 or val_chunk < 0 or labelled_per_band < 1 or guard < 0:
-        raise ValueError(f"need bands, test_chunk, labelled_per_band >= 1 and val_chunk, guard >= 0, got "
-                         f"bands={bands}, test_chunk={test_chunk}, val_chunk={val_chunk}, "
-                         f"labelled_per_band={labelled_per_band}, guard={guard}")
+        raise ValueError(
+            f"need bands, test_chunk, labelled_per_band >= 1 and val_chunk, guard >= 0, got "
+            f"bands={bands}, test_chunk={test_chunk}, val_chunk={val_chunk}, "
+            f"labelled_per_band={labelled_per_band}, guard={guard}"
+        )
     rng = np.random.default_rng([int(seed), 17])
     edges = [int(e) for e in np.linspace(0, int(n), int(bands) + 1).astype(int)]
     out: dict[str, list[int]] = {"labelled": [], "unlabelled": [], "val": [], "test": [], "guard": []}
     for lo, hi in zip(edges[:-1], edges[1:]):
         block = _held_out_block(test_chunk, val_chunk, guard, bool(rng.integers(2)))
         if hi - lo < len(block) + labelled_per_band + 1:
-            raise ValueError(f"band [{lo}, {hi}) of {hi - lo} slices cannot hold a held-out block of {len(block)}, "
-                             f"{labelled_per_band} labelled and one unlabelled slice (n={n}, bands={bands})")
+            raise ValueError(
+                f"band [{lo}, {hi}) of {hi - lo} slices cannot hold a held-out block of {len(block)}, "
+                f"{labelled_per_band} labelled and one unlabelled slice (n={n}, bands={bands})"
+            )
         start = lo + int(rng.integers(hi - lo - len(block) + 1))
         for offset, role in enumerate(block):
             out[role].append(start + offset)

@@ -12,6 +12,7 @@ Class layout (``num_organs`` = K, ``target=True``):
 Arrays follow the package convention ``(Z, Y, X)``; a 2D phantom is a depth-1 volume ``(1, Y, X)``
 (a slice through a 3D phantom at a random height).
 """
+
 from __future__ import annotations
 
 import json
@@ -81,8 +82,9 @@ def _smooth_field(rng: np.random.Generator, coords: tuple[np.ndarray, ...], term
     return out / np.float32(np.sqrt(terms))
 
 
-def _blob(rng: np.random.Generator, coords: tuple[np.ndarray, ...], center: np.ndarray,
-          radii: np.ndarray, wobble: float) -> np.ndarray:
+def _blob(
+    rng: np.random.Generator, coords: tuple[np.ndarray, ...], center: np.ndarray, radii: np.ndarray, wobble: float
+) -> np.ndarray:
     """Boolean mask of a randomly rotated (in-plane) and deformed ellipsoid."""
     z, y, x = (c - c0 for c, c0 in zip(coords, center))
     angle = rng.uniform(0, np.pi)
@@ -102,12 +104,19 @@ def _organ_center(rng: np.random.Generator, index: int, radii: np.ndarray) -> np
     """Organs sit at loosely anatomical places: liver on one side, spleen on the other."""
     side = {0: -0.35, 1: 0.3, 2: 0.4, 3: 0.0}[index]
     y0 = {0: -0.1, 1: 0.3, 2: -0.2, 3: 0.45}[index]
-    return np.array([rng.uniform(-0.2, 0.2), y0 + rng.uniform(-0.12, 0.12),
-                     side + rng.uniform(-0.12, 0.12)], np.float32)
+    return np.array(
+        [rng.uniform(-0.2, 0.2), y0 + rng.uniform(-0.12, 0.12), side + rng.uniform(-0.12, 0.12)], np.float32
+    )
 
 
-def _paint(rng: np.random.Generator, coords: tuple[np.ndarray, ...], shape: tuple[int, ...],
-           num_organs: int, target: bool, target_radius: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+def _paint(
+    rng: np.random.Generator,
+    coords: tuple[np.ndarray, ...],
+    shape: tuple[int, ...],
+    num_organs: int,
+    target: bool,
+    target_radius: tuple[float, float],
+) -> tuple[np.ndarray, np.ndarray]:
     """Clean HU image and labels on the grid ``coords``."""
     hu = np.full(shape, _AIR_HU, np.float32)
     label = np.zeros(shape, np.uint8)
@@ -128,8 +137,15 @@ def _paint(rng: np.random.Generator, coords: tuple[np.ndarray, ...], shape: tupl
     return hu, label
 
 
-def _paint_target(rng: np.random.Generator, coords: tuple[np.ndarray, ...], hu: np.ndarray,
-                  label: np.ndarray, host_hu: float, target_label: int, target_radius: tuple[float, float]) -> None:
+def _paint_target(
+    rng: np.random.Generator,
+    coords: tuple[np.ndarray, ...],
+    hu: np.ndarray,
+    label: np.ndarray,
+    host_hu: float,
+    target_label: int,
+    target_radius: tuple[float, float],
+) -> None:
     """A small low-contrast lesion centred on a random voxel of the first organ (if visible)."""
     host = np.argwhere(label == 1)
     if host.size == 0:
@@ -152,8 +168,9 @@ def _finish(rng: np.random.Generator, hu: np.ndarray, noise_hu: float, blur_sigm
     return np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
 
 
-def _check_common(noise_hu: float, blur_sigma: float, num_organs: int,
-                  target_radius: Sequence[float]) -> tuple[float, float]:
+def _check_common(
+    noise_hu: float, blur_sigma: float, num_organs: int, target_radius: Sequence[float]
+) -> tuple[float, float]:
     _check_organs(num_organs)
     if noise_hu < 0 or blur_sigma < 0:
         raise ValueError(f"noise_hu and blur_sigma must be >= 0, got {noise_hu}, {blur_sigma}")
@@ -163,10 +180,17 @@ def _check_common(noise_hu: float, blur_sigma: float, num_organs: int,
     return lo, hi
 
 
-def make_phantom(shape: Sequence[int] = (32, 64, 64), *, seed: int = 0, index: int = 0,
-                 num_organs: int = 3, target: bool = True, noise_hu: float = 20.0,
-                 blur_sigma: float = 0.8, target_radius: Sequence[float] = _TARGET_RADIUS
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def make_phantom(
+    shape: Sequence[int] = (32, 64, 64),
+    *,
+    seed: int = 0,
+    index: int = 0,
+    num_organs: int = 3,
+    target: bool = True,
+    noise_hu: float = 20.0,
+    blur_sigma: float = 0.8,
+    target_radius: Sequence[float] = _TARGET_RADIUS,
+) -> tuple[np.ndarray, np.ndarray]:
     """Draw one 3D CT-like phantom.
 
     Args:
@@ -192,10 +216,17 @@ def make_phantom(shape: Sequence[int] = (32, 64, 64), *, seed: int = 0, index: i
     return _finish(rng, hu, noise_hu, blur_sigma), label
 
 
-def make_phantom_2d(shape: Sequence[int] = (64, 64), *, seed: int = 0, index: int = 0,
-                    num_organs: int = 3, target: bool = True, noise_hu: float = 20.0,
-                    blur_sigma: float = 0.8, target_radius: Sequence[float] = _TARGET_RADIUS
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def make_phantom_2d(
+    shape: Sequence[int] = (64, 64),
+    *,
+    seed: int = 0,
+    index: int = 0,
+    num_organs: int = 3,
+    target: bool = True,
+    noise_hu: float = 20.0,
+    blur_sigma: float = 0.8,
+    target_radius: Sequence[float] = _TARGET_RADIUS,
+) -> tuple[np.ndarray, np.ndarray]:
     """Draw one 2D phantom: a slice through a 3D phantom at a random height.
 
     Args:
@@ -212,8 +243,9 @@ def make_phantom_2d(shape: Sequence[int] = (64, 64), *, seed: int = 0, index: in
     return _finish(rng, hu, noise_hu, blur_sigma), label
 
 
-def make_phantoms(n: int, shape: Sequence[int] = (32, 64, 64), *, seed: int = 0, start: int = 0,
-                  **kwargs: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+def make_phantoms(
+    n: int, shape: Sequence[int] = (32, 64, 64), *, seed: int = 0, start: int = 0, **kwargs: Any
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Draw phantoms ``start .. start + n - 1``; ``len(shape) == 2`` gives 2D ones ``(1, Y, X)``.
 
     Returns:
@@ -238,8 +270,7 @@ def _save(path: Path, array: np.ndarray, spacing: Sequence[float]) -> None:
     nib.save(img, str(path))
 
 
-def _archive_layout(n: int, num_labelled: int | None, labelled_fraction: float,
-                    num_val: int) -> tuple[int, int]:
+def _archive_layout(n: int, num_labelled: int | None, labelled_fraction: float, num_val: int) -> tuple[int, int]:
     if int(n) < 1 or int(num_val) < 0:
         raise ValueError(f"make_archive needs n >= 1 and num_val >= 0, got n={n}, num_val={num_val}")
     if num_labelled is None:
@@ -251,11 +282,20 @@ def _archive_layout(n: int, num_labelled: int | None, labelled_fraction: float,
     return int(num_labelled), int(n) - int(num_labelled)
 
 
-def make_archive(folder: str | Path, n: int, *, num_labelled: int | None = None,
-                 labelled_fraction: float = 0.2, num_val: int = 4,
-                 shape: Sequence[int] = (32, 64, 64), seed: int = 0, fmt: str = "nii.gz",
-                 spacing: Sequence[float] = (2.5, 1.5, 1.5), unlabelled_truth: bool = False,
-                 **phantom_kwargs: Any) -> dict[str, Any]:
+def make_archive(
+    folder: str | Path,
+    n: int,
+    *,
+    num_labelled: int | None = None,
+    labelled_fraction: float = 0.2,
+    num_val: int = 4,
+    shape: Sequence[int] = (32, 64, 64),
+    seed: int = 0,
+    fmt: str = "nii.gz",
+    spacing: Sequence[float] = (2.5, 1.5, 1.5),
+    unlabelled_truth: bool = False,
+    **phantom_kwargs: Any,
+) -> dict[str, Any]:
     """Write an nnU-Net-style archive of phantoms.
 
     Layout: ``imagesTr/ labelsTr/`` (labelled), ``imagesUn/`` (unlabelled; ``labelsUn/`` with the
@@ -285,25 +325,45 @@ def make_archive(folder: str | Path, n: int, *, num_labelled: int | None = None,
         raise ValueError(f"fmt must be 'nii.gz', 'nii' or 'npy', got {fmt!r}")
     n_lab, n_unl = _archive_layout(n, num_labelled, labelled_fraction, num_val)
     root = Path(folder)
-    groups = [("Tr", 0, n_lab, True), ("Un", n_lab, n_unl, unlabelled_truth),
-              ("Val", n_lab + n_unl, int(num_val), True)]
+    groups = [
+        ("Tr", 0, n_lab, True),
+        ("Un", n_lab, n_unl, unlabelled_truth),
+        ("Val", n_lab + n_unl, int(num_val), True),
+    ]
     out: dict[str, Any] = {"root": str(root)}
     for (suffix, start, count, with_label), key in zip(groups, ("labelled", "unlabelled", "val")):
-        out[key] = _write_group(root, suffix, start, count, with_label, shape, seed, fmt,
-                                tuple(float(s) for s in spacing), phantom_kwargs)
+        out[key] = _write_group(
+            root, suffix, start, count, with_label, shape, seed, fmt, tuple(float(s) for s in spacing), phantom_kwargs
+        )
     num_classes = phantom_num_classes(phantom_kwargs.get("num_organs", 3), phantom_kwargs.get("target", True))
     names = phantom_class_names(phantom_kwargs.get("num_organs", 3), phantom_kwargs.get("target", True))
-    meta = {"name": "atso_synthetic", "channel_names": {"0": "CT"},
-            "labels": {name: i for i, name in enumerate(names)}, "numTraining": n_lab,
-            "numUnlabelled": n_unl, "numVal": int(num_val), "file_ending": "." + fmt, "seed": int(seed)}
+    meta = {
+        "name": "atso_synthetic",
+        "channel_names": {"0": "CT"},
+        "labels": {name: i for i, name in enumerate(names)},
+        "numTraining": n_lab,
+        "numUnlabelled": n_unl,
+        "numVal": int(num_val),
+        "file_ending": "." + fmt,
+        "seed": int(seed),
+    }
     (root / "dataset.json").write_text(json.dumps(meta, indent=2))
     out["num_classes"] = num_classes
     return out
 
 
-def _write_group(root: Path, suffix: str, start: int, count: int, with_label: bool,
-                 shape: Sequence[int], seed: int, fmt: str, spacing: Sequence[float],
-                 phantom_kwargs: dict[str, Any]) -> list[dict[str, str | None]]:
+def _write_group(
+    root: Path,
+    suffix: str,
+    start: int,
+    count: int,
+    with_label: bool,
+    shape: Sequence[int],
+    seed: int,
+    fmt: str,
+    spacing: Sequence[float],
+    phantom_kwargs: dict[str, Any],
+) -> list[dict[str, str | None]]:
     img_dir, lab_dir = root / f"images{suffix}", root / f"labels{suffix}"
     img_dir.mkdir(parents=True, exist_ok=True)
     if with_label:
@@ -322,13 +382,13 @@ def _write_group(root: Path, suffix: str, start: int, count: int, with_label: bo
 
 # fixed anatomy, fast at any size: the throughput benchmarks' volume (no labels)
 _CT_BODY = (
-    ((0.0, 0.05, 0.0), (1.3, 0.80, 0.92), -90.0),   # body outline: subcutaneous fat
-    ((0.0, 0.05, 0.0), (1.3, 0.72, 0.85), 40.0),    # soft tissue
+    ((0.0, 0.05, 0.0), (1.3, 0.80, 0.92), -90.0),  # body outline: subcutaneous fat
+    ((0.0, 0.05, 0.0), (1.3, 0.72, 0.85), 40.0),  # soft tissue
     ((0.1, -0.05, -0.42), (0.9, 0.45, 0.30), -820.0),  # lungs
     ((0.1, -0.05, 0.42), (0.9, 0.45, 0.30), -820.0),
     ((-0.45, 0.10, -0.15), (0.35, 0.30, 0.38), 60.0),  # liver
-    ((-0.50, 0.30, 0.35), (0.18, 0.12, 0.10), 30.0),   # kidney
-    ((0.0, 0.55, 0.0), (1.4, 0.10, 0.10), 700.0),     # spine
+    ((-0.50, 0.30, 0.35), (0.18, 0.12, 0.10), 30.0),  # kidney
+    ((0.0, 0.55, 0.0), (1.4, 0.10, 0.10), 700.0),  # spine
 )
 
 

@@ -19,6 +19,7 @@ Sample windows: real windows of a scan when one is given (the engine's own prepr
 window grid, evenly spread over the volume), else seeded standard-normal input (normalised
 space), which says less about label agreement on anatomy.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,8 +43,16 @@ from atso_fast.package.trust import read_meta
 from atso_fast.runtimes import auto_candidates, available_runtimes, create_runtime
 from atso_fast.runtimes.base import RuntimeUnavailable
 
-__all__ = ["RECORD_KEY", "DEFAULT_TOLERANCE", "sample_windows", "measure_runtimes", "measure_package", "machine_id",
-           "choose_runtime", "agreement_table"]
+__all__ = [
+    "RECORD_KEY",
+    "DEFAULT_TOLERANCE",
+    "sample_windows",
+    "measure_runtimes",
+    "measure_package",
+    "machine_id",
+    "choose_runtime",
+    "agreement_table",
+]
 
 RECORD_KEY = "runtime_agreement"
 DEFAULT_TOLERANCE = 0.999
@@ -62,8 +71,15 @@ def machine_id() -> str:
     return f"{model}, {cores} cores"
 
 
-def sample_windows(package: ModelPackage, volume: np.ndarray | None = None, *, spacing: Any = None,
-                   affine: Any = None, count: int = 8, seed: int = 0) -> tuple[np.ndarray, str]:
+def sample_windows(
+    package: ModelPackage,
+    volume: np.ndarray | None = None,
+    *,
+    spacing: Any = None,
+    affine: Any = None,
+    count: int = 8,
+    seed: int = 0,
+) -> tuple[np.ndarray, str]:
     """``(windows (N, M, *window) float32 normalised, source)`` to measure runtimes on.
 
     Args:
@@ -92,7 +108,7 @@ def sample_windows(package: ModelPackage, volume: np.ndarray | None = None, *, s
 def _run(runtime: Any, windows: np.ndarray, batch_size: int) -> np.ndarray:
     outs = []
     for lo in range(0, len(windows), batch_size):
-        outs.append(np.array(runtime(np.ascontiguousarray(windows[lo:lo + batch_size])), np.float32))
+        outs.append(np.array(runtime(np.ascontiguousarray(windows[lo : lo + batch_size])), np.float32))
     return np.concatenate(outs)
 
 
@@ -100,10 +116,18 @@ def _reference(package: ModelPackage, device: str) -> str:
     return "torch" if package.torch_file and "torch" in package.verified else "onnxruntime"
 
 
-def measure_runtimes(package: ModelPackage, windows: np.ndarray, *, device: str = "cpu",
-                     precisions: Sequence[str] = ("float32",), runtimes: Sequence[str] | None = None,
-                     batch_size: int = 4, repeats: int = 2, source: str = "",
-                     tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Any]:
+def measure_runtimes(
+    package: ModelPackage,
+    windows: np.ndarray,
+    *,
+    device: str = "cpu",
+    precisions: Sequence[str] = ("float32",),
+    runtimes: Sequence[str] | None = None,
+    batch_size: int = 4,
+    repeats: int = 2,
+    source: str = "",
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> dict[str, Any]:
     """Run ``windows`` under each runtime and precision against the float32 reference.
 
     Returns:
@@ -124,16 +148,34 @@ def measure_runtimes(package: ModelPackage, windows: np.ndarray, *, device: str 
     results: dict[str, Any] = {}
     for name in runtimes or available_runtimes(device):
         for precision in precisions:
-            results[f"{name}/{precision}"] = _measure_one(package, name, precision, device, windows, batch_size,
-                                                          repeats, reference, ref_labels)
-    return {"version": _VERSION, "onnx_sha256": hashlib.sha256(package.verified["onnx"]).hexdigest(),
-            "device": device, "machine": machine_id(), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "reference": f"{ref_name}/float32", "windows": int(len(windows)), "input": source,
-            "tolerance": float(tolerance), "results": results}
+            results[f"{name}/{precision}"] = _measure_one(
+                package, name, precision, device, windows, batch_size, repeats, reference, ref_labels
+            )
+    return {
+        "version": _VERSION,
+        "onnx_sha256": hashlib.sha256(package.verified["onnx"]).hexdigest(),
+        "device": device,
+        "machine": machine_id(),
+        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "reference": f"{ref_name}/float32",
+        "windows": int(len(windows)),
+        "input": source,
+        "tolerance": float(tolerance),
+        "results": results,
+    }
 
 
-def _measure_one(package: ModelPackage, name: str, precision: str, device: str, windows: np.ndarray,
-                 batch_size: int, repeats: int, reference: np.ndarray, ref_labels: np.ndarray) -> dict[str, Any]:
+def _measure_one(
+    package: ModelPackage,
+    name: str,
+    precision: str,
+    device: str,
+    windows: np.ndarray,
+    batch_size: int,
+    repeats: int,
+    reference: np.ndarray,
+    ref_labels: np.ndarray,
+) -> dict[str, Any]:
     try:
         rt = create_runtime(name, device=device, package=package, precision=precision, batch_size=batch_size)
     except (RuntimeUnavailable, ImportError, ValueError) as exc:
@@ -149,14 +191,26 @@ def _measure_one(package: ModelPackage, name: str, precision: str, device: str, 
         return {"status": "failed", "reason": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
     if out.shape != reference.shape or not np.isfinite(out).all():
         return {"status": "failed", "reason": f"output shape {out.shape} or non-finite values"}
-    return {"status": "ok", "max_abs_logit_error": float(np.abs(out - reference).max()),
-            "label_agreement": float((out.argmax(1) == ref_labels).mean()),
-            "windows_per_s": float(len(windows) / best) if best > 0 else None}
+    return {
+        "status": "ok",
+        "max_abs_logit_error": float(np.abs(out - reference).max()),
+        "label_agreement": float((out.argmax(1) == ref_labels).mean()),
+        "windows_per_s": float(len(windows) / best) if best > 0 else None,
+    }
 
 
-def measure_package(package_dir: str | os.PathLike[str], volume: np.ndarray | None = None, *, spacing: Any = None,
-                    affine: Any = None, count: int = 8, device: str = "cpu", precisions: Sequence[str] = ("float32",),
-                    tolerance: float = DEFAULT_TOLERANCE, batch_size: int = 4) -> dict[str, Any]:
+def measure_package(
+    package_dir: str | os.PathLike[str],
+    volume: np.ndarray | None = None,
+    *,
+    spacing: Any = None,
+    affine: Any = None,
+    count: int = 8,
+    device: str = "cpu",
+    precisions: Sequence[str] = ("float32",),
+    tolerance: float = DEFAULT_TOLERANCE,
+    batch_size: int = 4,
+) -> dict[str, Any]:
     """Measure a package on this machine (:func:`sample_windows`, :func:`measure_runtimes`) and
     record the result in its ``model.json`` (atomically; the other fields untouched).
 
@@ -168,8 +222,15 @@ def measure_package(package_dir: str | os.PathLike[str], volume: np.ndarray | No
     root = Path(package_dir)
     package = load_package(root)
     windows, source = sample_windows(package, volume, spacing=spacing, affine=affine, count=count)
-    record = measure_runtimes(package, windows, device=device, precisions=precisions, source=source,
-                              tolerance=tolerance, batch_size=batch_size)
+    record = measure_runtimes(
+        package,
+        windows,
+        device=device,
+        precisions=precisions,
+        source=source,
+        tolerance=tolerance,
+        batch_size=batch_size,
+    )
     meta_path, meta = read_meta(root)
     meta[RECORD_KEY] = record
     atomic_write_bytes(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
@@ -188,25 +249,45 @@ def _valid_record(record: Any, package: ModelPackage, device: str) -> TypeGuard[
     return all(isinstance(v, dict) and isinstance(v.get("status"), str) for v in results.values())
 
 
-def choose_runtime(package: ModelPackage, *, device: str, precision: str, has_module: bool, has_program: bool,
-                   tolerance: float | None = None) -> tuple[list[str], str]:
+def choose_runtime(
+    package: ModelPackage,
+    *,
+    device: str,
+    precision: str,
+    has_module: bool,
+    has_program: bool,
+    tolerance: float | None = None,
+) -> tuple[list[str], str]:
     """``(candidates best first, reason)`` for ``runtime="auto"``: from the package's recorded
     agreement when it has a valid one (see the module docstring), else the rule."""
-    rule = auto_candidates(device, has_onnx=package.root is not None, has_module=has_module, has_program=has_program,
-                           precision=precision, exact=package.reference is not None)
+    rule = auto_candidates(
+        device,
+        has_onnx=package.root is not None,
+        has_module=has_module,
+        has_program=has_program,
+        precision=precision,
+        exact=package.reference is not None,
+    )
     record = package.extra.get(RECORD_KEY)
     if has_module or not _valid_record(record, package, device):
         why = "no runtime agreement recorded for this network and device" if not has_module else "a live module"
         return rule, f"the rule ({why}): {rule[0]}"
     tol = float(record.get("tolerance", DEFAULT_TOLERANCE)) if tolerance is None else float(tolerance)
-    ok = {k.split("/")[0]: v for k, v in record["results"].items() if k.endswith(f"/{precision}")
-          and v.get("status") == "ok" and isinstance(v.get("label_agreement"), (int, float))
-          and v["label_agreement"] >= tol}
+    ok = {
+        k.split("/")[0]: v
+        for k, v in record["results"].items()
+        if k.endswith(f"/{precision}")
+        and v.get("status") == "ok"
+        and isinstance(v.get("label_agreement"), (int, float))
+        and v["label_agreement"] >= tol
+    }
     installed = set(available_runtimes(device)) | set(rule)
     ok = {k: v for k, v in ok.items() if k in installed and (k != "torch" or has_program)}
     if not ok:
-        return rule, (f"the rule: no runtime met {tol:.2%} label agreement in the record "
-                      f"({record.get('measured', '?')}); {rule[0]}")
+        return rule, (
+            f"the rule: no runtime met {tol:.2%} label agreement in the record "
+            f"({record.get('measured', '?')}); {rule[0]}"
+        )
     same_machine = record.get("machine") == machine_id()
     if same_machine:
         order = sorted(ok, key=lambda k: -(ok[k].get("windows_per_s") or 0.0))
@@ -214,24 +295,30 @@ def choose_runtime(package: ModelPackage, *, device: str, precision: str, has_mo
         order = [k for k in rule if k in ok] + sorted(k for k in ok if k not in rule)
     best = ok[order[0]]
     speed = f", {best['windows_per_s']:.1f} windows/s" if same_machine and best.get("windows_per_s") else ""
-    reason = (f"{order[0]}: {'fastest' if same_machine else 'first in the rule order'} of the runtimes meeting "
-              f"{tol:.2%} label agreement ({best['label_agreement']:.4%}{speed}; measured "
-              f"{record.get('measured', '?')} on {record.get('input') or 'sample windows'}"
-              f"{'' if same_machine else ', another machine: speed not compared'})")
+    reason = (
+        f"{order[0]}: {'fastest' if same_machine else 'first in the rule order'} of the runtimes meeting "
+        f"{tol:.2%} label agreement ({best['label_agreement']:.4%}{speed}; measured "
+        f"{record.get('measured', '?')} on {record.get('input') or 'sample windows'}"
+        f"{'' if same_machine else ', another machine: speed not compared'})"
+    )
     return order + [k for k in rule if k not in order], reason
 
 
 def agreement_table(record: dict[str, Any]) -> str:
     """The record as lines for ``atso-fast relabel -v`` and ``atso-fast measure``."""
-    lines = [f"runtime agreement ({record.get('measured', '?')}, {record.get('machine', '?')}; reference "
-             f"{record.get('reference')}; {record.get('windows')} windows: {record.get('input') or '-'}; "
-             f"tolerance {record.get('tolerance', DEFAULT_TOLERANCE):.2%})",
-             f"{'runtime/precision':<22} {'labels agree':>12} {'max |logit err|':>16} {'windows/s':>10}"]
+    lines = [
+        f"runtime agreement ({record.get('measured', '?')}, {record.get('machine', '?')}; reference "
+        f"{record.get('reference')}; {record.get('windows')} windows: {record.get('input') or '-'}; "
+        f"tolerance {record.get('tolerance', DEFAULT_TOLERANCE):.2%})",
+        f"{'runtime/precision':<22} {'labels agree':>12} {'max |logit err|':>16} {'windows/s':>10}",
+    ]
     for key, v in record.get("results", {}).items():
         if v.get("status") != "ok":
             lines.append(f"{key:<22} {v.get('status')}: {v.get('reason', '')[:80]}")
             continue
         wps = v.get("windows_per_s")
-        lines.append(f"{key:<22} {v['label_agreement']:>12.4%} {v['max_abs_logit_error']:>16.3g} "
-                     f"{'-' if wps is None else f'{wps:.1f}':>10}")
+        lines.append(
+            f"{key:<22} {v['label_agreement']:>12.4%} {v['max_abs_logit_error']:>16.3g} "
+            f"{'-' if wps is None else f'{wps:.1f}':>10}"
+        )
     return "\n".join(lines)

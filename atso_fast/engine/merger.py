@@ -13,6 +13,7 @@ grid into labels, confidence, optional probabilities and running totals with the
 model's grid and emit rows of the native grid. Everything here is testable with hand-made
 window outputs and no network.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -72,8 +73,8 @@ class ArrayBackend:
             for ch in range(acc.shape[0]):
                 acc[ch, : depth - k] = acc[ch, k:]
             wsum[: depth - k] = wsum[k:]
-        acc[:, depth - k:] = 0
-        wsum[depth - k:] = 0
+        acc[:, depth - k :] = 0
+        wsum[depth - k :] = 0
 
     def flip(self, batch: Any, axes: tuple[int, ...]) -> Any:
         if self.cuda:
@@ -122,8 +123,17 @@ class LabelSink:
         save_probabilities: also keep ``(C, Z, Y, X)`` float32 probabilities.
     """
 
-    def __init__(self, shape: tuple[int, int, int], num_classes: int, *, kind: str, threshold: float,
-                 ignore_index: int, backend: ArrayBackend, save_probabilities: bool = False):
+    def __init__(
+        self,
+        shape: tuple[int, int, int],
+        num_classes: int,
+        *,
+        kind: str,
+        threshold: float,
+        ignore_index: int,
+        backend: ArrayBackend,
+        save_probabilities: bool = False,
+    ):
         self.kind, self.threshold, self.ignore_index, self.backend = kind, threshold, ignore_index, backend
         self.labels = np.empty(shape, label_dtype(num_classes, ignore_index))
         self.confidence = np.empty(shape, np.uint8)
@@ -173,8 +183,16 @@ class SlabMerger:
         accumulate_dtype: ``"float32"`` or ``"float16"`` accumulator.
     """
 
-    def __init__(self, shape: tuple[int, int, int], num_classes: int, window_depth: int, sink: RowSink, *,
-                 backend: ArrayBackend, accumulate_dtype: str = "float32"):
+    def __init__(
+        self,
+        shape: tuple[int, int, int],
+        num_classes: int,
+        window_depth: int,
+        sink: RowSink,
+        *,
+        backend: ArrayBackend,
+        accumulate_dtype: str = "float32",
+    ):
         if accumulate_dtype not in ("float32", "float16"):
             raise ValueError(f"accumulate_dtype must be 'float32' or 'float16', got {accumulate_dtype!r}")
         self.shape, self.window_depth, self.sink, self.backend = tuple(shape), int(window_depth), sink, backend
@@ -205,8 +223,10 @@ class SlabMerger:
         """Slide the slab so windows starting at row ``zo`` fit; rows that can receive no more
         windows (windows come in z order) go to the sink first."""
         if max(zo, 0) < self.start:  # windows of a volume thinner than pz may start above row 0
-            raise ValueError(f"windows must come in z order: a window starts at row {zo}, but rows "
-                             f"below {self.start} are already final")
+            raise ValueError(
+                f"windows must come in z order: a window starts at row {zo}, but rows "
+                f"below {self.start} are already final"
+            )
         depth = self.wsum.shape[0]
         need_end = min(zo + self.window_depth, self.shape[0])
         while need_end > self.start + depth:  # more than one slab only across a gap in the grid

@@ -16,6 +16,7 @@ CPU, CUDA tensors on GPU). The anisotropy rule: when the spacing ratio exceeds t
 (3), the low-resolution axis gets ``order_z`` (0: nearest) and the others ``order``; resize's
 clipping to the input range is kept (per slice when separate, as nnU-Net).
 """
+
 from __future__ import annotations
 
 import math
@@ -63,8 +64,9 @@ class AxisOp:
             ValueError: the map has more than two taps per output (``idx0`` is None).
         """
         if self.idx0 is None or self.idx1 is None or self.w1 is None:
-            raise ValueError(f"the order-{self.order} map {self.n_in} -> {self.n_out} has more than two taps "
-                             "per output")
+            raise ValueError(
+                f"the order-{self.order} map {self.n_in} -> {self.n_out} has more than two taps per output"
+            )
         return self.idx0, self.idx1, self.w1
 
     def sources(self, k: int) -> tuple[int, int]:
@@ -149,8 +151,10 @@ def separate_axis(current, new, force: bool | None, threshold: float) -> int | N
 
 def _axis_ops(shape_in, shape_out, orders: tuple[int, int], sep: int | None) -> list[AxisOp]:
     """One map per axis: ``orders[1]`` (map_coordinates) on ``sep``, ``orders[0]`` (zoom) elsewhere."""
-    return [axis_op(int(i), int(o), orders[1], "coords") if a == sep else axis_op(int(i), int(o), orders[0])
-            for a, (i, o) in enumerate(zip(shape_in, shape_out))]
+    return [
+        axis_op(int(i), int(o), orders[1], "coords") if a == sep else axis_op(int(i), int(o), orders[0])
+        for a, (i, o) in enumerate(zip(shape_in, shape_out))
+    ]
 
 
 # ------------------------------------------------------------------------------ orientation
@@ -261,8 +265,7 @@ def _target_spacing(package: ModelPackage, spacing) -> tuple[float, float, float
 def _orientation(spec: dict, affine, geom: Geometry) -> None:
     if spec["orientation"] == "RAS":
         if affine is None:
-            geom.notes.append("the package reorients scans to RAS but no affine was given: the scan is "
-                              "taken as stored")
+            geom.notes.append("the package reorients scans to RAS but no affine was given: the scan is taken as stored")
         else:
             geom.perm, geom.flip = ras_view(affine)
     if spec["transpose"] is not None:
@@ -295,28 +298,44 @@ def plan_geometry(vol: np.ndarray, package: ModelPackage, spacing, affine) -> Ge
         sz, sy, sx = (float(spacing[p]) for p in geom.perm)
         geom.spacing = (sz, sy, sx)
     if package.spacing is not None and geom.spacing is None:
-        geom.notes.append("the scan has no spacing (e.g. a .npy file): it is taken to be at the model's "
-                          f"spacing {package.spacing}")
+        geom.notes.append(
+            f"the scan has no spacing (e.g. a .npy file): it is taken to be at the model's spacing {package.spacing}"
+        )
     elif package.spacing is not None:
         geom.target_spacing = _target_spacing(package, geom.spacing)
         geom.target = _zyx(new_shape(geom.cropped, geom.spacing, geom.target_spacing))
         if min(geom.target) < 1:
-            raise ValueError(f"resampling {geom.cropped} voxels at {geom.spacing} mm to {geom.target_spacing} mm "
-                             "leaves an empty grid")
-        check_bytes(None, 4 * vol.shape[0] * math.prod(geom.target), f"resampling {geom.cropped} voxels at "
-                    f"{geom.spacing} mm to {geom.target_spacing} mm (grid {geom.target}, float32)",
-                    share=RESAMPLE_SHARE)
+            raise ValueError(
+                f"resampling {geom.cropped} voxels at {geom.spacing} mm to {geom.target_spacing} mm "
+                "leaves an empty grid"
+            )
+        check_bytes(
+            None,
+            4 * vol.shape[0] * math.prod(geom.target),
+            f"resampling {geom.cropped} voxels at "
+            f"{geom.spacing} mm to {geom.target_spacing} mm (grid {geom.target}, float32)",
+            share=RESAMPLE_SHARE,
+        )
         if geom.target != geom.cropped:
             res = spec["resampling"]
             sep = separate_axis(geom.target_spacing, geom.spacing, res["separate_z"], res["anisotropy_threshold"])
-            geom.back = _axis_ops(geom.target, geom.cropped, (res["probabilities_order"],
-                                                              res["probabilities_order_z"]), sep)
+            geom.back = _axis_ops(
+                geom.target, geom.cropped, (res["probabilities_order"], res["probabilities_order_z"]), sep
+            )
     return geom
 
 
 # ------------------------------------------------------------------------------ voxels
-def prepare(vol: np.ndarray, package: ModelPackage, *, spacing=None, affine=None, normalized: bool = False,
-            invalid: np.ndarray | None = None, device: str = "cpu") -> tuple[np.ndarray, Geometry]:
+def prepare(
+    vol: np.ndarray,
+    package: ModelPackage,
+    *,
+    spacing=None,
+    affine=None,
+    normalized: bool = False,
+    invalid: np.ndarray | None = None,
+    device: str = "cpu",
+) -> tuple[np.ndarray, Geometry]:
     """``vol (M, Z, Y, X)`` float32 on the network's grid, and its :class:`Geometry`.
 
     Args:
@@ -411,9 +430,9 @@ def _banded_product(t: Any, op: AxisOp, dim: int) -> Any:
     import torch
 
     shape = list(t.shape)
-    before, after = int(np.prod(shape[:dim])), int(np.prod(shape[dim + 1:]))
+    before, after = int(np.prod(shape[:dim])), int(np.prod(shape[dim + 1 :]))
     mat = torch.from_numpy(np.ascontiguousarray(op.matrix, dtype=np.float32)).to(t.device)
-    out_shape = shape[:dim] + [op.n_out] + shape[dim + 1:]
+    out_shape = shape[:dim] + [op.n_out] + shape[dim + 1 :]
     out = torch.empty(out_shape, dtype=t.dtype, device=t.device)
     if after == 1:  # the last axis: rows of a 2D product
         src, dst = t.reshape(before, shape[dim]), out.reshape(before, op.n_out)
@@ -424,4 +443,3 @@ def _banded_product(t: Any, op: AxisOp, dim: int) -> Any:
     for r0, r1, c0, c1 in _bands(op.matrix):
         dst[:, r0:r1] = torch.matmul(mat[r0:r1, c0:c1], src[:, c0:c1])
     return out
-

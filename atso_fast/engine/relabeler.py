@@ -6,6 +6,7 @@ finishes rows as soon as no later window covers them, so peak accumulator memory
 ``C x pz x Y x X`` instead of MONAI's ``C x Z x Y x X`` (plus its output copy); with
 ``accumulate_dtype="float16"`` it halves again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,8 +43,14 @@ from atso_fast.package.trust import largest_tensor
 from atso_fast.runtimes import RUNTIMES, load_runtime
 from atso_fast.runtimes.base import Pending, Ready, check_device, check_precision
 
-__all__ = ["Relabeler", "RelabelResult", "NonFiniteInputError", "check_label_map", "relabeler_options",
-           "run_fingerprint"]
+__all__ = [
+    "Relabeler",
+    "RelabelResult",
+    "NonFiniteInputError",
+    "check_label_map",
+    "relabeler_options",
+    "run_fingerprint",
+]
 
 _LABEL_OPTIONS = ("runtime", "overlap", "threshold", "ignore_index", "mirror", "precision", "accumulate_dtype")
 """The Relabeler options that change the labels (the fingerprint's settings)."""
@@ -128,10 +135,12 @@ def check_label_map(label_map: Any) -> list[list[int]] | None:
         try:
             key, value = pair
         except (TypeError, ValueError):
-            raise ValueError(f"label_map must be {{label: written label}} or (label, written label) pairs, "
-                             f"got {pair!r}") from None
-        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 65535
-                   for v in (key, value)):
+            raise ValueError(
+                f"label_map must be {{label: written label}} or (label, written label) pairs, got {pair!r}"
+            ) from None
+        if not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 65535 for v in (key, value)
+        ):
             raise ValueError(f"label_map entries must be ints in [0, 65535], got {key!r}: {value!r}")
         if int(key) in out:
             raise ValueError(f"label_map maps label {key} twice")
@@ -162,8 +171,9 @@ def _package_or_load(package: ModelPackage | None, model_dir: str | Path | None)
     if package is not None:
         return package
     if model_dir is None:
-        raise TypeError("Relabeler needs model_dir, a model package folder, got None "
-                        "(a live torch module: Relabeler.from_module)")
+        raise TypeError(
+            "Relabeler needs model_dir, a model package folder, got None (a live torch module: Relabeler.from_module)"
+        )
     return load_package(model_dir)
 
 
@@ -209,15 +219,38 @@ class Relabeler:
 
     takes_geometry = True
 
-    def __init__(self, model_dir: str | Path | None = None, *, runtime: str = "auto", device: str = "cpu",
-                 overlap: float = 0.5, batch_size: int = 4, threshold: float = 0.0, ignore_index: int = 255,
-                 mirror: bool = False, precision: str = "float32", accumulate_dtype: str = "float32",
-                 save_probabilities: bool = False, nonfinite: str = "fail", compile: bool = False,
-                 threads: int | None = None, kernel_threads: int | None = None, label_map: Any = None,
-                 _package: ModelPackage | None = None, _module: Any = None):
+    def __init__(
+        self,
+        model_dir: str | Path | None = None,
+        *,
+        runtime: str = "auto",
+        device: str = "cpu",
+        overlap: float = 0.5,
+        batch_size: int = 4,
+        threshold: float = 0.0,
+        ignore_index: int = 255,
+        mirror: bool = False,
+        precision: str = "float32",
+        accumulate_dtype: str = "float32",
+        save_probabilities: bool = False,
+        nonfinite: str = "fail",
+        compile: bool = False,
+        threads: int | None = None,
+        kernel_threads: int | None = None,
+        label_map: Any = None,
+        _package: ModelPackage | None = None,
+        _module: Any = None,
+    ):
         self.package = _package_or_load(_package, model_dir)
-        self._options = {"runtime": runtime, "overlap": overlap, "threshold": threshold, "ignore_index": ignore_index,
-                         "mirror": mirror, "precision": precision, "accumulate_dtype": accumulate_dtype}
+        self._options = {
+            "runtime": runtime,
+            "overlap": overlap,
+            "threshold": threshold,
+            "ignore_index": ignore_index,
+            "mirror": mirror,
+            "precision": precision,
+            "accumulate_dtype": accumulate_dtype,
+        }
         self.label_map = check_label_map(label_map)
         if self.label_map is not None:
             self._options["label_map"] = self.label_map
@@ -238,8 +271,10 @@ class Relabeler:
             raise ValueError(f"nonfinite must be 'fail' or 'ignore', got {nonfinite!r}")
         self.nonfinite = nonfinite
         if self.device.startswith("cuda") and not native.has_cuda():
-            raise RuntimeError(f"device {device!r} needs a CUDA GPU and a CUDA build of atso_fast._C; "
-                               f"build_info: {native.build_info()}")
+            raise RuntimeError(
+                f"device {device!r} needs a CUDA GPU and a CUDA build of atso_fast._C; "
+                f"build_info: {native.build_info()}"
+            )
         if compile and runtime not in ("auto", "torch"):
             raise ValueError(f"compile=True compiles the torch runtime; runtime {runtime!r} cannot be compiled")
         if runtime != "auto" or compile:
@@ -247,11 +282,23 @@ class Relabeler:
             self.runtime_reason = f"{candidates[0]}: asked for"
         else:  # the package's measured agreement, else the rule (atso_fast.engine.agreement)
             candidates, self.runtime_reason = choose_runtime(
-                self.package, device=self.device, precision=self.precision, has_module=_module is not None,
-                has_program=self._has_program())
+                self.package,
+                device=self.device,
+                precision=self.precision,
+                has_module=_module is not None,
+                has_program=self._has_program(),
+            )
         self._check_graph_memory()
-        self.runtime = load_runtime(candidates, device=self.device, package=self.package, module=_module,
-                                    precision=precision, batch_size=self.batch_size, compile=compile, threads=threads)
+        self.runtime = load_runtime(
+            candidates,
+            device=self.device,
+            package=self.package,
+            module=_module,
+            precision=precision,
+            batch_size=self.batch_size,
+            compile=compile,
+            threads=threads,
+        )
         self._kernel_threads = kernel_threads
         self.runtime.reuse_output = True  # _stream takes each result before its buffer is reused
         self._backend = ArrayBackend(self.device)
@@ -311,21 +358,32 @@ class Relabeler:
         return (pkg.root / pkg.torch_file).is_file()
 
     @classmethod
-    def from_module(cls, module: Any, *, window, num_classes: int, kind: str = "logits",
-                    normalization: dict | None = None, in_channels: int = 1, **kw) -> Relabeler:
+    def from_module(
+        cls,
+        module: Any,
+        *,
+        window,
+        num_classes: int,
+        kind: str = "logits",
+        normalization: dict | None = None,
+        in_channels: int = 1,
+        **kw,
+    ) -> Relabeler:
         """A relabeler around a live torch module (torch runtime, nothing exported)."""
         win, norm = validate_meta(window, in_channels, num_classes, kind, normalization, "Relabeler.from_module")
         package = ModelPackage(None, win, in_channels, num_classes, kind, norm, onnx_file=None)
         kw.setdefault("runtime", "torch")
         return cls(None, _package=package, _module=module, **kw)
 
-    def relabel_archive(self, inputs, output_dir, *, resume: bool = False, num_parts: int = 1, part_id: int = 0,
-                        **kw) -> dict[str, Any]:
+    def relabel_archive(
+        self, inputs, output_dir, *, resume: bool = False, num_parts: int = 1, part_id: int = 0, **kw
+    ) -> dict[str, Any]:
         """Relabel every volume under ``inputs`` into ``output_dir`` (see ``atso_fast.archive``)."""
         return relabel_archive(self, inputs, output_dir, resume=resume, num_parts=num_parts, part_id=part_id, **kw)
 
-    def relabel_file(self, image: str | Path | list[str | Path], output: str | Path, *,
-                     confidence: str | Path | None = None) -> RelabelResult:
+    def relabel_file(
+        self, image: str | Path | list[str | Path], output: str | Path, *, confidence: str | Path | None = None
+    ) -> RelabelResult:
         """Relabel one scan file and write its label map on the scan's own grid and header.
 
         Args:
@@ -349,8 +407,9 @@ class Relabeler:
         return result
 
     # ------------------------------------------------------------------ one volume
-    def relabel_volume(self, array: Any, *, spacing: Any = None, affine: Any = None,
-                       normalized: bool = False) -> RelabelResult:
+    def relabel_volume(
+        self, array: Any, *, spacing: Any = None, affine: Any = None, normalized: bool = False
+    ) -> RelabelResult:
         """Pseudo labels for one volume, on its own grid.
 
         With a package that has a spacing (and the scan's ``spacing``), the scan is brought to
@@ -376,8 +435,9 @@ class Relabeler:
         start = time.perf_counter()
         arr, bad = self._prepare(array)
         spacing = self._check_spacing(spacing, arr.shape[1])
-        vol, geom = prepare(arr, self.package, spacing=spacing, affine=affine, normalized=normalized,
-                            invalid=bad, device=self.device)
+        vol, geom = prepare(
+            arr, self.package, spacing=spacing, affine=affine, normalized=normalized, invalid=bad, device=self.device
+        )
         del arr
         for note in geom.notes:
             self._warn_once(note)
@@ -388,31 +448,45 @@ class Relabeler:
         streamed = time.perf_counter()
         out = self._finish(sink, geom)
         if out.totals.invalid:  # before the input's own NaN voxels are marked
-            raise ValueError(f"the network's output holds NaN/inf for {out.totals.invalid} of "
-                             f"{out.labels.size} voxels; no labels are written for a broken output")
+            raise ValueError(
+                f"the network's output holds NaN/inf for {out.totals.invalid} of "
+                f"{out.labels.size} voxels; no labels are written for a broken output"
+            )
         if bad is not None:
             out.mark_invalid(bad)
         labels = out.labels if self.label_map is None else _apply_label_map(out.labels, self.label_map)
         end = time.perf_counter()
         sink_seconds = sink.seconds
-        timings = {"preprocess": prepared - start, "network": self._net_seconds,
-                   "stitch": max(streamed - prepared - self._net_seconds - sink_seconds, 0.0),
-                   "export": sink_seconds + end - streamed}
-        return RelabelResult(labels, out.confidence, out.probabilities,
-                             self._stats(out, geom, bad, end - start, timings))
+        timings = {
+            "preprocess": prepared - start,
+            "network": self._net_seconds,
+            "stitch": max(streamed - prepared - self._net_seconds - sink_seconds, 0.0),
+            "export": sink_seconds + end - streamed,
+        }
+        return RelabelResult(
+            labels, out.confidence, out.probabilities, self._stats(out, geom, bad, end - start, timings)
+        )
 
-    def _stats(self, out: LabelSink, geom: Geometry, bad: np.ndarray | None, seconds: float,
-               timings: dict[str, float]) -> dict[str, Any]:
+    def _stats(
+        self, out: LabelSink, geom: Geometry, bad: np.ndarray | None, seconds: float, timings: dict[str, float]
+    ) -> dict[str, Any]:
         totals, conf = out.totals, out.confidence
         n = int(np.prod(conf.shape))
         return {
-            "shape": list(conf.shape), "seconds": seconds, "windows": self._windows,
-            "label_counts": totals.counts.tolist(), "ignored_voxels": totals.ignored,
-            "invalid_voxels": totals.invalid, "ignored_fraction": (totals.ignored + totals.invalid) / n,
+            "shape": list(conf.shape),
+            "seconds": seconds,
+            "windows": self._windows,
+            "label_counts": totals.counts.tolist(),
+            "ignored_voxels": totals.ignored,
+            "invalid_voxels": totals.invalid,
+            "ignored_fraction": (totals.ignored + totals.invalid) / n,
             "mean_confidence": float(conf.mean(dtype=np.float64)) / 255.0,
             "nonfinite_input_voxels": 0 if bad is None else int(bad.sum()),
-            "runtime": self.runtime_name, "device": self.device, "network_shape": list(geom.target),
-            "ignore_index": self.ignore_index, "label_map": self.label_map,
+            "runtime": self.runtime_name,
+            "device": self.device,
+            "network_shape": list(geom.target),
+            "ignore_index": self.ignore_index,
+            "label_map": self.label_map,
             "spacing": None if geom.spacing is None else [geom.spacing[geom.perm.index(a)] for a in range(3)],
             "timings": timings,  # spacing: the scan's own (z, y, x), undoing the network axes' order
         }
@@ -441,21 +515,32 @@ class Relabeler:
             seen = sp if depth > 1 else (None, *sp[1:])
             if self._first_spacing is None:
                 self._first_spacing = seen
-            elif any(a is not None and b is not None and max(a, b) / min(a, b) > 1.2
-                     for a, b in zip(seen, self._first_spacing)):
-                self._warn_once(f"scans' spacings differ by more than 20% ({list(self._first_spacing)} vs "
-                                f"{list(sp)} mm) but the model package records no spacing, so every scan runs "
-                                "at its own resolution; export the package with --spacing (export_model(spacing=...)) "
-                                "to resample", key="spacings differ")
+            elif any(
+                a is not None and b is not None and max(a, b) / min(a, b) > 1.2
+                for a, b in zip(seen, self._first_spacing)
+            ):
+                self._warn_once(
+                    f"scans' spacings differ by more than 20% ({list(self._first_spacing)} vs "
+                    f"{list(sp)} mm) but the model package records no spacing, so every scan runs "
+                    "at its own resolution; export the package with --spacing (export_model(spacing=...)) "
+                    "to resample",
+                    key="spacings differ",
+                )
         return sp
 
     def _make_sink(self, shape: tuple[int, int, int]) -> Any:
         """The row sink of the network's grid ``(Z, Y, X)``: labels directly, or resampling back first."""
         pkg, geom = self.package, self._geometry
         native_shape = shape if geom is None or geom.back is None else geom.cropped
-        inner = LabelSink(native_shape, pkg.num_classes, kind=pkg.kind, threshold=self.threshold,
-                          ignore_index=self.ignore_index, backend=self._backend,
-                          save_probabilities=self.save_probabilities)
+        inner = LabelSink(
+            native_shape,
+            pkg.num_classes,
+            kind=pkg.kind,
+            threshold=self.threshold,
+            ignore_index=self.ignore_index,
+            backend=self._backend,
+            save_probabilities=self.save_probabilities,
+        )
         if geom is None or geom.back is None:
             return TimedSink(inner)
         return ResampleSink(inner, geom.back, cuda=self._backend.cuda)
@@ -463,8 +548,15 @@ class Relabeler:
     def _finish(self, sink: Any, geom: Geometry) -> LabelSink:
         inner = sink.finalize() if isinstance(sink, ResampleSink) else sink.sink
         pkg = self.package
-        return restore(inner, geom, num_classes=pkg.num_classes, kind=pkg.kind, threshold=self.threshold,
-                       ignore_index=self.ignore_index, backend=ArrayBackend("cpu"))
+        return restore(
+            inner,
+            geom,
+            num_classes=pkg.num_classes,
+            kind=pkg.kind,
+            threshold=self.threshold,
+            ignore_index=self.ignore_index,
+            backend=ArrayBackend("cpu"),
+        )
 
     def _prepare(self, array: Any) -> tuple[np.ndarray, np.ndarray | None]:
         if type(array).__module__.split(".")[0] == "torch":
@@ -476,8 +568,10 @@ class Relabeler:
             arr = arr.reshape((1,) * (4 - arr.ndim) + arr.shape)
         m = self.package.in_channels
         if arr.ndim != 4 or arr.shape[0] != m:
-            raise ValueError(f"volume must be (Z, Y, X) or ({m}, Z, Y, X) for a model with {m} input "
-                             f"channel(s), got shape {np.shape(array)}")
+            raise ValueError(
+                f"volume must be (Z, Y, X) or ({m}, Z, Y, X) for a model with {m} input "
+                f"channel(s), got shape {np.shape(array)}"
+            )
         if arr.size == 0:
             raise ValueError(f"volume is empty (shape {np.shape(array)})")
         arr = arr.astype(np.float32, copy=False)
@@ -486,8 +580,10 @@ class Relabeler:
         if not finite.all():
             bad = ~finite.all(axis=0)
             if self.nonfinite == "fail":
-                raise NonFiniteInputError(f"volume has {int(bad.sum())} NaN/inf voxels; use nonfinite='ignore' "
-                                          "(--nonfinite ignore) to label them ignore_index")
+                raise NonFiniteInputError(
+                    f"volume has {int(bad.sum())} NaN/inf voxels; use nonfinite='ignore' "
+                    "(--nonfinite ignore) to label them ignore_index"
+                )
             arr = np.where(finite, arr, np.float32(arr[finite].mean() if finite.any() else 0.0))
         return arr, bad
 
@@ -509,9 +605,13 @@ class Relabeler:
         slab = classes * min(win[0], shape[0]) * shape[1] * shape[2] * (2 if self.accumulate_dtype == "float16" else 4)
         outputs = self.batch_size * max(self.runtime.in_flight, 1) * classes * math.prod(win) * 4
         probabilities = classes * math.prod(shape) * 4 if self.save_probabilities else 0
-        check_bytes(None, slab + outputs + probabilities, f"relabelling a {'x'.join(map(str, shape))} grid with "
-                    f"{classes} classes (accumulator slab, window outputs{', probabilities' if probabilities else ''})",
-                    share=2)
+        check_bytes(
+            None,
+            slab + outputs + probabilities,
+            f"relabelling a {'x'.join(map(str, shape))} grid with "
+            f"{classes} classes (accumulator slab, window outputs{', probabilities' if probabilities else ''})",
+            share=2,
+        )
 
     def _stream(self, vol: np.ndarray) -> Any:
         """Sliding window over ``vol (M, Z, Y, X)`` in the grid profile's order and :meth:`_batches`,
@@ -540,7 +640,7 @@ class Relabeler:
                 free.append(self._merge(merger, *pending.popleft()))
             chunk = origins[lo:hi]
             buf = free.pop() if free else be.zeros((self.batch_size, pkg.in_channels, *win), "float32")
-            patches = native.extract_patches(vol_d, chunk, win, out=buf[:len(chunk)])
+            patches = native.extract_patches(vol_d, chunk, win, out=buf[: len(chunk)])
             pending.append((self._submit(patches), chunk, buf))
         while pending:
             self._merge(merger, *pending.popleft())
@@ -591,6 +691,8 @@ class Relabeler:
         pkg = self.package
         want = (b, pkg.num_classes, *pkg.window)
         if tuple(out.shape) != want:
-            raise ValueError(f"runtime {self.runtime_name!r} returned windows of shape {tuple(out.shape)}, "
-                             f"expected {want} (check the package's num_classes/window)")
+            raise ValueError(
+                f"runtime {self.runtime_name!r} returned windows of shape {tuple(out.shape)}, "
+                f"expected {want} (check the package's num_classes/window)"
+            )
         return out.reshape(b, pkg.num_classes, *pkg.window3d)

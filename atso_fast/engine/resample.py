@@ -18,6 +18,7 @@ arithmetic, so the labels are those of torch's bilinear followed by ``native.fin
 aten itself would run that arithmetic (:func:`aten_generic_bilinear`), without the
 ``C x rows x Yn x Xn`` block in between.
 """
+
 from __future__ import annotations
 
 import time
@@ -121,8 +122,14 @@ class ResampleSink:
         self._buffers: dict[str, Any] = {}
         self._ones: torch.Tensor | None = None
         _, yop, xop = ops
-        fusable = (fuse and not cuda and inner.probabilities is None and yop.order == 1 and xop.order == 1
-                   and not (yop.identity and xop.identity))
+        fusable = (
+            fuse
+            and not cuda
+            and inner.probabilities is None
+            and yop.order == 1
+            and xop.order == 1
+            and not (yop.identity and xop.identity)
+        )
         # the fused in-plane + finalize pass (bilinear taps as aten's, per axis), or None
         self._taps = (bilinear_taps(yop.n_in, yop.n_out), bilinear_taps(xop.n_in, xop.n_out)) if fusable else None
         self.seconds = 0.0
@@ -201,8 +208,10 @@ class ResampleSink:
         if self._taps is not None and self._fused(r):
             inner = self.inner
             y_taps, x_taps = self._taps
-            inner.store(native.resample_finalize(rows.numpy(), y_taps, x_taps, inner.threshold, inner.ignore_index,
-                                                 inner.kind), k0)
+            inner.store(
+                native.resample_finalize(rows.numpy(), y_taps, x_taps, inner.threshold, inner.ignore_index, inner.kind),
+                k0,
+            )
             return
         rows = self._in_plane(rows)
         if self._ones is None or self._ones.shape[0] < r:
@@ -245,8 +254,9 @@ class ResampleSink:
         return self.inner
 
 
-def restore(inner: LabelSink, geom: Any, *, num_classes: int, kind: str, threshold: float, ignore_index: int,
-            backend: Any) -> LabelSink:
+def restore(
+    inner: LabelSink, geom: Any, *, num_classes: int, kind: str, threshold: float, ignore_index: int, backend: Any
+) -> LabelSink:
     """The finished cropped network grid of ``inner`` put back on the scan's grid.
 
     Outside the crop box every voxel is background with probability 1 (nnU-Net's
@@ -261,8 +271,15 @@ def restore(inner: LabelSink, geom: Any, *, num_classes: int, kind: str, thresho
     """
     if not geom.cropped_away and not geom.reoriented:
         return inner
-    full = LabelSink(geom.native, num_classes, kind=kind, threshold=threshold, ignore_index=ignore_index,
-                     backend=backend, save_probabilities=inner.probabilities is not None)
+    full = LabelSink(
+        geom.native,
+        num_classes,
+        kind=kind,
+        threshold=threshold,
+        ignore_index=ignore_index,
+        backend=backend,
+        save_probabilities=inner.probabilities is not None,
+    )
     full.labels.fill(0)
     full.confidence.fill(255)
     geom.to_net(full.labels)[...] = inner.labels

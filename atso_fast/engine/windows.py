@@ -17,6 +17,7 @@ separable, with values below ``max(min, 1e-3)`` clamped up to it (nnU-Net instea
 a maximum of 1 and replaces zeros with the smallest non-zero value; for blending only the ratio
 matters, and MONAI is the reference our tests compare to).
 """
+
 from __future__ import annotations
 
 import math
@@ -118,8 +119,7 @@ def sliding_window_origins(
     pad = padding_before(image_size, roi)
     padded = [max(int(s), int(r)) for s, r in zip(image_size, roi)]
     steps = scan_intervals(padded, roi, ov)
-    axes = [np.asarray(window_starts(s, int(r), st), np.int64) - p
-            for s, r, st, p in zip(padded, roi, steps, pad)]
+    axes = [np.asarray(window_starts(s, int(r), st), np.int64) - p for s, r, st, p in zip(padded, roi, steps, pad)]
     grid = np.meshgrid(*axes, indexing="ij")
     return np.stack([g.ravel() for g in grid], axis=1).astype(np.int64)
 
@@ -201,8 +201,7 @@ def nnunet_steps(image_size: Sequence[int], tile_size: Sequence[int], tile_step:
     return out
 
 
-def nnunet_origins(image_size: Sequence[int], roi: Sequence[int],
-                   overlap: float | Sequence[float] = 0.5) -> np.ndarray:
+def nnunet_origins(image_size: Sequence[int], roi: Sequence[int], overlap: float | Sequence[float] = 0.5) -> np.ndarray:
     """Window origins ``(N, D)`` int64 of nnU-Net's predictor, in volume coordinates.
 
     The volume is (virtually) padded to at least the window, the content centred (nnU-Net's
@@ -217,8 +216,10 @@ def nnunet_origins(image_size: Sequence[int], roi: Sequence[int],
     pad = padding_before(image_size, roi)
     padded = [max(int(s), int(r)) for s, r in zip(image_size, roi)]
     steps = nnunet_steps(padded, roi, [1.0 - o for o in ov])
-    axes = [np.arange(int(s), dtype=np.int64) if int(r) == 1 else np.asarray(st, np.int64) - p
-            for s, r, st, p in zip(image_size, roi, steps, pad)]
+    axes = [
+        np.arange(int(s), dtype=np.int64) if int(r) == 1 else np.asarray(st, np.int64) - p
+        for s, r, st, p in zip(image_size, roi, steps, pad)
+    ]
     grid = np.meshgrid(*axes, indexing="ij")
     return np.stack([g.ravel() for g in grid], axis=1).astype(np.int64)
 
@@ -259,8 +260,9 @@ def _check_profile(profile: str) -> str:
     return profile
 
 
-def grid_origins(profile: str, image_size: Sequence[int], roi: Sequence[int],
-                 overlap: float | Sequence[float]) -> np.ndarray:
+def grid_origins(
+    profile: str, image_size: Sequence[int], roi: Sequence[int], overlap: float | Sequence[float]
+) -> np.ndarray:
     """Window origins ``(N, 3)`` of ``profile`` (``"monai"`` or ``"nnunet"``), z-major."""
     if _check_profile(profile) == "nnunet":
         return nnunet_origins(image_size, roi, overlap)

@@ -7,6 +7,7 @@ channels), C-contiguous (``atso_fast/CONTRACTS.md``). Formats: ``nifti`` (``.nii
 (natural images: colour frames ``(3, 1, H, W)``, label PNGs; PNG outputs); each is one class in the registry
 (:mod:`atso_fast.io.registry`). Every write is atomic (:mod:`atso_fast.io.atomic`).
 """
+
 from __future__ import annotations
 
 from atso_fast.io import images as _images  # noqa: F401  (registers the formats)

@@ -5,6 +5,7 @@ is hidden (``.NAME.atso-PID-START-TOKEN.tmp``: the writer's process id and start
 listings and resumed runs can recognise it, and tell a killed writer's leftovers from the temp
 files of a writer that is still running (:func:`is_stale_temp`).
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,7 @@ _OWNER = re.compile(r"\.atso-(\d+)(?:-(\d+))?-[0-9a-f]+\.(?:tmp|dir)$")
 _Chunk = TypeVar("_Chunk", bound="Buffer")
 
 
-def atomic_write_bytes(path: str | os.PathLike[str],
-                       data: _Chunk | list[_Chunk] | tuple[_Chunk, ...]) -> Path:
+def atomic_write_bytes(path: str | os.PathLike[str], data: _Chunk | list[_Chunk] | tuple[_Chunk, ...]) -> Path:
     """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``.
 
     A reader (or a resumed run) sees either the previous file or the complete new one; the
@@ -47,7 +47,7 @@ def atomic_write_bytes(path: str | os.PathLike[str],
             for chunk in chunks:
                 view = memoryview(chunk).cast("B")
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
         finally:
             os.close(fd)
     except BaseException:

@@ -3,6 +3,7 @@
 Axis convention (``atso_fast/CONTRACTS.md``): arrays are ``(Z, Y, X)`` or ``(M, Z, Y, X)``
 (``M`` = channels), C-contiguous; 2D images are ``(1, Y, X)``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -5,6 +5,7 @@ files has side effects, so every file a user hands us is checked with ``os.stat`
 opened, opened with ``O_NONBLOCK`` and checked again on the open descriptor (the path may have
 been swapped in between).
 """
+
 from __future__ import annotations
 
 import errno
@@ -19,8 +20,13 @@ __all__ = ["MAX_TEXT_BYTES", "file_kind", "not_regular_error", "open_regular", "
 MAX_TEXT_BYTES = 64 << 20
 """Largest config, list or JSON file read (plans.json, dataset.json, YAML lists: kilobytes)."""
 
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
 
 
 def file_kind(mode: int) -> str:

@@ -25,6 +25,7 @@ Writing: label maps as single-band PNGs (``L``, uint8; ``I;16``, uint16 when the
 uint16, e.g. more than 255 classes), confidence as 8-bit PNG, atomically. A JPEG input gets PNG
 outputs (JPEG is lossy: a label map is never written as one).
 """
+
 from __future__ import annotations
 
 import io
@@ -45,10 +46,18 @@ PNG_LEVEL = 1
 """zlib level of written PNGs (fast; label maps compress well at any level)."""
 
 _MODES: dict[str, tuple[str | None, np.dtype]] = {
-    "RGB": (None, np.dtype(np.uint8)), "RGBA": ("RGB", np.dtype(np.uint8)), "CMYK": ("RGB", np.dtype(np.uint8)),
-    "YCbCr": ("RGB", np.dtype(np.uint8)), "L": (None, np.dtype(np.uint8)), "LA": ("L", np.dtype(np.uint8)),
-    "1": (None, np.dtype(np.uint8)), "P": (None, np.dtype(np.uint8)), "I;16": (None, np.dtype(np.uint16)),
-    "I;16B": (None, np.dtype(np.uint16)), "I;16L": (None, np.dtype(np.uint16)), "I": (None, np.dtype(np.int32)),
+    "RGB": (None, np.dtype(np.uint8)),
+    "RGBA": ("RGB", np.dtype(np.uint8)),
+    "CMYK": ("RGB", np.dtype(np.uint8)),
+    "YCbCr": ("RGB", np.dtype(np.uint8)),
+    "L": (None, np.dtype(np.uint8)),
+    "LA": ("L", np.dtype(np.uint8)),
+    "1": (None, np.dtype(np.uint8)),
+    "P": (None, np.dtype(np.uint8)),
+    "I;16": (None, np.dtype(np.uint16)),
+    "I;16B": (None, np.dtype(np.uint16)),
+    "I;16L": (None, np.dtype(np.uint16)),
+    "I": (None, np.dtype(np.int32)),
     "F": (None, np.dtype(np.float32)),
 }
 """Pillow mode -> (mode converted to first, or None; dtype of the returned array)."""
@@ -82,16 +91,23 @@ def _check_size(picture: Any, path: Path, label: str) -> tuple[str | None, np.dt
         raise InputError(f"{path}: {label} header claims an empty picture ({width} x {height})")
     limit = picture_limit()
     if limit is not None and width * height > limit:
-        raise InputError(f"{path}: {label} header claims {width} x {height} pixels ({width * height}), more than the "
-                         f"{limit} allowed (Pillow's MAX_IMAGE_PIXELS): a possible decompression bomb; refused "
-                         "before decoding")
+        raise InputError(
+            f"{path}: {label} header claims {width} x {height} pixels ({width * height}), more than the "
+            f"{limit} allowed (Pillow's MAX_IMAGE_PIXELS): a possible decompression bomb; refused "
+            "before decoding"
+        )
     if picture.mode not in _MODES:
-        raise InputError(f"{path}: {label} picture mode {picture.mode!r} is not supported (RGB, RGBA, L, LA, P, "
-                         "1, I;16, I, F)")
+        raise InputError(
+            f"{path}: {label} picture mode {picture.mode!r} is not supported (RGB, RGBA, L, LA, P, 1, I;16, I, F)"
+        )
     convert, dtype = _MODES[picture.mode]
     bands = 3 if (convert or picture.mode) in ("RGB", "RGBA", "CMYK", "YCbCr") else 1
-    check_bytes(path, width * height * bands * dtype.itemsize * (2 if convert else 1),
-                f"the decoded {width} x {height} picture", share=DECODE_SHARE)
+    check_bytes(
+        path,
+        width * height * bands * dtype.itemsize * (2 if convert else 1),
+        f"the decoded {width} x {height} picture",
+        share=DECODE_SHARE,
+    )
     return convert, dtype
 
 
@@ -177,8 +193,10 @@ class PictureFormat(ImageFormat):
     def encode(self, path: Path, array: np.ndarray, meta: VolumeMeta, key: str) -> bytes:
         """A ``(1, H, W)`` map as a single-band PNG (labels uint8/uint16, confidence uint8)."""
         if array.ndim != 3 or array.shape[0] != 1:
-            raise ValueError(f"{path}: a PNG holds one 2D map, got shape {array.shape} (Z, Y, X); 3D label maps "
-                             "need a volume format (.nii.gz, .nrrd, ...)")
+            raise ValueError(
+                f"{path}: a PNG holds one 2D map, got shape {array.shape} (Z, Y, X); 3D label maps "
+                "need a volume format (.nii.gz, .nrrd, ...)"
+            )
         if array.dtype not in (np.uint8, np.uint16):
             raise ValueError(f"{path}: PNG {key} must be uint8 or uint16, got {array.dtype}")
         return encode_png(array[0])

@@ -8,6 +8,7 @@ still use: the least of the memory the kernel reports available, the cgroup's li
 usage, and the address-space limit (``ulimit -v``) less what is mapped. It is read at each call
 (never at import), so a limit set after start-up counts.
 """
+
 from __future__ import annotations
 
 import os
@@ -77,8 +78,9 @@ def memory_budget() -> int | None:
     return min(rooms) if rooms else None
 
 
-def check_bytes(path: str | os.PathLike[str] | None, nbytes: int, what: str, *, share: int = 1,
-                budget: int | None = None) -> None:
+def check_bytes(
+    path: str | os.PathLike[str] | None, nbytes: int, what: str, *, share: int = 1, budget: int | None = None
+) -> None:
     """Refuse to allocate ``nbytes`` for ``what`` when it exceeds ``1/share`` of the budget.
 
     Args:
@@ -95,8 +97,10 @@ def check_bytes(path: str | os.PathLike[str] | None, nbytes: int, what: str, *, 
     if budget is None or nbytes * share <= budget:
         return
     name = f"{path}: " if path is not None else ""
-    raise InputError(f"{name}{what} needs {_gib(nbytes)}, more than the {_gib(budget // share)} this process can "
-                     f"spare for it (1/{share} of {_gib(budget)} free); refused before allocating")
+    raise InputError(
+        f"{name}{what} needs {_gib(nbytes)}, more than the {_gib(budget // share)} this process can "
+        f"spare for it (1/{share} of {_gib(budget)} free); refused before allocating"
+    )
 
 
 def _gib(n: int) -> str:

@@ -4,6 +4,7 @@ Listing never opens an image and never blocks: folder entries are only named (a 
 folder with an image suffix is listed, and fails as one case when it is about to be read), and
 list files are read only when they are regular files.
 """
+
 from __future__ import annotations
 
 import os
@@ -88,8 +89,10 @@ def scan_inputs(inputs: str | os.PathLike[str], *, recursive: bool = False) -> L
     if inputs.suffix.lower() in LIST_SUFFIXES:
         return _read_list(inputs)
     if image_suffix(inputs) is None:
-        raise InputError(f"{inputs}: neither a folder, a list file ({', '.join(LIST_SUFFIXES)}) "
-                         f"nor an image ({', '.join(supported_suffixes())})")
+        raise InputError(
+            f"{inputs}: neither a folder, a list file ({', '.join(LIST_SUFFIXES)}) "
+            f"nor an image ({', '.join(supported_suffixes())})"
+        )
     return Listing([inputs], inputs.parent)
 
 
@@ -102,8 +105,9 @@ def _scan_folder(folder: Path, recursive: bool) -> Listing:
         if os.path.abspath(where) == os.path.abspath(folder):
             raise InputError(f"{folder}: cannot list folder ({exc.strerror or exc})")
         rel = where.relative_to(folder).as_posix() + "/"
-        listing.failed.append((rel, where, f"{where}: cannot list folder ({exc.strerror or exc}); "
-                                           "its cases were not relabelled"))
+        listing.failed.append(
+            (rel, where, f"{where}: cannot list folder ({exc.strerror or exc}); its cases were not relabelled")
+        )
 
     for here, dirs, files in os.walk(folder, onerror=unlisted):
         base, rel_here = Path(here), Path(here).relative_to(folder)
@@ -155,8 +159,13 @@ def _read_list(list_file: Path) -> Listing:
         if not line or line.startswith("#"):
             continue
         if "\x00" in line:
-            listing.failed.append((f"{list_file.name}:{number}", base / line.replace("\x00", ""),
-                                   f"{list_file}:{number}: path contains a NUL byte; refused"))
+            listing.failed.append(
+                (
+                    f"{list_file.name}:{number}",
+                    base / line.replace("\x00", ""),
+                    f"{list_file}:{number}: path contains a NUL byte; refused",
+                )
+            )
             continue
         listing.paths.append(base / line)
     return listing

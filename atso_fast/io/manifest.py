@@ -1,4 +1,5 @@
 """The JSONL manifest of a bulk run: one row per case, append-only, safe against ``kill -9``."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,20 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = ["MANIFEST_FIELDS", "Manifest"]
 
-MANIFEST_FIELDS = ("case_id", "input", "status", "shape", "seconds", "label_counts",
-                   "ignored_fraction", "mean_confidence", "outputs", "error", "spacing", "timings")
+MANIFEST_FIELDS = (
+    "case_id",
+    "input",
+    "status",
+    "shape",
+    "seconds",
+    "label_counts",
+    "ignored_fraction",
+    "mean_confidence",
+    "outputs",
+    "error",
+    "spacing",
+    "timings",
+)
 """Keys of a manifest row, in the order they are written (missing keys are written as null).
 
 ``case_id`` (see :func:`case_id`), ``input`` (path as listed), ``status`` (``"ok"``|``"failed"``),
@@ -87,7 +100,7 @@ class Manifest:
             fd = self._open()
             view = memoryview(line)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
 
     def drop(self, case_ids: Collection[str]) -> int:
@@ -160,8 +173,9 @@ class Manifest:
 
     def completed(self) -> dict[str, dict[str, Any]]:
         """``{case_id: row}`` for cases whose last row is ``"ok"`` and whose outputs all exist."""
-        return {cid: row for cid, row in self.latest().items()
-                if row.get("status") == "ok" and self._outputs_exist(row)}
+        return {
+            cid: row for cid, row in self.latest().items() if row.get("status") == "ok" and self._outputs_exist(row)
+        }
 
     def _outputs_exist(self, row: Mapping[str, Any]) -> bool:
         outputs = row.get("outputs")

@@ -1,4 +1,5 @@
 """Case names and output paths (never outside the output folder, never over an input)."""
+
 from __future__ import annotations
 
 import os
@@ -68,8 +69,9 @@ def channel_groups(paths: Sequence[Path]) -> list[tuple[Path, ...]]:
     return [tuple(sorted(g, key=lambda p: index[p][1])) if len(g) > 1 else (g[0],) for g in groups.values()]
 
 
-def output_path(output_dir: str | os.PathLike[str], case_id: str, suffix: str, *,
-                inputs: Collection[str | os.PathLike[str]] = ()) -> Path:
+def output_path(
+    output_dir: str | os.PathLike[str], case_id: str, suffix: str, *, inputs: Collection[str | os.PathLike[str]] = ()
+) -> Path:
     """``output_dir / (case_id + suffix)``, refused when it could escape or clobber an input.
 
     Args:

@@ -6,6 +6,7 @@ needs no transpose copy. gzip goes through ``isal`` (ISA-L): about 2x faster tha
 decompress, and an order of magnitude faster to compress label maps at a fast level, into a file
 no larger than nibabel's.
 """
+
 from __future__ import annotations
 
 import io
@@ -53,7 +54,7 @@ class NiftiFormat(ImageFormat):
         """Spacing from ``pixdim`` (as ITK and nnU-Net's readers take it), origin and direction
         from the best affine."""
         _, origin, direction = affine_geometry(affine)
-        zooms = [float(z) for z in header.get_zooms()[:min(len(shape), 3)]]
+        zooms = [float(z) for z in header.get_zooms()[: min(len(shape), 3)]]
         if len(zooms) < 3:
             zooms += [1.0] * (3 - len(zooms))
         return tuple(zooms[::-1]), origin, direction
@@ -113,15 +114,18 @@ def _data_end(head: bytes, path: Path) -> int:
 
     if len(head) < 348:
         return len(head)
-    klass = nib.Nifti2Header if int.from_bytes(head[:4], "little") == 540 or \
-        int.from_bytes(head[:4], "big") == 540 else nib.Nifti1Header
+    klass = (
+        nib.Nifti2Header
+        if int.from_bytes(head[:4], "little") == 540 or int.from_bytes(head[:4], "big") == 540
+        else nib.Nifti1Header
+    )
     try:
-        header = klass.from_fileobj(io.BytesIO(head[:klass.sizeof_hdr]), check=False)
+        header = klass.from_fileobj(io.BytesIO(head[: klass.sizeof_hdr]), check=False)
         shape = [int(n) for n in header.get_data_shape()]
         end = max(int(header.get_data_offset()), klass.sizeof_hdr)  # a pair's header says offset 0
         end += math.prod(shape) * header.get_data_dtype().itemsize
         ndim = int(header["dim"][0])
-        zooms = [float(z) for z in header["pixdim"][1:1 + min(max(ndim, 0), 3)]]
+        zooms = [float(z) for z in header["pixdim"][1 : 1 + min(max(ndim, 0), 3)]]
     except Exception:  # not a NIfTI header: _decode_nifti says so
         return len(head)
     _check_zooms(zooms, path)
@@ -180,8 +184,10 @@ def _check_zooms(zooms: list[float], path: Path) -> None:
     quietly set a zero to 1 mm, and a wrong size resamples the scan wrongly); a negative size is
     taken as its magnitude, as nibabel and ITK take it."""
     if not all(math.isfinite(z) and z != 0 for z in zooms):
-        raise InputError(f"{path}: invalid voxel size {tuple(zooms)} mm (x, y, z) in the header: every size must "
-                         "be finite and non-zero")
+        raise InputError(
+            f"{path}: invalid voxel size {tuple(zooms)} mm (x, y, z) in the header: every size must "
+            "be finite and non-zero"
+        )
 
 
 def _scaled(array: np.ndarray, slope: float, inter: float) -> np.ndarray:

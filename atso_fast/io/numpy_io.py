@@ -1,4 +1,5 @@
 """NumPy ``.npy`` / ``.npz`` images (no pickles): arrays taken as already ``(Z, Y, X)``."""
+
 from __future__ import annotations
 
 import io
@@ -83,8 +84,9 @@ def _read_npy(handle: Any, path: Path) -> np.ndarray:
     header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, _, dtype = header(handle)
     if dtype.hasobject:
-        raise InputError(f"{path}: not a valid .npy image: it holds Python objects (a pickle), which atso-fast "
-                         "never loads")
+        raise InputError(
+            f"{path}: not a valid .npy image: it holds Python objects (a pickle), which atso-fast never loads"
+        )
     check_bytes(path, math.prod(shape) * dtype.itemsize, "the decoded image", share=DECODE_SHARE)
     handle.seek(0)
     return np.load(handle, allow_pickle=False)

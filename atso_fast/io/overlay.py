@@ -11,6 +11,7 @@ is labelled), the image windowed to its 1st-99th percentiles, each class in its 
 40% opacity, voxels scaled to their physical size. Pillow draws and encodes (it comes with
 matplotlib, whose ``tab20`` colours are used).
 """
+
 from __future__ import annotations
 
 import io
@@ -37,7 +38,7 @@ def _colours(n: int) -> np.ndarray:
 
 def _window(image: np.ndarray) -> np.ndarray:
     finite = image[np.isfinite(image)]
-    lo, hi = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
+    lo, hi = np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0)
     scaled = (np.nan_to_num(image, nan=lo) - lo) / max(hi - lo, 1e-6)
     return (np.clip(scaled, 0, 1) * 255).astype(np.uint8)
 
@@ -63,8 +64,13 @@ def _panel(image: np.ndarray, labels: np.ndarray, row_mm: float, col_mm: float, 
     return np.asarray(picture.resize((width, _HEIGHT), Image.Resampling.NEAREST))
 
 
-def frame_overlay(image: np.ndarray, labels: np.ndarray, ignore_index: int = 255,
-                  palette: np.ndarray | None = None, alpha: float = 0.5) -> np.ndarray:
+def frame_overlay(
+    image: np.ndarray,
+    labels: np.ndarray,
+    ignore_index: int = 255,
+    palette: np.ndarray | None = None,
+    alpha: float = 0.5,
+) -> np.ndarray:
     """``(H, W, 3)`` uint8: the frame ``image`` (``(3, H, W)`` colour 0-255, or ``(H, W)`` windowed
     grey) with ``labels (H, W)`` blended on top in ``palette`` colours (``(N, 3)`` uint8 indexed by
     label; default tab20 with label 0 left out)."""
@@ -85,8 +91,13 @@ def frame_overlay(image: np.ndarray, labels: np.ndarray, ignore_index: int = 255
     return (rgb + 0.5).astype(np.uint8)
 
 
-def overlay_png(image: np.ndarray, labels: np.ndarray, spacing: tuple[float, float, float] | None = None,
-                ignore_index: int = 255, palette: np.ndarray | None = None) -> bytes:
+def overlay_png(
+    image: np.ndarray,
+    labels: np.ndarray,
+    spacing: tuple[float, float, float] | None = None,
+    ignore_index: int = 255,
+    palette: np.ndarray | None = None,
+) -> bytes:
     """PNG bytes of the three orthogonal slices of ``image (Z, Y, X)`` (or ``(M, Z, Y, X)``: the
     first channel) with ``labels (Z, Y, X)`` blended on top; a 2D frame (``Z`` = 1) is drawn
     whole instead (:func:`frame_overlay`: colour when it has 3 channels).
@@ -111,9 +122,11 @@ def overlay_png(image: np.ndarray, labels: np.ndarray, spacing: tuple[float, flo
         raise ValueError(f"image {image.shape} and labels {labels.shape} differ")
     sz, sy, sx = spacing or (1.0, 1.0, 1.0)
     z, y, x = _centre(labels, ignore_index)
-    panels = [_panel(image[z], labels[z], sy, sx, ignore_index),  # axial: y rows, x across
-              _panel(image[:, y], labels[:, y], sz, sx, ignore_index),  # coronal: z up, x across
-              _panel(image[:, :, x], labels[:, :, x], sz, sy, ignore_index)]  # sagittal: z up, y across
+    panels = [
+        _panel(image[z], labels[z], sy, sx, ignore_index),  # axial: y rows, x across
+        _panel(image[:, y], labels[:, y], sz, sx, ignore_index),  # coronal: z up, x across
+        _panel(image[:, :, x], labels[:, :, x], sz, sy, ignore_index),
+    ]  # sagittal: z up, y across
     gap = np.zeros((_HEIGHT, 4, 3), np.uint8)
     strip = np.concatenate([p for panel in panels for p in (panel, gap)][:-1], axis=1)
     buffer = io.BytesIO()
@@ -121,8 +134,13 @@ def overlay_png(image: np.ndarray, labels: np.ndarray, spacing: tuple[float, flo
     return buffer.getvalue()
 
 
-def write_overlay(path: str | os.PathLike[str], image: np.ndarray, labels: np.ndarray,
-                  spacing: tuple[float, float, float] | None = None, ignore_index: int = 255,
-                  palette: np.ndarray | None = None) -> Path:
+def write_overlay(
+    path: str | os.PathLike[str],
+    image: np.ndarray,
+    labels: np.ndarray,
+    spacing: tuple[float, float, float] | None = None,
+    ignore_index: int = 255,
+    palette: np.ndarray | None = None,
+) -> Path:
     """:func:`overlay_png` written atomically to ``path``."""
     return atomic_write_bytes(path, overlay_png(image, labels, spacing, ignore_index, palette))

@@ -23,6 +23,7 @@ The same bytes that were checked are handed to ``torch.export.load`` (no second 
 file), and the archive is read with torch's own zip reader, so the checks see the members the
 loader will see; the Python ``zipfile`` view must agree (torch falls back to it for old archives).
 """
+
 from __future__ import annotations
 
 import ast
@@ -43,25 +44,98 @@ class UnsafeArchiveError(InputError):
     """A ``model.pt2`` holds something that could run code when loaded (never a fallback case)."""
 
 
-_MEMBERS = re.compile(r"(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
-                      r"|models/model\.json|data/sample_inputs/model\.pt"
-                      r"|data/weights/model_weights_config\.json|data/weights/weight_\d+"
-                      r"|data/constants/model_constants_config\.json|data/constants/tensor_\d+)")
+_MEMBERS = re.compile(
+    r"(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+    r"|models/model\.json|data/sample_inputs/model\.pt"
+    r"|data/weights/model_weights_config\.json|data/weights/weight_\d+"
+    r"|data/constants/model_constants_config\.json|data/constants/tensor_\d+)"
+)
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DOTTED = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 _ATEN = re.compile(r"torch\.ops\.aten\.[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*")
 _HELPERS = frozenset(
-    [f"_operator.{op}" for op in ("getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "pos",
-                                  "pow", "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "not_", "abs")]
+    [
+        f"_operator.{op}"
+        for op in (
+            "getitem",
+            "add",
+            "sub",
+            "mul",
+            "floordiv",
+            "truediv",
+            "mod",
+            "neg",
+            "pos",
+            "pow",
+            "eq",
+            "ne",
+            "lt",
+            "le",
+            "gt",
+            "ge",
+            "and_",
+            "or_",
+            "not_",
+            "abs",
+        )
+    ]
     + [f"math.{fn}" for fn in ("ceil", "floor", "trunc", "sqrt")]
-    + [f"torch.sym_{fn}" for fn in ("int", "float", "max", "min", "not", "sqrt", "ite", "sum")])
+    + [f"torch.sym_{fn}" for fn in ("int", "float", "max", "min", "not", "sqrt", "ite", "sum")]
+)
 _DENIED_ATEN = ("torch.ops.aten.from_file.",)  # reads an arbitrary file into a tensor
 _SYMPY_CALLS = frozenset(
-    ["Symbol", "Integer", "Float", "Rational", "Add", "Mul", "Pow", "Max", "Min", "Abs", "Mod", "PythonMod",
-     "FloorDiv", "CleanDiv", "CeilDiv", "IntTrueDiv", "FloatTrueDiv", "TruncToInt", "FloorToInt", "CeilToInt",
-     "RoundToInt", "ToFloat", "PowByNatural", "FloatPow", "ModularIndexing", "Identity", "Eq", "Ne", "Lt",
-     "Le", "Gt", "Ge", "StrictLessThan", "LessThan", "StrictGreaterThan", "GreaterThan", "Equality",
-     "Unequality", "And", "Or", "Not", "true", "false", "oo", "zoo", "nan", "Piecewise", "floor", "ceiling"])
+    [
+        "Symbol",
+        "Integer",
+        "Float",
+        "Rational",
+        "Add",
+        "Mul",
+        "Pow",
+        "Max",
+        "Min",
+        "Abs",
+        "Mod",
+        "PythonMod",
+        "FloorDiv",
+        "CleanDiv",
+        "CeilDiv",
+        "IntTrueDiv",
+        "FloatTrueDiv",
+        "TruncToInt",
+        "FloorToInt",
+        "CeilToInt",
+        "RoundToInt",
+        "ToFloat",
+        "PowByNatural",
+        "FloatPow",
+        "ModularIndexing",
+        "Identity",
+        "Eq",
+        "Ne",
+        "Lt",
+        "Le",
+        "Gt",
+        "Ge",
+        "StrictLessThan",
+        "LessThan",
+        "StrictGreaterThan",
+        "GreaterThan",
+        "Equality",
+        "Unequality",
+        "And",
+        "Or",
+        "Not",
+        "true",
+        "false",
+        "oo",
+        "zoo",
+        "nan",
+        "Piecewise",
+        "floor",
+        "ceiling",
+    ]
+)
 _SYMBOL = re.compile(r"[a-z][0-9]+")
 _BREAKS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x85\u2028\u2029]")
 _DENIED_KEYS = ("as_graph", "as_custom_obj", "as_operator")
@@ -86,8 +160,10 @@ def load_torch_program(data: bytes, where: str) -> Any:
         try:
             return torch.export.load(io.BytesIO(data))
         except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad archive
-            raise InputError(f"{where}: torch cannot load this program ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+            raise InputError(
+                f"{where}: torch cannot load this program ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''})"
+            ) from None
 
 
 def check_torch_program(data: bytes, where: str) -> None:
@@ -122,9 +198,11 @@ def _records(data: bytes, where: str) -> dict[str, bytes]:
         raise InputError(f"{where}: not a torch.export archive ({type(exc).__name__}: {exc})") from None
     bad = sorted(n for n in names if not _MEMBERS.fullmatch(n))
     if bad:
-        raise UnsafeArchiveError(f"{where}: member {bad[0]!r} is not one torch.export.save writes (native "
-                                 "code, pickles and other extras are refused); re-export the model with "
-                                 "atso_fast.export_model or remove model.pt2 to use ONNX Runtime")
+        raise UnsafeArchiveError(
+            f"{where}: member {bad[0]!r} is not one torch.export.save writes (native "
+            "code, pickles and other extras are refused); re-export the model with "
+            "atso_fast.export_model or remove model.pt2 to use ONNX Runtime"
+        )
     if sorted(n.split("/", 1)[-1] for n in py_names) != sorted(names) or len(set(names)) != len(names):
         raise UnsafeArchiveError(f"{where}: the zip directory is inconsistent (duplicate or hidden members)")
     if "archive_format" not in names or bytes(reader.get_record("archive_format")) != b"pt2":
@@ -151,10 +229,15 @@ def _check_payloads(config: Any, prefix: str, folder: str, records: dict[str, by
             raise InputError(f"{where}: {folder} entry {fqn!r} is not a mapping")
         path = meta.get("path_name")
         if meta.get("use_pickle") is not False:
-            raise UnsafeArchiveError(f"{where}: {folder}{path} ({fqn}) is stored as a pickle; loading it would "
-                                     "run arbitrary code, so this archive is refused")
-        if not isinstance(path, str) or not re.fullmatch(re.escape(prefix) + r"\d+", path) \
-                or folder + path not in records:
+            raise UnsafeArchiveError(
+                f"{where}: {folder}{path} ({fqn}) is stored as a pickle; loading it would "
+                "run arbitrary code, so this archive is refused"
+            )
+        if (
+            not isinstance(path, str)
+            or not re.fullmatch(re.escape(prefix) + r"\d+", path)
+            or folder + path not in records
+        ):
             raise UnsafeArchiveError(f"{where}: {folder} entry {fqn!r} names {path!r}, not a raw tensor member")
 
 
@@ -168,11 +251,14 @@ def _check_sample_inputs(data: bytes | None, where: str) -> None:
     try:
         value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - UnpicklingError and friends
-        raise UnsafeArchiveError(f"{where}: data/sample_inputs/model.pt holds objects beyond tensors "
-                                 f"(needs a full unpickle: {type(exc).__name__}); refused") from None
+        raise UnsafeArchiveError(
+            f"{where}: data/sample_inputs/model.pt holds objects beyond tensors "
+            f"(needs a full unpickle: {type(exc).__name__}); refused"
+        ) from None
     if not isinstance(value, (tuple, dict)):
-        raise UnsafeArchiveError(f"{where}: data/sample_inputs/model.pt is a {type(value).__name__}, "
-                                 "not a tuple or dict; refused")
+        raise UnsafeArchiveError(
+            f"{where}: data/sample_inputs/model.pt is a {type(value).__name__}, not a tuple or dict; refused"
+        )
 
 
 def _check_program(program: Any, where: str) -> None:
@@ -218,19 +304,23 @@ def _check_field(key: str, value: Any, where: str) -> None:
             _check_target(value, where)
         elif key in ("name", "as_name", "forward_arg_names") and not _IDENT.fullmatch(value):
             raise UnsafeArchiveError(f"{where}: {key} {value[:60]!r} is not an identifier; refused")
-        elif key in ("parameter_name", "buffer_name", "tensor_constant_name", "fqn") and value \
-                and not _DOTTED.fullmatch(value):
+        elif (
+            key in ("parameter_name", "buffer_name", "tensor_constant_name", "fqn")
+            and value
+            and not _DOTTED.fullmatch(value)
+        ):
             raise UnsafeArchiveError(f"{where}: {key} {value[:60]!r} is not a dotted name; refused")
-    elif key in ("min_val", "max_val", "hint", "as_int") and value is not None \
-            and not isinstance(value, (int, dict)):
+    elif key in ("min_val", "max_val", "hint", "as_int") and value is not None and not isinstance(value, (int, dict)):
         raise UnsafeArchiveError(f"{where}: {key} must be an integer, got {value!r}")
 
 
 def _check_target(target: str, where: str) -> None:
     if target in _HELPERS or (_ATEN.fullmatch(target) and not target.startswith(_DENIED_ATEN)):
         return
-    raise UnsafeArchiveError(f"{where}: graph call target {target!r} is not an ATen operator; refused "
-                             "(only torch.ops.aten.* and shape arithmetic are allowed)")
+    raise UnsafeArchiveError(
+        f"{where}: graph call target {target!r} is not an ATen operator; refused "
+        "(only torch.ops.aten.* and shape arithmetic are allowed)"
+    )
 
 
 def _check_expression(text: str, where: str) -> None:
@@ -241,8 +331,20 @@ def _check_expression(text: str, where: str) -> None:
     except (SyntaxError, ValueError):
         raise UnsafeArchiveError(f"{where}: symbolic expression {text[:60]!r} does not parse; refused") from None
     for node in ast.walk(tree):
-        if isinstance(node, (ast.Expression, ast.Load, ast.operator, ast.unaryop, ast.cmpop, ast.BinOp,
-                             ast.UnaryOp, ast.Compare, ast.keyword)):
+        if isinstance(
+            node,
+            (
+                ast.Expression,
+                ast.Load,
+                ast.operator,
+                ast.unaryop,
+                ast.cmpop,
+                ast.BinOp,
+                ast.UnaryOp,
+                ast.Compare,
+                ast.keyword,
+            ),
+        ):
             ok = not isinstance(node, ast.keyword) or (node.arg or "").isalpha()
         elif isinstance(node, ast.Call):
             ok = isinstance(node.func, ast.Name) and node.func.id in _SYMPY_CALLS
@@ -250,12 +352,15 @@ def _check_expression(text: str, where: str) -> None:
             ok = node.id in _SYMPY_CALLS or bool(_SYMBOL.fullmatch(node.id))
         elif isinstance(node, ast.Constant):
             ok = isinstance(node.value, (int, float, bool)) or (
-                isinstance(node.value, str) and bool(_SYMBOL.fullmatch(node.value)))
+                isinstance(node.value, str) and bool(_SYMBOL.fullmatch(node.value))
+            )
         else:
             ok = False
         if not ok:
-            raise UnsafeArchiveError(f"{where}: symbolic expression {text[:60]!r} is more than sympy "
-                                     f"constructors on symbols and numbers ({type(node).__name__}); refused")
+            raise UnsafeArchiveError(
+                f"{where}: symbolic expression {text[:60]!r} is more than sympy "
+                f"constructors on symbols and numbers ({type(node).__name__}); refused"
+            )
 
 
 _INPUT_KINDS = frozenset(["user_input", "parameter", "buffer", "tensor_constant"])
@@ -267,5 +372,7 @@ def _check_signature(signature: dict[str, Any], where: str) -> None:
         for spec in signature.get(field) or []:
             kinds = set(spec) if isinstance(spec, dict) else {"?"}
             if not kinds <= allowed:
-                raise UnsafeArchiveError(f"{where}: signature {field} kind {sorted(kinds)} is refused "
-                                         f"(allowed: {', '.join(sorted(allowed))})")
+                raise UnsafeArchiveError(
+                    f"{where}: signature {field} kind {sorted(kinds)} is refused "
+                    f"(allowed: {', '.join(sorted(allowed))})"
+                )

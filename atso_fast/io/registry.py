@@ -6,6 +6,7 @@ map on the grid of a volume it read. ``read_volume`` and ``write_labels`` / ``wr
 the format by suffix (a folder: the format that reads folders, DICOM series); a new format is one
 class and one ``register_format`` call, with no suffix if-chains elsewhere.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,9 +20,20 @@ import numpy as np
 from atso_fast.io.atomic import atomic_write_bytes
 from atso_fast.io.base import InputError, VolumeMeta, check_array
 
-__all__ = ["ImageFormat", "register_format", "formats", "format_for", "image_suffix", "volume_format",
-           "supported_suffixes", "read_volume", "write_labels", "write_confidence", "affine_geometry",
-           "folder_format"]
+__all__ = [
+    "ImageFormat",
+    "register_format",
+    "formats",
+    "format_for",
+    "image_suffix",
+    "volume_format",
+    "supported_suffixes",
+    "read_volume",
+    "write_labels",
+    "write_confidence",
+    "affine_geometry",
+    "folder_format",
+]
 
 _LPS = np.diag([-1.0, -1.0, 1.0])
 """RAS (NIfTI, nibabel) <-> LPS (ITK, DICOM) world axes: flip x and y."""
@@ -74,8 +86,9 @@ class ImageFormat(ABC):
         """Bytes (or chunks) of ``path`` holding ``array`` ``(Z, Y, X)`` of its final dtype, on
         ``meta``'s grid; ``key`` is ``"labels"`` or ``"confidence"``."""
 
-    def geometry(self, affine: np.ndarray, header: Any, shape: tuple[int, ...]
-                 ) -> tuple[tuple[float, float, float] | None, tuple[float, float, float] | None, np.ndarray | None]:
+    def geometry(
+        self, affine: np.ndarray, header: Any, shape: tuple[int, ...]
+    ) -> tuple[tuple[float, float, float] | None, tuple[float, float, float] | None, np.ndarray | None]:
         """``(spacing (z, y, x) mm, origin (x, y, z), direction (3, 3))`` of a file this format read
         (see :class:`~atso_fast.io.base.VolumeMeta`); by default derived from the RAS ``affine``."""
         return affine_geometry(affine)
@@ -175,16 +188,20 @@ def read_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, VolumeMeta]:
     affine = np.asarray(affine, dtype=np.float64)
     spacing, origin, direction = fmt.geometry(affine, header, tuple(shape))
     if spacing is not None and not all(math.isfinite(s) and s > 0 for s in spacing):
-        raise InputError(f"{path}: invalid voxel size {tuple(spacing)[::-1]} mm (x, y, z) in the header: every "
-                         "size must be finite and positive")
+        raise InputError(
+            f"{path}: invalid voxel size {tuple(spacing)[::-1]} mm (x, y, z) in the header: every "
+            "size must be finite and positive"
+        )
     z, y, x = (int(n) for n in out_shape[-3:])  # out_shape has 3 or 4 axes here
-    meta = VolumeMeta(path, fmt.name, affine, header, shape, len(shape), array.dtype,
-                      (z, y, x), spacing, origin, direction)
+    meta = VolumeMeta(
+        path, fmt.name, affine, header, shape, len(shape), array.dtype, (z, y, x), spacing, origin, direction
+    )
     return array, meta
 
 
-def write_labels(path: str | os.PathLike[str], labels: np.ndarray, meta: VolumeMeta, *,
-                 dtype: np.dtype | str | None = None) -> Path:
+def write_labels(
+    path: str | os.PathLike[str], labels: np.ndarray, meta: VolumeMeta, *, dtype: np.dtype | str | None = None
+) -> Path:
     """Write a ``(Z, Y, X)`` label map on the grid of the input described by ``meta``.
 
     The format follows ``path``'s suffix (the registered format's ``encode``: NIfTI keeps the
@@ -221,8 +238,7 @@ def write_confidence(path: str | os.PathLike[str], confidence: np.ndarray, meta:
 def _check_output_array(array: np.ndarray, meta: VolumeMeta, name: str) -> np.ndarray:
     array = np.asarray(array)
     if tuple(array.shape) != tuple(meta.spatial_shape):
-        raise ValueError(f"{name} must have shape {meta.spatial_shape} (Z, Y, X) for "
-                         f"{meta.path}, got {array.shape}")
+        raise ValueError(f"{name} must have shape {meta.spatial_shape} (Z, Y, X) for {meta.path}, got {array.shape}")
     if array.dtype.kind not in "biu":
         raise ValueError(f"{name} must be an integer array, got {array.dtype}")
     return array

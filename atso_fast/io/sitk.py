@@ -6,6 +6,7 @@ are kept in the header (a plain dict) and written back unchanged with every labe
 input's own format; a DICOM series is written as NIfTI with the series' geometry (its RAS affine).
 SimpleITK is imported when a file of these formats is first read or written.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,7 @@ from atso_fast.io.files import not_regular_error
 from atso_fast.io.registry import ImageFormat, format_for, image_suffix, register_format
 from atso_fast.io.sitk_headers import staged_copy
 
-__all__ = ["DicomSeriesFormat", "MhaFormat", "MhdFormat", "NrrdFormat", "SitkFormat", "is_dicom_folder",
-           "sitk_affine"]
+__all__ = ["DicomSeriesFormat", "MhaFormat", "MhdFormat", "NrrdFormat", "SitkFormat", "is_dicom_folder", "sitk_affine"]
 
 _LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -75,9 +75,13 @@ def _decode(image: Any, path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, A
         array = np.moveaxis(array, -1, 0)
         if dim == 2:
             array = array[:, None]  # (M, 1, Y, X)
-    header = {"spacing": tuple(image.GetSpacing()), "origin": tuple(image.GetOrigin()),
-              "direction": tuple(image.GetDirection()), "dimension": dim,
-              "components": image.GetNumberOfComponentsPerPixel()}
+    header = {
+        "spacing": tuple(image.GetSpacing()),
+        "origin": tuple(image.GetOrigin()),
+        "direction": tuple(image.GetDirection()),
+        "dimension": dim,
+        "components": image.GetNumberOfComponentsPerPixel(),
+    }
     affine = sitk_affine(header["spacing"], header["origin"], header["direction"])
     return array, affine, header, tuple(int(n) for n in array.shape)
 
@@ -234,10 +238,12 @@ def _check_series_files(folder: Path, names: Sequence[str]) -> None:
     unreadable slice is left out by GDCM, and the volume would silently miss it."""
     left_out = sorted(set(map(os.path.realpath, _dicom_files(folder))) - set(map(os.path.realpath, names)))
     if left_out:
-        raise InputError(f"{folder}: {len(left_out)} DICOM file(s) are not part of the series "
-                         "(unreadable, truncated or of another geometry: "
-                         f"{', '.join(Path(p).name for p in left_out[:3])}"
-                         f"{', ...' if len(left_out) > 3 else ''}); refused rather than read with slices missing")
+        raise InputError(
+            f"{folder}: {len(left_out)} DICOM file(s) are not part of the series "
+            "(unreadable, truncated or of another geometry: "
+            f"{', '.join(Path(p).name for p in left_out[:3])}"
+            f"{', ...' if len(left_out) > 3 else ''}); refused rather than read with slices missing"
+        )
 
 
 def _slice_positions(names: Sequence[str]) -> np.ndarray | None:
@@ -270,9 +276,11 @@ def _check_slice_spacing(folder: Path, names: Sequence[str]) -> None:
     steps = np.abs(np.diff(np.sort(positions)))
     typical = float(np.median(steps))
     if typical <= 0 or float(steps.min()) < 1e-3 or float(np.ptp(steps)) > _SPACING_TOLERANCE * typical:
-        raise InputError(f"{folder}: DICOM slices are not evenly spaced (distances {float(steps.min()):.3g} to "
-                         f"{float(steps.max()):.3g} mm, typical {typical:.3g}): a missing, duplicate or "
-                         "misplaced slice; refused rather than read with the wrong geometry")
+        raise InputError(
+            f"{folder}: DICOM slices are not evenly spaced (distances {float(steps.min()):.3g} to "
+            f"{float(steps.max()):.3g} mm, typical {typical:.3g}): a missing, duplicate or "
+            "misplaced slice; refused rather than read with the wrong geometry"
+        )
 
 
 class DicomSeriesFormat(SitkFormat):
@@ -301,8 +309,10 @@ class DicomSeriesFormat(SitkFormat):
         if not ids:
             raise InputError(f"{path}: is a directory holding no DICOM series (not an image file)")
         if len(ids) > 1:
-            raise InputError(f"{path}: holds {len(ids)} DICOM series ({', '.join(ids[:3])}"
-                             f"{', ...' if len(ids) > 3 else ''}); put one series per folder")
+            raise InputError(
+                f"{path}: holds {len(ids)} DICOM series ({', '.join(ids[:3])}"
+                f"{', ...' if len(ids) > 3 else ''}); put one series per folder"
+            )
         names = reader.GetGDCMSeriesFileNames(str(path), ids[0])
         _check_series_files(path, names)
         _check_slice_spacing(path, names)

@@ -9,6 +9,7 @@ size must fit the memory budget. Then the header and its data are copied through
 opened without blocking into a private temporary folder, and SimpleITK reads that copy: the
 file it opens is the one that was checked, whatever happens to the input meanwhile.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,14 +35,36 @@ MAX_HEADER_BYTES = 1 << 20
 _COPY_CHUNK = 1 << 22
 _RAW_SLACK = 1 << 20
 
-_NRRD_SIZES = (("long long", 8), ("longlong", 8), ("int64", 8), ("double", 8), ("char", 1), ("int8", 1),
-               ("short", 2), ("int16", 2), ("float", 4), ("int32", 4), ("int", 4))
+_NRRD_SIZES = (
+    ("long long", 8),
+    ("longlong", 8),
+    ("int64", 8),
+    ("double", 8),
+    ("char", 1),
+    ("int8", 1),
+    ("short", 2),
+    ("int16", 2),
+    ("float", 4),
+    ("int32", 4),
+    ("int", 4),
+)
 _NRRD_TEXT = {"txt", "text", "ascii", "hex"}
 _TEXT_FACTOR = 32
 """Text encodings take at most this many characters per stored byte (with separators)."""
-_MET_SIZES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
-              "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
-              "MET_DOUBLE": 8}
+_MET_SIZES = {
+    "MET_CHAR": 1,
+    "MET_UCHAR": 1,
+    "MET_SHORT": 2,
+    "MET_USHORT": 2,
+    "MET_INT": 4,
+    "MET_UINT": 4,
+    "MET_LONG": 4,
+    "MET_ULONG": 4,
+    "MET_LONG_LONG": 8,
+    "MET_ULONG_LONG": 8,
+    "MET_FLOAT": 4,
+    "MET_DOUBLE": 8,
+}
 
 
 @dataclass(frozen=True)
@@ -129,11 +152,15 @@ def _data_name(value: str, path: Path, attached: str | None) -> str | None:
     if attached is not None and value.upper() == attached:
         return None
     if not value or len(value.split()) != 1 or "%" in value or value.upper() == "LIST":
-        raise InputError(f"{path}: data file {value[:120]!r} refused: only one plain file name in the header's "
-                         "own folder is read (no list, pattern or path)")
+        raise InputError(
+            f"{path}: data file {value[:120]!r} refused: only one plain file name in the header's "
+            "own folder is read (no list, pattern or path)"
+        )
     if "/" in value or "\\" in value or value in (".", "..", path.name) or os.path.isabs(value):
-        raise InputError(f"{path}: data file {value[:120]!r} refused: it must lie in the header's own folder "
-                         "(no folder part, no '..', no absolute path, not the header itself)")
+        raise InputError(
+            f"{path}: data file {value[:120]!r} refused: it must lie in the header's own folder "
+            "(no folder part, no '..', no absolute path, not the header itself)"
+        )
     return value
 
 
@@ -192,8 +219,7 @@ def _data_path(header: Path, name: str) -> Path:
     if candidate.is_symlink():
         real = Path(os.path.realpath(candidate))
         if real.parent != Path(os.path.realpath(header.parent)):
-            raise InputError(f"{header}: data file {name!r} is a link out of the header's folder (to {real}); "
-                             "refused")
+            raise InputError(f"{header}: data file {name!r} is a link out of the header's folder (to {real}); refused")
     return candidate
 
 
@@ -201,8 +227,10 @@ def _check_size(facts: HeaderFacts, size: int, where: Path) -> None:
     """The data must take what the header declares on disk (see :meth:`HeaderFacts.stored_range`)."""
     least, most = facts.stored_range()
     if size < least:
-        raise InputError(f"{where}: holds {size} bytes of data, the header declares {least} (truncated, or not "
-                         "the data file of this header)")
+        raise InputError(
+            f"{where}: holds {size} bytes of data, the header declares {least} (truncated, or not "
+            "the data file of this header)"
+        )
     if size > most:
         raise InputError(f"{where}: holds {size} bytes of data, more than the {most} the header allows; refused")
 
@@ -232,9 +260,11 @@ class _ZlibCheck:
 
     def close(self) -> None:
         if not self.inflate.eof or self.count != self.expected:
-            raise InputError(f"{self.where}: corrupt or truncated compressed data (inflates to {self.count} "
-                             f"bytes{'' if self.inflate.eof else ' before its stream broke off'}, the header "
-                             f"declares {self.expected})")
+            raise InputError(
+                f"{self.where}: corrupt or truncated compressed data (inflates to {self.count} "
+                f"bytes{'' if self.inflate.eof else ' before its stream broke off'}, the header "
+                f"declares {self.expected})"
+            )
 
 
 def _copy(fd: int, target: Path, check: _ZlibCheck | None = None) -> None:

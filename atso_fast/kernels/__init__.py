@@ -2,6 +2,7 @@
 
 The bottom layer of the package: it imports nothing else from ``atso_fast``.
 """
+
 from __future__ import annotations
 
 from atso_fast.kernels import native, reference

@@ -17,6 +17,7 @@ bits as the blocked CPU kernel.
 If the compiled module is missing (a broken build), the NumPy reference runs instead, without
 the argument checks, with a ``RuntimeWarning`` so the package still works, slowly.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -89,14 +90,24 @@ def kernel_threads(n: int | None):
 
 
 def _fallback(what: str) -> None:
-    warnings.warn(f"atso_fast._C is not available ({_IMPORT_ERROR}); {what} runs the slow NumPy "
-                  "reference", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"atso_fast._C is not available ({_IMPORT_ERROR}); {what} runs the slow NumPy reference",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 # ----------------------------------------------------------------------------- kernels
-def extract_patches(volume: Any, origins: Any, patch_size: tuple[int, int, int], *,
-                    pad_value: float = 0.0, out: Any = None, out_dtype: str = "float32",
-                    algorithm: str = "auto") -> Any:
+def extract_patches(
+    volume: Any,
+    origins: Any,
+    patch_size: tuple[int, int, int],
+    *,
+    pad_value: float = 0.0,
+    out: Any = None,
+    out_dtype: str = "float32",
+    algorithm: str = "auto",
+) -> Any:
     """Gather windows from a volume, padding outside it with ``pad_value``.
 
     Args:
@@ -118,18 +129,25 @@ def extract_patches(volume: Any, origins: Any, patch_size: tuple[int, int, int],
     args = {"pad_value": pad_value}  # the declared arguments (csrc/stitch.h), by keyword to both
     if _C is None:
         _fallback("extract_patches")
-        want = reference.extract_patches(np.asarray(volume).reshape((-1, *np.shape(volume)[-3:])), origins,
-                                         patch_size, out_dtype=out_dtype if out is None else out.dtype, **args)
+        want = reference.extract_patches(
+            np.asarray(volume).reshape((-1, *np.shape(volume)[-3:])),
+            origins,
+            patch_size,
+            out_dtype=out_dtype if out is None else out.dtype,
+            **args,
+        )
         if out is None:
             return want
         out[...] = want
         return out
-    return _C.extract_patches(volume=volume, origins=origins, patch_size=patch_size, out=out, out_dtype=out_dtype,
-                              algorithm=algorithm, **args)
+    return _C.extract_patches(
+        volume=volume, origins=origins, patch_size=patch_size, out=out, out_dtype=out_dtype, algorithm=algorithm, **args
+    )
 
 
-def accumulate(acc: Any, wsum: Any, patches: Any, origins: Any, importance: Any, z0: int = 0, *,
-               algorithm: str = "auto") -> None:
+def accumulate(
+    acc: Any, wsum: Any, patches: Any, origins: Any, importance: Any, z0: int = 0, *, algorithm: str = "auto"
+) -> None:
     """Add importance-weighted windows into an accumulator slab, in place.
 
     ``acc[:, z - z0, y, x] += importance * patch`` and ``wsum[z - z0, y, x] += importance`` for
@@ -199,9 +217,16 @@ def _check_finalize_args(channels: int, threshold: float, ignore_index: int, kin
     return _C.finalize_label_dtype(channels=channels, threshold=threshold, ignore_index=ignore_index, kind=kind)
 
 
-def finalize(acc: Any, wsum: Any, threshold: float = 0.0, ignore_index: int = 255,
-             kind: str = "logits", *, rows: tuple[int, int] | None = None,
-             algorithm: str = "auto") -> FinalizeResult:
+def finalize(
+    acc: Any,
+    wsum: Any,
+    threshold: float = 0.0,
+    ignore_index: int = 255,
+    kind: str = "logits",
+    *,
+    rows: tuple[int, int] | None = None,
+    algorithm: str = "auto",
+) -> FinalizeResult:
     """Normalise a blended slab and turn it into pseudo labels.
 
     Divides by ``wsum``; softmax over channels for ``kind="logits"`` (sigmoid for one channel,
@@ -228,16 +253,25 @@ def finalize(acc: Any, wsum: Any, threshold: float = 0.0, ignore_index: int = 25
     if _C is None:
         _fallback("finalize")
         r0, r1 = rows if rows is not None else (0, wsum.shape[0])
-        labels, confidence, counts = reference.finalize(acc[:, r0:r1], wsum[r0:r1], threshold=threshold,
-                                                        ignore_index=ignore_index, kind=kind)
+        labels, confidence, counts = reference.finalize(
+            acc[:, r0:r1], wsum[r0:r1], threshold=threshold, ignore_index=ignore_index, kind=kind
+        )
     else:  # the scalars as declared in csrc/finalize.h
-        labels, confidence, counts = _C.finalize(acc=acc, wsum=wsum, rows=rows, algorithm=algorithm,
-                                                 threshold=threshold, ignore_index=ignore_index, kind=kind)
+        labels, confidence, counts = _C.finalize(
+            acc=acc,
+            wsum=wsum,
+            rows=rows,
+            algorithm=algorithm,
+            threshold=threshold,
+            ignore_index=ignore_index,
+            kind=kind,
+        )
     return _finalize_result(labels, confidence, counts)
 
 
-def resample_finalize(rows: Any, y_taps: tuple, x_taps: tuple, threshold: float = 0.0, ignore_index: int = 255,
-                      kind: str = "logits") -> FinalizeResult:
+def resample_finalize(
+    rows: Any, y_taps: tuple, x_taps: tuple, threshold: float = 0.0, ignore_index: int = 255, kind: str = "logits"
+) -> FinalizeResult:
     """Bilinear resampling of rows onto a finer (or coarser) plane, then :func:`finalize`, in one pass.
 
     The same labels, confidence and counts as resampling every ``(c, r)`` plane with the taps
@@ -261,9 +295,16 @@ def resample_finalize(rows: Any, y_taps: tuple, x_taps: tuple, threshold: float 
     if _C is None:
         _fallback("resample_finalize")
         vals = reference.bilinear_rows(np.asarray(rows), y_taps, x_taps)
-        labels, confidence, counts = reference.finalize(vals, np.ones(vals.shape[1:], np.float32), threshold=threshold,
-                                                        ignore_index=ignore_index, kind=kind)
+        labels, confidence, counts = reference.finalize(
+            vals, np.ones(vals.shape[1:], np.float32), threshold=threshold, ignore_index=ignore_index, kind=kind
+        )
     else:  # finalize's declared scalars
-        labels, confidence, counts = _C.resample_finalize(rows=rows, y_taps=tuple(y_taps), x_taps=tuple(x_taps),
-                                                          threshold=threshold, ignore_index=ignore_index, kind=kind)
+        labels, confidence, counts = _C.resample_finalize(
+            rows=rows,
+            y_taps=tuple(y_taps),
+            x_taps=tuple(x_taps),
+            threshold=threshold,
+            ignore_index=ignore_index,
+            kind=kind,
+        )
     return _finalize_result(labels, confidence, counts)

@@ -3,6 +3,7 @@
 Straightforward loops over windows, written for clarity, not speed. Shapes follow the kernel
 contracts in ``atso_fast.kernels.native``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,9 @@ def _clip(origin: int, size: int, limit: int) -> tuple[int, int]:
     return max(origin, 0), min(origin + size, limit)
 
 
-def extract_patches(volume: np.ndarray, origins: np.ndarray, patch_size, pad_value: float = 0.0,
-                    out_dtype=np.float32) -> np.ndarray:
+def extract_patches(
+    volume: np.ndarray, origins: np.ndarray, patch_size, pad_value: float = 0.0, out_dtype=np.float32
+) -> np.ndarray:
     """Windows ``(B, M, pz, py, px)`` from ``volume (M, Z, Y, X)``; outside -> ``pad_value``."""
     pz, py, px = (int(p) for p in patch_size)
     origins = np.asarray(origins, np.int64).reshape(-1, 3)
@@ -30,12 +32,13 @@ def extract_patches(volume: np.ndarray, origins: np.ndarray, patch_size, pad_val
         y0, y1 = _clip(oy, py, volume.shape[2])
         x0, x1 = _clip(ox, px, volume.shape[3])
         if z0 < z1 and y0 < y1 and x0 < x1:
-            out[b, :, z0 - oz:z1 - oz, y0 - oy:y1 - oy, x0 - ox:x1 - ox] = volume[:, z0:z1, y0:y1, x0:x1]
+            out[b, :, z0 - oz : z1 - oz, y0 - oy : y1 - oy, x0 - ox : x1 - ox] = volume[:, z0:z1, y0:y1, x0:x1]
     return out.astype(out_dtype)
 
 
-def accumulate(acc: np.ndarray, wsum: np.ndarray, patches: np.ndarray, origins: np.ndarray,
-               importance: np.ndarray, z0: int = 0) -> None:
+def accumulate(
+    acc: np.ndarray, wsum: np.ndarray, patches: np.ndarray, origins: np.ndarray, importance: np.ndarray, z0: int = 0
+) -> None:
     """In place: ``acc (C, Zs, Y, X) += importance * patch`` and ``wsum += importance``.
 
     The slab holds volume rows ``[z0, z0 + Zs)``; windows are clipped to it. Windows are added
@@ -58,8 +61,9 @@ def accumulate(acc: np.ndarray, wsum: np.ndarray, patches: np.ndarray, origins: 
         acc[every + dst] = (acc[every + dst].astype(np.float32) + contrib).astype(acc.dtype)
 
 
-def finalize(acc: np.ndarray, wsum: np.ndarray, threshold: float = 0.0, ignore_index: int = 255,
-             kind: str = "logits") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def finalize(
+    acc: np.ndarray, wsum: np.ndarray, threshold: float = 0.0, ignore_index: int = 255, kind: str = "logits"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Blended sums -> ``(labels, confidence, counts)``.
 
     Returns:

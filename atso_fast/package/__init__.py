@@ -2,6 +2,7 @@
 
 ``export_model`` needs torch and onnx, imported when it runs; loading a package needs neither.
 """
+
 from __future__ import annotations
 
 from atso_fast.package.export import export_model

@@ -1,4 +1,5 @@
 """The error every package check raises (its own module, so the checks and the format share it)."""
+
 from __future__ import annotations
 
 __all__ = ["PackageError"]

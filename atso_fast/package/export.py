@@ -6,6 +6,7 @@ largest absolute difference is recorded in ``model.json`` and export fails above
 A ``torch.export`` program (``model.pt2``) is saved beside it when possible, so the ``torch``
 runtime can run the package without the original Python class.
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,13 +44,29 @@ def _onnx_bytes(module, example, opset: int) -> bytes:
         warnings.simplefilter("ignore")  # exporter deprecation chatter is not the user's concern
         path = Path(tmp) / "model.onnx"
         try:
-            torch.onnx.export(module, (example,), str(path), input_names=["image"], output_names=["logits"],
-                              dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-                              opset_version=max(opset, 18), dynamo=True, verbose=False, external_data=False)
+            torch.onnx.export(
+                module,
+                (example,),
+                str(path),
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+                opset_version=max(opset, 18),
+                dynamo=True,
+                verbose=False,
+                external_data=False,
+            )
         except Exception:  # noqa: BLE001 - some modules only trace with the legacy exporter
-            torch.onnx.export(module, (example,), str(path), input_names=["image"], output_names=["logits"],
-                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-                              opset_version=opset, dynamo=False)
+            torch.onnx.export(
+                module,
+                (example,),
+                str(path),
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=opset,
+                dynamo=False,
+            )
         return path.read_bytes()
 
 
@@ -78,23 +95,41 @@ def _torch_program(module, example) -> bytes | None:
 
     try:
         batch = torch.export.Dim("batch", min=1, max=4096)
-        program = torch.export.export(module, (example.expand(2, *example.shape[1:]).contiguous(),),
-                                      dynamic_shapes=({0: batch},))
+        program = torch.export.export(
+            module, (example.expand(2, *example.shape[1:]).contiguous(),), dynamic_shapes=({0: batch},)
+        )
         buf = io.BytesIO()
         torch.export.save(program, buf)
         return buf.getvalue()
     except Exception as exc:  # noqa: BLE001 - optional artefact: ONNX is the package's contract
-        log.warning("no model.pt2: torch.export could not export %s (%s: %s); the package runs on "
-                    "ONNX Runtime/OpenVINO", type(module).__name__, type(exc).__name__, str(exc).splitlines()[0][:200])
+        log.warning(
+            "no model.pt2: torch.export could not export %s (%s: %s); the package runs on ONNX Runtime/OpenVINO",
+            type(module).__name__,
+            type(exc).__name__,
+            str(exc).splitlines()[0][:200],
+        )
         return None
 
 
-def export_model(module, out_dir: str | os.PathLike, *, window, num_classes: int, kind: str = "logits",
-                 normalization: dict[str, Any] | None = None, in_channels: int = 1,
-                 spacing: list[float] | None = None, class_names: list[str] | None = None,
-                 orientation: str | None = None, preprocessing: dict[str, Any] | None = None,
-                 mirror_axes: list[int] | None = None, extra: dict[str, Any] | None = None,
-                 opset: int = 17, tolerance: float = 1e-3, save_torch: bool = True) -> Path:
+def export_model(
+    module,
+    out_dir: str | os.PathLike,
+    *,
+    window,
+    num_classes: int,
+    kind: str = "logits",
+    normalization: dict[str, Any] | None = None,
+    in_channels: int = 1,
+    spacing: list[float] | None = None,
+    class_names: list[str] | None = None,
+    orientation: str | None = None,
+    preprocessing: dict[str, Any] | None = None,
+    mirror_axes: list[int] | None = None,
+    extra: dict[str, Any] | None = None,
+    opset: int = 17,
+    tolerance: float = 1e-3,
+    save_torch: bool = True,
+) -> Path:
     """Export ``module`` to a verified model package in ``out_dir``; returns ``out_dir``.
 
     Args:
@@ -127,8 +162,12 @@ def export_model(module, out_dir: str | os.PathLike, *, window, num_classes: int
     spec = dict(preprocessing or {})
     if orientation is not None:
         spec["orientation"] = orientation
-    fields = validate_fields({"spacing": spacing, "class_names": class_names, "mirror_axes": mirror_axes,
-                              "preprocessing": spec}, len(win), num_classes, "export_model")
+    fields = validate_fields(
+        {"spacing": spacing, "class_names": class_names, "mirror_axes": mirror_axes, "preprocessing": spec},
+        len(win),
+        num_classes,
+        "export_model",
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Export a float32 CPU copy: the caller's module keeps its device, dtype and mode.
@@ -137,19 +176,36 @@ def export_model(module, out_dir: str | os.PathLike, *, window, num_classes: int
     with torch.no_grad():
         probe = cpu_module(example)
     if tuple(probe.shape) != (1, num_classes, *win):
-        raise PackageError(f"export_model: network maps {tuple(example.shape)} to {tuple(probe.shape)}, "
-                           f"expected {(1, num_classes, *win)}")
+        raise PackageError(
+            f"export_model: network maps {tuple(example.shape)} to {tuple(probe.shape)}, "
+            f"expected {(1, num_classes, *win)}"
+        )
     data = _onnx_bytes(cpu_module, example, opset)
     diff = _verify_onnx(data, cpu_module, example, tolerance)
     program = _torch_program(cpu_module, example) if save_torch else None
     atomic_write_bytes(out / "model.onnx", data)
     if program is not None:
         atomic_write_bytes(out / "model.pt2", program)
-    pkg = ModelPackage(out, win, in_channels, num_classes, kind, norm, fields["spacing"], fields["class_names"],
-                       "model.onnx", "model.pt2" if program is not None else None,
-                       {**(extra or {}), "onnx_sha256": hashlib.sha256(data).hexdigest(), "onnx_max_abs_diff": diff,
-                        "atso_fast_version": __version__,
-                        **({"torch_sha256": hashlib.sha256(program).hexdigest()} if program is not None else {})},
-                       fields["preprocessing"], fields["mirror_axes"])
+    pkg = ModelPackage(
+        out,
+        win,
+        in_channels,
+        num_classes,
+        kind,
+        norm,
+        fields["spacing"],
+        fields["class_names"],
+        "model.onnx",
+        "model.pt2" if program is not None else None,
+        {
+            **(extra or {}),
+            "onnx_sha256": hashlib.sha256(data).hexdigest(),
+            "onnx_max_abs_diff": diff,
+            "atso_fast_version": __version__,
+            **({"torch_sha256": hashlib.sha256(program).hexdigest()} if program is not None else {}),
+        },
+        fields["preprocessing"],
+        fields["mirror_axes"],
+    )
     atomic_write_bytes(out / "model.json", (json.dumps(pkg.to_json(), indent=2) + "\n").encode())
     return out

@@ -5,6 +5,7 @@ the network's grid (oriented, cropped, normalised, resampled). Relabelling those
 with the round's exported package would preprocess them a second time; the derived package runs
 the same network with every preprocessing step switched off and keeps only the window grid.
 """
+
 from __future__ import annotations
 
 import json

@@ -3,6 +3,7 @@
 A package is untrusted input: ``load_package`` validates every field and names the file and the
 problem in a :class:`PackageError` (see ``atso_fast/CONTRACTS.md`` for the format).
 """
+
 from __future__ import annotations
 
 import math
@@ -16,11 +17,19 @@ from atso_fast.package.normalize import channels_of, check_policy
 from atso_fast.package.spec import check_fields, default_preprocessing
 from atso_fast.package.trust import read_meta, verify_package
 
-__all__ = ["FORMAT_VERSION", "MAX_CLASSES", "MAX_WINDOW_VOXELS", "ModelPackage", "PackageError", "load_package",
-           "validate_fields", "validate_meta"]
+__all__ = [
+    "FORMAT_VERSION",
+    "MAX_CLASSES",
+    "MAX_WINDOW_VOXELS",
+    "ModelPackage",
+    "PackageError",
+    "load_package",
+    "validate_fields",
+    "validate_meta",
+]
 
 FORMAT_VERSION = 1
-MAX_WINDOW_VOXELS = 256 ** 3
+MAX_WINDOW_VOXELS = 256**3
 """Largest network window (nnU-Net's patches stay far below; 512^3 only exhausts memory)."""
 MAX_CLASSES = 65535
 """Most classes a package may declare: labels are stored as uint16 at most."""
@@ -87,11 +96,22 @@ class ModelPackage:
         return self.root / self.onnx_file
 
     def to_json(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, "spatial_dims": self.spatial_dims, "window": list(self.window),
-                "in_channels": self.in_channels, "num_classes": self.num_classes, "kind": self.kind,
-                "normalization": self.normalization, "spacing": self.spacing, "class_names": self.class_names,
-                "mirror_axes": self.mirror_axes, "preprocessing": self.preprocessing,
-                "onnx_file": self.onnx_file, "torch_file": self.torch_file, **self.extra}
+        return {
+            "format_version": FORMAT_VERSION,
+            "spatial_dims": self.spatial_dims,
+            "window": list(self.window),
+            "in_channels": self.in_channels,
+            "num_classes": self.num_classes,
+            "kind": self.kind,
+            "normalization": self.normalization,
+            "spacing": self.spacing,
+            "class_names": self.class_names,
+            "mirror_axes": self.mirror_axes,
+            "preprocessing": self.preprocessing,
+            "onnx_file": self.onnx_file,
+            "torch_file": self.torch_file,
+            **self.extra,
+        }
 
 
 def validate_meta(window, in_channels, num_classes, kind, normalization, where: str) -> tuple:
@@ -103,13 +123,16 @@ def validate_meta(window, in_channels, num_classes, kind, normalization, where: 
     if len(win) not in (2, 3) or min(win) < 1:
         raise PackageError(f"{where}: window must be 2 or 3 positive integers, got {window!r}")
     if math.prod(win) > MAX_WINDOW_VOXELS:
-        raise PackageError(f"{where}: window {list(win)} holds {math.prod(win)} voxels, more than the "
-                           f"{MAX_WINDOW_VOXELS} (256^3) a network window may have; refused")
+        raise PackageError(
+            f"{where}: window {list(win)} holds {math.prod(win)} voxels, more than the "
+            f"{MAX_WINDOW_VOXELS} (256^3) a network window may have; refused"
+        )
     if not isinstance(in_channels, int) or in_channels < 1:
         raise PackageError(f"{where}: in_channels must be a positive integer, got {in_channels!r}")
     if not isinstance(num_classes, int) or not 1 <= num_classes <= MAX_CLASSES:
-        raise PackageError(f"{where}: num_classes must be an integer in [1, {MAX_CLASSES}] (uint16 label maps), "
-                           f"got {num_classes!r}")
+        raise PackageError(
+            f"{where}: num_classes must be an integer in [1, {MAX_CLASSES}] (uint16 label maps), got {num_classes!r}"
+        )
     if kind not in ("logits", "probabilities"):
         raise PackageError(f"{where}: kind must be 'logits' or 'probabilities', got {kind!r}")
     try:
@@ -117,14 +140,16 @@ def validate_meta(window, in_channels, num_classes, kind, normalization, where: 
     except ValueError as exc:
         raise PackageError(f"{where}: {exc}") from None
     if isinstance(norm, list) and len(norm) != in_channels:
-        raise PackageError(f"{where}: normalization lists {len(norm)} channel policies for {in_channels} "
-                           "input channel(s)")
+        raise PackageError(
+            f"{where}: normalization lists {len(norm)} channel policies for {in_channels} input channel(s)"
+        )
     wanted = [channels_of(p) for p in (norm if isinstance(norm, list) else [norm])]
     if isinstance(norm, list) and any(w not in (None, 1) for w in wanted):
         raise PackageError(f"{where}: a per-channel 'rgb' policy must hold one mean and one std, got {norm!r}")
     if not isinstance(norm, list) and wanted[0] not in (None, in_channels):
-        raise PackageError(f"{where}: normalization 'rgb' has {wanted[0]} channel statistics for {in_channels} "
-                           "input channel(s)")
+        raise PackageError(
+            f"{where}: normalization 'rgb' has {wanted[0]} channel statistics for {in_channels} input channel(s)"
+        )
     return win, norm
 
 
@@ -148,14 +173,44 @@ def load_package(model_dir: str | os.PathLike) -> ModelPackage:
     meta_path, meta = read_meta(root)
     if meta.get("format_version") != FORMAT_VERSION:
         raise PackageError(f"{meta_path}: format_version must be {FORMAT_VERSION}, got {meta.get('format_version')!r}")
-    win, norm = validate_meta(meta.get("window"), meta.get("in_channels"), meta.get("num_classes"),
-                               meta.get("kind"), meta.get("normalization"), str(meta_path))
+    win, norm = validate_meta(
+        meta.get("window"),
+        meta.get("in_channels"),
+        meta.get("num_classes"),
+        meta.get("kind"),
+        meta.get("normalization"),
+        str(meta_path),
+    )
     fields = validate_fields(meta, len(win), meta["num_classes"], str(meta_path))
-    known = {"format_version", "spatial_dims", "window", "in_channels", "num_classes", "kind", "normalization",
-             "spacing", "class_names", "onnx_file", "torch_file", "mirror_axes", "preprocessing"}
-    pkg = ModelPackage(root, win, meta["in_channels"], meta["num_classes"], meta["kind"], norm,
-                       fields["spacing"], fields["class_names"], meta.get("onnx_file") or "model.onnx",
-                       meta.get("torch_file"), {k: v for k, v in meta.items() if k not in known},
-                       fields["preprocessing"], fields["mirror_axes"])
+    known = {
+        "format_version",
+        "spatial_dims",
+        "window",
+        "in_channels",
+        "num_classes",
+        "kind",
+        "normalization",
+        "spacing",
+        "class_names",
+        "onnx_file",
+        "torch_file",
+        "mirror_axes",
+        "preprocessing",
+    }
+    pkg = ModelPackage(
+        root,
+        win,
+        meta["in_channels"],
+        meta["num_classes"],
+        meta["kind"],
+        norm,
+        fields["spacing"],
+        fields["class_names"],
+        meta.get("onnx_file") or "model.onnx",
+        meta.get("torch_file"),
+        {k: v for k, v in meta.items() if k not in known},
+        fields["preprocessing"],
+        fields["mirror_axes"],
+    )
     verify_package(pkg, meta, meta_path)
     return pkg

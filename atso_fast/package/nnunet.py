@@ -20,6 +20,7 @@ per region), cascade stages (they need the previous stage's segmentation as inpu
 than nnU-Net 2.4 (no ``architecture`` entry), custom preprocessors, resampling functions,
 normalisation schemes, image readers or network classes outside the allow-lists below.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,36 +41,51 @@ from atso_fast.package.model import PackageError, validate_meta
 
 __all__ = ["NETWORK_CLASSES", "import_nnunet", "load_checkpoint", "read_model_folder"]
 
-NETWORK_CLASSES = {f"dynamic_network_architectures.architectures.unet.{name}": name
-                   for name in ("PlainConvUNet", "ResidualEncoderUNet", "ResidualUNet")}
+NETWORK_CLASSES = {
+    f"dynamic_network_architectures.architectures.unet.{name}": name
+    for name in ("PlainConvUNet", "ResidualEncoderUNet", "ResidualUNet")
+}
 """Network classes the importer builds (nnU-Net's default and residual-encoder U-Nets)."""
 
 _ACTIVATIONS = ("LeakyReLU", "ReLU", "PReLU", "GELU", "ELU")
-_OPS = frozenset([
-    *(f"torch.nn.modules.conv.Conv{d}d" for d in (2, 3)),
-    *(f"torch.nn.modules.instancenorm.InstanceNorm{d}d" for d in (2, 3)),
-    *(f"torch.nn.modules.batchnorm.BatchNorm{d}d" for d in (2, 3)),
-    *(f"torch.nn.modules.dropout.Dropout{d}d" for d in (2, 3)),
-    *(f"torch.nn.{name}" for name in _ACTIVATIONS),
-    *(f"torch.nn.modules.activation.{name}" for name in _ACTIVATIONS),
-    "torch.nn.modules.normalization.GroupNorm",
-    "dynamic_network_architectures.building_blocks.residual.BasicBlockD",
-    "dynamic_network_architectures.building_blocks.residual.BottleneckD",
-])
+_OPS = frozenset(
+    [
+        *(f"torch.nn.modules.conv.Conv{d}d" for d in (2, 3)),
+        *(f"torch.nn.modules.instancenorm.InstanceNorm{d}d" for d in (2, 3)),
+        *(f"torch.nn.modules.batchnorm.BatchNorm{d}d" for d in (2, 3)),
+        *(f"torch.nn.modules.dropout.Dropout{d}d" for d in (2, 3)),
+        *(f"torch.nn.{name}" for name in _ACTIVATIONS),
+        *(f"torch.nn.modules.activation.{name}" for name in _ACTIVATIONS),
+        "torch.nn.modules.normalization.GroupNorm",
+        "dynamic_network_architectures.building_blocks.residual.BasicBlockD",
+        "dynamic_network_architectures.building_blocks.residual.BottleneckD",
+    ]
+)
 """Layer classes ``_kw_requires_import`` may name (by module path)."""
 
-_NORMALIZATION = {"CTNormalization": "ct", "ZScoreNormalization": "zscore", "NoNormalization": "none",
-                  "RescaleTo01Normalization": "rescale_to_0_1", "RGBTo01Normalization": "rgb_to_0_1"}
-_READERS = {"SimpleITKIO": "as-stored", "NibabelIO": "as-stored", "NibabelIOWithReorient": "RAS",
-            "SimpleITKIOWithReorient": "RAS"}
+_NORMALIZATION = {
+    "CTNormalization": "ct",
+    "ZScoreNormalization": "zscore",
+    "NoNormalization": "none",
+    "RescaleTo01Normalization": "rescale_to_0_1",
+    "RGBTo01Normalization": "rgb_to_0_1",
+}
+_READERS = {
+    "SimpleITKIO": "as-stored",
+    "NibabelIO": "as-stored",
+    "NibabelIOWithReorient": "RAS",
+    "SimpleITKIOWithReorient": "RAS",
+}
 _RESAMPLING = "resample_data_or_seg_to_shape"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         if not os.path.lexists(path):
-            raise PackageError(f"{path}: not found (an nnU-Net model folder holds dataset.json, plans.json "
-                               "and fold_K/checkpoint_final.pth)")
+            raise PackageError(
+                f"{path}: not found (an nnU-Net model folder holds dataset.json, plans.json "
+                "and fold_K/checkpoint_final.pth)"
+            )
         data = json.loads(read_text_file(path))
         if not isinstance(data, dict):
             raise PackageError(f"{path}: must hold a JSON object, got a {type(data).__name__}")
@@ -88,10 +104,32 @@ def _safe_globals() -> list[Any]:
     # numpy 2 moved it to numpy._core; imported by name, as the installed stubs know one path only
     multiarray = importlib.import_module("numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray")
     scalar, rebuild = multiarray.scalar, multiarray._reconstruct
-    dtypes = [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int8", "int16", "int32", "int64",
-                                           "uint8", "uint16", "uint32", "uint64", "bool")]
-    return [scalar, (scalar, "numpy.core.multiarray.scalar"), rebuild, (rebuild, "numpy.core.multiarray._reconstruct"),
-            np.ndarray, np.dtype, *dtypes]
+    dtypes = [
+        type(np.dtype(t))
+        for t in (
+            "float16",
+            "float32",
+            "float64",
+            "int8",
+            "int16",
+            "int32",
+            "int64",
+            "uint8",
+            "uint16",
+            "uint32",
+            "uint64",
+            "bool",
+        )
+    ]
+    return [
+        scalar,
+        (scalar, "numpy.core.multiarray.scalar"),
+        rebuild,
+        (rebuild, "numpy.core.multiarray._reconstruct"),
+        np.ndarray,
+        np.dtype,
+        *dtypes,
+    ]
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -116,8 +154,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError (not a zip/pickle), EOFError ...
         found = re.search(r"(?:Unsupported global: GLOBAL|but got) <?(?:class ')?([\w.]+)", str(exc))
-        what = f"a Python object atso-fast does not unpickle ({found.group(1)})" if found else \
-            f"not a readable torch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        what = (
+            f"a Python object atso-fast does not unpickle ({found.group(1)})"
+            if found
+            else f"not a readable torch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        )
         raise PackageError(f"{path}: {what}; checkpoints load with torch.load(weights_only=True)") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("network_weights"), dict):
         raise PackageError(f"{path}: not an nnU-Net checkpoint (no 'network_weights')")
@@ -145,8 +186,10 @@ def _configuration(plans: dict, name: str, where: Path) -> dict:
 
 def _folds(folder: Path, folds: Any, checkpoint: str) -> list[str]:
     if folds is None:  # nnU-Net's auto_detect_available_folds: fold_K with the checkpoint, not fold_all
-        found = sorted((p.name[5:] for p in folder.glob("fold_*") if p.name != "fold_all"
-                        and os.path.lexists(p / checkpoint)), key=lambda f: (len(f), f))
+        found = sorted(
+            (p.name[5:] for p in folder.glob("fold_*") if p.name != "fold_all" and os.path.lexists(p / checkpoint)),
+            key=lambda f: (len(f), f),
+        )
         if not found:
             raise PackageError(f"{folder}: no fold_K/{checkpoint} found")
         return found
@@ -158,8 +201,9 @@ def _folds(folder: Path, folds: Any, checkpoint: str) -> list[str]:
     return out
 
 
-def read_model_folder(model_folder: str | os.PathLike, folds: Any = None,
-                      checkpoint: str = "checkpoint_final.pth") -> dict[str, Any]:
+def read_model_folder(
+    model_folder: str | os.PathLike, folds: Any = None, checkpoint: str = "checkpoint_final.pth"
+) -> dict[str, Any]:
     """``dataset.json``, ``plans.json``, the fold checkpoints and the resolved configuration.
 
     Raises:
@@ -175,12 +219,21 @@ def read_model_folder(model_folder: str | os.PathLike, folds: Any = None,
     ckpts = [load_checkpoint(folder / f"fold_{f}" / checkpoint) for f in names]
     configs = {str((c.get("init_args") or {}).get("configuration")) for c in ckpts}
     if len(configs) != 1 or "None" in configs:
-        raise PackageError(f"{folder}: the folds' checkpoints name configurations {sorted(configs)}; "
-                           "expected one (init_args.configuration)")
+        raise PackageError(
+            f"{folder}: the folds' checkpoints name configurations {sorted(configs)}; "
+            "expected one (init_args.configuration)"
+        )
     name = configs.pop()
-    return {"folder": folder, "dataset": dataset, "plans": plans, "folds": names, "checkpoints": ckpts,
-            "configuration_name": name, "configuration": _configuration(plans, name, folder / "plans.json"),
-            "checkpoint": checkpoint}
+    return {
+        "folder": folder,
+        "dataset": dataset,
+        "plans": plans,
+        "folds": names,
+        "checkpoints": ckpts,
+        "configuration_name": name,
+        "configuration": _configuration(plans, name, folder / "plans.json"),
+        "checkpoint": checkpoint,
+    }
 
 
 def _refuse_unsupported(model: dict) -> None:
@@ -189,18 +242,25 @@ def _refuse_unsupported(model: dict) -> None:
     if not isinstance(labels, dict) or not labels:
         raise PackageError(f"{where / 'dataset.json'}: no 'labels' mapping")
     if "regions_class_order" in dataset or any(isinstance(v, (list, tuple)) for v in labels.values()):
-        raise PackageError(f"{where}: region-based models (sigmoid outputs per region, dataset.json "
-                           "regions_class_order) are not supported")
+        raise PackageError(
+            f"{where}: region-based models (sigmoid outputs per region, dataset.json "
+            "regions_class_order) are not supported"
+        )
     if cfg.get("previous_stage"):
-        raise PackageError(f"{where}: configuration {model['configuration_name']!r} is a cascade stage (it needs the "
-                           f"segmentation of {cfg['previous_stage']!r} as input); cascades are not supported, "
-                           "import the 3d_fullres or 3d_lowres model instead")
+        raise PackageError(
+            f"{where}: configuration {model['configuration_name']!r} is a cascade stage (it needs the "
+            f"segmentation of {cfg['previous_stage']!r} as input); cascades are not supported, "
+            "import the 3d_fullres or 3d_lowres model instead"
+        )
     if "architecture" not in cfg:
-        raise PackageError(f"{where / 'plans.json'}: no 'architecture' entry (plans of nnU-Net < 2.4 are not "
-                           "supported; re-plan with nnU-Net >= 2.4)")
+        raise PackageError(
+            f"{where / 'plans.json'}: no 'architecture' entry (plans of nnU-Net < 2.4 are not "
+            "supported; re-plan with nnU-Net >= 2.4)"
+        )
     if cfg.get("preprocessor_name", "DefaultPreprocessor") != "DefaultPreprocessor":
-        raise PackageError(f"{where}: preprocessor {cfg['preprocessor_name']!r} is not supported "
-                           "(only DefaultPreprocessor)")
+        raise PackageError(
+            f"{where}: preprocessor {cfg['preprocessor_name']!r} is not supported (only DefaultPreprocessor)"
+        )
     for key in ("resampling_fn_data", "resampling_fn_probabilities"):
         if cfg.get(key, _RESAMPLING) != _RESAMPLING:
             raise PackageError(f"{where}: {key} {cfg[key]!r} is not supported (only {_RESAMPLING})")
@@ -231,25 +291,34 @@ def _channels(dataset: dict) -> int:
 def _normalization(model: dict, channels: int) -> list[dict[str, Any]]:
     cfg, plans, where = model["configuration"], model["plans"], model["folder"] / "plans.json"
     schemes, masks = cfg.get("normalization_schemes", []), cfg.get("use_mask_for_norm", [])
-    props = plans.get("foreground_intensity_properties_per_channel",
-                      plans.get("foreground_intensity_properties_by_modality", {}))
+    props = plans.get(
+        "foreground_intensity_properties_per_channel", plans.get("foreground_intensity_properties_by_modality", {})
+    )
     if len(schemes) != channels or len(masks) != channels:
-        raise PackageError(f"{where}: normalization_schemes/use_mask_for_norm must list {channels} channel(s), "
-                           f"got {schemes!r} / {masks!r}")
+        raise PackageError(
+            f"{where}: normalization_schemes/use_mask_for_norm must list {channels} channel(s), "
+            f"got {schemes!r} / {masks!r}"
+        )
     out = []
     for c, (scheme, use_mask) in enumerate(zip(schemes, masks)):
         if scheme not in _NORMALIZATION:
-            raise PackageError(f"{where}: normalisation {scheme!r} of channel {c} is not supported "
-                               f"(only {sorted(_NORMALIZATION)})")
+            raise PackageError(
+                f"{where}: normalisation {scheme!r} of channel {c} is not supported (only {sorted(_NORMALIZATION)})"
+            )
         policy: dict[str, Any] = {"scheme": _NORMALIZATION[scheme]}
         if policy["scheme"] == "ct":
             p = props.get(str(c)) or {}
             try:
-                policy.update(clip=[float(p["percentile_00_5"]), float(p["percentile_99_5"])],
-                              mean=float(p["mean"]), std=float(p["std"]))
+                policy.update(
+                    clip=[float(p["percentile_00_5"]), float(p["percentile_99_5"])],
+                    mean=float(p["mean"]),
+                    std=float(p["std"]),
+                )
             except (KeyError, TypeError, ValueError):
-                raise PackageError(f"{where}: CTNormalization of channel {c} needs "
-                                   "foreground_intensity_properties_per_channel (percentiles, mean, std)") from None
+                raise PackageError(
+                    f"{where}: CTNormalization of channel {c} needs "
+                    "foreground_intensity_properties_per_channel (percentiles, mean, std)"
+                ) from None
         elif policy["scheme"] == "zscore" and bool(use_mask):
             policy["use_mask"] = True
         out.append(policy)
@@ -260,19 +329,26 @@ def _resampling(cfg: dict, where: Path) -> dict[str, Any]:
     data = cfg.get("resampling_fn_data_kwargs") or {"order": 3, "order_z": 0, "force_separate_z": None}
     prob = cfg.get("resampling_fn_probabilities_kwargs") or {"order": 1, "order_z": 0, "force_separate_z": None}
     if data.get("force_separate_z") != prob.get("force_separate_z"):
-        raise PackageError(f"{where}: force_separate_z differs between data and probabilities resampling "
-                           f"({data.get('force_separate_z')!r} vs {prob.get('force_separate_z')!r})")
-    return {"data_order": int(data.get("order", 3)), "data_order_z": int(data.get("order_z", 0)),
-            "probabilities_order": int(prob.get("order", 1)), "probabilities_order_z": int(prob.get("order_z", 0)),
-            "separate_z": data.get("force_separate_z"),
-            "anisotropy_threshold": float(data.get("separate_z_anisotropy_threshold", 3.0))}
+        raise PackageError(
+            f"{where}: force_separate_z differs between data and probabilities resampling "
+            f"({data.get('force_separate_z')!r} vs {prob.get('force_separate_z')!r})"
+        )
+    return {
+        "data_order": int(data.get("order", 3)),
+        "data_order_z": int(data.get("order_z", 0)),
+        "probabilities_order": int(prob.get("order", 1)),
+        "probabilities_order_z": int(prob.get("order_z", 0)),
+        "separate_z": data.get("force_separate_z"),
+        "anisotropy_threshold": float(data.get("separate_z_anisotropy_threshold", 3.0)),
+    }
 
 
 def _transpose(plans: dict, where: Path) -> list[int]:
     fwd, bwd = plans.get("transpose_forward", [0, 1, 2]), plans.get("transpose_backward", [0, 1, 2])
     if sorted(fwd) != [0, 1, 2] or [fwd.index(i) for i in range(3)] != list(bwd):
-        raise PackageError(f"{where}: transpose_forward {fwd!r} / transpose_backward {bwd!r} are not inverse "
-                           "permutations")
+        raise PackageError(
+            f"{where}: transpose_forward {fwd!r} / transpose_backward {bwd!r} are not inverse permutations"
+        )
     return [int(a) for a in fwd]
 
 
@@ -291,13 +367,16 @@ def _locate(name: str, where: Path) -> Any:
     elif name in _OPS:
         module, attr = name.rsplit(".", 1)
     else:
-        raise PackageError(f"{where}: class {name!r} is not one the importer builds (allowed: network classes "
-                           f"{sorted(NETWORK_CLASSES)} and torch layers {sorted(_OPS)})")
+        raise PackageError(
+            f"{where}: class {name!r} is not one the importer builds (allowed: network classes "
+            f"{sorted(NETWORK_CLASSES)} and torch layers {sorted(_OPS)})"
+        )
     try:
         return getattr(importlib.import_module(module), attr)
     except ImportError as exc:
-        raise PackageError(f"importing nnU-Net models needs dynamic_network_architectures (pip install "
-                           f"'atso-fast[nnunet]'): {exc}") from None
+        raise PackageError(
+            f"importing nnU-Net models needs dynamic_network_architectures (pip install 'atso-fast[nnunet]'): {exc}"
+        ) from None
 
 
 def build_network(model: dict, in_channels: int, num_classes: int) -> Any:
@@ -342,8 +421,10 @@ def _fold_networks(model: dict, in_channels: int, num_classes: int) -> list[Any]
         try:
             net.load_state_dict(ckpt["network_weights"])
         except RuntimeError as exc:
-            raise PackageError(f"{model['folder']}/fold_{fold}: weights do not fit the plans' network "
-                               f"({str(exc).splitlines()[0][:300]})") from None
+            raise PackageError(
+                f"{model['folder']}/fold_{fold}: weights do not fit the plans' network "
+                f"({str(exc).splitlines()[0][:300]})"
+            ) from None
         nets.append(net.eval())
     return nets
 
@@ -357,8 +438,13 @@ def _tolerance(module: Any, window: list[int], in_channels: int) -> float:
     return 1e-3 * max(1.0, float(probe.abs().max()) / 10.0)
 
 
-def import_nnunet(model_folder: str | os.PathLike, out_dir: str | os.PathLike, *, folds: Any = None,
-                  checkpoint: str = "checkpoint_final.pth") -> Path:
+def import_nnunet(
+    model_folder: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    folds: Any = None,
+    checkpoint: str = "checkpoint_final.pth",
+) -> Path:
     """Import a trained nnU-Net v2 model folder into an atso-fast model package.
 
     Args:
@@ -392,8 +478,9 @@ def _malformed(folder: Any) -> Iterator[None]:
     except PackageError:
         raise
     except (AttributeError, TypeError, KeyError, ValueError, IndexError) as exc:
-        raise PackageError(f"{folder}: malformed plans.json or dataset.json ({type(exc).__name__}: "
-                           f"{str(exc)[:200]})") from None
+        raise PackageError(
+            f"{folder}: malformed plans.json or dataset.json ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
 
 
 def _package_spec(model: dict[str, Any], checkpoint: str) -> dict[str, Any]:
@@ -404,14 +491,33 @@ def _package_spec(model: dict[str, Any], checkpoint: str) -> dict[str, Any]:
     window = cfg.get("patch_size")
     validate_meta(window, channels, len(names), "logits", None, f"{where / 'plans.json'}: patch_size")
     window = [int(p) for p in window]
-    preprocessing = {"orientation": _READERS[plans.get("image_reader_writer", "SimpleITKIO")],
-                     "transpose": _transpose(plans, where / "plans.json"), "crop_to_nonzero": True,
-                     "resampling": _resampling(cfg, where / "plans.json"), "grid": "nnunet"}
-    source = {"kind": "nnunetv2", "model_folder": str(where.resolve()), "configuration": model["configuration_name"],
-              "folds": model["folds"], "checkpoint": checkpoint,
-              "trainer": model["checkpoints"][0].get("trainer_name"), "plans_name": plans.get("plans_name"),
-              "dataset_name": plans.get("dataset_name"), "labels": dataset["labels"]}
-    return {"window": window, "num_classes": len(names), "kind": "logits",
-            "normalization": _normalization(model, channels), "in_channels": channels,
-            "spacing": [float(s) for s in cfg["spacing"]], "class_names": names, "preprocessing": preprocessing,
-            "mirror_axes": _mirror_axes(model["checkpoints"][0], len(window)), "extra": {"source": source}}
+    preprocessing = {
+        "orientation": _READERS[plans.get("image_reader_writer", "SimpleITKIO")],
+        "transpose": _transpose(plans, where / "plans.json"),
+        "crop_to_nonzero": True,
+        "resampling": _resampling(cfg, where / "plans.json"),
+        "grid": "nnunet",
+    }
+    source = {
+        "kind": "nnunetv2",
+        "model_folder": str(where.resolve()),
+        "configuration": model["configuration_name"],
+        "folds": model["folds"],
+        "checkpoint": checkpoint,
+        "trainer": model["checkpoints"][0].get("trainer_name"),
+        "plans_name": plans.get("plans_name"),
+        "dataset_name": plans.get("dataset_name"),
+        "labels": dataset["labels"],
+    }
+    return {
+        "window": window,
+        "num_classes": len(names),
+        "kind": "logits",
+        "normalization": _normalization(model, channels),
+        "in_channels": channels,
+        "spacing": [float(s) for s in cfg["spacing"]],
+        "class_names": names,
+        "preprocessing": preprocessing,
+        "mirror_axes": _mirror_axes(model["checkpoints"][0], len(window)),
+        "extra": {"source": source},
+    }

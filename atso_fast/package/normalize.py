@@ -17,6 +17,7 @@ A policy is a plain dict so it round-trips through JSON:
 or a list of such dicts, one per input channel (nnU-Net normalises each channel by its own
 scheme).
 """
+
 from __future__ import annotations
 
 import math
@@ -77,11 +78,13 @@ def _check_rgb(policy: dict[str, Any]) -> dict[str, list[float]]:
     try:
         mean, std = [float(v) for v in policy["mean"]], [float(v) for v in policy["std"]]
     except (KeyError, TypeError, ValueError):
-        raise ValueError(f"normalization 'rgb' needs lists 'mean' and 'std' (one number per channel), got {policy!r}") \
-            from None
+        raise ValueError(
+            f"normalization 'rgb' needs lists 'mean' and 'std' (one number per channel), got {policy!r}"
+        ) from None
     if not mean or len(mean) != len(std) or not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
-        raise ValueError(f"normalization 'rgb' needs equally long, finite 'mean' and 'std' lists with std > 0, "
-                         f"got {policy!r}")
+        raise ValueError(
+            f"normalization 'rgb' needs equally long, finite 'mean' and 'std' lists with std > 0, got {policy!r}"
+        )
     return {"mean": mean, "std": std}
 
 
@@ -99,8 +102,9 @@ def uses_mask(policy: dict[str, Any] | list[dict[str, Any]] | None) -> bool:
     return any(p.get("use_mask", False) for p in (policy if isinstance(policy, list) else [policy]))
 
 
-def normalize(volume: np.ndarray, policy: dict[str, Any] | list[dict[str, Any]] | None,
-              mask: np.ndarray | None = None) -> np.ndarray:
+def normalize(
+    volume: np.ndarray, policy: dict[str, Any] | list[dict[str, Any]] | None, mask: np.ndarray | None = None
+) -> np.ndarray:
     """Apply ``policy`` to ``volume`` (any shape, any real dtype) and return float32.
 
     For multi-channel volumes ``(M, Z, Y, X)`` a single policy's z-score is taken per channel; a
@@ -194,5 +198,11 @@ def ct_policy_from_samples(volumes: list[np.ndarray], labels: list[np.ndarray] |
     allv = np.concatenate(samples)
     lo, hi = np.percentile(allv, [0.5, 99.5])
     clipped = np.clip(allv, lo, hi)
-    return _check_one({"scheme": "ct", "clip": [float(lo), float(hi)],
-                       "mean": float(clipped.mean()), "std": float(max(clipped.std(), 1e-8))})
+    return _check_one(
+        {
+            "scheme": "ct",
+            "clip": [float(lo), float(hi)],
+            "mean": float(clipped.mean()),
+            "std": float(max(clipped.std(), 1e-8)),
+        }
+    )

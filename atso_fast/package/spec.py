@@ -20,6 +20,7 @@ Fields (all optional; a package without them runs at the scan's own resolution a
 
 :func:`check_fields` validates them; the engine (``atso_fast.engine.preprocess``) applies them.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,10 +31,21 @@ __all__ = ["ORIENTATIONS", "GRIDS", "default_preprocessing", "check_preprocessin
 
 ORIENTATIONS = ("as-stored", "RAS")
 GRIDS = ("monai", "nnunet")
-_RESAMPLING = {"data_order": 3, "data_order_z": 0, "probabilities_order": 1, "probabilities_order_z": 0,
-               "separate_z": None, "anisotropy_threshold": 3.0}
-_DEFAULTS = {"orientation": "as-stored", "transpose": None, "crop_to_nonzero": False,
-             "resampling": _RESAMPLING, "grid": "monai"}
+_RESAMPLING = {
+    "data_order": 3,
+    "data_order_z": 0,
+    "probabilities_order": 1,
+    "probabilities_order_z": 0,
+    "separate_z": None,
+    "anisotropy_threshold": 3.0,
+}
+_DEFAULTS = {
+    "orientation": "as-stored",
+    "transpose": None,
+    "crop_to_nonzero": False,
+    "resampling": _RESAMPLING,
+    "grid": "monai",
+}
 
 
 def default_preprocessing() -> dict[str, Any]:
@@ -56,17 +68,20 @@ def _check_resampling(value: Any, where: str) -> dict[str, Any]:
     if value is None:
         return dict(_RESAMPLING)
     if not isinstance(value, dict) or set(value) - set(_RESAMPLING):
-        raise _fail(where, f"preprocessing.resampling must be an object with keys {sorted(_RESAMPLING)}, "
-                    f"got {value!r}")
+        raise _fail(where, f"preprocessing.resampling must be an object with keys {sorted(_RESAMPLING)}, got {value!r}")
     out = {**_RESAMPLING, **value}
     for key in ("data_order", "data_order_z", "probabilities_order", "probabilities_order_z"):
         out[key] = _order(out[key], key, where)
     if out["probabilities_order"] > 1 or out["probabilities_order_z"] > 1:
-        raise _fail(where, "preprocessing.resampling probabilities orders must be 0 or 1 (the output is "
-                    f"resampled row by row), got {value!r}")
+        raise _fail(
+            where,
+            "preprocessing.resampling probabilities orders must be 0 or 1 (the output is "
+            f"resampled row by row), got {value!r}",
+        )
     if out["separate_z"] not in (None, True, False):
-        raise _fail(where, "preprocessing.resampling.separate_z must be null, true or false, got "
-                           f"{out['separate_z']!r}")
+        raise _fail(
+            where, f"preprocessing.resampling.separate_z must be null, true or false, got {out['separate_z']!r}"
+        )
     thr = out["anisotropy_threshold"]
     if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not math.isfinite(thr) or thr <= 0:
         raise _fail(where, f"preprocessing.resampling.anisotropy_threshold must be a positive number, got {thr!r}")
@@ -104,8 +119,11 @@ def _check_spacing(value: Any, spatial_dims: int, where: str) -> list[float] | N
     if value is None:
         return None
     sizes = (3,) if spatial_dims == 3 else (2, 3)
-    ok = isinstance(value, (list, tuple)) and len(value) in sizes and all(
-        not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in value)
+    ok = (
+        isinstance(value, (list, tuple))
+        and len(value) in sizes
+        and all(not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in value)
+    )
     if not ok:
         want = "3" if spatial_dims == 3 else "2 (in-plane) or 3"
         raise _fail(where, f"spacing must be {want} positive numbers (mm) or null, got {value!r}")
@@ -116,8 +134,11 @@ def _check_names(value: Any, num_classes: int, where: str) -> list[str] | None:
     if value is None:
         return None
     count = max(num_classes, 2)  # one sigmoid channel names background and foreground
-    if not isinstance(value, (list, tuple)) or len(value) not in (num_classes, count) or \
-            not all(isinstance(v, str) for v in value):
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) not in (num_classes, count)
+        or not all(isinstance(v, str) for v in value)
+    ):
         raise _fail(where, f"class_names must be {num_classes} strings (one per class) or null, got {value!r}")
     return list(value)
 
@@ -125,9 +146,11 @@ def _check_names(value: Any, num_classes: int, where: str) -> list[str] | None:
 def _check_mirror(value: Any, spatial_dims: int, where: str) -> list[int] | None:
     if value is None:
         return None
-    ok = isinstance(value, (list, tuple)) and all(
-        isinstance(a, int) and not isinstance(a, bool) and 0 <= a < spatial_dims for a in value) and \
-        len(set(value)) == len(value)
+    ok = (
+        isinstance(value, (list, tuple))
+        and all(isinstance(a, int) and not isinstance(a, bool) and 0 <= a < spatial_dims for a in value)
+        and len(set(value)) == len(value)
+    )
     if not ok:
         raise _fail(where, f"mirror_axes must be distinct spatial axes in [0, {spatial_dims}) or null, got {value!r}")
     return sorted(int(a) for a in value)
@@ -140,7 +163,9 @@ def check_fields(meta: dict[str, Any], spatial_dims: int, num_classes: int, wher
     Raises:
         ValueError: naming ``where`` and the field.
     """
-    return {"spacing": _check_spacing(meta.get("spacing"), spatial_dims, where),
-            "class_names": _check_names(meta.get("class_names"), num_classes, where),
-            "mirror_axes": _check_mirror(meta.get("mirror_axes"), spatial_dims, where),
-            "preprocessing": check_preprocessing(meta.get("preprocessing"), spatial_dims, where)}
+    return {
+        "spacing": _check_spacing(meta.get("spacing"), spatial_dims, where),
+        "class_names": _check_names(meta.get("class_names"), num_classes, where),
+        "mirror_axes": _check_mirror(meta.get("mirror_axes"), spatial_dims, where),
+        "preprocessing": check_preprocessing(meta.get("preprocessing"), spatial_dims, where),
+    }

@@ -15,6 +15,7 @@
   that is no torch.export archive at all (say from another torch version) runs nothing and is
   left to the torch runtime to report (``auto`` then runs ONNX Runtime, with a warning).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -115,8 +116,9 @@ def verify_package(pkg: Any, meta: dict[str, Any], meta_path: Path) -> None:
     _check_hash(onnx_path, data, meta.get("onnx_sha256"), "onnx_sha256", meta_path)
     check_onnx_graph(data, onnx_path, pkg, meta_path)
     pkg.verified["onnx"] = data
-    torch_path = confined_file(root, pkg.torch_file, "torch_file", meta_path, required=False) \
-        if pkg.torch_file else None
+    torch_path = (
+        confined_file(root, pkg.torch_file, "torch_file", meta_path, required=False) if pkg.torch_file else None
+    )
     if torch_path is not None:  # a missing model.pt2 only means the torch runtime is unavailable
         data = _read(torch_path)
         _check_hash(torch_path, data, meta.get("torch_sha256"), "torch_sha256", meta_path)
@@ -124,8 +126,10 @@ def verify_package(pkg: Any, meta: dict[str, Any], meta_path: Path) -> None:
             check_torch_program(data, str(torch_path))
             pkg.verified["torch"] = data
         except UnsafeArchiveError as exc:  # could run code: refused whatever the runtime
-            raise PackageError(f"{exc} (to run this package with ONNX Runtime only, delete {torch_path.name} "
-                               f"and its torch_file entry in {meta_path.name})") from None
+            raise PackageError(
+                f"{exc} (to run this package with ONNX Runtime only, delete {torch_path.name} "
+                f"and its torch_file entry in {meta_path.name})"
+            ) from None
         except InputError:  # not a torch program at all (another torch version?): nothing can run
             pass  # from it; the torch runtime reports it, and auto runs ONNX Runtime instead
 
@@ -142,8 +146,10 @@ def _check_hash(path: Path, data: bytes, expected: Any, field: str, meta_path: P
         return
     actual = hashlib.sha256(data).hexdigest()
     if not isinstance(expected, str) or actual != expected.lower():
-        raise PackageError(f"{path}: sha256 {actual} differs from {field} {expected} recorded in {meta_path} "
-                           "(the file is corrupt, was replaced, or belongs to another package)")
+        raise PackageError(
+            f"{path}: sha256 {actual} differs from {field} {expected} recorded in {meta_path} "
+            "(the file is corrupt, was replaced, or belongs to another package)"
+        )
 
 
 def check_onnx_graph(data: bytes, path: Path, pkg: Any, meta_path: Path) -> None:
@@ -160,17 +166,22 @@ def check_onnx_graph(data: bytes, path: Path, pkg: Any, meta_path: Path) -> None
     except Exception as exc:  # noqa: BLE001 - protobuf DecodeError and friends
         raise PackageError(f"{path}: not a valid ONNX model ({type(exc).__name__}: {exc})") from None
     if _uses_external_data(model):
-        raise PackageError(f"{path}: the graph keeps weights in external data files, which are refused "
-                           "(re-export with the weights inside model.onnx)")
+        raise PackageError(
+            f"{path}: the graph keeps weights in external data files, which are refused "
+            "(re-export with the weights inside model.onnx)"
+        )
     graph = model.graph
     weights = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in weights]
     if len(inputs) != 1 or not graph.output:
-        raise PackageError(f"{path}: expected one input and at least one output, got {len(inputs)} inputs "
-                           f"and {len(graph.output)} outputs")
+        raise PackageError(
+            f"{path}: expected one input and at least one output, got {len(inputs)} inputs "
+            f"and {len(graph.output)} outputs"
+        )
     _check_dims(_dims(inputs[0]), "in_channels", pkg.in_channels, pkg, path, meta_path, f"input {inputs[0].name!r}")
-    _check_dims(_dims(graph.output[0]), "num_classes", pkg.num_classes, pkg, path, meta_path,
-                f"output {graph.output[0].name!r}")
+    _check_dims(
+        _dims(graph.output[0]), "num_classes", pkg.num_classes, pkg, path, meta_path, f"output {graph.output[0].name!r}"
+    )
 
 
 def _dims(value: Any) -> list[int | None] | None:
@@ -181,21 +192,23 @@ def _dims(value: Any) -> list[int | None] | None:
     return [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
 
 
-def _check_dims(dims: list[int | None] | None, field: str, channels: int, pkg: Any, path: Path,
-                meta_path: Path, what: str) -> None:
+def _check_dims(
+    dims: list[int | None] | None, field: str, channels: int, pkg: Any, path: Path, meta_path: Path, what: str
+) -> None:
     if dims is None:
         return
     window = tuple(pkg.window)
     shown = "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
     if len(dims) != 2 + len(window):
-        raise PackageError(f"{meta_path}: window {list(window)} ({len(window)}D) disagrees with {path}: "
-                           f"its {what} has shape {shown}")
+        raise PackageError(
+            f"{meta_path}: window {list(window)} ({len(window)}D) disagrees with {path}: its {what} has shape {shown}"
+        )
     if dims[1] is not None and dims[1] != channels:
-        raise PackageError(f"{meta_path}: {field} {channels} disagrees with {path}: its {what} has "
-                           f"{dims[1]} channels (shape {shown})")
+        raise PackageError(
+            f"{meta_path}: {field} {channels} disagrees with {path}: its {what} has {dims[1]} channels (shape {shown})"
+        )
     if any(d is not None and d != w for d, w in zip(dims[2:], window)):
-        raise PackageError(f"{meta_path}: window {list(window)} disagrees with {path}: its {what} has "
-                           f"shape {shown}")
+        raise PackageError(f"{meta_path}: window {list(window)} disagrees with {path}: its {what} has shape {shown}")
 
 
 def largest_tensor(data: bytes, batch: int) -> tuple[str, int]:
@@ -237,7 +250,8 @@ def _uses_external_data(message: Any) -> bool:
     import onnx
 
     if isinstance(message, onnx.TensorProto) and (
-            message.data_location == onnx.TensorProto.EXTERNAL or len(message.external_data) > 0):
+        message.data_location == onnx.TensorProto.EXTERNAL or len(message.external_data) > 0
+    ):
         return True
     for descriptor, value in message.ListFields():
         if descriptor.type != descriptor.TYPE_MESSAGE:

@@ -17,6 +17,7 @@ imported nnU-Net model: its fused convolution + instance-norm kernels are less e
 module, runs on torch. When the first choice cannot load the model, ``load_runtime`` warns and
 takes the next.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -34,15 +35,35 @@ from atso_fast.runtimes.openvino_rt import (
 from atso_fast.runtimes.tensorrt_rt import TensorRTRuntime, tensorrt_available
 from atso_fast.runtimes.torch_rt import TorchRuntime
 
-__all__ = ["RUNTIMES", "OnnxRuntime", "OpenVinoRuntime", "Pending", "Ready", "Runtime", "RuntimeUnavailable",
-           "TensorRTRuntime", "TorchRuntime", "auto_candidates", "available_runtimes", "create_runtime",
-           "load_runtime", "resolve_runtime"]
+__all__ = [
+    "RUNTIMES",
+    "OnnxRuntime",
+    "OpenVinoRuntime",
+    "Pending",
+    "Ready",
+    "Runtime",
+    "RuntimeUnavailable",
+    "TensorRTRuntime",
+    "TorchRuntime",
+    "auto_candidates",
+    "available_runtimes",
+    "create_runtime",
+    "load_runtime",
+    "resolve_runtime",
+]
 
 RUNTIMES = ("auto", "openvino", "onnxruntime", "tensorrt", "torch")
 
 
-def auto_candidates(device: str, *, has_onnx: bool, has_module: bool, has_program: bool = True,
-                    precision: str = "float32", exact: bool = False) -> list[str]:
+def auto_candidates(
+    device: str,
+    *,
+    has_onnx: bool,
+    has_module: bool,
+    has_program: bool = True,
+    precision: str = "float32",
+    exact: bool = False,
+) -> list[str]:
     """The runtimes ``auto`` tries, best first (see the module docstring).
 
     On CPU OpenVINO leads because it was the fastest runtime in every CPU case measured (the
@@ -65,15 +86,24 @@ def auto_candidates(device: str, *, has_onnx: bool, has_module: bool, has_progra
     return ["onnxruntime"] if onnxruntime_has_cuda() else ["torch"]
 
 
-def resolve_runtime(name: str, device: str, *, has_onnx: bool, has_module: bool, has_program: bool = True,
-                    precision: str = "float32", exact: bool = False) -> str:
+def resolve_runtime(
+    name: str,
+    device: str,
+    *,
+    has_onnx: bool,
+    has_module: bool,
+    has_program: bool = True,
+    precision: str = "float32",
+    exact: bool = False,
+) -> str:
     """Turn ``auto`` into the runtime it tries first; other names are checked and returned."""
     if name not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {name!r}")
     if name != "auto":
         return name
-    return auto_candidates(device, has_onnx=has_onnx, has_module=has_module, has_program=has_program,
-                           precision=precision, exact=exact)[0]
+    return auto_candidates(
+        device, has_onnx=has_onnx, has_module=has_module, has_program=has_program, precision=precision, exact=exact
+    )[0]
 
 
 def available_runtimes(device: str) -> list[str]:
@@ -93,13 +123,28 @@ def available_runtimes(device: str) -> list[str]:
     return out
 
 
-def create_runtime(name: str, *, device: str = "cpu", package: Any = None, module: Any = None,
-                   precision: str = "float32", batch_size: int = 4, compile: bool = False,
-                   threads: int | None = None) -> Runtime:
+def create_runtime(
+    name: str,
+    *,
+    device: str = "cpu",
+    package: Any = None,
+    module: Any = None,
+    precision: str = "float32",
+    batch_size: int = 4,
+    compile: bool = False,
+    threads: int | None = None,
+) -> Runtime:
     """Build runtime ``name`` (not ``auto``: see :func:`load_runtime`) for a package and/or a live module."""
     if name == "torch":
-        return TorchRuntime.create(package=package, module=module, device=device, precision=precision,
-                                   compile=compile, probe_batch=batch_size, threads=threads)
+        return TorchRuntime.create(
+            package=package,
+            module=module,
+            device=device,
+            precision=precision,
+            compile=compile,
+            probe_batch=batch_size,
+            threads=threads,
+        )
     if name not in RUNTIMES or name == "auto":
         raise ValueError(f"create_runtime takes one of {RUNTIMES[1:]}, got {name!r}")
     if package is None or package.root is None:
@@ -108,10 +153,25 @@ def create_runtime(name: str, *, device: str = "cpu", package: Any = None, modul
     if name == "onnxruntime":
         return OnnxRuntime(onnx, device=device, precision=precision, threads=threads, source=source)
     if name == "openvino":
-        return OpenVinoRuntime(onnx, device=device, precision=precision, batch_size=batch_size,
-                               window=package.window, in_channels=package.in_channels, threads=threads, source=source)
-    return TensorRTRuntime(onnx, device=device, precision=precision, max_batch=batch_size, window=package.window,
-                           in_channels=package.in_channels, source=source)
+        return OpenVinoRuntime(
+            onnx,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            window=package.window,
+            in_channels=package.in_channels,
+            threads=threads,
+            source=source,
+        )
+    return TensorRTRuntime(
+        onnx,
+        device=device,
+        precision=precision,
+        max_batch=batch_size,
+        window=package.window,
+        in_channels=package.in_channels,
+        source=source,
+    )
 
 
 def load_runtime(candidates: Sequence[str], **kw: Any) -> Runtime:
@@ -132,7 +192,8 @@ def load_runtime(candidates: Sequence[str], **kw: Any) -> Runtime:
             errors[name] = exc
             continue
         for failed, error in errors.items():  # not `exc`: Python deletes the except clause's name
-            warnings.warn(f"runtime auto: {failed} did not load ({error}); running {name}", RuntimeWarning,
-                          stacklevel=3)
+            warnings.warn(
+                f"runtime auto: {failed} did not load ({error}); running {name}", RuntimeWarning, stacklevel=3
+            )
         return runtime
     raise next(iter(errors.values()))

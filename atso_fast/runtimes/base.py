@@ -1,4 +1,5 @@
 """The runtime interface: everything the engine reads from a runtime is declared here."""
+
 from __future__ import annotations
 
 import os
@@ -7,8 +8,17 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from atso_fast.io.files import read_regular_file
 
-__all__ = ["FixedRuntime", "PRECISIONS", "Pending", "Ready", "Runtime", "RuntimeUnavailable", "check_device",
-           "check_precision", "model_bytes"]
+__all__ = [
+    "FixedRuntime",
+    "PRECISIONS",
+    "Pending",
+    "Ready",
+    "Runtime",
+    "RuntimeUnavailable",
+    "check_device",
+    "check_precision",
+    "model_bytes",
+]
 
 PRECISIONS = ("float32", "float16", "bfloat16")
 
@@ -104,6 +114,7 @@ class FixedRuntime:
     _calls = 0
 
     if TYPE_CHECKING:  # every subclass defines it; declared here only for the type checker
+
         def __call__(self, batch: Any) -> Any: ...
 
     def submit(self, batch: Any) -> Pending:
@@ -131,8 +142,9 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-def model_bytes(model: str | os.PathLike[str] | bytes, source: str | os.PathLike[str] | None = None
-                ) -> tuple[bytes, Path]:
+def model_bytes(
+    model: str | os.PathLike[str] | bytes, source: str | os.PathLike[str] | None = None
+) -> tuple[bytes, Path]:
     """``(bytes, path for messages)`` of a serialised model given as bytes (a package's verified
     ``model.onnx``: the runtime loads exactly the bytes that were checked, never the file again)
     or as a path (read once, without blocking)."""

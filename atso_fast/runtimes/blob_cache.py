@@ -7,6 +7,7 @@ whatever it computes while the package's own hashes pass. So a blob is loaded on
 - its sha256 equals the one recorded beside it (``KEY.sha256``) when this process's code wrote it.
 Anything else is ignored (and overwritten on the next store): the model is compiled again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -75,5 +76,6 @@ class BlobCache:
             os.chmod(atomic_write_bytes(blob, data), 0o600)
             atomic_write_bytes(digest, hashlib.sha256(data).hexdigest().encode("ascii"))
         except OSError as exc:
-            warnings.warn(f"runtime {self.what}: compiled model not cached at {blob} ({exc})", RuntimeWarning,
-                          stacklevel=3)
+            warnings.warn(
+                f"runtime {self.what}: compiled model not cached at {blob} ({exc})", RuntimeWarning, stacklevel=3
+            )

@@ -4,6 +4,7 @@ With I/O binding the window batch and the outputs stay in CUDA torch tensors, so
 straight into the CUDA accumulate kernel with no host round trip. That path needs
 ``onnxruntime-gpu``, which the build machines lack: it is not exercised by CI.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,9 @@ def _ort():
     try:
         import onnxruntime
     except ImportError:
-        raise RuntimeUnavailable("runtime 'onnxruntime' needs the onnxruntime package: pip install onnxruntime "
-                                 "(or onnxruntime-gpu for CUDA)") from None
+        raise RuntimeUnavailable(
+            "runtime 'onnxruntime' needs the onnxruntime package: pip install onnxruntime (or onnxruntime-gpu for CUDA)"
+        ) from None
     return onnxruntime
 
 
@@ -41,14 +43,20 @@ def onnxruntime_has_cuda() -> bool:
 class OnnxRuntime(FixedRuntime):
     name = "onnxruntime"
 
-    def __init__(self, onnx: str | os.PathLike | bytes, *, device: str = "cpu", precision: str = "float32",
-                 threads: int | None = None, source: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        onnx: str | os.PathLike | bytes,
+        *,
+        device: str = "cpu",
+        precision: str = "float32",
+        threads: int | None = None,
+        source: str | os.PathLike | None = None,
+    ):
         ort = _ort()
         self.device = check_device(device)
         self.precision = check_precision(precision)
         if precision != "float32":
-            raise ValueError("runtime 'onnxruntime' runs float32 models; use 'tensorrt' or 'torch' for "
-                             f"{precision}")
+            raise ValueError(f"runtime 'onnxruntime' runs float32 models; use 'tensorrt' or 'torch' for {precision}")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
@@ -60,8 +68,10 @@ class OnnxRuntime(FixedRuntime):
         providers: list[Any] = ["CPUExecutionProvider"]
         if device.startswith("cuda"):
             if not onnxruntime_has_cuda():
-                raise RuntimeUnavailable("runtime 'onnxruntime' on cuda needs onnxruntime-gpu: "
-                                         "pip uninstall onnxruntime && pip install onnxruntime-gpu")
+                raise RuntimeUnavailable(
+                    "runtime 'onnxruntime' on cuda needs onnxruntime-gpu: "
+                    "pip uninstall onnxruntime && pip install onnxruntime-gpu"
+                )
             providers = [("CUDAExecutionProvider", {"device_id": self._device_id})]
         data, onnx_path = model_bytes(onnx, source)
         try:  # from the bytes: what was verified is what runs
@@ -77,8 +87,11 @@ class OnnxRuntime(FixedRuntime):
 
     def __call__(self, batch: Any) -> Any:
         if isinstance(batch, np.ndarray):
-            out = self._run_cpu_bound(batch) if self.reuse_output else \
-                self.session.run([self._output.name], {self._input: batch})[0]
+            out = (
+                self._run_cpu_bound(batch)
+                if self.reuse_output
+                else self.session.run([self._output.name], {self._input: batch})[0]
+            )
         else:
             out = self._run_cuda(batch)
         self._called()

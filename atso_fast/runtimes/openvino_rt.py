@@ -32,6 +32,7 @@ stitches a third). Two streams were the default for small outputs until they mea
 slower than one on an AMX machine, within noise on an AVX2 one, at +60-70% memory
 (benchmarks/RESULTS.md, issue 13 third pass).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,8 +55,14 @@ from atso_fast.runtimes.base import (
 )
 from atso_fast.runtimes.blob_cache import BlobCache
 
-__all__ = ["MAX_IN_FLIGHT", "PIPELINE_MAX_OUTPUT_BYTES", "OpenVinoRuntime",
-           "compiled_cache_key", "openvino_available", "openvino_supports"]
+__all__ = [
+    "MAX_IN_FLIGHT",
+    "PIPELINE_MAX_OUTPUT_BYTES",
+    "OpenVinoRuntime",
+    "compiled_cache_key",
+    "openvino_available",
+    "openvino_supports",
+]
 
 PIPELINE_MAX_OUTPUT_BYTES = 256 * 2**20
 """Largest batch output (bytes) for which the default keeps two batches in flight."""
@@ -99,8 +106,9 @@ def openvino_supports(precision: str, target: str = "CPU") -> bool:
     return _CAPABILITY[precision] in caps
 
 
-def compiled_cache_key(onnx_bytes: bytes, ov_version: str, device_name: str, precision: str,
-                       input_shape: tuple[int | str, ...]) -> str:
+def compiled_cache_key(
+    onnx_bytes: bytes, ov_version: str, device_name: str, precision: str, input_shape: tuple[int | str, ...]
+) -> str:
     """Cache key of a compiled model: ONNX hash + OpenVINO version + device + precision + shape
     (a dynamic batch axis as its bounds, ``"1..4"``)."""
     h = hashlib.sha256(onnx_bytes)
@@ -163,19 +171,35 @@ class OpenVinoRuntime(FixedRuntime):
 
     name = "openvino"
 
-    def __init__(self, onnx: str | os.PathLike | bytes, *, device: str = "cpu", precision: str = "float32",
-                 batch_size: int = 4, window: tuple[int, ...] = (), in_channels: int = 1,
-                 threads: int | None = None, target: str = "CPU", cache_dir: str | os.PathLike | bool | None = None,
-                 in_flight: int | None = None, streams: int | None = None, dynamic_batch: bool = True,
-                 source: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        onnx: str | os.PathLike | bytes,
+        *,
+        device: str = "cpu",
+        precision: str = "float32",
+        batch_size: int = 4,
+        window: tuple[int, ...] = (),
+        in_channels: int = 1,
+        threads: int | None = None,
+        target: str = "CPU",
+        cache_dir: str | os.PathLike | bool | None = None,
+        in_flight: int | None = None,
+        streams: int | None = None,
+        dynamic_batch: bool = True,
+        source: str | os.PathLike | None = None,
+    ):
         self.ov = _ov()
         self.device, self.precision = check_device(device), check_precision(precision)
         if device != "cpu":
-            raise ValueError(f"runtime 'openvino' takes host arrays (device 'cpu'), got device {device!r}; "
-                             "use target='GPU' for an Intel GPU")
+            raise ValueError(
+                f"runtime 'openvino' takes host arrays (device 'cpu'), got device {device!r}; "
+                "use target='GPU' for an Intel GPU"
+            )
         if not openvino_supports(precision, target):
-            raise ValueError(f"runtime 'openvino': {target} does not support {precision} "
-                             f"(its capabilities: {self._capabilities(target)}); use float32")
+            raise ValueError(
+                f"runtime 'openvino': {target} does not support {precision} "
+                f"(its capabilities: {self._capabilities(target)}); use float32"
+            )
         self.onnx_bytes, self.onnx_path = model_bytes(onnx, source)
         self.target = str(target)
         self.batch_size = max(1, int(batch_size))
@@ -249,8 +273,7 @@ class OpenVinoRuntime(FixedRuntime):
         try:
             model = _core().read_model(self.onnx_bytes)
             if len(model.inputs) != 1 or len(model.outputs) != 1:
-                raise ValueError(f"expected one input and one output, got {len(model.inputs)} and "
-                                 f"{len(model.outputs)}")
+                raise ValueError(f"expected one input and one output, got {len(model.inputs)} and {len(model.outputs)}")
             batch = self.ov.Dimension(1, self.batch_size) if self.dynamic_batch else self.batch_size
             model.reshape({model.inputs[0].get_any_name(): self.ov.PartialShape([batch, *self._sample])})
             if self.precision == "bfloat16":  # the decoder runs in bf16 only with a bf16 output (module docstring)
@@ -265,8 +288,10 @@ class OpenVinoRuntime(FixedRuntime):
         """Bytes of one full batch's output (the dynamic axis at its bound)."""
         dims = [d.get_max_length() for d in model.output(0).get_partial_shape()]
         if any(d < 0 for d in dims):
-            raise ValueError(f"{self.onnx_path}: the output shape {model.output(0).get_partial_shape()} "
-                             f"is not bounded for input {'x'.join(map(str, self.input_shape))}")
+            raise ValueError(
+                f"{self.onnx_path}: the output shape {model.output(0).get_partial_shape()} "
+                f"is not bounded for input {'x'.join(map(str, self.input_shape))}"
+            )
         return model.output(0).get_element_type().size * int(np.prod(dims))
 
     def _output(self, request: Any) -> np.ndarray:
@@ -279,8 +304,13 @@ class OpenVinoRuntime(FixedRuntime):
 
     def _load(self, model: Any) -> Any:
         """``model`` compiled: from the disk cache, else built (and cached)."""
-        key = compiled_cache_key(self.onnx_bytes, self.ov.__version__, self._device_name(),
-                                 f"{self.precision}/streams{self.streams}/out-{self._out_type}", self.input_shape)
+        key = compiled_cache_key(
+            self.onnx_bytes,
+            self.ov.__version__,
+            self._device_name(),
+            f"{self.precision}/streams{self.streams}/out-{self._out_type}",
+            self.input_shape,
+        )
         cache = None if self.cache_dir is None else BlobCache(self.cache_dir, self.name)
         blob = None if cache is None else cache.load(key)
         compiled = None if blob is None else self._import(blob)
@@ -304,8 +334,10 @@ class OpenVinoRuntime(FixedRuntime):
 
     def _cannot_compile(self, exc: Exception) -> ValueError:
         """The error for a model OpenVINO cannot read, reshape or compile: file, input shape, cause."""
-        return ValueError(f"{self.onnx_path}: OpenVINO cannot compile the model for input "
-                          f"{'x'.join(map(str, self.input_shape))} ({' '.join(str(exc).split())[:500]})")
+        return ValueError(
+            f"{self.onnx_path}: OpenVINO cannot compile the model for input "
+            f"{'x'.join(map(str, self.input_shape))} ({' '.join(str(exc).split())[:500]})"
+        )
 
     def _import(self, blob: bytes) -> Any:
         """A cached compiled model (checked by :class:`BlobCache`), or None when OpenVINO cannot
@@ -321,8 +353,9 @@ class OpenVinoRuntime(FixedRuntime):
             buf = io.BytesIO()
             compiled.export_model(buf)
         except Exception as exc:  # noqa: BLE001 - export is an optimisation; the run goes on
-            warnings.warn(f"runtime openvino: compiled model not exported for the cache ({exc})", RuntimeWarning,
-                          stacklevel=3)
+            warnings.warn(
+                f"runtime openvino: compiled model not exported for the cache ({exc})", RuntimeWarning, stacklevel=3
+            )
             return
         cache.store(key, buf.getbuffer())
 
@@ -334,8 +367,10 @@ class OpenVinoRuntime(FixedRuntime):
             raise TypeError(f"runtime 'openvino' takes NumPy arrays, got {type(batch).__name__}")
         n = int(batch.shape[0])
         if tuple(batch.shape[1:]) != self._sample or not 1 <= n <= self.batch_size:
-            raise ValueError(f"runtime 'openvino' was compiled for batches (<= {self.batch_size}, "
-                             f"{', '.join(map(str, self._sample))}), got {tuple(batch.shape)}")
+            raise ValueError(
+                f"runtime 'openvino' was compiled for batches (<= {self.batch_size}, "
+                f"{', '.join(map(str, self._sample))}), got {tuple(batch.shape)}"
+            )
         slot = self._slot()
         if n < self.batch_size and not self.dynamic_batch:  # zero windows pad; their outputs are dropped
             padded = np.zeros((self.batch_size, *self._sample), np.float32)
@@ -353,8 +388,10 @@ class OpenVinoRuntime(FixedRuntime):
             self._slots.append(_Request(self.compiled.create_infer_request()))
         slot = self._slots[i]
         if slot.busy:
-            raise RuntimeError(f"runtime 'openvino': more than in_flight={self.in_flight} batches pending; "
-                               "take a result before submitting another")
+            raise RuntimeError(
+                f"runtime 'openvino': more than in_flight={self.in_flight} batches pending; "
+                "take a result before submitting another"
+            )
         self._next = i + 1
         return slot
 

@@ -8,6 +8,7 @@ version, precision and max batch, so a second run skips the build.
 Not verified on the build machines: they have no TensorRT and no GPU. CI only checks that a
 missing TensorRT gives a clear error.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,12 +45,20 @@ def engine_cache_key(onnx_bytes: bytes, gpu_name: str, trt_version: str, precisi
 class TensorRTRuntime(FixedRuntime):
     name = "tensorrt"
 
-    def __init__(self, onnx: str | os.PathLike | bytes, *, device: str = "cuda", precision: str = "float16",
-                 max_batch: int = 4, window: tuple[int, ...] = (), in_channels: int = 1,
-                 cache_dir: str | os.PathLike | None = None, source: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        onnx: str | os.PathLike | bytes,
+        *,
+        device: str = "cuda",
+        precision: str = "float16",
+        max_batch: int = 4,
+        window: tuple[int, ...] = (),
+        in_channels: int = 1,
+        cache_dir: str | os.PathLike | None = None,
+        source: str | os.PathLike | None = None,
+    ):
         if not tensorrt_available():
-            raise RuntimeUnavailable("runtime 'tensorrt' needs NVIDIA TensorRT: pip install tensorrt "
-                                     "(and a CUDA GPU)")
+            raise RuntimeUnavailable("runtime 'tensorrt' needs NVIDIA TensorRT: pip install tensorrt (and a CUDA GPU)")
         self.device = check_device(device)
         self.precision = check_precision(precision)
         if not device.startswith("cuda"):

@@ -1,4 +1,5 @@
 """PyTorch runtime: eager or ``torch.compile``, float32/float16/bfloat16."""
+
 from __future__ import annotations
 
 import copy
@@ -76,8 +77,17 @@ class TorchRuntime(FixedRuntime):
 
     name = "torch"
 
-    def __init__(self, module: Any, *, device: str = "cpu", precision: str = "float32", compile: bool = False,
-                 channels_last: bool | None = None, probe_batch: int = 1, threads: int | None = None):
+    def __init__(
+        self,
+        module: Any,
+        *,
+        device: str = "cpu",
+        precision: str = "float32",
+        compile: bool = False,
+        channels_last: bool | None = None,
+        probe_batch: int = 1,
+        threads: int | None = None,
+    ):
         import torch
 
         self.device = check_device(device)
@@ -94,8 +104,9 @@ class TorchRuntime(FixedRuntime):
         # CPU threads per call (None: torch's own setting); a Ray actor passes its CPU share
         self.threads = None if on_cuda or threads is None else max(int(threads), 1)
         param = next(iter(module.parameters()), None)
-        if param is not None and (param.dtype != self._dtype or param.device != torch.device(device)
-                                  or self.channels_last is not False):
+        if param is not None and (
+            param.dtype != self._dtype or param.device != torch.device(device) or self.channels_last is not False
+        ):
             with warnings.catch_warnings():  # torch's LeafSpec deprecation when copying a torch.export module
                 warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")
                 module = copy.deepcopy(module)  # never convert the caller's module in place
@@ -171,8 +182,10 @@ class TorchRuntime(FixedRuntime):
     @staticmethod
     def _load_program(package: Any) -> Any:
         if package is None or package.root is None or not package.torch_file:
-            raise RuntimeUnavailable("this model package has no torch program (model.pt2); use runtime "
-                                     "'onnxruntime' or re-export with atso_fast.export_model")
+            raise RuntimeUnavailable(
+                "this model package has no torch program (model.pt2); use runtime "
+                "'onnxruntime' or re-export with atso_fast.export_model"
+            )
         path = package.root / package.torch_file
         data = getattr(package, "verified", {}).get("torch")  # the bytes load_package checked and hashed
         if data is None and not path.is_file():

@@ -2,6 +2,7 @@
 store in memory (:class:`ArrayStore`) or on disk (:class:`CacheStore`); driving scenes (the
 Cityscapes data form, :class:`ResNetUNet`, road-scene augmentation :class:`ScenePatches`, IoU)
 in memory."""
+
 from __future__ import annotations
 
 from atso_fast.train.atso import (

@@ -88,6 +88,7 @@ when it relabels as when it trained (a whole-slice pass normalises over other st
 disk the round's exported package relabels U through the archive engine; ``relabel_fn`` serves
 :meth:`ATSO.predict`.
 """
+
 from __future__ import annotations
 
 import io
@@ -180,8 +181,9 @@ def split_balanced(sizes: Sequence[int], seed: int, parts: int = 2) -> tuple[lis
         ValueError: fewer cases than parts, fewer than 2 parts, or a negative size.
     """
     if int(parts) < 2 or len(sizes) < int(parts) or (len(sizes) and min(sizes) < 0):
-        raise ValueError(f"split_balanced needs parts >= 2 and >= parts non-negative sizes, got parts={parts}, "
-                         f"sizes={list(sizes)}")
+        raise ValueError(
+            f"split_balanced needs parts >= 2 and >= parts non-negative sizes, got parts={parts}, sizes={list(sizes)}"
+        )
     perm = np.random.default_rng([int(seed), _SPLIT]).permutation(len(sizes))
     order = sorted(perm.tolist(), key=lambda i: -int(sizes[i]))
     groups: list[list[int]] = [[] for _ in range(int(parts))]
@@ -207,8 +209,10 @@ def plan_round(method: str, k: int, num_subsets: int = 2) -> tuple[tuple[str, ..
     only) and nothing. ``supervised``: nothing.
     """
     if k < 1 or method not in METHODS or int(num_subsets) < 2:
-        raise ValueError(f"plan_round needs k >= 1, method in {METHODS} and num_subsets >= 2, got k={k}, "
-                         f"method={method!r}, num_subsets={num_subsets}")
+        raise ValueError(
+            f"plan_round needs k >= 1, method in {METHODS} and num_subsets >= 2, got k={k}, "
+            f"method={method!r}, num_subsets={num_subsets}"
+        )
     if method == "atso":
         names = subset_names(num_subsets)
         held = names[k % len(names)]
@@ -236,11 +240,17 @@ def build_model(config: ATSOConfig) -> nn.Module:
         options = resnet_unet_options(spec)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            net = ResNetUNet(config.num_classes, in_channels=config.in_channels, depth=options["depth"],
-                             decoder_channels=options["decoder_channels"])
+            net = ResNetUNet(
+                config.num_classes,
+                in_channels=config.in_channels,
+                depth=options["depth"],
+                decoder_channels=options["decoder_channels"],
+            )
         if any(p % net.divisor for p in config.patch_size):
-            raise ValueError(f"patch_size {config.patch_size} must be multiples of {net.divisor} for the ResNet "
-                             "U-Net (five stride-2 stages); the patch is also the relabel window")
+            raise ValueError(
+                f"patch_size {config.patch_size} must be multiples of {net.divisor} for the ResNet "
+                "U-Net (five stride-2 stages); the patch is also the relabel window"
+            )
         if options["encoder_weights"] is not None:
             load_encoder(net.encoder, options["encoder_weights"])
         return net
@@ -260,30 +270,46 @@ def default_relabel_fn(config: ATSOConfig, *, probabilities: bool = False) -> Re
     are normalised already), confidence thresholding is left to the trainer (engine threshold 0).
     With ``probabilities`` each result is ``(labels, confidence, probabilities (C, Z, Y, X))``.
     """
+
     def relabel(model: nn.Module, volumes: Sequence[np.ndarray]) -> list[tuple[np.ndarray, ...]]:
 
         engine = Relabeler.from_module(
-            model, window=config.patch_size, num_classes=config.num_classes, kind="logits",
+            model,
+            window=config.patch_size,
+            num_classes=config.num_classes,
+            kind="logits",
             normalization=config.normalization if isinstance(config.normalization, dict) else None,
-            in_channels=config.in_channels, device=config.device,
-            **{"threshold": 0.0, "ignore_index": config.ignore_index, "save_probabilities": probabilities,
-               **config.relabel})
+            in_channels=config.in_channels,
+            device=config.device,
+            **{
+                "threshold": 0.0,
+                "ignore_index": config.ignore_index,
+                "save_probabilities": probabilities,
+                **config.relabel,
+            },
+        )
         results = [engine.relabel_volume(v[0] if v.shape[0] == 1 else v, normalized=True) for v in volumes]
         if not probabilities:
             return [(r.labels, r.confidence) for r in results]
         out: list[tuple[np.ndarray, ...]] = []
         for r in results:
             if r.probabilities is None:  # config.relabel turned save_probabilities off
-                raise ValueError("soft targets need the relabel engine's probabilities: drop save_probabilities "
-                                 "from config.relabel")
+                raise ValueError(
+                    "soft targets need the relabel engine's probabilities: drop save_probabilities from config.relabel"
+                )
             out.append((r.labels, r.confidence, r.probabilities))
         return out
 
     return relabel
 
 
-def make_store(config: ATSOConfig, *, data: SemiSupervisedData | None = None, relabeler: RelabelFn | None = None,
-               archive_engine: ArchiveEngine | None = None) -> DataStore:
+def make_store(
+    config: ATSOConfig,
+    *,
+    data: SemiSupervisedData | None = None,
+    relabeler: RelabelFn | None = None,
+    archive_engine: ArchiveEngine | None = None,
+) -> DataStore:
     """The store :func:`resolve_storage` picks for ``config`` (and ``data``): an
     :class:`~atso_fast.train.stores.ArrayStore` over ``data`` (default loaded from
     ``config.data``), or a :class:`~atso_fast.train.disk_store.CacheStore` over ``config.data``
@@ -307,18 +333,24 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError (truncated zip), EOFError ...
-        raise ValueError(f"{path}: not a readable atso-fast checkpoint ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}); delete it to start "
-                         "afresh") from None
+        raise ValueError(
+            f"{path}: not a readable atso-fast checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}); delete it to start "
+            "afresh"
+        ) from None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not an atso-fast checkpoint (holds {type(state).__name__})")
     return state
 
 
-def run_methods(config: ATSOConfig | dict[str, Any],
-                methods: Sequence[str] | Mapping[str, dict[str, Any]] = METHODS, *,
-                data: SemiSupervisedData | None = None, relabeler: RelabelFn | None = None,
-                callbacks: Sequence[Callback] = ()) -> dict[str, ATSO]:
+def run_methods(
+    config: ATSOConfig | dict[str, Any],
+    methods: Sequence[str] | Mapping[str, dict[str, Any]] = METHODS,
+    *,
+    data: SemiSupervisedData | None = None,
+    relabeler: RelabelFn | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> dict[str, ATSO]:
     """Run several methods (or variants) from one shared warm-up, for paired comparisons.
 
     The warm-up (M0 and its pseudo labels for all of U, with probabilities when any run uses soft
@@ -346,16 +378,29 @@ def run_methods(config: ATSOConfig | dict[str, Any],
     data = data if data is not None else load_data(config)
     n = len(data.unlabelled)
     soft = any(p.get("targets", config.targets) == "soft" for p in plans.values())
-    warm_run = ATSO(replace(config, method="atso" if n >= 2 else "self-training" if n == 1 else "supervised",
-                            init="continue", num_subsets=2, targets="soft" if soft else "hard",
-                            out_dir=_subdir(config.out_dir, "warmup")),
-                    relabeler=relabeler, data=data, callbacks=callbacks)
+    warm_run = ATSO(
+        replace(
+            config,
+            method="atso" if n >= 2 else "self-training" if n == 1 else "supervised",
+            init="continue",
+            num_subsets=2,
+            targets="soft" if soft else "hard",
+            out_dir=_subdir(config.out_dir, "warmup"),
+        ),
+        relabeler=relabeler,
+        data=data,
+        callbacks=callbacks,
+    )
     warm_run.warmup()
     warm = warm_run.state_dict()
     runs = {}
     for name, overrides in plans.items():
-        run = ATSO(replace(config, **{"out_dir": _subdir(config.out_dir, name), **overrides}),
-                   relabeler=relabeler, data=data, callbacks=callbacks)
+        run = ATSO(
+            replace(config, **{"out_dir": _subdir(config.out_dir, name), **overrides}),
+            relabeler=relabeler,
+            data=data,
+            callbacks=callbacks,
+        )
         run.load_state_dict(warm)
         run.run()
         runs[name] = run
@@ -369,8 +414,10 @@ def _method_plans(methods: Sequence[str] | Mapping[str, dict[str, Any]]) -> dict
         method = overrides.get("method", name)
         unknown = set(overrides) - known
         if method not in METHODS or unknown:
-            raise ValueError(f"run {name!r}: method must be one of {METHODS} and overrides ATSOConfig "
-                             f"fields, got method {method!r}, unknown fields {sorted(unknown)}")
+            raise ValueError(
+                f"run {name!r}: method must be one of {METHODS} and overrides ATSOConfig "
+                f"fields, got method {method!r}, unknown fields {sorted(unknown)}"
+            )
         plans[name] = {**overrides, "method": method}
     return plans
 
@@ -410,11 +457,13 @@ def premise(trained: dict[str, float], held: Sequence[dict[str, Any]]) -> dict[s
     before = [m.get("pseudo_dice_before", math.nan) for m in held]
     after = [m.get("pseudo_dice", math.nan) for m in held]
     held_gain = float(np.mean([a - b for a, b in zip(after, before)])) if held else math.nan
-    return {"trained_label_dice": trained.get("label_dice", math.nan),
-            "trained_model_dice": trained.get("model_dice", math.nan),
-            "trained_gain": trained.get("model_dice", math.nan) - trained.get("label_dice", math.nan),
-            "trained_agreement": trained.get("agreement", math.nan),
-            "held_gain": held_gain}
+    return {
+        "trained_label_dice": trained.get("label_dice", math.nan),
+        "trained_model_dice": trained.get("model_dice", math.nan),
+        "trained_gain": trained.get("model_dice", math.nan) - trained.get("label_dice", math.nan),
+        "trained_agreement": trained.get("agreement", math.nan),
+        "held_gain": held_gain,
+    }
 
 
 def _rng(seed: int, k: int, purpose: int) -> np.random.Generator:
@@ -472,19 +521,28 @@ class ATSO:
             without the unlabelled cases' true labels, a memory-only feature on disk storage.
     """
 
-    def __init__(self, config: ATSOConfig | dict[str, Any], model: nn.Module | None = None,
-                 relabeler: RelabelFn | None = None, *, data: SemiSupervisedData | None = None,
-                 callbacks: Sequence[Callback] = (), archive_engine: ArchiveEngine | None = None) -> None:
-        self.store = make_store(ATSOConfig.coerce(config), data=data, relabeler=relabeler,
-                                archive_engine=archive_engine)
+    def __init__(
+        self,
+        config: ATSOConfig | dict[str, Any],
+        model: nn.Module | None = None,
+        relabeler: RelabelFn | None = None,
+        *,
+        data: SemiSupervisedData | None = None,
+        callbacks: Sequence[Callback] = (),
+        archive_engine: ArchiveEngine | None = None,
+    ) -> None:
+        self.store = make_store(
+            ATSOConfig.coerce(config), data=data, relabeler=relabeler, archive_engine=archive_engine
+        )
         self.config = self.store.config
         self.model = model if model is not None else build_model(self.config)
         if self.config.pretrained is not None:
             load_pretrained(self.model, self.config.pretrained)
         self.init_state = _state_copy(self.model)  # theta0: where reinit students start
         self.soft = self.config.targets == "soft"
-        self.relabel_fn = relabeler if relabeler is not None else \
-            default_relabel_fn(self.config, probabilities=self.soft)
+        self.relabel_fn = (
+            relabeler if relabeler is not None else default_relabel_fn(self.config, probabilities=self.soft)
+        )
         self.callbacks = list(callbacks)
         self.subsets = self._make_subsets()
         self.round_index, self.phase = -1, "train"
@@ -507,16 +565,20 @@ class ATSO:
         if cfg.method == "oracle":
             missing = [name for name, truth in zip(names, self.store.truths(range(n))) if truth is None]
             if n < 1 or missing:
-                raise ValueError(f"method 'oracle' needs the true labels of every unlabelled case (>= 1); got {n} "
-                                 f"cases, {len(missing)} without a label: {missing[:5]}")
+                raise ValueError(
+                    f"method 'oracle' needs the true labels of every unlabelled case (>= 1); got {n} "
+                    f"cases, {len(missing)} without a label: {missing[:5]}"
+                )
             return {"U": list(range(n))}
         if cfg.method in ("self-training", "mean-teacher"):
             if n < 1:
                 raise ValueError(f"method {cfg.method!r} needs at least 1 unlabelled case, got 0")
             return {"U": list(range(n))}
         if n < cfg.num_subsets:
-            raise ValueError(f"method 'atso' needs at least {cfg.num_subsets} unlabelled cases to split into "
-                             f"{cfg.num_subsets} parts, got {n}")
+            raise ValueError(
+                f"method 'atso' needs at least {cfg.num_subsets} unlabelled cases to split into "
+                f"{cfg.num_subsets} parts, got {n}"
+            )
         parts = split_balanced(self.store.unlabelled_sizes, cfg.seed, cfg.num_subsets)
         return dict(zip(subset_names(cfg.num_subsets), parts))
 
@@ -545,8 +607,7 @@ class ATSO:
         ``init`` says), relabelling nothing. It is the model the run is evaluated with."""
         cfg = self.config
         if self.round_index != cfg.rounds:
-            raise RuntimeError(f"consolidate() follows the last round ({cfg.rounds}); the run is at "
-                               f"{self.round_index}")
+            raise RuntimeError(f"consolidate() follows the last round ({cfg.rounds}); the run is at {self.round_index}")
         return self._run_round(cfg.rounds + 1)
 
     @property
@@ -618,10 +679,17 @@ class ATSO:
         """Start the student (unless resuming mid-phase), measure it, fine-tune it."""
         cfg = self.config
         if self.train_state is None:  # a fresh start of the phase (not a mid-round resume)
-            self.pending = {"round": k, "stage": "warm-up" if k == 0 else "consolidate" if k > cfg.rounds else "round",
-                            "method": cfg.method, "model": model_name(k, cfg.rounds), "student_from": None,
-                            "trained_on": ["L", *train_on], "train_labels_from": self._labels_from(train_on),
-                            "train": {}, "student": {}}
+            self.pending = {
+                "round": k,
+                "stage": "warm-up" if k == 0 else "consolidate" if k > cfg.rounds else "round",
+                "method": cfg.method,
+                "model": model_name(k, cfg.rounds),
+                "student_from": None,
+                "trained_on": ["L", *train_on],
+                "train_labels_from": self._labels_from(train_on),
+                "train": {},
+                "student": {},
+            }
             if k > 0:
                 self.pending["student_from"] = self._start_student(k, relabel)
         idx = sorted(i for name in train_on for i in self.subsets[name])
@@ -631,9 +699,18 @@ class ATSO:
         steps, lr = self.schedule(k)
         teacher = self._teacher(idx)
         batches = self._batches(pseudo, k) if teacher is None else self._teacher_batches(idx)
-        stats = self.store.fit(self.model, batches, key=(cfg.seed, k, _TRAIN), steps=steps, lr=lr,
-                               on_step=self._progress(k, steps), consistency=teacher, resume=self.train_state,
-                               checkpoint=self._checkpoint_mid_round, **self._train_kwargs())
+        stats = self.store.fit(
+            self.model,
+            batches,
+            key=(cfg.seed, k, _TRAIN),
+            steps=steps,
+            lr=lr,
+            on_step=self._progress(k, steps),
+            consistency=teacher,
+            resume=self.train_state,
+            checkpoint=self._checkpoint_mid_round,
+            **self._train_kwargs(),
+        )
         self.train_state = None
         if teacher is not None:
             self.teacher_state = teacher.state_dict()
@@ -643,8 +720,9 @@ class ATSO:
             self.lineages[relabel[0]] = {"model": model_name(k, cfg.rounds), "state": _state_copy(self.model)}
         self.pending["train"] = stats
         if k > 0:
-            self.pending["student"].update({key: stats[key] for key in
-                                            ("pseudo_loss", "pseudo_first_loss", "pseudo_last_loss")})
+            self.pending["student"].update(
+                {key: stats[key] for key in ("pseudo_loss", "pseudo_first_loss", "pseudo_last_loss")}
+            )
 
     def _relabel_phase(self, k: int, train_on: tuple[str, ...], relabel: tuple[str, ...]) -> None:
         """The premise's trained side (memory), then the store relabels the held-out parts."""
@@ -653,15 +731,27 @@ class ATSO:
         trained = self._premise_trained(idx) if relabel else {}
         model_id = model_name(k, cfg.rounds)
         fresh, self._fresh = self._fresh, {}
-        monitor, row = self.store.relabel({name: self.subsets[name] for name in relabel}, k, predict=self.predict,
-                                          known=fresh, resume=self._resumed_phase == "relabel")
+        monitor, row = self.store.relabel(
+            {name: self.subsets[name] for name in relabel},
+            k,
+            predict=self.predict,
+            known=fresh,
+            resume=self._resumed_phase == "relabel",
+        )
         for name in relabel:
             for i in self.subsets[name]:
                 self.labelled_by[i] = model_id
         timing = row.pop("timing", {})
-        metrics.update({"relabelled": list(relabel), "relabelled_by": model_id if relabel else None,
-                        "monitor": monitor, "relabel": row.pop("relabel"), "pseudo_dice_all": self._pseudo_dice_all(),
-                        **row})
+        metrics.update(
+            {
+                "relabelled": list(relabel),
+                "relabelled_by": model_id if relabel else None,
+                "monitor": monitor,
+                "relabel": row.pop("relabel"),
+                "pseudo_dice_all": self._pseudo_dice_all(),
+                **row,
+            }
+        )
         if timing:
             metrics.setdefault("timing", {}).update(timing)
         for name in train_on:
@@ -675,19 +765,27 @@ class ATSO:
         metrics.update(self.validate(self.store.validation_package(k)))
         if self.store.checkpoints_phases:  # the phases may have run in several processes
             metrics["timing"]["validate_s"] = time.perf_counter() - start
-            metrics["seconds"] = sum(metrics["timing"].get(key, 0.0)
-                                     for key in ("train_s", "export_s", "relabel_s", "validate_s"))
+            metrics["seconds"] = sum(
+                metrics["timing"].get(key, 0.0) for key in ("train_s", "export_s", "relabel_s", "validate_s")
+            )
         else:
             metrics["seconds"] = time.perf_counter() - self._round_start
         metrics = _nan_to_none(metrics)
         self.history.append(metrics)
         self.round_index, self.phase, self.pending, self._resumed_phase = k, "train", {}, None
         timing = metrics.get("timing") or {}
-        phases = ", ".join(f"{key[:-2]} {timing[key]:.1f}" for key in ("train_s", "export_s", "relabel_s")
-                           if key in timing)
-        log.info("%s round %d: train loss %s, val mean Dice %s, %.1f s%s", self.config.method, k,
-                 metrics["train"]["loss"], metrics["val_mean_dice"], metrics["seconds"],
-                 f" ({phases})" if phases else "")
+        phases = ", ".join(
+            f"{key[:-2]} {timing[key]:.1f}" for key in ("train_s", "export_s", "relabel_s") if key in timing
+        )
+        log.info(
+            "%s round %d: train loss %s, val mean Dice %s, %.1f s%s",
+            self.config.method,
+            k,
+            metrics["train"]["loss"],
+            metrics["val_mean_dice"],
+            metrics["seconds"],
+            f" ({phases})" if phases else "",
+        )
         self._say_round(metrics)
         if self.config.out_dir is not None:
             self.save_checkpoint()
@@ -740,16 +838,26 @@ class ATSO:
 
     def _train_kwargs(self) -> dict[str, Any]:
         cfg = self.config
-        return {"optim": OptimConfig.from_value(cfg.optim), "ignore_index": cfg.ignore_index,
-                "device": cfg.device, "amp": cfg.amp, "channels_last": cfg.channels_last}
+        return {
+            "optim": OptimConfig.from_value(cfg.optim),
+            "ignore_index": cfg.ignore_index,
+            "device": cfg.device,
+            "amp": cfg.amp,
+            "channels_last": cfg.channels_last,
+        }
 
     def _progress(self, k: int, steps: int) -> Callable[[int, Any], None] | None:
         """Progress lines of round ``k``'s training (none without steps)."""
         cfg = self.config
         if steps <= 0:
             return None
-        phase = "warm-up on L" if k == 0 else "consolidate: fine-tune" if k > cfg.rounds else \
-            f"round {k}/{cfg.rounds}: fine-tune"
+        phase = (
+            "warm-up on L"
+            if k == 0
+            else "consolidate: fine-tune"
+            if k > cfg.rounds
+            else f"round {k}/{cfg.rounds}: fine-tune"
+        )
         progress = Progress(f"{cfg.method} {phase}", steps, enabled=cfg.progress)
         return lambda done, run: progress.update(done)
 
@@ -758,9 +866,15 @@ class ATSO:
         cfg = self.config
         matched = cfg.method == "supervised" and cfg.supervised_batch == "matched" and k > 0
         soft = cfg.num_classes if self.soft and pseudo is not None and cfg.method != "oracle" else None
-        return MixedBatches(self.store.labelled_sampler(), pseudo, cfg.batch_size, labelled_ratio=cfg.labelled_ratio,
-                            augment=patch_augment(cfg.augment), labelled_only=matched,
-                            soft_channels=soft)
+        return MixedBatches(
+            self.store.labelled_sampler(),
+            pseudo,
+            cfg.batch_size,
+            labelled_ratio=cfg.labelled_ratio,
+            augment=patch_augment(cfg.augment),
+            labelled_only=matched,
+            soft_channels=soft,
+        )
 
     def _pseudo_sampler(self, idx: list[int]) -> Sampler | None:
         """Sampler over the targets of ``idx``: the truth (oracle), else the pseudo labels with
@@ -786,8 +900,14 @@ class ATSO:
         cfg = self.config
         images = self.store.images(idx)
         pool = scene_sampler(cfg, images, [np.broadcast_to(np.uint8(cfg.ignore_index), im.shape[1:]) for im in images])
-        return mean_teacher_batches(self.store.labelled_sampler(), images, cfg.batch_size,
-                                    labelled_ratio=cfg.labelled_ratio, augment=patch_augment(cfg.augment), pool=pool)
+        return mean_teacher_batches(
+            self.store.labelled_sampler(),
+            images,
+            cfg.batch_size,
+            labelled_ratio=cfg.labelled_ratio,
+            augment=patch_augment(cfg.augment),
+            pool=pool,
+        )
 
     # ------------------------------------------------------------------ monitors
     def _student_monitor(self, idx: list[int], pseudo: Sampler | None, k: int) -> dict[str, float]:
@@ -809,7 +929,7 @@ class ATSO:
             return math.nan
         rng = _rng(cfg.seed, k, _MONITOR)
         pairs = [pseudo.sample(rng) for _ in range(cfg.monitor_patches)]
-        pairs = [(image[:cfg.in_channels], label) for image, label in pairs]
+        pairs = [(image[: cfg.in_channels], label) for image, label in pairs]
         return mean_loss(self.model, pairs, ignore_index=cfg.ignore_index, device=cfg.device)
 
     def _premise_trained(self, idx: list[int]) -> dict[str, float]:
@@ -829,9 +949,11 @@ class ATSO:
         if labels is None:
             raise ValueError("the student's training cases have no pseudo labels")
         c, ignore = cfg.num_classes, cfg.ignore_index
-        return {"label_dice": pooled_dice(labels, truth, c, ignore_index=ignore)[1],
-                "model_dice": pooled_dice(preds, truth, c, ignore_index=ignore)[1],
-                "agreement": pooled_dice(preds, labels, c, ignore_index=ignore)[1]}
+        return {
+            "label_dice": pooled_dice(labels, truth, c, ignore_index=ignore)[1],
+            "model_dice": pooled_dice(preds, truth, c, ignore_index=ignore)[1],
+            "agreement": pooled_dice(preds, labels, c, ignore_index=ignore)[1],
+        }
 
     def _pseudo_dice_all(self) -> float:
         """Pooled Dice of the current pseudo labels of every case with truth (relabelling methods)."""
@@ -851,11 +973,15 @@ class ATSO:
         loss = metrics["train"].get("loss")
         stage = metrics["stage"] if metrics["stage"] != "round" else f"round {metrics['round']}"
         miou = metrics.get("val_miou")
-        print(f"atso-fast: {self.config.method} {stage}"
-              f" done in {duration(metrics['seconds'])}: train loss {'-' if loss is None else f'{loss:.4f}'}, "
-              f"val mean Dice {'-' if dice is None else f'{dice:.4f}'}"
-              + ("" if "val_miou" not in metrics else f", val mIoU {'-' if miou is None else f'{miou:.4f}'}")
-              + f"; {left} stage(s) left, ETA {duration(eta)}", file=sys.stderr, flush=True)
+        print(
+            f"atso-fast: {self.config.method} {stage}"
+            f" done in {duration(metrics['seconds'])}: train loss {'-' if loss is None else f'{loss:.4f}'}, "
+            f"val mean Dice {'-' if dice is None else f'{dice:.4f}'}"
+            + ("" if "val_miou" not in metrics else f", val mIoU {'-' if miou is None else f'{miou:.4f}'}")
+            + f"; {left} stage(s) left, ETA {duration(eta)}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     # ------------------------------------------------------------------ prediction and evaluation
     def predict(self, volumes: Sequence[np.ndarray]) -> list[tuple[np.ndarray, ...]]:
@@ -888,8 +1014,10 @@ class ATSO:
             item: tuple[np.ndarray, ...] = (np.asarray(labels, np.uint8), np.asarray(conf, np.uint8))
             if self.soft and relabel_fn is self.relabel_fn:
                 if len(res) < 3 or res[2] is None or tuple(res[2].shape) != (self.config.num_classes, *vol.shape[1:]):
-                    raise ValueError("targets='soft' needs a relabel_fn returning (labels, confidence, probabilities "
-                                     f"(C={self.config.num_classes}, *spatial)) for a volume {vol.shape}")
+                    raise ValueError(
+                        "targets='soft' needs a relabel_fn returning (labels, confidence, probabilities "
+                        f"(C={self.config.num_classes}, *spatial)) for a volume {vol.shape}"
+                    )
                 item += (np.asarray(res[2], np.float16),)
             results.append(item)
         return results
@@ -917,8 +1045,11 @@ class ATSO:
         """
         iou = reports_iou(self.config)
         if not cases:
-            return {"dice": [], "mean_dice": math.nan, **({"iou": [], "miou": math.nan, "miou_per_image": math.nan}
-                                                         if iou else {})}
+            return {
+                "dice": [],
+                "mean_dice": math.nan,
+                **({"iou": [], "miou": math.nan, "miou_per_image": math.nan} if iou else {}),
+            }
         cfg = self.config
         relabel_fn = self.relabel_fn if package is None else package_relabel_fn(package, cfg)
         dice, parts = PooledDice(cfg.num_classes, ignore_index=cfg.ignore_index), []
@@ -928,16 +1059,25 @@ class ATSO:
             for pred, truth in zip(preds, truths):
                 dice.add(pred, truth)
                 (pred_map, spacing), (truth_map, _) = as_case_maps(pred, cfg.spacing), as_case_maps(truth, cfg.spacing)
-                parts.append(case_metrics([pred_map], [truth_map], cfg.num_classes, spacing=spacing,
-                                          ignore_index=cfg.ignore_index, hd95=not iou))
+                parts.append(
+                    case_metrics(
+                        [pred_map],
+                        [truth_map],
+                        cfg.num_classes,
+                        spacing=spacing,
+                        ignore_index=cfg.ignore_index,
+                        hd95=not iou,
+                    )
+                )
                 if meter is not None:
                     meter.update(pred_map, truth_map)
         per_class, mean_fg = dice.result()
         out = {"dice": per_class, "mean_dice": mean_fg, "cases": combine_case_metrics(parts, cfg.num_classes)}
         if meter is not None:
             result = meter.result()
-            out.update(iou=result["pooled"]["iou"], miou=result["pooled"]["miou"],
-                       miou_per_image=result["per_image"]["miou"])
+            out.update(
+                iou=result["pooled"]["iou"], miou=result["pooled"]["miou"], miou_per_image=result["per_image"]["miou"]
+            )
         return out
 
     def validate(self, package: str | os.PathLike[str] | None = None) -> dict[str, Any]:
@@ -959,14 +1099,25 @@ class ATSO:
         Teacher's teacher, history; with phase checkpoints also the phase, the round in progress
         and the mid-round optimiser state) and the store's (memory: the pseudo labels; disk: where
         they live). Tensors and plain containers only (``weights_only`` safe)."""
-        state = {"round": self.round_index, "method": self.config.method, "config": self.config.to_dict(),
-                 "subsets": {k: list(v) for k, v in self.subsets.items()}, "model": _state_copy(self.model),
-                 "base_model": self.base_state, "init_model": self.init_state, "labelled_by": list(self.labelled_by),
-                 "lineages": {k: dict(v) for k, v in self.lineages.items()}, "teacher": self.teacher_state,
-                 "history": json.loads(json.dumps(self.history))}
+        state = {
+            "round": self.round_index,
+            "method": self.config.method,
+            "config": self.config.to_dict(),
+            "subsets": {k: list(v) for k, v in self.subsets.items()},
+            "model": _state_copy(self.model),
+            "base_model": self.base_state,
+            "init_model": self.init_state,
+            "labelled_by": list(self.labelled_by),
+            "lineages": {k: dict(v) for k, v in self.lineages.items()},
+            "teacher": self.teacher_state,
+            "history": json.loads(json.dumps(self.history)),
+        }
         if self.store.checkpoints_phases:
-            state.update(phase="done" if self.finished else self.phase, train_state=self.train_state,
-                         pending=json.loads(json.dumps(_nan_to_none(self.pending))))
+            state.update(
+                phase="done" if self.finished else self.phase,
+                train_state=self.train_state,
+                pending=json.loads(json.dumps(_nan_to_none(self.pending))),
+            )
         return {**self.store.state_dict(), **state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -998,12 +1149,15 @@ class ATSO:
 
     def _check_state(self, state: dict[str, Any]) -> None:
         cfg = self.config
-        needed = [i for idx in self.subsets.values() for i in idx] if cfg.method not in ("oracle", "mean-teacher") \
-            else []
+        needed = (
+            [i for idx in self.subsets.values() for i in idx] if cfg.method not in ("oracle", "mean-teacher") else []
+        )
         self.store.check_state(state, subsets=self.subsets, needed=needed)
         if state["round"] > 0 and (state["method"], state["config"]["init"]) != (cfg.method, cfg.init):
-            raise ValueError(f"state of method {state['method']!r} (init {state['config']['init']!r}) at round "
-                             f"{state['round']} cannot resume method {cfg.method!r} (init {cfg.init!r})")
+            raise ValueError(
+                f"state of method {state['method']!r} (init {state['config']['init']!r}) at round "
+                f"{state['round']} cannot resume method {cfg.method!r} (init {cfg.init!r})"
+            )
         if state["round"] > 0 and state["subsets"] != self.subsets:
             raise ValueError("state split differs from this run's split (different seed or data)")
         if state.get("phase", "train") not in PHASES:

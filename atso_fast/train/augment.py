@@ -10,6 +10,7 @@ A config's ``augment`` value selects the recipe: ``True``/``False``, a dict of
 (:mod:`atso_fast.train.scene_augment`: scale, crop, horizontal flip, colour jitter; applied as a
 frame is sampled, so :func:`patch_augment` gives None for it).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -64,8 +65,9 @@ class AugmentConfig:
         if not isinstance(value, dict):
             raise ValueError(f"augment must be a bool, a dict or AugmentConfig, got {value!r}")
         if augment_kind(value) == "scene":
-            raise ValueError("augment kind 'scene' is the road-scene recipe (atso_fast.train.scene_augment), "
-                             "not AugmentConfig")
+            raise ValueError(
+                "augment kind 'scene' is the road-scene recipe (atso_fast.train.scene_augment), not AugmentConfig"
+            )
         value = {k: v for k, v in value.items() if k != "kind"}
         unknown = set(value) - {f.name for f in fields(cls)}
         if unknown:
@@ -97,8 +99,14 @@ def patch_augment(value: AugmentConfig | dict[str, Any] | bool | None) -> Augmen
     return None if augment_kind(value) == "scene" else AugmentConfig.from_value(value)
 
 
-def augment_sample(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
-                   config: AugmentConfig, *, channels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def augment_sample(
+    image: np.ndarray,
+    label: np.ndarray,
+    rng: np.random.Generator,
+    config: AugmentConfig,
+    *,
+    channels: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Apply random flips, in-plane 90-degree rotations, intensity scale/shift and noise.
 
     Args:

@@ -21,6 +21,7 @@ same spec hash; ``plan.json`` is reused when the request (inputs + config) is un
 warm cache opens no image at all. Every file is written atomically and the meta file last: a
 killed build leaves no half case behind.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -135,19 +136,26 @@ def _entries(listing: dict[str, Any], base: Path) -> dict[str, list[dict[str, An
             if "image" not in e:
                 raise ValueError(f"list entry needs an 'image' key, got {e!r}")
             imgs = e["image"] if isinstance(e["image"], (list, tuple)) else [e["image"]]
-            items.append({"image": [str(base / str(p)) for p in imgs],
-                          "label": str(base / str(e["label"])) if e.get("label") else None})
+            items.append(
+                {
+                    "image": [str(base / str(p)) for p in imgs],
+                    "label": str(base / str(e["label"])) if e.get("label") else None,
+                }
+            )
         ids = [entry_case_id(e) for e in items]
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
-            raise ValueError(f"data {key} cases share case ids {dup[:5]} (case ids are file names without the "
-                             "image suffix and _0000): rename them")
+            raise ValueError(
+                f"data {key} cases share case ids {dup[:5]} (case ids are file names without the "
+                "image suffix and _0000): rename them"
+            )
         out[key] = items
     return out
 
 
-def _read_case(entry: dict[str, Any], in_channels: int, num_classes: int | None = None
-               ) -> tuple[np.ndarray, np.ndarray | None, Any]:
+def _read_case(
+    entry: dict[str, Any], in_channels: int, num_classes: int | None = None
+) -> tuple[np.ndarray, np.ndarray | None, Any]:
     """``(image (M, Z, Y, X) float32, label (Z, Y, X) or None, meta of the first channel)``
     (:func:`~atso_fast.train.data.read_case`; entries hold their full paths), NaN-free."""
     image, label, meta = read_case(entry, Path("."), in_channels, num_classes)
@@ -164,8 +172,13 @@ def _ct_samples(image: np.ndarray, label: np.ndarray) -> np.ndarray:
     return values[:: max(1, values.size // _CT_SAMPLES)].astype(np.float32)
 
 
-def _resolve(request: dict[str, Any], entries: dict[str, list[dict[str, Any]]], modality: str | None,
-             in_channels: int, progress: Any) -> tuple[dict[str, Any], list[float] | None]:
+def _resolve(
+    request: dict[str, Any],
+    entries: dict[str, list[dict[str, Any]]],
+    modality: str | None,
+    in_channels: int,
+    progress: Any,
+) -> tuple[dict[str, Any], list[float] | None]:
     """The normalisation policy and target spacing, reading labelled cases only when needed
     (CT statistics from their foreground, or their median spacing when the config has none)."""
 
@@ -204,9 +217,17 @@ def _bar(items: Sequence[Any], progress: Any, desc: str) -> Any:
 
 def _package(spec: dict[str, Any]) -> ModelPackage:
     """A file-less package carrying the spec, for :func:`prepare`."""
-    return ModelPackage(None, tuple(spec["window"]), spec["in_channels"], spec["num_classes"], "logits",
-                        spec["normalization"], spec["spacing"], onnx_file=None,
-                        preprocessing=spec["preprocessing"])
+    return ModelPackage(
+        None,
+        tuple(spec["window"]),
+        spec["in_channels"],
+        spec["num_classes"],
+        "logits",
+        spec["normalization"],
+        spec["spacing"],
+        onnx_file=None,
+        preprocessing=spec["preprocessing"],
+    )
 
 
 def _label_to_grid(label: np.ndarray, geom: Any) -> np.ndarray:
@@ -218,8 +239,9 @@ def _label_to_grid(label: np.ndarray, geom: Any) -> np.ndarray:
     return np.ascontiguousarray(lab, np.uint8)
 
 
-def _build_case(entry: dict[str, Any], cid: str, folder: Path, spec: dict[str, Any], spec_sha: str,
-                identity: list[list[Any]]) -> CachedCase:
+def _build_case(
+    entry: dict[str, Any], cid: str, folder: Path, spec: dict[str, Any], spec_sha: str, identity: list[list[Any]]
+) -> CachedCase:
     image, label, meta = _read_case(entry, spec["in_channels"], spec["num_classes"])
     vol, geom = prepare(image, _package(spec), spacing=meta.spacing, affine=meta.affine)
     del image
@@ -233,23 +255,37 @@ def _build_case(entry: dict[str, Any], cid: str, folder: Path, spec: dict[str, A
         save_npy(paths["labels"], label)
         fg, fg_counts = locate_foreground(label, spec["num_classes"], spec["max_locations"])
         save_npy(paths["fg"], fg)
-    record = {"case_id": cid, "inputs": identity, "spec_sha256": spec_sha, "shape": list(vol.shape[1:]),
-              "has_label": label is not None, "fg_counts": {str(k): v for k, v in fg_counts.items()},
-              "spacing": None if meta.spacing is None else [float(s) for s in meta.spacing]}
+    record = {
+        "case_id": cid,
+        "inputs": identity,
+        "spec_sha256": spec_sha,
+        "shape": list(vol.shape[1:]),
+        "has_label": label is not None,
+        "fg_counts": {str(k): v for k, v in fg_counts.items()},
+        "spacing": None if meta.spacing is None else [float(s) for s in meta.spacing],
+    }
     paths["meta"].parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(paths["meta"], json.dumps(record).encode())  # last: marks the case complete
     return _cached(cid, paths, record)
 
 
 def _paths(folder: Path, cid: str) -> dict[str, Path]:
-    return {kind: folder / kind / f"{cid}.{'json' if kind == 'meta' else 'npy'}"
-            for kind in ("images", "labels", "fg", "meta")}
+    return {
+        kind: folder / kind / f"{cid}.{'json' if kind == 'meta' else 'npy'}"
+        for kind in ("images", "labels", "fg", "meta")
+    }
 
 
 def _cached(cid: str, paths: dict[str, Path], record: dict[str, Any]) -> CachedCase:
     has = record["has_label"]
-    return CachedCase(cid, paths["images"], paths["labels"] if has else None, paths["fg"] if has else None,
-                      tuple(int(s) for s in record["shape"]), fg_counts_of(record))
+    return CachedCase(
+        cid,
+        paths["images"],
+        paths["labels"] if has else None,
+        paths["fg"] if has else None,
+        tuple(int(s) for s in record["shape"]),
+        fg_counts_of(record),
+    )
 
 
 def _reusable(paths: dict[str, Path], identity: list[list[Any]], spec_sha: str) -> dict[str, Any] | None:
@@ -263,10 +299,20 @@ def _reusable(paths: dict[str, Path], identity: list[list[Any]], spec_sha: str) 
     return record if all(p.is_file() for p in needed) else None
 
 
-def build_cache(listing: dict[str, Any], base: Path, root: str | os.PathLike[str], *, window: Sequence[int],
-                in_channels: int, num_classes: int, normalization: str | dict[str, Any] | None,
-                spacing: Sequence[float] | None, preprocessing: dict[str, Any] | None = None,
-                max_locations: int = 10000, progress: bool | None = None) -> Cache:
+def build_cache(
+    listing: dict[str, Any],
+    base: Path,
+    root: str | os.PathLike[str],
+    *,
+    window: Sequence[int],
+    in_channels: int,
+    num_classes: int,
+    normalization: str | dict[str, Any] | None,
+    spacing: Sequence[float] | None,
+    preprocessing: dict[str, Any] | None = None,
+    max_locations: int = 10000,
+    progress: bool | None = None,
+) -> Cache:
     """Preprocess every case of ``listing`` into ``root`` once; reuse what is already there.
 
     Args:
@@ -299,24 +345,41 @@ def build_cache(listing: dict[str, Any], base: Path, root: str | os.PathLike[str
         if missing:
             raise ValueError(f"data: {key} cases without a label: {missing[:5]}")
     prep = check_preprocessing(preprocessing or {}, len(window), "ATSOConfig.preprocessing")
-    identities = {key: [_identity(e["image"] + ([e["label"]] if e["label"] else [])) for e in items]
-                  for key, items in entries.items()}
-    request = {"version": _VERSION, "normalization": normalization, "modality": listing.get("modality"),
-               "spacing": None if spacing is None else [float(s) for s in spacing],
-               "labelled_inputs": identities["labelled"]}
+    identities = {
+        key: [_identity(e["image"] + ([e["label"]] if e["label"] else [])) for e in items]
+        for key, items in entries.items()
+    }
+    request = {
+        "version": _VERSION,
+        "normalization": normalization,
+        "modality": listing.get("modality"),
+        "spacing": None if spacing is None else [float(s) for s in spacing],
+        "labelled_inputs": identities["labelled"],
+    }
     policy, target = _plan(root, request, entries, in_channels, progress)
-    spec = {"version": _VERSION, "window": [int(w) for w in window], "in_channels": int(in_channels),
-            "num_classes": int(num_classes), "normalization": policy, "spacing": target,
-            "preprocessing": prep, "max_locations": int(max_locations)}
+    spec = {
+        "version": _VERSION,
+        "window": [int(w) for w in window],
+        "in_channels": int(in_channels),
+        "num_classes": int(num_classes),
+        "normalization": policy,
+        "spacing": target,
+        "preprocessing": prep,
+        "max_locations": int(max_locations),
+    }
     cache = Cache(root, {}, policy, target, prep, _sha(spec))
     for key, items in entries.items():
-        cache.cases[key] = [case for entry, identity in zip(_bar(items, progress, f"cache: {key}"), identities[key])
-                            if (case := _cache_one(cache, key, entry, identity, spec)) is not None]
+        cache.cases[key] = [
+            case
+            for entry, identity in zip(_bar(items, progress, f"cache: {key}"), identities[key])
+            if (case := _cache_one(cache, key, entry, identity, spec)) is not None
+        ]
     return cache
 
 
-def _cache_one(cache: Cache, key: str, entry: dict[str, Any], identity: list[list[Any]], spec: dict[str, Any]
-               ) -> CachedCase | None:
+def _cache_one(
+    cache: Cache, key: str, entry: dict[str, Any], identity: list[list[Any]], spec: dict[str, Any]
+) -> CachedCase | None:
     """Reuse or build one case. A bad unlabelled case is left out (recorded in ``cache.failed``
     and logged): one scan must not stop an archive; a bad labelled or validation case is an error."""
     folder, cid = cache.root / SPLITS[key], entry_case_id(entry)
@@ -336,8 +399,9 @@ def _cache_one(cache: Cache, key: str, entry: dict[str, Any], identity: list[lis
     return case
 
 
-def _plan(root: Path, request: dict[str, Any], entries: dict[str, list[dict[str, Any]]], in_channels: int,
-          progress: Any) -> tuple[dict[str, Any], list[float] | None]:
+def _plan(
+    root: Path, request: dict[str, Any], entries: dict[str, list[dict[str, Any]]], in_channels: int, progress: Any
+) -> tuple[dict[str, Any], list[float] | None]:
     """The resolved policy and spacing: from ``plan.json`` when the request is unchanged."""
     plan_file, key = root / "plan.json", _sha(request)
     try:
@@ -350,6 +414,7 @@ def _plan(root: Path, request: dict[str, Any], entries: dict[str, list[dict[str,
         pass
     policy, target = _resolve(request, entries, request["modality"], in_channels, progress)
     root.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(plan_file, json.dumps({"request_sha256": key, "normalization": policy,
-                                              "spacing": target}, indent=1).encode())
+    atomic_write_bytes(
+        plan_file, json.dumps({"request_sha256": key, "normalization": policy, "spacing": target}, indent=1).encode()
+    )
     return policy, target

@@ -11,6 +11,7 @@ ImageNet normalisation, Cityscapes class names) relabels a split to label PNGs
 synthetic CT archive, runs supervised, self-training and ATSO from one shared warm-up, exports the
 ATSO model, relabels the unlabelled archive with the relabel engine and prints a table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,18 +37,44 @@ from atso_fast.train.data import parse_listing_text
 from atso_fast.train.report import demo_report
 from atso_fast.train.scene_data import is_scene_spec
 
-__all__ = ["train_main", "demo_main", "build_train_parser", "build_demo_parser", "load_config", "format_history",
-           "format_iou", "export_package", "DEMO_SETTINGS", "DEMO_METHODS", "METHODS_LEGEND", "ROUNDS_LEGEND"]
+__all__ = [
+    "train_main",
+    "demo_main",
+    "build_train_parser",
+    "build_demo_parser",
+    "load_config",
+    "format_history",
+    "format_iou",
+    "export_package",
+    "DEMO_SETTINGS",
+    "DEMO_METHODS",
+    "METHODS_LEGEND",
+    "ROUNDS_LEGEND",
+]
 
 
 # Demo sizes: CPU-friendly 3D phantoms. "full" took 84 s with one torch thread on a 2-core CPU shared
 # with other jobs (load ~3.5), and 54 s with two threads when idle, but 740 s with two threads under
 # the same load (OpenMP threads wait for each other when a core is taken): hence --threads 1 by default.
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
-    "full": {"n": 24, "num_labelled": 4, "num_val": 6, "shape": [16, 32, 32], "warmup_steps": 400,
-             "rounds": 2, "steps_per_round": 80},
-    "quick": {"n": 6, "num_labelled": 2, "num_val": 2, "shape": [16, 32, 32], "warmup_steps": 10,
-              "rounds": 2, "steps_per_round": 4},
+    "full": {
+        "n": 24,
+        "num_labelled": 4,
+        "num_val": 6,
+        "shape": [16, 32, 32],
+        "warmup_steps": 400,
+        "rounds": 2,
+        "steps_per_round": 80,
+    },
+    "quick": {
+        "n": 6,
+        "num_labelled": 2,
+        "num_val": 2,
+        "shape": [16, 32, 32],
+        "warmup_steps": 10,
+        "rounds": 2,
+        "steps_per_round": 4,
+    },
 }
 
 
@@ -62,8 +89,11 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     for chatty in ("onnx_ir", "onnxscript", "torch.onnx"):  # the exporter's pass-by-pass notes, every round
         logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
 
@@ -102,8 +132,14 @@ def _resolve_paths(config: dict[str, Any], folder: Path) -> None:
     """The Cityscapes form's folders and the encoder weights, relative to the config's ``folder``."""
     data, model = config.get("data"), config.get("model")
     if isinstance(data, dict) and is_scene_spec(data):
-        config["data"] = {**data, **{k: str(folder / data[k]) for k in ("cityscapes", "unlabelled_root", "val_root")
-                                     if isinstance(data.get(k), str)}}
+        config["data"] = {
+            **data,
+            **{
+                k: str(folder / data[k])
+                for k in ("cityscapes", "unlabelled_root", "val_root")
+                if isinstance(data.get(k), str)
+            },
+        }
     if isinstance(model, dict) and isinstance(model.get("encoder_weights"), str):
         config["model"] = {**model, "encoder_weights": str(folder / model["encoder_weights"])}
 
@@ -116,18 +152,41 @@ def format_history(history: list[dict[str, Any]]) -> str:
     """A plain-text table of the per-round metrics (schedule + lazy-learning monitor); runs that
     report IoU get a ``val mIoU`` column (pooled over the validation images)."""
     iou = any("val_miou" in m for m in history)
-    rows = [("round", "trained on", "labels by", "relabelled", "by", "loss", "pre-loss", "changed",
-             "confidence", "val Dice") + (("val mIoU",) if iou else ())]
+    rows = [
+        (
+            "round",
+            "trained on",
+            "labels by",
+            "relabelled",
+            "by",
+            "loss",
+            "pre-loss",
+            "changed",
+            "confidence",
+            "val Dice",
+        )
+        + (("val mIoU",) if iou else ())
+    ]
     for m in history:
         pre = [v.get("pre_loss") for v in m["monitor"].values() if v.get("pre_loss") is not None]
         changed = [v["changed_fraction"] for v in m["monitor"].values() if v.get("changed_fraction") is not None]
         conf = [v["mean_confidence"] for v in m["monitor"].values() if "mean_confidence" in v]
         by = ",".join(sorted({x for v in m["train_labels_from"].values() for x in v}))
-        rows.append((str(m["round"]), "+".join(m["trained_on"]), by or "-", "+".join(m["relabelled"]) or "-",
-                     m["relabelled_by"] or "-", _fmt(m["train"]["loss"]), _fmt(pre[0] if pre else None),
-                     _fmt(sum(changed) / len(changed) if changed else None, ".4f"),
-                     _fmt(sum(conf) / len(conf) if conf else None), _fmt(m["val_mean_dice"]))
-                    + ((_fmt(m.get("val_miou")),) if iou else ()))
+        rows.append(
+            (
+                str(m["round"]),
+                "+".join(m["trained_on"]),
+                by or "-",
+                "+".join(m["relabelled"]) or "-",
+                m["relabelled_by"] or "-",
+                _fmt(m["train"]["loss"]),
+                _fmt(pre[0] if pre else None),
+                _fmt(sum(changed) / len(changed) if changed else None, ".4f"),
+                _fmt(sum(conf) / len(conf) if conf else None),
+                _fmt(m["val_mean_dice"]),
+            )
+            + ((_fmt(m.get("val_miou")),) if iou else ())
+        )
     return _table(rows)
 
 
@@ -138,9 +197,11 @@ def format_iou(metrics: dict[str, Any], class_names: Sequence[str] | None = None
         return ""
     ious = metrics.get("val_iou") or []
     names = list(class_names) if class_names and len(class_names) == len(ious) else [str(i) for i in range(len(ious))]
-    return (f"val mIoU {_fmt(metrics['val_miou'])} (pooled over the validation images), "
-            f"{_fmt(metrics.get('val_miou_per_image'))} (mean per image)\nval IoU per class: "
-            + ", ".join(f"{n} {_fmt(v)}" for n, v in zip(names, ious)))
+    return (
+        f"val mIoU {_fmt(metrics['val_miou'])} (pooled over the validation images), "
+        f"{_fmt(metrics.get('val_miou_per_image'))} (mean per image)\nval IoU per class: "
+        + ", ".join(f"{n} {_fmt(v)}" for n, v in zip(names, ious))
+    )
 
 
 def _table(rows: list[tuple[str, ...]]) -> str:
@@ -155,10 +216,18 @@ def export_package(atso: Any, folder: str | Path, class_names: list[str] | None 
     preprocessing spec to ``folder``."""
 
     cfg = atso.config
-    return export_model(atso.model, folder, window=list(cfg.patch_size), num_classes=cfg.num_classes,
-                        kind="logits", normalization=cfg.normalization, in_channels=cfg.in_channels,
-                        spacing=cfg.spacing, class_names=class_names or cfg.class_names,
-                        preprocessing=cfg.preprocessing)
+    return export_model(
+        atso.model,
+        folder,
+        window=list(cfg.patch_size),
+        num_classes=cfg.num_classes,
+        kind="logits",
+        normalization=cfg.normalization,
+        in_channels=cfg.in_channels,
+        spacing=cfg.spacing,
+        class_names=class_names or cfg.class_names,
+        preprocessing=cfg.preprocessing,
+    )
 
 
 def build_train_parser() -> argparse.ArgumentParser:
@@ -169,11 +238,18 @@ def build_train_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--out", "--output", dest="out", help="output folder (default: the config's out_dir)")
     parser.add_argument("--no-export", action="store_true", help="skip exporting OUT/model (default: off)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--engine", choices=["local", "ray"], default="local",
-                        help="bulk relabel engine of each round on disk storage; ray takes its pool options "
-                             "(workers, address, ...) from the config's relabel dict (default: %(default)s)")
-    parser.add_argument("--log-level", default="INFO", help="logging level; INFO shows per-round progress: steps, "
-                        "loss, relabel cases/s (default: %(default)s)")
+    parser.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="bulk relabel engine of each round on disk storage; ray takes its pool options "
+        "(workers, address, ...) from the config's relabel dict (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        help="logging level; INFO shows per-round progress: steps, loss, relabel cases/s (default: %(default)s)",
+    )
     return parser
 
 
@@ -209,19 +285,30 @@ def train_main(argv: list[str] | None = None, *, engines: dict[str, Any] | None 
     iou = format_iou(history[-1], atso.config.class_names) if history else ""
     if iou:
         print(f"\n{iou}")
-    print(f"\nmetrics: {Path(config['out_dir']) / 'metrics.jsonl'}"
-          + (f"\nmodel package: {package}" if package else ""))
+    print(
+        f"\nmetrics: {Path(config['out_dir']) / 'metrics.jsonl'}" + (f"\nmodel package: {package}" if package else "")
+    )
     return 0
 
 
 def _demo_config(archive: dict[str, Any], settings: dict[str, Any], seed: int, out: Path) -> dict[str, Any]:
-    return {"data": archive["root"], "num_classes": archive["num_classes"], "patch_size": settings["shape"],
-            "batch_size": 2, "model": {"base_channels": 8, "depth": 3}, "normalization": "auto",
-            "warmup_steps": settings["warmup_steps"], "rounds": settings["rounds"],
-            "steps_per_round": settings["steps_per_round"], "lr": 1e-2, "round_lr": 3e-3, "seed": seed,
-            "out_dir": str(out / "runs"),
-            # on a terminal the demo's own bar reports; elsewhere the trainer's lines do
-            "progress": not getattr(sys.stderr, "isatty", lambda: False)()}
+    return {
+        "data": archive["root"],
+        "num_classes": archive["num_classes"],
+        "patch_size": settings["shape"],
+        "batch_size": 2,
+        "model": {"base_channels": 8, "depth": 3},
+        "normalization": "auto",
+        "warmup_steps": settings["warmup_steps"],
+        "rounds": settings["rounds"],
+        "steps_per_round": settings["steps_per_round"],
+        "lr": 1e-2,
+        "round_lr": 3e-3,
+        "seed": seed,
+        "out_dir": str(out / "runs"),
+        # on a terminal the demo's own bar reports; elsewhere the trainer's lines do
+        "progress": not getattr(sys.stderr, "isatty", lambda: False)(),
+    }
 
 
 def _relabel_archive(atso: Any, archive_root: str, out: Path, class_names: list[str]) -> dict[str, Any]:
@@ -232,8 +319,9 @@ def _relabel_archive(atso: Any, archive_root: str, out: Path, class_names: list[
     export_s = time.perf_counter() - start
     engine = Relabeler(package, runtime="auto", overlap=0.5, batch_size=4)
     # a rerun of the demo in the same folder redoes the relabelling (the model is new)
-    summary = engine.relabel_archive(Path(archive_root) / "imagesUn", out / "relabelled", overwrite=True,
-                                     progress=False)
+    summary = engine.relabel_archive(
+        Path(archive_root) / "imagesUn", out / "relabelled", overwrite=True, progress=False
+    )
     summary.update(export_seconds=export_s, package=str(package))
     return summary
 
@@ -245,9 +333,11 @@ def _demo_table(runs: dict[str, Any], class_names: list[str], relabel: dict[str,
         seconds = sum(h["seconds"] for h in run.history[1:])
         rows.append((method, _fmt(last["val_mean_dice"]), *(_fmt(d) for d in last["val_dice"][1:]), f"{seconds:.1f}"))
     text = _table(rows)
-    text += (f"\n\nrelabel engine ({relabel['runtime']}): {relabel['done']}/{relabel['total']} unlabelled volumes "
-             f"in {relabel['seconds']:.2f} s = {relabel['cases_per_s']:.1f} volumes/s, "
-             f"{relabel['voxels_per_s'] / 1e6:.2f} Mvox/s (export {relabel['export_seconds']:.1f} s)")
+    text += (
+        f"\n\nrelabel engine ({relabel['runtime']}): {relabel['done']}/{relabel['total']} unlabelled volumes "
+        f"in {relabel['seconds']:.2f} s = {relabel['cases_per_s']:.1f} volumes/s, "
+        f"{relabel['voxels_per_s'] / 1e6:.2f} Mvox/s (export {relabel['export_seconds']:.1f} s)"
+    )
     return text
 
 
@@ -295,12 +385,21 @@ class _DemoProgress:
         if bool(getattr(self.stream, "isatty", lambda: False)()):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.total, unit="step", file=self.stream, dynamic_ncols=True,
-                            desc=f"training: {self.stages[0][0]}", smoothing=0.3)
+            self.bar = tqdm(
+                total=self.total,
+                unit="step",
+                file=self.stream,
+                dynamic_ncols=True,
+                desc=f"training: {self.stages[0][0]}",
+                smoothing=0.3,
+            )
             threading.Thread(target=self._tick, args=(self.bar,), daemon=True, name="atso-demo-progress").start()
         else:
-            print(f"atso-fast demo: training {len(self.stages)} stages, {self.total} steps "
-                  f"(first: {self.stages[0][0]})", file=self.stream, flush=True)
+            print(
+                f"atso-fast demo: training {len(self.stages)} stages, {self.total} steps (first: {self.stages[0][0]})",
+                file=self.stream,
+                flush=True,
+            )
 
     def _tick(self, bar: Any) -> None:
         while not self._stop.wait(1.0):
@@ -327,30 +426,44 @@ class _DemoProgress:
 
 def _run_demo(settings: dict[str, Any], seed: int, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
-    archive = make_archive(out / "archive", settings["n"], num_labelled=settings["num_labelled"],
-                           num_val=settings["num_val"], shape=settings["shape"], seed=seed,
-                           target_radius=(0.14, 0.22))
+    archive = make_archive(
+        out / "archive",
+        settings["n"],
+        num_labelled=settings["num_labelled"],
+        num_val=settings["num_val"],
+        shape=settings["shape"],
+        seed=seed,
+        target_radius=(0.14, 0.22),
+    )
     progress = _DemoProgress(settings, DEMO_METHODS)
     try:
         runs = run_methods(_demo_config(archive, settings, seed, out), DEMO_METHODS, callbacks=[progress])
     finally:
         progress.close()
-    print("atso-fast demo: exporting the ATSO model and relabelling the unlabelled phantoms", file=sys.stderr,
-          flush=True)
+    print(
+        "atso-fast demo: exporting the ATSO model and relabelling the unlabelled phantoms", file=sys.stderr, flush=True
+    )
     relabel = _relabel_archive(runs["atso"], archive["root"], out, phantom_class_names())
     return runs, relabel
 
 
 def build_demo_parser() -> argparse.ArgumentParser:
     """Argument parser of ``atso-fast demo``."""
-    parser = make_parser("atso-fast demo", "Synthetic end-to-end ATSO demo on CPU: a phantom archive, three "
-                         "training methods, export, the relabel engine.")
-    parser.add_argument("-o", "--out", "--output", dest="out", default="_demo_out",
-                        help="output folder (default: %(default)s)")
+    parser = make_parser(
+        "atso-fast demo",
+        "Synthetic end-to-end ATSO demo on CPU: a phantom archive, three training methods, export, the relabel engine.",
+    )
+    parser.add_argument(
+        "-o", "--out", "--output", dest="out", default="_demo_out", help="output folder (default: %(default)s)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of data, split and training (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (tests, < 1 minute) (default: off)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default: %(default)s: steady on shared machines; see DEMO_SETTINGS)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default: %(default)s: steady on shared machines; see DEMO_SETTINGS)",
+    )
     parser.add_argument("--log-level", default="WARNING", help="logging level (default: %(default)s)")
     return parser
 
@@ -369,8 +482,10 @@ def demo_main(argv: list[str] | None = None) -> int:
         print(f"atso-fast demo: error: {exc}", file=sys.stderr)
         return 2
     names = phantom_class_names()
-    print(f"atso-fast demo: {settings['n'] - settings['num_labelled']} unlabelled + {settings['num_labelled']} "
-          f"labelled 3D phantoms {tuple(settings['shape'])}, {settings['num_val']} validation; seed {args.seed}\n")
+    print(
+        f"atso-fast demo: {settings['n'] - settings['num_labelled']} unlabelled + {settings['num_labelled']} "
+        f"labelled 3D phantoms {tuple(settings['shape'])}, {settings['num_val']} validation; seed {args.seed}\n"
+    )
     print(_demo_table(runs, names, relabel))
     print(f"\n{METHODS_LEGEND}")
     print("\n" + demo_report(runs))

@@ -6,6 +6,7 @@ Also the choice of storage (:func:`resolve_storage`): whether a run keeps its ca
 labels in memory (:class:`atso_fast.train.stores.ArrayStore`) or in a preprocessing cache on disk
 (:class:`atso_fast.train.disk_store.CacheStore`).
 """
+
 from __future__ import annotations
 
 import json
@@ -171,13 +172,15 @@ class ATSOConfig:
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)
         self._check_choices()
-        if self.spatial_dims not in (2, 3) or len(self.patch_size) != self.spatial_dims \
-                or min(self.patch_size) < 1:
-            raise ValueError(f"patch_size must have spatial_dims={self.spatial_dims} positive sizes, "
-                             f"got {self.patch_size}")
+        if self.spatial_dims not in (2, 3) or len(self.patch_size) != self.spatial_dims or min(self.patch_size) < 1:
+            raise ValueError(
+                f"patch_size must have spatial_dims={self.spatial_dims} positive sizes, got {self.patch_size}"
+            )
         if self.num_classes < 2 or not self.num_classes <= self.ignore_index <= 255:
-            raise ValueError(f"need num_classes >= 2 and num_classes <= ignore_index <= 255, "
-                             f"got {self.num_classes}, {self.ignore_index}")
+            raise ValueError(
+                f"need num_classes >= 2 and num_classes <= ignore_index <= 255, "
+                f"got {self.num_classes}, {self.ignore_index}"
+            )
         for name in ("rounds", "warmup_steps", "steps_per_round", "monitor_patches"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -186,13 +189,15 @@ class ATSOConfig:
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not (self.lr > 0 and self.round_lr > 0 and self.round_lr_decay > 0):
-            raise ValueError(f"lr, round_lr and round_lr_decay must be > 0, got {self.lr}, {self.round_lr}, "
-                             f"{self.round_lr_decay}")
+            raise ValueError(
+                f"lr, round_lr and round_lr_decay must be > 0, got {self.lr}, {self.round_lr}, {self.round_lr_decay}"
+            )
         if self.storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES}, got {self.storage!r}")
         if int(self.loader_workers) < 0 or int(self.checkpoint_every) < 0:
-            raise ValueError(f"loader_workers and checkpoint_every must be >= 0, got {self.loader_workers}, "
-                             f"{self.checkpoint_every}")
+            raise ValueError(
+                f"loader_workers and checkpoint_every must be >= 0, got {self.loader_workers}, {self.checkpoint_every}"
+            )
         if self.in_channels < 1 or self.batch_size < 1:
             raise ValueError(f"in_channels and batch_size must be >= 1, got {self.in_channels}, {self.batch_size}")
         if self.report_iou not in (None, True, False):
@@ -211,16 +216,22 @@ class ATSOConfig:
         check_scene_spec(self.data)
         wrong = {k: getattr(self, k) for k, v in _SCENE_NEEDS.items() if getattr(self, k) != v}
         if wrong:
-            raise ValueError(f"the cityscapes data form (RGB frames, 19 trainId classes, 255 ignored) needs "
-                             f"{_SCENE_NEEDS}, got {wrong}")
+            raise ValueError(
+                f"the cityscapes data form (RGB frames, 19 trainId classes, 255 ignored) needs "
+                f"{_SCENE_NEEDS}, got {wrong}"
+            )
         if self.storage == "disk":
-            raise ValueError("the cityscapes data form runs on memory storage (frames are small enough to hold in "
-                             "RAM); got storage 'disk'")
+            raise ValueError(
+                "the cityscapes data form runs on memory storage (frames are small enough to hold in "
+                "RAM); got storage 'disk'"
+            )
         if self.augment is True:
             self.augment = {"kind": "scene"}
         elif augment_kind(self.augment) == "medical":
-            raise ValueError(f"driving scenes are never flipped upside down or rotated: augment must be true (the "
-                             f"road-scene recipe), false or {{kind: scene, ...}}, got {self.augment!r}")
+            raise ValueError(
+                f"driving scenes are never flipped upside down or rotated: augment must be true (the "
+                f"road-scene recipe), false or {{kind: scene, ...}}, got {self.augment!r}"
+            )
 
     def _check_augment(self) -> None:
         if augment_kind(self.augment) != "scene":
@@ -228,9 +239,11 @@ class ATSOConfig:
             return
         SceneAugmentConfig.from_value(self.augment, self.patch_size, self.ignore_index)
         if self.spatial_dims != 2 or self.in_channels != 3 or self.targets != "hard":
-            raise ValueError(f"augment kind 'scene' augments 2D RGB frames with hard targets: needs spatial_dims 2, "
-                             f"in_channels 3 and targets 'hard', got {self.spatial_dims}, {self.in_channels}, "
-                             f"{self.targets!r}")
+            raise ValueError(
+                f"augment kind 'scene' augments 2D RGB frames with hard targets: needs spatial_dims 2, "
+                f"in_channels 3 and targets 'hard', got {self.spatial_dims}, {self.in_channels}, "
+                f"{self.targets!r}"
+            )
 
     def _check_model(self) -> None:
         if not isinstance(self.model, dict):
@@ -250,11 +263,14 @@ class ATSOConfig:
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.method == "mean-teacher" and self.init != "continue":
-            raise ValueError(f"method 'mean-teacher' trains one student and its EMA teacher through every round "
-                             f"(init 'continue'), got init {self.init!r}")
+            raise ValueError(
+                f"method 'mean-teacher' trains one student and its EMA teacher through every round "
+                f"(init 'continue'), got init {self.init!r}"
+            )
         if self.init == "lineage" and self.method != "atso":
-            raise ValueError(f"init 'lineage' needs method 'atso' (model lines per held-out part), "
-                             f"got method {self.method!r}")
+            raise ValueError(
+                f"init 'lineage' needs method 'atso' (model lines per held-out part), got method {self.method!r}"
+            )
         if int(self.num_subsets) < 2:
             raise ValueError(f"num_subsets must be >= 2, got {self.num_subsets}")
         if self.targets not in ("hard", "soft"):

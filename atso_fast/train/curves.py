@@ -4,6 +4,7 @@ Per round (round 0 is the warm-up): the mean training loss, the validation mean 
 pseudo-label Dice of each unlabelled subset where its truth is known. matplotlib draws (Agg
 backend, no display needed).
 """
+
 from __future__ import annotations
 
 import io
@@ -38,8 +39,10 @@ def curves_png(history: Sequence[dict[str, Any]], title: str = "") -> bytes:
     series = _series(history)
     figure = Figure(figsize=(9, 3.4), dpi=100)
     loss_axis, dice_axis = figure.subplots(1, 2)
-    for axis, keys, label in ((loss_axis, ["train loss"], "loss"),
-                              (dice_axis, [k for k in series if "Dice" in k], "Dice")):
+    for axis, keys, label in (
+        (loss_axis, ["train loss"], "loss"),
+        (dice_axis, [k for k in series if "Dice" in k], "Dice"),
+    ):
         for key in keys:
             if series[key]:
                 rounds, values = zip(*series[key])

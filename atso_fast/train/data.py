@@ -36,6 +36,7 @@ Frames become cases with image ``(3, 1, H, W)`` (RGB, ``normalization: auto`` ->
 statistics, the ``rgb`` scheme) and label ``(1, H, W)`` uint8 trainIds (255 ignored); such runs
 need ``num_classes: 19``, ``in_channels: 3``, ``spatial_dims: 2``, ``ignore_index: 255``.
 """
+
 from __future__ import annotations
 
 import json
@@ -146,8 +147,9 @@ def _as_channels(image: np.ndarray, in_channels: int, what: str) -> np.ndarray:
     return image
 
 
-def check_label(label: np.ndarray | None, image: np.ndarray, what: str, num_classes: int | None = None,
-                ignore_index: int = 255) -> np.ndarray | None:
+def check_label(
+    label: np.ndarray | None, image: np.ndarray, what: str, num_classes: int | None = None, ignore_index: int = 255
+) -> np.ndarray | None:
     """``label`` as ``(Z, Y, X)`` uint8 on ``image``'s grid, every value a class or the ignore label.
 
     Args:
@@ -174,9 +176,11 @@ def check_label(label: np.ndarray | None, image: np.ndarray, what: str, num_clas
         bad = [(int(v), int(c)) for v, c in zip(values, counts) if v >= num_classes and v != ignore_index]
         if bad:
             shown = ", ".join(f"{v} ({c} voxels)" for v, c in bad[:5])
-            raise ValueError(f"{what}: label value(s) {shown} are not classes of this model (num_classes "
-                             f"{num_classes}: 0..{num_classes - 1}, ignore label {ignore_index}); fix the labels or "
-                             "num_classes")
+            raise ValueError(
+                f"{what}: label value(s) {shown} are not classes of this model (num_classes "
+                f"{num_classes}: 0..{num_classes - 1}, ignore label {ignore_index}); fix the labels or "
+                "num_classes"
+            )
     return label
 
 
@@ -185,8 +189,9 @@ def _read(path: Path) -> np.ndarray:
     return read_volume(path)[0]
 
 
-def read_case(entry: Any, base: Path, in_channels: int, num_classes: int | None = None, ignore_index: int = 255
-              ) -> tuple[np.ndarray, np.ndarray | None, Any]:
+def read_case(
+    entry: Any, base: Path, in_channels: int, num_classes: int | None = None, ignore_index: int = 255
+) -> tuple[np.ndarray, np.ndarray | None, Any]:
     """``(image (M, Z, Y, X), label (Z, Y, X) uint8 or None, meta of the first channel)`` of a
     list-file entry: a path, a list of channel paths, or ``{"image": ..., "label": ...}``;
     labels are checked against ``num_classes`` (:func:`check_label`)."""
@@ -268,8 +273,10 @@ def parse_listing_text(text: str, path: Path) -> Any:
     try:
         return json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ValueError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} "
-                         f"({str(exc).splitlines()[0][:200]})") from None
+        raise ValueError(
+            f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} "
+            f"({str(exc).splitlines()[0][:200]})"
+        ) from None
 
 
 def _load_spec(spec: str | Path | dict[str, Any]) -> tuple[dict[str, Any], Path]:
@@ -277,8 +284,10 @@ def _load_spec(spec: str | Path | dict[str, Any]) -> tuple[dict[str, Any], Path]
         return spec, Path(".")
     path = Path(spec)
     if path.is_dir():
-        listing: dict[str, Any] = {key: _folder_entries(path, f"images{sfx}", f"labels{sfx}")
-                                   for key, sfx in (("labelled", "Tr"), ("unlabelled", "Un"), ("val", "Val"))}
+        listing: dict[str, Any] = {
+            key: _folder_entries(path, f"images{sfx}", f"labels{sfx}")
+            for key, sfx in (("labelled", "Tr"), ("unlabelled", "Un"), ("val", "Val"))
+        }
         meta_file = path / "dataset.json"
         if os.path.lexists(meta_file):
             channels = parse_listing_text(read_text_file(meta_file), meta_file).get("channel_names", {})
@@ -308,8 +317,9 @@ def read_listing(spec: str | Path | dict[str, Any]) -> tuple[dict[str, Any], Pat
     return listing, base
 
 
-def load_raw(spec: str | Path | dict[str, Any], *, in_channels: int = 1, num_classes: int | None = None,
-             ignore_index: int = 255) -> tuple[dict[str, list[RawCase]], str | None]:
+def load_raw(
+    spec: str | Path | dict[str, Any], *, in_channels: int = 1, num_classes: int | None = None, ignore_index: int = 255
+) -> tuple[dict[str, list[RawCase]], str | None]:
     """Read every case named by a folder, a list file, or a dict in list-file form.
 
     Returns:
@@ -322,8 +332,10 @@ def load_raw(spec: str | Path | dict[str, Any], *, in_channels: int = 1, num_cla
     unknown = set(listing) - {"labelled", "unlabelled", "val", "modality"}
     if unknown:
         raise ValueError(f"data listing has unknown keys {sorted(unknown)}")
-    out = {key: [_read_entry(e, base, in_channels, num_classes, ignore_index) for e in (listing.get(key) or [])]
-           for key in ("labelled", "unlabelled", "val")}
+    out = {
+        key: [_read_entry(e, base, in_channels, num_classes, ignore_index) for e in (listing.get(key) or [])]
+        for key in ("labelled", "unlabelled", "val")
+    }
     if not out["labelled"]:
         raise ValueError(f"data {spec!s}: no labelled case found")
     for key in ("labelled", "val"):
@@ -333,8 +345,9 @@ def load_raw(spec: str | Path | dict[str, Any], *, in_channels: int = 1, num_cla
     return out, listing.get("modality")
 
 
-def resolve_normalization(spec: str | dict[str, Any] | None, labelled: Sequence[RawCase],
-                          modality: str | None = None) -> dict[str, Any]:
+def resolve_normalization(
+    spec: str | dict[str, Any] | None, labelled: Sequence[RawCase], modality: str | None = None
+) -> dict[str, Any]:
     """Turn a normalisation spec into a full policy (``atso_fast.package.normalize``).
 
     Args:
@@ -359,8 +372,9 @@ def resolve_normalization(spec: str | dict[str, Any] | None, labelled: Sequence[
         return ct_policy_from_samples([c.image[0] for c in labelled], case_labels(labelled, "labelled"))
     if spec in ("zscore", "none"):
         return _check_single_policy({"scheme": spec})
-    raise ValueError(f"normalization must be a policy dict or one of 'auto', 'ct', 'zscore', 'none', 'imagenet', "
-                     f"got {spec!r}")
+    raise ValueError(
+        f"normalization must be a policy dict or one of 'auto', 'ct', 'zscore', 'none', 'imagenet', got {spec!r}"
+    )
 
 
 def _check_single_policy(policy: dict[str, Any]) -> dict[str, Any]:
@@ -368,22 +382,33 @@ def _check_single_policy(policy: dict[str, Any]) -> dict[str, Any]:
     return cast(dict[str, Any], check_policy(policy))
 
 
-def prepare_data(raw: dict[str, list[RawCase]], policy: dict[str, Any],
-                 modality: str | None = None) -> SemiSupervisedData:
+def prepare_data(
+    raw: dict[str, list[RawCase]], policy: dict[str, Any], modality: str | None = None
+) -> SemiSupervisedData:
     """Normalise raw cases with ``policy`` (float32 ``(M, Z, Y, X)``)."""
+
     def norm(case: RawCase) -> Case:
         return Case(normalize(case.image, policy).astype(np.float32, copy=False), case.label, case.name)
 
-    return SemiSupervisedData([norm(c) for c in raw["labelled"]], [norm(c) for c in raw["unlabelled"]],
-                              [norm(c) for c in raw["val"]], _check_single_policy(policy), modality,
-                              training_spacing(raw["labelled"]))
+    return SemiSupervisedData(
+        [norm(c) for c in raw["labelled"]],
+        [norm(c) for c in raw["unlabelled"]],
+        [norm(c) for c in raw["val"]],
+        _check_single_policy(policy),
+        modality,
+        training_spacing(raw["labelled"]),
+    )
 
 
-def data_from_arrays(labelled: Sequence[tuple[np.ndarray, np.ndarray]],
-                     unlabelled: Sequence[np.ndarray | tuple[np.ndarray, np.ndarray | None]] = (),
-                     val: Sequence[tuple[np.ndarray, np.ndarray]] = (), *,
-                     normalization: str | dict[str, Any] | None = "auto", modality: str | None = None,
-                     in_channels: int = 1) -> SemiSupervisedData:
+def data_from_arrays(
+    labelled: Sequence[tuple[np.ndarray, np.ndarray]],
+    unlabelled: Sequence[np.ndarray | tuple[np.ndarray, np.ndarray | None]] = (),
+    val: Sequence[tuple[np.ndarray, np.ndarray]] = (),
+    *,
+    normalization: str | dict[str, Any] | None = "auto",
+    modality: str | None = None,
+    in_channels: int = 1,
+) -> SemiSupervisedData:
     """Build :class:`SemiSupervisedData` from in-memory arrays.
 
     Args:
@@ -394,14 +419,17 @@ def data_from_arrays(labelled: Sequence[tuple[np.ndarray, np.ndarray]],
         modality: e.g. ``"CT"``.
         in_channels: M.
     """
+
     def raw(item: Any, what: str) -> RawCase:
         image, label = item if isinstance(item, tuple) else (item, None)
         image = _as_channels(image, in_channels, what)
         return RawCase(image, check_label(label, image, what), what)
 
-    cases = {"labelled": [raw(x, f"labelled[{i}]") for i, x in enumerate(labelled)],
-             "unlabelled": [raw(x, f"unlabelled[{i}]") for i, x in enumerate(unlabelled)],
-             "val": [raw(x, f"val[{i}]") for i, x in enumerate(val)]}
+    cases = {
+        "labelled": [raw(x, f"labelled[{i}]") for i, x in enumerate(labelled)],
+        "unlabelled": [raw(x, f"unlabelled[{i}]") for i, x in enumerate(unlabelled)],
+        "val": [raw(x, f"val[{i}]") for i, x in enumerate(val)],
+    }
     if not cases["labelled"] or any(c.label is None for c in cases["labelled"] + cases["val"]):
         raise ValueError("data_from_arrays needs at least one labelled case, and labels for all labelled/val cases")
     policy = resolve_normalization(normalization, cases["labelled"], modality)
@@ -442,7 +470,7 @@ def crop_with_padding(array: np.ndarray, origin: Sequence[int], size: Sequence[i
     out = np.full(lead + tuple(size), fill, dtype=array.dtype)
     src: list[EllipsisType | slice] = [Ellipsis]
     dst: list[EllipsisType | slice] = [Ellipsis]
-    for o, s, n in zip(origin, size, array.shape[len(lead):]):
+    for o, s, n in zip(origin, size, array.shape[len(lead) :]):
         lo, hi = max(o, 0), min(o + s, n)
         if hi <= lo:
             return out
@@ -457,8 +485,9 @@ def open_array(path: str | os.PathLike[str]) -> np.ndarray:
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
-def locate_foreground(label: np.ndarray, num_classes: int, max_locations: int = 10000
-                      ) -> tuple[np.ndarray, dict[int, int]]:
+def locate_foreground(
+    label: np.ndarray, num_classes: int, max_locations: int = 10000
+) -> tuple[np.ndarray, dict[int, int]]:
     """Flat indices of each foreground class's voxels (at most ``max_locations`` per class,
     evenly strided), concatenated class by class in increasing class order: the index
     :class:`PatchSampler` centres foreground patches on.
@@ -563,23 +592,41 @@ class PatchSampler:
         ValueError: no case, mismatched lengths or shapes, bad patch size or probability.
     """
 
-    def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], patch_size: Sequence[int], *,
-                 num_classes: int, foreground_oversample: float = 0.33, ignore_index: int = 255,
-                 max_locations: int = 10000) -> None:
+    def __init__(
+        self,
+        images: Sequence[np.ndarray],
+        labels: Sequence[np.ndarray],
+        patch_size: Sequence[int],
+        *,
+        num_classes: int,
+        foreground_oversample: float = 0.33,
+        ignore_index: int = 255,
+        max_locations: int = 10000,
+    ) -> None:
         if not images or len(images) != len(labels):
             raise ValueError(f"PatchSampler needs as many labels as images (>= 1), got {len(images)} and {len(labels)}")
         _check_sampling(patch_size, foreground_oversample)
         for img, lab in zip(images, labels):
             if img.ndim != 4 or img.shape[1:] != lab.shape:
-                raise ValueError(f"PatchSampler needs images (M, Z, Y, X) and labels (Z, Y, X), "
-                                 f"got {img.shape}, {lab.shape}")
-        cases = [PatchCase(img, lab, lab.shape, *locate_foreground(lab, num_classes, max_locations))
-                 for img, lab in zip(images, labels)]
+                raise ValueError(
+                    f"PatchSampler needs images (M, Z, Y, X) and labels (Z, Y, X), got {img.shape}, {lab.shape}"
+                )
+        cases = [
+            PatchCase(img, lab, lab.shape, *locate_foreground(lab, num_classes, max_locations))
+            for img, lab in zip(images, labels)
+        ]
         self._setup(cases, patch_size, foreground_oversample, ignore_index, 0.0)
 
     @classmethod
-    def from_cases(cls, cases: Sequence[PatchCase], patch_size: Sequence[int], *, foreground_oversample: float = 0.33,
-                   ignore_index: int = 255, threshold: Threshold = 0.0) -> PatchSampler:
+    def from_cases(
+        cls,
+        cases: Sequence[PatchCase],
+        patch_size: Sequence[int],
+        *,
+        foreground_oversample: float = 0.33,
+        ignore_index: int = 255,
+        threshold: Threshold = 0.0,
+    ) -> PatchSampler:
         """A sampler over cases whose foreground index is already made (e.g. the preprocessing
         cache's), arrays or ``.npy`` files.
 
@@ -599,8 +646,14 @@ class PatchSampler:
         sampler._setup(list(cases), patch_size, foreground_oversample, ignore_index, threshold)
         return sampler
 
-    def _setup(self, cases: list[PatchCase], patch_size: Sequence[int], foreground_oversample: float,
-               ignore_index: int, threshold: Threshold) -> None:
+    def _setup(
+        self,
+        cases: list[PatchCase],
+        patch_size: Sequence[int],
+        foreground_oversample: float,
+        ignore_index: int,
+        threshold: Threshold,
+    ) -> None:
         self.cases = cases
         self.flat = len(patch_size) == 2
         self.patch = (1, *patch_size) if self.flat else tuple(int(p) for p in patch_size)

@@ -44,6 +44,7 @@ The kill -9 tests reach the phase boundaries through the seams :meth:`CacheStore
 :meth:`CacheStore.export` and the module's :func:`local_engine` (``tests/kill_at.py``); no test
 hook lives in the package.
 """
+
 from __future__ import annotations
 
 import json
@@ -92,15 +93,17 @@ POOL_OPTIONS = ("address", "workers", "gpus_per_worker", "cpus_per_worker", "max
 """``config.relabel`` keys a Ray archive engine takes for its pool, not the Relabeler."""
 
 
-def local_engine(package_dir: Path, inputs: Sequence[Path], output_dir: Path, *, options: dict[str, Any],
-                 **kw: Any) -> dict[str, Any]:
+def local_engine(
+    package_dir: Path, inputs: Sequence[Path], output_dir: Path, *, options: dict[str, Any], **kw: Any
+) -> dict[str, Any]:
     """The threaded archive engine with ``Relabeler(package_dir, runtime="auto", **options)``."""
     relabeler = Relabeler(package_dir, **{"runtime": "auto", **options})
     return relabel_archive(relabeler, [str(p) for p in inputs], output_dir, **kw)
 
 
-def package_relabel_fn(package: str | os.PathLike[str], config: ATSOConfig
-                       ) -> Callable[[Any, Sequence[np.ndarray]], list[tuple[np.ndarray, ...]]]:
+def package_relabel_fn(
+    package: str | os.PathLike[str], config: ATSOConfig
+) -> Callable[[Any, Sequence[np.ndarray]], list[tuple[np.ndarray, ...]]]:
     """A ``relabel_fn`` running an exported package (``auto`` runtime, ``config.relabel``'s
     Relabeler options; a Ray engine's pool options left out) on volumes already on its grid (a
     round's ``grid_package``); its model argument is unused.
@@ -108,8 +111,15 @@ def package_relabel_fn(package: str | os.PathLike[str], config: ATSOConfig
     Raises:
         ValueError: an unknown ``config.relabel`` key, or an unloadable package.
     """
-    engine = Relabeler(Path(package), **{"runtime": "auto", **relabeler_options(config.relabel, ignore=POOL_OPTIONS),
-                                   "threshold": 0.0, "ignore_index": config.ignore_index})
+    engine = Relabeler(
+        Path(package),
+        **{
+            "runtime": "auto",
+            **relabeler_options(config.relabel, ignore=POOL_OPTIONS),
+            "threshold": 0.0,
+            "ignore_index": config.ignore_index,
+        },
+    )
 
     def relabel(_model: Any, volumes: Sequence[np.ndarray]) -> list[tuple[np.ndarray, ...]]:
         results = [engine.relabel_volume(v) for v in volumes]
@@ -139,28 +149,56 @@ class CacheStore:
     checkpoints_phases = True
     format_version = "disk-2"
 
-    def __init__(self, config: ATSOConfig, *, archive_engine: ArchiveEngine | None = None, data: Any = None,
-                 relabeler: Any = None) -> None:
-        if config.out_dir is None or data is not None or config.data is None or relabeler is not None \
-                or config.targets != "hard":
-            raise ValueError("disk storage needs config.data on disk, config.out_dir, hard targets, and no data= or "
-                             f"relabeler= (got out_dir={config.out_dir!r}, data passed: {data is not None}, "
-                             f"targets={config.targets!r}, relabeler passed: {relabeler is not None})")
+    def __init__(
+        self,
+        config: ATSOConfig,
+        *,
+        archive_engine: ArchiveEngine | None = None,
+        data: Any = None,
+        relabeler: Any = None,
+    ) -> None:
+        if (
+            config.out_dir is None
+            or data is not None
+            or config.data is None
+            or relabeler is not None
+            or config.targets != "hard"
+        ):
+            raise ValueError(
+                "disk storage needs config.data on disk, config.out_dir, hard targets, and no data= or "
+                f"relabeler= (got out_dir={config.out_dir!r}, data passed: {data is not None}, "
+                f"targets={config.targets!r}, relabeler passed: {relabeler is not None})"
+            )
         if config.method == "mean-teacher":
-            raise ValueError("method 'mean-teacher' runs on memory storage only (storage='memory'): its teacher "
-                             "needs the unlabelled images in every batch, not pseudo labels on disk")
+            raise ValueError(
+                "method 'mean-teacher' runs on memory storage only (storage='memory'): its teacher "
+                "needs the unlabelled images in every batch, not pseudo labels on disk"
+            )
         if augment_kind(config.augment) == "scene":
-            raise ValueError("the road-scene augmentation (augment kind 'scene') samples whole RGB frames in memory: "
-                             "run it with storage='memory' (driving-scene frames are small)")
+            raise ValueError(
+                "the road-scene augmentation (augment kind 'scene') samples whole RGB frames in memory: "
+                "run it with storage='memory' (driving-scene frames are small)"
+            )
         self.out = Path(config.out_dir)
         listing, base = read_listing(config.data)
         self.cache: Cache = build_cache(
-            listing, base, config.cache_dir or self.out / "cache", window=config.patch_size,
-            in_channels=config.in_channels, num_classes=config.num_classes, normalization=config.normalization,
-            spacing=config.spacing, preprocessing=config.preprocessing)
-        self.config = replace(config, normalization=self.cache.normalization, spacing=self.cache.spacing,
-                              preprocessing=self.cache.preprocessing,
-                              class_names=config.class_names or dataset_class_names(config.data, config.num_classes))
+            listing,
+            base,
+            config.cache_dir or self.out / "cache",
+            window=config.patch_size,
+            in_channels=config.in_channels,
+            num_classes=config.num_classes,
+            normalization=config.normalization,
+            spacing=config.spacing,
+            preprocessing=config.preprocessing,
+        )
+        self.config = replace(
+            config,
+            normalization=self.cache.normalization,
+            spacing=self.cache.spacing,
+            preprocessing=self.cache.preprocessing,
+            class_names=config.class_names or dataset_class_names(config.data, config.num_classes),
+        )
         self.engine = archive_engine or local_engine
         self.unlabelled: list[CachedCase] = self.cache.cases["unlabelled"]
         self.unlabelled_names = [c.case_id for c in self.unlabelled]
@@ -182,8 +220,14 @@ class CacheStore:
         """Unlabelled case ``i`` with its pseudo label of round ``k``."""
         case, folder = self.unlabelled[i], self.round_dir(k) / "pseudo"
         meta = json.loads((folder / "fg" / f"{case.case_id}.json").read_text())
-        return PatchCase(case.image, folder / f"{case.case_id}.npy", case.shape, folder / "fg" / f"{case.case_id}.npy",
-                         {int(c): int(v) for c, v in meta.items()}, folder / f"{case.case_id}_confidence.npy")
+        return PatchCase(
+            case.image,
+            folder / f"{case.case_id}.npy",
+            case.shape,
+            folder / "fg" / f"{case.case_id}.npy",
+            {int(c): int(v) for c, v in meta.items()},
+            folder / f"{case.case_id}_confidence.npy",
+        )
 
     @staticmethod
     def _truth_case(case: CachedCase) -> PatchCase:
@@ -210,8 +254,13 @@ class CacheStore:
     # ------------------------------------------------------------------ training
     def _sampler(self, cases: list[PatchCase], threshold: float | list[float] = 0.0) -> PatchSampler:
         cfg = self.config
-        return PatchSampler.from_cases(cases, cfg.patch_size, foreground_oversample=cfg.foreground_oversample,
-                                       ignore_index=cfg.ignore_index, threshold=threshold)
+        return PatchSampler.from_cases(
+            cases,
+            cfg.patch_size,
+            foreground_oversample=cfg.foreground_oversample,
+            ignore_index=cfg.ignore_index,
+            threshold=threshold,
+        )
 
     def labelled_sampler(self) -> PatchSampler:
         return self._sampler([self._truth_case(c) for c in self.cache.cases["labelled"]])
@@ -230,21 +279,50 @@ class CacheStore:
             raise ValueError(f"unlabelled case {i} has no pseudo label yet (not relabelled)")
         return case
 
-    def fit(self, model: nn.Module, batches: MixedBatches, *, key: tuple[int, int, int], steps: int, lr: float,
-            on_step: Callable[[int, Any], None] | None = None, consistency: ConsistencyTerm | None = None,
-            resume: dict[str, Any] | None = None, checkpoint: Callable[[dict[str, Any]], None] | None = None,
-            **train_kwargs: Any) -> dict[str, float]:
+    def fit(
+        self,
+        model: nn.Module,
+        batches: MixedBatches,
+        *,
+        key: tuple[int, int, int],
+        steps: int,
+        lr: float,
+        on_step: Callable[[int, Any], None] | None = None,
+        consistency: ConsistencyTerm | None = None,
+        resume: dict[str, Any] | None = None,
+        checkpoint: Callable[[dict[str, Any]], None] | None = None,
+        **train_kwargs: Any,
+    ) -> dict[str, float]:
         """:func:`~atso_fast.train.trainer.train_loader` over a ``DataLoader`` whose batch ``s`` is
         drawn from a generator seeded by ``(*key, s)`` (``loader_workers`` processes), from step
         ``resume["step"]`` on; ``checkpoint(state)`` every ``checkpoint_every`` steps."""
         cfg, k = self.config, int(key[1])
-        loader = make_loader(BatchDataset(batches, key, steps), start=0 if resume is None else resume["step"],
-                             workers=cfg.loader_workers, device=cfg.device, seed=cfg.seed, k=k)
-        return train_loader(model, loader, steps=steps, lr=lr, resume=resume, consistency=consistency,
-                            on_step=self._on_step(k, steps, on_step, checkpoint), **train_kwargs)
+        loader = make_loader(
+            BatchDataset(batches, key, steps),
+            start=0 if resume is None else resume["step"],
+            workers=cfg.loader_workers,
+            device=cfg.device,
+            seed=cfg.seed,
+            k=k,
+        )
+        return train_loader(
+            model,
+            loader,
+            steps=steps,
+            lr=lr,
+            resume=resume,
+            consistency=consistency,
+            on_step=self._on_step(k, steps, on_step, checkpoint),
+            **train_kwargs,
+        )
 
-    def _on_step(self, k: int, steps: int, progress: Callable[[int, Any], None] | None,
-                 checkpoint: Callable[[dict[str, Any]], None] | None) -> Callable[[int, Any], None]:
+    def _on_step(
+        self,
+        k: int,
+        steps: int,
+        progress: Callable[[int, Any], None] | None,
+        checkpoint: Callable[[dict[str, Any]], None] | None,
+    ) -> Callable[[int, Any], None]:
         """After every step: a log line every tenth of the steps, ``progress``, and the
         optimiser state to ``checkpoint`` every ``checkpoint_every`` steps (not after the last)."""
         every, report = int(self.config.checkpoint_every), max(1, steps // 10)
@@ -264,16 +342,32 @@ class CacheStore:
         cfg, folder = self.config, self.round_dir(k)
         if not isinstance(cfg.normalization, dict):  # resolved by the cache in __init__
             raise ValueError(f"export needs a resolved normalization policy, got {cfg.normalization!r}")
-        package = export_model(model, folder / "package", window=list(cfg.patch_size), num_classes=cfg.num_classes,
-                               kind="logits", normalization=cfg.normalization, in_channels=cfg.in_channels,
-                               spacing=cfg.spacing, preprocessing=cfg.preprocessing, class_names=cfg.class_names,
-                               extra={"source": {"atso_round": k, "method": cfg.method}}, save_torch=False)
+        package = export_model(
+            model,
+            folder / "package",
+            window=list(cfg.patch_size),
+            num_classes=cfg.num_classes,
+            kind="logits",
+            normalization=cfg.normalization,
+            in_channels=cfg.in_channels,
+            spacing=cfg.spacing,
+            preprocessing=cfg.preprocessing,
+            class_names=cfg.class_names,
+            extra={"source": {"atso_round": k, "method": cfg.method}},
+            save_torch=False,
+        )
         grid_package(package, folder / "grid_package")
 
     # ------------------------------------------------------------------ relabelling
-    def relabel(self, parts: Mapping[str, Sequence[int]], k: int, *, predict: Predict,
-                known: dict[int, tuple[np.ndarray, ...]], resume: bool = False
-                ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    def relabel(
+        self,
+        parts: Mapping[str, Sequence[int]],
+        k: int,
+        *,
+        predict: Predict,
+        known: dict[int, tuple[np.ndarray, ...]],
+        resume: bool = False,
+    ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
         """The archive engine with round ``k``'s ``grid_package`` over every part at once, into
         ``round_K/pseudo`` (``resume``: through its manifest), then the foreground index and the
         monitors per part; the new labels become current. ``predict`` and ``known`` are unused
@@ -284,8 +378,12 @@ class CacheStore:
         monitor = {name: self._stats(part, k) for name, part in parts.items()}
         for i in idx:
             self.label_round[i] = k
-        return monitor, {"relabel": summary, "package": f"round_{k}/package",
-                         "pseudo_dir": f"round_{k}/pseudo" if idx else None, "timing": timing}
+        return monitor, {
+            "relabel": summary,
+            "package": f"round_{k}/package",
+            "pseudo_dir": f"round_{k}/pseudo" if idx else None,
+            "timing": timing,
+        }
 
     def _run_engine(self, idx: list[int], pseudo_dir: Path, *, resume: bool) -> tuple[dict[str, Any], dict[str, Any]]:
         """The archive engine over the cached images of ``idx``, then their foreground index.
@@ -294,30 +392,52 @@ class CacheStore:
             return {"cases": 0, "voxels": 0, "runtime": None}, {}
         cfg = self.config
         options = {"threshold": 0.0, "ignore_index": cfg.ignore_index, **cfg.relabel}
-        summary = self.engine(pseudo_dir.parent / "grid_package", [self.unlabelled[i].image for i in idx], pseudo_dir,
-                              options=options, resume=resume, overwrite=not resume, save_confidence=True,
-                              progress=None)
+        summary = self.engine(
+            pseudo_dir.parent / "grid_package",
+            [self.unlabelled[i].image for i in idx],
+            pseudo_dir,
+            options=options,
+            resume=resume,
+            overwrite=not resume,
+            save_confidence=True,
+            progress=None,
+        )
         if summary["failed"]:
-            raise ValueError(f"relabelling into {pseudo_dir} failed for {summary['failed']} cases: "
-                             f"{summary['failures'][:3]}")
-        log.info("relabelled %d cases into %s (%d done before): %.2f cases/s, runtime %s, busy %.0f%%",
-                 summary["done"], pseudo_dir, summary["skipped"], summary["cases_per_s"], summary.get("runtime"),
-                 100 * summary["busy_fraction"])
+            raise ValueError(
+                f"relabelling into {pseudo_dir} failed for {summary['failed']} cases: {summary['failures'][:3]}"
+            )
+        log.info(
+            "relabelled %d cases into %s (%d done before): %.2f cases/s, runtime %s, busy %.0f%%",
+            summary["done"],
+            pseudo_dir,
+            summary["skipped"],
+            summary["cases_per_s"],
+            summary.get("runtime"),
+            100 * summary["busy_fraction"],
+        )
         for i in idx:
             self._index_pseudo(self.unlabelled[i], pseudo_dir)
-        timing = {"relabel_engine_s": summary["seconds"], "relabel_done": summary["done"],
-                  "relabel_skipped": summary["skipped"], "relabel_cases_per_s": summary["cases_per_s"],
-                  "relabel_busy_fraction": summary["busy_fraction"]}
-        return {"cases": len(idx), "voxels": sum(self.unlabelled_sizes[i] for i in idx),
-                "runtime": summary.get("runtime")}, timing
+        timing = {
+            "relabel_engine_s": summary["seconds"],
+            "relabel_done": summary["done"],
+            "relabel_skipped": summary["skipped"],
+            "relabel_cases_per_s": summary["cases_per_s"],
+            "relabel_busy_fraction": summary["busy_fraction"],
+        }
+        return {
+            "cases": len(idx),
+            "voxels": sum(self.unlabelled_sizes[i] for i in idx),
+            "runtime": summary.get("runtime"),
+        }, timing
 
     def _index_pseudo(self, case: CachedCase, folder: Path) -> None:
         """``fg/<case>.npy`` (foreground of the thresholded pseudo label) and ``fg/<case>.json``."""
         cfg = self.config
         label = np.array(open_array(folder / f"{case.case_id}.npy"))
         if cfg.threshold != 0.0:
-            label[low_confidence(label, open_array(folder / f"{case.case_id}_confidence.npy"), cfg.threshold)] = \
+            label[low_confidence(label, open_array(folder / f"{case.case_id}_confidence.npy"), cfg.threshold)] = (
                 cfg.ignore_index
+            )
         fg, counts = locate_foreground(label, cfg.num_classes)
         save_npy(folder / "fg" / f"{case.case_id}.npy", fg)
         atomic_write_bytes(folder / "fg" / f"{case.case_id}.json", json.dumps(counts).encode())
@@ -332,10 +452,13 @@ class CacheStore:
             m0 = self._round_case(i, 0) if k > 0 else None
             truth = self.unlabelled[i].label
             assert new.confidence is not None  # _round_case always names the confidence file
-            stats.add(view_array(new.label), view_array(new.confidence),
-                      previous=None if previous is None else view_array(previous.label),
-                      m0=None if m0 is None else view_array(m0.label),
-                      truth=None if truth is None else open_array(truth))
+            stats.add(
+                view_array(new.label),
+                view_array(new.confidence),
+                previous=None if previous is None else view_array(previous.label),
+                m0=None if m0 is None else view_array(m0.label),
+                truth=None if truth is None else open_array(truth),
+            )
         return stats.result()
 
     def pseudo_dice(self) -> float:
@@ -353,31 +476,42 @@ class CacheStore:
 
     def callback_fields(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """``package_path`` and ``pseudo_path``: the row's ``package`` and ``pseudo_dir``, absolute."""
-        return {"package_path": str(self.out / metrics["package"]),
-                "pseudo_path": str(self.out / metrics["pseudo_dir"]) if metrics["pseudo_dir"] else None}
+        return {
+            "package_path": str(self.out / metrics["package"]),
+            "pseudo_path": str(self.out / metrics["pseudo_dir"]) if metrics["pseudo_dir"] else None,
+        }
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Format ``disk-2``: the cases and cache spec the run belongs to, and where each pseudo
         label lives; no data."""
-        return {"format_version": self.format_version, "case_ids": list(self.unlabelled_names),
-                "cache_spec_sha256": self.cache.spec_sha256, "label_round": list(self.label_round)}
+        return {
+            "format_version": self.format_version,
+            "case_ids": list(self.unlabelled_names),
+            "cache_spec_sha256": self.cache.spec_sha256,
+            "label_round": list(self.label_round),
+        }
 
     def check_state(self, state: dict[str, Any], *, subsets: dict[str, list[int]], needed: Sequence[int]) -> None:
         """Raises ValueError: a state of another format, method, init, cases, split or
         preprocessing (only the same run resumes on disk: its labels live in its ``out_dir``)."""
         if state.get("format_version") != self.format_version:
-            raise ValueError(f"checkpoint format {state.get('format_version')!r} is not a disk-storage ATSO state "
-                             f"({self.format_version}); a memory-storage checkpoint resumes with storage='memory'")
+            raise ValueError(
+                f"checkpoint format {state.get('format_version')!r} is not a disk-storage ATSO state "
+                f"({self.format_version}); a memory-storage checkpoint resumes with storage='memory'"
+            )
         cfg = self.config
         same = (state["method"], state["config"]["init"]) == (cfg.method, cfg.init)
         if not same or state["case_ids"] != self.unlabelled_names or state["subsets"] != subsets:
-            raise ValueError(f"checkpoint of method {state['method']!r} (init {state['config']['init']!r}) on "
-                             f"{len(state['case_ids'])} unlabelled cases cannot resume method {cfg.method!r} "
-                             f"(init {cfg.init!r}) on {len(self.unlabelled)} cases with this split")
+            raise ValueError(
+                f"checkpoint of method {state['method']!r} (init {state['config']['init']!r}) on "
+                f"{len(state['case_ids'])} unlabelled cases cannot resume method {cfg.method!r} "
+                f"(init {cfg.init!r}) on {len(self.unlabelled)} cases with this split"
+            )
         if state["cache_spec_sha256"] != self.cache.spec_sha256:
-            raise ValueError("checkpoint was trained on another preprocessing (normalisation, spacing or spec) "
-                             "than this run's cache")
+            raise ValueError(
+                "checkpoint was trained on another preprocessing (normalisation, spacing or spec) than this run's cache"
+            )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.label_round = list(state["label_round"])

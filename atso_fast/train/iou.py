@@ -10,6 +10,7 @@ valid pixel is a miss for the true class and a false positive of none.
 For class ``k``: ``IoU = TP / (TP + FP + FN)``; a class absent from both ground truth and
 prediction has no IoU (NaN) and is left out of the mean.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -94,6 +95,11 @@ class IoUMeter:
     def result(self) -> dict[str, dict[str, object]]:
         pooled = iou_per_class(self.confusion)
         mious = [mean_iou(i) for i in self.image_ious]
-        return {"pooled": {"iou": pooled.tolist(), "miou": mean_iou(pooled)},
-                "per_image": {"miou": mean_iou(np.asarray(mious)), "mious": mious,
-                              "ious": [i.tolist() for i in self.image_ious]}}
+        return {
+            "pooled": {"iou": pooled.tolist(), "miou": mean_iou(pooled)},
+            "per_image": {
+                "miou": mean_iou(np.asarray(mious)),
+                "mious": mious,
+                "ious": [i.tolist() for i in self.image_ious],
+            },
+        }

@@ -13,6 +13,7 @@ batches in the same order (the ``DataLoader`` keeps the order of its sampler), a
 can start at any step. ``worker_init_fn`` also seeds torch and NumPy's global generators per
 worker from ``(seed, k, worker id)``, for any library code that draws from them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -51,13 +52,21 @@ class _WorkerInit:
 
     def __call__(self, worker_id: int) -> None:
         ss = np.random.SeedSequence([self.seed, self.k, int(worker_id)])
-        torch.manual_seed(int(ss.generate_state(1, np.uint64)[0]) & (2 ** 63 - 1))
+        torch.manual_seed(int(ss.generate_state(1, np.uint64)[0]) & (2**63 - 1))
         np.random.seed(int(ss.generate_state(1)[0]))
         torch.set_num_threads(1)
 
 
-def make_loader(dataset: BatchDataset, *, start: int = 0, workers: int = 0, device: str = "cpu",
-                seed: int = 0, k: int = 0, prefetch: int = 2) -> Any:
+def make_loader(
+    dataset: BatchDataset,
+    *,
+    start: int = 0,
+    workers: int = 0,
+    device: str = "cpu",
+    seed: int = 0,
+    k: int = 0,
+    prefetch: int = 2,
+) -> Any:
     """A ``DataLoader`` over steps ``start .. len(dataset) - 1`` in order.
 
     Args:
@@ -71,6 +80,11 @@ def make_loader(dataset: BatchDataset, *, start: int = 0, workers: int = 0, devi
     kwargs: dict[str, Any] = {}
     if workers:
         kwargs = {"worker_init_fn": _WorkerInit(seed, k), "prefetch_factor": int(prefetch)}
-    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(int(start), len(dataset)),
-                                       num_workers=int(workers), pin_memory=str(device).startswith("cuda"),
-                                       **kwargs)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=range(int(start), len(dataset)),
+        num_workers=int(workers),
+        pin_memory=str(device).startswith("cuda"),
+        **kwargs,
+    )

@@ -6,25 +6,40 @@ targets ``(N, C, *spatial)`` float probabilities, where a voxel whose row sums t
 Metrics: per-case hard Dice (:func:`dice_per_class`) and Dice pooled over many cases
 (:func:`confusion_counts` summed, then :func:`dice_from_counts`).
 """
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["soft_dice_loss", "dice_ce_loss", "soft_target_loss", "dice_per_class", "confusion_counts",
-           "dice_from_counts"]
+__all__ = [
+    "soft_dice_loss",
+    "dice_ce_loss",
+    "soft_target_loss",
+    "dice_per_class",
+    "confusion_counts",
+    "dice_from_counts",
+]
 
 
 def _check_pair(logits: torch.Tensor, target: torch.Tensor) -> None:
     if logits.dim() < 3 or target.shape != logits.shape[:1] + logits.shape[2:]:
-        raise ValueError(f"expected logits (N, C, *spatial) and target (N, *spatial), got "
-                         f"{tuple(logits.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"expected logits (N, C, *spatial) and target (N, *spatial), got "
+            f"{tuple(logits.shape)} and {tuple(target.shape)}"
+        )
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = 255,
-                   include_background: bool = False, smooth: float = 1e-5,
-                   batch_dice: bool = True) -> torch.Tensor:
+def soft_dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int = 255,
+    include_background: bool = False,
+    smooth: float = 1e-5,
+    batch_dice: bool = True,
+) -> torch.Tensor:
     """``1 - mean soft Dice`` over classes, counting only voxels whose target is not ignored.
 
     Args:
@@ -57,9 +72,17 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: 
     return 1.0 - dice[..., first:].mean()
 
 
-def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = 255,
-                 ce_weight: float = 1.0, dice_weight: float = 1.0, include_background: bool = False,
-                 smooth: float = 1e-5, batch_dice: bool = True) -> torch.Tensor:
+def dice_ce_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int = 255,
+    ce_weight: float = 1.0,
+    dice_weight: float = 1.0,
+    include_background: bool = False,
+    smooth: float = 1e-5,
+    batch_dice: bool = True,
+) -> torch.Tensor:
     """``ce_weight * CE + dice_weight * soft Dice loss``, both over non-ignored voxels only.
 
     A batch where every voxel is ignored gives 0 (still attached to the graph), not NaN, and
@@ -77,13 +100,20 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: in
     target = target.long()
     count = (target != ignore_index).sum().clamp_min(1)
     ce = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum") / count
-    dice = soft_dice_loss(logits, target, ignore_index=ignore_index, include_background=include_background,
-                          smooth=smooth, batch_dice=batch_dice)
+    dice = soft_dice_loss(
+        logits,
+        target,
+        ignore_index=ignore_index,
+        include_background=include_background,
+        smooth=smooth,
+        batch_dice=batch_dice,
+    )
     return ce_weight * ce + dice_weight * dice
 
 
-def soft_target_loss(logits: torch.Tensor, target: torch.Tensor, *, include_background: bool = False,
-                     smooth: float = 1e-5) -> torch.Tensor:
+def soft_target_loss(
+    logits: torch.Tensor, target: torch.Tensor, *, include_background: bool = False, smooth: float = 1e-5
+) -> torch.Tensor:
     """Cross-entropy + soft Dice loss against probability targets (distillation from a teacher).
 
     With one-hot targets this equals :func:`dice_ce_loss` (batch Dice, background left out of the
@@ -102,8 +132,10 @@ def soft_target_loss(logits: torch.Tensor, target: torch.Tensor, *, include_back
         ValueError: shape mismatch or no foreground class.
     """
     if logits.dim() < 3 or target.shape != logits.shape:
-        raise ValueError(f"expected logits and soft targets both (N, C, *spatial), got {tuple(logits.shape)} "
-                         f"and {tuple(target.shape)}")
+        raise ValueError(
+            f"expected logits and soft targets both (N, C, *spatial), got {tuple(logits.shape)} "
+            f"and {tuple(target.shape)}"
+        )
     first = 0 if include_background else 1
     if logits.shape[1] - first < 1:
         raise ValueError(f"soft_target_loss needs a foreground class, got C={logits.shape[1]}")
@@ -117,8 +149,9 @@ def soft_target_loss(logits: torch.Tensor, target: torch.Tensor, *, include_back
     return ce + 1.0 - dice[first:].mean()
 
 
-def confusion_counts(pred: np.ndarray, truth: np.ndarray, num_classes: int, *,
-                     ignore_index: int | None = None) -> np.ndarray:
+def confusion_counts(
+    pred: np.ndarray, truth: np.ndarray, num_classes: int, *, ignore_index: int | None = None
+) -> np.ndarray:
     """True positives, false positives and false negatives of each class of one case.
 
     Sum these over cases and call :func:`dice_from_counts` for Dice pooled over a set of cases
@@ -159,8 +192,9 @@ def dice_from_counts(counts: np.ndarray) -> np.ndarray:
         return np.where(denom > 0, 2 * counts[:, 0] / np.maximum(denom, 1), np.nan)
 
 
-def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int, *,
-                   ignore_index: int | None = None) -> np.ndarray:
+def dice_per_class(
+    pred: np.ndarray, truth: np.ndarray, num_classes: int, *, ignore_index: int | None = None
+) -> np.ndarray:
     """Hard Dice of each class of one case.
 
     Args:

@@ -17,6 +17,7 @@ is on from the first step (SSL4MIS leaves it out for the first 1000 iterations).
 
 Shapes: ``x`` ``(B, M, *patch)``, logits ``(B, C, *patch)``; the first ``n_lab`` samples are labelled.
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,8 +35,14 @@ from atso_fast.train.augment import AugmentConfig
 from atso_fast.train.data import PatchSampler, Sampler
 from atso_fast.train.trainer import MixedBatches
 
-__all__ = ["MeanTeacherConfig", "MeanTeacher", "sigmoid_rampup", "ema_alpha", "unlabelled_sampler",
-           "mean_teacher_batches"]
+__all__ = [
+    "MeanTeacherConfig",
+    "MeanTeacher",
+    "sigmoid_rampup",
+    "ema_alpha",
+    "unlabelled_sampler",
+    "mean_teacher_batches",
+]
 
 
 @dataclass(frozen=True)
@@ -111,8 +118,15 @@ class MeanTeacher:
         ValueError: negative ``total_steps`` or ``step_offset``.
     """
 
-    def __init__(self, student: nn.Module, config: MeanTeacherConfig, *, total_steps: int,
-                 teacher_state: dict[str, torch.Tensor] | None = None, step_offset: int = 0) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        config: MeanTeacherConfig,
+        *,
+        total_steps: int,
+        teacher_state: dict[str, torch.Tensor] | None = None,
+        step_offset: int = 0,
+    ) -> None:
         if int(total_steps) < 0 or int(step_offset) < 0:
             raise ValueError(f"need total_steps >= 0 and step_offset >= 0, got {total_steps}, {step_offset}")
         self.config = MeanTeacherConfig.from_value(config)
@@ -129,11 +143,15 @@ class MeanTeacher:
     @classmethod
     def from_state(cls, student: nn.Module, state: dict[str, Any]) -> MeanTeacher:
         """Continue a run in a new call: teacher, settings and step count from :meth:`state_dict`."""
-        return cls(student, MeanTeacherConfig.from_value(state["config"]), total_steps=int(state["total_steps"]),
-                   teacher_state=state["teacher"], step_offset=int(state["step"]))
+        return cls(
+            student,
+            MeanTeacherConfig.from_value(state["config"]),
+            total_steps=int(state["total_steps"]),
+            teacher_state=state["teacher"],
+            step_offset=int(state["step"]),
+        )
 
-    def to(self, device: str | torch.device, memory_format: torch.memory_format = torch.preserve_format
-           ) -> MeanTeacher:
+    def to(self, device: str | torch.device, memory_format: torch.memory_format = torch.preserve_format) -> MeanTeacher:
         """Move the teacher (e.g. where the trainer put the student)."""
         self.teacher.to(device)
         if memory_format is not torch.preserve_format:
@@ -146,8 +164,9 @@ class MeanTeacher:
         cfg = self.config
         return cfg.consistency * sigmoid_rampup(self.step_offset + step, cfg.rampup * self.total_steps)
 
-    def loss(self, x: torch.Tensor, logits: torch.Tensor, n_lab: int, step: int,
-             generator: torch.Generator) -> torch.Tensor:
+    def loss(
+        self, x: torch.Tensor, logits: torch.Tensor, n_lab: int, step: int, generator: torch.Generator
+    ) -> torch.Tensor:
         """The weighted consistency term of one batch (0 when every sample is labelled).
 
         Args:
@@ -186,8 +205,12 @@ class MeanTeacher:
     def state_dict(self) -> dict[str, Any]:
         """``{"teacher": weights (CPU tensors), "step": global steps done, "config", "total_steps"}``;
         plain types only (``torch.load(weights_only=True)`` reads it)."""
-        return {"teacher": {k: v.detach().cpu().clone() for k, v in self.teacher.state_dict().items()},
-                "step": int(self.steps_done), "config": self.config.to_dict(), "total_steps": self.total_steps}
+        return {
+            "teacher": {k: v.detach().cpu().clone() for k, v in self.teacher.state_dict().items()},
+            "step": int(self.steps_done),
+            "config": self.config.to_dict(),
+            "total_steps": self.total_steps,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore teacher weights and step count (a run resumed mid-call keeps its ``step_offset``)."""
@@ -195,18 +218,24 @@ class MeanTeacher:
         self.steps_done = int(state["step"])
 
 
-def unlabelled_sampler(images: Sequence[np.ndarray], patch_size: Sequence[int], *,
-                       ignore_index: int = 255) -> PatchSampler:
+def unlabelled_sampler(
+    images: Sequence[np.ndarray], patch_size: Sequence[int], *, ignore_index: int = 255
+) -> PatchSampler:
     """A :class:`PatchSampler` over unlabelled ``(M, Z, Y, X)`` images whose labels are all
     ``ignore_index`` (read-only views, no memory): patches are placed uniformly, never by a label."""
     labels = [np.broadcast_to(np.uint8(ignore_index), image.shape[1:]) for image in images]
-    return PatchSampler(images, labels, patch_size, num_classes=1, foreground_oversample=0.0,
-                        ignore_index=ignore_index)
+    return PatchSampler(images, labels, patch_size, num_classes=1, foreground_oversample=0.0, ignore_index=ignore_index)
 
 
-def mean_teacher_batches(labelled: Sampler, unlabelled_images: Sequence[np.ndarray], batch_size: int, *,
-                         labelled_ratio: float = 0.5, augment: AugmentConfig | None = None,
-                         pool: Sampler | None = None) -> MixedBatches:
+def mean_teacher_batches(
+    labelled: Sampler,
+    unlabelled_images: Sequence[np.ndarray],
+    batch_size: int,
+    *,
+    labelled_ratio: float = 0.5,
+    augment: AugmentConfig | None = None,
+    pool: Sampler | None = None,
+) -> MixedBatches:
     """:class:`MixedBatches` for Mean Teacher: labelled samples first (``last_labelled`` of them),
     then unlabelled ones whose labels are all ``labelled.ignore_index``; same patch size and
     augmentation for both.

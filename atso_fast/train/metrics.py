@@ -26,6 +26,7 @@ Conventions:
 Label maps are integer arrays ``(Y, X)`` or ``(Z, Y, X)``; spacing is per axis in the same order.
 NaN stays ``float('nan')`` in the result; converting it for strict JSON is the caller's job.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,9 +44,15 @@ __all__ = ["case_metrics", "format_metrics", "combine_case_metrics", "as_case_ma
 HD95_PERCENTILE = 95.0
 
 
-def case_metrics(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], num_classes: int, *,
-                 spacing: Sequence[float] | Sequence[Sequence[float]] | float | None = None,
-                 ignore_index: int | None = None, hd95: bool = True) -> dict[str, Any]:
+def case_metrics(
+    preds: Sequence[np.ndarray],
+    truths: Sequence[np.ndarray],
+    num_classes: int,
+    *,
+    spacing: Sequence[float] | Sequence[Sequence[float]] | float | None = None,
+    ignore_index: int | None = None,
+    hd95: bool = True,
+) -> dict[str, Any]:
     """Dice and HD95 per case and foreground class, with means and SDs over cases.
 
     Args:
@@ -100,10 +107,8 @@ def format_metrics(m: dict[str, Any], class_names: Sequence[str] | None = None) 
     if len(names) == n_fg + 1:
         names = names[1:]
     if len(names) != n_fg:
-        raise ValueError(f"class_names needs {n_fg} foreground names (or {n_fg + 1} with background), "
-                         f"got {len(names)}")
-    per_class = ", ".join(f"{name} {mu:.3f} +- {sd:.3f}"
-                          for name, mu, sd in zip(names, m["dice_mean"], m["dice_sd"]))
+        raise ValueError(f"class_names needs {n_fg} foreground names (or {n_fg + 1} with background), got {len(names)}")
+    per_class = ", ".join(f"{name} {mu:.3f} +- {sd:.3f}" for name, mu, sd in zip(names, m["dice_mean"], m["dice_sd"]))
     line = f"Dice {m['mean_dice']:.3f} +- {m['mean_dice_sd']:.3f} ({per_class})"
     if m.get("hd95_per_case"):
         line += f", HD95 {m['mean_hd95']:.1f} +- {m['mean_hd95_sd']:.1f} mm"
@@ -113,8 +118,9 @@ def format_metrics(m: dict[str, Any], class_names: Sequence[str] | None = None) 
     return line
 
 
-def _check_inputs(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], num_classes: int,
-                  ignore_index: int | None) -> None:
+def _check_inputs(
+    preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], num_classes: int, ignore_index: int | None
+) -> None:
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2 (background + a foreground class), got {num_classes!r}")
     if ignore_index is not None and 0 <= ignore_index < num_classes:
@@ -142,8 +148,9 @@ def _check_labels(labels: np.ndarray, what: str, num_classes: int, ignore_index:
         raise ValueError(f"{what} has labels outside {allowed}: {np.unique(labels[bad])[:5].tolist()}")
 
 
-def _case_spacings(spacing: Sequence[float] | Sequence[Sequence[float]] | float | None,
-                   ndims: list[int]) -> list[tuple[float, ...]]:
+def _case_spacings(
+    spacing: Sequence[float] | Sequence[Sequence[float]] | float | None, ndims: list[int]
+) -> list[tuple[float, ...]]:
     """One per-axis spacing tuple per case, from any accepted form of ``spacing``."""
     if spacing is None:
         return [(1.0,) * nd for nd in ndims]
@@ -180,7 +187,7 @@ def _drop_ignored(pred: np.ndarray, truth: np.ndarray, ignore_index: int | None)
 
 def _case_dice(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
     """Dice of classes ``1 .. C-1``; NaN where the class is in neither map."""
-    confusion = np.bincount((pred * num_classes + truth).ravel(), minlength=num_classes ** 2)
+    confusion = np.bincount((pred * num_classes + truth).ravel(), minlength=num_classes**2)
     confusion = confusion.reshape(num_classes, num_classes)  # [pred, truth]
     tp = np.diag(confusion).astype(np.float64)
     denom = confusion.sum(axis=0) + confusion.sum(axis=1)  # 2TP + FP + FN
@@ -189,8 +196,9 @@ def _case_dice(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndar
     return dice[1:]
 
 
-def _case_hd95(pred: np.ndarray, truth: np.ndarray, num_classes: int,
-               spacing: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+def _case_hd95(
+    pred: np.ndarray, truth: np.ndarray, num_classes: int, spacing: tuple[float, ...]
+) -> tuple[np.ndarray, np.ndarray]:
     """HD95 (mm) of classes ``1 .. C-1`` and a 0/1 flag per class for "present in one map only".
 
     Only classes present in both maps go to MONAI, in one call with one channel each.
@@ -208,8 +216,9 @@ def _case_hd95(pred: np.ndarray, truth: np.ndarray, num_classes: int,
         with warnings.catch_warnings():
             # MONAI 1.5-1.6 warn about their own internal call to get_mask_edges on every use
             warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
-            hd = compute_hausdorff_distance(onehot_pred, onehot_truth, include_background=True,
-                                            percentile=HD95_PERCENTILE, spacing=list(spacing))
+            hd = compute_hausdorff_distance(
+                onehot_pred, onehot_truth, include_background=True, percentile=HD95_PERCENTILE, spacing=list(spacing)
+            )
         row[both - 1] = hd[0].double().numpy()
     return row, (in_pred ^ in_truth).astype(np.int64)
 
@@ -229,8 +238,9 @@ def _row_means(table: np.ndarray) -> np.ndarray:
     return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
-def _summarise(dice_rows: list[np.ndarray], hd_rows: list[np.ndarray], missing: np.ndarray,
-               num_classes: int) -> dict[str, Any]:
+def _summarise(
+    dice_rows: list[np.ndarray], hd_rows: list[np.ndarray], missing: np.ndarray, num_classes: int
+) -> dict[str, Any]:
     n_fg = num_classes - 1
     out: dict[str, Any] = {"cases": len(dice_rows)}
     for key, rows in (("dice", dice_rows), ("hd95", hd_rows)):
@@ -250,8 +260,11 @@ def combine_case_metrics(parts: Sequence[dict[str, Any]], num_classes: int) -> d
     time, e.g. from disk)."""
     dice_rows = [np.asarray(row, np.float64) for p in parts for row in p["dice_per_case"]]
     hd_rows = [np.asarray(row, np.float64) for p in parts for row in p["hd95_per_case"]]
-    missing = np.sum([np.asarray(p["hd95_missing"], np.int64) for p in parts], axis=0) if parts else \
-        np.zeros(num_classes - 1, np.int64)
+    missing = (
+        np.sum([np.asarray(p["hd95_missing"], np.int64) for p in parts], axis=0)
+        if parts
+        else np.zeros(num_classes - 1, np.int64)
+    )
     return _summarise(dice_rows, hd_rows, missing, num_classes)
 
 

@@ -10,6 +10,7 @@ all cases before taking the ratio, so every voxel weighs the same and a slice th
 class neither scores 1 nor 0 for it (the per-case mean would). The primary endpoint of the ATSO
 experiments is the mean over foreground classes of this pooled Dice on the test cases.
 """
+
 from __future__ import annotations
 
 import math
@@ -106,8 +107,15 @@ class PseudoLabelStats:
         self.dice = PooledDice(num_classes, ignore_index=ignore_index)
         self.dice_before = PooledDice(num_classes, ignore_index=ignore_index)
 
-    def add(self, labels: np.ndarray, confidence: np.ndarray, *, previous: np.ndarray | None = None,
-            m0: np.ndarray | None = None, truth: np.ndarray | None = None) -> None:
+    def add(
+        self,
+        labels: np.ndarray,
+        confidence: np.ndarray,
+        *,
+        previous: np.ndarray | None = None,
+        m0: np.ndarray | None = None,
+        truth: np.ndarray | None = None,
+    ) -> None:
         """One case: its new ``labels`` and ``confidence`` (uint8, max probability x 255), its
         previous labels, M0's labels and its truth where they exist."""
         labels, confidence = np.asarray(labels), np.asarray(confidence)
@@ -132,10 +140,13 @@ class PseudoLabelStats:
     def result(self) -> dict[str, float]:
         """The statistics (see the class)."""
         total = max(self.total, 1)
-        stats = {"changed_fraction": self.changed / total if self.has_previous else math.nan,
-                 "changed_fg": self.fg.result() if self.has_previous else math.nan,
-                 "changed_fg_m0": self.fg_m0.result() if self.has_m0 else math.nan,
-                 "mean_confidence": self.confidence / (255.0 * total), "ignored_fraction": self.ignored / total}
+        stats = {
+            "changed_fraction": self.changed / total if self.has_previous else math.nan,
+            "changed_fg": self.fg.result() if self.has_previous else math.nan,
+            "changed_fg_m0": self.fg_m0.result() if self.has_m0 else math.nan,
+            "mean_confidence": self.confidence / (255.0 * total),
+            "ignored_fraction": self.ignored / total,
+        }
         if self.has_truth and self.dice.cases:
             stats["pseudo_dice"] = self.dice.result()[1]
             if self.has_previous:
@@ -143,8 +154,9 @@ class PseudoLabelStats:
         return stats
 
 
-def pooled_dice(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], num_classes: int, *,
-                ignore_index: int | None = None) -> tuple[list[float], float]:
+def pooled_dice(
+    preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], num_classes: int, *, ignore_index: int | None = None
+) -> tuple[list[float], float]:
     """Dice of each class pooled over cases, and the mean over foreground classes.
 
     Args:
@@ -168,8 +180,9 @@ def pooled_dice(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], num_c
     return acc.result()
 
 
-def foreground_change(old: Sequence[np.ndarray], new: Sequence[np.ndarray], *,
-                      ignore_index: int | None = None) -> float:
+def foreground_change(
+    old: Sequence[np.ndarray], new: Sequence[np.ndarray], *, ignore_index: int | None = None
+) -> float:
     """Fraction of the voxels labelled foreground by ``old`` or by ``new`` whose label differs.
 
     Background that stays background is left out, so the number does not shrink as the image gets

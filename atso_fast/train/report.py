@@ -10,6 +10,7 @@ beat the others, and sets the run next to the recorded experiment (:mod:`atso_fa
 written by ``benchmarks/exp_atso_synthetic.py --record``): the recorded paired differences with
 their confidence intervals, and whether this run's differences fall inside them.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,12 +42,20 @@ def paired_contrast(a: Sequence[float], b: Sequence[float], *, confidence: float
     """
     xa, xb = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if xa.shape != xb.shape or xa.ndim != 1 or not (np.isfinite(xa).all() and np.isfinite(xb).all()):
-        raise ValueError(f"paired_contrast needs two finite 1-D sequences of equal length, got {xa.tolist()} "
-                         f"and {xb.tolist()}")
+        raise ValueError(
+            f"paired_contrast needs two finite 1-D sequences of equal length, got {xa.tolist()} and {xb.tolist()}"
+        )
     d = xa - xb
     n = len(d)
-    out = {"n": n, "mean": float(d.mean()) if n else math.nan, "sd": math.nan, "ci_low": math.nan,
-           "ci_high": math.nan, "p_wilcoxon": math.nan, "wins": int((d > 0).sum())}
+    out = {
+        "n": n,
+        "mean": float(d.mean()) if n else math.nan,
+        "sd": math.nan,
+        "ci_low": math.nan,
+        "ci_high": math.nan,
+        "p_wilcoxon": math.nan,
+        "wins": int((d > 0).sum()),
+    }
     if n < 2:
         return out
     sd = float(d.std(ddof=1))
@@ -93,9 +102,14 @@ def _ranked(finals: Mapping[str, float]) -> list[tuple[str, float]]:
     return sorted(((m, v) for m, v in finals.items() if v is not None and math.isfinite(v)), key=lambda x: -x[1])
 
 
-def demo_summary(finals: Mapping[str, float], like: Mapping[str, Any] | None = None,
-                 headline: Mapping[str, Any] | None = None, aliases: Mapping[str, str] | None = None,
-                 variants: Mapping[str, Any] | None = None, decisive: Mapping[str, Any] | None = None) -> str:
+def demo_summary(
+    finals: Mapping[str, float],
+    like: Mapping[str, Any] | None = None,
+    headline: Mapping[str, Any] | None = None,
+    aliases: Mapping[str, str] | None = None,
+    variants: Mapping[str, Any] | None = None,
+    decisive: Mapping[str, Any] | None = None,
+) -> str:
     """A few plain sentences on a demo run: who won, by how much, and against the records.
 
     Args:
@@ -120,32 +134,46 @@ def demo_summary(finals: Mapping[str, float], like: Mapping[str, Any] | None = N
     if not ranked:
         return "No method produced a validation Dice in this run."
     best, best_v = ranked[0]
-    lines = [f"Winner on this run: {best} (val mean Dice {best_v:.3f})"
-             + "".join(f", {v - best_v:+.3f} for {m}" for m, v in ranked[1:]) + "."]
-    lines.append("One demo run is one seed on a small setting: differences of a few hundredths are within what "
-                 "changing the seed alone produces; the recorded multi-seed experiments below say what holds.")
+    lines = [
+        f"Winner on this run: {best} (val mean Dice {best_v:.3f})"
+        + "".join(f", {v - best_v:+.3f} for {m}" for m, v in ranked[1:])
+        + "."
+    ]
+    lines.append(
+        "One demo run is one seed on a small setting: differences of a few hundredths are within what "
+        "changing the seed alone produces; the recorded multi-seed experiments below say what holds."
+    )
     alias = dict(aliases or {})
     if decisive and decisive.get("decision"):
         d = decisive["decision"]
-        lines.append(f"Recorded, decisive experiment ({decisive['setting']}; {decisive['seeds']} seeds, "
-                     f"{decisive['date']}; {decisive['endpoint']}): {d['a']} - {d['b']} {d['mean']:+.3f} "
-                     f"(CI {d['ci_low']:+.3f} to {d['ci_high']:+.3f}): {d['verdict']}.")
+        lines.append(
+            f"Recorded, decisive experiment ({decisive['setting']}; {decisive['seeds']} seeds, "
+            f"{decisive['date']}; {decisive['endpoint']}): {d['a']} - {d['b']} {d['mean']:+.3f} "
+            f"(CI {d['ci_low']:+.3f} to {d['ci_high']:+.3f}): {d['verdict']}."
+        )
     if like:
-        lines.append(f"Recorded, same setting ({like['setting']}; {like['seeds']} seeds, {like['date']}; paired "
-                     "differences of the final validation Dice):")
+        lines.append(
+            f"Recorded, same setting ({like['setting']}; {like['seeds']} seeds, {like['date']}; paired "
+            "differences of the final validation Dice):"
+        )
         rows = [c for c in like["val_contrasts"] if _this_run_difference(finals, alias, c["a"], c["b"]) is not None]
         lines += [_contrast_line(c, _this_run_difference(finals, alias, c["a"], c["b"])) for c in rows]
     if headline:
-        lines.append(f"Recorded, main experiment ({headline['setting']}; {headline['seeds']} seeds, "
-                     f"{headline['date']}; "
-                     f"{headline['endpoint']}):")
+        lines.append(
+            f"Recorded, main experiment ({headline['setting']}; {headline['seeds']} seeds, "
+            f"{headline['date']}; "
+            f"{headline['endpoint']}):"
+        )
         lines += [_contrast_line(c, None) for c in headline["contrasts"]]
         lines += _verdict(headline, "atso", "the main experiment")
         lines += _this_run_vs(headline, finals, alias)
     if variants and variants.get("chosen_on_validation"):
-        lines += _verdict(variants, variants["chosen_on_validation"],
-                          f"the variants experiment ({variants['seeds']} seeds, {variants['date']}; the ATSO variant "
-                          "with the best validation Dice)")
+        lines += _verdict(
+            variants,
+            variants["chosen_on_validation"],
+            f"the variants experiment ({variants['seeds']} seeds, {variants['date']}; the ATSO variant "
+            "with the best validation Dice)",
+        )
     if not like and not headline and not decisive:
         lines.append("No recorded multi-seed experiment to compare with (see benchmarks/RESULTS.md).")
     return "\n".join(lines)
@@ -173,18 +201,25 @@ def _this_run_vs(record: Mapping[str, Any], finals: Mapping[str, float], alias: 
     here = _this_run_difference(finals, alias, "atso", "self-training")
     if row is None or here is None:
         return []
-    return [f"This run: atso - self-training {here:+.3f} (validation Dice, one seed, the demo's own setting); the "
-            f"recorded interval is of another setting ({record.get('setting', 'the main experiment')}), so this run "
-            "neither confirms nor contradicts it."]
+    return [
+        f"This run: atso - self-training {here:+.3f} (validation Dice, one seed, the demo's own setting); the "
+        f"recorded interval is of another setting ({record.get('setting', 'the main experiment')}), so this run "
+        "neither confirms nor contradicts it."
+    ]
 
 
 def _contrast_line(c: Mapping[str, Any], here: float | None) -> str:
     sig = "excludes 0" if c["ci_low"] > 0 or c["ci_high"] < 0 else "includes 0"
-    text = (f"  {c['a']} - {c['b']}: {c['mean']:+.3f} (95% CI {c['ci_low']:+.3f} to {c['ci_high']:+.3f}, {sig}; "
-            f"Holm p {c['p_holm']:.2g})")
+    text = (
+        f"  {c['a']} - {c['b']}: {c['mean']:+.3f} (95% CI {c['ci_low']:+.3f} to {c['ci_high']:+.3f}, {sig}; "
+        f"Holm p {c['p_holm']:.2g})"
+    )
     if here is not None:
-        text += f"; this run: {here:+.3f}, " + ("inside" if c["ci_low"] <= here <= c["ci_high"] else "outside") \
+        text += (
+            f"; this run: {here:+.3f}, "
+            + ("inside" if c["ci_low"] <= here <= c["ci_high"] else "outside")
             + " that interval"
+        )
     return text
 
 
@@ -210,14 +245,20 @@ def arm_name(config: Any) -> str:
     return method
 
 
-def demo_report(runs: Mapping[str, Any], setting: str | None = None, main: str = "2d",
-                variants: str = "2d_lineage") -> str:
+def demo_report(
+    runs: Mapping[str, Any], setting: str | None = None, main: str = "2d", variants: str = "2d_lineage"
+) -> str:
     """:func:`demo_summary` of finished :class:`~atso_fast.train.atso.ATSO` runs (name -> run)
     against :data:`atso_fast.train.recorded.RECORDED` (``setting``: a record of the demo's own
     setting, none recorded so far; ``main``: the main experiment's, ``variants``: the variants
     experiment's), matching runs to recorded arms by their config."""
     finals = {name: run.history[-1]["val_mean_dice"] for name, run in runs.items()}
     recorded = RECORDED or {}
-    return demo_summary(finals, recorded.get(setting) if setting else None, recorded.get(main),
-                        {name: arm_name(run.config) for name, run in runs.items()}, recorded.get(variants),
-                        recorded.get("d2"))
+    return demo_summary(
+        finals,
+        recorded.get(setting) if setting else None,
+        recorded.get(main),
+        {name: arm_name(run.config) for name, run in runs.items()},
+        recorded.get(variants),
+        recorded.get("d2"),
+    )

@@ -17,6 +17,7 @@ training crop and the relabel window are chosen so); output ``(N, num_classes, H
 Inputs are expected normalised as the encoder was trained (ImageNet:
 ``atso_fast.package.normalize.IMAGENET_RGB``).
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["BLOCKS", "BasicBlock", "ResNetEncoder", "ResNetUNet", "load_encoder", "resnet_unet_options",
-           "MODEL_KEYS"]
+__all__ = ["BLOCKS", "BasicBlock", "ResNetEncoder", "ResNetUNet", "load_encoder", "resnet_unet_options", "MODEL_KEYS"]
 
 MODEL_KEYS = ("name", "layers", "encoder_weights", "decoder_channels")
 """The keys of a training config's ``model`` dict that picks this network (``name: resnet_unet``)."""
@@ -49,8 +49,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = None
         if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False),
-                                            nn.BatchNorm2d(planes))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -127,8 +128,14 @@ class ResNetUNet(nn.Module):
 
     divisor = 32
 
-    def __init__(self, num_classes: int, *, in_channels: int = 3, depth: int = 18,
-                 decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        in_channels: int = 3,
+        depth: int = 18,
+        decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16),
+    ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
@@ -137,8 +144,9 @@ class ResNetUNet(nn.Module):
         self.encoder = ResNetEncoder(depth, in_channels)
         skips = (*self.encoder.channels[:4][::-1], 0)  # 256, 128, 64, 64, none
         cins = (self.encoder.channels[4], *decoder_channels[:4])
-        self.decoder = nn.ModuleList(_DecoderBlock(cin, skip, cout)
-                                     for cin, skip, cout in zip(cins, skips, decoder_channels))
+        self.decoder = nn.ModuleList(
+            _DecoderBlock(cin, skip, cout) for cin, skip, cout in zip(cins, skips, decoder_channels)
+        )
         self.head = nn.Conv2d(decoder_channels[-1], num_classes, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,13 +183,21 @@ def load_encoder(encoder: ResNetEncoder, path: str | os.PathLike[str]) -> ResNet
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
     own = encoder.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} (encoder: {tuple(own[k].shape)})" for k in own
-              if k in state and state[k].shape != own[k].shape]
-    problems = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                for what, keys in (("missing", missing), ("unexpected", unexpected), ("other shape", shapes)) if keys]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} (encoder: {tuple(own[k].shape)})"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    problems = [
+        f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("other shape", shapes))
+        if keys
+    ]
     if problems:
-        raise ValueError(f"{path}: not a ResNet-{encoder.depth} state_dict with {encoder.in_channels} input "
-                         f"channel(s) in torchvision's layout; {'; '.join(problems)}")
+        raise ValueError(
+            f"{path}: not a ResNet-{encoder.depth} state_dict with {encoder.in_channels} input "
+            f"channel(s) in torchvision's layout; {'; '.join(problems)}"
+        )
     encoder.load_state_dict(state, strict=True)
     return encoder
 
@@ -204,8 +220,14 @@ def resnet_unet_options(spec: Mapping[str, Any]) -> dict[str, Any]:
     if weights is not None and (not isinstance(weights, (str, os.PathLike)) or not os.fspath(weights)):
         raise ValueError(f"model 'resnet_unet' encoder_weights must be a file path or null, got {weights!r}")
     widths = spec.get("decoder_channels", (256, 128, 64, 32, 16))
-    if not isinstance(widths, (list, tuple)) or len(widths) != 5 or \
-            not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths):
+    if (
+        not isinstance(widths, (list, tuple))
+        or len(widths) != 5
+        or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths)
+    ):
         raise ValueError(f"model 'resnet_unet' decoder_channels must be 5 positive ints, got {widths!r}")
-    return {"depth": int(depth), "decoder_channels": tuple(widths),
-            "encoder_weights": None if weights is None else os.fspath(weights)}
+    return {
+        "depth": int(depth),
+        "decoder_channels": tuple(widths),
+        "encoder_weights": None if weights is None else os.fspath(weights),
+    }

@@ -20,6 +20,7 @@ normalisation to 0-255, augmented, normalised again. It stands where a
 :class:`~atso_fast.train.data.PatchSampler` would (same ``sample(rng)``; no foreground
 oversampling: crops are placed uniformly, as published Cityscapes training does).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -80,8 +81,9 @@ class SceneAugmentConfig:
         options = {k: v for k, v in value.items() if k != "kind"}
         unknown = sorted(set(options) - allowed)
         if unknown:
-            raise ValueError(f"augment kind 'scene' takes {sorted(allowed)} (the crop is the patch_size), "
-                             f"got unknown {unknown}")
+            raise ValueError(
+                f"augment kind 'scene' takes {sorted(allowed)} (the crop is the patch_size), got unknown {unknown}"
+            )
         if "scale" in options:
             options["scale"] = tuple(float(v) for v in options["scale"])
         if len(crop) != 2:
@@ -97,15 +99,18 @@ def resize_pair(image: np.ndarray, labels: np.ndarray, size: tuple[int, int]) ->
     h, w = int(size[0]), int(size[1])
     if (h, w) == labels.shape:
         return np.asarray(image, np.float32), np.asarray(labels)
-    bands = [np.asarray(Image.fromarray(np.asarray(band, np.float32)).resize((w, h), Image.Resampling.BILINEAR))
-             for band in image]
+    bands = [
+        np.asarray(Image.fromarray(np.asarray(band, np.float32)).resize((w, h), Image.Resampling.BILINEAR))
+        for band in image
+    ]
     rows = np.minimum(((np.arange(h) + 0.5) * labels.shape[0] / h).astype(np.int64), labels.shape[0] - 1)
     cols = np.minimum(((np.arange(w) + 0.5) * labels.shape[1] / w).astype(np.int64), labels.shape[1] - 1)
     return np.stack(bands).astype(np.float32), np.asarray(labels)[rows[:, None], cols[None, :]]
 
 
-def _crop(image: np.ndarray, labels: np.ndarray, crop: tuple[int, int], ignore: int,
-          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _crop(
+    image: np.ndarray, labels: np.ndarray, crop: tuple[int, int], ignore: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     ch, cw = crop
     h, w = labels.shape
     ph, pw = max(ch - h, 0), max(cw - w, 0)
@@ -114,7 +119,7 @@ def _crop(image: np.ndarray, labels: np.ndarray, crop: tuple[int, int], ignore: 
         labels = np.pad(labels, ((0, ph), (0, pw)), constant_values=ignore)
     y = int(rng.integers(0, labels.shape[0] - ch + 1))
     x = int(rng.integers(0, labels.shape[1] - cw + 1))
-    return image[:, y:y + ch, x:x + cw], labels[y:y + ch, x:x + cw]
+    return image[:, y : y + ch, x : x + cw], labels[y : y + ch, x : x + cw]
 
 
 def _jitter(image: np.ndarray, config: SceneAugmentConfig, rng: np.random.Generator) -> np.ndarray:
@@ -131,11 +136,12 @@ def _jitter(image: np.ndarray, config: SceneAugmentConfig, rng: np.random.Genera
 
 def _grey(image: np.ndarray) -> np.ndarray:
     """ITU-R 601 luma ``(H, W)`` of ``(3, H, W)`` RGB (what torchvision's jitter uses)."""
-    return (np.float32(0.299) * image[0] + np.float32(0.587) * image[1] + np.float32(0.114) * image[2])
+    return np.float32(0.299) * image[0] + np.float32(0.587) * image[1] + np.float32(0.114) * image[2]
 
 
-def augment_scene(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
-                  config: SceneAugmentConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
+def augment_scene(
+    image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, config: SceneAugmentConfig | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """One augmented ``(image (3, h, w) float32 0-255, labels (h, w))`` (see the module docstring).
 
     Raises:
@@ -144,8 +150,9 @@ def augment_scene(image: np.ndarray, labels: np.ndarray, rng: np.random.Generato
     config = config or SceneAugmentConfig()
     image, labels = np.asarray(image), np.asarray(labels)
     if image.ndim != 3 or image.shape[0] != 3 or labels.shape != image.shape[1:]:
-        raise ValueError(f"expected image (3, H, W) and labels (H, W) of one size, got {image.shape} and "
-                         f"{labels.shape}")
+        raise ValueError(
+            f"expected image (3, H, W) and labels (H, W) of one size, got {image.shape} and {labels.shape}"
+        )
     factor = rng.uniform(*config.scale)
     size = (max(1, round(labels.shape[0] * factor)), max(1, round(labels.shape[1] * factor)))
     image, labels = resize_pair(image, labels, size)
@@ -177,8 +184,10 @@ def to_pixels(image: np.ndarray, normalization: dict[str, Any]) -> np.ndarray:
         shape = (-1,) + (1,) * (image.ndim - 1)
         std, mean = (np.asarray(policy[k], np.float32).reshape(shape) for k in ("std", "mean"))
         return image * std + mean
-    raise ValueError(f"road-scene augmentation works on 0-255 pictures: the normalization must be 'rgb', "
-                     f"'rgb_to_0_1' or 'none', got {normalization!r}")
+    raise ValueError(
+        f"road-scene augmentation works on 0-255 pictures: the normalization must be 'rgb', "
+        f"'rgb_to_0_1' or 'none', got {normalization!r}"
+    )
 
 
 class ScenePatches:
@@ -200,14 +209,20 @@ class ScenePatches:
 
     flat = True
 
-    def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], config: SceneAugmentConfig,
-                 normalization: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        images: Sequence[np.ndarray],
+        labels: Sequence[np.ndarray],
+        config: SceneAugmentConfig,
+        normalization: dict[str, Any],
+    ) -> None:
         if not images or len(images) != len(labels):
             raise ValueError(f"ScenePatches needs as many labels as frames (>= 1), got {len(images)} and {len(labels)}")
         for image, label in zip(images, labels):
             if image.ndim != 4 or image.shape[:2] != (3, 1) or tuple(label.shape) != image.shape[1:]:
-                raise ValueError(f"ScenePatches needs frames (3, 1, H, W) and labels (1, H, W), got {image.shape} "
-                                 f"and {label.shape}")
+                raise ValueError(
+                    f"ScenePatches needs frames (3, 1, H, W) and labels (1, H, W), got {image.shape} and {label.shape}"
+                )
         to_pixels(images[0][:, :, :1, :1], normalization)  # refuses a policy it cannot undo, now
         self._images, self._labels = list(images), list(labels)
         self.config, self.normalization = config, dict(normalization)

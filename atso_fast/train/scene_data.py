@@ -28,6 +28,7 @@ Memory storage only: every frame is held in RAM as float32 (12 bytes per pixel: 
 scenes, 128 x 256, take 0.4 MB; full-size Cityscapes frames, 1024 x 2048, 25 MB each, so 2975
 of them 75 GB: train on downscaled copies or a subset).
 """
+
 from __future__ import annotations
 
 import os
@@ -42,11 +43,28 @@ from atso_fast.datasets.cityscapes import TRAIN_NAMES, Frame, cityscapes_frames,
 from atso_fast.package.normalize import check_policy, normalize
 from atso_fast.train.data import Case, RawCase
 
-__all__ = ["SCENE_KEYS", "SCENE_MODALITY", "SCENE_CLASSES", "is_scene_spec", "check_scene_spec", "scene_frames",
-           "load_scene_raw", "scene_cases", "scene_class_names"]
+__all__ = [
+    "SCENE_KEYS",
+    "SCENE_MODALITY",
+    "SCENE_CLASSES",
+    "is_scene_spec",
+    "check_scene_spec",
+    "scene_frames",
+    "load_scene_raw",
+    "scene_cases",
+    "scene_class_names",
+]
 
-SCENE_KEYS = ("cityscapes", "labelled", "labelled_count", "labelled_seed", "unlabelled", "unlabelled_root",
-              "val", "val_root")
+SCENE_KEYS = (
+    "cityscapes",
+    "labelled",
+    "labelled_count",
+    "labelled_seed",
+    "unlabelled",
+    "unlabelled_root",
+    "val",
+    "val_root",
+)
 """The keys of the Cityscapes data form (see the module docstring)."""
 SCENE_MODALITY = "RGB"
 """The modality scene data report (``normalization: auto`` then means ImageNet's statistics)."""
@@ -68,8 +86,16 @@ def check_scene_spec(data: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(data) - set(SCENE_KEYS))
     if unknown:
         raise ValueError(f"the cityscapes data form takes the keys {list(SCENE_KEYS)}, got unknown {unknown}")
-    spec = {"labelled": "train", "labelled_count": None, "labelled_seed": 0, "unlabelled": None,
-            "unlabelled_root": None, "val": "val", "val_root": None, **data}
+    spec = {
+        "labelled": "train",
+        "labelled_count": None,
+        "labelled_seed": 0,
+        "unlabelled": None,
+        "unlabelled_root": None,
+        "val": "val",
+        "val_root": None,
+        **data,
+    }
     for key in _ROOT_KEYS:
         value = spec[key]
         if key == "cityscapes" or value is not None:
@@ -80,8 +106,9 @@ def check_scene_spec(data: Mapping[str, Any]) -> dict[str, Any]:
     spec["val_root"] = spec["val_root"] or spec["cityscapes"]
     for key in ("labelled", "unlabelled", "val"):
         value = spec[key]
-        if (key == "labelled" or value is not None) and (not isinstance(value, str) or not value
-                                                          or "/" in value or value in (".", "..")):
+        if (key == "labelled" or value is not None) and (
+            not isinstance(value, str) or not value or "/" in value or value in (".", "..")
+        ):
             raise ValueError(f"data {key} must be a split folder name (train, val, ...), got {value!r}")
     count, seed = spec["labelled_count"], spec["labelled_seed"]
     if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
@@ -112,10 +139,15 @@ def scene_frames(data: Mapping[str, Any]) -> dict[str, list[Frame]]:
     pool = cityscapes_frames(spec["cityscapes"], spec["labelled"])
     count = spec["labelled_count"]
     if count is not None and count > len(pool):
-        raise ValueError(f"data labelled_count {count} exceeds the {len(pool)} frames of "
-                         f"{spec['cityscapes']}/leftImg8bit/{spec['labelled']}")
-    chosen = range(len(pool)) if count is None else \
-        sorted(np.random.default_rng(spec["labelled_seed"]).permutation(len(pool))[:count].tolist())
+        raise ValueError(
+            f"data labelled_count {count} exceeds the {len(pool)} frames of "
+            f"{spec['cityscapes']}/leftImg8bit/{spec['labelled']}"
+        )
+    chosen = (
+        range(len(pool))
+        if count is None
+        else sorted(np.random.default_rng(spec["labelled_seed"]).permutation(len(pool))[:count].tolist())
+    )
     labelled = [pool[i] for i in chosen]
     unlabelled: list[Frame] = []
     if spec["unlabelled"] is not None:
@@ -135,8 +167,10 @@ def _check_disjoint(sets: Mapping[str, Sequence[Frame]]) -> None:
         for frame in frames:
             path = os.path.abspath(frame.image)
             if owner.setdefault(path, name) != name:
-                raise ValueError(f"data: frame {frame.image} is in both the {owner[path]} and the {name} set; "
-                                 "they must not share frames")
+                raise ValueError(
+                    f"data: frame {frame.image} is in both the {owner[path]} and the {name} set; "
+                    "they must not share frames"
+                )
 
 
 def _raw(frame: Frame) -> RawCase:

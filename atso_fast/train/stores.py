@@ -25,6 +25,7 @@ Two stores implement it:
   memory-mapped patches through a ``DataLoader``, each round exported as a model package that
   relabels onto disk through the bulk archive engine, phase checkpoints.
 """
+
 from __future__ import annotations
 
 import os
@@ -108,10 +109,20 @@ class DataStore(Protocol):
         """Patches of unlabelled cases ``idx`` with their targets: the truth (``truth=True``), else
         the current pseudo labels, voxels below the confidence threshold set to ``ignore_index``."""
 
-    def fit(self, model: nn.Module, batches: MixedBatches, *, key: tuple[int, int, int], steps: int, lr: float,
-            on_step: Callable[[int, Any], None] | None = None, consistency: ConsistencyTerm | None = None,
-            resume: dict[str, Any] | None = None, checkpoint: Callable[[dict[str, Any]], None] | None = None,
-            **train_kwargs: Any) -> dict[str, float]:
+    def fit(
+        self,
+        model: nn.Module,
+        batches: MixedBatches,
+        *,
+        key: tuple[int, int, int],
+        steps: int,
+        lr: float,
+        on_step: Callable[[int, Any], None] | None = None,
+        consistency: ConsistencyTerm | None = None,
+        resume: dict[str, Any] | None = None,
+        checkpoint: Callable[[dict[str, Any]], None] | None = None,
+        **train_kwargs: Any,
+    ) -> dict[str, float]:
         """Train ``model`` for ``steps`` steps on ``batches`` drawn from generators seeded by
         ``key`` = ``(seed, round, purpose)``; returns the loop's statistics
         (:func:`~atso_fast.train.trainer.train_steps`). ``resume`` and ``checkpoint(state)``:
@@ -120,9 +131,15 @@ class DataStore(Protocol):
     def export(self, model: nn.Module, k: int) -> None:
         """After round ``k``'s training: whatever the store keeps of the model (disk: packages)."""
 
-    def relabel(self, parts: Mapping[str, Sequence[int]], k: int, *, predict: Predict,
-                known: dict[int, tuple[np.ndarray, ...]], resume: bool = False
-                ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    def relabel(
+        self,
+        parts: Mapping[str, Sequence[int]],
+        k: int,
+        *,
+        predict: Predict,
+        known: dict[int, tuple[np.ndarray, ...]],
+        resume: bool = False,
+    ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
         """Relabel the cases of each part with round ``k``'s model and make the new labels
         current. ``known``: predictions of this model already made, by case.
 
@@ -169,14 +186,19 @@ def load_data(config: ATSOConfig | dict[str, Any]) -> SemiSupervisedData:
     if isinstance(config.data, dict) and is_scene_spec(config.data):
         raw, modality = load_scene_raw(config.data)
     else:
-        raw, modality = load_raw(config.data, in_channels=config.in_channels, num_classes=config.num_classes,
-                                 ignore_index=config.ignore_index)
+        raw, modality = load_raw(
+            config.data,
+            in_channels=config.in_channels,
+            num_classes=config.num_classes,
+            ignore_index=config.ignore_index,
+        )
     policy = resolve_normalization(config.normalization, raw["labelled"], modality)
     return prepare_data(raw, policy, modality)
 
 
-def scene_sampler(config: ATSOConfig, images: Sequence[np.ndarray], labels: Sequence[np.ndarray]
-                  ) -> ScenePatches | None:
+def scene_sampler(
+    config: ATSOConfig, images: Sequence[np.ndarray], labels: Sequence[np.ndarray]
+) -> ScenePatches | None:
     """With ``augment: {kind: scene}``: the road-scene sampler over whole frames ``(3, 1, H, W)``
     (normalised with ``config.normalization``) and their labels ``(1, H, W)``; else None."""
     scene = SceneAugmentConfig.from_value(config.augment, config.patch_size, config.ignore_index)
@@ -215,10 +237,14 @@ class ArrayStore:
 
     def __init__(self, config: ATSOConfig, data: SemiSupervisedData | None = None) -> None:
         self.data = data if data is not None else load_data(config)
-        self.config = replace(config, normalization=dict(self.data.normalization),
-                              spacing=config.spacing if config.spacing is not None else self.data.spacing,
-                              class_names=config.class_names or scene_class_names(config.data, config.num_classes)
-                              or dataset_class_names(config.data, config.num_classes))
+        self.config = replace(
+            config,
+            normalization=dict(self.data.normalization),
+            spacing=config.spacing if config.spacing is not None else self.data.spacing,
+            class_names=config.class_names
+            or scene_class_names(config.data, config.num_classes)
+            or dataset_class_names(config.data, config.num_classes),
+        )
         cases = self.data.unlabelled
         self.unlabelled_names = [c.name or str(i) for i, c in enumerate(cases)]
         self.unlabelled_sizes = [int(c.image[0].size) for c in cases]
@@ -252,8 +278,14 @@ class ArrayStore:
         scene = scene_sampler(cfg, images, labels)
         if scene is not None:
             return scene
-        return PatchSampler(images, labels, cfg.patch_size, num_classes=cfg.num_classes,
-                            foreground_oversample=cfg.foreground_oversample, ignore_index=cfg.ignore_index)
+        return PatchSampler(
+            images,
+            labels,
+            cfg.patch_size,
+            num_classes=cfg.num_classes,
+            foreground_oversample=cfg.foreground_oversample,
+            ignore_index=cfg.ignore_index,
+        )
 
     def labelled_sampler(self) -> Sampler:
         """Patches of L (built once)."""
@@ -275,28 +307,54 @@ class ArrayStore:
             labels.append(lab)
         images = [cases[i].image for i in idx]
         if self.soft:
-            images = [np.concatenate([img, _relabelled(self.probs, i, "probabilities").astype(np.float32)])
-                      for img, i in zip(images, idx)]
+            images = [
+                np.concatenate([img, _relabelled(self.probs, i, "probabilities").astype(np.float32)])
+                for img, i in zip(images, idx)
+            ]
         return self._sampler(images, labels)
 
-    def fit(self, model: nn.Module, batches: MixedBatches, *, key: tuple[int, int, int], steps: int, lr: float,
-            on_step: Callable[[int, Any], None] | None = None, consistency: ConsistencyTerm | None = None,
-            resume: dict[str, Any] | None = None, checkpoint: Callable[[dict[str, Any]], None] | None = None,
-            **train_kwargs: Any) -> dict[str, float]:
+    def fit(
+        self,
+        model: nn.Module,
+        batches: MixedBatches,
+        *,
+        key: tuple[int, int, int],
+        steps: int,
+        lr: float,
+        on_step: Callable[[int, Any], None] | None = None,
+        consistency: ConsistencyTerm | None = None,
+        resume: dict[str, Any] | None = None,
+        checkpoint: Callable[[dict[str, Any]], None] | None = None,
+        **train_kwargs: Any,
+    ) -> dict[str, float]:
         """:func:`~atso_fast.train.trainer.train_steps` with one generator seeded by ``key``
         (no mid-round state: ``resume`` must be None, ``checkpoint`` is never called)."""
         if resume is not None:
             raise ValueError("memory storage does not resume mid-round (the state holds optimiser state)")
-        return train_steps(model, batches, steps=steps, lr=lr, rng=np.random.default_rng([int(v) for v in key]),
-                           consistency=consistency, on_step=on_step, **train_kwargs)
+        return train_steps(
+            model,
+            batches,
+            steps=steps,
+            lr=lr,
+            rng=np.random.default_rng([int(v) for v in key]),
+            consistency=consistency,
+            on_step=on_step,
+            **train_kwargs,
+        )
 
     def export(self, model: nn.Module, k: int) -> None:
         """Nothing: the live model relabels."""
 
     # ------------------------------------------------------------------ relabelling
-    def relabel(self, parts: Mapping[str, Sequence[int]], k: int, *, predict: Predict,
-                known: dict[int, tuple[np.ndarray, ...]], resume: bool = False
-                ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    def relabel(
+        self,
+        parts: Mapping[str, Sequence[int]],
+        k: int,
+        *,
+        predict: Predict,
+        known: dict[int, tuple[np.ndarray, ...]],
+        resume: bool = False,
+    ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
         """Predict each part (one ``predict`` call per part, cases in ``known`` reused), measure
         the new labels against the current ones, then keep them; after the warm-up (``k == 0``)
         they are also M0's labels."""
@@ -321,8 +379,9 @@ class ArrayStore:
         cfg = self.config
         stats = PseudoLabelStats(cfg.num_classes, ignore_index=cfg.ignore_index, threshold=cfg.threshold)
         for i, res in zip(idx, results):
-            stats.add(res[0], res[1], previous=self.pseudo[i], m0=self.m0_labels[i],
-                      truth=self.data.unlabelled[i].label)
+            stats.add(
+                res[0], res[1], previous=self.pseudo[i], m0=self.m0_labels[i], truth=self.data.unlabelled[i].label
+            )
         return stats.result()
 
     def pseudo_dice(self) -> float:
@@ -343,30 +402,38 @@ class ArrayStore:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Format 3: the pseudo labels, confidences, probabilities (soft targets) and M0's labels."""
-        return {"format_version": self.format_version, "pseudo": _tensors(self.pseudo),
-                "confidence": _tensors(self.confidence),
-                "probs": _tensors(self.probs) if any(p is not None for p in self.probs) else None,
-                "m0_labels": _tensors(self.m0_labels)}
+        return {
+            "format_version": self.format_version,
+            "pseudo": _tensors(self.pseudo),
+            "confidence": _tensors(self.confidence),
+            "probs": _tensors(self.probs) if any(p is not None for p in self.probs) else None,
+            "m0_labels": _tensors(self.m0_labels),
+        }
 
     def check_state(self, state: dict[str, Any], *, subsets: dict[str, list[int]], needed: Sequence[int]) -> None:
         """Raises ValueError: another format, case count or normalisation, or missing pseudo
         labels (or probabilities, for soft targets) of the ``needed`` cases."""
         if state.get("format_version") != self.format_version:
-            raise ValueError(f"unsupported ATSO state format {state.get('format_version')!r} (memory storage "
-                             f"reads {self.format_version}; a disk-storage checkpoint resumes with storage='disk')")
+            raise ValueError(
+                f"unsupported ATSO state format {state.get('format_version')!r} (memory storage "
+                f"reads {self.format_version}; a disk-storage checkpoint resumes with storage='disk')"
+            )
         n = len(self.data.unlabelled)
         if len(state["pseudo"]) != n:
             raise ValueError(f"state has {len(state['pseudo'])} unlabelled cases, data has {n}")
         if state["config"]["normalization"] != self.config.to_dict()["normalization"]:
-            raise ValueError(f"state normalization {state['config']['normalization']} differs from "
-                             f"{self.config.normalization}")
+            raise ValueError(
+                f"state normalization {state['config']['normalization']} differs from {self.config.normalization}"
+            )
         missing = [i for i in needed if state["pseudo"][i] is None]
         if state["round"] >= 0 and missing:
             raise ValueError(f"state lacks pseudo labels for unlabelled cases {missing[:5]}")
         probs = state.get("probs") or [None] * len(state["pseudo"])
         if self.soft and state["round"] >= 0 and any(probs[i] is None for i in needed):
-            raise ValueError("state lacks the probabilities that soft targets need (run the warm-up with "
-                             "targets='soft', as run_methods does when any run uses them)")
+            raise ValueError(
+                "state lacks the probabilities that soft targets need (run the warm-up with "
+                "targets='soft', as run_methods does when any run uses them)"
+            )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         n = len(self.data.unlabelled)

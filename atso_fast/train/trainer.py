@@ -11,6 +11,7 @@ adds a loss on the unlabelled part of each batch; the supervised loss then cover
 ``n_lab`` samples. Its noise comes from a torch generator reseeded every step from
 ``(noise seed, global step)``, so a run is reproducible and resumes mid-way with the same noise.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,16 @@ from atso_fast.train.augment import AugmentConfig, augment_sample
 from atso_fast.train.data import Sampler
 from atso_fast.train.losses import dice_ce_loss, soft_target_loss
 
-__all__ = ["OptimConfig", "make_optimizer", "poly_lr", "MixedBatches", "ConsistencyTerm", "train_steps",
-           "train_loader", "mean_loss"]
+__all__ = [
+    "OptimConfig",
+    "make_optimizer",
+    "poly_lr",
+    "MixedBatches",
+    "ConsistencyTerm",
+    "train_steps",
+    "train_loader",
+    "mean_loss",
+]
 
 BatchFn = Callable[[np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
@@ -77,8 +86,9 @@ class OptimConfig:
 def make_optimizer(params: Any, lr: float, config: OptimConfig) -> torch.optim.Optimizer:
     """AdamW or Nesterov SGD over ``params`` at learning rate ``lr``."""
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=config.momentum, nesterov=config.momentum > 0,
-                               weight_decay=config.weight_decay)
+        return torch.optim.SGD(
+            params, lr=lr, momentum=config.momentum, nesterov=config.momentum > 0, weight_decay=config.weight_decay
+        )
     return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
 
 
@@ -112,9 +122,17 @@ class MixedBatches:
         ValueError: bad batch size, ratio or channel count.
     """
 
-    def __init__(self, labelled: Sampler, pseudo: Sampler | None, batch_size: int, *,
-                 labelled_ratio: float = 0.5, augment: AugmentConfig | None = None, labelled_only: bool = False,
-                 soft_channels: int | None = None) -> None:
+    def __init__(
+        self,
+        labelled: Sampler,
+        pseudo: Sampler | None,
+        batch_size: int,
+        *,
+        labelled_ratio: float = 0.5,
+        augment: AugmentConfig | None = None,
+        labelled_only: bool = False,
+        soft_channels: int | None = None,
+    ) -> None:
         if int(batch_size) < 1 or not 0.0 <= labelled_ratio <= 1.0:
             raise ValueError(f"need batch_size >= 1 and labelled_ratio in [0, 1], got {batch_size}, {labelled_ratio}")
         if soft_channels is not None and int(soft_channels) < 2:
@@ -145,8 +163,9 @@ class MixedBatches:
             return np.stack(images), np.stack(labels).astype(np.int64)
         return self._soft(images, labels, self.last_labelled, self.soft_channels)
 
-    def _soft(self, images: list[np.ndarray], labels: list[np.ndarray], n_lab: int, c: int
-              ) -> tuple[np.ndarray, np.ndarray]:
+    def _soft(
+        self, images: list[np.ndarray], labels: list[np.ndarray], n_lab: int, c: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Split the pseudo samples' ``c`` target channels off; one-hot targets for the labelled ones."""
         ignore = self.labelled.ignore_index
         xs, ys = [], []
@@ -176,8 +195,9 @@ class ConsistencyTerm(Protocol):
     def weight(self, step: int) -> float:
         """The term's weight at ``step`` (reported)."""
 
-    def loss(self, x: torch.Tensor, logits: torch.Tensor, n_lab: int, step: int,
-             generator: torch.Generator) -> torch.Tensor:
+    def loss(
+        self, x: torch.Tensor, logits: torch.Tensor, n_lab: int, step: int, generator: torch.Generator
+    ) -> torch.Tensor:
         """The weighted term of a batch whose first ``n_lab`` samples are labelled."""
 
     def update(self, student: nn.Module, step: int) -> None:
@@ -204,11 +224,21 @@ def _to_device(x: Any, y: Any, device: torch.device, channels_last: bool) -> tup
     return xt, y.to(device, non_blocking=True)
 
 
-def train_steps(model: nn.Module, batches: BatchFn, *, steps: int, lr: float, rng: np.random.Generator,
-                optim: OptimConfig | None = None, ignore_index: int = 255, device: str | torch.device = "cpu",
-                amp: bool = True, channels_last: bool = True,
-                on_step: Callable[[int, Any], None] | None = None,
-                consistency: ConsistencyTerm | None = None) -> dict[str, float]:
+def train_steps(
+    model: nn.Module,
+    batches: BatchFn,
+    *,
+    steps: int,
+    lr: float,
+    rng: np.random.Generator,
+    optim: OptimConfig | None = None,
+    ignore_index: int = 255,
+    device: str | torch.device = "cpu",
+    amp: bool = True,
+    channels_last: bool = True,
+    on_step: Callable[[int, Any], None] | None = None,
+    consistency: ConsistencyTerm | None = None,
+) -> dict[str, float]:
     """Train ``model`` for ``steps`` steps with a fresh optimiser and its own lr schedule.
 
     AMP (fp16 autocast + grad scaling) and channels-last apply only on CUDA devices.
@@ -255,9 +285,17 @@ def train_steps(model: nn.Module, batches: BatchFn, *, steps: int, lr: float, rn
 class _Run:
     """The state of one training run: model on the device, a fresh optimiser, AMP scaler, losses."""
 
-    def __init__(self, model: nn.Module, lr: float, optim: OptimConfig | None, device: str | torch.device,
-                 amp: bool, channels_last: bool, consistency: ConsistencyTerm | None = None,
-                 noise_seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        optim: OptimConfig | None,
+        device: str | torch.device,
+        amp: bool,
+        channels_last: bool,
+        consistency: ConsistencyTerm | None = None,
+        noise_seed: int = 0,
+    ) -> None:
         self.optim = optim or OptimConfig()
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
@@ -307,8 +345,9 @@ class _Run:
             consistency.update(model, step)
         self.losses.append(loss.detach())
 
-    def _consistency(self, term: ConsistencyTerm, x: torch.Tensor, logits: torch.Tensor, n_lab: int,
-                     step: int) -> torch.Tensor:
+    def _consistency(
+        self, term: ConsistencyTerm, x: torch.Tensor, logits: torch.Tensor, n_lab: int, step: int
+    ) -> torch.Tensor:
         """The consistency term's value this step, noise reseeded from ``(noise seed, global step)``."""
         self.generator.manual_seed(_noise_seed(self.noise_seed, term.step_offset + step))
         value = term.loss(x, logits, n_lab, step, self.generator)
@@ -317,8 +356,12 @@ class _Run:
         return value
 
     def summary(self, steps: int) -> dict[str, float]:
-        out = {**_loss_summary(self.losses, ""), **_loss_summary(self.pseudo_losses, "pseudo_"),
-               "steps": int(steps), "lr": float(self.lr)}
+        out = {
+            **_loss_summary(self.losses, ""),
+            **_loss_summary(self.pseudo_losses, "pseudo_"),
+            "steps": int(steps),
+            "lr": float(self.lr),
+        }
         if self.consistency is not None:
             losses = self.consistency_losses
             out["consistency_loss"] = float(torch.stack(losses).float().mean()) if losses else math.nan
@@ -328,8 +371,13 @@ class _Run:
     def state(self, step: int) -> dict[str, Any]:
         """What resumes this run after ``step`` steps: optimiser and scaler state, losses so far
         (and the consistency term's state and losses, when there is one)."""
-        state = {"step": int(step), "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
-                 "losses": [float(v) for v in self.losses], "pseudo_losses": [float(v) for v in self.pseudo_losses]}
+        state = {
+            "step": int(step),
+            "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "losses": [float(v) for v in self.losses],
+            "pseudo_losses": [float(v) for v in self.pseudo_losses],
+        }
         if self.consistency is not None:
             state["consistency"] = self.consistency.state_dict()
             state["consistency_losses"] = [float(v) for v in self.consistency_losses]
@@ -348,11 +396,22 @@ class _Run:
         return int(state["step"])
 
 
-def train_loader(model: nn.Module, loader: Iterable[tuple[Any, Any, int]], *, steps: int, lr: float,
-                 optim: OptimConfig | None = None, ignore_index: int = 255, device: str | torch.device = "cpu",
-                 amp: bool = True, channels_last: bool = True, resume: dict[str, Any] | None = None,
-                 on_step: Callable[[int, Any], None] | None = None, consistency: ConsistencyTerm | None = None,
-                 noise_seed: int = 0) -> dict[str, float]:
+def train_loader(
+    model: nn.Module,
+    loader: Iterable[tuple[Any, Any, int]],
+    *,
+    steps: int,
+    lr: float,
+    optim: OptimConfig | None = None,
+    ignore_index: int = 255,
+    device: str | torch.device = "cpu",
+    amp: bool = True,
+    channels_last: bool = True,
+    resume: dict[str, Any] | None = None,
+    on_step: Callable[[int, Any], None] | None = None,
+    consistency: ConsistencyTerm | None = None,
+    noise_seed: int = 0,
+) -> dict[str, float]:
     """:func:`train_steps` fed by an iterable of ``(x, y, labelled count)`` batches (a
     ``DataLoader``), resumable mid-run.
 
@@ -406,8 +465,11 @@ def _loss_summary(losses: list[torch.Tensor], prefix: str) -> dict[str, float]:
         return {f"{prefix}loss": math.nan, f"{prefix}first_loss": math.nan, f"{prefix}last_loss": math.nan}
     values = torch.stack(losses).float().cpu().numpy()
     n = max(1, len(values) // 10)
-    return {f"{prefix}loss": float(values.mean()), f"{prefix}first_loss": float(values[:n].mean()),
-            f"{prefix}last_loss": float(values[-n:].mean())}
+    return {
+        f"{prefix}loss": float(values.mean()),
+        f"{prefix}first_loss": float(values[:n].mean()),
+        f"{prefix}last_loss": float(values[-n:].mean()),
+    }
 
 
 def _spatial_dims(model: nn.Module) -> int:
@@ -416,8 +478,14 @@ def _spatial_dims(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, pairs: Sequence[tuple[np.ndarray, np.ndarray]], *, ignore_index: int = 255,
-              device: str | torch.device = "cpu", batch_size: int = 4) -> float:
+def mean_loss(
+    model: nn.Module,
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    ignore_index: int = 255,
+    device: str | torch.device = "cpu",
+    batch_size: int = 4,
+) -> float:
     """Mean Dice + CE loss of ``model`` over ``(image (M, *patch), label (*patch))`` pairs, no grad.
 
     Returns NaN when ``pairs`` is empty.
@@ -430,7 +498,7 @@ def mean_loss(model: nn.Module, pairs: Sequence[tuple[np.ndarray, np.ndarray]], 
     total = 0.0
     try:
         for i in range(0, len(pairs), batch_size):
-            chunk = pairs[i:i + batch_size]
+            chunk = pairs[i : i + batch_size]
             x = torch.from_numpy(np.stack([p[0] for p in chunk])).to(device)
             y = torch.from_numpy(np.stack([p[1] for p in chunk]).astype(np.int64)).to(device)
             total += float(dice_ce_loss(model(x), y, ignore_index=ignore_index)) * len(chunk)
