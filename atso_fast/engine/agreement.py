@@ -112,7 +112,15 @@ def _run(runtime: Any, windows: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate(outs)
 
 
-def _reference(package: ModelPackage, device: str) -> str:
+def onnx_digest(package: ModelPackage) -> str:
+    """sha256 of the verified ONNX bytes: the ``onnx_sha256`` that ``load_package`` already
+    checked against them when ``model.json`` records one (no second pass over a large file on
+    every start-up), else computed here."""
+    recorded = package.extra.get("onnx_sha256")
+    return recorded.lower() if isinstance(recorded, str) else hashlib.sha256(package.verified["onnx"]).hexdigest()
+
+
+def _reference(package: ModelPackage) -> str:
     return "torch" if package.torch_file and "torch" in package.verified else "onnxruntime"
 
 
@@ -141,7 +149,7 @@ def measure_runtimes(
     """
     if "onnx" not in package.verified:
         raise ValueError("measure_runtimes needs a loaded package with an ONNX network (load_package)")
-    ref_name = _reference(package, device)
+    ref_name = _reference(package)
     ref_rt = create_runtime(ref_name, device=device, package=package, precision="float32", batch_size=batch_size)
     reference = _run(ref_rt, windows, batch_size)
     ref_labels = reference.argmax(1)
@@ -153,7 +161,7 @@ def measure_runtimes(
             )
     return {
         "version": _VERSION,
-        "onnx_sha256": hashlib.sha256(package.verified["onnx"]).hexdigest(),
+        "onnx_sha256": onnx_digest(package),
         "device": device,
         "machine": machine_id(),
         "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -244,7 +252,7 @@ def _valid_record(record: Any, package: ModelPackage, device: str) -> TypeGuard[
     results = record.get("results")
     if not isinstance(results, dict) or "onnx" not in package.verified:
         return False
-    if record.get("onnx_sha256") != hashlib.sha256(package.verified["onnx"]).hexdigest():
+    if record.get("onnx_sha256") != onnx_digest(package):
         return False
     return all(isinstance(v, dict) and isinstance(v.get("status"), str) for v in results.values())
 
