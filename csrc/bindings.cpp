@@ -31,6 +31,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("finalize", &finalize,
         "finalize(*, acc" ATSO_ARG_NAMES(ATSO_FINALIZE_ARGS) ", rows, algorithm) -> (labels, confidence, counts "
         "(K + 2,)); algorithm 'auto' | 'blocked' (host) | 'voxel' (CUDA's).");
+  m.def("probabilities", &probabilities,
+        "probabilities(*, acc" ATSO_ARG_NAMES(ATSO_PROBABILITIES_ARGS) ", rows, algorithm) -> (C, rows, Y, X) float32: "
+        "finalize's per-channel probabilities (softmax, sigmoid for one channel, or the values), NaN where finalize "
+        "counts a voxel invalid; algorithm 'auto' | 'blocked' (host) | 'voxel' (CUDA's).");
   m.def("resample_finalize", &resample_finalize,
         "resample_finalize(*, rows, y_taps, x_taps" ATSO_ARG_NAMES(ATSO_FINALIZE_SCALARS) ") -> (labels, confidence, counts "
         "(K + 2,)): rows (C, R, Yt, Xt) float32 resampled bilinearly to (R, Yn, Xn), then finalize; host only.");

@@ -1,10 +1,12 @@
-// finalize as atso_fast._C sees it: arguments parsed and checked once, outputs allocated in the
-// input's framework and device, slab rows [start, end) addressed here, one implementation run.
-// The declared arguments (finalize.h: ATSO_FINALIZE_ARGS) are read by read_args; acc (which
-// sets the shapes), rows, the outputs and `algorithm`, here.
+// finalize and probabilities as atso_fast._C sees them: arguments parsed and checked once,
+// outputs allocated in the input's framework and device, slab rows [start, end) addressed here,
+// one implementation run. The declared arguments (finalize.h: ATSO_FINALIZE_ARGS,
+// ATSO_PROBABILITIES_ARGS) are read by read_args; acc (which sets the shapes), rows, the
+// outputs and `algorithm`, here.
 #include "finalize.h"
 
 #include <algorithm>
+#include <tuple>
 #include <vector>
 
 #include "buffer.h"
@@ -25,12 +27,48 @@ std::pair<int64_t, int64_t> row_range(py::handle rows, int64_t depth) {
   return {r[0], r[1]};
 }
 
-// The shape rules the array arguments of ATSO_FINALIZE_ARGS name (finalize.h).
+// The shape rules the array arguments of ATSO_FINALIZE_ARGS and ATSO_PROBABILITIES_ARGS name
+// (finalize.h); a type each, so that each list's read_args is an overload of its own.
 struct FinalizeRules {
+  ShapeRule slab;
+};
+struct ProbabilitiesRules {
   ShapeRule slab;
 };
 
 ATSO_DEFINE_READ_ARGS(FinalizeArgs, FinalizeRules, ATSO_FINALIZE_ARGS)
+ATSO_DEFINE_READ_ARGS(FinalizeArgs, ProbabilitiesRules, ATSO_PROBABILITIES_ARGS)
+
+// acc (C, Zs, Y, X) float32/float16 and the slab rows [r0, r1) both kernels read.
+struct Slab {
+  Buffer acc;
+  std::vector<int64_t> spatial;  // (Zs, Y, X)
+  int64_t c, depth, plane, r0, r1;
+
+  ShapeRule rule() const { return {spatial, r0 * plane}; }  // wsum: rows [r0, r1), in place
+  std::vector<int64_t> rows_shape() const { return {r1 - r0, spatial[1], spatial[2]}; }
+};
+
+Slab read_slab(const py::kwargs& kw) {
+  Slab s{array_arg(kw, "acc"), {}, 0, 0, 0, 0, 0};
+  check_array(s.acc, {"float32", "float16"}, 4);
+  s.spatial.assign(s.acc.shape.begin() + 1, s.acc.shape.end());
+  s.c = s.acc.dim(0);
+  s.depth = s.acc.dim(1);
+  s.plane = s.acc.dim(2) * s.acc.dim(3);
+  std::tie(s.r0, s.r1) = row_range(arg(kw, "rows"), s.depth);
+  return s;
+}
+
+// f's acc fields: rows [r0, r1) of the slab, channel k at chan_stride (the whole slab's rows).
+void point_at_rows(FinalizeArgs& f, const Slab& s) {
+  if (s.c < 1) throw py::value_error("acc must have at least one channel, got " + s.acc.describe());
+  f.acc = s.acc.as<const char>() + s.r0 * s.plane * s.acc.itemsize;
+  f.acc_dtype = float_dtype(s.acc);
+  f.c = s.c;
+  f.n = (s.r1 - s.r0) * s.plane;
+  f.chan_stride = s.depth * s.plane;
+}
 
 }  // namespace
 
@@ -52,33 +90,39 @@ std::string finalize_label_dtype(const py::kwargs& kw) {
 }
 
 py::tuple finalize(const py::kwargs& kw) {
-  const Buffer ac = array_arg(kw, "acc");
-  check_array(ac, {"float32", "float16"}, 4);
-  const std::vector<int64_t> spatial(ac.shape.begin() + 1, ac.shape.end());
-  const int64_t c = ac.dim(0), depth = ac.dim(1), plane = ac.dim(2) * ac.dim(3);
-  const auto [r0, r1] = row_range(arg(kw, "rows"), depth);
+  const Slab s = read_slab(kw);
   FinalizeArgs f{};
   ArgArrays arrays;
-  read_args(f, kw, FinalizeRules{{spatial, r0 * plane}}, arrays);  // slab rows [r0, r1), in place
-  if (c < 1) throw py::value_error("acc must have at least one channel, got " + ac.describe());
-  const std::string ldtype = label_dtype(c, f.ignore_index);
-  const Path path = choose_path(str_arg(kw, "algorithm"), "blocked", "voxel", on_cuda(arrays.after({&ac})));
-  const std::vector<int64_t> out_shape{r1 - r0, spatial[1], spatial[2]};
-  py::object labels = empty_like(ac, out_shape, ldtype), confidence = empty_like(ac, out_shape, "uint8");
+  read_args(f, kw, FinalizeRules{s.rule()}, arrays);
+  point_at_rows(f, s);
+  const std::string ldtype = label_dtype(s.c, f.ignore_index);
+  const Path path = choose_path(str_arg(kw, "algorithm"), "blocked", "voxel", on_cuda(arrays.after({&s.acc})));
+  py::object labels = empty_like(s.acc, s.rows_shape(), ldtype);
+  py::object confidence = empty_like(s.acc, s.rows_shape(), "uint8");
   const Buffer lb = to_buffer(labels, "labels"), cf = to_buffer(confidence, "confidence");
-  py::array_t<int64_t> counts(std::max<int64_t>(c, 2) + 2);
+  py::array_t<int64_t> counts(std::max<int64_t>(s.c, 2) + 2);
   std::fill(counts.mutable_data(), counts.mutable_data() + counts.size(), 0);
-  f.acc = ac.as<const char>() + r0 * plane * ac.itemsize;
-  f.acc_dtype = float_dtype(ac);
-  f.c = c;
-  f.n = (r1 - r0) * plane;
-  f.chan_stride = depth * plane;
   f.labels = lb.data;
   f.label_bytes = lb.itemsize;
   f.confidence = cf.as<uint8_t>();
   f.counts = counts.mutable_data();
-  run(f, path, ac, cpu_kernels().finalize, &finalize_host, ATSO_CUDA_FN(finalize_cuda));
+  run(f, path, s.acc, cpu_kernels().finalize, &finalize_host, ATSO_CUDA_FN(finalize_cuda));
   return py::make_tuple(labels, confidence, counts);
+}
+
+py::object probabilities(const py::kwargs& kw) {
+  const Slab s = read_slab(kw);
+  ProbabilitiesArgs p{};
+  ArgArrays arrays;
+  read_args(p.f, kw, ProbabilitiesRules{s.rule()}, arrays);
+  point_at_rows(p.f, s);
+  const Path path = choose_path(str_arg(kw, "algorithm"), "blocked", "voxel", on_cuda(arrays.after({&s.acc})));
+  std::vector<int64_t> shape = s.rows_shape();
+  shape.insert(shape.begin(), s.c);
+  py::object out = empty_like(s.acc, shape, "float32");
+  p.out = to_buffer(out, "out").as<float>();
+  run(p, path, s.acc, cpu_kernels().probabilities, &probabilities_host, ATSO_CUDA_FN(probabilities_cuda));
+  return out;
 }
 
 }  // namespace atso

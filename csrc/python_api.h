@@ -14,12 +14,14 @@ namespace py = pybind11;
 namespace atso {
 
 // stitch.cpp: extract_patches(...) -> out; accumulate(...). finalize.cpp: finalize(...) ->
-// (labels, confidence, counts); finalize_label_dtype(channels, threshold, ignore_index, kind)
-// -> "uint8" | "uint16". Their keyword arguments: bindings.cpp's docstrings, which list the
-// declared ones from the kernels' headers.
+// (labels, confidence, counts); probabilities(...) -> (C, rows, Y, X) float32;
+// finalize_label_dtype(channels, threshold, ignore_index, kind) -> "uint8" | "uint16". Their
+// keyword arguments: bindings.cpp's docstrings, which list the declared ones from the kernels'
+// headers.
 py::object extract_patches(const py::kwargs& kw);
 void accumulate(const py::kwargs& kw);
 py::tuple finalize(const py::kwargs& kw);
+py::object probabilities(const py::kwargs& kw);
 std::string finalize_label_dtype(const py::kwargs& kw);
 
 // resample.cpp: resample_finalize(rows, y_taps, x_taps, threshold, ignore_index, kind) -> (labels,

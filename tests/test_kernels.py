@@ -584,7 +584,7 @@ def test_cuda_arrays_refuse_the_host_algorithm():
         native.finalize(acc, wsum, algorithm="blocked")
 
 
-@pytest.mark.parametrize("kernel", ["extract_patches", "accumulate", "finalize", "resample_finalize"])
+@pytest.mark.parametrize("kernel", ["extract_patches", "accumulate", "finalize", "probabilities", "resample_finalize"])
 def test_binding_docstrings_list_the_wrappers_arguments(kernel):
     """The binding's argument list (declared arguments generated from the kernel's header) names
     exactly the Python wrapper's parameters."""

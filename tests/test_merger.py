@@ -7,7 +7,7 @@ import pytest
 
 from atso_fast.engine.merger import ArrayBackend, LabelSink, SlabMerger, z_runs
 from atso_fast.engine.windows import gaussian_importance, sliding_window_origins
-from atso_fast.kernels import reference
+from atso_fast.kernels import native, reference
 
 CPU = ArrayBackend("cpu")
 
@@ -74,6 +74,30 @@ def test_label_sink_matches_reference_finalize(rng):
     np.testing.assert_allclose(sink.probabilities, probs / probs.sum(0), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_label_sink_probabilities_are_the_kernels_finalize_decides_on(rng, channels, dtype):
+    """Streamed rows give native.probabilities of the whole-volume blend, bit for bit: the
+    softmax finalize takes the labels and confidence from."""
+    shape, window = (19, 14, 15), (6, 8, 8)
+    origins = sliding_window_origins(shape, window, 0.5)
+    outputs = (rng.standard_normal((len(origins), channels, *window)) * 4).astype(np.float32)
+    sink = LabelSink(
+        shape, channels, kind="logits", threshold=0.0, ignore_index=255, backend=CPU, save_probabilities=True
+    )
+    merge(shape, window, 0.5, outputs, origins, sink, batch=5, dtype=dtype)
+    acc, wsum = np.zeros((channels, *shape), dtype), np.zeros(shape, np.float32)
+    native.accumulate(acc, wsum, outputs, origins, np.ascontiguousarray(gaussian_importance(window)))
+    want = native.probabilities(acc, wsum, "logits")
+    np.testing.assert_array_equal(sink.probabilities.view(np.uint32), want.view(np.uint32))
+    if channels == 1:
+        np.testing.assert_array_equal(sink.labels, (sink.probabilities[0] > 0.5).astype(np.uint8))
+        return
+    np.testing.assert_array_equal(sink.labels, np.argmax(sink.probabilities, axis=0))
+    top = sink.probabilities.max(axis=0)
+    np.testing.assert_array_equal(sink.confidence, np.floor(top * np.float32(255) + np.float32(0.5)))
+
+
 def test_constant_windows_blend_to_the_constant():
     shape, window = (12, 10, 10), (4, 4, 4)
     origins = sliding_window_origins(shape, window, 0.5)
@@ -92,10 +116,12 @@ def test_rows_no_window_covers_are_invalid():
     shape, window = (10, 8, 8), (4, 8, 8)
     origins = np.array([[0, 0, 0], [6, 0, 0]], np.int64)  # rows 4 and 5 get no window
     outputs = np.ones((2, 2, *window), np.float32)
-    sink = LabelSink(shape, 2, kind="logits", threshold=0.0, ignore_index=200, backend=CPU)
+    sink = LabelSink(shape, 2, kind="logits", threshold=0.0, ignore_index=200, backend=CPU, save_probabilities=True)
     merge(shape, window, 0.0, outputs, origins, sink)
     assert (sink.labels[4:6] == 200).all() and sink.totals.invalid == 2 * 64
     assert (sink.labels[:4] != 200).all() and (sink.labels[6:] != 200).all()
+    assert np.isnan(sink.probabilities[:, 4:6]).all()  # as finalize: no weight, no probability
+    assert not np.isnan(sink.probabilities[:, :4]).any() and not np.isnan(sink.probabilities[:, 6:]).any()
 
 
 def test_mark_invalid_moves_counts():

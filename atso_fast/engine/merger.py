@@ -9,9 +9,9 @@ to a :class:`RowSink` and the slab slides forward. Peak accumulator memory is th
 
 The sink decides what a final row becomes. :class:`LabelSink` turns rows of the volume's own
 grid into labels, confidence, optional probabilities and running totals with the native
-``finalize`` kernel; a resampling sink (spacing-aware relabelling) can take the same rows in the
-model's grid and emit rows of the native grid. Everything here is testable with hand-made
-window outputs and no network.
+``finalize`` and ``probabilities`` kernels (one element math); a resampling sink
+(spacing-aware relabelling) can take the same rows in the model's grid and emit rows of the
+native grid. Everything here is testable with hand-made window outputs and no network.
 """
 
 from __future__ import annotations
@@ -81,15 +81,11 @@ class ArrayBackend:
             return self.torch.flip(batch, axes)
         return np.ascontiguousarray(np.flip(batch, axes))
 
-    def probabilities(self, acc: Any, wsum: Any, kind: str) -> np.ndarray:
-        """Blended probabilities ``(C, rows, Y, X)`` float32 on the host."""
-        vals = self.to_host(acc).astype(np.float32) / np.maximum(self.to_host(wsum), 1e-12)[None]
-        if kind == "probabilities":
-            return vals
-        if vals.shape[0] == 1:
-            return 1.0 / (1.0 + np.exp(-vals))
-        vals = np.exp(vals - vals.max(axis=0, keepdims=True))
-        return vals / vals.sum(axis=0, keepdims=True)
+    def probabilities(self, acc: Any, wsum: Any, kind: str, count: int) -> np.ndarray:
+        """Blended probabilities ``(C, count, Y, X)`` float32 of slab rows ``[0, count)``, on the
+        host: ``native.probabilities``, the very softmax (sigmoid) ``native.finalize`` takes the
+        labels and confidence from, NaN where it counts a voxel invalid."""
+        return self.to_host(native.probabilities(acc, wsum, kind, rows=(0, count)))
 
 
 class RowSink(Protocol):
@@ -120,7 +116,8 @@ class LabelSink:
         threshold: max probability below which a voxel gets ``ignore_index``.
         ignore_index: label of ignored and invalid voxels.
         backend: where the slab lives.
-        save_probabilities: also keep ``(C, Z, Y, X)`` float32 probabilities.
+        save_probabilities: also keep ``(C, Z, Y, X)`` float32 probabilities (NaN where a voxel
+            is invalid).
     """
 
     def __init__(
@@ -145,7 +142,7 @@ class LabelSink:
         self.store(res, z_start)
         if self.probabilities is not None:
             rows = slice(z_start, z_start + count)
-            self.probabilities[:, rows] = self.backend.probabilities(acc[:, :count], wsum[:count], self.kind)
+            self.probabilities[:, rows] = self.backend.probabilities(acc, wsum, self.kind, count)
 
     def store(self, res: native.FinalizeResult, z_start: int) -> None:
         """Rows ``[z_start, z_start + len(res.labels))`` finalised elsewhere (``native.finalize``

@@ -47,6 +47,7 @@ __all__ = [
     "has_native",
     "kernel_threads",
     "label_dtype",
+    "probabilities",
     "resample_finalize",
 ]
 
@@ -267,6 +268,41 @@ def finalize(
             kind=kind,
         )
     return _finalize_result(labels, confidence, counts)
+
+
+def probabilities(
+    acc: Any, wsum: Any, kind: str = "logits", *, rows: tuple[int, int] | None = None, algorithm: str = "auto"
+) -> Any:
+    """Normalise a blended slab into per-channel probabilities, those :func:`finalize` decides on.
+
+    Divides by ``wsum``; softmax over channels for ``kind="logits"`` (for one channel, the sigmoid
+    of its logit: the foreground probability); for ``kind="probabilities"`` the blended values
+    themselves. The element math is :func:`finalize`'s (one polynomial exp, every step rounded
+    alike on CPU and CUDA): the channel ``finalize`` labels holds the largest probability, and
+    that probability x 255, rounded, is ``finalize``'s confidence (for one channel: where the
+    label is 1). A voxel ``finalize`` counts invalid (zero or non-finite weight, a non-finite
+    value) is NaN in every channel.
+
+    Args:
+        acc: ``(C, Zs, Y, X)`` float32/float16 blended sums.
+        wsum: ``(Zs, Y, X)`` float32 weight sums.
+        kind: ``"logits"`` or ``"probabilities"``.
+        rows: only slab rows ``[start, end)`` (read in place, no copy); default all.
+        algorithm: ``"auto"``, ``"blocked"`` (the CPU kernel) or ``"voxel"`` (the CUDA
+            kernel's, on host arrays a host loop over it).
+
+    Returns:
+        ``(C, end - start, Y, X)`` float32, in the framework and on the device of ``acc``.
+
+    Raises:
+        ValueError, TypeError: a bad argument, named in the message.
+    """
+    if _C is None:
+        _fallback("probabilities")
+        r0, r1 = rows if rows is not None else (0, wsum.shape[0])
+        return reference.probabilities(acc[:, r0:r1], wsum[r0:r1], kind=kind)
+    # the declared arguments as in csrc/finalize.h (ATSO_PROBABILITIES_ARGS)
+    return _C.probabilities(acc=acc, wsum=wsum, rows=rows, algorithm=algorithm, kind=kind)
 
 
 def resample_finalize(

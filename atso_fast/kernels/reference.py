@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["accumulate", "bilinear_rows", "extract_patches", "finalize", "num_label_classes"]
+__all__ = ["accumulate", "bilinear_rows", "extract_patches", "finalize", "num_label_classes", "probabilities"]
 
 
 def num_label_classes(channels: int) -> int:
@@ -61,6 +61,15 @@ def accumulate(
         acc[every + dst] = (acc[every + dst].astype(np.float32) + contrib).astype(acc.dtype)
 
 
+def _blended(acc: np.ndarray, wsum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``acc / wsum`` float32 ``(C, ...)`` and the invalid voxels ``(...)``: zero or non-finite
+    weight, or a non-finite value in any channel."""
+    w = wsum.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        vals = acc.astype(np.float32) / w[None]
+    return vals, ~(w > 0) | ~np.isfinite(w) | ~np.isfinite(vals).all(axis=0)
+
+
 def finalize(
     acc: np.ndarray, wsum: np.ndarray, threshold: float = 0.0, ignore_index: int = 255, kind: str = "logits"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -74,10 +83,8 @@ def finalize(
     """
     c = acc.shape[0]
     k = num_label_classes(c)
-    w = wsum.astype(np.float32)
+    vals, invalid = _blended(acc, wsum)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        vals = acc.astype(np.float32) / w[None]
-        invalid = ~(w > 0) | ~np.isfinite(w) | ~np.isfinite(vals).all(axis=0)
         if c == 1:
             p = 1 / (1 + np.exp(-vals[0])) if kind == "logits" else vals[0]
             label = (p > 0.5).astype(np.int64)
@@ -121,3 +128,24 @@ def bilinear_rows(rows: np.ndarray, y_taps, x_taps) -> np.ndarray:
     with np.errstate(invalid="ignore", over="ignore"):
         t0, t1 = along_x(rows[:, :, a0]), along_x(rows[:, :, a1])
         return _fma32(t0, u0, t1 * u1)
+
+
+def probabilities(acc: np.ndarray, wsum: np.ndarray, kind: str = "logits") -> np.ndarray:
+    """Blended sums -> ``(C, Zs, Y, X)`` float32 probabilities, those :func:`finalize` decides on.
+
+    ``kind="logits"``: softmax over channels, or for one channel the sigmoid of its logit (as
+    ``e / (1 + e)`` with ``e = exp(-|v|)`` where the logit is not positive, so no overflow);
+    ``"probabilities"``: the blended values. NaN in every channel of a voxel that
+    :func:`finalize` counts invalid.
+    """
+    vals, invalid = _blended(acc, wsum)
+    with np.errstate(invalid="ignore", over="ignore"):
+        if kind != "logits":
+            p = vals
+        elif vals.shape[0] == 1:
+            e = np.exp(-np.abs(vals))
+            p = np.where(vals > 0, np.float32(1), e) / (1 + e)
+        else:
+            t = np.exp(vals - vals.max(axis=0, keepdims=True))
+            p = t / t.sum(axis=0, keepdims=True)
+    return np.where(invalid[None], np.float32(np.nan), p).astype(np.float32)

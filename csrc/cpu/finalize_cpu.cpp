@@ -1,4 +1,5 @@
-// Blocked CPU (OpenMP) finalisation: blended sums -> labels, confidence, per-class counts.
+// Blocked CPU (OpenMP) finalisation: blended sums -> labels, confidence, per-class counts
+// (finalize), or -> per-channel probabilities (probabilities).
 //
 // The accumulator is channel-major (C, N). Voxels are processed in blocks of kBlock so that a
 // block's C x kBlock values stay in L1/L2 across the passes (max, sum of exponentials), and
@@ -68,7 +69,57 @@ void finalize_impl(const FinalizeArgs& f) {
   }
 }
 
+// Probabilities of voxels [start, start + nb) from their values vals (C x nb) and invalid
+// flags: the passes of decide_block, then channel_probability per channel (probabilities_voxel's
+// operations, vectorised across the block).
+void probabilities_block(const ProbabilitiesArgs& p, int64_t start, int64_t nb, const float* vals,
+                         const uint8_t* invalid) {
+  const FinalizeArgs& f = p.f;
+  if (f.c == 1) {
+    float* out = p.out + start;
+    for (int64_t j = 0; j < nb; ++j) out[j] = output_probability(invalid[j], binary_probability(f, vals[j]));
+    return;
+  }
+  float maxv[kBlock], sum[kBlock];
+  int32_t best[kBlock];
+  max_block(vals, f.c, nb, maxv, best);
+  if (f.kind == kLogits) {
+    softmax_sum_block(vals, f.c, nb, maxv, sum);
+  } else {
+    for (int64_t j = 0; j < nb; ++j) sum[j] = 1.0f;  // unused by channel_probability
+  }
+  for (int64_t k = 0; k < f.c; ++k) {
+    const float* row = vals + k * nb;
+    float* out = p.out + k * f.n + start;
+    for (int64_t j = 0; j < nb; ++j) {
+      out[j] = output_probability(invalid[j], channel_probability(f, row[j], maxv[j], sum[j]));
+    }
+  }
+}
+
+template <typename A>
+void probabilities_impl(const ProbabilitiesArgs& p) {
+  const FinalizeArgs& f = p.f;
+  const int64_t blocks = (f.n + kBlock - 1) / kBlock;
+  const float* table = half_table();
+#pragma omp parallel num_threads(kernel_threads())
+  {
+    std::vector<float> vals(f.c * kBlock);
+    uint8_t invalid[kBlock];
+#pragma omp for schedule(static)
+    for (int64_t bi = 0; bi < blocks; ++bi) {
+      const int64_t start = bi * kBlock, nb = std::min(kBlock, f.n - start);
+      load_block<A>(f, start, nb, vals.data(), invalid, table);
+      probabilities_block(p, start, nb, vals.data(), invalid);
+    }
+  }
+}
+
 }  // namespace
+
+void probabilities_cpu(const ProbabilitiesArgs& p) {
+  with_float_type(p.f.acc_dtype, [&](auto acc) { probabilities_impl<decltype(acc)>(p); });
+}
 
 void finalize_cpu(const FinalizeArgs& f) {
   with_float_type(f.acc_dtype, [&](auto acc) {

@@ -53,6 +53,12 @@ void finalize_host_impl(const FinalizeArgs& f) {
   }
 }
 
+template <typename A>
+void probabilities_host_impl(const ProbabilitiesArgs& p) {
+#pragma omp parallel for schedule(static) num_threads(kernel_threads())
+  for (int64_t v = 0; v < p.f.n; ++v) probabilities_voxel<A>(p, v);
+}
+
 }  // namespace
 
 void extract_patches_host(const ExtractArgs& a) {
@@ -73,6 +79,10 @@ void finalize_host(const FinalizeArgs& f) {
       finalize_host_impl<decltype(acc), uint8_t>(f);
     }
   });
+}
+
+void probabilities_host(const ProbabilitiesArgs& p) {
+  with_float_type(p.f.acc_dtype, [&](auto acc) { probabilities_host_impl<decltype(acc)>(p); });
 }
 
 }  // namespace atso

@@ -19,6 +19,7 @@ struct CpuKernels {
   void (*extract_patches)(const ExtractArgs&);
   void (*accumulate)(const AccumulateArgs&);
   void (*finalize)(const FinalizeArgs&);
+  void (*probabilities)(const ProbabilitiesArgs&);
   void (*resample_finalize)(const ResampleFinalizeArgs&);
 };
 

@@ -3,6 +3,8 @@
 // in CI). Channels are read coalesced (adjacent threads hold adjacent voxels of one channel);
 // pass 2 re-reads them, mostly from L2. GPU-only: the grid-stride loop and the per-class
 // histogram (shared memory per block, then one atomicAdd per bin), copied back to the host.
+// probabilities: one thread per voxel runs probabilities_voxel (the same passes, then each
+// channel's probability written coalesced), stream-ordered, no histogram, no copy back.
 #include <algorithm>
 #include <vector>
 
@@ -51,7 +53,21 @@ void launch(const FinalizeArgs& f, unsigned long long* counts, int64_t n_counts,
   check_cuda(cudaGetLastError(), "finalize");
 }
 
+template <typename A>
+__global__ void probabilities_kernel(ProbabilitiesArgs p) {
+  ATSO_GRID_STRIDE_LOOP(v, p.f.n) { probabilities_voxel<A>(p, v); }
+}
+
 }  // namespace
+
+void probabilities_cuda(const ProbabilitiesArgs& p, uintptr_t stream_handle) {
+  if (p.f.n == 0) return;
+  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  with_float_type(p.f.acc_dtype, [&](auto acc) {
+    probabilities_kernel<decltype(acc)><<<blocks_for(p.f.n, kThreads), kThreads, 0, stream>>>(p);
+  });
+  check_cuda(cudaGetLastError(), "probabilities");
+}
 
 void finalize_cuda(const FinalizeArgs& f, uintptr_t stream_handle) {
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
