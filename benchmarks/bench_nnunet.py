@@ -20,7 +20,19 @@ Part ``window``: seconds of one window's forward pass through our runtime and th
 network nnU-Net's predictor runs, on the memory part's model (sizes a ``memory`` run before it
 is made).
 
+Part ``command``: the commands users run, whole: ``nnUNetv2_predict_from_modelfolder`` against
+``atso-fast relabel`` (default settings: ``auto`` runtime from the package's measured agreement),
+on a planner-sized network: nnU-Net's own ``ExperimentPlanner`` plans the real CT cases
+(fingerprint + ``nnUNetv2_plan_experiment`` on them, labels > 0 as foreground), and a model
+folder with random weights (``--folds`` folds) is written from those plans; ``--plans`` takes a
+plans.json instead. ``atso-fast import-nnunet`` (with ``--measure-scan`` on the first case) runs
+once, timed apart. Then both commands run ``--repeats`` times, alternating, each into a fresh
+folder; the best wall time of each is compared, and labels are compared voxel by voxel per case.
+``--mirror`` runs both with mirroring (nnU-Net's default TTA; ``--mirror`` for ours), else nnU-Net
+gets ``--disable_tta``. ``--toy`` uses the 8-16-32-64 network of ``speed`` instead.
+
 Usage:
+    flock /work/bench.lock python benchmarks/bench_nnunet.py command [--cases ct_abdomen tumour_lung1] [--mirror]
     flock /work/bench.lock python benchmarks/bench_nnunet.py speed [--cases ct_abdomen ...] [--mirror]
     flock /work/bench.lock python benchmarks/bench_nnunet.py memory [--depths 40 80 400] [--sides ours]
     flock /work/bench.lock python benchmarks/bench_nnunet.py window --patch 128 128 128 --features 32 64 128 256 320 320
@@ -303,6 +315,114 @@ def speed(ns: argparse.Namespace) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------ part: command
+def planner_plans(work: Path, cases: list[str]) -> dict:
+    """nnU-Net's ExperimentPlanner's ``nnUNetPlans.json`` for the real ``cases`` (an nnUNet_raw
+    dataset of their images, label > 0 as foreground; fingerprint, then planning)."""
+    import SimpleITK as sitk
+
+    raw = work / "raw" / "Dataset501_Bench"
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "labelsTr").mkdir()
+    for i, case in enumerate(cases):
+        image = sitk.ReadImage(str(REAL / case / "image.nii.gz"))
+        label = sitk.ReadImage(str(REAL / case / "label.nii.gz"))
+        fg = sitk.GetImageFromArray((sitk.GetArrayFromImage(label) > 0).astype(np.uint8))
+        fg.CopyInformation(image)
+        sitk.WriteImage(image, str(raw / "imagesTr" / f"case{i:03d}_0000.nii.gz"))
+        sitk.WriteImage(fg, str(raw / "labelsTr" / f"case{i:03d}.nii.gz"))
+    dataset = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "foreground": 1}}
+    dataset.update(numTraining=len(cases), file_ending=".nii.gz")
+    (raw / "dataset.json").write_text(json.dumps(dataset))
+    env = _nnunet_env(work)
+    subprocess.run(["nnUNetv2_extract_fingerprint", "-d", "501", "-np", "1"], env=env, check=True, capture_output=True)
+    subprocess.run(["nnUNetv2_plan_experiment", "-d", "501"], env=env, check=True, capture_output=True)
+    return json.loads((work / "preprocessed" / "Dataset501_Bench" / "nnUNetPlans.json").read_text())
+
+
+def _nnunet_env(work: Path) -> dict[str, str]:
+    names = {"nnUNet_raw": "raw", "nnUNet_preprocessed": "preprocessed", "nnUNet_results": "results"}
+    return {**os.environ, **{k: str(work / v) for k, v in names.items()}}
+
+
+def _timed_command(args: list[str], env: dict[str, str], timeout: float) -> tuple[float, float, str]:
+    """(wall seconds, peak tree RSS GiB, stderr tail) of one command; a failure raises."""
+    peak = [0]
+    start = time.perf_counter()
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], _tree_rss(proc.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate(timeout=timeout)
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(args[:2])} failed ({proc.returncode}): {err[-2000:]}")
+    return seconds, peak[0] / 2**30, (out + err)[-3000:]
+
+
+def command(ns: argparse.Namespace) -> dict:
+    from atso_fast.datasets.nnunet_folder import make_nnunet_folder
+
+    work = Path(tempfile.mkdtemp(prefix="bench_nnunet_cmd_"))
+    env = _nnunet_env(work)
+    if ns.toy:
+        folder = model_folder(work / "results", ns, ns.num_classes, [1.5] * 3, [32, 96, 96], [8, 16, 32, 64])
+        plans_source = "toy: 8-16-32-64, patch 32x96x96, 1.5 mm"
+    else:
+        plans = json.loads(ns.plans.read_text()) if ns.plans else planner_plans(work, ns.cases)
+        folder = make_nnunet_folder(
+            work / "results", plans=plans, num_classes=ns.num_classes, folds=tuple(range(ns.folds)), scale=ns.scale
+        )
+        plans_source = str(ns.plans) if ns.plans else "nnU-Net ExperimentPlanner on the cases"
+    config = json.loads((folder / "plans.json").read_text())["configurations"]["3d_fullres"]
+    images = work / "images"
+    images.mkdir()
+    for case in ns.cases:
+        (images / f"{case}_0000.nii.gz").symlink_to(REAL / case / "image.nii.gz")
+    package = work / "package"
+    scan = str(REAL / ns.cases[0] / "image.nii.gz")
+    import_args = ["atso-fast", "import-nnunet", str(folder), str(package), "--quiet", "--measure-scan", scan]
+    import_seconds, _, import_log = _timed_command(import_args, env, ns.timeout)
+    tta = [] if ns.mirror else ["--disable_tta"]
+    theirs_cmd = ["nnUNetv2_predict_from_modelfolder", "-i", str(images), "-m", str(folder), "-device", "cpu"]
+    theirs_cmd += ["-f", *map(str, range(ns.folds)), *tta]
+    ours_cmd = ["atso-fast", "relabel", str(package), str(images)] + (["--mirror"] if ns.mirror else [])
+    runs: dict[str, list[dict]] = {"nnunet": [], "ours": []}
+    for repeat in range(ns.repeats):
+        for side, cmd in (("nnunet", theirs_cmd), ("ours", ours_cmd)):
+            out = work / f"{side}_{repeat}"
+            seconds, gib, log = _timed_command([*cmd, "-o", str(out)], env, ns.timeout)
+            runs[side].append({"seconds": seconds, "peak_rss_gib": gib, "out": str(out), "log_tail": log[-600:]})
+            print(f"{side} run {repeat}: {seconds:.1f} s, peak {gib:.2f} GiB", file=sys.stderr, flush=True)
+    best = {side: min(runs[side], key=lambda r: r["seconds"]) for side in runs}
+    agree = agreement(Path(best["ours"]["out"]), Path(best["nnunet"]["out"]), ns.cases)
+    return {
+        "part": "command",
+        "plans": plans_source,
+        "network": {
+            "patch": config["patch_size"],
+            "spacing": config["spacing"],
+            "features": config["architecture"]["arch_kwargs"]["features_per_stage"],
+            "folds": ns.folds,
+        },
+        "commands": {"nnunet": theirs_cmd, "ours": ours_cmd},
+        "import_seconds": import_seconds,
+        "import_log": import_log[-1500:],
+        "runs": runs,
+        "best_seconds": {side: best[side]["seconds"] for side in best},
+        "speedup": best["nnunet"]["seconds"] / best["ours"]["seconds"],
+        "agreement": agree,
+        "min_agreement": min(agree.values()),
+    }
+
+
 # ------------------------------------------------------------------------------ part: memory
 def memory(ns: argparse.Namespace) -> dict:
     import nibabel as nib
@@ -433,7 +553,7 @@ def _repeat(fn, repeats: int) -> dict:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="part", required=True)
-    for name in ("speed", "memory", "window"):
+    for name in ("speed", "memory", "window", "command"):
         q = sub.add_parser(name)
         q.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
         q.add_argument("--mirror", action="store_true")
@@ -450,6 +570,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model-spacing", type=float, nargs=3, default=[1.5, 1.5, 1.5])
     s.add_argument("--patch", type=int, nargs=3, default=[32, 96, 96])
     s.add_argument("--features", type=int, nargs="+", default=[8, 16, 32, 64])
+    c = sub.choices["command"]
+    c.add_argument("--cases", nargs="+", default=["ct_abdomen", "tumour_lung1"])
+    c.add_argument("--num-classes", type=int, default=4)
+    c.add_argument("--plans", type=Path, help="an nnUNetPlans.json (default: nnU-Net's planner on the cases)")
+    c.add_argument("--toy", action="store_true", help="the toy 8-16-32-64 network instead")
+    c.add_argument("--repeats", type=int, default=2)
+    c.set_defaults(folds=2)
     for name in ("memory", "window"):
         m = sub.choices[name]
         m.add_argument("--classes", type=int, default=105)
@@ -498,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     load_before = os.getloadavg()
-    result = {"speed": speed, "memory": memory, "window": window}[ns.part](ns)
+    result = {"speed": speed, "memory": memory, "window": window, "command": command}[ns.part](ns)
     result.update(
         machine=machine(),
         date=datetime.date.today().isoformat(),

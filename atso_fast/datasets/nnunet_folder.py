@@ -133,7 +133,8 @@ def _checkpoint(
 
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.99, nesterov=True)
     # one step with zero gradients: the optimizer holds momentum buffers, the weights stay as drawn
-    (net(torch.zeros(1, 1, *plans["configurations"][configuration]["patch_size"])).sum() * 0).backward()
+    for param in net.parameters():
+        param.grad = torch.zeros_like(param)
     opt.step()
     opt.zero_grad()
     log = {
@@ -181,6 +182,7 @@ def make_nnunet_folder(
     seed: int = 0,
     mirror_axes: Sequence[int] | None = (0, 1, 2),
     transpose: Sequence[int] = (0, 1, 2),
+    plans: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``root/Dataset999_Synthetic/nnUNetTrainer__nnUNetPlans__<configuration>`` and return it.
 
@@ -196,6 +198,10 @@ def make_nnunet_folder(
         features: features per stage; scale: factor on the last layer's weights.
         mirror_axes: ``inference_allowed_mirroring_axes`` stored in the checkpoints.
         transpose: ``transpose_forward``.
+        plans: a whole ``nnUNetPlans.json`` (nnU-Net's ExperimentPlanner's, say) to use instead
+            of one made from the arguments above: its ``configuration`` sets the network, patch,
+            spacing and preprocessing; ``num_classes``, ``folds``, ``scale``, ``seed`` and
+            ``mirror_axes`` still apply.
     """
     import torch
 
@@ -210,6 +216,8 @@ def make_nnunet_folder(
     }
     folder = Path(root) / "Dataset999_Synthetic" / f"nnUNetTrainer__nnUNetPlans__{configuration}"
     folder.mkdir(parents=True, exist_ok=True)
+    if plans is not None:
+        normalization = plans["configurations"][configuration]["normalization_schemes"][0]
     labels = {"background": 0, **{f"class_{c}": c for c in range(1, num_classes)}}
     dataset = {
         "channel_names": {"0": "CT" if normalization == "CTNormalization" else "MR"},
@@ -217,7 +225,7 @@ def make_nnunet_folder(
         "numTraining": 10,
         "file_ending": ".nii.gz",
     }
-    plans = plans_for(
+    plans = plans or plans_for(
         configuration,
         patch=patch,
         spacing=spacing,

@@ -28,13 +28,11 @@ import numpy as np
 
 from atso_fast.io.base import InputError
 from atso_fast.io.files import not_regular_error, read_regular_file
+from atso_fast.io.onnx_shapes import inferred_shapes
 from atso_fast.io.pt2 import UnsafeArchiveError, check_torch_program
 from atso_fast.package.errors import PackageError
 
 __all__ = ["MAX_META_BYTES", "confined_file", "largest_tensor", "read_meta", "verify_package"]
-
-_KEEP_BYTES = 4096
-"""Initializers up to this size keep their data for shape inference (shapes given as tensors)."""
 
 MAX_META_BYTES = 16 * 1024 * 1024
 """``model.json`` above this size is refused (it is a small JSON object)."""
@@ -218,27 +216,13 @@ def largest_tensor(data: bytes, batch: int) -> tuple[str, int]:
     ``ConstantOfShape`` of 6 GiB, say) is found before any runtime runs it."""
     import onnx
 
-    model = onnx.load_model_from_string(data)
-    for weight in model.graph.initializer:  # shapes need dims only: skip copying the weights
-        if len(weight.raw_data) > _KEEP_BYTES:
-            weight.ClearField("raw_data")
-    for value in model.graph.input[:1]:
-        dims = value.type.tensor_type.shape.dim
-        if dims and not dims[0].HasField("dim_value"):
-            dims[0].dim_value = int(batch)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # noqa: BLE001 - inference is a check of its own; the runtime reports errors
-        return "", 0
     best = ("", 0)
-    for value in [*inferred.graph.value_info, *inferred.graph.output]:
-        tensor = value.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
-        if not tensor.HasField("shape") or None in dims:
+    for name, (elem_type, dims) in inferred_shapes(data, {0: int(batch)}).items():
+        if None in dims:
             continue
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize if tensor.elem_type else 4
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(elem_type).itemsize if elem_type else 4
         size = itemsize * int(np.prod(dims, dtype=np.float64))
-        best = max(best, (value.name, size), key=lambda item: item[1])
+        best = max(best, (name, size), key=lambda item: item[1])
     return best
 
 

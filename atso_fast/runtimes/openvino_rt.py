@@ -54,6 +54,7 @@ from atso_fast.runtimes.base import (
     model_bytes,
 )
 from atso_fast.runtimes.blob_cache import BlobCache
+from atso_fast.runtimes.onnx_norm import precise_instance_norms
 
 __all__ = [
     "MAX_IN_FLIGHT",
@@ -163,6 +164,10 @@ class OpenVinoRuntime(FixedRuntime):
             them.
         dynamic_batch: compile a batch axis of 1..``batch_size`` (short batches run at their
             size); False: the static ``batch_size``, short batches zero-padded.
+        precise_norms: rewrite the model's float32 InstanceNormalization nodes into nested
+            per-axis means (:mod:`atso_fast.runtimes.onnx_norm`: OpenVINO's fused MVN sums a
+            whole channel in one float32 lane); :attr:`precise_norms` then holds how many were
+            rewritten. False: OpenVINO's own MVN.
 
     Raises:
         RuntimeUnavailable: openvino is not installed.
@@ -187,6 +192,7 @@ class OpenVinoRuntime(FixedRuntime):
         streams: int | None = None,
         dynamic_batch: bool = True,
         source: str | os.PathLike | None = None,
+        precise_norms: bool = True,
     ):
         self.ov = _ov()
         self.device, self.precision = check_device(device), check_precision(precision)
@@ -210,7 +216,8 @@ class OpenVinoRuntime(FixedRuntime):
         self.dynamic_batch = bool(dynamic_batch)
         self.cache_dir = self._cache_dir(cache_dir)
         self.reuse_output = False
-        model = self._read()
+        self.precise_norms = 0
+        model = self._read(precise_norms)
         self._out_type = model.output(0).get_element_type().get_type_name()  # f32, or bf16 (see _read)
         out_bytes = self._output_bytes(model)
         self.streams = 1 if streams is None else int(streams)
@@ -268,10 +275,14 @@ class OpenVinoRuntime(FixedRuntime):
             config["INFERENCE_NUM_THREADS"] = self.threads
         return config
 
-    def _read(self) -> Any:
-        """The ONNX model reshaped to :attr:`input_shape` (not compiled)."""
+    def _read(self, precise_norms: bool) -> Any:
+        """The ONNX model (its norms rewritten when asked) reshaped to :attr:`input_shape` (not
+        compiled)."""
+        data = self.onnx_bytes
+        if precise_norms:
+            data, self.precise_norms = precise_instance_norms(data, (1, *self._sample))
         try:
-            model = _core().read_model(self.onnx_bytes)
+            model = _core().read_model(data)
             if len(model.inputs) != 1 or len(model.outputs) != 1:
                 raise ValueError(f"expected one input and one output, got {len(model.inputs)} and {len(model.outputs)}")
             batch = self.ov.Dimension(1, self.batch_size) if self.dynamic_batch else self.batch_size
@@ -308,7 +319,7 @@ class OpenVinoRuntime(FixedRuntime):
             self.onnx_bytes,
             self.ov.__version__,
             self._device_name(),
-            f"{self.precision}/streams{self.streams}/out-{self._out_type}",
+            f"{self.precision}/streams{self.streams}/out-{self._out_type}/norms-{self.precise_norms}",
             self.input_shape,
         )
         cache = None if self.cache_dir is None else BlobCache(self.cache_dir, self.name)

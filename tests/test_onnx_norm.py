@@ -1,0 +1,168 @@
+"""InstanceNormalization rewritten in plain ops (atso_fast.runtimes.onnx_norm): the same function
+as the ONNX operator, exact where OpenVINO's fused MVN is not, and left alone where it cannot be
+sized."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from atso_fast.runtimes.onnx_norm import count_instance_norms, precise_instance_norms
+
+
+def _norm_model(
+    shape: tuple[int, ...],
+    *,
+    opset: int = 18,
+    conv: bool = False,
+    dtype: int = TensorProto.FLOAT,
+    symbolic_spatial: bool = False,
+    seed: int = 0,
+) -> bytes:
+    """x -> [Conv 3^d ->] InstanceNormalization -> LeakyRelu -> y, batch axis symbolic."""
+    rng = np.random.default_rng(seed)
+    channels, dims = shape[1], len(shape) - 2
+    np_type = np.float16 if dtype == TensorProto.FLOAT16 else np.float32
+    inits = [
+        numpy_helper.from_array((rng.standard_normal(channels) + 1).astype(np_type), "scale"),
+        numpy_helper.from_array(rng.standard_normal(channels).astype(np_type), "bias"),
+    ]
+    nodes, src = [], "x"
+    if conv:
+        weight = rng.standard_normal((channels, channels, *(3,) * dims)) / np.sqrt(channels * 3**dims)
+        inits += [
+            numpy_helper.from_array(weight.astype(np_type), "w"),
+            numpy_helper.from_array(rng.standard_normal(channels).astype(np_type), "wb"),
+        ]
+        nodes.append(helper.make_node("Conv", ["x", "w", "wb"], ["c"], pads=[1] * (2 * dims)))
+        src = "c"
+    nodes.append(helper.make_node("InstanceNormalization", [src, "scale", "bias"], ["n"], epsilon=1e-5))
+    nodes.append(helper.make_node("LeakyRelu", ["n"], ["y"], alpha=0.01))
+    spatial = [f"s{i}" for i in range(dims)] if symbolic_spatial else list(shape[2:])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", dtype, ["batch", channels, *spatial])],
+        [helper.make_tensor_value_info("y", dtype, ["batch", channels, *spatial])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def _ort(model: bytes, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def _float64_norm(x: np.ndarray, model: bytes) -> np.ndarray:
+    """The network of :func:`_norm_model` (without conv) in float64."""
+    graph = onnx.load_from_string(model).graph
+    inits = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in graph.initializer}
+    axes = tuple(range(2, x.ndim))
+    xd = x.astype(np.float64)
+    bc = (1, -1) + (1,) * (x.ndim - 2)
+    y = (xd - xd.mean(axis=axes, keepdims=True)) / np.sqrt(xd.var(axis=axes, keepdims=True) + 1e-5)
+    y = y * inits["scale"].reshape(bc) + inits["bias"].reshape(bc)
+    return np.where(y > 0, y, 0.01 * y)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7, 9), (1, 4, 1, 1, 6), (3, 2, 11, 13), (2, 5, 17)])
+@pytest.mark.parametrize("opset", [11, 13, 18])
+def test_rewrite_computes_the_operator(shape, opset):
+    model = _norm_model(shape, opset=opset)
+    rewritten, count = precise_instance_norms(model, (1, *shape[1:]))
+    assert count == 1 and count_instance_norms(rewritten) == 0 and count_instance_norms(model) == 1
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(shape) * 3 + 20 * rng.standard_normal((1, shape[1]) + (1,) * (len(shape) - 2))).astype(
+        np.float32
+    )
+    ref = _float64_norm(x, model)
+    assert np.abs(_ort(rewritten, x) - ref).max() < 1e-4
+    np.testing.assert_allclose(_ort(rewritten, x), _ort(model, x), atol=2e-4)
+
+
+def test_rewrite_keeps_the_interface_and_drops_the_old_weights():
+    model = _norm_model((1, 4, 6, 8, 8), conv=True)
+    rewritten, _ = precise_instance_norms(model, (1, 4, 6, 8, 8))
+    old, new = onnx.load_from_string(model), onnx.load_from_string(rewritten)
+    assert new.graph.input == old.graph.input and new.graph.output == old.graph.output
+    names = {i.name for i in new.graph.initializer}
+    assert {"w", "wb"} <= names and not {"scale", "bias"} & names
+    onnx.checker.check_model(new)
+
+
+def test_rewrite_is_exact_on_a_long_channel_sum():
+    """A conv then a norm over 32 x 64 x 64 voxels per channel (the shape where OpenVINO's MVN
+    drifts) through every installed runtime: within 1e-4 of float64 once rewritten."""
+    shape = (1, 8, 32, 64, 64)
+    model = _norm_model(shape, conv=True)
+    rewritten, count = precise_instance_norms(model, shape)
+    assert count == 1
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32) - 3
+    reference = _ort(model, x)  # the conv is exact enough in ORT; compare the rewrite to it
+    assert np.abs(_ort(rewritten, x) - reference).max() < 1e-3
+    ov = pytest.importorskip("openvino")
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(rewritten), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    out = compiled(x)[0]
+    assert np.abs(out - reference).max() < 1e-3
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"symbolic_spatial": True}, {"dtype": TensorProto.FLOAT16}],
+    ids=["sizes unknown", "float16"],
+)
+def test_norms_it_cannot_size_or_type_stay(kwargs):
+    model = _norm_model((1, 3, 4, 5, 6), **kwargs)
+    # symbolic spatial sizes are set from the window, so only a window of other rank leaves them open
+    window = (1, 3) if kwargs.get("symbolic_spatial") else (1, 3, 4, 5, 6)
+    rewritten, count = precise_instance_norms(model, window)
+    assert count == 0 and rewritten is model
+
+
+def test_symbolic_sizes_are_taken_from_the_window():
+    shape = (1, 3, 4, 5, 6)
+    model = _norm_model(shape, symbolic_spatial=True)
+    rewritten, count = precise_instance_norms(model, shape)
+    assert count == 1
+    x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    np.testing.assert_allclose(_ort(rewritten, x), _ort(model, x), atol=1e-5)
+
+
+def test_a_model_without_norms_is_returned_as_it_is():
+    model = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        )
+    ).SerializeToString()
+    assert precise_instance_norms(model, (1, 2, 3)) == (model, 0)
+
+
+def test_openvino_runtime_rewrites_by_default_and_keys_its_cache(tmp_path):
+    pytest.importorskip("openvino")
+    from atso_fast.runtimes.openvino_rt import OpenVinoRuntime
+
+    shape = (1, 4, 6, 8, 8)
+    model = _norm_model(shape, conv=True)
+    x = np.random.default_rng(4).standard_normal((2, *shape[1:])).astype(np.float32)
+    common = {"batch_size": 2, "window": shape[2:], "in_channels": 4, "cache_dir": tmp_path}
+    precise = OpenVinoRuntime(model, **common)
+    plain = OpenVinoRuntime(model, precise_norms=False, **common)
+    assert (precise.precise_norms, plain.precise_norms) == (1, 0)
+    np.testing.assert_allclose(precise(x), _ort(model, x), atol=1e-4)
+    np.testing.assert_allclose(plain(x), _ort(model, x), atol=1e-4)
+    assert len(list(tmp_path.rglob("*"))) >= 2  # two compiled models: the cache keys differ
+
+
+def test_bytes_that_are_no_model_are_left_to_the_runtime():
+    assert precise_instance_norms(b"\x00garbage\xff" * 10, (1, 1, 4, 4, 4)) == (b"\x00garbage\xff" * 10, 0)
+    assert count_instance_norms(b"\x00garbage\xff") == 0
