@@ -73,7 +73,8 @@ label change since the previous labels and since M0's, and, with known truth, th
 Dice before and after; and the paper's premise (:func:`premise`): how much the round's model
 improves on the labels of the part it trained on, against the improvement of the part it
 relabelled (truth known only). The start agreement and the premise's trained side cost another
-inference pass over the training part: they run on memory storage only (NaN on disk).
+inference pass over the training part: on memory storage always; on disk the start agreement is
+NaN and the premise's trained side runs with ``premise_on_disk: true``.
 
 Every random choice of round k comes from generators seeded by ``(seed, k, purpose)``, and the
 optimiser is created fresh each round, so a run resumed from the checkpoint of round k gives
@@ -728,7 +729,7 @@ class ATSO:
         """The premise's trained side (memory), then the store relabels the held-out parts."""
         cfg, metrics = self.config, self.pending
         idx = sorted(i for name in train_on for i in self.subsets[name])
-        trained = self._premise_trained(idx) if relabel else {}
+        trained = self._premise_trained(idx, k) if relabel else {}
         model_id = model_name(k, cfg.rounds)
         fresh, self._fresh = self._fresh, {}
         monitor, row = self.store.relabel(
@@ -932,14 +933,18 @@ class ATSO:
         pairs = [(image[: cfg.in_channels], label) for image, label in pairs]
         return mean_loss(self.model, pairs, ignore_index=cfg.ignore_index, device=cfg.device)
 
-    def _premise_trained(self, idx: list[int]) -> dict[str, float]:
+    def _premise_trained(self, idx: list[int], k: int) -> dict[str, float]:
         """After fine-tuning, where the truth of the training part is known (memory storage): the
         Dice of the labels the student trained on, of its own predictions there, and their
         agreement. The predictions are kept for a relabelling of the same cases by the same model
         (self-training)."""
         cfg = self.config
-        if not idx or not self.store.in_memory or cfg.method not in ("atso", "self-training"):
+        if not idx or cfg.method not in ("atso", "self-training"):
             return {}
+        if isinstance(self.store, CacheStore):
+            if not cfg.premise_on_disk:
+                return {}
+            return self.store.trained_side(idx, k, resume=self._resumed_phase == "relabel")
         truth = _all_present(self.store.truths(idx))
         if truth is None:
             return {}

@@ -36,9 +36,10 @@ one (same device and threads; wall-clock fields ``seconds`` and ``timing`` aside
 
 Not on disk storage: soft targets and Mean Teacher (both need every unlabelled image in memory),
 driving scenes (the Cityscapes data form and the road-scene augmentation: whole frames in memory),
-a custom ``relabeler`` (each round's exported package relabels), and the monitors that cost
-another inference pass over the training part each round (``start_agreement`` and the premise's
-trained side are NaN here).
+a custom ``relabeler`` (each round's exported package relabels), and ``start_agreement`` (it
+needs the student before training as a package: NaN here). The premise's trained side costs
+another engine pass over the training part each round: on with ``premise_on_disk: true``
+(:meth:`CacheStore.trained_side`), else NaN.
 
 The kill -9 tests reach the phase boundaries through the seams :meth:`CacheStore._on_step`,
 :meth:`CacheStore.export` and the module's :func:`local_engine` (``tests/kill_at.py``); no test
@@ -50,6 +51,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -385,9 +387,39 @@ class CacheStore:
             "timing": timing,
         }
 
-    def _run_engine(self, idx: list[int], pseudo_dir: Path, *, resume: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The archive engine over the cached images of ``idx``, then their foreground index.
-        Returns ``(summary, wall-clock figures)``."""
+    def trained_side(self, idx: Sequence[int], k: int, *, resume: bool = False) -> dict[str, float]:
+        """The premise's trained side (``ATSOConfig.premise_on_disk``): round ``k``'s package over
+        the part it trained on once more, into ``round_K/premise`` (removed after), then, streamed
+        case by case, the Dice of the labels it trained on and of its own labels against the truth,
+        and their agreement; ``{}`` when a case has no truth."""
+        idx = sorted(idx)
+        if not idx or any(self.unlabelled[i].label is None for i in idx):
+            return {}
+        cfg = self.config
+        folder = self.round_dir(k) / "premise"
+        self._run_engine(idx, folder, resume=resume, index=False)
+        dice = {key: PooledDice(cfg.num_classes, ignore_index=cfg.ignore_index) for key in ("label", "model", "agree")}
+        for i in idx:
+            case = self.unlabelled[i]
+            truth, model = open_array(case.label), view_array(folder / f"{case.case_id}.npy")
+            labels = self.labels([i])[0]
+            if labels is None:
+                raise ValueError(f"unlabelled case {case.case_id} has no pseudo label yet (not relabelled)")
+            dice["label"].add(np.asarray(labels), truth)
+            dice["model"].add(np.asarray(model), truth)
+            dice["agree"].add(np.asarray(model), np.asarray(labels))
+        shutil.rmtree(folder, ignore_errors=True)
+        return {
+            "label_dice": dice["label"].result()[1],
+            "model_dice": dice["model"].result()[1],
+            "agreement": dice["agree"].result()[1],
+        }
+
+    def _run_engine(
+        self, idx: list[int], pseudo_dir: Path, *, resume: bool, index: bool = True
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The archive engine over the cached images of ``idx``, then (``index``) their
+        foreground index. Returns ``(summary, wall-clock figures)``."""
         if not idx:
             return {"cases": 0, "voxels": 0, "runtime": None}, {}
         cfg = self.config
@@ -415,7 +447,7 @@ class CacheStore:
             summary.get("runtime"),
             100 * summary["busy_fraction"],
         )
-        for i in idx:
+        for i in idx if index else ():
             self._index_pseudo(self.unlabelled[i], pseudo_dir)
         timing = {
             "relabel_engine_s": summary["seconds"],
