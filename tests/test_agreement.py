@@ -15,6 +15,7 @@ from atso_fast.engine.agreement import (
     RECORD_KEY,
     agreement_table,
     choose_runtime,
+    default_count,
     machine_id,
     measure_package,
     sample_windows,
@@ -181,3 +182,17 @@ def test_export_measures_unless_told_not_to(tmp_path, capsys):
     assert RECORD_KEY in json.loads((tmp_path / "pkg" / "model.json").read_text())
     assert main([*argv[:2], str(tmp_path / "pkg2"), *argv[3:], "--no-measure"]) == 0
     assert RECORD_KEY not in json.loads((tmp_path / "pkg2" / "model.json").read_text())
+
+
+def test_the_default_window_count_holds_a_few_million_voxels(package_dir):
+    """2 windows of nnU-Net's planner window (64 x 160 x 192, ~2 M voxels), 8 of small ones."""
+    package = load_package(package_dir)
+    assert default_count(package) == 8  # a small test window
+    package.window = (64, 160, 192)
+    assert default_count(package) == 2
+    package.window = (48, 96, 96)
+    assert default_count(package) == 8
+    package.window = (128, 128, 128)
+    assert default_count(package) == 2
+    package.window = (512, 1024)
+    assert default_count(package) == 8

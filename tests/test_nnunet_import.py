@@ -260,3 +260,20 @@ def test_transposed_plans_match_nnunet_predictor(tmp_path, real_data):
     agree = compare_labels(ours, theirs)
     print(f"transposed plans: labels agree on {agree:.5%}; network grid {result.stats['network_shape']}")
     assert agree >= 0.999
+
+
+def test_a_folder_from_given_plans_keeps_them(tmp_path):
+    """make_nnunet_folder(plans=...): the planner's plans are written as they are (network, patch,
+    spacing, normalisation), and the folder imports."""
+    plans = json.loads(
+        (make_nnunet_folder(tmp_path / "a", patch=(16, 32, 32), features=(4, 8, 16)) / "plans.json").read_text()
+    )
+    config = plans["configurations"]["3d_fullres"]
+    config["spacing"] = [3.0, 1.25, 1.25]
+    config["normalization_schemes"] = ["ZScoreNormalization"]
+    config["architecture"]["arch_kwargs"]["features_per_stage"] = [6, 12, 24]
+    folder = make_nnunet_folder(tmp_path / "b", plans=plans, num_classes=2)
+    assert json.loads((folder / "plans.json").read_text()) == plans
+    assert json.loads((folder / "dataset.json").read_text())["channel_names"] == {"0": "MR"}
+    package = load_package(import_nnunet(folder, tmp_path / "pkg"))
+    assert package.spacing == [3.0, 1.25, 1.25] and package.num_classes == 2

@@ -72,7 +72,7 @@ def test_origins_match_nnunet_predictor_2d(size):
     np.testing.assert_array_equal(nnunet_origins(size, (1, *patch), 0.5), want)
 
 
-@pytest.mark.parametrize("tile", [(16, 32, 48), (64, 64), (5, 7, 9)])
+@pytest.mark.parametrize("tile", [(16, 32, 48), (64, 64), (5, 7, 9), (64, 160, 192), (1, 3, 2)])
 def test_gaussian_matches_compute_gaussian(tile):
     torch = pytest.importorskip("torch")
     swp = pytest.importorskip("nnunetv2.inference.sliding_window_prediction")
@@ -84,6 +84,20 @@ def test_gaussian_matches_compute_gaussian(tile):
     got = nnunet_gaussian(tile)
     np.testing.assert_array_equal(got, want)
     assert got.dtype == np.float32 and got.min() > 0 and got.max() == pytest.approx(10, rel=1e-3)
+
+
+@pytest.mark.parametrize("tile", [(64, 160, 192), (5, 7, 9), (1, 1, 1), (2, 3), (17,)])
+def test_separable_gaussian_is_the_filtered_impulse_bit_for_bit(tile):
+    """The map is built from 1D responses; scipy's N-D filter of the impulse gives the same bits."""
+    from scipy.ndimage import gaussian_filter
+
+    impulse = np.zeros(tile)
+    impulse[tuple(t // 2 for t in tile)] = 1
+    full = gaussian_filter(impulse, [t / 8 for t in tile], 0, mode="constant", cval=0)
+    full /= np.max(full) / 10.0
+    half = full.astype(np.float32).astype(np.float16)  # torch's double -> half path
+    half[half == 0] = half[half != 0].min() if (half == 0).any() else 0
+    np.testing.assert_array_equal(nnunet_gaussian(tile), half.astype(np.float32))
 
 
 def test_profiles_dispatch():

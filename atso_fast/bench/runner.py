@@ -57,6 +57,7 @@ __all__ = [
     "MIN_AGREEMENT",
     "BenchConfig",
     "Device",
+    "machine_info",
     "run_bench",
     "run_batches",
     "time_repeats",
@@ -301,10 +302,26 @@ def _model_dir(cfg: BenchConfig, scratch: Path) -> tuple[Path, str]:
     return path, f"builtin:{name}"
 
 
-def _machine(device: str) -> dict[str, Any]:
+def _cpu_model() -> str | None:
+    """``model name`` of the first CPU in ``/proc/cpuinfo`` (None where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """CPU model and count, torch version, the native build and (CUDA) the GPU's name: the
+    machine a report's numbers come from."""
     import torch
 
-    info: dict[str, Any] = {"cpu_count": os.cpu_count(), "torch": torch.__version__, "native": native.build_info()}
+    info: dict[str, Any] = {
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "native": native.build_info(),
+    }
     if device.startswith("cuda"):
         info["device_name"] = torch.cuda.get_device_name(torch.device(device))
     return info
@@ -376,7 +393,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             "windows": len(sliding_window_origins(volume.shape[-3:], package.window3d, cfg.overlap)),
         },
         "reference": ref_name,
-        "machine": _machine(cfg.device),
+        "machine": machine_info(cfg.device),
         "results": rows,
         "correct": bool(ran) and all(r["correct"] for r in ran),
     }

@@ -1,5 +1,7 @@
 """``atso-fast bench``: the command line (options -> :class:`~atso_fast.bench.runner.BenchConfig`,
-the report as a table or JSON)."""
+or with ``--scenes`` :class:`~atso_fast.bench.scenes.SceneBenchConfig`; the report as a table or
+JSON). The scene benchmark's network, a seeded ResNet U-Net, is built here: ``atso_fast.bench``
+sits below ``atso_fast.train`` and takes it as a factory."""
 
 from __future__ import annotations
 
@@ -11,13 +13,29 @@ from typing import Any
 
 from atso_fast.bench.networks import default_window
 from atso_fast.bench.runner import _PRECISIONS, BENCH_RUNTIMES, BenchConfig, run_bench
+from atso_fast.bench.scenes import SIDES, SceneBenchConfig, run_scene_bench
 from atso_fast.cli.common import make_parser, parse_or_status
 from atso_fast.engine.agreement import RECORD_KEY, agreement_table
 from atso_fast.engine.windows import check_overlap
 from atso_fast.package import load_package
+from atso_fast.runtimes import RUNTIMES
 from atso_fast.runtimes.base import check_device
+from atso_fast.train.resnet_unet import ResNetUNet
 
-__all__ = ["build_parser", "config_from_args", "format_table", "cli_main"]
+__all__ = [
+    "build_parser",
+    "config_from_args",
+    "scene_config_from_args",
+    "scene_network",
+    "format_table",
+    "format_scene_table",
+    "cli_main",
+]
+
+_SCENE_ONLY = ("frames", "frame_size", "runtime", "threads")
+"""Options (argparse dests) of ``--scenes`` only."""
+_VOLUME_ONLY = ("model_dir", "shape", "runtimes", "precision", "net", "compile")
+"""Options of the volume benchmark only."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         "atso-fast bench",
         (
             "Seconds per volume, voxels/s, windows/s, peak memory, stitching overhead over the network "
-            "alone, and label agreement with the float32 reference, per runtime and precision."
+            "alone, and label agreement with the float32 reference, per runtime and precision. With "
+            "--scenes: frames/s of the relabel pass on 2D RGB driving scenes beside a plain torch loop "
+            "and MONAI's sliding_window_inference over the same ResNet U-Net, in one run."
         ),
     )
     p.add_argument(
@@ -45,11 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--window",
         type=int,
-        nargs=3,
-        metavar=("Z", "Y", "X"),
-        help="built-in model only: window (default 64^3 on cpu, 96^3 on cuda)",
+        nargs="+",
+        metavar="N",
+        help="built-in model only: window Z Y X (default 64^3 on cpu, 96^3 on cuda); "
+        "with --scenes H W (default 512 512)",
     )
-    p.add_argument("--runtimes", default="all", help="'all' or a comma list of " + ",".join(BENCH_RUNTIMES))
+    p.add_argument("--runtimes", help="'all' (default) or a comma list of " + ",".join(BENCH_RUNTIMES))
     p.add_argument(
         "--precision",
         default=None,
@@ -57,12 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", "--batch", dest="batch", type=int, default=4, help="windows per runtime call")
     p.add_argument("--overlap", type=float, default=0.5, help="window overlap in [0, 1)")
-    p.add_argument("--classes", type=int, help="built-in model only: output classes (default 3)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--classes", type=int, help="built-in model only: output classes (default 3; 19 with --scenes)")
+    p.add_argument("--device", help="cpu (default), cuda or cuda:N")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per pair (median reported)")
     p.add_argument(
         "--net",
-        default="auto",
         choices=["auto", "unet", "convnet"],
         help="built-in model only: architecture (auto = MONAI U-Net when installed)",
     )
@@ -73,7 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile the torch rows (compile time is excluded: it happens in the warm-up)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    _scene_options(p)
     return p
+
+
+def _scene_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "2D RGB scenes (--scenes)",
+        "ours (the Relabeler on the exported package) vs a plain torch loop over the same windows vs "
+        "MONAI's sliding_window_inference, one seeded ResNet-18 U-Net, procedural driving frames, CPU",
+    )
+    g.add_argument("--scenes", action="store_true", help="run the scene benchmark instead of the volume one")
+    g.add_argument("--frames", type=int, help="frames per timed run (default 8)")
+    g.add_argument("--frame-size", type=int, nargs=2, metavar=("H", "W"), help="frame size (default 512 1024)")
+    g.add_argument("--runtime", choices=RUNTIMES, help="runtime of the relabel pass (default auto)")
+    g.add_argument("--threads", type=int, help="CPU threads of every side (default: the libraries' own, all cores)")
 
 
 def _csv(value: str, allowed: tuple[str, ...], name: str) -> tuple[str, ...]:
@@ -108,7 +142,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         ValueError: naming the option and the value received.
     """
 
-    device = check_device(args.device)
+    _refuse(args, _SCENE_ONLY, "belong to --scenes")
+    device = check_device(args.device or "cpu")
     check_overlap(args.overlap)
     if args.model_dir is not None and (args.window is not None or args.classes is not None):
         raise ValueError(
@@ -130,17 +165,74 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         args.model_dir,
         shape,
         window,
-        _csv(args.runtimes, BENCH_RUNTIMES, "--runtimes"),
+        _csv(args.runtimes or "all", BENCH_RUNTIMES, "--runtimes"),
         precisions,
         batch,
         float(args.overlap),
         classes,
         device,
         repeats,
-        args.net,
+        args.net or "auto",
         int(args.seed),
         bool(args.compile),
     )
+
+
+def _refuse(args: argparse.Namespace, dests: tuple[str, ...], why: str) -> None:
+    given = [
+        "MODEL_DIR" if d == "model_dir" else "--" + d.replace("_", "-")
+        for d in dests
+        if getattr(args, d) not in (None, False)
+    ]
+    if given:
+        raise ValueError(f"{', '.join(given)}: {why}")
+
+
+def scene_config_from_args(args: argparse.Namespace) -> SceneBenchConfig:
+    """Validate parsed ``--scenes`` arguments into a :class:`SceneBenchConfig` (its defaults for
+    what is not given).
+
+    Raises:
+        ValueError: an option of the volume benchmark, or a value out of range (named).
+    """
+    _refuse(args, _VOLUME_ONLY, "the volume benchmark's, not --scenes'")
+    if args.device not in (None, "cpu"):
+        raise ValueError(f"--scenes runs on the CPU, got --device {args.device}")
+    given = {
+        "frames": args.frames,
+        "frame_size": args.frame_size,
+        "window": args.window,
+        "classes": args.classes,
+        "runtime": args.runtime,
+        "threads": args.threads,
+    }
+    return SceneBenchConfig(
+        overlap=args.overlap,
+        batch=args.batch,
+        seed=args.seed,
+        repeats=args.repeats,
+        **{k: v for k, v in given.items() if v is not None},
+    )
+
+
+def scene_network(cfg: SceneBenchConfig) -> tuple[Any, str]:
+    """The scene benchmark's network: a ResNet U-Net (``cfg.layers``, ``cfg.decoder_channels``)
+    with weights seeded by ``cfg.seed`` (torch's global RNG left as it was), in eval mode.
+
+    Raises:
+        ValueError: a window that is not a multiple of the network's divisor (32).
+    """
+    import torch
+
+    if any(w % ResNetUNet.divisor for w in cfg.window):
+        raise ValueError(
+            f"--window {cfg.window[0]} {cfg.window[1]}: the ResNet U-Net needs multiples of "
+            f"{ResNetUNet.divisor} (five stride-2 stages)"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        net = ResNetUNet(cfg.classes, depth=cfg.layers, decoder_channels=cfg.decoder_channels)
+    return net.eval(), f"resnet{cfg.layers}-unet"
 
 
 # --------------------------------------------------------------------------- output
@@ -217,12 +309,64 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _scene_cells(row: dict[str, Any]) -> list[str]:
+    agree = row["agreement_with_ours"]
+    values = [
+        (row["side"], "{}"),
+        (row["frames_per_s"], "{:.3f}"),
+        (row["seconds"], "{:.2f}"),
+        (row["peak_host_mib"], "{:.0f}"),
+        (agree and agree["mean"], "{:.5f}"),
+        (agree and agree["min"], "{:.5f}"),
+    ]
+    return [fmt.format(v) if v is not None else "-" for v, fmt in values]
+
+
+def format_scene_table(report: dict[str, Any]) -> str:
+    """The ``--scenes`` table: one row per side, then the ratios and the runtime ours used."""
+    cfg, ratios = report["config"], report["ratios"]
+    rows = [["side", "frames/s", "s/run", "peak RSS MiB", "agree mean", "agree min"]]
+    rows += [_scene_cells(r) for r in report["sides"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    size, window = "x".join(map(str, cfg["frame_size"])), "x".join(map(str, cfg["window"]))
+    lines = [
+        f"{report['network']} ({cfg['classes']} classes, seeded random weights), window {window}; "
+        f"{cfg['frames']} frames {size}, {report['windows_per_frame']} windows/frame (overlap {cfg['overlap']}, "
+        f"batch {cfg['batch']}); threads {cfg['threads'] or 'default'}; s/run = all frames, median of "
+        f"{cfg['repeats']} interleaved runs; agree = label agreement with ours per frame",
+        f"ours: Relabeler, runtime {report['runtime']} ({report['runtime_reason']}); torch loop: the same "
+        "windows and gaussian in plain torch; monai: sliding_window_inference",
+    ]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    if report["correct"]:
+        lines.append(
+            "frames/s ratio (same run): "
+            + ", ".join(f"ours / {n}: {ratios['ours_vs_' + n.replace(' ', '_')]:.2f}x" for n in SIDES[1:])
+        )
+    else:
+        lines.append(f"incorrect, not timed: {report['reason']}")
+    return "\n".join(lines)
+
+
+def _scenes_main(args: argparse.Namespace) -> int:
+    try:
+        report = run_scene_bench(scene_config_from_args(args), scene_network)
+    except (ValueError, RuntimeError, ImportError) as exc:
+        print(f"atso-fast bench: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report) if args.json else format_scene_table(report))
+    return 0 if report["correct"] else 1
+
+
 def cli_main(argv: list[str] | None = None) -> int:
-    """``atso-fast bench [MODEL_DIR] [options]``: 0 when every pair that ran is correct, 1 when
-    one is incorrect or failed, 2 on bad usage or a model package that cannot be loaded."""
+    """``atso-fast bench [MODEL_DIR] [options]`` (or ``--scenes``): 0 when every pair that ran is
+    correct (the scenes agree), 1 when one is incorrect or failed, 2 on bad usage or a model
+    package that cannot be loaded."""
     args = parse_or_status(build_parser(), argv)
     if isinstance(args, int):
         return args
+    if args.scenes:
+        return _scenes_main(args)
     try:
         report = run_bench(config_from_args(args))
     except (ValueError, RuntimeError, ImportError) as exc:

@@ -27,7 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure on real windows of this scan (any format relabel reads); "
         "default: seeded random normalised windows",
     )
-    p.add_argument("--windows", type=int, default=8, help="windows to run (default 8)")
+    p.add_argument(
+        "--windows",
+        type=int,
+        default=None,
+        help="windows to run (default: about 4 million voxels' worth, 2 to 8 windows)",
+    )
     p.add_argument(
         "--tolerance",
         type=float,
@@ -42,7 +47,7 @@ def measure_and_say(
     model_dir: Path,
     *,
     scan: Path | None = None,
-    windows: int = 8,
+    windows: int | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     stream=sys.stdout,
 ) -> dict:

@@ -226,13 +226,22 @@ def nnunet_origins(image_size: Sequence[int], roi: Sequence[int], overlap: float
 
 @lru_cache(maxsize=16)
 def _nnunet_gaussian_cached(tile: tuple[int, ...], sigma_scale: float, value_scaling: float) -> np.ndarray:
-    from scipy.ndimage import gaussian_filter
+    from scipy.ndimage import gaussian_filter1d
 
-    tmp = np.zeros(tile)
-    tmp[tuple(t // 2 for t in tile)] = 1
-    gmap = gaussian_filter(tmp, [t * sigma_scale for t in tile], 0, mode="constant", cval=0)
+    # gaussian_filter of an impulse, one axis after the other: after axis k every non-zero voxel
+    # is the product so far times one tap of axis k (the other terms of each sum are exact
+    # zeros), so the outer product of the axes' 1D responses, multiplied in the same order, is
+    # bit-identical, and costs milliseconds instead of 0.7 s for nnU-Net's 64 x 160 x 192 patch
+    gmap = np.ones(())
+    for t in tile:
+        impulse = np.zeros(t)
+        impulse[t // 2] = 1
+        gmap = np.multiply.outer(gmap, gaussian_filter1d(impulse, t * sigma_scale, 0, mode="constant", cval=0))
     gmap /= np.max(gmap) / value_scaling
-    half = gmap.astype(np.float16)  # nnU-Net keeps the map in float16 on the device
+    # nnU-Net keeps the map in float16, converted by torch, which goes float64 -> float32 ->
+    # float16 (two roundings): a direct cast differs by one float16 step on 104 voxels of the
+    # 64 x 160 x 192 planner patch
+    half = gmap.astype(np.float32).astype(np.float16)
     zero = half == 0
     if zero.any():
         half[zero] = half[~zero].min()
