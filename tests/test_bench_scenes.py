@@ -48,11 +48,11 @@ def test_report_has_three_timed_sides_that_agree(report):
 
 
 def test_peak_memory_per_side(report):
-    peaks = [r["peak_host_mib"] for r in report["sides"]]
+    peaks = [(r["peak_host_mib"], r["host_rise_mib"]) for r in report["sides"]]
     if not memory.reset_peak_rss():
-        assert peaks == [None, None, None]
+        assert peaks == [(None, None)] * 3
     else:
-        assert all(p > 0 for p in peaks)
+        assert all(0 <= rise < peak for peak, rise in peaks)
 
 
 @pytest.mark.parametrize("frame_size", [(64, 128), (70, 150)])
@@ -91,7 +91,7 @@ def test_incorrect_run_is_not_timed(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "incorrect, not timed: per-frame label agreement below 0.999" in out and "ours_vs_torch_loop" in out
     ours = next(line.split() for line in out.splitlines() if line.split()[:1] == ["ours"])
-    assert ours[1:4] == ["-", "-", "-"]  # frames/s, s/run, peak: not measured
+    assert ours[1:5] == ["-", "-", "-", "-"]  # frames/s, s/run, peak, rise: not measured
 
 
 def test_cli_prints_the_table(capsys):
@@ -100,7 +100,8 @@ def test_cli_prints_the_table(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert "resnet18-unet (3 classes" in lines[0] and "8 windows/frame" in lines[0] and "threads 1" in lines[0]
     assert lines[1].startswith("ours: Relabeler, runtime ")
-    assert lines[2].split() == ["side", "frames/s", "s/run", "peak", "RSS", "MiB", "agree", "mean", "agree", "min"]
+    head = ["side", "frames/s", "s/run", "peak", "RSS", "MiB", "+RSS", "MiB", "agree", "mean", "agree", "min"]
+    assert lines[2].split() == head
     assert [line.split()[0] for line in lines[3:6]] == ["ours", "torch", "monai"]
     assert all(float(v) >= 0.999 for line in lines[4:6] for v in line.split()[-2:])
     assert lines[6].startswith("frames/s ratio (same run): ours / torch loop: ") and "ours / monai: " in lines[6]

@@ -157,10 +157,13 @@ def test_openvino_runtime_rewrites_by_default_and_keys_its_cache(tmp_path):
     common = {"batch_size": 2, "window": shape[2:], "in_channels": 4, "cache_dir": tmp_path}
     precise = OpenVinoRuntime(model, **common)
     plain = OpenVinoRuntime(model, precise_norms=False, **common)
-    assert (precise.precise_norms, plain.precise_norms) == (1, 0)
+    assert (precise.norms_rewritten, plain.norms_rewritten) == (1, None)
     np.testing.assert_allclose(precise(x), _ort(model, x), atol=1e-4)
     np.testing.assert_allclose(plain(x), _ort(model, x), atol=1e-4)
-    assert len(list(tmp_path.rglob("*"))) >= 2  # two compiled models: the cache keys differ
+    cached = OpenVinoRuntime(model, **common)  # from the cache: nothing read or rewritten
+    assert cached.norms_rewritten is None and cached.precise_norms
+    np.testing.assert_array_equal(cached(x), precise(x))
+    assert len([p for p in tmp_path.rglob("*") if p.is_file()]) >= 2  # the cache keys differ
 
 
 def test_bytes_that_are_no_model_are_left_to_the_runtime():

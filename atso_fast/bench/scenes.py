@@ -208,18 +208,24 @@ def _agreement(ours: list[np.ndarray], other: list[np.ndarray]) -> dict[str, Any
 
 def _time_sides(sides: dict[str, Callable[[np.ndarray], Any]], frames: list[np.ndarray], repeats: int) -> dict:
     """Seconds over all frames per side and repeat, the sides interleaved (order rotated per
-    repeat), and each side's peak resident memory (``VmHWM`` reset before each run; None where
-    it cannot be reset)."""
+    repeat), and each side's peak resident memory and its rise over the resident memory at the
+    run's start (``VmHWM`` reset before each run, the largest over the repeats; None where it
+    cannot be reset). The three sides share one process, so the peaks share its baseline (the
+    libraries, the runtime's compiled model, the frames): the rise is what a side adds."""
     names, dev = list(sides), Device("cpu")
     times: dict[str, list[float]] = {n: [] for n in names}
     peaks: dict[str, float | None] = dict.fromkeys(names)
+    rises: dict[str, float | None] = dict.fromkeys(names)
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             fresh = reset_peak_rss()
+            start = peak_rss_mib()  # just reset: the resident memory now
             times[name] += time_repeats(lambda fn=sides[name]: [fn(f) for f in frames], 1, dev)
             if fresh:
-                peaks[name] = max(peaks[name] or 0.0, peak_rss_mib())
-    return {"seconds": times, "peak_host_mib": peaks}
+                peak = peak_rss_mib()
+                peaks[name] = max(peaks[name] or 0.0, peak)
+                rises[name] = max(rises[name] or 0.0, peak - start)
+    return {"seconds": times, "peak_host_mib": peaks, "host_rise_mib": rises}
 
 
 def _side_rows(timed: dict | None, frames: int, agreement: dict[str, Any]) -> list[dict[str, Any]]:
@@ -234,6 +240,7 @@ def _side_rows(timed: dict | None, frames: int, agreement: dict[str, Any]) -> li
                 "seconds": median,
                 "seconds_all": seconds,
                 "peak_host_mib": timed["peak_host_mib"][name] if timed else None,
+                "host_rise_mib": timed["host_rise_mib"][name] if timed else None,
                 "agreement_with_ours": agreement.get(f"ours_vs_{name.replace(' ', '_')}"),
             }
         )

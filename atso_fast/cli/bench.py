@@ -316,6 +316,7 @@ def _scene_cells(row: dict[str, Any]) -> list[str]:
         (row["frames_per_s"], "{:.3f}"),
         (row["seconds"], "{:.2f}"),
         (row["peak_host_mib"], "{:.0f}"),
+        (row["host_rise_mib"], "{:.0f}"),
         (agree and agree["mean"], "{:.5f}"),
         (agree and agree["min"], "{:.5f}"),
     ]
@@ -325,7 +326,7 @@ def _scene_cells(row: dict[str, Any]) -> list[str]:
 def format_scene_table(report: dict[str, Any]) -> str:
     """The ``--scenes`` table: one row per side, then the ratios and the runtime ours used."""
     cfg, ratios = report["config"], report["ratios"]
-    rows = [["side", "frames/s", "s/run", "peak RSS MiB", "agree mean", "agree min"]]
+    rows = [["side", "frames/s", "s/run", "peak RSS MiB", "+RSS MiB", "agree mean", "agree min"]]
     rows += [_scene_cells(r) for r in report["sides"]]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     size, window = "x".join(map(str, cfg["frame_size"])), "x".join(map(str, cfg["window"]))
@@ -333,7 +334,8 @@ def format_scene_table(report: dict[str, Any]) -> str:
         f"{report['network']} ({cfg['classes']} classes, seeded random weights), window {window}; "
         f"{cfg['frames']} frames {size}, {report['windows_per_frame']} windows/frame (overlap {cfg['overlap']}, "
         f"batch {cfg['batch']}); threads {cfg['threads'] or 'default'}; s/run = all frames, median of "
-        f"{cfg['repeats']} interleaved runs; agree = label agreement with ours per frame",
+        f"{cfg['repeats']} interleaved runs; +RSS: a side's rise over the shared process; agree = label "
+        "agreement with ours per frame",
         f"ours: Relabeler, runtime {report['runtime']} ({report['runtime_reason']}); torch loop: the same "
         "windows and gaussian in plain torch; monai: sliding_window_inference",
     ]

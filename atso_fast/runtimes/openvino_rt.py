@@ -166,8 +166,9 @@ class OpenVinoRuntime(FixedRuntime):
             size); False: the static ``batch_size``, short batches zero-padded.
         precise_norms: rewrite the model's float32 InstanceNormalization nodes into nested
             per-axis means (:mod:`atso_fast.runtimes.onnx_norm`: OpenVINO's fused MVN sums a
-            whole channel in one float32 lane); :attr:`precise_norms` then holds how many were
-            rewritten. False: OpenVINO's own MVN.
+            whole channel in one float32 lane); :attr:`norms_rewritten` then holds how many were
+            rewritten (None when the compiled model came from the cache). False: OpenVINO's own
+            MVN.
 
     Raises:
         RuntimeUnavailable: openvino is not installed.
@@ -216,12 +217,12 @@ class OpenVinoRuntime(FixedRuntime):
         self.dynamic_batch = bool(dynamic_batch)
         self.cache_dir = self._cache_dir(cache_dir)
         self.reuse_output = False
-        self.precise_norms = 0
-        model = self._read(precise_norms)
-        self._out_type = model.output(0).get_element_type().get_type_name()  # f32, or bf16 (see _read)
-        out_bytes = self._output_bytes(model)
+        self.precise_norms = bool(precise_norms)
+        self.norms_rewritten: int | None = None  # None: the compiled model came from the cache
         self.streams = 1 if streams is None else int(streams)
-        self.compiled = self._load(model)
+        self.compiled = self._load()
+        self._out_type = self.compiled.output(0).get_element_type().get_type_name()  # f32, or bf16 (see _read)
+        out_bytes = self._output_bytes(self.compiled)
         self._slots: list[_Request] = []
         self._next = 0
         self.in_flight = self._default_in_flight(out_bytes) if in_flight is None else in_flight
@@ -275,12 +276,12 @@ class OpenVinoRuntime(FixedRuntime):
             config["INFERENCE_NUM_THREADS"] = self.threads
         return config
 
-    def _read(self, precise_norms: bool) -> Any:
+    def _read(self) -> Any:
         """The ONNX model (its norms rewritten when asked) reshaped to :attr:`input_shape` (not
         compiled)."""
         data = self.onnx_bytes
-        if precise_norms:
-            data, self.precise_norms = precise_instance_norms(data, (1, *self._sample))
+        if self.precise_norms:
+            data, self.norms_rewritten = precise_instance_norms(data, (1, *self._sample))
         try:
             model = _core().read_model(data)
             if len(model.inputs) != 1 or len(model.outputs) != 1:
@@ -313,20 +314,24 @@ class OpenVinoRuntime(FixedRuntime):
             return tensor.data.view(ml_dtypes.bfloat16)
         return tensor.data
 
-    def _load(self, model: Any) -> Any:
-        """``model`` compiled: from the disk cache, else built (and cached)."""
+    def _load(self) -> Any:
+        """The compiled model: from the disk cache (nothing read, rewritten or reshaped), else
+        read and built (and cached). The key holds what the compiled model depends on: the ONNX
+        bytes, the OpenVINO version, device, precision (which sets the output type), streams,
+        the norm rewrite and the input shape."""
+        norms = "precise" if self.precise_norms else "plain"
         key = compiled_cache_key(
             self.onnx_bytes,
             self.ov.__version__,
             self._device_name(),
-            f"{self.precision}/streams{self.streams}/out-{self._out_type}/norms-{self.precise_norms}",
+            f"{self.precision}/streams{self.streams}/norms-{norms}",
             self.input_shape,
         )
         cache = None if self.cache_dir is None else BlobCache(self.cache_dir, self.name)
         blob = None if cache is None else cache.load(key)
         compiled = None if blob is None else self._import(blob)
         if compiled is None:
-            compiled = self._build(_core(), model)
+            compiled = self._build(_core(), self._read())
             if cache is not None:
                 self._store(compiled, cache, key)
         return compiled
