@@ -32,6 +32,7 @@ from atso_fast.datasets.nnunet_folder import make_nnunet_folder  # noqa: E402
 from atso_fast.engine import Relabeler  # noqa: E402
 from atso_fast.io import read_volume, write_labels  # noqa: E402
 from atso_fast.package import load_package  # noqa: E402
+from atso_fast.runtimes.openvino_rt import openvino_available  # noqa: E402
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
@@ -215,12 +216,16 @@ def test_model_json_carries_the_plans(models):
     assert pkg2.normalization == [{"scheme": "zscore", "use_mask": True}]
 
 
-def test_auto_runs_an_imported_package_on_onnxruntime(models):
-    """OpenVINO's float32 kernels agreed with nnU-Net on fewer voxels (RESULTS.md), so ``auto``
-    keeps an imported package on ONNX Runtime on CPU; the user can still ask for OpenVINO."""
+def test_auto_runs_an_imported_package_on_openvino_with_its_norms_rewritten(models):
+    """Without a measured record an imported package follows the CPU rule: OpenVINO when
+    installed, whose instance norms are rewritten (they were less exact than ONNX Runtime's)."""
     package = load_package(models["3d"][1])
     assert package.reference == "nnunetv2"
-    assert Relabeler(models["3d"][1], threads=1).runtime_name == "onnxruntime"
+    relabeler = Relabeler(models["3d"][1], threads=1)
+    if not openvino_available():
+        assert relabeler.runtime_name == "onnxruntime"
+        return
+    assert relabeler.runtime_name == "openvino" and relabeler.runtime.precise_norms
 
 
 def test_relabelling_an_imported_package_never_imports_nnunet(models, tmp_path):

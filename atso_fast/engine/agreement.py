@@ -287,7 +287,6 @@ def choose_runtime(
         has_module=has_module,
         has_program=has_program,
         precision=precision,
-        exact=package.reference is not None,
     )
     record = package.extra.get(RECORD_KEY)
     if has_module or not _valid_record(record, package, device):

@@ -10,9 +10,7 @@ by name.
 (:mod:`atso_fast.engine.agreement`, chosen in the engine); otherwise it is this rule, backed by
 benchmarks/RESULTS.md, not a measurement at run time: on CPU,
 OpenVINO (when installed and the CPU runs the precision), else ONNX Runtime for float32, else
-torch (OpenVINO is left out for a package that promises the labels of a reference predictor, an
-imported nnU-Net model: its fused convolution + instance-norm kernels are less exact, see
-:func:`auto_candidates`); on CUDA, TensorRT when installed, else ONNX Runtime with the CUDA execution provider when
+torch; on CUDA, TensorRT when installed, else ONNX Runtime with the CUDA execution provider when
 ``onnxruntime-gpu`` is installed, else torch. A package without an ONNX file, or a live torch
 module, runs on torch. When the first choice cannot load the model, ``load_runtime`` warns and
 takes the next.
@@ -62,21 +60,20 @@ def auto_candidates(
     has_module: bool,
     has_program: bool = True,
     precision: str = "float32",
-    exact: bool = False,
 ) -> list[str]:
     """The runtimes ``auto`` tries, best first (see the module docstring).
 
     On CPU OpenVINO leads because it was the fastest runtime in every CPU case measured (the
     figures live in benchmarks/RESULTS.md and the README, not here); ONNX Runtime comes next
-    (float32 only) and torch last, when the package has a torch program. ``exact`` (a package
-    that promises a reference predictor's labels) leaves OpenVINO out: its float32 instance
-    norms are further from float64 than ONNX Runtime's, and its labels agree less often with
-    nnU-Net's (RESULTS.md, README).
+    (float32 only) and torch last, when the package has a torch program. Packages that promise
+    a reference predictor's labels (imported nnU-Net models) follow the same order: OpenVINO's
+    instance norms, once less exact than ONNX Runtime's, are rewritten
+    (:mod:`atso_fast.runtimes.onnx_norm`) and now the closest of the three to float64.
     """
     if has_module or not has_onnx:
         return ["torch"]
     if device == "cpu":
-        fast = openvino_available() and openvino_supports(precision) and not exact
+        fast = openvino_available() and openvino_supports(precision)
         out = ["openvino"] if fast else []
         if precision == "float32":
             out.append("onnxruntime")
@@ -94,7 +91,6 @@ def resolve_runtime(
     has_module: bool,
     has_program: bool = True,
     precision: str = "float32",
-    exact: bool = False,
 ) -> str:
     """Turn ``auto`` into the runtime it tries first; other names are checked and returned."""
     if name not in RUNTIMES:
@@ -102,7 +98,7 @@ def resolve_runtime(
     if name != "auto":
         return name
     return auto_candidates(
-        device, has_onnx=has_onnx, has_module=has_module, has_program=has_program, precision=precision, exact=exact
+        device, has_onnx=has_onnx, has_module=has_module, has_program=has_program, precision=precision
     )[0]
 
 
