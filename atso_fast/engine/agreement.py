@@ -314,7 +314,7 @@ def choose_runtime(
     else:
         order = [k for k in rule if k in ok] + sorted(k for k in ok if k not in rule)
     best = ok[order[0]]
-    speed = f", {best['windows_per_s']:.1f} windows/s" if same_machine and best.get("windows_per_s") else ""
+    speed = f", {best['windows_per_s']:.3g} windows/s" if same_machine and best.get("windows_per_s") else ""
     reason = (
         f"{order[0]}: {'fastest' if same_machine else 'first in the rule order'} of the runtimes meeting "
         f"{tol:.2%} label agreement ({best['label_agreement']:.4%}{speed}; measured "
@@ -339,6 +339,6 @@ def agreement_table(record: dict[str, Any]) -> str:
         wps = v.get("windows_per_s")
         lines.append(
             f"{key:<22} {v['label_agreement']:>12.4%} {v['max_abs_logit_error']:>16.3g} "
-            f"{'-' if wps is None else f'{wps:.1f}':>10}"
+            f"{'-' if wps is None else f'{wps:.3g}':>10}"
         )
     return "\n".join(lines)
