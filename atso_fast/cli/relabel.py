@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--runtime",
         default="auto",
         choices=["auto", "openvino", "onnxruntime", "torch", "tensorrt"],
-        help="inference runtime; auto on CPU: OpenVINO, else ONNX Runtime, else torch",
+        help="inference runtime; auto: the fastest one meeting the package's measured label agreement "
+        "(atso-fast measure; recorded at export/import), else on CPU OpenVINO, else ONNX Runtime, else torch",
     )
     p.add_argument("--device", "-device", default="cpu", choices=["cpu", "cuda"], help="where the network runs")
     p.add_argument("--overlap", type=float, default=None, help=f"window overlap in [0, 1) (default: {DEFAULT_OVERLAP})")
