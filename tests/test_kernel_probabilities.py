@@ -329,28 +329,6 @@ def test_refuses_bfloat16_and_strided_torch_tensors():
         native.probabilities(torch.zeros((2, 5, 4, 3)).permute(0, 3, 2, 1), torch.ones((3, 4, 5)))
 
 
-class FakeCudaArray:
-    """Claims to be a CUDA float32 array (``__cuda_array_interface__``) with no memory behind it."""
-
-    def __init__(self, shape):
-        self.__cuda_array_interface__ = {
-            "shape": tuple(shape),
-            "typestr": "<f4",
-            "data": (0, False),
-            "strides": None,
-            "version": 3,
-        }
-
-
-@pytest.mark.skipif(native.has_cuda(), reason="a GPU is visible: a fake CUDA array would reach the driver")
-def test_cuda_arrays_without_a_gpu_fail_loudly():
-    loud = "CUDA arrays were passed but (atso_fast._C was built without CUDA|no CUDA device is visible)"
-    with pytest.raises(RuntimeError, match=loud):
-        native.probabilities(FakeCudaArray((1, 4, 4, 4)), FakeCudaArray((4, 4, 4)))
-    with pytest.raises(ValueError, match="arrays must all be on the host or all on one CUDA device; got acc: "):
-        native.probabilities(FakeCudaArray((1, 4, 4, 4)), np.ones((4, 4, 4), np.float32))
-
-
 # ----------------------------------------------------------------------------- CUDA
 @pytest.mark.cuda
 @pytest.mark.parametrize("channels", [1, 2, 3, 105])

@@ -567,6 +567,8 @@ def test_cuda_arrays_without_a_gpu_fail_loudly():
     with pytest.raises(RuntimeError, match=loud):
         native.finalize(acc, wsum)
     with pytest.raises(RuntimeError, match=loud):
+        native.probabilities(acc, wsum)
+    with pytest.raises(RuntimeError, match=loud):
         native.extract_patches(wsum, [[0, 0, 0]], (2, 2, 2))
     with pytest.raises(
         ValueError,
@@ -574,6 +576,8 @@ def test_cuda_arrays_without_a_gpu_fail_loudly():
         r"test_kernels float32 array of shape \(1, 4, 4, 4\) on cuda:-1, wsum: numpy",
     ):
         native.finalize(acc, np.ones((4, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="arrays must all be on the host or all on one CUDA device; got acc: "):
+        native.probabilities(acc, np.ones((4, 4, 4), np.float32))
 
 
 @pytest.mark.cuda
