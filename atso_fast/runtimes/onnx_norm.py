@@ -27,13 +27,7 @@ import numpy as np
 
 from atso_fast.io.onnx_shapes import inferred_shapes
 
-__all__ = ["count_instance_norms", "precise_instance_norms"]
-
-
-def count_instance_norms(onnx_bytes: bytes) -> int:
-    """How many ``InstanceNormalization`` nodes the main graph holds."""
-    model = _parse(onnx_bytes)
-    return 0 if model is None else sum(node.op_type == "InstanceNormalization" for node in model.graph.node)
+__all__ = ["precise_instance_norms"]
 
 
 def _parse(onnx_bytes: bytes) -> Any:
