@@ -934,10 +934,10 @@ class ATSO:
         return mean_loss(self.model, pairs, ignore_index=cfg.ignore_index, device=cfg.device)
 
     def _premise_trained(self, idx: list[int], k: int) -> dict[str, float]:
-        """After fine-tuning, where the truth of the training part is known (memory storage): the
-        Dice of the labels the student trained on, of its own predictions there, and their
-        agreement. The predictions are kept for a relabelling of the same cases by the same model
-        (self-training)."""
+        """After fine-tuning, where the truth of the training part is known: the Dice of the
+        labels the student trained on, of its own predictions there, and their agreement. In
+        memory the predictions are kept for a relabelling of the same cases by the same model
+        (self-training); on disk (``premise_on_disk``) the store runs round ``k``'s package."""
         cfg = self.config
         if not idx or cfg.method not in ("atso", "self-training"):
             return {}
