@@ -218,10 +218,11 @@ def largest_tensor(data: bytes, batch: int) -> tuple[str, int]:
 
     best = ("", 0)
     for name, (elem_type, dims) in inferred_shapes(data, {0: int(batch)}).items():
-        if None in dims:
+        known = [d for d in dims if d is not None]
+        if len(known) != len(dims):
             continue
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(elem_type).itemsize if elem_type else 4
-        size = itemsize * int(np.prod(dims, dtype=np.float64))
+        size = itemsize * int(np.prod(known, dtype=np.float64))
         best = max(best, (name, size), key=lambda item: item[1])
     return best
 

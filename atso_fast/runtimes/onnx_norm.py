@@ -55,7 +55,9 @@ def precise_instance_norms(onnx_bytes: bytes, input_shape: Sequence[int]) -> tup
     shapes = inferred_shapes(model, dict(enumerate(int(d) for d in input_shape)))
     graph = model.graph
     first = graph.input[0]  # the window batch: its sizes are input_shape's
-    inputs = {first.name: (first.type.tensor_type.elem_type, [int(d) for d in input_shape])}
+    inputs: dict[str, tuple[Any, list[int | None]]] = {
+        first.name: (first.type.tensor_type.elem_type, [int(d) for d in input_shape])
+    }
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     rewrite = _Rewrite(graph, shapes, inputs, axes_as_input=opset >= 13)
     nodes = []
@@ -124,7 +126,7 @@ class _Rewrite:
             return [node]
         self.count += 1
         self.replaced_weights.update((scale, bias))
-        return self._replacement(node, index, [int(d) for d in dims[2:]])  # type: ignore[misc]
+        return self._replacement(node, index, [int(d) for d in dims[2:] if d is not None])
 
     def _replacement(self, node: Any, index: int, spatial: list[int]) -> list[Any]:
         from onnx import helper, numpy_helper

@@ -393,15 +393,16 @@ class CacheStore:
         case by case, the Dice of the labels it trained on and of its own labels against the truth,
         and their agreement; ``{}`` when a case has no truth."""
         idx = sorted(idx)
-        if not idx or any(self.unlabelled[i].label is None for i in idx):
+        truths = [c.label for c in (self.unlabelled[i] for i in idx) if c.label is not None]
+        if not idx or len(truths) != len(idx):
             return {}
         cfg = self.config
         folder = self.round_dir(k) / "premise"
         self._run_engine(idx, folder, resume=resume, index=False)
         dice = {key: PooledDice(cfg.num_classes, ignore_index=cfg.ignore_index) for key in ("label", "model", "agree")}
-        for i in idx:
+        for i, truth_file in zip(idx, truths):
             case = self.unlabelled[i]
-            truth, model = open_array(case.label), view_array(folder / f"{case.case_id}.npy")
+            truth, model = open_array(truth_file), view_array(folder / f"{case.case_id}.npy")
             labels = self.labels([i])[0]
             if labels is None:
                 raise ValueError(f"unlabelled case {case.case_id} has no pseudo label yet (not relabelled)")
