@@ -335,18 +335,21 @@ def test_cache_reads_a_list_file_with_nrrd(tmp_path):
     assert case.case_id == "scan" and case.shape == (8, 8, 12)
 
 
-def test_disk_run_measures_the_premise_trained_side_when_asked(tmp_path):
-    """premise_on_disk: each round's package runs over the part it trained on once more; the
-    premise's trained side is then finite (the truth of U is known here), its scratch folder gone,
-    and the memory-only start agreement stays NaN."""
-    history = ATSO(_config(tmp_path, "prem", premise_on_disk=True, checkpoint_every=0)).run()
+def test_disk_run_measures_the_engine_pass_monitors_when_asked(tmp_path):
+    """monitor_on_disk: the student exported before it trains and each round's package run over
+    the part trained on once more; the start agreement and the premise's trained side are then
+    finite (the truth of U is known here) and the scratch folders gone; without it both are NaN."""
+    history = ATSO(_config(tmp_path, "prem", monitor_on_disk=True, checkpoint_every=0)).run()
     rounds = [h for h in history if h["stage"] == "round"]
     assert rounds and all("premise" in h for h in rounds)
     for h in rounds:
         side = h["premise"]
         assert all(0.0 <= side[key] <= 1.0 for key in ("trained_label_dice", "trained_model_dice", "trained_agreement"))
         assert side["trained_gain"] == pytest.approx(side["trained_model_dice"] - side["trained_label_dice"])
-        assert not (tmp_path / "prem" / f"round_{h['round']}" / "premise").exists()
-    assert rounds[0]["student"]["start_agreement"] is None  # NaN, written as null
+        assert 0.0 <= h["student"]["start_agreement"] <= 1.0
+        for scratch in ("premise", "student"):
+            assert not (tmp_path / "prem" / f"round_{h['round']}" / scratch).exists()
     plain = ATSO(_config(tmp_path, "plain", checkpoint_every=0)).run()
-    assert all(h["premise"]["trained_gain"] is None for h in plain if h["stage"] == "round")
+    plain_rounds = [h for h in plain if h["stage"] == "round"]
+    assert all(h["premise"]["trained_gain"] is None for h in plain_rounds)  # NaN, written as null
+    assert all(h["student"]["start_agreement"] is None for h in plain_rounds)

@@ -73,8 +73,8 @@ label change since the previous labels and since M0's, and, with known truth, th
 Dice before and after; and the paper's premise (:func:`premise`): how much the round's model
 improves on the labels of the part it trained on, against the improvement of the part it
 relabelled (truth known only). The start agreement and the premise's trained side cost another
-inference pass over the training part: on memory storage always; on disk the start agreement is
-NaN and the premise's trained side runs with ``premise_on_disk: true``.
+inference pass over the training part: on memory storage always; on disk with
+``monitor_on_disk: true`` (NaN otherwise).
 
 Every random choice of round k comes from generators seeded by ``(seed, k, purpose)``, and the
 optimiser is created fresh each round, so a run resumed from the checkpoint of round k gives
@@ -918,7 +918,10 @@ class ATSO:
         if pseudo is None:
             return {"pre_loss": math.nan, "start_agreement": math.nan}
         cfg, agreement = self.config, math.nan
-        if self.store.in_memory:
+        if isinstance(self.store, CacheStore):
+            if cfg.monitor_on_disk:
+                agreement = self.store.start_agreement(self.model, idx, k)
+        else:
             preds = [r[0] for r in self.predict(self.store.images(idx))]
             _, agreement = pooled_dice(preds, pseudo.labels, cfg.num_classes, ignore_index=cfg.ignore_index)
         return {"pre_loss": self._pre_loss(pseudo, k), "start_agreement": agreement}
@@ -937,12 +940,12 @@ class ATSO:
         """After fine-tuning, where the truth of the training part is known: the Dice of the
         labels the student trained on, of its own predictions there, and their agreement. In
         memory the predictions are kept for a relabelling of the same cases by the same model
-        (self-training); on disk (``premise_on_disk``) the store runs round ``k``'s package."""
+        (self-training); on disk (``monitor_on_disk``) the store runs round ``k``'s package."""
         cfg = self.config
         if not idx or cfg.method not in ("atso", "self-training"):
             return {}
         if isinstance(self.store, CacheStore):
-            if not cfg.premise_on_disk:
+            if not cfg.monitor_on_disk:
                 return {}
             return self.store.trained_side(idx, k, resume=self._resumed_phase == "relabel")
         truth = _all_present(self.store.truths(idx))

@@ -94,9 +94,10 @@ class ATSOConfig:
             storage of the round's ``Relabeler`` (``runtime`` defaults to ``"auto"``), plus the Ray
             pool options (workers, address, ...) with ``atso-fast train --engine ray``.
         monitor_patches: patches used for the loss-before-fine-tuning monitor.
-        premise_on_disk: on disk storage, run each round's package over the part it trained on
-            once more for the premise monitor's trained side (one more engine pass per round;
-            memory storage always measures it).
+        monitor_on_disk: on disk storage, also run the two monitors that need another engine
+            pass over the training part each round: the student's start agreement (the student
+            exported before it trains) and the premise's trained side (the round's package);
+            memory storage always measures both.
         seed: seeds model init, split, sampling and augmentation.
         device: torch device string.
         amp: fp16 autocast on CUDA.
@@ -157,7 +158,7 @@ class ATSOConfig:
     augment: bool | dict[str, Any] = True
     relabel: dict[str, Any] = field(default_factory=dict)
     monitor_patches: int = 8
-    premise_on_disk: bool = False
+    monitor_on_disk: bool = False
     seed: int = 0
     device: str = "cpu"
     amp: bool = True

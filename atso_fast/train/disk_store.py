@@ -36,10 +36,10 @@ one (same device and threads; wall-clock fields ``seconds`` and ``timing`` aside
 
 Not on disk storage: soft targets and Mean Teacher (both need every unlabelled image in memory),
 driving scenes (the Cityscapes data form and the road-scene augmentation: whole frames in memory),
-a custom ``relabeler`` (each round's exported package relabels), and ``start_agreement`` (it
-needs the student before training as a package: NaN here). The premise's trained side costs
-another engine pass over the training part each round: on with ``premise_on_disk: true``
-(:meth:`CacheStore.trained_side`), else NaN.
+and a custom ``relabeler`` (each round's exported package relabels). The student's start
+agreement and the premise's trained side cost another engine pass over the training part each
+round: on with ``monitor_on_disk: true`` (:meth:`CacheStore.start_agreement`,
+:meth:`CacheStore.trained_side`), else NaN.
 
 The kill -9 tests reach the phase boundaries through the seams :meth:`CacheStore._on_step`,
 :meth:`CacheStore.export` and the module's :func:`local_engine` (``tests/kill_at.py``); no test
@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -341,7 +342,11 @@ class CacheStore:
 
     def export(self, model: nn.Module, k: int) -> None:
         """``round_K/package`` (for raw scans) and ``round_K/grid_package`` (for the cache grid)."""
-        cfg, folder = self.config, self.round_dir(k)
+        self._export_to(model, self.round_dir(k), k)
+
+    def _export_to(self, model: nn.Module, folder: Path, k: int) -> None:
+        """``folder/package`` and ``folder/grid_package`` of ``model``."""
+        cfg = self.config
         if not isinstance(cfg.normalization, dict):  # resolved by the cache in __init__
             raise ValueError(f"export needs a resolved normalization policy, got {cfg.normalization!r}")
         package = export_model(
@@ -387,8 +392,27 @@ class CacheStore:
             "timing": timing,
         }
 
+    def start_agreement(self, model: nn.Module, idx: Sequence[int], k: int) -> float:
+        """The student's start agreement (``ATSOConfig.monitor_on_disk``): ``model`` as it enters
+        round ``k``, exported under ``round_K/student`` (removed after), over the part it is about
+        to train on; hard Dice of its labels against the current labels there."""
+        idx = sorted(idx)
+        if not idx:
+            return math.nan
+        cfg, folder = self.config, self.round_dir(k) / "student"
+        self._export_to(model, folder, k)
+        self._run_engine(idx, folder / "labels", resume=False, index=False)
+        dice = PooledDice(cfg.num_classes, ignore_index=cfg.ignore_index)
+        for i in idx:
+            labels = view_array(self._pseudo_case(i).label)
+            dice.add(
+                np.asarray(view_array(folder / "labels" / f"{self.unlabelled[i].case_id}.npy")), np.asarray(labels)
+            )
+        shutil.rmtree(folder, ignore_errors=True)
+        return dice.result()[1]
+
     def trained_side(self, idx: Sequence[int], k: int, *, resume: bool = False) -> dict[str, float]:
-        """The premise's trained side (``ATSOConfig.premise_on_disk``): round ``k``'s package over
+        """The premise's trained side (``ATSOConfig.monitor_on_disk``): round ``k``'s package over
         the part it trained on once more, into ``round_K/premise`` (removed after), then, streamed
         case by case, the Dice of the labels it trained on and of its own labels against the truth,
         and their agreement; ``{}`` when a case has no truth."""
@@ -403,9 +427,7 @@ class CacheStore:
         for i, truth_file in zip(idx, truths):
             case = self.unlabelled[i]
             truth, model = open_array(truth_file), view_array(folder / f"{case.case_id}.npy")
-            labels = self.labels([i])[0]
-            if labels is None:
-                raise ValueError(f"unlabelled case {case.case_id} has no pseudo label yet (not relabelled)")
+            labels = view_array(self._pseudo_case(i).label)
             dice["label"].add(np.asarray(labels), truth)
             dice["model"].add(np.asarray(model), truth)
             dice["agree"].add(np.asarray(model), np.asarray(labels))
