@@ -3,7 +3,7 @@
 # CuPy, nvcc, cmake, ninja, compute-sanitizer). In one 8-minute budget it
 #   1. installs the optional wheels from .carry/wheels (if any) into /tmp/site,
 #   2. builds atso_fast._C with CUDA in place (cmake directly; `pip install -e .` as fallback),
-#   3. runs `pytest -m cuda tests/test_kernels.py` (every kernel on CUDA against the NumPy
+#   3. runs `pytest -m cuda tests/test_kernels.py tests/test_kernel_probabilities.py` (every kernel on CUDA against the NumPy
 #      reference, and bit for bit against the CPU kernels), then the same under
 #      `compute-sanitizer --tool memcheck`, and one small test under `--tool racecheck`; then
 #      `pytest -m cuda tests/test_preprocess.py` (resampling on CUDA tensors vs the CPU),
@@ -185,7 +185,7 @@ main() {
   if step build_cmake 240 60 build_cmake || step build_pip 240 60 build_pip; then
     step check_build 60 10 check_build && BUILD_OK=1
   fi
-  cuda_step pytest_cuda 120 30 "$PY" -m pytest -m cuda tests/test_kernels.py "${pytest_q[@]}"
+  cuda_step pytest_cuda 120 30 "$PY" -m pytest -m cuda tests/test_kernels.py tests/test_kernel_probabilities.py "${pytest_q[@]}"
   # resampling in and back on CUDA tensors (ResampleSink) against the CPU path; its own step, as
   # it imports the io layer (nibabel, SimpleITK) that a bare device machine may lack
   cuda_step pytest_cuda_resample 90 30 "$PY" -m pytest -m cuda tests/test_preprocess.py "${pytest_q[@]}"
