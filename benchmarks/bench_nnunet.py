@@ -29,7 +29,8 @@ plans.json instead. ``atso-fast import-nnunet`` (with ``--measure-scan`` on the 
 once, timed apart. Then both commands run ``--repeats`` times, alternating, each into a fresh
 folder; the best wall time of each is compared, and labels are compared voxel by voxel per case.
 ``--mirror`` runs both with mirroring (nnU-Net's default TTA; ``--mirror`` for ours), else nnU-Net
-gets ``--disable_tta``. ``--toy`` uses the 8-16-32-64 network of ``speed`` instead.
+gets ``--disable_tta``; ``--runtime`` passes a runtime to ``atso-fast relabel`` (default: its
+``auto``). ``--toy`` uses the 8-16-32-64 network of ``speed`` instead.
 
 Usage:
     flock /work/bench.lock python benchmarks/bench_nnunet.py command [--cases ct_abdomen tumour_lung1] [--mirror]
@@ -394,6 +395,7 @@ def command(ns: argparse.Namespace) -> dict:
     theirs_cmd = ["nnUNetv2_predict_from_modelfolder", "-i", str(images), "-m", str(folder), "-device", "cpu"]
     theirs_cmd += ["-f", *map(str, range(ns.folds)), *tta]
     ours_cmd = ["atso-fast", "relabel", str(package), str(images)] + (["--mirror"] if ns.mirror else [])
+    ours_cmd += [] if ns.runtime == "auto" else ["--runtime", ns.runtime]
     runs: dict[str, list[dict]] = {"nnunet": [], "ours": []}
     for repeat in range(ns.repeats):
         for side, cmd in (("nnunet", theirs_cmd), ("ours", ours_cmd)):
