@@ -8,12 +8,15 @@ with a clear error and that the marker file was never created.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -282,8 +285,40 @@ def test_the_torch_hash_is_recorded_and_checked(package):
     meta = json.loads((package / "model.json").read_text())
     assert meta["torch_sha256"] == hashlib.sha256((package / "model.pt2").read_bytes()).hexdigest()
     _set_meta(package, torch_sha256="0" * 64)
+    pkg = load_package(package)  # screened only: a run on another runtime never reads the weights
+    assert "torch" not in pkg.verified and pkg.torch_screened
     with pytest.raises(PackageError, match="model.pt2.*sha256"):
-        load_package(package)
+        pkg.torch_bytes()
+    with pytest.raises(PackageError, match="model.pt2.*sha256"):
+        Relabeler(package, runtime="torch")
+
+
+def test_loading_a_package_for_another_runtime_imports_no_torch(package):
+    """The screen of model.pt2 needs no torch: a start-up on ONNX Runtime/OpenVINO skips its import."""
+    code = (
+        "import sys; from atso_fast.package import load_package; "
+        f"p = load_package({str(package)!r}); assert p.torch_screened; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_the_screen_refuses_what_the_full_check_refuses_in_sample_inputs():
+    """Sample inputs naming anything beyond tensor rebuilders are refused without torch."""
+    import torch
+
+    from atso_fast.io.pt2 import UnsafeArchiveError, _screen_sample_inputs
+
+    ok = io.BytesIO()
+    torch.save((torch.zeros(2, 3), {"x": torch.ones(1)}), ok)
+    _screen_sample_inputs(ok.getvalue(), "m.pt2")
+    for bad in ((collections.Counter("ab"),), (torch.zeros(1), slice(1))):
+        buf = io.BytesIO()
+        torch.save(bad, buf)
+        with pytest.raises(UnsafeArchiveError, match="sample_inputs"):
+            _screen_sample_inputs(buf.getvalue(), "m.pt2")
+    with pytest.raises(UnsafeArchiveError, match="sample_inputs"):
+        _screen_sample_inputs(b"not a zip", "m.pt2")
 
 
 def _fifo_guard(path: Path):

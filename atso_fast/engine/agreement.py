@@ -22,7 +22,6 @@ space), which says less about label agreement on anatomy.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -126,15 +125,12 @@ def _run(runtime: Any, windows: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def onnx_digest(package: ModelPackage) -> str:
-    """sha256 of the verified ONNX bytes: the ``onnx_sha256`` that ``load_package`` already
-    checked against them when ``model.json`` records one (no second pass over a large file on
-    every start-up), else computed here."""
-    recorded = package.extra.get("onnx_sha256")
-    return recorded.lower() if isinstance(recorded, str) else hashlib.sha256(package.verified["onnx"]).hexdigest()
+    """sha256 of the verified ONNX bytes (hashed once, by ``load_package``)."""
+    return package.onnx_sha256().hexdigest()
 
 
 def _reference(package: ModelPackage) -> str:
-    return "torch" if package.torch_file and "torch" in package.verified else "onnxruntime"
+    return "torch" if package.torch_file and package.torch_screened else "onnxruntime"
 
 
 def measure_runtimes(

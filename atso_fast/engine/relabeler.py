@@ -9,7 +9,6 @@ finishes rows as soon as no later window covers them, so peak accumulator memory
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import itertools
 import json
@@ -112,7 +111,7 @@ def run_fingerprint(package: ModelPackage, options: dict[str, Any]) -> str | Non
     label_map = check_label_map(options.get("label_map"))
     if label_map is not None:  # only then: fingerprints of runs without a map stay as they were
         settings["label_map"] = label_map
-    digest = hashlib.sha256(onnx)
+    digest = package.onnx_sha256()  # sha256(onnx bytes + settings), the ONNX part hashed once
     digest.update(json.dumps({"package": package.to_json(), **settings}, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
 

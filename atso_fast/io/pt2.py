@@ -29,15 +29,17 @@ from __future__ import annotations
 import ast
 import io
 import json
+import os
+import pickletools
 import re
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 from atso_fast.io.base import InputError
 
-__all__ = ["UnsafeArchiveError", "check_torch_program", "load_torch_program"]
+__all__ = ["UnsafeArchiveError", "check_torch_program", "load_torch_program", "screen_torch_archive"]
 
 
 class UnsafeArchiveError(InputError):
@@ -178,12 +180,72 @@ def check_torch_program(data: bytes, where: str) -> None:
         InputError: not a readable torch.export archive.
     """
     records = _records(data, where)
-    weights = _json(records, "data/weights/model_weights_config.json", where)
-    _check_payloads(weights, "weight_", "data/weights/", records, where)
-    constants = _json(records, "data/constants/model_constants_config.json", where)
-    _check_payloads(constants, "tensor_", "data/constants/", records, where)
+    _check_members(set(records), records.get, where)
     _check_sample_inputs(records.get("data/sample_inputs/model.pt"), where)
-    _check_program(_json(records, "models/model.json", where), f"{where}: models/model.json")
+
+
+def screen_torch_archive(path: str | os.PathLike, where: str) -> None:
+    """The checks of :func:`check_torch_program` that need no torch, on the file: member names,
+    pickled payloads, the program JSON, and sample inputs screened by their pickle opcodes.
+
+    ``load_package`` runs this whatever the runtime (a package carrying an unsafe program is
+    refused) without importing torch or reading the weights; :func:`load_torch_program` still
+    runs the full check, with torch's own zip reader and restricted unpickler, on the bytes it
+    loads.
+
+    Raises:
+        UnsafeArchiveError: naming the member and the problem.
+        InputError: not a torch.export archive.
+    """
+    try:
+        with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
+            names, read = _zip_view(archive, where)
+            _check_members(names, read, where)
+            _screen_sample_inputs(read("data/sample_inputs/model.pt"), where)
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise InputError(f"{where}: not a torch.export archive ({type(exc).__name__}: {exc})") from None
+
+
+_MAX_SCREENED_MEMBER = 1 << 30
+"""Largest member :func:`screen_torch_archive` decompresses (the JSON files and sample inputs)."""
+
+
+def _zip_view(archive: zipfile.ZipFile, where: str) -> tuple[set[str], Callable[[str], bytes | None]]:
+    """Member names without the archive's top folder (as torch's reader names them) and a reader."""
+    full = {info.filename.split("/", 1)[-1]: info for info in archive.infolist()}
+    if len(full) != len(archive.infolist()):
+        raise UnsafeArchiveError(f"{where}: the zip directory is inconsistent (duplicate or hidden members)")
+    bad = sorted(n for n in full if not _MEMBERS.fullmatch(n))
+    if bad:
+        raise UnsafeArchiveError(_member_refused(where, bad[0]))
+
+    def read(name: str) -> bytes | None:
+        info = full.get(name)
+        if info is None:
+            return None
+        if info.file_size > _MAX_SCREENED_MEMBER:
+            raise InputError(f"{where}: member {name} declares {info.file_size} bytes; refused")
+        return archive.read(info)
+
+    if read("archive_format") != b"pt2":
+        raise InputError(f"{where}: not a torch.export archive (archive_format is not 'pt2')")
+    return set(full), read
+
+
+def _check_members(names: Collection[str], read: Callable[[str], bytes | None], where: str) -> None:
+    weights = _json(read, "data/weights/model_weights_config.json", where)
+    _check_payloads(weights, "weight_", "data/weights/", names, where)
+    constants = _json(read, "data/constants/model_constants_config.json", where)
+    _check_payloads(constants, "tensor_", "data/constants/", names, where)
+    _check_program(_json(read, "models/model.json", where), f"{where}: models/model.json")
+
+
+def _member_refused(where: str, name: str) -> str:
+    return (
+        f"{where}: member {name!r} is not one torch.export.save writes (native "
+        "code, pickles and other extras are refused); re-export the model with "
+        "atso_fast.export_model or remove model.pt2 to use ONNX Runtime"
+    )
 
 
 def _records(data: bytes, where: str) -> dict[str, bytes]:
@@ -198,11 +260,7 @@ def _records(data: bytes, where: str) -> dict[str, bytes]:
         raise InputError(f"{where}: not a torch.export archive ({type(exc).__name__}: {exc})") from None
     bad = sorted(n for n in names if not _MEMBERS.fullmatch(n))
     if bad:
-        raise UnsafeArchiveError(
-            f"{where}: member {bad[0]!r} is not one torch.export.save writes (native "
-            "code, pickles and other extras are refused); re-export the model with "
-            "atso_fast.export_model or remove model.pt2 to use ONNX Runtime"
-        )
+        raise UnsafeArchiveError(_member_refused(where, bad[0]))
     if sorted(n.split("/", 1)[-1] for n in py_names) != sorted(names) or len(set(names)) != len(names):
         raise UnsafeArchiveError(f"{where}: the zip directory is inconsistent (duplicate or hidden members)")
     if "archive_format" not in names or bytes(reader.get_record("archive_format")) != b"pt2":
@@ -210,16 +268,17 @@ def _records(data: bytes, where: str) -> dict[str, bytes]:
     return {n: bytes(reader.get_record(n)) for n in names}
 
 
-def _json(records: dict[str, bytes], name: str, where: str) -> Any:
-    if name not in records:
+def _json(read: Callable[[str], bytes | None], name: str, where: str) -> Any:
+    data = read(name)
+    if data is None:
         raise InputError(f"{where}: {name} missing (not an archive written by torch.export.save)")
     try:
-        return json.loads(records[name].decode("utf-8"))
+        return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise InputError(f"{where}: {name} is not valid JSON ({exc})") from None
 
 
-def _check_payloads(config: Any, prefix: str, folder: str, records: dict[str, bytes], where: str) -> None:
+def _check_payloads(config: Any, prefix: str, folder: str, names: Collection[str], where: str) -> None:
     """Every weight/constant is raw tensor bytes in a member of this archive, never a pickle."""
     entries = config.get("config") if isinstance(config, dict) else None
     if not isinstance(entries, dict):
@@ -236,7 +295,7 @@ def _check_payloads(config: Any, prefix: str, folder: str, records: dict[str, by
         if (
             not isinstance(path, str)
             or not re.fullmatch(re.escape(prefix) + r"\d+", path)
-            or folder + path not in records
+            or folder + path not in names
         ):
             raise UnsafeArchiveError(f"{where}: {folder} entry {fqn!r} names {path!r}, not a raw tensor member")
 
@@ -259,6 +318,42 @@ def _check_sample_inputs(data: bytes | None, where: str) -> None:
         raise UnsafeArchiveError(
             f"{where}: data/sample_inputs/model.pt is a {type(value).__name__}, not a tuple or dict; refused"
         )
+
+
+_SAMPLE_GLOBALS = frozenset(
+    [
+        "torch._utils _rebuild_tensor_v2",
+        "torch._utils _rebuild_parameter",
+        "collections OrderedDict",
+        "torch Size",
+        "torch device",
+    ]
+)
+_STORAGE = re.compile(r"torch [A-Z][A-Za-z0-9]*Storage")
+
+
+def _screen_sample_inputs(data: bytes | None, where: str) -> None:
+    """Without torch: the sample inputs' pickle may name only tensor-rebuilding globals (a
+    stricter list than torch's restricted unpickler, which still runs at load)."""
+    if not data:
+        return
+    refused = f"{where}: data/sample_inputs/model.pt holds objects beyond tensors"
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as inner:
+            pickles = [n for n in inner.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            if len(pickles) != 1:
+                raise UnsafeArchiveError(f"{refused} (not one data.pkl: {len(pickles)}); refused")
+            strings: list[str] = []
+            for op, arg, _ in pickletools.genops(inner.read(pickles[0])):
+                if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                    strings = [*strings[-1:], str(arg)]
+                named = {"GLOBAL": arg, "STACK_GLOBAL": " ".join(strings[-2:])}.get(op.name)
+                if op.name in ("INST", "OBJ", "NEWOBJ", "NEWOBJ_EX") or (
+                    named is not None and named not in _SAMPLE_GLOBALS and not _STORAGE.fullmatch(named)
+                ):
+                    raise UnsafeArchiveError(f"{refused} ({op.name} {named or ''}); refused")
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError) as exc:
+        raise UnsafeArchiveError(f"{refused} (unreadable: {type(exc).__name__}); refused") from None
 
 
 def _check_program(program: Any, where: str) -> None:

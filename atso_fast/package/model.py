@@ -6,6 +6,7 @@ problem in a :class:`PackageError` (see ``atso_fast/CONTRACTS.md`` for the forma
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any
 from atso_fast.package.errors import PackageError
 from atso_fast.package.normalize import channels_of, check_policy
 from atso_fast.package.spec import check_fields, default_preprocessing
-from atso_fast.package.trust import read_meta, verify_package
+from atso_fast.package.trust import read_meta, read_torch_program, verify_package
 
 __all__ = [
     "FORMAT_VERSION",
@@ -53,9 +54,35 @@ class ModelPackage:
     preprocessing: dict[str, Any] = field(default_factory=default_preprocessing)
     mirror_axes: list[int] | None = None
     verified: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
-    """The bytes of ``model.onnx`` (``"onnx"``) and ``model.pt2`` (``"torch"``) that passed the
-    checks of :func:`~atso_fast.package.trust.verify_package`: runtimes load these, never the files
-    again (a file swapped after the check never runs)."""
+    """The bytes of ``model.onnx`` (``"onnx"``, checked by
+    :func:`~atso_fast.package.trust.verify_package`) and ``model.pt2`` (``"torch"``, read when the
+    torch runtime first asks, :meth:`torch_bytes`): runtimes load these, never the files again (a
+    file swapped after the check never runs)."""
+
+    digests: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    """``hashlib.sha256`` objects of the verified bytes (``"onnx"``), computed once by
+    ``load_package``: the run fingerprint and the compiled-model caches extend copies."""
+    torch_screened: bool = field(default=False, repr=False, compare=False)
+    """``model.pt2`` passed :func:`~atso_fast.io.pt2.screen_torch_archive` (a torch program)."""
+
+    def onnx_sha256(self) -> Any:
+        """A fresh ``hashlib.sha256`` object that has consumed the verified ONNX bytes."""
+        if "onnx" not in self.digests:
+            self.digests["onnx"] = hashlib.sha256(self.onnx_bytes())
+        return self.digests["onnx"].copy()
+
+    def torch_bytes(self) -> bytes:
+        """``model.pt2``'s bytes, read and hash-checked on first use (see
+        :func:`~atso_fast.package.trust.read_torch_program`).
+
+        Raises:
+            PackageError: no torch program in this package, or a file that fails the checks.
+        """
+        if "torch" not in self.verified:
+            if self.root is None or not self.torch_file:
+                raise PackageError("this model package has no torch program (model.pt2)")
+            self.verified["torch"] = read_torch_program(self)
+        return self.verified["torch"]
 
     def onnx_bytes(self) -> bytes:
         """The verified ONNX bytes.

@@ -3,15 +3,18 @@
 - Every file ``model.json`` names (``onnx_file``, ``torch_file``, any other ``*_file`` field) must
   be a regular file inside the package folder after links are resolved; ``model.json`` too.
 - ``onnx_sha256`` / ``torch_sha256``, when recorded, must match the files (integrity against
-  mix-ups and corruption; an attacker who writes the files also writes the hashes).
+  mix-ups and corruption; an attacker who writes the files also writes the hashes); ``model.pt2``
+  is read whole and hashed only when the torch runtime loads it (:func:`read_torch_program`).
 - The ONNX graph's input and output shapes must agree with ``window``, ``in_channels`` and
   ``num_classes`` (refused when the package loads, not per case); ONNX external data (files the
   graph names, outside the hash) is refused wherever a tensor sits (functions, sparse tensors,
   attributes, sub-graphs: every field is walked).
 - The checked bytes are kept (``ModelPackage.verified``) and handed to the runtimes: a file
   swapped after the check never runs.
-- ``model.pt2`` must pass :func:`atso_fast.io.pt2.check_torch_program` (nothing in it may run
-  code), whichever runtime will run: a package that carries an unsafe program is refused. A file
+- ``model.pt2`` must pass :func:`atso_fast.io.pt2.screen_torch_archive` (nothing in it may run
+  code; no torch import, the weights are not read), whichever runtime will run: a package that
+  carries an unsafe program is refused; the torch runtime runs the full
+  :func:`~atso_fast.io.pt2.check_torch_program` on the bytes it loads. A file
   that is no torch.export archive at all (say from another torch version) runs nothing and is
   left to the torch runtime to report (``auto`` then runs ONNX Runtime, with a warning).
 """
@@ -29,10 +32,10 @@ import numpy as np
 from atso_fast.io.base import InputError
 from atso_fast.io.files import not_regular_error, read_regular_file
 from atso_fast.io.onnx_shapes import inferred_shapes
-from atso_fast.io.pt2 import UnsafeArchiveError, check_torch_program
+from atso_fast.io.pt2 import UnsafeArchiveError, screen_torch_archive
 from atso_fast.package.errors import PackageError
 
-__all__ = ["MAX_META_BYTES", "confined_file", "largest_tensor", "read_meta", "verify_package"]
+__all__ = ["MAX_META_BYTES", "confined_file", "largest_tensor", "read_meta", "read_torch_program", "verify_package"]
 
 MAX_META_BYTES = 16 * 1024 * 1024
 """``model.json`` above this size is refused (it is a small JSON object)."""
@@ -111,25 +114,44 @@ def verify_package(pkg: Any, meta: dict[str, Any], meta_path: Path) -> None:
             confined_file(root, value, field, meta_path)
     onnx_path = confined_file(root, pkg.onnx_file, "onnx_file", meta_path)
     data = _read(onnx_path)
-    _check_hash(onnx_path, data, meta.get("onnx_sha256"), "onnx_sha256", meta_path)
+    pkg.digests["onnx"] = hashlib.sha256(data)
+    _check_hash(onnx_path, pkg.digests["onnx"].hexdigest(), meta.get("onnx_sha256"), "onnx_sha256", meta_path)
     check_onnx_graph(data, onnx_path, pkg, meta_path)
     pkg.verified["onnx"] = data
     torch_path = (
         confined_file(root, pkg.torch_file, "torch_file", meta_path, required=False) if pkg.torch_file else None
     )
     if torch_path is not None:  # a missing model.pt2 only means the torch runtime is unavailable
-        data = _read(torch_path)
-        _check_hash(torch_path, data, meta.get("torch_sha256"), "torch_sha256", meta_path)
         try:
-            check_torch_program(data, str(torch_path))
-            pkg.verified["torch"] = data
-        except UnsafeArchiveError as exc:  # could run code: refused whatever the runtime
-            raise PackageError(
-                f"{exc} (to run this package with ONNX Runtime only, delete {torch_path.name} "
-                f"and its torch_file entry in {meta_path.name})"
-            ) from None
+            screen_torch_archive(torch_path, str(torch_path))
+            pkg.torch_screened = True
+        except UnsafeArchiveError as exc:
+            raise PackageError(_unsafe_program(exc, torch_path, meta_path)) from None
         except InputError:  # not a torch program at all (another torch version?): nothing can run
             pass  # from it; the torch runtime reports it, and auto runs ONNX Runtime instead
+
+
+def read_torch_program(pkg: Any) -> bytes:
+    """``model.pt2``'s bytes for the torch runtime, read once and checked against
+    ``torch_sha256`` (``load_package`` only screened the file: runs on other runtimes never read
+    its weights). :func:`~atso_fast.io.pt2.load_torch_program` runs the full check on them.
+
+    Raises:
+        PackageError: the file is gone, unreadable, or differs from its recorded hash.
+    """
+    meta_path = Path(pkg.root) / "model.json"
+    path = confined_file(Path(pkg.root), pkg.torch_file, "torch_file", meta_path)
+    data = _read(path)
+    _check_hash(path, hashlib.sha256(data).hexdigest(), pkg.extra.get("torch_sha256"), "torch_sha256", meta_path)
+    return data
+
+
+def _unsafe_program(exc: Exception, torch_path: Path, meta_path: Path) -> str:
+    """Could run code: refused whatever the runtime."""
+    return (
+        f"{exc} (to run this package with ONNX Runtime only, delete {torch_path.name} "
+        f"and its torch_file entry in {meta_path.name})"
+    )
 
 
 def _read(path: Path) -> bytes:
@@ -139,10 +161,9 @@ def _read(path: Path) -> bytes:
         raise PackageError(str(exc)) from None
 
 
-def _check_hash(path: Path, data: bytes, expected: Any, field: str, meta_path: Path) -> None:
+def _check_hash(path: Path, actual: str, expected: Any, field: str, meta_path: Path) -> None:
     if expected is None:
         return
-    actual = hashlib.sha256(data).hexdigest()
     if not isinstance(expected, str) or actual != expected.lower():
         raise PackageError(
             f"{path}: sha256 {actual} differs from {field} {expected} recorded in {meta_path} "

@@ -158,6 +158,7 @@ def create_runtime(
             in_channels=package.in_channels,
             threads=threads,
             source=source,
+            onnx_sha256=package.onnx_sha256() if hasattr(package, "onnx_sha256") else None,
         )
     return TensorRTRuntime(
         onnx,

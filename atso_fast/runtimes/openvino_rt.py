@@ -108,11 +108,12 @@ def openvino_supports(precision: str, target: str = "CPU") -> bool:
 
 
 def compiled_cache_key(
-    onnx_bytes: bytes, ov_version: str, device_name: str, precision: str, input_shape: tuple[int | str, ...]
+    onnx: bytes | Any, ov_version: str, device_name: str, precision: str, input_shape: tuple[int | str, ...]
 ) -> str:
     """Cache key of a compiled model: ONNX hash + OpenVINO version + device + precision + shape
-    (a dynamic batch axis as its bounds, ``"1..4"``)."""
-    h = hashlib.sha256(onnx_bytes)
+    (a dynamic batch axis as its bounds, ``"1..4"``). ``onnx``: the ONNX bytes, or a
+    ``hashlib.sha256`` object that has consumed them (a package's, so large files are hashed once)."""
+    h = hashlib.sha256(onnx) if isinstance(onnx, (bytes, bytearray, memoryview)) else onnx.copy()
     h.update(f"|{ov_version}|{device_name}|{precision}|{'x'.join(map(str, input_shape))}".encode())
     return h.hexdigest()[:32]
 
@@ -169,6 +170,8 @@ class OpenVinoRuntime(FixedRuntime):
             whole channel in one float32 lane); :attr:`norms_rewritten` then holds how many were
             rewritten (None when the compiled model came from the cache). False: OpenVINO's own
             MVN.
+        onnx_sha256: a ``hashlib.sha256`` object that has consumed the ONNX bytes (a package's
+            :meth:`~atso_fast.package.ModelPackage.onnx_sha256`), for the cache key; None: hashed here.
 
     Raises:
         RuntimeUnavailable: openvino is not installed.
@@ -194,6 +197,7 @@ class OpenVinoRuntime(FixedRuntime):
         dynamic_batch: bool = True,
         source: str | os.PathLike | None = None,
         precise_norms: bool = True,
+        onnx_sha256: Any = None,
     ):
         self.ov = _ov()
         self.device, self.precision = check_device(device), check_precision(precision)
@@ -208,6 +212,7 @@ class OpenVinoRuntime(FixedRuntime):
                 f"(its capabilities: {self._capabilities(target)}); use float32"
             )
         self.onnx_bytes, self.onnx_path = model_bytes(onnx, source)
+        self._onnx_sha256 = onnx_sha256  # the package's hash of these bytes, when it has one
         self.target = str(target)
         self.batch_size = max(1, int(batch_size))
         self._sample = (int(in_channels), *(int(w) for w in window))
@@ -321,7 +326,7 @@ class OpenVinoRuntime(FixedRuntime):
         the norm rewrite and the input shape."""
         norms = "precise" if self.precise_norms else "plain"
         key = compiled_cache_key(
-            self.onnx_bytes,
+            self.onnx_bytes if self._onnx_sha256 is None else self._onnx_sha256,
             self.ov.__version__,
             self._device_name(),
             f"{self.precision}/streams{self.streams}/norms-{norms}",

@@ -187,11 +187,11 @@ class TorchRuntime(FixedRuntime):
                 "'onnxruntime' or re-export with atso_fast.export_model"
             )
         path = package.root / package.torch_file
-        data = getattr(package, "verified", {}).get("torch")  # the bytes load_package checked and hashed
-        if data is None and not path.is_file():
+        if not path.is_file():
             raise RuntimeUnavailable(f"{path}: torch program named in model.json not found")
+        data = package.torch_bytes() if hasattr(package, "torch_bytes") else read_regular_file(path)
         # untrusted: checked for anything that runs code, then loaded from the checked bytes
-        return load_torch_program(data if data is not None else read_regular_file(path), str(path)).module()
+        return load_torch_program(data, str(path)).module()
 
     def __call__(self, batch: Any) -> Any:
         import torch
