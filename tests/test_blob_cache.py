@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_runtimes import _batch, _openvino, needs_openvino, package  # noqa: F401 (package: a fixture)
 
-from atso_fast.runtimes.blob_cache import BlobCache
+from atso_fast.io.blob_cache import BlobCache
 
 
 @pytest.fixture

@@ -482,3 +482,33 @@ def test_a_graph_that_allocates_gigabytes_inside_is_refused(package, monkeypatch
         Relabeler(package, runtime="onnxruntime")
     monkeypatch.setattr(limits, "memory_budget", lambda: 64 << 30)
     assert Relabeler(package, runtime="onnxruntime").package.num_classes == 3
+
+
+def _imports_after_load(package: Path, cache: Path, **env: str) -> list[str]:
+    code = (
+        "import sys; from atso_fast.engine import Relabeler; "
+        f"Relabeler({str(package)!r}, runtime='onnxruntime'); "
+        "print(','.join(m for m in ('onnx', 'torch') if m in sys.modules))"
+    )
+    run_env = {**os.environ, "XDG_CACHE_HOME": str(cache), **env}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=run_env)
+    return [m for m in out.stdout.strip().split(",") if m]
+
+
+def test_passed_onnx_checks_are_remembered_so_a_second_start_skips_onnx(package, tmp_path):
+    first = _imports_after_load(package, tmp_path / "cache")
+    assert "onnx" in first  # the graph checks ran and were stored
+    assert list((tmp_path / "cache" / "atso_fast" / "checks").glob("*.blob"))
+    assert _imports_after_load(package, tmp_path / "cache") == []  # neither onnx nor torch
+    assert "onnx" in _imports_after_load(package, tmp_path / "cache", ATSO_FAST_CHECK_CACHE="0")
+
+
+def test_a_remembered_check_does_not_cover_other_fields_or_bytes(package, tmp_path, monkeypatch):
+    """The key holds the ONNX hash and the fields checked against it: a model.json that now
+    disagrees with the graph is refused although the same graph passed before."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    load_package(package)
+    meta = json.loads((package / "model.json").read_text())
+    _set_meta(package, num_classes=meta["num_classes"] + 1)
+    with pytest.raises(PackageError, match="num_classes"):
+        load_package(package)

@@ -1,37 +1,37 @@
 """Datasets without downloads: CT-like synthetic phantoms, and the Cityscapes label table, layouts
-and procedural driving scenes (natural images), for tests, demos and experiments."""
+and procedural driving scenes (natural images), for tests, demos and experiments.
+
+Names load on first use: ``atso-fast relabel`` reads the Cityscapes layout from here and should
+not pay for the phantom generator's scipy import on every start.
+"""
 
 from __future__ import annotations
 
-from atso_fast.datasets.cityscapes import (
-    cityscapes_frames,
-    label_ids_to_train_ids,
-    plain_frames,
-    train_id_colors,
-    train_ids_to_label_ids,
-)
-from atso_fast.datasets.driving import make_driving_cityscapes, make_scene
-from atso_fast.datasets.synthetic import (
-    make_archive,
-    make_phantom,
-    make_phantom_2d,
-    make_phantoms,
-    phantom_class_names,
-    phantom_num_classes,
-)
+import importlib
+from typing import Any
 
-__all__ = [
-    "cityscapes_frames",
-    "label_ids_to_train_ids",
-    "make_archive",
-    "make_driving_cityscapes",
-    "make_phantom",
-    "make_phantom_2d",
-    "make_phantoms",
-    "make_scene",
-    "phantom_class_names",
-    "phantom_num_classes",
-    "plain_frames",
-    "train_id_colors",
-    "train_ids_to_label_ids",
-]
+_EXPORTS = {
+    "cityscapes_frames": "atso_fast.datasets.cityscapes",
+    "label_ids_to_train_ids": "atso_fast.datasets.cityscapes",
+    "plain_frames": "atso_fast.datasets.cityscapes",
+    "train_id_colors": "atso_fast.datasets.cityscapes",
+    "train_ids_to_label_ids": "atso_fast.datasets.cityscapes",
+    "make_driving_cityscapes": "atso_fast.datasets.driving",
+    "make_scene": "atso_fast.datasets.driving",
+    "make_archive": "atso_fast.datasets.synthetic",
+    "make_phantom": "atso_fast.datasets.synthetic",
+    "make_phantom_2d": "atso_fast.datasets.synthetic",
+    "make_phantoms": "atso_fast.datasets.synthetic",
+    "phantom_class_names": "atso_fast.datasets.synthetic",
+    "phantom_num_classes": "atso_fast.datasets.synthetic",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'atso_fast.datasets' has no attribute {name!r}")

@@ -38,6 +38,7 @@ from atso_fast.io import write_confidence, write_labels
 from atso_fast.io.limits import check_bytes
 from atso_fast.kernels import native
 from atso_fast.package import ModelPackage, load_package, validate_meta
+from atso_fast.package.check_cache import remembered
 from atso_fast.package.trust import largest_tensor
 from atso_fast.runtimes import RUNTIMES, load_runtime
 from atso_fast.runtimes.base import Pending, Ready, check_device, check_precision
@@ -592,7 +593,11 @@ class Relabeler:
         onnx = self.package.verified.get("onnx")
         if onnx is None:
             return
-        name, nbytes = largest_tensor(onnx, self.batch_size)
+        name, nbytes = remembered(
+            "largest-tensor",
+            [self.package.onnx_sha256().hexdigest(), self.batch_size],
+            lambda: list(largest_tensor(onnx, self.batch_size)),
+        )
         check_bytes(self.package.onnx_path, nbytes, f"its graph's tensor {name!r} (batch {self.batch_size})", share=2)
 
     def _check_memory(self, shape: tuple[int, ...]) -> None:

@@ -33,6 +33,7 @@ from atso_fast.io.base import InputError
 from atso_fast.io.files import not_regular_error, read_regular_file
 from atso_fast.io.onnx_shapes import inferred_shapes
 from atso_fast.io.pt2 import UnsafeArchiveError, screen_torch_archive
+from atso_fast.package.check_cache import remembered
 from atso_fast.package.errors import PackageError
 
 __all__ = ["MAX_META_BYTES", "confined_file", "largest_tensor", "read_meta", "read_torch_program", "verify_package"]
@@ -116,7 +117,11 @@ def verify_package(pkg: Any, meta: dict[str, Any], meta_path: Path) -> None:
     data = _read(onnx_path)
     pkg.digests["onnx"] = hashlib.sha256(data)
     _check_hash(onnx_path, pkg.digests["onnx"].hexdigest(), meta.get("onnx_sha256"), "onnx_sha256", meta_path)
-    check_onnx_graph(data, onnx_path, pkg, meta_path)
+    remembered(  # a passed check, stored per ONNX hash: a second start skips onnx altogether
+        "onnx-graph",
+        [pkg.digests["onnx"].hexdigest(), list(pkg.window), pkg.in_channels, pkg.num_classes],
+        lambda: _passed(check_onnx_graph, data, onnx_path, pkg, meta_path),
+    )
     pkg.verified["onnx"] = data
     torch_path = (
         confined_file(root, pkg.torch_file, "torch_file", meta_path, required=False) if pkg.torch_file else None
@@ -129,6 +134,12 @@ def verify_package(pkg: Any, meta: dict[str, Any], meta_path: Path) -> None:
             raise PackageError(_unsafe_program(exc, torch_path, meta_path)) from None
         except InputError:  # not a torch program at all (another torch version?): nothing can run
             pass  # from it; the torch runtime reports it, and auto runs ONNX Runtime instead
+
+
+def _passed(check: Any, *args: Any) -> bool:
+    """True once ``check(*args)`` returns (it raises on failure): what the cache stores."""
+    check(*args)
+    return True
 
 
 def read_torch_program(pkg: Any) -> bytes:

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from atso_fast.io.blob_cache import BlobCache
 from atso_fast.runtimes.base import (
     FixedRuntime,
     RuntimeUnavailable,
@@ -23,7 +24,6 @@ from atso_fast.runtimes.base import (
     check_precision,
     model_bytes,
 )
-from atso_fast.runtimes.blob_cache import BlobCache
 
 __all__ = ["TensorRTRuntime", "tensorrt_available", "engine_cache_key"]
 
@@ -66,7 +66,7 @@ class TensorRTRuntime(FixedRuntime):
         self.max_batch = max(1, int(max_batch))
         self._shape = (in_channels, *window)
         cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "atso_fast" / "tensorrt"
-        self._engine = self._load_or_build(*model_bytes(onnx, source), BlobCache(cache, self.name))
+        self._engine = self._load_or_build(*model_bytes(onnx, source), BlobCache(cache, f"runtime {self.name}"))
         self._context = self._engine.create_execution_context()
 
     def _load_or_build(self, data: bytes, onnx_path: Path, cache: BlobCache) -> Any:

@@ -19,7 +19,12 @@ from pathlib import Path
 from atso_fast.io.atomic import atomic_write_bytes
 from atso_fast.io.files import read_regular_file
 
-__all__ = ["BlobCache"]
+__all__ = ["BlobCache", "cache_root"]
+
+
+def cache_root() -> Path:
+    """``$XDG_CACHE_HOME/atso_fast`` (``~/.cache/atso_fast`` without it), read on each call."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "atso_fast"
 
 
 def _private(info: os.stat_result) -> bool:
@@ -31,12 +36,14 @@ class BlobCache:
 
     Args:
         folder: the cache folder (created ``0700`` on the first store).
-        what: the runtime's name, for warnings.
+        what: who caches (``"runtime openvino"``), for warnings.
+        thing: what a blob is, for warnings.
     """
 
-    def __init__(self, folder: str | os.PathLike[str], what: str) -> None:
+    def __init__(self, folder: str | os.PathLike[str], what: str, thing: str = "compiled model") -> None:
         self.folder = Path(folder)
         self.what = what
+        self.thing = thing
 
     def _paths(self, key: str) -> tuple[Path, Path]:
         return self.folder / f"{key}.blob", self.folder / f"{key}.sha256"
@@ -76,6 +83,4 @@ class BlobCache:
             os.chmod(atomic_write_bytes(blob, data), 0o600)
             atomic_write_bytes(digest, hashlib.sha256(data).hexdigest().encode("ascii"))
         except OSError as exc:
-            warnings.warn(
-                f"runtime {self.what}: compiled model not cached at {blob} ({exc})", RuntimeWarning, stacklevel=3
-            )
+            warnings.warn(f"{self.what}: {self.thing} not cached at {blob} ({exc})", RuntimeWarning, stacklevel=3)
