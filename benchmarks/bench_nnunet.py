@@ -371,7 +371,10 @@ def _timed_command(args: list[str], env: dict[str, str], timeout: float) -> tupl
 def command(ns: argparse.Namespace) -> dict:
     from atso_fast.datasets.nnunet_folder import make_nnunet_folder
 
-    work = Path(tempfile.mkdtemp(prefix="bench_nnunet_cmd_"))
+    if ns.work is not None and (ns.work / "package" / "model.json").is_file():
+        return _commands(ns, ns.work, None, "(reused from an earlier run of this part)", ns.work / "package")
+    work = Path(tempfile.mkdtemp(prefix="bench_nnunet_cmd_")) if ns.work is None else ns.work
+    work.mkdir(parents=True, exist_ok=True)
     env = _nnunet_env(work)
     if ns.toy:
         folder = model_folder(work / "results", ns, ns.num_classes, [1.5] * 3, [32, 96, 96], [8, 16, 32, 64])
@@ -382,24 +385,43 @@ def command(ns: argparse.Namespace) -> dict:
             work / "results", plans=plans, num_classes=ns.num_classes, folds=tuple(range(ns.folds)), scale=ns.scale
         )
         plans_source = str(ns.plans) if ns.plans else "nnU-Net ExperimentPlanner on the cases"
-    config = json.loads((folder / "plans.json").read_text())["configurations"]["3d_fullres"]
-    images = work / "images"
-    images.mkdir()
-    for case in ns.cases:
-        (images / f"{case}_0000.nii.gz").symlink_to(REAL / case / "image.nii.gz")
     package = work / "package"
     scan = str(REAL / ns.cases[0] / "image.nii.gz")
     import_args = ["atso-fast", "import-nnunet", str(folder), str(package), "--quiet", "--measure-scan", scan]
     import_seconds, _, import_log = _timed_command(import_args, env, ns.timeout)
+    return _commands(ns, work, import_seconds, import_log, package, plans_source)
+
+
+def _model_folder_in(work: Path) -> Path:
+    return next((work / "results").glob("Dataset*/nnUNetTrainer__nnUNetPlans__3d_fullres"))
+
+
+def _commands(
+    ns: argparse.Namespace,
+    work: Path,
+    import_seconds: float | None,
+    import_log: str,
+    package: Path,
+    plans_source: str = "reused",
+) -> dict:
+    """Both commands, alternating, ``ns.repeats`` times, on ``ns.cases`` (linked into a fresh
+    images folder), with the model folder and package found in ``work``."""
+    env = _nnunet_env(work)
+    folder = _model_folder_in(work)
+    config = json.loads((folder / "plans.json").read_text())["configurations"]["3d_fullres"]
+    images = Path(tempfile.mkdtemp(prefix="images_", dir=work))
+    for case in ns.cases:
+        (images / f"{case}_0000.nii.gz").symlink_to(REAL / case / "image.nii.gz")
     tta = [] if ns.mirror else ["--disable_tta"]
     theirs_cmd = ["nnUNetv2_predict_from_modelfolder", "-i", str(images), "-m", str(folder), "-device", "cpu"]
     theirs_cmd += ["-f", *map(str, range(ns.folds)), *tta]
     ours_cmd = ["atso-fast", "relabel", str(package), str(images)] + (["--mirror"] if ns.mirror else [])
     ours_cmd += [] if ns.runtime == "auto" else ["--runtime", ns.runtime]
     runs: dict[str, list[dict]] = {"nnunet": [], "ours": []}
+    outs = Path(tempfile.mkdtemp(prefix="outputs_", dir=work))
     for repeat in range(ns.repeats):
         for side, cmd in (("nnunet", theirs_cmd), ("ours", ours_cmd)):
-            out = work / f"{side}_{repeat}"
+            out = outs / f"{side}_{repeat}"
             seconds, gib, log = _timed_command([*cmd, "-o", str(out)], env, ns.timeout)
             runs[side].append({"seconds": seconds, "peak_rss_gib": gib, "out": str(out), "log_tail": log[-600:]})
             print(f"{side} run {repeat}: {seconds:.1f} s, peak {gib:.2f} GiB", file=sys.stderr, flush=True)
@@ -578,6 +600,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--plans", type=Path, help="an nnUNetPlans.json (default: nnU-Net's planner on the cases)")
     c.add_argument("--toy", action="store_true", help="the toy 8-16-32-64 network instead")
     c.add_argument("--repeats", type=int, default=2)
+    c.add_argument(
+        "--work", type=Path, help="work folder: reused when it holds an imported package (no planning or import)"
+    )
     c.set_defaults(folds=2)
     for name in ("memory", "window"):
         m = sub.choices[name]
