@@ -7,8 +7,7 @@ not pay for the phantom generator's scipy import on every start.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from atso_fast import lazy_exports
 
 _EXPORTS = {
     "cityscapes_frames": "atso_fast.datasets.cityscapes",
@@ -29,9 +28,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'atso_fast.datasets' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
