@@ -196,3 +196,26 @@ def test_the_default_window_count_holds_a_few_million_voxels(package_dir):
     assert default_count(package) == 2
     package.window = (512, 1024)
     assert default_count(package) == 8
+
+
+def test_measure_records_the_faster_torch_layout(package_dir):
+    volume = np.random.default_rng(0).normal(size=(20, 20, 20)).astype(np.float32)
+    record = measure_package(package_dir, volume, count=4)
+    torch_result = record["results"]["torch/float32"]
+    assert torch_result["layout"] in ("contiguous", "channels_last") and torch_result["windows_per_s"] > 0
+
+
+@pytest.mark.parametrize("layout,expected", [("channels_last", True), ("contiguous", False)])
+def test_the_torch_runtime_takes_the_recorded_layout_and_skips_the_probe(package_dir, layout, expected):
+    entry = {"status": "ok", "label_agreement": 1.0, "max_abs_logit_error": 0.0, "windows_per_s": 1.0}
+    _rewrite(package_dir, _record(package_dir, {"torch/float32": {**entry, "layout": layout}}))
+    relabeler = Relabeler(package_dir, runtime="torch", batch_size=2)
+    assert relabeler.runtime.channels_last is expected
+    relabeler.relabel_volume(np.random.default_rng(1).normal(size=(16, 16, 16)).astype(np.float32))
+    assert relabeler.runtime.layout_probe is None  # no batch ran in the other layout
+
+
+def test_a_layout_measured_on_another_machine_is_not_taken(package_dir):
+    entry = {"status": "ok", "label_agreement": 1.0, "max_abs_logit_error": 0.0, "windows_per_s": 1.0}
+    _rewrite(package_dir, _record(package_dir, {"torch/float32": {**entry, "layout": "contiguous"}}, machine="other"))
+    assert Relabeler(package_dir, runtime="torch", batch_size=2).runtime.channels_last is None  # it probes

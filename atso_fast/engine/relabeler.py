@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from atso_fast.archive import read_input, relabel_archive
-from atso_fast.engine.agreement import choose_runtime
+from atso_fast.engine.agreement import choose_runtime, recorded_torch_layout
 from atso_fast.engine.merger import ArrayBackend, LabelSink, SlabMerger
 from atso_fast.engine.preprocess import Geometry, prepare
 from atso_fast.engine.resample import ResampleSink, TimedSink, restore
@@ -298,6 +298,7 @@ class Relabeler:
             batch_size=self.batch_size,
             compile=compile,
             threads=threads,
+            channels_last=None if _module is not None else recorded_torch_layout(self.package, self.device, precision),
         )
         self._kernel_threads = kernel_threads
         self.runtime.reuse_output = True  # _stream takes each result before its buffer is reused

@@ -129,8 +129,10 @@ def create_runtime(
     batch_size: int = 4,
     compile: bool = False,
     threads: int | None = None,
+    channels_last: bool | None = None,
 ) -> Runtime:
-    """Build runtime ``name`` (not ``auto``: see :func:`load_runtime`) for a package and/or a live module."""
+    """Build runtime ``name`` (not ``auto``: see :func:`load_runtime`) for a package and/or a live
+    module. ``channels_last`` goes to the torch runtime (None: it probes)."""
     if name == "torch":
         return TorchRuntime.create(
             package=package,
@@ -138,6 +140,7 @@ def create_runtime(
             device=device,
             precision=precision,
             compile=compile,
+            channels_last=channels_last,
             probe_batch=batch_size,
             threads=threads,
         )
