@@ -352,6 +352,8 @@ def _screen_sample_inputs(data: bytes | None, where: str) -> None:
                     named is not None and named not in _SAMPLE_GLOBALS and not _STORAGE.fullmatch(named)
                 ):
                     raise UnsafeArchiveError(f"{refused} ({op.name} {named or ''}); refused")
+    except UnsafeArchiveError:  # a ValueError too: keep the reason above
+        raise
     except (zipfile.BadZipFile, ValueError, EOFError, OSError) as exc:
         raise UnsafeArchiveError(f"{refused} (unreadable: {type(exc).__name__}); refused") from None
 
