@@ -53,6 +53,7 @@ from atso_fast.runtimes.base import (
     check_precision,
     model_bytes,
 )
+from atso_fast.runtimes.onnx_norm import REWRITE as NORM_REWRITE
 from atso_fast.runtimes.onnx_norm import precise_instance_norms
 
 __all__ = [
@@ -325,7 +326,7 @@ class OpenVinoRuntime(FixedRuntime):
         read and built (and cached). The key holds what the compiled model depends on: the ONNX
         bytes, the OpenVINO version, device, precision (which sets the output type), streams,
         the norm rewrite and the input shape."""
-        norms = "precise" if self.precise_norms else "plain"
+        norms = f"precise-{NORM_REWRITE}" if self.precise_norms else "plain"
         key = compiled_cache_key(
             self.onnx_bytes if self._onnx_sha256 is None else self._onnx_sha256,
             self.ov.__version__,
