@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from atso_fast.engine.agreement import (
     default_count,
     machine_id,
     measure_package,
+    runtime_revision,
     sample_windows,
 )
 from atso_fast.package import load_package
@@ -50,7 +52,12 @@ def _rewrite(package_dir, record):
 
 
 def _record(package_dir, results, machine=None, device="cpu"):
+    """A record of ``results``, each stamped with its runtime's current graph form."""
     meta = json.loads((package_dir / "model.json").read_text())
+    results = {
+        k: {**v, "revision": runtime_revision(k.split("/")[0])} if runtime_revision(k.split("/")[0]) else v
+        for k, v in results.items()
+    }
     return {
         "version": 1,
         "onnx_sha256": meta["onnx_sha256"],
@@ -129,6 +136,37 @@ def test_a_record_of_another_network_machine_or_device_does_not_steer(package_di
     _rewrite(package_dir, _record(package_dir, both, machine="another machine"))
     rel = Relabeler(package_dir)
     assert "another machine" in rel.runtime_reason and rel.runtime_name in ("openvino", "onnxruntime")
+
+
+def test_a_result_of_an_older_graph_form_is_not_counted(package_dir):
+    """OpenVINO runs a rewritten graph (its norms): agreement measured on another form of it
+    (an older atso-fast) says nothing about the graph it runs now."""
+    good = {"status": "ok", "label_agreement": 1.0, "max_abs_logit_error": 0.0, "windows_per_s": 1e6}
+    slower = {**good, "windows_per_s": 1.0}
+    record = _record(package_dir, {"openvino/float32": good, "onnxruntime/float32": slower})
+    record["results"]["openvino/float32"]["revision"] = "norms-an-older-form"
+    _rewrite(package_dir, record)
+    package = load_package(package_dir)
+    candidates, reason = choose_runtime(package, device="cpu", precision="float32", has_module=False, has_program=True)
+    assert candidates[0] == "onnxruntime" and "not counted: openvino" in reason and "atso-fast measure" in reason
+    del record["results"]["openvino/float32"]["revision"]  # a record from before revisions: the same
+    _rewrite(package_dir, record)
+    candidates, reason = choose_runtime(
+        load_package(package_dir), device="cpu", precision="float32", has_module=False, has_program=True
+    )
+    assert candidates[0] == "onnxruntime" and "not counted: openvino" in reason
+
+
+def test_machine_id_names_the_speed_relevant_cpu_features():
+    ident = machine_id()
+    assert "cores" in ident
+    flags = (
+        Path("/proc/cpuinfo").read_text().split("flags", 1)[-1].split("\n", 1)[0]
+        if Path("/proc/cpuinfo").exists()
+        else ""
+    )
+    if " avx512f" in flags:
+        assert "avx512f" in ident
 
 
 def test_no_runtime_meets_the_tolerance_falls_back_to_the_rule(package_dir):

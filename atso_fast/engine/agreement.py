@@ -49,6 +49,7 @@ __all__ = [
     "measure_runtimes",
     "measure_package",
     "machine_id",
+    "runtime_revision",
     "choose_runtime",
     "agreement_table",
 ]
@@ -58,16 +59,35 @@ DEFAULT_TOLERANCE = 0.999
 _VERSION = 1
 
 
+_SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+"""CPU features that change which runtime and precision is fastest: cloud machines report one
+model name ("Intel(R) Xeon(R) Processor") for CPUs with and without AVX-512 and AMX."""
+
+
 def machine_id() -> str:
-    """CPU model and core count (what decides which runtime is fastest here)."""
-    model = platform.processor() or platform.machine()
+    """CPU model, core count and :data:`_SPEED_FLAGS` present (what decides which runtime is
+    fastest here)."""
+    model, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as fh:
-            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), model)
+            lines = fh.read().splitlines()
+        model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), model)
+        flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return f"{model}, {cores} cores"
+    features = "+".join(f for f in _SPEED_FLAGS if f in flags)
+    return f"{model}, {cores} cores" + (f", {features}" if features else "")
+
+
+def runtime_revision(name: str) -> str | None:
+    """The form of the graph runtime ``name`` runs, where it rewrites the network (OpenVINO's
+    InstanceNormalization rewrite): a recorded agreement of another form is not this runtime's."""
+    if name == "openvino":
+        from atso_fast.runtimes.onnx_norm import REWRITE
+
+        return f"norms-{REWRITE}"
+    return None
 
 
 MEASURE_VOXELS = 4_000_000
@@ -216,6 +236,8 @@ def _measure_one(
         "label_agreement": float((out.argmax(1) == ref_labels).mean()),
         "windows_per_s": float(len(windows) / best) if best > 0 else None,
     }
+    if runtime_revision(name) is not None:
+        result["revision"] = runtime_revision(name)
     if name == "torch" and device == "cpu" and windows.ndim == 5:
         result.update(_torch_layout(rt, windows, batch_size, repeats, best))
     return result
@@ -320,20 +342,27 @@ def choose_runtime(
         why = "no runtime agreement recorded for this network and device" if not has_module else "a live module"
         return rule, f"the rule ({why}): {rule[0]}"
     tol = float(record.get("tolerance", DEFAULT_TOLERANCE)) if tolerance is None else float(tolerance)
+    measured = {k.split("/")[0]: v for k, v in record["results"].items() if k.endswith(f"/{precision}")}
+    stale = sorted(k for k, v in measured.items() if v.get("revision") != runtime_revision(k))
     ok = {
-        k.split("/")[0]: v
-        for k, v in record["results"].items()
-        if k.endswith(f"/{precision}")
+        k: v
+        for k, v in measured.items()
+        if k not in stale
         and v.get("status") == "ok"
         and isinstance(v.get("label_agreement"), (int, float))
         and v["label_agreement"] >= tol
     }
     installed = set(available_runtimes(device)) | set(rule)
     ok = {k: v for k, v in ok.items() if k in installed and (k != "torch" or has_program)}
+    note = (
+        f"; not counted: {', '.join(stale)}, measured with an older form of its graph ('atso-fast measure' re-measures)"
+        if stale
+        else ""
+    )
     if not ok:
         return rule, (
             f"the rule: no runtime met {tol:.2%} label agreement in the record "
-            f"({record.get('measured', '?')}); {rule[0]}"
+            f"({record.get('measured', '?')}{note}); {rule[0]}"
         )
     same_machine = record.get("machine") == machine_id()
     if same_machine:
@@ -346,7 +375,7 @@ def choose_runtime(
         f"{order[0]}: {'fastest' if same_machine else 'first in the rule order'} of the runtimes meeting "
         f"{tol:.2%} label agreement ({best['label_agreement']:.4%}{speed}; measured "
         f"{record.get('measured', '?')} on {record.get('input') or 'sample windows'}"
-        f"{'' if same_machine else ', another machine: speed not compared'})"
+        f"{'' if same_machine else ', another machine: speed not compared'}{note})"
     )
     return order + [k for k in rule if k not in order], reason
 
