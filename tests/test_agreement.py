@@ -197,6 +197,17 @@ def test_relabel_says_its_runtime_and_verbose_shows_the_table(package_dir, tmp_p
     assert "labels agree" in err  # the table
 
 
+def test_measure_command_records_each_precision_asked_for(package_dir, capsys):
+    assert main(["measure", str(package_dir), "--windows", "2", "--precisions", "float32,bfloat16", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    precisions = {key.split("/")[1] for key in record["results"]}
+    assert precisions == {"float32", "bfloat16"}
+    # a runtime that cannot run a precision here is recorded as such, not dropped
+    assert all(v["status"] in ("ok", "unavailable", "failed") for v in record["results"].values())
+    assert main(["measure", str(package_dir), "--precisions", "float64"]) == 2
+    assert "unknown precision 'float64'" in capsys.readouterr().err
+
+
 def test_export_measures_unless_told_not_to(tmp_path, capsys):
     torch.save(torch.nn.Conv3d(1, 3, 1).state_dict(), tmp_path / "conv.pt")
     kwargs = '{"in_channels": 1, "out_channels": 3, "kernel_size": 1}'

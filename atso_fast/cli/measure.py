@@ -14,6 +14,7 @@ from atso_fast.cli.common import make_parser, one_line, parse_or_status
 from atso_fast.engine import Relabeler
 from atso_fast.engine.agreement import DEFAULT_TOLERANCE, agreement_table, measure_package
 from atso_fast.io import read_volume
+from atso_fast.runtimes.base import PRECISIONS
 
 __all__ = ["build_parser", "main", "measure_and_say", "measure_after_writing"]
 
@@ -39,8 +40,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TOLERANCE,
         help=f"label agreement auto requires, in (0, 1] (default {DEFAULT_TOLERANCE})",
     )
+    p.add_argument(
+        "--precisions",
+        default="float32",
+        help="comma list of float32,bfloat16,float16, or 'all': the precisions to measure each runtime "
+        "in (default: float32; relabel --precision P with --runtime auto chooses among P's results)",
+    )
     p.add_argument("--json", action="store_true", help="print the record as JSON")
     return p
+
+
+def parse_precisions(text: str) -> tuple[str, ...]:
+    """``"float32,bfloat16"`` or ``"all"`` as a tuple of precisions; ValueError naming a bad one."""
+    wanted = PRECISIONS if text.strip() == "all" else tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [p for p in wanted if p not in PRECISIONS]
+    if bad or not wanted:
+        raise ValueError(
+            f"--precisions: unknown precision {bad[0] if bad else text!r} (choose from {', '.join(PRECISIONS)} or all)"
+        )
+    return tuple(dict.fromkeys(wanted))
 
 
 def measure_and_say(
@@ -49,6 +67,7 @@ def measure_and_say(
     scan: Path | None = None,
     windows: int | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
+    precisions: Sequence[str] = ("float32",),
     stream=sys.stdout,
 ) -> dict:
     """Measure, record, and print the table and what ``auto`` would run now."""
@@ -56,7 +75,9 @@ def measure_and_say(
     if scan is not None:
         volume, meta = read_volume(scan)
         spacing, affine = meta.spacing, meta.affine
-    record = measure_package(model_dir, volume, spacing=spacing, affine=affine, count=windows, tolerance=tolerance)
+    record = measure_package(
+        model_dir, volume, spacing=spacing, affine=affine, count=windows, tolerance=tolerance, precisions=precisions
+    )
     rel = Relabeler(model_dir)
     print(agreement_table(record), file=stream)
     print(f"auto would run {rel.runtime_reason}", file=stream)
@@ -83,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             scan=args.scan,
             windows=args.windows,
             tolerance=args.tolerance,
+            precisions=parse_precisions(args.precisions),
             stream=sys.stderr if args.json else sys.stdout,
         )
         if args.json:
