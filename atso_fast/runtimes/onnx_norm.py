@@ -19,8 +19,7 @@ tensor once and writes nothing (an explicit ``x * x`` would write a full-size te
 Then ``var = max(E[x^2] - mean^2, 0)`` and ``y = x * gain + (bias - mean * gain)`` with
 ``gain = scale / sqrt(var + eps)``: two reads and one read-write of each norm's input, where
 the two-pass form (``x - mean`` kept, squared, summed, scaled, shifted) took two reads and
-three read-writes; on nnU-Net's planner network for an abdominal CT (2 folds, 64 x 160 x 192)
-the norms' share of a window fell from 1.5 s to 0.87 s here.
+three read-writes (timings: benchmarks/RESULTS.md, issue 25, third pass).
 
 The one-pass variance loses ``log10(1 + mean^2 / var)`` decimal digits to cancellation. On real
 CT windows through that network the largest ``mean^2 / var`` of any channel of any norm was 7
