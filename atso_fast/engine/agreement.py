@@ -236,8 +236,8 @@ def _measure_one(
         "label_agreement": float((out.argmax(1) == ref_labels).mean()),
         "windows_per_s": float(len(windows) / best) if best > 0 else None,
     }
-    if runtime_revision(name) is not None:
-        result["revision"] = runtime_revision(name)
+    if (revision := runtime_revision(name)) is not None:
+        result["revision"] = revision
     if name == "torch" and device == "cpu" and windows.ndim == 5:
         result.update(_torch_layout(rt, windows, batch_size, repeats, best))
     return result
