@@ -36,6 +36,23 @@ def test_a_blob_without_its_recorded_hash_is_ignored(cache):
     assert cache.load("k") is None
 
 
+def test_load_with_hands_back_what_use_built_only_from_a_blob_that_passes(cache):
+    seen = []
+
+    def use(data):
+        seen.append(bytes(data))
+        return ("built", data)
+
+    assert cache.load_with("k", use) == ("built", b"compiled model")
+    assert cache.load_with("missing", use) is None  # nothing read, nothing built
+    assert seen == [b"compiled model"]
+    (cache.folder / "k.blob").write_bytes(b"compiled modeL")  # damaged: built, then dropped
+    assert cache.load_with("k", use) is None
+    assert seen[-1] == b"compiled modeL"
+    (cache.folder / "k.blob").write_bytes(b"compiled model")
+    assert cache.load_with("k", lambda data: None) is None  # use refused it (another build)
+
+
 def test_a_linked_blob_is_ignored(cache, tmp_path):
     elsewhere = tmp_path / "elsewhere.blob"
     elsewhere.write_bytes(b"evil")

@@ -14,12 +14,17 @@ import hashlib
 import os
 import stat
 import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from atso_fast.io.atomic import atomic_write_bytes
 from atso_fast.io.files import read_regular_file
 
 __all__ = ["BlobCache", "cache_root"]
+
+T = TypeVar("T")
 
 
 def cache_root() -> Path:
@@ -58,6 +63,30 @@ class BlobCache:
 
     def load(self, key: str) -> bytes | None:
         """The blob stored under ``key``, or ``None`` when there is none or it fails a check."""
+        found = self._read(key)
+        if found is None:
+            return None
+        data, recorded = found
+        return data if hashlib.sha256(data).hexdigest() == recorded else None
+
+    def load_with(self, key: str, use: Callable[[bytes], T | None]) -> T | None:
+        """``use(blob)`` for the blob stored under ``key``, or ``None`` when there is none, it
+        fails a check, or ``use`` returns ``None``. The hash is checked on another thread while
+        ``use`` runs (hashlib releases the GIL): importing a 250 MB compiled model and hashing it
+        overlap instead of adding up. What ``use`` built from a blob that fails the check is
+        dropped before anything runs it."""
+        found = self._read(key)
+        if found is None:
+            return None
+        data, recorded = found
+        with ThreadPoolExecutor(1, "atso-blob-hash") as pool:
+            digest = pool.submit(lambda: hashlib.sha256(data).hexdigest())
+            built = use(data)
+            matches = digest.result() == recorded
+        return built if matches else None
+
+    def _read(self, key: str) -> tuple[bytes, str] | None:
+        """The blob and its recorded sha256, when both pass the file checks."""
         blob, digest = self._paths(key)
         if not self.trusted_folder():
             return None
@@ -70,7 +99,7 @@ class BlobCache:
             recorded = read_regular_file(digest, max_bytes=128).decode("ascii").strip()
         except (OSError, ValueError):  # missing, unreadable, not ASCII: compile again
             return None
-        return data if hashlib.sha256(data).hexdigest() == recorded else None
+        return data, recorded
 
     def store(self, key: str, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` under ``key`` (blob first, then its hash); a cache that cannot be

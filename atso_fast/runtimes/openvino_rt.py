@@ -335,8 +335,7 @@ class OpenVinoRuntime(FixedRuntime):
             self.input_shape,
         )
         cache = None if self.cache_dir is None else BlobCache(self.cache_dir, f"runtime {self.name}")
-        blob = None if cache is None else cache.load(key)
-        compiled = None if blob is None else self._import(blob)
+        compiled = None if cache is None else cache.load_with(key, self._import)
         if compiled is None:
             compiled = self._build(_core(), self._read())
             if cache is not None:
