@@ -242,12 +242,21 @@ def _resolve(args: argparse.Namespace) -> None:
         args.overlap = DEFAULT_OVERLAP
 
 
-def _import_in_background(module: str) -> None:
-    """Import ``module`` on a daemon thread. The engine resamples scans with torch (a ~1 s
-    import): begun here, it overlaps the checks, the package's hash and the runtime's load, the
-    parts that release the GIL, instead of adding to the time before the first window; an
-    import the main thread needs first just waits for this one."""
-    threading.Thread(target=importlib.import_module, args=(module,), name=f"atso-import-{module}", daemon=True).start()
+def _import_in_background(*modules: str) -> None:
+    """Import ``modules`` in order on a daemon thread. The engine resamples scans with torch (a
+    ~1 s import) and ``auto`` and OpenVINO need openvino (~0.2 s): begun here, they overlap the
+    checks, the package's hash and the runtime's load, the parts that release the GIL, instead of
+    adding to the time before the first window; an import the main thread needs first just
+    waits for this one. A module that fails to import is left for the main thread to report."""
+
+    def run() -> None:
+        for module in modules:
+            try:
+                importlib.import_module(module)
+            except Exception:  # noqa: BLE001, S112 - reported where it is needed, if it is
+                continue
+
+    threading.Thread(target=run, name="atso-import", daemon=True).start()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -257,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(args, int):
         return args
     if args.engine == "local":
-        _import_in_background("torch")
+        _import_in_background(*(["openvino"] if args.runtime in ("auto", "openvino") else []), "torch")
     try:
         _resolve(args)
         args.recursive = args.recursive or is_cityscapes_split(args.input)

@@ -18,6 +18,7 @@ import warnings
 from collections import deque
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -304,13 +305,19 @@ class Relabeler:
         self.runtime.reuse_output = True  # _stream takes each result before its buffer is reused
         self._backend = ArrayBackend(self.device)
         self._windows = 0  # windows run for the last volume (mirrored passes included)
-        # a writable copy: the cached map is read-only, and torch warns on read-only arrays
         self._grid = self.package.preprocessing["grid"]
-        self._importance = self._backend.upload(grid_importance(self._grid, self.package.window).copy())
         self._geometry: Geometry | None = None  # of the volume being relabelled
         self._net_seconds = 0.0
         self._warned: set[str] = set()
         self._first_spacing: tuple[float | None, ...] | None = None  # z is None for a 2D image
+
+    @cached_property
+    def _importance(self) -> Any:
+        """The windows' blending weights, built at the first merge: the first batches are
+        running by then, so nnU-Net's gaussian (and its scipy import) is not in the time before
+        the first window. A writable copy: the cached map is read-only, and torch warns on
+        read-only arrays."""
+        return self._backend.upload(grid_importance(self._grid, self.package.window).copy())
 
     @property
     def runtime_name(self) -> str:
