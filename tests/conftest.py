@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from atso_fast.kernels import native
+
+# compiled models and remembered checks go to a folder of this session, not the user's own
+# ~/.cache/atso_fast (every suite run compiled ~200 MB more into it); subprocesses inherit it
+_TEST_CACHE = tempfile.mkdtemp(prefix="atso-fast-test-cache-")
+os.environ["XDG_CACHE_HOME"] = _TEST_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_TEST_CACHE, ignore_errors=True)
+
 
 REAL_DATA = Path(
     os.environ.get("ATSO_FAST_REAL_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"

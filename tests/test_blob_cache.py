@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 
 import numpy as np
 import pytest
 from test_runtimes import _batch, _openvino, needs_openvino, package  # noqa: F401 (package: a fixture)
 
-from atso_fast.io.blob_cache import BlobCache
+from atso_fast.io.atomic import temp_path
+from atso_fast.io.blob_cache import DEFAULT_CACHE_GB, BlobCache, cache_limit
 
 
 @pytest.fixture
@@ -51,6 +53,51 @@ def test_load_with_hands_back_what_use_built_only_from_a_blob_that_passes(cache)
     assert seen[-1] == b"compiled modeL"
     (cache.folder / "k.blob").write_bytes(b"compiled model")
     assert cache.load_with("k", lambda data: None) is None  # use refused it (another build)
+
+
+def _aged(cache, key, seconds_ago):
+    when = time.time_ns() - int(seconds_ago * 1e9)
+    os.utime(cache.folder / f"{key}.blob", ns=(when, when))
+
+
+def test_the_least_recently_used_blobs_go_beyond_the_size_limit(cache, monkeypatch):
+    monkeypatch.setenv("ATSO_FAST_CACHE_GB", str(250 / 2**30))  # room for two 100-byte blobs
+    cache.store("a", b"a" * 100)
+    cache.store("b", b"b" * 100)
+    _aged(cache, "k", 300)
+    _aged(cache, "a", 200)
+    _aged(cache, "b", 100)
+    assert cache.load("a") == b"a" * 100  # a load makes "a" the most recently used ...
+    cache.store("c", b"c" * 100)  # 314 bytes: the oldest go until 250 fit
+    assert cache.load("k") is None and cache.load("b") is None  # ... so "k", then "b" go
+    assert not (cache.folder / "b.sha256").exists()
+    assert cache.load("a") == b"a" * 100 and cache.load("c") == b"c" * 100
+
+
+def test_a_blob_larger_than_the_limit_or_a_limit_of_zero_stores_nothing(cache, monkeypatch):
+    monkeypatch.setenv("ATSO_FAST_CACHE_GB", str(50 / 2**30))
+    cache.store("big", b"x" * 100)
+    assert not (cache.folder / "big.blob").exists()
+    assert cache.load("k") == b"compiled model"  # what was there stays
+    monkeypatch.setenv("ATSO_FAST_CACHE_GB", "0")
+    cache.store("small", b"x")
+    assert cache.load("small") is None
+
+
+@pytest.mark.parametrize("value", ["many", "-1", "nan", "inf"])
+def test_a_bad_limit_is_warned_about_and_the_default_used(value, monkeypatch):
+    monkeypatch.setenv("ATSO_FAST_CACHE_GB", value)
+    with pytest.warns(RuntimeWarning, match="ATSO_FAST_CACHE_GB"):
+        assert cache_limit() == int(DEFAULT_CACHE_GB * 2**30)
+
+
+def test_a_store_removes_temp_files_of_dead_writers_only(cache):
+    dead = cache.folder / ".x.blob.atso-999999999-1-abcd1234.tmp"  # no such process
+    live = cache.folder / temp_path(cache.folder / "y.blob").name  # this process
+    dead.write_bytes(b"half")
+    live.write_bytes(b"half")
+    cache.store("k2", b"data")
+    assert not dead.exists() and live.exists()
 
 
 def test_a_linked_blob_is_ignored(cache, tmp_path):
