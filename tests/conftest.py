@@ -13,13 +13,18 @@ import pytest
 from atso_fast.kernels import native
 
 # compiled models and remembered checks go to a folder of this session, not the user's own
-# ~/.cache/atso_fast (every suite run compiled ~200 MB more into it); subprocesses inherit it
-_TEST_CACHE = tempfile.mkdtemp(prefix="atso-fast-test-cache-")
+# ~/.cache/atso_fast (every suite run compiled ~200 MB more into it). Worker processes that import
+# this file inherit the session's folder (and leave its removal to the session).
+_OWN_CACHE = "ATSO_FAST_TEST_CACHE" not in os.environ
+if _OWN_CACHE:
+    os.environ["ATSO_FAST_TEST_CACHE"] = tempfile.mkdtemp(prefix="atso-fast-test-cache-")
+_TEST_CACHE = os.environ["ATSO_FAST_TEST_CACHE"]
 os.environ["XDG_CACHE_HOME"] = _TEST_CACHE
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(_TEST_CACHE, ignore_errors=True)
+    if _OWN_CACHE:
+        shutil.rmtree(_TEST_CACHE, ignore_errors=True)
 
 
 REAL_DATA = Path(
