@@ -43,13 +43,13 @@ import numpy as np
 
 from atso_fast.io.onnx_shapes import inferred_shapes
 
-__all__ = ["precise_instance_norms", "REWRITE"]
+__all__ = ["REWRITE", "parse_model", "precise_instance_norms", "readers_of"]
 
 REWRITE = "onepass-nobias-1"
 """Names the rewrite's form: a compiled model built from another form is not reused."""
 
 
-def _parse(onnx_bytes: bytes) -> Any:
+def parse_model(onnx_bytes: bytes) -> Any:
     """The ModelProto, or None when the bytes are not one (the runtime then says what is wrong)."""
     import onnx
     from google.protobuf.message import DecodeError
@@ -68,7 +68,7 @@ def precise_instance_norms(onnx_bytes: bytes, input_shape: Sequence[int]) -> tup
     ``(batch, channels, *window)`` rewritten as the module docstring says; the input bytes
     themselves when there is none (or the bytes are no ONNX model). The model's inputs and
     outputs are unchanged."""
-    model = _parse(onnx_bytes)
+    model = parse_model(onnx_bytes)
     if model is None or not any(node.op_type == "InstanceNormalization" for node in model.graph.node):
         return onnx_bytes, 0
     shapes = inferred_shapes(model, dict(enumerate(int(d) for d in input_shape)))
@@ -79,7 +79,7 @@ def precise_instance_norms(onnx_bytes: bytes, input_shape: Sequence[int]) -> tup
     }
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     rewrite = _Rewrite(graph, shapes, inputs, opset=opset)
-    readers = _readers(graph)  # before the rewrite, whose nodes read each norm's input thrice
+    readers = readers_of(graph)  # before the rewrite, whose nodes read each norm's input thrice
     nodes = []
     for index, node in enumerate(graph.node):
         nodes.extend(rewrite.node(node, index))
@@ -90,7 +90,7 @@ def precise_instance_norms(onnx_bytes: bytes, input_shape: Sequence[int]) -> tup
     return (model.SerializeToString(), rewrite.count) if rewrite.count else (onnx_bytes, 0)
 
 
-def _readers(graph: Any) -> dict[str, int]:
+def readers_of(graph: Any) -> dict[str, int]:
     """How many node inputs read each value."""
     readers: dict[str, int] = {}
     for node in graph.node:

@@ -53,6 +53,8 @@ from atso_fast.runtimes.base import (
     check_precision,
     model_bytes,
 )
+from atso_fast.runtimes.onnx_concat import REWRITE as CONCAT_REWRITE
+from atso_fast.runtimes.onnx_concat import split_concat_convs
 from atso_fast.runtimes.onnx_norm import REWRITE as NORM_REWRITE
 from atso_fast.runtimes.onnx_norm import precise_instance_norms
 
@@ -170,6 +172,10 @@ class OpenVinoRuntime(FixedRuntime):
             whole channel in one float32 lane); :attr:`norms_rewritten` then holds how many were
             rewritten (None when the compiled model came from the cache). False: OpenVINO's own
             MVN.
+        split_concats: rewrite each channel ``Concat`` read only by a ``Conv`` into one
+            convolution per concatenated input plus their sum
+            (:mod:`atso_fast.runtimes.onnx_concat`: the decoders' concat copies are never
+            written); :attr:`concats_split` then holds how many (None from the cache).
         onnx_sha256: a ``hashlib.sha256`` object that has consumed the ONNX bytes (a package's
             :meth:`~atso_fast.package.ModelPackage.onnx_sha256`), for the cache key; None: hashed here.
 
@@ -197,6 +203,7 @@ class OpenVinoRuntime(FixedRuntime):
         dynamic_batch: bool = True,
         source: str | os.PathLike | None = None,
         precise_norms: bool = True,
+        split_concats: bool = True,
         onnx_sha256: Any = None,
     ):
         self.ov = _ov()
@@ -224,6 +231,8 @@ class OpenVinoRuntime(FixedRuntime):
         self.reuse_output = False
         self.precise_norms = bool(precise_norms)
         self.norms_rewritten: int | None = None  # None: the compiled model came from the cache
+        self.split_concats = bool(split_concats)
+        self.concats_split: int | None = None
         self.streams = 1 if streams is None else int(streams)
         self.compiled = self._load()
         self._out_type = self.compiled.output(0).get_element_type().get_type_name()  # f32, or bf16 (see _read)
@@ -287,6 +296,8 @@ class OpenVinoRuntime(FixedRuntime):
         data = self.onnx_bytes
         if self.precise_norms:
             data, self.norms_rewritten = precise_instance_norms(data, (1, *self._sample))
+        if self.split_concats:
+            data, self.concats_split = split_concat_convs(data, (1, *self._sample))
         try:
             model = _core().read_model(data)
             if len(model.inputs) != 1 or len(model.outputs) != 1:
@@ -325,13 +336,14 @@ class OpenVinoRuntime(FixedRuntime):
         """The compiled model: from the disk cache (nothing read, rewritten or reshaped), else
         read and built (and cached). The key holds what the compiled model depends on: the ONNX
         bytes, the OpenVINO version, device, precision (which sets the output type), streams,
-        the norm rewrite and the input shape."""
+        the graph rewrites and the input shape."""
         norms = f"precise-{NORM_REWRITE}" if self.precise_norms else "plain"
+        concats = CONCAT_REWRITE if self.split_concats else "kept"
         key = compiled_cache_key(
             self.onnx_bytes if self._onnx_sha256 is None else self._onnx_sha256,
             self.ov.__version__,
             self._device_name(),
-            f"{self.precision}/streams{self.streams}/norms-{norms}",
+            f"{self.precision}/streams{self.streams}/norms-{norms}/{concats}",
             self.input_shape,
         )
         cache = None if self.cache_dir is None else BlobCache(self.cache_dir, f"runtime {self.name}")
