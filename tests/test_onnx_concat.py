@@ -8,6 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_onnx_norm import check_openvino_rewrite, relu_model
 
 from atso_fast.runtimes.onnx_concat import split_concat_convs
 
@@ -121,31 +122,10 @@ def test_new_names_never_clash_with_the_graphs_own():
 
 def test_bytes_that_are_no_model_or_have_no_concat_are_returned_as_they_are():
     assert split_concat_convs(b"\x00garbage\xff" * 10, (1, 1, 4, 4, 4)) == (b"\x00garbage\xff" * 10, 0)
-    relu = helper.make_model(
-        helper.make_graph(
-            [helper.make_node("Relu", ["x"], ["y"])],
-            "g",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        )
-    ).SerializeToString()
+    relu = relu_model()
     assert split_concat_convs(relu, (1, 2, 3)) == (relu, 0)
 
 
 def test_openvino_runtime_splits_by_default_and_keys_its_cache(tmp_path):
-    pytest.importorskip("openvino")
-    from atso_fast.runtimes.openvino_rt import OpenVinoRuntime
-
     shape = (1, 2, 4, 6, 6)
-    model = _concat_model(shape)
-    x = np.random.default_rng(4).standard_normal((2, *shape[1:])).astype(np.float32)
-    common = {"batch_size": 2, "window": shape[2:], "in_channels": 2, "cache_dir": tmp_path}
-    split = OpenVinoRuntime(model, **common)
-    kept = OpenVinoRuntime(model, split_concats=False, **common)
-    assert (split.concats_split, kept.concats_split) == (1, None)
-    np.testing.assert_allclose(split(x), _ort(model, x), atol=1e-4)
-    np.testing.assert_allclose(kept(x), _ort(model, x), atol=1e-4)
-    cached = OpenVinoRuntime(model, **common)  # from the cache: nothing read or rewritten
-    assert cached.concats_split is None
-    np.testing.assert_array_equal(cached(x), split(x))
-    assert len(list(tmp_path.rglob("*.blob"))) == 2  # split and kept: two keys
+    check_openvino_rewrite(_concat_model(shape), shape, "split_concats", "concats_split", tmp_path)

@@ -205,8 +205,9 @@ def test_symbolic_sizes_are_taken_from_the_window():
     np.testing.assert_allclose(_ort(rewritten, x), _ort(model, x), atol=1e-5)
 
 
-def test_a_model_without_norms_is_returned_as_it_is():
-    model = helper.make_model(
+def relu_model() -> bytes:
+    """x (1, 2, 3) -> Relu -> y: a model no rewrite applies to."""
+    return helper.make_model(
         helper.make_graph(
             [helper.make_node("Relu", ["x"], ["y"])],
             "g",
@@ -214,26 +215,36 @@ def test_a_model_without_norms_is_returned_as_it_is():
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         )
     ).SerializeToString()
+
+
+def test_a_model_without_norms_is_returned_as_it_is():
+    model = relu_model()
     assert precise_instance_norms(model, (1, 2, 3)) == (model, 0)
 
 
-def test_openvino_runtime_rewrites_by_default_and_keys_its_cache(tmp_path):
+def check_openvino_rewrite(model: bytes, shape: tuple[int, ...], option: str, count: str, tmp_path) -> None:
+    """OpenVinoRuntime rewrites ``model`` by default (its attribute ``count`` is 1) and not with
+    ``option=False`` (None), gives ONNX Runtime's outputs either way, keys its cache on the
+    option, and rewrites nothing when the compiled model comes from the cache."""
     pytest.importorskip("openvino")
     from atso_fast.runtimes.openvino_rt import OpenVinoRuntime
 
-    shape = (1, 4, 6, 8, 8)
-    model = _norm_model(shape, conv=True)
     x = np.random.default_rng(4).standard_normal((2, *shape[1:])).astype(np.float32)
-    common = {"batch_size": 2, "window": shape[2:], "in_channels": 4, "cache_dir": tmp_path}
-    precise = OpenVinoRuntime(model, **common)
-    plain = OpenVinoRuntime(model, precise_norms=False, **common)
-    assert (precise.norms_rewritten, plain.norms_rewritten) == (1, None)
-    np.testing.assert_allclose(precise(x), _ort(model, x), atol=1e-4)
-    np.testing.assert_allclose(plain(x), _ort(model, x), atol=1e-4)
+    common = {"batch_size": 2, "window": shape[2:], "in_channels": shape[1], "cache_dir": tmp_path}
+    rewritten = OpenVinoRuntime(model, **common)
+    kept = OpenVinoRuntime(model, **{option: False}, **common)
+    assert (getattr(rewritten, count), getattr(kept, count)) == (1, None)
+    np.testing.assert_allclose(rewritten(x), _ort(model, x), atol=1e-4)
+    np.testing.assert_allclose(kept(x), _ort(model, x), atol=1e-4)
     cached = OpenVinoRuntime(model, **common)  # from the cache: nothing read or rewritten
-    assert cached.norms_rewritten is None and cached.precise_norms
-    np.testing.assert_array_equal(cached(x), precise(x))
-    assert len([p for p in tmp_path.rglob("*") if p.is_file()]) >= 2  # the cache keys differ
+    assert getattr(cached, count) is None and getattr(cached, option)
+    np.testing.assert_array_equal(cached(x), rewritten(x))
+    assert len(list(tmp_path.rglob("*.blob"))) == 2  # two cache keys
+
+
+def test_openvino_runtime_rewrites_by_default_and_keys_its_cache(tmp_path):
+    shape = (1, 4, 6, 8, 8)
+    check_openvino_rewrite(_norm_model(shape, conv=True), shape, "precise_norms", "norms_rewritten", tmp_path)
 
 
 def test_bytes_that_are_no_model_are_left_to_the_runtime():

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from atso_fast.io.onnx_shapes import inferred_shapes
-from atso_fast.runtimes.onnx_norm import parse_model, readers_of
+from atso_fast.runtimes.onnx_norm import drop_unread_initializers, parse_model, readers_of
 
 __all__ = ["REWRITE", "split_concat_convs"]
 
@@ -60,7 +60,7 @@ def split_concat_convs(onnx_bytes: bytes, input_shape: Sequence[int]) -> tuple[b
         return onnx_bytes, 0
     del graph.node[:]
     graph.node.extend(n for n in nodes if not (n.op_type == "Concat" and n.output[0] in dropped))
-    _drop_unread_weights(graph, replaced)
+    drop_unread_initializers(graph, replaced)  # each split conv's whole weights
     return model.SerializeToString(), split
 
 
@@ -113,16 +113,6 @@ def _per_input_convs(
         nodes.append(helper.make_node("Add", [total, part_out], [out]))
         total = out
     return nodes
-
-
-def _drop_unread_weights(graph: Any, candidates: set[str]) -> None:
-    """Remove the initialisers among ``candidates`` that no node reads any more (the whole
-    weights of each split convolution; its slices replace them)."""
-    read = {name for node in graph.node for name in node.input} | {value.name for value in graph.input}
-    keep = [init for init in graph.initializer if init.name not in candidates or init.name in read]
-    if len(keep) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
 
 
 def _attr(node: Any, name: str, default: Any) -> Any:

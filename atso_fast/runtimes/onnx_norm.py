@@ -43,7 +43,7 @@ import numpy as np
 
 from atso_fast.io.onnx_shapes import inferred_shapes
 
-__all__ = ["REWRITE", "parse_model", "precise_instance_norms", "readers_of"]
+__all__ = ["REWRITE", "drop_unread_initializers", "parse_model", "precise_instance_norms", "readers_of"]
 
 REWRITE = "onepass-nobias-1"
 """Names the rewrite's form: a compiled model built from another form is not reused."""
@@ -86,7 +86,7 @@ def precise_instance_norms(onnx_bytes: bytes, input_shape: Sequence[int]) -> tup
     del graph.node[:]
     graph.node.extend(nodes)
     dropped = _drop_biases_before(graph, rewrite.normalised, readers)
-    _drop_unused(graph, rewrite.replaced_weights | dropped)
+    drop_unread_initializers(graph, rewrite.replaced_weights | dropped)
     return (model.SerializeToString(), rewrite.count) if rewrite.count else (onnx_bytes, 0)
 
 
@@ -115,9 +115,9 @@ def _drop_biases_before(graph: Any, normalised: set[str], readers: dict[str, int
     return dropped
 
 
-def _drop_unused(graph: Any, names: set[str]) -> None:
-    """Remove the initialisers ``names`` no node reads any more (the norms' own scale and bias,
-    now folded into broadcastable copies; runtimes warn about unused initialisers)."""
+def drop_unread_initializers(graph: Any, names: set[str]) -> None:
+    """Remove the initialisers ``names`` no node reads any more (here the norms' own scale and
+    bias, now folded into broadcastable copies; runtimes warn about unused initialisers)."""
     used = {name for node in graph.node for name in node.input} | {value.name for value in graph.input}
     keep = [init for init in graph.initializer if init.name not in names or init.name in used]
     if len(keep) != len(graph.initializer):
