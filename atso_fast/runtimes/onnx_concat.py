@@ -25,20 +25,27 @@ from typing import Any
 from atso_fast.io.onnx_shapes import inferred_shapes
 from atso_fast.runtimes.onnx_norm import drop_unread_initializers, parse_model, readers_of
 
-__all__ = ["REWRITE", "split_concat_convs"]
+__all__ = ["REWRITE", "split_concat_convs", "split_concats"]
 
 REWRITE = "concat-conv-split-1"
 """Names the rewrite's form: a compiled model built from another form is not reused."""
 
 
 def split_concat_convs(onnx_bytes: bytes, input_shape: Sequence[int]) -> tuple[bytes, int]:
-    """``(model bytes, concats split)``: ``onnx_bytes`` with every ``Concat -> Conv`` pair of
-    the main graph that the module docstring allows rewritten, for an input of ``input_shape``
-    ``(batch, channels, *window)``; the input bytes themselves when there is none."""
+    """``(model bytes, concats split)``: ``onnx_bytes`` with :func:`split_concats` applied; the
+    input bytes themselves when there is nothing to split (or the bytes are no ONNX model)."""
     model = parse_model(onnx_bytes)
-    if model is None or not any(node.op_type == "Concat" for node in model.graph.node):
-        return onnx_bytes, 0
+    count = 0 if model is None else split_concats(model, input_shape)
+    return (model.SerializeToString(), count) if count else (onnx_bytes, 0)
+
+
+def split_concats(model: Any, input_shape: Sequence[int]) -> int:
+    """Rewrite, in the ``ModelProto`` ``model``, every ``Concat -> Conv`` pair of the main graph
+    that the module docstring allows, for an input of ``input_shape`` ``(batch, channels,
+    *window)``; returns how many (0: nothing changed)."""
     graph = model.graph
+    if not any(node.op_type == "Concat" for node in graph.node):
+        return 0
     shapes = inferred_shapes(model, dict(enumerate(int(d) for d in input_shape)))
     weights = {init.name: init for init in graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}
@@ -56,12 +63,11 @@ def split_concat_convs(onnx_bytes: bytes, input_shape: Sequence[int]) -> tuple[b
         dropped.add(concat.output[0])
         replaced.add(node.input[1])
         split += 1
-    if not split:
-        return onnx_bytes, 0
-    del graph.node[:]
-    graph.node.extend(n for n in nodes if not (n.op_type == "Concat" and n.output[0] in dropped))
-    drop_unread_initializers(graph, replaced)  # each split conv's whole weights
-    return model.SerializeToString(), split
+    if split:
+        del graph.node[:]
+        graph.node.extend(n for n in nodes if not (n.op_type == "Concat" and n.output[0] in dropped))
+        drop_unread_initializers(graph, replaced)  # each split conv's whole weights
+    return split
 
 
 def _split_channels(

@@ -43,7 +43,14 @@ import numpy as np
 
 from atso_fast.io.onnx_shapes import inferred_shapes
 
-__all__ = ["REWRITE", "drop_unread_initializers", "parse_model", "precise_instance_norms", "readers_of"]
+__all__ = [
+    "REWRITE",
+    "drop_unread_initializers",
+    "parse_model",
+    "precise_instance_norms",
+    "readers_of",
+    "rewrite_instance_norms",
+]
 
 REWRITE = "onepass-nobias-1"
 """Names the rewrite's form: a compiled model built from another form is not reused."""
@@ -63,14 +70,21 @@ def parse_model(onnx_bytes: bytes) -> Any:
 
 
 def precise_instance_norms(onnx_bytes: bytes, input_shape: Sequence[int]) -> tuple[bytes, int]:
-    """``(model bytes, norms rewritten)``: ``onnx_bytes`` with every ``InstanceNormalization``
-    of the main graph whose input sizes shape inference fixes for an input of ``input_shape``
-    ``(batch, channels, *window)`` rewritten as the module docstring says; the input bytes
-    themselves when there is none (or the bytes are no ONNX model). The model's inputs and
-    outputs are unchanged."""
+    """``(model bytes, norms rewritten)``: ``onnx_bytes`` with :func:`rewrite_instance_norms`
+    applied; the input bytes themselves when there is nothing to rewrite (or the bytes are no
+    ONNX model)."""
     model = parse_model(onnx_bytes)
-    if model is None or not any(node.op_type == "InstanceNormalization" for node in model.graph.node):
-        return onnx_bytes, 0
+    count = 0 if model is None else rewrite_instance_norms(model, input_shape)
+    return (model.SerializeToString(), count) if count else (onnx_bytes, 0)
+
+
+def rewrite_instance_norms(model: Any, input_shape: Sequence[int]) -> int:
+    """Rewrite, in the ``ModelProto`` ``model``, every ``InstanceNormalization`` of the main
+    graph whose input sizes shape inference fixes for an input of ``input_shape`` ``(batch,
+    channels, *window)`` as the module docstring says; returns how many (0: nothing changed).
+    The model's inputs and outputs are unchanged."""
+    if not any(node.op_type == "InstanceNormalization" for node in model.graph.node):
+        return 0
     shapes = inferred_shapes(model, dict(enumerate(int(d) for d in input_shape)))
     graph = model.graph
     first = graph.input[0]  # the window batch: its sizes are input_shape's
@@ -87,7 +101,7 @@ def precise_instance_norms(onnx_bytes: bytes, input_shape: Sequence[int]) -> tup
     graph.node.extend(nodes)
     dropped = _drop_biases_before(graph, rewrite.normalised, readers)
     drop_unread_initializers(graph, rewrite.replaced_weights | dropped)
-    return (model.SerializeToString(), rewrite.count) if rewrite.count else (onnx_bytes, 0)
+    return rewrite.count
 
 
 def readers_of(graph: Any) -> dict[str, int]:

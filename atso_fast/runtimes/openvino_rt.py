@@ -54,9 +54,9 @@ from atso_fast.runtimes.base import (
     model_bytes,
 )
 from atso_fast.runtimes.onnx_concat import REWRITE as CONCAT_REWRITE
-from atso_fast.runtimes.onnx_concat import split_concat_convs
+from atso_fast.runtimes.onnx_concat import split_concats
 from atso_fast.runtimes.onnx_norm import REWRITE as NORM_REWRITE
-from atso_fast.runtimes.onnx_norm import precise_instance_norms
+from atso_fast.runtimes.onnx_norm import parse_model, rewrite_instance_norms
 
 __all__ = [
     "MAX_IN_FLIGHT",
@@ -291,13 +291,19 @@ class OpenVinoRuntime(FixedRuntime):
         return config
 
     def _read(self) -> Any:
-        """The ONNX model (its norms rewritten when asked) reshaped to :attr:`input_shape` (not
-        compiled)."""
+        """The ONNX model (its norms and concats rewritten when asked) reshaped to
+        :attr:`input_shape` (not compiled)."""
         data = self.onnx_bytes
+        # both rewrites on one parse (250 MB for a planner network); bytes that are no ONNX
+        # model are left for OpenVINO to report
+        proto = parse_model(data) if self.precise_norms or self.split_concats else None
         if self.precise_norms:
-            data, self.norms_rewritten = precise_instance_norms(data, (1, *self._sample))
+            self.norms_rewritten = 0 if proto is None else rewrite_instance_norms(proto, (1, *self._sample))
         if self.split_concats:
-            data, self.concats_split = split_concat_convs(data, (1, *self._sample))
+            self.concats_split = 0 if proto is None else split_concats(proto, (1, *self._sample))
+        if proto is not None and (self.norms_rewritten or self.concats_split):
+            data = proto.SerializeToString()
+        del proto  # its 250 MB, before OpenVINO reads its own copy
         try:
             model = _core().read_model(data)
             if len(model.inputs) != 1 or len(model.outputs) != 1:
