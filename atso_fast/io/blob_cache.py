@@ -91,14 +91,7 @@ class BlobCache:
 
     def load(self, key: str) -> bytes | None:
         """The blob stored under ``key``, or ``None`` when there is none or it fails a check."""
-        found = self._read(key)
-        if found is None:
-            return None
-        data, recorded = found
-        if hashlib.sha256(data).hexdigest() != recorded:
-            return None
-        self._mark_used(key)
-        return data
+        return self.load_with(key, lambda data: data)
 
     def load_with(self, key: str, use: Callable[[bytes], T | None]) -> T | None:
         """``use(blob)`` for the blob stored under ``key``, or ``None`` when there is none, it
